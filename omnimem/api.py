@@ -1,0 +1,191 @@
+"""Public entry points: ``sparse_attention``, ``select_blocks`` and backend choice."""
+
+from __future__ import annotations
+
+import contextlib
+import contextvars
+import os
+from collections.abc import Iterator
+
+import torch
+
+from omnimem.backends import get_backend
+from omnimem.checks import check_attention_inputs
+from omnimem.config import BACKEND_NAMES, OmniMemConfig
+from omnimem.selection import Selection, block_key_means, block_scores, select_from_scores
+
+BACKEND_ENV_VAR = "OMNIMEM_BACKEND"
+_DEFAULT_CONFIG = OmniMemConfig()
+_backend_override: contextvars.ContextVar[str | None] = contextvars.ContextVar(
+    "omnimem_backend", default=None
+)
+
+
+def _check_backend_name(name: object, source: str) -> str:
+    if name not in BACKEND_NAMES:
+        raise ValueError(f"{source} must be one of {BACKEND_NAMES}, got {name!r}")
+    return name
+
+
+@contextlib.contextmanager
+def use_backend(name: str) -> Iterator[None]:
+    """Run the ``sparse_attention`` calls inside the block on backend ``name``.
+
+    Takes effect where the config says ``backend="auto"`` (a backend named in the config wins);
+    beats the ``OMNIMEM_BACKEND`` environment variable. Nests, and is thread- and task-local.
+
+    Example:
+        >>> import torch, omnimem
+        >>> q = k = v = torch.randn(1, 2, 8, 16)
+        >>> with omnimem.use_backend("dense"):
+        ...     out = omnimem.sparse_attention(q, k, v)
+        >>> out.shape
+        torch.Size([1, 2, 8, 16])
+    """
+    token = _backend_override.set(_check_backend_name(name, "use_backend(name)"))
+    try:
+        yield
+    finally:
+        _backend_override.reset(token)
+
+
+def resolve_backend(config: OmniMemConfig, device: torch.device) -> str:
+    """The concrete backend a call with ``config`` on ``device`` runs on.
+
+    Precedence: ``config.backend``, then ``use_backend``, then ``OMNIMEM_BACKEND``; the first
+    that is not ``"auto"`` wins. ``"auto"`` resolves to ``"flex"`` on every device for now
+    (the only sparse backend; the dense backend is the O(history) reference).
+    """
+    for name, source in (
+        (config.backend, "OmniMemConfig.backend"),
+        (_backend_override.get(), "use_backend(name)"),
+        (os.environ.get(BACKEND_ENV_VAR) or None, f"the {BACKEND_ENV_VAR} environment variable"),
+    ):
+        if name is not None and _check_backend_name(name, source) != "auto":
+            return name
+    return "flex"
+
+
+def _resolve_config(config: OmniMemConfig | None, overrides: dict[str, object]) -> OmniMemConfig:
+    if config is None:
+        config = _DEFAULT_CONFIG
+    elif not isinstance(config, OmniMemConfig):
+        raise TypeError(f"config must be an OmniMemConfig, got {type(config).__name__}")
+    return config.replace(**overrides) if overrides else config
+
+
+def _select(
+    q: torch.Tensor, k: torch.Tensor, history_len: int, config: OmniMemConfig, scale: float
+) -> Selection:
+    q_len = q.shape[2]
+    group_size = min(config.query_group_size or q_len, q_len)
+    # A device scalar (a fill kernel, no host sync) keeps every shape independent of the history.
+    history = torch.full((), history_len, dtype=torch.int64, device=q.device)
+    means = block_key_means(k, history, config.block_size)
+    scores = block_scores(q, means, query_group_size=group_size, scale=scale)
+    return select_from_scores(scores, history, config, query_group_size=group_size)
+
+
+def select_blocks(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    *,
+    history_len: int | None = None,
+    chunk_len: int | None = None,
+    config: OmniMemConfig | None = None,
+    **overrides: object,
+) -> Selection:
+    """Choose, per (batch, KV head, query group), the history blocks a chunk attends.
+
+    Args:
+        q: ``[B, Hq, Lq, D]`` queries of the current chunk (any float dtype; a
+            ``[B, Lq, Hq, D]`` tensor ``.transpose(1, 2)`` works without a copy).
+        k: ``[B, Hkv, Lkv, D]`` keys: history ``[0, history_len)``, then the chunk; anything
+            after ``history_len + chunk_len`` is ignored. ``Hq % Hkv == 0``. Same device/dtype as q.
+        history_len: history tokens in ``k``; default ``Lkv - chunk_len``.
+        chunk_len: current-chunk tokens in ``k``; default ``Lq``.
+        config: retrieval configuration; default ``OmniMemConfig()``.
+        **overrides: config fields to replace for this call (e.g. ``top_k=16``).
+
+    Returns:
+        The [`Selection`][omnimem.Selection]: ``kv_block_idx`` ``[B, Hkv, G, K]`` (ascending,
+        ``-1`` padded), ``kv_num_blocks`` ``[B, Hkv, G]``, the ranked ``selected_block_idx``
+        and ``retrieved_block_idx`` (what the budget bought beyond sink and local window).
+
+    Raises:
+        TypeError, ValueError: invalid inputs (see ``sparse_attention``).
+
+    Example:
+        >>> import torch
+        >>> from omnimem import select_blocks
+        >>> q, k = torch.randn(1, 2, 16, 8), torch.randn(1, 2, 16 + 64, 8)
+        >>> sel = select_blocks(q, k, block_size=8, top_k=2, sink_tokens=8, local_tokens=16)
+        >>> sel.kv_block_idx.shape, sel.kv_num_blocks.tolist()
+        (torch.Size([1, 2, 1, 6]), [[[5], [5]]])
+    """
+    config = _resolve_config(config, overrides)
+    history_len, _ = check_attention_inputs(q, k, None, history_len=history_len, chunk_len=chunk_len)
+    return _select(q, k, history_len, config, config.scale or q.shape[-1] ** -0.5)
+
+
+def sparse_attention(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    *,
+    history_len: int | None = None,
+    chunk_len: int | None = None,
+    config: OmniMemConfig | None = None,
+    return_lse: bool = False,
+    **overrides: object,
+) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
+    """Attention of a chunk over its own tokens and the history blocks OmniMem retrieves.
+
+    Each query attends every current-chunk token and, per head, the sink blocks, the local
+    window blocks and the ``top_k`` blocks selected for its KV head and query group
+    (DESIGN.md section 2; see ``select_blocks``).
+
+    Args:
+        q: ``[B, Hq, Lq, D]`` current-chunk queries (float16, bfloat16, float32 or float64).
+            A ``[B, Lq, Hq, D]`` (flash-attn/Wan layout) tensor can be passed as
+            ``q.transpose(1, 2)``: no copy is made by the selection or the flex backend.
+        k: ``[B, Hkv, Lkv, D]`` keys, ``Hq % Hkv == 0``: positions ``[0, history_len)`` are the
+            history, ``[history_len, history_len + chunk_len)`` the current chunk; positions
+            after that (preallocated, unwritten space) are never attended but must be finite.
+        v: values, same shape as ``k``.
+        history_len: history tokens in ``k``; default ``Lkv - chunk_len``. ``0`` gives plain
+            attention over the chunk.
+        chunk_len: current-chunk tokens in ``k`` (``>= 1``); default ``Lq``.
+        config: retrieval and backend configuration; default ``OmniMemConfig()``.
+        return_lse: also return the float32 log-sum-exp ``[B, Hq, Lq]``.
+        **overrides: config fields to replace for this call, e.g. ``top_k=16, backend="dense"``.
+
+    Returns:
+        ``[B, Hq, Lq, D]`` in ``q.dtype``, and the log-sum-exp when ``return_lse``.
+
+    Raises:
+        TypeError: non-tensor inputs, unsupported or mismatched dtypes, non-int lengths,
+            unknown config fields.
+        ValueError: wrong ranks or shapes, ``Hq % Hkv != 0``, mismatched devices, lengths
+            outside ``k``, invalid config values or backend names.
+
+    Example:
+        >>> import torch
+        >>> from omnimem import sparse_attention
+        >>> q = torch.randn(1, 4, 32, 16)            # one chunk of 32 tokens
+        >>> k = v = torch.randn(1, 4, 256 + 32, 16)  # 256 history tokens + the chunk
+        >>> out = sparse_attention(q, k, v, block_size=16, top_k=4, local_tokens=32, backend="dense")
+        >>> out.shape
+        torch.Size([1, 4, 32, 16])
+    """
+    config = _resolve_config(config, overrides)
+    history_len, chunk_len = check_attention_inputs(q, k, v, history_len=history_len, chunk_len=chunk_len)
+    if not isinstance(return_lse, bool):
+        raise TypeError(f"return_lse must be a bool, got {type(return_lse).__name__}")
+    forward = get_backend(resolve_backend(config, q.device))
+    scale = config.scale or q.shape[-1] ** -0.5
+    selection = _select(q, k, history_len, config, scale)
+    out, lse = forward(
+        q, k, v, selection, chunk_len=chunk_len, scale=scale, return_lse=return_lse, config=config
+    )
+    return (out, lse) if return_lse else out

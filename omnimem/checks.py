@@ -1,0 +1,81 @@
+"""Input validation shared by the public entry points: clear errors instead of kernel crashes."""
+
+from __future__ import annotations
+
+import torch
+
+SUPPORTED_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
+
+
+def _check_tensor(name: str, x: object) -> torch.Tensor:
+    if not isinstance(x, torch.Tensor):
+        raise TypeError(f"{name} must be a torch.Tensor, got {type(x).__name__}")
+    if x.dim() != 4:
+        raise ValueError(f"{name} must be 4-D [B, H, L, D], got shape {tuple(x.shape)}")
+    if x.dtype not in SUPPORTED_DTYPES:
+        raise TypeError(f"{name} must have a floating dtype in {SUPPORTED_DTYPES}, got {x.dtype}")
+    return x
+
+
+def _check_length(name: str, value: object) -> int:
+    if isinstance(value, bool) or not isinstance(value, int):
+        raise TypeError(f"{name} must be a Python int, got {type(value).__name__}")
+    return value
+
+
+def check_attention_inputs(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor | None,
+    *,
+    history_len: int | None,
+    chunk_len: int | None,
+) -> tuple[int, int]:
+    """Validate one attention call and resolve ``(history_len, chunk_len)``.
+
+    Raises:
+        TypeError: a non-tensor input, an unsupported or mismatched dtype, a non-int length.
+        ValueError: wrong rank, mismatched batch/head/length/head-dim, ``Hq % Hkv != 0``,
+            inputs on different devices, empty queries, or lengths outside the key buffer.
+    """
+    _check_tensor("q", q)
+    _check_tensor("k", k)
+    tensors = {"q": q, "k": k}
+    if v is not None:
+        tensors["v"] = _check_tensor("v", v)
+        if v.shape != k.shape:
+            raise ValueError(f"v must have k's shape {tuple(k.shape)}, got {tuple(v.shape)}")
+    for name, x in tensors.items():
+        if x.dtype != q.dtype:
+            raise TypeError(f"{name} must have q's dtype {q.dtype}, got {x.dtype}")
+        if x.device != q.device:
+            raise ValueError(f"{name} must be on q's device {q.device}, got {x.device}")
+    batch, q_heads, q_len, head_dim = q.shape
+    k_batch, kv_heads, kv_len, k_dim = k.shape
+    if k_batch != batch:
+        raise ValueError(f"k must have q's batch size {batch}, got {k_batch} (shape {tuple(k.shape)})")
+    if k_dim != head_dim:
+        raise ValueError(f"k must have q's head_dim {head_dim}, got {k_dim} (shape {tuple(k.shape)})")
+    if kv_heads == 0 or q_heads % kv_heads:
+        raise ValueError(f"q heads ({q_heads}) must be a multiple of k heads ({kv_heads}) for MHA/GQA")
+    if q_len == 0 or head_dim == 0:
+        raise ValueError(f"q must hold at least one query and one feature, got shape {tuple(q.shape)}")
+
+    if chunk_len is None:
+        chunk_len = q_len
+    chunk_len = _check_length("chunk_len", chunk_len)
+    if chunk_len < 1:
+        raise ValueError(f"chunk_len must be >= 1 (every query attends its chunk), got {chunk_len}")
+    if history_len is None:
+        history_len = kv_len - chunk_len
+        if history_len < 0:
+            raise ValueError(
+                f"k holds {kv_len} tokens, fewer than chunk_len={chunk_len}; pass history_len explicitly"
+            )
+    history_len = _check_length("history_len", history_len)
+    if history_len < 0 or history_len + chunk_len > kv_len:
+        raise ValueError(
+            f"history_len must lie in [0, {kv_len - chunk_len}] so that history + chunk "
+            f"(chunk_len={chunk_len}) fits k's {kv_len} tokens, got {history_len}"
+        )
+    return history_len, chunk_len
