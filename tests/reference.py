@@ -1,0 +1,107 @@
+"""An independent, loop-based float64 implementation of DESIGN.md section 2.
+
+Written from the contract's text with Python sets and sorted(): it shares no code with
+``omnimem.selection`` or the backends, so agreement between the two means something.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import torch
+
+
+@dataclass
+class ReferenceResult:
+    out: torch.Tensor  # [B, Hq, Lq, D] float64
+    lse: torch.Tensor  # [B, Hq, Lq] float64
+    attended_blocks: dict  # (b, kv_head, group) -> sorted list of attended history blocks
+    selected_blocks: dict  # (b, kv_head, group) -> list of selected blocks, rank order
+    margin: float  # smallest score gap at a top-k boundary (near-ties make float32 differ)
+
+
+def _blocks_touching(lo: int, hi: int, history_len: int, block_size: int) -> set[int]:
+    """History blocks with at least one token in [lo, hi)."""
+    lo, hi = max(lo, 0), min(hi, history_len)
+    if lo >= hi:
+        return set()
+    return set(range(lo // block_size, (hi - 1) // block_size + 1))
+
+
+def reference_attention(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    *,
+    history_len: int,
+    chunk_len: int | None = None,
+    block_size: int,
+    top_k: int,
+    sink_tokens: int = 0,
+    local_tokens: int = 0,
+    exclusion_tokens: int | None = None,
+    window_exclusion: str = "adaptive",
+    query_group_size: int | None = None,
+    scale: float | None = None,
+) -> ReferenceResult:
+    q, k, v = q.double().cpu(), k.double().cpu(), v.double().cpu()
+    batch, q_heads, q_len, head_dim = q.shape
+    kv_heads = k.shape[1]
+    group_heads = q_heads // kv_heads
+    chunk_len = q_len if chunk_len is None else chunk_len
+    scale = head_dim**-0.5 if scale is None else scale
+    exclusion_tokens = local_tokens if exclusion_tokens is None else exclusion_tokens
+    group_size = q_len if query_group_size is None else min(query_group_size, q_len)
+    num_groups = math.ceil(q_len / group_size)
+    num_blocks = math.ceil(history_len / block_size)
+
+    sink = _blocks_touching(0, sink_tokens, history_len, block_size)
+    local = _blocks_touching(history_len - local_tokens, history_len, history_len, block_size) - sink
+    window = (_blocks_touching(history_len - exclusion_tokens, history_len, history_len, block_size) - sink) | local
+    far = set(range(num_blocks)) - sink - local - window
+
+    out = torch.zeros(batch, q_heads, q_len, head_dim, dtype=torch.float64)
+    lse = torch.zeros(batch, q_heads, q_len, dtype=torch.float64)
+    attended_blocks, selected_blocks = {}, {}
+    margin = math.inf
+    for b in range(batch):
+        for kvh in range(kv_heads):
+            mean_k = {}
+            for j in range(num_blocks):
+                tokens = range(j * block_size, min((j + 1) * block_size, history_len))
+                mean_k[j] = sum(k[b, kvh, t] for t in tokens) / len(tokens)
+            for g in range(num_groups):
+                queries = range(g * group_size, min((g + 1) * group_size, q_len))
+                score = {j: 0.0 for j in range(num_blocks)}
+                for h in range(kvh * group_heads, (kvh + 1) * group_heads):
+                    mean_q = sum(q[b, h, i] for i in queries) / len(queries)
+                    for j in range(num_blocks):
+                        score[j] += float(mean_q @ mean_k[j]) * scale
+
+                if window_exclusion == "never":
+                    ranked = sorted(far | window, key=lambda j: (-score[j], j))
+                    tiers = [ranked]
+                elif window_exclusion == "always":
+                    tiers = [sorted(far, key=lambda j: (-score[j], j))]
+                else:
+                    tiers = [sorted(far, key=lambda j: (-score[j], j)), sorted(window, key=lambda j: (-score[j], j))]
+                chosen: list[int] = []
+                for ranked in tiers:
+                    take = ranked[: top_k - len(chosen)]
+                    if 0 < len(take) < len(ranked):
+                        margin = min(margin, score[take[-1]] - score[ranked[len(take)]])
+                    chosen += take
+                selected_blocks[b, kvh, g] = chosen
+                blocks = sorted(sink | local | set(chosen))
+                attended_blocks[b, kvh, g] = blocks
+
+                tokens = [t for j in blocks for t in range(j * block_size, min((j + 1) * block_size, history_len))]
+                tokens += list(range(history_len, history_len + chunk_len))
+                idx = torch.tensor(tokens, dtype=torch.long)
+                rows = torch.tensor(list(queries), dtype=torch.long)
+                for h in range(kvh * group_heads, (kvh + 1) * group_heads):
+                    logits = (q[b, h, rows] @ k[b, kvh, idx].T) * scale
+                    lse[b, h, rows] = torch.logsumexp(logits, -1)
+                    out[b, h, rows] = torch.softmax(logits, -1) @ v[b, kvh, idx]
+    return ReferenceResult(out, lse, attended_blocks, selected_blocks, margin)

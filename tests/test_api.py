@@ -1,0 +1,179 @@
+"""Public API: validation, backend choice, equivalences with plain attention."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+import omnimem
+from omnimem import OmniMemConfig, resolve_backend, select_blocks, sparse_attention, use_backend
+
+from .inputs import make_inputs
+from .reference import reference_attention
+
+EAGER = dict(backend="flex", compile=False)
+
+
+# ---------------------------------------------------------------------------- config
+@pytest.mark.parametrize(
+    ("fields", "error", "match"),
+    [
+        (dict(block_size=0), ValueError, "block_size"),
+        (dict(top_k=-1), ValueError, "top_k"),
+        (dict(top_k=2.0), TypeError, "top_k"),
+        (dict(top_k=True), TypeError, "top_k"),
+        (dict(sink_tokens=-4), ValueError, "sink_tokens"),
+        (dict(local_tokens=8, exclusion_tokens=4), ValueError, "exclusion_tokens"),
+        (dict(window_exclusion="sometimes"), ValueError, "window_exclusion"),
+        (dict(query_group_size=0), ValueError, "query_group_size"),
+        (dict(scale=0.0), ValueError, "scale"),
+        (dict(scale="1"), TypeError, "scale"),
+        (dict(backend="cudnn"), ValueError, "backend"),
+        (dict(compile="yes"), TypeError, "compile"),
+    ],
+)
+def test_config_rejects_bad_values(fields, error, match):
+    with pytest.raises(error, match=match):
+        OmniMemConfig(**fields)
+
+
+def test_config_is_frozen_and_replace_validates():
+    cfg = OmniMemConfig()
+    with pytest.raises(AttributeError):
+        cfg.top_k = 3
+    with pytest.raises(TypeError, match="unknown OmniMemConfig field"):
+        cfg.replace(topk=3)
+    with pytest.raises(ValueError, match="top_k"):
+        cfg.replace(top_k=0)
+
+
+# ---------------------------------------------------------------------------- inputs
+def _bad_inputs():
+    q, k, v = make_inputs(q_heads=4, kv_heads=2, history_len=16, q_len=4)
+    yield "rank", (q[0], k, v), {}, ValueError, "q must be 4-D"
+    yield "not a tensor", (q, k.tolist(), v), {}, TypeError, "k must be a torch.Tensor"
+    yield "int dtype", (q, k, v.int()), {}, TypeError, "v must have a floating dtype"
+    yield "dtype mismatch", (q, k.double(), v.double()), {}, TypeError, "k must have q's dtype"
+    yield "v shape", (q, k, v[:, :, :-1]), {}, ValueError, "v must have k's shape"
+    yield "batch", (q, k.expand(2, -1, -1, -1), v.expand(2, -1, -1, -1)), {}, ValueError, "batch size"
+    yield "head dim", (q, k[..., :8], v[..., :8]), {}, ValueError, "head_dim"
+    yield "gqa ratio", (q[:, :3], k, v), {}, ValueError, "multiple of k heads"
+    yield "history too long", (q, k, v), dict(history_len=17), ValueError, "history_len must lie"
+    yield "negative history", (q, k, v), dict(history_len=-1), ValueError, "history_len must lie"
+    yield "history not int", (q, k, v), dict(history_len=3.0), TypeError, "history_len must be a Python int"
+    yield "chunk_len zero", (q, k, v), dict(chunk_len=0), ValueError, "chunk_len must be >= 1"
+    yield "too few keys", (q, k[:, :, :3], v[:, :, :3]), {}, ValueError, "pass history_len"
+    yield "empty queries", (q[:, :, :0], k, v), dict(chunk_len=4), ValueError, "at least one query"
+    yield "unknown override", (q, k, v), dict(topk=3), TypeError, "unknown OmniMemConfig field"
+    yield "bad override", (q, k, v), dict(window_exclusion="x"), ValueError, "window_exclusion"
+    yield "bad config", (q, k, v), dict(config={"top_k": 3}), TypeError, "config must be an OmniMemConfig"
+    yield "return_lse", (q, k, v), dict(return_lse=1), TypeError, "return_lse must be a bool"
+
+
+@pytest.mark.parametrize(("case", "args", "kwargs", "error", "match"), list(_bad_inputs()), ids=lambda x: x)
+def test_bad_input_gets_a_clear_error(case, args, kwargs, error, match):
+    with pytest.raises(error, match=match):
+        sparse_attention(*args, **kwargs, backend="dense")
+
+
+def test_device_mismatch_is_reported():
+    q, k, v = make_inputs(device="cpu")
+    with pytest.raises(ValueError, match="must be on q's device"):
+        sparse_attention(q, k.to("meta"), v.to("meta"))
+
+
+# ---------------------------------------------------------------------------- backend choice
+def test_backend_precedence(monkeypatch):
+    cpu = torch.device("cpu")
+    monkeypatch.delenv("OMNIMEM_BACKEND", raising=False)
+    assert resolve_backend(OmniMemConfig(), cpu) == "flex"
+    monkeypatch.setenv("OMNIMEM_BACKEND", "dense")
+    assert resolve_backend(OmniMemConfig(), cpu) == "dense"
+    with use_backend("flex"):
+        assert resolve_backend(OmniMemConfig(), cpu) == "flex"  # context beats environment
+        with use_backend("dense"):
+            assert resolve_backend(OmniMemConfig(), cpu) == "dense"
+        assert resolve_backend(OmniMemConfig(), cpu) == "flex"
+        assert resolve_backend(OmniMemConfig(backend="dense"), cpu) == "dense"  # config beats context
+    monkeypatch.setenv("OMNIMEM_BACKEND", "nope")
+    with pytest.raises(ValueError, match="OMNIMEM_BACKEND"):
+        resolve_backend(OmniMemConfig(), cpu)
+    with pytest.raises(ValueError, match="use_backend"), use_backend("fast"):
+        pass
+
+
+def test_backend_choice_reaches_the_call(monkeypatch):
+    import omnimem.backends.dense as dense
+
+    calls = []
+    original = dense.forward
+    monkeypatch.setattr(dense, "forward", lambda *a, **kw: calls.append(1) or original(*a, **kw))
+    q, k, v = make_inputs()
+    with use_backend("dense"):
+        sparse_attention(q, k, v)
+    monkeypatch.setenv("OMNIMEM_BACKEND", "dense")
+    sparse_attention(q, k, v)
+    assert len(calls) == 2
+
+
+# ---------------------------------------------------------------------------- semantics
+@pytest.mark.parametrize("backend", [dict(backend="dense"), EAGER])
+def test_empty_history_is_plain_attention(backend):
+    q, k, v = make_inputs(q_heads=4, kv_heads=2, history_len=0, q_len=9, unwritten=5)
+    out = sparse_attention(q, k, v, history_len=0, block_size=4, sink_tokens=4, local_tokens=4, **backend)
+    expected = F.scaled_dot_product_attention(q, k[:, :, :9], v[:, :, :9], enable_gqa=True)
+    torch.testing.assert_close(out, expected, atol=1e-5, rtol=1e-5)
+
+
+@pytest.mark.parametrize("backend", [dict(backend="dense"), EAGER])
+def test_budget_covering_all_blocks_is_dense_attention(backend):
+    q, k, v = make_inputs(batch=2, q_heads=2, history_len=45, q_len=6, unwritten=7)
+    out, lse = sparse_attention(q, k, v, history_len=45, block_size=8, top_k=6, return_lse=True, **backend)
+    expected = F.scaled_dot_product_attention(q, k[:, :, :51], v[:, :, :51])
+    torch.testing.assert_close(out, expected, atol=1e-5, rtol=1e-5)
+    scores = (q @ k[:, :, :51].transpose(-1, -2)) * q.shape[-1] ** -0.5
+    torch.testing.assert_close(lse, torch.logsumexp(scores, -1), atol=1e-5, rtol=1e-5)
+    assert lse.dtype == torch.float32 and lse.shape == (2, 2, 6)
+
+
+@pytest.mark.parametrize("backend", [dict(backend="dense"), EAGER])
+def test_chunk_shorter_than_the_queries_region(backend):
+    """``chunk_len`` counts chunk keys; keys after it are ignored even if finite junk."""
+    q, k, v = make_inputs(history_len=20, q_len=5, chunk_len=3, unwritten=9)
+    cfg = dict(block_size=4, top_k=2, local_tokens=4)
+    out = sparse_attention(q, k, v, history_len=20, chunk_len=3, **cfg, **backend)
+    ref = reference_attention(q, k, v, history_len=20, chunk_len=3, **cfg)
+    torch.testing.assert_close(out, ref.out.float(), atol=1e-5, rtol=1e-5)
+
+
+@pytest.mark.parametrize("backend", [dict(backend="dense"), EAGER])
+def test_flash_layout_views_work(backend):
+    q, k, v = make_inputs(q_heads=4, kv_heads=2, history_len=50, q_len=6, unwritten=3)
+    qf, kf, vf = make_inputs(q_heads=4, kv_heads=2, history_len=50, q_len=6, unwritten=3, flash_layout=True)
+    assert not qf.is_contiguous()
+    cfg = dict(history_len=50, block_size=8, top_k=2, sink_tokens=8, local_tokens=8)
+    torch.testing.assert_close(sparse_attention(qf, kf, vf, **cfg, **backend), sparse_attention(q, k, v, **cfg, **backend))
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16, torch.float32, torch.float64])
+def test_output_dtype_follows_q(dtype):
+    q, k, v = make_inputs(dtype=dtype, history_len=20)
+    out, lse = sparse_attention(q, k, v, block_size=4, top_k=2, return_lse=True, **EAGER)
+    assert out.dtype == dtype and lse.dtype == torch.float32
+    assert torch.isfinite(out).all()
+
+
+def test_overrides_and_config_compose():
+    q, k, v = make_inputs(history_len=64, q_len=4)
+    cfg = OmniMemConfig(block_size=8, top_k=1, backend="dense")
+    a = sparse_attention(q, k, v, config=cfg, top_k=3)
+    b = sparse_attention(q, k, v, config=cfg.replace(top_k=3))
+    torch.testing.assert_close(a, b)
+    assert not torch.allclose(a, sparse_attention(q, k, v, config=cfg))
+
+
+def test_public_names():
+    for name in ("sparse_attention", "select_blocks", "OmniMemConfig", "Selection", "use_backend"):
+        assert hasattr(omnimem, name)
+    assert select_blocks.__doc__ and sparse_attention.__doc__
