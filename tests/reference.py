@@ -58,7 +58,9 @@ def reference_attention(
 
     sink = _blocks_touching(0, sink_tokens, history_len, block_size)
     local = _blocks_touching(history_len - local_tokens, history_len, history_len, block_size) - sink
-    window = (_blocks_touching(history_len - exclusion_tokens, history_len, history_len, block_size) - sink) | local
+    window = (
+        _blocks_touching(history_len - exclusion_tokens, history_len, history_len, block_size) - sink
+    ) | local
     far = set(range(num_blocks)) - sink - local - window
 
     out = torch.zeros(batch, q_heads, q_len, head_dim, dtype=torch.float64)
@@ -85,7 +87,10 @@ def reference_attention(
                 elif window_exclusion == "always":
                     tiers = [sorted(far, key=lambda j: (-score[j], j))]
                 else:
-                    tiers = [sorted(far, key=lambda j: (-score[j], j)), sorted(window, key=lambda j: (-score[j], j))]
+                    tiers = [
+                        sorted(far, key=lambda j: (-score[j], j)),
+                        sorted(window, key=lambda j: (-score[j], j)),
+                    ]
                 chosen: list[int] = []
                 for ranked in tiers:
                     take = ranked[: top_k - len(chosen)]
@@ -96,7 +101,9 @@ def reference_attention(
                 blocks = sorted(sink | local | set(chosen))
                 attended_blocks[b, kvh, g] = blocks
 
-                tokens = [t for j in blocks for t in range(j * block_size, min((j + 1) * block_size, history_len))]
+                tokens = [
+                    t for j in blocks for t in range(j * block_size, min((j + 1) * block_size, history_len))
+                ]
                 tokens += list(range(history_len, history_len + chunk_len))
                 idx = torch.tensor(tokens, dtype=torch.long)
                 rows = torch.tensor(list(queries), dtype=torch.long)

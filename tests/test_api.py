@@ -153,7 +153,9 @@ def test_flash_layout_views_work(backend):
     qf, kf, vf = make_inputs(q_heads=4, kv_heads=2, history_len=50, q_len=6, unwritten=3, flash_layout=True)
     assert not qf.is_contiguous()
     cfg = dict(history_len=50, block_size=8, top_k=2, sink_tokens=8, local_tokens=8)
-    torch.testing.assert_close(sparse_attention(qf, kf, vf, **cfg, **backend), sparse_attention(q, k, v, **cfg, **backend))
+    torch.testing.assert_close(
+        sparse_attention(qf, kf, vf, **cfg, **backend), sparse_attention(q, k, v, **cfg, **backend)
+    )
 
 
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16, torch.float32, torch.float64])

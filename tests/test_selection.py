@@ -82,7 +82,7 @@ def test_windows_round_out_to_whole_blocks():
 
 
 def test_partial_last_block_mean_ignores_chunk_and_unwritten_tokens():
-    q, k, _ = make_inputs(history_len=10, q_len=3, unwritten=5, head_dim=8)
+    _q, k, _ = make_inputs(history_len=10, q_len=3, unwritten=5, head_dim=8)
     history = torch.tensor(10)
     means = block_key_means(k, history, 4)
     assert means.shape == (1, 2, 5, 8)  # ceil(18 / 4) block slots, static
@@ -92,7 +92,7 @@ def test_partial_last_block_mean_ignores_chunk_and_unwritten_tokens():
 
 
 def test_history_shorter_than_one_block():
-    q, k, v = make_inputs(history_len=3, q_len=4)
+    q, k, _v = make_inputs(history_len=3, q_len=4)
     sel = select_blocks(q, k, block_size=8, top_k=4)
     assert sel.num_history_blocks == 1
     assert table(sel) == [0]  # the one partial block is a far candidate
