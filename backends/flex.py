@@ -20,7 +20,7 @@ import torch
 from torch.nn.attention.flex_attention import BlockMask, flex_attention
 
 from omnimem.config import OmniMemConfig
-from omnimem.selection import Selection, token_mask_mod
+from omnimem.selection import Selection, attended_blocks, compact_indices, token_mask_mod
 
 Q_BLOCK_SIZE = 128
 
@@ -37,28 +37,25 @@ def compiled_flex_attention():
     return torch.compile(flex_attention, dynamic=False, fullgraph=True)
 
 
-def _dense_to_ordered(dense: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    num_blocks = dense.sum(-1, dtype=torch.int32)
-    indices = torch.argsort(dense.to(torch.int8), dim=-1, descending=True, stable=True)
-    return num_blocks, indices.to(torch.int32)
-
-
-def build_block_mask(
-    selection: Selection,
-    block_attended: torch.Tensor,
-    mask_mod,
+def block_mask_tables(
+    kv_block_idx: torch.Tensor,
+    history_len: torch.Tensor,
     *,
+    num_blocks: int,
+    block_size: int,
+    query_group_size: int,
     num_q_heads: int,
     q_len: int,
     kv_len: int,
     chunk_len: int,
-) -> BlockMask:
-    """The ``BlockMask`` of ``selection`` over a ``[q_len, kv_len]`` score matrix.
+) -> tuple[torch.Tensor, ...]:
+    """Dense attended blocks and the partial/full kv-block tables of a FlexAttention BlockMask.
 
-    ``block_attended`` is ``selection.attended_block_mask()`` (``[B, Hkv, G, NB]`` bool).
+    Returns ``(block_attended [B, Hkv, G, NB], kv_num_blocks, kv_indices, full_kv_num_blocks,
+    full_kv_indices)``; the last four are ``[B, Hq, ceil(q_len / 128)(, NB)]`` int32.
     """
-    bs, group_size = selection.block_size, selection.query_group_size
-    num_groups, num_blocks = block_attended.shape[2], block_attended.shape[3]
+    block_attended = attended_blocks(kv_block_idx, num_blocks)
+    num_groups = block_attended.shape[2]
     device = block_attended.device
     num_q_blocks = math.ceil(q_len / Q_BLOCK_SIZE)
 
@@ -70,16 +67,14 @@ def build_block_mask(
         tile_first = torch.arange(num_q_blocks, device=device) * Q_BLOCK_SIZE
         tile_last = (tile_first + Q_BLOCK_SIZE).clamp(max=q_len) - 1
         group = torch.arange(num_groups, device=device)
-        member = (group >= (tile_first // group_size)[:, None]) & (
-            group <= (tile_last // group_size)[:, None]
-        )
+        first_group, last_group = tile_first // query_group_size, tile_last // query_group_size
+        member = (group >= first_group[:, None]) & (group <= last_group[:, None])
         count = torch.einsum("mg,bhgj->bhmj", member.float(), block_attended.float())
         any_group = count > 0
         all_groups = count == member.sum(-1, dtype=torch.float32)[:, None]
 
-    start = torch.arange(num_blocks, device=device) * bs
-    end = start + bs
-    history_len = selection.history_len
+    start = torch.arange(num_blocks, device=device) * block_size
+    end = start + block_size
     chunk_end = history_len + chunk_len
     chunk_full = (start >= history_len) & (end <= chunk_end) & (end <= kv_len)
     chunk_any = (start < chunk_end) & (end > history_len)
@@ -90,15 +85,44 @@ def build_block_mask(
     if heads_per_kv > 1:
         full = full.repeat_interleave(heads_per_kv, dim=1)
         partial = partial.repeat_interleave(heads_per_kv, dim=1)
-    kv_num_blocks, kv_indices = _dense_to_ordered(partial)
-    full_kv_num_blocks, full_kv_indices = _dense_to_ordered(full)
+    # Pad with block 0, not -1: FlexAttention may prefetch one entry past the count.
+    kv_num_blocks, kv_indices = compact_indices(partial, num_blocks, pad=0)
+    full_kv_num_blocks, full_kv_indices = compact_indices(full, num_blocks, pad=0)
+    return block_attended, kv_num_blocks, kv_indices, full_kv_num_blocks, full_kv_indices
+
+
+@functools.cache
+def _compiled_block_mask_tables():
+    return torch.compile(block_mask_tables, dynamic=False, fullgraph=True)
+
+
+def build_block_mask(
+    selection: Selection, *, num_q_heads: int, q_len: int, kv_len: int, chunk_len: int, compiled: bool = False
+) -> BlockMask:
+    """The ``BlockMask`` (with its exact ``mask_mod``) of ``selection`` over ``[q_len, kv_len]``.
+
+    ``compiled`` builds the tables through ``torch.compile`` (worth it on GPUs, where the eager
+    version is launch-bound).
+    """
+    tables = _compiled_block_mask_tables() if compiled else block_mask_tables
+    block_attended, *kv_tables = tables(
+        selection.kv_block_idx,
+        selection.history_len,
+        num_blocks=selection.num_history_blocks,
+        block_size=selection.block_size,
+        query_group_size=selection.query_group_size,
+        num_q_heads=num_q_heads,
+        q_len=q_len,
+        kv_len=kv_len,
+        chunk_len=chunk_len,
+    )
+    mask_mod = token_mask_mod(
+        selection, num_q_heads=num_q_heads, chunk_len=chunk_len, block_attended=block_attended
+    )
     extra = {"compute_q_blocks": False} if _HAS_COMPUTE_Q_BLOCKS else {}
     return BlockMask.from_kv_blocks(
-        kv_num_blocks,
-        kv_indices,
-        full_kv_num_blocks,
-        full_kv_indices,
-        BLOCK_SIZE=(Q_BLOCK_SIZE, bs),
+        *kv_tables,
+        BLOCK_SIZE=(Q_BLOCK_SIZE, selection.block_size),
         mask_mod=mask_mod,
         seq_lengths=(q_len, kv_len),
         **extra,
@@ -116,22 +140,17 @@ def forward(
     return_lse: bool,
     config: OmniMemConfig,
 ) -> tuple[torch.Tensor, torch.Tensor | None]:
-    num_q_heads, q_len = q.shape[1], q.shape[2]
-    block_attended = selection.attended_block_mask()
-    mask_mod = token_mask_mod(
-        selection, num_q_heads=num_q_heads, chunk_len=chunk_len, block_attended=block_attended
-    )
-    block_mask = build_block_mask(
-        selection,
-        block_attended,
-        mask_mod,
-        num_q_heads=num_q_heads,
-        q_len=q_len,
-        kv_len=k.shape[2],
-        chunk_len=chunk_len,
-    )
+    num_q_heads = q.shape[1]
     # Compiled CPU FlexAttention cannot return the log-sum-exp; the eager path is exact too.
     compiled = config.compile and not (return_lse and q.device.type == "cpu")
+    block_mask = build_block_mask(
+        selection,
+        num_q_heads=num_q_heads,
+        q_len=q.shape[2],
+        kv_len=k.shape[2],
+        chunk_len=chunk_len,
+        compiled=compiled and q.device.type == "cuda",
+    )
     kwargs = dict(block_mask=block_mask, scale=scale, enable_gqa=num_q_heads != k.shape[1])
     if compiled:
         return _run(compiled_flex_attention(), q, k, v, return_lse, kwargs)

@@ -12,7 +12,7 @@ import torch
 from omnimem.backends import get_backend
 from omnimem.checks import check_attention_inputs
 from omnimem.config import BACKEND_NAMES, OmniMemConfig
-from omnimem.selection import Selection, block_key_means, block_scores, select_from_scores
+from omnimem.selection import Selection, select
 
 BACKEND_ENV_VAR = "OMNIMEM_BACKEND"
 _DEFAULT_CONFIG = OmniMemConfig()
@@ -74,16 +74,12 @@ def _resolve_config(config: OmniMemConfig | None, overrides: dict[str, object]) 
     return config.replace(**overrides) if overrides else config
 
 
-def _select(
-    q: torch.Tensor, k: torch.Tensor, history_len: int, config: OmniMemConfig, scale: float
-) -> Selection:
-    q_len = q.shape[2]
-    group_size = min(config.query_group_size or q_len, q_len)
+def _select(q: torch.Tensor, k: torch.Tensor, history_len: int, config: OmniMemConfig, scale: float) -> Selection:
     # A device scalar (a fill kernel, no host sync) keeps every shape independent of the history.
     history = torch.full((), history_len, dtype=torch.int64, device=q.device)
-    means = block_key_means(k, history, config.block_size)
-    scores = block_scores(q, means, query_group_size=group_size, scale=scale)
-    return select_from_scores(scores, history, config, query_group_size=group_size)
+    # Compiling pays on GPUs, where eager selection is launch-bound; on CPU it would only add
+    # compile time.
+    return select(q, k, history, config, scale=scale, compiled=config.compile and q.device.type == "cuda")
 
 
 def select_blocks(

@@ -9,7 +9,9 @@ the same kernels and never synchronises with the host.
 from __future__ import annotations
 
 import dataclasses
+import functools
 import math
+from typing import NamedTuple
 
 import torch
 from einops import reduce
@@ -82,13 +84,7 @@ class Selection:
 
     def attended_block_mask(self) -> torch.Tensor:
         """Dense ``[B, Hkv, G, num_history_blocks]`` bool: block ``j`` is attended."""
-        idx = self.kv_block_idx.long()
-        dense = torch.zeros(
-            (*idx.shape[:-1], self.num_history_blocks + 1), dtype=torch.bool, device=idx.device
-        )
-        # Padding (-1) lands in the extra last column, which is dropped.
-        dense.scatter_(-1, torch.where(idx < 0, self.num_history_blocks, idx), True)
-        return dense[..., :-1]
+        return attended_blocks(self.kv_block_idx, self.num_history_blocks)
 
     def to_tensordict(self):  # -> tensordict.TensorDict (optional dependency)
         """The per-(batch, KV head, query group) tensors as a ``tensordict.TensorDict``."""
@@ -103,6 +99,15 @@ class Selection:
             },
             batch_size=self.kv_num_blocks.shape,
         )
+
+
+def attended_blocks(kv_block_idx: torch.Tensor, num_blocks: int) -> torch.Tensor:
+    """Dense ``[..., num_blocks]`` bool from an ascending, ``-1``-padded block table."""
+    index = kv_block_idx.long()
+    dense = torch.zeros((*index.shape[:-1], num_blocks + 1), dtype=torch.bool, device=index.device)
+    # Padding (-1) lands in the extra last column, which is dropped.
+    dense.scatter_(-1, torch.where(index < 0, num_blocks, index), True)
+    return dense[..., :-1]
 
 
 def segment_sums(x: torch.Tensor, segment: int) -> torch.Tensor:
@@ -182,24 +187,50 @@ def block_scores(
     return torch.einsum("bhgd,bhjd->bhgj", pooled, block_means) * scale
 
 
+class RetrievalRules(NamedTuple):
+    """The config fields selection depends on, as plain values (compile-friendly constants)."""
+
+    block_size: int
+    top_k: int
+    sink_tokens: int
+    local_tokens: int
+    exclusion_tokens: int
+    window_exclusion: str
+
+    @classmethod
+    def from_config(cls, config: OmniMemConfig) -> RetrievalRules:
+        return cls(
+            config.block_size,
+            config.top_k,
+            config.sink_tokens,
+            config.local_tokens,
+            config.effective_exclusion_tokens,
+            config.window_exclusion,
+        )
+
+    def table_width(self, num_blocks: int) -> int:
+        """Static bound on attended history blocks: sink + local (+1 if misaligned) + budget."""
+        max_sink = math.ceil(self.sink_tokens / self.block_size)
+        max_local = math.ceil(self.local_tokens / self.block_size) + 1 if self.local_tokens else 0
+        return min(num_blocks, max_sink + max_local + min(self.top_k, num_blocks))
+
+
 def window_masks(
-    history_len: torch.Tensor, num_blocks: int, config: OmniMemConfig
+    history_len: torch.Tensor, num_blocks: int, rules: RetrievalRules
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Per-block ``(valid, fixed, recent)`` bool masks ``[num_blocks]`` (DESIGN.md section 2).
 
     ``fixed`` is sink ∪ local (always attended); ``recent`` is the exclusion window ``E``
     (which contains the local window); far blocks are ``valid & ~fixed & ~recent``.
     """
-    bs = config.block_size
-    start = torch.arange(num_blocks, device=history_len.device) * bs
-    end = start + bs
+    start = torch.arange(num_blocks, device=history_len.device) * rules.block_size
+    end = start + rules.block_size
     valid = start < history_len
-    sink = valid & (start < config.sink_tokens)
+    sink = valid & (start < rules.sink_tokens)
     # A block intersects [history_len - w, history_len) iff it ends after its left edge.
     none = torch.zeros_like(valid)
-    local = valid & ~sink & (end > history_len - config.local_tokens) if config.local_tokens else none
-    exclusion = config.effective_exclusion_tokens
-    recent = valid & ~sink & (end > history_len - exclusion) if exclusion else none
+    local = valid & ~sink & (end > history_len - rules.local_tokens) if rules.local_tokens else none
+    recent = valid & ~sink & (end > history_len - rules.exclusion_tokens) if rules.exclusion_tokens else none
     return valid, sink | local, recent | local
 
 
@@ -209,63 +240,110 @@ def _order_preserving_bits(scores: torch.Tensor) -> torch.Tensor:
     return torch.where(bits >= 0, bits + (1 << 31), (1 << 31) - 1 - (bits & 0x7FFFFFFF))
 
 
-def select_from_scores(
-    scores: torch.Tensor,
-    history_len: torch.Tensor,
-    config: OmniMemConfig,
-    *,
-    query_group_size: int,
-) -> Selection:
+def compact_indices(mask: torch.Tensor, width: int, pad: int = -1) -> tuple[torch.Tensor, torch.Tensor]:
+    """Ascending positions of the ``True`` entries along the last dim, as int32 ``(count, index)``.
+
+    ``index`` has static width ``width`` (which must bound every row's count), padded with
+    ``pad``. A prefix sum and a scatter: no sort, and it fuses under ``torch.compile``.
+    """
+    length = mask.shape[-1]
+    slot = mask.cumsum(-1) - 1
+    index = torch.full((*mask.shape[:-1], width + 1), pad, dtype=torch.int32, device=mask.device)
+    # Unselected entries all land in the extra last column, which is dropped.
+    position = torch.arange(length, device=mask.device, dtype=torch.int32).expand(mask.shape)
+    index.scatter_(-1, torch.where(mask, slot, width), position)
+    return mask.sum(-1, dtype=torch.int32), index[..., :width]
+
+
+def selection_tables(
+    scores: torch.Tensor, history_len: torch.Tensor, rules: RetrievalRules
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
     """Apply the window rules and the top-k budget to block scores.
 
     Args:
         scores: ``[B, Hkv, G, NB]`` float32 block scores (``block_scores``).
         history_len: 0-d integer tensor on ``scores.device``.
-        config: retrieval configuration.
-        query_group_size: queries per group (recorded in the result).
+        rules: the retrieval rules.
 
     Returns:
-        The [`Selection`][omnimem.Selection].
+        ``(kv_block_idx, kv_num_blocks, selected_block_idx, fixed_block_mask)`` as documented
+        on [`Selection`][omnimem.Selection].
     """
     num_blocks = scores.shape[-1]
-    if num_blocks >= _MAX_BLOCKS:
-        raise ValueError(f"k holds {num_blocks} blocks; at most {_MAX_BLOCKS - 1} are supported")
-    valid, fixed, recent = window_masks(history_len, num_blocks, config)
+    valid, fixed, recent = window_masks(history_len, num_blocks, rules)
     far = valid & ~fixed & ~recent
-    if config.window_exclusion == "never":
+    if rules.window_exclusion == "never":
         tier = torch.where(far | recent, _TIER_FAR, 0)
-    elif config.window_exclusion == "always":
+    elif rules.window_exclusion == "always":
         tier = torch.where(far, _TIER_FAR, 0)
     else:  # adaptive: recent blocks only fill slots the far history leaves empty
         tier = torch.where(far, _TIER_FAR, torch.where(recent, _TIER_RECENT, 0))
 
     block = torch.arange(num_blocks, device=scores.device)
     key = (tier << _TIER_SHIFT) | (_order_preserving_bits(scores) << _INDEX_BITS) | (_MAX_BLOCKS - 1 - block)
-    budget = min(config.top_k, num_blocks)
-    top_key, top_block = torch.topk(key, budget, dim=-1, sorted=True)
+    top_key, top_block = torch.topk(key, min(rules.top_k, num_blocks), dim=-1, sorted=True)
     is_candidate = (top_key >> _TIER_SHIFT) > 0
     selected = torch.where(is_candidate, top_block, -1)
 
     attended = torch.zeros((*scores.shape[:-1], num_blocks + 1), dtype=torch.bool, device=scores.device)
     attended.scatter_(-1, torch.where(is_candidate, top_block, num_blocks), True)
     attended = attended[..., :num_blocks] | fixed
+    kv_num_blocks, kv_block_idx = compact_indices(attended, rules.table_width(num_blocks))
+    return kv_block_idx, kv_num_blocks, selected.int(), fixed
 
-    # Compact the dense mask into an ascending table of static width by a prefix-sum scatter.
-    bs = config.block_size
-    max_sink = math.ceil(config.sink_tokens / bs)
-    max_local = math.ceil(config.local_tokens / bs) + 1 if config.local_tokens else 0
-    width = min(num_blocks, max_sink + max_local + budget)
-    slot = attended.cumsum(-1) - 1
-    table = torch.full((*scores.shape[:-1], width + 1), -1, dtype=torch.int32, device=scores.device)
-    table.scatter_(-1, torch.where(attended, slot, width), block.int().expand_as(slot))
+
+def _selection_pipeline(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    history_len: torch.Tensor,
+    rules: RetrievalRules,
+    query_group_size: int,
+    scale: float,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    means = block_key_means(k, history_len, rules.block_size)
+    scores = block_scores(q, means, query_group_size=query_group_size, scale=scale)
+    return selection_tables(scores, history_len, rules)
+
+
+@functools.cache
+def _compiled_selection_pipeline():
+    # Eager selection is ~60 small kernels, launch-bound on a GPU; compiled, Inductor fuses it.
+    return torch.compile(_selection_pipeline, dynamic=False, fullgraph=True)
+
+
+def select(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    history_len: torch.Tensor,
+    config: OmniMemConfig,
+    *,
+    scale: float,
+    compiled: bool = False,
+) -> Selection:
+    """Block selection for validated inputs (the public entry point is ``omnimem.select_blocks``).
+
+    Args:
+        q: ``[B, Hq, Lq, D]``; k: ``[B, Hkv, Lkv, D]``; history_len: 0-d int64 tensor on q's device.
+        config: retrieval configuration; scale: the softmax scale.
+        compiled: run the pipeline through ``torch.compile`` (static shapes: one compile per
+            buffer shape and config, none as ``history_len`` changes).
+    """
+    num_blocks = math.ceil(k.shape[-2] / config.block_size)
+    if num_blocks >= _MAX_BLOCKS:
+        raise ValueError(f"k holds {num_blocks} blocks; at most {_MAX_BLOCKS - 1} are supported")
+    q_len = q.shape[-2]
+    group_size = min(config.query_group_size or q_len, q_len)
+    rules = RetrievalRules.from_config(config)
+    pipeline = _compiled_selection_pipeline() if compiled else _selection_pipeline
+    kv_block_idx, kv_num_blocks, selected, fixed = pipeline(q, k, history_len, rules, group_size, scale)
     return Selection(
-        kv_block_idx=table[..., :width],
-        kv_num_blocks=attended.sum(-1, dtype=torch.int32),
-        selected_block_idx=selected.int(),
+        kv_block_idx=kv_block_idx,
+        kv_num_blocks=kv_num_blocks,
+        selected_block_idx=selected,
         fixed_block_mask=fixed,
         history_len=history_len,
-        block_size=bs,
-        query_group_size=query_group_size,
+        block_size=config.block_size,
+        query_group_size=group_size,
         num_history_blocks=num_blocks,
     )
 

@@ -38,3 +38,24 @@ def test_compiled_flex_matches_dense_without_recompiling(shape, cfg):
         torch.testing.assert_close(out, expected, atol=2e-5, rtol=2e-5)
     # One compiled graph for the whole history sweep.
     assert counters["stats"]["unique_graphs"] == 1, dict(counters["stats"])
+
+
+def test_compiled_planning_matches_eager_planning():
+    """The GPU path compiles selection and BlockMask planning; check that code on this device."""
+    from omnimem.backends.flex import build_block_mask
+    from omnimem.selection import select
+
+    config = OmniMemConfig(block_size=16, top_k=3, sink_tokens=16, local_tokens=24, query_group_size=20)
+    counters.clear()
+    for history_len in (0, 37, 200):
+        q, k, _ = make_inputs(q_heads=4, kv_heads=2, q_len=40, history_len=history_len, unwritten=200 - history_len)
+        history = torch.tensor(history_len)
+        eager = select(q, k, history, config, scale=0.25)
+        compiled = select(q, k, history, config, scale=0.25, compiled=True)
+        for name in ("kv_block_idx", "kv_num_blocks", "selected_block_idx", "fixed_block_mask"):
+            assert torch.equal(getattr(eager, name), getattr(compiled, name)), name
+        shapes = dict(num_q_heads=4, q_len=40, kv_len=k.shape[2], chunk_len=40)
+        masks = [build_block_mask(eager, **shapes, compiled=flag) for flag in (False, True)]
+        for a, b in zip(masks[0].as_tuple()[2:6], masks[1].as_tuple()[2:6]):
+            assert torch.equal(a, b)
+    assert counters["stats"]["unique_graphs"] == 2, dict(counters["stats"])
