@@ -9,11 +9,10 @@ from __future__ import annotations
 import argparse
 
 import torch
-from omnimem.backends import flex as flex_backend
 from torch.profiler import ProfilerActivity, profile
 
 from omnimem import OmniMemConfig, select_blocks
-from omnimem.selection import token_mask_mod
+from omnimem.backends import flex as flex_backend
 
 
 def main() -> None:
@@ -28,10 +27,8 @@ def main() -> None:
 
     def plan():
         sel = select_blocks(q, k, history_len=args.history, config=config)
-        attended = sel.attended_block_mask()
-        mask_mod = token_mask_mod(sel, num_q_heads=heads, chunk_len=chunk, block_attended=attended)
         return flex_backend.build_block_mask(
-            sel, attended, mask_mod, num_q_heads=heads, q_len=chunk, kv_len=k.shape[2], chunk_len=chunk
+            sel, num_q_heads=heads, q_len=chunk, kv_len=k.shape[2], chunk_len=chunk, compiled=True
         )
 
     for _ in range(3):

@@ -74,7 +74,9 @@ def _resolve_config(config: OmniMemConfig | None, overrides: dict[str, object]) 
     return config.replace(**overrides) if overrides else config
 
 
-def _select(q: torch.Tensor, k: torch.Tensor, history_len: int, config: OmniMemConfig, scale: float) -> Selection:
+def _select(
+    q: torch.Tensor, k: torch.Tensor, history_len: int, config: OmniMemConfig, scale: float
+) -> Selection:
     # A device scalar (a fill kernel, no host sync) keeps every shape independent of the history.
     history = torch.full((), history_len, dtype=torch.int64, device=q.device)
     # Compiling pays on GPUs, where eager selection is launch-bound; on CPU it would only add

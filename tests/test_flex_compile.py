@@ -48,7 +48,9 @@ def test_compiled_planning_matches_eager_planning():
     config = OmniMemConfig(block_size=16, top_k=3, sink_tokens=16, local_tokens=24, query_group_size=20)
     counters.clear()
     for history_len in (0, 37, 200):
-        q, k, _ = make_inputs(q_heads=4, kv_heads=2, q_len=40, history_len=history_len, unwritten=200 - history_len)
+        q, k, _ = make_inputs(
+            q_heads=4, kv_heads=2, q_len=40, history_len=history_len, unwritten=200 - history_len
+        )
         history = torch.tensor(history_len)
         eager = select(q, k, history, config, scale=0.25)
         compiled = select(q, k, history, config, scale=0.25, compiled=True)
@@ -56,6 +58,6 @@ def test_compiled_planning_matches_eager_planning():
             assert torch.equal(getattr(eager, name), getattr(compiled, name)), name
         shapes = dict(num_q_heads=4, q_len=40, kv_len=k.shape[2], chunk_len=40)
         masks = [build_block_mask(eager, **shapes, compiled=flag) for flag in (False, True)]
-        for a, b in zip(masks[0].as_tuple()[2:6], masks[1].as_tuple()[2:6]):
+        for a, b in zip(masks[0].as_tuple()[2:6], masks[1].as_tuple()[2:6], strict=True):
             assert torch.equal(a, b)
     assert counters["stats"]["unique_graphs"] == 2, dict(counters["stats"])
