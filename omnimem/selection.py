@@ -127,30 +127,50 @@ def segment_sums(x: torch.Tensor, segment: int) -> torch.Tensor:
     return parts[0] if len(parts) == 1 else torch.cat(parts, dim=-2)
 
 
+def block_key_sums_reference(k: torch.Tensor, history_len: torch.Tensor, block_size: int) -> torch.Tensor:
+    """Float32 sums of each block's history tokens: ``[B, H, Lkv, D] -> [B, H, ceil(Lkv/bs), D]``.
+
+    Plain torch (any device); ``omnimem.kernels.block_sums`` is the GPU kernel it specifies.
+    The boundary block is summed from its own valid tokens with ``torch.where`` so whatever lies
+    past the history never leaks into a sum; blocks past the history are zero.
+    """
+    length = k.shape[-2]
+    num_blocks = math.ceil(length / block_size)
+    sums = segment_sums(k, block_size)
+    block = torch.arange(num_blocks, device=k.device)
+    boundary_block = history_len // block_size
+    token = boundary_block * block_size + torch.arange(block_size, device=k.device)
+    boundary_keys = k.index_select(-2, token.clamp(max=length - 1))
+    boundary_sum = torch.where((token < history_len)[:, None], boundary_keys, 0).sum(-2, dtype=torch.float32)
+    sums = torch.where((block == boundary_block)[:, None], boundary_sum.unsqueeze(-2), sums)
+    return torch.where((block * block_size < history_len)[:, None], sums, 0.0)
+
+
+def block_key_sums(k: torch.Tensor, history_len: torch.Tensor, block_size: int) -> torch.Tensor:
+    """``block_key_sums_reference``, through a memory-bound Triton kernel on CUDA devices."""
+    if k.device.type == "cuda":
+        from omnimem.kernels.block_sums import block_sums
+
+        return block_sums(k, history_len, block_size)
+    return block_key_sums_reference(k, history_len, block_size)
+
+
+def block_means_from_sums(
+    block_sums: torch.Tensor, history_len: torch.Tensor, block_size: int
+) -> torch.Tensor:
+    """Divide per-block key sums ``[B, H, NB, D]`` by each block's count of history tokens."""
+    start = torch.arange(block_sums.shape[-2], device=block_sums.device) * block_size
+    valid_tokens = (history_len - start).clamp(0, block_size)
+    return block_sums / valid_tokens.clamp(min=1)[:, None]
+
+
 def block_key_means(k: torch.Tensor, history_len: torch.Tensor, block_size: int) -> torch.Tensor:
     """Mean key of every history block: ``[B, Hkv, Lkv, D] -> [B, Hkv, ceil(Lkv/bs), D]`` float32.
 
     Only the ``history_len`` valid tokens count (the last block may be partial); blocks past
-    the history are zero. The boundary block is summed from its own valid tokens with
-    ``torch.where`` so that whatever lies past the history never leaks into a mean.
+    the history are zero.
     """
-    length = k.shape[-2]
-    num_blocks = math.ceil(length / block_size)
-    block_sums = segment_sums(k, block_size)
-    block_start = torch.arange(num_blocks, device=k.device) * block_size
-    valid_tokens = (history_len - block_start).clamp(0, block_size)
-
-    boundary_block = history_len // block_size
-    offsets = torch.arange(block_size, device=k.device)
-    token = boundary_block * block_size + offsets
-    in_history = token < history_len
-    boundary_keys = k.index_select(-2, token.clamp(max=length - 1))
-    boundary_sum = torch.where(in_history[:, None], boundary_keys, 0).sum(-2, dtype=torch.float32)
-
-    is_boundary = (torch.arange(num_blocks, device=k.device) == boundary_block)[:, None]
-    block_sums = torch.where(is_boundary, boundary_sum.unsqueeze(-2), block_sums)
-    block_sums = torch.where((valid_tokens > 0)[:, None], block_sums, 0.0)
-    return block_sums / valid_tokens.clamp(min=1)[:, None]
+    return block_means_from_sums(block_key_sums(k, history_len, block_size), history_len, block_size)
 
 
 def pooled_queries(q: torch.Tensor, query_group_size: int) -> torch.Tensor:
@@ -292,23 +312,23 @@ def selection_tables(
     return kv_block_idx, kv_num_blocks, selected.int(), fixed
 
 
-def _selection_pipeline(
+def _tables_from_block_sums(
     q: torch.Tensor,
-    k: torch.Tensor,
+    block_sums: torch.Tensor,
     history_len: torch.Tensor,
     rules: RetrievalRules,
     query_group_size: int,
     scale: float,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
-    means = block_key_means(k, history_len, rules.block_size)
+    means = block_means_from_sums(block_sums, history_len, rules.block_size)
     scores = block_scores(q, means, query_group_size=query_group_size, scale=scale)
     return selection_tables(scores, history_len, rules)
 
 
 @functools.cache
-def _compiled_selection_pipeline():
+def _compiled_tables_from_block_sums():
     # Eager selection is ~60 small kernels, launch-bound on a GPU; compiled, Inductor fuses it.
-    return torch.compile(_selection_pipeline, dynamic=False, fullgraph=True)
+    return torch.compile(_tables_from_block_sums, dynamic=False, fullgraph=True)
 
 
 def select(
@@ -334,8 +354,11 @@ def select(
     q_len = q.shape[-2]
     group_size = min(config.query_group_size or q_len, q_len)
     rules = RetrievalRules.from_config(config)
-    pipeline = _compiled_selection_pipeline() if compiled else _selection_pipeline
-    kv_block_idx, kv_num_blocks, selected, fixed = pipeline(q, k, history_len, rules, group_size, scale)
+    tables = _compiled_tables_from_block_sums() if compiled else _tables_from_block_sums
+    block_sums = block_key_sums(k, history_len, config.block_size)
+    kv_block_idx, kv_num_blocks, selected, fixed = tables(
+        q, block_sums, history_len, rules, group_size, scale
+    )
     return Selection(
         kv_block_idx=kv_block_idx,
         kv_num_blocks=kv_num_blocks,
