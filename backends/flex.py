@@ -34,7 +34,7 @@ if _HAS_RETURN_AUX:
 @functools.cache
 def compiled_flex_attention():
     """The process-wide compiled ``flex_attention`` (static shapes; compiled once per shape)."""
-    return torch.compile(flex_attention, dynamic=False, fullgraph=True)
+    return torch.compile(flex_attention, dynamic=False)
 
 
 @functools.cache
@@ -102,7 +102,7 @@ def block_mask_tables(
 
 @functools.cache
 def _compiled_block_mask_tables():
-    return torch.compile(block_mask_tables, dynamic=False, fullgraph=True)
+    return torch.compile(block_mask_tables, dynamic=False)
 
 
 def build_block_mask(

@@ -328,7 +328,7 @@ def _tables_from_block_sums(
 @functools.cache
 def _compiled_tables_from_block_sums():
     # Eager selection is ~60 small kernels, launch-bound on a GPU; compiled, Inductor fuses it.
-    return torch.compile(_tables_from_block_sums, dynamic=False, fullgraph=True)
+    return torch.compile(_tables_from_block_sums, dynamic=False)
 
 
 def select(

@@ -144,7 +144,7 @@ def test_chunk_shorter_than_the_queries_region(backend):
     cfg = dict(block_size=4, top_k=2, local_tokens=4)
     out = sparse_attention(q, k, v, history_len=20, chunk_len=3, **cfg, **backend)
     ref = reference_attention(q, k, v, history_len=20, chunk_len=3, **cfg)
-    torch.testing.assert_close(out, ref.out.float(), atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(out.cpu(), ref.out.float(), atol=1e-5, rtol=1e-5)
 
 
 @pytest.mark.parametrize("backend", [dict(backend="dense"), EAGER])

@@ -30,14 +30,20 @@ def test_compiled_flex_matches_dense_without_recompiling(shape, cfg):
     buffer_tokens = 400 + shape["q_len"]
     config = OmniMemConfig(**cfg, backend="flex", compile=True)
     counters.clear()
+    graphs_after_first_call = None
     for step, history_len in enumerate((0, 7, 150, 257, 400)):
         q, k, v = make_inputs(**shape, history_len=history_len, unwritten=400 - history_len, seed=step)
         assert k.shape[2] == buffer_tokens
         out = sparse_attention(q, k, v, history_len=history_len, config=config)
         expected = sparse_attention(q, k, v, history_len=history_len, config=config.replace(backend="dense"))
         torch.testing.assert_close(out, expected, atol=2e-5, rtol=2e-5)
-    # One compiled graph for the whole history sweep.
-    assert counters["stats"]["unique_graphs"] == 1, dict(counters["stats"])
+        if graphs_after_first_call is None:
+            graphs_after_first_call = counters["stats"]["unique_graphs"]
+    # The first call compiled (the kernel; on GPUs also selection and planning); the history
+    # sweep compiled nothing more.
+    assert graphs_after_first_call >= 1
+    assert counters["stats"]["unique_graphs"] == graphs_after_first_call, dict(counters["stats"])
+    assert not counters["graph_break"], dict(counters["graph_break"])
 
 
 def test_compiled_planning_matches_eager_planning():
@@ -51,7 +57,7 @@ def test_compiled_planning_matches_eager_planning():
         q, k, _ = make_inputs(
             q_heads=4, kv_heads=2, q_len=40, history_len=history_len, unwritten=200 - history_len
         )
-        history = torch.tensor(history_len)
+        history = torch.tensor(history_len, device=k.device)
         eager = select(q, k, history, config, scale=0.25)
         compiled = select(q, k, history, config, scale=0.25, compiled=True)
         for name in ("kv_block_idx", "kv_num_blocks", "selected_block_idx", "fixed_block_mask"):
@@ -61,3 +67,4 @@ def test_compiled_planning_matches_eager_planning():
         for a, b in zip(masks[0].as_tuple()[2:6], masks[1].as_tuple()[2:6], strict=True):
             assert torch.equal(a, b)
     assert counters["stats"]["unique_graphs"] == 2, dict(counters["stats"])
+    assert not counters["graph_break"], dict(counters["graph_break"])

@@ -83,7 +83,7 @@ def test_windows_round_out_to_whole_blocks():
 
 def test_partial_last_block_mean_ignores_chunk_and_unwritten_tokens():
     _q, k, _ = make_inputs(history_len=10, q_len=3, unwritten=5, head_dim=8)
-    history = torch.tensor(10)
+    history = torch.tensor(10, device=k.device)
     means = block_key_means(k, history, 4)
     assert means.shape == (1, 2, 5, 8)  # ceil(18 / 4) block slots, static
     torch.testing.assert_close(means[:, :, 2], k[:, :, 8:10].mean(-2))
