@@ -43,7 +43,7 @@ SHAPE_CLASSES = {
 
 @pytest.mark.compile
 @pytest.mark.parametrize("shape_class", list(SHAPE_CLASSES))
-@settings(max_examples=12)
+@settings(max_examples=10)
 @given(history_len=st.integers(0, BUFFER_HISTORY), seed=st.integers(0, 2**16))
 def test_compiled_flex_matches_reference(shape_class, history_len, seed):
     shape, config = SHAPE_CLASSES[shape_class]

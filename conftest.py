@@ -1,8 +1,17 @@
 import os
 
+import pytest
 import torch
 
 # Without a GPU, Triton kernels run in its interpreter on CPU tensors. Must be set before any
 # kernel module is imported (triton.jit reads it at decoration time).
 if not torch.cuda.is_available():
     os.environ.setdefault("TRITON_INTERPRET", "1")
+
+
+@pytest.fixture(autouse=True)
+def _fresh_dynamo(request):
+    # Compile tests count graphs and must not inherit the recompile budget earlier tests spent.
+    if request.node.get_closest_marker("compile"):
+        torch._dynamo.reset()
+    yield
