@@ -1,12 +1,13 @@
 """FlexAttention backend: a ``BlockMask`` built from the selection table plus an exact ``mask_mod``.
 
-Compiled, FlexAttention visits only the blocks of the table: history blocks that every query of
-a 128-query tile attends in full are "full" blocks (no mask evaluation); partial history blocks,
-blocks shared by some query groups only and the chunk's boundary blocks are "partial" blocks
-whose tokens the ``mask_mod`` decides. Eager FlexAttention ignores block sparsity and applies the
-``mask_mod`` to every key, so the ``mask_mod`` alone encodes the whole contract: both modes are
-exact. ``history_len`` reaches the kernel as a tensor captured by the ``mask_mod`` and every
-table has a static shape, so a growing history in a preallocated buffer never recompiles.
+Compiled, FlexAttention visits only the 128x128 tiles of the table: key tiles that every query
+of a 128-query tile attends in full are "full" (no mask evaluation); tiles attended in part
+(partial history blocks, blocks some query groups skip, the chunk's edges, retrieval blocks
+smaller than a tile) are "partial" tiles whose tokens the ``mask_mod`` decides. Eager
+FlexAttention ignores block sparsity and applies the ``mask_mod`` to every key, so the
+``mask_mod`` alone encodes the whole contract: both modes are exact. ``history_len`` reaches
+the kernel as a tensor captured by the ``mask_mod`` and every table has a static shape, so a
+growing history in a preallocated buffer never recompiles.
 """
 
 from __future__ import annotations
@@ -22,7 +23,7 @@ from torch.nn.attention.flex_attention import BlockMask, flex_attention
 from omnimem.config import OmniMemConfig
 from omnimem.selection import Selection, attended_blocks, compact_indices, token_mask_mod
 
-Q_BLOCK_SIZE = 128
+TILE = 128  # FlexAttention's query and key tile (tokens)
 
 # torch 2.11 and 2.13 differ in small ways; probe once instead of pinning a version.
 _HAS_RETURN_AUX = "return_aux" in inspect.signature(flex_attention).parameters
@@ -57,46 +58,54 @@ def block_mask_tables(
     q_len: int,
     kv_len: int,
     chunk_len: int,
+    tile: int = TILE,
 ) -> tuple[torch.Tensor, ...]:
-    """Dense attended blocks and the partial/full kv-block tables of a FlexAttention BlockMask.
+    """Dense attended blocks and the partial/full tile tables of a FlexAttention BlockMask.
+
+    FlexAttention tiles are ``TILE x TILE`` tokens whatever the retrieval ``block_size`` (its
+    compiled GPU kernel needs tiles divisible by its own, and 128 is its tuned size). A key
+    tile is *full* for a query tile when every query group of the query tile attends all of its
+    tokens, and must be *visited* when any of them attends any token.
 
     Returns ``(block_attended [B, Hkv, G, NB], kv_num_blocks, kv_indices, full_kv_num_blocks,
-    full_kv_indices)``; the last four are ``[B, Hq, ceil(q_len / 128)(, NB)]`` int32.
+    full_kv_indices)``; the last four are ``[B, Hq, ceil(q_len/tile)(, ceil(kv_len/tile))]`` int32.
+    ``tile`` exists for tests; FlexAttention gets ``TILE``.
     """
     block_attended = attended_blocks(kv_block_idx, num_blocks)
-    num_groups = block_attended.shape[2]
     device = block_attended.device
-    num_q_blocks = math.ceil(q_len / Q_BLOCK_SIZE)
+    num_kv_tiles = math.ceil(kv_len / tile)
+    num_q_tiles = math.ceil(q_len / tile)
 
+    # Attended tokens of each KV tile, per (batch, KV head, query group).
+    token = torch.arange(num_kv_tiles * tile, device=device)
+    in_history = token < history_len
+    in_chunk = ~in_history & (token < history_len + chunk_len)
+    block_of_token = (token // block_size).clamp(max=num_blocks - 1)
+    token_attended = (block_attended[..., block_of_token] & in_history) | in_chunk
+    attended_count = token_attended.unflatten(-1, (num_kv_tiles, tile)).sum(-1, dtype=torch.int32)
+    any_attended, all_attended = attended_count > 0, attended_count == tile
+
+    num_groups = block_attended.shape[2]
     if num_groups == 1:
-        any_group = all_groups = block_attended.expand(-1, -1, num_q_blocks, -1)
+        visit = any_attended.expand(-1, -1, num_q_tiles, -1)
+        full = all_attended.expand(-1, -1, num_q_tiles, -1)
     else:
-        # A 128-query tile may span several groups: a block is full there only if all of them
-        # attend it, and must be visited if any does.
-        tile_first = torch.arange(num_q_blocks, device=device) * Q_BLOCK_SIZE
-        tile_last = (tile_first + Q_BLOCK_SIZE).clamp(max=q_len) - 1
+        tile_first = torch.arange(num_q_tiles, device=device) * tile
+        tile_last = (tile_first + tile).clamp(max=q_len) - 1
         group = torch.arange(num_groups, device=device)
         first_group, last_group = tile_first // query_group_size, tile_last // query_group_size
-        member = (group >= first_group[:, None]) & (group <= last_group[:, None])
-        count = torch.einsum("mg,bhgj->bhmj", member.float(), block_attended.float())
-        any_group = count > 0
-        all_groups = count == member.sum(-1, dtype=torch.float32)[:, None]
-
-    start = torch.arange(num_blocks, device=device) * block_size
-    end = start + block_size
-    chunk_end = history_len + chunk_len
-    chunk_full = (start >= history_len) & (end <= chunk_end) & (end <= kv_len)
-    chunk_any = (start < chunk_end) & (end > history_len)
-    full = (all_groups & (end <= history_len)) | chunk_full
-    partial = ((any_group & (start < history_len)) | chunk_any) & ~full
+        member = ((group >= first_group[:, None]) & (group <= last_group[:, None])).float()
+        visit = torch.einsum("mg,bhgj->bhmj", member, any_attended.float()) > 0
+        full = torch.einsum("mg,bhgj->bhmj", member, all_attended.float()) == member.sum(-1)[:, None]
+    partial = visit & ~full
 
     heads_per_kv = num_q_heads // block_attended.shape[1]
     if heads_per_kv > 1:
         full = full.repeat_interleave(heads_per_kv, dim=1)
         partial = partial.repeat_interleave(heads_per_kv, dim=1)
-    # Pad with block 0, not -1: FlexAttention may prefetch one entry past the count.
-    kv_num_blocks, kv_indices = compact_indices(partial, num_blocks, pad=0)
-    full_kv_num_blocks, full_kv_indices = compact_indices(full, num_blocks, pad=0)
+    # Pad with tile 0, not -1: FlexAttention may prefetch one entry past the count.
+    kv_num_blocks, kv_indices = compact_indices(partial, num_kv_tiles, pad=0)
+    full_kv_num_blocks, full_kv_indices = compact_indices(full, num_kv_tiles, pad=0)
     return block_attended, kv_num_blocks, kv_indices, full_kv_num_blocks, full_kv_indices
 
 
@@ -131,7 +140,7 @@ def build_block_mask(
     extra = {"compute_q_blocks": False} if _HAS_COMPUTE_Q_BLOCKS else {}
     return BlockMask.from_kv_blocks(
         *kv_tables,
-        BLOCK_SIZE=(Q_BLOCK_SIZE, selection.block_size),
+        BLOCK_SIZE=(TILE, TILE),
         mask_mod=mask_mod,
         seq_lengths=(q_len, kv_len),
         **extra,
@@ -152,6 +161,8 @@ def forward(
     num_q_heads = q.shape[1]
     # Compiled CPU FlexAttention cannot return the log-sum-exp; the eager path is exact too.
     compiled = config.compile and not (return_lse and q.device.type == "cpu")
+    if compiled:
+        _check_compiled_inputs(q, k, v)
     block_mask = build_block_mask(
         selection,
         num_q_heads=num_q_heads,
@@ -168,6 +179,19 @@ def forward(
         # Eager mode was asked for (compile=False): its "unfused implementation" warning is noise.
         warnings.filterwarnings("ignore", message=".*flex_attention called without torch.compile.*")
         return _run(flex_attention, q, k, v, return_lse, kwargs)
+
+
+def _check_compiled_inputs(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> None:
+    if torch.is_grad_enabled() and (q.requires_grad or k.requires_grad or v.requires_grad):
+        raise ValueError(
+            "the compiled flex backend is inference-only (its BlockMask carries no backward "
+            "tables): run under torch.no_grad(), or use compile=False or backend='dense' for autograd"
+        )
+    if q.device.type == "cuda" and q.shape[-1] < 16:
+        raise ValueError(
+            f"q's head_dim must be >= 16 for the compiled flex backend on GPUs (tensor-core tiles), "
+            f"got {q.shape[-1]}; use compile=False or backend='dense'"
+        )
 
 
 def _run(attention, q, k, v, return_lse: bool, kwargs: dict) -> tuple[torch.Tensor, torch.Tensor | None]:

@@ -179,3 +179,13 @@ def test_public_names():
     for name in ("sparse_attention", "select_blocks", "OmniMemConfig", "Selection", "use_backend"):
         assert hasattr(omnimem, name)
     assert select_blocks.__doc__ and sparse_attention.__doc__
+
+
+def test_compiled_flex_refuses_autograd_clearly():
+    q, k, v = make_inputs(history_len=16)
+    q.requires_grad_(True)
+    with pytest.raises(ValueError, match="inference-only"):
+        sparse_attention(q, k, v, block_size=4, backend="flex", compile=True)
+    out = sparse_attention(q, k, v, block_size=4, backend="dense")
+    out.sum().backward()  # the dense reference is differentiable
+    assert q.grad is not None
