@@ -20,6 +20,7 @@ import warnings
 import torch
 from torch.nn.attention.flex_attention import BlockMask, flex_attention
 
+from omnimem.compile import compile_static
 from omnimem.config import OmniMemConfig
 from omnimem.selection import Selection, attended_blocks, compact_indices, token_mask_mod
 
@@ -34,8 +35,12 @@ if _HAS_RETURN_AUX:
 
 @functools.cache
 def compiled_flex_attention():
-    """The process-wide compiled ``flex_attention`` (static shapes; compiled once per shape)."""
-    return torch.compile(flex_attention, dynamic=False)
+    """The process-wide compiled ``flex_attention`` (static shapes; compiled once per shape).
+
+    ``fullgraph``: an exhausted recompile budget must fail loudly, never fall back to eager
+    FlexAttention (dense scores: hundreds of GiB at video lengths).
+    """
+    return compile_static(flex_attention, fullgraph=True)
 
 
 @functools.cache
@@ -111,7 +116,7 @@ def block_mask_tables(
 
 @functools.cache
 def _compiled_block_mask_tables():
-    return torch.compile(block_mask_tables, dynamic=False)
+    return compile_static(block_mask_tables)
 
 
 def build_block_mask(
@@ -171,7 +176,21 @@ def forward(
         chunk_len=chunk_len,
         compiled=compiled and q.device.type == "cuda",
     )
-    kwargs = dict(block_mask=block_mask, scale=scale, enable_gqa=num_q_heads != k.shape[1])
+    return attend(q, k, v, block_mask, scale=scale, return_lse=return_lse, compiled=compiled)
+
+
+def attend(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    block_mask: BlockMask,
+    *,
+    scale: float,
+    return_lse: bool = False,
+    compiled: bool = True,
+) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """The run step: FlexAttention of ``q`` over ``k, v`` under a prebuilt ``block_mask``."""
+    kwargs = dict(block_mask=block_mask, scale=scale, enable_gqa=q.shape[1] != k.shape[1])
     if compiled:
         kwargs["kernel_options"] = _kernel_options(q.device)
         return _run(compiled_flex_attention(), q, k, v, return_lse, kwargs)

@@ -27,6 +27,7 @@ from torch.nn.attention import SDPBackend, sdpa_kernel
 import omnimem
 from omnimem import OmniMemConfig, select_blocks, sparse_attention
 from omnimem.backends import flex as flex_backend
+from omnimem.kernels.block_sums import block_sums
 
 FRAME_TOKENS = 1560  # one 480x832 Wan2.1 latent frame
 
@@ -88,20 +89,13 @@ def run_shape(heads: int, history_len: int, args) -> dict:
     # The run step alone: compiled FlexAttention with the BlockMask prebuilt (planning hoisted).
     shapes = dict(num_q_heads=heads, q_len=q_len, kv_len=kv_len, chunk_len=chunk_len, compiled=True)
     block_mask = flex_backend.build_block_mask(sel, **shapes)
-    flex = flex_backend.compiled_flex_attention()
-    row["flex_kernel_ms"] = bench(lambda: flex(q, k, v, block_mask=block_mask, scale=scale))
+    row["flex_kernel_ms"] = bench(lambda: flex_backend.attend(q, k, v, block_mask, scale=scale))
     row["flex_e2e_ms"] = bench(lambda: sparse_attention(q, k, v, history_len=history_len, config=config))
     row["selection_ms"] = bench(lambda: select_blocks(q, k, history_len=history_len, config=config))
     row["plan_ms"] = bench(lambda: flex_backend.build_block_mask(sel, **shapes))
-    for i, options in enumerate(args.kernel_options):
-        try:
-            opts = json.loads(options)
-            flex(q, k, v, block_mask=block_mask, scale=scale, kernel_options=opts)
-            row[f"flex_kernel_opt{i}_ms"] = bench(
-                lambda opts=opts: flex(q, k, v, block_mask=block_mask, scale=scale, kernel_options=opts)
-            )
-        except Exception as err:  # an option set this Triton/torch build rejects
-            print(f"kernel_options {options}: {type(err).__name__}: {str(err).splitlines()[0][:200]}")
+    history = torch.tensor(history_len, device=device)
+    row["block_sums_ms"] = bench(lambda: block_sums(k, history, 128))
+    row["block_sums_gbps"] = history_len * heads * head_dim * 2 / row["block_sums_ms"] * 1e-6
     for name, backend in (
         ("sdpa_cudnn_ms", SDPBackend.CUDNN_ATTENTION),
         ("sdpa_flash_ms", SDPBackend.FLASH_ATTENTION),
@@ -128,9 +122,6 @@ def main() -> None:
     parser.add_argument("--top-k", type=int, default=32)
     parser.add_argument("--chunk-tokens", type=int, default=3 * FRAME_TOKENS)
     parser.add_argument("--json", default=None)
-    parser.add_argument(
-        "--kernel-options", nargs="*", default=[], help="JSON FlexAttention kernel_options to time"
-    )
     args = parser.parse_args()
 
     env = dict(
@@ -159,16 +150,13 @@ def main() -> None:
         ("flex e2e ms", "flex_e2e_ms", ".3f"),
         ("selection ms", "selection_ms", ".3f"),
         ("plan ms", "plan_ms", ".3f"),
+        ("block sums GB/s", "block_sums_gbps", ".0f"),
         ("cuDNN dense ms", "sdpa_cudnn_ms", ".2f"),
         ("FA2 dense ms", "sdpa_flash_ms", ".2f"),
         ("flex TFLOP/s", "flex_kernel_tflops", ".0f"),
         ("dense/flex e2e", "cudnn_over_flex_e2e", ".1f"),
         ("rel err", "rel_err_vs_gather_fp32", ".1e"),
     ]
-    for row in rows:
-        extra = {key: round(val, 3) for key, val in row.items() if key.startswith("flex_kernel_opt")}
-        if extra:
-            print(row["history"], extra, args.kernel_options)
     print(f"\n{env['device']}, torch {env['torch']}, triton {env['triton']}, {env['date']}")
     print("| " + " | ".join(c[0] for c in cols) + " |")
     print("|" + "---|" * len(cols))

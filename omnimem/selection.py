@@ -16,6 +16,7 @@ from typing import NamedTuple
 import torch
 from einops import reduce
 
+from omnimem.compile import compile_static
 from omnimem.config import OmniMemConfig
 
 # Selection keys pack (tier, score, -block index) into one int64 so a single top-k gives a
@@ -328,7 +329,7 @@ def _tables_from_block_sums(
 @functools.cache
 def _compiled_tables_from_block_sums():
     # Eager selection is ~60 small kernels, launch-bound on a GPU; compiled, Inductor fuses it.
-    return torch.compile(_tables_from_block_sums, dynamic=False)
+    return compile_static(_tables_from_block_sums)
 
 
 def select(
