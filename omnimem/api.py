@@ -10,7 +10,7 @@ from collections.abc import Iterator
 import torch
 
 from omnimem.backends import get_backend
-from omnimem.checks import check_attention_inputs
+from omnimem.checks import check_attention_inputs, check_key_block_sums
 from omnimem.config import BACKEND_NAMES, OmniMemConfig
 from omnimem.selection import Selection, select
 
@@ -75,13 +75,20 @@ def _resolve_config(config: OmniMemConfig | None, overrides: dict[str, object]) 
 
 
 def _select(
-    q: torch.Tensor, k: torch.Tensor, history_len: int, config: OmniMemConfig, scale: float
+    q: torch.Tensor,
+    k: torch.Tensor,
+    history_len: int,
+    config: OmniMemConfig,
+    scale: float,
+    key_block_sums: torch.Tensor | None,
 ) -> Selection:
+    check_key_block_sums(key_block_sums, k, config.block_size)
     # A device scalar (a fill kernel, no host sync) keeps every shape independent of the history.
     history = torch.full((), history_len, dtype=torch.int64, device=q.device)
     # Compiling pays on GPUs, where eager selection is launch-bound; on CPU it would only add
     # compile time.
-    return select(q, k, history, config, scale=scale, compiled=config.compile and q.device.type == "cuda")
+    compiled = config.compile and q.device.type == "cuda"
+    return select(q, k, history, config, scale=scale, compiled=compiled, key_block_sums=key_block_sums)
 
 
 def select_blocks(
@@ -91,6 +98,7 @@ def select_blocks(
     history_len: int | None = None,
     chunk_len: int | None = None,
     config: OmniMemConfig | None = None,
+    key_block_sums: torch.Tensor | None = None,
     **overrides: object,
 ) -> Selection:
     """Choose, per (batch, KV head, query group), the history blocks a chunk attends.
@@ -103,6 +111,9 @@ def select_blocks(
         history_len: history tokens in ``k``; default ``Lkv - chunk_len``.
         chunk_len: current-chunk tokens in ``k``; default ``Lq``.
         config: retrieval configuration; default ``OmniMemConfig()``.
+        key_block_sums: optional float32 ``[B, Hkv, ceil(Lkv / block_size), D]`` sums of each
+            block's history keys (what a KV cache maintains incrementally). Without it the
+            whole key history is read once per call to compute block means.
         **overrides: config fields to replace for this call (e.g. ``top_k=16``).
 
     Returns:
@@ -123,7 +134,7 @@ def select_blocks(
     """
     config = _resolve_config(config, overrides)
     history_len, _ = check_attention_inputs(q, k, None, history_len=history_len, chunk_len=chunk_len)
-    return _select(q, k, history_len, config, config.scale or q.shape[-1] ** -0.5)
+    return _select(q, k, history_len, config, config.scale or q.shape[-1] ** -0.5, key_block_sums)
 
 
 def sparse_attention(
@@ -135,6 +146,7 @@ def sparse_attention(
     chunk_len: int | None = None,
     config: OmniMemConfig | None = None,
     return_lse: bool = False,
+    key_block_sums: torch.Tensor | None = None,
     **overrides: object,
 ) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
     """Attention of a chunk over its own tokens and the history blocks OmniMem retrieves.
@@ -156,6 +168,8 @@ def sparse_attention(
         chunk_len: current-chunk tokens in ``k`` (``>= 1``); default ``Lq``.
         config: retrieval and backend configuration; default ``OmniMemConfig()``.
         return_lse: also return the float32 log-sum-exp ``[B, Hq, Lq]``.
+        key_block_sums: optional cached per-block key sums (see ``select_blocks``); spares
+            selection its pass over the whole key history.
         **overrides: config fields to replace for this call, e.g. ``top_k=16, backend="dense"``.
 
     Returns:
@@ -182,7 +196,7 @@ def sparse_attention(
         raise TypeError(f"return_lse must be a bool, got {type(return_lse).__name__}")
     forward = get_backend(resolve_backend(config, q.device))
     scale = config.scale or q.shape[-1] ** -0.5
-    selection = _select(q, k, history_len, config, scale)
+    selection = _select(q, k, history_len, config, scale, key_block_sums)
     out, lse = forward(
         q, k, v, selection, chunk_len=chunk_len, scale=scale, return_lse=return_lse, config=config
     )

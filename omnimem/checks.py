@@ -79,3 +79,22 @@ def check_attention_inputs(
             f"(chunk_len={chunk_len}) fits k's {kv_len} tokens, got {history_len}"
         )
     return history_len, chunk_len
+
+
+def check_key_block_sums(key_block_sums: object, k: torch.Tensor, block_size: int) -> None:
+    """``key_block_sums`` must be float32 ``[B, Hkv, ceil(Lkv / block_size), D]`` on k's device."""
+    if key_block_sums is None:
+        return
+    if not isinstance(key_block_sums, torch.Tensor):
+        raise TypeError(f"key_block_sums must be a torch.Tensor, got {type(key_block_sums).__name__}")
+    batch, heads, length, head_dim = k.shape
+    expected = (batch, heads, -(-length // block_size), head_dim)
+    if tuple(key_block_sums.shape) != expected:
+        raise ValueError(
+            f"key_block_sums must have shape {expected} ([B, Hkv, ceil(Lkv / block_size), D]), "
+            f"got {tuple(key_block_sums.shape)}"
+        )
+    if key_block_sums.dtype != torch.float32:
+        raise TypeError(f"key_block_sums must be float32, got {key_block_sums.dtype}")
+    if key_block_sums.device != k.device:
+        raise ValueError(f"key_block_sums must be on k's device {k.device}, got {key_block_sums.device}")

@@ -340,12 +340,15 @@ def select(
     *,
     scale: float,
     compiled: bool = False,
+    key_block_sums: torch.Tensor | None = None,
 ) -> Selection:
     """Block selection for validated inputs (the public entry point is ``omnimem.select_blocks``).
 
     Args:
         q: ``[B, Hq, Lq, D]``; k: ``[B, Hkv, Lkv, D]``; history_len: 0-d int64 tensor on q's device.
         config: retrieval configuration; scale: the softmax scale.
+        key_block_sums: cached ``block_key_sums(k, history_len, block_size)``; then ``k`` is
+            not read (a full pass over the key history otherwise).
         compiled: run the pipeline through ``torch.compile`` (static shapes: one compile per
             buffer shape and config, none as ``history_len`` changes).
     """
@@ -356,9 +359,10 @@ def select(
     group_size = min(config.query_group_size or q_len, q_len)
     rules = RetrievalRules.from_config(config)
     tables = _compiled_tables_from_block_sums() if compiled else _tables_from_block_sums
-    block_sums = block_key_sums(k, history_len, config.block_size)
+    if key_block_sums is None:
+        key_block_sums = block_key_sums(k, history_len, config.block_size)
     kv_block_idx, kv_num_blocks, selected, fixed = tables(
-        q, block_sums, history_len, rules, group_size, scale
+        q, key_block_sums, history_len, rules, group_size, scale
     )
     return Selection(
         kv_block_idx=kv_block_idx,

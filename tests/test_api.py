@@ -189,3 +189,18 @@ def test_compiled_flex_refuses_autograd_clearly():
     out = sparse_attention(q, k, v, block_size=4, backend="dense")
     out.sum().backward()  # the dense reference is differentiable
     assert q.grad is not None
+
+
+def test_cached_key_block_sums_give_the_same_result():
+    from omnimem.selection import block_key_sums
+
+    q, k, v = make_inputs(q_heads=4, kv_heads=2, history_len=70, unwritten=9)
+    cfg = dict(history_len=70, block_size=8, top_k=2, sink_tokens=8, local_tokens=8, backend="dense")
+    sums = block_key_sums(k, torch.tensor(70), 8)
+    torch.testing.assert_close(
+        sparse_attention(q, k, v, key_block_sums=sums, **cfg), sparse_attention(q, k, v, **cfg)
+    )
+    with pytest.raises(ValueError, match=r"key_block_sums must have shape \(1, 2, 11, 16\)"):
+        sparse_attention(q, k, v, key_block_sums=sums[:, :, :-1], **cfg)
+    with pytest.raises(TypeError, match="key_block_sums must be float32"):
+        select_blocks(q, k, key_block_sums=sums.half(), **cfg)
