@@ -153,7 +153,7 @@ def test_table_is_ascending_and_padded():
     q, k, _ = make_inputs(batch=2, q_heads=3, history_len=100, q_len=6, seed=1)
     sel = select_blocks(q, k, block_size=8, top_k=3, sink_tokens=8, local_tokens=16)
     idx, num = sel.kv_block_idx, sel.kv_num_blocks
-    slot = torch.arange(idx.shape[-1])
+    slot = torch.arange(idx.shape[-1], device=idx.device)
     valid = slot < num[..., None]
     assert ((idx >= 0) == valid).all()
     diffs = idx[..., 1:] - idx[..., :-1]
