@@ -196,7 +196,7 @@ def test_cached_key_block_sums_give_the_same_result():
 
     q, k, v = make_inputs(q_heads=4, kv_heads=2, history_len=70, unwritten=9)
     cfg = dict(history_len=70, block_size=8, top_k=2, sink_tokens=8, local_tokens=8, backend="dense")
-    sums = block_key_sums(k, torch.tensor(70), 8)
+    sums = block_key_sums(k, torch.tensor(70, device=k.device), 8)
     torch.testing.assert_close(
         sparse_attention(q, k, v, key_block_sums=sums, **cfg), sparse_attention(q, k, v, **cfg)
     )
