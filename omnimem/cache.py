@@ -1,0 +1,238 @@
+"""The KV cache of the AR loop: preallocated, block-aligned, with incremental block summaries.
+
+One ``OmniMemCache`` per attention layer. It makes the Self-Forcing flow explicit:
+
+- ``attend(q, k_chunk, v_chunk)`` during each denoising step: the chunk's keys/values are
+  written into the scratch space right after the history and attended, but not kept;
+- ``commit(k_chunk, v_chunk)`` once the chunk is final: its keys/values join the history and
+  the per-block key sums of the blocks it touched are recomputed (so selection never re-reads
+  the history, and the sums equal what a stateless call computes, bit for bit).
+
+Buffers never change shape (capacity + one chunk of scratch), ``history_len`` is tracked on the
+host (no ``.item()``), and every call goes through ``omnimem.sparse_attention`` with the same
+shapes, so compiled backends compile once per layer shape and never again.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Literal
+
+import torch
+
+from omnimem.api import sparse_attention
+from omnimem.config import OmniMemConfig
+from omnimem.selection import block_key_sums
+
+Layout = Literal["bhld", "blhd"]
+
+
+class OmniMemCache:
+    """Preallocated KV history of one attention layer, with per-block key sums.
+
+    Args:
+        capacity: history tokens the cache can hold (committing past it raises ``ValueError``).
+        max_chunk_tokens: the largest chunk ``attend``/``commit`` accept (scratch space).
+        batch, num_kv_heads, head_dim: the layer's key/value shape.
+        config: retrieval configuration used by ``attend``.
+        dtype, device: of the key/value buffers.
+        layout: storage order of the buffers: ``"bhld"`` (``[B, H, L, D]``, SDPA) or
+            ``"blhd"`` (``[B, L, H, D]``, flash-attn/Wan). Both are exposed as ``[B, H, L, D]``
+            views, without copies.
+
+    Example:
+        >>> import torch
+        >>> from omnimem import OmniMemConfig
+        >>> from omnimem.cache import OmniMemCache
+        >>> cache = OmniMemCache(capacity=64, max_chunk_tokens=16, batch=1, num_kv_heads=2,
+        ...                      head_dim=8, config=OmniMemConfig(block_size=8, top_k=2, backend="dense"))
+        >>> q = k = v = torch.randn(1, 2, 16, 8)
+        >>> out = cache.attend(q, k, v)       # a denoising step: the chunk is not kept
+        >>> cache.commit(k, v)                # the final chunk joins the history
+        >>> cache.history_len
+        16
+    """
+
+    def __init__(
+        self,
+        capacity: int,
+        *,
+        max_chunk_tokens: int,
+        batch: int,
+        num_kv_heads: int,
+        head_dim: int,
+        config: OmniMemConfig | None = None,
+        dtype: torch.dtype = torch.float32,
+        device: torch.device | str = "cpu",
+        layout: Layout = "bhld",
+    ) -> None:
+        for name, value in (
+            ("capacity", capacity),
+            ("max_chunk_tokens", max_chunk_tokens),
+            ("batch", batch),
+            ("num_kv_heads", num_kv_heads),
+            ("head_dim", head_dim),
+        ):
+            if isinstance(value, bool) or not isinstance(value, int):
+                raise TypeError(f"OmniMemCache {name} must be an int, got {type(value).__name__}")
+            if value < (0 if name == "capacity" else 1):
+                raise ValueError(f"OmniMemCache {name} must be positive, got {value}")
+        if layout not in ("bhld", "blhd"):
+            raise ValueError(f"OmniMemCache layout must be 'bhld' or 'blhd', got {layout!r}")
+        if config is not None and not isinstance(config, OmniMemConfig):
+            raise TypeError(f"OmniMemCache config must be an OmniMemConfig, got {type(config).__name__}")
+        self.config = config or OmniMemConfig()
+        self.capacity = capacity
+        self.max_chunk_tokens = max_chunk_tokens
+        self.layout = layout
+        length = capacity + max_chunk_tokens
+        shape = (
+            (batch, num_kv_heads, length, head_dim)
+            if layout == "bhld"
+            else (batch, length, num_kv_heads, head_dim)
+        )
+        # Zeros, not empty: unwritten space is never attended but must be finite (0 * NaN = NaN).
+        self._k_storage = torch.zeros(shape, dtype=dtype, device=device)
+        self._v_storage = torch.zeros(shape, dtype=dtype, device=device)
+        num_blocks = math.ceil(length / self.config.block_size)
+        self.key_block_sums = torch.zeros(
+            batch, num_kv_heads, num_blocks, head_dim, dtype=torch.float32, device=device
+        )
+        self.history_len = 0
+
+    @property
+    def k(self) -> torch.Tensor:
+        """``[B, Hkv, capacity + max_chunk_tokens, D]`` view of the key buffer."""
+        return self._k_storage if self.layout == "bhld" else self._k_storage.transpose(1, 2)
+
+    @property
+    def v(self) -> torch.Tensor:
+        """``[B, Hkv, capacity + max_chunk_tokens, D]`` view of the value buffer."""
+        return self._v_storage if self.layout == "bhld" else self._v_storage.transpose(1, 2)
+
+    def _check_chunk(self, name: str, x: object) -> torch.Tensor:
+        if not isinstance(x, torch.Tensor):
+            raise TypeError(f"{name} must be a torch.Tensor, got {type(x).__name__}")
+        batch, heads, _, head_dim = self.k.shape
+        if x.dim() != 4 or x.shape[0] != batch or x.shape[1] != heads or x.shape[3] != head_dim:
+            raise ValueError(
+                f"{name} must have shape [{batch}, {heads}, L, {head_dim}] ([B, Hkv, L, D]; "
+                f"pass a [B, L, H, D] tensor as .transpose(1, 2)), got {tuple(x.shape)}"
+            )
+        if not 1 <= x.shape[2] <= self.max_chunk_tokens:
+            raise ValueError(
+                f"{name} must hold 1..{self.max_chunk_tokens} tokens (max_chunk_tokens), got {x.shape[2]}"
+            )
+        if x.dtype != self.k.dtype:
+            raise TypeError(f"{name} must have the cache's dtype {self.k.dtype}, got {x.dtype}")
+        if x.device != self.k.device:
+            raise ValueError(f"{name} must be on the cache's device {self.k.device}, got {x.device}")
+        return x
+
+    def _write_chunk(self, k_chunk: torch.Tensor, v_chunk: torch.Tensor) -> int:
+        k_chunk, v_chunk = self._check_chunk("k_chunk", k_chunk), self._check_chunk("v_chunk", v_chunk)
+        if k_chunk.shape != v_chunk.shape:
+            raise ValueError(
+                f"v_chunk must have k_chunk's shape {tuple(k_chunk.shape)}, got {tuple(v_chunk.shape)}"
+            )
+        chunk_len = k_chunk.shape[2]
+        end = self.history_len + chunk_len
+        self.k[:, :, self.history_len : end] = k_chunk
+        self.v[:, :, self.history_len : end] = v_chunk
+        return chunk_len
+
+    def attend(
+        self,
+        q: torch.Tensor,
+        k_chunk: torch.Tensor,
+        v_chunk: torch.Tensor,
+        *,
+        return_lse: bool = False,
+    ) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
+        """Attention of the current chunk over itself and the retrieved history (not stored).
+
+        Args:
+            q: ``[B, Hq, Lq, D]`` queries (``Hq`` a multiple of the cache's KV heads).
+            k_chunk, v_chunk: ``[B, Hkv, chunk, D]`` the chunk's keys/values (after RoPE), in
+                the cache's dtype and device; ``chunk <= max_chunk_tokens``.
+            return_lse: also return the float32 log-sum-exp ``[B, Hq, Lq]``.
+
+        Returns:
+            What ``omnimem.sparse_attention`` returns for the history plus this chunk.
+        """
+        chunk_len = self._write_chunk(k_chunk, v_chunk)
+        return sparse_attention(
+            q,
+            self.k,
+            self.v,
+            history_len=self.history_len,
+            chunk_len=chunk_len,
+            config=self.config,
+            return_lse=return_lse,
+            key_block_sums=self.key_block_sums,
+        )
+
+    def commit(self, k_chunk: torch.Tensor, v_chunk: torch.Tensor) -> None:
+        """Append a finished chunk's keys/values to the history and update the block sums.
+
+        Raises:
+            ValueError: the chunk would exceed ``capacity`` (nothing is truncated), or has the
+                wrong shape, dtype or device.
+        """
+        k_chunk = self._check_chunk("k_chunk", k_chunk)
+        if self.history_len + k_chunk.shape[2] > self.capacity:
+            raise ValueError(
+                f"committing {k_chunk.shape[2]} tokens would exceed the cache capacity of {self.capacity} "
+                f"tokens (history holds {self.history_len}); create the cache with a larger capacity"
+            )
+        chunk_len = self._write_chunk(k_chunk, v_chunk)
+        self._refresh_block_sums(self.history_len, self.history_len + chunk_len)
+        self.history_len += chunk_len
+
+    def _refresh_block_sums(self, start: int, new_history_len: int) -> None:
+        # Recompute the touched blocks with the stateless function on an aligned slice: the
+        # same reduction over the same tokens, hence the same bits as a stateless call.
+        if new_history_len == start:
+            return
+        bs = self.config.block_size
+        first, last = start // bs, math.ceil(new_history_len / bs)
+        keys = self.k[:, :, first * bs : last * bs]
+        local_history = torch.full((), new_history_len - first * bs, dtype=torch.int64, device=keys.device)
+        self.key_block_sums[:, :, first:last] = block_key_sums(keys, local_history, bs)
+
+    def reset(self) -> None:
+        """Forget the history (buffers are kept, zeroed)."""
+        self._k_storage.zero_()
+        self._v_storage.zero_()
+        self.key_block_sums.zero_()
+        self.history_len = 0
+
+    def state_dict(self) -> dict[str, object]:
+        """The committed history (``[B, Hkv, history_len, D]`` clones) and its length."""
+        return {
+            "k": self.k[:, :, : self.history_len].clone(),
+            "v": self.v[:, :, : self.history_len].clone(),
+            "history_len": self.history_len,
+        }
+
+    def load_state_dict(self, state: dict[str, object]) -> None:
+        """Restore a ``state_dict()``; the block sums are recomputed from the keys."""
+        k, v, history_len = state["k"], state["v"], state["history_len"]
+        if not isinstance(history_len, int) or not 0 <= history_len <= self.capacity:
+            raise ValueError(
+                f"state['history_len'] must be an int in [0, {self.capacity}], got {history_len!r}"
+            )
+        expected = (*self.k.shape[:2], history_len, self.k.shape[3])
+        for name, x in (("k", k), ("v", v)):
+            if not isinstance(x, torch.Tensor) or tuple(x.shape) != expected:
+                raise ValueError(f"state[{name!r}] must be a tensor of shape {expected}")
+        self.reset()
+        self.k[:, :, :history_len] = k
+        self.v[:, :, :history_len] = v
+        self._refresh_block_sums(0, history_len)
+        self.history_len = history_len
+
+    @classmethod
+    def for_layers(cls, num_layers: int, capacity: int, **kwargs) -> list[OmniMemCache]:
+        """One cache per attention layer, all alike (``kwargs`` as for the constructor)."""
+        return [cls(capacity, **kwargs) for _ in range(num_layers)]

@@ -1,0 +1,87 @@
+"""OmniMemCache-driven attention equals stateless sparse_attention, across an AR rollout."""
+
+from __future__ import annotations
+
+import torch
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from omnimem import OmniMemConfig, sparse_attention
+from omnimem.cache import OmniMemCache
+from tests.inputs import TEST_DEVICE
+
+from .cases import retrieval_configs
+
+
+@st.composite
+def rollouts(draw):
+    kv_heads = draw(st.integers(1, 2))
+    return dict(
+        batch=draw(st.integers(1, 2)),
+        kv_heads=kv_heads,
+        q_heads=kv_heads * draw(st.sampled_from([1, 2])),
+        head_dim=draw(st.sampled_from([4, 8])),
+        chunks=draw(st.lists(st.integers(1, 12), min_size=1, max_size=6)),
+        steps=draw(st.integers(1, 3)),
+        layout=draw(st.sampled_from(["bhld", "blhd"])),
+        config=draw(retrieval_configs()),
+        backend=draw(st.sampled_from([dict(backend="dense"), dict(backend="flex", compile=False)])),
+        restore_after=draw(st.integers(0, 6)),
+        seed=draw(st.integers(0, 2**16)),
+    )
+
+
+@settings(max_examples=30)
+@given(rollout=rollouts())
+def test_cache_attention_equals_stateless_attention_bit_for_bit(rollout):
+    gen = torch.Generator().manual_seed(rollout["seed"])
+    batch, hq, hkv, dim = rollout["batch"], rollout["q_heads"], rollout["kv_heads"], rollout["head_dim"]
+    config = OmniMemConfig(**rollout["config"], **rollout["backend"])
+    max_chunk, capacity = 12, sum(rollout["chunks"])
+    make_cache = lambda: OmniMemCache(  # noqa: E731
+        capacity,
+        max_chunk_tokens=max_chunk,
+        batch=batch,
+        num_kv_heads=hkv,
+        head_dim=dim,
+        config=config,
+        device=TEST_DEVICE,
+        layout=rollout["layout"],
+    )
+    cache = make_cache()
+    history_k = torch.zeros(batch, hkv, 0, dim, device=TEST_DEVICE)
+    history_v = torch.zeros_like(history_k)
+    rand = lambda *shape: torch.randn(*shape, generator=gen).to(TEST_DEVICE)  # noqa: E731
+    for index, chunk_len in enumerate(rollout["chunks"]):
+        if index == rollout["restore_after"]:
+            restored = make_cache()
+            restored.load_state_dict(cache.state_dict())
+            cache = restored
+        for _ in range(rollout["steps"]):  # denoising steps: attend, never store
+            q, k_chunk, v_chunk = (
+                rand(batch, hq, chunk_len, dim),
+                rand(batch, hkv, chunk_len, dim),
+                rand(batch, hkv, chunk_len, dim),
+            )
+            out, lse = cache.attend(q, k_chunk, v_chunk, return_lse=True)
+            # The same call, stateless, on a fresh buffer of the cache's shape.
+            k_ref, v_ref = torch.zeros_like(cache.k), torch.zeros_like(cache.v)
+            history_len = history_k.shape[2]
+            k_ref[:, :, : history_len + chunk_len] = torch.cat([history_k, k_chunk], dim=2)
+            v_ref[:, :, : history_len + chunk_len] = torch.cat([history_v, v_chunk], dim=2)
+            expected, expected_lse = sparse_attention(
+                q, k_ref, v_ref, history_len=history_len, chunk_len=chunk_len, config=config, return_lse=True
+            )
+            assert torch.equal(out, expected)
+            assert torch.equal(lse, expected_lse)
+            # And the plain definition: history and chunk concatenated, no spare buffer.
+            plain = sparse_attention(
+                q,
+                k_ref[:, :, : history_len + chunk_len],
+                v_ref[:, :, : history_len + chunk_len],
+                config=config,
+            )
+            torch.testing.assert_close(out, plain, atol=1e-5, rtol=1e-5)
+        cache.commit(k_chunk, v_chunk)
+        history_k, history_v = torch.cat([history_k, k_chunk], 2), torch.cat([history_v, v_chunk], 2)
+        assert cache.history_len == history_k.shape[2]

@@ -1,0 +1,133 @@
+"""OmniMemCache edges: capacity, validation, reset/restore, layouts, static shapes."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from torch._dynamo.utils import counters
+
+from omnimem import OmniMemConfig, sparse_attention
+from omnimem.cache import OmniMemCache
+
+from .inputs import TEST_DEVICE
+
+CONFIG = OmniMemConfig(block_size=4, top_k=2, sink_tokens=4, local_tokens=4, backend="dense")
+
+
+def make_cache(**kw) -> OmniMemCache:
+    args = dict(max_chunk_tokens=8, batch=1, num_kv_heads=2, head_dim=8, config=CONFIG, device=TEST_DEVICE)
+    return OmniMemCache(kw.pop("capacity", 32), **{**args, **kw})
+
+
+def chunk(length: int, heads: int = 2, seed: int = 0) -> torch.Tensor:
+    return torch.randn(1, heads, length, 8, generator=torch.Generator().manual_seed(seed)).to(TEST_DEVICE)
+
+
+def test_commit_past_capacity_is_an_error_not_a_truncation():
+    cache = make_cache(capacity=10)
+    cache.commit(chunk(8), chunk(8))
+    with pytest.raises(ValueError, match="exceed the cache capacity of 10"):
+        cache.commit(chunk(3), chunk(3))
+    assert cache.history_len == 8
+    cache.commit(chunk(2), chunk(2))
+    assert cache.history_len == 10
+
+
+@pytest.mark.parametrize(
+    ("k_chunk", "error", "match"),
+    [
+        (torch.randn(1, 3, 4, 8), ValueError, r"k_chunk must have shape \[1, 2, L, 8\]"),
+        (torch.randn(1, 2, 9, 8), ValueError, "1..8 tokens"),
+        (torch.randn(1, 2, 4, 8, dtype=torch.float64), TypeError, "cache's dtype torch.float32"),
+        ([[1.0]], TypeError, "k_chunk must be a torch.Tensor"),
+    ],
+)
+def test_bad_chunks_get_clear_errors(k_chunk, error, match):
+    cache = make_cache(device="cpu")
+    with pytest.raises(error, match=match):
+        cache.attend(torch.randn(1, 2, 4, 8), k_chunk, k_chunk)
+    with pytest.raises(error, match=match):
+        cache.commit(k_chunk, k_chunk)
+
+
+def test_constructor_validates():
+    with pytest.raises(ValueError, match="max_chunk_tokens must be positive"):
+        make_cache(max_chunk_tokens=0)
+    with pytest.raises(TypeError, match="capacity must be an int"):
+        make_cache(capacity=1.5)
+    with pytest.raises(ValueError, match="layout"):
+        make_cache(layout="lbhd")
+
+
+def test_attend_does_not_store_the_chunk():
+    cache = make_cache()
+    cache.commit(chunk(6), chunk(6))
+    sums = cache.key_block_sums.clone()
+    q = chunk(5, seed=1)
+    first = cache.attend(q, chunk(5, seed=2), chunk(5, seed=3))
+    cache.attend(q, chunk(5, seed=4), chunk(5, seed=5))
+    assert cache.history_len == 6 and torch.equal(cache.key_block_sums, sums)
+    assert torch.equal(cache.attend(q, chunk(5, seed=2), chunk(5, seed=3)), first)
+
+
+def test_reset_and_restore():
+    cache = make_cache()
+    for i in range(3):
+        cache.commit(chunk(5, seed=i), chunk(5, seed=10 + i))
+    q, kc, vc = chunk(4, seed=20), chunk(4, seed=21), chunk(4, seed=22)
+    expected = cache.attend(q, kc, vc)
+    state = cache.state_dict()
+    cache.reset()
+    assert cache.history_len == 0 and not cache.key_block_sums.any()
+    fresh = make_cache(layout="blhd")
+    fresh.load_state_dict(state)
+    assert torch.equal(fresh.key_block_sums, make_cache_with(state).key_block_sums)
+    torch.testing.assert_close(fresh.attend(q, kc, vc), expected, atol=0, rtol=0)
+    with pytest.raises(ValueError, match="history_len"):
+        fresh.load_state_dict({**state, "history_len": 99})
+
+
+def make_cache_with(state) -> OmniMemCache:
+    cache = make_cache()
+    cache.load_state_dict(state)
+    return cache
+
+
+def test_flash_layout_storage_is_used_without_copies():
+    cache = make_cache(layout="blhd")
+    assert cache._k_storage.shape == (1, 40, 2, 8)
+    assert cache.k.data_ptr() == cache._k_storage.data_ptr() and cache.k.shape == (1, 2, 40, 8)
+
+
+def test_for_layers_makes_independent_caches():
+    caches = OmniMemCache.for_layers(
+        3, 16, max_chunk_tokens=4, batch=1, num_kv_heads=1, head_dim=8, config=CONFIG
+    )
+    caches[0].commit(chunk(4, heads=1), chunk(4, heads=1))
+    assert [c.history_len for c in caches] == [4, 0, 0]
+
+
+@pytest.mark.compile
+def test_rollout_with_compiled_flex_compiles_once():
+    config = OmniMemConfig(
+        block_size=16, top_k=2, sink_tokens=16, local_tokens=16, backend="flex", compile=True
+    )
+    cache = make_cache(capacity=96, max_chunk_tokens=16, config=config, head_dim=16)
+    counters.clear()
+    for i in range(5):
+        q = torch.randn(1, 2, 16, 16).to(TEST_DEVICE)
+        kc, vc = torch.randn(1, 2, 16, 16).to(TEST_DEVICE), torch.randn(1, 2, 16, 16).to(TEST_DEVICE)
+        out = cache.attend(q, kc, vc)
+        expected = sparse_attention(
+            q,
+            cache.k,
+            cache.v,
+            history_len=cache.history_len,
+            chunk_len=16,
+            config=config.replace(backend="dense"),
+        )
+        torch.testing.assert_close(out, expected, atol=2e-5, rtol=2e-5)
+        if i == 0:
+            graphs = counters["stats"]["unique_graphs"]
+        cache.commit(kc, vc)
+    assert counters["stats"]["unique_graphs"] == graphs
