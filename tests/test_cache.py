@@ -131,3 +131,21 @@ def test_rollout_with_compiled_flex_compiles_once():
             graphs = counters["stats"]["unique_graphs"]
         cache.commit(kc, vc)
     assert counters["stats"]["unique_graphs"] == graphs
+
+
+def test_cached_attention_adapter_matches_the_cache_in_sdpa_layout():
+    from omnimem.integration import cached_attention
+
+    wan = make_cache(layout="blhd")
+    sdpa = make_cache()
+    for i in range(3):
+        q, k, v = (
+            torch.randn(1, 6, 2, 8, generator=torch.Generator().manual_seed(10 * i + j)) for j in range(3)
+        )
+        out = cached_attention(q, k, v, wan, commit=True)
+        expected = sdpa.attend(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2))
+        sdpa.commit(k.transpose(1, 2), v.transpose(1, 2))
+        assert out.shape == (1, 6, 2, 8)
+        torch.testing.assert_close(out, expected.transpose(1, 2), atol=0, rtol=0)
+    with pytest.raises(ValueError, match="4-D"):
+        cached_attention(q[0], k, v, wan)
