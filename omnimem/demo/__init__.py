@@ -1,0 +1,1 @@
+"""The built-in tiny causal video DiT and the ``omnimem demo`` rollout."""
