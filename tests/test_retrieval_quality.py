@@ -16,7 +16,7 @@ spec.loader.exec_module(retrieval_quality)
 
 def test_adaptive_finds_the_revisited_scene_and_the_baselines_do_worse():
     scenario = retrieval_quality.Scenario(
-        frame_tokens=128, history_frames=64, block_size=32, heads=4, scene_frames=8
+        frame_tokens=128, history_frames=90, block_size=32, heads=4, scene_frames=8
     )
     rows = {r["method"]: r for r in retrieval_quality.evaluate(scenario, top_k=32)}
     assert rows["adaptive"]["recall"] >= 0.95
