@@ -194,7 +194,8 @@ def block_scores(
 
     Args:
         q: ``[B, Hq, Lq, D]`` chunk queries.
-        block_means: ``[B, Hkv, NB, D]`` float32 mean keys (``block_key_means``).
+        block_means: ``[B, Hkv, NB, D]`` float32 mean keys (``block_key_means``), or key
+            sums (scores then scale with each block's token count).
         query_group_size: queries per group.
         scale: softmax scale (positive; applied for fidelity to the contract).
 
@@ -306,11 +307,41 @@ def selection_tables(
     is_candidate = (top_key >> _TIER_SHIFT) > 0
     selected = torch.where(is_candidate, top_block, -1)
 
-    attended = torch.zeros((*scores.shape[:-1], num_blocks + 1), dtype=torch.bool, device=scores.device)
-    attended.scatter_(-1, torch.where(is_candidate, top_block, num_blocks), True)
-    attended = attended[..., :num_blocks] | fixed
-    kv_num_blocks, kv_block_idx = compact_indices(attended, rules.table_width(num_blocks))
+    kv_block_idx, kv_num_blocks = _attended_table(selected, history_len, num_blocks, rules)
     return kv_block_idx, kv_num_blocks, selected.int(), fixed
+
+
+def _attended_table(
+    selected: torch.Tensor, history_len: torch.Tensor, num_blocks: int, rules: RetrievalRules
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Ascending, de-duplicated sink ∪ local ∪ selected blocks, ``-1`` padded to a static width.
+
+    Sorts the few candidate indices (sink, local window, budget) instead of scanning every block:
+    the cost does not grow with the history.
+    """
+    bs, device = rules.block_size, selected.device
+    num_sink = min(num_blocks, math.ceil(rules.sink_tokens / bs))
+    num_local = min(num_blocks, math.ceil(rules.local_tokens / bs) + 1) if rules.local_tokens else 0
+    sink = torch.arange(num_sink, device=device)
+    sink = torch.where(sink * bs < history_len, sink, num_blocks)
+    first_local = (history_len - rules.local_tokens).clamp(min=0) // bs
+    local = first_local + torch.arange(num_local, device=device)
+    local = torch.where(local * bs < history_len, local, num_blocks)
+    fixed = torch.cat([sink, local]).expand(*selected.shape[:-1], -1)
+    candidates = torch.cat([fixed, torch.where(selected < 0, num_blocks, selected)], dim=-1)
+    candidates, _ = torch.sort(candidates, dim=-1)
+    # num_blocks marks "none"; after sorting, repeats sit next to each other.
+    repeated = torch.cat(
+        [
+            torch.zeros_like(candidates[..., :1], dtype=torch.bool),
+            candidates[..., 1:] == candidates[..., :-1],
+        ],
+        -1,
+    )
+    candidates, _ = torch.sort(torch.where(repeated, num_blocks, candidates), dim=-1)
+    candidates = candidates[..., : rules.table_width(num_blocks)]
+    is_block = candidates < num_blocks
+    return torch.where(is_block, candidates, -1).int(), is_block.sum(-1, dtype=torch.int32)
 
 
 def _tables_from_block_sums(
@@ -321,8 +352,11 @@ def _tables_from_block_sums(
     query_group_size: int,
     scale: float,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
-    means = block_means_from_sums(block_sums, history_len, rules.block_size)
-    scores = block_scores(q, means, query_group_size=query_group_size, scale=scale)
+    scores = block_scores(q, block_sums, query_group_size=query_group_size, scale=scale)
+    # Dividing the [B, H, G, NB] scores by block sizes, not the [B, H, NB, D] sums: a D-times
+    # smaller pass (score of a mean key = score of the sum / token count).
+    start = torch.arange(block_sums.shape[-2], device=block_sums.device) * rules.block_size
+    scores = scores / (history_len - start).clamp(1, rules.block_size)
     return selection_tables(scores, history_len, rules)
 
 
