@@ -33,9 +33,12 @@ class OmniMemCache:
     Args:
         capacity: history tokens the cache can hold (committing past it raises ``ValueError``).
         max_chunk_tokens: the largest chunk ``attend``/``commit`` accept (scratch space).
-        batch, num_kv_heads, head_dim: the layer's key/value shape.
+        batch: batch size of the layer's keys/values.
+        num_kv_heads: key/value heads of the layer.
+        head_dim: head dimension.
         config: retrieval configuration used by ``attend``.
-        dtype, device: of the key/value buffers.
+        dtype: dtype of the key/value buffers.
+        device: device of the buffers.
         layout: storage order of the buffers: ``"bhld"`` (``[B, H, L, D]``, SDPA) or
             ``"blhd"`` (``[B, L, H, D]``, flash-attn/Wan). Both are exposed as ``[B, H, L, D]``
             views, without copies.
@@ -153,8 +156,9 @@ class OmniMemCache:
 
         Args:
             q: ``[B, Hq, Lq, D]`` queries (``Hq`` a multiple of the cache's KV heads).
-            k_chunk, v_chunk: ``[B, Hkv, chunk, D]`` the chunk's keys/values (after RoPE), in
-                the cache's dtype and device; ``chunk <= max_chunk_tokens``.
+            k_chunk: ``[B, Hkv, chunk, D]`` the chunk's keys (after RoPE), in the cache's dtype
+                and device; ``chunk <= max_chunk_tokens``.
+            v_chunk: the chunk's values, like ``k_chunk``.
             return_lse: also return the float32 log-sum-exp ``[B, Hq, Lq]``.
 
         Returns:

@@ -40,9 +40,10 @@ def cached_attention(
 
     Args:
         q: ``[B, L, Hq, D]`` the chunk's queries after RoPE.
-        k, v: ``[B, L, Hkv, D]`` the chunk's keys (after RoPE) and values, in the cache's dtype
-            and device. Positions in RoPE are the chunk's absolute frame positions, as with a
-            dense cache: keys are stored already rotated.
+        k: ``[B, L, Hkv, D]`` the chunk's keys after RoPE, in the cache's dtype and device.
+            RoPE positions are the chunk's absolute frame positions, as with a dense cache:
+            keys are stored already rotated.
+        v: ``[B, L, Hkv, D]`` the chunk's values.
         cache: this layer's ``OmniMemCache``.
         commit: also append ``k, v`` to the history after attending (the clean final pass).
 
