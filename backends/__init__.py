@@ -34,7 +34,11 @@ class BackendForward(Protocol):
     ) -> tuple[torch.Tensor, torch.Tensor | None]: ...
 
 
-BACKEND_MODULES = {"dense": "omnimem.backends.dense", "flex": "omnimem.backends.flex"}
+BACKEND_MODULES = {
+    "dense": "omnimem.backends.dense",
+    "flex": "omnimem.backends.flex",
+    "triton": "omnimem.backends.triton",
+}
 
 
 def get_backend(name: str) -> BackendForward:

@@ -8,7 +8,7 @@ from typing import Literal
 WindowExclusion = Literal["adaptive", "always", "never"]
 
 WINDOW_EXCLUSION_MODES: tuple[str, ...] = ("adaptive", "always", "never")
-BACKEND_NAMES: tuple[str, ...] = ("auto", "dense", "flex")
+BACKEND_NAMES: tuple[str, ...] = ("auto", "dense", "flex", "triton")
 
 
 def _check_int(name: str, value: object, *, minimum: int, allow_none: bool = False) -> None:
@@ -42,7 +42,7 @@ class OmniMemConfig:
         query_group_size: ``None`` shares one selection among all queries of the chunk;
             an int gives every run of that many queries its own selection (MoBA/NSA style).
         scale: softmax scale; ``None`` means ``head_dim ** -0.5``. Must be positive.
-        backend: ``"auto"``, ``"dense"`` or ``"flex"``. ``"auto"`` lets the
+        backend: ``"auto"``, ``"dense"``, ``"flex"`` or ``"triton"`` (CUDA; experimental). ``"auto"`` lets the
             ``omnimem.use_backend`` context manager, then the ``OMNIMEM_BACKEND`` environment
             variable, then the device decide (see ``omnimem.resolve_backend``).
         compile: run compiled backends (flex) through ``torch.compile``. ``False`` runs

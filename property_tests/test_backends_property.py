@@ -2,9 +2,11 @@
 
 from __future__ import annotations
 
+import os
+
 import pytest
 import torch
-from hypothesis import assume, given
+from hypothesis import assume, given, settings
 
 from omnimem import sparse_attention
 
@@ -13,7 +15,12 @@ from .cases import Case, attention_cases
 # Eager everything here (compile=False: eager FlexAttention is exact through its mask_mod, and
 # on GPUs selection/planning stay eager too), so random shapes never compile; the compiled
 # path is covered on fixed shape classes in test_flex_compiled_property.py.
-BACKENDS = {"dense": dict(backend="dense", compile=False), "flex": dict(backend="flex", compile=False)}
+BACKENDS = {
+    "dense": dict(backend="dense", compile=False),
+    "flex": dict(backend="flex", compile=False),
+    # The Triton kernel: native on GPUs, in Triton's interpreter on CPU (conftest sets it).
+    "triton": dict(backend="triton", compile=False),
+}
 # Relative Frobenius error bounds: float32 arithmetic, and 16-bit inputs and outputs.
 TOLERANCE = {torch.float32: 1e-5, torch.float16: 3e-3, torch.bfloat16: 1.5e-2}
 
@@ -52,4 +59,15 @@ def test_backend_matches_reference_float32(backend, case):
 @pytest.mark.parametrize("backend", list(BACKENDS))
 @given(case=attention_cases(dtypes=(torch.bfloat16, torch.float16)))
 def test_backend_matches_reference_16bit(backend, case):
+    if backend == "triton" and os.environ.get("TRITON_INTERPRET") == "1" and case.dtype == torch.bfloat16:
+        # Triton's CPU interpreter computes bf16 tl.dot wrongly (fp16 and native GPUs are fine).
+        case.dtype = torch.float16
     check_against_reference(case, **BACKENDS[backend])
+
+
+@settings(max_examples=25)
+@given(case=attention_cases(dtypes=(torch.float32,)))
+def test_triton_kernel_matches_reference_with_head_dims_of_tensor_cores(case):
+    """On GPUs tl.dot needs head_dim >= 16: the same check restricted to such shapes."""
+    case.shape["head_dim"] = max(case.shape["head_dim"], 16)
+    check_against_reference(case, **BACKENDS["triton"])

@@ -1,0 +1,85 @@
+"""Triton backend: per-head scattered KV access straight from the cache (no gathered copy).
+
+Planning turns the selection into one block table per (batch, KV head, 128-query tile): the
+selection row itself when the chunk is one query group, else the sorted union of the tile's
+groups (rows are then masked per group inside the kernel). Runs on CUDA; on CPU only under
+``TRITON_INTERPRET=1`` (tests).
+"""
+
+from __future__ import annotations
+
+import math
+import os
+
+import torch
+
+from omnimem.config import OmniMemConfig
+from omnimem.selection import Selection
+
+
+def tile_tables(selection: Selection, *, q_len: int, block_m: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """``(tile_block_idx [B, Hkv, M, W], tile_num_blocks [B, Hkv, M])`` for ``M`` query tiles."""
+    table, num = selection.kv_block_idx, selection.kv_num_blocks
+    num_tiles = math.ceil(q_len / block_m)
+    num_groups, group_size = table.shape[2], selection.query_group_size
+    if num_groups == 1:
+        return table.expand(-1, -1, num_tiles, -1).contiguous(), num.expand(-1, -1, num_tiles).contiguous()
+    # Groups a tile touches: at most ceil(block_m / group_size) + 1 consecutive ones.
+    span = math.ceil(block_m / group_size) + 1
+    first = torch.arange(num_tiles, device=table.device) * block_m // group_size
+    last = ((torch.arange(num_tiles, device=table.device) + 1) * block_m - 1).clamp(
+        max=q_len - 1
+    ) // group_size
+    group = first[:, None] + torch.arange(span, device=table.device)  # [M, span]
+    in_tile = group <= last[:, None]
+    rows = table[:, :, group.clamp(max=num_groups - 1)]  # [B, Hkv, M, span, K]
+    none = selection.num_history_blocks
+    rows = torch.where(in_tile[..., None] & (rows >= 0), rows, none).flatten(-2)
+    rows, _ = torch.sort(rows, dim=-1)
+    repeated = torch.cat(
+        [torch.zeros_like(rows[..., :1], dtype=torch.bool), rows[..., 1:] == rows[..., :-1]], -1
+    )
+    rows, _ = torch.sort(torch.where(repeated, none, rows), dim=-1)
+    is_block = rows < none
+    return torch.where(is_block, rows, 0).int().contiguous(), is_block.sum(-1, dtype=torch.int32)
+
+
+def forward(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    selection: Selection,
+    *,
+    chunk_len: int,
+    scale: float,
+    return_lse: bool,
+    config: OmniMemConfig,
+) -> tuple[torch.Tensor, torch.Tensor | None]:
+    interpreted = os.environ.get("TRITON_INTERPRET") == "1"
+    if q.device.type != "cuda" and not interpreted:
+        raise ValueError(
+            f"the triton backend needs CUDA tensors (got {q.device}); use backend='flex' or 'dense' "
+            "(CPU runs it only under TRITON_INTERPRET=1, for tests)"
+        )
+    if q.device.type == "cuda" and q.shape[-1] < 16:
+        raise ValueError(f"q's head_dim must be >= 16 for the triton backend, got {q.shape[-1]}")
+    from omnimem.backends.triton_attention import scattered_attention
+
+    block_m = 128 if q.device.type == "cuda" else 16
+    tile_block_idx, tile_num_blocks = tile_tables(selection, q_len=q.shape[2], block_m=block_m)
+    grouped = selection.kv_block_idx.shape[2] > 1
+    return scattered_attention(
+        q,
+        k,
+        v,
+        tile_block_idx=tile_block_idx,
+        tile_num_blocks=tile_num_blocks,
+        block_attended=selection.attended_block_mask() if grouped else None,
+        history_len=selection.history_len,
+        chunk_len=chunk_len,
+        block_size=selection.block_size,
+        query_group_size=selection.query_group_size,
+        scale=scale,
+        return_lse=return_lse,
+        block_m=block_m,
+    )
