@@ -151,7 +151,8 @@ def scattered_attention(
     batch, num_q_heads, q_len, head_dim = q.shape
     out = torch.empty_like(q)
     lse = torch.empty(batch, num_q_heads, q_len, device=q.device, dtype=torch.float32) if return_lse else out
-    block_n = min(triton.next_power_of_2(block_size), 64)
+    # tl.dot needs every tile dim >= 16 on GPUs: small blocks are loaded as masked 16-token tiles.
+    block_n = max(16, min(triton.next_power_of_2(block_size), 64))
     num_q_tiles = math.ceil(q_len / block_m)
     has_groups = block_attended is not None
     attended = block_attended.to(torch.uint8) if has_groups else tile_num_blocks  # unused when no groups

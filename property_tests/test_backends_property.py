@@ -31,6 +31,11 @@ def relative_error(out: torch.Tensor, ref: torch.Tensor) -> float:
 
 def check_against_reference(case: Case, **backend) -> None:
     q, k, v = case.make()
+    if backend.get("backend") == "triton" and q.is_cuda and q.shape[-1] < 16:
+        # Tensor-core tiles: the backend refuses tiny head dims on GPUs with a clear error.
+        with pytest.raises(ValueError, match="head_dim must be >= 16"):
+            sparse_attention(q, k, v, history_len=case.history_len, chunk_len=case.chunk_len, **backend)
+        return
     ref = case.reference()
     assume(ref.margin > 1e-4)  # a near-tie may legitimately rank differently in float32
     out, lse = sparse_attention(
