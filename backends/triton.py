@@ -14,7 +14,7 @@ import os
 import torch
 
 from omnimem.config import OmniMemConfig
-from omnimem.selection import Selection
+from omnimem.selection import Selection, sorted_unique
 
 
 def tile_tables(selection: Selection, *, q_len: int, block_m: int) -> tuple[torch.Tensor, torch.Tensor]:
@@ -35,11 +35,7 @@ def tile_tables(selection: Selection, *, q_len: int, block_m: int) -> tuple[torc
     rows = table[:, :, group.clamp(max=num_groups - 1)]  # [B, Hkv, M, span, K]
     none = selection.num_history_blocks
     rows = torch.where(in_tile[..., None] & (rows >= 0), rows, none).flatten(-2)
-    rows, _ = torch.sort(rows, dim=-1)
-    repeated = torch.cat(
-        [torch.zeros_like(rows[..., :1], dtype=torch.bool), rows[..., 1:] == rows[..., :-1]], -1
-    )
-    rows, _ = torch.sort(torch.where(repeated, none, rows), dim=-1)
+    rows = sorted_unique(rows, none=none)
     is_block = rows < none
     return torch.where(is_block, rows, 0).int().contiguous(), is_block.sum(-1, dtype=torch.int32)
 

@@ -17,6 +17,34 @@ import triton.language as tl
 
 
 @triton.jit
+def _attend_tile(
+    q, k_base, v_base, tokens, pair_valid, col_valid, dims, dim_valid,
+    stride_kl, stride_kd, stride_vl, stride_vd, qk_scale, m_i, l_i, acc,
+):  # fmt: skip
+    """One online-softmax step over the keys ``tokens`` (masked by ``pair_valid`` [M, N])."""
+    load_mask = col_valid[:, None] & dim_valid[None, :]
+    k = tl.load(
+        k_base + tokens[:, None].to(tl.int64) * stride_kl + dims[None, :] * stride_kd,
+        mask=load_mask,
+        other=0.0,
+    )
+    v = tl.load(
+        v_base + tokens[:, None].to(tl.int64) * stride_vl + dims[None, :] * stride_vd,
+        mask=load_mask,
+        other=0.0,
+    )
+    scores = tl.where(pair_valid, tl.dot(q, tl.trans(k)).to(tl.float32) * qk_scale, float("-inf"))
+    m_new = tl.maximum(m_i, tl.max(scores, 1))
+    # Rows with nothing attended so far keep m = -inf; shift by 0 there to avoid inf - inf.
+    m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)
+    p = tl.exp2(scores - m_safe[:, None])
+    alpha = tl.exp2(m_i - m_safe)
+    l_i = l_i * alpha + tl.sum(p, 1)
+    acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v).to(tl.float32)
+    return m_new, l_i, acc
+
+
+@triton.jit
 def _scattered_attention_kernel(
     q_ptr, k_ptr, v_ptr, out_ptr, lse_ptr,
     tile_block_idx_ptr, tile_num_blocks_ptr, block_attended_ptr, history_len_ptr,
@@ -72,49 +100,21 @@ def _scattered_attention_kernel(
             offs = sub + tl.arange(0, BLOCK_N)
             tokens = block * BLOCK_SIZE + offs
             col_valid = (offs < BLOCK_SIZE) & (tokens < history_len)
-            k = tl.load(
-                k_base + tokens[:, None].to(tl.int64) * stride_kl + dims[None, :] * stride_kd,
-                mask=col_valid[:, None] & dim_valid[None, :],
-                other=0.0,
-            )
-            v = tl.load(
-                v_base + tokens[:, None].to(tl.int64) * stride_vl + dims[None, :] * stride_vd,
-                mask=col_valid[:, None] & dim_valid[None, :],
-                other=0.0,
-            )
-            scores = tl.dot(q, tl.trans(k)).to(tl.float32) * qk_scale
-            scores = tl.where(rows_attend[:, None] & col_valid[None, :], scores, float("-inf"))
-            m_new = tl.maximum(m_i, tl.max(scores, 1))
-            m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)
-            p = tl.exp2(scores - m_safe[:, None])
-            alpha = tl.exp2(m_i - m_safe)
-            l_i = l_i * alpha + tl.sum(p, 1)
-            acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v).to(tl.float32)
-            m_i = m_new
+            m_i, l_i, acc = _attend_tile(
+                q, k_base, v_base, tokens, rows_attend[:, None] & col_valid[None, :], col_valid,
+                dims, dim_valid, stride_kl, stride_kd, stride_vl, stride_vd, qk_scale, m_i, l_i, acc,
+            )  # fmt: skip
 
     # The current chunk: contiguous tokens [history_len, history_len + chunk_len).
     for start in range(0, chunk_len, BLOCK_N):
         offs = start + tl.arange(0, BLOCK_N)
         tokens = history_len + offs
         col_valid = offs < chunk_len
-        k = tl.load(
-            k_base + tokens[:, None].to(tl.int64) * stride_kl + dims[None, :] * stride_kd,
-            mask=col_valid[:, None] & dim_valid[None, :],
-            other=0.0,
-        )
-        v = tl.load(
-            v_base + tokens[:, None].to(tl.int64) * stride_vl + dims[None, :] * stride_vd,
-            mask=col_valid[:, None] & dim_valid[None, :],
-            other=0.0,
-        )
-        scores = tl.dot(q, tl.trans(k)).to(tl.float32) * qk_scale
-        scores = tl.where(col_valid[None, :], scores, float("-inf"))
-        m_new = tl.maximum(m_i, tl.max(scores, 1))
-        p = tl.exp2(scores - m_new[:, None])
-        alpha = tl.exp2(m_i - m_new)
-        l_i = l_i * alpha + tl.sum(p, 1)
-        acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v).to(tl.float32)
-        m_i = m_new
+        m_i, l_i, acc = _attend_tile(
+            # Every row, padding rows too, attends the chunk: rows stay finite (no 0/0).
+            q, k_base, v_base, tokens, (rows >= 0)[:, None] & col_valid[None, :], col_valid,
+            dims, dim_valid, stride_kl, stride_kd, stride_vl, stride_vd, qk_scale, m_i, l_i, acc,
+        )  # fmt: skip
 
     out = acc / l_i[:, None]
     out_base = out_ptr + batch.to(tl.int64) * stride_ob + head.to(tl.int64) * stride_oh

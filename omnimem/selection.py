@@ -311,6 +311,17 @@ def selection_tables(
     return kv_block_idx, kv_num_blocks, selected.int(), fixed
 
 
+def sorted_unique(indices: torch.Tensor, *, none: int) -> torch.Tensor:
+    """Sort each row ascending and replace repeats by ``none`` (which sorts last).
+
+    ``none`` must exceed every real index; rows keep their static width.
+    """
+    indices, _ = torch.sort(indices, dim=-1)
+    first = torch.zeros_like(indices[..., :1], dtype=torch.bool)
+    repeated = torch.cat([first, indices[..., 1:] == indices[..., :-1]], dim=-1)
+    return torch.sort(torch.where(repeated, none, indices), dim=-1).values
+
+
 def _attended_table(
     selected: torch.Tensor, history_len: torch.Tensor, num_blocks: int, rules: RetrievalRules
 ) -> tuple[torch.Tensor, torch.Tensor]:
@@ -329,16 +340,7 @@ def _attended_table(
     local = torch.where(local * bs < history_len, local, num_blocks)
     fixed = torch.cat([sink, local]).expand(*selected.shape[:-1], -1)
     candidates = torch.cat([fixed, torch.where(selected < 0, num_blocks, selected)], dim=-1)
-    candidates, _ = torch.sort(candidates, dim=-1)
-    # num_blocks marks "none"; after sorting, repeats sit next to each other.
-    repeated = torch.cat(
-        [
-            torch.zeros_like(candidates[..., :1], dtype=torch.bool),
-            candidates[..., 1:] == candidates[..., :-1],
-        ],
-        -1,
-    )
-    candidates, _ = torch.sort(torch.where(repeated, num_blocks, candidates), dim=-1)
+    candidates = sorted_unique(candidates, none=num_blocks)
     candidates = candidates[..., : rules.table_width(num_blocks)]
     is_block = candidates < num_blocks
     return torch.where(is_block, candidates, -1).int(), is_block.sum(-1, dtype=torch.int32)
