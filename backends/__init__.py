@@ -38,6 +38,7 @@ BACKEND_MODULES = {
     "dense": "omnimem.backends.dense",
     "flex": "omnimem.backends.flex",
     "triton": "omnimem.backends.triton",
+    "gather": "omnimem.backends.gather",
 }
 
 

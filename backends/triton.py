@@ -18,12 +18,13 @@ from omnimem.selection import Selection, sorted_unique
 
 
 def tile_tables(selection: Selection, *, q_len: int, block_m: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """``(tile_block_idx [B, Hkv, M, W], tile_num_blocks [B, Hkv, M])`` for ``M`` query tiles."""
-    table, num = selection.kv_block_idx, selection.kv_num_blocks
+    """``(tile_block_idx [B, Hkv, M, W], tile_num_blocks [B, Hkv, M])`` for ``M`` query tiles
+    (``M = 1`` when the chunk is one query group: all tiles share the selection row)."""
+    table = selection.kv_block_idx
     num_tiles = math.ceil(q_len / block_m)
     num_groups, group_size = table.shape[2], selection.query_group_size
-    if num_groups == 1:
-        return table.expand(-1, -1, num_tiles, -1).contiguous(), num.expand(-1, -1, num_tiles).contiguous()
+    if num_groups == 1:  # every tile reads the one row: no per-tile copy
+        return table, selection.kv_num_blocks
     # Groups a tile touches: at most ceil(block_m / group_size) + 1 consecutive ones.
     span = math.ceil(block_m / group_size) + 1
     first = torch.arange(num_tiles, device=table.device) * block_m // group_size
@@ -68,8 +69,8 @@ def forward(
         q,
         k,
         v,
-        tile_block_idx=tile_block_idx,
-        tile_num_blocks=tile_num_blocks,
+        block_idx=tile_block_idx,
+        num_blocks=tile_num_blocks,
         block_attended=selection.attended_block_mask() if grouped else None,
         history_len=selection.history_len,
         chunk_len=chunk_len,

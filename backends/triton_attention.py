@@ -1,10 +1,17 @@
 """Per-head scattered-block attention: the Triton kernel and its launcher (reference: ``dense``).
 
-One program computes one 128-query (``BLOCK_M``) tile of one query head. It walks that tile's
-row of the block table, loading each selected history block straight from the KV cache through
-strides (no gathered copy), then the contiguous current chunk; online softmax in float32 with
-``exp2``. Rows of a tile that belong to query groups not attending a block are masked from a
-dense per-group table, so per-query-group selection is exact.
+One program computes one ``BLOCK_M``-query tile of one query head. It walks that head's row of
+the block table, reading each selected history block straight from the KV cache (no gathered
+copy), then the contiguous current chunk; online softmax in float32 with ``exp2``.
+
+- Loads go through TMA tensor descriptors over the 4-D ``[B, H, L, D]`` view of the cache when
+  the strides allow (Hopper's copy engine; either cache layout is just other strides), else
+  through pointer arithmetic with the same strides.
+- Masks cost ALU time in the inner loop, so only tiles that need one evaluate it: the history
+  block that holds the last history token (the table is ascending, so it is the last slot) and
+  the chunk's last tile. Every other tile is whole by construction. With several query groups
+  (or block sizes that tiles do not divide) every tile is masked: rows of a tile belong to
+  groups that may not attend a block, read from a dense per-group table.
 """
 
 from __future__ import annotations
@@ -14,55 +21,70 @@ import math
 import torch
 import triton
 import triton.language as tl
+from triton.tools.tensor_descriptor import TensorDescriptor
 
 
 @triton.jit
-def _attend_tile(
-    q, k_base, v_base, tokens, pair_valid, col_valid, dims, dim_valid,
-    stride_kl, stride_kd, stride_vl, stride_vd, qk_scale, m_i, l_i, acc,
+def _load_tile(
+    base, desc, batch, head, start, limit, stride_l, stride_d,
+    BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, HEAD_DIM: tl.constexpr,
+    USE_TMA: tl.constexpr, MASKED: tl.constexpr,
 ):  # fmt: skip
-    """One online-softmax step over the keys ``tokens`` (masked by ``pair_valid`` [M, N])."""
-    load_mask = col_valid[:, None] & dim_valid[None, :]
-    k = tl.load(
-        k_base + tokens[:, None].to(tl.int64) * stride_kl + dims[None, :] * stride_kd,
-        mask=load_mask,
-        other=0.0,
-    )
-    v = tl.load(
-        v_base + tokens[:, None].to(tl.int64) * stride_vl + dims[None, :] * stride_vd,
-        mask=load_mask,
-        other=0.0,
-    )
-    scores = tl.where(pair_valid, tl.dot(q, tl.trans(k)).to(tl.float32) * qk_scale, float("-inf"))
-    m_new = tl.maximum(m_i, tl.max(scores, 1))
-    # Rows with nothing attended so far keep m = -inf; shift by 0 there to avoid inf - inf.
-    m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)
-    p = tl.exp2(scores - m_safe[:, None])
-    alpha = tl.exp2(m_i - m_safe)
+    """Keys or values ``[start, start + BLOCK_N)`` of one head; tokens ``>= limit`` read as 0."""
+    if USE_TMA:
+        # The copy engine zero-fills past the buffer; tokens past `limit` inside it are finite
+        # (chunk or preallocated space) and masked out of the scores.
+        return desc.load([batch, head, start, 0]).reshape(BLOCK_N, BLOCK_D)
+    tokens = start + tl.arange(0, BLOCK_N)
+    dims = tl.arange(0, BLOCK_D)
+    ptrs = base + tokens[:, None].to(tl.int64) * stride_l + dims[None, :] * stride_d
+    if MASKED or HEAD_DIM != BLOCK_D:
+        return tl.load(ptrs, mask=(tokens[:, None] < limit) & (dims[None, :] < HEAD_DIM), other=0.0)
+    return tl.load(ptrs)
+
+
+@triton.jit
+def _softmax_step(q, k, v, valid, qk_scale, m_i, l_i, acc, MASKED: tl.constexpr):
+    """One online-softmax update of ``(m_i, l_i, acc)`` with keys ``k`` and values ``v``."""
+    scores = tl.dot(q, tl.trans(k)) * qk_scale
+    if MASKED:
+        scores = tl.where(valid, scores, float("-inf"))
+        m_new = tl.maximum(m_i, tl.max(scores, 1))
+        # Rows with nothing attended so far keep m = -inf; shift by 0 there to avoid inf - inf.
+        m_shift = tl.where(m_new == float("-inf"), 0.0, m_new)
+    else:
+        m_new = tl.maximum(m_i, tl.max(scores, 1))
+        m_shift = m_new
+    p = tl.exp2(scores - m_shift[:, None])
+    alpha = tl.exp2(m_i - m_shift)
     l_i = l_i * alpha + tl.sum(p, 1)
-    acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v).to(tl.float32)
+    acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v)
     return m_new, l_i, acc
 
 
 @triton.jit
 def _scattered_attention_kernel(
-    q_ptr, k_ptr, v_ptr, out_ptr, lse_ptr,
-    tile_block_idx_ptr, tile_num_blocks_ptr, block_attended_ptr, history_len_ptr,
+    q_ptr, k_ptr, v_ptr, k_desc, v_desc, out_ptr, lse_ptr,
+    block_idx_ptr, num_blocks_ptr, block_attended_ptr, history_len_ptr,
     stride_qb, stride_qh, stride_ql, stride_qd,
     stride_kb, stride_kh, stride_kl, stride_kd,
     stride_vb, stride_vh, stride_vl, stride_vd,
     stride_ob, stride_oh, stride_ol, stride_od,
-    num_q_heads, heads_per_kv, q_len, chunk_len, num_q_tiles, table_width, num_groups, num_blocks,
+    num_q_heads, heads_per_kv, q_len, chunk_len, table_tiles, table_width, num_groups, num_hist_blocks,
     query_group_size, qk_scale,
     HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
-    BLOCK_SIZE: tl.constexpr, HAS_GROUPS: tl.constexpr, WRITE_LSE: tl.constexpr,
+    BLOCK_SIZE: tl.constexpr, HAS_GROUPS: tl.constexpr, USE_TMA: tl.constexpr,
+    WRITE_LSE: tl.constexpr,
 ):  # fmt: skip
     q_tile = tl.program_id(0)
     batch_head = tl.program_id(1)
     batch = batch_head // num_q_heads
     head = batch_head % num_q_heads
     kv_head = head // heads_per_kv
-    history_len = tl.load(history_len_ptr)
+    num_kv_heads = num_q_heads // heads_per_kv
+    history_len = tl.load(history_len_ptr).to(tl.int32)
+    # Every tile of a block whole except, possibly, the one holding the last history token.
+    ALL_MASKED: tl.constexpr = HAS_GROUPS or (BLOCK_SIZE % BLOCK_N != 0)
 
     rows = q_tile * BLOCK_M + tl.arange(0, BLOCK_M)
     dims = tl.arange(0, BLOCK_D)
@@ -75,53 +97,87 @@ def _scattered_attention_kernel(
     )
     k_base = k_ptr + batch.to(tl.int64) * stride_kb + kv_head.to(tl.int64) * stride_kh
     v_base = v_ptr + batch.to(tl.int64) * stride_vb + kv_head.to(tl.int64) * stride_vh
-    dim_valid = dims < HEAD_DIM
 
     m_i = tl.full([BLOCK_M], float("-inf"), dtype=tl.float32)
     l_i = tl.zeros([BLOCK_M], dtype=tl.float32)
     acc = tl.zeros([BLOCK_M, BLOCK_D], dtype=tl.float32)
 
-    table_row = (batch * (num_q_heads // heads_per_kv) + kv_head) * num_q_tiles + q_tile
-    num_tile_blocks = tl.load(tile_num_blocks_ptr + table_row)
-    groups = tl.minimum(rows // query_group_size, num_groups - 1)
-    attended_row = (
-        block_attended_ptr
-        + ((batch * (num_q_heads // heads_per_kv) + kv_head) * num_groups + groups).to(tl.int64) * num_blocks
-    )
+    # One table row per (batch, KV head) when the chunk is one query group (table_tiles == 1);
+    # per query tile (the union of the tile's groups) otherwise.
+    table_row = (batch * num_kv_heads + kv_head) * table_tiles + q_tile % table_tiles
+    num_tile_blocks = tl.load(num_blocks_ptr + table_row)
+    table_ptr = block_idx_ptr + table_row.to(tl.int64) * table_width
+    cols = tl.arange(0, BLOCK_N)
 
-    # History: the tile's selected blocks, each read in place from the cache.
-    for slot in range(0, num_tile_blocks):
-        block = tl.load(tile_block_idx_ptr + table_row.to(tl.int64) * table_width + slot)
-        if HAS_GROUPS:  # noqa: SIM108 (a constexpr branch, resolved at compile time)
-            rows_attend = tl.load(attended_row + block, mask=row_valid, other=0) != 0
-        else:
-            rows_attend = row_valid
-        for sub in tl.static_range(0, BLOCK_SIZE, BLOCK_N):
-            offs = sub + tl.arange(0, BLOCK_N)
-            tokens = block * BLOCK_SIZE + offs
-            col_valid = (offs < BLOCK_SIZE) & (tokens < history_len)
-            m_i, l_i, acc = _attend_tile(
-                q, k_base, v_base, tokens, rows_attend[:, None] & col_valid[None, :], col_valid,
-                dims, dim_valid, stride_kl, stride_kd, stride_vl, stride_vd, qk_scale, m_i, l_i, acc,
-            )  # fmt: skip
+    if ALL_MASKED:
+        groups = tl.minimum(rows // query_group_size, num_groups - 1)
+        attended_row = (
+            block_attended_ptr
+            + ((batch * num_kv_heads + kv_head) * num_groups + groups).to(tl.int64) * num_hist_blocks
+        )
+        for slot in range(0, num_tile_blocks):
+            block = tl.load(table_ptr + slot).to(tl.int32)
+            if HAS_GROUPS:
+                rows_attend = tl.load(attended_row + block, mask=row_valid, other=0) != 0
+            else:
+                rows_attend = row_valid
+            block_end = tl.minimum(block * BLOCK_SIZE + BLOCK_SIZE, history_len)
+            for sub in tl.static_range(0, BLOCK_SIZE, BLOCK_N):
+                start = block * BLOCK_SIZE + sub
+                k = _load_tile(k_base, k_desc, batch, kv_head, start, block_end, stride_kl, stride_kd,
+                               BLOCK_N, BLOCK_D, HEAD_DIM, USE_TMA, True)  # fmt: skip
+                v = _load_tile(v_base, v_desc, batch, kv_head, start, block_end, stride_vl, stride_vd,
+                               BLOCK_N, BLOCK_D, HEAD_DIM, USE_TMA, True)  # fmt: skip
+                valid = rows_attend[:, None] & ((start + cols) < block_end)[None, :]
+                m_i, l_i, acc = _softmax_step(q, k, v, valid, qk_scale, m_i, l_i, acc, True)
+    else:
+        # Whole blocks: no masks. The last slot may hold the partial block: masked below.
+        for slot in range(0, num_tile_blocks - 1):
+            block = tl.load(table_ptr + slot).to(tl.int32)
+            for sub in tl.static_range(0, BLOCK_SIZE, BLOCK_N):
+                start = block * BLOCK_SIZE + sub
+                k = _load_tile(k_base, k_desc, batch, kv_head, start, history_len, stride_kl, stride_kd,
+                               BLOCK_N, BLOCK_D, HEAD_DIM, USE_TMA, False)  # fmt: skip
+                v = _load_tile(v_base, v_desc, batch, kv_head, start, history_len, stride_vl, stride_vd,
+                               BLOCK_N, BLOCK_D, HEAD_DIM, USE_TMA, False)  # fmt: skip
+                m_i, l_i, acc = _softmax_step(q, k, v, row_valid[:, None], qk_scale, m_i, l_i, acc, False)
+        if num_tile_blocks > 0:
+            block = tl.load(table_ptr + num_tile_blocks - 1).to(tl.int32)
+            for sub in tl.static_range(0, BLOCK_SIZE, BLOCK_N):
+                start = block * BLOCK_SIZE + sub
+                k = _load_tile(k_base, k_desc, batch, kv_head, start, history_len, stride_kl, stride_kd,
+                               BLOCK_N, BLOCK_D, HEAD_DIM, USE_TMA, True)  # fmt: skip
+                v = _load_tile(v_base, v_desc, batch, kv_head, start, history_len, stride_vl, stride_vd,
+                               BLOCK_N, BLOCK_D, HEAD_DIM, USE_TMA, True)  # fmt: skip
+                valid = row_valid[:, None] & ((start + cols) < history_len)[None, :]
+                m_i, l_i, acc = _softmax_step(q, k, v, valid, qk_scale, m_i, l_i, acc, True)
 
-    # The current chunk: contiguous tokens [history_len, history_len + chunk_len).
-    for start in range(0, chunk_len, BLOCK_N):
-        offs = start + tl.arange(0, BLOCK_N)
-        tokens = history_len + offs
-        col_valid = offs < chunk_len
-        m_i, l_i, acc = _attend_tile(
-            # Every row, padding rows too, attends the chunk: rows stay finite (no 0/0).
-            q, k_base, v_base, tokens, (rows >= 0)[:, None] & col_valid[None, :], col_valid,
-            dims, dim_valid, stride_kl, stride_kd, stride_vl, stride_vd, qk_scale, m_i, l_i, acc,
-        )  # fmt: skip
+    # The current chunk: contiguous tokens [history_len, history_len + chunk_len); every row,
+    # padding rows too, attends it, so no row ends with an empty softmax (0/0).
+    chunk_end = history_len + chunk_len
+    num_whole = chunk_len // BLOCK_N
+    for tile in range(0, num_whole):
+        start = history_len + tile * BLOCK_N
+        k = _load_tile(k_base, k_desc, batch, kv_head, start, chunk_end, stride_kl, stride_kd,
+                       BLOCK_N, BLOCK_D, HEAD_DIM, USE_TMA, False)  # fmt: skip
+        v = _load_tile(v_base, v_desc, batch, kv_head, start, chunk_end, stride_vl, stride_vd,
+                       BLOCK_N, BLOCK_D, HEAD_DIM, USE_TMA, False)  # fmt: skip
+        m_i, l_i, acc = _softmax_step(q, k, v, row_valid[:, None], qk_scale, m_i, l_i, acc, False)
+    if num_whole * BLOCK_N < chunk_len:
+        start = history_len + num_whole * BLOCK_N
+        k = _load_tile(k_base, k_desc, batch, kv_head, start, chunk_end, stride_kl, stride_kd,
+                       BLOCK_N, BLOCK_D, HEAD_DIM, USE_TMA, True)  # fmt: skip
+        v = _load_tile(v_base, v_desc, batch, kv_head, start, chunk_end, stride_vl, stride_vd,
+                       BLOCK_N, BLOCK_D, HEAD_DIM, USE_TMA, True)  # fmt: skip
+        valid = ((start + cols) < chunk_end)[None, :] | (rows < 0)[:, None]
+        m_i, l_i, acc = _softmax_step(q, k, v, valid, qk_scale, m_i, l_i, acc, True)
 
     out = acc / l_i[:, None]
     out_base = out_ptr + batch.to(tl.int64) * stride_ob + head.to(tl.int64) * stride_oh
     tl.store(
         out_base + rows[:, None].to(tl.int64) * stride_ol + dims[None, :] * stride_od,
         out.to(out_ptr.dtype.element_ty),
-        mask=row_valid[:, None] & dim_valid[None, :],
+        mask=row_valid[:, None] & (dims[None, :] < HEAD_DIM),
     )
     if WRITE_LSE:
         # Natural-log LSE from base-2 running max and sum.
@@ -129,13 +185,24 @@ def _scattered_attention_kernel(
         tl.store(lse_ptr + batch_head.to(tl.int64) * q_len + rows, lse, mask=row_valid)
 
 
+def default_use_tma(device: torch.device) -> bool:
+    """TMA loads where the copy engine exists (Hopper and newer)."""
+    return device.type == "cuda" and torch.cuda.get_device_capability(device)[0] >= 9
+
+
+def _tma_ok(t: torch.Tensor) -> bool:
+    # The copy engine needs a unit last stride and 16-byte aligned base and strides.
+    size = t.element_size()
+    return t.stride(-1) == 1 and t.data_ptr() % 16 == 0 and all((s * size) % 16 == 0 for s in t.stride()[:-1])
+
+
 def scattered_attention(
     q: torch.Tensor,
     k: torch.Tensor,
     v: torch.Tensor,
     *,
-    tile_block_idx: torch.Tensor,
-    tile_num_blocks: torch.Tensor,
+    block_idx: torch.Tensor,
+    num_blocks: torch.Tensor,
     block_attended: torch.Tensor | None,
     history_len: torch.Tensor,
     chunk_len: int,
@@ -144,27 +211,50 @@ def scattered_attention(
     scale: float,
     return_lse: bool,
     block_m: int = 128,
+    block_n: int | None = None,
+    num_warps: int | None = None,
+    num_stages: int | None = None,
+    use_tma: bool | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor | None]:
-    """Launch the kernel. ``tile_block_idx [B, Hkv, ceil(Lq / block_m), W]`` int32 (ascending,
-    ``tile_num_blocks`` valid), ``block_attended [B, Hkv, G, NB]`` (uint8/bool; ``None`` when the
-    chunk is one query group), ``history_len`` a 0-d int64 tensor on the device."""
+    """Launch the kernel.
+
+    ``block_idx [B, Hkv, T, W]`` ascending block indices (``num_blocks [B, Hkv, T]`` valid),
+    one row per query tile (``T = ceil(Lq / block_m)``) or one for all tiles (``T = 1``);
+    ``block_attended [B, Hkv, G, NB]`` (bool/uint8; ``None`` when the chunk is one query group);
+    ``history_len`` a 0-d integer tensor on the device. ``block_n``/``num_warps``/``num_stages``/
+    ``use_tma`` default to the tuned choices (benchmarks/attention_gpu.py measures the others).
+    """
     batch, num_q_heads, q_len, head_dim = q.shape
     out = torch.empty_like(q)
     lse = torch.empty(batch, num_q_heads, q_len, device=q.device, dtype=torch.float32) if return_lse else out
-    # tl.dot needs every tile dim >= 16 on GPUs: small blocks are loaded as masked 16-token tiles.
-    block_n = max(16, min(triton.next_power_of_2(block_size), 64))
-    num_q_tiles = math.ceil(q_len / block_m)
+    wide = q.element_size() >= 4
+    if block_n is None:
+        # tl.dot needs tile dims >= 16 on GPUs: smaller blocks are read as masked 16-token tiles.
+        # 4-byte dtypes halve the tile so that K/V stages fit in shared memory.
+        block_n = max(16, min(triton.next_power_of_2(block_size), 64 if wide else 128))
+    block_d = max(triton.next_power_of_2(head_dim), 16)
+    if use_tma is None:
+        use_tma = default_use_tma(q.device)
+    use_tma = use_tma and _tma_ok(k) and _tma_ok(v) and head_dim == block_d
+    k_desc = v_desc = None
+    if use_tma:
+        k_desc = TensorDescriptor(k, list(k.shape), list(k.stride()), [1, 1, block_n, block_d])
+        v_desc = TensorDescriptor(v, list(v.shape), list(v.stride()), [1, 1, block_n, block_d])
     has_groups = block_attended is not None
-    attended = block_attended.to(torch.uint8) if has_groups else tile_num_blocks  # unused when no groups
-    _scattered_attention_kernel[(num_q_tiles, batch * num_q_heads)](
-        q, k, v, out, lse,
-        tile_block_idx, tile_num_blocks, attended, history_len,
+    attended = block_attended.to(torch.uint8) if has_groups else num_blocks  # unused when no groups
+    if num_warps is None:
+        num_warps = 8 if block_m >= 128 else 4
+    if num_stages is None:
+        num_stages = 2 if wide else 3
+    _scattered_attention_kernel[(math.ceil(q_len / block_m), batch * num_q_heads)](
+        q, k, v, k_desc, v_desc, out, lse,
+        block_idx, num_blocks, attended, history_len,
         *q.stride(), *k.stride(), *v.stride(), *out.stride(),
-        num_q_heads, num_q_heads // k.shape[1], q_len, chunk_len, num_q_tiles, tile_block_idx.shape[-1],
+        num_q_heads, num_q_heads // k.shape[1], q_len, chunk_len, block_idx.shape[2], block_idx.shape[3],
         block_attended.shape[2] if has_groups else 1, block_attended.shape[3] if has_groups else 1,
         query_group_size, scale * 1.4426950408889634,
-        HEAD_DIM=head_dim, BLOCK_D=max(triton.next_power_of_2(head_dim), 16), BLOCK_M=block_m,
-        BLOCK_N=block_n, BLOCK_SIZE=block_size, HAS_GROUPS=has_groups, WRITE_LSE=return_lse,
-        num_warps=8 if block_m >= 128 else 4, num_stages=3,
+        HEAD_DIM=head_dim, BLOCK_D=block_d, BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_SIZE=block_size,
+        HAS_GROUPS=has_groups, USE_TMA=use_tma, WRITE_LSE=return_lse,
+        num_warps=num_warps, num_stages=num_stages,
     )  # fmt: skip
     return out, (lse if return_lse else None)

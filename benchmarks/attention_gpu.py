@@ -13,6 +13,8 @@ For each history length it checks omnimem's flex backend against a float32 gathe
 - ``plan``: the BlockMask tables; ``block sums``: the key-summing kernel alone (bandwidth);
 - ``sdpa cudnn`` / ``sdpa flash``: dense SDPA over the full history + chunk (the peers).
 
+``backends_gpu.py`` compares every backend (triton, flex, gather) with the peers.
+
 Usage: ``python benchmarks/attention_gpu.py [--histories 37440 369720] [--heads 12] [--json out.json]``
 """
 
@@ -104,27 +106,6 @@ def run_shape(heads: int, history_len: int, args) -> dict:
     row["flex_e2e_cached_ms"] = bench(
         lambda: sparse_attention(q, k, v, history_len=history_len, config=config, key_block_sums=sums)
     )
-    # The Triton scattered-block kernel (experimental): the run step and end to end.
-    from omnimem.backends.triton import tile_tables
-    from omnimem.backends.triton_attention import scattered_attention
-
-    tile_idx, tile_num = tile_tables(sel, q_len=q_len, block_m=128)
-    triton_out = sparse_attention(q, k, v, history_len=history_len, config=config.replace(backend="triton"))
-    row["triton_rel_err"] = float((triton_out.float() - ref).norm() / ref.norm())
-
-    def triton_run():
-        return scattered_attention(
-            q, k, v, tile_block_idx=tile_idx, tile_num_blocks=tile_num, block_attended=None,
-            history_len=sel.history_len, chunk_len=chunk_len, block_size=128, query_group_size=q_len,
-            scale=scale, return_lse=False,
-        )  # fmt: skip
-
-    row["triton_kernel_ms"] = bench(triton_run)
-    row["triton_e2e_cached_ms"] = bench(
-        lambda: sparse_attention(
-            q, k, v, history_len=history_len, config=config.replace(backend="triton"), key_block_sums=sums
-        )
-    )
     row["selection_cached_ms"] = bench(
         lambda: select_blocks(q, k, history_len=history_len, config=config, key_block_sums=sums)
     )
@@ -184,9 +165,6 @@ def main() -> None:
         ("flex kernel ms", "flex_kernel_ms", ".3f"),
         ("e2e cached ms", "flex_e2e_cached_ms", ".3f"),
         ("e2e raw ms", "flex_e2e_ms", ".3f"),
-        ("triton kernel ms", "triton_kernel_ms", ".3f"),
-        ("triton e2e cached ms", "triton_e2e_cached_ms", ".3f"),
-        ("triton rel err", "triton_rel_err", ".1e"),
         ("sel cached ms", "selection_cached_ms", ".3f"),
         ("sel raw ms", "selection_ms", ".3f"),
         ("plan ms", "plan_ms", ".3f"),

@@ -8,7 +8,7 @@ from typing import Literal
 WindowExclusion = Literal["adaptive", "always", "never"]
 
 WINDOW_EXCLUSION_MODES: tuple[str, ...] = ("adaptive", "always", "never")
-BACKEND_NAMES: tuple[str, ...] = ("auto", "dense", "flex", "triton")
+BACKEND_NAMES: tuple[str, ...] = ("auto", "dense", "flex", "triton", "gather")
 
 
 def _check_int(name: str, value: object, *, minimum: int, allow_none: bool = False) -> None:

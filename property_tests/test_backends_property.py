@@ -20,6 +20,7 @@ BACKENDS = {
     "flex": dict(backend="flex", compile=False),
     # The Triton kernel: native on GPUs, in Triton's interpreter on CPU (conftest sets it).
     "triton": dict(backend="triton", compile=False),
+    "gather": dict(backend="gather", compile=False),
 }
 # Relative Frobenius error bounds: float32 arithmetic, and 16-bit inputs and outputs.
 TOLERANCE = {torch.float32: 1e-5, torch.float16: 3e-3, torch.bfloat16: 1.5e-2}
@@ -70,9 +71,18 @@ def test_backend_matches_reference_16bit(backend, case):
     check_against_reference(case, **BACKENDS[backend])
 
 
+@pytest.mark.parametrize("use_tma", [False, True], ids=["pointer-loads", "tma-loads"])
 @settings(max_examples=25)
 @given(case=attention_cases(dtypes=(torch.float32,)))
-def test_triton_kernel_matches_reference_with_head_dims_of_tensor_cores(case):
-    """On GPUs tl.dot needs head_dim >= 16: the same check restricted to such shapes."""
+def test_triton_kernel_matches_reference_with_head_dims_of_tensor_cores(use_tma, case):
+    """On GPUs tl.dot needs head_dim >= 16: the same check restricted to such shapes, with both
+    load paths of the kernel (the interpreter runs tensor-descriptor loads too)."""
+    from omnimem.backends import triton_attention
+
     case.shape["head_dim"] = max(case.shape["head_dim"], 16)
-    check_against_reference(case, **BACKENDS["triton"])
+    original = triton_attention.default_use_tma
+    triton_attention.default_use_tma = lambda device: use_tma
+    try:
+        check_against_reference(case, **BACKENDS["triton"])
+    finally:
+        triton_attention.default_use_tma = original

@@ -1,0 +1,286 @@
+"""Every backend side by side with the peers, at DESIGN.md section 4/5 shapes (GPU; one device call).
+
+Per (heads, history, top_k) it first checks each omnimem backend against a float32 attention
+over exactly the attended tokens (``attention_gpu.gather_reference``), then times with
+``triton.testing.do_bench`` (median, L2 flushed):
+
+- run step (selection prebuilt): ``triton`` kernel, ``flex`` kernel (BlockMask prebuilt),
+  ``gather`` backend (gather + masked SDPA), the DESIGN peer "gather + cuDNN" (the exact
+  attended tokens gathered per head, unmasked cuDNN SDPA, copy included), and cuDNN over the
+  same tokens already contiguous (the ceiling for a scattered kernel);
+- dense cuDNN SDPA and FA2 over the full history + chunk;
+- ``selection``: ``select_blocks`` from cached block sums, replayed from a CUDA graph (its GPU
+  time; called alone it is host-bound);
+- ``triton e2e``: ``sparse_attention(..., key_block_sums=)`` with the triton backend, plain and
+  replayed from a CUDA graph (what a captured decoding step costs);
+- peak extra memory of each run step beyond its output (``torch.cuda.max_memory_allocated``).
+
+``--variants`` first sweeps the triton kernel's tile configurations at the first shape.
+
+Usage: ``python benchmarks/backends_gpu.py [--histories ...] [--heads 12 40] [--top-k 16 32 64]
+[--variants] [--json out.json]``
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime
+import functools
+import json
+import math
+
+import torch
+import torch.nn.functional as F
+import triton
+from attention_gpu import FRAME_TOKENS, bench, gather_reference
+from torch.nn.attention import SDPBackend, sdpa_kernel
+
+import omnimem
+from omnimem import OmniMemConfig, select_blocks, sparse_attention
+from omnimem.backends import flex as flex_backend
+from omnimem.backends import gather as gather_backend
+from omnimem.backends.triton_attention import scattered_attention
+from omnimem.kernels.block_sums import block_sums
+
+# (block_m, block_n, num_warps, num_stages, use_tma): 128-query tiles feed two 64-row wgmma
+# warpgroups; 128-key tiles match the retrieval block; 2-3 stages fit K+V tiles in shared memory.
+VARIANTS = [
+    (128, 128, 8, 3, True),
+    (128, 128, 8, 2, True),
+    (128, 64, 8, 3, True),
+    (128, 64, 4, 3, True),
+    (64, 128, 4, 3, True),
+    (64, 64, 4, 3, True),
+    (128, 128, 8, 3, False),
+    (128, 64, 8, 3, False),
+]
+
+
+def rel_err(out: torch.Tensor, ref: torch.Tensor) -> float:
+    return float((out.float() - ref).norm() / ref.norm())
+
+
+def peak_extra_mib(fn, output_bytes: int) -> float:
+    """Peak memory a call allocates beyond its output (MiB)."""
+    torch.cuda.synchronize()
+    torch.cuda.reset_peak_memory_stats()
+    base = torch.cuda.memory_allocated()
+    result = fn()
+    torch.cuda.synchronize()
+    extra = torch.cuda.max_memory_allocated() - base - output_bytes
+    del result
+    return extra / 2**20
+
+
+def graph_ms(fn) -> float:
+    """Median time of ``fn`` replayed from a CUDA graph (GPU time without host overhead)."""
+    try:
+        stream = torch.cuda.Stream()
+        stream.wait_stream(torch.cuda.current_stream())
+        with torch.cuda.stream(stream):
+            for _ in range(3):
+                fn()
+        torch.cuda.current_stream().wait_stream(stream)
+        graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(graph):
+            fn()
+        return bench(graph.replay)
+    except RuntimeError as err:
+        print(f"CUDA graph capture failed: {str(err).splitlines()[0]}")
+        return float("nan")
+
+
+def exact_tokens(sel, history_len: int, chunk_len: int) -> torch.Tensor:
+    """``[B, H, T]`` the attended token positions per KV head (equal counts across heads here)."""
+    bs = sel.block_size
+    rows = []
+    for kvh in range(sel.kv_block_idx.shape[1]):
+        blocks = sel.kv_block_idx[0, kvh, 0, : sel.kv_num_blocks[0, kvh, 0]].long()
+        tokens = (blocks[:, None] * bs + torch.arange(bs, device=blocks.device)).flatten()
+        chunk = torch.arange(history_len, history_len + chunk_len, device=blocks.device)
+        rows.append(torch.cat([tokens[tokens < history_len], chunk]))
+    assert len({len(r) for r in rows}) == 1, "benchmark shapes give every head the same count"
+    return torch.stack(rows)[None]
+
+
+def make_inputs(heads: int, history_len: int, chunk_len: int):
+    gen = torch.Generator(device="cuda").manual_seed(history_len)
+    shape = (1, heads, history_len + chunk_len, 128)
+    q = torch.randn(1, heads, chunk_len, 128, device="cuda", dtype=torch.bfloat16, generator=gen)
+    k = torch.randn(*shape, device="cuda", dtype=torch.bfloat16, generator=gen)
+    v = torch.randn(*shape, device="cuda", dtype=torch.bfloat16, generator=gen)
+    return q, k, v
+
+
+def run_shape(heads: int, history_len: int, top_k: int, args, variants: bool) -> dict:
+    chunk_len = q_len = args.chunk_tokens
+    kv_len = history_len + chunk_len
+    q, k, v = make_inputs(heads, history_len, chunk_len)
+    scale = 128**-0.5
+    config = OmniMemConfig(block_size=128, top_k=top_k, sink_tokens=FRAME_TOKENS, local_tokens=chunk_len)
+    history = torch.tensor(history_len, device="cuda")
+    sums = block_sums(k, history, 128)
+    sel = select_blocks(q, k, history_len=history_len, config=config, key_block_sums=sums)
+    tokens = exact_tokens(sel, history_len, chunk_len)
+    attended = tokens.shape[-1]
+    ref = gather_reference(q, k, v, sel, history_len, chunk_len, scale)
+    out_bytes = q.numel() * q.element_size()
+    flops = 4 * q_len * attended * 128 * heads
+    row = dict(heads=heads, history=history_len, top_k=top_k, attended_tokens=attended)
+
+    def triton_run(block_m=128, block_n=None, num_warps=None, num_stages=None, use_tma=None):
+        return scattered_attention(
+            q, k, v, block_idx=sel.kv_block_idx, num_blocks=sel.kv_num_blocks, block_attended=None,
+            history_len=sel.history_len, chunk_len=chunk_len, block_size=128, query_group_size=q_len,
+            scale=scale, return_lse=False, block_m=block_m, block_n=block_n, num_warps=num_warps,
+            num_stages=num_stages, use_tma=use_tma,
+        )[0]  # fmt: skip
+
+    if variants:
+        row["variants"] = []
+        for block_m, block_n, warps, stages, tma in VARIANTS:
+            run = functools.partial(triton_run, block_m, block_n, warps, stages, tma)
+            try:
+                err = rel_err(run(), ref)
+                ms = bench(run)
+            except Exception as exc:  # e.g. out of shared memory for a config
+                print(f"variant {(block_m, block_n, warps, stages, tma)} failed: {str(exc).splitlines()[0]}")
+                err, ms = float("nan"), float("nan")
+            row["variants"].append(dict(config=[block_m, block_n, warps, stages, tma], ms=ms, rel_err=err))
+            print(f"variant bm={block_m} bn={block_n} warps={warps} stages={stages} tma={tma}: "
+                  f"{ms:.3f} ms, {flops / ms * 1e-9:.0f} TFLOP/s, rel err {err:.1e}", flush=True)  # fmt: skip
+
+    # Correctness of every backend through the public API.
+    for name in ("triton", "flex", "gather"):
+        out = sparse_attention(
+            q, k, v, history_len=history_len, config=config, backend=name, key_block_sums=sums
+        )
+        row[f"{name}_rel_err"] = rel_err(out, ref)
+        assert row[f"{name}_rel_err"] < 1e-2, (name, row)
+
+    row["triton_ms"] = bench(triton_run)
+    shapes = dict(num_q_heads=heads, q_len=q_len, kv_len=kv_len, chunk_len=chunk_len, compiled=True)
+    block_mask = flex_backend.build_block_mask(sel, **shapes)
+    flex_run = lambda: flex_backend.attend(q, k, v, block_mask, scale=scale)  # noqa: E731
+    row["flex_ms"] = bench(flex_run)
+    gather_run = lambda: gather_backend.forward(  # noqa: E731
+        q, k, v, sel, chunk_len=chunk_len, scale=scale, return_lse=False, config=config
+    )[0]
+    row["gather_ms"] = bench(gather_run)
+    index = tokens[..., None].expand(-1, -1, -1, 128)
+
+    def gather_cudnn():
+        return F.scaled_dot_product_attention(q, k.gather(2, index), v.gather(2, index), scale=scale)
+
+    contiguous = (k.gather(2, index), v.gather(2, index))
+    with sdpa_kernel(SDPBackend.CUDNN_ATTENTION):
+        row["gather_cudnn_rel_err"] = rel_err(gather_cudnn(), ref)
+        row["gather_cudnn_ms"] = bench(gather_cudnn)
+        row["contiguous_cudnn_ms"] = bench(functools.partial(F.scaled_dot_product_attention, q, *contiguous))
+        row["gather_cudnn_extra_mib"] = peak_extra_mib(gather_cudnn, out_bytes)
+    for name, backend in (
+        ("dense_cudnn_ms", SDPBackend.CUDNN_ATTENTION),
+        ("dense_fa2_ms", SDPBackend.FLASH_ATTENTION),
+    ):
+        try:
+            with sdpa_kernel(backend):
+                row[name] = bench(lambda: F.scaled_dot_product_attention(q, k, v))
+        except RuntimeError as err:
+            row[name] = float("nan")
+            print(f"{name}: unavailable ({str(err).splitlines()[0]})")
+
+    select = lambda: select_blocks(q, k, history_len=history_len, config=config, key_block_sums=sums)  # noqa: E731
+    row["selection_ms"] = bench(select)
+    row["selection_graph_ms"] = graph_ms(select)
+    e2e = lambda: sparse_attention(  # noqa: E731
+        q, k, v, history_len=history_len, config=config, backend="triton", key_block_sums=sums
+    )
+    row["triton_e2e_ms"] = bench(e2e)
+    row["triton_e2e_graph_ms"] = graph_ms(e2e)
+    row["triton_extra_mib"] = peak_extra_mib(triton_run, out_bytes)
+    row["flex_extra_mib"] = peak_extra_mib(flex_run, out_bytes)
+    row["gather_extra_mib"] = peak_extra_mib(gather_run, out_bytes)
+    for name in ("triton", "flex", "gather", "gather_cudnn", "contiguous_cudnn"):
+        row[f"{name}_tflops"] = flops / row[f"{name}_ms"] * 1e-9
+    row["triton_over_gather_cudnn"] = row["triton_ms"] / row["gather_cudnn_ms"]
+    row["triton_over_flex"] = row["triton_ms"] / row["flex_ms"]
+    row["selection_share"] = row["selection_graph_ms"] / row["triton_ms"]
+    row["dense_cudnn_over_triton_e2e"] = row["dense_cudnn_ms"] / row["triton_e2e_ms"]
+    return row
+
+
+COLUMNS = [
+    ("H", "heads", "d"),
+    ("history", "history", "d"),
+    ("top_k", "top_k", "d"),
+    ("attended", "attended_tokens", "d"),
+    ("triton ms", "triton_ms", ".3f"),
+    ("flex ms", "flex_ms", ".3f"),
+    ("gather ms", "gather_ms", ".3f"),
+    ("gather+cuDNN ms", "gather_cudnn_ms", ".3f"),
+    ("contig cuDNN ms", "contiguous_cudnn_ms", ".3f"),
+    ("dense cuDNN ms", "dense_cudnn_ms", ".2f"),
+    ("dense FA2 ms", "dense_fa2_ms", ".2f"),
+    ("triton TFLOP/s", "triton_tflops", ".0f"),
+    ("triton/gather+cuDNN", "triton_over_gather_cudnn", ".2f"),
+    ("triton/flex", "triton_over_flex", ".2f"),
+    ("selection ms (graph)", "selection_graph_ms", ".3f"),
+    ("sel/triton", "selection_share", ".1%"),
+    ("triton e2e ms", "triton_e2e_ms", ".3f"),
+    ("triton e2e graph ms", "triton_e2e_graph_ms", ".3f"),
+    ("extra MiB triton/flex/gather/gather+cuDNN", None, None),
+    ("triton err", "triton_rel_err", ".1e"),
+]
+
+
+def fmt_row(row: dict) -> str:
+    cells = []
+    for _, key, spec in COLUMNS:
+        if key is None:
+            cells.append(
+                "/".join(f"{row[f'{n}_extra_mib']:.1f}" for n in ("triton", "flex", "gather", "gather_cudnn"))
+            )
+        else:
+            value = row[key]
+            cells.append("n/a" if isinstance(value, float) and math.isnan(value) else format(value, spec))
+    return "| " + " | ".join(cells) + " |"
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--histories", type=int, nargs="+", default=[24 * FRAME_TOKENS, 237 * FRAME_TOKENS])
+    parser.add_argument("--heads", type=int, nargs="+", default=[12])
+    parser.add_argument("--top-k", type=int, nargs="+", default=[32])
+    parser.add_argument("--chunk-tokens", type=int, default=3 * FRAME_TOKENS)
+    parser.add_argument(
+        "--variants", action="store_true", help="sweep triton tile configs at the first shape"
+    )
+    parser.add_argument("--json", default=None)
+    args = parser.parse_args()
+    env = dict(
+        device=torch.cuda.get_device_name(),
+        torch=torch.__version__,
+        triton=triton.__version__,
+        omnimem=omnimem.__version__,
+        date=datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%d"),
+    )
+    print(json.dumps(env))
+    rows = []
+    for heads in args.heads:
+        for top_k in args.top_k:
+            for history_len in args.histories:
+                row = run_shape(heads, history_len, top_k, args, variants=args.variants and not rows)
+                print(json.dumps(row), flush=True)
+                rows.append(row)
+                if args.json:  # after every shape: a later failure keeps what was measured
+                    with open(args.json, "w") as fh:
+                        json.dump(dict(env=env, rows=rows), fh, indent=1)
+    print(f"\n{env['device']}, torch {env['torch']}, triton {env['triton']}, {env['date']}")
+    print("| " + " | ".join(c[0] for c in COLUMNS) + " |")
+    print("|" + "---|" * len(COLUMNS))
+    for row in rows:
+        print(fmt_row(row))
+
+
+if __name__ == "__main__":
+    main()
