@@ -44,9 +44,9 @@ def _load_tile(
 
 
 @triton.jit
-def _softmax_step(q, k, v, valid, qk_scale, m_i, l_i, acc, MASKED: tl.constexpr):
+def _softmax_step(q, k, v, valid, qk_scale, m_i, l_i, acc, MASKED: tl.constexpr, PRECISION: tl.constexpr):
     """One online-softmax update of ``(m_i, l_i, acc)`` with keys ``k`` and values ``v``."""
-    scores = tl.dot(q, tl.trans(k)) * qk_scale
+    scores = tl.dot(q, tl.trans(k), input_precision=PRECISION) * qk_scale
     if MASKED:
         scores = tl.where(valid, scores, float("-inf"))
         m_new = tl.maximum(m_i, tl.max(scores, 1))
@@ -58,7 +58,7 @@ def _softmax_step(q, k, v, valid, qk_scale, m_i, l_i, acc, MASKED: tl.constexpr)
     p = tl.exp2(scores - m_shift[:, None])
     alpha = tl.exp2(m_i - m_shift)
     l_i = l_i * alpha + tl.sum(p, 1)
-    acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v)
+    acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v, input_precision=PRECISION)
     return m_new, l_i, acc
 
 
@@ -74,7 +74,7 @@ def _scattered_attention_kernel(
     query_group_size, qk_scale,
     HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
     BLOCK_SIZE: tl.constexpr, HAS_GROUPS: tl.constexpr, USE_TMA: tl.constexpr,
-    WRITE_LSE: tl.constexpr,
+    WRITE_LSE: tl.constexpr, PRECISION: tl.constexpr, WARP_SPECIALIZE: tl.constexpr,
 ):  # fmt: skip
     q_tile = tl.program_id(0)
     batch_head = tl.program_id(1)
@@ -129,10 +129,10 @@ def _scattered_attention_kernel(
                 v = _load_tile(v_base, v_desc, batch, kv_head, start, block_end, stride_vl, stride_vd,
                                BLOCK_N, BLOCK_D, HEAD_DIM, USE_TMA, True)  # fmt: skip
                 valid = rows_attend[:, None] & ((start + cols) < block_end)[None, :]
-                m_i, l_i, acc = _softmax_step(q, k, v, valid, qk_scale, m_i, l_i, acc, True)
+                m_i, l_i, acc = _softmax_step(q, k, v, valid, qk_scale, m_i, l_i, acc, True, PRECISION)
     else:
         # Whole blocks: no masks. The last slot may hold the partial block: masked below.
-        for slot in range(0, num_tile_blocks - 1):
+        for slot in tl.range(0, num_tile_blocks - 1, warp_specialize=WARP_SPECIALIZE):
             block = tl.load(table_ptr + slot).to(tl.int32)
             for sub in tl.static_range(0, BLOCK_SIZE, BLOCK_N):
                 start = block * BLOCK_SIZE + sub
@@ -140,7 +140,9 @@ def _scattered_attention_kernel(
                                BLOCK_N, BLOCK_D, HEAD_DIM, USE_TMA, False)  # fmt: skip
                 v = _load_tile(v_base, v_desc, batch, kv_head, start, history_len, stride_vl, stride_vd,
                                BLOCK_N, BLOCK_D, HEAD_DIM, USE_TMA, False)  # fmt: skip
-                m_i, l_i, acc = _softmax_step(q, k, v, row_valid[:, None], qk_scale, m_i, l_i, acc, False)
+                m_i, l_i, acc = _softmax_step(
+                    q, k, v, row_valid[:, None], qk_scale, m_i, l_i, acc, False, PRECISION
+                )
         if num_tile_blocks > 0:
             block = tl.load(table_ptr + num_tile_blocks - 1).to(tl.int32)
             for sub in tl.static_range(0, BLOCK_SIZE, BLOCK_N):
@@ -150,19 +152,19 @@ def _scattered_attention_kernel(
                 v = _load_tile(v_base, v_desc, batch, kv_head, start, history_len, stride_vl, stride_vd,
                                BLOCK_N, BLOCK_D, HEAD_DIM, USE_TMA, True)  # fmt: skip
                 valid = row_valid[:, None] & ((start + cols) < history_len)[None, :]
-                m_i, l_i, acc = _softmax_step(q, k, v, valid, qk_scale, m_i, l_i, acc, True)
+                m_i, l_i, acc = _softmax_step(q, k, v, valid, qk_scale, m_i, l_i, acc, True, PRECISION)
 
     # The current chunk: contiguous tokens [history_len, history_len + chunk_len); every row,
     # padding rows too, attends it, so no row ends with an empty softmax (0/0).
     chunk_end = history_len + chunk_len
     num_whole = chunk_len // BLOCK_N
-    for tile in range(0, num_whole):
+    for tile in tl.range(0, num_whole, warp_specialize=WARP_SPECIALIZE):
         start = history_len + tile * BLOCK_N
         k = _load_tile(k_base, k_desc, batch, kv_head, start, chunk_end, stride_kl, stride_kd,
                        BLOCK_N, BLOCK_D, HEAD_DIM, USE_TMA, False)  # fmt: skip
         v = _load_tile(v_base, v_desc, batch, kv_head, start, chunk_end, stride_vl, stride_vd,
                        BLOCK_N, BLOCK_D, HEAD_DIM, USE_TMA, False)  # fmt: skip
-        m_i, l_i, acc = _softmax_step(q, k, v, row_valid[:, None], qk_scale, m_i, l_i, acc, False)
+        m_i, l_i, acc = _softmax_step(q, k, v, row_valid[:, None], qk_scale, m_i, l_i, acc, False, PRECISION)
     if num_whole * BLOCK_N < chunk_len:
         start = history_len + num_whole * BLOCK_N
         k = _load_tile(k_base, k_desc, batch, kv_head, start, chunk_end, stride_kl, stride_kd,
@@ -170,7 +172,7 @@ def _scattered_attention_kernel(
         v = _load_tile(v_base, v_desc, batch, kv_head, start, chunk_end, stride_vl, stride_vd,
                        BLOCK_N, BLOCK_D, HEAD_DIM, USE_TMA, True)  # fmt: skip
         valid = ((start + cols) < chunk_end)[None, :] | (rows < 0)[:, None]
-        m_i, l_i, acc = _softmax_step(q, k, v, valid, qk_scale, m_i, l_i, acc, True)
+        m_i, l_i, acc = _softmax_step(q, k, v, valid, qk_scale, m_i, l_i, acc, True, PRECISION)
 
     out = acc / l_i[:, None]
     out_base = out_ptr + batch.to(tl.int64) * stride_ob + head.to(tl.int64) * stride_oh
@@ -215,6 +217,7 @@ def scattered_attention(
     num_warps: int | None = None,
     num_stages: int | None = None,
     use_tma: bool | None = None,
+    warp_specialize: bool = False,
 ) -> tuple[torch.Tensor, torch.Tensor | None]:
     """Launch the kernel.
 
@@ -222,7 +225,8 @@ def scattered_attention(
     one row per query tile (``T = ceil(Lq / block_m)``) or one for all tiles (``T = 1``);
     ``block_attended [B, Hkv, G, NB]`` (bool/uint8; ``None`` when the chunk is one query group);
     ``history_len`` a 0-d integer tensor on the device. ``block_n``/``num_warps``/``num_stages``/
-    ``use_tma`` default to the tuned choices (benchmarks/attention_gpu.py measures the others).
+    ``use_tma``/``warp_specialize`` default to the tuned choices (benchmarks/backends_gpu.py
+    measures the others).
     """
     batch, num_q_heads, q_len, head_dim = q.shape
     out = torch.empty_like(q)
@@ -255,6 +259,8 @@ def scattered_attention(
         query_group_size, scale * 1.4426950408889634,
         HEAD_DIM=head_dim, BLOCK_D=block_d, BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_SIZE=block_size,
         HAS_GROUPS=has_groups, USE_TMA=use_tma, WRITE_LSE=return_lse,
+        # float32 inputs stay float32 (tensor cores would round them to TF32: ~1e-3 error).
+        PRECISION="ieee" if q.dtype == torch.float32 else "tf32", WARP_SPECIALIZE=warp_specialize,
         num_warps=num_warps, num_stages=num_stages,
     )  # fmt: skip
     return out, (lse if return_lse else None)

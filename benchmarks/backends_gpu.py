@@ -42,17 +42,18 @@ from omnimem.backends import gather as gather_backend
 from omnimem.backends.triton_attention import scattered_attention
 from omnimem.kernels.block_sums import block_sums
 
-# (block_m, block_n, num_warps, num_stages, use_tma): 128-query tiles feed two 64-row wgmma
-# warpgroups; 128-key tiles match the retrieval block; 2-3 stages fit K+V tiles in shared memory.
+# (block_m, block_n, num_warps, num_stages, use_tma, warp_specialize): 128-query tiles feed two
+# 64-row wgmma warpgroups; 128-key tiles match the retrieval block; 2-3 stages fit K+V tiles in
+# shared memory.
 VARIANTS = [
-    (128, 128, 8, 3, True),
-    (128, 128, 8, 2, True),
-    (128, 64, 8, 3, True),
-    (128, 64, 4, 3, True),
-    (64, 128, 4, 3, True),
-    (64, 64, 4, 3, True),
-    (128, 128, 8, 3, False),
-    (128, 64, 8, 3, False),
+    (128, 128, 8, 3, True, False),
+    (128, 128, 8, 2, True, False),
+    (128, 64, 8, 3, True, False),
+    (64, 128, 4, 3, True, False),
+    (128, 128, 8, 3, False, False),
+    (128, 128, 8, 3, True, True),
+    (128, 128, 8, 2, True, True),
+    (128, 128, 4, 2, True, True),
 ]
 
 
@@ -103,13 +104,43 @@ def exact_tokens(sel, history_len: int, chunk_len: int) -> torch.Tensor:
     return torch.stack(rows)[None]
 
 
-def make_inputs(heads: int, history_len: int, chunk_len: int):
+def make_inputs(heads: int, history_len: int, chunk_len: int, dtype=torch.bfloat16, head_dim: int = 128):
     gen = torch.Generator(device="cuda").manual_seed(history_len)
-    shape = (1, heads, history_len + chunk_len, 128)
-    q = torch.randn(1, heads, chunk_len, 128, device="cuda", dtype=torch.bfloat16, generator=gen)
-    k = torch.randn(*shape, device="cuda", dtype=torch.bfloat16, generator=gen)
-    v = torch.randn(*shape, device="cuda", dtype=torch.bfloat16, generator=gen)
+    shape = (1, heads, history_len + chunk_len, head_dim)
+    q = torch.randn(1, heads, chunk_len, head_dim, device="cuda", dtype=dtype, generator=gen)
+    k = torch.randn(*shape, device="cuda", dtype=dtype, generator=gen)
+    v = torch.randn(*shape, device="cuda", dtype=dtype, generator=gen)
     return q, k, v
+
+
+def auto_check(history_len: int, chunk_len: int) -> list[dict]:
+    """End-to-end ``sparse_attention`` per backend on the shape classes ``auto`` decides between."""
+    rows = []
+    for dtype, head_dim in (
+        (torch.bfloat16, 128),
+        (torch.float16, 128),
+        (torch.bfloat16, 64),
+        (torch.float32, 128),
+    ):
+        q, k, v = make_inputs(12, history_len, chunk_len, dtype, head_dim)
+        config = OmniMemConfig(block_size=128, top_k=32, sink_tokens=FRAME_TOKENS, local_tokens=chunk_len)
+        sums = block_sums(k, torch.tensor(history_len, device="cuda"), 128)
+        row = dict(dtype=str(dtype).removeprefix("torch."), head_dim=head_dim)
+        for name in ("triton", "flex", "gather"):
+            call = functools.partial(
+                sparse_attention,
+                q,
+                k,
+                v,
+                history_len=history_len,
+                config=config,
+                backend=name,
+                key_block_sums=sums,
+            )
+            row[name] = bench(call)
+        print(f"auto check {row}", flush=True)
+        rows.append(row)
+    return rows
 
 
 def run_shape(heads: int, history_len: int, top_k: int, args, variants: bool) -> dict:
@@ -128,26 +159,26 @@ def run_shape(heads: int, history_len: int, top_k: int, args, variants: bool) ->
     flops = 4 * q_len * attended * 128 * heads
     row = dict(heads=heads, history=history_len, top_k=top_k, attended_tokens=attended)
 
-    def triton_run(block_m=128, block_n=None, num_warps=None, num_stages=None, use_tma=None):
+    def triton_run(block_m=128, block_n=None, num_warps=None, num_stages=None, use_tma=None, ws=False):
         return scattered_attention(
             q, k, v, block_idx=sel.kv_block_idx, num_blocks=sel.kv_num_blocks, block_attended=None,
             history_len=sel.history_len, chunk_len=chunk_len, block_size=128, query_group_size=q_len,
             scale=scale, return_lse=False, block_m=block_m, block_n=block_n, num_warps=num_warps,
-            num_stages=num_stages, use_tma=use_tma,
+            num_stages=num_stages, use_tma=use_tma, warp_specialize=ws,
         )[0]  # fmt: skip
 
     if variants:
         row["variants"] = []
-        for block_m, block_n, warps, stages, tma in VARIANTS:
-            run = functools.partial(triton_run, block_m, block_n, warps, stages, tma)
+        for variant in VARIANTS:
+            run = functools.partial(triton_run, *variant)
             try:
                 err = rel_err(run(), ref)
                 ms = bench(run)
             except Exception as exc:  # e.g. out of shared memory for a config
-                print(f"variant {(block_m, block_n, warps, stages, tma)} failed: {str(exc).splitlines()[0]}")
+                print(f"variant {variant} failed: {str(exc).splitlines()[0][:300]}")
                 err, ms = float("nan"), float("nan")
-            row["variants"].append(dict(config=[block_m, block_n, warps, stages, tma], ms=ms, rel_err=err))
-            print(f"variant bm={block_m} bn={block_n} warps={warps} stages={stages} tma={tma}: "
+            row["variants"].append(dict(config=list(variant), ms=ms, rel_err=err))
+            print(f"variant (bm, bn, warps, stages, tma, ws)={variant}: "
                   f"{ms:.3f} ms, {flops / ms * 1e-9:.0f} TFLOP/s, rel err {err:.1e}", flush=True)  # fmt: skip
 
     # Correctness of every backend through the public API.
@@ -255,6 +286,9 @@ def main() -> None:
     parser.add_argument(
         "--variants", action="store_true", help="sweep triton tile configs at the first shape"
     )
+    parser.add_argument(
+        "--auto-check", action="store_true", help="time each backend per dtype/head_dim class"
+    )
     parser.add_argument("--json", default=None)
     args = parser.parse_args()
     env = dict(
@@ -275,11 +309,17 @@ def main() -> None:
                 if args.json:  # after every shape: a later failure keeps what was measured
                     with open(args.json, "w") as fh:
                         json.dump(dict(env=env, rows=rows), fh, indent=1)
+    checks = auto_check(args.histories[-1], args.chunk_tokens) if args.auto_check else []
+    if args.json and checks:
+        with open(args.json, "w") as fh:
+            json.dump(dict(env=env, rows=rows, auto_check=checks), fh, indent=1)
     print(f"\n{env['device']}, torch {env['torch']}, triton {env['triton']}, {env['date']}")
     print("| " + " | ".join(c[0] for c in COLUMNS) + " |")
     print("|" + "---|" * len(COLUMNS))
     for row in rows:
         print(fmt_row(row))
+    for check in checks:
+        print("auto check (e2e ms):", check)
 
 
 if __name__ == "__main__":
