@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import contextlib
 import contextvars
+import functools
 import os
 from collections.abc import Iterator
 
@@ -49,12 +50,27 @@ def use_backend(name: str) -> Iterator[None]:
         _backend_override.reset(token)
 
 
-def resolve_backend(config: OmniMemConfig, device: torch.device) -> str:
+def resolve_backend(
+    config: OmniMemConfig,
+    device: torch.device,
+    *,
+    dtype: torch.dtype | None = None,
+    head_dim: int | None = None,
+) -> str:
     """The concrete backend a call with ``config`` on ``device`` runs on.
 
     Precedence: ``config.backend``, then ``use_backend``, then ``OMNIMEM_BACKEND``; the first
-    that is not ``"auto"`` wins. ``"auto"`` resolves to ``"flex"`` on every device for now
-    (the only sparse backend; the dense backend is the O(history) reference).
+    that is not ``"auto"`` wins. ``"auto"`` picks by what ``benchmarks/backends_gpu.py
+    --auto-check`` measured (H100, docs/benchmarks.md), per shape class of the inputs:
+
+    - CUDA, compute capability >= 9 (TMA), float16/bfloat16, ``head_dim`` 64 or 128, one query
+      group: ``"triton"`` (1.06 ms vs flex 1.11 ms at wan-1.3b 60 s, no compile step);
+    - CUDA, float32: ``"gather"`` (11.7 ms vs flex 92 ms and triton's IEEE-float32 dots 493 ms);
+    - every other CUDA class (older GPUs: triton without TMA measured slower than flex; other
+      head dims; query groups): ``"flex"``;
+    - CPU: ``"flex"``.
+
+    ``dtype``/``head_dim`` describe the query (``None``: unknown, which gives ``"flex"``).
     """
     for name, source in (
         (config.backend, "OmniMemConfig.backend"),
@@ -63,7 +79,18 @@ def resolve_backend(config: OmniMemConfig, device: torch.device) -> str:
     ):
         if name is not None and _check_backend_name(name, source) != "auto":
             return name
+    if device.type != "cuda" or config.query_group_size is not None:
+        return "flex"
+    if dtype == torch.float32:
+        return "gather"
+    if dtype in (torch.float16, torch.bfloat16) and head_dim in (64, 128) and _has_tma(device):
+        return "triton"
     return "flex"
+
+
+@functools.cache
+def _has_tma(device: torch.device) -> bool:
+    return torch.cuda.get_device_capability(device)[0] >= 9
 
 
 def _resolve_config(config: OmniMemConfig | None, overrides: dict[str, object]) -> OmniMemConfig:
@@ -194,7 +221,7 @@ def sparse_attention(
     history_len, chunk_len = check_attention_inputs(q, k, v, history_len=history_len, chunk_len=chunk_len)
     if not isinstance(return_lse, bool):
         raise TypeError(f"return_lse must be a bool, got {type(return_lse).__name__}")
-    forward = get_backend(resolve_backend(config, q.device))
+    forward = get_backend(resolve_backend(config, q.device, dtype=q.dtype, head_dim=q.shape[-1]))
     scale = config.scale or q.shape[-1] ** -0.5
     selection = _select(q, k, history_len, config, scale, key_block_sums)
     out, lse = forward(

@@ -103,6 +103,36 @@ def test_backend_precedence(monkeypatch):
         pass
 
 
+@pytest.mark.parametrize(
+    ("dtype", "head_dim", "tma", "groups", "expected"),
+    [
+        (torch.bfloat16, 128, True, None, "triton"),
+        (torch.float16, 64, True, None, "triton"),
+        (torch.bfloat16, 128, False, None, "flex"),  # no TMA: triton measured slower than flex
+        (torch.bfloat16, 96, True, None, "flex"),  # unmeasured head dim
+        (torch.bfloat16, 128, True, 64, "flex"),  # query groups
+        (torch.float32, 128, True, None, "gather"),
+    ],
+)
+def test_auto_follows_the_measured_table(monkeypatch, dtype, head_dim, tma, groups, expected):
+    import omnimem.api
+
+    monkeypatch.delenv("OMNIMEM_BACKEND", raising=False)
+    monkeypatch.setattr(omnimem.api, "_has_tma", lambda device: tma)
+    config = OmniMemConfig(query_group_size=groups)
+    cuda = torch.device("cuda")
+    assert resolve_backend(config, cuda, dtype=dtype, head_dim=head_dim) == expected
+    assert resolve_backend(config, torch.device("cpu"), dtype=dtype, head_dim=head_dim) == "flex"
+
+
+def test_triton_backend_refuses_autograd():
+    pytest.importorskip("triton")
+    q, k, v = make_inputs(device="cpu")
+    q.requires_grad_(True)
+    with pytest.raises(ValueError, match="inference-only"):
+        sparse_attention(q, k, v, backend="triton")
+
+
 def test_backend_choice_reaches_the_call(monkeypatch):
     import omnimem.backends.dense as dense
 
