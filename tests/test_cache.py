@@ -101,7 +101,7 @@ def test_flash_layout_storage_is_used_without_copies():
 
 def test_for_layers_makes_independent_caches():
     caches = OmniMemCache.for_layers(
-        3, 16, max_chunk_tokens=4, batch=1, num_kv_heads=1, head_dim=8, config=CONFIG
+        3, 16, max_chunk_tokens=4, batch=1, num_kv_heads=1, head_dim=8, config=CONFIG, device=TEST_DEVICE
     )
     caches[0].commit(chunk(4, heads=1), chunk(4, heads=1))
     assert [c.history_len for c in caches] == [4, 0, 0]
