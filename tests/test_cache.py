@@ -140,7 +140,8 @@ def test_cached_attention_adapter_matches_the_cache_in_sdpa_layout():
     sdpa = make_cache()
     for i in range(3):
         q, k, v = (
-            torch.randn(1, 6, 2, 8, generator=torch.Generator().manual_seed(10 * i + j)) for j in range(3)
+            torch.randn(1, 6, 2, 8, generator=torch.Generator().manual_seed(10 * i + j)).to(TEST_DEVICE)
+            for j in range(3)
         )
         out = cached_attention(q, k, v, wan, commit=True)
         expected = sdpa.attend(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2))
