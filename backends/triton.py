@@ -52,16 +52,16 @@ def forward(
     return_lse: bool,
     config: OmniMemConfig,
 ) -> tuple[torch.Tensor, torch.Tensor | None]:
+    if torch.is_grad_enabled() and (q.requires_grad or k.requires_grad or v.requires_grad):
+        raise ValueError(
+            "the triton backend is inference-only (no backward kernel): run under torch.no_grad(), "
+            "or use backend='gather' or 'dense' for autograd"
+        )
     interpreted = os.environ.get("TRITON_INTERPRET") == "1"
     if q.device.type != "cuda" and not interpreted:
         raise ValueError(
             f"the triton backend needs CUDA tensors (got {q.device}); use backend='flex' or 'dense' "
             "(CPU runs it only under TRITON_INTERPRET=1, for tests)"
-        )
-    if torch.is_grad_enabled() and (q.requires_grad or k.requires_grad or v.requires_grad):
-        raise ValueError(
-            "the triton backend is inference-only (no backward kernel): run under torch.no_grad(), "
-            "or use backend='gather' or 'dense' for autograd"
         )
     if q.device.type == "cuda" and q.shape[-1] < 16:
         raise ValueError(f"q's head_dim must be >= 16 for the triton backend, got {q.shape[-1]}")
