@@ -20,9 +20,9 @@ from typing import Literal
 
 import torch
 
-from omnimem.api import sparse_attention
+from omnimem.api import select_blocks, sparse_attention
 from omnimem.config import OmniMemConfig
-from omnimem.selection import block_key_sums
+from omnimem.selection import Selection, block_key_sums
 
 Layout = Literal["bhld", "blhd"]
 
@@ -173,6 +173,31 @@ class OmniMemCache:
             chunk_len=chunk_len,
             config=self.config,
             return_lse=return_lse,
+            key_block_sums=self.key_block_sums,
+        )
+
+    def selection(self, q: torch.Tensor) -> Selection:
+        """The history blocks a chunk with queries ``q`` retrieves now (what ``attend`` uses).
+
+        For inspection (heat maps, debugging retrieval): ``attend`` makes the same selection
+        internally. Reads only the block sums, never the history.
+
+        Args:
+            q: ``[B, Hq, Lq, D]`` the chunk's queries (after RoPE), ``Lq <= max_chunk_tokens``.
+
+        Returns:
+            An [`omnimem.Selection`][omnimem.Selection] over the committed history.
+        """
+        if q.dim() != 4 or not 1 <= q.shape[2] <= self.max_chunk_tokens:
+            raise ValueError(
+                f"q must be [B, Hq, Lq, D] with 1 <= Lq <= {self.max_chunk_tokens}, got {tuple(q.shape)}"
+            )
+        return select_blocks(
+            q,
+            self.k,
+            history_len=self.history_len,
+            chunk_len=q.shape[2],
+            config=self.config,
             key_block_sums=self.key_block_sums,
         )
 

@@ -6,7 +6,7 @@ import pytest
 import torch
 from torch._dynamo.utils import counters
 
-from omnimem import OmniMemConfig, sparse_attention
+from omnimem import OmniMemConfig, select_blocks, sparse_attention
 from omnimem.cache import OmniMemCache
 
 from .inputs import TEST_DEVICE
@@ -150,3 +150,16 @@ def test_cached_attention_adapter_matches_the_cache_in_sdpa_layout():
         torch.testing.assert_close(out, expected.transpose(1, 2), atol=0, rtol=0)
     with pytest.raises(ValueError, match="4-D"):
         cached_attention(q[0], k, v, wan)
+
+
+def test_selection_is_what_attend_uses():
+    cache = make_cache(capacity=32)
+    for seed in range(3):
+        cache.commit(chunk(8, seed=seed), chunk(8, seed=seed + 10))
+    q = chunk(6, seed=99)
+    expected = select_blocks(q, cache.k, history_len=24, chunk_len=6, config=CONFIG)
+    selection = cache.selection(q)
+    assert torch.equal(selection.kv_block_idx, expected.kv_block_idx)
+    assert torch.equal(selection.kv_num_blocks, expected.kv_num_blocks)
+    with pytest.raises(ValueError, match="1 <= Lq <= 8"):
+        cache.selection(chunk(9))

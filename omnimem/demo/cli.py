@@ -28,7 +28,7 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
     parser.add_argument("--top-k", type=int, default=8, help="retrieved blocks per head (block = one frame)")
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     parser.add_argument("--dtype", default=None, choices=["float32", "bfloat16"], help="default: bf16 on GPU")
-    parser.add_argument("--backend", default="auto", choices=["auto", "flex", "dense"])
+    parser.add_argument("--backend", default="auto", choices=["auto", "flex", "triton", "gather", "dense"])
     parser.add_argument("--no-compile", action="store_true", help="eager FlexAttention (no compile time)")
     parser.add_argument("--plot", default="omnimem-demo.png", help="PNG path ('' to skip)")
     parser.add_argument("--seed", type=int, default=0)
