@@ -19,6 +19,7 @@ from omnimem import OmniMemCache, OmniMemConfig, cached_attention
 from omnimem.demo.model import rope_3d
 
 
+# --8<-- [start:DenseCausalAttention]
 class DenseCausalAttention(nn.Module):
     """Self-attention of one layer over a growing KV cache (the baseline)."""
 
@@ -44,6 +45,10 @@ class DenseCausalAttention(nn.Module):
         return self.proj(out.flatten(2))
 
 
+# --8<-- [end:DenseCausalAttention]
+
+
+# --8<-- [start:OmniMemCausalAttention]
 class OmniMemCausalAttention(nn.Module):
     """The same layer on omnimem: the whole history kept, only the selected blocks attended."""
 
@@ -66,6 +71,9 @@ class OmniMemCausalAttention(nn.Module):
         q, k = rope_3d(q, *positions), rope_3d(k, *positions)  # RoPE exactly as before
         out = cached_attention(q, k, v, self.cache, commit=commit)  # omnimem: write + attend (+ commit)
         return self.proj(out.flatten(2))
+
+
+# --8<-- [end:OmniMemCausalAttention]
 
 
 def positions_of_chunk(first_frame: int, frames: int, rows: int, cols: int) -> tuple[torch.Tensor, ...]:

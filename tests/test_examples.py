@@ -13,7 +13,11 @@ EXAMPLES = pathlib.Path(__file__).resolve().parents[1] / "examples"
 
 def run_example(name: str, *args: str) -> str:
     result = subprocess.run(
-        [sys.executable, str(EXAMPLES / name), *args], capture_output=True, text=True, timeout=600, check=False
+        [sys.executable, str(EXAMPLES / name), *args],
+        capture_output=True,
+        text=True,
+        timeout=600,
+        check=False,
     )
     assert result.returncode == 0, result.stderr[-3000:]
     return result.stdout
