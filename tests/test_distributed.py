@@ -1,0 +1,89 @@
+"""Head-sharded OmniMem on 2 CPU processes (gloo) equals the single-process computation."""
+
+from __future__ import annotations
+
+import os
+import socket
+
+import pytest
+import torch
+import torch.distributed as dist
+import torch.multiprocessing as mp
+
+from omnimem import OmniMemCache, OmniMemConfig, cached_attention
+from omnimem.distributed import head_shard, sharded_cache, ulysses_attention
+
+WORLD = 2
+HQ, HKV, DIM, CHUNK, CHUNKS, STEPS = 4, 2, 8, 6, 4, 2
+CONFIG = dict(block_size=4, top_k=2, sink_tokens=4, local_tokens=4)
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def inputs(chunk: int, step: int) -> tuple[torch.Tensor, ...]:
+    """The same chunk on every process: [B, L, H, D] q, k, v."""
+    gen = torch.Generator().manual_seed(1000 * chunk + step)
+    return tuple(torch.randn(1, CHUNK, heads, DIM, generator=gen) for heads in (HQ, HKV, HKV))
+
+
+def make_cache(heads: int, backend: str) -> dict:
+    return dict(
+        capacity=CHUNK * CHUNKS,
+        max_chunk_tokens=CHUNK,
+        batch=1,
+        head_dim=DIM,
+        config=OmniMemConfig(**CONFIG, backend=backend, compile=False),
+        layout="blhd",
+    ) | ({"num_kv_heads": heads})
+
+
+def worker(rank: int, port: int, backend: str, mode: str) -> None:
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
+    dist.init_process_group("gloo", rank=rank, world_size=WORLD)
+    try:
+        reference = OmniMemCache(**make_cache(HKV, backend))
+        sharded = sharded_cache(**make_cache(HKV, backend))
+        tokens = slice(rank * CHUNK // WORLD, (rank + 1) * CHUNK // WORLD)
+        q_heads, kv_heads = head_shard(HQ), head_shard(HKV)
+        for chunk in range(CHUNKS):
+            for step in range(STEPS + 1):
+                commit = step == STEPS
+                q, k, v = inputs(chunk, step)
+                expected = cached_attention(q, k, v, reference, commit=commit)
+                if mode == "ulysses":
+                    out = ulysses_attention(q[:, tokens], k[:, tokens], v[:, tokens], sharded, commit=commit)
+                    torch.testing.assert_close(out, expected[:, tokens], atol=0, rtol=0)
+                else:  # plain head parallel: the rank already holds its heads
+                    out = cached_attention(
+                        q[:, :, q_heads], k[:, :, kv_heads], v[:, :, kv_heads], sharded, commit=commit
+                    )
+                    torch.testing.assert_close(out, expected[:, :, q_heads], atol=0, rtol=0)
+        assert sharded.history_len == reference.history_len == CHUNK * CHUNKS
+    finally:
+        dist.destroy_process_group()
+
+
+@pytest.mark.parametrize("mode", ["ulysses", "head_parallel"])
+@pytest.mark.parametrize("backend", ["dense", "gather", "flex"])
+def test_two_process_sharding_equals_one_process(backend, mode):
+    mp.spawn(worker, args=(free_port(), backend, mode), nprocs=WORLD, join=True)
+
+
+def uneven_worker(rank: int, port: int) -> None:
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
+    dist.init_process_group("gloo", rank=rank, world_size=WORLD)
+    try:
+        with pytest.raises(
+            ValueError, match=r"num_heads \(3\) must be a multiple of the process group's size \(2\)"
+        ):
+            sharded_cache(**make_cache(3, "dense"))
+    finally:
+        dist.destroy_process_group()
+
+
+def test_uneven_heads_are_refused():
+    mp.spawn(uneven_worker, args=(free_port(),), nprocs=WORLD, join=True)
