@@ -163,6 +163,11 @@ class OmniMemCache:
 
         Returns:
             What ``omnimem.sparse_attention`` returns for the history plus this chunk.
+
+        Raises:
+            ValueError: chunk shapes other than ``[B, Hkv, 1..max_chunk_tokens, D]``, another
+                device, or ``q`` that does not match (see ``sparse_attention``).
+            TypeError: a chunk not in the cache's dtype.
         """
         chunk_len = self._write_chunk(k_chunk, v_chunk)
         return sparse_attention(

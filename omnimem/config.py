@@ -26,8 +26,8 @@ class OmniMemConfig:
     """How a chunk retrieves history blocks (DESIGN.md section 2).
 
     Attributes:
-        block_size: tokens per history block (the unit of retrieval). The flex backend also
-            uses it as its key/value tile, so multiples of 16 suit GPUs best.
+        block_size: tokens per history block (the unit of retrieval). 128 is the triton
+            kernel's key tile (whole blocks read unmasked); other sizes work on every backend.
         top_k: retrieval budget: blocks selected per (batch, KV head, query group) on top of
             the always-attended sink and local-window blocks.
         sink_tokens: the first ``sink_tokens`` history tokens (rounded out to whole blocks)
@@ -42,11 +42,18 @@ class OmniMemConfig:
         query_group_size: ``None`` shares one selection among all queries of the chunk;
             an int gives every run of that many queries its own selection (MoBA/NSA style).
         scale: softmax scale; ``None`` means ``head_dim ** -0.5``. Must be positive.
-        backend: ``"auto"``, ``"dense"``, ``"flex"`` or ``"triton"`` (CUDA; experimental). ``"auto"`` lets the
-            ``omnimem.use_backend`` context manager, then the ``OMNIMEM_BACKEND`` environment
-            variable, then the device decide (see ``omnimem.resolve_backend``).
-        compile: run compiled backends (flex) through ``torch.compile``. ``False`` runs
-            FlexAttention eagerly: exact, but it touches every key like dense attention.
+        backend: ``"auto"``, ``"triton"`` (CUDA), ``"flex"``, ``"gather"`` or ``"dense"``.
+            ``"auto"`` lets the ``omnimem.use_backend`` context manager, then the
+            ``OMNIMEM_BACKEND`` environment variable, then the inputs' device, dtype and head
+            dim decide (see ``omnimem.resolve_backend``).
+        compile: compile selection (on GPUs) and FlexAttention through ``torch.compile``.
+            ``False`` runs both eagerly: exact, but eager FlexAttention touches every key like
+            dense attention.
+
+    Raises:
+        ValueError: a field out of range (negative sizes, ``top_k < 1``,
+            ``exclusion_tokens < local_tokens``, an unknown mode or backend, a non-positive scale).
+        TypeError: a field of the wrong type.
 
     Example:
         >>> from omnimem import OmniMemConfig

@@ -50,6 +50,11 @@ def cached_attention(
     Returns:
         ``[B, L, Hq, D]`` (a transposed view of the ``[B, Hq, L, D]`` result).
 
+    Raises:
+        ValueError: a non-4-D input, a chunk longer than ``max_chunk_tokens``, mismatched
+            shapes or devices, or a commit past the cache's capacity.
+        TypeError: inputs not in the cache's dtype.
+
     Example:
         >>> import torch
         >>> from omnimem import OmniMemConfig
