@@ -60,6 +60,17 @@ def gather_reference(q, k, v, sel, history_len: int, chunk_len: int, scale: floa
     return out
 
 
+def environment() -> dict:
+    """Device, versions and date: recorded with every benchmark's results."""
+    return dict(
+        device=torch.cuda.get_device_name(),
+        torch=torch.__version__,
+        triton=triton.__version__,
+        omnimem=omnimem.__version__,
+        date=datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%d"),
+    )
+
+
 def bench(fn) -> float:
     return triton.testing.do_bench(fn, warmup=50, rep=300, return_mode="median")
 
@@ -140,13 +151,7 @@ def main() -> None:
     parser.add_argument("--json", default=None)
     args = parser.parse_args()
 
-    env = dict(
-        device=torch.cuda.get_device_name(),
-        torch=torch.__version__,
-        triton=triton.__version__,
-        omnimem=omnimem.__version__,
-        date=datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%d"),
-    )
+    env = environment()
     print(json.dumps(env))
     rows = []
     for heads in args.heads:

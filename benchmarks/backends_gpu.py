@@ -24,18 +24,15 @@ Usage: ``python benchmarks/backends_gpu.py [--histories ...] [--heads 12 40] [--
 from __future__ import annotations
 
 import argparse
-import datetime
 import functools
 import json
 import math
 
 import torch
 import torch.nn.functional as F
-import triton
-from attention_gpu import FRAME_TOKENS, bench, gather_reference
+from attention_gpu import FRAME_TOKENS, bench, environment, gather_reference
 from torch.nn.attention import SDPBackend, sdpa_kernel
 
-import omnimem
 from omnimem import OmniMemConfig, select_blocks, sparse_attention
 from omnimem.backends import flex as flex_backend
 from omnimem.backends import gather as gather_backend
@@ -291,13 +288,7 @@ def main() -> None:
     )
     parser.add_argument("--json", default=None)
     args = parser.parse_args()
-    env = dict(
-        device=torch.cuda.get_device_name(),
-        torch=torch.__version__,
-        triton=triton.__version__,
-        omnimem=omnimem.__version__,
-        date=datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%d"),
-    )
+    env = environment()
     print(json.dumps(env))
     rows = []
     for heads in args.heads:
