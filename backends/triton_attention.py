@@ -63,23 +63,6 @@ def _softmax_step(q, k, v, valid, qk_scale, m_i, l_i, acc, MASKED: tl.constexpr,
 
 
 @triton.jit
-def _attend_keys(
-    q, k_base, v_base, k_desc, v_desc, batch, kv_head, start, limit, rows_attend,
-    stride_kl, stride_kd, stride_vl, stride_vd, qk_scale, m_i, l_i, acc,
-    BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, HEAD_DIM: tl.constexpr, USE_TMA: tl.constexpr,
-    MASKED: tl.constexpr, PRECISION: tl.constexpr,
-):  # fmt: skip
-    """Attend keys ``[start, start + BLOCK_N)``; masked: only those ``< limit``, only rows in
-    ``rows_attend``."""
-    k = _load_tile(k_base, k_desc, batch, kv_head, start, limit, stride_kl, stride_kd,
-                   BLOCK_N, BLOCK_D, HEAD_DIM, USE_TMA, MASKED)  # fmt: skip
-    v = _load_tile(v_base, v_desc, batch, kv_head, start, limit, stride_vl, stride_vd,
-                   BLOCK_N, BLOCK_D, HEAD_DIM, USE_TMA, MASKED)  # fmt: skip
-    valid = rows_attend[:, None] & ((start + tl.arange(0, BLOCK_N)) < limit)[None, :]
-    return _softmax_step(q, k, v, valid, qk_scale, m_i, l_i, acc, MASKED, PRECISION)
-
-
-@triton.jit
 def _scattered_attention_kernel(
     q_ptr, k_ptr, v_ptr, k_desc, v_desc, out_ptr, lse_ptr,
     block_idx_ptr, num_blocks_ptr, block_attended_ptr, history_len_ptr,
@@ -124,6 +107,7 @@ def _scattered_attention_kernel(
     table_row = (batch * num_kv_heads + kv_head) * table_tiles + q_tile % table_tiles
     num_tile_blocks = tl.load(num_blocks_ptr + table_row)
     table_ptr = block_idx_ptr + table_row.to(tl.int64) * table_width
+    cols = tl.arange(0, BLOCK_N)
 
     if ALL_MASKED:
         groups = tl.minimum(rows // query_group_size, num_groups - 1)
@@ -139,47 +123,56 @@ def _scattered_attention_kernel(
                 rows_attend = row_valid
             block_end = tl.minimum(block * BLOCK_SIZE + BLOCK_SIZE, history_len)
             for sub in tl.static_range(0, BLOCK_SIZE, BLOCK_N):
-                m_i, l_i, acc = _attend_keys(
-                    q, k_base, v_base, k_desc, v_desc, batch, kv_head, block * BLOCK_SIZE + sub, block_end,
-                    rows_attend, stride_kl, stride_kd, stride_vl, stride_vd, qk_scale, m_i, l_i, acc,
-                    BLOCK_N, BLOCK_D, HEAD_DIM, USE_TMA, True, PRECISION,
-                )  # fmt: skip
+                start = block * BLOCK_SIZE + sub
+                k = _load_tile(k_base, k_desc, batch, kv_head, start, block_end, stride_kl, stride_kd,
+                               BLOCK_N, BLOCK_D, HEAD_DIM, USE_TMA, True)  # fmt: skip
+                v = _load_tile(v_base, v_desc, batch, kv_head, start, block_end, stride_vl, stride_vd,
+                               BLOCK_N, BLOCK_D, HEAD_DIM, USE_TMA, True)  # fmt: skip
+                valid = rows_attend[:, None] & ((start + cols) < block_end)[None, :]
+                m_i, l_i, acc = _softmax_step(q, k, v, valid, qk_scale, m_i, l_i, acc, True, PRECISION)
     else:
         # Whole blocks: no masks. The last slot may hold the partial block: masked below.
         for slot in tl.range(0, num_tile_blocks - 1, warp_specialize=WARP_SPECIALIZE):
             block = tl.load(table_ptr + slot).to(tl.int32)
             for sub in tl.static_range(0, BLOCK_SIZE, BLOCK_N):
-                m_i, l_i, acc = _attend_keys(
-                    q, k_base, v_base, k_desc, v_desc, batch, kv_head, block * BLOCK_SIZE + sub, history_len,
-                    row_valid, stride_kl, stride_kd, stride_vl, stride_vd, qk_scale, m_i, l_i, acc,
-                    BLOCK_N, BLOCK_D, HEAD_DIM, USE_TMA, False, PRECISION,
-                )  # fmt: skip
+                start = block * BLOCK_SIZE + sub
+                k = _load_tile(k_base, k_desc, batch, kv_head, start, history_len, stride_kl, stride_kd,
+                               BLOCK_N, BLOCK_D, HEAD_DIM, USE_TMA, False)  # fmt: skip
+                v = _load_tile(v_base, v_desc, batch, kv_head, start, history_len, stride_vl, stride_vd,
+                               BLOCK_N, BLOCK_D, HEAD_DIM, USE_TMA, False)  # fmt: skip
+                m_i, l_i, acc = _softmax_step(
+                    q, k, v, row_valid[:, None], qk_scale, m_i, l_i, acc, False, PRECISION
+                )
         if num_tile_blocks > 0:
             block = tl.load(table_ptr + num_tile_blocks - 1).to(tl.int32)
             for sub in tl.static_range(0, BLOCK_SIZE, BLOCK_N):
-                m_i, l_i, acc = _attend_keys(
-                    q, k_base, v_base, k_desc, v_desc, batch, kv_head, block * BLOCK_SIZE + sub, history_len,
-                    row_valid, stride_kl, stride_kd, stride_vl, stride_vd, qk_scale, m_i, l_i, acc,
-                    BLOCK_N, BLOCK_D, HEAD_DIM, USE_TMA, True, PRECISION,
-                )  # fmt: skip
+                start = block * BLOCK_SIZE + sub
+                k = _load_tile(k_base, k_desc, batch, kv_head, start, history_len, stride_kl, stride_kd,
+                               BLOCK_N, BLOCK_D, HEAD_DIM, USE_TMA, True)  # fmt: skip
+                v = _load_tile(v_base, v_desc, batch, kv_head, start, history_len, stride_vl, stride_vd,
+                               BLOCK_N, BLOCK_D, HEAD_DIM, USE_TMA, True)  # fmt: skip
+                valid = row_valid[:, None] & ((start + cols) < history_len)[None, :]
+                m_i, l_i, acc = _softmax_step(q, k, v, valid, qk_scale, m_i, l_i, acc, True, PRECISION)
 
     # The current chunk: contiguous tokens [history_len, history_len + chunk_len); every row,
     # padding rows too, attends it, so no row ends with an empty softmax (0/0).
     chunk_end = history_len + chunk_len
     num_whole = chunk_len // BLOCK_N
-    every_row = rows >= 0
     for tile in tl.range(0, num_whole, warp_specialize=WARP_SPECIALIZE):
-        m_i, l_i, acc = _attend_keys(
-            q, k_base, v_base, k_desc, v_desc, batch, kv_head, history_len + tile * BLOCK_N, chunk_end,
-            every_row, stride_kl, stride_kd, stride_vl, stride_vd, qk_scale, m_i, l_i, acc,
-            BLOCK_N, BLOCK_D, HEAD_DIM, USE_TMA, False, PRECISION,
-        )  # fmt: skip
+        start = history_len + tile * BLOCK_N
+        k = _load_tile(k_base, k_desc, batch, kv_head, start, chunk_end, stride_kl, stride_kd,
+                       BLOCK_N, BLOCK_D, HEAD_DIM, USE_TMA, False)  # fmt: skip
+        v = _load_tile(v_base, v_desc, batch, kv_head, start, chunk_end, stride_vl, stride_vd,
+                       BLOCK_N, BLOCK_D, HEAD_DIM, USE_TMA, False)  # fmt: skip
+        m_i, l_i, acc = _softmax_step(q, k, v, row_valid[:, None], qk_scale, m_i, l_i, acc, False, PRECISION)
     if num_whole * BLOCK_N < chunk_len:
-        m_i, l_i, acc = _attend_keys(
-            q, k_base, v_base, k_desc, v_desc, batch, kv_head, history_len + num_whole * BLOCK_N, chunk_end,
-            every_row, stride_kl, stride_kd, stride_vl, stride_vd, qk_scale, m_i, l_i, acc,
-            BLOCK_N, BLOCK_D, HEAD_DIM, USE_TMA, True, PRECISION,
-        )  # fmt: skip
+        start = history_len + num_whole * BLOCK_N
+        k = _load_tile(k_base, k_desc, batch, kv_head, start, chunk_end, stride_kl, stride_kd,
+                       BLOCK_N, BLOCK_D, HEAD_DIM, USE_TMA, True)  # fmt: skip
+        v = _load_tile(v_base, v_desc, batch, kv_head, start, chunk_end, stride_vl, stride_vd,
+                       BLOCK_N, BLOCK_D, HEAD_DIM, USE_TMA, True)  # fmt: skip
+        valid = ((start + cols) < chunk_end)[None, :] | (rows < 0)[:, None]
+        m_i, l_i, acc = _softmax_step(q, k, v, valid, qk_scale, m_i, l_i, acc, True, PRECISION)
 
     out = acc / l_i[:, None]
     out_base = out_ptr + batch.to(tl.int64) * stride_ob + head.to(tl.int64) * stride_oh
