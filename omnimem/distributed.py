@@ -47,7 +47,7 @@ def head_shard(num_heads: int, group: dist.ProcessGroup | None = None) -> slice:
 
 
 def sharded_cache(
-    capacity: int, *, num_kv_heads: int, group: dist.ProcessGroup | None = None, **kwargs
+    capacity: int, *, num_kv_heads: int, group: dist.ProcessGroup | None = None, **kwargs: object
 ) -> OmniMemCache:
     """This rank's ``OmniMemCache`` for its share of ``num_kv_heads`` (the model's total).
 
