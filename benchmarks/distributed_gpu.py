@@ -101,8 +101,7 @@ def run_shape(heads: int, history: int, config: OmniMemConfig, rank: int, world:
     out_heads = torch.empty(1, CHUNK, heads // world, DIM, device="cuda", dtype=torch.bfloat16)
 
     def all_to_all_only():
-        for x in (q_shard, k_shard, v_shard):
-            _tokens_to_heads(x, world, None)
+        _tokens_to_heads(q_shard, k_shard, v_shard, world=world, group=None)
         _heads_to_tokens(out_heads, world, None)
 
     a2a_ms = timed(all_to_all_only)

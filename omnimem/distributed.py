@@ -65,13 +65,17 @@ def sharded_cache(
     return OmniMemCache(capacity, num_kv_heads=shard.stop - shard.start, **kwargs)
 
 
-def _tokens_to_heads(x: torch.Tensor, world: int, group) -> torch.Tensor:
-    """``[B, L/P, H, D]`` token shard -> ``[B, L, H/P, D]`` head shard (one all_to_all)."""
-    batch, tokens, heads, dim = x.shape
-    send = x.reshape(batch, tokens, world, heads // world, dim).permute(2, 0, 1, 3, 4).contiguous()
-    received = torch.empty_like(send)  # [P (source rank = token shard), B, L/P, H/P, D]
+def _tokens_to_heads(*shards: torch.Tensor, world: int, group) -> list[torch.Tensor]:
+    """``[B, L/P, H_i, D]`` token shards -> ``[B, L, H_i/P, D]`` head shards, all in one all_to_all
+    (one collective for q, k and v: the exchange is latency-bound at these sizes)."""
+    batch, tokens, _, dim = shards[0].shape
+    widths = [x.shape[2] // world for x in shards]
+    per_rank = [x.reshape(batch, tokens, world, w, dim) for x, w in zip(shards, widths, strict=True)]
+    send = torch.cat(per_rank, dim=3).permute(2, 0, 1, 3, 4).contiguous()  # [P, B, L/P, sum H_i/P, D]
+    received = torch.empty_like(send)  # [P (source rank = token shard), B, L/P, sum H_i/P, D]
     dist.all_to_all_single(received, send, group=group)
-    return received.permute(1, 0, 2, 3, 4).reshape(batch, world * tokens, heads // world, dim)
+    full = received.permute(1, 0, 2, 3, 4).reshape(batch, world * tokens, sum(widths), dim)
+    return list(full.split(widths, dim=2))
 
 
 def _heads_to_tokens(x: torch.Tensor, world: int, group) -> torch.Tensor:
@@ -123,6 +127,6 @@ def ulysses_attention(
             f"cache holds {cache.k.shape[1]} KV heads, but this rank's share of k's heads "
             f"is {k.shape[2] // world}"
         )
-    q_heads, k_heads, v_heads = (_tokens_to_heads(x, world, group) for x in (q, k, v))
+    q_heads, k_heads, v_heads = _tokens_to_heads(q, k, v, world=world, group=group)
     out = cached_attention(q_heads, k_heads, v_heads, cache, commit=commit)
     return _heads_to_tokens(out.contiguous(), world, group)
