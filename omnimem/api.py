@@ -11,7 +11,7 @@ from collections.abc import Iterator
 import torch
 
 from omnimem.backends import get_backend
-from omnimem.checks import check_attention_inputs, check_key_block_sums
+from omnimem.checks import check_attention_inputs, check_key_block_sums, check_selection
 from omnimem.config import BACKEND_NAMES, OmniMemConfig
 from omnimem.selection import Selection, select
 
@@ -174,6 +174,7 @@ def sparse_attention(
     config: OmniMemConfig | None = None,
     return_lse: bool = False,
     key_block_sums: torch.Tensor | None = None,
+    selection: Selection | None = None,
     **overrides: object,
 ) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
     """Attention of a chunk over its own tokens and the history blocks OmniMem retrieves.
@@ -197,6 +198,9 @@ def sparse_attention(
         return_lse: also return the float32 log-sum-exp ``[B, Hq, Lq]``.
         key_block_sums: optional cached per-block key sums (see ``select_blocks``); spares
             selection its pass over the whole key history.
+        selection: a precomputed [`Selection`][omnimem.Selection] for these ``k``/``v`` (from
+            ``select_blocks``; plan once, run many): no selection is made. Its table must index
+            ``k``'s blocks (``num_history_blocks == ceil(Lkv / block_size)``).
         **overrides: config fields to replace for this call, e.g. ``top_k=16, backend="dense"``.
 
     Returns:
@@ -223,7 +227,10 @@ def sparse_attention(
         raise TypeError(f"return_lse must be a bool, got {type(return_lse).__name__}")
     forward = get_backend(resolve_backend(config, q.device, dtype=q.dtype, head_dim=q.shape[-1]))
     scale = config.scale or q.shape[-1] ** -0.5
-    selection = _select(q, k, history_len, config, scale, key_block_sums)
+    if selection is None:
+        selection = _select(q, k, history_len, config, scale, key_block_sums)
+    else:
+        check_selection(selection, q, k, config.block_size)
     out, lse = forward(
         q, k, v, selection, chunk_len=chunk_len, scale=scale, return_lse=return_lse, config=config
     )

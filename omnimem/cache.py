@@ -22,6 +22,7 @@ import torch
 
 from omnimem.api import select_blocks, sparse_attention
 from omnimem.config import OmniMemConfig
+from omnimem.offload import HostOffload, OffloadStats, check_host_memory
 from omnimem.selection import Selection, block_key_sums
 
 Layout = Literal["bhld", "blhd"]
@@ -38,10 +39,22 @@ class OmniMemCache:
         head_dim: head dimension.
         config: retrieval configuration used by ``attend``.
         dtype: dtype of the key/value buffers.
-        device: device of the buffers.
+        device: the compute device (the buffers' device unless offloaded).
         layout: storage order of the buffers: ``"bhld"`` (``[B, H, L, D]``, SDPA) or
             ``"blhd"`` (``[B, L, H, D]``, flash-attn/Wan). Both are exposed as ``[B, H, L, D]``
             views, without copies.
+        offload: keep the history in host memory (pinned when ``device`` is CUDA); the device
+            holds the block sums, a pool of ``pool_blocks`` blocks per head filled on demand
+            (least recently used out) and the partial last block with the chunk. Same API and
+            results (bit-identical with the triton and gather backends); ``offload_stats``
+            reports pool hits and bytes fetched. Experimental: fetches are decided on the host.
+        pool_blocks: device pool size per (batch, KV head) with ``offload``; default twice the
+            selection's width (sink + local + 1 + top_k blocks). A call that needs more raises.
+
+    Raises:
+        ValueError: non-positive sizes, an unknown layout, ``pool_blocks`` without ``offload``,
+            or (offloaded) a capacity larger than the host's available memory.
+        TypeError: non-int sizes or a config that is not an ``OmniMemConfig``.
 
     Example:
         >>> import torch
@@ -68,6 +81,8 @@ class OmniMemCache:
         dtype: torch.dtype = torch.float32,
         device: torch.device | str = "cpu",
         layout: Layout = "bhld",
+        offload: bool = False,
+        pool_blocks: int | None = None,
     ) -> None:
         for name, value in (
             ("capacity", capacity),
@@ -95,13 +110,39 @@ class OmniMemCache:
             else (batch, length, num_kv_heads, head_dim)
         )
         # Zeros, not empty: unwritten space is never attended but must be finite (0 * NaN = NaN).
-        self._k_storage = torch.zeros(shape, dtype=dtype, device=device)
-        self._v_storage = torch.zeros(shape, dtype=dtype, device=device)
+        self.device = torch.device(device)
+        storage_device = "cpu" if offload else self.device
+        if offload:
+            check_host_memory(2 * math.prod(shape) * torch.empty((), dtype=dtype).element_size())
+        pin = offload and self.device.type == "cuda"  # pinned: asynchronous copies to the device
+        self._k_storage = torch.zeros(shape, dtype=dtype, device=storage_device, pin_memory=pin)
+        self._v_storage = torch.zeros(shape, dtype=dtype, device=storage_device, pin_memory=pin)
         num_blocks = math.ceil(length / self.config.block_size)
         self.key_block_sums = torch.zeros(
             batch, num_kv_heads, num_blocks, head_dim, dtype=torch.float32, device=device
         )
         self.history_len = 0
+        self._offload = None
+        if offload:
+            c = self.config
+            width = (
+                math.ceil(c.sink_tokens / c.block_size)
+                + math.ceil(c.local_tokens / c.block_size)
+                + 1
+                + c.top_k
+            )
+            if pool_blocks is None:
+                pool_blocks = 2 * width  # room to keep blocks across chunks
+            if isinstance(pool_blocks, bool) or not isinstance(pool_blocks, int) or pool_blocks < 1:
+                raise ValueError(f"OmniMemCache pool_blocks must be a positive int, got {pool_blocks!r}")
+            self._offload = HostOffload(self, pool_blocks)
+        elif pool_blocks is not None:
+            raise ValueError("OmniMemCache pool_blocks applies only with offload=True")
+
+    @property
+    def offload_stats(self) -> OffloadStats | None:
+        """Pool requests, hits and bytes fetched from the host (``None`` unless offloaded)."""
+        return None if self._offload is None else self._offload.stats
 
     @property
     def k(self) -> torch.Tensor:
@@ -128,16 +169,20 @@ class OmniMemCache:
             )
         if x.dtype != self.k.dtype:
             raise TypeError(f"{name} must have the cache's dtype {self.k.dtype}, got {x.dtype}")
-        if x.device != self.k.device:
-            raise ValueError(f"{name} must be on the cache's device {self.k.device}, got {x.device}")
+        if x.device != self.device:
+            raise ValueError(f"{name} must be on the cache's device {self.device}, got {x.device}")
         return x
 
-    def _write_chunk(self, k_chunk: torch.Tensor, v_chunk: torch.Tensor) -> int:
+    def _check_pair(self, k_chunk: torch.Tensor, v_chunk: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         k_chunk, v_chunk = self._check_chunk("k_chunk", k_chunk), self._check_chunk("v_chunk", v_chunk)
         if k_chunk.shape != v_chunk.shape:
             raise ValueError(
                 f"v_chunk must have k_chunk's shape {tuple(k_chunk.shape)}, got {tuple(v_chunk.shape)}"
             )
+        return k_chunk, v_chunk
+
+    def _write_chunk(self, k_chunk: torch.Tensor, v_chunk: torch.Tensor) -> int:
+        k_chunk, v_chunk = self._check_pair(k_chunk, v_chunk)
         chunk_len = k_chunk.shape[2]
         end = self.history_len + chunk_len
         self.k[:, :, self.history_len : end] = k_chunk
@@ -169,6 +214,10 @@ class OmniMemCache:
                 device, or ``q`` that does not match (see ``sparse_attention``).
             TypeError: a chunk not in the cache's dtype.
         """
+        if self._offload is not None:
+            k_chunk, v_chunk = self._check_pair(k_chunk, v_chunk)
+            self._offload.write_tail(self, self.history_len % self.config.block_size, k_chunk, v_chunk)
+            return self._offload.attend(self, q, k_chunk.shape[2], return_lse)
         chunk_len = self._write_chunk(k_chunk, v_chunk)
         return sparse_attention(
             q,
@@ -197,9 +246,15 @@ class OmniMemCache:
             raise ValueError(
                 f"q must be [B, Hq, Lq, D] with 1 <= Lq <= {self.max_chunk_tokens}, got {tuple(q.shape)}"
             )
+        # Offloaded, selection reads only the block sums: a zero-stride stand-in gives k's shape.
+        keys = (
+            self.k
+            if self._offload is None
+            else torch.zeros((), dtype=self.k.dtype, device=self.device).expand(self.k.shape)
+        )
         return select_blocks(
             q,
-            self.k,
+            keys,
             history_len=self.history_len,
             chunk_len=q.shape[2],
             config=self.config,
@@ -219,6 +274,11 @@ class OmniMemCache:
                 f"committing {k_chunk.shape[2]} tokens would exceed the cache capacity of {self.capacity} "
                 f"tokens (history holds {self.history_len}); create the cache with a larger capacity"
             )
+        if self._offload is not None:
+            k_chunk, v_chunk = self._check_pair(k_chunk, v_chunk)
+            self._offload.commit(self, k_chunk, v_chunk)
+            self.history_len += k_chunk.shape[2]
+            return
         chunk_len = self._write_chunk(k_chunk, v_chunk)
         self._refresh_block_sums(self.history_len, self.history_len + chunk_len)
         self.history_len += chunk_len
@@ -230,7 +290,7 @@ class OmniMemCache:
             return
         bs = self.config.block_size
         first, last = start // bs, math.ceil(new_history_len / bs)
-        keys = self.k[:, :, first * bs : last * bs]
+        keys = self.k[:, :, first * bs : last * bs].to(self.device)
         local_history = torch.full((), new_history_len - first * bs, dtype=torch.int64, device=keys.device)
         self.key_block_sums[:, :, first:last] = block_key_sums(keys, local_history, bs)
 
@@ -240,6 +300,8 @@ class OmniMemCache:
         self._v_storage.zero_()
         self.key_block_sums.zero_()
         self.history_len = 0
+        if self._offload is not None:
+            self._offload.reset()
 
     def state_dict(self) -> dict[str, object]:
         """The committed history (``[B, Hkv, history_len, D]`` clones) and its length."""
@@ -265,6 +327,8 @@ class OmniMemCache:
         self.v[:, :, :history_len] = v
         self._refresh_block_sums(0, history_len)
         self.history_len = history_len
+        if self._offload is not None:
+            self._offload.load_tail(self)
 
     @classmethod
     def for_layers(cls, num_layers: int, capacity: int, **kwargs) -> list[OmniMemCache]:

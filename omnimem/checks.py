@@ -98,3 +98,24 @@ def check_key_block_sums(key_block_sums: object, k: torch.Tensor, block_size: in
         raise TypeError(f"key_block_sums must be float32, got {key_block_sums.dtype}")
     if key_block_sums.device != k.device:
         raise ValueError(f"key_block_sums must be on k's device {k.device}, got {key_block_sums.device}")
+
+
+def check_selection(selection: object, q: torch.Tensor, k: torch.Tensor, block_size: int) -> None:
+    """A precomputed selection must index ``k``'s blocks for ``q``'s batch and ``k``'s heads."""
+    from omnimem.selection import Selection
+
+    if not isinstance(selection, Selection):
+        raise TypeError(f"selection must be an omnimem.Selection, got {type(selection).__name__}")
+    slots = -(-k.shape[2] // block_size)
+    table = selection.kv_block_idx
+    if (
+        selection.block_size != block_size
+        or selection.num_history_blocks != slots
+        or tuple(table.shape[:2]) != (q.shape[0], k.shape[1])
+        or table.device != q.device
+    ):
+        raise ValueError(
+            f"selection must index k's {slots} blocks of {block_size} tokens for batch {q.shape[0]} and "
+            f"{k.shape[1]} KV heads on {q.device}; got block_size {selection.block_size}, "
+            f"{selection.num_history_blocks} blocks, table {tuple(table.shape)} on {table.device}"
+        )

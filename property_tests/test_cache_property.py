@@ -96,3 +96,52 @@ def test_cache_attention_equals_stateless_attention_bit_for_bit(rollout):
         cache.commit(k_chunk, v_chunk)
         history_k, history_v = torch.cat([history_k, k_chunk], 2), torch.cat([history_v, v_chunk], 2)
         assert cache.history_len == history_k.shape[2]
+
+
+@settings(max_examples=30)
+@given(rollout=rollouts(), pool_slack=st.integers(0, 6))
+def test_offloaded_cache_equals_resident_cache(rollout, pool_slack):
+    """Host offload changes where blocks live, not the math: triton and gather (same blocks, same
+    order) are bit-identical; dense and flex (another buffer length) agree to float32 rounding."""
+    gen = torch.Generator().manual_seed(rollout["seed"])
+    batch, hq, hkv, dim = rollout["batch"], rollout["q_heads"], rollout["kv_heads"], rollout["head_dim"]
+    backend = rollout["backend"]["backend"]
+    if backend == "triton" and str(TEST_DEVICE).startswith("cuda"):
+        dim = 16
+    config = OmniMemConfig(**rollout["config"], **rollout["backend"])
+    capacity = sum(rollout["chunks"])
+    groups = -(-12 // config.query_group_size) if config.query_group_size else 1
+    width = -(-config.sink_tokens // config.block_size) + -(-config.local_tokens // config.block_size)
+    make_cache = lambda **kw: OmniMemCache(  # noqa: E731
+        capacity,
+        max_chunk_tokens=12,
+        batch=batch,
+        num_kv_heads=hkv,
+        head_dim=dim,
+        config=config,
+        device=TEST_DEVICE,
+        layout=rollout["layout"],
+        **kw,
+    )
+    # The smallest pool that always suffices, plus slack: eviction is exercised.
+    offload_kw = dict(offload=True, pool_blocks=groups * (width + 1 + config.top_k) + pool_slack)
+    resident, offloaded = make_cache(), make_cache(**offload_kw)
+    rand = lambda *shape: torch.randn(*shape, generator=gen).to(TEST_DEVICE)  # noqa: E731
+    for index, chunk_len in enumerate(rollout["chunks"]):
+        if index == rollout["restore_after"]:
+            state = offloaded.state_dict()
+            offloaded = make_cache(**offload_kw)
+            offloaded.load_state_dict(state)
+        for _ in range(rollout["steps"]):
+            q = rand(batch, hq, chunk_len, dim)
+            k_chunk, v_chunk = rand(batch, hkv, chunk_len, dim), rand(batch, hkv, chunk_len, dim)
+            expected, expected_lse = resident.attend(q, k_chunk, v_chunk, return_lse=True)
+            out, lse = offloaded.attend(q, k_chunk, v_chunk, return_lse=True)
+            if backend in ("triton", "gather"):
+                assert torch.equal(out, expected) and torch.equal(lse, expected_lse)
+            else:
+                torch.testing.assert_close(out, expected, atol=1e-5, rtol=1e-5)
+        resident.commit(k_chunk, v_chunk)
+        offloaded.commit(k_chunk, v_chunk)
+        assert torch.equal(offloaded.key_block_sums, resident.key_block_sums)
+    assert 0.0 <= offloaded.offload_stats.hit_rate <= 1.0

@@ -234,3 +234,17 @@ def test_cached_key_block_sums_give_the_same_result():
         sparse_attention(q, k, v, key_block_sums=sums[:, :, :-1], **cfg)
     with pytest.raises(TypeError, match="key_block_sums must be float32"):
         select_blocks(q, k, key_block_sums=sums.half(), **cfg)
+
+
+def test_a_precomputed_selection_is_used_and_checked():
+    q, k, v = make_inputs(device="cpu")
+    config = OmniMemConfig(block_size=4, top_k=2, local_tokens=4, backend="dense")
+    selection = select_blocks(q, k, config=config)
+    torch.testing.assert_close(
+        sparse_attention(q, k, v, config=config, selection=selection),
+        sparse_attention(q, k, v, config=config),
+    )
+    with pytest.raises(ValueError, match="selection must index k's"):
+        sparse_attention(q, k[:, :, :-8], v[:, :, :-8], config=config, selection=selection)
+    with pytest.raises(TypeError, match=r"selection must be an omnimem\.Selection"):
+        sparse_attention(q, k, v, config=config, selection=object())

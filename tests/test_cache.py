@@ -163,3 +163,34 @@ def test_selection_is_what_attend_uses():
     assert torch.equal(selection.kv_num_blocks, expected.kv_num_blocks)
     with pytest.raises(ValueError, match="1 <= Lq <= 8"):
         cache.selection(chunk(9))
+
+
+def test_offload_reuses_blocks_across_denoising_steps():
+    config = OmniMemConfig(block_size=4, top_k=2, sink_tokens=4, local_tokens=4, backend="gather")
+    cache = make_cache(capacity=64, config=config, offload=True)
+    for seed in range(6):
+        cache.commit(chunk(8, seed=seed), chunk(8, seed=seed + 50))
+    q = chunk(8, seed=99)
+    cache.attend(q, chunk(8), chunk(8))
+    first = cache.offload_stats.requested - cache.offload_stats.hits
+    for _ in range(3):  # later denoising steps of the same chunk select the same blocks
+        cache.attend(q, chunk(8), chunk(8))
+    assert cache.offload_stats.requested - cache.offload_stats.hits == first
+    assert cache.offload_stats.fetched_bytes == first * 2 * 4 * 8 * 4
+    assert cache.k.device.type == "cpu" and cache.key_block_sums.device == torch.device(TEST_DEVICE)
+
+
+def test_offload_edges_are_clear_errors(monkeypatch):
+    config = OmniMemConfig(block_size=4, top_k=3, sink_tokens=4, local_tokens=4, backend="gather")
+    with pytest.raises(ValueError, match="pool_blocks applies only with offload=True"):
+        make_cache(pool_blocks=4)
+    small = make_cache(capacity=64, config=config, offload=True, pool_blocks=2)
+    for seed in range(4):
+        small.commit(chunk(8, seed=seed), chunk(8, seed=seed))
+    with pytest.raises(ValueError, match="larger pool_blocks"):
+        small.attend(chunk(8), chunk(8), chunk(8))
+    import omnimem.offload
+
+    monkeypatch.setattr(omnimem.offload.os, "sysconf", lambda name: 1)
+    with pytest.raises(ValueError, match="GiB of host memory"):
+        make_cache(capacity=64, config=config, offload=True)
