@@ -305,6 +305,8 @@ class OmniMemCache:
 
     def state_dict(self) -> dict[str, object]:
         """The committed history (``[B, Hkv, history_len, D]`` clones) and its length."""
+        if self._offload is not None and self.device.type == "cuda":
+            torch.cuda.current_stream(self.device).synchronize()  # pending copies to the host
         return {
             "k": self.k[:, :, : self.history_len].clone(),
             "v": self.v[:, :, : self.history_len].clone(),

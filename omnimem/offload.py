@@ -66,7 +66,12 @@ class HostOffload:
         # The tail holds a partial block, the chunk, and the block-aligned slice a commit sums.
         length = self.tail_start + 2 * bs + cache.max_chunk_tokens
         factory = dict(dtype=cache.k.dtype, device=cache.device)
-        self.k = torch.zeros(batch, heads, length, head_dim, **factory)
+        # The cache's storage layout: block sums then reduce over identically strided slices,
+        # which keeps them bit-identical to the resident cache's.
+        if cache.layout == "bhld":
+            self.k = torch.zeros(batch, heads, length, head_dim, **factory)
+        else:
+            self.k = torch.zeros(batch, length, heads, head_dim, **factory).transpose(1, 2)
         self.v = torch.zeros_like(self.k)
         self.slot_block = torch.full((batch, heads, pool_blocks), -1, dtype=torch.long)
         self.slot_last_use = torch.zeros((batch, heads, pool_blocks), dtype=torch.long)
@@ -174,8 +179,10 @@ class HostOffload:
         keys = self.k[:, :, self.tail_start : self.tail_start + (last - first) * bs]
         local_history = torch.full((), end - first * bs, dtype=torch.int64, device=keys.device)
         cache.key_block_sums[:, :, first:last] = block_key_sums(keys, local_history, bs)
-        cache.k[:, :, start:end] = k_chunk.to(cache.k.device, non_blocking=True)
-        cache.v[:, :, start:end] = v_chunk.to(cache.v.device, non_blocking=True)
+        # Device-to-host straight into the (pinned) history: stream-ordered before any later
+        # fetch; host-side readers (state_dict) synchronize first.
+        cache.k[:, :, start:end].copy_(k_chunk, non_blocking=True)
+        cache.v[:, :, start:end].copy_(v_chunk, non_blocking=True)
         # The new partial block moves to the front of the tail.
         new_first, new_partial = end // bs, end % bs
         if new_partial:

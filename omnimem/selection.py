@@ -132,19 +132,24 @@ def block_key_sums_reference(k: torch.Tensor, history_len: torch.Tensor, block_s
     """Float32 sums of each block's history tokens: ``[B, H, Lkv, D] -> [B, H, ceil(Lkv/bs), D]``.
 
     Plain torch (any device); ``omnimem.kernels.block_sums`` is the GPU kernel it specifies.
-    The boundary block is summed from its own valid tokens with ``torch.where`` so whatever lies
-    past the history never leaks into a sum; blocks past the history are zero.
+    Tokens at or past ``history_len`` are masked with ``torch.where`` so whatever lies there
+    never leaks into a sum; blocks past the history are zero.
+
+    Each block is summed token by token in order (elementwise adds): unlike a library
+    reduction, whose order depends on the whole tensor's shape and strides, this gives the
+    same bits for a block whether it is summed alone (a commit), within the whole history (a
+    restore) or from another buffer (host offload).
     """
     length = k.shape[-2]
     num_blocks = math.ceil(length / block_size)
-    sums = segment_sums(k, block_size)
-    block = torch.arange(num_blocks, device=k.device)
-    boundary_block = history_len // block_size
-    token = boundary_block * block_size + torch.arange(block_size, device=k.device)
-    boundary_keys = k.index_select(-2, token.clamp(max=length - 1))
-    boundary_sum = torch.where((token < history_len)[:, None], boundary_keys, 0).sum(-2, dtype=torch.float32)
-    sums = torch.where((block == boundary_block)[:, None], boundary_sum.unsqueeze(-2), sums)
-    return torch.where((block * block_size < history_len)[:, None], sums, 0.0)
+    sums = torch.zeros((*k.shape[:-2], num_blocks, k.shape[-1]), dtype=torch.float32, device=k.device)
+    block_start = torch.arange(num_blocks, device=k.device) * block_size
+    for offset in range(min(block_size, length)):
+        keys = k[..., offset::block_size, :]  # token `offset` of every block that has one
+        blocks = keys.shape[-2]
+        valid = (block_start[:blocks] + offset < history_len)[:, None]
+        sums[..., :blocks, :] += torch.where(valid, keys, 0).float()
+    return sums
 
 
 def block_key_sums(k: torch.Tensor, history_len: torch.Tensor, block_size: int) -> torch.Tensor:

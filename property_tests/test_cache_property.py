@@ -137,7 +137,9 @@ def test_offloaded_cache_equals_resident_cache(rollout, pool_slack):
             k_chunk, v_chunk = rand(batch, hkv, chunk_len, dim), rand(batch, hkv, chunk_len, dim)
             expected, expected_lse = resident.attend(q, k_chunk, v_chunk, return_lse=True)
             out, lse = offloaded.attend(q, k_chunk, v_chunk, return_lse=True)
-            if backend in ("triton", "gather"):
+            # Several query groups: the backends visit the union of the groups' blocks in
+            # storage order, which the pool permutes (same blocks, another summation order).
+            if backend in ("triton", "gather") and not config.query_group_size:
                 assert torch.equal(out, expected) and torch.equal(lse, expected_lse)
             else:
                 torch.testing.assert_close(out, expected, atol=1e-5, rtol=1e-5)

@@ -1,4 +1,4 @@
-"""Float32 sums of the valid tokens of every key block; reference: ``omnimem.selection.segment_sums``.
+"""Float32 sums of the valid tokens of every key block (reference: ``block_key_sums_reference``).
 
 One program sums one ``block_size x D`` tile of one (batch, head): coalesced row loads through
 strides (``[B, H, L, D]`` and ``[B, L, H, D]`` storage alike), tokens at or past ``history_len``
