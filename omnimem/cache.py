@@ -22,7 +22,7 @@ import torch
 
 from omnimem.api import select_blocks, sparse_attention
 from omnimem.config import OmniMemConfig
-from omnimem.offload import HostOffload, OffloadStats, check_host_memory
+from omnimem.offload import HostOffload, OffloadStats, check_host_memory, host_zeros
 from omnimem.selection import Selection, block_key_sums
 
 Layout = Literal["bhld", "blhd"]
@@ -43,17 +43,15 @@ class OmniMemCache:
         layout: storage order of the buffers: ``"bhld"`` (``[B, H, L, D]``, SDPA) or
             ``"blhd"`` (``[B, L, H, D]``, flash-attn/Wan). Both are exposed as ``[B, H, L, D]``
             views, without copies.
-        offload: keep the history in host memory (pinned when ``device`` is CUDA); the device
-            holds the block sums, a pool of ``pool_blocks`` blocks per head filled on demand
-            (least recently used out) and the partial last block with the chunk. Same API and
-            results (bit-identical with the triton and gather backends); ``offload_stats``
-            reports pool hits and bytes fetched. Experimental: fetches are decided on the host.
-        pool_blocks: device pool size per (batch, KV head) with ``offload``; default twice the
-            selection's width (sink + local + 1 + top_k blocks). A call that needs more raises.
+        offload: keep the history in host memory (pinned when ``device`` is CUDA). The device
+            holds the block sums and, per call, the blocks that call selects, staged from the
+            previous call's blocks, the last commit's, or the host (read over PCIe by a
+            Triton kernel; no host sync). Same API and results (bit-identical with the triton
+            and gather backends); ``offload_stats`` reports hits and bytes fetched.
 
     Raises:
-        ValueError: non-positive sizes, an unknown layout, ``pool_blocks`` without ``offload``,
-            or (offloaded) a capacity larger than the host's available memory.
+        ValueError: non-positive sizes, an unknown layout, or (offloaded) a capacity larger
+            than the host's available memory.
         TypeError: non-int sizes or a config that is not an ``OmniMemConfig``.
 
     Example:
@@ -82,7 +80,6 @@ class OmniMemCache:
         device: torch.device | str = "cpu",
         layout: Layout = "bhld",
         offload: bool = False,
-        pool_blocks: int | None = None,
     ) -> None:
         for name, value in (
             ("capacity", capacity),
@@ -111,37 +108,27 @@ class OmniMemCache:
         )
         # Zeros, not empty: unwritten space is never attended but must be finite (0 * NaN = NaN).
         self.device = torch.device(device)
-        storage_device = "cpu" if offload else self.device
         if offload:
             check_host_memory(2 * math.prod(shape) * torch.empty((), dtype=dtype).element_size())
-        pin = offload and self.device.type == "cuda"  # pinned: asynchronous copies to the device
-        self._k_storage = torch.zeros(shape, dtype=dtype, device=storage_device, pin_memory=pin)
-        self._v_storage = torch.zeros(shape, dtype=dtype, device=storage_device, pin_memory=pin)
+            pin = self.device.type == "cuda"  # the stage kernel reads it; commits copy asynchronously
+            self._k_storage = host_zeros(shape, dtype, pin=pin)
+            self._v_storage = host_zeros(shape, dtype, pin=pin)
+        else:
+            self._k_storage = torch.zeros(shape, dtype=dtype, device=self.device)
+            self._v_storage = torch.zeros(shape, dtype=dtype, device=self.device)
         num_blocks = math.ceil(length / self.config.block_size)
         self.key_block_sums = torch.zeros(
             batch, num_kv_heads, num_blocks, head_dim, dtype=torch.float32, device=device
         )
         self.history_len = 0
-        self._offload = None
-        if offload:
-            c = self.config
-            width = (
-                math.ceil(c.sink_tokens / c.block_size)
-                + math.ceil(c.local_tokens / c.block_size)
-                + 1
-                + c.top_k
-            )
-            if pool_blocks is None:
-                pool_blocks = 2 * width  # room to keep blocks across chunks
-            if isinstance(pool_blocks, bool) or not isinstance(pool_blocks, int) or pool_blocks < 1:
-                raise ValueError(f"OmniMemCache pool_blocks must be a positive int, got {pool_blocks!r}")
-            self._offload = HostOffload(self, pool_blocks)
-        elif pool_blocks is not None:
-            raise ValueError("OmniMemCache pool_blocks applies only with offload=True")
+        self._offload = HostOffload(self) if offload else None
 
     @property
     def offload_stats(self) -> OffloadStats | None:
-        """Pool requests, hits and bytes fetched from the host (``None`` unless offloaded)."""
+        """Blocks staged, device hits and bytes fetched from the host (``None`` unless offloaded).
+
+        Reading it synchronizes with the device (the counters live there).
+        """
         return None if self._offload is None else self._offload.stats
 
     @property
@@ -216,8 +203,7 @@ class OmniMemCache:
         """
         if self._offload is not None:
             k_chunk, v_chunk = self._check_pair(k_chunk, v_chunk)
-            self._offload.write_tail(self, self.history_len % self.config.block_size, k_chunk, v_chunk)
-            return self._offload.attend(self, q, k_chunk.shape[2], return_lse)
+            return self._offload.attend(self, q, k_chunk, v_chunk, return_lse)
         chunk_len = self._write_chunk(k_chunk, v_chunk)
         return sparse_attention(
             q,
@@ -296,6 +282,7 @@ class OmniMemCache:
 
     def reset(self) -> None:
         """Forget the history (buffers are kept, zeroed)."""
+        self._sync_host()
         self._k_storage.zero_()
         self._v_storage.zero_()
         self.key_block_sums.zero_()
@@ -303,10 +290,14 @@ class OmniMemCache:
         if self._offload is not None:
             self._offload.reset()
 
+    def _sync_host(self) -> None:
+        """Wait for pending device-to-host commits before the host touches an offloaded history."""
+        if self._offload is not None and self.device.type == "cuda":
+            torch.cuda.current_stream(self.device).synchronize()
+
     def state_dict(self) -> dict[str, object]:
         """The committed history (``[B, Hkv, history_len, D]`` clones) and its length."""
-        if self._offload is not None and self.device.type == "cuda":
-            torch.cuda.current_stream(self.device).synchronize()  # pending copies to the host
+        self._sync_host()
         return {
             "k": self.k[:, :, : self.history_len].clone(),
             "v": self.v[:, :, : self.history_len].clone(),
@@ -334,5 +325,13 @@ class OmniMemCache:
 
     @classmethod
     def for_layers(cls, num_layers: int, capacity: int, **kwargs) -> list[OmniMemCache]:
-        """One cache per attention layer, all alike (``kwargs`` as for the constructor)."""
+        """One cache per attention layer, all alike (``kwargs`` as for the constructor).
+
+        Offloaded, the host memory of all the layers is checked before any is allocated.
+        """
+        if kwargs.get("offload") and isinstance(capacity, int):
+            per_token = kwargs["batch"] * kwargs["num_kv_heads"] * kwargs["head_dim"]
+            itemsize = torch.empty((), dtype=kwargs.get("dtype", torch.float32)).element_size()
+            tokens = capacity + kwargs["max_chunk_tokens"]
+            check_host_memory(num_layers * 2 * tokens * per_token * itemsize)
         return [cls(capacity, **kwargs) for _ in range(num_layers)]

@@ -1,20 +1,23 @@
-"""Host offload for ``OmniMemCache(offload=True)``: the history in host memory, a block pool on the device.
+"""Host offload for ``OmniMemCache(offload=True)``: the history in host memory, staged blocks on the device.
 
 Selection needs only the per-block key sums, which stay on the device; attention needs only the
-blocks a chunk selects. So the full history lives in (pinned) host memory and the device holds:
+blocks a chunk selects. So the full history lives in (pinned) host memory, and each call
+**stages** the blocks it needs into a device work buffer laid out as::
 
-- a **pool** of ``pool_blocks`` block slots per (batch, KV head), filled on demand from the host
-  and kept across calls with least-recently-used replacement (denoising steps of one chunk
-  select the same blocks: after the first step they are all hits);
-- a **tail**: the history's partial last block followed by the current chunk.
+    [ staged whole blocks, ascending | the history's partial last block | the chunk ]
 
-Each call remaps the selection table from history blocks to pool slots, keeping its order, and
-runs ``sparse_attention`` over ``[pool | tail]`` with that table: the same blocks in the same
-order as the resident cache, so the triton and gather backends give bit-identical results.
+Each staged block comes from the cheapest place that holds it: the previous call's work buffer
+(denoising steps of one chunk select nearly the same blocks; sink and local-window blocks are
+needed by every call), the blocks of the last commit (kept on the device: the next chunk's local
+window), or the host, read in place over PCIe by one Triton kernel
+(``omnimem.kernels.stage_blocks``). Two work buffers alternate, so a call copies hits from the
+other one. Deciding the sources is a handful of tensor ops on the device: no host sync, static
+shapes.
 
-This first version decides fetches on the host: it reads the (small) selection table back,
-one device-to-host sync per call, and copies missing blocks one by one. GPU-side fetching
-(a gather kernel over mapped host memory, overlapped with compute) is the next step.
+Because staged blocks keep their ascending order, the selection table maps to the work buffer
+monotonically (``kv_block_idx`` becomes positions in the staging), every backend visits the same
+blocks in the same order as on the resident cache, and the triton and gather backends are
+bit-identical to it, with or without query groups.
 """
 
 from __future__ import annotations
@@ -22,29 +25,99 @@ from __future__ import annotations
 import dataclasses
 import math
 import os
+import weakref
 
 import torch
 
 from omnimem.api import sparse_attention
-from omnimem.selection import block_key_sums
+from omnimem.selection import RetrievalRules, block_key_sums, sorted_unique
+
+# Where a staging slot's block comes from (the ``source`` codes of the stage kernel).
+SOURCE_NONE, SOURCE_PREVIOUS, SOURCE_FRESH, SOURCE_HOST = 0, 1, 2, 3
+
+
+def available_host_memory() -> int | None:
+    """Bytes the host can still give (``MemAvailable``: free plus reclaimable), if known."""
+    try:
+        with open("/proc/meminfo") as meminfo:
+            for line in meminfo:
+                if line.startswith("MemAvailable:"):
+                    return int(line.split()[1]) * 1024
+    except OSError:
+        pass
+    try:
+        return os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
+    except (ValueError, OSError, AttributeError):  # not a POSIX host: cannot tell
+        return None
 
 
 def check_host_memory(nbytes: int) -> None:
     """Refuse up front a host history larger than the host's available memory."""
-    try:
-        available = os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
-    except (ValueError, OSError, AttributeError):  # not a POSIX host: cannot tell
-        return
-    if nbytes > available:
+    available = available_host_memory()
+    if available is not None and nbytes > available:
         raise ValueError(
             f"an offloaded history of this capacity needs {nbytes / 2**30:.1f} GiB of host memory, "
             f"but only {available / 2**30:.1f} GiB are available: lower the capacity"
         )
 
 
+def host_zeros(shape: tuple[int, ...], dtype: torch.dtype, *, pin: bool) -> torch.Tensor:
+    """A zero host tensor; ``pin``: page-locked and mapped for device access (CUDA).
+
+    Registered with ``cudaHostRegister`` rather than allocated with ``pin_memory=True``: torch's
+    pinned allocator rounds every allocation up to a power of two, which can nearly double the
+    host memory of a large history.
+    """
+    tensor = torch.zeros(shape, dtype=dtype)
+    if pin and tensor.numel():
+        cudart, pointer = torch.cuda.cudart(), tensor.data_ptr()
+        flags = 3  # cudaHostRegisterPortable | cudaHostRegisterMapped: kernels read it in place
+        error = cudart.cudaHostRegister(pointer, tensor.numel() * tensor.element_size(), flags)
+        if int(error) != 0:
+            raise RuntimeError(f"cudaHostRegister of the offloaded history failed (CUDA error {int(error)})")
+        weakref.finalize(tensor, cudart.cudaHostUnregister, pointer)
+    return tensor
+
+
+def stage_blocks_reference(
+    dst: tuple[torch.Tensor, torch.Tensor],
+    previous: tuple[torch.Tensor, torch.Tensor],
+    fresh: tuple[torch.Tensor, torch.Tensor],
+    host: tuple[torch.Tensor, torch.Tensor],
+    source: torch.Tensor,
+    source_block: torch.Tensor,
+    block_size: int,
+) -> None:
+    """Plain-torch ``omnimem.kernels.stage_blocks.stage_blocks`` (CPU caches use it)."""
+    num_slots, head_dim = source.shape[-1], dst[0].shape[-1]
+    offsets = torch.arange(block_size, device=source.device)
+    slot_source = source.repeat_interleave(block_size, dim=-1)[..., None]  # [B, H, W*bs, 1]
+    for which in (0, 1):  # keys, values
+        staged = dst[which][:, :, : num_slots * block_size]
+        for code, pair in ((SOURCE_PREVIOUS, previous), (SOURCE_FRESH, fresh), (SOURCE_HOST, host)):
+            block = torch.where(source == code, source_block, 0)
+            tokens = (block[..., None] * block_size + offsets).flatten(-2)
+            gathered = pair[which].gather(2, tokens[..., None].expand(-1, -1, -1, head_dim))
+            staged.copy_(torch.where(slot_source == code, gathered, staged))
+
+
+def _stage(dst, previous, fresh, host, source, source_block, block_size) -> None:
+    if dst[0].device.type == "cuda":
+        from omnimem.kernels.stage_blocks import stage_blocks
+
+        stage_blocks(dst, previous, fresh, host, source, source_block, block_size)
+    else:
+        stage_blocks_reference(dst, previous, fresh, host, source, source_block, block_size)
+
+
 @dataclasses.dataclass
 class OffloadStats:
-    """Pool traffic since creation (or ``reset``): ``hit_rate = hits / requested``."""
+    """Staging traffic of an offloaded cache since creation (or ``reset``).
+
+    ``requested``: blocks staged by all calls (per batch and KV head); ``hits``: those copied
+    on the device (from the previous call or the last commit); ``fetched_bytes``: keys and
+    values read from host memory for the others. ``hit_rate = hits / requested``.
+    """
 
     requested: int = 0
     hits: int = 0
@@ -56,138 +129,149 @@ class OffloadStats:
 
 
 class HostOffload:
-    """Device-side pool and tail of an offloaded ``OmniMemCache`` (see the module docstring)."""
+    """Device side of an offloaded ``OmniMemCache`` (see the module docstring)."""
 
-    def __init__(self, cache, pool_blocks: int) -> None:
-        batch, heads, _, head_dim = cache.k.shape
-        bs = cache.config.block_size
-        self.block_size, self.pool_blocks = bs, pool_blocks
-        self.tail_start = pool_blocks * bs
-        # The tail holds a partial block, the chunk, and the block-aligned slice a commit sums.
-        length = self.tail_start + 2 * bs + cache.max_chunk_tokens
+    def __init__(self, cache) -> None:
+        batch, heads, length, head_dim = cache.k.shape
+        config, bs = cache.config, cache.config.block_size
+        self.block_size = bs
+        self.num_blocks = math.ceil(length / bs)  # the cache's block slots; also "no block"
+        groups = math.ceil(cache.max_chunk_tokens / config.query_group_size) if config.query_group_size else 1
+        width = RetrievalRules.from_config(config).table_width(self.num_blocks)
+        self.num_staged = min(self.num_blocks, groups * width)  # the union of every group's row
+        self.partial_start = self.num_staged * bs
         factory = dict(dtype=cache.k.dtype, device=cache.device)
-        # The cache's storage layout: block sums then reduce over identically strided slices,
-        # which keeps them bit-identical to the resident cache's.
-        if cache.layout == "bhld":
-            self.k = torch.zeros(batch, heads, length, head_dim, **factory)
-        else:
-            self.k = torch.zeros(batch, length, heads, head_dim, **factory).transpose(1, 2)
-        self.v = torch.zeros_like(self.k)
-        self.slot_block = torch.full((batch, heads, pool_blocks), -1, dtype=torch.long)
-        self.slot_last_use = torch.zeros((batch, heads, pool_blocks), dtype=torch.long)
-        self.calls = 0
-        self.stats = OffloadStats()
+        work_len = self.partial_start + bs + cache.max_chunk_tokens
+        self.work = [
+            tuple(torch.zeros(batch, heads, work_len, head_dim, **factory) for _ in "kv") for _ in range(2)
+        ]
+        self.current = 0  # the work buffer the last call used
+        # Blocks of the last commit, [partial | chunk]: the next chunk's local window.
+        fresh_len = (math.ceil(cache.max_chunk_tokens / bs) + 1) * bs
+        self.fresh = tuple(torch.zeros(batch, heads, fresh_len, head_dim, **factory) for _ in "kv")
+        self.fresh_first = self.fresh_count = 0
+        # The last call's staged blocks (ascending; num_blocks = an empty slot).
+        self.staged_block = torch.full(
+            (batch, heads, self.num_staged), self.num_blocks, dtype=torch.long, device=cache.device
+        )
+        self.counters = torch.zeros(3, dtype=torch.long, device=cache.device)  # requested, hits, fetched
+        self.block_bytes = 2 * bs * head_dim * cache.k.element_size()  # keys and values
+
+    @property
+    def stats(self) -> OffloadStats:
+        requested, hits, fetched = self.counters.tolist()
+        return OffloadStats(requested, hits, fetched * self.block_bytes)
 
     def reset(self) -> None:
-        self.k.zero_()
-        self.v.zero_()
-        self.slot_block.fill_(-1)
-        self.slot_last_use.zero_()
-        self.stats = OffloadStats()
+        for pair in (*self.work, self.fresh):
+            for buffer in pair:
+                buffer.zero_()
+        self.forget()
+        self.counters.zero_()
 
-    def write_tail(self, cache, offset: int, k: torch.Tensor, v: torch.Tensor) -> None:
-        start = self.tail_start + offset
-        self.k[:, :, start : start + k.shape[2]] = k
-        self.v[:, :, start : start + v.shape[2]] = v
+    def forget(self) -> None:
+        """Drop what the device holds of the history (after a reset or restore)."""
+        self.staged_block.fill_(self.num_blocks)
+        self.fresh_first = self.fresh_count = 0
+
+    def _write_partial(self, k: torch.Tensor, v: torch.Tensor) -> None:
+        """The history's partial last block, into both work buffers."""
+        end = self.partial_start + k.shape[2]
+        for work_k, work_v in self.work:
+            work_k[:, :, self.partial_start : end] = k
+            work_v[:, :, self.partial_start : end] = v
 
     def load_tail(self, cache) -> None:
         """Copy the history's partial last block from the host (after a restore)."""
+        self.forget()
         start = cache.history_len // self.block_size * self.block_size
         if start < cache.history_len:
-            self.write_tail(
-                cache,
-                0,
+            self._write_partial(
                 cache.k[:, :, start : cache.history_len].to(cache.device),
                 cache.v[:, :, start : cache.history_len].to(cache.device),
             )
 
-    def _make_resident(self, cache, table: torch.Tensor, partial_block: int) -> torch.Tensor:
-        """Fetch the table's missing full blocks into pool slots; return the slot table."""
-        bs = self.block_size
-        self.calls += 1
-        slots = torch.full_like(table, -1)
-        for b in range(table.shape[0]):
-            for h in range(table.shape[1]):
-                rows = table[b, h]
-                needed = [int(x) for x in rows.unique() if x >= 0 and x != partial_block]
-                if len(needed) > self.pool_blocks:
-                    raise ValueError(
-                        f"the offload pool holds {self.pool_blocks} blocks per head but a call needs "
-                        f"{len(needed)}: create the cache with a larger pool_blocks"
-                    )
-                resident = self.slot_block[b, h]
-                slot_of = {int(blk): s for s, blk in enumerate(resident.tolist()) if blk >= 0}
-                missing = [blk for blk in needed if blk not in slot_of]
-                needed_set = set(needed)
-                # Least recently used slots that this call does not need (empty slots first).
-                free = sorted(
-                    (s for s in range(self.pool_blocks) if int(resident[s]) not in needed_set),
-                    key=lambda s: (int(resident[s]) >= 0, int(self.slot_last_use[b, h, s])),
-                )
-                for blk, s in zip(missing, free, strict=False):
-                    old = int(resident[s])
-                    if old >= 0:
-                        del slot_of[old]
-                    resident[s] = blk
-                    slot_of[blk] = s
-                    src, dst = slice(blk * bs, (blk + 1) * bs), slice(s * bs, (s + 1) * bs)
-                    self.k[b, h, dst] = cache.k[b, h, src].to(cache.device, non_blocking=True)
-                    self.v[b, h, dst] = cache.v[b, h, src].to(cache.device, non_blocking=True)
-                for blk in needed:
-                    self.slot_last_use[b, h, slot_of[blk]] = self.calls
-                self.stats.requested += len(needed)
-                self.stats.hits += len(needed) - len(missing)
-                self.stats.fetched_bytes += 2 * len(missing) * bs * self.k.shape[-1] * self.k.element_size()
-                slot_of[partial_block] = self.pool_blocks  # the tail: right before the chunk
-                slots[b, h] = torch.tensor(
-                    [[slot_of[x] if x >= 0 else -1 for x in row] for row in rows.tolist()]
-                )
-        return slots
+    def _staging_plan(self, table: torch.Tensor, full_blocks: int):
+        """The blocks to stage (ascending), where each comes from, and the remapped table."""
+        batch, heads = table.shape[:2]
+        rows = table.flatten(2).long()  # every group's row: the staging holds their union
+        whole = (rows >= 0) & (rows < full_blocks)  # the partial block lives after the staging
+        staged = sorted_unique(torch.where(whole, rows, self.num_blocks), none=self.num_blocks)
+        width = staged.shape[-1]
+        if width < self.num_staged:
+            staged = torch.cat(
+                [staged, staged.new_full((batch, heads, self.num_staged - width), self.num_blocks)], -1
+            )
+        staged = staged[..., : self.num_staged].contiguous()  # past the union's size: only padding
+        valid = staged < self.num_blocks
+        position = torch.searchsorted(self.staged_block, staged).clamp(max=self.num_staged - 1)
+        from_previous = valid & (self.staged_block.gather(-1, position) == staged)
+        fresh_end = self.fresh_first + self.fresh_count
+        from_fresh = valid & ~from_previous & (staged >= self.fresh_first) & (staged < fresh_end)
+        from_host = valid & ~from_previous & ~from_fresh
+        source = torch.where(from_previous, SOURCE_PREVIOUS, SOURCE_NONE)
+        source = torch.where(from_fresh, SOURCE_FRESH, source)
+        source = torch.where(from_host, SOURCE_HOST, source).int()
+        source_block = torch.where(from_previous, position, staged)
+        source_block = torch.where(from_fresh, staged - self.fresh_first, source_block)
+        source_block = torch.where(valid, source_block, 0)
+        slot = torch.searchsorted(staged, rows.clamp(min=0))
+        remapped = torch.where(whole, slot, torch.where(rows >= 0, self.num_staged, -1))
+        self.counters += torch.stack([valid.sum(), (from_previous | from_fresh).sum(), from_host.sum()])
+        return staged, source, source_block, remapped.view(table.shape).to(table.dtype)
 
-    def attend(self, cache, q: torch.Tensor, chunk_len: int, return_lse: bool):
+    def attend(self, cache, q: torch.Tensor, k_chunk: torch.Tensor, v_chunk: torch.Tensor, return_lse: bool):
         bs, history_len = self.block_size, cache.history_len
         partial = history_len % bs
+        previous, dst = self.work[self.current], self.work[1 - self.current]
+        chunk_start = self.partial_start + partial
+        dst[0][:, :, chunk_start : chunk_start + k_chunk.shape[2]] = k_chunk
+        dst[1][:, :, chunk_start : chunk_start + v_chunk.shape[2]] = v_chunk
         selection = cache.selection(q)
-        table = selection.kv_block_idx.cpu()  # the one device-to-host sync of a call
-        slots = self._make_resident(cache, table.clone(), history_len // bs if partial else -1)
-        work_history = self.tail_start + partial
-        num_slots = math.ceil(self.k.shape[2] / bs)
-        remapped = dataclasses.replace(
+        staged, source, source_block, remapped = self._staging_plan(selection.kv_block_idx, history_len // bs)
+        _stage(dst, previous, self.fresh, (cache.k, cache.v), source, source_block, bs)
+        self.staged_block, self.current = staged, 1 - self.current
+        num_slots = math.ceil(dst[0].shape[2] / bs)
+        remapped_selection = dataclasses.replace(
             selection,
-            kv_block_idx=slots.to(device=cache.device, dtype=selection.kv_block_idx.dtype),
+            kv_block_idx=remapped,
             fixed_block_mask=torch.zeros(num_slots, dtype=torch.bool, device=cache.device),
-            history_len=torch.full((), work_history, dtype=torch.int64, device=cache.device),
+            history_len=torch.full((), chunk_start, dtype=torch.int64, device=cache.device),
             num_history_blocks=num_slots,
         )
         return sparse_attention(
             q,
-            self.k,
-            self.v,
-            history_len=work_history,
-            chunk_len=chunk_len,
+            dst[0],
+            dst[1],
+            history_len=chunk_start,
+            chunk_len=k_chunk.shape[2],
             config=cache.config,
             return_lse=return_lse,
-            selection=remapped,
+            selection=remapped_selection,
         )
 
     def commit(self, cache, k_chunk: torch.Tensor, v_chunk: torch.Tensor) -> None:
         bs, start = self.block_size, cache.history_len
         end = start + k_chunk.shape[2]
-        self.write_tail(cache, start % bs, k_chunk, v_chunk)
-        first, last = start // bs, math.ceil(end / bs)
-        # The same aligned-slice reduction as the resident cache: the same bits.
-        keys = self.k[:, :, self.tail_start : self.tail_start + (last - first) * bs]
-        local_history = torch.full((), end - first * bs, dtype=torch.int64, device=keys.device)
-        cache.key_block_sums[:, :, first:last] = block_key_sums(keys, local_history, bs)
-        # Device-to-host straight into the (pinned) history: stream-ordered before any later
-        # fetch; host-side readers (state_dict) synchronize first.
+        first, partial = start // bs, start % bs
+        fresh_k, fresh_v = self.fresh
+        work_k, work_v = self.work[self.current]
+        fresh_k[:, :, :partial] = work_k[:, :, self.partial_start : self.partial_start + partial]
+        fresh_v[:, :, :partial] = work_v[:, :, self.partial_start : self.partial_start + partial]
+        fresh_k[:, :, partial : partial + k_chunk.shape[2]] = k_chunk
+        fresh_v[:, :, partial : partial + v_chunk.shape[2]] = v_chunk
+        # The block-aligned slice the resident cache sums, token by token: the same bits.
+        last = math.ceil(end / bs)
+        local_history = torch.full((), end - first * bs, dtype=torch.int64, device=cache.device)
+        cache.key_block_sums[:, :, first:last] = block_key_sums(
+            fresh_k[:, :, : (last - first) * bs], local_history, bs
+        )
+        # Device to host straight into the (pinned) history: ordered on the stream before any
+        # later read of it; host-side readers (state_dict) synchronize first.
         cache.k[:, :, start:end].copy_(k_chunk, non_blocking=True)
         cache.v[:, :, start:end].copy_(v_chunk, non_blocking=True)
-        # The new partial block moves to the front of the tail.
-        new_first, new_partial = end // bs, end % bs
+        self.fresh_first, self.fresh_count = first, end // bs - first
+        new_partial = end % bs
         if new_partial:
-            src = self.tail_start + (new_first - first) * bs
-            for buffer in (self.k, self.v):
-                buffer[:, :, self.tail_start : self.tail_start + new_partial] = buffer[
-                    :, :, src : src + new_partial
-                ].clone()
+            at = (end // bs - first) * bs
+            self._write_partial(fresh_k[:, :, at : at + new_partial], fresh_v[:, :, at : at + new_partial])

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import itertools
+
 import pytest
 import torch
 
@@ -40,3 +42,44 @@ def test_block_sums_kernel_matches_reference(
     history = torch.tensor(history_len, device=TEST_DEVICE)
     expected = block_key_sums_reference(k, history, block_size)
     torch.testing.assert_close(block_sums(k, history, block_size), expected, atol=1e-4, rtol=1e-5)
+
+
+@pytest.mark.parametrize(
+    ("block_size", "head_dim", "host_flash_layout", "dtype"),
+    [(4, 8, False, torch.float32), (3, 5, True, torch.float32), (8, 16, True, torch.bfloat16)],
+)
+def test_stage_blocks_kernel_matches_reference(block_size, head_dim, host_flash_layout, dtype):
+    from omnimem.kernels.stage_blocks import stage_blocks
+    from omnimem.offload import stage_blocks_reference
+
+    gen = torch.Generator().manual_seed(block_size)
+    batch, heads, num_slots = 2, 3, 5
+
+    def buffers(blocks: int, flash: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
+        shape = (
+            (batch, blocks * block_size, heads, head_dim)
+            if flash
+            else (batch, heads, blocks * block_size, head_dim)
+        )
+        pair = [torch.randn(shape, generator=gen).to(TEST_DEVICE, dtype) for _ in "kv"]
+        return tuple(x.transpose(1, 2) if flash else x for x in pair)
+
+    previous, fresh, host = buffers(num_slots + 2), buffers(3), buffers(9, host_flash_layout)
+    source = torch.randint(0, 4, (batch, heads, num_slots), generator=gen)
+    limit = torch.tensor([1, num_slots + 2, 3, 9])[source]  # blocks each source holds
+    source_block = (torch.rand(source.shape, generator=gen) * limit).long()
+    source, source_block = source.int().to(TEST_DEVICE), source_block.to(TEST_DEVICE)
+    expected, actual = buffers(num_slots + 2), tuple(x.clone() for x in buffers(num_slots + 2))
+    actual = tuple(a.copy_(e) for a, e in zip(actual, expected, strict=True))
+    initial = tuple(x.clone() for x in expected)
+    stage_blocks_reference(expected, previous, fresh, host, source, source_block, block_size)
+    stage_blocks(actual, previous, fresh, host, source, source_block, block_size)
+    assert all(torch.equal(a, e) for a, e in zip(actual, expected, strict=True))
+    # The reference itself, slot by slot: a block of the named source, or untouched.
+    sources = {1: previous, 2: fresh, 3: host}
+    for b, h, w in itertools.product(*map(range, source.shape)):
+        code, block = int(source[b, h, w]), int(source_block[b, h, w])
+        dst_rows = slice(w * block_size, (w + 1) * block_size)
+        src = sources[code][0] if code else initial[0]
+        src_rows = slice(block * block_size, (block + 1) * block_size) if code else dst_rows
+        assert torch.equal(expected[0][b, h, dst_rows], src[b, h, src_rows])
