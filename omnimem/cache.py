@@ -107,7 +107,7 @@ class OmniMemCache:
             else (batch, length, num_kv_heads, head_dim)
         )
         # Zeros, not empty: unwritten space is never attended but must be finite (0 * NaN = NaN).
-        self.device = torch.device(device)
+        self.device = torch.empty(0, device=device).device  # "cuda" -> "cuda:0": compared to inputs
         if offload:
             check_host_memory(2 * math.prod(shape) * torch.empty((), dtype=dtype).element_size())
             pin = self.device.type == "cuda"  # the stage kernel reads it; commits copy asynchronously

@@ -198,3 +198,12 @@ def test_offload_edges_are_clear_errors(monkeypatch):
     monkeypatch.setattr(omnimem.offload, "available_host_memory", lambda: one_layer - 1)
     with pytest.raises(ValueError, match="GiB of host memory"):
         make_cache(capacity=64, config=config, offload=True)
+
+
+def test_device_without_index_accepts_tensors_on_that_device():
+    """``device="cuda"`` means the current CUDA device: its ``cuda:0`` tensors are accepted."""
+    device_type = torch.device(TEST_DEVICE).type
+    for offload in (False, True):
+        cache = make_cache(device=device_type, offload=offload)
+        cache.commit(chunk(8), chunk(8))
+        assert cache.history_len == 8 and cache.device == chunk(1).device
