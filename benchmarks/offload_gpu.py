@@ -147,6 +147,9 @@ def model_rollout(config: OmniMemConfig, args) -> tuple[list[dict], str]:
     print(resident, flush=True)
     caches = make_caches(args.layers, capacity, config, args.heads, offload=True)
     rollout = Rollout(args.heads, seed=1)
+    q, k_chunk, v_chunk = rollout.rand(), rollout.rand(), rollout.rand()
+    for cache in caches:  # compile for these shapes, on an empty history (nothing staged)
+        cache.attend(q, k_chunk, v_chunk)
     rows = []
     for point in seconds:
         fill(caches, history_tokens(point), rollout)

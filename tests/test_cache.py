@@ -183,7 +183,7 @@ def test_offload_reuses_blocks_across_denoising_steps():
         cache.attend(q, chunk(8), chunk(8))
     assert cache.offload_stats.fetched_bytes == fetched
     assert cache.offload_stats.hit_rate > stats.hit_rate
-    assert cache.k.device.type == "cpu" and cache.key_block_sums.device == torch.device(TEST_DEVICE)
+    assert cache.k.device.type == "cpu" and cache.key_block_sums.device.type == torch.device(TEST_DEVICE).type
 
 
 def test_offload_edges_are_clear_errors(monkeypatch):
