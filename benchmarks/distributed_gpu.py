@@ -148,14 +148,19 @@ def main() -> None:
     parser.add_argument(
         "--big-history", type=int, default=8_000_000, help="0 skips the too-big-for-one-GPU run"
     )
+    parser.add_argument("--eager", action="store_true", help="eager selection (compile=False)")
     parser.add_argument("--json", default=None)
     args = parser.parse_args()
     torch.cuda.set_device(int(os.environ["LOCAL_RANK"]))
     dist.init_process_group("nccl")
     rank, world = dist.get_rank(), dist.get_world_size()
-    # compile=False: eager selection (the compiled one stalled compiling at 40 heads, see FAQ).
     config = OmniMemConfig(
-        block_size=128, top_k=32, sink_tokens=FRAME, local_tokens=CHUNK, backend="triton", compile=False
+        block_size=128,
+        top_k=32,
+        sink_tokens=FRAME,
+        local_tokens=CHUNK,
+        backend="triton",
+        compile=not args.eager,
     )
     rows = [run_shape(heads, args.history, config, rank, world) for heads in args.heads]
     big = big_history(args.big_history, config, rank, world) if args.big_history else None
