@@ -293,7 +293,7 @@ class OmniMemCache:
     def _sync_host(self) -> None:
         """Wait for pending device-to-host commits before the host touches an offloaded history."""
         if self._offload is not None and self.device.type == "cuda":
-            torch.cuda.current_stream(self.device).synchronize()
+            torch.cuda.synchronize(self.device)  # the compute and the copy streams
 
     def state_dict(self) -> dict[str, object]:
         """The committed history (``[B, Hkv, history_len, D]`` clones) and its length."""

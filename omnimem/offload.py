@@ -195,15 +195,25 @@ class HostOffload:
         width = RetrievalRules.from_config(config).table_width(self.num_blocks)
         self.num_staged = min(self.num_blocks, groups * width)  # the union of every group's row
         self.partial_start = self.num_staged * bs
-        factory = dict(dtype=cache.k.dtype, device=cache.device)
+
+        # Device buffers in the cache's layout: chunk writes and commit copies to the host are
+        # then plain memory copies.
+        def zeros(length: int) -> torch.Tensor:
+            if cache.layout == "bhld":
+                return torch.zeros(batch, heads, length, head_dim, dtype=cache.k.dtype, device=cache.device)
+            shape = (batch, length, heads, head_dim)
+            return torch.zeros(shape, dtype=cache.k.dtype, device=cache.device).transpose(1, 2)
+
         work_len = self.partial_start + bs + cache.max_chunk_tokens
-        self.work = [
-            tuple(torch.zeros(batch, heads, work_len, head_dim, **factory) for _ in "kv") for _ in range(2)
-        ]
+        self.work = [(zeros(work_len), zeros(work_len)) for _ in range(2)]
         self.current = 0  # the work buffer the last call used
         # Blocks of the last commit, [partial | chunk]: the next chunk's local window.
         fresh_len = (math.ceil(cache.max_chunk_tokens / bs) + 1) * bs
-        self.fresh = tuple(torch.zeros(batch, heads, fresh_len, head_dim, **factory) for _ in "kv")
+        self.fresh = (zeros(fresh_len), zeros(fresh_len))
+        # Commits copy to the host on a side stream, overlapped with whatever the model runs
+        # next; the event orders later host reads and rewrites of `fresh` after the copy.
+        self.copy_stream = torch.cuda.Stream(cache.device) if cache.device.type == "cuda" else None
+        self.copied: torch.cuda.Event | None = None
         self.compiled = config.compile and cache.device.type == "cuda"
         # Device scalars, updated only by commits and restores (no per-call host-to-device
         # traffic): whole history blocks, first and end block of the last commit; the work
@@ -267,6 +277,7 @@ class HostOffload:
         dst[0][:, :, chunk_start : chunk_start + k_chunk.shape[2]] = k_chunk
         dst[1][:, :, chunk_start : chunk_start + v_chunk.shape[2]] = v_chunk
         selection = cache.selection(q)
+        self.wait_for_copies()  # the stage kernel may read what a commit copied to the host
         plan = _compiled_staging_plan() if self.compiled else staging_plan
         staged, source, source_block, remapped, counts = plan(
             selection.kv_block_idx, self.staged_block, self.bounds, self.num_staged, self.num_blocks
@@ -292,10 +303,16 @@ class HostOffload:
             selection=remapped_selection,
         )
 
+    def wait_for_copies(self) -> None:
+        """Order the current stream after the last commit's copy to the host."""
+        if self.copied is not None:
+            torch.cuda.current_stream(self.copied.device).wait_event(self.copied)
+
     def commit(self, cache, k_chunk: torch.Tensor, v_chunk: torch.Tensor) -> None:
         bs, start = self.block_size, cache.history_len
         end = start + k_chunk.shape[2]
         first, partial = start // bs, start % bs
+        self.wait_for_copies()  # `fresh` is the source of the previous commit's copy
         fresh_k, fresh_v = self.fresh
         work_k, work_v = self.work[self.current]
         fresh_k[:, :, :partial] = work_k[:, :, self.partial_start : self.partial_start + partial]
@@ -308,10 +325,22 @@ class HostOffload:
         cache.key_block_sums[:, :, first:last] = block_key_sums(
             fresh_k[:, :, : (last - first) * bs], local_history, bs
         )
-        # Device to host straight into the (pinned) history: ordered on the stream before any
-        # later read of it; host-side readers (state_dict) synchronize first.
-        cache.k[:, :, start:end].copy_(k_chunk, non_blocking=True)
-        cache.v[:, :, start:end].copy_(v_chunk, non_blocking=True)
+        # Device to host, from our own copy of the chunk (the caller may reuse its tensors),
+        # straight into the pinned history; host-side readers (state_dict) synchronize first.
+        sources = (
+            fresh_k[:, :, partial : partial + end - start],
+            fresh_v[:, :, partial : partial + end - start],
+        )
+        if self.copy_stream is None:
+            cache.k[:, :, start:end].copy_(sources[0])
+            cache.v[:, :, start:end].copy_(sources[1])
+        else:
+            self.copy_stream.wait_stream(torch.cuda.current_stream(cache.device))
+            with torch.cuda.stream(self.copy_stream):
+                cache.k[:, :, start:end].copy_(sources[0], non_blocking=True)
+                cache.v[:, :, start:end].copy_(sources[1], non_blocking=True)
+                self.copied = torch.cuda.Event()
+                self.copied.record(self.copy_stream)
         self._set_bounds(end, first, end // bs)
         new_partial = end % bs
         if new_partial:
