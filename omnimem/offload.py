@@ -212,6 +212,7 @@ class HostOffload:
         self.fresh = (zeros(fresh_len), zeros(fresh_len))
         # Commits copy to the host on a side stream, overlapped with whatever the model runs
         # next; the event orders later host reads and rewrites of `fresh` after the copy.
+        self.device = cache.device
         self.copy_stream = torch.cuda.Stream(cache.device) if cache.device.type == "cuda" else None
         self.copied: torch.cuda.Event | None = None
         self.compiled = config.compile and cache.device.type == "cuda"
@@ -306,7 +307,7 @@ class HostOffload:
     def wait_for_copies(self) -> None:
         """Order the current stream after the last commit's copy to the host."""
         if self.copied is not None:
-            torch.cuda.current_stream(self.copied.device).wait_event(self.copied)
+            torch.cuda.current_stream(self.device).wait_event(self.copied)
 
     def commit(self, cache, k_chunk: torch.Tensor, v_chunk: torch.Tensor) -> None:
         bs, start = self.block_size, cache.history_len
