@@ -316,6 +316,9 @@ def selection_tables(
     return kv_block_idx, kv_num_blocks, selected.int(), fixed
 
 
+_RANK_SORT_MAX_WIDTH = 256  # [.., width, width] comparisons stay small
+
+
 def sorted_unique(indices: torch.Tensor, *, none: int) -> torch.Tensor:
     """Sort each row ascending and replace repeats by ``none`` (which sorts last).
 
@@ -328,10 +331,23 @@ def sorted_unique(indices: torch.Tensor, *, none: int) -> torch.Tensor:
 
 
 def _ascending(x: torch.Tensor) -> torch.Tensor:
-    """``torch.sort(x).values`` through ``topk``: Inductor lowers ``sort`` into an in-kernel
-    sorting network whose LLVM compile took ~1 min at 12 heads and never finished at 40
-    (torch 2.11); ``topk`` stays a library kernel."""
-    return torch.topk(x, x.shape[-1], dim=-1, largest=False, sorted=True).values
+    """``torch.sort(x, dim=-1).values`` without ``torch.sort``.
+
+    Inductor lowers ``sort`` into an in-kernel sorting network whose LLVM compile took ~1 min at
+    12 heads and never finished at 40 (torch 2.11), and ``topk`` costs ~16 us per call on an
+    H100 at these sizes. Rows are short (the sink, local and top-k blocks), so each element's
+    rank is counted directly (``O(width^2)`` comparisons, one fused reduction) and the row is
+    scattered into place; wide rows (many query groups) go through ``topk``.
+    """
+    width = x.shape[-1]
+    if width > _RANK_SORT_MAX_WIDTH:
+        return torch.topk(x, width, dim=-1, largest=False, sorted=True).values
+    order = torch.arange(width, device=x.device)
+    mine, other = x.unsqueeze(-1), x.unsqueeze(-2)
+    # Element j goes before element i: smaller, or equal and earlier (a stable order).
+    before = (other < mine) | ((other == mine) & (order < order[:, None]))
+    rank = before.sum(-1)
+    return torch.empty_like(x).scatter_(-1, rank, x)
 
 
 def _attended_table(

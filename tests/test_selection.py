@@ -8,7 +8,7 @@ import torch
 from omnimem import OmniMemConfig, select_blocks
 from omnimem.selection import block_key_means
 
-from .inputs import keys_scoring, make_inputs
+from .inputs import TEST_DEVICE, keys_scoring, make_inputs
 from .reference import reference_attention
 
 
@@ -177,3 +177,12 @@ def test_to_tensordict():
     td = select_blocks(q, k, block_size=8, top_k=2).to_tensordict()
     assert td.batch_size == torch.Size([2, 2, 1])
     assert td[1, 0, 0]["kv_block_idx"].shape == (2,)
+
+
+@pytest.mark.parametrize("width", [1, 2, 7, 83, 256, 257, 600])
+def test_ascending_equals_sort_with_ties(width):
+    from omnimem.selection import _ascending
+
+    x = torch.randint(0, max(2, width // 3), (2, 3, width), generator=torch.Generator().manual_seed(width))
+    x = x.to(TEST_DEVICE)
+    assert torch.equal(_ascending(x), torch.sort(x, dim=-1).values)
