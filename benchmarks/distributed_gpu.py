@@ -7,9 +7,11 @@ history, top_k 32, sink 1 frame, local 1 chunk, ``[B, L, H, D]`` caches):
 - ``1 GPU``: rank 0 alone, a full-head ``OmniMemCache`` and ``cached_attention`` (a denoising
   step: chunk write + selection from block sums + attention);
 - ``2 GPUs``: every rank its half of the heads (``sharded_cache``) and ``ulysses_attention``
-  on its token half of the chunk (all_to_all in, attention, all_to_all out); the all_to_all
-  alone is timed too. Times are means over a fixed number of steps (ranks run in lockstep),
-  CUDA events; the 2-GPU time is the slower rank's.
+  on its token half of the chunk (all_to_all in, attention, all_to_all out), and with
+  ``pipeline=2`` (each rank's heads in two groups: one attends while the other's exchange is in
+  flight); the all_to_all alone is timed too. Times are means over a fixed number of steps
+  (ranks run in lockstep), CUDA events; the 2-GPU time is the slower rank's; the speed-up
+  uses the faster of the two 2-GPU variants.
 
 Then a wan-14b history too large for one GPU (``--big-history`` tokens, one layer) is created
 on one GPU (expected: out of memory) and sharded over two, where one step runs.
@@ -98,6 +100,7 @@ def run_shape(heads: int, history: int, config: OmniMemConfig, rank: int, world:
     torch.cuda.reset_peak_memory_stats()
     dist.barrier()
     step_ms = timed(lambda: ulysses_attention(q_shard, k_shard, v_shard, cache))
+    pipelined_ms = timed(lambda: ulysses_attention(q_shard, k_shard, v_shard, cache, pipeline=2))
     out_heads = torch.empty(1, CHUNK, heads // world, DIM, device="cuda", dtype=torch.bfloat16)
 
     def all_to_all_only():
@@ -105,9 +108,12 @@ def run_shape(heads: int, history: int, config: OmniMemConfig, rank: int, world:
         _heads_to_tokens(out_heads, world, None)
 
     a2a_ms = timed(all_to_all_only)
-    stats = torch.tensor([step_ms, a2a_ms, torch.cuda.max_memory_allocated() / 2**30], device="cuda")
+    peak = torch.cuda.max_memory_allocated() / 2**30
+    stats = torch.tensor([step_ms, pipelined_ms, a2a_ms, peak], device="cuda")
     dist.all_reduce(stats, op=dist.ReduceOp.MAX)
-    row["two_gpu_ms"], row["all_to_all_ms"], row["two_gpu_peak_gib_per_gpu"] = stats.tolist()
+    row["two_gpu_ms"], row["two_gpu_pipelined_ms"], row["all_to_all_ms"], row["two_gpu_peak_gib_per_gpu"] = (
+        stats.tolist()
+    )
     return row
 
 
@@ -179,7 +185,8 @@ def main() -> None:
                     "history",
                     "1 GPU ms",
                     "2 GPUs ms (step)",
-                    "of which all_to_all ms",
+                    "2 GPUs, pipeline=2 ms",
+                    "all_to_all alone ms",
                     "speed-up",
                     "peak GiB 1 GPU",
                     "per GPU on 2",
@@ -187,11 +194,13 @@ def main() -> None:
             )
             + " |"
         )
-        print("|---|---|---|---|---|---|---|---|")
+        print("|---|---|---|---|---|---|---|---|---|")
         for r in rows:
+            best = min(r["two_gpu_ms"], r["two_gpu_pipelined_ms"])
             print(
                 f"| {r['heads']} | {r['history']:,} | {r['one_gpu_ms']:.3f} | {r['two_gpu_ms']:.3f} | "
-                f"{r['all_to_all_ms']:.3f} | {r['one_gpu_ms'] / r['two_gpu_ms']:.2f}x | "
+                f"{r['two_gpu_pipelined_ms']:.3f} | "
+                f"{r['all_to_all_ms']:.3f} | {r['one_gpu_ms'] / best:.2f}x | "
                 f"{r['one_gpu_peak_gib']:.1f} | {r['two_gpu_peak_gib_per_gpu']:.1f} |"
             )
         if big:

@@ -15,6 +15,7 @@ shapes, so compiled backends compile once per layer shape and never again.
 
 from __future__ import annotations
 
+import copy
 import math
 from typing import Literal
 
@@ -215,6 +216,19 @@ class OmniMemCache:
             return_lse=return_lse,
             key_block_sums=self.key_block_sums,
         )
+
+    def _head_slice(self, heads: slice) -> OmniMemCache:
+        """A view of KV heads ``heads`` sharing this cache's storage and history, for attends
+        (e.g. attending head groups one by one while others are in transit); commit through
+        this cache, not the view."""
+        if self._offload is not None:
+            raise ValueError("head slices of an offloaded cache are not supported")
+        view = copy.copy(self)
+        head_dim = 1 if self.layout == "bhld" else 2
+        view._k_storage = self._k_storage.narrow(head_dim, heads.start, heads.stop - heads.start)
+        view._v_storage = self._v_storage.narrow(head_dim, heads.start, heads.stop - heads.start)
+        view.key_block_sums = self.key_block_sums[:, heads]
+        return view
 
     def selection(self, q: torch.Tensor) -> Selection:
         """The history blocks a chunk with queries ``q`` retrieves now (what ``attend`` uses).

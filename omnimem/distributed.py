@@ -19,6 +19,8 @@ same rank because both are split into ``P`` contiguous groups.
 
 from __future__ import annotations
 
+from collections.abc import Callable
+
 import torch
 import torch.distributed as dist
 
@@ -65,26 +67,47 @@ def sharded_cache(
     return OmniMemCache(capacity, num_kv_heads=shard.stop - shard.start, **kwargs)
 
 
-def _tokens_to_heads(*shards: torch.Tensor, world: int, group) -> list[torch.Tensor]:
-    """``[B, L/P, H_i, D]`` token shards -> ``[B, L, H_i/P, D]`` head shards, all in one all_to_all
-    (one collective for q, k and v: the exchange is latency-bound at these sizes)."""
+def _start_tokens_to_heads(*shards: torch.Tensor, world: int, group) -> Callable[[], list[torch.Tensor]]:
+    """Start turning ``[B, L/P, H_i, D]`` token shards into ``[B, L, H_i/P, D]`` head shards, all
+    in one all_to_all (the exchange is bandwidth-bound: one collective for q, k and v); the
+    returned function waits for it and returns the head shards."""
     batch, tokens, _, dim = shards[0].shape
     widths = [x.shape[2] // world for x in shards]
     per_rank = [x.reshape(batch, tokens, world, w, dim) for x, w in zip(shards, widths, strict=True)]
     send = torch.cat(per_rank, dim=3).permute(2, 0, 1, 3, 4).contiguous()  # [P, B, L/P, sum H_i/P, D]
     received = torch.empty_like(send)  # [P (source rank = token shard), B, L/P, sum H_i/P, D]
-    dist.all_to_all_single(received, send, group=group)
-    full = received.permute(1, 0, 2, 3, 4).reshape(batch, world * tokens, sum(widths), dim)
-    return list(full.split(widths, dim=2))
+    work = dist.all_to_all_single(received, send, group=group, async_op=True)
+
+    def finish() -> list[torch.Tensor]:
+        work.wait()
+        full = received.permute(1, 0, 2, 3, 4).reshape(batch, world * tokens, sum(widths), dim)
+        return list(full.split(widths, dim=2))
+
+    return finish
+
+
+def _tokens_to_heads(*shards: torch.Tensor, world: int, group) -> list[torch.Tensor]:
+    """``[B, L/P, H_i, D]`` token shards -> ``[B, L, H_i/P, D]`` head shards (one all_to_all)."""
+    return _start_tokens_to_heads(*shards, world=world, group=group)()
+
+
+def _start_heads_to_tokens(x: torch.Tensor, world: int, group) -> Callable[[], torch.Tensor]:
+    """Start turning a ``[B, L, H/P, D]`` head shard into a ``[B, L/P, H, D]`` token shard."""
+    batch, tokens, heads, dim = x.shape
+    send = x.reshape(batch, world, tokens // world, heads, dim).permute(1, 0, 2, 3, 4).contiguous()
+    received = torch.empty_like(send)  # [P (source rank = head group), B, L/P, H/P, D]
+    work = dist.all_to_all_single(received, send, group=group, async_op=True)
+
+    def finish() -> torch.Tensor:
+        work.wait()
+        return received.permute(1, 2, 0, 3, 4).reshape(batch, tokens // world, world * heads, dim)
+
+    return finish
 
 
 def _heads_to_tokens(x: torch.Tensor, world: int, group) -> torch.Tensor:
     """``[B, L, H/P, D]`` head shard -> ``[B, L/P, H, D]`` token shard (one all_to_all)."""
-    batch, tokens, heads, dim = x.shape
-    send = x.reshape(batch, world, tokens // world, heads, dim).permute(1, 0, 2, 3, 4).contiguous()
-    received = torch.empty_like(send)  # [P (source rank = head group), B, L/P, H/P, D]
-    dist.all_to_all_single(received, send, group=group)
-    return received.permute(1, 2, 0, 3, 4).reshape(batch, tokens // world, world * heads, dim)
+    return _start_heads_to_tokens(x, world, group)()
 
 
 def ulysses_attention(
@@ -95,6 +118,7 @@ def ulysses_attention(
     *,
     commit: bool = False,
     group: dist.ProcessGroup | None = None,
+    pipeline: int = 1,
 ) -> torch.Tensor:
     """OmniMem attention of a token-sharded chunk through this rank's head-sharded cache.
 
@@ -108,12 +132,17 @@ def ulysses_attention(
         cache: this rank's cache for heads ``head_shard(Hkv)`` (see ``sharded_cache``).
         commit: also append the chunk to the history (the clean final pass).
         group: the process group (default: the world); all ranks pass equal shapes.
+        pipeline: split the rank's heads into this many groups and attend each while the next
+            one's q/k/v and the previous one's output are in transit (overlaps communication
+            with compute; same results). The rank's KV heads must divide by it; resident
+            caches only.
 
     Returns:
         ``[B, L/P, Hq, D]``: this rank's tokens of the attention output, all heads.
 
     Raises:
-        ValueError: head counts not divisible by the group size, or shapes that disagree.
+        ValueError: head counts not divisible by the group size (or the rank's heads by
+            ``pipeline``), or shapes that disagree.
     """
     world, _ = _world(group)
     for name, x in (("q", q), ("k", k), ("v", v)):
@@ -127,6 +156,38 @@ def ulysses_attention(
             f"cache holds {cache.k.shape[1]} KV heads, but this rank's share of k's heads "
             f"is {k.shape[2] // world}"
         )
-    q_heads, k_heads, v_heads = _tokens_to_heads(q, k, v, world=world, group=group)
-    out = cached_attention(q_heads, k_heads, v_heads, cache, commit=commit)
-    return _heads_to_tokens(out.contiguous(), world, group)
+    if pipeline == 1:
+        q_heads, k_heads, v_heads = _tokens_to_heads(q, k, v, world=world, group=group)
+        out = cached_attention(q_heads, k_heads, v_heads, cache, commit=commit)
+        return _heads_to_tokens(out.contiguous(), world, group)
+    kv_per_rank = k.shape[2] // world
+    if isinstance(pipeline, bool) or not isinstance(pipeline, int) or pipeline < 1 or kv_per_rank % pipeline:
+        raise ValueError(
+            f"pipeline must be a positive int dividing this rank's {kv_per_rank} KV heads, got {pipeline!r}"
+        )
+
+    def heads_part(x: torch.Tensor, part: int) -> torch.Tensor:
+        """Every rank's ``part``-th head group of a token shard: ``[B, L/P, P * H/P/parts, D]``."""
+        per = x.shape[2] // world // pipeline
+        return x.unflatten(2, (world, pipeline, per))[:, :, :, part].flatten(2, 3)
+
+    incoming = [
+        _start_tokens_to_heads(heads_part(q, p), heads_part(k, p), heads_part(v, p), world=world, group=group)
+        for p in range(pipeline)
+    ]  # queued on the communication stream in order: part 0 arrives first
+    kv_per_part = kv_per_rank // pipeline
+    outgoing, chunk_parts = [], []
+    for p, arrival in enumerate(incoming):
+        q_p, k_p, v_p = arrival()
+        part_cache = cache._head_slice(slice(p * kv_per_part, (p + 1) * kv_per_part))
+        outgoing.append(
+            _start_heads_to_tokens(cached_attention(q_p, k_p, v_p, part_cache).contiguous(), world, group)
+        )
+        chunk_parts.append((k_p, v_p))
+    if commit:
+        k_full = torch.cat([k_p for k_p, _ in chunk_parts], dim=2)
+        v_full = torch.cat([v_p for _, v_p in chunk_parts], dim=2)
+        cache.commit(k_full.transpose(1, 2), v_full.transpose(1, 2))
+    q_per_part = q.shape[2] // world // pipeline
+    parts = [arrival().unflatten(2, (world, q_per_part)) for arrival in outgoing]  # [B, L/P, P, h, D]
+    return torch.stack(parts, dim=3).flatten(2, 4)  # heads ordered (rank, part, head)

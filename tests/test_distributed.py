@@ -24,10 +24,10 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-def inputs(chunk: int, step: int) -> tuple[torch.Tensor, ...]:
+def inputs(chunk: int, step: int, hq: int = HQ, hkv: int = HKV) -> tuple[torch.Tensor, ...]:
     """The same chunk on every process: [B, L, H, D] q, k, v."""
     gen = torch.Generator().manual_seed(1000 * chunk + step)
-    return tuple(torch.randn(1, CHUNK, heads, DIM, generator=gen) for heads in (HQ, HKV, HKV))
+    return tuple(torch.randn(1, CHUNK, heads, DIM, generator=gen) for heads in (hq, hkv, hkv))
 
 
 def make_cache(heads: int, backend: str) -> dict:
@@ -45,17 +45,20 @@ def worker(rank: int, port: int, backend: str, mode: str) -> None:
     os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
     dist.init_process_group("gloo", rank=rank, world_size=WORLD)
     try:
-        reference = OmniMemCache(**make_cache(HKV, backend))
-        sharded = sharded_cache(**make_cache(HKV, backend))
+        # Pipelined: 2 KV heads per rank, attended one at a time while the other is in transit.
+        pipeline, hq, hkv = (2, 2 * HQ, 2 * HKV) if mode == "ulysses_pipelined" else (1, HQ, HKV)
+        reference = OmniMemCache(**make_cache(hkv, backend))
+        sharded = sharded_cache(**make_cache(hkv, backend))
         tokens = slice(rank * CHUNK // WORLD, (rank + 1) * CHUNK // WORLD)
-        q_heads, kv_heads = head_shard(HQ), head_shard(HKV)
+        q_heads, kv_heads = head_shard(hq), head_shard(hkv)
         for chunk in range(CHUNKS):
             for step in range(STEPS + 1):
                 commit = step == STEPS
-                q, k, v = inputs(chunk, step)
+                q, k, v = inputs(chunk, step, hq, hkv)
                 expected = cached_attention(q, k, v, reference, commit=commit)
-                if mode == "ulysses":
-                    out = ulysses_attention(q[:, tokens], k[:, tokens], v[:, tokens], sharded, commit=commit)
+                if mode.startswith("ulysses"):
+                    shards = (q[:, tokens], k[:, tokens], v[:, tokens])
+                    out = ulysses_attention(*shards, sharded, commit=commit, pipeline=pipeline)
                     torch.testing.assert_close(out, expected[:, tokens], atol=0, rtol=0)
                 else:  # plain head parallel: the rank already holds its heads
                     out = cached_attention(
@@ -67,7 +70,7 @@ def worker(rank: int, port: int, backend: str, mode: str) -> None:
         dist.destroy_process_group()
 
 
-@pytest.mark.parametrize("mode", ["ulysses", "head_parallel"])
+@pytest.mark.parametrize("mode", ["ulysses", "ulysses_pipelined", "head_parallel"])
 @pytest.mark.parametrize("backend", ["dense", "gather", "flex"])
 def test_two_process_sharding_equals_one_process(backend, mode):
     mp.spawn(worker, args=(free_port(), backend, mode), nprocs=WORLD, join=True)
@@ -81,6 +84,12 @@ def uneven_worker(rank: int, port: int) -> None:
             ValueError, match=r"num_heads \(3\) must be a multiple of the process group's size \(2\)"
         ):
             sharded_cache(**make_cache(3, "dense"))
+        cache = sharded_cache(**make_cache(HKV, "dense"))
+        q, k, v = inputs(0, 0)
+        with pytest.raises(
+            ValueError, match="pipeline must be a positive int dividing this rank's 1 KV heads"
+        ):
+            ulysses_attention(q[:, :3], k[:, :3], v[:, :3], cache, pipeline=2)
     finally:
         dist.destroy_process_group()
 
