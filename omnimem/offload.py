@@ -98,7 +98,8 @@ def stage_blocks_reference(
         staged = dst[which][:, :, : num_slots * block_size]
         for code, pair in ((SOURCE_PREVIOUS, previous), (SOURCE_FRESH, fresh), (SOURCE_HOST, host)):
             block = torch.where(source == code, source_block, 0)
-            tokens = (block[..., None] * block_size + offsets).flatten(-2)
+            # Slots of other sources read block 0, which a short buffer may not fill: clamp.
+            tokens = (block[..., None] * block_size + offsets).flatten(-2).clamp(max=pair[which].shape[2] - 1)
             gathered = pair[which].gather(2, tokens[..., None].expand(-1, -1, -1, head_dim))
             staged.copy_(torch.where(slot_source == code, gathered, staged))
 

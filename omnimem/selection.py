@@ -323,31 +323,29 @@ def sorted_unique(indices: torch.Tensor, *, none: int) -> torch.Tensor:
     """Sort each row ascending and replace repeats by ``none`` (which sorts last).
 
     ``none`` must exceed every real index; rows keep their static width.
+
+    Without ``torch.sort``: Inductor lowers it into an in-kernel sorting network whose LLVM
+    compile took ~1 min at 12 heads and never finished at 40 (torch 2.11), and ``topk`` costs
+    ~16 us per call on an H100 at these sizes. Rows are short (the sink, local and top-k
+    blocks), so each element's place is counted directly (``O(width^2)`` comparisons in fused
+    reductions) and the row is scattered into place; wide rows (many query groups) go through
+    ``topk``.
     """
-    indices = _ascending(indices)
-    first = torch.zeros_like(indices[..., :1], dtype=torch.bool)
-    repeated = torch.cat([first, indices[..., 1:] == indices[..., :-1]], dim=-1)
-    return _ascending(torch.where(repeated, none, indices))
-
-
-def _ascending(x: torch.Tensor) -> torch.Tensor:
-    """``torch.sort(x, dim=-1).values`` without ``torch.sort``.
-
-    Inductor lowers ``sort`` into an in-kernel sorting network whose LLVM compile took ~1 min at
-    12 heads and never finished at 40 (torch 2.11), and ``topk`` costs ~16 us per call on an
-    H100 at these sizes. Rows are short (the sink, local and top-k blocks), so each element's
-    rank is counted directly (``O(width^2)`` comparisons, one fused reduction) and the row is
-    scattered into place; wide rows (many query groups) go through ``topk``.
-    """
-    width = x.shape[-1]
+    width = indices.shape[-1]
     if width > _RANK_SORT_MAX_WIDTH:
-        return torch.topk(x, width, dim=-1, largest=False, sorted=True).values
-    order = torch.arange(width, device=x.device)
-    mine, other = x.unsqueeze(-1), x.unsqueeze(-2)
-    # Element j goes before element i: smaller, or equal and earlier (a stable order).
-    before = (other < mine) | ((other == mine) & (order < order[:, None]))
-    rank = before.sum(-1)
-    return torch.empty_like(x).scatter_(-1, rank, x)
+        ascending = torch.topk(indices, width, dim=-1, largest=False, sorted=True).values
+        first = torch.zeros_like(ascending[..., :1], dtype=torch.bool)
+        repeated = torch.cat([first, ascending[..., 1:] == ascending[..., :-1]], dim=-1)
+        unique = torch.where(repeated, none, ascending)
+        return torch.topk(unique, width, dim=-1, largest=False, sorted=True).values
+    order = torch.arange(width, device=indices.device)
+    mine, other = indices.unsqueeze(-1), indices.unsqueeze(-2)  # [..., i, 1], [..., 1, j]
+    earlier = order < order[:, None]  # j before i in the row
+    first = ~((other == mine) & earlier).any(-1)  # i holds the first occurrence of its value
+    distinct_below = ((other < mine) & first.unsqueeze(-2)).sum(-1)
+    repeats_before = (~first.unsqueeze(-2) & earlier).sum(-1)
+    place = torch.where(first, distinct_below, first.sum(-1, keepdim=True) + repeats_before)
+    return torch.empty_like(indices).scatter_(-1, place, torch.where(first, indices, none))
 
 
 def _attended_table(

@@ -207,3 +207,15 @@ def test_device_without_index_accepts_tensors_on_that_device():
         cache = make_cache(device=device_type, offload=offload)
         cache.commit(chunk(8), chunk(8))
         assert cache.history_len == 8 and cache.device == chunk(1).device
+
+
+def test_offload_with_buffers_shorter_than_a_block():
+    """Capacity + chunk below one block: nothing is staged, nothing may be read out of bounds."""
+    config = OmniMemConfig(block_size=16, top_k=1, backend="gather")
+    resident, offloaded = (make_cache(capacity=1, config=config, offload=flag) for flag in (False, True))
+    q, k, v = chunk(1), chunk(1, seed=1), chunk(1, seed=2)
+    assert torch.equal(offloaded.attend(q, k, v), resident.attend(q, k, v))
+    offloaded.commit(k, v)
+    resident.commit(k, v)
+    q = chunk(1, seed=3)
+    assert torch.equal(offloaded.attend(q, k, v), resident.attend(q, k, v))

@@ -180,9 +180,13 @@ def test_to_tensordict():
 
 
 @pytest.mark.parametrize("width", [1, 2, 7, 83, 256, 257, 600])
-def test_ascending_equals_sort_with_ties(width):
-    from omnimem.selection import _ascending
+def test_sorted_unique_equals_sort_and_dedup(width):
+    from omnimem.selection import sorted_unique
 
-    x = torch.randint(0, max(2, width // 3), (2, 3, width), generator=torch.Generator().manual_seed(width))
-    x = x.to(TEST_DEVICE)
-    assert torch.equal(_ascending(x), torch.sort(x, dim=-1).values)
+    none = max(2, width // 3)
+    gen = torch.Generator().manual_seed(width)
+    x = torch.randint(0, none + 1, (2, 3, width), generator=gen).to(TEST_DEVICE)  # `none` among them
+    expected = [
+        [sorted(set(row)) + [none] * (width - len(set(row))) for row in batch] for batch in x.tolist()
+    ]
+    assert sorted_unique(x, none=none).tolist() == expected
