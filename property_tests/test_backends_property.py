@@ -30,6 +30,14 @@ def relative_error(out: torch.Tensor, ref: torch.Tensor) -> float:
     return float((out.double().cpu() - ref).norm() / ref.norm().clamp(min=1e-30))
 
 
+def log_domain_error(lse: torch.Tensor, ref: torch.Tensor) -> float:
+    """Largest LSE error, relative to the LSE's scale but never to less than 1: an LSE is a log,
+    so its absolute error is the relative error of the softmax normaliser, and relative to an
+    LSE near 0 (seen: 0.0100, off by 1e-7) it would be ill-conditioned."""
+    scale = max(1.0, float(ref.abs().max()))
+    return float((lse.double().cpu() - ref).abs().max()) / scale
+
+
 def check_against_reference(case: Case, **backend) -> None:
     q, k, v = case.make()
     if backend.get("backend") == "triton" and q.is_cuda and q.shape[-1] < 16:
@@ -53,7 +61,7 @@ def check_against_reference(case: Case, **backend) -> None:
     assert torch.isfinite(out).all() and torch.isfinite(lse).all()
     tol = TOLERANCE[case.dtype]
     assert relative_error(out, ref.out) < tol
-    assert relative_error(lse, ref.lse) < tol
+    assert log_domain_error(lse, ref.lse) < tol
 
 
 @pytest.mark.parametrize("backend", list(BACKENDS))
