@@ -34,6 +34,14 @@ from omnimem.distributed import _heads_to_tokens, _tokens_to_heads, sharded_cach
 FRAME, CHUNK, DIM = 1560, 4680, 128
 
 
+def cache_kwargs(config: OmniMemConfig) -> dict:
+    """Every cache here: wan chunks, bf16, ``[B, L, H, D]`` storage on this rank's GPU."""
+    return dict(
+        max_chunk_tokens=CHUNK, batch=1, head_dim=DIM, config=config, dtype=torch.bfloat16, device="cuda",
+        layout="blhd",
+    )  # fmt: skip
+
+
 def timed(fn, reps: int = 30, warmup: int = 5) -> float:
     """Mean ms per call of ``fn`` over ``reps`` calls (every rank calls this in lockstep)."""
     for _ in range(warmup):
@@ -73,10 +81,7 @@ def run_shape(heads: int, history: int, config: OmniMemConfig, rank: int, world:
     q, k, v = chunk_inputs(heads, 0)
     if rank == 0:
         full = fill(
-            OmniMemCache(
-                history, max_chunk_tokens=CHUNK, batch=1, num_kv_heads=heads, head_dim=DIM, config=config,
-                dtype=torch.bfloat16, device="cuda", layout="blhd",
-            ),
+            OmniMemCache(history, num_kv_heads=heads, **cache_kwargs(config)),
             history,
             seed=1,
         )  # fmt: skip
@@ -86,10 +91,7 @@ def run_shape(heads: int, history: int, config: OmniMemConfig, rank: int, world:
         del full
         torch.cuda.empty_cache()
     dist.barrier()
-    cache = sharded_cache(
-        history, num_kv_heads=heads, max_chunk_tokens=CHUNK, batch=1, head_dim=DIM, config=config,
-        dtype=torch.bfloat16, device="cuda", layout="blhd",
-    )  # fmt: skip
+    cache = sharded_cache(history, num_kv_heads=heads, **cache_kwargs(config))
     fill(cache, history, seed=2 + rank)
     tokens = slice(rank * CHUNK // world, (rank + 1) * CHUNK // world)
     q_shard, k_shard, v_shard = (
@@ -122,19 +124,13 @@ def big_history(tokens: int, config: OmniMemConfig, rank: int, world: int) -> di
     row = dict(heads=heads, history=tokens, kv_gib_total=2 * tokens * heads * DIM * 2 / 2**30)
     if rank == 0:
         try:
-            OmniMemCache(
-                tokens, max_chunk_tokens=CHUNK, batch=1, num_kv_heads=heads, head_dim=DIM, config=config,
-                dtype=torch.bfloat16, device="cuda", layout="blhd",
-            )  # fmt: skip
+            OmniMemCache(tokens, num_kv_heads=heads, **cache_kwargs(config))
             row["one_gpu"] = "fits"
         except torch.OutOfMemoryError:
             row["one_gpu"] = "out of memory"
         torch.cuda.empty_cache()
     dist.barrier()
-    cache = sharded_cache(
-        tokens, num_kv_heads=heads, max_chunk_tokens=CHUNK, batch=1, head_dim=DIM, config=config,
-        dtype=torch.bfloat16, device="cuda", layout="blhd",
-    )  # fmt: skip
+    cache = sharded_cache(tokens, num_kv_heads=heads, **cache_kwargs(config))
     cache._refresh_block_sums(0, tokens)  # zero history: finite, as unwritten space must be
     cache.history_len = tokens
     q, k, v = chunk_inputs(heads, 3)

@@ -53,7 +53,8 @@ class OmniMemCache:
     Raises:
         ValueError: non-positive sizes, an unknown layout, or (offloaded) a capacity larger
             than the host's available memory.
-        TypeError: non-int sizes or a config that is not an ``OmniMemConfig``.
+        TypeError: non-int sizes, a non-bool ``offload`` or a config that is not an
+            ``OmniMemConfig``.
 
     Example:
         >>> import torch
@@ -93,6 +94,8 @@ class OmniMemCache:
                 raise TypeError(f"OmniMemCache {name} must be an int, got {type(value).__name__}")
             if value < (0 if name == "capacity" else 1):
                 raise ValueError(f"OmniMemCache {name} must be positive, got {value}")
+        if not isinstance(offload, bool):
+            raise TypeError(f"OmniMemCache offload must be a bool, got {type(offload).__name__}")
         if layout not in ("bhld", "blhd"):
             raise ValueError(f"OmniMemCache layout must be 'bhld' or 'blhd', got {layout!r}")
         if config is not None and not isinstance(config, OmniMemConfig):
@@ -110,7 +113,9 @@ class OmniMemCache:
         # Zeros, not empty: unwritten space is never attended but must be finite (0 * NaN = NaN).
         self.device = torch.empty(0, device=device).device  # "cuda" -> "cuda:0": compared to inputs
         if offload:
-            check_host_memory(2 * math.prod(shape) * torch.empty((), dtype=dtype).element_size())
+            check_host_memory(
+                _history_bytes(capacity, max_chunk_tokens, batch, num_kv_heads, head_dim, dtype)
+            )
             pin = self.device.type == "cuda"  # the stage kernel reads it; commits copy asynchronously
             self._k_storage = host_zeros(shape, dtype, pin=pin)
             self._v_storage = host_zeros(shape, dtype, pin=pin)
@@ -283,14 +288,21 @@ class OmniMemCache:
         self._refresh_block_sums(self.history_len, self.history_len + chunk_len)
         self.history_len += chunk_len
 
-    def _refresh_block_sums(self, start: int, new_history_len: int) -> None:
+    def _refresh_block_sums(
+        self, start: int, new_history_len: int, aligned_keys: torch.Tensor | None = None
+    ) -> None:
         # Recompute the touched blocks with the stateless function on an aligned slice: the
         # same reduction over the same tokens, hence the same bits as a stateless call.
+        # `aligned_keys`: those tokens from another buffer (offload: its device copy of them),
+        # starting at the first touched block; by default read from the history.
         if new_history_len == start:
             return
         bs = self.config.block_size
         first, last = start // bs, math.ceil(new_history_len / bs)
-        keys = self.k[:, :, first * bs : last * bs].to(self.device)
+        if aligned_keys is None:
+            keys = self.k[:, :, first * bs : last * bs].to(self.device)
+        else:
+            keys = aligned_keys[:, :, : (last - first) * bs]
         local_history = torch.full((), new_history_len - first * bs, dtype=torch.int64, device=keys.device)
         self.key_block_sums[:, :, first:last] = block_key_sums(keys, local_history, bs)
 
@@ -343,9 +355,18 @@ class OmniMemCache:
 
         Offloaded, the host memory of all the layers is checked before any is allocated.
         """
-        if kwargs.get("offload") and isinstance(capacity, int):
-            per_token = kwargs["batch"] * kwargs["num_kv_heads"] * kwargs["head_dim"]
-            itemsize = torch.empty((), dtype=kwargs.get("dtype", torch.float32)).element_size()
-            tokens = capacity + kwargs["max_chunk_tokens"]
-            check_host_memory(num_layers * 2 * tokens * per_token * itemsize)
+        if kwargs.get("offload") is True:
+            sizes = [capacity] + [
+                kwargs.get(name) for name in ("max_chunk_tokens", "batch", "num_kv_heads", "head_dim")
+            ]
+            if all(isinstance(x, int) for x in sizes):  # else the constructor names what is wrong
+                check_host_memory(num_layers * _history_bytes(*sizes, kwargs.get("dtype", torch.float32)))
         return [cls(capacity, **kwargs) for _ in range(num_layers)]
+
+
+def _history_bytes(
+    capacity: int, max_chunk_tokens: int, batch: int, num_kv_heads: int, head_dim: int, dtype: torch.dtype
+) -> int:
+    """Bytes of one cache's key and value buffers (history + one chunk of scratch)."""
+    itemsize = torch.empty((), dtype=dtype).element_size()
+    return 2 * (capacity + max_chunk_tokens) * batch * num_kv_heads * head_dim * itemsize

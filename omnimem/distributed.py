@@ -143,6 +143,7 @@ def ulysses_attention(
     Raises:
         ValueError: head counts not divisible by the group size (or the rank's heads by
             ``pipeline``), or shapes that disagree.
+        TypeError: a ``pipeline`` that is not an int.
     """
     world, _ = _world(group)
     for name, x in (("q", q), ("k", k), ("v", v)):
@@ -156,15 +157,17 @@ def ulysses_attention(
             f"cache holds {cache.k.shape[1]} KV heads, but this rank's share of k's heads "
             f"is {k.shape[2] // world}"
         )
+    kv_per_rank = k.shape[2] // world
+    if isinstance(pipeline, bool) or not isinstance(pipeline, int):
+        raise TypeError(f"pipeline must be an int, got {type(pipeline).__name__}")
+    if pipeline < 1 or kv_per_rank % pipeline:
+        raise ValueError(
+            f"pipeline must be a positive int dividing this rank's {kv_per_rank} KV heads, got {pipeline!r}"
+        )
     if pipeline == 1:
         q_heads, k_heads, v_heads = _tokens_to_heads(q, k, v, world=world, group=group)
         out = cached_attention(q_heads, k_heads, v_heads, cache, commit=commit)
         return _heads_to_tokens(out.contiguous(), world, group)
-    kv_per_rank = k.shape[2] // world
-    if isinstance(pipeline, bool) or not isinstance(pipeline, int) or pipeline < 1 or kv_per_rank % pipeline:
-        raise ValueError(
-            f"pipeline must be a positive int dividing this rank's {kv_per_rank} KV heads, got {pipeline!r}"
-        )
 
     def heads_part(x: torch.Tensor, part: int) -> torch.Tensor:
         """Every rank's ``part``-th head group of a token shard: ``[B, L/P, P * H/P/parts, D]``."""

@@ -32,7 +32,7 @@ import torch
 
 from omnimem.api import sparse_attention
 from omnimem.compile import compile_static
-from omnimem.selection import RetrievalRules, block_key_sums, sorted_unique
+from omnimem.selection import RetrievalRules, sorted_unique
 
 # Where a staging slot's block comes from (the ``source`` codes of the stage kernel).
 SOURCE_NONE, SOURCE_PREVIOUS, SOURCE_FRESH, SOURCE_HOST = 0, 1, 2, 3
@@ -321,12 +321,8 @@ class HostOffload:
         fresh_v[:, :, :partial] = work_v[:, :, self.partial_start : self.partial_start + partial]
         fresh_k[:, :, partial : partial + k_chunk.shape[2]] = k_chunk
         fresh_v[:, :, partial : partial + v_chunk.shape[2]] = v_chunk
-        # The block-aligned slice the resident cache sums, token by token: the same bits.
-        last = math.ceil(end / bs)
-        local_history = torch.full((), end - first * bs, dtype=torch.int64, device=cache.device)
-        cache.key_block_sums[:, :, first:last] = block_key_sums(
-            fresh_k[:, :, : (last - first) * bs], local_history, bs
-        )
+        # The block-aligned slice the resident cache sums, from the device copy: the same bits.
+        cache._refresh_block_sums(start, end, aligned_keys=fresh_k)
         # Device to host, from our own copy of the chunk (the caller may reuse its tensors),
         # straight into the pinned history; host-side readers (state_dict) synchronize first.
         sources = (

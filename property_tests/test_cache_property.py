@@ -12,6 +12,8 @@ from tests.inputs import TEST_DEVICE
 
 from .cases import retrieval_configs
 
+MAX_CHUNK = 12  # the largest drawn chunk
+
 
 @st.composite
 def rollouts(draw):
@@ -40,40 +42,51 @@ def rollouts(draw):
     )
 
 
+class Rollout:
+    """What a drawn rollout fixes: shapes, config, a cache factory and its random inputs."""
+
+    def __init__(self, rollout: dict) -> None:
+        self.gen = torch.Generator().manual_seed(rollout["seed"])
+        self.batch, self.hq, self.hkv = rollout["batch"], rollout["q_heads"], rollout["kv_heads"]
+        self.backend = rollout["backend"]["backend"]
+        # Tensor-core tiles on GPUs need head dims >= 16.
+        gpu_triton = self.backend == "triton" and str(TEST_DEVICE).startswith("cuda")
+        self.dim = 16 if gpu_triton else rollout["head_dim"]
+        self.config = OmniMemConfig(**rollout["config"], **rollout["backend"])
+        self.capacity, self.layout = sum(rollout["chunks"]), rollout["layout"]
+
+    def cache(self, **kwargs: object) -> OmniMemCache:
+        return OmniMemCache(
+            self.capacity,
+            max_chunk_tokens=MAX_CHUNK,
+            batch=self.batch,
+            num_kv_heads=self.hkv,
+            head_dim=self.dim,
+            config=self.config,
+            device=TEST_DEVICE,
+            layout=self.layout,
+            **kwargs,
+        )
+
+    def rand(self, heads: int, length: int) -> torch.Tensor:
+        return torch.randn(self.batch, heads, length, self.dim, generator=self.gen).to(TEST_DEVICE)
+
+
 @settings(max_examples=30)
 @given(rollout=rollouts())
 def test_cache_attention_equals_stateless_attention_bit_for_bit(rollout):
-    gen = torch.Generator().manual_seed(rollout["seed"])
-    batch, hq, hkv, dim = rollout["batch"], rollout["q_heads"], rollout["kv_heads"], rollout["head_dim"]
-    if rollout["backend"]["backend"] == "triton" and str(TEST_DEVICE).startswith("cuda"):
-        dim = 16  # tensor-core tiles on GPUs
-    config = OmniMemConfig(**rollout["config"], **rollout["backend"])
-    max_chunk, capacity = 12, sum(rollout["chunks"])
-    make_cache = lambda: OmniMemCache(  # noqa: E731
-        capacity,
-        max_chunk_tokens=max_chunk,
-        batch=batch,
-        num_kv_heads=hkv,
-        head_dim=dim,
-        config=config,
-        device=TEST_DEVICE,
-        layout=rollout["layout"],
-    )
-    cache = make_cache()
-    history_k = torch.zeros(batch, hkv, 0, dim, device=TEST_DEVICE)
+    run = Rollout(rollout)
+    cache = run.cache()
+    history_k = torch.zeros(run.batch, run.hkv, 0, run.dim, device=TEST_DEVICE)
     history_v = torch.zeros_like(history_k)
-    rand = lambda *shape: torch.randn(*shape, generator=gen).to(TEST_DEVICE)  # noqa: E731
     for index, chunk_len in enumerate(rollout["chunks"]):
         if index == rollout["restore_after"]:
-            restored = make_cache()
+            restored = run.cache()
             restored.load_state_dict(cache.state_dict())
             cache = restored
         for _ in range(rollout["steps"]):  # denoising steps: attend, never store
-            q, k_chunk, v_chunk = (
-                rand(batch, hq, chunk_len, dim),
-                rand(batch, hkv, chunk_len, dim),
-                rand(batch, hkv, chunk_len, dim),
-            )
+            q = run.rand(run.hq, chunk_len)
+            k_chunk, v_chunk = run.rand(run.hkv, chunk_len), run.rand(run.hkv, chunk_len)
             out, lse = cache.attend(q, k_chunk, v_chunk, return_lse=True)
             # The same call, stateless, on a fresh buffer of the cache's shape.
             k_ref, v_ref = torch.zeros_like(cache.k), torch.zeros_like(cache.v)
@@ -81,7 +94,13 @@ def test_cache_attention_equals_stateless_attention_bit_for_bit(rollout):
             k_ref[:, :, : history_len + chunk_len] = torch.cat([history_k, k_chunk], dim=2)
             v_ref[:, :, : history_len + chunk_len] = torch.cat([history_v, v_chunk], dim=2)
             expected, expected_lse = sparse_attention(
-                q, k_ref, v_ref, history_len=history_len, chunk_len=chunk_len, config=config, return_lse=True
+                q,
+                k_ref,
+                v_ref,
+                history_len=history_len,
+                chunk_len=chunk_len,
+                config=run.config,
+                return_lse=True,
             )
             assert torch.equal(out, expected)
             assert torch.equal(lse, expected_lse)
@@ -90,7 +109,7 @@ def test_cache_attention_equals_stateless_attention_bit_for_bit(rollout):
                 q,
                 k_ref[:, :, : history_len + chunk_len],
                 v_ref[:, :, : history_len + chunk_len],
-                config=config,
+                config=run.config,
             )
             torch.testing.assert_close(out, plain, atol=1e-5, rtol=1e-5)
         cache.commit(k_chunk, v_chunk)
@@ -105,38 +124,20 @@ def test_offloaded_cache_equals_resident_cache(rollout, commits_between_calls):
     order) are bit-identical; dense and flex (another buffer length) agree to float32 rounding.
     Every source of a staged block is exercised: the previous call, the last commit, the host
     (always, when chunks are committed without a call in between)."""
-    gen = torch.Generator().manual_seed(rollout["seed"])
-    batch, hq, hkv, dim = rollout["batch"], rollout["q_heads"], rollout["kv_heads"], rollout["head_dim"]
-    backend = rollout["backend"]["backend"]
-    if backend == "triton" and str(TEST_DEVICE).startswith("cuda"):
-        dim = 16
-    config = OmniMemConfig(**rollout["config"], **rollout["backend"])
-    capacity = sum(rollout["chunks"])
-    make_cache = lambda **kw: OmniMemCache(  # noqa: E731
-        capacity,
-        max_chunk_tokens=12,
-        batch=batch,
-        num_kv_heads=hkv,
-        head_dim=dim,
-        config=config,
-        device=TEST_DEVICE,
-        layout=rollout["layout"],
-        **kw,
-    )
-    resident, offloaded = make_cache(), make_cache(offload=True)
-    rand = lambda *shape: torch.randn(*shape, generator=gen).to(TEST_DEVICE)  # noqa: E731
+    run = Rollout(rollout)
+    resident, offloaded = run.cache(), run.cache(offload=True)
     for index, chunk_len in enumerate(rollout["chunks"]):
         if index == rollout["restore_after"]:
             state = offloaded.state_dict()
-            offloaded = make_cache(offload=True)
+            offloaded = run.cache(offload=True)
             offloaded.load_state_dict(state)
-        k_chunk, v_chunk = rand(batch, hkv, chunk_len, dim), rand(batch, hkv, chunk_len, dim)
+        k_chunk, v_chunk = run.rand(run.hkv, chunk_len), run.rand(run.hkv, chunk_len)
         for _ in range(0 if commits_between_calls and index % 2 else rollout["steps"]):
-            q = rand(batch, hq, chunk_len, dim)
-            k_chunk, v_chunk = rand(batch, hkv, chunk_len, dim), rand(batch, hkv, chunk_len, dim)
+            q = run.rand(run.hq, chunk_len)
+            k_chunk, v_chunk = run.rand(run.hkv, chunk_len), run.rand(run.hkv, chunk_len)
             expected, expected_lse = resident.attend(q, k_chunk, v_chunk, return_lse=True)
             out, lse = offloaded.attend(q, k_chunk, v_chunk, return_lse=True)
-            if backend in ("triton", "gather"):
+            if run.backend in ("triton", "gather"):
                 assert torch.equal(out, expected) and torch.equal(lse, expected_lse)
             else:
                 torch.testing.assert_close(out, expected, atol=1e-5, rtol=1e-5)

@@ -190,6 +190,8 @@ def test_offload_edges_are_clear_errors(monkeypatch):
     config = OmniMemConfig(block_size=4, top_k=3, sink_tokens=4, local_tokens=4, backend="gather")
     import omnimem.offload
 
+    with pytest.raises(TypeError, match="offload must be a bool"):
+        make_cache(offload="yes")
     one_layer = 2 * (64 + 8) * 2 * 8 * 4  # k and v, capacity + chunk, 2 heads, D 8, fp32
     monkeypatch.setattr(omnimem.offload, "available_host_memory", lambda: 3 * one_layer)
     make_cache(capacity=64, config=config, offload=True)

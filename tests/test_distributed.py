@@ -90,6 +90,8 @@ def uneven_worker(rank: int, port: int) -> None:
             ValueError, match="pipeline must be a positive int dividing this rank's 1 KV heads"
         ):
             ulysses_attention(q[:, :3], k[:, :3], v[:, :3], cache, pipeline=2)
+        with pytest.raises(TypeError, match="pipeline must be an int"):
+            ulysses_attention(q[:, :3], k[:, :3], v[:, :3], cache, pipeline=True)
     finally:
         dist.destroy_process_group()
 
