@@ -83,3 +83,23 @@ def test_stage_blocks_kernel_matches_reference(block_size, head_dim, host_flash_
         src = sources[code][0] if code else initial[0]
         src_rows = slice(block * block_size, (block + 1) * block_size) if code else dst_rows
         assert torch.equal(expected[0][b, h, dst_rows], src[b, h, src_rows])
+
+
+@pytest.mark.parametrize("num_sms", [1, 7, 11, 20, 64, 100])
+@pytest.mark.parametrize("query_group_size", [None, 3], ids=["one-group", "groups"])
+def test_scattered_attention_matches_dense_with_split_tiles(num_sms, query_group_size, monkeypatch):
+    """24 tiles: no split (1 SM), the last wave's tiles in 2 or 4 parts (7, 11, 20 SMs), every
+    tile in 2 or 4 parts (64, 100 SMs); parts hand partial results over through the output."""
+    from omnimem import sparse_attention
+    from omnimem.backends import triton_attention
+
+    q, k, v = make_inputs(batch=2, q_heads=4, kv_heads=2, history_len=37, q_len=35, head_dim=16)
+    call = dict(
+        history_len=37, block_size=4, top_k=3, sink_tokens=2, local_tokens=5,
+        query_group_size=query_group_size, return_lse=True,
+    )  # fmt: skip
+    expected, expected_lse = sparse_attention(q, k, v, backend="dense", **call)
+    monkeypatch.setattr(triton_attention, "default_num_sms", lambda device: num_sms)
+    out, lse = sparse_attention(q, k, v, backend="triton", **call)
+    torch.testing.assert_close(out, expected, atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(lse, expected_lse, atol=1e-5, rtol=1e-5)
