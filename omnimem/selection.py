@@ -316,6 +316,41 @@ def selection_tables(
     return kv_block_idx, kv_num_blocks, selected.int(), fixed
 
 
+def triton_tables_supported(num_blocks: int, rules: RetrievalRules) -> bool:
+    """Whether ``triton_selection_tables`` takes these sizes: each of its sorts holds at most
+    4096 keys in one program, its de-duplication compares 256 x 256 candidates."""
+    from omnimem.kernels.block_tables import plan_sizes
+
+    num_sink = math.ceil(rules.sink_tokens / rules.block_size)
+    num_local = math.ceil(rules.local_tokens / rules.block_size) + 1 if rules.local_tokens else 0
+    chunk, keys_pad, union_pad = plan_sizes(num_blocks, rules.top_k, num_sink + num_local)
+    return chunk <= 4096 and keys_pad <= 4096 and union_pad <= 256
+
+
+def triton_selection_tables(
+    scores: torch.Tensor, history_len: torch.Tensor, rules: RetrievalRules
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """``selection_tables`` in two Triton kernels (``omnimem/kernels/block_tables.py``): the
+    same keys, so the same tables bit for bit."""
+    from omnimem.kernels.block_tables import block_tables
+
+    return block_tables(
+        scores.float(),
+        history_len,
+        block_size=rules.block_size,
+        top_k=rules.top_k,
+        sink_tokens=rules.sink_tokens,
+        local_tokens=rules.local_tokens,
+        exclusion_tokens=rules.exclusion_tokens,
+        window_exclusion=rules.window_exclusion,
+        table_width=rules.table_width(scores.shape[-1]),
+        index_bits=_INDEX_BITS,
+        tier_shift=_TIER_SHIFT,
+        tier_far=_TIER_FAR,
+        tier_recent=_TIER_RECENT,
+    )
+
+
 _RANK_SORT_MAX_WIDTH = 256  # [.., width, width] comparisons stay small
 
 
@@ -372,6 +407,21 @@ def _attended_table(
     return torch.where(is_block, candidates, -1).int(), is_block.sum(-1, dtype=torch.int32)
 
 
+def _scores_from_block_sums(
+    q: torch.Tensor,
+    block_sums: torch.Tensor,
+    history_len: torch.Tensor,
+    rules: RetrievalRules,
+    query_group_size: int,
+    scale: float,
+) -> torch.Tensor:
+    scores = block_scores(q, block_sums, query_group_size=query_group_size, scale=scale)
+    # Dividing the [B, H, G, NB] scores by block sizes, not the [B, H, NB, D] sums: a D-times
+    # smaller pass (score of a mean key = score of the sum / token count).
+    start = torch.arange(block_sums.shape[-2], device=block_sums.device) * rules.block_size
+    return scores / (history_len - start).clamp(1, rules.block_size)
+
+
 def _tables_from_block_sums(
     q: torch.Tensor,
     block_sums: torch.Tensor,
@@ -380,11 +430,7 @@ def _tables_from_block_sums(
     query_group_size: int,
     scale: float,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
-    scores = block_scores(q, block_sums, query_group_size=query_group_size, scale=scale)
-    # Dividing the [B, H, G, NB] scores by block sizes, not the [B, H, NB, D] sums: a D-times
-    # smaller pass (score of a mean key = score of the sum / token count).
-    start = torch.arange(block_sums.shape[-2], device=block_sums.device) * rules.block_size
-    scores = scores / (history_len - start).clamp(1, rules.block_size)
+    scores = _scores_from_block_sums(q, block_sums, history_len, rules, query_group_size, scale)
     return selection_tables(scores, history_len, rules)
 
 
@@ -392,6 +438,11 @@ def _tables_from_block_sums(
 def _compiled_tables_from_block_sums():
     # Eager selection is ~60 small kernels, launch-bound on a GPU; compiled, Inductor fuses it.
     return compile_static(_tables_from_block_sums)
+
+
+@functools.cache
+def _compiled_scores_from_block_sums():
+    return compile_static(_scores_from_block_sums)
 
 
 def select(
@@ -420,12 +471,16 @@ def select(
     q_len = q.shape[-2]
     group_size = min(config.query_group_size or q_len, q_len)
     rules = RetrievalRules.from_config(config)
-    tables = _compiled_tables_from_block_sums() if compiled else _tables_from_block_sums
     if key_block_sums is None:
         key_block_sums = block_key_sums(k, history_len, config.block_size)
-    kv_block_idx, kv_num_blocks, selected, fixed = tables(
-        q, key_block_sums, history_len, rules, group_size, scale
-    )
+    args = (q, key_block_sums, history_len, rules, group_size, scale)
+    if q.is_cuda and triton_tables_supported(num_blocks, rules):
+        # Top-k and tables in two Triton kernels (bit-identical; ~40 us less per call).
+        scores = (_compiled_scores_from_block_sums() if compiled else _scores_from_block_sums)(*args)
+        kv_block_idx, kv_num_blocks, selected, fixed = triton_selection_tables(scores, history_len, rules)
+    else:
+        tables = _compiled_tables_from_block_sums() if compiled else _tables_from_block_sums
+        kv_block_idx, kv_num_blocks, selected, fixed = tables(*args)
     return Selection(
         kv_block_idx=kv_block_idx,
         kv_num_blocks=kv_num_blocks,

@@ -103,3 +103,39 @@ def test_scattered_attention_matches_dense_with_split_tiles(num_sms, query_group
     out, lse = sparse_attention(q, k, v, backend="triton", **call)
     torch.testing.assert_close(out, expected, atol=1e-5, rtol=1e-5)
     torch.testing.assert_close(lse, expected_lse, atol=1e-5, rtol=1e-5)
+
+
+@pytest.mark.parametrize(
+    ("num_blocks", "history_blocks", "top_k", "sink", "local", "exclusion", "mode"),
+    [
+        (40, 37, 5, 8, 12, 20, "adaptive"),
+        (40, 37, 5, 8, 12, 20, "always"),
+        (40, 37, 5, 8, 12, 20, "never"),
+        (600, 590, 32, 13, 40, 40, "adaptive"),  # several chunks of 256 blocks
+        (9, 3, 16, 0, 4, 4, "adaptive"),  # top_k > blocks, short history
+        (9, 0, 4, 4, 4, 8, "adaptive"),  # empty history
+        (300, 300, 3, 0, 0, 0, "never"),
+    ],
+)
+def test_block_tables_kernel_matches_reference(
+    num_blocks, history_blocks, top_k, sink, local, exclusion, mode
+):
+    from omnimem import OmniMemConfig
+    from omnimem.selection import RetrievalRules, selection_tables, triton_selection_tables
+
+    block_size = 4
+    rules = RetrievalRules.from_config(
+        OmniMemConfig(
+            block_size=block_size, top_k=top_k, sink_tokens=max(sink * block_size - 1, 0),
+            local_tokens=local * block_size, exclusion_tokens=exclusion * block_size, window_exclusion=mode,
+        )
+    )  # fmt: skip
+    gen = torch.Generator().manual_seed(num_blocks + top_k)
+    # Few distinct values: many ties, broken by the lower block index in both paths.
+    scores = torch.randint(-3, 4, (2, 3, 2, num_blocks), generator=gen).float().to(TEST_DEVICE)
+    scores[0, 0, 0, :5] = -0.0  # -0.0 and +0.0 rank equal
+    history_len = torch.tensor(history_blocks * block_size - 2 if history_blocks else 0, device=TEST_DEVICE)
+    expected = selection_tables(scores, history_len, rules)
+    got = triton_selection_tables(scores, history_len, rules)
+    for name, a, b in zip(("kv_block_idx", "kv_num_blocks", "selected", "fixed"), got, expected, strict=True):
+        assert torch.equal(a, b), name
