@@ -76,6 +76,23 @@ def _softmax_step(q, k, v, valid, qk_scale, m_i, l_i, acc, MASKED: tl.constexpr,
 
 
 @triton.jit
+def _masked_tile_step(
+    q, k_base, v_base, k_desc, v_desc, batch, kv_head, start, limit, rows_attend, qk_scale,
+    m_i, l_i, acc, stride_kl, stride_kd, stride_vl, stride_vd,
+    BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, HEAD_DIM: tl.constexpr, USE_TMA: tl.constexpr,
+    PRECISION: tl.constexpr,
+):  # fmt: skip
+    """The update with keys ``[start, start + BLOCK_N)``: tokens ``>= limit`` and rows not in
+    ``rows_attend`` masked out."""
+    k = _load_tile(k_base, k_desc, batch, kv_head, start, limit, stride_kl, stride_kd,
+                   BLOCK_N, BLOCK_D, HEAD_DIM, USE_TMA, True)  # fmt: skip
+    v = _load_tile(v_base, v_desc, batch, kv_head, start, limit, stride_vl, stride_vd,
+                   BLOCK_N, BLOCK_D, HEAD_DIM, USE_TMA, True)  # fmt: skip
+    valid = rows_attend[:, None] & ((start + tl.arange(0, BLOCK_N)) < limit)[None, :]
+    return _softmax_step(q, k, v, valid, qk_scale, m_i, l_i, acc, True, PRECISION)
+
+
+@triton.jit
 def _attend_range(
     q, k_base, v_base, k_desc, v_desc, batch, kv_head, rows, row_valid,
     table_ptr, num_tile_blocks, attended_row, history_len, chunk_len, it_begin, it_end,
@@ -90,7 +107,6 @@ def _attend_range(
     m_i = tl.full([BLOCK_M], float("-inf"), dtype=tl.float32)
     l_i = tl.zeros([BLOCK_M], dtype=tl.float32)
     acc = tl.zeros([BLOCK_M, BLOCK_D], dtype=tl.float32)
-    cols = tl.arange(0, BLOCK_N)
     hist_iters = num_tile_blocks * SUBS
 
     if ALL_MASKED:
@@ -102,12 +118,11 @@ def _attend_range(
                 rows_attend = row_valid
             block_end = tl.minimum(block * BLOCK_SIZE + BLOCK_SIZE, history_len)
             start = block * BLOCK_SIZE + (it % SUBS) * BLOCK_N
-            k = _load_tile(k_base, k_desc, batch, kv_head, start, block_end, stride_kl, stride_kd,
-                           BLOCK_N, BLOCK_D, HEAD_DIM, USE_TMA, True)  # fmt: skip
-            v = _load_tile(v_base, v_desc, batch, kv_head, start, block_end, stride_vl, stride_vd,
-                           BLOCK_N, BLOCK_D, HEAD_DIM, USE_TMA, True)  # fmt: skip
-            valid = rows_attend[:, None] & ((start + cols) < block_end)[None, :]
-            m_i, l_i, acc = _softmax_step(q, k, v, valid, qk_scale, m_i, l_i, acc, True, PRECISION)
+            m_i, l_i, acc = _masked_tile_step(
+                q, k_base, v_base, k_desc, v_desc, batch, kv_head, start, block_end, rows_attend, qk_scale,
+                m_i, l_i, acc, stride_kl, stride_kd, stride_vl, stride_vd,
+                BLOCK_N, BLOCK_D, HEAD_DIM, USE_TMA, PRECISION,
+            )  # fmt: skip
     else:
         # Whole blocks: no masks. Only the last slot may hold the partial block: masked below.
         whole_iters = hist_iters - SUBS
@@ -141,12 +156,11 @@ def _attend_range(
             if (it >= it_begin) & (it < it_end) & (it >= 0):
                 block = tl.load(table_ptr + it // SUBS).to(tl.int32)
                 start = block * BLOCK_SIZE + (it % SUBS) * BLOCK_N
-                k = _load_tile(k_base, k_desc, batch, kv_head, start, history_len, stride_kl, stride_kd,
-                               BLOCK_N, BLOCK_D, HEAD_DIM, USE_TMA, True)  # fmt: skip
-                v = _load_tile(v_base, v_desc, batch, kv_head, start, history_len, stride_vl, stride_vd,
-                               BLOCK_N, BLOCK_D, HEAD_DIM, USE_TMA, True)  # fmt: skip
-                valid = row_valid[:, None] & ((start + cols) < history_len)[None, :]
-                m_i, l_i, acc = _softmax_step(q, k, v, valid, qk_scale, m_i, l_i, acc, True, PRECISION)
+                m_i, l_i, acc = _masked_tile_step(
+                    q, k_base, v_base, k_desc, v_desc, batch, kv_head, start, history_len, row_valid,
+                    qk_scale, m_i, l_i, acc, stride_kl, stride_kd, stride_vl, stride_vd,
+                    BLOCK_N, BLOCK_D, HEAD_DIM, USE_TMA, PRECISION,
+                )  # fmt: skip
 
     # The current chunk: contiguous tokens [history_len, history_len + chunk_len); every row,
     # padding rows too, attends it, so no row ends with an empty softmax (0/0).
@@ -161,12 +175,11 @@ def _attend_range(
         m_i, l_i, acc = _softmax_step(q, k, v, row_valid[:, None], qk_scale, m_i, l_i, acc, False, PRECISION)
     if (chunk_len % BLOCK_N != 0) & (it_begin <= whole_end) & (whole_end < it_end):
         start = history_len + (whole_end - hist_iters) * BLOCK_N
-        k = _load_tile(k_base, k_desc, batch, kv_head, start, chunk_end, stride_kl, stride_kd,
-                       BLOCK_N, BLOCK_D, HEAD_DIM, USE_TMA, True)  # fmt: skip
-        v = _load_tile(v_base, v_desc, batch, kv_head, start, chunk_end, stride_vl, stride_vd,
-                       BLOCK_N, BLOCK_D, HEAD_DIM, USE_TMA, True)  # fmt: skip
-        valid = ((start + cols) < chunk_end)[None, :] | (rows < 0)[:, None]
-        m_i, l_i, acc = _softmax_step(q, k, v, valid, qk_scale, m_i, l_i, acc, True, PRECISION)
+        m_i, l_i, acc = _masked_tile_step(
+            q, k_base, v_base, k_desc, v_desc, batch, kv_head, start, chunk_end, rows >= 0, qk_scale,
+            m_i, l_i, acc, stride_kl, stride_kd, stride_vl, stride_vd,
+            BLOCK_N, BLOCK_D, HEAD_DIM, USE_TMA, PRECISION,
+        )  # fmt: skip
     return m_i, l_i, acc
 
 
