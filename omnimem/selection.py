@@ -235,11 +235,16 @@ class RetrievalRules(NamedTuple):
             config.window_exclusion,
         )
 
+    def fixed_blocks(self, num_blocks: int) -> tuple[int, int]:
+        """Static bounds ``(sink, local)`` on sink and local-window blocks (the local window
+        spans one block more when misaligned), at most ``num_blocks`` each."""
+        num_sink = min(num_blocks, math.ceil(self.sink_tokens / self.block_size))
+        local = math.ceil(self.local_tokens / self.block_size) + 1 if self.local_tokens else 0
+        return num_sink, min(num_blocks, local)
+
     def table_width(self, num_blocks: int) -> int:
         """Static bound on attended history blocks: sink + local (+1 if misaligned) + budget."""
-        max_sink = math.ceil(self.sink_tokens / self.block_size)
-        max_local = math.ceil(self.local_tokens / self.block_size) + 1 if self.local_tokens else 0
-        return min(num_blocks, max_sink + max_local + min(self.top_k, num_blocks))
+        return min(num_blocks, sum(self.fixed_blocks(num_blocks)) + min(self.top_k, num_blocks))
 
 
 def window_masks(
@@ -321,9 +326,7 @@ def triton_tables_supported(num_blocks: int, rules: RetrievalRules) -> bool:
     4096 keys in one program, its de-duplication compares 256 x 256 candidates."""
     from omnimem.kernels.block_tables import plan_sizes
 
-    num_sink = math.ceil(rules.sink_tokens / rules.block_size)
-    num_local = math.ceil(rules.local_tokens / rules.block_size) + 1 if rules.local_tokens else 0
-    chunk, keys_pad, union_pad = plan_sizes(num_blocks, rules.top_k, num_sink + num_local)
+    chunk, keys_pad, union_pad = plan_sizes(num_blocks, rules.top_k, sum(rules.fixed_blocks(num_blocks)))
     return chunk <= 4096 and keys_pad <= 4096 and union_pad <= 256
 
 
@@ -334,9 +337,12 @@ def triton_selection_tables(
     same keys, so the same tables bit for bit."""
     from omnimem.kernels.block_tables import block_tables
 
+    num_sink, num_local = rules.fixed_blocks(scores.shape[-1])
     return block_tables(
         scores.float(),
         history_len,
+        num_sink=num_sink,
+        num_local=num_local,
         block_size=rules.block_size,
         top_k=rules.top_k,
         sink_tokens=rules.sink_tokens,
@@ -392,8 +398,7 @@ def _attended_table(
     the cost does not grow with the history.
     """
     bs, device = rules.block_size, selected.device
-    num_sink = min(num_blocks, math.ceil(rules.sink_tokens / bs))
-    num_local = min(num_blocks, math.ceil(rules.local_tokens / bs) + 1) if rules.local_tokens else 0
+    num_sink, num_local = rules.fixed_blocks(num_blocks)
     sink = torch.arange(num_sink, device=device)
     sink = torch.where(sink * bs < history_len, sink, num_blocks)
     first_local = (history_len - rules.local_tokens).clamp(min=0) // bs

@@ -128,6 +128,8 @@ def block_tables(
     scores: torch.Tensor,
     history_len: torch.Tensor,
     *,
+    num_sink: int,
+    num_local: int,
     block_size: int,
     top_k: int,
     sink_tokens: int,
@@ -143,7 +145,8 @@ def block_tables(
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
     """``(kv_block_idx [.., W] int32, kv_num_blocks [..] int32, selected [.., K] int32,
     fixed [NB] bool)`` from ``scores [B, Hkv, G, NB]`` float32, as ``selection_tables``
-    returns them (``K = min(top_k, NB)``). ``merge_warps``: warps of the per-row merge (8
+    returns them (``K = min(top_k, NB)``); ``num_sink``/``num_local``: the
+    ``RetrievalRules.fixed_blocks`` bounds. ``merge_warps``: warps of the per-row merge (8
     measured fastest: 21.5 us for both kernels at 60 s, 24.6 with 4, 32.5 with 2)."""
     *lead, num_blocks = scores.shape
     rows = math.prod(lead)
@@ -151,8 +154,6 @@ def block_tables(
     device = scores.device
     k = min(top_k, num_blocks)
     k_pad = triton.next_power_of_2(k)
-    num_sink = min(num_blocks, math.ceil(sink_tokens / block_size))
-    num_local = min(num_blocks, math.ceil(local_tokens / block_size) + 1) if local_tokens else 0
     chunk, keys_pad, union_pad = plan_sizes(num_blocks, top_k, num_sink + num_local)
     num_chunks = math.ceil(num_blocks / chunk)
     keys = torch.empty(rows, num_chunks, k_pad, device=device, dtype=torch.int64)
