@@ -1,5 +1,9 @@
 """Triton backend: per-head scattered KV access straight from the cache (no gathered copy).
 
+On Hopper GPUs the call runs the warp-specialized Gluon kernel (``gluon_attention``) where it
+applies (fp16/bf16, head_dim 64/128, one query group, TMA-compatible strides); everywhere else,
+and for the other cases, the Triton-language kernel (``triton_attention``).
+
 Planning turns the selection into one block table per (batch, KV head, 128-query tile): the
 selection row itself when the chunk is one query group, else the sorted union of the tile's
 groups (rows are then masked per group inside the kernel). Runs on CUDA; on CPU only under
@@ -8,8 +12,10 @@ groups (rows are then masked per group inside the kernel). Runs on CUDA; on CPU 
 
 from __future__ import annotations
 
+import functools
 import math
 import os
+from types import ModuleType
 
 import torch
 
@@ -41,6 +47,16 @@ def tile_tables(selection: Selection, *, q_len: int, block_m: int) -> tuple[torc
     return torch.where(is_block, rows, 0).int().contiguous(), is_block.sum(-1, dtype=torch.int32)
 
 
+@functools.cache
+def _hopper_kernel() -> ModuleType | None:
+    """The warp-specialized Gluon kernel, or ``None`` where this triton has no Gluon for Hopper."""
+    try:
+        from omnimem.backends import gluon_attention
+    except ImportError:
+        return None
+    return gluon_attention
+
+
 def forward(
     q: torch.Tensor,
     k: torch.Tensor,
@@ -65,11 +81,26 @@ def forward(
         )
     if q.device.type == "cuda" and q.shape[-1] < 16:
         raise ValueError(f"q's head_dim must be >= 16 for the triton backend, got {q.shape[-1]}")
-    from omnimem.backends.triton_attention import scattered_attention
+    from omnimem.backends.triton_attention import default_num_sms, scattered_attention
 
+    grouped = selection.kv_block_idx.shape[2] > 1
+    hopper = _hopper_kernel()
+    if hopper is not None and hopper.supported(q, k, v, block_size=selection.block_size, grouped=grouped):
+        return hopper.scattered_attention(
+            q,
+            k,
+            v,
+            block_idx=selection.kv_block_idx,
+            num_blocks=selection.kv_num_blocks,
+            history_len=selection.history_len,
+            chunk_len=chunk_len,
+            block_size=selection.block_size,
+            scale=scale,
+            return_lse=return_lse,
+            num_sms=default_num_sms(q.device),
+        )
     block_m = 128 if q.device.type == "cuda" else 16
     tile_block_idx, tile_num_blocks = tile_tables(selection, q_len=q.shape[2], block_m=block_m)
-    grouped = selection.kv_block_idx.shape[2] > 1
     return scattered_attention(
         q,
         k,

@@ -4,7 +4,8 @@ Per (heads, history, top_k) it first checks each omnimem backend against a float
 over exactly the attended tokens (``attention_gpu.gather_reference``), then times with
 ``triton.testing.do_bench`` (median, L2 flushed):
 
-- run step (selection prebuilt): ``triton`` kernel, ``flex`` kernel (BlockMask prebuilt),
+- run step (selection prebuilt): ``triton`` backend (on Hopper its Gluon kernel; the
+  Triton-language kernel is timed beside it), ``flex`` kernel (BlockMask prebuilt),
   ``gather`` backend (gather + masked SDPA), the DESIGN peer "gather + cuDNN" (the exact
   attended tokens gathered per head, unmasked cuDNN SDPA, copy included), and cuDNN over the
   same tokens already contiguous (the ceiling for a scattered kernel);
@@ -15,7 +16,8 @@ over exactly the attended tokens (``attention_gpu.gather_reference``), then time
   replayed from a CUDA graph (what a captured decoding step costs);
 - peak extra memory of each run step beyond its output (``torch.cuda.max_memory_allocated``).
 
-``--variants`` first sweeps the triton kernel's tile configurations at the first shape.
+``--variants`` first sweeps the Triton kernel's tile configurations and the Gluon kernel's
+options at the first shape.
 
 Usage: ``python benchmarks/backends_gpu.py [--histories ...] [--heads 12 40] [--top-k 16 32 64]
 [--variants] [--json out.json]``
@@ -36,7 +38,9 @@ from torch.nn.attention import SDPBackend, sdpa_kernel
 from omnimem import OmniMemConfig, select_blocks, sparse_attention
 from omnimem.backends import flex as flex_backend
 from omnimem.backends import gather as gather_backend
-from omnimem.backends.triton_attention import scattered_attention
+from omnimem.backends import gluon_attention
+from omnimem.backends import triton as triton_backend
+from omnimem.backends.triton_attention import default_num_sms, scattered_attention
 from omnimem.kernels.block_sums import block_sums
 
 # Kernel configurations swept by --variants (keyword arguments of scattered_attention; unset:
@@ -52,6 +56,10 @@ VARIANTS = [
     dict(block_m=64, block_n=64, num_warps=4, num_stages=3, num_sms=264),
     dict(use_tma=False),
 ]
+
+
+# The Hopper Gluon kernel's options (keyword arguments of gluon_attention.scattered_attention).
+GLUON_VARIANTS = [dict(), dict(num_sms=1), dict(stages=2)]
 
 
 def rel_err(out: torch.Tensor, ref: torch.Tensor) -> float:
@@ -156,7 +164,12 @@ def run_shape(heads: int, history_len: int, top_k: int, args, variants: bool) ->
     flops = 4 * q_len * attended * 128 * heads
     row = dict(heads=heads, history=history_len, top_k=top_k, attended_tokens=attended)
 
-    def triton_run(**kernel_options):
+    def triton_run():  # the backend's run step: the Gluon kernel on Hopper, else the Triton one
+        return triton_backend.forward(
+            q, k, v, sel, chunk_len=chunk_len, scale=scale, return_lse=False, config=config
+        )[0]
+
+    def triton_kernel_run(**kernel_options):
         return scattered_attention(
             q, k, v, block_idx=sel.kv_block_idx, num_blocks=sel.kv_num_blocks, block_attended=None,
             history_len=sel.history_len, chunk_len=chunk_len, block_size=128, query_group_size=q_len,
@@ -165,16 +178,24 @@ def run_shape(heads: int, history_len: int, top_k: int, args, variants: bool) ->
 
     if variants:
         row["variants"] = []
-        for variant in VARIANTS:
-            run = functools.partial(triton_run, **variant)
+        gluon_run = lambda **options: gluon_attention.scattered_attention(  # noqa: E731
+            q, k, v, block_idx=sel.kv_block_idx, num_blocks=sel.kv_num_blocks, history_len=sel.history_len,
+            chunk_len=chunk_len, block_size=128, scale=scale, return_lse=False,
+            num_sms=options.pop("num_sms", default_num_sms(q.device)), **options,
+        )[0]  # fmt: skip
+        runs = [("triton", triton_kernel_run, variant) for variant in VARIANTS]
+        if gluon_attention.supported(q, k, v, block_size=128, grouped=False):
+            runs += [("gluon", gluon_run, variant) for variant in GLUON_VARIANTS]
+        for kernel, fn, variant in runs:
+            run = functools.partial(fn, **variant)
             try:
                 err = rel_err(run(), ref)
                 ms = bench(run)
             except Exception as exc:  # e.g. out of shared memory for a config
                 print(f"variant {variant} failed: {str(exc).splitlines()[0][:300]}")
                 err, ms = float("nan"), float("nan")
-            row["variants"].append(dict(config=variant, ms=ms, rel_err=err))
-            print(f"variant {variant or 'default'}: "
+            row["variants"].append(dict(kernel=kernel, config=variant, ms=ms, rel_err=err))
+            print(f"variant {kernel} {variant or 'default'}: "
                   f"{ms:.3f} ms, {flops / ms * 1e-9:.0f} TFLOP/s, rel err {err:.1e}", flush=True)  # fmt: skip
 
     # Correctness of every backend through the public API.
@@ -191,6 +212,7 @@ def run_shape(heads: int, history_len: int, top_k: int, args, variants: bool) ->
     row["triton_repeat_mismatches"] = sum(int(not torch.equal(triton_run(), first)) for _ in range(50))
     assert row["triton_repeat_mismatches"] == 0, row
     row["triton_ms"] = bench(triton_run)
+    row["triton_kernel_ms"] = bench(triton_kernel_run)  # the Triton-language kernel (any GPU)
     shapes = dict(num_q_heads=heads, q_len=q_len, kv_len=kv_len, chunk_len=chunk_len, compiled=True)
     block_mask = flex_backend.build_block_mask(sel, **shapes)
     flex_run = lambda: flex_backend.attend(q, k, v, block_mask, scale=scale)  # noqa: E731
@@ -247,6 +269,7 @@ COLUMNS = [
     ("top_k", "top_k", "d"),
     ("attended", "attended_tokens", "d"),
     ("triton ms", "triton_ms", ".3f"),
+    ("triton-lang kernel ms", "triton_kernel_ms", ".3f"),
     ("flex ms", "flex_ms", ".3f"),
     ("gather ms", "gather_ms", ".3f"),
     ("gather+cuDNN ms", "gather_cudnn_ms", ".3f"),

@@ -1,0 +1,451 @@
+"""Per-head scattered-block attention for Hopper, warp-specialized (Gluon): kernel and launcher.
+
+The same function as ``triton_attention`` (reference: ``dense``), written in Gluon so that the
+warps can take roles, as FlashAttention-3 does: one loader warp issues the TMA copies of each
+selected history block (then the chunk's tiles) into a ring of shared-memory stages, and two
+consumer warpgroups, each owning 64 of the tile's 128 query rows, run QK^T, the online softmax
+and PV on them. The consumers synchronise with the loader through mbarriers only (no CTA-wide
+barrier), so one warpgroup's softmax runs while the other's matrix products use the tensor
+cores; within a warpgroup the next tile's QK^T is issued before this tile's PV completes.
+Triton 3.6 cannot express this for Hopper (its kernel waits on every wgmma group and keeps
+CTA barriers in the loop), which is what limits ``triton_attention``.
+
+Scope (``supported`` says which calls qualify; the rest run ``triton_attention``): compute
+capability 9.x, fp16/bf16, head_dim 64 or 128, block_size a multiple of 128, one query group,
+and strides a 2-D TMA view can express (both ``[B, H, L, D]`` and ``[B, L, H, D]`` caches).
+"""
+
+from __future__ import annotations
+
+import torch
+import triton
+from triton.experimental import gluon
+from triton.experimental.gluon import language as gl
+from triton.experimental.gluon.language.nvidia.hopper import (
+    mbarrier,
+    tma,
+    warpgroup_mma,
+    warpgroup_mma_wait,
+)
+from triton.experimental.gluon.nvidia.hopper import TensorDescriptor
+
+BLOCK_M = 128  # query rows per program: 64 per consumer warpgroup
+BLOCK_N = 128  # keys per stage
+# A split tile is cut into at most this many parts: each cut costs a merge (a wait and a
+# reload of the partial output) on the critical path.
+MAX_SPLITS = 4
+
+
+@gluon.jit
+def _load_partition(
+    q_desc, k_desc, v_desc, q_smem, k_smem, v_smem, q_bar, k_ready, v_ready, kv_empty,
+    table_ptr, q_row, q_col, kv_row, kv_col, num_hist_tiles, it_begin, it_end, history_len,
+    BLOCK_SIZE: gl.constexpr,
+):  # fmt: skip
+    """One warp: the tile's queries once, then keys and values of key tiles
+    ``[it_begin, it_end)``, in order."""
+    STAGES: gl.constexpr = k_smem.type.shape[0]
+    KV_N: gl.constexpr = k_smem.type.shape[1]
+    HALF: gl.constexpr = q_smem.type.shape[1]
+    SUBS: gl.constexpr = BLOCK_SIZE // KV_N
+    # An empty part (fewer key tiles than parts) loads nothing: its consumers skip the queries.
+    mbarrier.expect(q_bar, 2 * q_desc.block_type.nbytes, pred=it_end > it_begin)
+    tma.async_copy_global_to_shared(q_desc, [q_row, q_col], q_bar, q_smem.index(0), pred=it_end > it_begin)
+    tma.async_copy_global_to_shared(
+        q_desc, [q_row + HALF, q_col], q_bar, q_smem.index(1), pred=it_end > it_begin
+    )
+    for it in range(it_begin, it_end):
+        stage = (it - it_begin) % STAGES
+        if it < num_hist_tiles:
+            block = gl.load(table_ptr + it // SUBS).to(gl.int32)
+            start = block * BLOCK_SIZE + (it % SUBS) * KV_N
+        else:
+            start = history_len + (it - num_hist_tiles) * KV_N
+        # A stage is free once both consumers finished its PV (barriers start "phase 1 done").
+        mbarrier.wait(kv_empty.index(stage), (((it - it_begin) // STAGES) & 1) ^ 1)
+        mbarrier.expect(k_ready.index(stage), k_desc.block_type.nbytes)
+        tma.async_copy_global_to_shared(
+            k_desc, [kv_row + start, kv_col], k_ready.index(stage), k_smem.index(stage)
+        )
+        mbarrier.expect(v_ready.index(stage), v_desc.block_type.nbytes)
+        tma.async_copy_global_to_shared(
+            v_desc, [kv_row + start, kv_col], v_ready.index(stage), v_smem.index(stage)
+        )
+
+
+@gluon.jit
+def _tile_limit(it, num_hist_tiles, last_block_tile, hist_end, chunk_end, KV_N: gl.constexpr):
+    """Valid keys of key tile ``it``: ``KV_N`` except in the last history block and the chunk's
+    last tile (the table is ascending, so only its last block can be partial). ``hist_end`` and
+    ``chunk_end`` are their ends counted in key-tile positions (``it * KV_N``)."""
+    end = it * KV_N + KV_N
+    if it >= num_hist_tiles:
+        end = chunk_end
+    elif it >= last_block_tile:
+        end = hist_end
+    return gl.minimum(end - it * KV_N, KV_N)
+
+
+@gluon.jit
+def _attend_tiles(
+    q_smem, k_smem, v_smem, q_bar, k_ready, v_ready, kv_empty,
+    num_hist_tiles, it_begin, it_end, last_block_tile, hist_end, chunk_end, qk_scale, WG: gl.constexpr,
+):  # fmt: skip
+    """``(m, l, acc)`` of one warpgroup's 64 query rows over key tiles ``[it_begin, it_end)``
+    (not empty): scores in base 2, ``acc`` unnormalized."""
+    STAGES: gl.constexpr = k_smem.type.shape[0]
+    KV_N: gl.constexpr = k_smem.type.shape[1]
+    HEAD_DIM: gl.constexpr = k_smem.type.shape[2]
+    HALF: gl.constexpr = q_smem.type.shape[1]
+    s_layout: gl.constexpr = gl.NVMMADistributedLayout(
+        version=[3, 0], warps_per_cta=[4, 1], instr_shape=[16, KV_N, 16]
+    )
+    o_layout: gl.constexpr = gl.NVMMADistributedLayout(
+        version=[3, 0], warps_per_cta=[4, 1], instr_shape=[16, HEAD_DIM, 16]
+    )
+    p_layout: gl.constexpr = gl.DotOperandLayout(operand_index=0, parent=o_layout, k_width=2)
+    o_rows: gl.constexpr = gl.SliceLayout(1, o_layout)
+    dtype: gl.constexpr = k_smem.dtype
+    cols = gl.arange(0, KV_N, layout=gl.SliceLayout(0, s_layout))
+    s_zero = gl.zeros([HALF, KV_N], gl.float32, s_layout)
+
+    mbarrier.wait(q_bar, 0)
+    q = q_smem.index(WG)
+
+    # The first key tile, peeled: it starts the running max. A finite floor keeps rows whose
+    # tiles so far were all masked (a split part can start on an empty sub-tile) free of inf - inf.
+    mbarrier.wait(k_ready.index(0), 0)
+    s_tok = warpgroup_mma(q, k_smem.index(0).permute((1, 0)), s_zero, use_acc=False, is_async=True)
+    s = warpgroup_mma_wait(0, deps=(s_tok,))
+    limit = _tile_limit(it_begin, num_hist_tiles, last_block_tile, hist_end, chunk_end, KV_N)
+    if limit < KV_N:
+        s = gl.where(cols[None, :] < limit, s, float("-inf"))
+    m_i = gl.maximum(gl.max(s, 1) * qk_scale, -1.0e30)
+    p = gl.exp2(s * qk_scale - m_i[:, None])
+    l_i = gl.sum(p, 1)
+    p_op = gl.convert_layout(p.to(dtype), p_layout)
+    acc = gl.zeros([HALF, HEAD_DIM], gl.float32, o_layout)
+
+    for j in range(1, it_end - it_begin):
+        stage = j % STAGES
+        prev = (j - 1) % STAGES
+        mbarrier.wait(k_ready.index(stage), (j // STAGES) & 1)
+        s_tok = warpgroup_mma(q, k_smem.index(stage).permute((1, 0)), s_zero, use_acc=False, is_async=True)
+        mbarrier.wait(v_ready.index(prev), ((j - 1) // STAGES) & 1)
+        acc_tok = warpgroup_mma(p_op, v_smem.index(prev), acc, is_async=True)
+        # The scores are ready while the previous tile's PV still runs (wgmma groups retire in order).
+        s = warpgroup_mma_wait(1, deps=(s_tok,))
+        limit = _tile_limit(it_begin + j, num_hist_tiles, last_block_tile, hist_end, chunk_end, KV_N)
+        if limit < KV_N:
+            s = gl.where(cols[None, :] < limit, s, float("-inf"))
+        m_new = gl.maximum(m_i, gl.max(s, 1) * qk_scale)
+        alpha = gl.exp2(m_i - m_new)
+        p = gl.exp2(s * qk_scale - m_new[:, None])
+        l_i = l_i * alpha + gl.sum(p, 1)
+        m_i = m_new
+        acc, p_op = warpgroup_mma_wait(0, deps=(acc_tok, p_op))
+        mbarrier.arrive(kv_empty.index(prev), count=1)
+        acc = acc * gl.convert_layout(alpha, o_rows)[:, None]
+        p_op = gl.convert_layout(p.to(dtype), p_layout)
+
+    last = (it_end - it_begin - 1) % STAGES
+    mbarrier.wait(v_ready.index(last), ((it_end - it_begin - 1) // STAGES) & 1)
+    acc_tok = warpgroup_mma(p_op, v_smem.index(last), acc, is_async=True)
+    acc = warpgroup_mma_wait(0, deps=(acc_tok,))
+    mbarrier.arrive(kv_empty.index(last), count=1)
+    return m_i, l_i, acc
+
+
+@gluon.jit
+def _consume(
+    q_smem, k_smem, v_smem, q_bar, k_ready, v_ready, kv_empty,
+    out_row_ptr, lse_ptr, handoff_ptr, flags_ptr, q_len, rows_start, split_part, part, last_part,
+    num_hist_tiles, it_begin, it_end, last_block_tile, hist_end, chunk_end, qk_scale, stride_ol,
+    WG: gl.constexpr, WRITE_LSE: gl.constexpr,
+):  # fmt: skip
+    """One warpgroup: online softmax of its 64 query rows over key tiles ``[it_begin, it_end)``,
+    merged with the earlier part of a split tile, if any, then written out."""
+    KV_N: gl.constexpr = k_smem.type.shape[1]
+    HEAD_DIM: gl.constexpr = k_smem.type.shape[2]
+    HALF: gl.constexpr = q_smem.type.shape[1]
+    s_layout: gl.constexpr = gl.NVMMADistributedLayout(
+        version=[3, 0], warps_per_cta=[4, 1], instr_shape=[16, KV_N, 16]
+    )
+    o_layout: gl.constexpr = gl.NVMMADistributedLayout(
+        version=[3, 0], warps_per_cta=[4, 1], instr_shape=[16, HEAD_DIM, 16]
+    )
+    o_rows: gl.constexpr = gl.SliceLayout(1, o_layout)
+    if it_end > it_begin:
+        m_i, l_i, acc = _attend_tiles(
+            q_smem, k_smem, v_smem, q_bar, k_ready, v_ready, kv_empty,
+            num_hist_tiles, it_begin, it_end, last_block_tile, hist_end, chunk_end, qk_scale, WG,
+        )  # fmt: skip
+    else:  # an empty part of a split tile (fewer key tiles than parts) adds nothing
+        m_i = gl.full([HALF], -1.0e30, gl.float32, gl.SliceLayout(1, s_layout))
+        l_i = gl.zeros([HALF], gl.float32, gl.SliceLayout(1, s_layout))
+        acc = gl.zeros([HALF, HEAD_DIM], gl.float32, o_layout)
+
+    m_o = gl.convert_layout(m_i, o_rows)
+    l_o = gl.convert_layout(l_i, o_rows)
+    rows = rows_start + WG * HALF + gl.arange(0, HALF, layout=o_rows)
+    dims = gl.arange(0, HEAD_DIM, layout=gl.SliceLayout(0, o_layout))
+    ptrs = out_row_ptr + rows[:, None].to(gl.int64) * stride_ol + dims[None, :]
+    row_ok = (rows < q_len)[:, None]
+    # This warpgroup's rows of a split tile: merge part - 1's normalized output (left in `out`)
+    # and its (m, l) (in `handoff`); each warpgroup waits only on the same rows' flag.
+    if part > 0:
+        # Every thread polls (an atomic's result would reach only the thread that ran it); the
+        # flag never goes back to 0 within a call.
+        while gl.load(flags_ptr + (split_part - 1) * 2 + WG, volatile=True) != 1:
+            pass
+        gl.thread_barrier()
+        handoff = (
+            handoff_ptr
+            + (split_part - 1).to(gl.int64) * 4 * HALF
+            + WG * 2 * HALF
+            + gl.arange(0, HALF, layout=o_rows)
+        )
+        prev_m = gl.load(handoff, cache_modifier=".cg")
+        prev_l = gl.load(handoff + HALF, cache_modifier=".cg")
+        prev_out = gl.load(ptrs, mask=row_ok, other=0.0, cache_modifier=".cg").to(gl.float32)
+        m_new = gl.maximum(m_o, prev_m)
+        alpha = gl.exp2(m_o - m_new)
+        prev_weight = prev_l * gl.exp2(prev_m - m_new)
+        acc = acc * alpha[:, None] + prev_out * prev_weight[:, None]
+        l_o = l_o * alpha + prev_weight
+        m_o = m_new
+    out = acc / gl.where(l_o > 0, l_o, 1.0)[:, None]
+    gl.store(ptrs, out.to(out_row_ptr.dtype.element_ty), mask=row_ok)
+    if part < last_part:
+        handoff = (
+            handoff_ptr
+            + split_part.to(gl.int64) * 4 * HALF
+            + WG * 2 * HALF
+            + gl.arange(0, HALF, layout=o_rows)
+        )
+        gl.store(handoff, m_o)
+        gl.store(handoff + HALF, l_o)
+        gl.thread_barrier()  # every thread's stores before the release (CUTLASS's pattern)
+        gl.atomic_xchg(flags_ptr + split_part * 2 + WG, 1, sem="release")
+    elif WRITE_LSE:
+        # Natural-log LSE from the base-2 running max and sum.
+        lse = (m_o + gl.log2(l_o)) * 0.6931471805599453
+        gl.store(lse_ptr + rows, lse, mask=rows < q_len)
+
+
+@gluon.jit
+def _consume_worker(
+    q_smem, k_smem, v_smem, q_bar, k_ready, v_ready, kv_empty,
+    out_row_ptr, lse_ptr, handoff_ptr, flags_ptr, q_len, rows_start, split_part, part, last_part,
+    num_hist_tiles, it_begin, it_end, last_block_tile, hist_end, chunk_end, qk_scale, stride_ol,
+    WRITE_LSE: gl.constexpr,
+):  # fmt: skip
+    _consume(
+        q_smem, k_smem, v_smem, q_bar, k_ready, v_ready, kv_empty,
+        out_row_ptr, lse_ptr, handoff_ptr, flags_ptr, q_len, rows_start, split_part, part, last_part,
+        num_hist_tiles, it_begin, it_end, last_block_tile, hist_end, chunk_end, qk_scale, stride_ol,
+        1, WRITE_LSE,
+    )  # fmt: skip
+
+
+# A `splits` of 1 specialized to a constant folds the split bookkeeping into constants that
+# triton 3.6 fails to lower into the partitions (an assertion in ConvertTritonGPUToLLVM).
+@gluon.jit(do_not_specialize=["num_whole_tiles", "splits"])
+def _hopper_attention_kernel(
+    q_desc, k_desc, v_desc, out_ptr, lse_ptr, block_idx_ptr, num_blocks_ptr, history_len_ptr,
+    sync_ptr, tickets_ptr, handoff_ptr,
+    stride_qb, stride_qh, stride_ql, stride_kb, stride_kh, stride_kl,
+    stride_ob, stride_oh, stride_ol,
+    num_q_heads, heads_per_kv, q_len, chunk_len, table_width, qk_scale, num_q_tiles,
+    num_whole_tiles, splits,
+    BLOCK_SIZE: gl.constexpr, STAGES: gl.constexpr, WRITE_LSE: gl.constexpr,
+):  # fmt: skip
+    HALF: gl.constexpr = q_desc.block_type.shape[0]
+    KV_N: gl.constexpr = k_desc.block_type.shape[0]
+    HEAD_DIM: gl.constexpr = k_desc.block_type.shape[1]
+    SUBS: gl.constexpr = BLOCK_SIZE // KV_N
+    # Tiles are (batch, query head, query tile), query tile fastest. The first
+    # `num_whole_tiles` programs run one whole tile each; the tiles of the last, partly filled
+    # wave are cut into `splits` equal ranges of key tiles, one program each, so that the wave
+    # fills the GPU. Program ids come from a ticket in launch order: a part waits only on the
+    # part before it, a smaller id, started by then, so the waits cannot deadlock.
+    ticket = gl.atomic_add(sync_ptr, 1)
+    # One thread ran the atomic and holds the ticket: publish it to the others through memory.
+    gl.store(tickets_ptr + gl.program_id(0), ticket)
+    gl.thread_barrier()
+    program = gl.load(tickets_ptr + gl.program_id(0), volatile=True)
+    split_part = program - num_whole_tiles  # >= 0: which part of a split tile
+    part = gl.where(split_part < 0, 0, split_part % splits)
+    last_part = gl.where(split_part < 0, 0, splits - 1)
+    tile = gl.where(split_part < 0, program, num_whole_tiles + split_part // splits)
+    batch_head = tile // num_q_tiles
+    q_tile = tile % num_q_tiles
+    batch = batch_head // num_q_heads
+    head = batch_head % num_q_heads
+    kv_head = head // heads_per_kv
+    num_kv_heads = num_q_heads // heads_per_kv
+
+    table_row = batch * num_kv_heads + kv_head
+    table_ptr = block_idx_ptr + table_row.to(gl.int64) * table_width
+    num_tile_blocks = gl.load(num_blocks_ptr + table_row).to(gl.int32)
+    history_len = gl.load(history_len_ptr).to(gl.int32)
+    num_hist_tiles = num_tile_blocks * SUBS
+    num_iters = num_hist_tiles + gl.cdiv(chunk_len, KV_N)
+    it_begin = part * num_iters // splits
+    it_end = gl.where(split_part < 0, num_iters, (part + 1) * num_iters // splits)
+    # Ends of the partial tiles in key-tile positions (tile `it` holds positions
+    # [it * KV_N, it * KV_N + KV_N)): the history's last block, then the chunk.
+    last_block = gl.load(table_ptr + gl.maximum(num_tile_blocks - 1, 0)).to(gl.int32)
+    last_block_tile = num_hist_tiles - SUBS
+    hist_end = history_len - last_block * BLOCK_SIZE + last_block_tile * KV_N
+    chunk_end = num_hist_tiles * KV_N + chunk_len
+
+    # Row of the 2-D TMA views (rows of `stride_l` elements) where this head's tokens start.
+    q_off = batch.to(gl.int64) * stride_qb + head.to(gl.int64) * stride_qh
+    kv_off = batch.to(gl.int64) * stride_kb + kv_head.to(gl.int64) * stride_kh
+    rows_start = q_tile * (2 * HALF)
+    q_row = (q_off // stride_ql).to(gl.int32) + rows_start
+    q_col = (q_off % stride_ql).to(gl.int32)
+    kv_row = (kv_off // stride_kl).to(gl.int32)
+    kv_col = (kv_off % stride_kl).to(gl.int32)
+    out_row_ptr = out_ptr + batch.to(gl.int64) * stride_ob + head.to(gl.int64) * stride_oh
+    lse_row_ptr = lse_ptr + batch_head.to(gl.int64) * q_len
+    flags_ptr = sync_ptr + 1
+
+    q_smem = gl.allocate_shared_memory(q_desc.dtype, [2, HALF, HEAD_DIM], q_desc.layout)
+    k_smem = gl.allocate_shared_memory(k_desc.dtype, [STAGES, KV_N, HEAD_DIM], k_desc.layout)
+    v_smem = gl.allocate_shared_memory(v_desc.dtype, [STAGES, KV_N, HEAD_DIM], v_desc.layout)
+    q_bar = gl.allocate_shared_memory(gl.int64, [1], mbarrier.MBarrierLayout())
+    k_ready = gl.allocate_shared_memory(gl.int64, [STAGES, 1], mbarrier.MBarrierLayout())
+    v_ready = gl.allocate_shared_memory(gl.int64, [STAGES, 1], mbarrier.MBarrierLayout())
+    kv_empty = gl.allocate_shared_memory(gl.int64, [STAGES, 1], mbarrier.MBarrierLayout())
+    mbarrier.init(q_bar, count=1)
+    for i in gl.static_range(STAGES):
+        mbarrier.init(k_ready.index(i), count=1)
+        mbarrier.init(v_ready.index(i), count=1)
+        mbarrier.init(kv_empty.index(i), count=2)  # one arrival per consumer warpgroup
+
+    gl.warp_specialize(
+        [
+            (
+                _consume,
+                (
+                    q_smem, k_smem, v_smem, q_bar, k_ready, v_ready, kv_empty,
+                    out_row_ptr, lse_row_ptr, handoff_ptr, flags_ptr, q_len, rows_start, split_part, part,
+                    last_part, num_hist_tiles, it_begin, it_end, last_block_tile, hist_end, chunk_end,
+                    qk_scale, stride_ol, 0, WRITE_LSE,
+                ),
+            ),
+            (
+                _consume_worker,
+                (
+                    q_smem, k_smem, v_smem, q_bar, k_ready, v_ready, kv_empty,
+                    out_row_ptr, lse_row_ptr, handoff_ptr, flags_ptr, q_len, rows_start, split_part, part,
+                    last_part, num_hist_tiles, it_begin, it_end, last_block_tile, hist_end, chunk_end,
+                    qk_scale, stride_ol, WRITE_LSE,
+                ),
+            ),
+            (
+                _load_partition,
+                (
+                    q_desc, k_desc, v_desc, q_smem, k_smem, v_smem, q_bar, k_ready, v_ready, kv_empty,
+                    table_ptr, q_row, q_col, kv_row, kv_col, num_hist_tiles, it_begin, it_end, history_len,
+                    BLOCK_SIZE,
+                ),
+            ),
+        ],
+        [4, 1],
+        [232, 40],
+    )  # fmt: skip
+
+
+def _row_view(t: torch.Tensor) -> tuple[int, int] | None:
+    """``(rows, row_len)`` of a 2-D view (rows of ``stride(2)`` elements) in which every
+    ``(batch, head)`` of ``t [B, H, L, D]`` is ``L`` consecutive rows at one column offset, or
+    ``None`` when the strides allow none (or TMA's 16-byte rules fail)."""
+    batch, heads, length, dim = t.shape
+    sb, sh, sl, sd = t.stride()
+    size = t.element_size()
+    if sd != 1 or t.data_ptr() % 16 or (sl * size) % 16 or (sh * size) % 16 or (sb * size) % 16:
+        return None
+    if sb % sl:
+        return None
+    if sh % sl and sh * (heads - 1) + dim > sl:  # heads side by side within a row: must fit
+        return None
+    if sh % sl == 0 and dim > sl:
+        return None
+    last_row = ((batch - 1) * sb + (heads - 1) * sh) // sl
+    return last_row + length, sl
+
+
+def supported(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, block_size: int, grouped: bool) -> bool:
+    """Whether this kernel runs the call (else ``triton_attention`` does)."""
+    if q.device.type != "cuda" or grouped or block_size % BLOCK_N:
+        return False
+    if torch.cuda.get_device_capability(q.device)[0] != 9:
+        return False
+    if q.dtype not in (torch.float16, torch.bfloat16) or k.dtype != q.dtype or v.dtype != q.dtype:
+        return False
+    if q.shape[-1] not in (64, 128) or k.stride() != v.stride():
+        return False
+    return all(_row_view(t) is not None for t in (q, k, v))
+
+
+def scattered_attention(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    *,
+    block_idx: torch.Tensor,
+    num_blocks: torch.Tensor,
+    history_len: torch.Tensor,
+    chunk_len: int,
+    block_size: int,
+    scale: float,
+    return_lse: bool,
+    num_sms: int,
+    stages: int = 3,
+) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """Launch the kernel (call only where ``supported`` holds).
+
+    ``block_idx [B, Hkv, 1, W]`` ascending block indices (``num_blocks [B, Hkv, 1]`` valid);
+    ``history_len`` a 0-d integer tensor on the device. One program per 128-query tile, but
+    the tiles of the last wave (``num_sms`` programs at once) are split into up to
+    ``MAX_SPLITS`` parts that hand over through ``out`` itself (``num_sms=1``: no split).
+    Besides its outputs a call allocates at most ``2 * num_sms + 1`` int32 flags and
+    ``num_sms x 2 x 128`` float32 (133 KiB on an H100).
+    """
+    batch, num_q_heads, q_len, head_dim = q.shape
+    out = torch.empty_like(q)
+    lse = torch.empty(batch, num_q_heads, q_len, device=q.device, dtype=torch.float32) if return_lse else out
+    num_q_tiles = triton.cdiv(q_len, BLOCK_M)
+    num_tiles = batch * num_q_heads * num_q_tiles
+    if num_tiles == 0:
+        return out, (lse if return_lse else None)
+    if block_idx.shape[-1] == 0:  # no history blocks: the kernel still reads one table entry
+        block_idx = torch.zeros(*block_idx.shape[:-1], 1, device=q.device, dtype=torch.int32)
+    gl_dtype = gl.float16 if q.dtype == torch.float16 else gl.bfloat16
+    descs = []
+    for t, block_rows in ((q, BLOCK_M // 2), (k, BLOCK_N), (v, BLOCK_N)):
+        rows, row_len = _row_view(t)
+        layout = gl.NVMMASharedLayout.get_default_for([block_rows, head_dim], gl_dtype)
+        descs.append(TensorDescriptor(t, [rows, row_len], [row_len, 1], [block_rows, head_dim], layout))
+    num_split_tiles = num_tiles % num_sms
+    splits = min(MAX_SPLITS, num_sms // num_split_tiles) if num_split_tiles else 1
+    if splits == 1:
+        num_split_tiles = 0
+    num_parts = num_split_tiles * splits
+    grid = num_tiles - num_split_tiles + num_parts
+    sync = torch.zeros(2 * num_parts + 1, device=q.device, dtype=torch.int32)  # ticket, then flags
+    tickets = torch.empty(grid, device=q.device, dtype=torch.int32)
+    handoff = torch.empty(max(num_parts, 1), 2, BLOCK_M, device=q.device, dtype=torch.float32)
+    _hopper_attention_kernel[(grid,)](
+        *descs, out, lse, block_idx, num_blocks, history_len, sync, tickets, handoff,
+        q.stride(0), q.stride(1), q.stride(2), k.stride(0), k.stride(1), k.stride(2),
+        out.stride(0), out.stride(1), out.stride(2),
+        num_q_heads, num_q_heads // k.shape[1], q_len, chunk_len, block_idx.shape[-1],
+        scale * 1.4426950408889634, num_q_tiles, num_tiles - num_split_tiles, splits,
+        BLOCK_SIZE=block_size, STAGES=stages, WRITE_LSE=return_lse,
+        num_warps=4, maxnreg=168,
+    )  # fmt: skip
+    return out, (lse if return_lse else None)
