@@ -70,3 +70,37 @@ def attention_cases(draw, dtypes=(torch.float32,)) -> Case:
         chunk_len=chunk_len,
         dtype=draw(st.sampled_from(dtypes)),
     )
+
+
+@st.composite
+def hopper_cases(draw) -> Case:
+    """Calls the Hopper Gluon kernel takes (16-bit, head_dim 64/128, blocks of 128/256 tokens,
+    one query group), with partial blocks, partial tiles and short or empty histories."""
+    kv_heads = draw(st.integers(1, 2))
+    local = draw(st.sampled_from([0, 200, 600]))
+    config = dict(
+        block_size=draw(st.sampled_from([128, 256])),
+        top_k=draw(st.integers(1, 8)),
+        sink_tokens=draw(st.sampled_from([0, 128, 300])),
+        local_tokens=local,
+        exclusion_tokens=draw(st.one_of(st.none(), st.integers(local, local + 500))),
+        window_exclusion=draw(st.sampled_from(["adaptive", "always", "never"])),
+    )
+    shape = dict(
+        batch=draw(st.integers(1, 2)),
+        kv_heads=kv_heads,
+        q_heads=kv_heads * draw(st.sampled_from([1, 2])),
+        head_dim=draw(st.sampled_from([64, 128])),
+        q_len=draw(st.integers(1, 300)),
+        unwritten=draw(st.sampled_from([0, 64])),
+        flash_layout=draw(st.booleans()),
+        seed=draw(st.integers(0, 2**16)),
+        device=TEST_DEVICE,
+    )
+    return Case(
+        shape=shape,
+        config=config,
+        history_len=draw(st.one_of(st.integers(0, 300), st.integers(0, 3000))),
+        chunk_len=draw(st.one_of(st.none(), st.integers(1, 300))),
+        dtype=draw(st.sampled_from([torch.bfloat16, torch.float16])),
+    )

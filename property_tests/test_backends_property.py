@@ -7,10 +7,12 @@ import os
 import pytest
 import torch
 from hypothesis import assume, given, settings
+from hypothesis import strategies as st
 
 from omnimem import sparse_attention
+from tests.inputs import TEST_DEVICE
 
-from .cases import Case, attention_cases
+from .cases import Case, attention_cases, hopper_cases
 
 # Eager everything here (compile=False: eager FlexAttention is exact through its mask_mod, and
 # on GPUs selection/planning stay eager too), so random shapes never compile; the compiled
@@ -94,3 +96,25 @@ def test_triton_kernel_matches_reference_with_head_dims_of_tensor_cores(use_tma,
         check_against_reference(case, **BACKENDS["triton"])
     finally:
         triton_attention.default_use_tma = original
+
+
+ON_HOPPER = TEST_DEVICE.type == "cuda" and torch.cuda.get_device_capability(TEST_DEVICE)[0] == 9
+
+
+@pytest.mark.skipif(not ON_HOPPER, reason="the Gluon kernel runs on Hopper GPUs only")
+@settings(max_examples=40)
+@given(case=hopper_cases(), num_sms=st.sampled_from([1, 5, 50, None]))
+def test_hopper_kernel_matches_reference(case, num_sms):
+    """The triton backend's Hopper path (the Gluon kernel), with its last wave unsplit, split,
+    or at the real SM count."""
+    from omnimem.backends import gluon_attention, triton_attention
+
+    q, k, v = case.make()
+    assert gluon_attention.supported(q, k, v, block_size=case.config["block_size"], grouped=False)
+    original = triton_attention.default_num_sms
+    if num_sms is not None:
+        triton_attention.default_num_sms = lambda device: num_sms
+    try:
+        check_against_reference(case, **BACKENDS["triton"])
+    finally:
+        triton_attention.default_num_sms = original
