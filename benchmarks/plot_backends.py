@@ -14,7 +14,8 @@ matplotlib.use("Agg")
 import matplotlib.pyplot as plt
 
 SERIES = [
-    ("triton_ms", "omnimem triton (scattered, in place)"),
+    ("triton_ms", "omnimem triton (scattered, in place; Gluon on Hopper)"),
+    ("triton_kernel_ms", "omnimem Triton-language kernel"),
     ("flex_ms", "omnimem flex (BlockMask)"),
     ("gather_ms", "omnimem gather (masked SDPA)"),
     ("gather_cudnn_ms", "peer: gather + cuDNN SDPA"),
@@ -41,6 +42,8 @@ def main() -> None:
     fig, ax = plt.subplots(figsize=(7, 4.2))
     tokens = [r["history"] for r in rows]
     for key, label in SERIES:
+        if key not in rows[0]:  # older result files
+            continue
         ax.plot(
             tokens,
             [r[key] for r in rows],
