@@ -86,6 +86,12 @@ def _tile_limit(it, num_hist_tiles, last_block_tile, hist_end, chunk_end, KV_N: 
     return gl.minimum(end - it * KV_N, KV_N)
 
 
+@gluon.constexpr_function
+def _wgmma_layout(n):
+    """Accumulator layout of one warpgroup's ``[64, n]`` wgmma tile."""
+    return gl.NVMMADistributedLayout(version=[3, 0], warps_per_cta=[4, 1], instr_shape=[16, n, 16])
+
+
 @gluon.jit
 def _attend_tiles(
     q_smem, k_smem, v_smem, q_bar, k_ready, v_ready, kv_empty,
@@ -97,12 +103,8 @@ def _attend_tiles(
     KV_N: gl.constexpr = k_smem.type.shape[1]
     HEAD_DIM: gl.constexpr = k_smem.type.shape[2]
     HALF: gl.constexpr = q_smem.type.shape[1]
-    s_layout: gl.constexpr = gl.NVMMADistributedLayout(
-        version=[3, 0], warps_per_cta=[4, 1], instr_shape=[16, KV_N, 16]
-    )
-    o_layout: gl.constexpr = gl.NVMMADistributedLayout(
-        version=[3, 0], warps_per_cta=[4, 1], instr_shape=[16, HEAD_DIM, 16]
-    )
+    s_layout: gl.constexpr = _wgmma_layout(KV_N)
+    o_layout: gl.constexpr = _wgmma_layout(HEAD_DIM)
     p_layout: gl.constexpr = gl.DotOperandLayout(operand_index=0, parent=o_layout, k_width=2)
     o_rows: gl.constexpr = gl.SliceLayout(1, o_layout)
     dtype: gl.constexpr = k_smem.dtype
@@ -168,12 +170,8 @@ def _consume(
     KV_N: gl.constexpr = k_smem.type.shape[1]
     HEAD_DIM: gl.constexpr = k_smem.type.shape[2]
     HALF: gl.constexpr = q_smem.type.shape[1]
-    s_layout: gl.constexpr = gl.NVMMADistributedLayout(
-        version=[3, 0], warps_per_cta=[4, 1], instr_shape=[16, KV_N, 16]
-    )
-    o_layout: gl.constexpr = gl.NVMMADistributedLayout(
-        version=[3, 0], warps_per_cta=[4, 1], instr_shape=[16, HEAD_DIM, 16]
-    )
+    s_layout: gl.constexpr = _wgmma_layout(KV_N)
+    o_layout: gl.constexpr = _wgmma_layout(HEAD_DIM)
     o_rows: gl.constexpr = gl.SliceLayout(1, o_layout)
     if it_end > it_begin:
         m_i, l_i, acc = _attend_tiles(
