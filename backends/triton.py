@@ -49,10 +49,11 @@ def tile_tables(selection: Selection, *, q_len: int, block_m: int) -> tuple[torc
 
 @functools.cache
 def _hopper_kernel() -> ModuleType | None:
-    """The warp-specialized Gluon kernel, or ``None`` where this triton has no Gluon for Hopper."""
+    """The warp-specialized Gluon kernel, or ``None`` where this triton has no Gluon for Hopper
+    (or a Gluon whose API moved: Gluon is experimental)."""
     try:
         from omnimem.backends import gluon_attention
-    except ImportError:
+    except (ImportError, AttributeError):
         return None
     return gluon_attention
 
