@@ -161,7 +161,7 @@ def _attend_tiles(
 @gluon.jit
 def _consume(
     q_smem, k_smem, v_smem, q_bar, k_ready, v_ready, kv_empty,
-    out_row_ptr, lse_ptr, handoff_ptr, flags_ptr, q_len, rows_start, split_part, part, last_part,
+    out_row_ptr, lse_row_ptr, handoff_ptr, flags_ptr, q_len, rows_start, split_part, part, last_part,
     num_hist_tiles, it_begin, it_end, last_block_tile, hist_end, chunk_end, qk_scale, stride_ol,
     WG: gl.constexpr, WRITE_LSE: gl.constexpr,
 ):  # fmt: skip
@@ -228,19 +228,19 @@ def _consume(
     elif WRITE_LSE:
         # Natural-log LSE from the base-2 running max and sum.
         lse = (m_o + gl.log2(l_o)) * 0.6931471805599453
-        gl.store(lse_ptr + rows, lse, mask=rows < q_len)
+        gl.store(lse_row_ptr + rows, lse, mask=rows < q_len)
 
 
 @gluon.jit
 def _consume_worker(
     q_smem, k_smem, v_smem, q_bar, k_ready, v_ready, kv_empty,
-    out_row_ptr, lse_ptr, handoff_ptr, flags_ptr, q_len, rows_start, split_part, part, last_part,
+    out_row_ptr, lse_row_ptr, handoff_ptr, flags_ptr, q_len, rows_start, split_part, part, last_part,
     num_hist_tiles, it_begin, it_end, last_block_tile, hist_end, chunk_end, qk_scale, stride_ol,
     WRITE_LSE: gl.constexpr,
 ):  # fmt: skip
     _consume(
         q_smem, k_smem, v_smem, q_bar, k_ready, v_ready, kv_empty,
-        out_row_ptr, lse_ptr, handoff_ptr, flags_ptr, q_len, rows_start, split_part, part, last_part,
+        out_row_ptr, lse_row_ptr, handoff_ptr, flags_ptr, q_len, rows_start, split_part, part, last_part,
         num_hist_tiles, it_begin, it_end, last_block_tile, hist_end, chunk_end, qk_scale, stride_ol,
         1, WRITE_LSE,
     )  # fmt: skip

@@ -159,7 +159,7 @@ def test_hopper_row_view_addresses_every_head(layout):
         ),
     }[layout]()
     view = _row_view(base)
-    if layout in ("strided-dim",):
+    if layout == "strided-dim":
         assert view is None
         return
     rows, row_len = view
