@@ -2,10 +2,13 @@
 
 from __future__ import annotations
 
+import pytest
 import torch
-from hypothesis import assume, given
+from hypothesis import assume, given, settings
+from hypothesis import strategies as st
 
 from omnimem import select_blocks
+from tests.inputs import TEST_DEVICE
 
 from .cases import Case, attention_cases
 
@@ -26,3 +29,51 @@ def test_selection_matches_brute_force(case: Case):
         chosen = ref.selected_blocks[b, h, g]
         assert ranked[b, h, g, : len(chosen)].tolist() == chosen
         assert (ranked[b, h, g, len(chosen) :] == -1).all()
+
+
+@settings(max_examples=15)
+@given(
+    num_blocks=st.integers(1, 300),
+    history_fraction=st.floats(0, 1),
+    block_size=st.sampled_from([1, 4, 16]),
+    top_k=st.integers(1, 40),
+    sink_blocks=st.integers(0, 12),
+    local_blocks=st.integers(0, 12),
+    extra_exclusion=st.integers(0, 8),
+    mode=st.sampled_from(["never", "always", "adaptive"]),
+    misalign=st.integers(0, 3),
+    seed=st.integers(0, 2**16),
+)
+def test_block_tables_kernels_match_torch_tables(
+    num_blocks,
+    history_fraction,
+    block_size,
+    top_k,
+    sink_blocks,
+    local_blocks,
+    extra_exclusion,
+    mode,
+    misalign,
+    seed,
+):
+    """The Triton top-k and table kernels (CPU: the Triton interpreter) give the torch path's
+    tables bit for bit, for random window rules over few distinct scores (many ties)."""
+    pytest.importorskip("triton")
+    from omnimem import OmniMemConfig
+    from omnimem.selection import RetrievalRules, selection_tables, triton_selection_tables
+
+    local_tokens = max(local_blocks * block_size - misalign, 0)
+    rules = RetrievalRules.from_config(
+        OmniMemConfig(
+            block_size=block_size, top_k=top_k, sink_tokens=max(sink_blocks * block_size - misalign, 0),
+            local_tokens=local_tokens, exclusion_tokens=local_tokens + extra_exclusion * block_size,
+            window_exclusion=mode,
+        )
+    )  # fmt: skip
+    gen = torch.Generator().manual_seed(seed)
+    scores = torch.randint(-3, 4, (1, 2, 2, num_blocks), generator=gen).float().to(TEST_DEVICE)
+    history_len = torch.tensor(int(history_fraction * num_blocks * block_size), device=TEST_DEVICE)
+    expected = selection_tables(scores, history_len, rules)
+    got = triton_selection_tables(scores, history_len, rules)
+    for name, a, b in zip(("kv_block_idx", "kv_num_blocks", "selected", "fixed"), got, expected, strict=True):
+        assert torch.equal(a, b), name

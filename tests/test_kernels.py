@@ -111,6 +111,8 @@ def test_scattered_attention_matches_dense_with_split_tiles(num_sms, query_group
         (40, 37, 5, 8, 12, 20, "adaptive"),
         (40, 37, 5, 8, 12, 20, "always"),
         (40, 37, 5, 8, 12, 20, "never"),
+        (40, 10, 5, 8, 12, 20, "never"),  # the local window overlaps the sink
+        (40, 5, 5, 8, 12, 20, "adaptive"),  # history shorter than the sink
         (600, 590, 32, 13, 40, 40, "adaptive"),  # several chunks of 256 blocks
         (9, 3, 16, 0, 4, 4, "adaptive"),  # top_k > blocks, short history
         (9, 0, 4, 4, 4, 8, "adaptive"),  # empty history

@@ -7,7 +7,8 @@ assemble the table; here:
    packs each block's selection key (tier, score bits, -index: the same int64 keys as the
    torch path, so the same order and ties), sorts its chunk and keeps its best ``K_PAD`` keys.
 2. ``_merge_tables_kernel``: one program per row sorts the chunks' survivors, writes the
-   top-k in rank order, then the ascending union of sink, local and selected blocks.
+   top-k in rank order, then places the sink, local and selected blocks in the ascending
+   table by counting (no second sort).
 
 A row is one (batch, KV head, query group) of the ``[B, Hkv, G, NB]`` scores.
 """
@@ -53,7 +54,7 @@ def _chunk_topk_kernel(
     else:  # adaptive: recent blocks only fill slots the far history leaves empty
         tier = tl.where(far, TIER_FAR, tl.where(recent, TIER_RECENT, 0))
     if row == 0:
-        tl.store(fixed_ptr + block, (sink | local).to(tl.int8), mask=in_range)
+        tl.store(fixed_ptr + block, sink | local, mask=in_range)
 
     # Order-preserving bits of the float32 score (-0.0 as +0.0), then the packed key.
     score = tl.where(score == 0.0, 0.0, score)
@@ -71,8 +72,9 @@ def _chunk_topk_kernel(
 def _merge_tables_kernel(
     keys_ptr, selected_ptr, block_idx_ptr, num_blocks_out_ptr, history_len_ptr,
     num_blocks, num_keys, top_k, num_sink, num_local, local_tokens, table_width,
-    BLOCK_SIZE: tl.constexpr, KEYS_PAD: tl.constexpr, UNION_PAD: tl.constexpr,
-    INDEX_BITS: tl.constexpr, TIER_SHIFT: tl.constexpr,
+    BLOCK_SIZE: tl.constexpr, KEYS_PAD: tl.constexpr, FIXED_PAD: tl.constexpr,
+    TOPK_PAD: tl.constexpr, WIDTH_PAD: tl.constexpr, INDEX_BITS: tl.constexpr,
+    TIER_SHIFT: tl.constexpr,
 ):  # fmt: skip
     row = tl.program_id(0)
     history_len = tl.load(history_len_ptr)
@@ -87,36 +89,41 @@ def _merge_tables_kernel(
     tl.store(selected_row + slot, selected, mask=slot < top_k)
     tl.debug_barrier()  # the stores above are read back by other threads below
 
-    # Candidates: sink blocks, local blocks, selected blocks; `num_blocks` marks "none".
-    u = tl.arange(0, UNION_PAD)
+    # Fixed blocks: the sink range, then the local range minus what the sink holds. Both are
+    # ascending, so the kept ones are too; `num_blocks` marks "none".
+    valid_blocks = (history_len + BLOCK_SIZE - 1) // BLOCK_SIZE
+    f = tl.arange(0, FIXED_PAD)
+    sink_end = tl.minimum(num_sink, valid_blocks)
     first_local = tl.maximum(history_len - local_tokens, 0) // BLOCK_SIZE
-    is_sink = u < num_sink
-    is_local = (u >= num_sink) & (u < num_sink + num_local)
-    is_selected = (u >= num_sink + num_local) & (u < num_sink + num_local + top_k)
-    picked = tl.load(selected_row + (u - num_sink - num_local), mask=is_selected, other=-1)
-    fixed = tl.where(is_sink, u, first_local + (u - num_sink)).to(tl.int64)
-    candidate = tl.where(
-        is_sink | is_local,
-        tl.where(fixed * BLOCK_SIZE < history_len, fixed, num_blocks),
-        tl.where(picked >= 0, picked, num_blocks),
-    ).to(tl.int32)
-    candidate = tl.where(is_sink | is_local | is_selected, candidate, num_blocks)
-    # Repeats (a selected block inside the local window, say) become "none", then sort.
-    earlier_equal = (candidate[None, :] == candidate[:, None]) & (u[None, :] < u[:, None])
-    candidate = tl.where(tl.max(earlier_equal.to(tl.int32), 1) > 0, num_blocks, candidate)
-    candidate = tl.sort(candidate)
-    is_block = (candidate < num_blocks) & (u < table_width)
-    tl.store(
-        block_idx_ptr + row.to(tl.int64) * table_width + u,
-        tl.where(is_block, candidate, -1),
-        mask=u < table_width,
+    fixed = tl.where(f < num_sink, f, first_local + f - num_sink)
+    is_local = (f >= num_sink) & (f < num_sink + num_local)
+    keep = tl.where(f < num_sink, f < sink_end, is_local & (fixed < valid_blocks) & (fixed >= sink_end))
+    fixed = tl.where(keep, fixed, num_blocks)
+    # Selected blocks (distinct, never sink blocks) that the local window does not already hold.
+    t = tl.arange(0, TOPK_PAD)
+    picked = tl.load(selected_row + t, mask=t < top_k, other=-1)
+    covered = tl.max((fixed[None, :] == picked[:, None]).to(tl.int32), 1) > 0
+    extra = (picked >= 0) & ~covered
+    picked = tl.where(extra, picked, num_blocks)
+    # A block's place in the ascending table is the number of kept blocks below it: [F, K] and
+    # [K, K] comparisons instead of sorting the whole candidate list again.
+    kept = keep.to(tl.int32)
+    fixed_place = tl.cumsum(kept, 0) - kept + tl.sum((picked[None, :] < fixed[:, None]).to(tl.int32), 1)
+    picked_place = tl.sum((fixed[None, :] < picked[:, None]).to(tl.int32), 1) + tl.sum(
+        (picked[None, :] < picked[:, None]).to(tl.int32), 1
     )
-    tl.store(num_blocks_out_ptr + row, tl.sum(is_block.to(tl.int32), 0))
+    count = tl.sum(kept, 0) + tl.sum(extra.to(tl.int32), 0)
+    table_row = block_idx_ptr + row.to(tl.int64) * table_width
+    tl.store(table_row + fixed_place, fixed, mask=keep & (fixed_place < table_width))
+    tl.store(table_row + picked_place, picked, mask=extra & (picked_place < table_width))
+    u = tl.arange(0, WIDTH_PAD)
+    tl.store(table_row + u, -1, mask=(u >= count) & (u < table_width))
+    tl.store(num_blocks_out_ptr + row, tl.minimum(count, table_width))
 
 
 def plan_sizes(num_blocks: int, top_k: int, num_fixed: int) -> tuple[int, int, int]:
     """``(chunk, keys_pad, union_pad)``: blocks per first-pass program (at most 32 chunks per
-    row), the merge's sort width, and the candidate union's width."""
+    row), the merge's sort width, and the width of the sink + local + top-k candidates."""
     k_pad = triton.next_power_of_2(min(top_k, num_blocks))
     chunk = max(256, 2 * k_pad, triton.next_power_of_2(math.ceil(num_blocks / 32)))
     keys_pad = triton.next_power_of_2(math.ceil(num_blocks / chunk) * k_pad)
@@ -147,30 +154,31 @@ def block_tables(
     fixed [NB] bool)`` from ``scores [B, Hkv, G, NB]`` float32, as ``selection_tables``
     returns them (``K = min(top_k, NB)``); ``num_sink``/``num_local``: the
     ``RetrievalRules.fixed_blocks`` bounds. ``merge_warps``: warps of the per-row merge (8
-    measured fastest: 21.5 us for both kernels at 60 s, 24.6 with 4, 32.5 with 2)."""
+    measured fastest on an H100)."""
     *lead, num_blocks = scores.shape
     rows = math.prod(lead)
     scores = scores.reshape(rows, num_blocks)  # a view for the usual [.., G, NB] layouts
     device = scores.device
     k = min(top_k, num_blocks)
     k_pad = triton.next_power_of_2(k)
-    chunk, keys_pad, union_pad = plan_sizes(num_blocks, top_k, num_sink + num_local)
+    chunk, keys_pad, _ = plan_sizes(num_blocks, top_k, num_sink + num_local)
     num_chunks = math.ceil(num_blocks / chunk)
     keys = torch.empty(rows, num_chunks, k_pad, device=device, dtype=torch.int64)
-    fixed = torch.empty(num_blocks, device=device, dtype=torch.int8)
-    consts = dict(INDEX_BITS=index_bits, TIER_SHIFT=tier_shift)
+    fixed = torch.empty(num_blocks, device=device, dtype=torch.bool)
+    consts = dict(INDEX_BITS=index_bits, TIER_SHIFT=tier_shift, BLOCK_SIZE=block_size)
     mode = {"never": 0, "always": 1, "adaptive": 2}[window_exclusion]
     _chunk_topk_kernel[(rows, num_chunks)](
         scores, keys, fixed, history_len, *scores.stride(), num_blocks, num_chunks, sink_tokens, local_tokens,
-        exclusion_tokens, BLOCK_SIZE=block_size, MODE=mode, CHUNK=chunk, K_PAD=k_pad,
-        TIER_FAR=tier_far, TIER_RECENT=tier_recent, **consts,
+        exclusion_tokens, MODE=mode, CHUNK=chunk, K_PAD=k_pad, TIER_FAR=tier_far, TIER_RECENT=tier_recent,
+        **consts,
     )  # fmt: skip
     selected = torch.empty(*lead, k, device=device, dtype=torch.int32)
     block_idx = torch.empty(*lead, table_width, device=device, dtype=torch.int32)
     count = torch.empty(*lead, device=device, dtype=torch.int32)
     _merge_tables_kernel[(rows,)](
-        keys, selected, block_idx, count, history_len,
-        num_blocks, num_chunks * k_pad, k, num_sink, num_local, local_tokens, table_width,
-        BLOCK_SIZE=block_size, KEYS_PAD=keys_pad, UNION_PAD=union_pad, **consts, num_warps=merge_warps,
+        keys, selected, block_idx, count, history_len, num_blocks, num_chunks * k_pad, k, num_sink,
+        num_local, local_tokens, table_width, KEYS_PAD=keys_pad,
+        FIXED_PAD=triton.next_power_of_2(max(1, num_sink + num_local)), TOPK_PAD=k_pad,
+        WIDTH_PAD=triton.next_power_of_2(table_width), **consts, num_warps=merge_warps,
     )  # fmt: skip
-    return block_idx, count, selected, fixed.bool()
+    return block_idx, count, selected, fixed
