@@ -323,7 +323,7 @@ def selection_tables(
 
 def triton_tables_supported(num_blocks: int, rules: RetrievalRules) -> bool:
     """Whether ``triton_selection_tables`` takes these sizes: each of its sorts holds at most
-    4096 keys in one program, its de-duplication compares 256 x 256 candidates."""
+    4096 keys in one program, and the table holds at most 256 sink, local and top-k blocks."""
     from omnimem.kernels.block_tables import plan_sizes
 
     chunk, keys_pad, union_pad = plan_sizes(num_blocks, rules.top_k, sum(rules.fixed_blocks(num_blocks)))
