@@ -143,6 +143,105 @@ def test_block_tables_kernel_matches_reference(
         assert torch.equal(a, b), name
 
 
+@pytest.mark.parametrize(
+    ("q_len", "group_size", "head_dim", "flash_layout", "dtype"),
+    [
+        (37, 37, 16, False, torch.float32),  # several programs per group, a partial last one
+        (50, 16, 8, True, torch.float32),  # query groups, the last one shorter
+        (9, 9, 5, True, torch.bfloat16),  # head_dim not a power of two
+        (64, 64, 32, False, torch.float16),
+        (3, 2, 4, False, torch.float32),
+    ],
+)
+def test_pooled_queries_kernel_matches_reference(q_len, group_size, head_dim, flash_layout, dtype):
+    from omnimem.kernels.pooled_queries import pooled_queries
+    from omnimem.selection import pooled_queries as pooled_queries_reference
+
+    q, _, _ = make_inputs(
+        batch=2, q_heads=3, q_len=q_len, history_len=0, head_dim=head_dim, flash_layout=flash_layout,
+        dtype=dtype,
+    )  # fmt: skip
+    got = pooled_queries(q, group_size, rows=4, steps=2)  # 8 tokens per program: several per group
+    torch.testing.assert_close(got, pooled_queries_reference(q, group_size), atol=1e-6, rtol=1e-5)
+
+
+def _exact_queries_and_keys(batch, q_heads, kv_heads, q_len, group_size, head_dim, kv_len, gen):
+    """Small integers, and each query group's last row set so that the group's mean is an
+    integer: every sum, mean and dot product of the scores is exact in float32, so any
+    summation order gives the same scores bit for bit (ties included)."""
+    q = torch.randint(-3, 4, (batch, q_heads, q_len, head_dim), generator=gen).float()
+    for start in range(0, q_len, group_size):
+        end = min(start + group_size, q_len)
+        mean = torch.randint(-2, 3, (batch, q_heads, head_dim), generator=gen).float()
+        q[:, :, end - 1] = mean * (end - start) - q[:, :, start : end - 1].sum(2)
+    k = torch.randint(-2, 3, (batch, kv_heads, kv_len, head_dim), generator=gen).float()
+    return q.to(TEST_DEVICE), k.to(TEST_DEVICE)
+
+
+@pytest.mark.parametrize(
+    (
+        "q_heads",
+        "kv_heads",
+        "history_len",
+        "block_size",
+        "top_k",
+        "sink",
+        "local",
+        "exclusion",
+        "mode",
+        "tile",
+    ),
+    [
+        (4, 2, 1001, 8, 5, 9, 40, 40, "adaptive", 16),  # GQA, partial last block
+        (3, 3, 2999, 4, 7, 0, 12, 30, "never", 64),  # several chunks of 256 blocks
+        (1, 1, 6001, 4, 32, 4, 8, 8, "adaptive", 256),  # one tile per chunk
+        (2, 1, 13, 4, 4, 4, 4, 4, "always", 16),  # fewer blocks than top_k
+        (2, 2, 0, 4, 4, 4, 4, 8, "adaptive", 16),  # empty history
+    ],
+)
+def test_tables_from_sums_kernel_matches_torch_tables(
+    q_heads, kv_heads, history_len, block_size, top_k, sink, local, exclusion, mode, tile
+):
+    """Pooled queries, then scores + top-k + tables in one launch (its tickets chain tiles,
+    chunks and rows), bit for bit against the torch path on exactly representable scores."""
+    from omnimem import OmniMemConfig
+    from omnimem.kernels.block_tables import block_tables_from_sums
+    from omnimem.kernels.pooled_queries import pooled_queries
+    from omnimem.selection import (
+        _INDEX_BITS,
+        _TIER_FAR,
+        _TIER_RECENT,
+        _TIER_SHIFT,
+        RetrievalRules,
+        _scores_from_block_sums,
+        block_key_sums,
+        selection_tables,
+    )
+
+    q_len, head_dim = 12, 16
+    gen = torch.Generator().manual_seed(history_len + top_k)
+    q, k = _exact_queries_and_keys(2, q_heads, kv_heads, q_len, q_len, head_dim, history_len + q_len, gen)
+    rules = RetrievalRules.from_config(
+        OmniMemConfig(
+            block_size=block_size, top_k=top_k, sink_tokens=max(sink * block_size - 1, 0),
+            local_tokens=local * block_size, exclusion_tokens=exclusion * block_size, window_exclusion=mode,
+        )
+    )  # fmt: skip
+    history = torch.tensor(history_len, device=TEST_DEVICE)
+    sums = block_key_sums(k, history, block_size)
+    expected = selection_tables(_scores_from_block_sums(q, sums, history, rules, q_len, 0.5), history, rules)
+    num_sink, num_local = rules.fixed_blocks(sums.shape[-2])
+    got = block_tables_from_sums(
+        pooled_queries(q, q_len, rows=4, steps=1), sums, history, scale=0.5, num_sink=num_sink,
+        num_local=num_local, block_size=block_size, top_k=top_k, sink_tokens=rules.sink_tokens,
+        local_tokens=rules.local_tokens, exclusion_tokens=rules.exclusion_tokens, window_exclusion=mode,
+        table_width=rules.table_width(sums.shape[-2]), index_bits=_INDEX_BITS, tier_shift=_TIER_SHIFT,
+        tier_far=_TIER_FAR, tier_recent=_TIER_RECENT, blocks=tile,
+    )  # fmt: skip
+    for name, a, b in zip(("kv_block_idx", "kv_num_blocks", "selected", "fixed"), got, expected, strict=True):
+        assert torch.equal(a, b), name
+
+
 @pytest.mark.parametrize("layout", ["bhld", "blhd", "cache-slice", "strided-dim", "padded-rows"])
 def test_hopper_row_view_addresses_every_head(layout):
     """The Gluon kernel's 2-D TMA view: (row, column) of every (batch, head, token) is its

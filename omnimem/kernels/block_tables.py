@@ -9,6 +9,10 @@ assemble the table; here:
 2. ``_merge_tables_kernel``: one program per row sorts the chunks' survivors, writes the
    top-k in rank order, then places the sink, local and selected blocks in the ascending
    table by counting (no second sort).
+3. ``_tables_from_sums_kernel``: scores (pooled query . block sum / tokens) and both steps
+   above in one launch. Programs score tiles of blocks; the last tile of a chunk to finish
+   (an atomic ticket) ranks the chunk, the last chunk of a row merges the row. Dependent
+   launches cost more than the work at these sizes, so chaining them inside one grid pays.
 
 A row is one (batch, KV head, query group) of the ``[B, Hkv, G, NB]`` scores.
 """
@@ -23,21 +27,18 @@ import triton.language as tl
 
 
 @triton.jit
-def _chunk_topk_kernel(
-    scores_ptr, keys_ptr, fixed_ptr, history_len_ptr, stride_row, stride_block,
-    num_blocks, num_chunks, sink_tokens, local_tokens, exclusion_tokens,
+def _chunk_top_keys(
+    scores_row, keys_row, fixed_ptr, history_len, row, chunk, stride_block, num_blocks,
+    sink_tokens, local_tokens, exclusion_tokens,
     BLOCK_SIZE: tl.constexpr, MODE: tl.constexpr, CHUNK: tl.constexpr, K_PAD: tl.constexpr,
     INDEX_BITS: tl.constexpr, TIER_SHIFT: tl.constexpr, TIER_FAR: tl.constexpr,
     TIER_RECENT: tl.constexpr,
 ):  # fmt: skip
-    row = tl.program_id(0)
-    chunk = tl.program_id(1)
+    """Keys of one chunk of a row's blocks, sorted; the best ``K_PAD`` go to ``keys_row``.
+    Scores are read through L2 (``.cg``): other programs may have just written them."""
     block = chunk * CHUNK + tl.arange(0, CHUNK)
     in_range = block < num_blocks
-    score = tl.load(
-        scores_ptr + row.to(tl.int64) * stride_row + block * stride_block, mask=in_range, other=0.0
-    )
-    history_len = tl.load(history_len_ptr)
+    score = tl.load(scores_row + block * stride_block, mask=in_range, other=0.0, cache_modifier=".cg")
 
     # Window rules (DESIGN.md section 2), as in ``window_masks``.
     start = block.to(tl.int64) * BLOCK_SIZE
@@ -64,28 +65,25 @@ def _chunk_topk_kernel(
     key = tl.where(in_range, key, -1)  # below every real key
     key = tl.sort(key, descending=True)
     slot = tl.arange(0, CHUNK)
-    out = keys_ptr + (row.to(tl.int64) * num_chunks + chunk) * K_PAD + slot
-    tl.store(out, key, mask=slot < K_PAD)
+    tl.store(keys_row + chunk * K_PAD + slot, key, mask=slot < K_PAD)
 
 
 @triton.jit
-def _merge_tables_kernel(
-    keys_ptr, selected_ptr, block_idx_ptr, num_blocks_out_ptr, history_len_ptr,
+def _merge_row_tables(
+    keys_row, selected_row, table_row, num_blocks_out, history_len,
     num_blocks, num_keys, top_k, num_sink, num_local, local_tokens, table_width,
     BLOCK_SIZE: tl.constexpr, KEYS_PAD: tl.constexpr, FIXED_PAD: tl.constexpr,
     TOPK_PAD: tl.constexpr, WIDTH_PAD: tl.constexpr, INDEX_BITS: tl.constexpr,
     TIER_SHIFT: tl.constexpr,
 ):  # fmt: skip
-    row = tl.program_id(0)
-    history_len = tl.load(history_len_ptr)
-
+    """One row's top-k (rank order) and ascending sink + local + selected table from its
+    chunks' surviving keys."""
     # The top-k keys in rank order; those without a tier are not candidates (-1).
     slot = tl.arange(0, KEYS_PAD)
-    key = tl.load(keys_ptr + row.to(tl.int64) * num_keys + slot, mask=slot < num_keys, other=-1)
+    key = tl.load(keys_row + slot, mask=slot < num_keys, other=-1, cache_modifier=".cg")
     key = tl.sort(key, descending=True)
     block = (1 << INDEX_BITS) - 1 - (key & ((1 << INDEX_BITS) - 1))
     selected = tl.where((key >> TIER_SHIFT) > 0, block, -1).to(tl.int32)
-    selected_row = selected_ptr + row.to(tl.int64) * top_k
     tl.store(selected_row + slot, selected, mask=slot < top_k)
     tl.debug_barrier()  # the stores above are read back by other threads below
 
@@ -113,12 +111,107 @@ def _merge_tables_kernel(
         (picked[None, :] < picked[:, None]).to(tl.int32), 1
     )
     count = tl.sum(kept, 0) + tl.sum(extra.to(tl.int32), 0)
-    table_row = block_idx_ptr + row.to(tl.int64) * table_width
     tl.store(table_row + fixed_place, fixed, mask=keep & (fixed_place < table_width))
     tl.store(table_row + picked_place, picked, mask=extra & (picked_place < table_width))
     u = tl.arange(0, WIDTH_PAD)
     tl.store(table_row + u, -1, mask=(u >= count) & (u < table_width))
-    tl.store(num_blocks_out_ptr + row, tl.minimum(count, table_width))
+    tl.store(num_blocks_out, tl.minimum(count, table_width))
+
+
+@triton.jit
+def _chunk_topk_kernel(
+    scores_ptr, keys_ptr, fixed_ptr, history_len_ptr, stride_row, stride_block,
+    num_blocks, num_chunks, sink_tokens, local_tokens, exclusion_tokens,
+    BLOCK_SIZE: tl.constexpr, MODE: tl.constexpr, CHUNK: tl.constexpr, K_PAD: tl.constexpr,
+    INDEX_BITS: tl.constexpr, TIER_SHIFT: tl.constexpr, TIER_FAR: tl.constexpr,
+    TIER_RECENT: tl.constexpr,
+):  # fmt: skip
+    row = tl.program_id(0)
+    _chunk_top_keys(
+        scores_ptr + row.to(tl.int64) * stride_row, keys_ptr + row.to(tl.int64) * num_chunks * K_PAD,
+        fixed_ptr, tl.load(history_len_ptr), row, tl.program_id(1), stride_block, num_blocks,
+        sink_tokens, local_tokens, exclusion_tokens, BLOCK_SIZE, MODE, CHUNK, K_PAD, INDEX_BITS,
+        TIER_SHIFT, TIER_FAR, TIER_RECENT,
+    )  # fmt: skip
+
+
+@triton.jit
+def _merge_tables_kernel(
+    keys_ptr, selected_ptr, block_idx_ptr, num_blocks_out_ptr, history_len_ptr,
+    num_blocks, num_keys, top_k, num_sink, num_local, local_tokens, table_width,
+    BLOCK_SIZE: tl.constexpr, KEYS_PAD: tl.constexpr, FIXED_PAD: tl.constexpr,
+    TOPK_PAD: tl.constexpr, WIDTH_PAD: tl.constexpr, INDEX_BITS: tl.constexpr,
+    TIER_SHIFT: tl.constexpr,
+):  # fmt: skip
+    row = tl.program_id(0).to(tl.int64)
+    _merge_row_tables(
+        keys_ptr + row * num_keys, selected_ptr + row * top_k, block_idx_ptr + row * table_width,
+        num_blocks_out_ptr + row, tl.load(history_len_ptr), num_blocks, num_keys, top_k, num_sink,
+        num_local, local_tokens, table_width, BLOCK_SIZE, KEYS_PAD, FIXED_PAD, TOPK_PAD, WIDTH_PAD,
+        INDEX_BITS, TIER_SHIFT,
+    )  # fmt: skip
+
+
+@triton.jit
+def _tables_from_sums_kernel(
+    pooled_ptr, sums_ptr, scores_ptr, keys_ptr, fixed_ptr, selected_ptr, block_idx_ptr,
+    num_blocks_out_ptr, history_len_ptr, ticket_ptr,
+    stride_sb, stride_sh, stride_sj, stride_sd,
+    num_kv_heads, heads_per_kv, num_groups, num_blocks, num_chunks, num_tiles, scale,
+    sink_tokens, local_tokens, exclusion_tokens, top_k, num_sink, num_local, table_width,
+    BLOCKS: tl.constexpr, HEAD_DIM: tl.constexpr, D_PAD: tl.constexpr,
+    BLOCK_SIZE: tl.constexpr, MODE: tl.constexpr, CHUNK: tl.constexpr, K_PAD: tl.constexpr,
+    KEYS_PAD: tl.constexpr, FIXED_PAD: tl.constexpr, TOPK_PAD: tl.constexpr,
+    WIDTH_PAD: tl.constexpr, INDEX_BITS: tl.constexpr, TIER_SHIFT: tl.constexpr,
+    TIER_FAR: tl.constexpr, TIER_RECENT: tl.constexpr,
+):  # fmt: skip
+    row = tl.program_id(0)  # (batch, KV head, query group)
+    tile = tl.program_id(1)
+    group = row % num_groups
+    batch = row // num_groups // num_kv_heads
+    kv_head = row // num_groups % num_kv_heads
+    block = tile * BLOCKS + tl.arange(0, BLOCKS)
+    cols = tl.arange(0, D_PAD)
+    col_ok = cols < HEAD_DIM
+    # The block sums come from DRAM: their load is issued before anything waits.
+    sums_row = sums_ptr + batch.to(tl.int64) * stride_sb + kv_head.to(tl.int64) * stride_sh
+    key_sums = tl.load(
+        sums_row + block.to(tl.int64)[:, None] * stride_sj + cols[None, :] * stride_sd,
+        mask=(block[:, None] < num_blocks) & col_ok[None, :],
+        other=0.0,
+    )
+    # Scores of the KV head's query heads summed (GQA) = the summed pooled queries' score.
+    pooled = tl.zeros([D_PAD], dtype=tl.float32)
+    for r in range(heads_per_kv):
+        head_group = ((batch * num_kv_heads + kv_head) * heads_per_kv + r) * num_groups + group
+        pooled += tl.load(pooled_ptr + head_group.to(tl.int64) * HEAD_DIM + cols, mask=col_ok, other=0.0)
+    history_len = tl.load(history_len_ptr)
+    tokens = tl.minimum(tl.maximum(history_len - block.to(tl.int64) * BLOCK_SIZE, 1), BLOCK_SIZE)
+    score = tl.div_rn(tl.sum(key_sums * pooled[None, :], axis=1) * scale, tokens.to(tl.float32))
+    scores_row = scores_ptr + row.to(tl.int64) * num_blocks
+    tl.store(scores_row + block, score, mask=block < num_blocks)
+
+    # The last tile of a chunk to finish ranks the chunk; the last chunk of a row merges it.
+    TILES_PER_CHUNK: tl.constexpr = CHUNK // BLOCKS
+    chunk = tile // TILES_PER_CHUNK
+    chunk_tiles = tl.minimum(TILES_PER_CHUNK, num_tiles - chunk * TILES_PER_CHUNK)
+    keys_row = keys_ptr + row.to(tl.int64) * num_chunks * K_PAD
+    tl.debug_barrier()  # every thread's stores before the release (CUTLASS's pattern)
+    if tl.atomic_add(ticket_ptr + row * num_chunks + chunk, 1, sem="acq_rel") == chunk_tiles - 1:
+        _chunk_top_keys(
+            scores_row, keys_row, fixed_ptr, history_len, row, chunk, 1, num_blocks, sink_tokens,
+            local_tokens, exclusion_tokens, BLOCK_SIZE, MODE, CHUNK, K_PAD, INDEX_BITS, TIER_SHIFT,
+            TIER_FAR, TIER_RECENT,
+        )  # fmt: skip
+        tl.debug_barrier()
+        row_ticket = ticket_ptr + tl.num_programs(0) * num_chunks + row
+        if tl.atomic_add(row_ticket, 1, sem="acq_rel") == num_chunks - 1:
+            _merge_row_tables(
+                keys_row, selected_ptr + row.to(tl.int64) * top_k,
+                block_idx_ptr + row.to(tl.int64) * table_width, num_blocks_out_ptr + row, history_len,
+                num_blocks, num_chunks * K_PAD, top_k, num_sink, num_local, local_tokens, table_width,
+                BLOCK_SIZE, KEYS_PAD, FIXED_PAD, TOPK_PAD, WIDTH_PAD, INDEX_BITS, TIER_SHIFT,
+            )  # fmt: skip
 
 
 def plan_sizes(num_blocks: int, top_k: int, num_fixed: int) -> tuple[int, int, int]:
@@ -180,5 +273,77 @@ def block_tables(
         num_local, local_tokens, table_width, KEYS_PAD=keys_pad,
         FIXED_PAD=triton.next_power_of_2(max(1, num_sink + num_local)), TOPK_PAD=k_pad,
         WIDTH_PAD=triton.next_power_of_2(table_width), **consts, num_warps=merge_warps,
+    )  # fmt: skip
+    return block_idx, count, selected, fixed
+
+
+def num_table_tickets(rows: int, num_blocks: int, top_k: int, num_fixed: int) -> int:
+    """Size of ``block_tables_from_sums``'s ticket buffer: one per chunk and one per row."""
+    chunk = plan_sizes(num_blocks, top_k, num_fixed)[0]
+    return rows * (math.ceil(num_blocks / chunk) + 1)
+
+
+def block_tables_from_sums(
+    pooled: torch.Tensor,
+    block_sums: torch.Tensor,
+    history_len: torch.Tensor,
+    *,
+    scale: float,
+    num_sink: int,
+    num_local: int,
+    block_size: int,
+    top_k: int,
+    sink_tokens: int,
+    local_tokens: int,
+    exclusion_tokens: int,
+    window_exclusion: str,
+    table_width: int,
+    index_bits: int,
+    tier_shift: int,
+    tier_far: int,
+    tier_recent: int,
+    tickets: torch.Tensor | None = None,
+    blocks: int = 64,
+    num_warps: int = 8,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """``block_tables`` of the scores ``<pooled, block mean> * scale`` in one kernel: scores,
+    chunk top-k and merge, chained by atomic tickets (the last program to finish a chunk ranks
+    it, the last chunk of a row merges the row).
+
+    ``pooled [B, Hq, G, D]`` float32 mean queries (``pooled_queries``); ``block_sums
+    [B, Hkv, NB, D]`` float32 key sums; the query heads of a KV head are summed (GQA).
+    ``tickets``: ``num_table_tickets(...)`` zeroed int32 (allocated here if not given);
+    ``blocks``: history blocks scored per program (64 on 8 warps measured best on an H100).
+    """
+    batch, num_heads, num_groups, head_dim = pooled.shape
+    num_kv_heads, num_blocks = block_sums.shape[1], block_sums.shape[2]
+    rows = batch * num_kv_heads * num_groups
+    device = pooled.device
+    k = min(top_k, num_blocks)
+    k_pad = triton.next_power_of_2(k)
+    chunk, keys_pad, _ = plan_sizes(num_blocks, top_k, num_sink + num_local)
+    num_chunks = math.ceil(num_blocks / chunk)
+    blocks = min(blocks, chunk)  # both powers of two: a chunk is whole tiles
+    num_tiles = triton.cdiv(num_blocks, blocks)
+    scores = torch.empty(rows, num_blocks, device=device, dtype=torch.float32)
+    keys = torch.empty(rows, num_chunks, k_pad, device=device, dtype=torch.int64)
+    if tickets is None:
+        tickets = torch.zeros(rows * (num_chunks + 1), device=device, dtype=torch.int32)
+    fixed = torch.empty(num_blocks, device=device, dtype=torch.bool)
+    lead = (batch, num_kv_heads, num_groups)
+    selected = torch.empty(*lead, k, device=device, dtype=torch.int32)
+    block_idx = torch.empty(*lead, table_width, device=device, dtype=torch.int32)
+    count = torch.empty(*lead, device=device, dtype=torch.int32)
+    _tables_from_sums_kernel[(rows, num_tiles)](
+        pooled, block_sums, scores, keys, fixed, selected, block_idx, count, history_len, tickets,
+        *block_sums.stride(), num_kv_heads, num_heads // num_kv_heads, num_groups, num_blocks,
+        num_chunks, num_tiles, scale, sink_tokens, local_tokens, exclusion_tokens, k, num_sink,
+        num_local, table_width, BLOCKS=blocks, HEAD_DIM=head_dim,
+        D_PAD=triton.next_power_of_2(head_dim), BLOCK_SIZE=block_size,
+        MODE={"never": 0, "always": 1, "adaptive": 2}[window_exclusion], CHUNK=chunk, K_PAD=k_pad,
+        KEYS_PAD=keys_pad, FIXED_PAD=triton.next_power_of_2(max(1, num_sink + num_local)),
+        TOPK_PAD=k_pad, WIDTH_PAD=triton.next_power_of_2(table_width), INDEX_BITS=index_bits,
+        TIER_SHIFT=tier_shift, TIER_FAR=tier_far, TIER_RECENT=tier_recent,
+        num_warps=num_warps,
     )  # fmt: skip
     return block_idx, count, selected, fixed
