@@ -187,7 +187,9 @@ def _tables_from_sums_kernel(
         pooled += tl.load(pooled_ptr + head_group.to(tl.int64) * HEAD_DIM + cols, mask=col_ok, other=0.0)
     history_len = tl.load(history_len_ptr)
     tokens = tl.minimum(tl.maximum(history_len - block.to(tl.int64) * BLOCK_SIZE, 1), BLOCK_SIZE)
-    score = tl.div_rn(tl.sum(key_sums * pooled[None, :], axis=1) * scale, tokens.to(tl.float32))
+    # float32 math like the torch path (a caller's torch.compile passes ``scale`` as float64).
+    score = tl.sum(key_sums * pooled[None, :], axis=1) * tl.cast(scale, tl.float32)
+    score = tl.div_rn(score, tokens.to(tl.float32))
     scores_row = scores_ptr + row.to(tl.int64) * num_blocks
     tl.store(scores_row + block, score, mask=block < num_blocks)
 
