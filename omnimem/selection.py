@@ -330,17 +330,11 @@ def triton_tables_supported(num_blocks: int, rules: RetrievalRules) -> bool:
     return chunk <= 4096 and keys_pad <= 4096 and union_pad <= 256
 
 
-def triton_selection_tables(
-    scores: torch.Tensor, history_len: torch.Tensor, rules: RetrievalRules
-) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
-    """``selection_tables`` in two Triton kernels (``omnimem/kernels/block_tables.py``): the
-    same keys, so the same tables bit for bit."""
-    from omnimem.kernels.block_tables import block_tables
-
-    num_sink, num_local = rules.fixed_blocks(scores.shape[-1])
-    return block_tables(
-        scores.float(),
-        history_len,
+def kernel_table_rules(rules: RetrievalRules, num_blocks: int) -> dict:
+    """The retrieval rules as the table kernels' keyword arguments (``block_tables`` and
+    ``block_tables_from_sums`` in ``omnimem/kernels/block_tables.py``)."""
+    num_sink, num_local = rules.fixed_blocks(num_blocks)
+    return dict(
         num_sink=num_sink,
         num_local=num_local,
         block_size=rules.block_size,
@@ -349,12 +343,22 @@ def triton_selection_tables(
         local_tokens=rules.local_tokens,
         exclusion_tokens=rules.exclusion_tokens,
         window_exclusion=rules.window_exclusion,
-        table_width=rules.table_width(scores.shape[-1]),
+        table_width=rules.table_width(num_blocks),
         index_bits=_INDEX_BITS,
         tier_shift=_TIER_SHIFT,
         tier_far=_TIER_FAR,
         tier_recent=_TIER_RECENT,
     )
+
+
+def triton_selection_tables(
+    scores: torch.Tensor, history_len: torch.Tensor, rules: RetrievalRules
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """``selection_tables`` in two Triton kernels (``omnimem/kernels/block_tables.py``): the
+    same keys, so the same tables bit for bit."""
+    from omnimem.kernels.block_tables import block_tables
+
+    return block_tables(scores.float(), history_len, **kernel_table_rules(rules, scores.shape[-1]))
 
 
 def triton_selection_from_sums(
@@ -376,12 +380,11 @@ def triton_selection_from_sums(
     batch, num_heads, q_len, _ = q.shape
     num_kv_heads, num_blocks = block_sums.shape[1], block_sums.shape[2]
     num_groups = math.ceil(q_len / query_group_size)
-    num_sink, num_local = rules.fixed_blocks(num_blocks)
     # One zeroed buffer for both kernels' tickets, so that nothing runs between them.
     num_pooled = batch * num_heads * num_groups
     rows = batch * num_kv_heads * num_groups
     tickets = torch.zeros(
-        num_pooled + num_table_tickets(rows, num_blocks, rules.top_k, num_sink + num_local),
+        num_pooled + num_table_tickets(rows, num_blocks, rules.top_k, sum(rules.fixed_blocks(num_blocks))),
         device=q.device,
         dtype=torch.int32,
     )
@@ -391,19 +394,7 @@ def triton_selection_from_sums(
         block_sums,
         history_len,
         scale=scale,
-        num_sink=num_sink,
-        num_local=num_local,
-        block_size=rules.block_size,
-        top_k=rules.top_k,
-        sink_tokens=rules.sink_tokens,
-        local_tokens=rules.local_tokens,
-        exclusion_tokens=rules.exclusion_tokens,
-        window_exclusion=rules.window_exclusion,
-        table_width=rules.table_width(num_blocks),
-        index_bits=_INDEX_BITS,
-        tier_shift=_TIER_SHIFT,
-        tier_far=_TIER_FAR,
-        tier_recent=_TIER_RECENT,
+        **kernel_table_rules(rules, num_blocks),
         tickets=tickets[num_pooled:],
     )
 

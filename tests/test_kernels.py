@@ -208,13 +208,10 @@ def test_tables_from_sums_kernel_matches_torch_tables(
     from omnimem.kernels.block_tables import block_tables_from_sums
     from omnimem.kernels.pooled_queries import pooled_queries
     from omnimem.selection import (
-        _INDEX_BITS,
-        _TIER_FAR,
-        _TIER_RECENT,
-        _TIER_SHIFT,
         RetrievalRules,
         _scores_from_block_sums,
         block_key_sums,
+        kernel_table_rules,
         selection_tables,
     )
 
@@ -230,13 +227,9 @@ def test_tables_from_sums_kernel_matches_torch_tables(
     history = torch.tensor(history_len, device=TEST_DEVICE)
     sums = block_key_sums(k, history, block_size)
     expected = selection_tables(_scores_from_block_sums(q, sums, history, rules, q_len, 0.5), history, rules)
-    num_sink, num_local = rules.fixed_blocks(sums.shape[-2])
     got = block_tables_from_sums(
-        pooled_queries(q, q_len, rows=4, steps=1), sums, history, scale=0.5, num_sink=num_sink,
-        num_local=num_local, block_size=block_size, top_k=top_k, sink_tokens=rules.sink_tokens,
-        local_tokens=rules.local_tokens, exclusion_tokens=rules.exclusion_tokens, window_exclusion=mode,
-        table_width=rules.table_width(sums.shape[-2]), index_bits=_INDEX_BITS, tier_shift=_TIER_SHIFT,
-        tier_far=_TIER_FAR, tier_recent=_TIER_RECENT, blocks=tile,
+        pooled_queries(q, q_len, rows=4, steps=1), sums, history, scale=0.5, blocks=tile,
+        **kernel_table_rules(rules, sums.shape[-2]),
     )  # fmt: skip
     for name, a, b in zip(("kv_block_idx", "kv_num_blocks", "selected", "fixed"), got, expected, strict=True):
         assert torch.equal(a, b), name
