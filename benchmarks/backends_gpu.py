@@ -11,7 +11,8 @@ over exactly the attended tokens (``attention_gpu.gather_reference``), then time
   same tokens already contiguous (the ceiling for a scattered kernel);
 - dense cuDNN SDPA and FA2 over the full history + chunk;
 - ``selection``: ``select_blocks`` from cached block sums, replayed from a CUDA graph (its GPU
-  time; called alone it is host-bound);
+  time; called alone it is host-bound), beside the floor under it: one kernel that only reads
+  the queries and block sums selection reads (``read_floor.py``), timed the same way;
 - ``triton e2e``: ``sparse_attention(..., key_block_sums=)`` with the triton backend, plain and
   replayed from a CUDA graph (what a captured decoding step costs);
 - peak extra memory of each run step beyond its output (``torch.cuda.max_memory_allocated``).
@@ -33,6 +34,7 @@ import math
 import torch
 import torch.nn.functional as F
 from attention_gpu import FRAME_TOKENS, bench, environment, gather_reference
+from read_floor import read_inputs
 from torch.nn.attention import SDPBackend, sdpa_kernel
 
 from omnimem import OmniMemConfig, select_blocks, sparse_attention
@@ -246,6 +248,8 @@ def run_shape(heads: int, history_len: int, top_k: int, args, variants: bool) ->
     select = lambda: select_blocks(q, k, history_len=history_len, config=config, key_block_sums=sums)  # noqa: E731
     row["selection_ms"] = bench(select)
     row["selection_graph_ms"] = graph_ms(select)
+    floor_out = read_inputs(q, sums)
+    row["selection_read_floor_graph_ms"] = graph_ms(lambda: read_inputs(q, sums, floor_out))
     e2e = lambda: sparse_attention(  # noqa: E731
         q, k, v, history_len=history_len, config=config, backend="triton", key_block_sums=sums
     )
@@ -259,6 +263,7 @@ def run_shape(heads: int, history_len: int, top_k: int, args, variants: bool) ->
     row["triton_over_gather_cudnn"] = row["triton_ms"] / row["gather_cudnn_ms"]
     row["triton_over_flex"] = row["triton_ms"] / row["flex_ms"]
     row["selection_share"] = row["selection_graph_ms"] / row["triton_ms"]
+    row["selection_read_floor_share"] = row["selection_read_floor_graph_ms"] / row["triton_ms"]
     row["dense_cudnn_over_triton_e2e"] = row["dense_cudnn_ms"] / row["triton_e2e_ms"]
     return row
 
@@ -281,6 +286,7 @@ COLUMNS = [
     ("triton/flex", "triton_over_flex", ".2f"),
     ("selection ms (graph)", "selection_graph_ms", ".3f"),
     ("sel/triton", "selection_share", ".1%"),
+    ("read floor/triton", "selection_read_floor_share", ".1%"),
     ("triton e2e ms", "triton_e2e_ms", ".3f"),
     ("triton e2e graph ms", "triton_e2e_graph_ms", ".3f"),
     ("extra MiB triton/flex/gather/gather+cuDNN", None, None),

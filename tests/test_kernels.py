@@ -196,6 +196,9 @@ def _exact_queries_and_keys(batch, q_heads, kv_heads, q_len, group_size, head_di
         (3, 3, 2999, 4, 7, 0, 12, 30, "never", 64),  # several chunks of 256 blocks
         (1, 1, 6001, 4, 32, 4, 8, 8, "adaptive", 256),  # one tile per chunk
         (2, 1, 13, 4, 4, 4, 4, 4, "always", 16),  # fewer blocks than top_k
+        (2, 2, 3001, 4, 1, 2, 8, 8, "adaptive", 64),  # top_k 1 over several chunks
+        (1, 1, 2001, 4, 3, 1, 4, 60, "always", 64),  # top_k 3: runs of 4, one slot unused
+        (1, 1, 3, 4, 2, 0, 0, 0, "never", 16),  # one history block
         (2, 2, 0, 4, 4, 4, 4, 8, "adaptive", 16),  # empty history
     ],
 )

@@ -6,8 +6,9 @@ assemble the table; here:
 1. ``_chunk_topk_kernel``: one program per (row, chunk of blocks) applies the window rules,
    packs each block's selection key (tier, score bits, -index: the same int64 keys as the
    torch path, so the same order and ties), sorts its chunk and keeps its best ``K_PAD`` keys.
-2. ``_merge_tables_kernel``: one program per row sorts the chunks' survivors, writes the
-   top-k in rank order, then places the sink, local and selected blocks in the ascending
+2. ``_merge_tables_kernel``: one program per row takes the top-k of the chunks' survivors
+   (kept as alternating ascending/descending runs, so bitonic top-k's merge steps suffice),
+   writes it in rank order, then places the sink, local and selected blocks in the ascending
    table by counting (no second sort).
 3. ``_tables_from_sums_kernel``: scores (pooled query . block sum / tokens) and both steps
    above in one launch. Programs score tiles of blocks; the last tile of a chunk to finish
@@ -64,8 +65,55 @@ def _chunk_top_keys(
     key = (tier.to(tl.int64) << TIER_SHIFT) | (ordered << INDEX_BITS) | ((1 << INDEX_BITS) - 1 - block)
     key = tl.where(in_range, key, -1)  # below every real key
     key = tl.sort(key, descending=True)
+    # Kept ascending in even chunks, descending in odd ones: neighbouring runs are bitonic, so
+    # the merge starts from bitonic top-k's merge steps instead of sorting everything again.
     slot = tl.arange(0, CHUNK)
-    tl.store(keys_row + chunk * K_PAD + slot, key, mask=slot < K_PAD)
+    run_slot = tl.where(chunk % 2 == 0, K_PAD - 1 - slot, slot)
+    tl.store(keys_row + chunk * K_PAD + run_slot, key, mask=slot < K_PAD)
+
+
+@triton.jit
+def _compare_and_swap(h, flip, i: tl.constexpr, n_dims: tl.constexpr):
+    """One bitonic step along axis ``i`` (counted from the innermost) of a ``[2] * n_dims``
+    hypercube: ``flip`` 0 keeps pairs ascending, 1 descending (as in ``tl.sort``)."""
+    partner = h ^ tl.xor_sum(h, n_dims - 1 - i, True)
+    is_right = tl.reshape(tl.arange(0, 2), [1] * (n_dims - i - 1) + [2] + [1] * i)
+    return tl.where((h > partner) != (flip ^ is_right).to(tl.int1), partner, h)
+
+
+@triton.jit
+def _top_of_bitonic_runs(key, K: tl.constexpr, N: tl.constexpr):
+    """The ``K`` largest of ``N`` int64 keys in descending order, given runs of ``K`` that
+    alternate ascending (even runs) and descending: bitonic top-k (Shanbhag et al., 2018; what
+    ``tl.topk`` does after sorting the runs). Each level keeps the larger of paired runs (a
+    bitonic sequence holding their top ``K``) and merges it: ``log2(N / K)`` levels of
+    ``log2(K) + 1`` steps instead of a full sort's ``log2(N) (log2(N) + 1) / 2``."""
+    LOG_K: tl.constexpr = K.bit_length() - 1
+    LOG_N: tl.constexpr = N.bit_length() - 1
+    if LOG_K == 0:
+        key = tl.max(key, 0, keep_dims=True)
+    elif LOG_N == LOG_K:  # one run, ascending (``tl.flip`` fails to compile here with triton 3.6)
+        key = tl.sort(key, descending=True)
+    else:
+        h = tl.reshape(key, [2] * LOG_N)
+        for level in tl.static_range(LOG_K + 1, LOG_N + 1):
+            h = tl.max(h, axis=LOG_N - level)
+            h = _bitonic_merge_runs(h, LOG_K, LOG_K + LOG_N - level, level < LOG_N)
+        key = tl.reshape(h, [K])
+    return key
+
+
+@triton.jit
+def _bitonic_merge_runs(h, log_run: tl.constexpr, n_dims: tl.constexpr, alternate: tl.constexpr):
+    """Sort each bitonic run of ``2 ** log_run`` keys of a ``[2] * n_dims`` hypercube:
+    alternately ascending and descending (``alternate``) or all descending."""
+    if alternate:  # noqa: SIM108 (a compile-time branch: the two values differ in type)
+        flip = tl.reshape(tl.arange(0, 2), [1] * (n_dims - log_run - 1) + [2] + [1] * log_run)
+    else:
+        flip = 1
+    for step in tl.static_range(log_run):
+        h = _compare_and_swap(h, flip, log_run - 1 - step, n_dims)
+    return h
 
 
 @triton.jit
@@ -81,7 +129,8 @@ def _merge_row_tables(
     # The top-k keys in rank order; those without a tier are not candidates (-1).
     slot = tl.arange(0, KEYS_PAD)
     key = tl.load(keys_row + slot, mask=slot < num_keys, other=-1, cache_modifier=".cg")
-    key = tl.sort(key, descending=True)
+    key = _top_of_bitonic_runs(key, TOPK_PAD, KEYS_PAD)
+    slot = tl.arange(0, TOPK_PAD)
     block = (1 << INDEX_BITS) - 1 - (key & ((1 << INDEX_BITS) - 1))
     selected = tl.where((key >> TIER_SHIFT) > 0, block, -1).to(tl.int32)
     tl.store(selected_row + slot, selected, mask=slot < top_k)
