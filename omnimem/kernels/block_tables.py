@@ -75,7 +75,8 @@ def _chunk_top_keys(
 @triton.jit
 def _compare_and_swap(h, flip, i: tl.constexpr, n_dims: tl.constexpr):
     """One bitonic step along axis ``i`` (counted from the innermost) of a ``[2] * n_dims``
-    hypercube: ``flip`` 0 keeps pairs ascending, 1 descending (as in ``tl.sort``)."""
+    hypercube: ``flip`` 0 keeps pairs ascending, 1 descending. The same step as ``tl.sort``'s,
+    whose helpers are private to triton (and differ between versions), hence this copy."""
     partner = h ^ tl.xor_sum(h, n_dims - 1 - i, True)
     is_right = tl.reshape(tl.arange(0, 2), [1] * (n_dims - i - 1) + [2] + [1] * i)
     return tl.where((h > partner) != (flip ^ is_right).to(tl.int1), partner, h)
