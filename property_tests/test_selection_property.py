@@ -8,7 +8,7 @@ from hypothesis import assume, given, settings
 from hypothesis import strategies as st
 
 from omnimem import select_blocks
-from tests.inputs import TEST_DEVICE
+from tests.inputs import TEST_DEVICE, exact_queries_and_keys
 
 from .cases import Case, attention_cases
 
@@ -75,5 +75,70 @@ def test_block_tables_kernels_match_torch_tables(
     history_len = torch.tensor(int(history_fraction * num_blocks * block_size), device=TEST_DEVICE)
     expected = selection_tables(scores, history_len, rules)
     got = triton_selection_tables(scores, history_len, rules)
+    for name, a, b in zip(("kv_block_idx", "kv_num_blocks", "selected", "fixed"), got, expected, strict=True):
+        assert torch.equal(a, b), name
+
+
+@settings(max_examples=10)
+@given(
+    kv_heads=st.integers(1, 2),
+    gqa=st.integers(1, 3),
+    history_len=st.integers(0, 1200),
+    block_size=st.sampled_from([1, 4, 8]),
+    top_k=st.integers(1, 40),
+    sink_blocks=st.integers(0, 6),
+    local_blocks=st.integers(0, 6),
+    extra_exclusion=st.integers(0, 8),
+    mode=st.sampled_from(["never", "always", "adaptive"]),
+    tile=st.sampled_from([16, 64]),
+    seed=st.integers(0, 2**16),
+)
+def test_tables_from_sums_kernels_match_torch_tables(
+    kv_heads,
+    gqa,
+    history_len,
+    block_size,
+    top_k,
+    sink_blocks,
+    local_blocks,
+    extra_exclusion,
+    mode,
+    tile,
+    seed,
+):
+    """Pooled queries, then scores + top-k + tables in one launch (the default CUDA path of
+    ``select``), bit for bit against the torch path on scores exact in any summation order."""
+    pytest.importorskip("triton")
+    from omnimem import OmniMemConfig
+    from omnimem.kernels.block_tables import block_tables_from_sums
+    from omnimem.kernels.pooled_queries import pooled_queries
+    from omnimem.selection import (
+        RetrievalRules,
+        _scores_from_block_sums,
+        block_key_sums,
+        kernel_table_rules,
+        selection_tables,
+    )
+
+    q_len, head_dim = 5, 8
+    gen = torch.Generator().manual_seed(seed)
+    q, k = exact_queries_and_keys(
+        1, kv_heads * gqa, kv_heads, q_len, q_len, head_dim, history_len + q_len, gen
+    )
+    local_tokens = local_blocks * block_size
+    rules = RetrievalRules.from_config(
+        OmniMemConfig(
+            block_size=block_size, top_k=top_k, sink_tokens=sink_blocks * block_size,
+            local_tokens=local_tokens, exclusion_tokens=local_tokens + extra_exclusion * block_size,
+            window_exclusion=mode,
+        )
+    )  # fmt: skip
+    history = torch.tensor(history_len, device=TEST_DEVICE)
+    sums = block_key_sums(k, history, block_size)
+    expected = selection_tables(_scores_from_block_sums(q, sums, history, rules, q_len, 0.5), history, rules)
+    got = block_tables_from_sums(
+        pooled_queries(q, q_len, rows=4, steps=1), sums, history, scale=0.5, blocks=tile,
+        **kernel_table_rules(rules, sums.shape[-2]),
+    )  # fmt: skip
     for name, a, b in zip(("kv_block_idx", "kv_num_blocks", "selected", "fixed"), got, expected, strict=True):
         assert torch.equal(a, b), name

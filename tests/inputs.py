@@ -62,3 +62,16 @@ def keys_scoring(block_scores: list[float], *, block_size: int, chunk_len: int, 
     k[0, 0, history_len:, 0] = 1.0e4
     v = torch.randn(1, 1, history_len + chunk_len, head_dim, generator=torch.Generator().manual_seed(0))
     return q, k, v
+
+
+def exact_queries_and_keys(batch, q_heads, kv_heads, q_len, group_size, head_dim, kv_len, gen):
+    """Small integers, and each query group's last row set so that the group's mean is an
+    integer: every sum, mean and dot product of the scores is exact in float32, so any
+    summation order gives the same scores bit for bit (ties included)."""
+    q = torch.randint(-3, 4, (batch, q_heads, q_len, head_dim), generator=gen).float()
+    for start in range(0, q_len, group_size):
+        end = min(start + group_size, q_len)
+        mean = torch.randint(-2, 3, (batch, q_heads, head_dim), generator=gen).float()
+        q[:, :, end - 1] = mean * (end - start) - q[:, :, start : end - 1].sum(2)
+    k = torch.randint(-2, 3, (batch, kv_heads, kv_len, head_dim), generator=gen).float()
+    return q.to(TEST_DEVICE), k.to(TEST_DEVICE)

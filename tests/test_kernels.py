@@ -9,7 +9,7 @@ import torch
 
 from omnimem.selection import block_key_sums_reference
 
-from .inputs import TEST_DEVICE, make_inputs
+from .inputs import TEST_DEVICE, exact_queries_and_keys, make_inputs
 
 pytest.importorskip("triton")
 
@@ -165,19 +165,6 @@ def test_pooled_queries_kernel_matches_reference(q_len, group_size, head_dim, fl
     torch.testing.assert_close(got, pooled_queries_reference(q, group_size), atol=1e-6, rtol=1e-5)
 
 
-def _exact_queries_and_keys(batch, q_heads, kv_heads, q_len, group_size, head_dim, kv_len, gen):
-    """Small integers, and each query group's last row set so that the group's mean is an
-    integer: every sum, mean and dot product of the scores is exact in float32, so any
-    summation order gives the same scores bit for bit (ties included)."""
-    q = torch.randint(-3, 4, (batch, q_heads, q_len, head_dim), generator=gen).float()
-    for start in range(0, q_len, group_size):
-        end = min(start + group_size, q_len)
-        mean = torch.randint(-2, 3, (batch, q_heads, head_dim), generator=gen).float()
-        q[:, :, end - 1] = mean * (end - start) - q[:, :, start : end - 1].sum(2)
-    k = torch.randint(-2, 3, (batch, kv_heads, kv_len, head_dim), generator=gen).float()
-    return q.to(TEST_DEVICE), k.to(TEST_DEVICE)
-
-
 @pytest.mark.parametrize(
     (
         "q_heads",
@@ -220,7 +207,7 @@ def test_tables_from_sums_kernel_matches_torch_tables(
 
     q_len, head_dim = 12, 16
     gen = torch.Generator().manual_seed(history_len + top_k)
-    q, k = _exact_queries_and_keys(2, q_heads, kv_heads, q_len, q_len, head_dim, history_len + q_len, gen)
+    q, k = exact_queries_and_keys(2, q_heads, kv_heads, q_len, q_len, head_dim, history_len + q_len, gen)
     rules = RetrievalRules.from_config(
         OmniMemConfig(
             block_size=block_size, top_k=top_k, sink_tokens=max(sink * block_size - 1, 0),

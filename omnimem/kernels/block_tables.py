@@ -380,7 +380,9 @@ def block_tables_from_sums(
     scores = torch.empty(rows, num_blocks, device=device, dtype=torch.float32)
     keys = torch.empty(rows, num_chunks, k_pad, device=device, dtype=torch.int64)
     if tickets is None:
-        tickets = torch.zeros(rows * (num_chunks + 1), device=device, dtype=torch.int32)
+        tickets = torch.zeros(
+            num_table_tickets(rows, num_blocks, top_k, num_sink + num_local), device=device, dtype=torch.int32
+        )
     fixed = torch.empty(num_blocks, device=device, dtype=torch.bool)
     lead = (batch, num_kv_heads, num_groups)
     selected = torch.empty(*lead, k, device=device, dtype=torch.int32)
