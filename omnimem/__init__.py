@@ -2,17 +2,26 @@
 
 from omnimem.api import resolve_backend, select_blocks, sparse_attention, use_backend
 from omnimem.cache import OmniMemCache
-from omnimem.config import OmniMemConfig
+from omnimem.config import GatedConfig, OmniMemConfig
+from omnimem.gated import gated_attention, select_group_blocks
+from omnimem.gated_selection import GroupSelection
 from omnimem.integration import cached_attention
+from omnimem.pooling import PooledKV, pool_kv
 from omnimem.selection import Selection
 
 __all__ = [
+    "GatedConfig",
+    "GroupSelection",
     "OmniMemCache",
     "OmniMemConfig",
+    "PooledKV",
     "Selection",
     "cached_attention",
+    "gated_attention",
+    "pool_kv",
     "resolve_backend",
     "select_blocks",
+    "select_group_blocks",
     "sparse_attention",
     "use_backend",
 ]

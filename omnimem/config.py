@@ -11,14 +11,37 @@ WINDOW_EXCLUSION_MODES: tuple[str, ...] = ("adaptive", "always", "never")
 BACKEND_NAMES: tuple[str, ...] = ("auto", "dense", "flex", "triton", "gather")
 
 
-def _check_int(name: str, value: object, *, minimum: int, allow_none: bool = False) -> None:
+def _check_int(
+    name: str, value: object, *, minimum: int, allow_none: bool = False, owner: str = "OmniMemConfig"
+) -> None:
     if value is None and allow_none:
         return
     # bool is an int subclass; `top_k=True` is a bug, not a request for one block.
     if not isinstance(value, int) or isinstance(value, bool):
-        raise TypeError(f"OmniMemConfig.{name} must be an int, got {type(value).__name__}")
+        raise TypeError(f"{owner}.{name} must be an int, got {type(value).__name__}")
     if value < minimum:
-        raise ValueError(f"OmniMemConfig.{name} must be >= {minimum}, got {value}")
+        raise ValueError(f"{owner}.{name} must be >= {minimum}, got {value}")
+
+
+def _check_choice(name: str, value: object, choices: tuple[str, ...], *, owner: str) -> None:
+    if value not in choices:
+        raise ValueError(f"{owner}.{name} must be one of {choices}, got {value!r}")
+
+
+def _check_scale(scale: object, *, owner: str) -> None:
+    if scale is None:
+        return
+    if isinstance(scale, bool) or not isinstance(scale, (int, float)):
+        raise TypeError(f"{owner}.scale must be a float, got {type(scale).__name__}")
+    if not (0 < scale < float("inf")):
+        raise ValueError(f"{owner}.scale must be positive and finite, got {scale}")
+
+
+def _replace(config, changes: dict):
+    unknown = sorted(set(changes) - {f.name for f in dataclasses.fields(config)})
+    if unknown:
+        raise TypeError(f"unknown {type(config).__name__} field(s): {', '.join(unknown)}")
+    return dataclasses.replace(config, **changes)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -87,18 +110,9 @@ class OmniMemConfig:
                 "OmniMemConfig.exclusion_tokens must be >= local_tokens (the exclusion window "
                 f"contains the local window), got {self.exclusion_tokens} < {self.local_tokens}"
             )
-        if self.window_exclusion not in WINDOW_EXCLUSION_MODES:
-            raise ValueError(
-                f"OmniMemConfig.window_exclusion must be one of {WINDOW_EXCLUSION_MODES}, "
-                f"got {self.window_exclusion!r}"
-            )
-        if self.scale is not None:
-            if isinstance(self.scale, bool) or not isinstance(self.scale, (int, float)):
-                raise TypeError(f"OmniMemConfig.scale must be a float, got {type(self.scale).__name__}")
-            if not self.scale > 0:
-                raise ValueError(f"OmniMemConfig.scale must be positive, got {self.scale}")
-        if self.backend not in BACKEND_NAMES:
-            raise ValueError(f"OmniMemConfig.backend must be one of {BACKEND_NAMES}, got {self.backend!r}")
+        _check_choice("window_exclusion", self.window_exclusion, WINDOW_EXCLUSION_MODES, owner="OmniMemConfig")
+        _check_scale(self.scale, owner="OmniMemConfig")
+        _check_choice("backend", self.backend, BACKEND_NAMES, owner="OmniMemConfig")
         if not isinstance(self.compile, bool):
             raise TypeError(f"OmniMemConfig.compile must be a bool, got {type(self.compile).__name__}")
 
@@ -109,7 +123,66 @@ class OmniMemConfig:
 
     def replace(self, **changes: object) -> OmniMemConfig:
         """A copy with ``changes`` applied (and validated); unknown names raise ``TypeError``."""
-        unknown = sorted(set(changes) - {f.name for f in dataclasses.fields(self)})
-        if unknown:
-            raise TypeError(f"unknown OmniMemConfig field(s): {', '.join(unknown)}")
-        return dataclasses.replace(self, **changes)
+        return _replace(self, changes)
+
+
+GatedCandidates = Literal["all", "awe"]
+GATED_CANDIDATE_MODES: tuple[str, ...] = ("all", "awe")
+POOL_PRECISIONS: tuple[str, ...] = ("float32", "input")
+GATED_BACKEND_NAMES: tuple[str, ...] = ("auto", "triton", "gather")
+
+
+@dataclasses.dataclass(frozen=True)
+class GatedConfig:
+    """The gated three-branch OmniMem layer (``omnimem.gated_attention``; docs/gated.md).
+
+    Defaults are the authors' released Wan2.1-1.3B model: blocks of 30 tokens (1 x 15 x 2
+    patches in their reordered token layout), groups of 15 queries, the top 16 blocks per
+    (group, head), a 14,040-token (3-chunk) sliding window.
+
+    Attributes:
+        block_size: tokens per pooled block; blocks tile the whole sequence (history, then
+            chunk), the last one may be partial.
+        query_group_size: consecutive queries that share one selection (the last group may be
+            short).
+        top_k: blocks the selected branch attends per (batch, KV head, query group); fewer
+            when fewer blocks are candidates.
+        window_tokens: the sliding-window branch attends the last ``window_tokens`` positions
+            ending at the chunk's end.
+        candidates: ``"all"`` (every block of history and chunk, as the authors' released
+            inference runs) or ``"awe"`` (the paper's Adaptive Window Exclusion: once at least
+            ``top_k`` blocks lie entirely before the window, blocks that touch the window are
+            no candidates).
+        pool_precision: ``"float32"`` (selection scores from float32 block means, the
+            default) or ``"input"`` (block and query means rounded to the inputs' dtype
+            first, as the authors' code does in bf16; near-ties may rank differently).
+        scale: softmax and score scale; ``None`` means ``head_dim ** -0.5``.
+        backend: ``"auto"`` (``"triton"`` on CUDA, else ``"gather"``), ``"triton"`` (the
+            scattered selected-branch kernel) or ``"gather"`` (plain torch, any device).
+
+    Example:
+        >>> from omnimem import GatedConfig
+        >>> GatedConfig().replace(top_k=12).top_k
+        12
+    """
+
+    block_size: int = 30
+    query_group_size: int = 15
+    top_k: int = 16
+    window_tokens: int = 14040
+    candidates: GatedCandidates = "all"
+    pool_precision: str = "float32"
+    scale: float | None = None
+    backend: str = "auto"
+
+    def __post_init__(self) -> None:
+        for name in ("block_size", "query_group_size", "top_k", "window_tokens"):
+            _check_int(name, getattr(self, name), minimum=1, owner="GatedConfig")
+        _check_choice("candidates", self.candidates, GATED_CANDIDATE_MODES, owner="GatedConfig")
+        _check_choice("pool_precision", self.pool_precision, POOL_PRECISIONS, owner="GatedConfig")
+        _check_choice("backend", self.backend, GATED_BACKEND_NAMES, owner="GatedConfig")
+        _check_scale(self.scale, owner="GatedConfig")
+
+    def replace(self, **changes: object) -> GatedConfig:
+        """A copy with ``changes`` applied (and validated); unknown names raise ``TypeError``."""
+        return _replace(self, changes)

@@ -311,14 +311,21 @@ def selection_tables(
     else:  # adaptive: recent blocks only fill slots the far history leaves empty
         tier = torch.where(far, _TIER_FAR, torch.where(recent, _TIER_RECENT, 0))
 
-    block = torch.arange(num_blocks, device=scores.device)
-    key = (tier << _TIER_SHIFT) | (_order_preserving_bits(scores) << _INDEX_BITS) | (_MAX_BLOCKS - 1 - block)
-    top_key, top_block = torch.topk(key, min(rules.top_k, num_blocks), dim=-1, sorted=True)
-    is_candidate = (top_key >> _TIER_SHIFT) > 0
-    selected = torch.where(is_candidate, top_block, -1)
+    selected = ranked_top_blocks(scores, tier, rules.top_k)
 
     kv_block_idx, kv_num_blocks = _attended_table(selected, history_len, num_blocks, rules)
     return kv_block_idx, kv_num_blocks, selected.int(), fixed
+
+
+def ranked_top_blocks(scores: torch.Tensor, tier: torch.Tensor, top_k: int) -> torch.Tensor:
+    """The ``min(top_k, NB)`` best blocks per row of ``scores [..., NB]``, best first, ``-1``
+    where no candidate is left. ``tier [..., NB]`` (broadcast; 0 = not a candidate) ranks
+    before the score; equal scores rank the lower block index first."""
+    num_blocks = scores.shape[-1]
+    block = torch.arange(num_blocks, device=scores.device)
+    key = (tier.long() << _TIER_SHIFT) | (_order_preserving_bits(scores) << _INDEX_BITS) | (_MAX_BLOCKS - 1 - block)
+    top_key, top_block = torch.topk(key, min(top_k, num_blocks), dim=-1, sorted=True)
+    return torch.where((top_key >> _TIER_SHIFT) > 0, top_block, -1)
 
 
 def triton_tables_supported(num_blocks: int, rules: RetrievalRules) -> bool:

@@ -1,0 +1,160 @@
+"""The gated layer's selected branch: each query group attends its own blocks, read in place
+(per-head scattered access; reference: ``gated_branches.selected_attention_gather``).
+
+One program per (query group, row tile of the group, batch x query head): ``BLOCK_M`` rows
+(15 queries of a group in a 16-row tile by default) walk the group's ``num_blocks`` table
+entries; each block's ``block_size`` keys are read straight from the KV buffer in
+``BLOCK_N``-token tiles (masked at the block's and the sequence's end) and folded into an
+online softmax in float32 with ``exp2``. Programs of one head are launched next to each other,
+so neighbouring groups, which tend to select the same blocks, find them in L2. No buffer is
+allocated but the output; with ``combine`` the epilogue also forms the gated sum
+``g_cmp * o_cmp + g_slc * o_slc + g_swa * o_swa`` (one pass over the other branches' outputs).
+A group with no blocks yields 0.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+import triton
+import triton.language as tl
+
+
+@triton.jit
+def _selected_attention_kernel(
+    q_ptr, k_ptr, v_ptr, table_ptr, count_ptr, seq_len_ptr, out_ptr,
+    cmp_ptr, swa_ptr, gate_ptr,
+    stride_qb, stride_qh, stride_ql, stride_qd,
+    stride_kb, stride_kh, stride_kl, stride_kd,
+    stride_vb, stride_vh, stride_vl, stride_vd,
+    stride_ob, stride_oh, stride_ol, stride_od,
+    stride_cb, stride_ch, stride_cl, stride_cd,
+    stride_sb, stride_sh, stride_sl, stride_sd,
+    stride_gb, stride_gh, stride_gl, stride_gc,
+    num_q_heads, heads_per_kv, num_kv_heads, q_len, num_groups, group_size, block_size, qk_scale,
+    TOP_K: tl.constexpr, TILES_PER_GROUP: tl.constexpr, BLOCK_M: tl.constexpr,
+    BLOCK_N: tl.constexpr, SUBS: tl.constexpr, HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr,
+    COMBINE: tl.constexpr, PRECISION: tl.constexpr,
+):  # fmt: skip
+    group_tile = tl.program_id(0)
+    batch_head = tl.program_id(1)
+    batch = batch_head // num_q_heads
+    head = batch_head % num_q_heads
+    kv_head = head // heads_per_kv
+    group = group_tile // TILES_PER_GROUP
+    row0 = group * group_size + (group_tile % TILES_PER_GROUP) * BLOCK_M
+    rows = row0 + tl.arange(0, BLOCK_M)
+    row_ok = rows < tl.minimum((group + 1) * group_size, q_len)
+    dims = tl.arange(0, BLOCK_D)
+    dim_ok = dims < HEAD_DIM
+    io_mask = row_ok[:, None] & dim_ok[None, :]
+
+    q_base = q_ptr + batch.to(tl.int64) * stride_qb + head.to(tl.int64) * stride_qh
+    q = tl.load(q_base + rows[:, None] * stride_ql + dims[None, :] * stride_qd, mask=io_mask, other=0.0)
+    k_base = k_ptr + batch.to(tl.int64) * stride_kb + kv_head.to(tl.int64) * stride_kh
+    v_base = v_ptr + batch.to(tl.int64) * stride_vb + kv_head.to(tl.int64) * stride_vh
+    row_entry = (batch * num_kv_heads + kv_head) * num_groups + group
+    count = tl.load(count_ptr + row_entry)
+    seq_len = tl.load(seq_len_ptr).to(tl.int32)
+
+    m_i = tl.full([BLOCK_M], float("-inf"), dtype=tl.float32)
+    l_i = tl.zeros([BLOCK_M], dtype=tl.float32)
+    acc = tl.zeros([BLOCK_M, BLOCK_D], dtype=tl.float32)
+    offs = tl.arange(0, BLOCK_N)
+    for it in range(0, count * SUBS):
+        block = tl.load(table_ptr + row_entry.to(tl.int64) * TOP_K + it // SUBS)
+        in_block = (it % SUBS) * BLOCK_N + offs
+        token = block * block_size + in_block
+        token_ok = (in_block < block_size) & (token < seq_len)
+        load_mask = token_ok[:, None] & dim_ok[None, :]
+        k = tl.load(k_base + token.to(tl.int64)[:, None] * stride_kl + dims[None, :] * stride_kd,
+                    mask=load_mask, other=0.0)  # fmt: skip
+        v = tl.load(v_base + token.to(tl.int64)[:, None] * stride_vl + dims[None, :] * stride_vd,
+                    mask=load_mask, other=0.0)  # fmt: skip
+        scores = tl.dot(q, tl.trans(k), input_precision=PRECISION) * qk_scale
+        scores = tl.where(token_ok[None, :], scores, float("-inf"))
+        m_new = tl.maximum(m_i, tl.max(scores, 1))
+        # A tile whose keys are all masked leaves m = -inf: shift by 0 there (no inf - inf).
+        m_shift = tl.where(m_new == float("-inf"), 0.0, m_new)
+        p = tl.exp2(scores - m_shift[:, None])
+        alpha = tl.exp2(m_i - m_shift)
+        l_i = l_i * alpha + tl.sum(p, 1)
+        acc = tl.dot(p.to(v.dtype), v, acc * alpha[:, None], input_precision=PRECISION)
+        m_i = m_new
+
+    out = acc / tl.where(l_i > 0, l_i, 1.0)[:, None]  # no blocks: 0
+    if COMBINE:
+        gate_base = gate_ptr + batch.to(tl.int64) * stride_gb + head.to(tl.int64) * stride_gh + rows * stride_gl
+        g_cmp = tl.load(gate_base, mask=row_ok, other=0.0).to(tl.float32)
+        g_slc = tl.load(gate_base + stride_gc, mask=row_ok, other=0.0).to(tl.float32)
+        g_swa = tl.load(gate_base + 2 * stride_gc, mask=row_ok, other=0.0).to(tl.float32)
+        cmp_base = cmp_ptr + batch.to(tl.int64) * stride_cb + head.to(tl.int64) * stride_ch
+        swa_base = swa_ptr + batch.to(tl.int64) * stride_sb + head.to(tl.int64) * stride_sh
+        o_cmp = tl.load(cmp_base + rows[:, None] * stride_cl + dims[None, :] * stride_cd, mask=io_mask, other=0.0)
+        o_swa = tl.load(swa_base + rows[:, None] * stride_sl + dims[None, :] * stride_sd, mask=io_mask, other=0.0)
+        out = g_slc[:, None] * out + g_cmp[:, None] * o_cmp.to(tl.float32) + g_swa[:, None] * o_swa.to(tl.float32)
+    o_base = out_ptr + batch.to(tl.int64) * stride_ob + head.to(tl.int64) * stride_oh
+    tl.store(o_base + rows[:, None] * stride_ol + dims[None, :] * stride_od,
+             out.to(out_ptr.dtype.element_ty), mask=io_mask)  # fmt: skip
+
+
+def tile_sizes(group_size: int, block_size: int) -> tuple[int, int, int, int]:
+    """``(BLOCK_M, tiles per group, BLOCK_N, key tiles per block)``: 16-row tiles for groups
+    of up to 16 queries, 32-key tiles for blocks of up to 32 tokens (tensor-core minimums)."""
+    block_m = min(128, max(16, triton.next_power_of_2(group_size)))
+    block_n = min(64, max(16, triton.next_power_of_2(block_size)))
+    return block_m, math.ceil(group_size / block_m), block_n, math.ceil(block_size / block_n)
+
+
+def selected_attention(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    *,
+    block_idx: torch.Tensor,
+    num_blocks: torch.Tensor,
+    seq_len: torch.Tensor,
+    block_size: int,
+    query_group_size: int,
+    scale: float,
+    combine: tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None = None,
+    num_warps: int = 4,
+    num_stages: int = 2,
+) -> torch.Tensor:
+    """``[B, Hq, Lq, D]`` in ``q.dtype``: the selected branch (or, with ``combine=(o_cmp,
+    o_swa, gates)``, the gated sum of the three branches).
+
+    ``block_idx [B, Hkv, G, top_k]`` int32 (its first ``num_blocks [B, Hkv, G]`` entries are
+    read), ``seq_len`` a 0-d integer tensor: tokens at or past it are never read. Any strides.
+    """
+    batch, q_heads, q_len, head_dim = q.shape
+    kv_heads = k.shape[1]
+    groups, top_k = block_idx.shape[2], block_idx.shape[3]
+    block_m, tiles, block_n, subs = tile_sizes(query_group_size, block_size)
+    out = torch.empty_like(q)
+    cmp_out, swa_out, gates = combine if combine is not None else (out, out, out)
+    interpreted = q.device.type != "cuda"
+    precision = "ieee" if interpreted or q.dtype == torch.float32 else "tf32"
+    _selected_attention_kernel[(groups * tiles, batch * q_heads)](
+        q_ptr=q, k_ptr=k, v_ptr=v, table_ptr=block_idx, count_ptr=num_blocks, seq_len_ptr=seq_len,
+        out_ptr=out, cmp_ptr=cmp_out, swa_ptr=swa_out, gate_ptr=gates,
+        stride_qb=q.stride(0), stride_qh=q.stride(1), stride_ql=q.stride(2), stride_qd=q.stride(3),
+        stride_kb=k.stride(0), stride_kh=k.stride(1), stride_kl=k.stride(2), stride_kd=k.stride(3),
+        stride_vb=v.stride(0), stride_vh=v.stride(1), stride_vl=v.stride(2), stride_vd=v.stride(3),
+        stride_ob=out.stride(0), stride_oh=out.stride(1), stride_ol=out.stride(2), stride_od=out.stride(3),
+        stride_cb=cmp_out.stride(0), stride_ch=cmp_out.stride(1),
+        stride_cl=cmp_out.stride(2), stride_cd=cmp_out.stride(3),
+        stride_sb=swa_out.stride(0), stride_sh=swa_out.stride(1),
+        stride_sl=swa_out.stride(2), stride_sd=swa_out.stride(3),
+        stride_gb=gates.stride(0), stride_gh=gates.stride(1),
+        stride_gl=gates.stride(2), stride_gc=gates.stride(3),
+        num_q_heads=q_heads, heads_per_kv=q_heads // kv_heads, num_kv_heads=kv_heads, q_len=q_len,
+        num_groups=groups, group_size=query_group_size, block_size=block_size,
+        qk_scale=scale * math.log2(math.e),
+        TOP_K=top_k, TILES_PER_GROUP=tiles, BLOCK_M=block_m, BLOCK_N=block_n, SUBS=subs,
+        HEAD_DIM=head_dim, BLOCK_D=max(16, triton.next_power_of_2(head_dim)),
+        COMBINE=combine is not None, PRECISION=precision,
+        num_warps=num_warps, num_stages=num_stages,
+    )  # fmt: skip
+    return out

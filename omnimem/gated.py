@@ -1,0 +1,230 @@
+"""``gated_attention``: the OmniMem layer as its authors built it (docs/gated.md).
+
+Three branches over one chunk's queries, summed with per-(token, head) gates the model
+computes: compressed attention over every pooled block of history and chunk, sliding-window
+attention over the last ``window_tokens`` positions, and the selected branch, where each group
+of ``query_group_size`` queries attends its own ``top_k`` blocks per head.
+"""
+
+from __future__ import annotations
+
+import functools
+import logging
+import math
+import os
+
+import torch
+
+from omnimem.backends.gated_branches import compressed_attention, selected_attention_gather, window_attention
+from omnimem.checks import check_attention_inputs
+from omnimem.config import GatedConfig
+from omnimem.gated_selection import GroupSelection, select_groups
+from omnimem.pooling import PooledKV, pool_kv
+
+_DEFAULT = GatedConfig()
+logger = logging.getLogger("omnimem")
+
+
+def _resolve(config: GatedConfig | None, overrides: dict[str, object]) -> GatedConfig:
+    if config is None:
+        config = _DEFAULT
+    elif not isinstance(config, GatedConfig):
+        raise TypeError(f"config must be an omnimem.GatedConfig, got {type(config).__name__}")
+    return config.replace(**overrides) if overrides else config
+
+
+def resolve_gated_backend(config: GatedConfig, device: torch.device) -> str:
+    """``"triton"`` or ``"gather"``: ``"auto"`` takes the kernel on CUDA devices."""
+    interpreted = os.environ.get("TRITON_INTERPRET") == "1"
+    if config.backend == "auto":
+        return "triton" if device.type == "cuda" else "gather"
+    if config.backend == "triton" and device.type != "cuda" and not interpreted:
+        raise ValueError(
+            f"GatedConfig.backend='triton' needs CUDA tensors (got {device}); use backend='gather' "
+            "(CPU runs the kernel only under TRITON_INTERPRET=1, for tests)"
+        )
+    return config.backend
+
+
+@functools.cache
+def _log_choice(backend: str, device_type: str) -> None:
+    logger.info("gated_attention: the selected branch runs on %r (%s tensors)", backend, device_type)
+
+
+def _check_gates(gates: object, q: torch.Tensor) -> None:
+    if not isinstance(gates, torch.Tensor):
+        raise TypeError(f"gates must be a torch.Tensor, got {type(gates).__name__}")
+    expected = (*q.shape[:3], 3)
+    if tuple(gates.shape) != expected:
+        raise ValueError(
+            f"gates must have shape {expected} ([B, Hq, Lq, 3]: compressed, selected, window), "
+            f"got {tuple(gates.shape)}"
+        )
+    if not gates.is_floating_point():
+        raise TypeError(f"gates must be a floating tensor, got {gates.dtype}")
+    if gates.device != q.device:
+        raise ValueError(f"gates must be on q's device {q.device}, got {gates.device}")
+
+
+def _check_pooled(pooled: object, k: torch.Tensor, block_size: int, seq_len: int) -> PooledKV:
+    if not isinstance(pooled, PooledKV):
+        raise TypeError(f"pooled must be an omnimem.PooledKV, got {type(pooled).__name__}")
+    needed = math.ceil(seq_len / block_size)
+    batch, heads, _, head_dim = k.shape
+    for name, x in (("pooled.k", pooled.k), ("pooled.v", pooled.v)):
+        if x.dim() != 4 or (x.shape[0], x.shape[1], x.shape[3]) != (batch, heads, head_dim) or x.shape[2] < needed:
+            raise ValueError(
+                f"{name} must have shape [{batch}, {heads}, >= {needed}, {head_dim}] "
+                f"([B, Hkv, block slots, D]), got {tuple(x.shape)}"
+            )
+        if x.dtype != torch.float32:
+            raise TypeError(f"{name} must be float32, got {x.dtype}")
+        if x.device != k.device:
+            raise ValueError(f"{name} must be on k's device {k.device}, got {x.device}")
+    if pooled.block_size != block_size:
+        raise ValueError(f"pooled.block_size must equal the config's block_size {block_size}, got {pooled.block_size}")
+    return pooled
+
+
+def _prepare(q, k, v, history_len, config, pooled):
+    history_len, _ = check_attention_inputs(q, k, v, history_len=history_len, chunk_len=None)
+    seq_len = history_len + q.shape[2]
+    if pooled is None:
+        pooled = pool_kv(k, v, seq_len=seq_len, block_size=config.block_size)
+    else:
+        pooled = _check_pooled(pooled, k, config.block_size, seq_len)
+    return seq_len, pooled
+
+
+def _select(q: torch.Tensor, pooled: PooledKV, seq_len: int, config: GatedConfig, backend: str) -> GroupSelection:
+    return select_groups(
+        q,
+        pooled.k,
+        torch.full((), seq_len, dtype=torch.int64, device=q.device),
+        block_size=config.block_size,
+        query_group_size=config.query_group_size,
+        top_k=config.top_k,
+        window_tokens=config.window_tokens,
+        candidates=config.candidates,
+        precision=config.pool_precision,
+        scale=config.scale or q.shape[-1] ** -0.5,
+        use_kernel=backend == "triton",
+    )
+
+
+def select_group_blocks(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    *,
+    history_len: int | None = None,
+    config: GatedConfig | None = None,
+    pooled: PooledKV | None = None,
+    **overrides: object,
+) -> GroupSelection:
+    """The blocks the selected branch of ``gated_attention`` attends, per (batch, KV head,
+    query group); arguments as for ``gated_attention``.
+
+    Example:
+        >>> import torch
+        >>> from omnimem import select_group_blocks
+        >>> q, k = torch.randn(1, 2, 30, 16), torch.randn(1, 2, 300, 16)
+        >>> sel = select_group_blocks(q, k, top_k=4)
+        >>> sel.block_idx.shape, sel.num_blocks.unique().tolist()
+        (torch.Size([1, 2, 2, 4]), [4])
+    """
+    config = _resolve(config, overrides)
+    backend = resolve_gated_backend(config, q.device)
+    seq_len, pooled = _prepare(q, k, k, history_len, config, pooled)
+    return _select(q, pooled, seq_len, config, backend)
+
+
+def gated_attention(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    gates: torch.Tensor,
+    *,
+    history_len: int | None = None,
+    config: GatedConfig | None = None,
+    pooled: PooledKV | None = None,
+    **overrides: object,
+) -> torch.Tensor:
+    """The gated three-branch OmniMem attention of one chunk (docs/gated.md).
+
+    ``out = g_cmp * o_cmp + g_slc * o_slc + g_swa * o_swa`` per (token, head), where over the
+    sequence ``[0, seq_len)``, ``seq_len = history_len + Lq`` (the history, then the chunk):
+
+    - ``o_cmp`` attends every pooled block (block means of keys and values);
+    - ``o_swa`` attends the last ``window_tokens`` positions at full resolution;
+    - ``o_slc``: each group of ``query_group_size`` queries attends, per head, the ``top_k``
+      blocks whose mean key best matches the group's mean query (candidates per
+      ``config.candidates``); 0 for a group with no candidate.
+
+    Args:
+        q: ``[B, Hq, Lq, D]`` the chunk's queries (float16, bfloat16, float32 or float64;
+            a ``[B, Lq, Hq, D]`` tensor passed as ``.transpose(1, 2)`` is not copied).
+        k: ``[B, Hkv, Lkv, D]`` keys: the history, then the chunk; positions past
+            ``history_len + Lq`` are never read. ``Hq % Hkv == 0``.
+        v: values, k's shape.
+        gates: ``[B, Hq, Lq, 3]`` the already-activated weights of the compressed, selected
+            and window branches, in that order (any floating dtype).
+        history_len: history tokens in ``k``; default ``Lkv - Lq``.
+        config: a [`GatedConfig`][omnimem.GatedConfig]; default ``GatedConfig()`` (the
+            authors' released model).
+        pooled: the block means of ``k``/``v`` when the caller keeps them (a cache does):
+            float32 ``[B, Hkv, >= ceil(seq_len / block_size), D]``; default: pooled here.
+        **overrides: config fields to replace for this call, e.g. ``top_k=12``.
+
+    Returns:
+        ``[B, Hq, Lq, D]`` in ``q.dtype``.
+
+    Raises:
+        TypeError, ValueError: invalid inputs or config, naming the argument.
+
+    Example:
+        >>> import torch
+        >>> from omnimem import gated_attention
+        >>> q = torch.randn(1, 2, 60, 16)           # a chunk of 60 tokens
+        >>> k = v = torch.randn(1, 2, 240 + 60, 16)  # 240 history tokens + the chunk
+        >>> gates = torch.full((1, 2, 60, 3), 0.5)
+        >>> gated_attention(q, k, v, gates, top_k=4, window_tokens=120).shape
+        torch.Size([1, 2, 60, 16])
+    """
+    config = _resolve(config, overrides)
+    backend = resolve_gated_backend(config, q.device)
+    seq_len, pooled = _prepare(q, k, v, history_len, config, pooled)
+    _check_gates(gates, q)
+    _log_choice(backend, q.device.type)
+    scale = config.scale or q.shape[-1] ** -0.5
+    selection = _select(q, pooled, seq_len, config, backend)
+    num_blocks = math.ceil(seq_len / config.block_size)
+    o_cmp = compressed_attention(q, pooled.k, pooled.v, num_blocks, scale=scale)
+    o_swa = window_attention(q, k, v, seq_len, window_tokens=config.window_tokens, scale=scale)
+    if backend == "triton":
+        from omnimem.backends.selected_attention import selected_attention
+
+        return selected_attention(
+            q,
+            k,
+            v,
+            block_idx=selection.block_idx,
+            num_blocks=selection.num_blocks,
+            seq_len=selection.seq_len,
+            block_size=config.block_size,
+            query_group_size=selection.query_group_size,
+            scale=scale,
+            combine=(o_cmp, o_swa, gates),
+        )
+    o_slc = selected_attention_gather(
+        q,
+        k,
+        v,
+        block_idx=selection.block_idx,
+        seq_len=selection.seq_len,
+        block_size=config.block_size,
+        query_group_size=selection.query_group_size,
+        scale=scale,
+    )
+    g_cmp, g_slc, g_swa = gates.float().unbind(-1)
+    out = g_cmp[..., None] * o_cmp.float() + g_slc[..., None] * o_slc.float() + g_swa[..., None] * o_swa.float()
+    return out.to(q.dtype)

@@ -1,0 +1,164 @@
+"""Fine-grained selection for the gated layer: per (batch, KV head, query group), the ``top_k``
+pooled blocks of the whole sequence (history and chunk) whose mean key best matches the
+group's mean query (docs/gated.md).
+
+It is ``omnimem.selection`` generalised: the same pooled queries, the same packed keys (score,
+then lower block index on ties) and top-k; the blocks tile the whole sequence and the
+candidates are a prefix of them (every valid block, or with ``candidates="awe"`` the blocks
+entirely before the sliding window once at least ``top_k`` of them exist). On CUDA the scores
+and the top-k run in one Triton kernel (``omnimem/kernels/group_topk.py``) that never writes
+the ``[G, NB]`` score matrix.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+
+import torch
+from einops import reduce
+
+from omnimem.selection import pooled_queries, ranked_top_blocks
+
+
+@dataclasses.dataclass(frozen=True)
+class GroupSelection:
+    """The blocks each query group's selected branch attends.
+
+    Attributes:
+        block_idx: ``[B, Hkv, G, top_k]`` int32, best first, ``-1`` padded (fewer candidates
+            than ``top_k``).
+        num_blocks: ``[B, Hkv, G]`` int32, valid entries of ``block_idx``.
+        seq_len: 0-d int64 tensor, history + chunk tokens.
+        block_size: tokens per block.
+        query_group_size: queries per group.
+        num_slots: static number of block slots of the pooled buffers.
+    """
+
+    block_idx: torch.Tensor
+    num_blocks: torch.Tensor
+    seq_len: torch.Tensor
+    block_size: int
+    query_group_size: int
+    num_slots: int
+
+    def __repr__(self) -> str:
+        b, h, g, k = self.block_idx.shape
+        return (
+            f"GroupSelection(B={b}, Hkv={h}, groups={g}, top_k={k}, block_size={self.block_size}, "
+            f"query_group_size={self.query_group_size}, device={self.block_idx.device})"
+        )
+
+    @property
+    def num_groups(self) -> int:
+        return self.block_idx.shape[2]
+
+    def to(self, device: torch.device | str) -> GroupSelection:
+        return dataclasses.replace(
+            self,
+            block_idx=self.block_idx.to(device),
+            num_blocks=self.num_blocks.to(device),
+            seq_len=self.seq_len.to(device),
+        )
+
+    def attended_block_mask(self) -> torch.Tensor:
+        """Dense ``[B, Hkv, G, num_slots]`` bool: group ``g`` attends block ``j``."""
+        dense = torch.zeros(
+            (*self.block_idx.shape[:-1], self.num_slots + 1), dtype=torch.bool, device=self.block_idx.device
+        )
+        index = self.block_idx.long()
+        dense.scatter_(-1, torch.where(index < 0, self.num_slots, index), True)
+        return dense[..., :-1]
+
+
+def candidate_end(
+    seq_len: torch.Tensor, *, block_size: int, top_k: int, window_tokens: int, candidates: str
+) -> torch.Tensor:
+    """0-d int64: candidates are the blocks ``[0, end)`` (device arithmetic, no host sync).
+
+    ``"all"``: every block of ``[0, seq_len)``. ``"awe"``: the blocks entirely before the
+    window ``[seq_len - window_tokens, seq_len)`` when there are at least ``top_k`` of them,
+    else every block.
+    """
+    valid = (seq_len + block_size - 1) // block_size
+    if candidates == "all":
+        return valid
+    before = (seq_len - window_tokens).clamp(min=0) // block_size
+    return torch.where(before >= top_k, before, valid)
+
+
+def group_queries(q: torch.Tensor, query_group_size: int, num_kv_heads: int, precision: str) -> torch.Tensor:
+    """``[B, Hkv, G, D]`` float32: each group's mean query, summed over a KV head's query heads
+    (summed scores of the heads = the score of the summed queries). ``precision="input"``
+    rounds each head's mean to ``q.dtype`` first, as the authors' code does."""
+    pooled = pooled_queries(q, query_group_size)
+    if precision == "input":
+        pooled = pooled.to(q.dtype).float()
+    return reduce(pooled, "b (hkv r) g d -> b hkv g d", "sum", hkv=num_kv_heads)
+
+
+def selection_keys(k_means: torch.Tensor, precision: str, dtype: torch.dtype) -> torch.Tensor:
+    """The block means selection scores: float32, or rounded through ``dtype`` (``"input"``)."""
+    return k_means.to(dtype).float() if precision == "input" else k_means
+
+
+def select_groups_torch(
+    pooled_q: torch.Tensor, k_means: torch.Tensor, end: torch.Tensor, *, top_k: int, scale: float
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Scores of every (group, block), then the ranked top-k (the kernel's reference).
+
+    Returns ``(block_idx [B, Hkv, G, top_k] int32, num_blocks [B, Hkv, G] int32)``.
+    """
+    scores = torch.einsum("bhgd,bhjd->bhgj", pooled_q, k_means) * scale
+    candidate = torch.arange(k_means.shape[2], device=k_means.device) < end
+    ranked = ranked_top_blocks(scores, candidate, top_k)
+    if ranked.shape[-1] < top_k:  # fewer slots than top_k: pad to the static width
+        ranked = torch.nn.functional.pad(ranked, (0, top_k - ranked.shape[-1]), value=-1)
+    return ranked.int(), (ranked >= 0).sum(-1, dtype=torch.int32)
+
+
+def select_groups(
+    q: torch.Tensor,
+    k_means: torch.Tensor,
+    seq_len: torch.Tensor,
+    *,
+    block_size: int,
+    query_group_size: int,
+    top_k: int,
+    window_tokens: int,
+    candidates: str,
+    precision: str,
+    scale: float,
+    use_kernel: bool,
+) -> GroupSelection:
+    """Fine-grained selection for validated inputs (public: ``omnimem.select_group_blocks``).
+
+    Args:
+        q: ``[B, Hq, Lq, D]`` chunk queries; k_means: ``[B, Hkv, NB, D]`` float32 block means.
+        seq_len: 0-d int64 tensor on q's device (history + chunk tokens).
+        use_kernel: score and rank in the Triton kernel (CUDA, or CPU under the interpreter).
+    """
+    group_size = min(query_group_size, q.shape[2])
+    pooled_q = group_queries(q, group_size, k_means.shape[1], precision)
+    keys = selection_keys(k_means, precision, q.dtype)
+    end = candidate_end(
+        seq_len, block_size=block_size, top_k=top_k, window_tokens=window_tokens, candidates=candidates
+    )
+    if use_kernel:
+        from omnimem.kernels.group_topk import group_topk
+
+        block_idx, num_blocks = group_topk(pooled_q, keys, end, top_k=top_k, scale=scale)
+    else:
+        block_idx, num_blocks = select_groups_torch(pooled_q, keys, end, top_k=top_k, scale=scale)
+    return GroupSelection(
+        block_idx=block_idx,
+        num_blocks=num_blocks,
+        seq_len=seq_len,
+        block_size=block_size,
+        query_group_size=group_size,
+        num_slots=k_means.shape[2],
+    )
+
+
+def num_groups(q_len: int, query_group_size: int) -> int:
+    return math.ceil(q_len / min(query_group_size, q_len))
