@@ -70,7 +70,9 @@ def selected_attention_gather(
 
     keys, values = gathered(k), gathered(v)  # [B, Hkv, G, K * bs, D]
     padded = groups * query_group_size
-    qg = F.pad(q.float(), (0, 0, 0, padded - q_len)).view(batch, kv_heads, per_kv, groups, query_group_size, head_dim)
+    qg = F.pad(q.float(), (0, 0, 0, padded - q_len)).view(
+        batch, kv_heads, per_kv, groups, query_group_size, head_dim
+    )
     scores = torch.einsum("bhrgqd,bhgtd->bhrgqt", qg, keys) * scale
     scores = scores.masked_fill(~valid[:, :, None, :, None, :], float("-inf"))
     weights = torch.softmax(scores, -1)

@@ -85,15 +85,25 @@ def _selected_attention_kernel(
 
     out = acc / tl.where(l_i > 0, l_i, 1.0)[:, None]  # no blocks: 0
     if COMBINE:
-        gate_base = gate_ptr + batch.to(tl.int64) * stride_gb + head.to(tl.int64) * stride_gh + rows * stride_gl
+        gate_base = (
+            gate_ptr + batch.to(tl.int64) * stride_gb + head.to(tl.int64) * stride_gh + rows * stride_gl
+        )
         g_cmp = tl.load(gate_base, mask=row_ok, other=0.0).to(tl.float32)
         g_slc = tl.load(gate_base + stride_gc, mask=row_ok, other=0.0).to(tl.float32)
         g_swa = tl.load(gate_base + 2 * stride_gc, mask=row_ok, other=0.0).to(tl.float32)
         cmp_base = cmp_ptr + batch.to(tl.int64) * stride_cb + head.to(tl.int64) * stride_ch
         swa_base = swa_ptr + batch.to(tl.int64) * stride_sb + head.to(tl.int64) * stride_sh
-        o_cmp = tl.load(cmp_base + rows[:, None] * stride_cl + dims[None, :] * stride_cd, mask=io_mask, other=0.0)
-        o_swa = tl.load(swa_base + rows[:, None] * stride_sl + dims[None, :] * stride_sd, mask=io_mask, other=0.0)
-        out = g_slc[:, None] * out + g_cmp[:, None] * o_cmp.to(tl.float32) + g_swa[:, None] * o_swa.to(tl.float32)
+        o_cmp = tl.load(
+            cmp_base + rows[:, None] * stride_cl + dims[None, :] * stride_cd, mask=io_mask, other=0.0
+        )
+        o_swa = tl.load(
+            swa_base + rows[:, None] * stride_sl + dims[None, :] * stride_sd, mask=io_mask, other=0.0
+        )
+        out = (
+            g_slc[:, None] * out
+            + g_cmp[:, None] * o_cmp.to(tl.float32)
+            + g_swa[:, None] * o_swa.to(tl.float32)
+        )
     o_base = out_ptr + batch.to(tl.int64) * stride_ob + head.to(tl.int64) * stride_oh
     tl.store(o_base + rows[:, None] * stride_ol + dims[None, :] * stride_od,
              out.to(out_ptr.dtype.element_ty), mask=io_mask)  # fmt: skip

@@ -110,7 +110,9 @@ class OmniMemConfig:
                 "OmniMemConfig.exclusion_tokens must be >= local_tokens (the exclusion window "
                 f"contains the local window), got {self.exclusion_tokens} < {self.local_tokens}"
             )
-        _check_choice("window_exclusion", self.window_exclusion, WINDOW_EXCLUSION_MODES, owner="OmniMemConfig")
+        _check_choice(
+            "window_exclusion", self.window_exclusion, WINDOW_EXCLUSION_MODES, owner="OmniMemConfig"
+        )
         _check_scale(self.scale, owner="OmniMemConfig")
         _check_choice("backend", self.backend, BACKEND_NAMES, owner="OmniMemConfig")
         if not isinstance(self.compile, bool):

@@ -72,7 +72,11 @@ def _check_pooled(pooled: object, k: torch.Tensor, block_size: int, seq_len: int
     needed = math.ceil(seq_len / block_size)
     batch, heads, _, head_dim = k.shape
     for name, x in (("pooled.k", pooled.k), ("pooled.v", pooled.v)):
-        if x.dim() != 4 or (x.shape[0], x.shape[1], x.shape[3]) != (batch, heads, head_dim) or x.shape[2] < needed:
+        if (
+            x.dim() != 4
+            or (x.shape[0], x.shape[1], x.shape[3]) != (batch, heads, head_dim)
+            or x.shape[2] < needed
+        ):
             raise ValueError(
                 f"{name} must have shape [{batch}, {heads}, >= {needed}, {head_dim}] "
                 f"([B, Hkv, block slots, D]), got {tuple(x.shape)}"
@@ -82,7 +86,9 @@ def _check_pooled(pooled: object, k: torch.Tensor, block_size: int, seq_len: int
         if x.device != k.device:
             raise ValueError(f"{name} must be on k's device {k.device}, got {x.device}")
     if pooled.block_size != block_size:
-        raise ValueError(f"pooled.block_size must equal the config's block_size {block_size}, got {pooled.block_size}")
+        raise ValueError(
+            f"pooled.block_size must equal the config's block_size {block_size}, got {pooled.block_size}"
+        )
     return pooled
 
 
@@ -96,7 +102,9 @@ def _prepare(q, k, v, history_len, config, pooled):
     return seq_len, pooled
 
 
-def _select(q: torch.Tensor, pooled: PooledKV, seq_len: int, config: GatedConfig, backend: str) -> GroupSelection:
+def _select(
+    q: torch.Tensor, pooled: PooledKV, seq_len: int, config: GatedConfig, backend: str
+) -> GroupSelection:
     return select_groups(
         q,
         pooled.k,
@@ -226,5 +234,7 @@ def gated_attention(
         scale=scale,
     )
     g_cmp, g_slc, g_swa = gates.float().unbind(-1)
-    out = g_cmp[..., None] * o_cmp.float() + g_slc[..., None] * o_slc.float() + g_swa[..., None] * o_swa.float()
+    out = (
+        g_cmp[..., None] * o_cmp.float() + g_slc[..., None] * o_slc.float() + g_swa[..., None] * o_swa.float()
+    )
     return out.to(q.dtype)

@@ -76,5 +76,7 @@ def pool_kv(
 ) -> PooledKV:
     """Block means of ``k`` and ``v`` over ``[0, seq_len)`` (see ``block_means``)."""
     return PooledKV(
-        block_means(k, seq_len, block_size, num_slots), block_means(v, seq_len, block_size, num_slots), block_size
+        block_means(k, seq_len, block_size, num_slots),
+        block_means(v, seq_len, block_size, num_slots),
+        block_size,
     )

@@ -323,7 +323,11 @@ def ranked_top_blocks(scores: torch.Tensor, tier: torch.Tensor, top_k: int) -> t
     before the score; equal scores rank the lower block index first."""
     num_blocks = scores.shape[-1]
     block = torch.arange(num_blocks, device=scores.device)
-    key = (tier.long() << _TIER_SHIFT) | (_order_preserving_bits(scores) << _INDEX_BITS) | (_MAX_BLOCKS - 1 - block)
+    key = (
+        (tier.long() << _TIER_SHIFT)
+        | (_order_preserving_bits(scores) << _INDEX_BITS)
+        | (_MAX_BLOCKS - 1 - block)
+    )
     top_key, top_block = torch.topk(key, min(top_k, num_blocks), dim=-1, sorted=True)
     return torch.where((top_key >> _TIER_SHIFT) > 0, top_block, -1)
 

@@ -73,7 +73,11 @@ def _group_topk_kernel(
         score = tl.where(score == 0.0, 0.0, score)
         bits = score.to(tl.int32, bitcast=True).to(tl.int64)
         ordered = tl.where(bits >= 0, bits + (1 << 31), (1 << 31) - 1 - (bits & 0x7FFFFFFF))
-        key = (1 << TIER_SHIFT) | (ordered << INDEX_BITS) | ((1 << INDEX_BITS) - 1 - block.to(tl.int64))[None, :]
+        key = (
+            (1 << TIER_SHIFT)
+            | (ordered << INDEX_BITS)
+            | ((1 << INDEX_BITS) - 1 - block.to(tl.int64))[None, :]
+        )
         key = tl.where(row_ok[:, None] & block_ok[None, :], key, 0)
         pending = tl.where(key > worst[:, None], key, 0)
         while tl.max(tl.max(pending, 1), 0) > 0:
