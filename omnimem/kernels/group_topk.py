@@ -21,7 +21,7 @@ import triton.language as tl
 
 from omnimem.selection import _INDEX_BITS, _TIER_SHIFT
 
-_MAX_KEY = (1 << 63) - 1
+_MAX_KEY = tl.constexpr((1 << 63) - 1)  # a jit global must be a constexpr
 
 
 @triton.jit

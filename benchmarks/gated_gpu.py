@@ -1,0 +1,247 @@
+"""The gated OmniMem layer at the authors' shapes (DESIGN.md section 8), one device call.
+
+B=1, H=12, D=128, bf16, a chunk of 4680 queries (3 frames), blocks of 30, groups of 15, top 16,
+a 14,040-token window; histories of 18 / 60 / 237 / 1200 frames. Inputs are random, in
+``[B, L, H, D]`` storage (a cache's layout) viewed as ``[B, H, L, D]``. Two query patterns:
+``random`` (every group selects independently: no reuse between neighbouring groups, the
+worst case for L2) and ``paired`` (the two 15-query groups of a 30-token block share their
+mean query, as the halves of one 1x15x2 patch block do in a real model).
+
+First checks (float64 reference on small shapes; the Triton selection against the torch
+selection, near-ties allowed; the selected kernel against the plain-torch branch), then times
+with ``triton.testing.do_bench`` medians (L2 flushed):
+
+- ``selection``: ``select_groups`` from cached float32 block means (pooled queries, the
+  scores + top-k kernel, the split merge), and the kernel alone; sweeps of its tile sizes;
+- ``selected``: the scattered kernel alone (output allocation only), sweeps;
+- ``compressed`` / ``window``: SDPA with cuDNN and with flash (the peers for dense branches);
+- ``cache update``: writing the chunk's K/V into the buffers and pooling its blocks;
+- ``layer``: ``gated_attention(pooled=...)`` (selection, the three branches, the gated sum),
+  and layer + cache update; peak extra memory beyond the output.
+
+Usage: ``python benchmarks/gated_gpu.py [--histories ...] [--json out.json] [--quick]``
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import sys
+from pathlib import Path
+
+import torch
+import triton
+from attention_gpu import FRAME_TOKENS, bench, environment
+from torch.nn.attention import SDPBackend, sdpa_kernel
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from omnimem import GatedConfig, gated_attention  # noqa: E402
+from omnimem.backends.gated_branches import (  # noqa: E402
+    compressed_attention,
+    selected_attention_gather,
+    window_attention,
+)
+from omnimem.backends.selected_attention import selected_attention  # noqa: E402
+from omnimem.gated_selection import (  # noqa: E402
+    candidate_end,
+    group_queries,
+    select_groups,
+    select_groups_torch,
+)
+from omnimem.kernels.group_topk import group_topk  # noqa: E402
+from omnimem.pooling import PooledKV, block_means  # noqa: E402
+from tests.reference_gated import reference_gated_attention  # noqa: E402
+
+HEADS, HEAD_DIM, CHUNK = 12, 128, 3 * FRAME_TOKENS
+CFG = GatedConfig()
+
+
+def peak_extra_mib(fn, output_bytes: int) -> float:
+    torch.cuda.synchronize()
+    torch.cuda.reset_peak_memory_stats()
+    base = torch.cuda.memory_allocated()
+    result = fn()
+    torch.cuda.synchronize()
+    extra = torch.cuda.max_memory_allocated() - base - output_bytes
+    del result
+    return extra / 2**20
+
+
+def check_small() -> list[str]:
+    """Triton path against the float64 reference on small shapes (fp32 and bf16)."""
+    lines = []
+    gen = torch.Generator().manual_seed(0)
+    for dtype, tol in ((torch.float32, 2e-3), (torch.bfloat16, 3e-2)):
+        for hist, lq, bs, gs, k, win, cand, hq, hkv in [
+            (300, 60, 30, 15, 4, 90, "all", 4, 4),
+            (1000, 45, 7, 10, 16, 100, "awe", 4, 2),
+            (0, 33, 30, 15, 16, 14040, "all", 2, 2),
+        ]:
+            q = torch.randn(2, lq, hq, 64, generator=gen).transpose(1, 2)
+            kv = torch.randn(2, hist + lq + 5, hkv, 64, generator=gen).transpose(1, 2)
+            v = torch.randn(2, hist + lq + 5, hkv, 64, generator=gen).transpose(1, 2)
+            gates = torch.rand(2, hq, lq, 3, generator=gen)
+            ref = reference_gated_attention(
+                q, kv, v, gates, history_len=hist, block_size=bs, query_group_size=gs,
+                top_k=k, window_tokens=win, candidates=cand,
+            )  # fmt: skip
+            out = gated_attention(
+                q.cuda().to(dtype), kv.cuda().to(dtype), v.cuda().to(dtype), gates.cuda(),
+                history_len=hist, block_size=bs, query_group_size=gs, top_k=k, window_tokens=win,
+                candidates=cand, backend="triton",
+            )  # fmt: skip
+            err = (out.double().cpu() - ref.out).abs().max().item()
+            status = "ok" if err < tol else "FAIL"
+            lines.append(f"small {dtype} hist={hist} bs={bs} gs={gs} k={k} {cand}: max err {err:.2e} {status}")
+    return lines
+
+
+def make_inputs(history: int, pattern: str):
+    device = torch.device("cuda")
+    gen = torch.Generator(device=device).manual_seed(history)
+    total = history + CHUNK
+    k = torch.randn(1, total, HEADS, HEAD_DIM, device=device, dtype=torch.bfloat16, generator=gen)
+    v = torch.randn(1, total, HEADS, HEAD_DIM, device=device, dtype=torch.bfloat16, generator=gen)
+    q = torch.randn(1, CHUNK, HEADS, HEAD_DIM, device=device, dtype=torch.bfloat16, generator=gen)
+    if pattern == "paired":  # the two groups of a 30-token block share their mean query
+        half = q.view(1, CHUNK // 30, 2, 15, HEADS, HEAD_DIM)
+        half[:, :, 1] = half[:, :, 0].flip(2)
+    gates = torch.rand(1, HEADS, CHUNK, 3, device=device, generator=gen).to(torch.bfloat16)
+    return q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2), gates
+
+
+def selection_agreement(q, pooled, seq_len) -> str:
+    """Fraction of groups whose kernel top-k equals the torch top-k, and whether every
+    difference is a near-tie (kernel's pick scores within 1e-5 relative of the k-th best)."""
+    scale = HEAD_DIM**-0.5
+    pq = group_queries(q, 15, HEADS, "float32")
+    end = candidate_end(seq_len, block_size=30, top_k=16, window_tokens=14040, candidates="all")
+    got, _ = group_topk(pq, pooled.k, end, top_k=16, scale=scale)
+    want, _ = select_groups_torch(pq, pooled.k, end, top_k=16, scale=scale)
+    same = (got.sort(-1).values == want.sort(-1).values).all(-1)
+    scores = torch.einsum("bhgd,bhjd->bhgj", pq.double(), pooled.k.double()) * scale
+    kth = scores.gather(-1, want.long()[..., -1:])
+    picked = scores.gather(-1, got.long())
+    near = (picked >= kth - 1e-5 * kth.abs().clamp(min=1)).all()
+    return f"selection: {same.float().mean().item():.4f} of groups identical; differences near-ties: {bool(near)}"
+
+
+def run_history(history: int, pattern: str, args) -> dict:
+    q, k, v, gates = make_inputs(history, pattern)
+    seq = history + CHUNK
+    seq_len = torch.tensor(seq, device="cuda")
+    scale = HEAD_DIM**-0.5
+    slots = math.ceil(seq / 30)
+    pooled = PooledKV(block_means(k, seq, 30, slots), block_means(v, seq, 30, slots), 30)
+    row = dict(history=history, frames=history // FRAME_TOKENS, pattern=pattern)
+    sel = select_groups(
+        q, pooled.k, seq_len, block_size=30, query_group_size=15, top_k=16, window_tokens=14040,
+        candidates="all", precision="float32", scale=scale, use_kernel=True,
+    )  # fmt: skip
+    checks = []
+    if pattern == "random":
+        checks.append(selection_agreement(q, pooled, seq_len))
+    if history <= 100_000 and pattern == "random":
+        got = selected_attention(
+            q, k, v, block_idx=sel.block_idx, num_blocks=sel.num_blocks, seq_len=seq_len,
+            block_size=30, query_group_size=15, scale=scale,
+        )  # fmt: skip
+        want = selected_attention_gather(
+            q, k, v, block_idx=sel.block_idx, seq_len=seq_len, block_size=30, query_group_size=15, scale=scale
+        )
+        err = (got.float() - want.float()).abs().max().item()
+        checks.append(f"selected kernel vs torch branch: max err {err:.2e} {'ok' if err < 2e-2 else 'FAIL'}")
+    row["checks"] = checks
+    for line in checks:
+        print(f"  [{history}/{pattern}] {line}", flush=True)
+
+    def select():
+        return select_groups(
+            q, pooled.k, seq_len, block_size=30, query_group_size=15, top_k=16, window_tokens=14040,
+            candidates="all", precision="float32", scale=scale, use_kernel=True,
+        )  # fmt: skip
+
+    pq = group_queries(q, 15, HEADS, "float32")
+    end = candidate_end(seq_len, block_size=30, top_k=16, window_tokens=14040, candidates="all")
+    t = {}
+    t["selection"] = bench(select)
+    t["selection kernel+merge"] = bench(lambda: group_topk(pq, pooled.k, end, top_k=16, scale=scale))
+    if args.variants and pattern == "random":
+        for rows, bn, prec, warps in [(64, 64, "tf32", 4), (32, 64, "tf32x3", 4), (128, 64, "tf32x3", 8),
+                                      (64, 128, "tf32x3", 8), (64, 32, "tf32x3", 4)]:  # fmt: skip
+            name = f"selection kernel rows={rows} n={bn} {prec} w={warps}"
+            t[name] = bench(
+                lambda rows=rows, bn=bn, prec=prec, warps=warps: group_topk(
+                    pq, pooled.k, end, top_k=16, scale=scale, rows=rows, block_n=bn, precision=prec, num_warps=warps
+                )
+            )
+
+    def slc(**kw):
+        return selected_attention(
+            q, k, v, block_idx=sel.block_idx, num_blocks=sel.num_blocks, seq_len=seq_len,
+            block_size=30, query_group_size=15, scale=scale, **kw,
+        )  # fmt: skip
+
+    t["selected"] = bench(slc)
+    if args.variants:
+        for warps, stages in [(2, 2), (4, 3), (4, 1), (2, 3)]:
+            t[f"selected w={warps} s={stages}"] = bench(lambda w=warps, s=stages: slc(num_warps=w, num_stages=s))
+    for name, backend in (("cudnn", SDPBackend.CUDNN_ATTENTION), ("flash", SDPBackend.FLASH_ATTENTION)):
+        with sdpa_kernel(backend):
+            t[f"compressed {name}"] = bench(lambda: compressed_attention(q, pooled.k, pooled.v, slots, scale=scale))
+            t[f"window {name}"] = bench(lambda: window_attention(q, k, v, seq, window_tokens=14040, scale=scale))
+
+    # The cache update a layer call needs: the chunk's K/V into the buffers, its blocks pooled.
+    k_new, v_new = k[:, :, history:].clone(), v[:, :, history:].clone()
+    first = history // 30
+
+    def cache_update():
+        k[:, :, history:seq].copy_(k_new)
+        v[:, :, history:seq].copy_(v_new)
+        pooled.k[:, :, first:slots].copy_(block_means(k_new, CHUNK, 30))
+        pooled.v[:, :, first:slots].copy_(block_means(v_new, CHUNK, 30))
+
+    t["cache update"] = bench(cache_update)
+
+    def layer():
+        return gated_attention(q, k, v, gates, history_len=history, pooled=pooled, backend="triton")
+
+    with sdpa_kernel(SDPBackend.CUDNN_ATTENTION):
+        t["layer"] = bench(layer)
+        t["layer + cache update"] = bench(lambda: (cache_update(), layer()))
+        row["layer extra MiB"] = peak_extra_mib(layer, q.numel() * 2)
+    row["times_ms"] = t
+    return row
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--histories", type=int, nargs="+", default=[18, 60, 237, 1200], help="frames")
+    parser.add_argument("--patterns", nargs="+", default=["random", "paired"])
+    parser.add_argument("--variants", action="store_true", help="sweep kernel tile sizes")
+    parser.add_argument("--json", default=None)
+    args = parser.parse_args()
+    env = environment()
+    print(json.dumps(env), flush=True)
+    small = check_small()
+    print("\n".join(small), flush=True)
+    rows = []
+    for frames in args.histories:
+        for pattern in args.patterns:
+            row = run_history(frames * FRAME_TOKENS, pattern, args)
+            rows.append(row)
+            print(json.dumps(row), flush=True)
+            torch.cuda.empty_cache()
+    names = list(rows[0]["times_ms"])
+    print(f"\n{'ms':<44}" + "".join(f"{r['frames']:>6}f {r['pattern'][:3]}" for r in rows))
+    for name in names:
+        print(f"{name:<44}" + "".join(f"{r['times_ms'].get(name, float('nan')):>11.3f}" for r in rows))
+    print(f"{'layer extra MiB':<44}" + "".join(f"{r['layer extra MiB']:>11.1f}" for r in rows))
+    if args.json:
+        Path(args.json).write_text(json.dumps(dict(env=env, small=small, rows=rows), indent=1))
+
+
+if __name__ == "__main__":
+    main()
