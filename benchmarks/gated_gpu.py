@@ -31,28 +31,27 @@ import sys
 from pathlib import Path
 
 import torch
-import triton
 from attention_gpu import FRAME_TOKENS, bench, environment
 from torch.nn.attention import SDPBackend, sdpa_kernel
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from omnimem import GatedConfig, gated_attention  # noqa: E402
-from omnimem.backends.gated_branches import (  # noqa: E402
+from omnimem import GatedConfig, gated_attention
+from omnimem.backends.gated_branches import (
     compressed_attention,
     selected_attention_gather,
     window_attention,
 )
-from omnimem.backends.selected_attention import selected_attention  # noqa: E402
-from omnimem.gated_selection import (  # noqa: E402
+from omnimem.backends.selected_attention import selected_attention
+from omnimem.gated_selection import (
     candidate_end,
     group_queries,
     select_groups,
     select_groups_torch,
 )
-from omnimem.kernels.group_topk import group_topk  # noqa: E402
-from omnimem.pooling import PooledKV, block_means  # noqa: E402
-from tests.reference_gated import reference_gated_attention  # noqa: E402
+from omnimem.kernels.group_topk import group_topk
+from omnimem.pooling import PooledKV, block_means
+from tests.reference_gated import reference_gated_attention
 
 HEADS, HEAD_DIM, CHUNK = 12, 128, 3 * FRAME_TOKENS
 CFG = GatedConfig()
@@ -94,7 +93,9 @@ def check_small() -> list[str]:
             )  # fmt: skip
             err = (out.double().cpu() - ref.out).abs().max().item()
             status = "ok" if err < tol else "FAIL"
-            lines.append(f"small {dtype} hist={hist} bs={bs} gs={gs} k={k} {cand}: max err {err:.2e} {status}")
+            lines.append(
+                f"small {dtype} hist={hist} bs={bs} gs={gs} k={k} {cand}: max err {err:.2e} {status}"
+            )
     return lines
 
 
@@ -125,7 +126,8 @@ def selection_agreement(q, pooled, seq_len) -> str:
     kth = scores.gather(-1, want.long()[..., -1:])
     picked = scores.gather(-1, got.long())
     near = (picked >= kth - 1e-5 * kth.abs().clamp(min=1)).all()
-    return f"selection: {same.float().mean().item():.4f} of groups identical; differences near-ties: {bool(near)}"
+    share = same.float().mean().item()
+    return f"selection: {share:.4f} of groups identical; differences near-ties: {bool(near)}"
 
 
 def run_history(history: int, pattern: str, args) -> dict:
@@ -174,7 +176,15 @@ def run_history(history: int, pattern: str, args) -> dict:
             name = f"selection kernel rows={rows} n={bn} {prec} w={warps}"
             t[name] = bench(
                 lambda rows=rows, bn=bn, prec=prec, warps=warps: group_topk(
-                    pq, pooled.k, end, top_k=16, scale=scale, rows=rows, block_n=bn, precision=prec, num_warps=warps
+                    pq,
+                    pooled.k,
+                    end,
+                    top_k=16,
+                    scale=scale,
+                    rows=rows,
+                    block_n=bn,
+                    precision=prec,
+                    num_warps=warps,
                 )
             )
 
@@ -187,11 +197,17 @@ def run_history(history: int, pattern: str, args) -> dict:
     t["selected"] = bench(slc)
     if args.variants:
         for warps, stages in [(2, 2), (4, 3), (4, 1), (2, 3)]:
-            t[f"selected w={warps} s={stages}"] = bench(lambda w=warps, s=stages: slc(num_warps=w, num_stages=s))
+            t[f"selected w={warps} s={stages}"] = bench(
+                lambda w=warps, s=stages: slc(num_warps=w, num_stages=s)
+            )
     for name, backend in (("cudnn", SDPBackend.CUDNN_ATTENTION), ("flash", SDPBackend.FLASH_ATTENTION)):
         with sdpa_kernel(backend):
-            t[f"compressed {name}"] = bench(lambda: compressed_attention(q, pooled.k, pooled.v, slots, scale=scale))
-            t[f"window {name}"] = bench(lambda: window_attention(q, k, v, seq, window_tokens=14040, scale=scale))
+            t[f"compressed {name}"] = bench(
+                lambda: compressed_attention(q, pooled.k, pooled.v, slots, scale=scale)
+            )
+            t[f"window {name}"] = bench(
+                lambda: window_attention(q, k, v, seq, window_tokens=14040, scale=scale)
+            )
 
     # The cache update a layer call needs: the chunk's K/V into the buffers, its blocks pooled.
     k_new, v_new = k[:, :, history:].clone(), v[:, :, history:].clone()
