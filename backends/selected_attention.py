@@ -129,8 +129,8 @@ def selected_attention(
     query_group_size: int,
     scale: float,
     combine: tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None = None,
-    num_warps: int = 4,
-    num_stages: int = 2,
+    num_warps: int = 2,
+    num_stages: int = 3,
 ) -> torch.Tensor:
     """``[B, Hq, Lq, D]`` in ``q.dtype``: the selected branch (or, with ``combine=(o_cmp,
     o_swa, gates)``, the gated sum of the three branches).

@@ -55,6 +55,16 @@ from tests.reference_gated import reference_gated_attention
 
 HEADS, HEAD_DIM, CHUNK = 12, 128, 3 * FRAME_TOKENS
 CFG = GatedConfig()
+# group_topk keyword variants swept by --variants: (rows, block_n, precision, num_warps, per_sm).
+SELECTION_VARIANTS = [
+    (64, 64, "tf32", 4, 2),
+    (64, 64, "tf32x3", 4, 4),
+    (64, 64, "tf32x3", 4, 8),
+    (128, 64, "tf32x3", 8, 2),
+    (64, 128, "tf32x3", 8, 2),
+    (64, 32, "tf32x3", 4, 4),
+    (32, 64, "tf32x3", 4, 4),
+]
 
 
 def peak_extra_mib(fn, output_bytes: int) -> float:
@@ -171,11 +181,10 @@ def run_history(history: int, pattern: str, args) -> dict:
     t["selection"] = bench(select)
     t["selection kernel+merge"] = bench(lambda: group_topk(pq, pooled.k, end, top_k=16, scale=scale))
     if args.variants and pattern == "random":
-        for rows, bn, prec, warps in [(64, 64, "tf32", 4), (32, 64, "tf32x3", 4), (128, 64, "tf32x3", 8),
-                                      (64, 128, "tf32x3", 8), (64, 32, "tf32x3", 4)]:  # fmt: skip
-            name = f"selection kernel rows={rows} n={bn} {prec} w={warps}"
+        for rows, bn, prec, warps, per_sm in SELECTION_VARIANTS:
+            name = f"selection kernel rows={rows} n={bn} {prec} w={warps} x{per_sm}"
             t[name] = bench(
-                lambda rows=rows, bn=bn, prec=prec, warps=warps: group_topk(
+                lambda rows=rows, bn=bn, prec=prec, warps=warps, per_sm=per_sm: group_topk(
                     pq,
                     pooled.k,
                     end,
@@ -185,6 +194,7 @@ def run_history(history: int, pattern: str, args) -> dict:
                     block_n=bn,
                     precision=prec,
                     num_warps=warps,
+                    per_sm=per_sm,
                 )
             )
 
@@ -196,7 +206,7 @@ def run_history(history: int, pattern: str, args) -> dict:
 
     t["selected"] = bench(slc)
     if args.variants:
-        for warps, stages in [(2, 2), (4, 3), (4, 1), (2, 3)]:
+        for warps, stages in [(4, 2), (2, 2), (2, 4), (1, 3)]:
             t[f"selected w={warps} s={stages}"] = bench(
                 lambda w=warps, s=stages: slc(num_warps=w, num_stages=s)
             )

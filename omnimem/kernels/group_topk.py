@@ -2,11 +2,12 @@
 ``gated_selection.select_groups_torch``).
 
 A program takes ``ROWS`` query groups of one (batch, KV head) and one split of the candidate
-blocks. Per tile of ``BLOCK_N`` block means it computes the scores on tensor cores, packs each
-into the same int64 key as the torch path (score, then the lower block index on ties) and
-keeps a running, unsorted set of its best ``top_k`` keys per row. A key enters the set only if
-it beats the set's worst; the loop that inserts them runs once per key that does, so once the
-set has settled a tile costs one comparison per score, not a sort. The ``[G, NB]`` score matrix
+blocks. Per tile of ``BLOCK_N`` block means it computes the scores on tensor cores, keeps a
+running, unsorted set of its best ``top_k`` keys per row, in the torch path's int64 key
+(score, then the lower block index on ties). Per score it costs one float comparison with the
+row's worst kept score; only the few that may beat it are packed into keys and inserted, one
+insertion round per key of the row with the most (at most ``top_k``). Once the sets have
+settled a tile is a matrix product and a comparison, not a sort. The ``[G, NB]`` score matrix
 is never written. The splits' sets (``SPLITS * K_PAD`` keys per row) are merged by a top-k.
 """
 
@@ -22,6 +23,26 @@ import triton.language as tl
 from omnimem.selection import _INDEX_BITS, _TIER_SHIFT
 
 _MAX_KEY = tl.constexpr((1 << 63) - 1)  # a jit global must be a constexpr
+
+
+@triton.jit
+def _packed_key(score, block, INDEX_BITS: tl.constexpr, TIER_SHIFT: tl.constexpr):
+    """The torch path's int64 key of a candidate: tier bit, order-preserving bits of the
+    float32 score (-0.0 as +0.0), then the block index reversed (ties: lower index first)."""
+    score = tl.where(score == 0.0, 0.0, score)
+    bits = score.to(tl.int32, bitcast=True).to(tl.int64)
+    ordered = tl.where(bits >= 0, bits + (1 << 31), (1 << 31) - 1 - (bits & 0x7FFFFFFF))
+    index = (1 << INDEX_BITS) - 1 - block.to(tl.int64)
+    return (1 << TIER_SHIFT) | (ordered << INDEX_BITS) | index[None, :]
+
+
+@triton.jit
+def _key_score(key, INDEX_BITS: tl.constexpr):
+    """The float32 score packed in ``key`` (``-inf`` for the empty key 0)."""
+    ordered = (key >> INDEX_BITS) & 0xFFFFFFFF
+    bits = tl.where(ordered >= (1 << 31), ordered - (1 << 31), ((1 << 31) - 1 - ordered) | (1 << 31))
+    score = bits.to(tl.uint32).to(tl.float32, bitcast=True)
+    return tl.where(key == 0, float("-inf"), score)
 
 
 @triton.jit
@@ -60,6 +81,7 @@ def _group_topk_kernel(
     # TOP_K hold the largest key so that they are never the set's worst.
     best = tl.where(slot[None, :] < TOP_K, 0, _MAX_KEY).to(tl.int64) + tl.zeros([ROWS, K_PAD], tl.int64)
     worst = tl.zeros([ROWS], tl.int64)
+    worst_score = tl.full([ROWS], float("-inf"), tl.float32)
     for start in range(lo, hi, BLOCK_N):
         block = start + tl.arange(0, BLOCK_N)
         block_ok = block < hi
@@ -69,25 +91,23 @@ def _group_topk_kernel(
             other=0.0,
         )
         score = tl.dot(q, tl.trans(keys), input_precision=PRECISION) * scale
-        # Order-preserving bits of the float32 score (-0.0 as +0.0), then the packed key.
-        score = tl.where(score == 0.0, 0.0, score)
-        bits = score.to(tl.int32, bitcast=True).to(tl.int64)
-        ordered = tl.where(bits >= 0, bits + (1 << 31), (1 << 31) - 1 - (bits & 0x7FFFFFFF))
-        key = (
-            (1 << TIER_SHIFT)
-            | (ordered << INDEX_BITS)
-            | ((1 << INDEX_BITS) - 1 - block.to(tl.int64))[None, :]
-        )
-        key = tl.where(row_ok[:, None] & block_ok[None, :], key, 0)
-        pending = tl.where(key > worst[:, None], key, 0)
-        while tl.max(tl.max(pending, 1), 0) > 0:
-            top = tl.max(pending, 1)
-            # Replace the first worst slot of each row whose best pending key beats it.
-            first_worst = tl.min(tl.where(best == worst[:, None], slot[None, :], K_PAD), 1)
-            replace = (slot[None, :] == first_worst[:, None]) & (top > worst)[:, None]
-            best = tl.where(replace, top[:, None], best)
-            worst = tl.min(best, 1)
-            pending = tl.where((pending > worst[:, None]) & (pending != top[:, None]), pending, 0)
+        # Streaming part, one float compare per score: only scores that may beat a row's
+        # worst kept key (ties included; the packed keys settle them) go any further.
+        maybe = (score >= worst_score[:, None]) & row_ok[:, None] & block_ok[None, :]
+        pending_rows = tl.sum(maybe.to(tl.int32), 1)
+        # Inserting in descending order, at most TOP_K of a row's pending keys can enter.
+        rounds = tl.minimum(tl.max(pending_rows, 0), TOP_K)
+        if rounds > 0:
+            pending = tl.where(maybe, _packed_key(score, block, INDEX_BITS, TIER_SHIFT), 0)
+            for _ in range(rounds):
+                top = tl.max(pending, 1)
+                # Replace the first worst slot of each row whose best pending key beats it.
+                first_worst = tl.min(tl.where(best == worst[:, None], slot[None, :], K_PAD), 1)
+                replace = (slot[None, :] == first_worst[:, None]) & (top > worst)[:, None]
+                best = tl.where(replace, top[:, None], best)
+                worst = tl.min(best, 1)
+                pending = tl.where(pending == top[:, None], 0, pending)
+            worst_score = _key_score(worst, INDEX_BITS)
 
     best = tl.where(slot[None, :] < TOP_K, best, 0)
     best = tl.sort(best, dim=1, descending=True)
@@ -102,11 +122,19 @@ def _num_sms(device: torch.device) -> int:
     return torch.cuda.get_device_properties(device).multi_processor_count
 
 
-def plan(num_rows: int, num_slots: int, batch_heads: int, device: torch.device, rows: int, block_n: int):
-    """``(splits, blocks_per_split)``: enough programs for about two per SM."""
+def plan(
+    num_rows: int,
+    num_slots: int,
+    batch_heads: int,
+    device: torch.device,
+    rows: int,
+    block_n: int,
+    per_sm: int,
+):
+    """``(splits, blocks_per_split)``: enough programs for about ``per_sm`` per SM."""
     row_tiles = math.ceil(num_rows / rows)
     tiles = max(1, math.ceil(num_slots / block_n))
-    splits = max(1, min(tiles, math.ceil(2 * _num_sms(device) / (row_tiles * batch_heads))))
+    splits = max(1, min(tiles, math.ceil(per_sm * _num_sms(device) / (row_tiles * batch_heads))))
     return splits, math.ceil(tiles / splits) * block_n
 
 
@@ -121,6 +149,7 @@ def group_topk(
     block_n: int = 64,
     precision: str | None = None,
     num_warps: int = 4,
+    per_sm: int = 2,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """``(block_idx [B, Hkv, G, top_k] int32, num_blocks [B, Hkv, G] int32)``, as
     ``select_groups_torch`` (near-ties aside: tensor-core scores round differently).
@@ -134,7 +163,7 @@ def group_topk(
     if precision is None:
         precision = "tf32x3" if pooled_q.is_cuda else "ieee"
     k_pad = triton.next_power_of_2(top_k)
-    splits, per_split = plan(groups, num_slots, batch * kv_heads, pooled_q.device, rows, block_n)
+    splits, per_split = plan(groups, num_slots, batch * kv_heads, pooled_q.device, rows, block_n, per_sm)
     keys = torch.empty((batch, kv_heads, splits, groups, k_pad), dtype=torch.int64, device=pooled_q.device)
     grid = (math.ceil(groups / rows), batch * kv_heads, splits)
     _group_topk_kernel[grid](

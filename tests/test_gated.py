@@ -1,0 +1,182 @@
+"""The gated layer (``gated_attention``), its selection and its kernels against the float64
+loop reference (``reference_gated.py``); validation; unattended data has no influence."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from omnimem import GatedConfig, PooledKV, gated_attention, pool_kv, select_group_blocks
+from omnimem.gated_selection import candidate_end, select_groups_torch
+
+from .inputs import TEST_DEVICE, exact_queries_and_keys, make_inputs
+from .reference_gated import reference_gated_attention
+
+BACKENDS = ["gather", pytest.param("triton", marks=pytest.mark.filterwarnings("ignore"))]
+
+CASES = [
+    # q_heads, kv_heads, q_len, history, head_dim, block, group, top_k, window, candidates, flash
+    (2, 2, 30, 270, 16, 30, 15, 4, 90, "all", False),
+    (2, 1, 13, 50, 8, 7, 5, 3, 20, "awe", True),  # GQA, group size not dividing the chunk
+    (1, 1, 5, 0, 16, 7, 15, 16, 14040, "all", False),  # no history, top_k above the candidates
+    (3, 3, 17, 100, 16, 6, 4, 20, 30, "awe", True),  # awe with too few blocks before the window
+    (2, 2, 9, 200, 16, 3, 2, 5, 40, "awe", False),  # awe excluding the window
+    (1, 1, 1, 31, 4, 30, 15, 1, 1, "all", False),  # one query, a partial block
+]
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("case", CASES)
+def test_gated_attention_matches_reference(case, backend):
+    hq, hkv, lq, hist, d, bs, gs, top_k, window, cand, flash = case
+    q, k, v = make_inputs(
+        batch=2,
+        q_heads=hq,
+        kv_heads=hkv,
+        q_len=lq,
+        history_len=hist,
+        head_dim=d,
+        unwritten=3,
+        flash_layout=flash,
+    )
+    gates = torch.rand(2, hq, lq, 3, generator=torch.Generator().manual_seed(1)).to(TEST_DEVICE)
+    kwargs = dict(block_size=bs, query_group_size=gs, top_k=top_k, window_tokens=window, candidates=cand)
+    ref = reference_gated_attention(q, k, v, gates, history_len=hist, **kwargs)
+    assert ref.margin > 1e-4  # the cases have no near-tie at a top-k boundary
+    out = gated_attention(q, k, v, gates, history_len=hist, backend=backend, **kwargs)
+    assert out.dtype == q.dtype
+    torch.testing.assert_close(out.double().cpu(), ref.out, atol=2e-5, rtol=1e-4)
+    sel = select_group_blocks(q, k, history_len=hist, backend=backend, **kwargs)
+    for (b, kvh, g), blocks in ref.selected_blocks.items():
+        assert sel.block_idx[b, kvh, g, : len(blocks)].tolist() == blocks
+        assert sel.num_blocks[b, kvh, g].item() == len(blocks)
+        assert (sel.block_idx[b, kvh, g, len(blocks) :] == -1).all()
+
+
+def test_awe_candidates():
+    seq = torch.tensor(300)
+    rule = dict(block_size=30, top_k=4, window_tokens=120)
+    assert candidate_end(seq, candidates="all", **rule).item() == 10
+    assert candidate_end(seq, candidates="awe", **rule).item() == 6  # blocks 0..5 end before 180
+    assert candidate_end(seq, candidates="awe", **{**rule, "top_k": 7}).item() == 10  # too few: all
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_unattended_positions_have_no_influence(backend):
+    """NaN past the chunk's end (unwritten cache space) changes nothing; NaN in a history
+    block that no group selects and the window does not cover reaches only the compressed
+    branch, so it changes nothing once that branch's gate is 0."""
+    q, k, v = make_inputs(q_heads=2, q_len=8, history_len=120, head_dim=16, unwritten=10)
+    gates = torch.rand(1, 2, 8, 3, device=TEST_DEVICE)
+    kwargs = dict(
+        history_len=120, block_size=8, query_group_size=4, top_k=3, window_tokens=16, backend=backend
+    )
+    clean = gated_attention(q, k, v, gates, **kwargs)
+    k2, v2 = k.clone(), v.clone()
+    k2[:, :, 128:], v2[:, :, 128:] = float("nan"), float("nan")
+    torch.testing.assert_close(gated_attention(q, k2, v2, gates, **kwargs), clean, atol=0, rtol=0)
+
+    sel = select_group_blocks(q, k, history_len=120, block_size=8, query_group_size=4, top_k=3)
+    unused = sorted(set(range(13)) - set(sel.block_idx.flatten().tolist()))
+    assert unused, "every block was selected: the case tests nothing"
+    gates[..., 0] = 0.0
+    clean = gated_attention(q, k, v, gates, **kwargs)
+    v3 = v.clone()
+    v3[:, :, unused[0] * 8 : unused[0] * 8 + 8] = 1.0e6  # finite: the compressed means stay finite
+    torch.testing.assert_close(gated_attention(q, k, v3, gates, **kwargs), clean, atol=1e-6, rtol=0)
+
+
+def test_pooled_argument_equals_stateless_call():
+    q, k, v = make_inputs(q_heads=2, q_len=15, history_len=75, head_dim=8, unwritten=20)
+    gates = torch.rand(1, 2, 15, 3, device=TEST_DEVICE)
+    pooled = pool_kv(k, v, seq_len=90, block_size=30, num_slots=4)  # one spare slot, as a cache has
+    assert repr(pooled).startswith("PooledKV(B=1, Hkv=2, blocks=4")
+    expected = gated_attention(q, k, v, gates, history_len=75, top_k=2, window_tokens=30)
+    got = gated_attention(q, k, v, gates, history_len=75, top_k=2, window_tokens=30, pooled=pooled)
+    torch.testing.assert_close(got, expected, atol=0, rtol=0)
+
+
+def test_input_pool_precision_rounds_like_the_authors():
+    """``pool_precision="input"`` scores the block means rounded to the inputs' dtype."""
+    q, k, v = make_inputs(q_heads=2, q_len=30, history_len=300, head_dim=16, dtype=torch.bfloat16)
+    exact = select_group_blocks(q, k, history_len=300, top_k=4)
+    rounded = select_group_blocks(q, k, history_len=300, top_k=4, pool_precision="input")
+    assert exact.block_idx.shape == rounded.block_idx.shape
+    pooled = pool_kv(k, v, seq_len=330, block_size=30)
+    pq = q.float().unflatten(2, (2, 15)).mean(3).to(torch.bfloat16).float()
+    end = torch.tensor(11)
+    want, _ = select_groups_torch(pq, pooled.k.to(torch.bfloat16).float(), end, top_k=4, scale=16**-0.5)
+    assert torch.equal(rounded.block_idx, want)
+
+
+@pytest.mark.parametrize(
+    ("groups", "num_slots", "end", "top_k", "rows", "block_n"),
+    [(13, 200, 200, 16, 16, 16), (5, 37, 20, 12, 16, 16), (70, 300, 0, 5, 32, 16), (3, 150, 150, 3, 16, 32)],
+)
+def test_group_topk_kernel_matches_torch(groups, num_slots, end, top_k, rows, block_n):
+    """Bit for bit on exact inputs (small integers: many exact ties, every order the same)."""
+    from omnimem.kernels.group_topk import group_topk
+
+    gen = torch.Generator().manual_seed(groups)
+    pq, km = exact_queries_and_keys(2, 2, 2, groups, 1, 16, num_slots, gen)
+    end = torch.tensor(end, device=TEST_DEVICE)
+    want = select_groups_torch(pq, km, end, top_k=top_k, scale=0.5)
+    got = group_topk(pq, km, end, top_k=top_k, scale=0.5, rows=rows, block_n=block_n)
+    assert torch.equal(got[0], want[0]) and torch.equal(got[1], want[1])
+
+
+def test_selected_kernel_empty_rows_and_poisoned_output():
+    """A group with no block yields 0, and every output row is written (NaN-filled buffer)."""
+    from omnimem.backends import selected_attention as kernel_module
+    from omnimem.backends.gated_branches import selected_attention_gather
+
+    q, k, v = make_inputs(q_heads=2, kv_heads=1, q_len=10, history_len=40, head_dim=16)
+    table = torch.tensor([[[[3, 0, -1], [-1, -1, -1], [5, 1, 2]]]], dtype=torch.int32, device=TEST_DEVICE)
+    counts = (table >= 0).sum(-1, dtype=torch.int32)
+    seq_len = torch.tensor(50, device=TEST_DEVICE)
+    args = dict(block_idx=table, seq_len=seq_len, block_size=8, query_group_size=4, scale=0.25)
+    want = selected_attention_gather(q, k, v, **args)
+    original = torch.empty_like
+    try:  # poison: every buffer the launcher allocates starts as NaN
+        kernel_module.torch.empty_like = lambda x: original(x).fill_(float("nan"))
+        got = kernel_module.selected_attention(q, k, v, num_blocks=counts, **args)
+    finally:
+        kernel_module.torch.empty_like = original
+    assert (want[:, :, 4:8] == 0).all()
+    torch.testing.assert_close(got, want, atol=1e-5, rtol=1e-5)
+
+
+def test_validation_names_the_argument():
+    q, k, v = make_inputs(q_heads=2, q_len=8, history_len=32, head_dim=16)
+    gates = torch.rand(1, 2, 8, 3)
+    with pytest.raises(ValueError, match=r"gates must have shape \(1, 2, 8, 3\)"):
+        gated_attention(q, k, v, gates[..., :2])
+    with pytest.raises(TypeError, match=r"gates must be a torch\.Tensor"):
+        gated_attention(q, k, v, 0.5)
+    with pytest.raises(TypeError, match="gates must be a floating tensor"):
+        gated_attention(q, k, v, gates.long())
+    with pytest.raises(TypeError, match=r"config must be an omnimem\.GatedConfig"):
+        gated_attention(q, k, v, gates, config=object())
+    with pytest.raises(TypeError, match="unknown GatedConfig field"):
+        gated_attention(q, k, v, gates, sink_tokens=3)
+    with pytest.raises(ValueError, match=r"GatedConfig\.candidates must be one of"):
+        GatedConfig(candidates="some")
+    with pytest.raises(ValueError, match=r"GatedConfig\.top_k must be >= 1"):
+        GatedConfig(top_k=0)
+    with pytest.raises(TypeError, match=r"GatedConfig\.window_tokens must be an int"):
+        GatedConfig(window_tokens=1.5)
+    with pytest.raises(ValueError, match=r"GatedConfig\.scale must be positive and finite"):
+        GatedConfig(scale=float("inf"))
+    with pytest.raises(ValueError, match="pool_precision must be one of"):
+        GatedConfig(pool_precision="bf16")
+    bad = PooledKV(torch.zeros(1, 2, 1, 16), torch.zeros(1, 2, 1, 16), 30)
+    with pytest.raises(ValueError, match=r"pooled.k must have shape \[1, 2, >= 2, 16\]"):
+        gated_attention(q, k, v, gates, pooled=bad)
+    with pytest.raises(TypeError, match=r"pooled must be an omnimem\.PooledKV"):
+        gated_attention(q, k, v, gates, pooled=(k, v))
+    if TEST_DEVICE.type == "cpu" and not torch.cuda.is_available():
+        import os
+
+        if os.environ.get("TRITON_INTERPRET") != "1":
+            with pytest.raises(ValueError, match="backend='triton' needs CUDA"):
+                gated_attention(q, k, v, gates, backend="triton")
