@@ -148,7 +148,7 @@ def test_selected_kernel_empty_rows_and_poisoned_output():
 
 def test_validation_names_the_argument():
     q, k, v = make_inputs(q_heads=2, q_len=8, history_len=32, head_dim=16)
-    gates = torch.rand(1, 2, 8, 3)
+    gates = torch.rand(1, 2, 8, 3, device=TEST_DEVICE)
     with pytest.raises(ValueError, match=r"gates must have shape \(1, 2, 8, 3\)"):
         gated_attention(q, k, v, gates[..., :2])
     with pytest.raises(TypeError, match=r"gates must be a torch\.Tensor"):
