@@ -59,12 +59,13 @@ CFG = GatedConfig()
 # group_topk keyword variants swept by --variants: (rows, block_n, precision, num_warps, per_sm).
 SELECTION_VARIANTS = [
     (64, 64, "tf32", 4, 2),
-    (64, 64, "tf32x3", 4, 4),
-    (64, 64, "tf32x3", 4, 8),
-    (128, 64, "tf32x3", 8, 2),
-    (64, 128, "tf32x3", 8, 2),
-    (64, 32, "tf32x3", 4, 4),
-    (32, 64, "tf32x3", 4, 4),
+    (64, 64, "tf32", 8, 2),
+    (64, 64, "tf32x3", 8, 2),
+    (64, 64, "tf32x3", 8, 4),
+    (32, 64, "tf32x3", 8, 2),
+    (64, 32, "tf32x3", 8, 2),
+    (128, 32, "tf32x3", 8, 2),
+    (32, 32, "tf32x3", 4, 2),
 ]
 
 
