@@ -110,18 +110,25 @@ def test_input_pool_precision_rounds_like_the_authors():
 
 
 @pytest.mark.parametrize(
-    ("groups", "num_slots", "end", "top_k", "rows", "block_n"),
-    [(13, 200, 200, 16, 16, 16), (5, 37, 20, 12, 16, 16), (70, 300, 0, 5, 32, 16), (3, 150, 150, 3, 16, 32)],
+    ("groups", "num_slots", "end", "top_k", "options"),
+    [
+        (5, 200, 200, 16, {}),
+        (3, 37, 20, 12, {}),
+        (4, 150, 0, 5, {}),  # no candidate at all
+        (2, 300, 290, 3, {"candidate_buckets": 2}),  # candidates overflow: the one-pass fallback
+        (3, 120, 120, 4, {"error_bound": 10.0}),  # a loose bound keeps every bucket: overflow
+        (3, 90, 90, 40, {"candidate_buckets": 2}),  # top_k beyond the candidate list: one pass
+    ],
 )
-def test_group_topk_kernel_matches_torch(groups, num_slots, end, top_k, rows, block_n):
+def test_group_topk_kernels_match_torch(groups, num_slots, end, top_k, options):
     """Bit for bit on exact inputs (small integers: many exact ties, every order the same)."""
     from omnimem.kernels.group_topk import group_topk
 
-    gen = torch.Generator().manual_seed(groups)
-    pq, km = exact_queries_and_keys(2, 2, 2, groups, 1, 16, num_slots, gen)
+    gen = torch.Generator().manual_seed(groups + num_slots)
+    pq, km = exact_queries_and_keys(1, 2, 2, groups, 1, 16, num_slots, gen)
     end = torch.tensor(end, device=TEST_DEVICE)
     want = select_groups_torch(pq, km, end, top_k=top_k, scale=0.5)
-    got = group_topk(pq, km, end, top_k=top_k, scale=0.5, rows=rows, block_n=block_n)
+    got = group_topk(pq, km, end, top_k=top_k, scale=0.5, rows=16, block_n=16, **options)
     assert torch.equal(got[0], want[0]) and torch.equal(got[1], want[1])
 
 

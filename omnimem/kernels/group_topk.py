@@ -26,34 +26,45 @@ _MAX_KEY = tl.constexpr((1 << 63) - 1)  # a jit global must be a constexpr
 
 
 @triton.jit
-def _packed_key(score, block, INDEX_BITS: tl.constexpr, TIER_SHIFT: tl.constexpr):
-    """The torch path's int64 key of a candidate: tier bit, order-preserving bits of the
-    float32 score (-0.0 as +0.0), then the block index reversed (ties: lower index first)."""
+def _ordered_bits(score):
+    """int64 in ``[0, 2**32)`` ordered as the float32 ``score`` (-0.0 as +0.0)."""
     score = tl.where(score == 0.0, 0.0, score)
     bits = score.to(tl.int32, bitcast=True).to(tl.int64)
-    ordered = tl.where(bits >= 0, bits + (1 << 31), (1 << 31) - 1 - (bits & 0x7FFFFFFF))
+    return tl.where(bits >= 0, bits + (1 << 31), (1 << 31) - 1 - (bits & 0x7FFFFFFF))
+
+
+@triton.jit
+def _bits_score(ordered):
+    """The float32 whose ``_ordered_bits`` are ``ordered``."""
+    bits = tl.where(ordered >= (1 << 31), ordered - (1 << 31), ((1 << 31) - 1 - ordered) | (1 << 31))
+    return bits.to(tl.uint32).to(tl.float32, bitcast=True)
+
+
+@triton.jit
+def _packed_key(score, block, INDEX_BITS: tl.constexpr, TIER_SHIFT: tl.constexpr):
+    """The torch path's int64 key of a candidate (``score`` and ``block`` broadcast): tier
+    bit, order-preserving bits of the float32 score, then the block index reversed (ties:
+    lower index first)."""
     index = (1 << INDEX_BITS) - 1 - block.to(tl.int64)
-    return (1 << TIER_SHIFT) | (ordered << INDEX_BITS) | index[None, :]
+    return (1 << TIER_SHIFT) | (_ordered_bits(score) << INDEX_BITS) | index
 
 
 @triton.jit
 def _key_score(key, INDEX_BITS: tl.constexpr):
     """The float32 score packed in ``key`` (``-inf`` for the empty key 0)."""
-    ordered = (key >> INDEX_BITS) & 0xFFFFFFFF
-    bits = tl.where(ordered >= (1 << 31), ordered - (1 << 31), ((1 << 31) - 1 - ordered) | (1 << 31))
-    score = bits.to(tl.uint32).to(tl.float32, bitcast=True)
+    score = _bits_score((key >> INDEX_BITS) & 0xFFFFFFFF)
     return tl.where(key == 0, float("-inf"), score)
 
 
 @triton.jit
-def _group_topk_kernel(
-    pq_ptr, km_ptr, end_ptr, keys_ptr,
+def _stream_topk_kernel(
+    pq_ptr, km_ptr, end_ptr, keys_ptr, flags_ptr,
     stride_qb, stride_qh, stride_qg, stride_qd,
     stride_kb, stride_kh, stride_kj, stride_kd,
     num_kv_heads, num_groups, blocks_per_split, scale,
     ROWS: tl.constexpr, BLOCK_N: tl.constexpr, HEAD_DIM: tl.constexpr, D_PAD: tl.constexpr,
     K_PAD: tl.constexpr, TOP_K: tl.constexpr, INDEX_BITS: tl.constexpr, TIER_SHIFT: tl.constexpr,
-    PRECISION: tl.constexpr,
+    PRECISION: tl.constexpr, HAS_FLAGS: tl.constexpr,
 ):  # fmt: skip
     row_tile = tl.program_id(0)
     batch_head = tl.program_id(1)
@@ -75,6 +86,9 @@ def _group_topk_kernel(
     end = tl.load(end_ptr).to(tl.int32)
     lo = split * blocks_per_split
     hi = tl.minimum(lo + blocks_per_split, end)
+    if HAS_FLAGS:  # the fallback of the two-pass path: only rows it flagged are redone
+        row_ok = row_ok & (tl.load(flags_ptr + batch_head * num_groups + rows, mask=row_ok, other=0) != 0)
+        hi = tl.where(tl.max(row_ok.to(tl.int32), 0) > 0, hi, lo)
 
     slot = tl.arange(0, K_PAD)
     # 0 marks an empty slot (below every real key, whose tier bit is set); padding slots past
@@ -98,7 +112,7 @@ def _group_topk_kernel(
         # Inserting in descending order, at most TOP_K of a row's pending keys can enter.
         rounds = tl.minimum(tl.max(pending_rows, 0), TOP_K)
         if rounds > 0:
-            pending = tl.where(maybe, _packed_key(score, block, INDEX_BITS, TIER_SHIFT), 0)
+            pending = tl.where(maybe, _packed_key(score, block[None, :], INDEX_BITS, TIER_SHIFT), 0)
             for _ in range(rounds):
                 top = tl.max(pending, 1)
                 # Replace the first worst slot of each row whose best pending key beats it.
@@ -113,6 +127,132 @@ def _group_topk_kernel(
     best = tl.sort(best, dim=1, descending=True)
     out = keys_ptr + ((batch_head * num_splits + split).to(tl.int64) * num_groups + rows[:, None]) * K_PAD
     tl.store(out + slot[None, :], best, mask=row_ok[:, None])
+
+
+@triton.jit
+def _bucket_max_kernel(
+    pq_ptr, km_ptr, end_ptr, bmax_ptr, knorm_ptr,
+    stride_qb, stride_qh, stride_qg, stride_qd,
+    stride_kb, stride_kh, stride_kj, stride_kd,
+    num_kv_heads, num_groups, num_buckets, blocks_per_split,
+    ROWS: tl.constexpr, BLOCK_N: tl.constexpr, BUCKET: tl.constexpr, HEAD_DIM: tl.constexpr,
+    D_PAD: tl.constexpr, PRECISION: tl.constexpr,
+):  # fmt: skip
+    """Pass 1: approximate (tensor-core) scores, reduced to each ``BUCKET`` of blocks' maximum
+    per row, and the largest squared norm of the block means (for the error bound)."""
+    row_tile = tl.program_id(0)
+    batch_head = tl.program_id(1)
+    split = tl.program_id(2)
+    batch = batch_head // num_kv_heads
+    head = batch_head % num_kv_heads
+    rows = row_tile * ROWS + tl.arange(0, ROWS)
+    row_ok = rows < num_groups
+    dims = tl.arange(0, D_PAD)
+    dim_ok = dims < HEAD_DIM
+    q_base = pq_ptr + batch.to(tl.int64) * stride_qb + head.to(tl.int64) * stride_qh
+    q = tl.load(
+        q_base + rows[:, None] * stride_qg + dims[None, :] * stride_qd,
+        mask=row_ok[:, None] & dim_ok[None, :],
+        other=0.0,
+    )
+    k_base = km_ptr + batch.to(tl.int64) * stride_kb + head.to(tl.int64) * stride_kh
+    out_rows = bmax_ptr + (batch_head.to(tl.int64) * num_groups + rows[:, None]) * num_buckets
+    end = tl.load(end_ptr).to(tl.int32)
+    lo = split * blocks_per_split
+    hi = tl.minimum(lo + blocks_per_split, end)
+    norms = tl.zeros([BLOCK_N], tl.float32)
+    for start in range(lo, hi, BLOCK_N):
+        block = start + tl.arange(0, BLOCK_N)
+        block_ok = block < hi
+        keys = tl.load(
+            k_base + block.to(tl.int64)[:, None] * stride_kj + dims[None, :] * stride_kd,
+            mask=block_ok[:, None] & dim_ok[None, :],
+            other=0.0,
+        )
+        score = tl.dot(q, tl.trans(keys), input_precision=PRECISION)
+        score = tl.where(block_ok[None, :], score, float("-inf"))
+        bucket_max = tl.max(tl.reshape(score, [ROWS, BLOCK_N // BUCKET, BUCKET]), 2)
+        bucket = start // BUCKET + tl.arange(0, BLOCK_N // BUCKET)
+        tl.store(out_rows + bucket[None, :], bucket_max, mask=row_ok[:, None])
+        norms = tl.maximum(norms, tl.sum(keys * keys, 1))
+    tl.atomic_max(knorm_ptr + batch_head, tl.max(norms, 0))
+
+
+@triton.jit
+def _refine_kernel(
+    pq_ptr, km_ptr, end_ptr, bmax_ptr, knorm_ptr, buckets_ptr, cand_ptr, keys_ptr, flags_ptr,
+    stride_qb, stride_qh, stride_qg, stride_qd,
+    stride_kb, stride_kh, stride_kj, stride_kd,
+    num_kv_heads, num_groups, num_buckets, scale, error_bound,
+    BUCKETS_PAD: tl.constexpr, BUCKET: tl.constexpr, CANDIDATES: tl.constexpr,
+    CHUNK: tl.constexpr, HEAD_DIM: tl.constexpr, D_PAD: tl.constexpr, K_PAD: tl.constexpr,
+    TOP_K: tl.constexpr, INDEX_BITS: tl.constexpr, TIER_SHIFT: tl.constexpr,
+):  # fmt: skip
+    """Pass 2, one query group: the threshold under which no top-k block can lie, the buckets
+    above it, exact float32 scores of their blocks, and the top-k of those (rows with more
+    than ``CANDIDATES`` buckets above it are flagged for the one-pass kernel)."""
+    row = tl.program_id(0)
+    batch_head = tl.program_id(1)
+    batch = batch_head // num_kv_heads
+    head = batch_head % num_kv_heads
+    row_id = batch_head.to(tl.int64) * num_groups + row
+    dims = tl.arange(0, D_PAD)
+    dim_ok = dims < HEAD_DIM
+    q_base = pq_ptr + batch.to(tl.int64) * stride_qb + head.to(tl.int64) * stride_qh + row * stride_qg
+    q = tl.load(q_base + dims * stride_qd, mask=dim_ok, other=0.0)
+    end = tl.load(end_ptr).to(tl.int32)
+
+    # The TOP_K-th largest bucket maximum, by bisection on its order-preserving bits
+    # (invalid buckets rank below every valid one; 0: fewer than TOP_K valid buckets).
+    bucket = tl.arange(0, BUCKETS_PAD)
+    valid = bucket < (end + BUCKET - 1) // BUCKET
+    bmax = tl.load(bmax_ptr + row_id * num_buckets + bucket, mask=valid, other=float("-inf"))
+    rank_bits = tl.where(valid, _ordered_bits(bmax) + 1, 0)
+    low = tl.zeros([], tl.int64)
+    high = tl.full([], 1 << 33, tl.int64)
+    for _ in tl.static_range(34):
+        mid = (low + high) // 2
+        enough = tl.sum((rank_bits >= mid).to(tl.int32), 0) >= TOP_K
+        low = tl.where(enough, mid, low)
+        high = tl.where(enough, high, mid)
+    # Every top-k block's exact score is within 2 * eps of a kept bucket's approximate max:
+    # eps bounds |approximate - exact| (Cauchy-Schwarz on the rounding of each product).
+    eps = error_bound * tl.sqrt(tl.sum(q * q, 0) * tl.load(knorm_ptr + batch_head))
+    threshold = tl.where(low > 0, _bits_score(low - 1) - 2.0 * eps, float("-inf"))
+    keep = valid & (bmax >= threshold)
+    count = tl.sum(keep.to(tl.int32), 0)
+    tl.store(flags_ptr + row_id, (count > CANDIDATES).to(tl.int32))
+    slot = tl.cumsum(keep.to(tl.int32), 0) - 1
+    tl.store(buckets_ptr + row_id * CANDIDATES + slot, bucket, mask=keep & (slot < CANDIDATES))
+    tl.debug_barrier()
+
+    # Exact scores of the kept buckets' blocks, CHUNK buckets at a time, as packed keys.
+    kept = tl.minimum(count, CANDIDATES)
+    k_base = km_ptr + batch.to(tl.int64) * stride_kb + head.to(tl.int64) * stride_kh
+    lane = tl.arange(0, CHUNK * BUCKET)
+    for first in range(0, kept, CHUNK):
+        entry = first + lane // BUCKET
+        chosen = tl.load(buckets_ptr + row_id * CANDIDATES + entry, mask=entry < kept, other=0)
+        block = chosen * BUCKET + lane % BUCKET
+        ok = (entry < kept) & (block < end)
+        keys = tl.load(
+            k_base + block.to(tl.int64)[:, None] * stride_kj + dims[None, :] * stride_kd,
+            mask=ok[:, None] & dim_ok[None, :],
+            other=0.0,
+        )
+        score = tl.sum(keys * q[None, :], 1) * scale
+        key = tl.where(ok, _packed_key(score, block, INDEX_BITS, TIER_SHIFT), 0)
+        tl.store(cand_ptr + row_id * (CANDIDATES * BUCKET) + first * BUCKET + lane, key)
+    tl.debug_barrier()
+    every = tl.arange(0, CANDIDATES * BUCKET)
+    key = tl.load(cand_ptr + row_id * (CANDIDATES * BUCKET) + every, mask=every < kept * BUCKET, other=0)
+    key = tl.sort(key, descending=True)
+    # The first K_PAD of the sorted keys: fold the row into [n, K_PAD] and keep row 0.
+    folded = tl.reshape(key, [CANDIDATES * BUCKET // K_PAD, K_PAD])
+    first_row = (tl.arange(0, CANDIDATES * BUCKET // K_PAD) == 0)[:, None]
+    top = tl.sum(tl.where(first_row, folded, 0), 0)
+    slot_k = tl.arange(0, K_PAD)
+    tl.store(keys_ptr + row_id * K_PAD + slot_k, tl.where(slot_k < TOP_K, top, 0))
 
 
 @functools.cache
@@ -138,7 +278,14 @@ def plan(
     return splits, math.ceil(tiles / splits) * block_n
 
 
-def group_topk(
+# Pass 1's error bound per unit of |q| * max|k|: tf32 operands (10 explicit bits, truncated or
+# rounded: 2**-10 each) and float32 sums of both passes; exact float32 dots (the interpreter)
+# only leave the sums. Candidates per row: buckets whose maximum may hold a top-k block.
+_ERROR_BOUND = {"tf32": 2.5e-3, "ieee": 1.0e-4}
+CANDIDATE_BUCKETS = 32
+
+
+def stream_topk(
     pooled_q: torch.Tensor,
     k_means: torch.Tensor,
     end: torch.Tensor,
@@ -150,24 +297,29 @@ def group_topk(
     precision: str | None = None,
     num_warps: int = 4,
     per_sm: int = 2,
-) -> tuple[torch.Tensor, torch.Tensor]:
-    """``(block_idx [B, Hkv, G, top_k] int32, num_blocks [B, Hkv, G] int32)``, as
-    ``select_groups_torch`` (near-ties aside: tensor-core scores round differently).
+    keys: torch.Tensor | None = None,
+    row_flags: torch.Tensor | None = None,
+) -> torch.Tensor:
+    """The one-pass kernel: ``[B, Hkv, G, K_PAD]`` int64 packed keys, best first (0: none).
 
-    ``pooled_q [B, Hkv, G, D]`` and ``k_means [B, Hkv, NB, D]`` are float32; ``end`` is a 0-d
-    integer tensor (candidates are the blocks ``[0, end)``). ``precision``: the dot's input
-    precision (default ``"tf32x3"`` on GPUs, float32-accurate; ``"ieee"`` interpreted).
+    With ``row_flags [B * Hkv * G]`` only flagged rows are computed, into ``keys`` (one split):
+    the two-pass path's fallback.
     """
     batch, kv_heads, groups, head_dim = pooled_q.shape
     num_slots = k_means.shape[2]
     if precision is None:
         precision = "tf32x3" if pooled_q.is_cuda else "ieee"
     k_pad = triton.next_power_of_2(top_k)
-    splits, per_split = plan(groups, num_slots, batch * kv_heads, pooled_q.device, rows, block_n, per_sm)
-    keys = torch.empty((batch, kv_heads, splits, groups, k_pad), dtype=torch.int64, device=pooled_q.device)
+    if row_flags is None:
+        splits, per_split = plan(groups, num_slots, batch * kv_heads, pooled_q.device, rows, block_n, per_sm)
+        keys = torch.empty(
+            (batch, kv_heads, splits, groups, k_pad), dtype=torch.int64, device=pooled_q.device
+        )
+    else:
+        splits, per_split = 1, max(1, math.ceil(num_slots / block_n)) * block_n
     grid = (math.ceil(groups / rows), batch * kv_heads, splits)
-    _group_topk_kernel[grid](
-        pq_ptr=pooled_q, km_ptr=k_means, end_ptr=end, keys_ptr=keys,
+    _stream_topk_kernel[grid](
+        pq_ptr=pooled_q, km_ptr=k_means, end_ptr=end, keys_ptr=keys, flags_ptr=row_flags,
         stride_qb=pooled_q.stride(0), stride_qh=pooled_q.stride(1),
         stride_qg=pooled_q.stride(2), stride_qd=pooled_q.stride(3),
         stride_kb=k_means.stride(0), stride_kh=k_means.stride(1),
@@ -175,11 +327,105 @@ def group_topk(
         num_kv_heads=kv_heads, num_groups=groups, blocks_per_split=per_split, scale=scale,
         ROWS=rows, BLOCK_N=block_n, HEAD_DIM=head_dim, D_PAD=max(16, triton.next_power_of_2(head_dim)),
         K_PAD=k_pad, TOP_K=top_k, INDEX_BITS=_INDEX_BITS, TIER_SHIFT=_TIER_SHIFT, PRECISION=precision,
+        HAS_FLAGS=row_flags is not None, num_warps=num_warps,
+    )  # fmt: skip
+    keys = keys.view(batch, kv_heads, splits, groups, k_pad).permute(0, 1, 3, 2, 4).flatten(-2)
+    if keys.shape[-1] != k_pad:
+        keys = torch.topk(keys, k_pad, dim=-1, sorted=True).values
+    return keys
+
+
+def two_pass_topk(
+    pooled_q: torch.Tensor,
+    k_means: torch.Tensor,
+    end: torch.Tensor,
+    *,
+    top_k: int,
+    scale: float,
+    rows: int = 64,
+    block_n: int = 64,
+    precision: str | None = None,
+    num_warps: int = 4,
+    per_sm: int = 4,
+    error_bound: float | None = None,
+    candidate_buckets: int = CANDIDATE_BUCKETS,
+) -> torch.Tensor:
+    """Approximate bucket maxima, then exact scores of the few buckets that may hold a top-k
+    block; ``[B, Hkv, G, K_PAD]`` int64 packed keys, best first (0: none). Exact: a row whose
+    candidates overflow ``CANDIDATE_BUCKETS`` is redone by the one-pass kernel."""
+    batch, kv_heads, groups, head_dim = pooled_q.shape
+    num_slots = k_means.shape[2]
+    device = pooled_q.device
+    if precision is None:
+        precision = "tf32" if pooled_q.is_cuda else "ieee"
+    error_bound = _ERROR_BOUND[precision] if error_bound is None else error_bound
+    bucket = 16 if num_slots <= 32768 else 32
+    k_pad = triton.next_power_of_2(top_k)
+    # Short histories: no more candidate slots than buckets (but room for the top-k).
+    fewer = max(triton.next_power_of_2(math.ceil(num_slots / bucket)), triton.cdiv(k_pad, bucket))
+    candidate_buckets = min(candidate_buckets, triton.next_power_of_2(fewer))
+    d_pad = max(16, triton.next_power_of_2(head_dim))
+    splits, per_split = plan(groups, num_slots, batch * kv_heads, device, rows, block_n, per_sm)
+    tiles = max(1, math.ceil(num_slots / block_n))
+    num_buckets = tiles * (block_n // bucket)  # whole tiles: pass 1 stores every bucket of a tile
+    rows_total = batch * kv_heads * groups
+    bmax = torch.empty((rows_total, num_buckets), dtype=torch.float32, device=device)
+    knorm = torch.zeros(batch * kv_heads, dtype=torch.float32, device=device)
+    strides = dict(
+        stride_qb=pooled_q.stride(0), stride_qh=pooled_q.stride(1),
+        stride_qg=pooled_q.stride(2), stride_qd=pooled_q.stride(3),
+        stride_kb=k_means.stride(0), stride_kh=k_means.stride(1),
+        stride_kj=k_means.stride(2), stride_kd=k_means.stride(3),
+    )  # fmt: skip
+    _bucket_max_kernel[(math.ceil(groups / rows), batch * kv_heads, splits)](
+        pq_ptr=pooled_q, km_ptr=k_means, end_ptr=end, bmax_ptr=bmax, knorm_ptr=knorm, **strides,
+        num_kv_heads=kv_heads, num_groups=groups, num_buckets=num_buckets, blocks_per_split=per_split,
+        ROWS=rows, BLOCK_N=block_n, BUCKET=bucket, HEAD_DIM=head_dim, D_PAD=d_pad, PRECISION=precision,
         num_warps=num_warps,
     )  # fmt: skip
-    keys = keys.permute(0, 1, 3, 2, 4).flatten(-2)  # [B, Hkv, G, splits * K_PAD]
-    if keys.shape[-1] != top_k:
-        keys = torch.topk(keys, top_k, dim=-1, sorted=True).values
+    buckets = torch.empty((rows_total, candidate_buckets), dtype=torch.int32, device=device)
+    candidates = torch.empty((rows_total, candidate_buckets * bucket), dtype=torch.int64, device=device)
+    keys = torch.empty((batch, kv_heads, groups, k_pad), dtype=torch.int64, device=device)
+    flags = torch.empty(rows_total, dtype=torch.int32, device=device)
+    _refine_kernel[(groups, batch * kv_heads)](
+        pq_ptr=pooled_q, km_ptr=k_means, end_ptr=end, bmax_ptr=bmax, knorm_ptr=knorm,
+        buckets_ptr=buckets, cand_ptr=candidates, keys_ptr=keys, flags_ptr=flags, **strides,
+        num_kv_heads=kv_heads, num_groups=groups, num_buckets=num_buckets, scale=scale,
+        error_bound=error_bound, BUCKETS_PAD=triton.next_power_of_2(num_buckets), BUCKET=bucket,
+        CANDIDATES=candidate_buckets, CHUNK=min(candidate_buckets, max(1, 64 // bucket)), HEAD_DIM=head_dim, D_PAD=d_pad,
+        K_PAD=k_pad, TOP_K=top_k, INDEX_BITS=_INDEX_BITS, TIER_SHIFT=_TIER_SHIFT, num_warps=4,
+    )  # fmt: skip
+    # Rows whose candidates overflowed: the one-pass kernel, in place (programs of rows
+    # without a flag return at once; nothing waits on the host).
+    stream_topk(pooled_q, k_means, end, top_k=top_k, scale=scale, keys=keys, row_flags=flags)
+    return keys
+
+
+def decode_keys(keys: torch.Tensor, top_k: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """``(block_idx int32, num_blocks int32)`` from packed keys, best first (0: none)."""
+    keys = keys[..., :top_k]
     index_mask = (1 << _INDEX_BITS) - 1
     block = torch.where(keys > 0, index_mask - (keys & index_mask), -1).int()
     return block, (keys > 0).sum(-1, dtype=torch.int32)
+
+
+def group_topk(
+    pooled_q: torch.Tensor, k_means: torch.Tensor, end: torch.Tensor, *, top_k: int, scale: float, **options
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """``(block_idx [B, Hkv, G, top_k] int32, num_blocks [B, Hkv, G] int32)``, as
+    ``select_groups_torch``: the same keys, up to the float32 rounding order of the scores.
+
+    ``pooled_q [B, Hkv, G, D]`` and ``k_means [B, Hkv, NB, D]`` are float32; ``end`` is a 0-d
+    integer tensor (candidates are the blocks ``[0, end)``). The two-pass kernels when
+    ``top_k`` fits their candidate list, else the one-pass kernel; ``options`` go to the
+    chosen launcher.
+    """
+    candidate_buckets = options.pop("candidate_buckets", CANDIDATE_BUCKETS)
+    if triton.next_power_of_2(top_k) <= candidate_buckets * 16:
+        keys = two_pass_topk(
+            pooled_q, k_means, end, top_k=top_k, scale=scale, candidate_buckets=candidate_buckets, **options
+        )
+    else:
+        options.pop("error_bound", None)
+        keys = stream_topk(pooled_q, k_means, end, top_k=top_k, scale=scale, **options)
+    return decode_keys(keys, top_k)
