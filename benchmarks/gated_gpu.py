@@ -50,7 +50,7 @@ from omnimem.gated_selection import (
     select_groups,
     select_groups_torch,
 )
-from omnimem.kernels.group_topk import group_topk
+from omnimem.kernels.group_topk import group_topk, stream_topk, two_pass_topk
 from omnimem.pooling import PooledKV, block_means
 from tests.reference_gated import reference_gated_attention
 
@@ -58,14 +58,11 @@ HEADS, HEAD_DIM, CHUNK = 12, 128, 3 * FRAME_TOKENS
 CFG = GatedConfig()
 # group_topk keyword variants swept by --variants: (rows, block_n, precision, num_warps, per_sm).
 SELECTION_VARIANTS = [
-    (64, 64, "tf32", 4, 2),
-    (64, 64, "tf32", 8, 2),
-    (64, 64, "tf32x3", 8, 2),
-    (64, 64, "tf32x3", 8, 4),
-    (32, 64, "tf32x3", 8, 2),
-    (64, 32, "tf32x3", 8, 2),
-    (128, 32, "tf32x3", 8, 2),
-    (32, 32, "tf32x3", 4, 2),
+    dict(rows=64, block_n=64, num_warps=4, per_sm=2),
+    dict(rows=64, block_n=64, num_warps=4, per_sm=8),
+    dict(rows=128, block_n=64, num_warps=8, per_sm=4),
+    dict(rows=64, block_n=128, num_warps=8, per_sm=4),
+    dict(rows=32, block_n=64, num_warps=4, per_sm=4),
 ]
 
 
@@ -78,6 +75,20 @@ def peak_extra_mib(fn, output_bytes: int) -> float:
     extra = torch.cuda.max_memory_allocated() - base - output_bytes
     del result
     return extra / 2**20
+
+
+def graphed(fn):
+    """``fn`` captured in a CUDA graph: its replay (what a captured decoding step pays)."""
+    stream = torch.cuda.Stream()
+    stream.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(stream):
+        for _ in range(3):
+            fn()
+    torch.cuda.current_stream().wait_stream(stream)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        fn()
+    return graph.replay
 
 
 def bench_or_nan(fn) -> float:
@@ -193,22 +204,15 @@ def run_history(history: int, pattern: str, args) -> dict:
     t["selection"] = bench(select)
     t["selection kernel+merge"] = bench(lambda: group_topk(pq, pooled.k, end, top_k=16, scale=scale))
     if args.variants and pattern == "random":
-        for rows, bn, prec, warps, per_sm in SELECTION_VARIANTS:
-            name = f"selection kernel rows={rows} n={bn} {prec} w={warps} x{per_sm}"
+        for options in SELECTION_VARIANTS:
+            name = "selection two-pass " + " ".join(f"{k}={v}" for k, v in options.items())
             t[name] = bench_or_nan(
-                lambda rows=rows, bn=bn, prec=prec, warps=warps, per_sm=per_sm: group_topk(
-                    pq,
-                    pooled.k,
-                    end,
-                    top_k=16,
-                    scale=scale,
-                    rows=rows,
-                    block_n=bn,
-                    precision=prec,
-                    num_warps=warps,
-                    per_sm=per_sm,
-                )
+                lambda o=options: two_pass_topk(pq, pooled.k, end, top_k=16, scale=scale, **o)
             )
+        t["selection one-pass (tf32x3)"] = bench(
+            lambda: stream_topk(pq, pooled.k, end, top_k=16, scale=scale)
+        )
+    t["selection (CUDA graph)"] = bench(graphed(select))
 
     def slc(**kw):
         return selected_attention(
@@ -249,6 +253,7 @@ def run_history(history: int, pattern: str, args) -> dict:
     with sdpa_kernel(SDPBackend.CUDNN_ATTENTION):
         t["layer"] = bench(layer)
         t["layer + cache update"] = bench(lambda: (cache_update(), layer()))
+        t["layer + cache update (CUDA graph)"] = bench(graphed(lambda: (cache_update(), layer())))
         row["layer extra MiB"] = peak_extra_mib(layer, q.numel() * 2)
     row["times_ms"] = t
     return row

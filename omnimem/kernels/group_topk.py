@@ -392,8 +392,9 @@ def two_pass_topk(
         buckets_ptr=buckets, cand_ptr=candidates, keys_ptr=keys, flags_ptr=flags, **strides,
         num_kv_heads=kv_heads, num_groups=groups, num_buckets=num_buckets, scale=scale,
         error_bound=error_bound, BUCKETS_PAD=triton.next_power_of_2(num_buckets), BUCKET=bucket,
-        CANDIDATES=candidate_buckets, CHUNK=min(candidate_buckets, max(1, 64 // bucket)), HEAD_DIM=head_dim, D_PAD=d_pad,
-        K_PAD=k_pad, TOP_K=top_k, INDEX_BITS=_INDEX_BITS, TIER_SHIFT=_TIER_SHIFT, num_warps=4,
+        CANDIDATES=candidate_buckets, CHUNK=min(candidate_buckets, max(1, 64 // bucket)),
+        HEAD_DIM=head_dim, D_PAD=d_pad, K_PAD=k_pad, TOP_K=top_k, INDEX_BITS=_INDEX_BITS,
+        TIER_SHIFT=_TIER_SHIFT, num_warps=4,
     )  # fmt: skip
     # Rows whose candidates overflowed: the one-pass kernel, in place (programs of rows
     # without a flag return at once; nothing waits on the host).
