@@ -91,6 +91,16 @@ def graphed(fn):
     return graph.replay
 
 
+def bench_graph(fn) -> float:
+    """The replay of ``fn`` captured once (NaN, with the reason, if it cannot be captured)."""
+    try:
+        replay = graphed(fn)
+    except RuntimeError as err:
+        print(f"  not capturable: {err}", flush=True)
+        return float("nan")
+    return bench(replay)
+
+
 def bench_or_nan(fn) -> float:
     """A variant that does not fit the chip (shared memory, registers) times as NaN."""
     try:
@@ -212,7 +222,7 @@ def run_history(history: int, pattern: str, args) -> dict:
         t["selection one-pass (tf32x3)"] = bench(
             lambda: stream_topk(pq, pooled.k, end, top_k=16, scale=scale)
         )
-    t["selection (CUDA graph)"] = bench(graphed(select))
+    t["selection (CUDA graph)"] = bench_graph(select)
 
     def slc(**kw):
         return selected_attention(
@@ -253,7 +263,7 @@ def run_history(history: int, pattern: str, args) -> dict:
     with sdpa_kernel(SDPBackend.CUDNN_ATTENTION):
         t["layer"] = bench(layer)
         t["layer + cache update"] = bench(lambda: (cache_update(), layer()))
-        t["layer + cache update (CUDA graph)"] = bench(graphed(lambda: (cache_update(), layer())))
+        t["layer + cache update (CUDA graph)"] = bench_graph(lambda: (cache_update(), layer()))
         row["layer extra MiB"] = peak_extra_mib(layer, q.numel() * 2)
     row["times_ms"] = t
     return row

@@ -65,8 +65,8 @@ def block_means(x: torch.Tensor, seq_len: int, block_size: int, num_slots: int |
     if seq_len == 0:
         return out
     sums = segment_sums(x[:, :, :seq_len], block_size)
-    counts = torch.full((valid,), float(block_size), device=x.device)
-    counts[-1] = seq_len - (valid - 1) * block_size
+    # Device arithmetic only (no host-to-device copy): capturable in a CUDA graph.
+    counts = (seq_len - torch.arange(valid, device=x.device) * block_size).clamp(max=block_size)
     out[:, :, :valid] = sums / counts[:, None]
     return out
 
