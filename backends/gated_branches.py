@@ -25,10 +25,9 @@ def _sdpa(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float) -> to
 def compressed_attention(
     q: torch.Tensor, k_means: torch.Tensor, v_means: torch.Tensor, num_blocks: int, *, scale: float
 ) -> torch.Tensor:
-    """Every query attends the first ``num_blocks`` pooled blocks (no mask)."""
-    keys = k_means[:, :, :num_blocks].to(q.dtype)
-    values = v_means[:, :, :num_blocks].to(q.dtype)
-    return _sdpa(q, keys, values, scale)
+    """Every query attends the first ``num_blocks`` pooled blocks (no mask); the means in
+    ``q``'s dtype (views: no copy)."""
+    return _sdpa(q, k_means[:, :, :num_blocks], v_means[:, :, :num_blocks], scale)
 
 
 def window_attention(

@@ -51,7 +51,7 @@ from omnimem.gated_selection import (
     select_groups_torch,
 )
 from omnimem.kernels.group_topk import group_topk, stream_topk, two_pass_topk
-from omnimem.pooling import PooledKV, block_means
+from omnimem.pooling import block_means, pool_kv
 from tests.reference_gated import reference_gated_attention
 
 HEADS, HEAD_DIM, CHUNK = 12, 128, 3 * FRAME_TOKENS
@@ -179,7 +179,7 @@ def run_history(history: int, pattern: str, args) -> dict:
     seq_len = torch.tensor(seq, device="cuda")
     scale = HEAD_DIM**-0.5
     slots = math.ceil(seq / 30)
-    pooled = PooledKV(block_means(k, seq, 30, slots), block_means(v, seq, 30, slots), 30)
+    pooled = pool_kv(k, v, seq_len=seq, block_size=30, num_slots=slots)
     row = dict(history=history, frames=history // FRAME_TOKENS, pattern=pattern)
     sel = select_groups(
         q, pooled.k, seq_len, block_size=30, query_group_size=15, top_k=16, window_tokens=14040,
@@ -239,7 +239,7 @@ def run_history(history: int, pattern: str, args) -> dict:
     for name, backend in (("cudnn", SDPBackend.CUDNN_ATTENTION), ("flash", SDPBackend.FLASH_ATTENTION)):
         with sdpa_kernel(backend):
             t[f"compressed {name}"] = bench(
-                lambda: compressed_attention(q, pooled.k, pooled.v, slots, scale=scale)
+                lambda: compressed_attention(q, pooled.k_attn, pooled.v_attn, slots, scale=scale)
             )
             t[f"window {name}"] = bench(
                 lambda: window_attention(q, k, v, seq, window_tokens=14040, scale=scale)
@@ -252,8 +252,10 @@ def run_history(history: int, pattern: str, args) -> dict:
     def cache_update():
         k[:, :, history:seq].copy_(k_new)
         v[:, :, history:seq].copy_(v_new)
-        pooled.k[:, :, first:slots].copy_(block_means(k_new, CHUNK, 30))
-        pooled.v[:, :, first:slots].copy_(block_means(v_new, CHUNK, 30))
+        k_means = block_means(k_new, CHUNK, 30)
+        pooled.k[:, :, first:slots].copy_(k_means)
+        pooled.k_attn[:, :, first:slots].copy_(k_means)
+        pooled.v_attn[:, :, first:slots].copy_(block_means(v_new, CHUNK, 30))
 
     t["cache update"] = bench(cache_update)
 

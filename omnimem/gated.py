@@ -66,12 +66,18 @@ def _check_gates(gates: object, q: torch.Tensor) -> None:
         raise ValueError(f"gates must be on q's device {q.device}, got {gates.device}")
 
 
-def _check_pooled(pooled: object, k: torch.Tensor, block_size: int, seq_len: int) -> PooledKV:
+def _check_pooled(
+    pooled: object, q: torch.Tensor, k: torch.Tensor, block_size: int, seq_len: int
+) -> PooledKV:
     if not isinstance(pooled, PooledKV):
         raise TypeError(f"pooled must be an omnimem.PooledKV, got {type(pooled).__name__}")
     needed = math.ceil(seq_len / block_size)
     batch, heads, _, head_dim = k.shape
-    for name, x in (("pooled.k", pooled.k), ("pooled.v", pooled.v)):
+    for name, x, dtype in (
+        ("pooled.k", pooled.k, torch.float32),
+        ("pooled.k_attn", pooled.k_attn, q.dtype),
+        ("pooled.v_attn", pooled.v_attn, q.dtype),
+    ):
         if (
             x.dim() != 4
             or (x.shape[0], x.shape[1], x.shape[3]) != (batch, heads, head_dim)
@@ -81,8 +87,8 @@ def _check_pooled(pooled: object, k: torch.Tensor, block_size: int, seq_len: int
                 f"{name} must have shape [{batch}, {heads}, >= {needed}, {head_dim}] "
                 f"([B, Hkv, block slots, D]), got {tuple(x.shape)}"
             )
-        if x.dtype != torch.float32:
-            raise TypeError(f"{name} must be float32, got {x.dtype}")
+        if x.dtype != dtype:
+            raise TypeError(f"{name} must be {dtype}, got {x.dtype}")
         if x.device != k.device:
             raise ValueError(f"{name} must be on k's device {k.device}, got {x.device}")
     if pooled.block_size != block_size:
@@ -98,7 +104,7 @@ def _prepare(q, k, v, history_len, config, pooled):
     if pooled is None:
         pooled = pool_kv(k, v, seq_len=seq_len, block_size=config.block_size)
     else:
-        pooled = _check_pooled(pooled, k, config.block_size, seq_len)
+        pooled = _check_pooled(pooled, q, k, config.block_size, seq_len)
     return seq_len, pooled
 
 
@@ -179,8 +185,9 @@ def gated_attention(
         history_len: history tokens in ``k``; default ``Lkv - Lq``.
         config: a [`GatedConfig`][omnimem.GatedConfig]; default ``GatedConfig()`` (the
             authors' released model).
-        pooled: the block means of ``k``/``v`` when the caller keeps them (a cache does):
-            float32 ``[B, Hkv, >= ceil(seq_len / block_size), D]``; default: pooled here.
+        pooled: the block means of ``k``/``v`` when the caller keeps them (a cache does), a
+            [`PooledKV`][omnimem.PooledKV] with ``>= ceil(seq_len / block_size)`` block slots;
+            default: pooled here from ``k`` and ``v``.
         **overrides: config fields to replace for this call, e.g. ``top_k=12``.
 
     Returns:
@@ -206,7 +213,7 @@ def gated_attention(
     scale = config.scale or q.shape[-1] ** -0.5
     selection = _select(q, pooled, seq_len, config, backend)
     num_blocks = math.ceil(seq_len / config.block_size)
-    o_cmp = compressed_attention(q, pooled.k, pooled.v, num_blocks, scale=scale)
+    o_cmp = compressed_attention(q, pooled.k_attn, pooled.v_attn, num_blocks, scale=scale)
     o_swa = window_attention(q, k, v, seq_len, window_tokens=config.window_tokens, scale=scale)
     if backend == "triton":
         from omnimem.backends.selected_attention import selected_attention

@@ -23,8 +23,12 @@ class PooledKV:
 
     Attributes:
         k: ``[B, Hkv, NB, D]`` float32 mean keys (selection scores read these).
-        v: ``[B, Hkv, NB, D]`` float32 mean values.
+        k_attn: the mean keys in the attention dtype (the compressed branch attends these).
+        v_attn: the mean values in the attention dtype.
         block_size: tokens per block.
+
+    Keeping the attention-dtype copies beside the float32 keys (a cache updates all three)
+    spares every layer call two casts of the whole pooled history.
 
     ``NB`` is the static number of block slots; which are valid is decided by the call's
     sequence length.
@@ -38,7 +42,8 @@ class PooledKV:
     """
 
     k: torch.Tensor
-    v: torch.Tensor
+    k_attn: torch.Tensor
+    v_attn: torch.Tensor
     block_size: int
 
     def __repr__(self) -> str:
@@ -53,7 +58,7 @@ class PooledKV:
         return self.k.shape[2]
 
     def to(self, device: torch.device | str) -> PooledKV:
-        return PooledKV(self.k.to(device), self.v.to(device), self.block_size)
+        return PooledKV(self.k.to(device), self.k_attn.to(device), self.v_attn.to(device), self.block_size)
 
 
 def block_means(x: torch.Tensor, seq_len: int, block_size: int, num_slots: int | None = None) -> torch.Tensor:
@@ -75,8 +80,6 @@ def pool_kv(
     k: torch.Tensor, v: torch.Tensor, *, seq_len: int, block_size: int, num_slots: int | None = None
 ) -> PooledKV:
     """Block means of ``k`` and ``v`` over ``[0, seq_len)`` (see ``block_means``)."""
-    return PooledKV(
-        block_means(k, seq_len, block_size, num_slots),
-        block_means(v, seq_len, block_size, num_slots),
-        block_size,
-    )
+    k_means = block_means(k, seq_len, block_size, num_slots)
+    v_means = block_means(v, seq_len, block_size, num_slots)
+    return PooledKV(k_means, k_means.to(k.dtype), v_means.to(v.dtype), block_size)

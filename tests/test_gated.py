@@ -176,9 +176,12 @@ def test_validation_names_the_argument():
         GatedConfig(scale=float("inf"))
     with pytest.raises(ValueError, match="pool_precision must be one of"):
         GatedConfig(pool_precision="bf16")
-    bad = PooledKV(torch.zeros(1, 2, 1, 16), torch.zeros(1, 2, 1, 16), 30)
+    bad = PooledKV(torch.zeros(1, 2, 1, 16), torch.zeros(1, 2, 1, 16), torch.zeros(1, 2, 1, 16), 30)
     with pytest.raises(ValueError, match=r"pooled.k must have shape \[1, 2, >= 2, 16\]"):
         gated_attention(q, k, v, gates, pooled=bad)
+    good = pool_kv(k, v, seq_len=40, block_size=30)
+    with pytest.raises(TypeError, match=r"pooled.k_attn must be torch.bfloat16"):
+        gated_attention(q.bfloat16(), k.bfloat16(), v.bfloat16(), gates, pooled=good)
     with pytest.raises(TypeError, match=r"pooled must be an omnimem\.PooledKV"):
         gated_attention(q, k, v, gates, pooled=(k, v))
     if TEST_DEVICE.type == "cpu" and not torch.cuda.is_available():

@@ -186,7 +186,7 @@ def _refine_kernel(
     num_kv_heads, num_groups, num_buckets, scale, error_bound,
     BUCKETS_PAD: tl.constexpr, BUCKET: tl.constexpr, CANDIDATES: tl.constexpr,
     CHUNK: tl.constexpr, HEAD_DIM: tl.constexpr, D_PAD: tl.constexpr, K_PAD: tl.constexpr,
-    TOP_K: tl.constexpr, INDEX_BITS: tl.constexpr, TIER_SHIFT: tl.constexpr,
+    TOP_K: tl.constexpr, INDEX_BITS: tl.constexpr, TIER_SHIFT: tl.constexpr, LEVEL_STEPS: tl.constexpr,
 ):  # fmt: skip
     """Pass 2, one query group: the threshold under which no top-k block can lie, the buckets
     above it, exact float32 scores of their blocks, and the top-k of those (rows with more
@@ -202,23 +202,23 @@ def _refine_kernel(
     q = tl.load(q_base + dims * stride_qd, mask=dim_ok, other=0.0)
     end = tl.load(end_ptr).to(tl.int32)
 
-    # The TOP_K-th largest bucket maximum, by bisection on its order-preserving bits
-    # (invalid buckets rank below every valid one; 0: fewer than TOP_K valid buckets).
+    # A level that at least TOP_K bucket maxima reach (so at most the TOP_K-th largest), by
+    # bisection between the row's smallest and largest maximum; -inf with fewer valid buckets.
     bucket = tl.arange(0, BUCKETS_PAD)
     valid = bucket < (end + BUCKET - 1) // BUCKET
     bmax = tl.load(bmax_ptr + row_id * num_buckets + bucket, mask=valid, other=float("-inf"))
-    rank_bits = tl.where(valid, _ordered_bits(bmax) + 1, 0)
-    low = tl.zeros([], tl.int64)
-    high = tl.full([], 1 << 33, tl.int64)
-    for _ in tl.static_range(34):
-        mid = (low + high) // 2
-        enough = tl.sum((rank_bits >= mid).to(tl.int32), 0) >= TOP_K
+    num_valid = tl.sum(valid.to(tl.int32), 0)
+    low = tl.where(num_valid > 0, tl.min(tl.where(valid, bmax, float("inf")), 0), 0.0)
+    high = tl.where(num_valid > 0, tl.max(bmax, 0), 0.0)
+    for _ in tl.static_range(LEVEL_STEPS):
+        mid = low + (high - low) * 0.5
+        enough = tl.sum((valid & (bmax >= mid)).to(tl.int32), 0) >= TOP_K
         low = tl.where(enough, mid, low)
         high = tl.where(enough, high, mid)
     # Every top-k block's exact score is within 2 * eps of a kept bucket's approximate max:
     # eps bounds |approximate - exact| (Cauchy-Schwarz on the rounding of each product).
     eps = error_bound * tl.sqrt(tl.sum(q * q, 0) * tl.load(knorm_ptr + batch_head))
-    threshold = tl.where(low > 0, _bits_score(low - 1) - 2.0 * eps, float("-inf"))
+    threshold = tl.where(num_valid >= TOP_K, low - 2.0 * eps, float("-inf"))
     keep = valid & (bmax >= threshold)
     count = tl.sum(keep.to(tl.int32), 0)
     tl.store(flags_ptr + row_id, (count > CANDIDATES).to(tl.int32))
@@ -335,6 +335,47 @@ def stream_topk(
     return keys
 
 
+def _strides(pooled_q: torch.Tensor, k_means: torch.Tensor) -> dict:
+    return dict(
+        stride_qb=pooled_q.stride(0), stride_qh=pooled_q.stride(1),
+        stride_qg=pooled_q.stride(2), stride_qd=pooled_q.stride(3),
+        stride_kb=k_means.stride(0), stride_kh=k_means.stride(1),
+        stride_kj=k_means.stride(2), stride_kd=k_means.stride(3),
+    )  # fmt: skip
+
+
+def bucket_maxima(
+    pooled_q: torch.Tensor,
+    k_means: torch.Tensor,
+    end: torch.Tensor,
+    *,
+    bucket: int,
+    rows: int,
+    block_n: int,
+    precision: str,
+    num_warps: int,
+    per_sm: int,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Pass 1: ``(bmax [B * Hkv * G, buckets] float32, knorm [B * Hkv] float32)``, unscaled
+    approximate scores' maximum per bucket of ``bucket`` blocks (buckets past ``end`` hold
+    junk), and each head's largest squared block-mean norm."""
+    batch, kv_heads, groups, head_dim = pooled_q.shape
+    num_slots = k_means.shape[2]
+    splits, per_split = plan(groups, num_slots, batch * kv_heads, pooled_q.device, rows, block_n, per_sm)
+    tiles = max(1, math.ceil(num_slots / block_n))
+    num_buckets = tiles * (block_n // bucket)  # whole tiles: pass 1 stores every bucket of a tile
+    bmax = torch.empty((batch * kv_heads * groups, num_buckets), dtype=torch.float32, device=pooled_q.device)
+    knorm = torch.zeros(batch * kv_heads, dtype=torch.float32, device=pooled_q.device)
+    _bucket_max_kernel[(math.ceil(groups / rows), batch * kv_heads, splits)](
+        pq_ptr=pooled_q, km_ptr=k_means, end_ptr=end, bmax_ptr=bmax, knorm_ptr=knorm,
+        **_strides(pooled_q, k_means),
+        num_kv_heads=kv_heads, num_groups=groups, num_buckets=num_buckets, blocks_per_split=per_split,
+        ROWS=rows, BLOCK_N=block_n, BUCKET=bucket, HEAD_DIM=head_dim,
+        D_PAD=max(16, triton.next_power_of_2(head_dim)), PRECISION=precision, num_warps=num_warps,
+    )  # fmt: skip
+    return bmax, knorm
+
+
 def two_pass_topk(
     pooled_q: torch.Tensor,
     k_means: torch.Tensor,
@@ -342,10 +383,10 @@ def two_pass_topk(
     *,
     top_k: int,
     scale: float,
-    rows: int = 64,
+    rows: int = 128,
     block_n: int = 64,
     precision: str | None = None,
-    num_warps: int = 4,
+    num_warps: int = 8,
     per_sm: int = 4,
     error_bound: float | None = None,
     candidate_buckets: int = CANDIDATE_BUCKETS,
@@ -365,36 +406,25 @@ def two_pass_topk(
     fewer = max(triton.next_power_of_2(math.ceil(num_slots / bucket)), triton.cdiv(k_pad, bucket))
     candidate_buckets = min(candidate_buckets, triton.next_power_of_2(fewer))
     d_pad = max(16, triton.next_power_of_2(head_dim))
-    splits, per_split = plan(groups, num_slots, batch * kv_heads, device, rows, block_n, per_sm)
-    tiles = max(1, math.ceil(num_slots / block_n))
-    num_buckets = tiles * (block_n // bucket)  # whole tiles: pass 1 stores every bucket of a tile
     rows_total = batch * kv_heads * groups
-    bmax = torch.empty((rows_total, num_buckets), dtype=torch.float32, device=device)
-    knorm = torch.zeros(batch * kv_heads, dtype=torch.float32, device=device)
-    strides = dict(
-        stride_qb=pooled_q.stride(0), stride_qh=pooled_q.stride(1),
-        stride_qg=pooled_q.stride(2), stride_qd=pooled_q.stride(3),
-        stride_kb=k_means.stride(0), stride_kh=k_means.stride(1),
-        stride_kj=k_means.stride(2), stride_kd=k_means.stride(3),
+    bmax, knorm = bucket_maxima(
+        pooled_q, k_means, end, bucket=bucket, rows=rows, block_n=block_n, precision=precision,
+        num_warps=num_warps, per_sm=per_sm,
     )  # fmt: skip
-    _bucket_max_kernel[(math.ceil(groups / rows), batch * kv_heads, splits)](
-        pq_ptr=pooled_q, km_ptr=k_means, end_ptr=end, bmax_ptr=bmax, knorm_ptr=knorm, **strides,
-        num_kv_heads=kv_heads, num_groups=groups, num_buckets=num_buckets, blocks_per_split=per_split,
-        ROWS=rows, BLOCK_N=block_n, BUCKET=bucket, HEAD_DIM=head_dim, D_PAD=d_pad, PRECISION=precision,
-        num_warps=num_warps,
-    )  # fmt: skip
+    num_buckets = bmax.shape[1]
     buckets = torch.empty((rows_total, candidate_buckets), dtype=torch.int32, device=device)
     candidates = torch.empty((rows_total, candidate_buckets * bucket), dtype=torch.int64, device=device)
     keys = torch.empty((batch, kv_heads, groups, k_pad), dtype=torch.int64, device=device)
     flags = torch.empty(rows_total, dtype=torch.int32, device=device)
     _refine_kernel[(groups, batch * kv_heads)](
         pq_ptr=pooled_q, km_ptr=k_means, end_ptr=end, bmax_ptr=bmax, knorm_ptr=knorm,
-        buckets_ptr=buckets, cand_ptr=candidates, keys_ptr=keys, flags_ptr=flags, **strides,
+        buckets_ptr=buckets, cand_ptr=candidates, keys_ptr=keys, flags_ptr=flags,
+        **_strides(pooled_q, k_means),
         num_kv_heads=kv_heads, num_groups=groups, num_buckets=num_buckets, scale=scale,
         error_bound=error_bound, BUCKETS_PAD=triton.next_power_of_2(num_buckets), BUCKET=bucket,
-        CANDIDATES=candidate_buckets, CHUNK=min(candidate_buckets, max(1, 64 // bucket)),
+        CANDIDATES=candidate_buckets, CHUNK=min(candidate_buckets, max(1, 32 // bucket)),
         HEAD_DIM=head_dim, D_PAD=d_pad, K_PAD=k_pad, TOP_K=top_k, INDEX_BITS=_INDEX_BITS,
-        TIER_SHIFT=_TIER_SHIFT, num_warps=4,
+        TIER_SHIFT=_TIER_SHIFT, LEVEL_STEPS=16, num_warps=2,
     )  # fmt: skip
     # Rows whose candidates overflowed: the one-pass kernel, in place (programs of rows
     # without a flag return at once; nothing waits on the host).
