@@ -50,7 +50,7 @@ from omnimem.gated_selection import (
     select_groups,
     select_groups_torch,
 )
-from omnimem.kernels.group_topk import group_topk, stream_topk, two_pass_topk
+from omnimem.kernels.group_topk import bucket_maxima, group_topk, stream_topk, two_pass_topk
 from omnimem.pooling import block_means, pool_kv
 from tests.reference_gated import reference_gated_attention
 
@@ -219,6 +219,11 @@ def run_history(history: int, pattern: str, args) -> dict:
             t[name] = bench_or_nan(
                 lambda o=options: two_pass_topk(pq, pooled.k, end, top_k=16, scale=scale, **o)
             )
+        t["selection pass 1 alone"] = bench(
+            lambda: bucket_maxima(
+                pq, pooled.k, end, bucket=16, rows=128, block_n=64, precision="tf32", num_warps=8, per_sm=4
+            )
+        )
         t["selection one-pass (tf32x3)"] = bench(
             lambda: stream_topk(pq, pooled.k, end, top_k=16, scale=scale)
         )
