@@ -180,12 +180,12 @@ def _bucket_max_kernel(
 
 @triton.jit
 def _refine_kernel(
-    pq_ptr, km_ptr, end_ptr, bmax_ptr, knorm_ptr, buckets_ptr, keys_ptr, flags_ptr,
+    pq_ptr, km_ptr, end_ptr, bmax_ptr, knorm_ptr, buckets_ptr, cand_ptr, keys_ptr, flags_ptr,
     stride_qb, stride_qh, stride_qg, stride_qd,
     stride_kb, stride_kh, stride_kj, stride_kd,
     num_kv_heads, num_groups, num_buckets, scale, error_bound,
     BUCKETS_PAD: tl.constexpr, BUCKET: tl.constexpr, CANDIDATES: tl.constexpr,
-    D_STEP: tl.constexpr, HEAD_DIM: tl.constexpr, D_PAD: tl.constexpr, K_PAD: tl.constexpr,
+    CHUNK: tl.constexpr, HEAD_DIM: tl.constexpr, D_PAD: tl.constexpr, K_PAD: tl.constexpr,
     TOP_K: tl.constexpr, INDEX_BITS: tl.constexpr, TIER_SHIFT: tl.constexpr, LEVEL_STEPS: tl.constexpr,
 ):  # fmt: skip
     """Pass 2, one query group: the threshold under which no top-k block can lie, the buckets
@@ -226,25 +226,26 @@ def _refine_kernel(
     tl.store(buckets_ptr + row_id * CANDIDATES + slot, bucket, mask=keep & (slot < CANDIDATES))
     tl.debug_barrier()
 
-    # Exact float32 scores of every kept bucket's blocks at once, as packed keys: the dot
-    # runs over D_STEP-wide slices of the head dim, so each step is one independent gather
-    # of all candidate rows (the loads pipeline instead of waiting on one another).
+    # Exact scores of the kept buckets' blocks, CHUNK buckets at a time, as packed keys.
     kept = tl.minimum(count, CANDIDATES)
-    lane = tl.arange(0, CANDIDATES * BUCKET)
-    entry = lane // BUCKET
-    chosen = tl.load(buckets_ptr + row_id * CANDIDATES + entry, mask=entry < kept, other=0)
-    block = chosen * BUCKET + lane % BUCKET
-    ok = (entry < kept) & (block < end)
-    k_rows = km_ptr + batch.to(tl.int64) * stride_kb + head.to(tl.int64) * stride_kh
-    k_rows += block.to(tl.int64)[:, None] * stride_kj
-    score = tl.zeros([CANDIDATES * BUCKET], tl.float32)
-    for first in range(0, D_PAD, D_STEP):
-        cols = first + tl.arange(0, D_STEP)
-        col_ok = cols < HEAD_DIM
-        q_part = tl.load(q_base + cols * stride_qd, mask=col_ok, other=0.0)
-        k_part = tl.load(k_rows + cols[None, :] * stride_kd, mask=ok[:, None] & col_ok[None, :], other=0.0)
-        score += tl.sum(k_part * q_part[None, :], 1)
-    key = tl.where(ok, _packed_key(score * scale, block, INDEX_BITS, TIER_SHIFT), 0)
+    k_base = km_ptr + batch.to(tl.int64) * stride_kb + head.to(tl.int64) * stride_kh
+    lane = tl.arange(0, CHUNK * BUCKET)
+    for first in range(0, kept, CHUNK):
+        entry = first + lane // BUCKET
+        chosen = tl.load(buckets_ptr + row_id * CANDIDATES + entry, mask=entry < kept, other=0)
+        block = chosen * BUCKET + lane % BUCKET
+        ok = (entry < kept) & (block < end)
+        keys = tl.load(
+            k_base + block.to(tl.int64)[:, None] * stride_kj + dims[None, :] * stride_kd,
+            mask=ok[:, None] & dim_ok[None, :],
+            other=0.0,
+        )
+        score = tl.sum(keys * q[None, :], 1) * scale
+        key = tl.where(ok, _packed_key(score, block, INDEX_BITS, TIER_SHIFT), 0)
+        tl.store(cand_ptr + row_id * (CANDIDATES * BUCKET) + first * BUCKET + lane, key)
+    tl.debug_barrier()
+    every = tl.arange(0, CANDIDATES * BUCKET)
+    key = tl.load(cand_ptr + row_id * (CANDIDATES * BUCKET) + every, mask=every < kept * BUCKET, other=0)
     key = tl.sort(key, descending=True)
     # The first K_PAD of the sorted keys: fold the row into [n, K_PAD] and keep row 0.
     folded = tl.reshape(key, [CANDIDATES * BUCKET // K_PAD, K_PAD])
@@ -412,17 +413,18 @@ def two_pass_topk(
     )  # fmt: skip
     num_buckets = bmax.shape[1]
     buckets = torch.empty((rows_total, candidate_buckets), dtype=torch.int32, device=device)
+    candidates = torch.empty((rows_total, candidate_buckets * bucket), dtype=torch.int64, device=device)
     keys = torch.empty((batch, kv_heads, groups, k_pad), dtype=torch.int64, device=device)
     flags = torch.empty(rows_total, dtype=torch.int32, device=device)
     _refine_kernel[(groups, batch * kv_heads)](
         pq_ptr=pooled_q, km_ptr=k_means, end_ptr=end, bmax_ptr=bmax, knorm_ptr=knorm,
-        buckets_ptr=buckets, keys_ptr=keys, flags_ptr=flags,
+        buckets_ptr=buckets, cand_ptr=candidates, keys_ptr=keys, flags_ptr=flags,
         **_strides(pooled_q, k_means),
         num_kv_heads=kv_heads, num_groups=groups, num_buckets=num_buckets, scale=scale,
         error_bound=error_bound, BUCKETS_PAD=triton.next_power_of_2(num_buckets), BUCKET=bucket,
-        CANDIDATES=candidate_buckets, D_STEP=min(16, d_pad),
+        CANDIDATES=candidate_buckets, CHUNK=min(candidate_buckets, max(1, 32 // bucket)),
         HEAD_DIM=head_dim, D_PAD=d_pad, K_PAD=k_pad, TOP_K=top_k, INDEX_BITS=_INDEX_BITS,
-        TIER_SHIFT=_TIER_SHIFT, LEVEL_STEPS=12, num_warps=4,
+        TIER_SHIFT=_TIER_SHIFT, LEVEL_STEPS=16, num_warps=2,
     )  # fmt: skip
     # Rows whose candidates overflowed: the one-pass kernel, in place (programs of rows
     # without a flag return at once; nothing waits on the host).
