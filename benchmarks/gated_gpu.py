@@ -58,11 +58,13 @@ HEADS, HEAD_DIM, CHUNK = 12, 128, 3 * FRAME_TOKENS
 CFG = GatedConfig()
 # group_topk keyword variants swept by --variants: (rows, block_n, precision, num_warps, per_sm).
 SELECTION_VARIANTS = [
-    dict(rows=64, block_n=64, num_warps=4, per_sm=2),
+    dict(),
     dict(rows=64, block_n=64, num_warps=4, per_sm=8),
-    dict(rows=128, block_n=64, num_warps=8, per_sm=4),
-    dict(rows=64, block_n=128, num_warps=8, per_sm=4),
-    dict(rows=32, block_n=64, num_warps=4, per_sm=4),
+    dict(refine_warps=1, refine_chunk=16),
+    dict(refine_warps=1, refine_chunk=32),
+    dict(refine_warps=2, refine_chunk=16, level_steps=10),
+    dict(refine_warps=4, refine_chunk=64),
+    dict(refine_warps=1, refine_chunk=16, level_steps=10),
 ]
 
 
@@ -215,8 +217,11 @@ def run_history(history: int, pattern: str, args) -> dict:
     t["selection kernel+merge"] = bench(lambda: group_topk(pq, pooled.k, end, top_k=16, scale=scale))
     if args.variants and pattern == "random":
         for options in SELECTION_VARIANTS:
-            name = "selection two-pass " + " ".join(f"{k}={v}" for k, v in options.items())
-            t[name] = bench_or_nan(
+            name = "two-pass " + " ".join(f"{k}={v}" for k, v in options.items())
+            t[name] = bench_graph(
+                lambda o=options: two_pass_topk(pq, pooled.k, end, top_k=16, scale=scale, **o)
+            )
+            t[name + " eager"] = bench_or_nan(
                 lambda o=options: two_pass_topk(pq, pooled.k, end, top_k=16, scale=scale, **o)
             )
         t["selection pass 1 alone"] = bench(

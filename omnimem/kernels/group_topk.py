@@ -390,6 +390,9 @@ def two_pass_topk(
     per_sm: int = 4,
     error_bound: float | None = None,
     candidate_buckets: int = CANDIDATE_BUCKETS,
+    refine_warps: int = 2,
+    refine_chunk: int = 32,
+    level_steps: int = 16,
 ) -> torch.Tensor:
     """Approximate bucket maxima, then exact scores of the few buckets that may hold a top-k
     block; ``[B, Hkv, G, K_PAD]`` int64 packed keys, best first (0: none). Exact: a row whose
@@ -422,9 +425,9 @@ def two_pass_topk(
         **_strides(pooled_q, k_means),
         num_kv_heads=kv_heads, num_groups=groups, num_buckets=num_buckets, scale=scale,
         error_bound=error_bound, BUCKETS_PAD=triton.next_power_of_2(num_buckets), BUCKET=bucket,
-        CANDIDATES=candidate_buckets, CHUNK=min(candidate_buckets, max(1, 32 // bucket)),
+        CANDIDATES=candidate_buckets, CHUNK=min(candidate_buckets, max(1, refine_chunk // bucket)),
         HEAD_DIM=head_dim, D_PAD=d_pad, K_PAD=k_pad, TOP_K=top_k, INDEX_BITS=_INDEX_BITS,
-        TIER_SHIFT=_TIER_SHIFT, LEVEL_STEPS=16, num_warps=2,
+        TIER_SHIFT=_TIER_SHIFT, LEVEL_STEPS=level_steps, num_warps=refine_warps,
     )  # fmt: skip
     # Rows whose candidates overflowed: the one-pass kernel, in place (programs of rows
     # without a flag return at once; nothing waits on the host).
