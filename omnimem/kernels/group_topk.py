@@ -390,9 +390,9 @@ def two_pass_topk(
     per_sm: int = 4,
     error_bound: float | None = None,
     candidate_buckets: int = CANDIDATE_BUCKETS,
-    refine_warps: int = 2,
-    refine_chunk: int = 32,
-    level_steps: int = 16,
+    refine_warps: int = 1,
+    refine_chunk: int = 16,
+    level_steps: int = 10,
 ) -> torch.Tensor:
     """Approximate bucket maxima, then exact scores of the few buckets that may hold a top-k
     block; ``[B, Hkv, G, K_PAD]`` int64 packed keys, best first (0: none). Exact: a row whose
