@@ -71,6 +71,36 @@ def environment() -> dict:
     )
 
 
+def peak_extra_mib(fn, output_bytes: int) -> float:
+    """Peak memory a call allocates beyond its output (MiB)."""
+    torch.cuda.synchronize()
+    torch.cuda.reset_peak_memory_stats()
+    base = torch.cuda.memory_allocated()
+    result = fn()
+    torch.cuda.synchronize()
+    extra = torch.cuda.max_memory_allocated() - base - output_bytes
+    del result
+    return extra / 2**20
+
+
+def graph_ms(fn) -> float:
+    """Median time of ``fn`` replayed from a CUDA graph (GPU time without host overhead)."""
+    try:
+        stream = torch.cuda.Stream()
+        stream.wait_stream(torch.cuda.current_stream())
+        with torch.cuda.stream(stream):
+            for _ in range(3):
+                fn()
+        torch.cuda.current_stream().wait_stream(stream)
+        graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(graph):
+            fn()
+        return bench(graph.replay)
+    except RuntimeError as err:
+        print(f"CUDA graph capture failed: {str(err).splitlines()[0]}")
+        return float("nan")
+
+
 def bench(fn) -> float:
     return triton.testing.do_bench(fn, warmup=50, rep=300, return_mode="median")
 

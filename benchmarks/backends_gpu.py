@@ -33,7 +33,7 @@ import math
 
 import torch
 import torch.nn.functional as F
-from attention_gpu import FRAME_TOKENS, bench, environment, gather_reference
+from attention_gpu import FRAME_TOKENS, bench, environment, gather_reference, graph_ms, peak_extra_mib
 from read_floor import read_inputs
 from torch.nn.attention import SDPBackend, sdpa_kernel
 
@@ -66,36 +66,6 @@ GLUON_VARIANTS = [dict(), dict(num_sms=1), dict(stages=2)]
 
 def rel_err(out: torch.Tensor, ref: torch.Tensor) -> float:
     return float((out.float() - ref).norm() / ref.norm())
-
-
-def peak_extra_mib(fn, output_bytes: int) -> float:
-    """Peak memory a call allocates beyond its output (MiB)."""
-    torch.cuda.synchronize()
-    torch.cuda.reset_peak_memory_stats()
-    base = torch.cuda.memory_allocated()
-    result = fn()
-    torch.cuda.synchronize()
-    extra = torch.cuda.max_memory_allocated() - base - output_bytes
-    del result
-    return extra / 2**20
-
-
-def graph_ms(fn) -> float:
-    """Median time of ``fn`` replayed from a CUDA graph (GPU time without host overhead)."""
-    try:
-        stream = torch.cuda.Stream()
-        stream.wait_stream(torch.cuda.current_stream())
-        with torch.cuda.stream(stream):
-            for _ in range(3):
-                fn()
-        torch.cuda.current_stream().wait_stream(stream)
-        graph = torch.cuda.CUDAGraph()
-        with torch.cuda.graph(graph):
-            fn()
-        return bench(graph.replay)
-    except RuntimeError as err:
-        print(f"CUDA graph capture failed: {str(err).splitlines()[0]}")
-        return float("nan")
 
 
 def exact_tokens(sel, history_len: int, chunk_len: int) -> torch.Tensor:

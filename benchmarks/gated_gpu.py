@@ -32,7 +32,7 @@ from pathlib import Path
 
 import torch
 import triton
-from attention_gpu import FRAME_TOKENS, bench, environment
+from attention_gpu import FRAME_TOKENS, bench, environment, graph_ms, peak_extra_mib
 from torch.nn.attention import SDPBackend, sdpa_kernel
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
@@ -66,41 +66,6 @@ SELECTION_VARIANTS = [
     dict(refine_warps=4, refine_chunk=64),
     dict(refine_warps=1, refine_chunk=16, level_steps=10),
 ]
-
-
-def peak_extra_mib(fn, output_bytes: int) -> float:
-    torch.cuda.synchronize()
-    torch.cuda.reset_peak_memory_stats()
-    base = torch.cuda.memory_allocated()
-    result = fn()
-    torch.cuda.synchronize()
-    extra = torch.cuda.max_memory_allocated() - base - output_bytes
-    del result
-    return extra / 2**20
-
-
-def graphed(fn):
-    """``fn`` captured in a CUDA graph: its replay (what a captured decoding step pays)."""
-    stream = torch.cuda.Stream()
-    stream.wait_stream(torch.cuda.current_stream())
-    with torch.cuda.stream(stream):
-        for _ in range(3):
-            fn()
-    torch.cuda.current_stream().wait_stream(stream)
-    graph = torch.cuda.CUDAGraph()
-    with torch.cuda.graph(graph):
-        fn()
-    return graph.replay
-
-
-def bench_graph(fn) -> float:
-    """The replay of ``fn`` captured once (NaN, with the reason, if it cannot be captured)."""
-    try:
-        replay = graphed(fn)
-    except RuntimeError as err:
-        print(f"  not capturable: {err}", flush=True)
-        return float("nan")
-    return bench(replay)
 
 
 def bench_or_nan(fn) -> float:
@@ -218,9 +183,7 @@ def run_history(history: int, pattern: str, args) -> dict:
     if args.variants and pattern == "random":
         for options in SELECTION_VARIANTS:
             name = "two-pass " + " ".join(f"{k}={v}" for k, v in options.items())
-            t[name] = bench_graph(
-                lambda o=options: two_pass_topk(pq, pooled.k, end, top_k=16, scale=scale, **o)
-            )
+            t[name] = graph_ms(lambda o=options: two_pass_topk(pq, pooled.k, end, top_k=16, scale=scale, **o))
             t[name + " eager"] = bench_or_nan(
                 lambda o=options: two_pass_topk(pq, pooled.k, end, top_k=16, scale=scale, **o)
             )
@@ -232,7 +195,7 @@ def run_history(history: int, pattern: str, args) -> dict:
         t["selection one-pass (tf32x3)"] = bench(
             lambda: stream_topk(pq, pooled.k, end, top_k=16, scale=scale)
         )
-    t["selection (CUDA graph)"] = bench_graph(select)
+    t["selection (CUDA graph)"] = graph_ms(select)
 
     def slc(**kw):
         return selected_attention(
@@ -275,7 +238,7 @@ def run_history(history: int, pattern: str, args) -> dict:
     with sdpa_kernel(SDPBackend.CUDNN_ATTENTION):
         t["layer"] = bench(layer)
         t["layer + cache update"] = bench(lambda: (cache_update(), layer()))
-        t["layer + cache update (CUDA graph)"] = bench_graph(lambda: (cache_update(), layer()))
+        t["layer + cache update (CUDA graph)"] = graph_ms(lambda: (cache_update(), layer()))
         row["layer extra MiB"] = peak_extra_mib(layer, q.numel() * 2)
     row["times_ms"] = t
     return row

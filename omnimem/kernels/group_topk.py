@@ -57,6 +57,14 @@ def _key_score(key, INDEX_BITS: tl.constexpr):
 
 
 @triton.jit
+def _load_rows(base, rows, rows_ok, stride_row, stride_dim, HEAD_DIM: tl.constexpr, D_PAD: tl.constexpr):
+    """Rows ``rows`` of a ``[*, HEAD_DIM]`` matrix as ``[len(rows), D_PAD]`` (0 where masked)."""
+    dims = tl.arange(0, D_PAD)
+    ptrs = base + rows.to(tl.int64)[:, None] * stride_row + dims[None, :] * stride_dim
+    return tl.load(ptrs, mask=rows_ok[:, None] & (dims < HEAD_DIM)[None, :], other=0.0)
+
+
+@triton.jit
 def _stream_topk_kernel(
     pq_ptr, km_ptr, end_ptr, keys_ptr, flags_ptr,
     stride_qb, stride_qh, stride_qg, stride_qd,
@@ -74,14 +82,8 @@ def _stream_topk_kernel(
     head = batch_head % num_kv_heads
     rows = row_tile * ROWS + tl.arange(0, ROWS)
     row_ok = rows < num_groups
-    dims = tl.arange(0, D_PAD)
-    dim_ok = dims < HEAD_DIM
     q_base = pq_ptr + batch.to(tl.int64) * stride_qb + head.to(tl.int64) * stride_qh
-    q = tl.load(
-        q_base + rows[:, None] * stride_qg + dims[None, :] * stride_qd,
-        mask=row_ok[:, None] & dim_ok[None, :],
-        other=0.0,
-    )
+    q = _load_rows(q_base, rows, row_ok, stride_qg, stride_qd, HEAD_DIM, D_PAD)
     k_base = km_ptr + batch.to(tl.int64) * stride_kb + head.to(tl.int64) * stride_kh
     end = tl.load(end_ptr).to(tl.int32)
     lo = split * blocks_per_split
@@ -99,11 +101,7 @@ def _stream_topk_kernel(
     for start in range(lo, hi, BLOCK_N):
         block = start + tl.arange(0, BLOCK_N)
         block_ok = block < hi
-        keys = tl.load(
-            k_base + block.to(tl.int64)[:, None] * stride_kj + dims[None, :] * stride_kd,
-            mask=block_ok[:, None] & dim_ok[None, :],
-            other=0.0,
-        )
+        keys = _load_rows(k_base, block, block_ok, stride_kj, stride_kd, HEAD_DIM, D_PAD)
         score = tl.dot(q, tl.trans(keys), input_precision=PRECISION) * scale
         # Streaming part, one float compare per score: only scores that may beat a row's
         # worst kept key (ties included; the packed keys settle them) go any further.
@@ -147,14 +145,8 @@ def _bucket_max_kernel(
     head = batch_head % num_kv_heads
     rows = row_tile * ROWS + tl.arange(0, ROWS)
     row_ok = rows < num_groups
-    dims = tl.arange(0, D_PAD)
-    dim_ok = dims < HEAD_DIM
     q_base = pq_ptr + batch.to(tl.int64) * stride_qb + head.to(tl.int64) * stride_qh
-    q = tl.load(
-        q_base + rows[:, None] * stride_qg + dims[None, :] * stride_qd,
-        mask=row_ok[:, None] & dim_ok[None, :],
-        other=0.0,
-    )
+    q = _load_rows(q_base, rows, row_ok, stride_qg, stride_qd, HEAD_DIM, D_PAD)
     k_base = km_ptr + batch.to(tl.int64) * stride_kb + head.to(tl.int64) * stride_kh
     out_rows = bmax_ptr + (batch_head.to(tl.int64) * num_groups + rows[:, None]) * num_buckets
     end = tl.load(end_ptr).to(tl.int32)
@@ -164,11 +156,7 @@ def _bucket_max_kernel(
     for start in range(lo, hi, BLOCK_N):
         block = start + tl.arange(0, BLOCK_N)
         block_ok = block < hi
-        keys = tl.load(
-            k_base + block.to(tl.int64)[:, None] * stride_kj + dims[None, :] * stride_kd,
-            mask=block_ok[:, None] & dim_ok[None, :],
-            other=0.0,
-        )
+        keys = _load_rows(k_base, block, block_ok, stride_kj, stride_kd, HEAD_DIM, D_PAD)
         score = tl.dot(q, tl.trans(keys), input_precision=PRECISION)
         score = tl.where(block_ok[None, :], score, float("-inf"))
         bucket_max = tl.max(tl.reshape(score, [ROWS, BLOCK_N // BUCKET, BUCKET]), 2)
@@ -235,11 +223,7 @@ def _refine_kernel(
         chosen = tl.load(buckets_ptr + row_id * CANDIDATES + entry, mask=entry < kept, other=0)
         block = chosen * BUCKET + lane % BUCKET
         ok = (entry < kept) & (block < end)
-        keys = tl.load(
-            k_base + block.to(tl.int64)[:, None] * stride_kj + dims[None, :] * stride_kd,
-            mask=ok[:, None] & dim_ok[None, :],
-            other=0.0,
-        )
+        keys = _load_rows(k_base, block, ok, stride_kj, stride_kd, HEAD_DIM, D_PAD)
         score = tl.sum(keys * q[None, :], 1) * scale
         key = tl.where(ok, _packed_key(score, block, INDEX_BITS, TIER_SHIFT), 0)
         tl.store(cand_ptr + row_id * (CANDIDATES * BUCKET) + first * BUCKET + lane, key)
