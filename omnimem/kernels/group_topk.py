@@ -65,6 +65,27 @@ def _load_rows(base, rows, rows_ok, stride_row, stride_dim, HEAD_DIM: tl.constex
 
 
 @triton.jit
+def _split_program(
+    pq_ptr, km_ptr, end_ptr, stride_qb, stride_qh, stride_qg, stride_qd, stride_kb, stride_kh,
+    num_kv_heads, num_groups, blocks_per_split,
+    ROWS: tl.constexpr, HEAD_DIM: tl.constexpr, D_PAD: tl.constexpr,
+):  # fmt: skip
+    """A (row tile, batch x KV head, split) program's rows, their pooled queries, its head's
+    block means and its block range ``[lo, hi)`` (cut at the candidates' end)."""
+    batch_head = tl.program_id(1)
+    batch = batch_head // num_kv_heads
+    head = batch_head % num_kv_heads
+    rows = tl.program_id(0) * ROWS + tl.arange(0, ROWS)
+    row_ok = rows < num_groups
+    q_base = pq_ptr + batch.to(tl.int64) * stride_qb + head.to(tl.int64) * stride_qh
+    q = _load_rows(q_base, rows, row_ok, stride_qg, stride_qd, HEAD_DIM, D_PAD)
+    k_base = km_ptr + batch.to(tl.int64) * stride_kb + head.to(tl.int64) * stride_kh
+    lo = tl.program_id(2) * blocks_per_split
+    hi = tl.minimum(lo + blocks_per_split, tl.load(end_ptr).to(tl.int32))
+    return batch_head, rows, row_ok, q, k_base, lo, hi
+
+
+@triton.jit
 def _stream_topk_kernel(
     pq_ptr, km_ptr, end_ptr, keys_ptr, flags_ptr,
     stride_qb, stride_qh, stride_qg, stride_qd,
@@ -74,20 +95,12 @@ def _stream_topk_kernel(
     K_PAD: tl.constexpr, TOP_K: tl.constexpr, INDEX_BITS: tl.constexpr, TIER_SHIFT: tl.constexpr,
     PRECISION: tl.constexpr, HAS_FLAGS: tl.constexpr,
 ):  # fmt: skip
-    row_tile = tl.program_id(0)
-    batch_head = tl.program_id(1)
+    batch_head, rows, row_ok, q, k_base, lo, hi = _split_program(
+        pq_ptr, km_ptr, end_ptr, stride_qb, stride_qh, stride_qg, stride_qd, stride_kb, stride_kh,
+        num_kv_heads, num_groups, blocks_per_split, ROWS, HEAD_DIM, D_PAD,
+    )  # fmt: skip
     split = tl.program_id(2)
     num_splits = tl.num_programs(2)
-    batch = batch_head // num_kv_heads
-    head = batch_head % num_kv_heads
-    rows = row_tile * ROWS + tl.arange(0, ROWS)
-    row_ok = rows < num_groups
-    q_base = pq_ptr + batch.to(tl.int64) * stride_qb + head.to(tl.int64) * stride_qh
-    q = _load_rows(q_base, rows, row_ok, stride_qg, stride_qd, HEAD_DIM, D_PAD)
-    k_base = km_ptr + batch.to(tl.int64) * stride_kb + head.to(tl.int64) * stride_kh
-    end = tl.load(end_ptr).to(tl.int32)
-    lo = split * blocks_per_split
-    hi = tl.minimum(lo + blocks_per_split, end)
     if HAS_FLAGS:  # the fallback of the two-pass path: only rows it flagged are redone
         row_ok = row_ok & (tl.load(flags_ptr + batch_head * num_groups + rows, mask=row_ok, other=0) != 0)
         hi = tl.where(tl.max(row_ok.to(tl.int32), 0) > 0, hi, lo)
@@ -138,20 +151,11 @@ def _bucket_max_kernel(
 ):  # fmt: skip
     """Pass 1: approximate (tensor-core) scores, reduced to each ``BUCKET`` of blocks' maximum
     per row, and the largest squared norm of the block means (for the error bound)."""
-    row_tile = tl.program_id(0)
-    batch_head = tl.program_id(1)
-    split = tl.program_id(2)
-    batch = batch_head // num_kv_heads
-    head = batch_head % num_kv_heads
-    rows = row_tile * ROWS + tl.arange(0, ROWS)
-    row_ok = rows < num_groups
-    q_base = pq_ptr + batch.to(tl.int64) * stride_qb + head.to(tl.int64) * stride_qh
-    q = _load_rows(q_base, rows, row_ok, stride_qg, stride_qd, HEAD_DIM, D_PAD)
-    k_base = km_ptr + batch.to(tl.int64) * stride_kb + head.to(tl.int64) * stride_kh
+    batch_head, rows, row_ok, q, k_base, lo, hi = _split_program(
+        pq_ptr, km_ptr, end_ptr, stride_qb, stride_qh, stride_qg, stride_qd, stride_kb, stride_kh,
+        num_kv_heads, num_groups, blocks_per_split, ROWS, HEAD_DIM, D_PAD,
+    )  # fmt: skip
     out_rows = bmax_ptr + (batch_head.to(tl.int64) * num_groups + rows[:, None]) * num_buckets
-    end = tl.load(end_ptr).to(tl.int32)
-    lo = split * blocks_per_split
-    hi = tl.minimum(lo + blocks_per_split, end)
     norms = tl.zeros([BLOCK_N], tl.float32)
     for start in range(lo, hi, BLOCK_N):
         block = start + tl.arange(0, BLOCK_N)
