@@ -4,12 +4,14 @@ from omnimem.api import resolve_backend, select_blocks, sparse_attention, use_ba
 from omnimem.cache import OmniMemCache
 from omnimem.config import GatedConfig, OmniMemConfig
 from omnimem.gated import gated_attention, select_group_blocks
+from omnimem.gated_cache import GatedCache
 from omnimem.gated_selection import GroupSelection
 from omnimem.integration import cached_attention
 from omnimem.pooling import PooledKV, pool_kv
 from omnimem.selection import Selection
 
 __all__ = [
+    "GatedCache",
     "GatedConfig",
     "GroupSelection",
     "OmniMemCache",

@@ -1,0 +1,205 @@
+"""The gated layer's KV cache: full keys/values plus their block means, position-addressed.
+
+One ``GatedCache`` per attention layer, driven the way the Self-Forcing family calls attention:
+every model call writes its chunk's keys/values at a start position and attends everything
+before that position plus the chunk. The denoising passes and the final (commit) pass of a
+chunk all write at the same start, so nothing has to know which pass is the last: a later
+write at the same start replaces the earlier one. The block means of the blocks a write
+touches are recomputed from the buffer, so they always equal what a stateless
+``gated_attention`` call computes from the same keys/values (bit for bit).
+
+Buffers never change shape; the write position is tracked on the host (no ``.item()``).
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Literal
+
+import torch
+
+from omnimem.config import GatedConfig
+from omnimem.gated import gated_attention
+from omnimem.pooling import PooledKV, block_means
+
+Layout = Literal["bhld", "blhd"]
+
+
+class GatedCache:
+    """Preallocated keys/values of one gated attention layer, with their block means.
+
+    Args:
+        capacity: tokens the cache holds (history and the chunk being written).
+        batch: batch size; num_kv_heads: key/value heads; head_dim: head dimension.
+        config: the layer's [`GatedConfig`][omnimem.GatedConfig] (default: the authors').
+        dtype: dtype of the key/value buffers (the attention dtype).
+        device: where the buffers live.
+        layout: ``"blhd"`` (``[B, L, H, D]``, the Wan/Self-Forcing cache layout, default) or
+            ``"bhld"``; both are exposed as ``[B, H, L, D]`` views without copies.
+
+    Memory: ``2 * capacity * H * D`` elements for the keys/values, plus per block of
+    ``block_size`` tokens one float32 mean key and one mean key and value in ``dtype``
+    (``1/30`` of the data at the default block size, in float32 and ``dtype``).
+
+    Example:
+        >>> import torch
+        >>> from omnimem import GatedCache
+        >>> cache = GatedCache(120, batch=1, num_kv_heads=2, head_dim=8, top_k=2, window_tokens=60)
+        >>> q = k = v = torch.randn(1, 2, 30, 8)
+        >>> gates = torch.full((1, 2, 30, 3), 0.5)
+        >>> out = cache.attend(q, k, v, gates, start=0)  # a denoising pass of chunk 0
+        >>> out = cache.attend(q, k, v, gates, start=0)  # its commit pass: same start, replaced
+        >>> out = cache.attend(q, k, v, gates, start=30)  # chunk 1 attends chunk 0 + itself
+        >>> cache.end
+        60
+    """
+
+    def __init__(
+        self,
+        capacity: int,
+        *,
+        batch: int,
+        num_kv_heads: int,
+        head_dim: int,
+        config: GatedConfig | None = None,
+        dtype: torch.dtype = torch.float32,
+        device: torch.device | str = "cpu",
+        layout: Layout = "blhd",
+        **overrides: object,
+    ) -> None:
+        for name, value in (
+            ("capacity", capacity),
+            ("batch", batch),
+            ("num_kv_heads", num_kv_heads),
+            ("head_dim", head_dim),
+        ):
+            if isinstance(value, bool) or not isinstance(value, int):
+                raise TypeError(f"GatedCache {name} must be an int, got {type(value).__name__}")
+            if value < 1:
+                raise ValueError(f"GatedCache {name} must be positive, got {value}")
+        if layout not in ("bhld", "blhd"):
+            raise ValueError(f"GatedCache layout must be 'bhld' or 'blhd', got {layout!r}")
+        if config is not None and not isinstance(config, GatedConfig):
+            raise TypeError(f"GatedCache config must be a GatedConfig, got {type(config).__name__}")
+        if not (isinstance(dtype, torch.dtype) and dtype.is_floating_point):
+            raise TypeError(f"GatedCache dtype must be a floating torch.dtype, got {dtype!r}")
+        config = config or GatedConfig()
+        self.config = config.replace(**overrides) if overrides else config
+        self.capacity = capacity
+        self.layout = layout
+        shape = (
+            (batch, capacity, num_kv_heads, head_dim)
+            if layout == "blhd"
+            else (batch, num_kv_heads, capacity, head_dim)
+        )
+        # Zeros, not empty: unwritten space is never read, but finite is the safe default.
+        self._k = torch.zeros(shape, dtype=dtype, device=device)
+        self._v = torch.zeros_like(self._k)
+        slots = math.ceil(capacity / self.config.block_size)
+        pooled_shape = (batch, num_kv_heads, slots, head_dim)
+        self.pooled = PooledKV(
+            torch.zeros(pooled_shape, dtype=torch.float32, device=device),
+            torch.zeros(pooled_shape, dtype=dtype, device=device),
+            torch.zeros(pooled_shape, dtype=dtype, device=device),
+            self.config.block_size,
+        )
+        self.end = 0  # tokens written: the next chunk starts here (or the last one is rewritten)
+        self.last_start = 0
+
+    def __repr__(self) -> str:
+        b, h, _, d = self.k.shape
+        return (
+            f"GatedCache(capacity={self.capacity}, end={self.end}, B={b}, Hkv={h}, D={d}, "
+            f"dtype={self.k.dtype}, device={self.k.device}, layout={self.layout!r})"
+        )
+
+    @property
+    def k(self) -> torch.Tensor:
+        """``[B, Hkv, capacity, D]`` view of the key buffer."""
+        return self._k.transpose(1, 2) if self.layout == "blhd" else self._k
+
+    @property
+    def v(self) -> torch.Tensor:
+        """``[B, Hkv, capacity, D]`` view of the value buffer."""
+        return self._v.transpose(1, 2) if self.layout == "blhd" else self._v
+
+    def reset(self) -> None:
+        """Forget everything (a new video, or a new prompt that re-caches from scratch)."""
+        self.end = 0
+        self.last_start = 0
+
+    def _check_write(self, k: torch.Tensor, v: torch.Tensor, start: object) -> int:
+        if isinstance(start, bool) or not isinstance(start, int):
+            raise TypeError(f"start must be a Python int, got {type(start).__name__}")
+        for name, x in (("k", k), ("v", v)):
+            if not isinstance(x, torch.Tensor):
+                raise TypeError(f"{name} must be a torch.Tensor, got {type(x).__name__}")
+            b, h, _, d = self.k.shape
+            if x.dim() != 4 or (x.shape[0], x.shape[1], x.shape[3]) != (b, h, d):
+                raise ValueError(
+                    f"{name} must be the chunk's [B, Hkv, L, D] = [{b}, {h}, L, {d}] "
+                    f"(a [B, L, H, D] tensor passed as .transpose(1, 2)), got {tuple(x.shape)}"
+                )
+            if x.dtype != self.k.dtype or x.device != self.k.device:
+                raise TypeError(
+                    f"{name} must be {self.k.dtype} on {self.k.device} like the cache, "
+                    f"got {x.dtype} on {x.device}"
+                )
+        if v.shape != k.shape:
+            raise ValueError(f"v must have k's shape {tuple(k.shape)}, got {tuple(v.shape)}")
+        if start not in (self.end, self.last_start):
+            raise ValueError(
+                f"start must be {self.end} (the next chunk, right after the history) or "
+                f"{self.last_start} (rewriting the current chunk), got {start}"
+            )
+        if start + k.shape[2] > self.capacity:
+            raise ValueError(
+                f"the chunk [{start}, {start + k.shape[2]}) does not fit the cache's capacity {self.capacity}"
+            )
+        return start
+
+    def write(self, k: torch.Tensor, v: torch.Tensor, *, start: int) -> None:
+        """Write a chunk's keys/values ``[B, Hkv, L, D]`` at ``start`` and refresh the block
+        means of the blocks it touches. ``start`` must be the end of what was written (a new
+        chunk) or the start of the last write (the same chunk again)."""
+        start = self._check_write(k, v, start)
+        stop = start + k.shape[2]
+        self.k[:, :, start:stop].copy_(k)
+        self.v[:, :, start:stop].copy_(v)
+        bs = self.config.block_size
+        first = start // bs  # the block holding `start` may also hold earlier tokens
+        k_means = block_means(self.k[:, :, first * bs : stop], stop - first * bs, bs)
+        v_means = block_means(self.v[:, :, first * bs : stop], stop - first * bs, bs)
+        last = first + k_means.shape[2]
+        self.pooled.k[:, :, first:last].copy_(k_means)
+        self.pooled.k_attn[:, :, first:last].copy_(k_means)
+        self.pooled.v_attn[:, :, first:last].copy_(v_means)
+        self.last_start, self.end = start, stop
+
+    def attend(
+        self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, gates: torch.Tensor, *, start: int
+    ) -> torch.Tensor:
+        """Write the chunk at ``start`` (see ``write``), then ``gated_attention`` of its
+        queries over ``[0, start)`` plus the chunk: ``[B, Hq, L, D]`` in ``q.dtype``.
+
+        Validation of ``q`` and ``gates`` happens before anything is written.
+        """
+        self._check_write(k, v, start)
+        if not isinstance(q, torch.Tensor) or q.dim() != 4 or q.shape[2] != k.shape[2]:
+            raise ValueError(
+                f"q must be the chunk's [B, Hq, L, D] queries with L = {k.shape[2]} (k's length), "
+                f"got {tuple(q.shape) if isinstance(q, torch.Tensor) else type(q).__name__}"
+            )
+        if q.dtype != self.k.dtype or q.device != self.k.device:
+            raise TypeError(
+                f"q must be {self.k.dtype} on {self.k.device} like the cache, got {q.dtype} on {q.device}"
+            )
+        if not isinstance(gates, torch.Tensor) or tuple(gates.shape) != (*q.shape[:3], 3):
+            raise ValueError(
+                f"gates must have shape {(*q.shape[:3], 3)} ([B, Hq, L, 3]), "
+                f"got {tuple(gates.shape) if isinstance(gates, torch.Tensor) else type(gates).__name__}"
+            )
+        self.write(k, v, start=start)
+        return gated_attention(
+            q, self.k, self.v, gates, history_len=start, config=self.config, pooled=self.pooled
+        )

@@ -1,0 +1,72 @@
+"""GatedCache: a rollout through the cache equals stateless ``gated_attention`` calls on the
+same keys/values; position checks; validation before any write."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from omnimem import GatedCache, gated_attention
+
+from .inputs import TEST_DEVICE
+
+RULES = dict(block_size=7, query_group_size=5, top_k=3, window_tokens=25)
+
+
+@pytest.mark.parametrize("layout", ["blhd", "bhld"])
+@pytest.mark.parametrize("backend", ["gather", "triton"])
+def test_rollout_equals_stateless_calls(layout, backend):
+    """Chunks of 12 tokens (not a multiple of the 7-token blocks: blocks straddle chunks), two
+    denoising passes and a commit pass each, every pass with other keys/values."""
+    gen = torch.Generator().manual_seed(0)
+    cache = GatedCache(60, batch=2, num_kv_heads=2, head_dim=16, layout=layout, device=TEST_DEVICE,
+                       backend=backend, **RULES)  # fmt: skip
+    final_k = torch.zeros(2, 2, 60, 16, device=TEST_DEVICE)
+    final_v = torch.zeros_like(final_k)
+    for start in range(0, 48, 12):
+        for _ in range(3):  # two denoising passes, then the commit pass: all at the same start
+            q, k, v = (torch.randn(2, 2, 12, 16, generator=gen).to(TEST_DEVICE) for _ in range(3))
+            gates = torch.rand(2, 2, 12, 3, generator=gen).to(TEST_DEVICE)
+            got = cache.attend(q, k, v, gates, start=start)
+            final_k[:, :, start : start + 12], final_v[:, :, start : start + 12] = k, v
+            want = gated_attention(q, final_k, final_v, gates, history_len=start, backend=backend, **RULES)
+            torch.testing.assert_close(got, want, atol=1e-6, rtol=1e-6)
+    assert cache.end == 48 and "end=48" in repr(cache)
+
+
+def test_positions_are_checked_before_anything_is_written():
+    cache = GatedCache(40, batch=1, num_kv_heads=1, head_dim=8, **RULES)
+    q = k = v = torch.randn(1, 1, 10, 8)
+    gates = torch.rand(1, 1, 10, 3)
+    cache.attend(q, k, v, gates, start=0)
+    with pytest.raises(ValueError, match=r"start must be 10 .* or 0"):
+        cache.attend(q, k, v, gates, start=5)  # a gap or an overlap: refused
+    with pytest.raises(TypeError, match="start must be a Python int"):
+        cache.attend(q, k, v, gates, start=torch.tensor(10))
+    before = (cache.k.clone(), cache.pooled.k.clone(), cache.end)
+    with pytest.raises(ValueError, match="gates must have shape"):
+        cache.attend(q, k + 1, v, gates[..., :2], start=10)
+    with pytest.raises(TypeError, match=r"q must be torch\.float32"):
+        cache.attend(q.double(), k + 1, v, gates, start=10)
+    with pytest.raises(ValueError, match=r"does not fit the cache's capacity 40"):
+        cache.attend(torch.randn(1, 1, 31, 8), torch.randn(1, 1, 31, 8), torch.randn(1, 1, 31, 8),
+                     torch.rand(1, 1, 31, 3), start=10)  # fmt: skip
+    assert (
+        torch.equal(cache.k, before[0]) and torch.equal(cache.pooled.k, before[1]) and cache.end == before[2]
+    )
+    cache.reset()
+    assert cache.end == 0
+    cache.attend(q, k, v, gates, start=0)
+
+
+def test_constructor_validation():
+    with pytest.raises(TypeError, match="GatedCache capacity must be an int"):
+        GatedCache(1.5, batch=1, num_kv_heads=1, head_dim=8)
+    with pytest.raises(ValueError, match="GatedCache head_dim must be positive"):
+        GatedCache(10, batch=1, num_kv_heads=1, head_dim=0)
+    with pytest.raises(TypeError, match="GatedCache dtype must be a floating"):
+        GatedCache(10, batch=1, num_kv_heads=1, head_dim=8, dtype=torch.int32)
+    with pytest.raises(ValueError, match="layout must be"):
+        GatedCache(10, batch=1, num_kv_heads=1, head_dim=8, layout="bld")
+    with pytest.raises(TypeError, match="unknown GatedConfig field"):
+        GatedCache(10, batch=1, num_kv_heads=1, head_dim=8, sink_tokens=4)
