@@ -6,6 +6,7 @@ from omnimem.config import GatedConfig, OmniMemConfig
 from omnimem.gated import gated_attention, select_group_blocks
 from omnimem.gated_cache import GatedCache
 from omnimem.gated_selection import GroupSelection
+from omnimem.gated_wan import GatedWanSelfAttention
 from omnimem.integration import cached_attention
 from omnimem.pooling import PooledKV, pool_kv
 from omnimem.selection import Selection
@@ -13,6 +14,7 @@ from omnimem.selection import Selection
 __all__ = [
     "GatedCache",
     "GatedConfig",
+    "GatedWanSelfAttention",
     "GroupSelection",
     "OmniMemCache",
     "OmniMemConfig",

@@ -1,0 +1,125 @@
+"""The drop-in for the authors' NSA layer: their parameter names load unchanged; its RoPE in
+the pooled-block token order; a rollout equals projections + RoPE + the float64 reference."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from einops import rearrange
+from torch import nn
+
+from omnimem import GatedWanSelfAttention
+from omnimem.gated_wan import reordered_rope
+
+from .reference_gated import reference_gated_attention
+
+DIM, HEADS, FRAMES_PER_CHUNK, HEIGHT, WIDTH = 32, 2, 2, 4, 3  # 24 tokens per chunk
+POOL = (1, 2, 3)  # blocks of 6 tokens
+
+
+def wan_freqs(head_dim: int, positions: int = 64) -> torch.Tensor:
+    """A Wan-style complex RoPE table ``[positions, head_dim / 2]`` (time, height, width parts)."""
+    parts = []
+    for size in (head_dim - 4 * (head_dim // 6), 2 * (head_dim // 6), 2 * (head_dim // 6)):
+        angles = torch.outer(
+            torch.arange(positions), 1.0 / 10000 ** (torch.arange(0, size, 2).double() / size)
+        )
+        parts.append(torch.polar(torch.ones_like(angles), angles))
+    return torch.cat(parts, dim=1)
+
+
+class AuthorsLayout(nn.Module):
+    """Their layer's parameters, by name and shape (from the public constructor signature)."""
+
+    def __init__(self, dim: int, num_heads: int) -> None:
+        super().__init__()
+        self.q, self.k, self.v, self.o = (nn.Linear(dim, dim) for _ in range(4))
+        self.norm_q, self.norm_k = nn.LayerNorm(dim, bias=False), nn.LayerNorm(dim, bias=False)
+        self.g_proj = nn.Linear(dim, 3 * num_heads)
+
+
+def make_layer(**kwargs) -> GatedWanSelfAttention:
+    torch.manual_seed(0)
+    return GatedWanSelfAttention(
+        dim=DIM, num_heads=HEADS, window_size=(-1, -1), qk_norm=True, eps=1e-6, pool_f=POOL[0],
+        pool_h=POOL[1], pool_w=POOL[2], num_selected_blocks=3, group_q_size=4, chunk_length=24,
+        layer_idx=0, **kwargs,
+    )  # fmt: skip
+
+
+def test_checkpoint_of_the_authors_layout_loads_unchanged():
+    theirs = AuthorsLayout(DIM, HEADS)
+    ours = make_layer()
+    ours.load_state_dict(theirs.state_dict(), strict=True)
+    assert {k: v.shape for k, v in ours.state_dict().items()} == {
+        k: v.shape for k, v in theirs.state_dict().items()
+    }
+
+
+def test_reordered_rope_is_wan_rope_then_reorder():
+    """RoPE on the frame-major grid, then the block reorder == the reorder, then our RoPE."""
+    frames, height, width, d = 2, 4, 6, 16
+    x = torch.randn(1, frames * height * width, 2, d)
+    freqs = wan_freqs(d)
+    plain = reordered_rope(x, (frames, height, width), freqs, start_frame=3)  # pool 1: Wan's order
+    pattern = "b (f fs h hs w ws) n d -> b (f h w fs hs ws) n d"
+    sizes = dict(f=frames, h=height // 2, w=width // 3, fs=1, hs=2, ws=3)
+    want = rearrange(plain, pattern, **sizes)
+    got = reordered_rope(
+        rearrange(x, pattern, **sizes), (frames, height, width), freqs, start_frame=3, pool=(1, 2, 3)
+    )
+    torch.testing.assert_close(got, want, atol=1e-6, rtol=1e-6)
+    # and it is a rotation: norms of each (real, imaginary) pair are kept
+    torch.testing.assert_close(plain.norm(dim=-1), x.norm(dim=-1), atol=1e-5, rtol=1e-5)
+
+
+@pytest.mark.parametrize("options", [{}, {"gate_mode": "softmax", "skip_module": "cmp"}])
+def test_rollout_equals_the_reference_layer(options):
+    layer = make_layer(**options)
+    freqs = wan_freqs(DIM // HEADS)
+    grid = torch.tensor([[FRAMES_PER_CHUNK, HEIGHT, WIDTH]])
+    length = FRAMES_PER_CHUNK * HEIGHT * WIDTH
+    keys, values = [], []
+    gen = torch.Generator().manual_seed(1)
+    with torch.no_grad():
+        for chunk in range(3):
+            for _ in range(2):  # a denoising pass, then the commit pass: same start
+                x = torch.randn(1, length, DIM, generator=gen)
+                start_frame = chunk * FRAMES_PER_CHUNK
+                out = layer(x, torch.tensor([length]), grid, freqs, start_frame=start_frame)
+                # The same layer by hand: projections, RoPE, the float64 reference, gates, output.
+                q = layer.norm_q(layer.q(x)).view(1, length, HEADS, -1)
+                k = layer.norm_k(layer.k(x)).view(1, length, HEADS, -1)
+                v = layer.v(x).view(1, length, HEADS, -1)
+                g = (FRAMES_PER_CHUNK, HEIGHT, WIDTH)
+                q = reordered_rope(q, g, freqs, start_frame=start_frame, pool=POOL)
+                k = reordered_rope(k, g, freqs, start_frame=start_frame, pool=POOL)
+                k_all = torch.cat([*keys, k], 1).transpose(1, 2)
+                v_all = torch.cat([*values, v], 1).transpose(1, 2)
+                logits = layer.g_proj(x).view(1, length, HEADS, 3).clamp(-10, 10)
+                gates = logits.sigmoid() if layer.gate_mode == "sigmoid" else logits.softmax(-1)
+                if layer.skip_module == "cmp":
+                    gates = gates * torch.tensor([0.0, 1.0, 1.0])
+                ref = reference_gated_attention(
+                    q.transpose(1, 2), k_all, v_all, gates.transpose(1, 2), history_len=chunk * length,
+                    block_size=6, query_group_size=4, top_k=3, window_tokens=72,
+                )  # fmt: skip
+                assert ref.margin > 1e-4
+                want = layer.o(ref.out.transpose(1, 2).flatten(2).float())
+                torch.testing.assert_close(out, want, atol=1e-4, rtol=1e-4)
+            keys.append(k)
+            values.append(v)
+
+
+def test_refusals():
+    with pytest.raises(TypeError, match="takes Wan's"):
+        GatedWanSelfAttention(num_heads=2)
+    with pytest.raises(ValueError, match="gate_mode must be"):
+        make_layer(gate_mode="tanh")
+    with pytest.raises(ValueError, match="skip_module must be"):
+        make_layer(skip_module="swa")
+    layer = make_layer()
+    with pytest.raises(NotImplementedError, match="inference path"):
+        layer(torch.randn(1, 24, DIM), None, torch.tensor([[2, 4, 3]]), wan_freqs(16), block_mask=object())
+    with pytest.raises(ValueError, match="grid_sizes"):
+        layer(torch.randn(1, 20, DIM), None, torch.tensor([[2, 4, 3]]), wan_freqs(16))
