@@ -91,8 +91,8 @@ class GatedWanSelfAttention(nn.Module):
         >>> import torch
         >>> layer = GatedWanSelfAttention(dim=32, num_heads=2, pool_h=3, pool_w=2,
         ...                               num_selected_blocks=2, group_q_size=3, chunk_length=12)
-        >>> sorted(layer.state_dict())[:4]
-        ['g_proj.bias', 'g_proj.weight', 'k.bias', 'k.weight']
+        >>> print(*sorted(layer.state_dict())[:4])
+        g_proj.bias g_proj.weight k.bias k.weight
     """
 
     def __init__(
