@@ -22,7 +22,7 @@ import json
 import torch
 import torch.nn.functional as F
 import triton
-from backends_gpu import graph_ms
+from attention_gpu import graph_ms
 from torch.nn.attention import SDPBackend, sdpa_kernel
 
 from omnimem import OmniMemCache, OmniMemConfig, use_backend
