@@ -128,6 +128,16 @@ class GatedCache:
         self.end = 0
         self.last_start = 0
 
+    def rewind(self, end: int) -> None:
+        """Forget every position at or past ``end`` (``0 <= end <= self.end``): the next write
+        starts there (re-caching from a point, e.g. a prompt switch). The block straddling
+        ``end`` is recomputed by that write."""
+        if isinstance(end, bool) or not isinstance(end, int):
+            raise TypeError(f"end must be a Python int, got {type(end).__name__}")
+        if not 0 <= end <= self.end:
+            raise ValueError(f"end must lie in [0, {self.end}] (what has been written), got {end}")
+        self.end = self.last_start = end
+
     def _check_write(self, k: torch.Tensor, v: torch.Tensor, start: object) -> int:
         if isinstance(start, bool) or not isinstance(start, int):
             raise TypeError(f"start must be a Python int, got {type(start).__name__}")

@@ -54,6 +54,11 @@ def test_positions_are_checked_before_anything_is_written():
     assert (
         torch.equal(cache.k, before[0]) and torch.equal(cache.pooled.k, before[1]) and cache.end == before[2]
     )
+    with pytest.raises(ValueError, match=r"end must lie in \[0, 10\]"):
+        cache.rewind(11)
+    cache.rewind(4)  # forget [4, 10): the next write starts at 4
+    cache.attend(q, k, v, gates, start=4)
+    assert cache.end == 14
     cache.reset()
     assert cache.end == 0
     cache.attend(q, k, v, gates, start=0)
