@@ -164,6 +164,12 @@ def forward(
     config: OmniMemConfig,
 ) -> tuple[torch.Tensor, torch.Tensor | None]:
     num_q_heads = q.shape[1]
+    wants_grad = torch.is_grad_enabled() and (q.requires_grad or k.requires_grad or v.requires_grad)
+    if wants_grad and q.device.type != "cuda":
+        raise ValueError(
+            "the flex backend has no backward on CPU (torch's FlexAttention): use backend='gather' "
+            "or backend='dense' for autograd there"
+        )
     # Compiled CPU FlexAttention cannot return the log-sum-exp; the eager path is exact too.
     compiled = config.compile and not (return_lse and q.device.type == "cpu")
     if compiled:
@@ -204,7 +210,8 @@ def _check_compiled_inputs(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) ->
     if torch.is_grad_enabled() and (q.requires_grad or k.requires_grad or v.requires_grad):
         raise ValueError(
             "the compiled flex backend is inference-only (its BlockMask carries no backward "
-            "tables): run under torch.no_grad(), or use compile=False or backend='dense' for autograd"
+            "tables): run under torch.no_grad(), or use compile=False (eager FlexAttention "
+            "differentiates on GPUs) or backend='gather' or 'dense' for autograd"
         )
     if q.device.type == "cuda" and q.shape[-1] < 16:
         raise ValueError(

@@ -22,10 +22,14 @@ from omnimem.selection import Selection, sorted_unique
 _LSE_ROWS = 1024  # query rows per step of the log-sum-exp path (bounds its score matrix)
 
 
-def gathered_tokens(selection: Selection, *, chunk_len: int) -> tuple[torch.Tensor, torch.Tensor]:
+def gathered_tokens(
+    selection: Selection, *, chunk_len: int, num_tokens: int | None = None
+) -> tuple[torch.Tensor, torch.Tensor]:
     """``(token_idx [B, Hkv, W], token_mask [B, Hkv, G', W])``: the key positions each KV head
     gathers, and which of them each query group attends (``G' = 1`` for one query group)."""
     table, num_blocks, bs = selection.kv_block_idx, selection.num_history_blocks, selection.block_size
+    if num_blocks == 1 and num_tokens is not None:  # one block: only its first num_tokens exist
+        bs = min(bs, num_tokens)
     device = table.device
     grouped = table.shape[2] > 1
     if grouped:
@@ -63,10 +67,13 @@ def forward(
 ) -> tuple[torch.Tensor, torch.Tensor | None]:
     num_q_heads, q_len, head_dim = q.shape[1], q.shape[2], q.shape[3]
     heads_per_kv = num_q_heads // k.shape[1]
-    token_idx, token_mask = gathered_tokens(selection, chunk_len=chunk_len)
+    token_idx, token_mask = gathered_tokens(selection, chunk_len=chunk_len, num_tokens=k.shape[2])
     index = token_idx[..., None].expand(-1, -1, -1, head_dim)
-    k_gathered = k.gather(2, index).repeat_interleave(heads_per_kv, dim=1)
-    v_gathered = v.gather(2, index).repeat_interleave(heads_per_kv, dim=1)
+    # Padding slots gather token 0 and masked ones other tokens: zero whatever no query
+    # attends, so that it has no influence at all (a masked NaN still poisons p @ v: 0 * NaN).
+    used = token_mask.any(2)[..., None]  # [B, Hkv, W, 1]
+    k_gathered = torch.where(used, k.gather(2, index), 0).repeat_interleave(heads_per_kv, dim=1)
+    v_gathered = torch.where(used, v.gather(2, index), 0).repeat_interleave(heads_per_kv, dim=1)
     if token_mask.shape[2] > 1:  # per query group: each query row takes its group's mask
         group = (torch.arange(q_len, device=q.device) // selection.query_group_size).clamp(
             max=token_mask.shape[2] - 1

@@ -12,6 +12,7 @@ groups (rows are then masked per group inside the kernel). Runs on CUDA; on CPU 
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 import math
 import os
@@ -80,10 +81,19 @@ def forward(
             f"the triton backend needs CUDA tensors (got {q.device}); use backend='flex' or 'dense' "
             "(CPU runs it only under TRITON_INTERPRET=1, for tests)"
         )
+    if interpreted and q.device.type != "cuda" and q.dtype == torch.bfloat16:
+        raise ValueError(
+            "the triton backend under TRITON_INTERPRET=1 cannot run bfloat16 (the interpreter's bf16 "
+            "tl.dot is wrong): use float16 or float32 there, or backend='gather' or 'dense'"
+        )
     if q.device.type == "cuda" and q.shape[-1] < 16:
         raise ValueError(f"q's head_dim must be >= 16 for the triton backend, got {q.shape[-1]}")
     from omnimem.backends.triton_attention import default_num_sms, scattered_attention
 
+    if selection.num_history_blocks == 1 and selection.block_size > k.shape[2]:
+        # One block longer than the buffer: the same tokens as a block of the buffer's length,
+        # without block arithmetic that overflows int32 in the kernel.
+        selection = dataclasses.replace(selection, block_size=k.shape[2])
     grouped = selection.kv_block_idx.shape[2] > 1
     hopper = _hopper_kernel()
     if hopper is not None and hopper.supported(q, k, v, block_size=selection.block_size, grouped=grouped):

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import contextlib
 import contextvars
+import dataclasses
 import functools
 import os
 from collections.abc import Iterator
@@ -116,7 +117,8 @@ def _select(
     # Compiling pays on GPUs, where eager selection is launch-bound; on CPU it would only add
     # compile time.
     compiled = config.compile and q.device.type == "cuda"
-    return select(q, k, history, config, scale=scale, compiled=compiled, key_block_sums=key_block_sums)
+    selection = select(q, k, history, config, scale=scale, compiled=compiled, key_block_sums=key_block_sums)
+    return dataclasses.replace(selection, planned_history_len=history_len)
 
 
 def select_blocks(
@@ -226,12 +228,15 @@ def sparse_attention(
     history_len, chunk_len = check_attention_inputs(q, k, v, history_len=history_len, chunk_len=chunk_len)
     if not isinstance(return_lse, bool):
         raise TypeError(f"return_lse must be a bool, got {type(return_lse).__name__}")
+    if q.shape[0] == 0 or q.shape[1] == 0:  # nothing to attend: the empty result, on every backend
+        out = torch.empty_like(q)
+        return (out, torch.empty(q.shape[:3], dtype=torch.float32, device=q.device)) if return_lse else out
     forward = get_backend(resolve_backend(config, q.device, dtype=q.dtype, head_dim=q.shape[-1]))
     scale = config.scale or q.shape[-1] ** -0.5
     if selection is None:
         selection = _select(q, k, history_len, config, scale, key_block_sums)
     else:
-        check_selection(selection, q, k, config.block_size)
+        check_selection(selection, q, k, config.block_size, history_len)
     out, lse = forward(
         q, k, v, selection, chunk_len=chunk_len, scale=scale, return_lse=return_lse, config=config
     )

@@ -100,6 +100,8 @@ class OmniMemCache:
             raise ValueError(f"OmniMemCache layout must be 'bhld' or 'blhd', got {layout!r}")
         if config is not None and not isinstance(config, OmniMemConfig):
             raise TypeError(f"OmniMemCache config must be an OmniMemConfig, got {type(config).__name__}")
+        if not (isinstance(dtype, torch.dtype) and dtype.is_floating_point):
+            raise TypeError(f"OmniMemCache dtype must be a floating torch.dtype, got {dtype!r}")
         self.config = config or OmniMemConfig()
         self.capacity = capacity
         self.max_chunk_tokens = max_chunk_tokens
@@ -331,9 +333,19 @@ class OmniMemCache:
         }
 
     def load_state_dict(self, state: dict[str, object]) -> None:
-        """Restore a ``state_dict()``; the block sums are recomputed from the keys."""
+        """Restore a ``state_dict()``; the block sums are recomputed from the keys.
+
+        Everything is checked before the cache is touched: a refused state leaves it as it was.
+        """
+        if not isinstance(state, dict):
+            raise TypeError(f"state must be a dict from state_dict(), got {type(state).__name__}")
+        missing = [name for name in ("k", "v", "history_len") if name not in state]
+        if missing:
+            raise ValueError(f"state lacks {missing} (expected the keys of state_dict(): k, v, history_len)")
         k, v, history_len = state["k"], state["v"], state["history_len"]
-        if not isinstance(history_len, int) or not 0 <= history_len <= self.capacity:
+        if isinstance(history_len, bool) or not isinstance(history_len, int):
+            raise TypeError(f"state['history_len'] must be an int, got {type(history_len).__name__}")
+        if not 0 <= history_len <= self.capacity:
             raise ValueError(
                 f"state['history_len'] must be an int in [0, {self.capacity}], got {history_len!r}"
             )
@@ -341,6 +353,8 @@ class OmniMemCache:
         for name, x in (("k", k), ("v", v)):
             if not isinstance(x, torch.Tensor) or tuple(x.shape) != expected:
                 raise ValueError(f"state[{name!r}] must be a tensor of shape {expected}")
+            if x.dtype != self.k.dtype:
+                raise TypeError(f"state[{name!r}] must have the cache's dtype {self.k.dtype}, got {x.dtype}")
         self.reset()
         self.k[:, :, :history_len] = k
         self.v[:, :, :history_len] = v

@@ -100,8 +100,11 @@ def check_key_block_sums(key_block_sums: object, k: torch.Tensor, block_size: in
         raise ValueError(f"key_block_sums must be on k's device {k.device}, got {key_block_sums.device}")
 
 
-def check_selection(selection: object, q: torch.Tensor, k: torch.Tensor, block_size: int) -> None:
-    """A precomputed selection must index ``k``'s blocks for ``q``'s batch and ``k``'s heads."""
+def check_selection(
+    selection: object, q: torch.Tensor, k: torch.Tensor, block_size: int, history_len: int | None = None
+) -> None:
+    """A precomputed selection must index ``k``'s blocks for ``q``'s batch and ``k``'s heads,
+    and have been planned for this call's ``history_len`` (when it knows its own)."""
     from omnimem.selection import Selection
 
     if not isinstance(selection, Selection):
@@ -118,4 +121,10 @@ def check_selection(selection: object, q: torch.Tensor, k: torch.Tensor, block_s
             f"selection must index k's {slots} blocks of {block_size} tokens for batch {q.shape[0]} and "
             f"{k.shape[1]} KV heads on {q.device}; got block_size {selection.block_size}, "
             f"{selection.num_history_blocks} blocks, table {tuple(table.shape)} on {table.device}"
+        )
+    planned = selection.planned_history_len
+    if history_len is not None and planned is not None and planned != history_len:
+        raise ValueError(
+            f"selection was planned for history_len={planned}, but this call has history_len={history_len}: "
+            "plan it again with select_blocks for this history"
         )

@@ -5,6 +5,8 @@ from __future__ import annotations
 import dataclasses
 from typing import Literal
 
+import torch
+
 WindowExclusion = Literal["adaptive", "always", "never"]
 
 WINDOW_EXCLUSION_MODES: tuple[str, ...] = ("adaptive", "always", "never")
@@ -33,8 +35,9 @@ def _check_scale(scale: object, *, owner: str) -> None:
         return
     if isinstance(scale, bool) or not isinstance(scale, (int, float)):
         raise TypeError(f"{owner}.scale must be a float, got {type(scale).__name__}")
-    if not (0 < scale < float("inf")):
-        raise ValueError(f"{owner}.scale must be positive and finite, got {scale}")
+    # Scores are float32: a scale beyond its range is +inf there, and every softmax NaN.
+    if not (0 < scale <= torch.finfo(torch.float32).max):
+        raise ValueError(f"{owner}.scale must be positive and finite in float32 (<= 3.4e38), got {scale}")
 
 
 def _replace(config, changes: dict):
@@ -51,6 +54,7 @@ class OmniMemConfig:
     Attributes:
         block_size: tokens per history block (the unit of retrieval). 128 is the triton
             kernel's key tile (whole blocks read unmasked); other sizes work on every backend.
+            A block longer than a call's key buffer acts as one block of the whole buffer.
         top_k: retrieval budget: blocks selected per (batch, KV head, query group) on top of
             the always-attended sink and local-window blocks.
         sink_tokens: the first ``sink_tokens`` history tokens (rounded out to whole blocks)

@@ -33,16 +33,22 @@ def _resolve(config: GatedConfig | None, overrides: dict[str, object]) -> GatedC
     return config.replace(**overrides) if overrides else config
 
 
-def resolve_gated_backend(config: GatedConfig, device: torch.device) -> str:
-    """``"triton"`` or ``"gather"``: ``"auto"`` takes the kernel on CUDA devices."""
+def resolve_gated_backend(config: GatedConfig, device: torch.device, dtype: torch.dtype | None = None) -> str:
+    """``"triton"`` or ``"gather"``: ``"auto"`` takes the kernels on CUDA devices."""
     interpreted = os.environ.get("TRITON_INTERPRET") == "1"
     if config.backend == "auto":
         return "triton" if device.type == "cuda" else "gather"
-    if config.backend == "triton" and device.type != "cuda" and not interpreted:
-        raise ValueError(
-            f"GatedConfig.backend='triton' needs CUDA tensors (got {device}); use backend='gather' "
-            "(CPU runs the kernel only under TRITON_INTERPRET=1, for tests)"
-        )
+    if config.backend == "triton" and device.type != "cuda":
+        if not interpreted:
+            raise ValueError(
+                f"GatedConfig.backend='triton' needs CUDA tensors (got {device}); use backend='gather' "
+                "(CPU runs the kernels only under TRITON_INTERPRET=1, for tests)"
+            )
+        if dtype == torch.bfloat16:
+            raise ValueError(
+                "GatedConfig.backend='triton' under TRITON_INTERPRET=1 cannot run bfloat16 (the "
+                "interpreter's bf16 tl.dot is wrong): use float16 or float32 there, or backend='gather'"
+            )
     return config.backend
 
 
@@ -101,11 +107,14 @@ def _check_pooled(
 def _prepare(q, k, v, history_len, config, pooled):
     history_len, _ = check_attention_inputs(q, k, v, history_len=history_len, chunk_len=None)
     seq_len = history_len + q.shape[2]
+    if pooled is None and config.block_size > seq_len:
+        # One block of the whole sequence: the same layer, without allocations sized by the block.
+        config = config.replace(block_size=seq_len)
     if pooled is None:
         pooled = pool_kv(k, v, seq_len=seq_len, block_size=config.block_size)
     else:
         pooled = _check_pooled(pooled, q, k, config.block_size, seq_len)
-    return seq_len, pooled
+    return seq_len, pooled, config
 
 
 def _select(
@@ -147,8 +156,8 @@ def select_group_blocks(
         (torch.Size([1, 2, 2, 4]), [4])
     """
     config = _resolve(config, overrides)
-    backend = resolve_gated_backend(config, q.device)
-    seq_len, pooled = _prepare(q, k, k, history_len, config, pooled)
+    backend = resolve_gated_backend(config, q.device, q.dtype)
+    seq_len, pooled, config = _prepare(q, k, k, history_len, config, pooled)
     return _select(q, pooled, seq_len, config, backend)
 
 
@@ -206,8 +215,8 @@ def gated_attention(
         torch.Size([1, 2, 60, 16])
     """
     config = _resolve(config, overrides)
-    backend = resolve_gated_backend(config, q.device)
-    seq_len, pooled = _prepare(q, k, v, history_len, config, pooled)
+    backend = resolve_gated_backend(config, q.device, q.dtype)
+    seq_len, pooled, config = _prepare(q, k, v, history_len, config, pooled)
     _check_gates(gates, q)
     _log_choice(backend, q.device.type)
     scale = config.scale or q.shape[-1] ** -0.5

@@ -293,6 +293,7 @@ class HostOffload:
             fixed_block_mask=self.no_fixed_blocks,
             history_len=self.work_history,
             num_history_blocks=self.no_fixed_blocks.shape[0],
+            planned_history_len=None,  # remapped onto the staging buffer: its own history length
         )
         return sparse_attention(
             q,

@@ -55,6 +55,8 @@ class Selection:
         query_group_size: queries per selection group (``Lq`` when the chunk is one group).
         num_history_blocks: static number of block slots, ``ceil(Lkv / block_size)``; blocks
             at or past ``ceil(history_len / block_size)`` are empty and never attended.
+        planned_history_len: the history length (host int) it was planned for, checked when it
+            is passed to ``sparse_attention(selection=...)``; ``None`` when unknown.
     """
 
     kv_block_idx: torch.Tensor
@@ -65,6 +67,7 @@ class Selection:
     block_size: int
     query_group_size: int
     num_history_blocks: int
+    planned_history_len: int | None = None
 
     @property
     def num_query_groups(self) -> int:

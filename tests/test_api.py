@@ -214,7 +214,8 @@ def test_public_names():
 def test_compiled_flex_refuses_autograd_clearly():
     q, k, v = make_inputs(history_len=16)
     q.requires_grad_(True)
-    with pytest.raises(ValueError, match="inference-only"):
+    # On GPUs the compiled path is inference-only; on CPU FlexAttention has no backward at all.
+    with pytest.raises(ValueError, match=r"inference-only|no backward on CPU"):
         sparse_attention(q, k, v, block_size=4, backend="flex", compile=True)
     out = sparse_attention(q, k, v, block_size=4, backend="dense")
     out.sum().backward()  # the dense reference is differentiable

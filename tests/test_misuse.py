@@ -1,0 +1,128 @@
+"""Misuse is refused with a clear error, and edge inputs give the correct finite result
+(issue: "Nothing silent"). Each test failed before its fix."""
+
+from __future__ import annotations
+
+import os
+
+import pytest
+import torch
+
+from omnimem import GatedConfig, OmniMemCache, OmniMemConfig, gated_attention, select_blocks, sparse_attention
+
+from .inputs import TEST_DEVICE
+
+INTERPRETED = os.environ.get("TRITON_INTERPRET") == "1"
+BACKENDS = ["dense", "gather", "flex", "triton"]
+
+
+def inputs(history: int = 64, chunk: int = 8, heads: int = 2, dim: int = 16, batch: int = 1):
+    gen = torch.Generator().manual_seed(0)
+    q = torch.randn(batch, heads, chunk, dim, generator=gen)
+    k = torch.randn(batch, heads, history + chunk, dim, generator=gen)
+    v = torch.randn(batch, heads, history + chunk, dim, generator=gen)
+    return q.to(TEST_DEVICE), k.to(TEST_DEVICE), v.to(TEST_DEVICE)
+
+
+def test_selection_planned_for_another_history_is_refused():
+    q, k, v = inputs()
+    sel = select_blocks(q, k, history_len=32, block_size=8)
+    with pytest.raises(ValueError, match="planned for history_len=32, but this call has history_len=64"):
+        sparse_attention(q, k, v, history_len=64, selection=sel, block_size=8)
+    same = select_blocks(q, k, history_len=64, block_size=8)
+    planned = sparse_attention(q, k, v, history_len=64, selection=same, block_size=8, backend="dense")
+    torch.testing.assert_close(
+        planned, sparse_attention(q, k, v, history_len=64, block_size=8, backend="dense")
+    )
+
+
+@pytest.mark.parametrize("scale", [float("inf"), 1e300, 1e39])
+def test_scale_beyond_float32_is_refused(scale):
+    with pytest.raises(ValueError, match="scale must be positive and finite in float32"):
+        OmniMemConfig(scale=scale)
+    with pytest.raises(ValueError, match="scale must be positive and finite in float32"):
+        GatedConfig(scale=scale)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("empty", ["batch", "heads"])
+def test_empty_batch_or_heads_give_the_empty_result(backend, empty):
+    q, k, v = inputs()
+    if empty == "batch":
+        q, k, v = q[:0], k[:0], v[:0]
+    else:
+        q = q[:, :0]
+    out, lse = sparse_attention(q, k, v, backend=backend, block_size=8, return_lse=True)
+    assert out.shape == q.shape and lse.shape == q.shape[:3]
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_block_larger_than_the_buffer_is_one_block(backend):
+    q, k, v = inputs()
+    huge = sparse_attention(q, k, v, block_size=2**40, top_k=1, backend=backend, compile=False)
+    whole = sparse_attention(q, k, v, block_size=k.shape[2], top_k=1, backend=backend, compile=False)
+    torch.testing.assert_close(huge, whole)
+    dense = sparse_attention(q, k, v, block_size=2**40, top_k=1, backend="dense")
+    torch.testing.assert_close(huge, dense, atol=1e-5, rtol=1e-5)  # one block: everything attended
+    gates = torch.rand(1, 2, 8, 3, device=TEST_DEVICE)
+    gated = gated_attention(q, k, v, gates, block_size=2**40, query_group_size=4, top_k=2)
+    assert torch.isfinite(gated).all()
+
+
+@pytest.mark.skipif(not INTERPRETED, reason="the Triton interpreter's bf16 dot (CPU tests only)")
+def test_bf16_under_the_triton_interpreter_is_refused():
+    q, k, v = (x.bfloat16() for x in inputs())
+    with pytest.raises(ValueError, match="cannot run bfloat16"):
+        sparse_attention(q, k, v, block_size=8, backend="triton")
+    with pytest.raises(ValueError, match="cannot run bfloat16"):
+        gated_attention(q, k, v, torch.rand(1, 2, 8, 3), backend="triton")
+
+
+def test_failed_load_state_dict_leaves_the_cache_as_it_was():
+    cache = OmniMemCache(64, max_chunk_tokens=8, batch=1, num_kv_heads=2, head_dim=16)
+    _, k, v = inputs(history=0)
+    cache.commit(k, v)
+    state = cache.state_dict()
+    before = (cache.k.clone(), cache.key_block_sums.clone(), cache.history_len)
+    bad_states = [
+        ({**state, "history_len": True}, TypeError, "history_len'] must be an int, got bool"),
+        ({**state, "k": state["k"].double()}, TypeError, r"state\['k'\] must have the cache's dtype"),
+        ({**state, "v": state["v"].int()}, TypeError, r"state\['v'\] must have the cache's dtype"),
+        ({"k": state["k"], "history_len": 8}, ValueError, r"state lacks \['v'\]"),
+        ({**state, "k": state["k"][:, :, :4]}, ValueError, r"state\['k'\] must be a tensor of shape"),
+    ]
+    for bad, error, message in bad_states:
+        with pytest.raises(error, match=message):
+            cache.load_state_dict(bad)
+        assert torch.equal(cache.k, before[0]) and torch.equal(cache.key_block_sums, before[1])
+        assert cache.history_len == before[2]
+    cache.load_state_dict(state)
+    assert cache.history_len == 8
+
+
+def test_cache_of_a_non_floating_dtype_is_refused():
+    with pytest.raises(TypeError, match=r"OmniMemCache dtype must be a floating torch\.dtype"):
+        OmniMemCache(16, max_chunk_tokens=8, batch=1, num_kv_heads=2, head_dim=16, dtype=torch.int32)
+
+
+@pytest.mark.skipif(TEST_DEVICE.type == "cuda", reason="CPU autograd advice")
+@pytest.mark.parametrize("compile", [True, False])
+def test_cpu_autograd_advice_works(compile):
+    q, k, v = inputs()
+    q.requires_grad_()
+    with pytest.raises(ValueError, match="use backend='gather' or backend='dense'"):
+        sparse_attention(q, k, v, block_size=8, backend="flex", compile=compile)
+    for advised in ("gather", "dense"):  # the advice itself runs
+        sparse_attention(q, k, v, block_size=8, backend=advised).sum().backward()
+        assert q.grad is not None and torch.isfinite(q.grad).all()
+
+
+@pytest.mark.parametrize("backend", ["dense", "gather"])
+def test_unselected_block_has_no_influence_through_gather_padding(backend):
+    """Block 0 scores lowest and sink is 0: it is never attended, yet gather's padding slots
+    index token 0. NaN there must not reach the output."""
+    q, k, v = inputs()
+    k[:, :, :8] = -10.0 * q.mean(2, keepdim=True)  # block 0: the worst score for every head
+    clean = sparse_attention(q, k, v, block_size=8, top_k=2, backend=backend)
+    v[:, :, :8] = float("nan")
+    torch.testing.assert_close(sparse_attention(q, k, v, block_size=8, top_k=2, backend=backend), clean)
