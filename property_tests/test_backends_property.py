@@ -13,6 +13,7 @@ from omnimem import sparse_attention
 from tests.inputs import TEST_DEVICE
 
 from .cases import Case, attention_cases, hopper_cases
+from .conftest import examples
 
 # Eager everything here (compile=False: eager FlexAttention is exact through its mask_mod, and
 # on GPUs selection/planning stay eager too), so random shapes never compile; the compiled
@@ -82,7 +83,7 @@ def test_backend_matches_reference_16bit(backend, case):
 
 
 @pytest.mark.parametrize("use_tma", [False, True], ids=["pointer-loads", "tma-loads"])
-@settings(max_examples=25)
+@settings(max_examples=examples(25))
 @given(case=attention_cases(dtypes=(torch.float32,)))
 def test_triton_kernel_matches_reference_with_head_dims_of_tensor_cores(use_tma, case):
     """On GPUs tl.dot needs head_dim >= 16: the same check restricted to such shapes, with both
@@ -102,7 +103,7 @@ ON_HOPPER = TEST_DEVICE.type == "cuda" and torch.cuda.get_device_capability(TEST
 
 
 @pytest.mark.skipif(not ON_HOPPER, reason="the Gluon kernel runs on Hopper GPUs only")
-@settings(max_examples=40)
+@settings(max_examples=examples(40))
 @given(case=hopper_cases(), num_sms=st.sampled_from([1, 5, 50, None]))
 def test_hopper_kernel_matches_reference(case, num_sms):
     """The triton backend's Hopper path (the Gluon kernel), with its last wave unsplit, split,

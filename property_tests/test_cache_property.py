@@ -11,6 +11,7 @@ from omnimem.cache import OmniMemCache
 from tests.inputs import TEST_DEVICE
 
 from .cases import retrieval_configs
+from .conftest import examples
 
 MAX_CHUNK = 12  # the largest drawn chunk
 
@@ -72,7 +73,7 @@ class Rollout:
         return torch.randn(self.batch, heads, length, self.dim, generator=self.gen).to(TEST_DEVICE)
 
 
-@settings(max_examples=30)
+@settings(max_examples=examples(30))
 @given(rollout=rollouts())
 def test_cache_attention_equals_stateless_attention_bit_for_bit(rollout):
     run = Rollout(rollout)
@@ -117,7 +118,7 @@ def test_cache_attention_equals_stateless_attention_bit_for_bit(rollout):
         assert cache.history_len == history_k.shape[2]
 
 
-@settings(max_examples=30)
+@settings(max_examples=examples(30))
 @given(rollout=rollouts(), commits_between_calls=st.booleans())
 def test_offloaded_cache_equals_resident_cache(rollout, commits_between_calls):
     """Host offload changes where blocks live, not the math: triton and gather (same blocks, same

@@ -18,6 +18,7 @@ from omnimem.backends.dense import attended_token_mask
 from omnimem.backends.flex import block_mask_tables
 
 from .cases import Case, attention_cases
+from .conftest import examples
 
 
 def dense_tiles(num: torch.Tensor, index: torch.Tensor, num_tiles: int) -> torch.Tensor:
@@ -26,7 +27,7 @@ def dense_tiles(num: torch.Tensor, index: torch.Tensor, num_tiles: int) -> torch
     return dense.scatter(-1, torch.where(valid, index.long(), num_tiles), True)[..., :-1]
 
 
-@settings(max_examples=200)
+@settings(max_examples=examples(200))
 @given(case=attention_cases(), tile=st.sampled_from([1, 2, 4, 8, 128]))
 def test_tiles_match_the_token_mask(case: Case, tile: int):
     q, k, _ = case.make()

@@ -15,6 +15,7 @@ from hypothesis import strategies as st
 from omnimem import sparse_attention
 
 from .cases import Case
+from .conftest import examples
 from .test_backends_property import TOLERANCE, relative_error
 
 BUFFER_HISTORY = 160
@@ -43,7 +44,7 @@ SHAPE_CLASSES = {
 
 @pytest.mark.compile
 @pytest.mark.parametrize("shape_class", list(SHAPE_CLASSES))
-@settings(max_examples=10)
+@settings(max_examples=examples(10))
 @given(history_len=st.integers(0, BUFFER_HISTORY), seed=st.integers(0, 2**16))
 def test_compiled_flex_matches_reference(shape_class, history_len, seed):
     shape, config = SHAPE_CLASSES[shape_class]

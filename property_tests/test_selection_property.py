@@ -11,6 +11,7 @@ from omnimem import select_blocks
 from tests.inputs import TEST_DEVICE, exact_queries_and_keys
 
 from .cases import Case, attention_cases
+from .conftest import examples
 
 
 @given(attention_cases(dtypes=(torch.float32, torch.bfloat16)))
@@ -31,7 +32,7 @@ def test_selection_matches_brute_force(case: Case):
         assert (ranked[b, h, g, len(chosen) :] == -1).all()
 
 
-@settings(max_examples=15)
+@settings(max_examples=examples(15))
 @given(
     num_blocks=st.integers(1, 300),
     history_fraction=st.floats(0, 1),
@@ -79,7 +80,7 @@ def test_block_tables_kernels_match_torch_tables(
         assert torch.equal(a, b), name
 
 
-@settings(max_examples=10)
+@settings(max_examples=examples(10))
 @given(
     kv_heads=st.integers(1, 2),
     gqa=st.integers(1, 3),
