@@ -56,7 +56,9 @@ def test_positions_are_checked_before_anything_is_written():
     )
     with pytest.raises(ValueError, match=r"end must lie in \[0, 10\]"):
         cache.rewind(11)
-    cache.rewind(4)  # forget [4, 10): the next write starts at 4
+    cache.rewind(4)  # forget [4, 10): the next write starts at 4, not at the old chunk's 0
+    with pytest.raises(ValueError, match=r"start must be 4 .* or 4"):
+        cache.attend(q, k, v, gates, start=0)
     cache.attend(q, k, v, gates, start=4)
     assert cache.end == 14
     cache.reset()
