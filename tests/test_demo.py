@@ -64,3 +64,19 @@ def test_demo_command_prints_a_table_and_writes_a_plot(tmp_path, capsys):
     out = capsys.readouterr().out
     assert "| chunk | history |" in out and out.count("\n| ") >= 4
     assert plot.stat().st_size > 1000
+
+
+def test_cli_help_exits_zero_and_documents_every_option(capsys):
+    import pytest
+
+    for argv in (["--help"], ["demo", "--help"]):
+        with pytest.raises(SystemExit) as exit_info:
+            main(argv)
+        assert exit_info.value.code == 0
+    out = capsys.readouterr().out
+    assert "demo" in out and "(default: 24)" in " ".join(out.split())  # defaults shown
+    options = [line.split()[0] for line in out.splitlines() if line.strip().startswith("--")]
+    assert len(options) >= 13
+    with pytest.raises(SystemExit) as exit_info:
+        main([])  # no command: usage on stderr, argparse's exit status
+    assert exit_info.value.code == 2

@@ -17,22 +17,54 @@ from omnimem.demo.model import TinyCausalDiT, TinyDiTConfig
 from omnimem.demo.rollout import MODES, Memory, rollout
 
 
-def parse_args(argv: list[str]) -> argparse.Namespace:
-    parser = argparse.ArgumentParser(prog="omnimem demo", description=__doc__.splitlines()[0])
+def _add_demo_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--chunks", type=int, default=24, help="chunks to generate (3 latent frames each)")
-    parser.add_argument("--steps", type=int, default=3, help="denoising steps per chunk")
-    parser.add_argument("--frame-size", type=int, default=16, help="latent frame height = width")
-    parser.add_argument("--layers", type=int, default=4)
-    parser.add_argument("--heads", type=int, default=4)
-    parser.add_argument("--dim", type=int, default=128)
+    parser.add_argument(
+        "--steps", type=int, default=3, help="denoising steps per chunk (plus one commit pass)"
+    )
+    parser.add_argument("--frame-size", type=int, default=16, help="latent frame height = width, in patches")
+    parser.add_argument("--layers", type=int, default=4, help="transformer blocks of the tiny DiT")
+    parser.add_argument("--heads", type=int, default=4, help="attention heads per block")
+    parser.add_argument("--dim", type=int, default=128, help="model width (heads x head dim)")
     parser.add_argument("--top-k", type=int, default=8, help="retrieved blocks per head (block = one frame)")
-    parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
-    parser.add_argument("--dtype", default=None, choices=["float32", "bfloat16"], help="default: bf16 on GPU")
-    parser.add_argument("--backend", default="auto", choices=["auto", "flex", "triton", "gather", "dense"])
+    parser.add_argument(
+        "--device", default="cuda" if torch.cuda.is_available() else "cpu", help="where the model runs"
+    )
+    parser.add_argument(
+        "--dtype",
+        default=None,
+        choices=["float32", "bfloat16"],
+        help="%(default)s: float32 on CPU, bfloat16 on GPU",
+    )
+    parser.add_argument(
+        "--backend", default="auto", choices=["auto", "flex", "triton", "gather", "dense"],
+        help="omnimem's attention backend (auto: by device, dtype and head dim)",
+    )  # fmt: skip
     parser.add_argument("--no-compile", action="store_true", help="eager FlexAttention (no compile time)")
     parser.add_argument("--plot", default="omnimem-demo.png", help="PNG path ('' to skip)")
-    parser.add_argument("--seed", type=int, default=0)
-    return parser.parse_args(argv)
+    parser.add_argument("--seed", type=int, default=0, help="weights and latents seed (they are random)")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    """``omnimem`` with its subcommands (``omnimem --help`` lists them)."""
+    parser = argparse.ArgumentParser(
+        prog="omnimem",
+        description="omnimem: per-head sparse retrieval over the full KV history of AR video models.",
+    )
+    commands = parser.add_subparsers(dest="command", metavar="command")
+    demo = commands.add_parser(
+        "demo",
+        help=__doc__.splitlines()[0].split(": ", 1)[1],
+        description=__doc__.splitlines()[0],
+        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+    )
+    _add_demo_arguments(demo)
+    return parser
+
+
+def parse_args(argv: list[str]) -> argparse.Namespace:
+    """The demo's options (``argv`` without the leading ``demo``)."""
+    return build_parser().parse_args(["demo", *argv])
 
 
 def run_demo(args: argparse.Namespace) -> dict[str, list]:
@@ -149,11 +181,11 @@ def plot(results: dict[str, list], path: str) -> None:
 
 
 def main(argv: list[str] | None = None) -> None:
-    argv = sys.argv[1:] if argv is None else argv
-    if not argv or argv[0] != "demo":
-        print("usage: omnimem demo [options]   (omnimem demo --help)", file=sys.stderr)
+    parser = build_parser()
+    args = parser.parse_args(sys.argv[1:] if argv is None else argv)
+    if args.command is None:  # no command: say what there is, and fail like argparse does
+        parser.print_help(sys.stderr)
         raise SystemExit(2)
-    args = parse_args(argv[1:])
     results = run_demo(args)
     print_table(results)
     if args.plot:
