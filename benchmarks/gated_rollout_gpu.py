@@ -25,6 +25,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from omnimem import GatedCache, GatedWanSelfAttention
+from omnimem.gated_wan import wan_rope_freqs
 
 
 class Block(nn.Module):
@@ -59,16 +60,6 @@ class Block(nn.Module):
         return x + self.ffn(self.norm(x) * (1 + scale2) + shift2) * gate2
 
 
-def wan_freqs(head_dim: int, positions: int = 4096) -> torch.Tensor:
-    parts = []
-    for size in (head_dim - 4 * (head_dim // 6), 2 * (head_dim // 6), 2 * (head_dim // 6)):
-        angles = torch.outer(
-            torch.arange(positions), 1.0 / 10000 ** (torch.arange(0, size, 2).double() / size)
-        )
-        parts.append(torch.polar(torch.ones_like(angles), angles))
-    return torch.cat(parts, dim=1)
-
-
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument(
@@ -89,7 +80,7 @@ def main() -> None:
     frame = frame_hw[0] * frame_hw[1]
     chunk = 3 * frame
     blocks = nn.ModuleList(Block(dim, heads, ffn, i, pool, chunk) for i in range(layers)).to(device, dtype)
-    freqs = wan_freqs(dim // heads).to(device)
+    freqs = wan_rope_freqs(dim // heads, positions=4096).to(device)
     capacity = (max(frames_list) + 3) * frame
     caches = [
         GatedCache(

@@ -32,6 +32,18 @@ class RMSNorm(nn.Module):
         return (x32 * torch.rsqrt(x32.pow(2).mean(-1, keepdim=True) + self.eps)).type_as(x) * self.weight
 
 
+def wan_rope_freqs(head_dim: int, positions: int = 1024, theta: float = 10000.0) -> torch.Tensor:
+    """Wan's complex RoPE table ``[positions, head_dim / 2]`` (complex128): the time, height
+    and width parts side by side, as ``reordered_rope`` reads them."""
+    parts = []
+    for size in (head_dim - 4 * (head_dim // 6), 2 * (head_dim // 6), 2 * (head_dim // 6)):
+        angles = torch.outer(
+            torch.arange(positions), 1.0 / theta ** (torch.arange(0, size, 2).double() / size)
+        )
+        parts.append(torch.polar(torch.ones_like(angles), angles))
+    return torch.cat(parts, dim=1)
+
+
 def reordered_rope(
     x: torch.Tensor,
     grid: tuple[int, int, int],

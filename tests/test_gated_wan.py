@@ -9,23 +9,12 @@ from einops import rearrange
 from torch import nn
 
 from omnimem import GatedWanSelfAttention
-from omnimem.gated_wan import reordered_rope
+from omnimem.gated_wan import reordered_rope, wan_rope_freqs
 
 from .reference_gated import reference_gated_attention
 
 DIM, HEADS, FRAMES_PER_CHUNK, HEIGHT, WIDTH = 32, 2, 2, 4, 3  # 24 tokens per chunk
 POOL = (1, 2, 3)  # blocks of 6 tokens
-
-
-def wan_freqs(head_dim: int, positions: int = 64) -> torch.Tensor:
-    """A Wan-style complex RoPE table ``[positions, head_dim / 2]`` (time, height, width parts)."""
-    parts = []
-    for size in (head_dim - 4 * (head_dim // 6), 2 * (head_dim // 6), 2 * (head_dim // 6)):
-        angles = torch.outer(
-            torch.arange(positions), 1.0 / 10000 ** (torch.arange(0, size, 2).double() / size)
-        )
-        parts.append(torch.polar(torch.ones_like(angles), angles))
-    return torch.cat(parts, dim=1)
 
 
 class AuthorsLayout(nn.Module):
@@ -60,7 +49,7 @@ def test_reordered_rope_is_wan_rope_then_reorder():
     """RoPE on the frame-major grid, then the block reorder == the reorder, then our RoPE."""
     frames, height, width, d = 2, 4, 6, 16
     x = torch.randn(1, frames * height * width, 2, d)
-    freqs = wan_freqs(d)
+    freqs = wan_rope_freqs(d)
     plain = reordered_rope(x, (frames, height, width), freqs, start_frame=3)  # pool 1: Wan's order
     pattern = "b (f fs h hs w ws) n d -> b (f h w fs hs ws) n d"
     sizes = dict(f=frames, h=height // 2, w=width // 3, fs=1, hs=2, ws=3)
@@ -76,7 +65,7 @@ def test_reordered_rope_is_wan_rope_then_reorder():
 @pytest.mark.parametrize("options", [{}, {"gate_mode": "softmax", "skip_module": "cmp"}])
 def test_rollout_equals_the_reference_layer(options):
     layer = make_layer(**options)
-    freqs = wan_freqs(DIM // HEADS)
+    freqs = wan_rope_freqs(DIM // HEADS)
     grid = torch.tensor([[FRAMES_PER_CHUNK, HEIGHT, WIDTH]])
     length = FRAMES_PER_CHUNK * HEIGHT * WIDTH
     keys, values = [], []
@@ -120,6 +109,8 @@ def test_refusals():
         make_layer(skip_module="swa")
     layer = make_layer()
     with pytest.raises(NotImplementedError, match="inference path"):
-        layer(torch.randn(1, 24, DIM), None, torch.tensor([[2, 4, 3]]), wan_freqs(16), block_mask=object())
+        layer(
+            torch.randn(1, 24, DIM), None, torch.tensor([[2, 4, 3]]), wan_rope_freqs(16), block_mask=object()
+        )
     with pytest.raises(ValueError, match="grid_sizes"):
-        layer(torch.randn(1, 20, DIM), None, torch.tensor([[2, 4, 3]]), wan_freqs(16))
+        layer(torch.randn(1, 20, DIM), None, torch.tensor([[2, 4, 3]]), wan_rope_freqs(16))
