@@ -10,6 +10,7 @@ from omnimem.gated_wan import GatedWanSelfAttention
 from omnimem.integration import cached_attention
 from omnimem.pooling import PooledKV, pool_kv
 from omnimem.selection import Selection
+from omnimem.sizing import kv_cache_bytes
 
 __all__ = [
     "GatedCache",
@@ -22,6 +23,7 @@ __all__ = [
     "Selection",
     "cached_attention",
     "gated_attention",
+    "kv_cache_bytes",
     "pool_kv",
     "resolve_backend",
     "select_blocks",

@@ -1,0 +1,59 @@
+"""How much memory a cache needs: ``kv_cache_bytes`` (docs/tuning.md, "Sizing")."""
+
+from __future__ import annotations
+
+import math
+
+import torch
+
+from omnimem.config import GatedConfig, OmniMemConfig
+
+
+def kv_cache_bytes(
+    capacity: int,
+    *,
+    num_kv_heads: int,
+    head_dim: int,
+    batch: int = 1,
+    layers: int = 1,
+    dtype: torch.dtype = torch.bfloat16,
+    config: OmniMemConfig | GatedConfig | None = None,
+    max_chunk_tokens: int = 0,
+) -> int:
+    """Bytes the caches of ``layers`` attention layers allocate on their device.
+
+    With an ``OmniMemConfig`` (or ``None``): ``OmniMemCache`` buffers of ``capacity +
+    max_chunk_tokens`` tokens of keys and values plus one float32 key sum per block (an
+    offloaded cache keeps only the sums on the device: subtract the keys and values). With a
+    ``GatedConfig``: ``GatedCache`` buffers of ``capacity`` tokens plus, per block, one float32
+    mean key and one mean key and value in ``dtype``.
+
+    Example:
+        >>> import torch
+        >>> from omnimem import GatedConfig, kv_cache_bytes
+        >>> sixty_seconds = (237 + 3) * 1560  # history + one chunk, Wan2.1 latent frames
+        >>> round(kv_cache_bytes(sixty_seconds, num_kv_heads=12, head_dim=128, layers=30,
+        ...                      config=GatedConfig()) / 2**30, 1)  # GiB, Wan2.1-1.3B
+        68.6
+    """
+    sizes = dict(
+        capacity=capacity, num_kv_heads=num_kv_heads, head_dim=head_dim, batch=batch, layers=layers,
+        max_chunk_tokens=max_chunk_tokens,
+    )  # fmt: skip
+    for name, value in sizes.items():
+        if isinstance(value, bool) or not isinstance(value, int) or value < 0:
+            raise TypeError(f"{name} must be a non-negative int, got {value!r}")
+    if not (isinstance(dtype, torch.dtype) and dtype.is_floating_point):
+        raise TypeError(f"dtype must be a floating torch.dtype, got {dtype!r}")
+    itemsize = torch.empty((), dtype=dtype).element_size()
+    row = batch * num_kv_heads * head_dim  # elements of one token (or one block summary)
+    if isinstance(config, GatedConfig):
+        blocks = math.ceil(capacity / config.block_size)
+        per_layer = 2 * capacity * row * itemsize + blocks * row * (4 + 2 * itemsize)
+    elif config is None or isinstance(config, OmniMemConfig):
+        config = config or OmniMemConfig()
+        length = capacity + max_chunk_tokens
+        per_layer = 2 * length * row * itemsize + math.ceil(length / config.block_size) * row * 4
+    else:
+        raise TypeError(f"config must be an OmniMemConfig or a GatedConfig, got {type(config).__name__}")
+    return layers * per_layer

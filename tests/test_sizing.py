@@ -1,0 +1,40 @@
+"""kv_cache_bytes equals what the caches allocate."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from omnimem import GatedCache, GatedConfig, OmniMemConfig, kv_cache_bytes
+from omnimem.cache import OmniMemCache
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_sizes_match_the_allocations(dtype):
+    config = OmniMemConfig(block_size=7)
+    cache = OmniMemCache(
+        50, max_chunk_tokens=9, batch=2, num_kv_heads=3, head_dim=8, config=config, dtype=dtype
+    )
+    held = (
+        cache.k.untyped_storage().nbytes() + cache.v.untyped_storage().nbytes() + cache.key_block_sums.nbytes
+    )
+    sizes = dict(num_kv_heads=3, head_dim=8, batch=2, dtype=dtype)
+    assert kv_cache_bytes(50, max_chunk_tokens=9, config=config, **sizes) == held
+    assert kv_cache_bytes(50, max_chunk_tokens=9, config=config, layers=4, **sizes) == 4 * held
+
+    gated = GatedConfig(block_size=6)
+    cache = GatedCache(50, batch=2, num_kv_heads=3, head_dim=8, config=gated, dtype=dtype)
+    pooled = cache.pooled
+    held = sum(
+        x.untyped_storage().nbytes() for x in (cache.k, cache.v, pooled.k, pooled.k_attn, pooled.v_attn)
+    )
+    assert kv_cache_bytes(50, config=gated, **sizes) == held
+
+
+def test_bad_sizes_are_refused():
+    with pytest.raises(TypeError, match="capacity must be a non-negative int"):
+        kv_cache_bytes(-1, num_kv_heads=1, head_dim=8)
+    with pytest.raises(TypeError, match="dtype must be a floating"):
+        kv_cache_bytes(10, num_kv_heads=1, head_dim=8, dtype=torch.int8)
+    with pytest.raises(TypeError, match="config must be an OmniMemConfig or a GatedConfig"):
+        kv_cache_bytes(10, num_kv_heads=1, head_dim=8, config={"block_size": 4})
