@@ -122,6 +122,22 @@ class OmniMemConfig:
         if not isinstance(self.compile, bool):
             raise TypeError(f"OmniMemConfig.compile must be a bool, got {type(self.compile).__name__}")
 
+    @classmethod
+    def preset(cls, name: str, **changes: object) -> OmniMemConfig:
+        """A named starting point (``PRESETS``), with ``changes`` applied.
+
+        ``"wan2.1-1.3b"`` and ``"wan2.1-14b"``: Self-Forcing-family models at 480x832 (1,560
+        tokens per latent frame, chunks of 3 frames): 128-token blocks, the first frame as
+        sink, the last chunk as the local window, 32 retrieved blocks per head.
+
+        Example:
+            >>> OmniMemConfig.preset("wan2.1-1.3b", top_k=16).sink_tokens
+            1560
+        """
+        if name not in PRESETS:
+            raise ValueError(f"unknown preset {name!r}; expected one of {tuple(PRESETS)}")
+        return cls(**PRESETS[name]).replace(**changes)
+
     @property
     def effective_exclusion_tokens(self) -> int:
         """``exclusion_tokens``, with ``None`` resolved to ``local_tokens``."""
@@ -131,6 +147,22 @@ class OmniMemConfig:
         """A copy with ``changes`` applied (and validated); unknown names raise ``TypeError``."""
         return _replace(self, changes)
 
+
+# Named starting points (docs/tuning.md, "Presets"): Wan2.1 at 480x832 has 1,560 tokens per
+# latent frame; Self-Forcing-family models generate chunks of 3 frames.
+WAN_FRAME_TOKENS = 1560
+PRESETS: dict[str, dict[str, object]] = {
+    "wan2.1-1.3b": dict(
+        block_size=128, top_k=32, sink_tokens=WAN_FRAME_TOKENS, local_tokens=3 * WAN_FRAME_TOKENS
+    ),
+    "wan2.1-14b": dict(
+        block_size=128, top_k=32, sink_tokens=WAN_FRAME_TOKENS, local_tokens=3 * WAN_FRAME_TOKENS
+    ),
+}
+GATED_PRESETS: dict[str, dict[str, object]] = {
+    "omnimem-wan2.1-1.3b": dict(),  # the authors' released model: GatedConfig's defaults
+    "omnimem-wan2.1-1.3b-long": dict(top_k=12),  # their long-video checkpoints
+}
 
 GatedCandidates = Literal["all", "awe"]
 GATED_CANDIDATE_MODES: tuple[str, ...] = ("all", "awe")
@@ -188,6 +220,18 @@ class GatedConfig:
         _check_choice("pool_precision", self.pool_precision, POOL_PRECISIONS, owner="GatedConfig")
         _check_choice("backend", self.backend, GATED_BACKEND_NAMES, owner="GatedConfig")
         _check_scale(self.scale, owner="GatedConfig")
+
+    @classmethod
+    def preset(cls, name: str, **changes: object) -> GatedConfig:
+        """A named configuration of the authors' models (``GATED_PRESETS``), with ``changes``.
+
+        Example:
+            >>> GatedConfig.preset("omnimem-wan2.1-1.3b-long").top_k
+            12
+        """
+        if name not in GATED_PRESETS:
+            raise ValueError(f"unknown preset {name!r}; expected one of {tuple(GATED_PRESETS)}")
+        return cls(**GATED_PRESETS[name]).replace(**changes)
 
     def replace(self, **changes: object) -> GatedConfig:
         """A copy with ``changes`` applied (and validated); unknown names raise ``TypeError``."""
