@@ -128,3 +128,19 @@ def check_selection(
             f"selection was planned for history_len={planned}, but this call has history_len={history_len}: "
             "plan it again with select_blocks for this history"
         )
+
+
+def check_gates(gates: object, q: torch.Tensor) -> None:
+    """The gated layer's ``gates``: floating ``[B, Hq, Lq, 3]`` on ``q``'s device."""
+    if not isinstance(gates, torch.Tensor):
+        raise TypeError(f"gates must be a torch.Tensor, got {type(gates).__name__}")
+    expected = (*q.shape[:3], 3)
+    if tuple(gates.shape) != expected:
+        raise ValueError(
+            f"gates must have shape {expected} ([B, Hq, Lq, 3]: compressed, selected, window), "
+            f"got {tuple(gates.shape)}"
+        )
+    if not gates.is_floating_point():
+        raise TypeError(f"gates must be a floating tensor, got {gates.dtype}")
+    if gates.device != q.device:
+        raise ValueError(f"gates must be on q's device {q.device}, got {gates.device}")

@@ -16,7 +16,7 @@ import os
 import torch
 
 from omnimem.backends.gated_branches import compressed_attention, selected_attention_gather, window_attention
-from omnimem.checks import check_attention_inputs
+from omnimem.checks import check_attention_inputs, check_gates
 from omnimem.config import GatedConfig
 from omnimem.gated_selection import GroupSelection, select_groups
 from omnimem.pooling import PooledKV, pool_kv
@@ -55,21 +55,6 @@ def resolve_gated_backend(config: GatedConfig, device: torch.device, dtype: torc
 @functools.cache
 def _log_choice(backend: str, device_type: str) -> None:
     logger.info("gated_attention: the selected branch runs on %r (%s tensors)", backend, device_type)
-
-
-def _check_gates(gates: object, q: torch.Tensor) -> None:
-    if not isinstance(gates, torch.Tensor):
-        raise TypeError(f"gates must be a torch.Tensor, got {type(gates).__name__}")
-    expected = (*q.shape[:3], 3)
-    if tuple(gates.shape) != expected:
-        raise ValueError(
-            f"gates must have shape {expected} ([B, Hq, Lq, 3]: compressed, selected, window), "
-            f"got {tuple(gates.shape)}"
-        )
-    if not gates.is_floating_point():
-        raise TypeError(f"gates must be a floating tensor, got {gates.dtype}")
-    if gates.device != q.device:
-        raise ValueError(f"gates must be on q's device {q.device}, got {gates.device}")
 
 
 def _check_pooled(
@@ -217,7 +202,7 @@ def gated_attention(
     config = _resolve(config, overrides)
     backend = resolve_gated_backend(config, q.device, q.dtype)
     seq_len, pooled, config = _prepare(q, k, v, history_len, config, pooled)
-    _check_gates(gates, q)
+    check_gates(gates, q)
     _log_choice(backend, q.device.type)
     scale = config.scale or q.shape[-1] ** -0.5
     selection = _select(q, pooled, seq_len, config, backend)

@@ -18,6 +18,7 @@ from typing import Literal
 
 import torch
 
+from omnimem.checks import check_attention_inputs, check_gates
 from omnimem.config import GatedConfig
 from omnimem.gated import gated_attention
 from omnimem.pooling import PooledKV, block_means
@@ -172,7 +173,9 @@ class GatedCache:
         """Write a chunk's keys/values ``[B, Hkv, L, D]`` at ``start`` and refresh the block
         means of the blocks it touches. ``start`` must be the end of what was written (a new
         chunk) or the start of the last write (the same chunk again)."""
-        start = self._check_write(k, v, start)
+        self._store(k, v, self._check_write(k, v, start))
+
+    def _store(self, k: torch.Tensor, v: torch.Tensor, start: int) -> None:
         stop = start + k.shape[2]
         self.k[:, :, start:stop].copy_(k)
         self.v[:, :, start:stop].copy_(v)
@@ -194,22 +197,12 @@ class GatedCache:
 
         Validation of ``q`` and ``gates`` happens before anything is written.
         """
-        self._check_write(k, v, start)
-        if not isinstance(q, torch.Tensor) or q.dim() != 4 or q.shape[2] != k.shape[2]:
-            raise ValueError(
-                f"q must be the chunk's [B, Hq, L, D] queries with L = {k.shape[2]} (k's length), "
-                f"got {tuple(q.shape) if isinstance(q, torch.Tensor) else type(q).__name__}"
-            )
-        if q.dtype != self.k.dtype or q.device != self.k.device:
-            raise TypeError(
-                f"q must be {self.k.dtype} on {self.k.device} like the cache, got {q.dtype} on {q.device}"
-            )
-        if not isinstance(gates, torch.Tensor) or tuple(gates.shape) != (*q.shape[:3], 3):
-            raise ValueError(
-                f"gates must have shape {(*q.shape[:3], 3)} ([B, Hq, L, 3]), "
-                f"got {tuple(gates.shape) if isinstance(gates, torch.Tensor) else type(gates).__name__}"
-            )
-        self.write(k, v, start=start)
+        start = self._check_write(k, v, start)
+        check_attention_inputs(q, self.k, self.v, history_len=start, chunk_len=None)
+        if q.shape[2] != k.shape[2]:
+            raise ValueError(f"q must hold the chunk's {k.shape[2]} queries (k's length), got {q.shape[2]}")
+        check_gates(gates, q)
+        self._store(k, v, start)
         return gated_attention(
             q, self.k, self.v, gates, history_len=start, config=self.config, pooled=self.pooled
         )

@@ -6,19 +6,18 @@ It is ``omnimem.selection`` generalised: the same pooled queries, the same packe
 then lower block index on ties) and top-k; the blocks tile the whole sequence and the
 candidates are a prefix of them (every valid block, or with ``candidates="awe"`` the blocks
 entirely before the sliding window once at least ``top_k`` of them exist). On CUDA the scores
-and the top-k run in one Triton kernel (``omnimem/kernels/group_topk.py``) that never writes
-the ``[G, NB]`` score matrix.
+and the top-k run in Triton kernels (``omnimem/kernels/group_topk.py``: bucket maxima, then
+exact scores of the few candidate buckets) that never write the ``[G, NB]`` score matrix.
 """
 
 from __future__ import annotations
 
 import dataclasses
-import math
 
 import torch
 from einops import reduce
 
-from omnimem.selection import pooled_queries, ranked_top_blocks
+from omnimem.selection import attended_blocks, pooled_queries, ranked_top_blocks
 
 
 @dataclasses.dataclass(frozen=True)
@@ -63,12 +62,7 @@ class GroupSelection:
 
     def attended_block_mask(self) -> torch.Tensor:
         """Dense ``[B, Hkv, G, num_slots]`` bool: group ``g`` attends block ``j``."""
-        dense = torch.zeros(
-            (*self.block_idx.shape[:-1], self.num_slots + 1), dtype=torch.bool, device=self.block_idx.device
-        )
-        index = self.block_idx.long()
-        dense.scatter_(-1, torch.where(index < 0, self.num_slots, index), True)
-        return dense[..., :-1]
+        return attended_blocks(self.block_idx, self.num_slots)
 
 
 def candidate_end(
@@ -158,7 +152,3 @@ def select_groups(
         query_group_size=group_size,
         num_slots=k_means.shape[2],
     )
-
-
-def num_groups(q_len: int, query_group_size: int) -> int:
-    return math.ceil(q_len / min(query_group_size, q_len))

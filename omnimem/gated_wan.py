@@ -231,6 +231,12 @@ class GatedWanSelfAttention(nn.Module):
                 "GatedWanSelfAttention runs the inference path (block_mask=None); training through "
                 "the gated layer needs its backward (not yet in omnimem)"
             )
+        if not isinstance(x, torch.Tensor) or x.dim() != 3 or x.shape[-1] != self.dim:
+            raise ValueError(
+                f"x must be [B, S, {self.dim}] (one chunk's tokens), got {getattr(x, 'shape', x)}"
+            )
+        if isinstance(start_frame, bool) or int(start_frame) != start_frame or start_frame < 0:
+            raise ValueError(f"start_frame must be a non-negative integer, got {start_frame!r}")
         batch, length, _ = x.shape
         frames, height, width = (int(n) for n in grid_sizes[0].tolist())  # host values, as Wan's RoPE
         if frames * height * width != length:

@@ -79,7 +79,31 @@ def block_means(x: torch.Tensor, seq_len: int, block_size: int, num_slots: int |
 def pool_kv(
     k: torch.Tensor, v: torch.Tensor, *, seq_len: int, block_size: int, num_slots: int | None = None
 ) -> PooledKV:
-    """Block means of ``k`` and ``v`` over ``[0, seq_len)`` (see ``block_means``)."""
+    """Block means of ``k`` and ``v`` ``[B, Hkv, L, D]`` over ``[0, seq_len)`` (see ``block_means``).
+
+    Raises:
+        TypeError: non-tensor ``k``/``v``, non-int sizes.
+        ValueError: ``v`` not of ``k``'s shape, ``block_size < 1``, ``seq_len`` outside
+            ``[0, L]``, or fewer ``num_slots`` than the blocks of ``seq_len``.
+    """
+    for name, x in (("k", k), ("v", v)):
+        if not isinstance(x, torch.Tensor) or x.dim() != 4:
+            raise TypeError(
+                f"{name} must be a 4-D [B, Hkv, L, D] tensor, got {getattr(x, 'shape', type(x).__name__)}"
+            )
+    if v.shape != k.shape:
+        raise ValueError(f"v must have k's shape {tuple(k.shape)}, got {tuple(v.shape)}")
+    for name, value in (("seq_len", seq_len), ("block_size", block_size), ("num_slots", num_slots)):
+        if value is not None and (isinstance(value, bool) or not isinstance(value, int)):
+            raise TypeError(f"{name} must be an int, got {type(value).__name__}")
+    if block_size < 1:
+        raise ValueError(f"block_size must be >= 1, got {block_size}")
+    if not 0 <= seq_len <= k.shape[2]:
+        raise ValueError(f"seq_len must lie in [0, {k.shape[2]}] (k's length), got {seq_len}")
+    if num_slots is not None and num_slots < math.ceil(seq_len / block_size):
+        raise ValueError(
+            f"num_slots must be >= ceil(seq_len / block_size) = {math.ceil(seq_len / block_size)}"
+        )
     k_means = block_means(k, seq_len, block_size, num_slots)
     v_means = block_means(v, seq_len, block_size, num_slots)
     return PooledKV(k_means, k_means.to(k.dtype), v_means.to(v.dtype), block_size)

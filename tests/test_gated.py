@@ -120,9 +120,19 @@ def test_input_pool_precision_rounds_like_the_authors():
         (3, 90, 90, 40, {"candidate_buckets": 2}),  # top_k beyond the candidate list: one pass
     ],
 )
-def test_group_topk_kernels_match_torch(groups, num_slots, end, top_k, options):
-    """Bit for bit on exact inputs (small integers: many exact ties, every order the same)."""
+def test_group_topk_kernels_match_torch(groups, num_slots, end, top_k, options, monkeypatch):
+    """Bit for bit on exact inputs (small integers: many exact ties, every order the same),
+    with every buffer the kernels allocate poisoned (NaN or junk), so unwritten or unmasked
+    entries show."""
     from omnimem.kernels.group_topk import group_topk
+
+    original = torch.empty
+
+    def poisoned(*args, **kwargs):
+        buffer = original(*args, **kwargs)
+        return buffer.fill_(float("nan") if buffer.is_floating_point() else -123456789)
+
+    monkeypatch.setattr(torch, "empty", poisoned)
 
     gen = torch.Generator().manual_seed(groups + num_slots)
     pq, km = exact_queries_and_keys(1, 2, 2, groups, 1, 16, num_slots, gen)
@@ -182,6 +192,12 @@ def test_validation_names_the_argument():
     good = pool_kv(k, v, seq_len=40, block_size=30)
     with pytest.raises(TypeError, match=r"pooled.k_attn must be torch.bfloat16"):
         gated_attention(q.bfloat16(), k.bfloat16(), v.bfloat16(), gates, pooled=good)
+    with pytest.raises(ValueError, match=r"seq_len must lie in \[0, 40\]"):
+        pool_kv(k, v, seq_len=41, block_size=30)
+    with pytest.raises(ValueError, match="block_size must be >= 1"):
+        pool_kv(k, v, seq_len=40, block_size=0)
+    with pytest.raises(ValueError, match="v must have k's shape"):
+        pool_kv(k, v[:, :1], seq_len=40, block_size=30)
     with pytest.raises(TypeError, match=r"pooled must be an omnimem\.PooledKV"):
         gated_attention(q, k, v, gates, pooled=(k, v))
     if TEST_DEVICE.type == "cpu" and not torch.cuda.is_available():

@@ -112,5 +112,9 @@ def test_refusals():
         layer(
             torch.randn(1, 24, DIM), None, torch.tensor([[2, 4, 3]]), wan_rope_freqs(16), block_mask=object()
         )
+    with pytest.raises(ValueError, match="x must be"):
+        layer(torch.randn(1, 24, DIM + 1), None, torch.tensor([[2, 4, 3]]), wan_rope_freqs(16))
+    with pytest.raises(ValueError, match="start_frame must be"):
+        layer(torch.randn(1, 24, DIM), None, torch.tensor([[2, 4, 3]]), wan_rope_freqs(16), start_frame=-2)
     with pytest.raises(ValueError, match="grid_sizes"):
         layer(torch.randn(1, 20, DIM), None, torch.tensor([[2, 4, 3]]), wan_rope_freqs(16))

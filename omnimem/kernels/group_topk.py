@@ -14,6 +14,7 @@ is never written. The splits' sets (``SPLITS * K_PAD`` keys per row) are merged 
 from __future__ import annotations
 
 import functools
+import logging
 import math
 
 import torch
@@ -431,6 +432,15 @@ def decode_keys(keys: torch.Tensor, top_k: int) -> tuple[torch.Tensor, torch.Ten
     return block, (keys > 0).sum(-1, dtype=torch.int32)
 
 
+@functools.cache
+def _log_one_pass(top_k: int) -> None:
+    logging.getLogger("omnimem").info(
+        "gated selection: top_k=%d does not fit the two-pass kernels' candidate list; "
+        "running the one-pass kernel (slower at long histories)",
+        top_k,
+    )
+
+
 def group_topk(
     pooled_q: torch.Tensor, k_means: torch.Tensor, end: torch.Tensor, *, top_k: int, scale: float, **options
 ) -> tuple[torch.Tensor, torch.Tensor]:
@@ -448,6 +458,7 @@ def group_topk(
             pooled_q, k_means, end, top_k=top_k, scale=scale, candidate_buckets=candidate_buckets, **options
         )
     else:
+        _log_one_pass(top_k)
         options.pop("error_bound", None)
         keys = stream_topk(pooled_q, k_means, end, top_k=top_k, scale=scale, **options)
     return decode_keys(keys, top_k)
