@@ -1,28 +1,38 @@
-"""Head-sharded OmniMem on 1 vs 2 GPUs (NCCL): one attention step per layer, and a history
-that does not fit one GPU. Launch: ``torchrun --nproc-per-node 2 benchmarks/distributed_gpu.py``.
+"""Head-sharded OmniMem on 1 vs 2 GPUs (NCCL): the attention step, a whole Wan block, a history
+that does not fit one GPU. Launch (NVLink multicast off, as the machine requires):
 
-Per shape (wan-1.3b: 12 heads; wan-14b: 40 heads; D=128, bf16, chunk 4680 tokens, 60 s of
-history, top_k 32, sink 1 frame, local 1 chunk, ``[B, L, H, D]`` caches):
+    NCCL_NVLS_ENABLE=0 torchrun --nproc-per-node 2 benchmarks/distributed_gpu.py --json out.json
 
-- ``1 GPU``: rank 0 alone, a full-head ``OmniMemCache`` and ``cached_attention`` (a denoising
-  step: chunk write + selection from block sums + attention);
-- ``2 GPUs``: every rank its half of the heads (``sharded_cache``) and ``ulysses_attention``
-  on its token half of the chunk (all_to_all in, attention, all_to_all out), and with
-  ``pipeline=2`` (each rank's heads in two groups: one attends while the other's exchange is in
-  flight); the all_to_all alone is timed too. Times are means over a fixed number of steps
-  (ranks run in lockstep), CUDA events; the 2-GPU time is the slower rank's; the speed-up
-  uses the faster of the two 2-GPU variants.
+Attention step, per head count (wan-1.3b: 12 heads; wan-14b: 40; D=128, bf16, chunk 4680
+tokens, 60 s of history, top_k 32, sink 1 frame, local 1 chunk, ``[B, L, H, D]`` caches):
+``1 GPU`` is rank 0 alone with a full-head ``OmniMemCache`` and ``cached_attention`` (a
+denoising step: chunk write + selection from block sums + attention); ``2 GPUs`` is every rank
+with its half of the heads (``sharded_cache``) and ``ulysses_attention`` on its token half of
+the chunk, plain and with ``pipeline=2/4``; ``all_to_all`` is the two exchanges alone. Each is
+timed eagerly (host launch overhead included) and replayed from a CUDA graph (GPU time).
 
-Then a wan-14b history too large for one GPU (``--big-history`` tokens, one layer) is created
-on one GPU (expected: out of memory) and sharded over two, where one step runs.
+Whole block: ``wan_block.WanBlock.wan_14b()`` (random bf16 weights; self-attention through
+omnimem, cross-attention to 512 text tokens, MLP) on the full chunk on one GPU vs its token half
+per rank under Ulysses on two (the xDiT layout: projections and MLP token-sharded).
+
+Times are medians of per-call CUDA-event times over a fixed number of calls (ranks run in
+lockstep, so ``do_bench``'s adaptive repeat counts, which could differ between ranks, are not
+used); the 2-GPU time is the slower rank's. ``--profile DIR`` writes a torch profiler table and
+trace of one eager step per variant and rank, and prints where host and GPU time went.
 """
 
 from __future__ import annotations
 
 import argparse
 import datetime
+import gc
 import json
 import os
+import statistics
+import sys
+import time
+from collections.abc import Callable
+from pathlib import Path
 
 import torch
 import torch.distributed as dist
@@ -31,7 +41,15 @@ import triton
 from omnimem import OmniMemCache, OmniMemConfig, cached_attention
 from omnimem.distributed import _heads_to_tokens, _tokens_to_heads, sharded_cache, ulysses_attention
 
-FRAME, CHUNK, DIM = 1560, 4680, 128
+sys.path.insert(0, str(Path(__file__).parent))
+from wan_block import WanBlock, rope_tables
+
+FRAME, CHUNK, DIM, TEXT = 1560, 4680, 128, 512
+
+
+def say(*args: object) -> None:
+    if dist.get_rank() == 0:
+        print(*args, flush=True)
 
 
 def cache_kwargs(config: OmniMemConfig) -> dict:
@@ -42,18 +60,63 @@ def cache_kwargs(config: OmniMemConfig) -> dict:
     )  # fmt: skip
 
 
-def timed(fn, reps: int = 30, warmup: int = 5) -> float:
-    """Mean ms per call of ``fn`` over ``reps`` calls (every rank calls this in lockstep)."""
+def timed(fn: Callable[[], object], reps: int = 40, warmup: int = 5) -> float:
+    """Median ms per call of ``fn`` (every rank calls this in lockstep)."""
     for _ in range(warmup):
         fn()
+    events = [[torch.cuda.Event(enable_timing=True) for _ in range(2)] for _ in range(reps)]
     torch.cuda.synchronize()
-    start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-    start.record()
+    for start, end in events:
+        start.record()
+        fn()
+        end.record()
+    torch.cuda.synchronize()
+    return statistics.median(start.elapsed_time(end) for start, end in events)
+
+
+def host_ms(fn: Callable[[], object], reps: int = 20) -> float:
+    """Host (Python + launch) ms per call when the GPU keeps up: wall time of ``reps`` calls with
+    no synchronisation inside, divided by ``reps``."""
+    torch.cuda.synchronize()
+    start = time.perf_counter()
     for _ in range(reps):
         fn()
-    end.record()
+    elapsed = time.perf_counter() - start
     torch.cuda.synchronize()
-    return start.elapsed_time(end) / reps
+    return 1e3 * elapsed / reps
+
+
+def graphed(fn: Callable[[], object], group_ok: bool = True) -> Callable[[], object] | None:
+    """``fn`` captured in a CUDA graph (NCCL calls included), or None where capture failed on
+    any rank (every rank then skips it: the ranks must stay in lockstep)."""
+    graph, ok = torch.cuda.CUDAGraph(), 1
+    try:
+        side = torch.cuda.Stream()
+        side.wait_stream(torch.cuda.current_stream())
+        with torch.cuda.stream(side):
+            for _ in range(3):
+                fn()
+        torch.cuda.current_stream().wait_stream(side)
+        torch.cuda.synchronize()
+        with torch.cuda.graph(graph, capture_error_mode="thread_local"):
+            fn()
+        torch.cuda.synchronize()
+    except Exception as err:
+        first_line = str(err).splitlines()[0][:200]
+        print(f"rank {dist.get_rank()}: CUDA graph capture failed: {first_line}", flush=True)
+        ok = 0
+    if group_ok:
+        flag = torch.tensor([ok], device="cuda")
+        dist.all_reduce(flag, op=dist.ReduceOp.MIN)
+        ok = int(flag.item())
+    return graph.replay if ok else None
+
+
+def slowest(*values: float | None) -> list[float | None]:
+    """Per value, the maximum over ranks (None stays None)."""
+    stats = torch.tensor([float("nan") if x is None else x for x in values], dtype=torch.float64).cuda()
+    dist.all_reduce(stats, op=dist.ReduceOp.MAX)
+    return [None if x != x else x for x in stats.tolist()]
 
 
 def fill(cache: OmniMemCache, history: int, seed: int) -> OmniMemCache:
@@ -68,58 +131,167 @@ def fill(cache: OmniMemCache, history: int, seed: int) -> OmniMemCache:
     return cache
 
 
-def chunk_inputs(heads: int, seed: int) -> tuple[torch.Tensor, ...]:
+def randn(*shape: int, seed: int, scale: float = 1.0) -> torch.Tensor:
     gen = torch.Generator(device="cuda").manual_seed(seed)
-    return tuple(
-        torch.randn(1, CHUNK, heads, DIM, device="cuda", dtype=torch.bfloat16, generator=gen)
-        for _ in range(3)
-    )
+    return scale * torch.randn(*shape, device="cuda", dtype=torch.bfloat16, generator=gen)
 
 
-def run_shape(heads: int, history: int, config: OmniMemConfig, rank: int, world: int) -> dict:
-    row = dict(heads=heads, history=history)
-    q, k, v = chunk_inputs(heads, 0)
-    if rank == 0:
-        full = fill(
-            OmniMemCache(history, num_kv_heads=heads, **cache_kwargs(config)),
-            history,
-            seed=1,
-        )  # fmt: skip
-        torch.cuda.reset_peak_memory_stats()
-        row["one_gpu_ms"] = timed(lambda: cached_attention(q, k, v, full))
-        row["one_gpu_peak_gib"] = torch.cuda.max_memory_allocated() / 2**30
-        del full
-        torch.cuda.empty_cache()
+def token_shard(x: torch.Tensor, rank: int, world: int) -> torch.Tensor:
+    tokens = x.shape[1] // world
+    return x[:, rank * tokens : (rank + 1) * tokens].contiguous()
+
+
+def profile_step(name: str, fn: Callable[[], object], out_dir: str | None) -> dict:
+    """One eager step under the torch profiler on every rank: host ms, GPU kernel ms, top ops."""
+    from torch.profiler import ProfilerActivity, profile
+
+    for _ in range(3):
+        fn()
+    torch.cuda.synchronize()
     dist.barrier()
-    cache = sharded_cache(history, num_kv_heads=heads, **cache_kwargs(config))
-    fill(cache, history, seed=2 + rank)
-    tokens = slice(rank * CHUNK // world, (rank + 1) * CHUNK // world)
-    q_shard, k_shard, v_shard = (
-        q[:, tokens].contiguous(),
-        k[:, tokens].contiguous(),
-        v[:, tokens].contiguous(),
+    with profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as prof:
+        for _ in range(3):
+            fn()
+        torch.cuda.synchronize()
+    events = prof.key_averages()
+    gpu_ms = sum(e.self_device_time_total for e in events) / 3e3
+    rank = dist.get_rank()
+    if out_dir:
+        with open(os.path.join(out_dir, f"profile_rank{rank}.txt"), "a") as fh:
+            fh.write(f"\n== {name} (3 steps) ==\n")
+            fh.write(events.table(sort_by="self_cpu_time_total", row_limit=18))
+            fh.write(events.table(sort_by="self_device_time_total", row_limit=12))
+        if rank == 0 and name in ("2 GPUs", "2 GPUs, pipeline=2"):
+            label = name.replace(" ", "").replace(",", "_").replace("=", "")
+            prof.export_chrome_trace(os.path.join(out_dir, f"trace_{label}.json"))
+    top = sorted(events, key=lambda e: -e.self_device_time_total)[:4]
+    return dict(
+        gpu_kernel_ms=gpu_ms,
+        top_gpu=[(e.key[:60], round(e.self_device_time_total / 3e3, 3)) for e in top],
     )
-    torch.cuda.reset_peak_memory_stats()
-    dist.barrier()
-    step_ms = timed(lambda: ulysses_attention(q_shard, k_shard, v_shard, cache))
-    pipelined_ms = timed(lambda: ulysses_attention(q_shard, k_shard, v_shard, cache, pipeline=2))
-    out_heads = torch.empty(1, CHUNK, heads // world, DIM, device="cuda", dtype=torch.bfloat16)
 
-    def all_to_all_only():
-        _tokens_to_heads(q_shard, k_shard, v_shard, world=world, group=None)
-        _heads_to_tokens(out_heads, world, None)
 
-    a2a_ms = timed(all_to_all_only)
-    peak = torch.cuda.max_memory_allocated() / 2**30
-    stats = torch.tensor([step_ms, pipelined_ms, a2a_ms, peak], device="cuda")
-    dist.all_reduce(stats, op=dist.ReduceOp.MAX)
-    row["two_gpu_ms"], row["two_gpu_pipelined_ms"], row["all_to_all_ms"], row["two_gpu_peak_gib_per_gpu"] = (
-        stats.tolist()
-    )
+def one_gpu_attention(heads: int, history: int, config: OmniMemConfig, qkv: tuple, args) -> dict:
+    """Rank 0 alone: the full-head step (the other rank waits at a barrier)."""
+    full = fill(OmniMemCache(history, num_kv_heads=heads, **cache_kwargs(config)), history, seed=1)
+
+    def one():
+        return cached_attention(*qkv, full)
+
+    replay = graphed(one, group_ok=False)
+    row = {"1 GPU": timed(one), "1 GPU host": host_ms(one), "1 GPU graph": timed(replay) if replay else None}
+    if args.profile:
+        row["1 GPU profile"] = profile_step_local(one)
     return row
 
 
-def big_history(tokens: int, config: OmniMemConfig, rank: int, world: int) -> dict:
+def attention_rows(heads: int, history: int, config: OmniMemConfig, args) -> dict:
+    rank, world = dist.get_rank(), dist.get_world_size()
+    row: dict = dict(heads=heads, history=history)
+    q, k, v = (randn(1, CHUNK, heads, DIM, seed=i) for i in range(3))
+    variants: dict[str, Callable[[], object]] = {}
+    if rank == 0:
+        row.update(one_gpu_attention(heads, history, config, (q, k, v), args))
+    dist.barrier()
+    cache = fill(sharded_cache(history, num_kv_heads=heads, **cache_kwargs(config)), history, seed=2 + rank)
+    shards = [token_shard(x, rank, world) for x in (q, k, v)]
+    out_heads = torch.empty(1, CHUNK, heads // world, DIM, device="cuda", dtype=torch.bfloat16)
+
+    def exchange():
+        _tokens_to_heads(*shards, world=world, group=None)
+        _heads_to_tokens(out_heads, world, None)
+
+    variants["all_to_all"] = exchange
+    kv_per_rank = heads // world
+    for pipeline in (1, 2, 4):
+        if kv_per_rank % pipeline == 0 and (pipeline == 1 or kv_per_rank // pipeline >= 3):
+            name = "2 GPUs" if pipeline == 1 else f"2 GPUs, pipeline={pipeline}"
+            variants[name] = lambda p=pipeline: ulysses_attention(*shards, cache, pipeline=p)
+    for name, fn in variants.items():
+        eager = timed(fn)
+        host = host_ms(fn)
+        replay = graphed(fn)
+        graph = timed(replay) if replay else None
+        row[name], row[f"{name} host"], row[f"{name} graph"] = slowest(eager, host, graph)
+        if args.profile and name != "all_to_all":
+            prof = profile_step(name, fn, args.profile)
+            row[f"{name} profile"] = prof
+        del replay
+    return row
+
+
+def profile_step_local(fn: Callable[[], object]) -> dict:
+    """Rank 0's one-GPU step under the profiler (no collectives: the other rank waits)."""
+    from torch.profiler import ProfilerActivity, profile
+
+    for _ in range(3):
+        fn()
+    torch.cuda.synchronize()
+    with profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as prof:
+        for _ in range(3):
+            fn()
+        torch.cuda.synchronize()
+    events = prof.key_averages()
+    return dict(gpu_kernel_ms=sum(e.self_device_time_total for e in events) / 3e3)
+
+
+def one_gpu_block(block: WanBlock, inputs: tuple, history: int, config: OmniMemConfig) -> dict:
+    """Rank 0 alone: the block on the whole chunk with a full-head cache."""
+    full = fill(OmniMemCache(history, num_kv_heads=block.heads, **cache_kwargs(config)), history, seed=1)
+
+    def one():
+        return block(*inputs, lambda q, k, v: cached_attention(q, k, v, full))
+
+    replay = graphed(one, group_ok=False)
+    return {
+        "1 GPU": timed(one, reps=20),
+        "1 GPU graph": timed(replay, reps=20) if replay else None,
+        "1 GPU without self-attention": timed(lambda: block(*inputs, lambda q, k, v: q), reps=20),
+    }
+
+
+def block_rows(history: int, config: OmniMemConfig, args) -> dict:
+    """One Wan-14B block per chunk: one GPU vs Ulysses on two (plain and pipelined)."""
+    rank, world = dist.get_rank(), dist.get_world_size()
+    torch.manual_seed(0)
+    block = WanBlock.wan_14b().to(device="cuda", dtype=torch.bfloat16)
+    dim, heads = 5120, block.heads
+    x = randn(1, CHUNK, dim, seed=10)
+    e = randn(1, 6, dim, seed=11, scale=0.1)
+    context = randn(1, TEXT, dim, seed=12)
+    rope = rope_tables(torch.arange(history, history + CHUNK, device="cuda"), DIM)
+    row: dict = dict(model="wan-14b block", heads=heads, history=history)
+    flops = 2 * CHUNK * (4 * dim * dim + 2 * dim * dim + 2 * dim * 13824) + 4 * CHUNK * TEXT * dim
+    row["dense GFLOP"] = flops / 1e9
+    with torch.no_grad():
+        if rank == 0:
+            row.update(one_gpu_block(block, (x, e, context, rope), history, config))
+        dist.barrier()
+        cache = fill(
+            sharded_cache(history, num_kv_heads=heads, **cache_kwargs(config)), history, seed=2 + rank
+        )
+        xs, ropes = token_shard(x, rank, world), rope[rank * CHUNK // world : (rank + 1) * CHUNK // world]
+        for pipeline in (1, 2):
+            name = "2 GPUs" if pipeline == 1 else f"2 GPUs, pipeline={pipeline}"
+
+            def step(p=pipeline):
+                def attention(q, k, v):
+                    return ulysses_attention(q, k, v, cache, pipeline=p)
+
+                return block(xs, e, context, ropes, attention)
+
+            eager = timed(step, reps=20)
+            replay = graphed(step)
+            graph = timed(replay, reps=20) if replay else None
+            row[name], row[f"{name} graph"] = slowest(eager, graph)
+            del replay
+        no_attention = lambda: block(xs, e, context, ropes, lambda q, k, v: q)  # noqa: E731
+        (row["2 GPUs without self-attention"],) = slowest(timed(no_attention, reps=20))
+    return row
+
+
+def big_history(tokens: int, config: OmniMemConfig) -> dict:
+    rank, world = dist.get_rank(), dist.get_world_size()
     heads = 40
     row = dict(heads=heads, history=tokens, kv_gib_total=2 * tokens * heads * DIM * 2 / 2**30)
     if rank == 0:
@@ -133,29 +305,120 @@ def big_history(tokens: int, config: OmniMemConfig, rank: int, world: int) -> di
     cache = sharded_cache(tokens, num_kv_heads=heads, **cache_kwargs(config))
     cache._refresh_block_sums(0, tokens)  # zero history: finite, as unwritten space must be
     cache.history_len = tokens
-    q, k, v = chunk_inputs(heads, 3)
-    tokens_slice = slice(rank * CHUNK // world, (rank + 1) * CHUNK // world)
-    shards = [x[:, tokens_slice].contiguous() for x in (q, k, v)]
-    step = torch.tensor([timed(lambda: ulysses_attention(*shards, cache), reps=10, warmup=2)], device="cuda")
-    dist.all_reduce(step, op=dist.ReduceOp.MAX)
-    row["two_gpu_ms"] = step.item()
+    shards = [token_shard(randn(1, CHUNK, heads, DIM, seed=20 + i), rank, world) for i in range(3)]
+    (row["two_gpu_ms"],) = slowest(timed(lambda: ulysses_attention(*shards, cache), reps=10, warmup=2))
     row["two_gpu_peak_gib_per_gpu"] = torch.cuda.max_memory_allocated() / 2**30
     return row
+
+
+def exchange_probe(heads: int, history: int, config: OmniMemConfig) -> dict:
+    """What the exchange costs and how it shares the GPU: NCCL all_to_all vs copy-engine peer
+    copies (symmetric memory) of the same bytes, alone and beside a rank's attention step."""
+    import torch.distributed._symmetric_memory as symm_mem
+
+    rank, world = dist.get_rank(), dist.get_world_size()
+    per_peer = 3 * (CHUNK // world) * (heads // world) * DIM  # q, k, v elements one rank sends one peer
+    row: dict = dict(heads=heads, mib_per_peer=per_peer * 2 / 2**20)
+    send = randn(world * per_peer, seed=30 + rank)
+    recv = torch.empty_like(send)
+    buf = symm_mem.empty(world * per_peer, dtype=torch.bfloat16, device="cuda")
+    handle = symm_mem.rendezvous(buf, dist.group.WORLD)
+    peers = [handle.get_buffer(p, (world * per_peer,), torch.bfloat16) for p in range(world)]
+
+    def nccl():
+        dist.all_to_all_single(recv, send)
+
+    def copy_engine():
+        handle.barrier(channel=0)  # every peer is done with what it received last time
+        for p in range(world):
+            if p != rank:
+                peers[p][rank * per_peer : (rank + 1) * per_peer].copy_(
+                    send[p * per_peer : (p + 1) * per_peer]
+                )
+        handle.barrier(channel=1)  # every peer's copies into this rank's buffer are done
+
+    cache = fill(sharded_cache(history, num_kv_heads=heads, **cache_kwargs(config)), history, seed=2 + rank)
+    qh, kh, vh = (randn(1, CHUNK, heads // world, DIM, seed=40 + i) for i in range(3))
+    attention = graphed(lambda: cached_attention(qh, kh, vh, cache), group_ok=False)
+    side, main = torch.cuda.Stream(), torch.cuda.current_stream()
+
+    def beside(fn):
+        def both():
+            side.wait_stream(main)
+            with torch.cuda.stream(side):
+                fn()
+            attention()
+            main.wait_stream(side)
+
+        return both
+
+    values = [timed(fn) for fn in (nccl, copy_engine, attention, beside(nccl), beside(copy_engine))]
+    names = [
+        "nccl all_to_all", "copy engine + 2 barriers", "attention (graph)", "attention + nccl",
+        "attention + copy engine",
+    ]  # fmt: skip
+    row.update(zip(names, slowest(*values), strict=True))
+    return row
+
+
+def fmt(x: float | None) -> str:
+    return "-" if x is None else f"{x:.3f}"
+
+
+def speedup(base: float | None, x: float | None) -> str:
+    return "-" if base is None or x is None else f"{base / x:.2f}x"
+
+
+def report(env: dict, rows: list[dict], block: dict | None, big: dict | None) -> None:
+    say(f"\n{env['device']} x{env['gpus']}, torch {env['torch']}, triton {env['triton']}, {env['date']}")
+    say("attention step, ms (eager / CUDA graph; host = Python+launch ms per call)")
+    say("| H | variant | eager | host | graph | speed-up eager | speed-up graph |")
+    say("|---|---|---|---|---|---|---|")
+    for r in rows:
+        for name in ("1 GPU", "2 GPUs", "2 GPUs, pipeline=2", "2 GPUs, pipeline=4", "all_to_all"):
+            if name in r:
+                eager, host, graph = r[name], r[f"{name} host"], r[f"{name} graph"]
+                ups = ("", "") if name in ("1 GPU", "all_to_all") else (
+                    speedup(r["1 GPU"], eager), speedup(r["1 GPU graph"], graph)
+                )  # fmt: skip
+                cells = (r["heads"], name, fmt(eager), fmt(host), fmt(graph), *ups)
+                say("| " + " | ".join(map(str, cells)) + " |")
+    if block:
+        say(f"\nwan-14b block per chunk, ms ({block['dense GFLOP']:.0f} GFLOP outside self-attention)")
+        say("| variant | eager | graph | speed-up eager | speed-up graph |")
+        say("|---|---|---|---|---|")
+        for name in ("1 GPU", "2 GPUs", "2 GPUs, pipeline=2"):
+            eager, graph = block[name], block[f"{name} graph"]
+            ups = (speedup(block["1 GPU"], eager), speedup(block["1 GPU graph"], graph))
+            say(f"| {name} | {fmt(eager)} | {fmt(graph)} | {ups[0]} | {ups[1]} |")
+        without = block["1 GPU without self-attention"], block["2 GPUs without self-attention"]
+        say(f"without self-attention: 1 GPU {fmt(without[0])}, 2 GPUs {fmt(without[1])}")
+    if big:
+        say(
+            f"\nwan-14b, one layer, {big['history']:,} history tokens ({big['kv_gib_total']:.0f} GiB of KV): "
+            f"one GPU: {big['one_gpu']}; two GPUs: {big['two_gpu_ms']:.3f} ms per step, "
+            f"{big['two_gpu_peak_gib_per_gpu']:.1f} GiB peak per GPU"
+        )
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--history", type=int, default=237 * FRAME)
-    parser.add_argument("--heads", type=int, nargs="+", default=[12, 40])
+    parser.add_argument("--heads", type=int, nargs="+", default=[40, 12])
     parser.add_argument(
         "--big-history", type=int, default=8_000_000, help="0 skips the too-big-for-one-GPU run"
     )
+    parser.add_argument("--no-block", action="store_true", help="skip the whole-block benchmark")
     parser.add_argument("--eager", action="store_true", help="eager selection (compile=False)")
+    parser.add_argument("--profile", default=None, help="folder for profiler tables and traces")
+    parser.add_argument(
+        "--probe", action="store_true", help="NCCL vs copy-engine exchange, alone and beside attention"
+    )
     parser.add_argument("--json", default=None)
     args = parser.parse_args()
     torch.cuda.set_device(int(os.environ["LOCAL_RANK"]))
-    dist.init_process_group("nccl")
-    rank, world = dist.get_rank(), dist.get_world_size()
+    dist.init_process_group("nccl", timeout=datetime.timedelta(seconds=180))
+    world = dist.get_world_size()
     config = OmniMemConfig(
         block_size=128,
         top_k=32,
@@ -164,51 +427,43 @@ def main() -> None:
         backend="triton",
         compile=not args.eager,
     )
-    rows = [run_shape(heads, args.history, config, rank, world) for heads in args.heads]
-    big = big_history(args.big_history, config, rank, world) if args.big_history else None
-    if rank == 0:
-        env = dict(
-            device=torch.cuda.get_device_name(), gpus=world, torch=torch.__version__,
-            triton=triton.__version__, date=datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%d"),
-        )  # fmt: skip
-        print(json.dumps(dict(env=env, rows=rows, big=big)))
-        print(f"\n{env['device']} x{world}, torch {env['torch']}, triton {env['triton']}, {env['date']}")
-        print(
-            "| "
-            + " | ".join(
-                (
-                    "H",
-                    "history",
-                    "1 GPU ms",
-                    "2 GPUs ms (step)",
-                    "2 GPUs, pipeline=2 ms",
-                    "all_to_all alone ms",
-                    "speed-up",
-                    "peak GiB 1 GPU",
-                    "per GPU on 2",
-                )
-            )
-            + " |"
-        )
-        print("|---|---|---|---|---|---|---|---|---|")
-        for r in rows:
-            best = min(r["two_gpu_ms"], r["two_gpu_pipelined_ms"])
-            print(
-                f"| {r['heads']} | {r['history']:,} | {r['one_gpu_ms']:.3f} | {r['two_gpu_ms']:.3f} | "
-                f"{r['two_gpu_pipelined_ms']:.3f} | "
-                f"{r['all_to_all_ms']:.3f} | {r['one_gpu_ms'] / best:.2f}x | "
-                f"{r['one_gpu_peak_gib']:.1f} | {r['two_gpu_peak_gib_per_gpu']:.1f} |"
-            )
-        if big:
-            print(
-                f"\nwan-14b, one layer, {big['history']:,} history tokens "
-                f"({big['kv_gib_total']:.0f} GiB of KV): "
-                f"one GPU: {big['one_gpu']}; two GPUs: {big['two_gpu_ms']:.3f} ms per step, "
-                f"{big['two_gpu_peak_gib_per_gpu']:.1f} GiB peak per GPU"
-            )
-        if args.json:
+    env = dict(
+        device=torch.cuda.get_device_name(), gpus=world, torch=torch.__version__, triton=triton.__version__,
+        nccl=".".join(map(str, torch.cuda.nccl.version())),
+        date=datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%d"),
+    )  # fmt: skip
+    rows, block, big, probe = [], None, None, None
+
+    def save() -> None:
+        if args.json and dist.get_rank() == 0:
             with open(args.json, "w") as fh:
-                json.dump(dict(env=env, rows=rows, big=big), fh, indent=1)
+                json.dump(dict(env=env, rows=rows, block=block, big=big, probe=probe), fh, indent=1)
+
+    def free() -> None:
+        gc.collect()
+        torch.cuda.empty_cache()
+        dist.barrier()
+
+    for heads in args.heads:
+        free()
+        rows.append(attention_rows(heads, args.history, config, args))
+        say(json.dumps(rows[-1]))
+        save()
+    if not args.no_block:
+        free()
+        block = block_rows(args.history, config, args)
+        say(json.dumps(block))
+        save()
+    if args.big_history:
+        free()
+        big = big_history(args.big_history, config)
+        save()
+    if args.probe:
+        free()
+        probe = exchange_probe(40, args.history, config)
+        say(json.dumps(probe))
+        save()
+    report(env, rows, block, big)
     dist.destroy_process_group()
 
 

@@ -70,17 +70,24 @@ def sharded_cache(
 def _start_tokens_to_heads(*shards: torch.Tensor, world: int, group) -> Callable[[], list[torch.Tensor]]:
     """Start turning ``[B, L/P, H_i, D]`` token shards into ``[B, L, H_i/P, D]`` head shards, all
     in one all_to_all (the exchange is bandwidth-bound: one collective for q, k and v); the
-    returned function waits for it and returns the head shards."""
+    returned function waits for it and returns the head shards.
+
+    Each shard is copied once, straight into its slot of the send buffer (no ``cat`` followed by
+    a second, permuting copy); with ``B == 1`` the received buffer already is ``[B, L, H/P, D]``
+    and the head shards are views of it."""
     batch, tokens, _, dim = shards[0].shape
     widths = [x.shape[2] // world for x in shards]
-    per_rank = [x.reshape(batch, tokens, world, w, dim) for x, w in zip(shards, widths, strict=True)]
-    send = torch.cat(per_rank, dim=3).permute(2, 0, 1, 3, 4).contiguous()  # [P, B, L/P, sum H_i/P, D]
-    received = torch.empty_like(send)  # [P (source rank = token shard), B, L/P, sum H_i/P, D]
+    send = shards[0].new_empty(world, batch, tokens, sum(widths), dim)  # [P (destination), B, L/P, h, D]
+    start = 0
+    for x, width in zip(shards, widths, strict=True):
+        send[..., start : start + width, :].copy_(x.unflatten(2, (world, width)).permute(2, 0, 1, 3, 4))
+        start += width
+    received = torch.empty_like(send)  # [P (source rank = token shard), B, L/P, h, D]
     work = dist.all_to_all_single(received, send, group=group, async_op=True)
 
     def finish() -> list[torch.Tensor]:
         work.wait()
-        full = received.permute(1, 0, 2, 3, 4).reshape(batch, world * tokens, sum(widths), dim)
+        full = received.transpose(0, 1).reshape(batch, world * tokens, sum(widths), dim)
         return list(full.split(widths, dim=2))
 
     return finish

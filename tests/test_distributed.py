@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import importlib.util
 import os
 import socket
+from pathlib import Path
 
 import pytest
 import torch
@@ -98,3 +100,52 @@ def uneven_worker(rank: int, port: int) -> None:
 
 def test_uneven_heads_are_refused():
     mp.spawn(uneven_worker, args=(free_port(),), nprocs=WORLD, join=True)
+
+
+def load_wan_block():
+    """``benchmarks/wan_block.py`` (not a package): the block the 2-GPU benchmark times."""
+    path = Path(__file__).parents[1] / "benchmarks" / "wan_block.py"
+    spec = importlib.util.spec_from_file_location("wan_block", path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def block_worker(rank: int, port: int, pipeline: int) -> None:
+    """A Wan-shaped block under Ulysses (token-sharded projections and MLP, head-sharded
+    attention) equals the block on one process, chunk after chunk through the caches."""
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
+    dist.init_process_group("gloo", rank=rank, world_size=WORLD)
+    try:
+        wan_block = load_wan_block()
+        torch.manual_seed(0)
+        heads, dim = 4, 8
+        block = wan_block.WanBlock(heads * dim, heads, 48).double()
+        kwargs = make_cache(heads, "dense") | dict(dtype=torch.float64)
+        full, sharded = OmniMemCache(**kwargs), sharded_cache(**kwargs)
+        tokens = slice(rank * CHUNK // WORLD, (rank + 1) * CHUNK // WORLD)
+        for chunk in range(CHUNKS):
+            gen = torch.Generator().manual_seed(chunk)
+            x = torch.randn(1, CHUNK, heads * dim, generator=gen, dtype=torch.float64)
+            e = torch.randn(1, 6, heads * dim, generator=gen, dtype=torch.float64)
+            context = torch.randn(1, 5, heads * dim, generator=gen, dtype=torch.float64)
+            rope = wan_block.rope_tables(torch.arange(chunk * CHUNK, (chunk + 1) * CHUNK), dim)
+            for commit in (False, True):
+
+                def one(q, k, v, commit=commit):
+                    return cached_attention(q, k, v, full, commit=commit)
+
+                def two(q, k, v, commit=commit):
+                    return ulysses_attention(q, k, v, sharded, commit=commit, pipeline=pipeline)
+
+                expected = block(x, e, context, rope, one)
+                out = block(x[:, tokens], e, context, rope[tokens], two)
+                torch.testing.assert_close(out, expected[:, tokens], atol=1e-12, rtol=1e-12)
+        assert sharded.history_len == full.history_len == CHUNK * CHUNKS
+    finally:
+        dist.destroy_process_group()
+
+
+@pytest.mark.parametrize("pipeline", [1, 2])
+def test_wan_block_under_ulysses_equals_one_process(pipeline):
+    mp.spawn(block_worker, args=(free_port(), pipeline), nprocs=WORLD, join=True)
