@@ -39,7 +39,7 @@ import torch.distributed as dist
 import triton
 
 from omnimem import OmniMemCache, OmniMemConfig, cached_attention
-from omnimem.distributed import _heads_to_tokens, _tokens_to_heads, sharded_cache, ulysses_attention
+from omnimem.distributed import _layout_fn, _pack_parts, _unpack_parts, sharded_cache, ulysses_attention
 
 sys.path.insert(0, str(Path(__file__).parent))
 from wan_block import WanBlock, rope_tables
@@ -180,6 +180,7 @@ def one_gpu_attention(heads: int, history: int, config: OmniMemConfig, qkv: tupl
 
     replay = graphed(one, group_ok=False)
     row = {"1 GPU": timed(one), "1 GPU host": host_ms(one), "1 GPU graph": timed(replay) if replay else None}
+    row["1 GPU do_bench"] = triton.testing.do_bench(one)  # cross-check: L2 flushed between calls
     if args.profile:
         row["1 GPU profile"] = profile_step_local(one)
     return row
@@ -195,12 +196,20 @@ def attention_rows(heads: int, history: int, config: OmniMemConfig, args) -> dic
     dist.barrier()
     cache = fill(sharded_cache(history, num_kv_heads=heads, **cache_kwargs(config)), history, seed=2 + rank)
     shards = [token_shard(x, rank, world) for x in (q, k, v)]
-    out_heads = torch.empty(1, CHUNK, heads // world, DIM, device="cuda", dtype=torch.bfloat16)
+    pack, unpack = _layout_fn(_pack_parts, q, cache), _layout_fn(_unpack_parts, q, cache)
+    returned = torch.empty(
+        1, world, 1, CHUNK // world, heads // world, DIM, device="cuda", dtype=torch.bfloat16
+    )
+    heads_layout = [randn(1, CHUNK, heads // world, DIM, seed=40 + i) for i in range(3)]
 
     def exchange():
-        _tokens_to_heads(*shards, world=world, group=None)
-        _heads_to_tokens(out_heads, world, None)
+        """What ulysses_attention adds to the rank's attention: pack, two all_to_alls, unpack."""
+        send = pack(*shards, world, 1)
+        dist.all_to_all_single(torch.empty_like(send[0]), send[0])
+        dist.all_to_all_single(returned[0], torch.empty_like(returned[0]))
+        return unpack(returned)
 
+    variants["rank's attention alone"] = lambda: cached_attention(*heads_layout, cache)
     variants["all_to_all"] = exchange
     kv_per_rank = heads // world
     for pipeline in (1, 2, 4):
@@ -213,7 +222,7 @@ def attention_rows(heads: int, history: int, config: OmniMemConfig, args) -> dic
         replay = graphed(fn)
         graph = timed(replay) if replay else None
         row[name], row[f"{name} host"], row[f"{name} graph"] = slowest(eager, host, graph)
-        if args.profile and name != "all_to_all":
+        if args.profile and name.startswith(("2 GPUs", "1 GPU")):
             prof = profile_step(name, fn, args.profile)
             row[f"{name} profile"] = prof
         del replay
@@ -250,18 +259,21 @@ def one_gpu_block(block: WanBlock, inputs: tuple, history: int, config: OmniMemC
     }
 
 
-def block_rows(history: int, config: OmniMemConfig, args) -> dict:
-    """One Wan-14B block per chunk: one GPU vs Ulysses on two (plain and pipelined)."""
+BLOCKS = {"wan-14b": WanBlock.wan_14b, "wan-1.3b": WanBlock.wan_1_3b}
+
+
+def block_rows(model: str, history: int, config: OmniMemConfig) -> dict:
+    """One Wan block per chunk: one GPU vs Ulysses on two (plain and pipelined)."""
     rank, world = dist.get_rank(), dist.get_world_size()
     torch.manual_seed(0)
-    block = WanBlock.wan_14b().to(device="cuda", dtype=torch.bfloat16)
-    dim, heads = 5120, block.heads
+    block = BLOCKS[model]().to(device="cuda", dtype=torch.bfloat16)
+    heads, dim, ffn = block.heads, block.heads * block.head_dim, block.ffn[0].out_features
     x = randn(1, CHUNK, dim, seed=10)
     e = randn(1, 6, dim, seed=11, scale=0.1)
     context = randn(1, TEXT, dim, seed=12)
     rope = rope_tables(torch.arange(history, history + CHUNK, device="cuda"), DIM)
-    row: dict = dict(model="wan-14b block", heads=heads, history=history)
-    flops = 2 * CHUNK * (4 * dim * dim + 2 * dim * dim + 2 * dim * 13824) + 4 * CHUNK * TEXT * dim
+    row: dict = dict(model=model, heads=heads, history=history)
+    flops = 2 * CHUNK * (4 * dim * dim + 2 * dim * dim + 2 * dim * ffn) + 4 * CHUNK * TEXT * dim
     row["dense GFLOP"] = flops / 1e9
     with torch.no_grad():
         if rank == 0:
@@ -369,22 +381,31 @@ def speedup(base: float | None, x: float | None) -> str:
     return "-" if base is None or x is None else f"{base / x:.2f}x"
 
 
-def report(env: dict, rows: list[dict], block: dict | None, big: dict | None) -> None:
+def report(env: dict, rows: list[dict], blocks: list[dict], big: dict | None) -> None:
     say(f"\n{env['device']} x{env['gpus']}, torch {env['torch']}, triton {env['triton']}, {env['date']}")
     say("attention step, ms (eager / CUDA graph; host = Python+launch ms per call)")
     say("| H | variant | eager | host | graph | speed-up eager | speed-up graph |")
     say("|---|---|---|---|---|---|---|")
     for r in rows:
-        for name in ("1 GPU", "2 GPUs", "2 GPUs, pipeline=2", "2 GPUs, pipeline=4", "all_to_all"):
+        names = (
+            "1 GPU",
+            "2 GPUs",
+            "2 GPUs, pipeline=2",
+            "2 GPUs, pipeline=4",
+            "rank's attention alone",
+            "all_to_all",
+        )
+        for name in names:
             if name in r:
                 eager, host, graph = r[name], r[f"{name} host"], r[f"{name} graph"]
-                ups = ("", "") if name in ("1 GPU", "all_to_all") else (
+                ups = ("", "") if name in ("1 GPU", "all_to_all", "rank's attention alone") else (
                     speedup(r["1 GPU"], eager), speedup(r["1 GPU graph"], graph)
                 )  # fmt: skip
                 cells = (r["heads"], name, fmt(eager), fmt(host), fmt(graph), *ups)
                 say("| " + " | ".join(map(str, cells)) + " |")
-    if block:
-        say(f"\nwan-14b block per chunk, ms ({block['dense GFLOP']:.0f} GFLOP outside self-attention)")
+    for block in blocks:
+        gflop = block["dense GFLOP"]
+        say(f"\n{block['model']} block per chunk, ms ({gflop:.0f} GFLOP outside self-attention)")
         say("| variant | eager | graph | speed-up eager | speed-up graph |")
         say("|---|---|---|---|---|")
         for name in ("1 GPU", "2 GPUs", "2 GPUs, pipeline=2"):
@@ -408,7 +429,7 @@ def main() -> None:
     parser.add_argument(
         "--big-history", type=int, default=8_000_000, help="0 skips the too-big-for-one-GPU run"
     )
-    parser.add_argument("--no-block", action="store_true", help="skip the whole-block benchmark")
+    parser.add_argument("--blocks", nargs="*", default=list(BLOCKS), help="whole-block benchmarks to run")
     parser.add_argument("--eager", action="store_true", help="eager selection (compile=False)")
     parser.add_argument("--profile", default=None, help="folder for profiler tables and traces")
     parser.add_argument(
@@ -432,12 +453,12 @@ def main() -> None:
         nccl=".".join(map(str, torch.cuda.nccl.version())),
         date=datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%d"),
     )  # fmt: skip
-    rows, block, big, probe = [], None, None, None
+    rows, blocks, big, probe = [], [], None, None
 
     def save() -> None:
         if args.json and dist.get_rank() == 0:
             with open(args.json, "w") as fh:
-                json.dump(dict(env=env, rows=rows, block=block, big=big, probe=probe), fh, indent=1)
+                json.dump(dict(env=env, rows=rows, blocks=blocks, big=big, probe=probe), fh, indent=1)
 
     def free() -> None:
         gc.collect()
@@ -449,10 +470,10 @@ def main() -> None:
         rows.append(attention_rows(heads, args.history, config, args))
         say(json.dumps(rows[-1]))
         save()
-    if not args.no_block:
+    for model in args.blocks:
         free()
-        block = block_rows(args.history, config, args)
-        say(json.dumps(block))
+        blocks.append(block_rows(model, args.history, config))
+        say(json.dumps(blocks[-1]))
         save()
     if args.big_history:
         free()
@@ -463,7 +484,8 @@ def main() -> None:
         probe = exchange_probe(40, args.history, config)
         say(json.dumps(probe))
         save()
-    report(env, rows, block, big)
+    if dist.get_rank() == 0:
+        report(env, rows, blocks, big)
     dist.destroy_process_group()
 
 

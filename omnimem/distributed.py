@@ -19,13 +19,22 @@ same rank because both are split into ``P`` contiguous groups.
 
 from __future__ import annotations
 
+import functools
+import logging
 from collections.abc import Callable
 
 import torch
 import torch.distributed as dist
 
 from omnimem.cache import OmniMemCache
+from omnimem.compile import compile_static
 from omnimem.integration import cached_attention
+
+logger = logging.getLogger("omnimem")
+
+# Below this many KV heads per rank, a Ulysses step is short: launch overhead and the exchange
+# can outweigh the halved attention (measured: docs/benchmarks.md, "Head-sharded").
+FEW_HEADS_PER_RANK = 8
 
 
 def _world(group: dist.ProcessGroup | None) -> tuple[int, int]:
@@ -67,54 +76,56 @@ def sharded_cache(
     return OmniMemCache(capacity, num_kv_heads=shard.stop - shard.start, **kwargs)
 
 
-def _start_tokens_to_heads(*shards: torch.Tensor, world: int, group) -> Callable[[], list[torch.Tensor]]:
-    """Start turning ``[B, L/P, H_i, D]`` token shards into ``[B, L, H_i/P, D]`` head shards, all
-    in one all_to_all (the exchange is bandwidth-bound: one collective for q, k and v); the
-    returned function waits for it and returns the head shards.
-
-    Each shard is copied once, straight into its slot of the send buffer (no ``cat`` followed by
-    a second, permuting copy); with ``B == 1`` the received buffer already is ``[B, L, H/P, D]``
-    and the head shards are views of it."""
-    batch, tokens, _, dim = shards[0].shape
-    widths = [x.shape[2] // world for x in shards]
-    send = shards[0].new_empty(world, batch, tokens, sum(widths), dim)  # [P (destination), B, L/P, h, D]
-    start = 0
-    for x, width in zip(shards, widths, strict=True):
-        send[..., start : start + width, :].copy_(x.unflatten(2, (world, width)).permute(2, 0, 1, 3, 4))
-        start += width
-    received = torch.empty_like(send)  # [P (source rank = token shard), B, L/P, h, D]
-    work = dist.all_to_all_single(received, send, group=group, async_op=True)
-
-    def finish() -> list[torch.Tensor]:
-        work.wait()
-        full = received.transpose(0, 1).reshape(batch, world * tokens, sum(widths), dim)
-        return list(full.split(widths, dim=2))
-
-    return finish
+def _pack_parts(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, world: int, parts: int) -> torch.Tensor:
+    """The send buffer of a Ulysses exchange, ``[parts, P, B, L/P, h_q + h_k + h_v, D]``: for head
+    group ``i`` and destination rank ``p``, this rank's tokens of the heads ``p`` attends in group
+    ``i`` (q, then k, then v). One copy of each input, straight into place; each ``[i]`` slice is
+    one contiguous all_to_all buffer."""
+    views = [x.unflatten(2, (world, parts, -1)).permute(3, 2, 0, 1, 4, 5) for x in (q, k, v)]
+    return torch.cat(views, dim=4)
 
 
-def _tokens_to_heads(*shards: torch.Tensor, world: int, group) -> list[torch.Tensor]:
-    """``[B, L/P, H_i, D]`` token shards -> ``[B, L, H_i/P, D]`` head shards (one all_to_all)."""
-    return _start_tokens_to_heads(*shards, world=world, group=group)()
+def _unpack_parts(received: torch.Tensor) -> torch.Tensor:
+    """``[parts, P, B, L/P, h, D]`` attention outputs (from rank ``p``, head group ``i``) ->
+    this rank's ``[B, L/P, P * parts * h, D]`` token shard, heads in model order."""
+    parts, world, batch, tokens, heads, dim = received.shape
+    return received.permute(2, 3, 1, 0, 4, 5).reshape(batch, tokens, world * parts * heads, dim)
 
 
-def _start_heads_to_tokens(x: torch.Tensor, world: int, group) -> Callable[[], torch.Tensor]:
-    """Start turning a ``[B, L, H/P, D]`` head shard into a ``[B, L/P, H, D]`` token shard."""
-    batch, tokens, heads, dim = x.shape
-    send = x.reshape(batch, world, tokens // world, heads, dim).permute(1, 0, 2, 3, 4).contiguous()
-    received = torch.empty_like(send)  # [P (source rank = head group), B, L/P, H/P, D]
-    work = dist.all_to_all_single(received, send, group=group, async_op=True)
-
-    def finish() -> torch.Tensor:
-        work.wait()
-        return received.permute(1, 2, 0, 3, 4).reshape(batch, tokens // world, world * heads, dim)
-
-    return finish
+@functools.cache
+def _compiled(fn: Callable) -> Callable:
+    # Inductor fuses each into one vectorised copy kernel; eager torch runs the permuting copies
+    # through its generic strided path at about half the memory bandwidth.
+    return compile_static(fn)
 
 
-def _heads_to_tokens(x: torch.Tensor, world: int, group) -> torch.Tensor:
-    """``[B, L, H/P, D]`` head shard -> ``[B, L/P, H, D]`` token shard (one all_to_all)."""
-    return _start_heads_to_tokens(x, world, group)()
+def _layout_fn(fn: Callable, x: torch.Tensor, cache: OmniMemCache) -> Callable:
+    return _compiled(fn) if cache.config.compile and x.is_cuda else fn
+
+
+def _tokens_of_heads(received: torch.Tensor) -> torch.Tensor:
+    """``[P, B, L/P, h, D]`` (token shards from every rank) -> ``[B, L, h, D]`` (a view when
+    ``B == 1``)."""
+    world, batch, tokens, heads, dim = received.shape
+    return received.transpose(0, 1).reshape(batch, world * tokens, heads, dim)
+
+
+def _log_few_heads(kv_per_rank: int, world: int) -> None:
+    if kv_per_rank < FEW_HEADS_PER_RANK:
+        _say_few_heads(kv_per_rank, world)
+
+
+@functools.cache
+def _say_few_heads(kv_per_rank: int, world: int) -> None:
+    logger.info(
+        "ulysses_attention: %d KV heads per rank over %d ranks; below %d a step is short enough "
+        "that host launch overhead and the exchange can outweigh the halved attention: capture "
+        "the model in CUDA graphs, or keep it on one GPU unless the history needs the memory "
+        "(docs/distributed.md)",
+        kv_per_rank,
+        world,
+        FEW_HEADS_PER_RANK,
+    )
 
 
 def ulysses_attention(
@@ -171,33 +182,31 @@ def ulysses_attention(
         raise ValueError(
             f"pipeline must be a positive int dividing this rank's {kv_per_rank} KV heads, got {pipeline!r}"
         )
-    if pipeline == 1:
-        q_heads, k_heads, v_heads = _tokens_to_heads(q, k, v, world=world, group=group)
-        out = cached_attention(q_heads, k_heads, v_heads, cache, commit=commit)
-        return _heads_to_tokens(out.contiguous(), world, group)
-
-    def heads_part(x: torch.Tensor, part: int) -> torch.Tensor:
-        """Every rank's ``part``-th head group of a token shard: ``[B, L/P, P * H/P/parts, D]``."""
-        per = x.shape[2] // world // pipeline
-        return x.unflatten(2, (world, pipeline, per))[:, :, :, part].flatten(2, 3)
-
+    _log_few_heads(kv_per_rank, world)
+    parts = pipeline
+    q_part, kv_part = q.shape[2] // world // parts, kv_per_rank // parts
+    send = _layout_fn(_pack_parts, q, cache)(q, k, v, world, parts)
+    received = torch.empty_like(send)
+    # All parts' inputs are queued at once (NCCL runs them in order on its own stream); part i
+    # attends as soon as its inputs are in, while part i + 1's are in flight and part i - 1's
+    # output travels back: the compute stream waits on events, the host never does.
     incoming = [
-        _start_tokens_to_heads(heads_part(q, p), heads_part(k, p), heads_part(v, p), world=world, group=group)
-        for p in range(pipeline)
-    ]  # queued on the communication stream in order: part 0 arrives first
-    kv_per_part = kv_per_rank // pipeline
-    outgoing, chunk_parts = [], []
-    for p, arrival in enumerate(incoming):
-        q_p, k_p, v_p = arrival()
-        part_cache = cache._head_slice(slice(p * kv_per_part, (p + 1) * kv_per_part))
-        outgoing.append(
-            _start_heads_to_tokens(cached_attention(q_p, k_p, v_p, part_cache).contiguous(), world, group)
-        )
-        chunk_parts.append((k_p, v_p))
-    if commit:
-        k_full = torch.cat([k_p for k_p, _ in chunk_parts], dim=2)
-        v_full = torch.cat([v_p for _, v_p in chunk_parts], dim=2)
-        cache.commit(k_full.transpose(1, 2), v_full.transpose(1, 2))
-    q_per_part = q.shape[2] // world // pipeline
-    parts = [arrival().unflatten(2, (world, q_per_part)) for arrival in outgoing]  # [B, L/P, P, h, D]
-    return torch.stack(parts, dim=3).flatten(2, 4)  # heads ordered (rank, part, head)
+        dist.all_to_all_single(received[i], send[i], group=group, async_op=True) for i in range(parts)
+    ]
+    batch, tokens, _, dim = q.shape
+    returned = q.new_empty(parts, world, batch, tokens, q_part, dim)
+    outgoing, chunk = [], []
+    for i, arrival in enumerate(incoming):
+        arrival.wait()
+        q_i, k_i, v_i = _tokens_of_heads(received[i]).split([q_part, kv_part, kv_part], dim=2)
+        part_cache = cache if parts == 1 else cache._head_slice(slice(i * kv_part, (i + 1) * kv_part))
+        out = cached_attention(q_i, k_i, v_i, part_cache, commit=commit and parts == 1)
+        # [B, L, h, D] -> [P, B, L/P, h, D]: free when B == 1 and the backend wrote token-major.
+        out = out.unflatten(1, (world, tokens)).transpose(0, 1).contiguous()
+        outgoing.append(dist.all_to_all_single(returned[i], out, group=group, async_op=True))
+        chunk.append((k_i, v_i))
+    if commit and parts > 1:
+        cache.commit(*(torch.cat(x, dim=2).transpose(1, 2) for x in zip(*chunk, strict=True)))
+    for departure in outgoing:
+        departure.wait()
+    return _layout_fn(_unpack_parts, q, cache)(returned)

@@ -105,6 +105,24 @@ def test_scattered_attention_matches_dense_with_split_tiles(num_sms, query_group
     torch.testing.assert_close(lse, expected_lse, atol=1e-5, rtol=1e-5)
 
 
+def test_output_follows_token_major_queries():
+    """Queries split from a per-token buffer of several tensors' heads (what ``ulysses_attention``
+    receives) are token-major but not dense: the output is still allocated in ``[B, L, H, D]``
+    storage (``empty_like`` keeps the stride order), so the Wan-layout result and the exchange
+    back need no transposing copy; values as dense."""
+    from omnimem import sparse_attention
+
+    q, k, v = make_inputs(batch=2, q_heads=4, kv_heads=2, history_len=37, q_len=35, head_dim=16)
+    per_token = torch.cat([q.transpose(1, 2), torch.full_like(q.transpose(1, 2), float("nan"))], dim=2)
+    strided = per_token[:, :, :4].transpose(1, 2)  # [B, H, L, D] view of [B, L, 2H, D] storage
+    assert strided.stride(1) < strided.stride(2) and not strided.transpose(1, 2).is_contiguous()
+    call = dict(history_len=37, block_size=4, top_k=3, sink_tokens=2, local_tokens=5)
+    expected = sparse_attention(q, k, v, backend="dense", **call)
+    out = sparse_attention(strided, k, v, backend="triton", **call)
+    assert out.transpose(1, 2).is_contiguous()
+    torch.testing.assert_close(out, expected, atol=1e-5, rtol=1e-5)
+
+
 @pytest.mark.parametrize(
     ("num_blocks", "history_blocks", "top_k", "sink", "local", "exclusion", "mode"),
     [
