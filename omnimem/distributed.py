@@ -32,8 +32,8 @@ from omnimem.integration import cached_attention
 
 logger = logging.getLogger("omnimem")
 
-# Below this many KV heads per rank, a Ulysses step is short: launch overhead and the exchange
-# can outweigh the halved attention (measured: docs/benchmarks.md, "Head-sharded").
+# Below this many KV heads per rank a Ulysses step is short enough that, run eagerly, host launch
+# overhead outweighs the halved attention (measured with 6 and 20 per rank: docs/benchmarks.md).
 FEW_HEADS_PER_RANK = 8
 
 
@@ -118,10 +118,10 @@ def _log_few_heads(kv_per_rank: int, world: int) -> None:
 @functools.cache
 def _say_few_heads(kv_per_rank: int, world: int) -> None:
     logger.info(
-        "ulysses_attention: %d KV heads per rank over %d ranks; below %d a step is short enough "
-        "that host launch overhead and the exchange can outweigh the halved attention: capture "
-        "the model in CUDA graphs, or keep it on one GPU unless the history needs the memory "
-        "(docs/distributed.md)",
+        "ulysses_attention: %d KV heads per rank over %d ranks (fewer than %d): each rank's step "
+        "is short, so run eagerly it is bound by host launch overhead and can be slower than one "
+        "GPU (wan-1.3b on 2 H200s: a block at 0.69x); capture the model in CUDA graphs (1.60x "
+        "there) or shard only for memory (docs/integration.md, 'Past one GPU')",
         kv_per_rank,
         world,
         FEW_HEADS_PER_RANK,

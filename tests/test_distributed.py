@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import importlib.util
+import logging
 import os
 import socket
 from pathlib import Path
@@ -12,7 +13,7 @@ import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
 
-from omnimem import OmniMemCache, OmniMemConfig, cached_attention
+from omnimem import OmniMemCache, OmniMemConfig, cached_attention, distributed
 from omnimem.distributed import head_shard, sharded_cache, ulysses_attention
 
 WORLD = 2
@@ -149,3 +150,26 @@ def block_worker(rank: int, port: int, pipeline: int) -> None:
 @pytest.mark.parametrize("pipeline", [1, 2])
 def test_wan_block_under_ulysses_equals_one_process(pipeline):
     mp.spawn(block_worker, args=(free_port(), pipeline), nprocs=WORLD, join=True)
+
+
+@pytest.mark.parametrize("kv_heads", [2, 8])
+def test_few_heads_per_rank_are_logged_once(kv_heads, caplog):
+    """Sharding that cannot pay run eagerly says so once per shape; the call still works."""
+    dist.init_process_group("gloo", rank=0, world_size=1, store=dist.HashStore())
+    try:
+        distributed._say_few_heads.cache_clear()
+        cache = sharded_cache(**make_cache(kv_heads, "dense"))
+        q, k, v = inputs(0, 0, hq=kv_heads, hkv=kv_heads)
+        with caplog.at_level(logging.INFO, logger="omnimem"):
+            for _ in range(2):
+                out = ulysses_attention(q, k, v, cache)
+        expected = cached_attention(q, k, v, OmniMemCache(**make_cache(kv_heads, "dense")))
+        torch.testing.assert_close(out, expected, atol=0, rtol=0)
+        said = [r.getMessage() for r in caplog.records if "KV heads per rank" in r.getMessage()]
+        if kv_heads < distributed.FEW_HEADS_PER_RANK:
+            assert len(said) == 1
+            assert said[0].startswith(f"ulysses_attention: {kv_heads} KV heads per rank over 1 ranks")
+        else:
+            assert said == []
+    finally:
+        dist.destroy_process_group()
