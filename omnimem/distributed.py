@@ -10,7 +10,9 @@ keeps the KV history, block sums and selection of its own heads. Two ways in:
 - **Ulysses sequence parallel** (Self-Forcing's xDiT path): activations are sharded by tokens;
   [`ulysses_attention`][omnimem.distributed.ulysses_attention] turns ``[B, L/P, H, D]`` token
   shards into ``[B, L, H/P, D]`` head shards with one ``all_to_all``, attends through the rank's
-  cache, and turns the result back with a second ``all_to_all``.
+  cache, and turns the result back with a second ``all_to_all``. With few heads per rank
+  (fewer than ``FEW_HEADS_PER_RANK``) an eager step is host-bound and can be slower than one
+  GPU; it says so once per shape through ``logging.getLogger("omnimem")``.
 
 Head counts must divide by the world size (``ValueError`` otherwise: padding heads would change
 nothing but cost, so we refuse rather than pad). Query head ``h`` and its KV head land on the
@@ -152,8 +154,10 @@ def ulysses_attention(
         group: the process group (default: the world); all ranks pass equal shapes.
         pipeline: split the rank's heads into this many groups and attend each while the next
             one's q/k/v and the previous one's output are in transit (overlaps communication
-            with compute; same results). The rank's KV heads must divide by it; resident
-            caches only.
+            with compute; same results). Each group costs one more ``cached_attention`` call of
+            host time, so it pays in a CUDA graph, not eagerly (2x H200, wan-14b: 1.49 vs 1.54
+            ms per step in a graph). The rank's KV heads must divide by it; resident caches
+            only.
 
     Returns:
         ``[B, L/P, Hq, D]``: this rank's tokens of the attention output, all heads.
