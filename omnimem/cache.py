@@ -22,6 +22,7 @@ from typing import Literal
 import torch
 
 from omnimem.api import select_blocks, sparse_attention
+from omnimem.checks import check_attention_inputs
 from omnimem.config import OmniMemConfig
 from omnimem.offload import HostOffload, OffloadStats, check_host_memory, host_zeros
 from omnimem.selection import Selection, block_key_sums
@@ -130,6 +131,10 @@ class OmniMemCache:
         )
         self.history_len = 0
         self._offload = HostOffload(self) if offload else None
+        # Position-addressed use (attend_at): the current chunk, written at history_len but not
+        # history yet; it becomes history when a write starts where it ends.
+        self.chunk_len = 0
+        self._chunk_copy: tuple[torch.Tensor, torch.Tensor] | None = None  # offloaded: its k, v
 
     @property
     def offload_stats(self) -> OffloadStats | None:
@@ -211,9 +216,11 @@ class OmniMemCache:
         """
         if self._offload is not None:
             k_chunk, v_chunk = self._check_pair(k_chunk, v_chunk)
-            return self._offload.attend(self, q, k_chunk, v_chunk, return_lse)
+            out = self._offload.attend(self, q, k_chunk, v_chunk, return_lse)
+            self.chunk_len, self._chunk_copy = 0, None  # this write replaced attend_at's chunk
+            return out
         chunk_len = self._write_chunk(k_chunk, v_chunk)
-        return sparse_attention(
+        out = sparse_attention(
             q,
             self.k,
             self.v,
@@ -223,6 +230,103 @@ class OmniMemCache:
             return_lse=return_lse,
             key_block_sums=self.key_block_sums,
         )
+        self.chunk_len, self._chunk_copy = 0, None  # this write replaced attend_at's chunk
+        return out
+
+    def attend_at(
+        self,
+        q: torch.Tensor,
+        k_chunk: torch.Tensor,
+        v_chunk: torch.Tensor,
+        *,
+        start: int,
+        return_lse: bool = False,
+    ) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
+        """Position-addressed: write the chunk at token ``start`` and attend the history before
+        it plus the chunk, as Self-Forcing-family models call attention (every denoising pass
+        and the final clean pass write at the chunk's start; none says which pass is final).
+
+        ``start`` must be either where the history ends (``history_len``: the current chunk
+        is written again, replacing the previous write) or where the current chunk ends
+        (``history_len + chunk_len``: the current chunk, as last written, becomes history and
+        its block sums are computed now; the new chunk becomes current). Use ``rewind`` to go
+        back, ``reset`` for a new video.
+
+        Args:
+            q: ``[B, Hq, Lq, D]`` the chunk's queries after RoPE.
+            k_chunk: ``[B, Hkv, L, D]`` its keys after RoPE (RoPE at absolute positions).
+            v_chunk: ``[B, Hkv, L, D]`` its values.
+            start: the chunk's first token position.
+            return_lse: also return the float32 log-sum-exp.
+
+        Returns:
+            What ``attend`` returns.
+
+        Raises:
+            ValueError: any other ``start``, a history that would exceed ``capacity``, or
+                inputs ``attend`` refuses; nothing is changed then.
+            TypeError: a non-int ``start``.
+
+        Example:
+            >>> import torch
+            >>> from omnimem import OmniMemConfig
+            >>> from omnimem.cache import OmniMemCache
+            >>> cache = OmniMemCache(capacity=64, max_chunk_tokens=16, batch=1, num_kv_heads=2,
+            ...                      head_dim=8, config=OmniMemConfig(block_size=8, backend="dense"))
+            >>> q = k = v = torch.randn(1, 2, 16, 8)
+            >>> for start in (0, 0, 0, 16, 16):  # chunk 0: three passes; chunk 1: two
+            ...     out = cache.attend_at(q, k, v, start=start)
+            >>> cache.history_len, cache.chunk_len
+            (16, 16)
+        """
+        if isinstance(start, bool) or not isinstance(start, int):
+            raise TypeError(f"start must be an int token position, got {type(start).__name__}")
+        k_chunk, v_chunk = self._check_pair(k_chunk, v_chunk)
+        chunk_end = self.history_len + self.chunk_len
+        if start not in (self.history_len, chunk_end):
+            raise ValueError(
+                f"start must be {self.history_len} (rewrite the current chunk) or {chunk_end} (the next "
+                f"chunk), got {start}; history_len={self.history_len}, chunk_len={self.chunk_len}. "
+                "Call rewind(start) to go back or reset() for a new video"
+            )
+        promote = start == chunk_end and self.chunk_len > 0
+        # Every check before the history changes: a refused call leaves the cache as it was.
+        check_attention_inputs(q, k_chunk, v_chunk, history_len=0, chunk_len=k_chunk.shape[2])
+        if promote and chunk_end > self.capacity:
+            raise ValueError(
+                f"the history would grow to {chunk_end} tokens, past the cache capacity of {self.capacity}; "
+                "create the cache with a larger capacity"
+            )
+        if promote:
+            if self._offload is not None:
+                self.commit(*self._chunk_copy)
+            else:
+                self._refresh_block_sums(self.history_len, chunk_end)
+                self.history_len = chunk_end
+        out = self.attend(q, k_chunk, v_chunk, return_lse=return_lse)
+        self.chunk_len = k_chunk.shape[2]
+        if self._offload is not None:  # the offloaded history gets the chunk only when it is promoted
+            self._chunk_copy = (k_chunk.clone(), v_chunk.clone())
+        return out
+
+    def rewind(self, end: int) -> None:
+        """Drop the history from token ``end`` on (and the current chunk): the next
+        ``attend_at`` starts at ``end``. E.g. re-encode the last frames under a new prompt.
+
+        Raises:
+            ValueError: ``end`` outside ``[0, history_len]``, or an offloaded cache.
+            TypeError: a non-int ``end``.
+        """
+        if isinstance(end, bool) or not isinstance(end, int):
+            raise TypeError(f"end must be an int token position, got {type(end).__name__}")
+        if not 0 <= end <= self.history_len:
+            raise ValueError(f"end must be in [0, history_len={self.history_len}], got {end}")
+        if self._offload is not None:
+            raise ValueError("rewind is not supported on an offloaded cache; reset() it and re-commit")
+        # The block `end` cuts keeps the sum of its kept tokens only; sums past the history are
+        # never read, and later writes recompute every block they touch.
+        self._refresh_block_sums(end - end % self.config.block_size, end)
+        self.history_len, self.chunk_len, self._chunk_copy = end, 0, None
 
     def _head_slice(self, heads: slice) -> OmniMemCache:
         """A view of KV heads ``heads`` sharing this cache's storage and history, for attends
@@ -285,10 +389,11 @@ class OmniMemCache:
             k_chunk, v_chunk = self._check_pair(k_chunk, v_chunk)
             self._offload.commit(self, k_chunk, v_chunk)
             self.history_len += k_chunk.shape[2]
-            return
-        chunk_len = self._write_chunk(k_chunk, v_chunk)
-        self._refresh_block_sums(self.history_len, self.history_len + chunk_len)
-        self.history_len += chunk_len
+        else:
+            chunk_len = self._write_chunk(k_chunk, v_chunk)
+            self._refresh_block_sums(self.history_len, self.history_len + chunk_len)
+            self.history_len += chunk_len
+        self.chunk_len, self._chunk_copy = 0, None  # an explicit commit ends attend_at's chunk
 
     def _refresh_block_sums(
         self, start: int, new_history_len: int, aligned_keys: torch.Tensor | None = None
@@ -314,7 +419,7 @@ class OmniMemCache:
         self._k_storage.zero_()
         self._v_storage.zero_()
         self.key_block_sums.zero_()
-        self.history_len = 0
+        self.history_len, self.chunk_len, self._chunk_copy = 0, 0, None
         if self._offload is not None:
             self._offload.reset()
 

@@ -45,6 +45,16 @@ class OmniMemCacheMachine(RuleBasedStateMachine):
         ]
         self.k = torch.zeros(1, HEADS, 0, DIM, device=TEST_DEVICE)
         self.v = torch.zeros_like(self.k)
+        self.chunk = None  # attend_at's current chunk (k, v), not history yet
+
+    def _expected(self, q, k, v):
+        return sparse_attention(
+            q,
+            torch.cat([self.k, k], 2),
+            torch.cat([self.v, v], 2),
+            history_len=self.k.shape[2],
+            config=CONFIG,
+        )
 
     @rule(length=st.integers(1, MAX_CHUNK))
     def attend(self, length):
@@ -58,6 +68,62 @@ class OmniMemCacheMachine(RuleBasedStateMachine):
         )
         for cache in self.caches:
             torch.testing.assert_close(cache.attend(q, k, v), want, atol=1e-5, rtol=1e-5)
+        self.chunk = None  # a plain attend replaces attend_at's chunk
+
+    @rule(length=st.integers(1, MAX_CHUNK), next_chunk=st.booleans())
+    def attend_at(self, length, next_chunk):
+        """A pass at the current chunk's start, or the first pass of the next chunk (which
+        makes the current chunk, as last written, history)."""
+        q, k, v = rand(self.gen, length), rand(self.gen, length), rand(self.gen, length)
+        promote = next_chunk and self.chunk is not None
+        start = self.k.shape[2] + (self.chunk[0].shape[2] if promote else 0)
+        if promote and start > CAPACITY:
+            for cache in self.caches:
+                try:
+                    cache.attend_at(q, k, v, start=start)
+                except ValueError as err:
+                    assert "past the cache capacity" in str(err)
+                else:
+                    raise AssertionError("a history past the capacity was accepted")
+            return
+        if promote:
+            self.k, self.v = torch.cat([self.k, self.chunk[0]], 2), torch.cat([self.v, self.chunk[1]], 2)
+        want = self._expected(q, k, v)
+        for cache in self.caches:
+            torch.testing.assert_close(cache.attend_at(q, k, v, start=start), want, atol=1e-5, rtol=1e-5)
+            assert cache.chunk_len == length
+        self.chunk = (k, v)
+
+    @rule(offset=st.integers(-5, 5).filter(bool))
+    def attend_at_elsewhere(self, offset):
+        """Any other start is refused and changes nothing."""
+        allowed = {self.k.shape[2]} | ({self.k.shape[2] + self.chunk[0].shape[2]} if self.chunk else set())
+        start = max(allowed) + offset
+        if start in allowed:
+            return
+        q = k = v = rand(self.gen, 2)
+        for cache in self.caches:
+            try:
+                cache.attend_at(q, k, v, start=start)
+            except ValueError as err:
+                assert f"got {start}" in str(err)
+            else:
+                raise AssertionError(f"attend_at(start={start}) was accepted; allowed {allowed}")
+
+    @rule(data=st.data())
+    def rewind(self, data):
+        end = data.draw(st.integers(0, self.k.shape[2]))
+        resident, offloaded = self.caches
+        resident.rewind(end)
+        try:
+            offloaded.rewind(end)
+        except ValueError as err:
+            assert "offloaded" in str(err)
+        else:
+            raise AssertionError("rewind of an offloaded cache was accepted")
+        state = offloaded.state_dict()  # what a user of an offloaded cache does instead
+        offloaded.load_state_dict(dict(k=state["k"][:, :, :end], v=state["v"][:, :, :end], history_len=end))
+        self.k, self.v, self.chunk = self.k[:, :, :end], self.v[:, :, :end], None
 
     @rule(length=st.integers(1, MAX_CHUNK))
     def commit(self, length):
@@ -75,6 +141,7 @@ class OmniMemCacheMachine(RuleBasedStateMachine):
                     raise AssertionError("a commit past the capacity was accepted")
         if fits:
             self.k, self.v = torch.cat([self.k, k], 2), torch.cat([self.v, v], 2)
+            self.chunk = None
 
     @rule()
     def round_trip(self):
@@ -83,6 +150,7 @@ class OmniMemCacheMachine(RuleBasedStateMachine):
             cache.reset()
             assert cache.history_len == 0
             cache.load_state_dict(state)
+        self.chunk = None
 
     @rule(corruption=st.sampled_from(["bool", "dtype", "shape", "missing", "too long"]))
     def load_corrupt(self, corruption):
@@ -109,7 +177,7 @@ class OmniMemCacheMachine(RuleBasedStateMachine):
     def reset(self):
         for cache in self.caches:
             cache.reset()
-        self.k, self.v = self.k[:, :, :0], self.v[:, :, :0]
+        self.k, self.v, self.chunk = self.k[:, :, :0], self.v[:, :, :0], None
 
     @invariant()
     def holds_the_model(self):

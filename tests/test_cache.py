@@ -221,3 +221,43 @@ def test_offload_with_buffers_shorter_than_a_block():
     resident.commit(k, v)
     q = chunk(1, seed=3)
     assert torch.equal(offloaded.attend(q, k, v), resident.attend(q, k, v))
+
+
+def test_rewind_leaves_what_commits_of_the_kept_tokens_leave():
+    """rewind(end) cuts a block: its sum is over the kept tokens only, as if they alone had been
+    committed; retrieval with no local window (the cut block's score decides) agrees too."""
+    config = OmniMemConfig(block_size=4, top_k=1, sink_tokens=0, local_tokens=0, backend="dense")
+    keys, values = chunk(23, seed=1), chunk(23, seed=2)
+    rewound, fresh = make_cache(config=config), make_cache(config=config)
+    for start in range(0, 23, 8):
+        rewound.commit(keys[:, :, start : start + 8], values[:, :, start : start + 8])
+    rewound.rewind(17)
+    for start in range(0, 17, 8):
+        fresh.commit(keys[:, :, start : min(start + 8, 17)], values[:, :, start : min(start + 8, 17)])
+    assert rewound.history_len == fresh.history_len == 17
+    torch.testing.assert_close(
+        rewound.key_block_sums[:, :, :5], fresh.key_block_sums[:, :, :5], atol=0, rtol=0
+    )
+    q = chunk(4, seed=3) * 4
+    torch.testing.assert_close(rewound.attend(q, q, q), fresh.attend(q, q, q), atol=0, rtol=0)
+
+
+def test_attend_at_refuses_before_changing_anything():
+    cache = make_cache(capacity=12)
+    for start in (0, 0, 8):
+        cache.attend_at(chunk(8), chunk(8), chunk(8), start=start)
+    assert (cache.history_len, cache.chunk_len) == (8, 8)
+    with pytest.raises(TypeError, match="start must be an int"):
+        cache.attend_at(chunk(8), chunk(8), chunk(8), start=8.0)
+    with pytest.raises(ValueError, match=r"start must be 8 \(rewrite the current chunk\) or 16 .* got 0"):
+        cache.attend_at(chunk(8), chunk(8), chunk(8), start=0)
+    with pytest.raises(ValueError, match="past the cache capacity of 12"):
+        cache.attend_at(chunk(4), chunk(4), chunk(4), start=16)
+    with pytest.raises(ValueError, match="head_dim"):  # bad queries for the next chunk
+        cache.attend_at(chunk(4)[..., :4], chunk(4), chunk(4), start=16)
+    assert (cache.history_len, cache.chunk_len) == (8, 8)
+    with pytest.raises(ValueError, match=r"end must be in \[0, history_len=8\]"):
+        cache.rewind(9)
+    cache.rewind(4)
+    assert (cache.history_len, cache.chunk_len) == (4, 0)
+    cache.attend_at(chunk(4), chunk(4), chunk(4), start=4)
