@@ -2,6 +2,7 @@
 
 from omnimem.api import resolve_backend, select_blocks, sparse_attention, use_backend
 from omnimem.cache import OmniMemCache
+from omnimem.causal_wan import patch_causal_wan, unpatch_causal_wan
 from omnimem.config import GatedConfig, OmniMemConfig
 from omnimem.gated import gated_attention, select_group_blocks
 from omnimem.gated_cache import GatedCache
@@ -24,11 +25,13 @@ __all__ = [
     "cached_attention",
     "gated_attention",
     "kv_cache_bytes",
+    "patch_causal_wan",
     "pool_kv",
     "resolve_backend",
     "select_blocks",
     "select_group_blocks",
     "sparse_attention",
+    "unpatch_causal_wan",
     "use_backend",
 ]
 __version__ = "0.1.0"

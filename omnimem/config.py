@@ -138,6 +138,36 @@ class OmniMemConfig:
             raise ValueError(f"unknown preset {name!r}; expected one of {tuple(PRESETS)}")
         return cls(**PRESETS[name]).replace(**changes)
 
+    @classmethod
+    def from_frames(
+        cls,
+        frame_tokens: int,
+        *,
+        sink_frames: int = 1,
+        local_frames: int = 3,
+        exclusion_frames: int | None = None,
+        **fields: object,
+    ) -> OmniMemConfig:
+        """A config whose sink, local window and exclusion region are given in latent frames
+        (Self-Forcing's units: ``sink_size``, ``local_attn_size``), ``frame_tokens`` tokens each
+        (1,560 for Wan2.1 at 480x832); ``fields`` are the other settings.
+
+        Example:
+            >>> OmniMemConfig.from_frames(1560, sink_frames=1, local_frames=3, top_k=16).local_tokens
+            4680
+        """
+        _check_int("frame_tokens", frame_tokens, minimum=1)
+        for name, frames in (("sink_frames", sink_frames), ("local_frames", local_frames)):
+            _check_int(name, frames, minimum=0)
+        _check_int("exclusion_frames", exclusion_frames, minimum=0, allow_none=True)
+        exclusion = None if exclusion_frames is None else exclusion_frames * frame_tokens
+        return cls(
+            sink_tokens=sink_frames * frame_tokens,
+            local_tokens=local_frames * frame_tokens,
+            exclusion_tokens=exclusion,
+            **fields,
+        )
+
     @property
     def effective_exclusion_tokens(self) -> int:
         """``exclusion_tokens``, with ``None`` resolved to ``local_tokens``."""

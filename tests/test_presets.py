@@ -29,3 +29,15 @@ def test_unknown_preset_names_the_choices():
         GatedConfig.preset("wan2.1-1.3b")
     with pytest.raises(TypeError, match="unknown OmniMemConfig field"):
         OmniMemConfig.preset("wan2.1-1.3b", topk=3)
+
+
+def test_from_frames_converts_self_forcing_units():
+    config = OmniMemConfig.from_frames(1560, sink_frames=1, local_frames=3, exclusion_frames=6, top_k=16)
+    assert (config.sink_tokens, config.local_tokens, config.exclusion_tokens, config.top_k) == (
+        1560, 4680, 9360, 16,
+    )  # fmt: skip
+    assert OmniMemConfig.from_frames(12).exclusion_tokens is None
+    with pytest.raises(ValueError, match="frame_tokens must be >= 1"):
+        OmniMemConfig.from_frames(0)
+    with pytest.raises(TypeError, match="local_frames must be an int"):
+        OmniMemConfig.from_frames(12, local_frames=1.5)

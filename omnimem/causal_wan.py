@@ -1,0 +1,192 @@
+"""One call that puts omnimem into a loaded Self-Forcing-family ``CausalWanModel``.
+
+Self-Forcing, CausVid, LongLive, Rolling Forcing and Krea Realtime share Wan2.1's causal DiT:
+each block's ``self_attn`` is called as ``forward(x, seq_lens, grid_sizes, freqs, block_mask,
+kv_cache=None, current_start=0, cache_start=None)``, and their inference pipeline passes each
+layer a dict of its own (``kv_cache1[i]``: a 32,760-token window and two end indices) and calls
+the model at the chunk's ``current_start`` token for every denoising pass and once more, at
+timestep 0, to cache the clean chunk. No call says which pass is final, so the cache is
+position-addressed: ``OmniMemCache.attend_at`` writes each pass at ``current_start``; the
+first pass of the next chunk makes the previous chunk history.
+
+``patch_causal_wan(model, max_frames=...)`` replaces the cached inference path of every such
+module (found by its attribute names; calls without a ``kv_cache`` keep the original forward,
+e.g. training with a ``block_mask``). Each layer's ``OmniMemCache`` lives in the pipeline's own
+dict, under ``"omnimem"``, so the pipeline's resets keep working: a write at ``current_start ==
+0`` over a non-empty history starts a new video. The window buffers the pipeline allocated in
+the dict are released on first use. ``unpatch_causal_wan`` restores the original forwards.
+"""
+
+from __future__ import annotations
+
+import logging
+import types
+from collections.abc import Callable, MutableMapping
+
+import torch
+from torch import nn
+
+from omnimem.cache import OmniMemCache
+from omnimem.config import OmniMemConfig
+from omnimem.gated_wan import reordered_rope
+
+logger = logging.getLogger("omnimem")
+
+_ATTENTION_ATTRIBUTES = ("q", "k", "v", "o", "norm_q", "norm_k", "num_heads", "head_dim")
+_PATCH = "_omnimem_patch"
+
+
+def _is_causal_wan_attention(module: nn.Module) -> bool:
+    return all(hasattr(module, name) for name in _ATTENTION_ATTRIBUTES) and hasattr(module, "sink_size")
+
+
+def patch_causal_wan(
+    model: nn.Module,
+    config: OmniMemConfig | None = None,
+    *,
+    max_frames: int,
+    max_chunk_frames: int = 3,
+    sink_frames: int | None = None,
+    local_frames: int | None = None,
+    offload: bool = False,
+    **overrides: object,
+) -> list[nn.Module]:
+    """Make ``model``'s causal self-attention layers attend through omnimem, in place.
+
+    Args:
+        model: a loaded Self-Forcing-family ``CausalWanModel`` (or any module holding their
+            ``CausalWanSelfAttention``-shaped layers: ``q``, ``k``, ``v``, ``o``, ``norm_q``,
+            ``norm_k``, ``num_heads``, ``head_dim``, ``sink_size``).
+        config: retrieval settings; default ``OmniMemConfig.preset("wan2.1-1.3b")`` (the
+            first frame as sink, the last chunk as local window, 32 blocks per head).
+        max_frames: the longest video, in latent frames, the caches must hold (the history
+            is kept whole: 60 s of Wan2.1 at 16 fps is 240 latent frames).
+        max_chunk_frames: the most frames one call writes (Self-Forcing: 3).
+        sink_frames, local_frames: the sink and the local window in latent frames (their
+            units: ``sink_size``, ``local_attn_size``); converted to tokens with the model's
+            tokens per frame at the first call, overriding ``config``'s token counts.
+        offload: keep each layer's history in host memory (``OmniMemCache(offload=True)``).
+        **overrides: ``OmniMemConfig`` fields to change, e.g. ``top_k=64``.
+
+    Returns:
+        The patched modules, in model order.
+
+    Raises:
+        ValueError: no such module in ``model``, an already patched one, or bad sizes.
+        TypeError: a ``config`` that is not an ``OmniMemConfig``, unknown override names.
+
+    Example:
+        >>> from omnimem.causal_wan import patch_causal_wan, unpatch_causal_wan
+        >>> # pipeline = CausalInferencePipeline(args, device)   # theirs, unmodified
+        >>> # patch_causal_wan(pipeline.generator.model, max_frames=240, top_k=32)
+        >>> # video = pipeline.inference(noise, text_prompts)     # runs as before
+    """
+    config = OmniMemConfig.preset("wan2.1-1.3b") if config is None else config
+    if not isinstance(config, OmniMemConfig):
+        raise TypeError(f"config must be an OmniMemConfig, got {type(config).__name__}")
+    config = config.replace(**overrides)
+    for name, value, minimum in (
+        ("max_frames", max_frames, 1),
+        ("max_chunk_frames", max_chunk_frames, 1),
+        ("sink_frames", sink_frames, 0),
+        ("local_frames", local_frames, 0),
+    ):
+        if value is None and name in ("sink_frames", "local_frames"):
+            continue
+        if isinstance(value, bool) or not isinstance(value, int) or value < minimum:
+            raise ValueError(f"{name} must be an int >= {minimum}, got {value!r}")
+    modules = [m for m in model.modules() if _is_causal_wan_attention(m)]
+    if not modules:
+        raise ValueError(
+            "patch_causal_wan found no CausalWanSelfAttention-like module in the model (looked for "
+            f"modules with {', '.join(_ATTENTION_ATTRIBUTES)} and sink_size)"
+        )
+    if any(hasattr(m, _PATCH) for m in modules):
+        raise ValueError("the model is already patched; call unpatch_causal_wan first")
+    settings = dict(
+        config=config, max_frames=max_frames, max_chunk_frames=max_chunk_frames,
+        sink_frames=sink_frames, local_frames=local_frames, offload=offload,
+    )  # fmt: skip
+    for module in modules:
+        original = module.forward
+        setattr(module, _PATCH, original)
+        module.forward = types.MethodType(_patched_forward(original, settings), module)
+    logger.info("patch_causal_wan: %d attention layers now attend through omnimem", len(modules))
+    return modules
+
+
+def unpatch_causal_wan(model: nn.Module) -> int:
+    """Restore the original forwards; returns how many modules were restored. The layers'
+    dicts no longer hold window buffers: let the pipeline re-create its caches (e.g.
+    ``pipeline.kv_cache1 = None``) before running it unpatched."""
+    restored = 0
+    for module in model.modules():
+        if hasattr(module, _PATCH):
+            module.forward = getattr(module, _PATCH)
+            delattr(module, _PATCH)
+            restored += 1
+    return restored
+
+
+def _layer_cache(
+    kv_cache: MutableMapping, module: nn.Module, k: torch.Tensor, frame_tokens: int, settings: dict
+) -> OmniMemCache:
+    cache = kv_cache.get("omnimem")
+    if isinstance(cache, OmniMemCache) and cache.k.dtype == k.dtype and cache.device == k.device:
+        return cache
+    config = settings["config"]
+    frames = {"sink_tokens": settings["sink_frames"], "local_tokens": settings["local_frames"]}
+    config = config.replace(**{name: n * frame_tokens for name, n in frames.items() if n is not None})
+    cache = OmniMemCache(
+        settings["max_frames"] * frame_tokens,
+        max_chunk_tokens=max(settings["max_chunk_frames"] * frame_tokens, k.shape[1]),
+        batch=k.shape[0], num_kv_heads=module.num_heads, head_dim=module.head_dim, config=config,
+        dtype=k.dtype, device=k.device, layout="blhd", offload=settings["offload"],
+    )  # fmt: skip
+    for name in ("k", "v"):  # the pipeline's window buffers: never read once patched
+        if isinstance(kv_cache.get(name), torch.Tensor):
+            kv_cache[name] = kv_cache[name].new_empty(0)
+    kv_cache["omnimem"] = cache
+    return cache
+
+
+def _patched_forward(original: Callable, settings: dict) -> Callable:
+    def forward(
+        self: nn.Module,
+        x: torch.Tensor,
+        seq_lens: object,
+        grid_sizes: torch.Tensor,
+        freqs: torch.Tensor,
+        block_mask: object,
+        kv_cache: MutableMapping | None = None,
+        current_start: int = 0,
+        cache_start: int | None = None,
+    ) -> torch.Tensor:
+        if kv_cache is None:  # training / teacher forcing: their path, untouched
+            return original(x, seq_lens, grid_sizes, freqs, block_mask, kv_cache, current_start, cache_start)
+        if not isinstance(kv_cache, MutableMapping):
+            raise TypeError(f"kv_cache must be the pipeline's per-layer dict, got {type(kv_cache).__name__}")
+        batch, length = x.shape[:2]
+        frames, height, width = (int(n) for n in grid_sizes[0].tolist())  # host values, as their RoPE
+        frame_tokens = height * width
+        start = int(current_start)
+        if frames * frame_tokens != length or start % frame_tokens:
+            raise ValueError(
+                f"x holds {length} tokens at current_start={start}; grid_sizes {frames}x{height}x{width} "
+                "describe whole frames of another size"
+            )
+        n, d = self.num_heads, self.head_dim
+        q = self.norm_q(self.q(x)).view(batch, length, n, d)
+        k = self.norm_k(self.k(x)).view(batch, length, n, d)
+        v = self.v(x).view(batch, length, n, d)
+        # Their RoPE: float64 tables, float32 result, then the model's dtype (same bits).
+        grid, start_frame = (frames, height, width), start // frame_tokens
+        q = reordered_rope(q.float(), grid, freqs, start_frame=start_frame).type_as(v)
+        k = reordered_rope(k.float(), grid, freqs, start_frame=start_frame).type_as(v)
+        cache = _layer_cache(kv_cache, self, k, frame_tokens, settings)
+        if start == 0 and cache.history_len > 0:  # the pipeline reset its caches: a new video
+            cache.reset()
+        out = cache.attend_at(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2), start=start)
+        return self.o(out.transpose(1, 2).flatten(2))
+
+    return forward

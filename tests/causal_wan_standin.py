@@ -1,0 +1,143 @@
+"""A small stand-in for a Self-Forcing-family ``CausalWanModel`` and its inference loop, written
+from their public signatures and documented behaviour (not their code), for testing
+``patch_causal_wan`` on CPU.
+
+What it keeps of theirs: each block's ``self_attn`` has ``q``, ``k``, ``v``, ``o``, ``norm_q``,
+``norm_k``, ``num_heads``, ``head_dim``, ``sink_size``, ``local_attn_size`` and the forward
+``(x, seq_lens, grid_sizes, freqs, block_mask, kv_cache=None, current_start=0,
+cache_start=None)``; Wan's 3-D RoPE with frames numbered from the chunk's start frame; per-layer
+cache dicts (``k``, ``v``, ``global_end_index``, ``local_end_index``) that the loop creates once
+and resets by item assignment; every denoising pass and the clean pass call the model at the
+chunk's ``current_start``. Its own attention is dense over the last ``max_attention_size``
+tokens (their 32,760-token window unless ``local_attn_size`` is set).
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+
+def rope_table(freqs: torch.Tensor, frames: int, height: int, width: int, start_frame: int) -> torch.Tensor:
+    """``[F*H*W, D/2]`` complex rotations: time, height and width parts side by side."""
+    half = freqs.shape[1]
+    t, h, w = freqs.split([half - 2 * (half // 3), half // 3, half // 3], dim=1)
+    rows = []
+    for f in range(frames):
+        for y in range(height):
+            for x in range(width):
+                rows.append(torch.cat([t[start_frame + f], h[y], w[x]]))
+    return torch.stack(rows)
+
+
+def apply_rope(
+    x: torch.Tensor, grid_sizes: torch.Tensor, freqs: torch.Tensor, start_frame: int
+) -> torch.Tensor:
+    frames, height, width = (int(n) for n in grid_sizes[0])
+    table = rope_table(freqs, frames, height, width, start_frame)
+    pairs = torch.view_as_complex(x.double().unflatten(-1, (-1, 2)))
+    return torch.view_as_real(pairs * table[None, :, None, :]).flatten(-2).float()
+
+
+class StandinSelfAttention(nn.Module):
+    def __init__(
+        self, dim: int, num_heads: int, local_attn_size: int = -1, sink_size: int = 0, window: int = 32760
+    ):
+        super().__init__()
+        self.dim, self.num_heads, self.head_dim = dim, num_heads, dim // num_heads
+        self.local_attn_size, self.sink_size = local_attn_size, sink_size
+        self.max_attention_size = window
+        self.q, self.k, self.v, self.o = (nn.Linear(dim, dim) for _ in range(4))
+        self.norm_q, self.norm_k = nn.RMSNorm(dim, eps=1e-6), nn.RMSNorm(dim, eps=1e-6)
+
+    def forward(
+        self, x, seq_lens, grid_sizes, freqs, block_mask, kv_cache=None, current_start=0, cache_start=None
+    ):
+        b, s = x.shape[:2]
+        n, d = self.num_heads, self.head_dim
+        q = self.norm_q(self.q(x)).view(b, s, n, d)
+        k = self.norm_k(self.k(x)).view(b, s, n, d)
+        v = self.v(x).view(b, s, n, d)
+        if kv_cache is None:  # the training path: plain bidirectional attention over x
+            out = F.scaled_dot_product_attention(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2))
+            return self.o(out.transpose(1, 2).flatten(2))
+        frame_tokens = int(grid_sizes[0][1] * grid_sizes[0][2])
+        start_frame = current_start // frame_tokens
+        q = apply_rope(q, grid_sizes, freqs, start_frame).type_as(v)
+        k = apply_rope(k, grid_sizes, freqs, start_frame).type_as(v)
+        end = current_start + s
+        kv_cache["k"][:, current_start:end] = k  # position-addressed, never evicted here
+        kv_cache["v"][:, current_start:end] = v
+        first = max(0, end - self.max_attention_size)
+        keys, values = kv_cache["k"][:, first:end], kv_cache["v"][:, first:end]
+        out = F.scaled_dot_product_attention(q.transpose(1, 2), keys.transpose(1, 2), values.transpose(1, 2))
+        kv_cache["global_end_index"].fill_(end)
+        kv_cache["local_end_index"].fill_(end)
+        return self.o(out.transpose(1, 2).flatten(2))
+
+
+class StandinBlock(nn.Module):
+    def __init__(self, dim: int, num_heads: int, window: int):
+        super().__init__()
+        self.norm1, self.norm2 = nn.LayerNorm(dim), nn.LayerNorm(dim)
+        self.self_attn = StandinSelfAttention(dim, num_heads, window=window)
+        self.ffn = nn.Sequential(
+            nn.Linear(dim, 2 * dim), nn.GELU(approximate="tanh"), nn.Linear(2 * dim, dim)
+        )
+
+    def forward(self, x, grid_sizes, freqs, kv_cache, current_start):
+        x = x + self.self_attn(self.norm1(x), None, grid_sizes, freqs, None, kv_cache, current_start)
+        return x + self.ffn(self.norm2(x))
+
+
+class StandinModel(nn.Module):
+    def __init__(self, num_layers: int = 2, dim: int = 32, num_heads: int = 2, window: int = 32760):
+        super().__init__()
+        self.blocks = nn.ModuleList(StandinBlock(dim, num_heads, window) for _ in range(num_layers))
+
+    def forward(self, x, grid_sizes, freqs, kv_cache=None, current_start=0):
+        for i, block in enumerate(self.blocks):
+            x = block(x, grid_sizes, freqs, None if kv_cache is None else kv_cache[i], current_start)
+        return x
+
+
+class StandinPipeline:
+    """Their inference loop's shape: caches created once, reset by item assignment; per chunk,
+    ``passes`` denoising calls and one clean call, all at the chunk's ``current_start``."""
+
+    def __init__(self, model: StandinModel, *, buffer_tokens: int):
+        self.model, self.buffer_tokens, self.kv_cache1 = model, buffer_tokens, None
+
+    def _initialize_kv_cache(self, batch: int, dtype: torch.dtype) -> None:
+        heads = self.model.blocks[0].self_attn.num_heads
+        head_dim = self.model.blocks[0].self_attn.head_dim
+        self.kv_cache1 = [
+            {
+                "k": torch.zeros(batch, self.buffer_tokens, heads, head_dim, dtype=dtype),
+                "v": torch.zeros(batch, self.buffer_tokens, heads, head_dim, dtype=dtype),
+                "global_end_index": torch.tensor([0]),
+                "local_end_index": torch.tensor([0]),
+            }
+            for _ in self.model.blocks
+        ]
+
+    def inference(
+        self, chunks: list[torch.Tensor], grid_sizes: torch.Tensor, freqs: torch.Tensor, passes: int = 2
+    ):
+        """``chunks``: ``[B, L, dim]`` inputs per chunk; pass ``i`` sees ``chunk * (i + 1)``
+        (stand-ins for the noisy latents), the clean pass ``chunk``. Returns the clean outputs."""
+        if self.kv_cache1 is None:
+            self._initialize_kv_cache(chunks[0].shape[0], chunks[0].dtype)
+        else:
+            for layer in self.kv_cache1:
+                layer["global_end_index"] = torch.tensor([0])
+                layer["local_end_index"] = torch.tensor([0])
+        outputs, start = [], 0
+        with torch.no_grad():
+            for x in chunks:
+                for i in range(passes):
+                    self.model(x * (i + 2), grid_sizes, freqs, self.kv_cache1, start)
+                outputs.append(self.model(x, grid_sizes, freqs, self.kv_cache1, start))
+                start += x.shape[1]
+        return outputs
