@@ -87,7 +87,7 @@ def test_device_mismatch_is_reported():
 def test_backend_precedence(monkeypatch):
     cpu = torch.device("cpu")
     monkeypatch.delenv("OMNIMEM_BACKEND", raising=False)
-    assert resolve_backend(OmniMemConfig(), cpu) == "flex"
+    assert resolve_backend(OmniMemConfig(), cpu) == "gather"
     monkeypatch.setenv("OMNIMEM_BACKEND", "dense")
     assert resolve_backend(OmniMemConfig(), cpu) == "dense"
     with use_backend("flex"):
@@ -122,7 +122,7 @@ def test_auto_follows_the_measured_table(monkeypatch, dtype, head_dim, tma, grou
     config = OmniMemConfig(query_group_size=groups)
     cuda = torch.device("cuda")
     assert resolve_backend(config, cuda, dtype=dtype, head_dim=head_dim) == expected
-    assert resolve_backend(config, torch.device("cpu"), dtype=dtype, head_dim=head_dim) == "flex"
+    assert resolve_backend(config, torch.device("cpu"), dtype=dtype, head_dim=head_dim) == "gather"
 
 
 def test_triton_backend_refuses_autograd():
