@@ -62,8 +62,24 @@ def test_demo_command_prints_a_table_and_writes_a_plot(tmp_path, capsys):
         ]
     )
     out = capsys.readouterr().out
-    assert "| chunk | history |" in out and out.count("\n| ") >= 4
+    assert "| chunk | scene | history |" in out and out.count("\n| ") >= 4
+    assert "Weights are random and the stream is synthetic" in out
     assert plot.stat().st_size > 1000
+
+
+def test_the_demo_story_holds_at_a_reduced_size():
+    """At the returns to the first scene OmniMem's attention is closer to full attention than
+    truncation's, and it retrieves that scene's frames more often than a blind pick would."""
+    from omnimem.demo.cli import parse_args, run_demo, summary
+
+    argv = ["--chunks", "16", "--revisit-every", "3", "--steps", "1", "--frame-size", "8", "--layers", "2"]
+    results = run_demo(parse_args([*argv, "--plot", ""]))
+    story = summary(results)
+    assert story["error_at_revisits_omnimem"] < story["error_at_revisits_truncation"]
+    assert story["revisit_picks_from_scene0"] > story["revisit_chance_of_scene0"]
+    dense, omni = results["dense"][-1], results["omnimem"][-1]
+    assert dense.attended_tokens > omni.attended_tokens and dense.attention_error == 0
+    assert omni.kv_device_mib == dense.kv_device_mib > results["truncated"][-1].kv_device_mib
 
 
 def test_cli_help_exits_zero_and_documents_every_option(capsys):
@@ -74,7 +90,7 @@ def test_cli_help_exits_zero_and_documents_every_option(capsys):
             main(argv)
         assert exit_info.value.code == 0
     out = capsys.readouterr().out
-    assert "demo" in out and "(default: 24)" in " ".join(out.split())  # defaults shown
+    assert "demo" in out and "(default: 40)" in " ".join(out.split())  # defaults shown
     options = [line.split()[0] for line in out.splitlines() if line.strip().startswith("--")]
     assert len(options) >= 13
     with pytest.raises(SystemExit) as exit_info:

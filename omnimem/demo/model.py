@@ -34,6 +34,11 @@ class TinyDiTConfig:
     heads: int = 4
     layers: int = 4
     frames_per_chunk: int = 3
+    # Keys share the queries' projection, times a gain: attention then follows content
+    # similarity, as a trained model's does; independent random projections make every head's
+    # attention nearly uniform, and no history would be worth retrieving.
+    tied_qk: bool = True
+    qk_gain: float = 2.0
 
     @property
     def head_dim(self) -> int:
@@ -101,6 +106,12 @@ class TinyCausalDiT(nn.Module):
             self.out = nn.Linear(config.dim, config.channels * config.patch**2)
             for block in self.blocks:  # adaLN-zero would make attention invisible: keep it live
                 nn.init.normal_(block.modulation.weight, std=0.02)
+                with torch.no_grad():
+                    weight, bias, dim = block.qkv.weight, block.qkv.bias, config.dim
+                    if config.tied_qk:
+                        weight[dim : 2 * dim], bias[dim : 2 * dim] = weight[:dim], bias[:dim]
+                    weight[: 2 * dim] *= config.qk_gain
+                    bias[: 2 * dim] *= config.qk_gain
 
     def positions(self, first_frame: int, frames: int, device) -> tuple[torch.Tensor, ...]:
         c = self.config

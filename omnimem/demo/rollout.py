@@ -1,9 +1,13 @@
-"""Chunk-wise AR rollout of the tiny DiT with three memories: OmniMem, dense, truncation."""
+"""Chunk-wise AR rollout of the tiny DiT with three memories: OmniMem, dense, truncation.
+
+The stream is synthetic: every chunk's starting latents come from its *scene* (a fixed random
+latent per scene, plus fresh noise), and the schedule returns to the first scene now and then
+(a camera coming back), so a later chunk has something far in its past worth retrieving.
+"""
 
 from __future__ import annotations
 
 import dataclasses
-import resource
 import time
 
 import torch
@@ -51,13 +55,41 @@ class BaselineKVStore:
 
 @dataclasses.dataclass
 class ChunkStats:
+    """One chunk of one mode: sizes, costs, and how far its attention is from full attention.
+
+    ``attention_error``: over the clean pass's layers, ``|out - full| / |full|`` where ``full``
+    is attention over the mode's whole history (0 for dense). ``retrieved_frames``: layer 0's
+    far history frames OmniMem selected (all heads; empty for other modes). ``kv_device_mib``:
+    KV bytes the mode keeps on the compute device, from the buffers (not the process's RSS);
+    ``kv_device_mib_offloaded``: the same for OmniMem with ``offload=True`` (block sums and
+    staging buffers; 0 for other modes).
+    """
+
     chunk: int
+    scene: int
     history_tokens: int
     attended_tokens: int
+    attention_gflop: float
     attention_ms: float
     step_ms: float
-    peak_memory_mib: float
+    attention_error: float
+    kv_device_mib: float
+    kv_device_mib_offloaded: float
+    retrieved_frames: list[int] = dataclasses.field(repr=False)
     latents: torch.Tensor = dataclasses.field(repr=False)
+
+
+def scene_schedule(chunks: int, *, revisit_every: int = 5, scene_chunks: int = 2) -> list[int]:
+    """Scene per chunk: scene 0 first, then new scenes of ``scene_chunks`` chunks each, and from
+    the middle of the run on every ``revisit_every``-th chunk returns to scene 0."""
+    scenes, new = [], 0
+    for index in range(chunks):
+        if index >= chunks // 2 and index % revisit_every == 0:
+            scenes.append(0)
+        else:
+            new = index // scene_chunks
+            scenes.append(new)
+    return scenes
 
 
 class Memory:
@@ -90,6 +122,22 @@ class Memory:
                 for _ in range(c.layers)
             ]
         self.attention_seconds = 0.0
+        self.diagnostic_seconds = 0.0
+        self.errors: list[float] = []
+        self.retrieved: list[int] = []
+        chunk_bytes = (
+            batch
+            * chunk_tokens
+            * c.heads
+            * c.head_dim
+            * 2
+            * torch.finfo(factory.get("dtype", torch.float32)).bits
+            // 8
+        )
+        self._bytes_per_token = chunk_bytes // chunk_tokens * c.layers
+        self._offload_mib = (
+            _offloaded_device_mib(model, config, capacity, batch, **factory) if mode == "omnimem" else 0
+        )
 
     def _sync(self) -> None:
         if self.device.type == "cuda":
@@ -98,6 +146,7 @@ class Memory:
     def __call__(self, layer: int, q, k, v, commit: bool) -> torch.Tensor:
         self._sync()
         start = time.perf_counter()
+        history = self.caches[layer].history_len
         if self.mode == "omnimem":
             out = cached_attention(q, k, v, self.caches[layer], commit=commit)
         else:
@@ -105,7 +154,38 @@ class Memory:
             out = out.transpose(1, 2)
         self._sync()
         self.attention_seconds += time.perf_counter() - start
+        if commit:  # the clean pass: compare with full attention (untimed)
+            begin = time.perf_counter()
+            self._diagnose(layer, q, k, out, history)
+            self.diagnostic_seconds += time.perf_counter() - begin
         return out
+
+    def _diagnose(self, layer: int, q, k, out, history: int) -> None:
+        cache, end = self.caches[layer], history + k.shape[1]
+        full = F.scaled_dot_product_attention(
+            q.transpose(1, 2), cache.k[:, :, :end].to(q.dtype), cache.v[:, :, :end].to(q.dtype)
+        ).transpose(1, 2)
+        self.errors.append(float((out.float() - full.float()).norm() / full.float().norm()))
+        if self.mode == "omnimem" and layer == 0 and history:
+            # The committed chunk is history now; ask what the chunk's queries retrieved before it.
+            selection = _selection_before(cache, q, history)
+            frame = self.config.block_size
+            far_end = max(0, history - self.config.local_tokens) // frame
+            first = -(-self.config.sink_tokens // frame)
+            blocks = selection.kv_block_idx[0, :, 0].flatten().tolist()
+            self.retrieved = sorted({b for b in blocks if first <= b < far_end})
+
+    def device_kv_mib(self, chunk_tokens: int, offloaded: bool = False) -> float:
+        """KV the mode keeps on the device after this chunk, from its buffers' element sizes."""
+        history = self.history_len()
+        if self.mode == "truncated":
+            c = self.config
+            tokens = min(history, c.sink_tokens + c.local_tokens) + chunk_tokens
+        else:
+            tokens = history + chunk_tokens
+        if self.mode == "omnimem" and offloaded:
+            return self._offload_mib
+        return tokens * self._bytes_per_token / 2**20
 
     def history_len(self) -> int:
         return self.caches[0].history_len
@@ -122,10 +202,31 @@ class Memory:
         return min(history, blocks * c.block_size) + chunk_tokens
 
 
-def peak_memory_mib(device: torch.device) -> float:
-    if device.type == "cuda":
-        return torch.cuda.max_memory_allocated(device) / 2**20
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # Linux: KiB
+def _selection_before(cache: OmniMemCache, q: torch.Tensor, history: int):
+    """What ``q`` retrieved with ``history`` committed tokens (the cache has one chunk more)."""
+    committed = cache.history_len
+    cache.history_len = history
+    try:
+        return cache.selection(q.transpose(1, 2))
+    finally:
+        cache.history_len = committed
+
+
+def _offloaded_device_mib(model: TinyCausalDiT, config: OmniMemConfig, capacity: int, batch: int, **factory):
+    """Device bytes of an offloaded cache per the model (block sums at full capacity plus the
+    staging buffers), read from one built with the same shapes."""
+    c = model.config
+    chunk_tokens = c.frames_per_chunk * c.tokens_per_frame
+    probe = OmniMemCache(
+        capacity, max_chunk_tokens=chunk_tokens, batch=batch, num_kv_heads=c.heads, head_dim=c.head_dim,
+        config=config, layout="blhd", offload=True, **factory,
+    )  # fmt: skip
+    tensors = [
+        probe.key_block_sums,
+        *probe._offload.fresh,
+        *(t for pair in probe._offload.work for t in pair),
+    ]
+    return c.layers * sum(t.numel() * t.element_size() for t in tensors) / 2**20
 
 
 @torch.no_grad()
@@ -138,22 +239,32 @@ def rollout(
     batch: int = 1,
     seed: int = 0,
     dtype: torch.dtype = torch.float32,
+    scenes: list[int] | None = None,
+    jitter: float = 0.3,
     on_chunk=None,
 ) -> list[ChunkStats]:
-    """Generate ``chunks`` chunks; each: ``steps`` flow-matching Euler steps, then a commit pass."""
+    """Generate ``chunks`` chunks; each: ``steps`` flow-matching Euler steps, then a commit pass.
+
+    Chunk ``i`` starts from its scene's latents (``scenes[i]``; default: every chunk its own
+    scene) mixed with ``jitter`` of fresh noise: the same inputs in every mode."""
     c = model.config
     device = memory.device
+    scenes = list(range(chunks)) if scenes is None else scenes
+    chunk_tokens = c.frames_per_chunk * c.tokens_per_frame
     stats = []
     for index in range(chunks):
-        gen = torch.Generator(device=device).manual_seed(seed * 100003 + index)  # same noise in every mode
         shape = (batch, c.frames_per_chunk, c.channels, c.height, c.width)
-        x = torch.randn(shape, generator=gen, device=device, dtype=dtype)
+        scene_gen = torch.Generator(device=device).manual_seed(seed * 100003 + 7919 * (scenes[index] + 1))
+        noise_gen = torch.Generator(device=device).manual_seed(seed * 100003 + index)
+        x = torch.randn(shape, generator=scene_gen, device=device, dtype=dtype)
+        x = (x + jitter * torch.randn(shape, generator=noise_gen, device=device, dtype=dtype)) / (
+            1 + jitter**2
+        ) ** 0.5
         first_frame = index * c.frames_per_chunk
         history = memory.history_len()
-        attended = memory.attended_tokens(c.frames_per_chunk * c.tokens_per_frame)
-        memory.attention_seconds = 0.0
-        if device.type == "cuda":
-            torch.cuda.reset_peak_memory_stats(device)
+        attended = memory.attended_tokens(chunk_tokens)
+        memory.attention_seconds = memory.diagnostic_seconds = 0.0
+        memory.errors, memory.retrieved = [], []
         start = time.perf_counter()
         for step in range(steps):
             t = 1.0 - step / steps
@@ -161,15 +272,20 @@ def rollout(
         model(x, 0.0, first_frame, memory, commit=True)  # the clean pass writes the chunk's KV
         if device.type == "cuda":
             torch.cuda.synchronize(device)
-        step_ms = (time.perf_counter() - start) * 1e3 / (steps + 1)
+        step_ms = (time.perf_counter() - start - memory.diagnostic_seconds) * 1e3 / (steps + 1)
         stats.append(
             ChunkStats(
                 chunk=index,
+                scene=scenes[index],
                 history_tokens=history,
                 attended_tokens=attended,
+                attention_gflop=4 * chunk_tokens * attended * c.head_dim * c.heads * c.layers / 1e9,
                 attention_ms=memory.attention_seconds * 1e3 / (steps + 1),
                 step_ms=step_ms,
-                peak_memory_mib=peak_memory_mib(device),
+                attention_error=sum(memory.errors) / len(memory.errors),
+                kv_device_mib=memory.device_kv_mib(chunk_tokens),
+                kv_device_mib_offloaded=memory.device_kv_mib(chunk_tokens, offloaded=True),
+                retrieved_frames=memory.retrieved,
                 latents=x.float().cpu(),
             )
         )
