@@ -9,6 +9,11 @@ timestep 0, to cache the clean chunk. No call says which pass is final, so the c
 position-addressed: ``OmniMemCache.attend_at`` writes each pass at ``current_start``; the
 first pass of the next chunk makes the previous chunk history.
 
+The authors' OmniMem model (``CausalWanNSAModel``: three-branch ``CausalNSSelfAttention``
+layers with learned gates) takes the same call: each such layer is replaced by
+[`GatedWanSelfAttention`][omnimem.GatedWanSelfAttention], built with its constructor settings and
+loaded with its weights (same parameter names and shapes), which their pipeline calls as before.
+
 ``patch_causal_wan(model, max_frames=...)`` replaces the cached inference path of every such
 module (found by its attribute names; calls without a ``kv_cache`` keep the original forward,
 e.g. training with a ``block_mask``). Each layer's ``OmniMemCache`` lives in the pipeline's own
@@ -28,16 +33,48 @@ from torch import nn
 
 from omnimem.cache import OmniMemCache
 from omnimem.config import OmniMemConfig
-from omnimem.gated_wan import reordered_rope
+from omnimem.gated_wan import GatedWanSelfAttention, reordered_rope
 
 logger = logging.getLogger("omnimem")
 
 _ATTENTION_ATTRIBUTES = ("q", "k", "v", "o", "norm_q", "norm_k", "num_heads", "head_dim")
+# Their CausalNSSelfAttention's constructor settings, read back from its attributes.
+_NSA_SETTINGS = (
+    "pool_f", "pool_h", "pool_w", "num_selected_blocks", "gate_mode", "layer_idx", "chunk_length",
+    "group_q_size", "skip_module",
+)  # fmt: skip
 _PATCH = "_omnimem_patch"
+_ORIGINAL = "_omnimem_original"
 
 
 def _is_causal_wan_attention(module: nn.Module) -> bool:
     return all(hasattr(module, name) for name in _ATTENTION_ATTRIBUTES) and hasattr(module, "sink_size")
+
+
+def _is_nsa_attention(module: nn.Module) -> bool:
+    return not isinstance(module, GatedWanSelfAttention) and all(
+        hasattr(module, name) for name in (*_ATTENTION_ATTRIBUTES, "g_proj", *_NSA_SETTINGS)
+    )
+
+
+def _gated_replacement(module: nn.Module) -> GatedWanSelfAttention:
+    """Their three-branch layer as ``GatedWanSelfAttention``: same settings, and their very
+    projection and norm modules (shared, not copied: no second set of weights)."""
+    wan = {name: getattr(module, name) for name in ("window_size", "qk_norm", "eps") if hasattr(module, name)}
+    settings = {name: getattr(module, name) for name in _NSA_SETTINGS}
+    with torch.device("meta"):  # every weight is replaced by theirs below
+        gated = GatedWanSelfAttention(dim=module.dim, num_heads=module.num_heads, **wan, **settings)
+    expected = {name: tuple(t.shape) for name, t in gated.state_dict().items()}
+    for name in ("q", "k", "v", "o", "norm_q", "norm_k", "g_proj"):
+        setattr(gated, name, getattr(module, name))
+    got = {name: tuple(t.shape) for name, t in gated.state_dict().items()}
+    if got != expected or any(t.is_meta for t in gated.state_dict().values()):
+        raise ValueError(
+            f"{type(module).__name__}'s weights do not fit GatedWanSelfAttention: "
+            f"expected {expected}, got {got}"
+        )
+    object.__setattr__(gated, _ORIGINAL, module)  # kept for unpatch, not registered as a child
+    return gated
 
 
 def patch_causal_wan(
@@ -95,14 +132,16 @@ def patch_causal_wan(
             continue
         if isinstance(value, bool) or not isinstance(value, int) or value < minimum:
             raise ValueError(f"{name} must be an int >= {minimum}, got {value!r}")
+    if any(hasattr(m, _PATCH) or hasattr(m, _ORIGINAL) for m in model.modules()):
+        raise ValueError("the model is already patched; call unpatch_causal_wan first")
+    replaced = _replace_nsa_layers(model)
     modules = [m for m in model.modules() if _is_causal_wan_attention(m)]
-    if not modules:
+    if not modules and not replaced:
         raise ValueError(
             "patch_causal_wan found no CausalWanSelfAttention-like module in the model (looked for "
-            f"modules with {', '.join(_ATTENTION_ATTRIBUTES)} and sink_size)"
+            f"modules with {', '.join(_ATTENTION_ATTRIBUTES)} and sink_size, or the authors' "
+            "CausalNSSelfAttention with g_proj and pool sizes)"
         )
-    if any(hasattr(m, _PATCH) for m in modules):
-        raise ValueError("the model is already patched; call unpatch_causal_wan first")
     settings = dict(
         config=config, max_frames=max_frames, max_chunk_frames=max_chunk_frames,
         sink_frames=sink_frames, local_frames=local_frames, offload=offload,
@@ -111,20 +150,40 @@ def patch_causal_wan(
         original = module.forward
         setattr(module, _PATCH, original)
         module.forward = types.MethodType(_patched_forward(original, settings), module)
-    logger.info("patch_causal_wan: %d attention layers now attend through omnimem", len(modules))
-    return modules
+    logger.info(
+        "patch_causal_wan: %d attention layers attend through omnimem",
+        len(modules) + len(replaced),
+    )
+    return sorted(modules + replaced, key=[*model.modules()].index)
+
+
+def _replace_nsa_layers(model: nn.Module) -> list[nn.Module]:
+    replaced = []
+    for parent in list(model.modules()):
+        for name, child in list(parent.named_children()):
+            if _is_nsa_attention(child):
+                gated = _gated_replacement(child)
+                setattr(parent, name, gated)
+                replaced.append(gated)
+    return replaced
 
 
 def unpatch_causal_wan(model: nn.Module) -> int:
-    """Restore the original forwards; returns how many modules were restored. The layers'
-    dicts no longer hold window buffers: let the pipeline re-create its caches (e.g.
-    ``pipeline.kv_cache1 = None``) before running it unpatched."""
+    """Restore the original forwards (and the authors' own three-branch layers); returns how
+    many modules were restored. The layers' dicts no longer hold window buffers: let the
+    pipeline re-create its caches (e.g. ``pipeline.kv_cache1 = None``) before running it
+    unpatched."""
     restored = 0
     for module in model.modules():
         if hasattr(module, _PATCH):
             module.forward = getattr(module, _PATCH)
             delattr(module, _PATCH)
             restored += 1
+    for parent in list(model.modules()):
+        for name, child in list(parent.named_children()):
+            if hasattr(child, _ORIGINAL):
+                setattr(parent, name, getattr(child, _ORIGINAL))
+                restored += 1
     return restored
 
 

@@ -243,6 +243,11 @@ class GatedWanSelfAttention(nn.Module):
             raise ValueError(
                 f"x holds {length} tokens, grid_sizes {frames}x{height}x{width} describe another"
             )
+        if frames % self.pool[0] or height % self.pool[1] or width % self.pool[2]:
+            raise ValueError(
+                f"grid_sizes {frames}x{height}x{width} must divide into the pooled blocks "
+                f"{self.pool[0]}x{self.pool[1]}x{self.pool[2]} (pool_f, pool_h, pool_w)"
+            )
         start_frame = int(start_frame)
         n, d = self.num_heads, self.head_dim
         q = self.norm_q(self.q(x)).view(batch, length, n, d)

@@ -105,3 +105,63 @@ def test_misuse_is_refused_clearly():
         ours(x, GRID, FREQS, pipeline.kv_cache1, current_start=2 * CHUNK)  # a skipped chunk
     with pytest.raises(ValueError, match="past the cache capacity of 48"):
         pipeline.inference(chunks(4), GRID, FREQS)  # 3 chunks of history > max_frames=4
+
+
+class StandinNSAttention(torch.nn.Module):
+    """The authors' three-branch layer as their constructor and weights describe it (settings
+    kept as attributes of those names, Wan's projections and norms, the gate projection)."""
+
+    def __init__(self, dim, num_heads, pool_f=1, pool_h=3, pool_w=2, num_selected_blocks=2, group_q_size=4):
+        super().__init__()
+        self.dim, self.num_heads, self.head_dim = dim, num_heads, dim // num_heads
+        self.window_size, self.qk_norm, self.eps = (-1, -1), True, 1e-6
+        self.pool_f, self.pool_h, self.pool_w = pool_f, pool_h, pool_w
+        self.num_selected_blocks, self.group_q_size, self.gate_mode = (
+            num_selected_blocks,
+            group_q_size,
+            "sigmoid",
+        )
+        self.layer_idx, self.chunk_length, self.skip_module = 0, CHUNK, None
+        self.q, self.k, self.v, self.o = (torch.nn.Linear(dim, dim) for _ in range(4))
+        self.norm_q, self.norm_k = torch.nn.RMSNorm(dim, eps=1e-6), torch.nn.RMSNorm(dim, eps=1e-6)
+        self.g_proj = torch.nn.Linear(dim, 3 * num_heads)
+
+    def forward(self, *args, **kwargs):
+        raise AssertionError("the patched model must not call the authors' forward")
+
+
+def test_the_authors_three_branch_layers_are_replaced_sharing_their_weights():
+    from omnimem import GatedWanSelfAttention
+
+    torch.manual_seed(1)
+    model = torch.nn.Sequential(StandinNSAttention(DIM, HEADS), StandinNSAttention(DIM, HEADS))
+    theirs = list(model)
+    patched = patch_causal_wan(model, max_frames=8)
+    assert all(isinstance(m, GatedWanSelfAttention) for m in model) and patched == list(model)
+    assert model[0].q is theirs[0].q and model[1].g_proj is theirs[1].g_proj  # shared, not copied
+    assert sum(p.numel() for p in model.parameters()) == sum(p.numel() for p in theirs[0].parameters()) * 2
+    reference = GatedWanSelfAttention(
+        dim=DIM, num_heads=HEADS, pool_f=1, pool_h=3, pool_w=2, num_selected_blocks=2, group_q_size=4,
+        chunk_length=CHUNK,
+    )  # fmt: skip
+    reference.load_state_dict(theirs[0].state_dict())
+    for start_frame in (0, 2, 4):  # chunk after chunk through each module's own cache
+        x = chunks(1, seed=start_frame)[0]
+        want = reference(x, None, GRID, FREQS, start_frame)
+        torch.testing.assert_close(model[0](x, None, GRID, FREQS, start_frame), want, atol=1e-6, rtol=1e-6)
+    assert unpatch_causal_wan(model) == 2 and list(model) == theirs
+
+
+def test_a_three_branch_layer_whose_weights_do_not_fit_is_refused():
+    layer = StandinNSAttention(DIM, HEADS)
+    layer.g_proj = torch.nn.Linear(DIM, 2 * HEADS)  # two gates: not the authors' three branches
+    with pytest.raises(ValueError, match="weights do not fit GatedWanSelfAttention"):
+        patch_causal_wan(torch.nn.Sequential(layer), max_frames=8)
+
+
+def test_a_grid_that_does_not_divide_into_blocks_is_a_clear_error():
+    from omnimem import GatedWanSelfAttention
+
+    layer = GatedWanSelfAttention(dim=DIM, num_heads=HEADS, pool_h=2, pool_w=3, chunk_length=CHUNK)
+    with pytest.raises(ValueError, match=r"grid_sizes 2x3x4 must divide into the pooled blocks 1x2x3"):
+        layer(chunks(1)[0], None, GRID, FREQS, 0)
