@@ -99,9 +99,10 @@ def patch_causal_wan(
         max_frames: the longest video, in latent frames, the caches must hold (the history
             is kept whole: 60 s of Wan2.1 at 16 fps is 240 latent frames).
         max_chunk_frames: the most frames one call writes (Self-Forcing: 3).
-        sink_frames, local_frames: the sink and the local window in latent frames (their
-            units: ``sink_size``, ``local_attn_size``); converted to tokens with the model's
-            tokens per frame at the first call, overriding ``config``'s token counts.
+        sink_frames: the sink in latent frames (their unit: ``sink_size``); converted to tokens
+            with the model's tokens per frame at the first call, overriding ``config``'s.
+        local_frames: the local window in latent frames (their ``local_attn_size``'s unit),
+            likewise.
         offload: keep each layer's history in host memory (``OmniMemCache(offload=True)``).
         **overrides: ``OmniMemConfig`` fields to change, e.g. ``top_k=64``.
 
