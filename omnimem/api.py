@@ -12,7 +12,7 @@ from collections.abc import Iterator
 import torch
 
 from omnimem.backends import get_backend
-from omnimem.checks import check_attention_inputs, check_key_block_sums, check_selection
+from omnimem.checks import Layout, check_attention_inputs, check_key_block_sums, check_selection, layout_of
 from omnimem.config import BACKEND_NAMES, OmniMemConfig
 from omnimem.selection import Selection, select
 
@@ -134,6 +134,7 @@ def select_blocks(
     chunk_len: int | None = None,
     config: OmniMemConfig | None = None,
     key_block_sums: torch.Tensor | None = None,
+    layout: Layout = "bhld",
     **overrides: object,
 ) -> Selection:
     """Choose, per (batch, KV head, query group), the history blocks a chunk attends.
@@ -146,6 +147,8 @@ def select_blocks(
         history_len: history tokens in ``k``; default ``Lkv - chunk_len``.
         chunk_len: current-chunk tokens in ``k``; default ``Lq``.
         config: retrieval configuration; default ``OmniMemConfig()``.
+        layout: ``"bhld"`` (default: q and k are ``[B, H, L, D]``) or ``"blhd"`` (``[B, L, H,
+            D]``, read through views without copies).
         key_block_sums: optional float32 ``[B, Hkv, ceil(Lkv / block_size), D]`` sums of each
             block's history keys (what a KV cache maintains incrementally). Without it the
             whole key history is read once per call to compute block means.
@@ -168,6 +171,8 @@ def select_blocks(
         (torch.Size([1, 2, 1, 6]), [[[5], [5]]])
     """
     config = _resolve_config(config, overrides)
+    if layout_of(layout) == "blhd":
+        q, k = (x.transpose(1, 2) if isinstance(x, torch.Tensor) else x for x in (q, k))
     history_len, _ = check_attention_inputs(q, k, None, history_len=history_len, chunk_len=chunk_len)
     return _select(q, k, history_len, config, config.scale or q.shape[-1] ** -0.5, key_block_sums)
 
@@ -183,6 +188,7 @@ def sparse_attention(
     return_lse: bool = False,
     key_block_sums: torch.Tensor | None = None,
     selection: Selection | None = None,
+    layout: Layout = "bhld",
     **overrides: object,
 ) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
     """Attention of a chunk over its own tokens and the history blocks OmniMem retrieves.
@@ -203,6 +209,9 @@ def sparse_attention(
             attention over the chunk.
         chunk_len: current-chunk tokens in ``k`` (``>= 1``); default ``Lq``.
         config: retrieval and backend configuration; default ``OmniMemConfig()``.
+        layout: ``"bhld"`` (default: q, k, v are ``[B, H, L, D]``) or ``"blhd"`` (they are
+            ``[B, L, H, D]``, the flash-attn/Wan layout, read through views without copies; the
+            output is ``[B, Lq, Hq, D]`` too, the log-sum-exp stays ``[B, Hq, Lq]``).
         return_lse: also return the float32 log-sum-exp ``[B, Hq, Lq]``.
         key_block_sums: optional cached per-block key sums (see ``select_blocks``); spares
             selection its pass over the whole key history.
@@ -230,6 +239,13 @@ def sparse_attention(
         torch.Size([1, 4, 32, 16])
     """
     config = _resolve_config(config, overrides)
+    if layout_of(layout) == "blhd":  # views, no copies; the result goes back the same way
+        result = sparse_attention(
+            *(x.transpose(1, 2) if isinstance(x, torch.Tensor) else x for x in (q, k, v)),
+            history_len=history_len, chunk_len=chunk_len, config=config, return_lse=return_lse,
+            key_block_sums=key_block_sums, selection=selection,
+        )  # fmt: skip
+        return (result[0].transpose(1, 2), result[1]) if return_lse else result.transpose(1, 2)
     history_len, chunk_len = check_attention_inputs(q, k, v, history_len=history_len, chunk_len=chunk_len)
     if not isinstance(return_lse, bool):
         raise TypeError(f"return_lse must be a bool, got {type(return_lse).__name__}")

@@ -17,17 +17,14 @@ from __future__ import annotations
 
 import copy
 import math
-from typing import Literal
 
 import torch
 
 from omnimem.api import select_blocks, sparse_attention
-from omnimem.checks import check_attention_inputs
+from omnimem.checks import Layout, check_attention_inputs
 from omnimem.config import OmniMemConfig
 from omnimem.offload import HostOffload, OffloadStats, check_host_memory, host_zeros
 from omnimem.selection import Selection, block_key_sums
-
-Layout = Literal["bhld", "blhd"]
 
 
 class OmniMemCache:

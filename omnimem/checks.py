@@ -2,7 +2,24 @@
 
 from __future__ import annotations
 
+from typing import Literal
+
 import torch
+
+Layout = Literal["bhld", "blhd"]
+LAYOUTS: tuple[str, ...] = ("bhld", "blhd")
+LAYOUT_HINT = (
+    "omnimem takes [B, H, L, D] tensors; pass [B, L, H, D] (flash-attn/Wan layout) ones with "
+    "layout='blhd' or as x.transpose(1, 2)"
+)
+
+
+def layout_of(layout: object) -> str:
+    """``layout`` checked: ``"bhld"`` (``[B, H, L, D]``) or ``"blhd"`` (``[B, L, H, D]``)."""
+    if layout not in LAYOUTS:
+        raise ValueError(f"layout must be 'bhld' ([B, H, L, D]) or 'blhd' ([B, L, H, D]), got {layout!r}")
+    return layout
+
 
 SUPPORTED_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
 
@@ -55,9 +72,13 @@ def check_attention_inputs(
     if k_batch != batch:
         raise ValueError(f"k must have q's batch size {batch}, got {k_batch} (shape {tuple(k.shape)})")
     if k_dim != head_dim:
-        raise ValueError(f"k must have q's head_dim {head_dim}, got {k_dim} (shape {tuple(k.shape)})")
+        raise ValueError(
+            f"k must have q's head_dim {head_dim}, got {k_dim} (shape {tuple(k.shape)}); {LAYOUT_HINT}"
+        )
     if kv_heads == 0 or q_heads % kv_heads:
-        raise ValueError(f"q heads ({q_heads}) must be a multiple of k heads ({kv_heads}) for MHA/GQA")
+        raise ValueError(
+            f"q heads ({q_heads}) must be a multiple of k heads ({kv_heads}) for MHA/GQA; {LAYOUT_HINT}"
+        )
     if q_len == 0 or head_dim == 0:
         raise ValueError(f"q must hold at least one query and one feature, got shape {tuple(q.shape)}")
 

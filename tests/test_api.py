@@ -249,3 +249,26 @@ def test_a_precomputed_selection_is_used_and_checked():
         sparse_attention(q, k[:, :, :-8], v[:, :, :-8], config=config, selection=selection)
     with pytest.raises(TypeError, match=r"selection must be an omnimem\.Selection"):
         sparse_attention(q, k, v, config=config, selection=object())
+
+
+@pytest.mark.parametrize("backend", ["dense", "gather", "flex"])
+def test_layout_blhd_reads_wan_layout_tensors_without_copies(backend):
+    q, k, v = make_inputs(q_heads=4, kv_heads=2, history_len=40, q_len=12, head_dim=16)
+    call = dict(history_len=40, block_size=8, top_k=2, sink_tokens=8, local_tokens=8, backend=backend)
+    want, want_lse = sparse_attention(q, k, v, return_lse=True, **call)
+    wan = [x.transpose(1, 2).contiguous() for x in (q, k, v)]  # [B, L, H, D] storage
+    got, lse = sparse_attention(*wan, layout="blhd", return_lse=True, **call)
+    assert got.shape == wan[0].shape
+    torch.testing.assert_close(got, want.transpose(1, 2), atol=1e-6, rtol=1e-6)
+    torch.testing.assert_close(lse, want_lse, atol=1e-6, rtol=1e-6)
+    selection = select_blocks(*wan[:2], layout="blhd", **call)
+    assert torch.equal(selection.kv_block_idx, select_blocks(q, k, **call).kv_block_idx)
+
+
+def test_layout_mistakes_are_named():
+    q, k, v = make_inputs(q_heads=4, kv_heads=2, history_len=40, q_len=12, head_dim=16)
+    with pytest.raises(ValueError, match=r"layout must be 'bhld' \(\[B, H, L, D\]\) or 'blhd'"):
+        sparse_attention(q, k, v, layout="BLHD")
+    wan = [x.transpose(1, 2).contiguous() for x in (q, k, v)]
+    with pytest.raises(ValueError, match=r"must be a multiple of k heads .* layout='blhd'"):
+        sparse_attention(*wan)  # [B, L, H, D] passed as if [B, H, L, D]
