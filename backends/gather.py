@@ -1,6 +1,6 @@
 """Gather backend: copy each head's attended tokens into a contiguous buffer, then SDPA.
 
-The strongest peer design we measured (DESIGN.md section 5), kept as a baseline and fallback:
+The strongest peer design we measured (docs/design.md), kept as a baseline and fallback:
 per KV head, the tokens of the table's blocks and of the chunk are gathered into
 ``[B, Hkv, W, D]`` buffers (``W = table width * block_size + chunk_len``, static), and
 ``torch.nn.functional.scaled_dot_product_attention`` runs over them with a boolean mask for

@@ -155,9 +155,10 @@ def select_blocks(
         **overrides: config fields to replace for this call (e.g. ``top_k=16``).
 
     Returns:
-        The [`Selection`][omnimem.Selection]: ``kv_block_idx`` ``[B, Hkv, G, K]`` (ascending,
-        ``-1`` padded), ``kv_num_blocks`` ``[B, Hkv, G]``, the ranked ``selected_block_idx``
-        and ``retrieved_block_idx`` (what the budget bought beyond sink and local window).
+        Selection: the chosen blocks, as a [`Selection`][omnimem.Selection] holding
+            ``kv_block_idx`` ``[B, Hkv, G, K]`` (ascending, ``-1`` padded), ``kv_num_blocks``
+            ``[B, Hkv, G]``, the ranked ``selected_block_idx`` and ``retrieved_block_idx``
+            (what the budget bought beyond the sink and local window).
 
     Raises:
         TypeError, ValueError: invalid inputs (see ``sparse_attention``).
@@ -195,7 +196,7 @@ def sparse_attention(
 
     Each query attends every current-chunk token and, per head, the sink blocks, the local
     window blocks and the ``top_k`` blocks selected for its KV head and query group
-    (DESIGN.md section 2; see ``select_blocks``).
+    ([Concepts](concepts.md#the-exact-rule); see ``select_blocks``).
 
     Args:
         q: ``[B, Hq, Lq, D]`` current-chunk queries (float16, bfloat16, float32 or float64).

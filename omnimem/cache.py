@@ -48,6 +48,17 @@ class OmniMemCache:
             Triton kernel; no host sync). Same API and results (bit-identical with the triton
             and gather backends); ``offload_stats`` reports hits and bytes fetched.
 
+    Attributes:
+        history_len: committed history tokens (``[0, history_len)`` of ``k``/``v``); grows with
+            ``commit`` or ``attend_at``'s next chunk, set back by ``rewind``/``reset``.
+        chunk_len: tokens of ``attend_at``'s current chunk, written after the history but not
+            history yet (0 when there is none).
+        capacity: the most history tokens the cache holds; ``k``/``v`` have one chunk more
+            (``max_chunk_tokens`` of scratch for the chunk being attended).
+        key_block_sums: float32 ``[B, Hkv, ceil((capacity + max_chunk_tokens) / block_size),
+            D]`` sums of each block's history keys, kept up to date by commits (selection
+            reads them instead of the keys).
+
     Raises:
         ValueError: non-positive sizes, an unknown layout, or (offloaded) a capacity larger
             than the host's available memory.

@@ -49,7 +49,7 @@ def _replace(config, changes: dict):
 
 @dataclasses.dataclass(frozen=True)
 class OmniMemConfig:
-    """How a chunk retrieves history blocks (DESIGN.md section 2).
+    """How a chunk retrieves history blocks ([Concepts](concepts.md#the-exact-rule)).
 
     Attributes:
         block_size: tokens per history block (the unit of retrieval). 128 is the triton

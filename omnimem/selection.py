@@ -253,7 +253,7 @@ class RetrievalRules(NamedTuple):
 def window_masks(
     history_len: torch.Tensor, num_blocks: int, rules: RetrievalRules
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """Per-block ``(valid, fixed, recent)`` bool masks ``[num_blocks]`` (DESIGN.md section 2).
+    """Per-block ``(valid, fixed, recent)`` bool masks ``[num_blocks]`` (docs/concepts.md, "The exact rule").
 
     ``fixed`` is sink ∪ local (always attended); ``recent`` is the exclusion window ``E``
     (which contains the local window); far blocks are ``valid & ~fixed & ~recent``.

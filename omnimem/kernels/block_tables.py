@@ -41,7 +41,7 @@ def _chunk_top_keys(
     in_range = block < num_blocks
     score = tl.load(scores_row + block * stride_block, mask=in_range, other=0.0, cache_modifier=".cg")
 
-    # Window rules (DESIGN.md section 2), as in ``window_masks``.
+    # Window rules (docs/concepts.md, "The exact rule"), as in ``window_masks``.
     start = block.to(tl.int64) * BLOCK_SIZE
     end = start + BLOCK_SIZE
     valid = start < history_len
