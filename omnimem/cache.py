@@ -16,6 +16,7 @@ shapes, so compiled backends compile once per layer shape and never again.
 from __future__ import annotations
 
 import copy
+import functools
 import math
 
 import torch
@@ -23,7 +24,7 @@ import torch
 from omnimem.api import select_blocks, sparse_attention
 from omnimem.checks import Layout, check_attention_inputs
 from omnimem.config import OmniMemConfig
-from omnimem.offload import HostOffload, OffloadStats, check_host_memory, host_zeros
+from omnimem.offload import HostOffload, OffloadStats, check_device_memory, check_host_memory, host_zeros
 from omnimem.selection import Selection, block_key_sums
 
 
@@ -123,10 +124,11 @@ class OmniMemCache:
         )
         # Zeros, not empty: unwritten space is never attended but must be finite (0 * NaN = NaN).
         self.device = torch.empty(0, device=device).device  # "cuda" -> "cuda:0": compared to inputs
+        history_bytes = _history_bytes(capacity, max_chunk_tokens, batch, num_kv_heads, head_dim, dtype)
+        (check_host_memory if offload else functools.partial(check_device_memory, device=self.device))(
+            history_bytes
+        )
         if offload:
-            check_host_memory(
-                _history_bytes(capacity, max_chunk_tokens, batch, num_kv_heads, head_dim, dtype)
-            )
             pin = self.device.type == "cuda"  # the stage kernel reads it; commits copy asynchronously
             self._k_storage = host_zeros(shape, dtype, pin=pin)
             self._v_storage = host_zeros(shape, dtype, pin=pin)
@@ -480,14 +482,21 @@ class OmniMemCache:
     def for_layers(cls, num_layers: int, capacity: int, **kwargs) -> list[OmniMemCache]:
         """One cache per attention layer, all alike (``kwargs`` as for the constructor).
 
-        Offloaded, the host memory of all the layers is checked before any is allocated.
+        The memory of all the layers (host memory offloaded, else the GPU's) is checked before
+        any is allocated.
         """
-        if kwargs.get("offload") is True:
-            sizes = [capacity] + [
-                kwargs.get(name) for name in ("max_chunk_tokens", "batch", "num_kv_heads", "head_dim")
-            ]
-            if all(isinstance(x, int) for x in sizes):  # else the constructor names what is wrong
-                check_host_memory(num_layers * _history_bytes(*sizes, kwargs.get("dtype", torch.float32)))
+        sizes = [capacity] + [
+            kwargs.get(name) for name in ("max_chunk_tokens", "batch", "num_kv_heads", "head_dim")
+        ]
+        dtype = kwargs.get("dtype", torch.float32)
+        if all(isinstance(x, int) for x in sizes) and isinstance(
+            dtype, torch.dtype
+        ):  # else the constructor says
+            total = num_layers * _history_bytes(*sizes, dtype)
+            if kwargs.get("offload") is True:
+                check_host_memory(total)
+            else:
+                check_device_memory(total, torch.device(kwargs.get("device", "cpu")))
         return [cls(capacity, **kwargs) for _ in range(num_layers)]
 
 

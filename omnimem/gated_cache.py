@@ -21,7 +21,9 @@ import torch
 from omnimem.checks import check_attention_inputs, check_gates
 from omnimem.config import GatedConfig
 from omnimem.gated import gated_attention
+from omnimem.offload import check_device_memory
 from omnimem.pooling import PooledKV, block_means
+from omnimem.sizing import kv_cache_bytes
 
 Layout = Literal["bhld", "blhd"]
 
@@ -93,6 +95,13 @@ class GatedCache:
             if layout == "blhd"
             else (batch, num_kv_heads, capacity, head_dim)
         )
+        check_device_memory(
+            kv_cache_bytes(
+                capacity, num_kv_heads=num_kv_heads, head_dim=head_dim, batch=batch, dtype=dtype,
+                config=self.config,
+            ),
+            torch.device(device),
+        )  # fmt: skip
         # Zeros, not empty: unwritten space is never read, but finite is the safe default.
         self._k = torch.zeros(shape, dtype=dtype, device=device)
         self._v = torch.zeros_like(self._k)

@@ -63,6 +63,20 @@ def check_host_memory(nbytes: int) -> None:
         )
 
 
+def check_device_memory(nbytes: int, device: torch.device) -> None:
+    """Refuse up front a resident history larger than the GPU's free memory (CPU: unchecked,
+    the host's allocator answers for itself)."""
+    if device.type != "cuda":
+        return
+    free, _ = torch.cuda.mem_get_info(device)
+    if nbytes > free:
+        raise ValueError(
+            f"a resident history of this capacity needs {nbytes / 2**30:.1f} GiB of GPU memory, but "
+            f"only {free / 2**30:.1f} GiB are free on {device}: use offload=True (the history in "
+            "host memory) or lower the capacity (omnimem.kv_cache_bytes sizes a model)"
+        )
+
+
 def host_zeros(shape: tuple[int, ...], dtype: torch.dtype, *, pin: bool) -> torch.Tensor:
     """A zero host tensor; ``pin``: page-locked and mapped for device access (CUDA).
 

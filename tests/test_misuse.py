@@ -126,3 +126,23 @@ def test_unselected_block_has_no_influence_through_gather_padding(backend):
     clean = sparse_attention(q, k, v, block_size=8, top_k=2, backend=backend)
     v[:, :, :8] = float("nan")
     torch.testing.assert_close(sparse_attention(q, k, v, block_size=8, top_k=2, backend=backend), clean)
+
+
+def test_resident_caches_larger_than_the_gpu_are_refused_up_front(monkeypatch):
+    """Like offloaded caches and host memory: all layers are checked before any is allocated."""
+    from omnimem.cache import OmniMemCache
+
+    monkeypatch.setattr(torch.cuda, "mem_get_info", lambda device=None: (2 * 2**30, 80 * 2**30))
+    kwargs = dict(max_chunk_tokens=4680, batch=1, num_kv_heads=12, head_dim=128, dtype=torch.bfloat16)
+    with pytest.raises(
+        ValueError, match=r"needs 7\.2 GiB of GPU memory, but only 2\.0 GiB are free.*offload=True"
+    ):
+        OmniMemCache.for_layers(30, 24 * 1560, device="cuda", **kwargs)  # 30 layers x 24 frames
+
+
+def test_a_gated_cache_larger_than_the_gpu_is_refused_up_front(monkeypatch):
+    from omnimem import GatedCache
+
+    monkeypatch.setattr(torch.cuda, "mem_get_info", lambda device=None: (2**30, 80 * 2**30))
+    with pytest.raises(ValueError, match=r"needs 2\.\d GiB of GPU memory, but only 1\.0 GiB"):
+        GatedCache(240 * 1560, batch=1, num_kv_heads=12, head_dim=128, dtype=torch.bfloat16, device="cuda")
