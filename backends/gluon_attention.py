@@ -376,17 +376,32 @@ def _row_view(t: torch.Tensor) -> tuple[int, int] | None:
     return last_row + length, sl
 
 
+def skip_reason(
+    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, block_size: int, grouped: bool
+) -> str | None:
+    """Why this kernel cannot run the call (``None``: it can)."""
+    if q.device.type != "cuda":
+        return "not a CUDA tensor"
+    if torch.cuda.get_device_capability(q.device)[0] != 9:
+        return f"compute capability {torch.cuda.get_device_capability(q.device)} is not Hopper's 9.x"
+    if grouped:
+        return "query groups (query_group_size) need per-group tables"
+    if block_size % BLOCK_N:
+        return f"block_size {block_size} is not a multiple of {BLOCK_N}"
+    if q.dtype not in (torch.float16, torch.bfloat16) or k.dtype != q.dtype or v.dtype != q.dtype:
+        return f"dtype {q.dtype} (it runs float16/bfloat16)"
+    if q.shape[-1] not in (64, 128):
+        return f"head_dim {q.shape[-1]} (it runs 64 or 128)"
+    if k.stride() != v.stride():
+        return "k and v have different strides"
+    if any(_row_view(t) is None for t in (q, k, v)):
+        return "a layout its TMA descriptors cannot address (16-byte alignment, row strides)"
+    return None
+
+
 def supported(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, block_size: int, grouped: bool) -> bool:
     """Whether this kernel runs the call (else ``triton_attention`` does)."""
-    if q.device.type != "cuda" or grouped or block_size % BLOCK_N:
-        return False
-    if torch.cuda.get_device_capability(q.device)[0] != 9:
-        return False
-    if q.dtype not in (torch.float16, torch.bfloat16) or k.dtype != q.dtype or v.dtype != q.dtype:
-        return False
-    if q.shape[-1] not in (64, 128) or k.stride() != v.stride():
-        return False
-    return all(_row_view(t) is not None for t in (q, k, v))
+    return skip_reason(q, k, v, block_size=block_size, grouped=grouped) is None
 
 
 def scattered_attention(

@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import dataclasses
 import functools
+import logging
 import math
 import os
 from types import ModuleType
@@ -59,6 +60,29 @@ def _hopper_kernel() -> ModuleType | None:
     return gluon_attention
 
 
+@functools.cache
+def _say_kernel(
+    capability: tuple[int, int],
+    dtype: torch.dtype,
+    head_dim: int,
+    block_size: int,
+    grouped: bool,
+    reason: str | None,
+) -> None:
+    """Once per shape class: which kernel runs, and why the faster one did not."""
+    shape = f"sm_{capability[0]}{capability[1]}, {dtype}, head_dim {head_dim}, block_size {block_size}, " + (
+        "query groups" if grouped else "one query group"
+    )
+    if reason is None:
+        logging.getLogger("omnimem").info("triton backend (%s): the Hopper Gluon kernel", shape)
+    else:
+        logging.getLogger("omnimem").info(
+            "triton backend (%s): the Triton-language kernel; the faster Hopper Gluon kernel is skipped: %s",
+            shape,
+            reason,
+        )
+
+
 def forward(
     q: torch.Tensor,
     k: torch.Tensor,
@@ -96,7 +120,21 @@ def forward(
         selection = dataclasses.replace(selection, block_size=k.shape[2])
     grouped = selection.kv_block_idx.shape[2] > 1
     hopper = _hopper_kernel()
-    if hopper is not None and hopper.supported(q, k, v, block_size=selection.block_size, grouped=grouped):
+    reason = (
+        "this triton has no Gluon for Hopper"
+        if hopper is None
+        else hopper.skip_reason(q, k, v, block_size=selection.block_size, grouped=grouped)
+    )
+    if q.device.type == "cuda":
+        _say_kernel(
+            torch.cuda.get_device_capability(q.device),
+            q.dtype,
+            q.shape[-1],
+            selection.block_size,
+            grouped,
+            reason,
+        )
+    if reason is None:
         return hopper.scattered_attention(
             q,
             k,

@@ -6,6 +6,7 @@ import contextlib
 import contextvars
 import dataclasses
 import functools
+import logging
 import os
 from collections.abc import Iterator
 
@@ -84,15 +85,34 @@ def resolve_backend(
     ):
         if name is not None and _check_backend_name(name, source) != "auto":
             return name
+    choice, why = _auto_choice(config, device, dtype, head_dim)
+    _say_auto(device.type, dtype, head_dim, config.query_group_size is not None, choice, why)
+    return choice
+
+
+def _auto_choice(
+    config: OmniMemConfig, device: torch.device, dtype: torch.dtype | None, head_dim: int | None
+) -> tuple[str, str]:
     if device.type != "cuda":
-        return "gather"
+        return "gather", "the fastest measured on CPU"
     if config.query_group_size is not None:
-        return "flex"
+        return "flex", "query groups: the Hopper kernel takes one group"
     if dtype == torch.float32:
-        return "gather"
+        return "gather", "float32: tensor-core kernels would round to TF32"
     if dtype in (torch.float16, torch.bfloat16) and head_dim in (64, 128) and _has_tma(device):
-        return "triton"
-    return "flex"
+        return "triton", "Hopper (TMA), 16-bit, head_dim 64/128"
+    if not _has_tma(device):
+        return "flex", "no TMA (pre-Hopper): triton measured slower than flex there"
+    return "flex", f"head_dim {head_dim} or dtype {dtype} is outside the triton kernel's measured classes"
+
+
+@functools.cache
+def _say_auto(device_type: str, dtype, head_dim, grouped: bool, choice: str, why: str) -> None:
+    """Once per shape class: what ``auto`` picked and why."""
+    logging.getLogger("omnimem").info(
+        "backend auto (%s, %s, head_dim %s, %s): %s (%s)",
+        device_type, dtype, head_dim, "query groups" if grouped else "one query group", choice, why,
+    )  # fmt: skip
 
 
 @functools.cache

@@ -201,6 +201,14 @@ def gated_attention(
     """
     config = _resolve(config, overrides)
     backend = resolve_gated_backend(config, q.device, q.dtype)
+    wants_grad = any(isinstance(x, torch.Tensor) and x.requires_grad for x in (q, k, v, gates))
+    if backend == "triton" and torch.is_grad_enabled() and wants_grad:
+        # The kernel sums the branches in its epilogue and has no backward: its output would
+        # carry no gradient at all, silently.
+        raise ValueError(
+            "the gated layer's triton kernel has no backward yet: run under torch.no_grad(), or use "
+            "backend='gather' (torch ops, differentiable in q, k, v and gates)"
+        )
     seq_len, pooled, config = _prepare(q, k, v, history_len, config, pooled)
     check_gates(gates, q)
     _log_choice(backend, q.device.type)

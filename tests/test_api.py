@@ -272,3 +272,29 @@ def test_layout_mistakes_are_named():
     wan = [x.transpose(1, 2).contiguous() for x in (q, k, v)]
     with pytest.raises(ValueError, match=r"must be a multiple of k heads .* layout='blhd'"):
         sparse_attention(*wan)  # [B, L, H, D] passed as if [B, H, L, D]
+
+
+def test_auto_and_the_triton_kernel_say_once_what_runs_and_why(caplog, monkeypatch):
+    import logging
+
+    import omnimem.api
+    from omnimem.backends import triton as triton_backend
+
+    monkeypatch.delenv("OMNIMEM_BACKEND", raising=False)
+    omnimem.api._say_auto.cache_clear()
+    triton_backend._say_kernel.cache_clear()
+    with caplog.at_level(logging.INFO, logger="omnimem"):
+        for _ in range(2):
+            resolve_backend(OmniMemConfig(), torch.device("cpu"), dtype=torch.float32, head_dim=32)
+        triton_backend._say_kernel((8, 0), torch.bfloat16, 96, 128, False, "compute capability (8, 0) ...")
+    said = [r.getMessage() for r in caplog.records]
+    assert said.count("backend auto (cpu, torch.float32, head_dim 32, one query group): gather "
+                      "(the fastest measured on CPU)") == 1  # fmt: skip
+    assert any("the faster Hopper Gluon kernel is skipped: compute capability (8, 0)" in m for m in said)
+
+
+def test_the_hopper_kernel_names_why_it_skips_a_call():
+    from omnimem.backends import gluon_attention
+
+    q, k, v = make_inputs(device="cpu")
+    assert gluon_attention.skip_reason(q, k, v, block_size=128, grouped=False) == "not a CUDA tensor"

@@ -146,3 +146,16 @@ def test_a_gated_cache_larger_than_the_gpu_is_refused_up_front(monkeypatch):
     monkeypatch.setattr(torch.cuda, "mem_get_info", lambda device=None: (2**30, 80 * 2**30))
     with pytest.raises(ValueError, match=r"needs 2\.\d GiB of GPU memory, but only 1\.0 GiB"):
         GatedCache(240 * 1560, batch=1, num_kv_heads=12, head_dim=128, dtype=torch.bfloat16, device="cuda")
+
+
+def test_the_gated_triton_kernel_refuses_gradients_and_gather_gives_them():
+    from omnimem import gated_attention
+
+    q, k, v = (torch.randn(1, 2, n, 16, requires_grad=True) for n in (30, 90, 90))
+    gates = torch.rand(1, 2, 30, 3, requires_grad=True)
+    call = dict(history_len=60, block_size=6, query_group_size=5, top_k=2, window_tokens=30)
+    if INTERPRETED:
+        with pytest.raises(ValueError, match=r"triton kernel has no backward yet.*backend='gather'"):
+            gated_attention(q, k, v, gates, backend="triton", **call)
+    gated_attention(q, k, v, gates, backend="gather", **call).sum().backward()
+    assert all(x.grad is not None and x.grad.abs().sum() > 0 for x in (q, k, v, gates))
