@@ -195,9 +195,24 @@ class OmniMemCache:
         k_chunk, v_chunk = self._check_pair(k_chunk, v_chunk)
         chunk_len = k_chunk.shape[2]
         end = self.history_len + chunk_len
-        self.k[:, :, self.history_len : end] = k_chunk
-        self.v[:, :, self.history_len : end] = v_chunk
+        # The buffers hold values, never autograd graphs: a graph kept in them would grow with
+        # every write and break the next backward (in-place writes to saved tensors).
+        self.k[:, :, self.history_len : end] = k_chunk.detach()
+        self.v[:, :, self.history_len : end] = v_chunk.detach()
         return chunk_len
+
+    def _attend_differentiably(self, q, k_chunk, v_chunk, chunk_len: int, return_lse: bool):
+        """``attend`` when gradients are wanted: the history (constants) and this chunk (with
+        its graph) in a fresh tensor, so gradients reach q, k_chunk and v_chunk. It copies the
+        history: training-time cost, not inference's."""
+        history = self.history_len
+        keys = torch.cat([self.k[:, :, :history], k_chunk], dim=2)
+        values = torch.cat([self.v[:, :, :history], v_chunk], dim=2)
+        blocks = math.ceil((history + chunk_len) / self.config.block_size)
+        return sparse_attention(
+            q, keys, values, history_len=history, chunk_len=chunk_len, config=self.config,
+            return_lse=return_lse, key_block_sums=self.key_block_sums[:, :, :blocks],
+        )  # fmt: skip
 
     def attend(
         self,
@@ -224,12 +239,22 @@ class OmniMemCache:
                 device, or ``q`` that does not match (see ``sparse_attention``).
             TypeError: a chunk not in the cache's dtype.
         """
+        training = torch.is_grad_enabled() and any(
+            isinstance(t, torch.Tensor) and t.requires_grad for t in (q, k_chunk, v_chunk)
+        )
         if self._offload is not None:
+            if training:
+                raise ValueError(
+                    "gradients through an offloaded cache are not supported: train with a resident "
+                    "cache (offload=False), or attend under torch.no_grad()"
+                )
             k_chunk, v_chunk = self._check_pair(k_chunk, v_chunk)
             out = self._offload.attend(self, q, k_chunk, v_chunk, return_lse)
             self.chunk_len, self._chunk_copy = 0, None  # this write replaced attend_at's chunk
             return out
         chunk_len = self._write_chunk(k_chunk, v_chunk)
+        if training:
+            return self._attend_differentiably(q, k_chunk, v_chunk, chunk_len, return_lse)
         out = sparse_attention(
             q,
             self.k,

@@ -261,3 +261,35 @@ def test_attend_at_refuses_before_changing_anything():
     cache.rewind(4)
     assert (cache.history_len, cache.chunk_len) == (4, 0)
     cache.attend_at(chunk(4), chunk(4), chunk(4), start=4)
+
+
+@pytest.mark.parametrize("backend", ["dense", "gather"])
+def test_gradients_flow_through_the_current_chunk_of_a_cache(backend):
+    """Training through the cache: attend / commit / attend runs, the history holds values (no
+    graph), and the chunk's gradients are those of the stateless call (float64 gradcheck)."""
+    config = OmniMemConfig(block_size=4, top_k=2, sink_tokens=4, local_tokens=4, backend=backend)
+    cache = make_cache(config=config, dtype=torch.float64)
+    gen = torch.Generator().manual_seed(0)
+    for _ in range(3):  # a history of 3 committed chunks, each trained on first
+        q, k, v = (
+            torch.randn(1, 2, 8, 8, generator=gen, dtype=torch.float64, requires_grad=True) for _ in range(3)
+        )
+        cache.attend(q, k, v).sum().backward()
+        cache.commit(k, v)
+        assert q.grad is not None and k.grad is not None and not cache.k.requires_grad
+    q, k, v = (
+        torch.randn(1, 2, 8, 8, generator=gen, dtype=torch.float64, requires_grad=True) for _ in range(3)
+    )
+    torch.autograd.gradcheck(lambda q, k, v: cache.attend(q, k, v), (q, k, v))
+    keys, values = torch.cat([cache.k[:, :, :24], k], 2), torch.cat([cache.v[:, :, :24], v], 2)
+    want = sparse_attention(q, keys, values, history_len=24, config=config)
+    torch.testing.assert_close(cache.attend(q, k, v), want, atol=1e-12, rtol=1e-12)
+
+
+def test_an_offloaded_cache_refuses_gradients():
+    cache = make_cache(offload=True)
+    q = chunk(8).requires_grad_()
+    with pytest.raises(ValueError, match="gradients through an offloaded cache are not supported"):
+        cache.attend(q, chunk(8), chunk(8))
+    with torch.no_grad():
+        cache.attend(q, chunk(8), chunk(8))
