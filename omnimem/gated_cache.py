@@ -186,8 +186,9 @@ class GatedCache:
 
     def _store(self, k: torch.Tensor, v: torch.Tensor, start: int) -> None:
         stop = start + k.shape[2]
-        self.k[:, :, start:stop].copy_(k)
-        self.v[:, :, start:stop].copy_(v)
+        # Values, never autograd graphs (a graph kept here would break the next backward).
+        self.k[:, :, start:stop].copy_(k.detach())
+        self.v[:, :, start:stop].copy_(v.detach())
         bs = self.config.block_size
         first = start // bs  # the block holding `start` may also hold earlier tokens
         k_means = block_means(self.k[:, :, first * bs : stop], stop - first * bs, bs)
@@ -212,6 +213,11 @@ class GatedCache:
             raise ValueError(f"q must hold the chunk's {k.shape[2]} queries (k's length), got {q.shape[2]}")
         check_gates(gates, q)
         self._store(k, v, start)
+        if torch.is_grad_enabled() and any(t.requires_grad for t in (q, k, v, gates)):
+            # Gradients through the chunk (and, via the block means it touches, the compressed
+            # branch): the history as constants plus the live chunk, pooled afresh per call.
+            keys, values = torch.cat([self.k[:, :, :start], k], 2), torch.cat([self.v[:, :, :start], v], 2)
+            return gated_attention(q, keys, values, gates, history_len=start, config=self.config)
         return gated_attention(
             q, self.k, self.v, gates, history_len=start, config=self.config, pooled=self.pooled
         )

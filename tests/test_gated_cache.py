@@ -77,3 +77,27 @@ def test_constructor_validation():
         GatedCache(10, batch=1, num_kv_heads=1, head_dim=8, layout="bld")
     with pytest.raises(TypeError, match="unknown GatedConfig field"):
         GatedCache(10, batch=1, num_kv_heads=1, head_dim=8, sink_tokens=4)
+
+
+def test_gradients_flow_through_the_current_chunk_of_a_gated_cache():
+    """Training through the cache (gather): each pass backpropagates, and the chunk's gradients
+    (through all three branches, the block means included) are the stateless layer's."""
+    rules = dict(block_size=6, query_group_size=5, top_k=2, window_tokens=30, backend="gather")
+    cache = GatedCache(120, batch=1, num_kv_heads=2, head_dim=8, dtype=torch.float64, **rules)
+    gen = torch.Generator().manual_seed(0)
+
+    def inputs():
+        tensors = [torch.randn(1, 2, 30, 8, generator=gen, dtype=torch.float64) for _ in range(3)]
+        return [*tensors, torch.rand(1, 2, 30, 3, generator=gen, dtype=torch.float64)]
+
+    for start in (0, 0, 30, 30, 60):  # passes rewrite a chunk; each backpropagates on its own
+        ours = [x.clone().requires_grad_() for x in inputs()]
+        cache.attend(*ours, start=start).square().sum().backward()
+        theirs = [x.detach().clone().requires_grad_() for x in ours]
+        q, k, v, gates = theirs
+        keys, values = torch.cat([cache.k[:, :, :start], k], 2), torch.cat([cache.v[:, :, :start], v], 2)
+        gated_attention(q, keys, values, gates, history_len=start, **rules).square().sum().backward()
+        for mine, reference in zip(ours, theirs, strict=True):
+            assert mine.grad is not None and mine.grad.abs().sum() > 0
+            torch.testing.assert_close(mine.grad, reference.grad, atol=1e-12, rtol=1e-12)
+        assert not cache.k.requires_grad and not cache.pooled.k.requires_grad
