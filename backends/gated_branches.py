@@ -54,6 +54,7 @@ def selected_attention_gather(
     excluded); 0 where a group has no block. Float32 softmax, any device."""
     batch, q_heads, q_len, head_dim = q.shape
     kv_heads, groups = k.shape[1], block_idx.shape[2]
+    acc = torch.float64 if q.dtype == torch.float64 else torch.float32  # float32 softmax, or float64
     per_kv = q_heads // kv_heads
     token = block_idx.long()[..., None] * block_size + torch.arange(block_size, device=q.device)
     valid = (block_idx[..., None] >= 0) & (token < seq_len)  # [B, Hkv, G, K, bs]
@@ -64,12 +65,12 @@ def selected_attention_gather(
         index = token.flatten(2)[..., None].expand(-1, -1, -1, head_dim)
         # Where valid is False the gathered token is never weighted; zero it so that
         # whatever lies there (even NaN) has no influence.
-        rows = x.gather(2, index).unflatten(2, (groups, -1)).float()
+        rows = x.gather(2, index).unflatten(2, (groups, -1)).to(acc)
         return torch.where(valid[..., None], rows, 0.0)
 
     keys, values = gathered(k), gathered(v)  # [B, Hkv, G, K * bs, D]
     padded = groups * query_group_size
-    qg = F.pad(q.float(), (0, 0, 0, padded - q_len)).view(
+    qg = F.pad(q.to(acc), (0, 0, 0, padded - q_len)).view(
         batch, kv_heads, per_kv, groups, query_group_size, head_dim
     )
     scores = torch.einsum("bhrgqd,bhgtd->bhrgqt", qg, keys) * scale

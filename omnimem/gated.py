@@ -19,7 +19,7 @@ from omnimem.backends.gated_branches import compressed_attention, selected_atten
 from omnimem.checks import check_attention_inputs, check_gates
 from omnimem.config import GatedConfig
 from omnimem.gated_selection import GroupSelection, select_groups
-from omnimem.pooling import PooledKV, pool_kv
+from omnimem.pooling import PooledKV, accumulation_dtype, pool_kv
 
 _DEFAULT = GatedConfig()
 logger = logging.getLogger("omnimem")
@@ -242,8 +242,9 @@ def gated_attention(
         query_group_size=selection.query_group_size,
         scale=scale,
     )
-    g_cmp, g_slc, g_swa = gates.float().unbind(-1)
+    acc = accumulation_dtype(q.dtype)
+    g_cmp, g_slc, g_swa = gates.to(acc).unbind(-1)
     out = (
-        g_cmp[..., None] * o_cmp.float() + g_slc[..., None] * o_slc.float() + g_swa[..., None] * o_swa.float()
+        g_cmp[..., None] * o_cmp.to(acc) + g_slc[..., None] * o_slc.to(acc) + g_swa[..., None] * o_swa.to(acc)
     )
     return out.to(q.dtype)

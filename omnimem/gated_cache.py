@@ -22,7 +22,7 @@ from omnimem.checks import check_attention_inputs, check_gates
 from omnimem.config import GatedConfig
 from omnimem.gated import gated_attention
 from omnimem.offload import check_device_memory
-from omnimem.pooling import PooledKV, block_means
+from omnimem.pooling import PooledKV, accumulation_dtype, block_means
 from omnimem.sizing import kv_cache_bytes
 
 Layout = Literal["bhld", "blhd"]
@@ -191,11 +191,16 @@ class GatedCache:
         self.v[:, :, start:stop].copy_(v.detach())
         bs = self.config.block_size
         first = start // bs  # the block holding `start` may also hold earlier tokens
-        k_means = block_means(self.k[:, :, first * bs : stop], stop - first * bs, bs)
-        v_means = block_means(self.v[:, :, first * bs : stop], stop - first * bs, bs)
+        touched = (self.k[:, :, first * bs : stop], self.v[:, :, first * bs : stop])
+        acc = accumulation_dtype(self.k.dtype)
+        k_means = block_means(touched[0], stop - first * bs, bs)  # float32: what selection scores
+        k_attn = (
+            k_means if acc == torch.float32 else block_means(touched[0], stop - first * bs, bs, dtype=acc)
+        )
+        v_means = block_means(touched[1], stop - first * bs, bs, dtype=acc)
         last = first + k_means.shape[2]
         self.pooled.k[:, :, first:last].copy_(k_means)
-        self.pooled.k_attn[:, :, first:last].copy_(k_means)
+        self.pooled.k_attn[:, :, first:last].copy_(k_attn)
         self.pooled.v_attn[:, :, first:last].copy_(v_means)
         self.last_start, self.end = start, stop
 

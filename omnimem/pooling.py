@@ -61,15 +61,28 @@ class PooledKV:
         return PooledKV(self.k.to(device), self.k_attn.to(device), self.v_attn.to(device), self.block_size)
 
 
-def block_means(x: torch.Tensor, seq_len: int, block_size: int, num_slots: int | None = None) -> torch.Tensor:
-    """Float32 mean of each ``block_size`` run of ``x[..., :seq_len, :]``: ``[B, H, L, D] ->
-    [B, H, num_slots, D]`` (default ``ceil(seq_len / block_size)`` slots; extra slots are 0)."""
+def accumulation_dtype(dtype: torch.dtype) -> torch.dtype:
+    """What the gated layer accumulates in: float32, or float64 for float64 inputs (exact
+    gradients for ``gradcheck``)."""
+    return torch.float64 if dtype == torch.float64 else torch.float32
+
+
+def block_means(
+    x: torch.Tensor,
+    seq_len: int,
+    block_size: int,
+    num_slots: int | None = None,
+    dtype: torch.dtype = torch.float32,
+) -> torch.Tensor:
+    """Mean (in ``dtype``, float32 by default) of each ``block_size`` run of ``x[..., :seq_len,
+    :]``: ``[B, H, L, D] -> [B, H, num_slots, D]`` (default ``ceil(seq_len / block_size)``
+    slots; extra slots are 0)."""
     valid = math.ceil(seq_len / block_size)
     num_slots = valid if num_slots is None else num_slots
-    out = torch.zeros((*x.shape[:2], num_slots, x.shape[-1]), dtype=torch.float32, device=x.device)
+    out = torch.zeros((*x.shape[:2], num_slots, x.shape[-1]), dtype=dtype, device=x.device)
     if seq_len == 0:
         return out
-    sums = segment_sums(x[:, :, :seq_len], block_size)
+    sums = segment_sums(x[:, :, :seq_len], block_size, dtype)
     # Device arithmetic only (no host-to-device copy): capturable in a CUDA graph.
     counts = (seq_len - torch.arange(valid, device=x.device) * block_size).clamp(max=block_size)
     out[:, :, :valid] = sums / counts[:, None]
@@ -104,6 +117,8 @@ def pool_kv(
         raise ValueError(
             f"num_slots must be >= ceil(seq_len / block_size) = {math.ceil(seq_len / block_size)}"
         )
-    k_means = block_means(k, seq_len, block_size, num_slots)
-    v_means = block_means(v, seq_len, block_size, num_slots)
-    return PooledKV(k_means, k_means.to(k.dtype), v_means.to(v.dtype), block_size)
+    acc = accumulation_dtype(k.dtype)
+    k_means = block_means(k, seq_len, block_size, num_slots)  # float32: what selection scores
+    k_attn = k_means if acc == torch.float32 else block_means(k, seq_len, block_size, num_slots, acc)
+    v_means = block_means(v, seq_len, block_size, num_slots, acc)
+    return PooledKV(k_means, k_attn.to(k.dtype), v_means.to(v.dtype), block_size)

@@ -114,20 +114,19 @@ def attended_blocks(kv_block_idx: torch.Tensor, num_blocks: int) -> torch.Tensor
     return dense[..., :-1]
 
 
-def segment_sums(x: torch.Tensor, segment: int) -> torch.Tensor:
-    """Float32 sums of consecutive ``segment``-token runs along dim -2 (last run may be short).
+def segment_sums(x: torch.Tensor, segment: int, dtype: torch.dtype = torch.float32) -> torch.Tensor:
+    """Sums (in ``dtype``, float32 by default) of consecutive ``segment``-token runs along dim
+    -2 (last run may be short).
 
-    ``[..., L, D] -> [..., ceil(L / segment), D]``; no float32 copy of ``x`` is made.
+    ``[..., L, D] -> [..., ceil(L / segment), D]``; no ``dtype`` copy of ``x`` is made.
     """
     length = x.shape[-2]
     n_full = length // segment
     parts = []
     if n_full:
-        parts.append(
-            x[..., : n_full * segment, :].unflatten(-2, (n_full, segment)).sum(-2, dtype=torch.float32)
-        )
+        parts.append(x[..., : n_full * segment, :].unflatten(-2, (n_full, segment)).sum(-2, dtype=dtype))
     if length % segment:
-        parts.append(x[..., n_full * segment :, :].sum(-2, keepdim=True, dtype=torch.float32))
+        parts.append(x[..., n_full * segment :, :].sum(-2, keepdim=True, dtype=dtype))
     return parts[0] if len(parts) == 1 else torch.cat(parts, dim=-2)
 
 

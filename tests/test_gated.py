@@ -206,3 +206,26 @@ def test_validation_names_the_argument():
         if os.environ.get("TRITON_INTERPRET") != "1":
             with pytest.raises(ValueError, match="backend='triton' needs CUDA"):
                 gated_attention(q, k, v, gates, backend="triton")
+
+
+@pytest.mark.parametrize(
+    "rules",
+    [
+        dict(block_size=6, query_group_size=5, top_k=2, window_tokens=30),
+        dict(block_size=7, query_group_size=4, top_k=3, window_tokens=17, candidates="awe"),
+    ],
+)
+def test_gather_path_gradients_pass_gradcheck_in_float64(rules):
+    """The differentiable path (gather): exact float64 gradients in q, k, v and the gates,
+    through all three branches (selection indices are constants)."""
+    gen = torch.Generator().manual_seed(1)
+    q = torch.randn(1, 2, 30, 8, generator=gen, dtype=torch.float64, requires_grad=True)
+    k, v = (
+        torch.randn(1, 2, 90, 8, generator=gen, dtype=torch.float64, requires_grad=True) for _ in range(2)
+    )
+    gates = torch.rand(1, 2, 30, 3, generator=gen, dtype=torch.float64, requires_grad=True)
+
+    def layer(q, k, v, gates):
+        return gated_attention(q, k, v, gates, history_len=60, backend="gather", **rules)
+
+    assert torch.autograd.gradcheck(layer, (q, k, v, gates))
