@@ -154,9 +154,15 @@ def block_key_sums_reference(k: torch.Tensor, history_len: torch.Tensor, block_s
     return sums
 
 
+# The kernel unrolls a block's rows at compile time: past this, compiling would take minutes
+# (a block larger than the whole buffer is legal: it acts as one block), so torch sums it.
+_KERNEL_MAX_BLOCK = 8192
+
+
 def block_key_sums(k: torch.Tensor, history_len: torch.Tensor, block_size: int) -> torch.Tensor:
-    """``block_key_sums_reference``, through a memory-bound Triton kernel on CUDA devices."""
-    if k.device.type == "cuda":
+    """``block_key_sums_reference``, through a memory-bound Triton kernel on CUDA devices (for
+    blocks of up to 8,192 tokens)."""
+    if k.device.type == "cuda" and block_size <= _KERNEL_MAX_BLOCK:
         from omnimem.kernels.block_sums import block_sums
 
         return block_sums(k, history_len, block_size)

@@ -272,13 +272,15 @@ def test_gradients_flow_through_the_current_chunk_of_a_cache(backend):
     gen = torch.Generator().manual_seed(0)
     for _ in range(3):  # a history of 3 committed chunks, each trained on first
         q, k, v = (
-            torch.randn(1, 2, 8, 8, generator=gen, dtype=torch.float64, requires_grad=True) for _ in range(3)
+            torch.randn(1, 2, 8, 8, generator=gen, dtype=torch.float64).to(TEST_DEVICE).requires_grad_()
+            for _ in range(3)
         )
         cache.attend(q, k, v).sum().backward()
         cache.commit(k, v)
         assert q.grad is not None and k.grad is not None and not cache.k.requires_grad
     q, k, v = (
-        torch.randn(1, 2, 8, 8, generator=gen, dtype=torch.float64, requires_grad=True) for _ in range(3)
+        torch.randn(1, 2, 8, 8, generator=gen, dtype=torch.float64).to(TEST_DEVICE).requires_grad_()
+        for _ in range(3)
     )
     torch.autograd.gradcheck(lambda q, k, v: cache.attend(q, k, v), (q, k, v))
     keys, values = torch.cat([cache.k[:, :, :24], k], 2), torch.cat([cache.v[:, :, :24], v], 2)

@@ -79,7 +79,7 @@ def test_bf16_under_the_triton_interpreter_is_refused():
 
 
 def test_failed_load_state_dict_leaves_the_cache_as_it_was():
-    cache = OmniMemCache(64, max_chunk_tokens=8, batch=1, num_kv_heads=2, head_dim=16)
+    cache = OmniMemCache(64, max_chunk_tokens=8, batch=1, num_kv_heads=2, head_dim=16, device=TEST_DEVICE)
     _, k, v = inputs(history=0)
     cache.commit(k, v)
     state = cache.state_dict()
