@@ -1,4 +1,4 @@
-"""The ten-line example of the docs' Getting started page (CPU, a second)."""
+"""The ten-line example of the docs' Getting started page (CPU, about a second and a half)."""
 
 import torch
 

@@ -1,4 +1,4 @@
-"""Which history blocks each head retrieves over a rollout of the built-in model (CPU, ~20 s).
+"""Which history blocks each head retrieves over a rollout of the built-in model (CPU, under 10 s).
 
 Rolls the tiny causal DiT out with OmniMem (one block = one latent frame) and records, at every
 chunk's commit pass, the selection of one layer's cache (``OmniMemCache.selection``). Writes a
