@@ -394,7 +394,6 @@ def report(env: dict, rows: list[dict], blocks: list[dict], big: dict | None) ->
             "2 GPUs",
             "2 GPUs, pipeline=2",
             "2 GPUs, pipeline=4",
-            "2 GPUs, pipeline=auto",
             "rank's attention alone",
             "all_to_all",
         )
