@@ -212,10 +212,8 @@ def attention_rows(heads: int, history: int, config: OmniMemConfig, args) -> dic
     variants["rank's attention alone"] = lambda: cached_attention(*heads_layout, cache)
     variants["all_to_all"] = exchange
     kv_per_rank = heads // world
-    for pipeline in (1, 2, 4, "auto"):
-        if pipeline == "auto" or (
-            kv_per_rank % pipeline == 0 and (pipeline == 1 or kv_per_rank // pipeline >= 3)
-        ):
+    for pipeline in (1, 2, 4):
+        if kv_per_rank % pipeline == 0 and (pipeline == 1 or kv_per_rank // pipeline >= 3):
             name = "2 GPUs" if pipeline == 1 else f"2 GPUs, pipeline={pipeline}"
             variants[name] = lambda p=pipeline: ulysses_attention(*shards, cache, pipeline=p)
     for name, fn in variants.items():
