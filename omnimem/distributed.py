@@ -24,7 +24,6 @@ from __future__ import annotations
 import functools
 import logging
 from collections.abc import Callable
-from typing import Literal
 
 import torch
 import torch.distributed as dist
@@ -38,8 +37,6 @@ logger = logging.getLogger("omnimem")
 # Below this many KV heads per rank a Ulysses step is short enough that, run eagerly, host launch
 # overhead outweighs the halved attention (measured with 6 and 20 per rank: docs/benchmarks.md).
 FEW_HEADS_PER_RANK = 8
-# From this many KV heads per rank, two pipelined head groups beat one in a CUDA graph.
-PIPELINE_FROM_HEADS = 16
 
 
 def _world(group: dist.ProcessGroup | None) -> tuple[int, int]:
@@ -133,15 +130,6 @@ def _say_few_heads(kv_per_rank: int, world: int) -> None:
     )
 
 
-def auto_pipeline(kv_per_rank: int) -> int:
-    """``pipeline="auto"``: 2 head groups where that measured faster, else 1. Pipelining hides
-    half the exchange but adds a ``cached_attention`` call of host time: it pays while a CUDA
-    graph is captured (no host time on replay) and with enough heads per rank (measured: 20 KV
-    heads per rank 1.49 vs 1.54 ms; 6 per rank 0.555 vs 0.539 ms)."""
-    capturing = torch.cuda.is_available() and torch.cuda.is_current_stream_capturing()
-    return 2 if capturing and kv_per_rank >= PIPELINE_FROM_HEADS and kv_per_rank % 2 == 0 else 1
-
-
 def ulysses_attention(
     q: torch.Tensor,
     k: torch.Tensor,
@@ -150,7 +138,7 @@ def ulysses_attention(
     *,
     commit: bool = False,
     group: dist.ProcessGroup | None = None,
-    pipeline: int | Literal["auto"] = "auto",
+    pipeline: int = 1,
 ) -> torch.Tensor:
     """OmniMem attention of a token-sharded chunk through this rank's head-sharded cache.
 
@@ -168,9 +156,8 @@ def ulysses_attention(
             one's q/k/v and the previous one's output are in transit (overlaps communication
             with compute; same results). Each group costs one more ``cached_attention`` call of
             host time, so it pays in a CUDA graph, not eagerly (2x H200, wan-14b: 1.49 vs 1.54
-            ms per step in a graph). ``"auto"`` (default): 2 while a CUDA graph is being
-            captured and the rank holds at least ``PIPELINE_FROM_HEADS`` KV heads (an even
-            number), else 1. The rank's KV heads must divide by it; resident caches only.
+            ms per step in a graph). The rank's KV heads must divide by it; resident caches
+            only.
 
     Returns:
         ``[B, L/P, Hq, D]``: this rank's tokens of the attention output, all heads.
@@ -178,7 +165,7 @@ def ulysses_attention(
     Raises:
         ValueError: head counts not divisible by the group size (or the rank's heads by
             ``pipeline``), or shapes that disagree.
-        TypeError: a ``pipeline`` that is neither an int nor ``"auto"``.
+        TypeError: a ``pipeline`` that is not an int.
     """
     world, _ = _world(group)
     for name, x in (("q", q), ("k", k), ("v", v)):
@@ -193,10 +180,8 @@ def ulysses_attention(
             f"is {k.shape[2] // world}"
         )
     kv_per_rank = k.shape[2] // world
-    if pipeline == "auto":
-        pipeline = auto_pipeline(kv_per_rank)
     if isinstance(pipeline, bool) or not isinstance(pipeline, int):
-        raise TypeError(f"pipeline must be an int or 'auto', got {type(pipeline).__name__}")
+        raise TypeError(f"pipeline must be an int, got {type(pipeline).__name__}")
     if pipeline < 1 or kv_per_rank % pipeline:
         raise ValueError(
             f"pipeline must be a positive int dividing this rank's {kv_per_rank} KV heads, got {pipeline!r}"
