@@ -96,3 +96,12 @@ def test_cli_help_exits_zero_and_documents_every_option(capsys):
     with pytest.raises(SystemExit) as exit_info:
         main([])  # no command: usage on stderr, argparse's exit status
     assert exit_info.value.code == 2
+
+
+def test_size_presets_fill_only_what_is_not_given():
+    from omnimem.demo.cli import SIZES, _resolve_sizes, parse_args
+
+    tiny = _resolve_sizes(parse_args(["--device", "cpu"]))
+    assert (tiny.size, tiny.layers, tiny.frame_size) == ("tiny", 4, 16)
+    wan = _resolve_sizes(parse_args(["--device", "cpu", "--size", "wan-1.3b", "--layers", "2"]))
+    assert (wan.layers, wan.heads, wan.dim, wan.frame_size) == (2, 12, 1536, SIZES["wan-1.3b"]["frame_size"])

@@ -20,6 +20,23 @@ from omnimem.config import OmniMemConfig
 from omnimem.demo.model import TinyCausalDiT, TinyDiTConfig
 from omnimem.demo.rollout import MODES, Memory, rollout, scene_schedule
 
+# Model sizes: the tiny CPU model, and Wan2.1-1.3B's width, depth and heads with square frames
+# of 40 x 40 patches (1,600 tokens, near Wan's 30 x 52 = 1,560).
+SIZES: dict[str, dict[str, int]] = {
+    "tiny": dict(frame_size=16, layers=4, heads=4, dim=128, top_k=8),
+    "wan-1.3b": dict(frame_size=80, layers=30, heads=12, dim=1536, top_k=3),
+}
+
+
+def _resolve_sizes(args: argparse.Namespace) -> argparse.Namespace:
+    """Fill the unset size options from ``--size`` (default: by device)."""
+    size = args.size or ("wan-1.3b" if torch.device(args.device).type == "cuda" else "tiny")
+    for name, value in SIZES[size].items():
+        if getattr(args, name) is None:
+            setattr(args, name, value)
+    args.size = size
+    return args
+
 
 def _add_demo_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--chunks", type=int, default=40, help="chunks to generate (3 latent frames each)")
@@ -29,11 +46,20 @@ def _add_demo_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
         "--steps", type=int, default=3, help="denoising steps per chunk (plus one commit pass)"
     )
-    parser.add_argument("--frame-size", type=int, default=16, help="latent frame height = width, in patches")
-    parser.add_argument("--layers", type=int, default=4, help="transformer blocks of the tiny DiT")
-    parser.add_argument("--heads", type=int, default=4, help="attention heads per block")
-    parser.add_argument("--dim", type=int, default=128, help="model width (heads x head dim)")
-    parser.add_argument("--top-k", type=int, default=8, help="retrieved blocks per head (block = one frame)")
+    parser.add_argument(
+        "--size", default=None, choices=list(SIZES),
+        help="model and frame sizes: 'tiny' (the CPU default) or 'wan-1.3b' (the CUDA default: 30 "
+        "layers, 12 heads x 128, 1,600 tokens per frame); the options below override single values",
+    )  # fmt: skip
+    parser.add_argument(
+        "--frame-size", type=int, default=None, help="latent frame height = width, in patches"
+    )
+    parser.add_argument("--layers", type=int, default=None, help="transformer blocks of the DiT")
+    parser.add_argument("--heads", type=int, default=None, help="attention heads per block")
+    parser.add_argument("--dim", type=int, default=None, help="model width (heads x head dim)")
+    parser.add_argument(
+        "--top-k", type=int, default=None, help="retrieved blocks per head (block = one frame)"
+    )
     parser.add_argument(
         "--device", default="cuda" if torch.cuda.is_available() else "cpu", help="where the model runs"
     )
@@ -75,6 +101,7 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
 
 
 def run_demo(args: argparse.Namespace) -> dict[str, list]:
+    args = _resolve_sizes(args)
     device = torch.device(args.device)
     dtype = (
         getattr(torch, args.dtype)
@@ -99,9 +126,9 @@ def run_demo(args: argparse.Namespace) -> dict[str, list]:
     scenes = scene_schedule(args.chunks, revisit_every=args.revisit_every)
     backend = resolve_backend(config, device, dtype=dtype, head_dim=model_config.head_dim)
     print(
-        f"tiny causal DiT (random weights, synthetic stream): {args.layers} layers x {args.heads} heads, "
-        f"{frame} tokens/frame, {chunk} tokens/chunk, {args.chunks} chunks, {args.steps} denoising steps "
-        f"+ 1 clean pass; {device}, {dtype}\n"
+        f"causal DiT '{args.size}' (random weights, synthetic stream): {args.layers} layers x "
+        f"{args.heads} heads, {frame} tokens/frame, {chunk} tokens/chunk, {args.chunks} chunks, "
+        f"{args.steps} denoising steps + 1 clean pass; {device}, {dtype}\n"
         f"OmniMem ({backend} backend): block = 1 frame, top_k {args.top_k}, sink 1 frame, local window "
         f"1 chunk; truncation: the same sink and local window only; dense: the whole history\n"
         f"scenes: {' '.join(map(str, scenes))}"
