@@ -318,6 +318,11 @@ def selection_tables(
         tier = torch.where(far, _TIER_FAR, 0)
     else:  # adaptive: recent blocks only fill slots the far history leaves empty
         tier = torch.where(far, _TIER_FAR, torch.where(recent, _TIER_RECENT, 0))
+    # A block whose keys hold a NaN (a corrupted frame) is no candidate: retrieval leaves it out
+    # whatever the budget, so the NaN reaches no output (sink and local blocks are attended
+    # regardless, as always).
+    tier = torch.where(scores.isnan(), 0, tier)
+    scores = torch.where(scores.isnan(), 0.0, scores)
 
     selected = ranked_top_blocks(scores, tier, rules.top_k)
 

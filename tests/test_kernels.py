@@ -313,3 +313,33 @@ def test_hopper_kernel_matches_dense(
     torch.testing.assert_close(lse, expected_lse, atol=2e-2, rtol=2e-2)
     repeat, _ = sparse_attention(q, k, v, backend="triton", **call)
     assert torch.equal(repeat, out)  # split parts hand over through memory: no race
+
+
+def test_tables_from_sums_kernel_skips_blocks_with_nan_keys_like_the_torch_path():
+    """A block whose key sum is NaN is no candidate in the fused kernel, as in selection_tables."""
+    from omnimem import OmniMemConfig
+    from omnimem.kernels.block_tables import block_tables_from_sums
+    from omnimem.kernels.pooled_queries import pooled_queries
+    from omnimem.selection import (
+        RetrievalRules,
+        _scores_from_block_sums,
+        block_key_sums,
+        kernel_table_rules,
+        selection_tables,
+    )
+
+    gen = torch.Generator().manual_seed(3)
+    q, k = exact_queries_and_keys(1, 2, 2, 12, 12, 16, 400 + 12, gen)
+    k[:, :, 40:48] = float("nan")  # blocks 10 and 11 of 4-token blocks
+    rules = RetrievalRules.from_config(OmniMemConfig(block_size=4, top_k=128, sink_tokens=4, local_tokens=8))
+    history = torch.tensor(400, device=TEST_DEVICE)
+    sums = block_key_sums(k, history, 4)
+    expected = selection_tables(_scores_from_block_sums(q, sums, history, rules, 12, 0.5), history, rules)
+    got = block_tables_from_sums(
+        pooled_queries(q, 12, rows=4, steps=1), sums, history, scale=0.5, blocks=16,
+        **kernel_table_rules(rules, sums.shape[-2]),
+    )  # fmt: skip
+    for name, a, b in zip(("kv_block_idx", "kv_num_blocks", "selected", "fixed"), got, expected, strict=True):
+        assert torch.equal(a, b), name
+    picked = set(got[0].flatten().tolist())
+    assert not picked & {10, 11} and {9, 12} <= picked  # the budget takes every other block

@@ -159,3 +159,25 @@ def test_the_gated_triton_kernel_refuses_gradients_and_gather_gives_them():
             gated_attention(q, k, v, gates, backend="triton", **call)
     gated_attention(q, k, v, gates, backend="gather", **call).sum().backward()
     assert all(x.grad is not None and x.grad.abs().sum() > 0 for x in (q, k, v, gates))
+
+
+@pytest.mark.parametrize("backend", ["dense", "gather", "flex", "triton"])
+def test_a_block_with_nan_keys_is_never_retrieved_and_changes_nothing(backend):
+    """A corrupted history block (NaN keys) scores as no candidate, so retrieval leaves it out
+    and the output is what it is without it (flex still needs the values finite: its kernel
+    multiplies a masked weight of 0 by every value of the 128-token tile it visits)."""
+    from omnimem import select_blocks, sparse_attention
+
+    gen = torch.Generator().manual_seed(0)
+    q, k, v = (torch.randn(1, 2, n, 16, generator=gen).to(TEST_DEVICE) for n in (8, 72, 72))
+    call = dict(history_len=64, block_size=8, top_k=1, sink_tokens=8, local_tokens=8, backend=backend)
+    clean = sparse_attention(q, k, v, **call)
+    assert 1 not in select_blocks(q, k, **call).kv_block_idx.flatten().tolist()  # block 1 is far and unpicked
+    corrupted_k, corrupted_v = k.clone(), v.clone()
+    corrupted_k[:, :, 8:16] = float("nan")
+    if backend != "flex":
+        corrupted_v[:, :, 8:16] = float("nan")
+    assert 1 not in select_blocks(q, corrupted_k, **call).kv_block_idx.flatten().tolist()
+    torch.testing.assert_close(sparse_attention(q, corrupted_k, corrupted_v, **call), clean, atol=0, rtol=0)
+    # Even a budget that takes every other block leaves it out.
+    assert not sparse_attention(q, corrupted_k, corrupted_v, **{**call, "top_k": 16}).isnan().any()

@@ -55,6 +55,9 @@ def _chunk_top_keys(
         tier = tl.where(far, TIER_FAR, 0)
     else:  # adaptive: recent blocks only fill slots the far history leaves empty
         tier = tl.where(far, TIER_FAR, tl.where(recent, TIER_RECENT, 0))
+    # A block whose keys hold a NaN (a corrupted frame) is no candidate (as ``selection_tables``).
+    tier = tl.where(score != score, 0, tier)
+    score = tl.where(score != score, 0.0, score)
     if row == 0:
         tl.store(fixed_ptr + block, sink | local, mask=in_range)
 
