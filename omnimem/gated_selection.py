@@ -104,8 +104,9 @@ def select_groups_torch(
     Returns ``(block_idx [B, Hkv, G, top_k] int32, num_blocks [B, Hkv, G] int32)``.
     """
     scores = torch.einsum("bhgd,bhjd->bhgj", pooled_q, k_means) * scale
-    candidate = torch.arange(k_means.shape[2], device=k_means.device) < end
-    ranked = ranked_top_blocks(scores, candidate, top_k)
+    # A block whose mean holds a NaN (a corrupted block) is no candidate, as in the kernels.
+    candidate = (torch.arange(k_means.shape[2], device=k_means.device) < end) & ~scores.isnan()
+    ranked = ranked_top_blocks(torch.where(scores.isnan(), 0.0, scores), candidate, top_k)
     if ranked.shape[-1] < top_k:  # fewer slots than top_k: pad to the static width
         ranked = torch.nn.functional.pad(ranked, (0, top_k - ranked.shape[-1]), value=-1)
     return ranked.int(), (ranked >= 0).sum(-1, dtype=torch.int32)

@@ -229,3 +229,31 @@ def test_gather_path_gradients_pass_gradcheck_in_float64(rules):
         return gated_attention(q, k, v, gates, history_len=60, backend="gather", **rules)
 
     assert torch.autograd.gradcheck(layer, (q, k, v, gates))
+
+
+@pytest.mark.parametrize(
+    ("num_slots", "top_k", "options"),
+    [(200, 16, {}), (300, 3, {"candidate_buckets": 2}), (90, 40, {"candidate_buckets": 2})],
+    ids=["two-pass", "overflow", "one-pass"],
+)
+def test_blocks_with_nan_means_are_no_candidates_in_kernels_and_torch(num_slots, top_k, options):
+    """A corrupted block (NaN mean) is never selected, by the kernels (both passes and the
+    one-pass fallback) and the torch path alike, and the other blocks rank as before."""
+    from omnimem.kernels.group_topk import group_topk
+
+    gen = torch.Generator().manual_seed(num_slots)
+    pq, km = exact_queries_and_keys(1, 2, 2, 4, 1, 16, num_slots, gen)
+    corrupted = km.clone()
+    corrupted[:, :, 7] = float("nan")
+    end = torch.tensor(num_slots, device=TEST_DEVICE)
+    want = select_groups_torch(pq, corrupted, end, top_k=top_k, scale=0.5)
+    got = group_topk(pq, corrupted, end, top_k=top_k, scale=0.5, rows=16, block_n=16, **options)
+    assert torch.equal(got[0], want[0]) and torch.equal(got[1], want[1])
+    assert 7 not in want[0].flatten().tolist()
+    # Everything else ranks as when block 7 simply scores lowest.
+    demoted = km.clone()
+    demoted[:, :, 7] = 0.0
+    clean, _ = select_groups_torch(pq, demoted, end, top_k=top_k + 1, scale=0.5)
+    assert torch.equal(
+        want[0], torch.stack([row[row != 7][:top_k] for row in clean.flatten(0, 2)]).view_as(want[0])
+    )

@@ -163,11 +163,14 @@ def _bucket_max_kernel(
         block_ok = block < hi
         keys = _load_rows(k_base, block, block_ok, stride_kj, stride_kd, HEAD_DIM, D_PAD)
         score = tl.dot(q, tl.trans(keys), input_precision=PRECISION)
-        score = tl.where(block_ok[None, :], score, float("-inf"))
+        # NaN means (a corrupted block) are no candidates: they neither raise a bucket's
+        # maximum nor the error bound (tl.max's NaN handling is left unspecified: say it).
+        score = tl.where(block_ok[None, :] & (score == score), score, float("-inf"))
         bucket_max = tl.max(tl.reshape(score, [ROWS, BLOCK_N // BUCKET, BUCKET]), 2)
         bucket = start // BUCKET + tl.arange(0, BLOCK_N // BUCKET)
         tl.store(out_rows + bucket[None, :], bucket_max, mask=row_ok[:, None])
-        norms = tl.maximum(norms, tl.sum(keys * keys, 1))
+        squares = tl.sum(keys * keys, 1)
+        norms = tl.maximum(norms, tl.where(squares == squares, squares, 0.0))
     tl.atomic_max(knorm_ptr + batch_head, tl.max(norms, 0))
 
 
@@ -230,6 +233,7 @@ def _refine_kernel(
         ok = (entry < kept) & (block < end)
         keys = _load_rows(k_base, block, ok, stride_kj, stride_kd, HEAD_DIM, D_PAD)
         score = tl.sum(keys * q[None, :], 1) * scale
+        ok = ok & (score == score)  # NaN means: no candidate
         key = tl.where(ok, _packed_key(score, block, INDEX_BITS, TIER_SHIFT), 0)
         tl.store(cand_ptr + row_id * (CANDIDATES * BUCKET) + first * BUCKET + lane, key)
     tl.debug_barrier()
