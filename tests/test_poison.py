@@ -1,0 +1,76 @@
+"""Poison discipline (as flash-linear-attention's tests): every buffer the library allocates
+with ``torch.empty``/``empty_like``/``new_empty`` starts as NaN (junk for integers), and every
+backend must give the same output as with clean buffers, so a row a kernel never writes, or an
+entry read before it is written, shows. Unwritten cache space and unattended history are
+poisoned too where the contract allows it (non-flex backends ignore unattended values)."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from omnimem import OmniMemCache, OmniMemConfig, sparse_attention
+
+from .inputs import TEST_DEVICE, make_inputs
+
+BACKENDS = ["dense", "gather", "flex", "triton"]
+
+
+@pytest.fixture
+def poisoned_allocations(monkeypatch):
+    """Every ``torch.empty``-style allocation is filled with NaN (or junk integers)."""
+
+    def fill(buffer: torch.Tensor) -> torch.Tensor:
+        if buffer.numel():
+            buffer.fill_(float("nan") if buffer.is_floating_point() else -123456789)
+        return buffer
+
+    originals = {name: getattr(torch, name) for name in ("empty", "empty_like", "empty_strided")}
+    for name, original in originals.items():
+        monkeypatch.setattr(torch, name, lambda *a, _f=original, **kw: fill(_f(*a, **kw)))
+    new_empty = torch.Tensor.new_empty
+    monkeypatch.setattr(torch.Tensor, "new_empty", lambda self, *a, **kw: fill(new_empty(self, *a, **kw)))
+
+
+def run(backend: str, query_group_size: int | None):
+    q, k, v = make_inputs(batch=2, q_heads=4, kv_heads=2, history_len=37, q_len=35, head_dim=16, unwritten=9)
+    call = dict(
+        history_len=37, chunk_len=35, block_size=4, top_k=3, sink_tokens=2, local_tokens=5,
+        query_group_size=query_group_size, backend=backend, compile=False, return_lse=True,
+    )  # fmt: skip
+    return sparse_attention(q, k, v, **call)
+
+
+@pytest.mark.parametrize("query_group_size", [None, 7], ids=["one-group", "groups"])
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_backends_write_every_output_entry(backend, query_group_size, request):
+    out, lse = run(backend, query_group_size)
+    request.getfixturevalue("poisoned_allocations")
+    poisoned_out, poisoned_lse = run(backend, query_group_size)
+    assert not poisoned_out.isnan().any() and not poisoned_lse.isnan().any()
+    torch.testing.assert_close(poisoned_out, out, atol=0, rtol=0)
+    torch.testing.assert_close(poisoned_lse, lse, atol=0, rtol=0)
+
+
+@pytest.mark.parametrize("backend", ["dense", "gather", "triton"])
+def test_a_cache_rollout_under_poisoned_allocations_equals_a_clean_one(backend, request):
+    """attend / attend_at / commit / rewind with every allocation poisoned: the same outputs."""
+
+    def rollout():
+        config = OmniMemConfig(block_size=4, top_k=2, sink_tokens=4, local_tokens=4, backend=backend)
+        cache = OmniMemCache(48, max_chunk_tokens=8, batch=1, num_kv_heads=2, head_dim=16, config=config,
+                             device=TEST_DEVICE)  # fmt: skip
+        gen = torch.Generator().manual_seed(0)
+        outs = []
+        for start in (0, 0, 8, 8, 16):
+            q, k, v = (torch.randn(1, 2, 8, 16, generator=gen).to(TEST_DEVICE) for _ in range(3))
+            outs.append(cache.attend_at(q, k, v, start=start))
+        cache.rewind(12)
+        q, k, v = (torch.randn(1, 2, 8, 16, generator=gen).to(TEST_DEVICE) for _ in range(3))
+        outs.append(cache.attend_at(q, k, v, start=12))
+        return outs
+
+    clean = rollout()
+    request.getfixturevalue("poisoned_allocations")
+    for got, want in zip(rollout(), clean, strict=True):
+        torch.testing.assert_close(got, want, atol=0, rtol=0)
