@@ -123,6 +123,8 @@ def patch_causal_wan(
     if not isinstance(config, OmniMemConfig):
         raise TypeError(f"config must be an OmniMemConfig, got {type(config).__name__}")
     config = config.replace(**overrides)
+    if not isinstance(offload, bool):
+        raise TypeError(f"offload must be a bool, got {type(offload).__name__}")
     for name, value, minimum in (
         ("max_frames", max_frames, 1),
         ("max_chunk_frames", max_chunk_frames, 1),

@@ -198,6 +198,18 @@ def _compiled_staging_plan():
     return compile_static(staging_plan)
 
 
+def staging_sizes(config, length: int, max_chunk_tokens: int) -> tuple[int, int, int]:
+    """``(staged blocks, work buffer tokens, fresh buffer tokens)`` of an offloaded cache whose
+    buffers span ``length`` tokens: what it keeps on the device besides the block sums (two
+    work buffers and one fresh buffer, each for keys and for values)."""
+    bs = config.block_size
+    num_blocks = math.ceil(length / bs)
+    groups = math.ceil(max_chunk_tokens / config.query_group_size) if config.query_group_size else 1
+    width = RetrievalRules.from_config(config).table_width(num_blocks)
+    num_staged = min(num_blocks, groups * width)  # the union of every group's row
+    return num_staged, num_staged * bs + bs + max_chunk_tokens, (math.ceil(max_chunk_tokens / bs) + 1) * bs
+
+
 class HostOffload:
     """Device side of an offloaded ``OmniMemCache`` (see the module docstring)."""
 
@@ -206,9 +218,7 @@ class HostOffload:
         config, bs = cache.config, cache.config.block_size
         self.block_size = bs
         self.num_blocks = math.ceil(length / bs)  # the cache's block slots; also "no block"
-        groups = math.ceil(cache.max_chunk_tokens / config.query_group_size) if config.query_group_size else 1
-        width = RetrievalRules.from_config(config).table_width(self.num_blocks)
-        self.num_staged = min(self.num_blocks, groups * width)  # the union of every group's row
+        self.num_staged, work_len, fresh_len = staging_sizes(config, length, cache.max_chunk_tokens)
         self.partial_start = self.num_staged * bs
 
         # Device buffers in the cache's layout: chunk writes and commit copies to the host are
@@ -219,11 +229,9 @@ class HostOffload:
             shape = (batch, length, heads, head_dim)
             return torch.zeros(shape, dtype=cache.k.dtype, device=cache.device).transpose(1, 2)
 
-        work_len = self.partial_start + bs + cache.max_chunk_tokens
         self.work = [(zeros(work_len), zeros(work_len)) for _ in range(2)]
         self.current = 0  # the work buffer the last call used
         # Blocks of the last commit, [partial | chunk]: the next chunk's local window.
-        fresh_len = (math.ceil(cache.max_chunk_tokens / bs) + 1) * bs
         self.fresh = (zeros(fresh_len), zeros(fresh_len))
         # Commits copy to the host on a side stream, overlapped with whatever the model runs
         # next; the event orders later host reads and rewrites of `fresh` after the copy.

@@ -7,6 +7,7 @@ import math
 import torch
 
 from omnimem.config import GatedConfig, OmniMemConfig
+from omnimem.offload import staging_sizes
 
 
 def kv_cache_bytes(
@@ -19,12 +20,14 @@ def kv_cache_bytes(
     dtype: torch.dtype = torch.bfloat16,
     config: OmniMemConfig | GatedConfig | None = None,
     max_chunk_tokens: int = 0,
+    offload: bool = False,
 ) -> int:
     """Bytes the caches of ``layers`` attention layers allocate on their device.
 
     With an ``OmniMemConfig`` (or ``None``): ``OmniMemCache`` buffers of ``capacity +
-    max_chunk_tokens`` tokens of keys and values plus one float32 key sum per block (an
-    offloaded cache keeps only the sums on the device: subtract the keys and values). With a
+    max_chunk_tokens`` tokens of keys and values plus one float32 key sum per block; with
+    ``offload=True``, what an offloaded one keeps on the device instead: the sums and its
+    staging buffers (the history itself is in host memory). With a
     ``GatedConfig``: ``GatedCache`` buffers of ``capacity`` tokens plus, per block, one float32
     mean key and one mean key and value in ``dtype``.
 
@@ -43,6 +46,10 @@ def kv_cache_bytes(
     for name, value in sizes.items():
         if isinstance(value, bool) or not isinstance(value, int) or value < 0:
             raise TypeError(f"{name} must be a non-negative int, got {value!r}")
+    if not isinstance(offload, bool):
+        raise TypeError(f"offload must be a bool, got {type(offload).__name__}")
+    if offload and isinstance(config, GatedConfig):
+        raise ValueError("offload=True sizes an offloaded OmniMemCache; GatedCache has no offload")
     if not (isinstance(dtype, torch.dtype) and dtype.is_floating_point):
         raise TypeError(f"dtype must be a floating torch.dtype, got {dtype!r}")
     itemsize = torch.empty((), dtype=dtype).element_size()
@@ -53,7 +60,12 @@ def kv_cache_bytes(
     elif config is None or isinstance(config, OmniMemConfig):
         config = config or OmniMemConfig()
         length = capacity + max_chunk_tokens
-        per_layer = 2 * length * row * itemsize + math.ceil(length / config.block_size) * row * 4
+        sums = math.ceil(length / config.block_size) * row * 4
+        if offload:
+            _, work, fresh = staging_sizes(config, length, max_chunk_tokens)
+            per_layer = sums + (4 * work + 2 * fresh) * row * itemsize  # two work pairs, one fresh pair
+        else:
+            per_layer = 2 * length * row * itemsize + sums
     else:
         raise TypeError(f"config must be an OmniMemConfig or a GatedConfig, got {type(config).__name__}")
     return layers * per_layer

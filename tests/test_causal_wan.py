@@ -95,6 +95,8 @@ def test_misuse_is_refused_clearly():
         patch_causal_wan(ours, config={"top_k": 4}, max_frames=4)
     with pytest.raises(TypeError, match="unknown OmniMemConfig field"):
         patch_causal_wan(ours, max_frames=4, topk=4)
+    with pytest.raises(TypeError, match="offload must be a bool"):
+        patch_causal_wan(ours, max_frames=4, offload="yes")
     patch_causal_wan(ours, FULL, max_frames=4)
     with pytest.raises(ValueError, match="already patched"):
         patch_causal_wan(ours, FULL, max_frames=4)

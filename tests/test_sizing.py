@@ -38,3 +38,19 @@ def test_bad_sizes_are_refused():
         kv_cache_bytes(10, num_kv_heads=1, head_dim=8, dtype=torch.int8)
     with pytest.raises(TypeError, match="config must be an OmniMemConfig or a GatedConfig"):
         kv_cache_bytes(10, num_kv_heads=1, head_dim=8, config={"block_size": 4})
+
+
+def test_offloaded_sizes_match_the_device_allocations():
+    """offload=True: the block sums and the staging buffers an offloaded cache allocates."""
+    config = OmniMemConfig(block_size=7, top_k=3, sink_tokens=7, local_tokens=9)
+    cache = OmniMemCache(
+        120, max_chunk_tokens=9, batch=2, num_kv_heads=3, head_dim=8, config=config, offload=True
+    )
+    staged = [*cache._offload.fresh, *(t for pair in cache._offload.work for t in pair)]
+    held = cache.key_block_sums.nbytes + sum(t.untyped_storage().nbytes() for t in staged)
+    sizes = dict(num_kv_heads=3, head_dim=8, batch=2, dtype=torch.float32, config=config, max_chunk_tokens=9)
+    assert kv_cache_bytes(120, offload=True, **sizes) == held
+    with pytest.raises(ValueError, match="GatedCache has no offload"):
+        kv_cache_bytes(120, num_kv_heads=3, head_dim=8, config=GatedConfig(), offload=True)
+    with pytest.raises(TypeError, match="offload must be a bool"):
+        kv_cache_bytes(120, num_kv_heads=3, head_dim=8, offload=1)

@@ -17,6 +17,7 @@ from omnimem.cache import OmniMemCache
 from omnimem.config import OmniMemConfig
 from omnimem.demo.model import TinyCausalDiT
 from omnimem.integration import cached_attention
+from omnimem.sizing import kv_cache_bytes
 
 MODES = ("omnimem", "dense", "truncated")
 
@@ -125,19 +126,15 @@ class Memory:
         self.diagnostic_seconds = 0.0
         self.errors: list[float] = []
         self.retrieved: list[int] = []
-        chunk_bytes = (
-            batch
-            * chunk_tokens
-            * c.heads
-            * c.head_dim
-            * 2
-            * torch.finfo(factory.get("dtype", torch.float32)).bits
-            // 8
-        )
-        self._bytes_per_token = chunk_bytes // chunk_tokens * c.layers
-        self._offload_mib = (
-            _offloaded_device_mib(model, config, capacity, batch, **factory) if mode == "omnimem" else 0
-        )
+        itemsize = torch.empty((), dtype=factory.get("dtype", torch.float32)).element_size()
+        self._bytes_per_token = c.layers * batch * c.heads * c.head_dim * 2 * itemsize  # keys and values
+        self._offload_mib = 0.0
+        if mode == "omnimem":  # what offload=True would keep on the device: sums and staging
+            self._offload_mib = kv_cache_bytes(
+                capacity, num_kv_heads=c.heads, head_dim=c.head_dim, batch=batch, layers=c.layers,
+                dtype=factory.get("dtype", torch.float32), config=config, max_chunk_tokens=chunk_tokens,
+                offload=True,
+            ) / 2**20  # fmt: skip
 
     def _sync(self) -> None:
         if self.device.type == "cuda":
@@ -210,23 +207,6 @@ def _selection_before(cache: OmniMemCache, q: torch.Tensor, history: int):
         return cache.selection(q.transpose(1, 2))
     finally:
         cache.history_len = committed
-
-
-def _offloaded_device_mib(model: TinyCausalDiT, config: OmniMemConfig, capacity: int, batch: int, **factory):
-    """Device bytes of an offloaded cache per the model (block sums at full capacity plus the
-    staging buffers), read from one built with the same shapes."""
-    c = model.config
-    chunk_tokens = c.frames_per_chunk * c.tokens_per_frame
-    probe = OmniMemCache(
-        capacity, max_chunk_tokens=chunk_tokens, batch=batch, num_kv_heads=c.heads, head_dim=c.head_dim,
-        config=config, layout="blhd", offload=True, **factory,
-    )  # fmt: skip
-    tensors = [
-        probe.key_block_sums,
-        *probe._offload.fresh,
-        *(t for pair in probe._offload.work for t in pair),
-    ]
-    return c.layers * sum(t.numel() * t.element_size() for t in tensors) / 2**20
 
 
 @torch.no_grad()
