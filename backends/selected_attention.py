@@ -23,7 +23,7 @@ import triton.language as tl
 
 @triton.jit
 def _selected_attention_kernel(
-    q_ptr, k_ptr, v_ptr, table_ptr, count_ptr, seq_len_ptr, out_ptr,
+    q_ptr, k_ptr, v_ptr, table_ptr, count_ptr, seq_len_ptr, out_ptr, lse_ptr,
     cmp_ptr, swa_ptr, gate_ptr,
     stride_qb, stride_qh, stride_ql, stride_qd,
     stride_kb, stride_kh, stride_kl, stride_kd,
@@ -35,7 +35,7 @@ def _selected_attention_kernel(
     num_q_heads, heads_per_kv, num_kv_heads, q_len, num_groups, group_size, block_size, qk_scale,
     TOP_K: tl.constexpr, TILES_PER_GROUP: tl.constexpr, BLOCK_M: tl.constexpr,
     BLOCK_N: tl.constexpr, SUBS: tl.constexpr, HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr,
-    COMBINE: tl.constexpr, PRECISION: tl.constexpr,
+    COMBINE: tl.constexpr, WRITE_LSE: tl.constexpr, PRECISION: tl.constexpr,
 ):  # fmt: skip
     group_tile = tl.program_id(0)
     batch_head = tl.program_id(1)
@@ -84,6 +84,9 @@ def _selected_attention_kernel(
         m_i = m_new
 
     out = acc / tl.where(l_i > 0, l_i, 1.0)[:, None]  # no blocks: 0
+    if WRITE_LSE:  # natural log; -inf for a group with no blocks
+        lse = (m_i + tl.log2(l_i)) * 0.6931471805599453
+        tl.store(lse_ptr + batch_head.to(tl.int64) * q_len + rows, lse, mask=row_ok)
     if COMBINE:
         gate_base = (
             gate_ptr + batch.to(tl.int64) * stride_gb + head.to(tl.int64) * stride_gh + rows * stride_gl
@@ -129,11 +132,14 @@ def selected_attention(
     query_group_size: int,
     scale: float,
     combine: tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None = None,
+    lse: torch.Tensor | None = None,
     num_warps: int = 2,
     num_stages: int = 3,
 ) -> torch.Tensor:
     """``[B, Hq, Lq, D]`` in ``q.dtype``: the selected branch (or, with ``combine=(o_cmp,
-    o_swa, gates)``, the gated sum of the three branches).
+    o_swa, gates)``, the gated sum of the three branches). ``lse``: a ``[B, Hq, Lq]`` float32
+    buffer to receive the branch's natural-log log-sum-exp (``-inf`` where a group has no
+    block), for the backward.
 
     ``block_idx [B, Hkv, G, top_k]`` int32 (its first ``num_blocks [B, Hkv, G]`` entries are
     read), ``seq_len`` a 0-d integer tensor: tokens at or past it are never read. Any strides.
@@ -148,7 +154,7 @@ def selected_attention(
     precision = "ieee" if interpreted or q.dtype == torch.float32 else "tf32"
     _selected_attention_kernel[(groups * tiles, batch * q_heads)](
         q_ptr=q, k_ptr=k, v_ptr=v, table_ptr=block_idx, count_ptr=num_blocks, seq_len_ptr=seq_len,
-        out_ptr=out, cmp_ptr=cmp_out, swa_ptr=swa_out, gate_ptr=gates,
+        out_ptr=out, lse_ptr=out if lse is None else lse, cmp_ptr=cmp_out, swa_ptr=swa_out, gate_ptr=gates,
         stride_qb=q.stride(0), stride_qh=q.stride(1), stride_ql=q.stride(2), stride_qd=q.stride(3),
         stride_kb=k.stride(0), stride_kh=k.stride(1), stride_kl=k.stride(2), stride_kd=k.stride(3),
         stride_vb=v.stride(0), stride_vh=v.stride(1), stride_vl=v.stride(2), stride_vd=v.stride(3),
@@ -164,7 +170,39 @@ def selected_attention(
         qk_scale=scale * math.log2(math.e),
         TOP_K=top_k, TILES_PER_GROUP=tiles, BLOCK_M=block_m, BLOCK_N=block_n, SUBS=subs,
         HEAD_DIM=head_dim, BLOCK_D=max(16, triton.next_power_of_2(head_dim)),
-        COMBINE=combine is not None, PRECISION=precision,
+        COMBINE=combine is not None, WRITE_LSE=lse is not None, PRECISION=precision,
         num_warps=num_warps, num_stages=num_stages,
     )  # fmt: skip
     return out
+
+
+class SelectedAttention(torch.autograd.Function):
+    """The selected branch, differentiable in q, k and v (the table is a constant): this
+    kernel forward with its log-sum-exp kept, ``scattered_backward``'s kernels backward.
+
+    ``SelectedAttention.apply(q, k, v, block_idx, num_blocks, seq_len, block_size,
+    query_group_size, scale)``, arguments as for ``selected_attention``.
+    """
+
+    @staticmethod
+    def forward(ctx, q, k, v, block_idx, num_blocks, seq_len, block_size, query_group_size, scale):
+        lse = torch.empty(q.shape[:3], device=q.device, dtype=torch.float32)
+        out = selected_attention(
+            q, k, v, block_idx=block_idx, num_blocks=num_blocks, seq_len=seq_len, block_size=block_size,
+            query_group_size=query_group_size, scale=scale, lse=lse,
+        )  # fmt: skip
+        ctx.save_for_backward(q, k, v, out, lse, block_idx, num_blocks, seq_len)
+        ctx.block_size, ctx.query_group_size, ctx.scale = block_size, query_group_size, scale
+        return out
+
+    @staticmethod
+    def backward(ctx, grad_out):
+        from omnimem.backends.scattered_backward import scattered_attention_backward
+
+        q, k, v, out, lse, block_idx, num_blocks, seq_len = ctx.saved_tensors
+        dq, dk, dv = scattered_attention_backward(
+            q, k, v, out, lse, grad_out,
+            block_idx=block_idx, num_blocks=num_blocks, limit=seq_len, block_size=ctx.block_size,
+            query_group_size=ctx.query_group_size, chunk_len=0, scale=ctx.scale,
+        )  # fmt: skip
+        return dq, dk, dv, None, None, None, None, None, None

@@ -83,6 +83,45 @@ def _say_kernel(
         )
 
 
+class _ScatteredAttention(torch.autograd.Function):
+    """The kernels' forward with its log-sum-exp saved, and ``scattered_backward``'s kernels
+    for the gradients of q, k and v (the selection is a constant)."""
+
+    @staticmethod
+    def forward(ctx, q, k, v, selection, chunk_len, scale):
+        out, lse = _attend(q, k, v, selection, chunk_len=chunk_len, scale=scale, return_lse=True)
+        ctx.save_for_backward(q, k, v, out, lse)
+        ctx.selection, ctx.chunk_len, ctx.scale = selection, chunk_len, scale
+        ctx.set_materialize_grads(False)
+        return out, lse
+
+    @staticmethod
+    def backward(ctx, grad_out, grad_lse):
+        from omnimem.backends.scattered_backward import scattered_attention_backward
+
+        q, k, v, out, lse = ctx.saved_tensors
+        selection = ctx.selection
+        if grad_out is None:
+            grad_out = torch.zeros_like(out)
+        dq, dk, dv = scattered_attention_backward(
+            q,
+            k,
+            v,
+            out,
+            lse,
+            grad_out,
+            block_idx=selection.kv_block_idx,
+            num_blocks=selection.kv_num_blocks,
+            limit=selection.history_len,
+            block_size=selection.block_size,
+            query_group_size=selection.query_group_size,
+            chunk_len=ctx.chunk_len,
+            scale=ctx.scale,
+            grad_lse=grad_lse,
+        )
+        return dq, dk, dv, None, None, None
+
+
 def forward(
     q: torch.Tensor,
     k: torch.Tensor,
@@ -94,11 +133,6 @@ def forward(
     return_lse: bool,
     config: OmniMemConfig,
 ) -> tuple[torch.Tensor, torch.Tensor | None]:
-    if torch.is_grad_enabled() and (q.requires_grad or k.requires_grad or v.requires_grad):
-        raise ValueError(
-            "the triton backend is inference-only (no backward kernel): run under torch.no_grad(), "
-            "or use backend='gather' or 'dense' for autograd"
-        )
     interpreted = os.environ.get("TRITON_INTERPRET") == "1"
     if q.device.type != "cuda" and not interpreted:
         raise ValueError(
@@ -112,12 +146,33 @@ def forward(
         )
     if q.device.type == "cuda" and q.shape[-1] < 16:
         raise ValueError(f"q's head_dim must be >= 16 for the triton backend, got {q.shape[-1]}")
-    from omnimem.backends.triton_attention import default_num_sms, scattered_attention
-
     if selection.num_history_blocks == 1 and selection.block_size > k.shape[2]:
         # One block longer than the buffer: the same tokens as a block of the buffer's length,
         # without block arithmetic that overflows int32 in the kernel.
         selection = dataclasses.replace(selection, block_size=k.shape[2])
+    if torch.is_grad_enabled() and (q.requires_grad or k.requires_grad or v.requires_grad):
+        if q.dtype == torch.float64:
+            raise ValueError(
+                "the triton backend computes in float32 at most: for float64 gradients (gradcheck) "
+                "use backend='gather' or 'dense'"
+            )
+        out, lse = _ScatteredAttention.apply(q, k, v, selection, chunk_len, scale)
+        return out, (lse if return_lse else None)
+    return _attend(q, k, v, selection, chunk_len=chunk_len, scale=scale, return_lse=return_lse)
+
+
+def _attend(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    selection: Selection,
+    *,
+    chunk_len: int,
+    scale: float,
+    return_lse: bool,
+) -> tuple[torch.Tensor, torch.Tensor | None]:
+    from omnimem.backends.triton_attention import default_num_sms, scattered_attention
+
     grouped = selection.kv_block_idx.shape[2] > 1
     hopper = _hopper_kernel()
     reason = (

@@ -201,13 +201,13 @@ def gated_attention(
     """
     config = _resolve(config, overrides)
     backend = resolve_gated_backend(config, q.device, q.dtype)
-    wants_grad = any(isinstance(x, torch.Tensor) and x.requires_grad for x in (q, k, v, gates))
-    if backend == "triton" and torch.is_grad_enabled() and wants_grad:
-        # The kernel sums the branches in its epilogue and has no backward: its output would
-        # carry no gradient at all, silently.
+    wants_grad = torch.is_grad_enabled() and any(
+        isinstance(x, torch.Tensor) and x.requires_grad for x in (q, k, v, gates)
+    )
+    if backend == "triton" and wants_grad and q.dtype == torch.float64:
         raise ValueError(
-            "the gated layer's triton kernel has no backward yet: run under torch.no_grad(), or use "
-            "backend='gather' (torch ops, differentiable in q, k, v and gates)"
+            "the gated layer's triton kernels compute in float32 at most: for float64 gradients "
+            "(gradcheck) use backend='gather'"
         )
     seq_len, pooled, config = _prepare(q, k, v, history_len, config, pooled)
     check_gates(gates, q)
@@ -217,7 +217,16 @@ def gated_attention(
     num_blocks = math.ceil(seq_len / config.block_size)
     o_cmp = compressed_attention(q, pooled.k_attn, pooled.v_attn, num_blocks, scale=scale)
     o_swa = window_attention(q, k, v, seq_len, window_tokens=config.window_tokens, scale=scale)
-    if backend == "triton":
+    if backend == "triton" and wants_grad:
+        # The selected branch alone (its backward needs its output and LSE); the gated sum in
+        # torch below, so that the gates and the dense branches differentiate as usual.
+        from omnimem.backends.selected_attention import SelectedAttention
+
+        o_slc = SelectedAttention.apply(
+            q, k, v, selection.block_idx, selection.num_blocks, selection.seq_len,
+            config.block_size, selection.query_group_size, scale,
+        )  # fmt: skip
+    elif backend == "triton":
         from omnimem.backends.selected_attention import selected_attention
 
         return selected_attention(
@@ -232,16 +241,17 @@ def gated_attention(
             scale=scale,
             combine=(o_cmp, o_swa, gates),
         )
-    o_slc = selected_attention_gather(
-        q,
-        k,
-        v,
-        block_idx=selection.block_idx,
-        seq_len=selection.seq_len,
-        block_size=config.block_size,
-        query_group_size=selection.query_group_size,
-        scale=scale,
-    )
+    else:
+        o_slc = selected_attention_gather(
+            q,
+            k,
+            v,
+            block_idx=selection.block_idx,
+            seq_len=selection.seq_len,
+            block_size=config.block_size,
+            query_group_size=selection.query_group_size,
+            scale=scale,
+        )
     acc = accumulation_dtype(q.dtype)
     g_cmp, g_slc, g_swa = gates.to(acc).unbind(-1)
     out = (

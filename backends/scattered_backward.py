@@ -1,0 +1,328 @@
+"""Backward of per-head scattered-block attention: the two Triton kernels and their launcher.
+
+Serves both scattered forwards: the ``triton`` backend of ``sparse_attention``
+(``triton_attention``/``gluon_attention``: per-group block tables of history blocks, then the
+contiguous current chunk that every query attends) and the selected branch of
+``gated_attention`` (``selected_attention``: per-group tables over the whole sequence, no
+chunk part). Reference: autograd through ``gather`` / ``gated_branches.selected_attention_gather``.
+
+FlashAttention-2's backward over block tables, with the forward's log-sum-exp (no second
+softmax pass) and ``delta = rowsum(dO * O)``:
+
+- ``dq``: one program per (query group, row tile, batch x query head) walks the group's table
+  like the forward and accumulates ``dS @ K`` in registers.
+- ``dk``/``dv``: one program per (history key tile, KV head) accumulates ``P^T @ dO`` and
+  ``dS^T @ Q`` over every (query head, group) that attends it, then writes its tile once: no
+  atomics, nothing but the gradients is written, in the inputs' dtype. Which groups attend a
+  block is the table inverted by one sort of its ``(block, group)`` pairs (static shape, no host
+  sync): programs are launched per pair, and only the first pair of each block's run works.
+  Chunk key tiles (``sparse_attention``) are attended by every query: one program each.
+
+Keys no query attends get a zero gradient and are never read.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+import triton
+import triton.language as tl
+
+LOG2E = 1.4426950408889634
+
+
+@triton.jit
+def _load_rows(base, rows, row_ok, dims, stride_l, stride_d, HEAD_DIM: tl.constexpr):
+    return tl.load(
+        base + rows[:, None].to(tl.int64) * stride_l + dims[None, :] * stride_d,
+        mask=row_ok[:, None] & (dims[None, :] < HEAD_DIM),
+        other=0.0,
+    )
+
+
+@triton.jit
+def _probabilities(q, k, lse2, token_ok, qk_scale, PRECISION: tl.constexpr):
+    """Softmax probabilities of ``q`` against keys ``k`` from the forward's base-2 LSE."""
+    scores = tl.dot(q, tl.trans(k), input_precision=PRECISION) * qk_scale
+    p = tl.exp2(scores - lse2[:, None])
+    return tl.where(token_ok[None, :], p, 0.0)
+
+
+@triton.jit
+def _dq_step(q, do, lse2, delta, dq, k_base, v_base, tokens, token_ok, dims,
+             stride_kl, stride_kd, stride_vl, stride_vd, qk_scale,
+             HEAD_DIM: tl.constexpr, PRECISION: tl.constexpr):  # fmt: skip
+    k = _load_rows(k_base, tokens, token_ok, dims, stride_kl, stride_kd, HEAD_DIM)
+    v = _load_rows(v_base, tokens, token_ok, dims, stride_vl, stride_vd, HEAD_DIM)
+    p = _probabilities(q, k, lse2, token_ok, qk_scale, PRECISION)
+    dp = tl.dot(do, tl.trans(v), input_precision=PRECISION)
+    ds = p * (dp - delta[:, None])
+    return tl.dot(ds.to(k.dtype), k, dq, input_precision=PRECISION)
+
+
+@triton.jit
+def _dq_kernel(
+    q_ptr, k_ptr, v_ptr, do_ptr, lse_ptr, delta_ptr, dq_ptr,
+    table_ptr, count_ptr, limit_ptr,
+    stride_qb, stride_qh, stride_ql, stride_qd,
+    stride_kb, stride_kh, stride_kl, stride_kd,
+    stride_vb, stride_vh, stride_vl, stride_vd,
+    stride_ob, stride_oh, stride_ol, stride_od,
+    stride_gb, stride_gh, stride_gl, stride_gd,
+    num_q_heads, heads_per_kv, num_kv_heads, q_len, num_groups, group_size, block_size, chunk_len,
+    table_width, scale, qk_scale,
+    tiles_per_group,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, SUBS: tl.constexpr,
+    HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, HAS_CHUNK: tl.constexpr, PRECISION: tl.constexpr,
+):  # fmt: skip
+    group_tile = tl.program_id(0)
+    batch_head = tl.program_id(1)
+    batch = batch_head // num_q_heads
+    head = batch_head % num_q_heads
+    kv_head = head // heads_per_kv
+    group = group_tile // tiles_per_group
+    rows = group * group_size + (group_tile % tiles_per_group) * BLOCK_M + tl.arange(0, BLOCK_M)
+    row_ok = rows < tl.minimum((group + 1) * group_size, q_len)
+    dims = tl.arange(0, BLOCK_D)
+
+    q_base = q_ptr + batch.to(tl.int64) * stride_qb + head.to(tl.int64) * stride_qh
+    do_base = do_ptr + batch.to(tl.int64) * stride_ob + head.to(tl.int64) * stride_oh
+    q = _load_rows(q_base, rows, row_ok, dims, stride_ql, stride_qd, HEAD_DIM)
+    do = _load_rows(do_base, rows, row_ok, dims, stride_ol, stride_od, HEAD_DIM)
+    row_stat = batch_head.to(tl.int64) * q_len + rows
+    # Rows that attended nothing (lse = -inf) have p = 0 everywhere: +inf makes exp2 give 0.
+    lse = tl.load(lse_ptr + row_stat, mask=row_ok, other=float("inf"))
+    lse2 = tl.where(lse == float("-inf"), float("inf"), lse * 1.4426950408889634)
+    delta = tl.load(delta_ptr + row_stat, mask=row_ok, other=0.0)
+    k_base = k_ptr + batch.to(tl.int64) * stride_kb + kv_head.to(tl.int64) * stride_kh
+    v_base = v_ptr + batch.to(tl.int64) * stride_vb + kv_head.to(tl.int64) * stride_vh
+    row_entry = (batch * num_kv_heads + kv_head) * num_groups + group
+    count = tl.load(count_ptr + row_entry)
+    limit = tl.load(limit_ptr).to(tl.int32)  # blocks' tokens at or past it are never read
+
+    dq = tl.zeros([BLOCK_M, BLOCK_D], dtype=tl.float32)
+    offs = tl.arange(0, BLOCK_N)
+    for it in range(0, count * SUBS):
+        block = tl.load(table_ptr + row_entry.to(tl.int64) * table_width + it // SUBS)
+        in_block = (it % SUBS) * BLOCK_N + offs
+        tokens = block * block_size + in_block
+        token_ok = (in_block < block_size) & (tokens < limit)
+        dq = _dq_step(q, do, lse2, delta, dq, k_base, v_base, tokens, token_ok, dims,
+                      stride_kl, stride_kd, stride_vl, stride_vd, qk_scale, HEAD_DIM, PRECISION)  # fmt: skip
+    if HAS_CHUNK:  # the current chunk [limit, limit + chunk_len): every query attends it
+        for it in range(0, tl.cdiv(chunk_len, BLOCK_N)):
+            tokens = limit + it * BLOCK_N + offs
+            token_ok = tokens < limit + chunk_len
+            dq = _dq_step(q, do, lse2, delta, dq, k_base, v_base, tokens, token_ok, dims,
+                          stride_kl, stride_kd, stride_vl, stride_vd, qk_scale, HEAD_DIM, PRECISION)  # fmt: skip
+    dq_base = dq_ptr + batch.to(tl.int64) * stride_gb + head.to(tl.int64) * stride_gh
+    tl.store(
+        dq_base + rows[:, None].to(tl.int64) * stride_gl + dims[None, :] * stride_gd,
+        (dq * scale).to(dq_ptr.dtype.element_ty),
+        mask=row_ok[:, None] & (dims[None, :] < HEAD_DIM),
+    )
+
+
+@triton.jit
+def _dkv_rows(
+    k, v, token_ok, dk, dv, q_base, do_base, lse_ptr, delta_ptr, row_stat0, rows, row_ok, dims,
+    stride_ql, stride_qd, stride_ol, stride_od, qk_scale,
+    HEAD_DIM: tl.constexpr, PRECISION: tl.constexpr,
+):  # fmt: skip
+    """``dV += P^T dO`` and ``dK += dS^T Q`` (unscaled) over one tile of query rows."""
+    q = _load_rows(q_base, rows, row_ok, dims, stride_ql, stride_qd, HEAD_DIM)
+    do = _load_rows(do_base, rows, row_ok, dims, stride_ol, stride_od, HEAD_DIM)
+    lse = tl.load(lse_ptr + row_stat0 + rows, mask=row_ok, other=float("inf"))
+    lse2 = tl.where(lse == float("-inf"), float("inf"), lse * 1.4426950408889634)
+    delta = tl.load(delta_ptr + row_stat0 + rows, mask=row_ok, other=0.0)
+    p = _probabilities(q, k, lse2, token_ok, qk_scale, PRECISION)
+    dv = tl.dot(tl.trans(p.to(do.dtype)), do, dv, input_precision=PRECISION)
+    dp = tl.dot(do, tl.trans(v), input_precision=PRECISION)
+    ds = p * (dp - delta[:, None])
+    dk = tl.dot(tl.trans(ds.to(q.dtype)), q, dk, input_precision=PRECISION)
+    return dk, dv
+
+
+@triton.jit
+def _dkv_kernel(
+    q_ptr, k_ptr, v_ptr, do_ptr, lse_ptr, delta_ptr, dk_ptr, dv_ptr,
+    pair_key_ptr, pair_group_ptr, limit_ptr,
+    stride_qb, stride_qh, stride_ql, stride_qd,
+    stride_kb, stride_kh, stride_kl, stride_kd,
+    stride_vb, stride_vh, stride_vl, stride_vd,
+    stride_ob, stride_oh, stride_ol, stride_od,
+    stride_dkb, stride_dkh, stride_dkl, stride_dkd,
+    stride_dvb, stride_dvh, stride_dvl, stride_dvd,
+    num_q_heads, heads_per_kv, num_kv_heads, q_len, group_size, block_size, chunk_len,
+    num_pairs, num_slots, chunk_tiles, tiles_per_group, scale, qk_scale,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, SUBS: tl.constexpr,
+    HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, PRECISION: tl.constexpr,
+):  # fmt: skip
+    # Programs [0, num_pairs * SUBS): key tile (pair, sub) of a history block; the first pair
+    # of each block's run works, the others find nothing to do. Then one program per chunk key
+    # tile of each (batch, KV head).
+    program = tl.program_id(0)
+    limit = tl.load(limit_ptr).to(tl.int32)
+    offs = tl.arange(0, BLOCK_N)
+    dims = tl.arange(0, BLOCK_D)
+    is_chunk = program >= num_pairs * SUBS
+    pair = tl.minimum(program // SUBS, num_pairs - 1)
+    key = tl.load(pair_key_ptr + pair)
+    previous = tl.load(pair_key_ptr + tl.maximum(pair - 1, 0))
+    leads = (program < num_pairs * SUBS) & (key >= 0) & ((pair == 0) | (previous != key))
+    chunk_tile = tl.maximum(program - num_pairs * SUBS, 0)
+    batch_kv = tl.where(is_chunk, chunk_tile // chunk_tiles, tl.maximum(key, 0) // num_slots).to(tl.int32)
+    block = (tl.maximum(key, 0) % num_slots).to(tl.int32)
+    in_block = (program % SUBS) * BLOCK_N + offs
+    block_tokens = block * block_size + in_block
+    chunk_tokens = limit + (chunk_tile % chunk_tiles) * BLOCK_N + offs
+    tokens = tl.where(is_chunk, chunk_tokens, block_tokens)
+    # `leads` is False for chunk programs. (`!= 0`: the interpreter makes a scalar-and-vector
+    # `&` an int8 vector, which tl.load refuses as a mask.)
+    token_ok = ((is_chunk & (chunk_tokens < limit + chunk_len)) | (
+        leads & (in_block < block_size) & (block_tokens < limit)
+    )) != 0
+    batch = batch_kv // num_kv_heads
+    kv_head = batch_kv % num_kv_heads
+    k_base = k_ptr + batch.to(tl.int64) * stride_kb + kv_head.to(tl.int64) * stride_kh
+    v_base = v_ptr + batch.to(tl.int64) * stride_vb + kv_head.to(tl.int64) * stride_vh
+    k = _load_rows(k_base, tokens, token_ok, dims, stride_kl, stride_kd, HEAD_DIM)
+    v = _load_rows(v_base, tokens, token_ok, dims, stride_vl, stride_vd, HEAD_DIM)
+    dk = tl.zeros([BLOCK_N, BLOCK_D], dtype=tl.float32)
+    dv = tl.zeros([BLOCK_N, BLOCK_D], dtype=tl.float32)
+    q_tiles = tl.where(is_chunk, tl.cdiv(q_len, BLOCK_M), 0)
+    for sub_head in range(0, heads_per_kv):
+        head = kv_head * heads_per_kv + sub_head
+        q_base = q_ptr + batch.to(tl.int64) * stride_qb + head.to(tl.int64) * stride_qh
+        do_base = do_ptr + batch.to(tl.int64) * stride_ob + head.to(tl.int64) * stride_oh
+        row_stat0 = (batch * num_q_heads + head).to(tl.int64) * q_len
+        for tile in range(0, q_tiles):  # a chunk tile: every query row
+            rows = tile * BLOCK_M + tl.arange(0, BLOCK_M)
+            dk, dv = _dkv_rows(k, v, token_ok, dk, dv, q_base, do_base, lse_ptr, delta_ptr, row_stat0,
+                               rows, rows < q_len, dims, stride_ql, stride_qd, stride_ol, stride_od,
+                               qk_scale, HEAD_DIM, PRECISION)  # fmt: skip
+        # A history block: every group of the pairs in its run, starting here.
+        j = pair
+        go = leads
+        while go:
+            group = tl.load(pair_group_ptr + j)
+            for tile in range(0, tiles_per_group):
+                rows = group * group_size + tile * BLOCK_M + tl.arange(0, BLOCK_M)
+                row_ok = rows < tl.minimum((group + 1) * group_size, q_len)
+                dk, dv = _dkv_rows(k, v, token_ok, dk, dv, q_base, do_base, lse_ptr, delta_ptr, row_stat0,
+                                   rows, row_ok, dims, stride_ql, stride_qd, stride_ol, stride_od,
+                                   qk_scale, HEAD_DIM, PRECISION)  # fmt: skip
+            j += 1
+            go = (j < num_pairs) & (tl.load(pair_key_ptr + tl.minimum(j, num_pairs - 1)) == key)
+    store_mask = token_ok[:, None] & (dims[None, :] < HEAD_DIM)
+    dk_base = dk_ptr + batch.to(tl.int64) * stride_dkb + kv_head.to(tl.int64) * stride_dkh
+    dv_base = dv_ptr + batch.to(tl.int64) * stride_dvb + kv_head.to(tl.int64) * stride_dvh
+    tl.store(dk_base + tokens[:, None].to(tl.int64) * stride_dkl + dims[None, :] * stride_dkd,
+             (dk * scale).to(dk_ptr.dtype.element_ty), mask=store_mask)  # fmt: skip
+    tl.store(dv_base + tokens[:, None].to(tl.int64) * stride_dvl + dims[None, :] * stride_dvd,
+             dv.to(dv_ptr.dtype.element_ty), mask=store_mask)  # fmt: skip
+
+
+def block_pairs(block_idx: torch.Tensor, num_slots: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """The table inverted: ``(keys, groups)``, each ``[max(1, B * Hkv * G * W)]``, sorted by
+    ``key = (batch * Hkv + kv_head) * num_slots + block``, unused slots last as ``-1``;
+    ``groups`` holds each pair's query group."""
+    batch, kv_heads, groups, width = block_idx.shape
+    bh = torch.arange(batch * kv_heads, device=block_idx.device, dtype=torch.int64).view(batch, kv_heads, 1, 1)
+    keys = torch.where(block_idx >= 0, bh * num_slots + block_idx.long(), torch.iinfo(torch.int64).max)
+    if keys.numel() == 0:  # the kernel reads one slot
+        return torch.full((1,), -1, device=block_idx.device, dtype=torch.int64), torch.zeros(
+            1, device=block_idx.device, dtype=torch.int32
+        )
+    keys, order = keys.flatten().sort(stable=True)
+    group_of = torch.arange(groups, device=block_idx.device, dtype=torch.int32).view(1, 1, groups, 1)
+    group_of = group_of.expand(batch, kv_heads, groups, width).flatten()[order]
+    return torch.where(keys == torch.iinfo(torch.int64).max, -1, keys), group_of.contiguous()
+
+
+def tile_sizes(group_size: int, block_size: int, *, wide: bool) -> tuple[int, int, int, int]:
+    """``(BLOCK_M, row tiles per group, BLOCK_N, key tiles per block)``: tensor-core minimums of
+    16; 64-row and 64-key tiles at most (two float32 ``[BLOCK_N, D]`` accumulators stay in
+    registers; 32 for 4-byte inputs)."""
+    cap = 32 if wide else 64
+    block_m = min(cap, max(16, triton.next_power_of_2(group_size)))
+    block_n = min(cap, max(16, triton.next_power_of_2(block_size)))
+    return block_m, math.ceil(group_size / block_m), block_n, math.ceil(block_size / block_n)
+
+
+def scattered_attention_backward(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    out: torch.Tensor,
+    lse: torch.Tensor,
+    grad_out: torch.Tensor,
+    *,
+    block_idx: torch.Tensor,
+    num_blocks: torch.Tensor,
+    limit: torch.Tensor,
+    block_size: int,
+    query_group_size: int,
+    chunk_len: int,
+    scale: float,
+    grad_lse: torch.Tensor | None = None,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """``(dq, dk, dv)`` of scattered attention, in the inputs' dtypes and shapes.
+
+    ``block_idx [B, Hkv, G, W]`` int32 (the first ``num_blocks [B, Hkv, G]`` entries of a row
+    are distinct blocks, any order; the rest ``-1``): group ``g`` (queries ``[g *
+    query_group_size, ...)``) attends the tokens ``[j * block_size, (j + 1) * block_size)`` of
+    each block ``j`` of its row that lie before ``limit`` (a 0-d integer tensor), then, when
+    ``chunk_len > 0``, the chunk ``[limit, limit + chunk_len)``. ``lse [B, Hq, Lq]`` float32
+    natural-log LSE of the forward (``-inf`` for rows that attended nothing); ``grad_lse`` its
+    gradient, if any. Allocates the three gradients (``dk``/``dv`` zero where nothing attends)
+    and ``[B, Hq, Lq]`` float32 for ``delta``, plus the sorted pairs (``12 B`` per table entry).
+    """
+    batch, q_heads, q_len, head_dim = q.shape
+    kv_heads = k.shape[1]
+    groups = block_idx.shape[2]
+    wide = q.element_size() >= 4
+    block_m, tiles, block_n, subs = tile_sizes(query_group_size, block_size, wide=wide)
+    block_d = max(16, triton.next_power_of_2(head_dim))
+    precision = "ieee" if q.dtype == torch.float32 or q.device.type != "cuda" else "tf32"
+    delta = (grad_out.float() * out.float()).sum(-1)
+    if grad_lse is not None:
+        delta = delta - grad_lse.float()  # dL/dS = P * (dP - delta + dLSE)
+    dq = torch.empty_like(q)
+    dk = torch.zeros_like(k)
+    dv = torch.zeros_like(v)
+    lse = lse.float().contiguous()
+    num_warps = 4 if q.device.type == "cuda" else 1
+    common = dict(
+        stride_qb=q.stride(0), stride_qh=q.stride(1), stride_ql=q.stride(2), stride_qd=q.stride(3),
+        stride_kb=k.stride(0), stride_kh=k.stride(1), stride_kl=k.stride(2), stride_kd=k.stride(3),
+        stride_vb=v.stride(0), stride_vh=v.stride(1), stride_vl=v.stride(2), stride_vd=v.stride(3),
+        stride_ob=grad_out.stride(0), stride_oh=grad_out.stride(1),
+        stride_ol=grad_out.stride(2), stride_od=grad_out.stride(3),
+        num_q_heads=q_heads, heads_per_kv=q_heads // kv_heads, num_kv_heads=kv_heads, q_len=q_len,
+        group_size=query_group_size, block_size=block_size, chunk_len=chunk_len,
+        scale=scale, qk_scale=scale * LOG2E,
+        tiles_per_group=tiles, BLOCK_M=block_m, BLOCK_N=block_n, SUBS=subs,
+        HEAD_DIM=head_dim, BLOCK_D=block_d, PRECISION=precision,
+    )  # fmt: skip
+    if q_len and q_heads and batch:
+        _dq_kernel[(groups * tiles, batch * q_heads)](
+            q_ptr=q, k_ptr=k, v_ptr=v, do_ptr=grad_out, lse_ptr=lse, delta_ptr=delta, dq_ptr=dq,
+            table_ptr=block_idx, count_ptr=num_blocks, limit_ptr=limit,
+            stride_gb=dq.stride(0), stride_gh=dq.stride(1), stride_gl=dq.stride(2), stride_gd=dq.stride(3),
+            num_groups=groups, table_width=block_idx.shape[3], HAS_CHUNK=chunk_len > 0,
+            num_warps=num_warps, **common,
+        )  # fmt: skip
+        num_slots = max(1, math.ceil(k.shape[2] / block_size))
+        keys, pair_groups = block_pairs(block_idx, num_slots)
+        chunk_tiles = math.ceil(chunk_len / block_n)
+        _dkv_kernel[(keys.numel() * subs + batch * kv_heads * chunk_tiles,)](
+            q_ptr=q, k_ptr=k, v_ptr=v, do_ptr=grad_out, lse_ptr=lse, delta_ptr=delta, dk_ptr=dk, dv_ptr=dv,
+            pair_key_ptr=keys, pair_group_ptr=pair_groups, limit_ptr=limit,
+            stride_dkb=dk.stride(0), stride_dkh=dk.stride(1), stride_dkl=dk.stride(2), stride_dkd=dk.stride(3),
+            stride_dvb=dv.stride(0), stride_dvh=dv.stride(1), stride_dvl=dv.stride(2), stride_dvd=dv.stride(3),
+            num_pairs=keys.numel(), num_slots=num_slots, chunk_tiles=max(chunk_tiles, 1),
+            num_warps=num_warps, **common,
+        )  # fmt: skip
+    return dq, dk, dv
