@@ -115,7 +115,8 @@ def _dq_kernel(
             tokens = limit + it * BLOCK_N + offs
             token_ok = tokens < limit + chunk_len
             dq = _dq_step(q, do, lse2, delta, dq, k_base, v_base, tokens, token_ok, dims,
-                          stride_kl, stride_kd, stride_vl, stride_vd, qk_scale, HEAD_DIM, PRECISION)  # fmt: skip
+                          stride_kl, stride_kd, stride_vl, stride_vd, qk_scale,
+                          HEAD_DIM, PRECISION)  # fmt: skip
     dq_base = dq_ptr + batch.to(tl.int64) * stride_gb + head.to(tl.int64) * stride_gh
     tl.store(
         dq_base + rows[:, None].to(tl.int64) * stride_gl + dims[None, :] * stride_gd,
@@ -180,9 +181,10 @@ def _dkv_kernel(
     tokens = tl.where(is_chunk, chunk_tokens, block_tokens)
     # `leads` is False for chunk programs. (`!= 0`: the interpreter makes a scalar-and-vector
     # `&` an int8 vector, which tl.load refuses as a mask.)
-    token_ok = ((is_chunk & (chunk_tokens < limit + chunk_len)) | (
-        leads & (in_block < block_size) & (block_tokens < limit)
-    )) != 0
+    token_ok = (
+        (is_chunk & (chunk_tokens < limit + chunk_len))
+        | (leads & (in_block < block_size) & (block_tokens < limit))
+    ) != 0
     batch = batch_kv // num_kv_heads
     kv_head = batch_kv % num_kv_heads
     k_base = k_ptr + batch.to(tl.int64) * stride_kb + kv_head.to(tl.int64) * stride_kh
@@ -229,7 +231,8 @@ def block_pairs(block_idx: torch.Tensor, num_slots: int) -> tuple[torch.Tensor, 
     ``key = (batch * Hkv + kv_head) * num_slots + block``, unused slots last as ``-1``;
     ``groups`` holds each pair's query group."""
     batch, kv_heads, groups, width = block_idx.shape
-    bh = torch.arange(batch * kv_heads, device=block_idx.device, dtype=torch.int64).view(batch, kv_heads, 1, 1)
+    bh = torch.arange(batch * kv_heads, device=block_idx.device, dtype=torch.int64)
+    bh = bh.view(batch, kv_heads, 1, 1)
     keys = torch.where(block_idx >= 0, bh * num_slots + block_idx.long(), torch.iinfo(torch.int64).max)
     if keys.numel() == 0:  # the kernel reads one slot
         return torch.full((1,), -1, device=block_idx.device, dtype=torch.int64), torch.zeros(
@@ -320,8 +323,10 @@ def scattered_attention_backward(
         _dkv_kernel[(keys.numel() * subs + batch * kv_heads * chunk_tiles,)](
             q_ptr=q, k_ptr=k, v_ptr=v, do_ptr=grad_out, lse_ptr=lse, delta_ptr=delta, dk_ptr=dk, dv_ptr=dv,
             pair_key_ptr=keys, pair_group_ptr=pair_groups, limit_ptr=limit,
-            stride_dkb=dk.stride(0), stride_dkh=dk.stride(1), stride_dkl=dk.stride(2), stride_dkd=dk.stride(3),
-            stride_dvb=dv.stride(0), stride_dvh=dv.stride(1), stride_dvl=dv.stride(2), stride_dvd=dv.stride(3),
+            stride_dkb=dk.stride(0), stride_dkh=dk.stride(1),
+            stride_dkl=dk.stride(2), stride_dkd=dk.stride(3),
+            stride_dvb=dv.stride(0), stride_dvh=dv.stride(1),
+            stride_dvl=dv.stride(2), stride_dvd=dv.stride(3),
             num_pairs=keys.numel(), num_slots=num_slots, chunk_tiles=max(chunk_tiles, 1),
             num_warps=num_warps, **common,
         )  # fmt: skip

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import os
+
 import pytest
 import torch
 import torch.nn.functional as F
@@ -125,12 +127,19 @@ def test_auto_follows_the_measured_table(monkeypatch, dtype, head_dim, tma, grou
     assert resolve_backend(config, torch.device("cpu"), dtype=dtype, head_dim=head_dim) == "gather"
 
 
-def test_triton_backend_refuses_autograd():
+def test_triton_backend_differentiates_and_refuses_float64_gradients_with_working_advice():
     pytest.importorskip("triton")
     q, k, v = make_inputs(device="cpu")
-    q.requires_grad_(True)
-    with pytest.raises(ValueError, match="inference-only"):
-        sparse_attention(q, k, v, backend="triton")
+    if os.environ.get("TRITON_INTERPRET") == "1":
+        q32 = q.detach().clone().requires_grad_(True)
+        sparse_attention(q32, k, v, backend="triton").sum().backward()
+        assert q32.grad is not None and torch.isfinite(q32.grad).all()
+    q64, k64, v64 = (x.double() for x in (q, k, v))
+    q64.requires_grad_(True)
+    with pytest.raises(ValueError, match=r"float64 gradients.*backend='gather' or 'dense'"):
+        sparse_attention(q64, k64, v64, backend="triton")
+    sparse_attention(q64, k64, v64, backend="gather").sum().backward()  # the advice runs
+    assert q64.grad is not None
 
 
 def test_backend_choice_reaches_the_call(monkeypatch):

@@ -288,6 +288,25 @@ def test_gradients_flow_through_the_current_chunk_of_a_cache(backend):
     torch.testing.assert_close(cache.attend(q, k, v), want, atol=1e-12, rtol=1e-12)
 
 
+def test_a_training_rollout_through_the_cache_on_the_triton_backend():
+    """Self-Forcing-style: each chunk trained through the cache with the Triton backward (fp32,
+    head_dim 16 for the GPU's tensor cores), equal to the stateless dense call's gradients."""
+    config = OmniMemConfig(block_size=4, top_k=2, sink_tokens=4, local_tokens=4, backend="triton")
+    cache = make_cache(config=config, head_dim=16)
+    gen = torch.Generator().manual_seed(0)
+    for step in range(3):
+        ours = [torch.randn(1, 2, 8, 16, generator=gen).to(TEST_DEVICE).requires_grad_() for _ in range(3)]
+        cache.attend(*ours).square().sum().backward()
+        q, k, v = theirs = [x.detach().clone().requires_grad_() for x in ours]
+        keys = torch.cat([cache.k[:, :, : 8 * step], k], 2)
+        values = torch.cat([cache.v[:, :, : 8 * step], v], 2)
+        dense = config.replace(backend="dense")
+        sparse_attention(q, keys, values, history_len=8 * step, config=dense).square().sum().backward()
+        for mine, reference in zip(ours, theirs, strict=True):
+            torch.testing.assert_close(mine.grad, reference.grad, atol=1e-5, rtol=1e-4)
+        cache.commit(ours[1].detach(), ours[2].detach())
+
+
 def test_an_offloaded_cache_refuses_gradients():
     cache = make_cache(offload=True)
     q = chunk(8).requires_grad_()

@@ -3,6 +3,8 @@ same keys/values; position checks; validation before any write."""
 
 from __future__ import annotations
 
+import os
+
 import pytest
 import torch
 
@@ -79,16 +81,23 @@ def test_constructor_validation():
         GatedCache(10, batch=1, num_kv_heads=1, head_dim=8, sink_tokens=4)
 
 
-def test_gradients_flow_through_the_current_chunk_of_a_gated_cache():
-    """Training through the cache (gather): each pass backpropagates, and the chunk's gradients
-    (through all three branches, the block means included) are the stateless layer's."""
-    rules = dict(block_size=6, query_group_size=5, top_k=2, window_tokens=30, backend="gather")
-    cache = GatedCache(120, batch=1, num_kv_heads=2, head_dim=8, dtype=torch.float64, **rules)
+@pytest.mark.parametrize(
+    "backend, dtype, tol", [("gather", torch.float64, 1e-12), ("triton", torch.float32, 1e-4)]
+)
+def test_gradients_flow_through_the_current_chunk_of_a_gated_cache(backend, dtype, tol):
+    """Training through the cache: each pass backpropagates, and the chunk's gradients (through
+    all three branches, the block means included) are the stateless gather layer's (the triton
+    kernels' backward in float32)."""
+    if backend == "triton" and TEST_DEVICE.type != "cuda" and os.environ.get("TRITON_INTERPRET") != "1":
+        pytest.skip("the triton kernels run on CUDA or under TRITON_INTERPRET=1")
+    rules = dict(block_size=6, query_group_size=5, top_k=2, window_tokens=30)
+    cache = GatedCache(120, batch=1, num_kv_heads=2, head_dim=16, dtype=dtype, device=TEST_DEVICE,
+                       backend=backend, **rules)  # fmt: skip
     gen = torch.Generator().manual_seed(0)
 
     def inputs():
-        tensors = [torch.randn(1, 2, 30, 8, generator=gen, dtype=torch.float64) for _ in range(3)]
-        return [*tensors, torch.rand(1, 2, 30, 3, generator=gen, dtype=torch.float64)]
+        tensors = [torch.randn(1, 2, 30, 16, generator=gen, dtype=dtype) for _ in range(3)]
+        return [x.to(TEST_DEVICE) for x in (*tensors, torch.rand(1, 2, 30, 3, generator=gen, dtype=dtype))]
 
     for start in (0, 0, 30, 30, 60):  # passes rewrite a chunk; each backpropagates on its own
         ours = [x.clone().requires_grad_() for x in inputs()]
@@ -96,8 +105,9 @@ def test_gradients_flow_through_the_current_chunk_of_a_gated_cache():
         theirs = [x.detach().clone().requires_grad_() for x in ours]
         q, k, v, gates = theirs
         keys, values = torch.cat([cache.k[:, :, :start], k], 2), torch.cat([cache.v[:, :, :start], v], 2)
-        gated_attention(q, keys, values, gates, history_len=start, **rules).square().sum().backward()
+        out = gated_attention(q, keys, values, gates, history_len=start, backend="gather", **rules)
+        out.square().sum().backward()
         for mine, reference in zip(ours, theirs, strict=True):
             assert mine.grad is not None and mine.grad.abs().sum() > 0
-            torch.testing.assert_close(mine.grad, reference.grad, atol=1e-12, rtol=1e-12)
+            torch.testing.assert_close(mine.grad, reference.grad, atol=tol, rtol=tol)
         assert not cache.k.requires_grad and not cache.pooled.k.requires_grad

@@ -148,17 +148,25 @@ def test_a_gated_cache_larger_than_the_gpu_is_refused_up_front(monkeypatch):
         GatedCache(240 * 1560, batch=1, num_kv_heads=12, head_dim=128, dtype=torch.bfloat16, device="cuda")
 
 
-def test_the_gated_triton_kernel_refuses_gradients_and_gather_gives_them():
+def test_the_gated_triton_kernels_give_the_gradients_gather_gives():
     from omnimem import gated_attention
 
-    q, k, v = (torch.randn(1, 2, n, 16, requires_grad=True) for n in (30, 90, 90))
-    gates = torch.rand(1, 2, 30, 3, requires_grad=True)
+    gen = torch.Generator().manual_seed(0)
+    inputs = [torch.randn(1, 2, n, 16, generator=gen) for n in (30, 90, 90)]
+    inputs.append(torch.rand(1, 2, 30, 3, generator=gen))
     call = dict(history_len=60, block_size=6, query_group_size=5, top_k=2, window_tokens=30)
+    grads = {}
+    for backend in ("gather", "triton") if INTERPRETED else ("gather",):
+        leaves = [x.clone().requires_grad_() for x in inputs]
+        gated_attention(*leaves, backend=backend, **call).sum().backward()
+        assert all(x.grad is not None and x.grad.abs().sum() > 0 for x in leaves)
+        grads[backend] = [x.grad for x in leaves]
+    for ours, theirs in zip(grads.get("triton", grads["gather"]), grads["gather"], strict=True):
+        torch.testing.assert_close(ours, theirs, atol=1e-5, rtol=1e-4)
     if INTERPRETED:
-        with pytest.raises(ValueError, match=r"triton kernel has no backward yet.*backend='gather'"):
-            gated_attention(q, k, v, gates, backend="triton", **call)
-    gated_attention(q, k, v, gates, backend="gather", **call).sum().backward()
-    assert all(x.grad is not None and x.grad.abs().sum() > 0 for x in (q, k, v, gates))
+        leaves = [x.double().requires_grad_() for x in inputs]
+        with pytest.raises(ValueError, match=r"float64 gradients.*backend='gather'"):
+            gated_attention(*leaves, backend="triton", **call)
 
 
 @pytest.mark.parametrize("backend", ["dense", "gather", "flex", "triton"])

@@ -74,3 +74,35 @@ def test_a_cache_rollout_under_poisoned_allocations_equals_a_clean_one(backend, 
     request.getfixturevalue("poisoned_allocations")
     for got, want in zip(rollout(), clean, strict=True):
         torch.testing.assert_close(got, want, atol=0, rtol=0)
+
+
+def gradients(backend: str, query_group_size: int | None, poison_unattended: bool = False):
+    """q, k, v gradients of a call whose keys of block 1 (never attended: the sink is block 0,
+    block 1 scores lowest) may hold NaN."""
+    q, k, v = make_inputs(batch=2, q_heads=4, kv_heads=2, history_len=37, q_len=35, head_dim=16, unwritten=9)
+    q[..., 0] = q[..., 0].abs() + 3.0
+    k[:, :, 4:8, 0] = -20.0  # block 1 scores lowest for every query group
+    if poison_unattended:
+        v[:, :, 4:8] = float("nan")
+    q, k, v = (x.detach().clone().requires_grad_() for x in (q, k, v))
+    call = dict(
+        history_len=37, chunk_len=35, block_size=4, top_k=3, sink_tokens=2, local_tokens=5,
+        query_group_size=query_group_size, backend=backend, compile=False, return_lse=True,
+    )  # fmt: skip
+    out, lse = sparse_attention(q, k, v, **call)
+    gen = torch.Generator().manual_seed(3)
+    (out * torch.randn(out.shape, generator=gen).to(out)).sum().backward(inputs=[q, k, v], retain_graph=True)
+    (lse.sum() * 0.5).backward(inputs=[q, k, v])
+    return q.grad, k.grad, v.grad
+
+
+@pytest.mark.parametrize("query_group_size", [None, 7], ids=["one-group", "groups"])
+@pytest.mark.parametrize("backend", ["dense", "gather", "triton"])
+def test_backward_writes_every_gradient_and_ignores_unattended_values(backend, query_group_size, request):
+    clean = gradients(backend, query_group_size)
+    request.getfixturevalue("poisoned_allocations")
+    poisoned = gradients(backend, query_group_size, poison_unattended=True)
+    for got, want in zip(poisoned, clean, strict=True):
+        assert not got.isnan().any()
+        torch.testing.assert_close(got, want, atol=0, rtol=0)
+    assert (clean[2][:, :, 4:8] == 0).all()  # an unattended block gets no gradient
