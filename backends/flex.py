@@ -120,12 +120,20 @@ def _compiled_block_mask_tables():
 
 
 def build_block_mask(
-    selection: Selection, *, num_q_heads: int, q_len: int, kv_len: int, chunk_len: int, compiled: bool = False
+    selection: Selection,
+    *,
+    num_q_heads: int,
+    q_len: int,
+    kv_len: int,
+    chunk_len: int,
+    compiled: bool = False,
+    for_backward: bool = False,
 ) -> BlockMask:
     """The ``BlockMask`` (with its exact ``mask_mod``) of ``selection`` over ``[q_len, kv_len]``.
 
     ``compiled`` builds the tables through ``torch.compile`` (worth it on GPUs, where the eager
-    version is launch-bound).
+    version is launch-bound). ``for_backward`` also builds the transposed (query-block) tables
+    that compiled FlexAttention's backward walks; inference skips them.
     """
     tables = _compiled_block_mask_tables() if compiled else block_mask_tables
     block_attended, *kv_tables = tables(
@@ -142,7 +150,7 @@ def build_block_mask(
     mask_mod = token_mask_mod(
         selection, num_q_heads=num_q_heads, chunk_len=chunk_len, block_attended=block_attended
     )
-    extra = {"compute_q_blocks": False} if _HAS_COMPUTE_Q_BLOCKS else {}
+    extra = {"compute_q_blocks": for_backward} if _HAS_COMPUTE_Q_BLOCKS else {}
     return BlockMask.from_kv_blocks(
         *kv_tables,
         BLOCK_SIZE=(TILE, TILE),
@@ -181,6 +189,7 @@ def forward(
         kv_len=k.shape[2],
         chunk_len=chunk_len,
         compiled=compiled and q.device.type == "cuda",
+        for_backward=wants_grad,
     )
     return attend(q, k, v, block_mask, scale=scale, return_lse=return_lse, compiled=compiled)
 
@@ -207,12 +216,6 @@ def attend(
 
 
 def _check_compiled_inputs(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> None:
-    if torch.is_grad_enabled() and (q.requires_grad or k.requires_grad or v.requires_grad):
-        raise ValueError(
-            "the compiled flex backend is inference-only (its BlockMask carries no backward "
-            "tables): run under torch.no_grad(), or use compile=False (eager FlexAttention "
-            "differentiates on GPUs) or backend='gather' or 'dense' for autograd"
-        )
     if q.device.type == "cuda" and q.shape[-1] < 16:
         raise ValueError(
             f"q's head_dim must be >= 16 for the compiled flex backend on GPUs (tensor-core tiles), "

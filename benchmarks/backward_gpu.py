@@ -1,0 +1,228 @@
+"""Training cost: forward + backward of the scattered kernels beside the peers, one device call.
+
+Two workloads, bf16 on the GPU, ``triton.testing.do_bench`` medians (L2 flushed):
+
+1. ``sparse_attention`` at Wan2.1-1.3B shapes (12 heads x 128, a 4,680-token chunk, blocks of
+   128, top_k 32, a sink frame and a chunk of local window; histories of 24 and 237 frames):
+   the ``triton`` backend (forward, forward with the LSE kept, backward), compiled
+   FlexAttention on the same BlockMask (with its backward tables), and gather + SDPA (the
+   attended tokens gathered per head, flash SDPA; the gather's backward scatters into dK/dV).
+2. The gated layer's selected branch at the authors' shapes (blocks of 30, groups of 15, top
+   16; histories of 18 / 60 / 237 frames): the kernel forward, forward with LSE, backward; and
+   the whole ``gated_attention`` layer forward + backward.
+
+Each gradient is first checked against float32 autograd over exactly the attended tokens.
+"Peak extra" is what a backward allocates beyond the three gradients it returns.
+
+Usage: ``python benchmarks/backward_gpu.py [--json out.json]``
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+from attention_gpu import FRAME_TOKENS, bench, environment
+from torch.nn.attention import SDPBackend, sdpa_kernel
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from omnimem import GatedConfig, OmniMemConfig, gated_attention, select_blocks  # noqa: E402
+from omnimem.backends import flex as flex_backend  # noqa: E402
+from omnimem.backends import triton as triton_backend  # noqa: E402
+from omnimem.backends.gated_branches import selected_attention_gather  # noqa: E402
+from omnimem.backends.selected_attention import SelectedAttention, selected_attention  # noqa: E402
+from omnimem.gated import select_group_blocks  # noqa: E402
+from omnimem.kernels.block_sums import block_sums  # noqa: E402
+
+HEADS, HEAD_DIM, CHUNK = 12, 128, 3 * FRAME_TOKENS
+
+
+def rel_err(x: torch.Tensor, ref: torch.Tensor) -> float:
+    return float((x.float() - ref.float()).norm() / ref.float().norm())
+
+
+def leaves(*xs):
+    return [x.detach().clone().requires_grad_() for x in xs]
+
+
+def inputs(history_len: int, seed: int):
+    gen = torch.Generator(device="cuda").manual_seed(seed)
+    shape = (1, HEADS, history_len + CHUNK, HEAD_DIM)
+    q = torch.randn(1, HEADS, CHUNK, HEAD_DIM, device="cuda", dtype=torch.bfloat16, generator=gen)
+    k = torch.randn(*shape, device="cuda", dtype=torch.bfloat16, generator=gen)
+    v = torch.randn(*shape, device="cuda", dtype=torch.bfloat16, generator=gen)
+    d_out = torch.randn(q.shape, device="cuda", dtype=torch.bfloat16, generator=gen)
+    return q, k, v, d_out
+
+
+def backward_ms_and_peak(out: torch.Tensor, xs: list[torch.Tensor], d_out: torch.Tensor) -> tuple[float, float]:
+    """Median time of ``autograd.grad(out, xs, d_out)`` and its peak memory beyond the gradients."""
+
+    def run():
+        return torch.autograd.grad(out, xs, d_out, retain_graph=True)
+
+    grads = run()
+    grad_bytes = sum(g.numel() * g.element_size() for g in grads)
+    del grads
+    torch.cuda.synchronize()
+    torch.cuda.reset_peak_memory_stats()
+    base = torch.cuda.memory_allocated()
+    grads = run()
+    torch.cuda.synchronize()
+    peak = (torch.cuda.max_memory_allocated() - base - grad_bytes) / 2**20
+    del grads
+    return bench(run), peak
+
+
+def attended_tokens(sel, history_len: int) -> torch.Tensor:
+    """``[1, Hkv, T]`` the tokens each KV head attends (one query group; equal counts here)."""
+    rows = []
+    for kvh in range(sel.kv_block_idx.shape[1]):
+        blocks = sel.kv_block_idx[0, kvh, 0, : sel.kv_num_blocks[0, kvh, 0]].long()
+        tokens = (blocks[:, None] * sel.block_size + torch.arange(sel.block_size, device="cuda")).flatten()
+        chunk = torch.arange(history_len, history_len + CHUNK, device="cuda")
+        rows.append(torch.cat([tokens[tokens < history_len], chunk]))
+    return torch.stack(rows)[None]
+
+
+def sparse_shape(history_len: int, top_k: int) -> dict:
+    q, k, v, d_out = inputs(history_len, seed=history_len)
+    config = OmniMemConfig(block_size=128, top_k=top_k, sink_tokens=FRAME_TOKENS, local_tokens=CHUNK)
+    sums = block_sums(k, torch.tensor(history_len, device="cuda"), 128)
+    sel = select_blocks(q, k, history_len=history_len, config=config, key_block_sums=sums)
+    scale = HEAD_DIM**-0.5
+    tokens = attended_tokens(sel, history_len)
+    index = tokens[..., None].expand(-1, -1, -1, HEAD_DIM)
+    row = dict(history=history_len, top_k=top_k, attended_tokens=tokens.shape[-1])
+
+    # Reference: float32 autograd over exactly the attended tokens.
+    ref_q, ref_k, ref_v = leaves(q.float(), k.float(), v.float())
+    ref_out = F.scaled_dot_product_attention(ref_q, ref_k.gather(2, index), ref_v.gather(2, index), scale=scale)
+    ref = torch.autograd.grad(ref_out, (ref_q, ref_k, ref_v), d_out.float())
+    del ref_q, ref_k, ref_v, ref_out
+
+    def triton_forward(*xs):
+        return triton_backend.forward(*xs, sel, chunk_len=CHUNK, scale=scale, return_lse=False, config=config)[0]
+
+    with torch.no_grad():
+        row["triton_fwd_ms"] = bench(lambda: triton_forward(q, k, v))
+    xs = leaves(q, k, v)
+    row["triton_fwd_with_lse_ms"] = bench(lambda: triton_forward(*xs))
+    out = triton_forward(*xs)
+    grads = torch.autograd.grad(out, xs, d_out, retain_graph=True)
+    row["triton_grad_rel_err"] = [rel_err(g, r) for g, r in zip(grads, ref, strict=True)]
+    row["triton_bwd_ms"], row["triton_bwd_peak_extra_mib"] = backward_ms_and_peak(out, xs, d_out)
+    del out, grads
+
+    shapes = dict(num_q_heads=HEADS, q_len=CHUNK, kv_len=history_len + CHUNK, chunk_len=CHUNK, compiled=True)
+    mask = flex_backend.build_block_mask(sel, **shapes, for_backward=True)
+
+    def flex_forward(*xs):
+        return flex_backend.attend(*xs, mask, scale=scale)[0]
+
+    with torch.no_grad():
+        row["flex_fwd_ms"] = bench(lambda: flex_forward(q, k, v))
+    xs = leaves(q, k, v)
+    out = flex_forward(*xs)
+    grads = torch.autograd.grad(out, xs, d_out, retain_graph=True)
+    row["flex_grad_rel_err"] = [rel_err(g, r) for g, r in zip(grads, ref, strict=True)]
+    row["flex_bwd_ms"], row["flex_bwd_peak_extra_mib"] = backward_ms_and_peak(out, xs, d_out)
+    del out, grads
+
+    def gather_sdpa(*xs):
+        q_, k_, v_ = xs
+        with sdpa_kernel(SDPBackend.FLASH_ATTENTION):
+            return F.scaled_dot_product_attention(q_, k_.gather(2, index), v_.gather(2, index), scale=scale)
+
+    with torch.no_grad():
+        row["gather_sdpa_fwd_ms"] = bench(lambda: gather_sdpa(q, k, v))
+    xs = leaves(q, k, v)
+    out = gather_sdpa(*xs)
+    grads = torch.autograd.grad(out, xs, d_out, retain_graph=True)
+    row["gather_sdpa_grad_rel_err"] = [rel_err(g, r) for g, r in zip(grads, ref, strict=True)]
+    row["gather_sdpa_bwd_ms"], row["gather_sdpa_bwd_peak_extra_mib"] = backward_ms_and_peak(out, xs, d_out)
+    del out, grads
+    row["triton_bwd_over_fwd"] = row["triton_bwd_ms"] / row["triton_fwd_ms"]
+    row["flex_bwd_over_triton_bwd"] = row["flex_bwd_ms"] / row["triton_bwd_ms"]
+    print(f"sparse {row}", flush=True)
+    return row
+
+
+def selected_shape(frames: int) -> dict:
+    history_len = frames * FRAME_TOKENS
+    q, k, v, d_out = inputs(history_len, seed=frames)
+    config = GatedConfig()
+    scale = HEAD_DIM**-0.5
+    sel = select_group_blocks(q, k, history_len=history_len, config=config)
+    table = dict(block_idx=sel.block_idx, num_blocks=sel.num_blocks, seq_len=sel.seq_len)
+    sizes = dict(block_size=config.block_size, query_group_size=sel.query_group_size, scale=scale)
+    row = dict(frames=frames, history=history_len)
+
+    ref_q, ref_k, ref_v = leaves(q.float(), k.float(), v.float())
+    ref_out = selected_attention_gather(ref_q, ref_k, ref_v, block_idx=sel.block_idx, seq_len=sel.seq_len, **sizes)
+    ref = torch.autograd.grad(ref_out, (ref_q, ref_k, ref_v), d_out.float())
+    del ref_q, ref_k, ref_v, ref_out
+
+    row["selected_fwd_ms"] = bench(lambda: selected_attention(q, k, v, **table, **sizes))
+    lse = torch.empty(q.shape[:3], device="cuda")
+    row["selected_fwd_with_lse_ms"] = bench(lambda: selected_attention(q, k, v, **table, **sizes, lse=lse))
+    xs = leaves(q, k, v)
+    args = (sel.block_idx, sel.num_blocks, sel.seq_len, config.block_size, sel.query_group_size, scale)
+    out = SelectedAttention.apply(*xs, *args)
+    grads = torch.autograd.grad(out, xs, d_out, retain_graph=True)
+    row["selected_grad_rel_err"] = [rel_err(g, r) for g, r in zip(grads, ref, strict=True)]
+    row["selected_bwd_ms"], row["selected_bwd_peak_extra_mib"] = backward_ms_and_peak(out, xs, d_out)
+    row["selected_bwd_over_fwd"] = row["selected_bwd_ms"] / row["selected_fwd_ms"]
+    del out, grads
+
+    gates = torch.rand(*q.shape[:3], 3, device="cuda", dtype=torch.bfloat16)
+    with torch.no_grad():
+        row["layer_fwd_ms"] = bench(lambda: gated_attention(q, k, v, gates, history_len=history_len))
+    xs = leaves(q, k, v, gates)
+    out = gated_attention(*xs, history_len=history_len)
+    row["layer_bwd_ms"], row["layer_bwd_peak_extra_mib"] = backward_ms_and_peak(out, xs, d_out)
+    print(f"selected {row}", flush=True)
+    return row
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--histories", type=int, nargs="+", default=[24, 237], help="frames (sparse)")
+    parser.add_argument("--gated-histories", type=int, nargs="+", default=[18, 60, 237], help="frames")
+    parser.add_argument("--json", default=None)
+    args = parser.parse_args()
+    env = environment()
+    print(env, flush=True)
+    sparse = [sparse_shape(frames * FRAME_TOKENS, 32) for frames in args.histories]
+    selected = [selected_shape(frames) for frames in args.gated_histories]
+
+    print("\nsparse_attention, 12 heads, top_k 32, bf16 (ms; grad rel err q/k/v max)")
+    print("| history | triton fwd | fwd+LSE | triton bwd | bwd/fwd | flex fwd | flex bwd | gather+SDPA fwd | bwd |")
+    print("|---|---|---|---|---|---|---|---|---|")
+    for r in sparse:
+        print(
+            f"| {r['history']} | {r['triton_fwd_ms']:.3f} | {r['triton_fwd_with_lse_ms']:.3f} | "
+            f"{r['triton_bwd_ms']:.3f} ({max(r['triton_grad_rel_err']):.1e}) | {r['triton_bwd_over_fwd']:.2f}x | "
+            f"{r['flex_fwd_ms']:.3f} | {r['flex_bwd_ms']:.3f} ({max(r['flex_grad_rel_err']):.1e}) | "
+            f"{r['gather_sdpa_fwd_ms']:.3f} | {r['gather_sdpa_bwd_ms']:.3f} |"
+        )
+    print("\nselected branch (authors' shapes) and the whole gated layer, bf16 (ms)")
+    print("| frames | fwd | fwd+LSE | bwd | bwd/fwd | peak extra MiB | layer fwd | layer bwd |")
+    print("|---|---|---|---|---|---|---|---|")
+    for r in selected:
+        print(
+            f"| {r['frames']} | {r['selected_fwd_ms']:.3f} | {r['selected_fwd_with_lse_ms']:.3f} | "
+            f"{r['selected_bwd_ms']:.3f} ({max(r['selected_grad_rel_err']):.1e}) | {r['selected_bwd_over_fwd']:.2f}x | "
+            f"{r['selected_bwd_peak_extra_mib']:.0f} | {r['layer_fwd_ms']:.3f} | {r['layer_bwd_ms']:.3f} |"
+        )
+    if args.json:
+        Path(args.json).write_text(json.dumps(dict(environment=env, sparse=sparse, selected=selected), indent=1))
+
+
+if __name__ == "__main__":
+    main()
