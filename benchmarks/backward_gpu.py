@@ -31,13 +31,13 @@ from torch.nn.attention import SDPBackend, sdpa_kernel
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from omnimem import GatedConfig, OmniMemConfig, gated_attention, select_blocks  # noqa: E402
-from omnimem.backends import flex as flex_backend  # noqa: E402
-from omnimem.backends import triton as triton_backend  # noqa: E402
-from omnimem.backends.gated_branches import selected_attention_gather  # noqa: E402
-from omnimem.backends.selected_attention import SelectedAttention, selected_attention  # noqa: E402
-from omnimem.gated import select_group_blocks  # noqa: E402
-from omnimem.kernels.block_sums import block_sums  # noqa: E402
+from omnimem import GatedConfig, OmniMemConfig, gated_attention, select_blocks
+from omnimem.backends import flex as flex_backend
+from omnimem.backends import triton as triton_backend
+from omnimem.backends.gated_branches import selected_attention_gather
+from omnimem.backends.selected_attention import SelectedAttention, selected_attention
+from omnimem.gated import select_group_blocks
+from omnimem.kernels.block_sums import block_sums
 
 HEADS, HEAD_DIM, CHUNK = 12, 128, 3 * FRAME_TOKENS
 
@@ -60,7 +60,7 @@ def inputs(history_len: int, seed: int):
     return q, k, v, d_out
 
 
-def backward_ms_and_peak(out: torch.Tensor, xs: list[torch.Tensor], d_out: torch.Tensor) -> tuple[float, float]:
+def backward_ms_and_peak(out: torch.Tensor, xs: list, d_out: torch.Tensor) -> tuple[float, float]:
     """Median time of ``autograd.grad(out, xs, d_out)`` and its peak memory beyond the gradients."""
 
     def run():
@@ -102,12 +102,14 @@ def sparse_shape(history_len: int, top_k: int) -> dict:
 
     # Reference: float32 autograd over exactly the attended tokens.
     ref_q, ref_k, ref_v = leaves(q.float(), k.float(), v.float())
-    ref_out = F.scaled_dot_product_attention(ref_q, ref_k.gather(2, index), ref_v.gather(2, index), scale=scale)
+    ref_k, ref_v = ref_k.gather(2, index), ref_v.gather(2, index)
+    ref_out = F.scaled_dot_product_attention(ref_q, ref_k, ref_v, scale=scale)
     ref = torch.autograd.grad(ref_out, (ref_q, ref_k, ref_v), d_out.float())
     del ref_q, ref_k, ref_v, ref_out
 
     def triton_forward(*xs):
-        return triton_backend.forward(*xs, sel, chunk_len=CHUNK, scale=scale, return_lse=False, config=config)[0]
+        call = dict(chunk_len=CHUNK, scale=scale, return_lse=False, config=config)
+        return triton_backend.forward(*xs, sel, **call)[0]
 
     with torch.no_grad():
         row["triton_fwd_ms"] = bench(lambda: triton_forward(q, k, v))
@@ -164,7 +166,8 @@ def selected_shape(frames: int) -> dict:
     row = dict(frames=frames, history=history_len)
 
     ref_q, ref_k, ref_v = leaves(q.float(), k.float(), v.float())
-    ref_out = selected_attention_gather(ref_q, ref_k, ref_v, block_idx=sel.block_idx, seq_len=sel.seq_len, **sizes)
+    table_only = dict(block_idx=sel.block_idx, seq_len=sel.seq_len)
+    ref_out = selected_attention_gather(ref_q, ref_k, ref_v, **table_only, **sizes)
     ref = torch.autograd.grad(ref_out, (ref_q, ref_k, ref_v), d_out.float())
     del ref_q, ref_k, ref_v, ref_out
 
@@ -202,12 +205,13 @@ def main() -> None:
     selected = [selected_shape(frames) for frames in args.gated_histories]
 
     print("\nsparse_attention, 12 heads, top_k 32, bf16 (ms; grad rel err q/k/v max)")
-    print("| history | triton fwd | fwd+LSE | triton bwd | bwd/fwd | flex fwd | flex bwd | gather+SDPA fwd | bwd |")
+    print("| history | triton fwd | +LSE | triton bwd | bwd/fwd | flex fwd | flex bwd | gather+SDPA | bwd |")
     print("|---|---|---|---|---|---|---|---|---|")
     for r in sparse:
         print(
             f"| {r['history']} | {r['triton_fwd_ms']:.3f} | {r['triton_fwd_with_lse_ms']:.3f} | "
-            f"{r['triton_bwd_ms']:.3f} ({max(r['triton_grad_rel_err']):.1e}) | {r['triton_bwd_over_fwd']:.2f}x | "
+            f"{r['triton_bwd_ms']:.3f} ({max(r['triton_grad_rel_err']):.1e}) | "
+            f"{r['triton_bwd_over_fwd']:.2f}x | "
             f"{r['flex_fwd_ms']:.3f} | {r['flex_bwd_ms']:.3f} ({max(r['flex_grad_rel_err']):.1e}) | "
             f"{r['gather_sdpa_fwd_ms']:.3f} | {r['gather_sdpa_bwd_ms']:.3f} |"
         )
@@ -217,11 +221,13 @@ def main() -> None:
     for r in selected:
         print(
             f"| {r['frames']} | {r['selected_fwd_ms']:.3f} | {r['selected_fwd_with_lse_ms']:.3f} | "
-            f"{r['selected_bwd_ms']:.3f} ({max(r['selected_grad_rel_err']):.1e}) | {r['selected_bwd_over_fwd']:.2f}x | "
+            f"{r['selected_bwd_ms']:.3f} ({max(r['selected_grad_rel_err']):.1e}) | "
+            f"{r['selected_bwd_over_fwd']:.2f}x | "
             f"{r['selected_bwd_peak_extra_mib']:.0f} | {r['layer_fwd_ms']:.3f} | {r['layer_bwd_ms']:.3f} |"
         )
     if args.json:
-        Path(args.json).write_text(json.dumps(dict(environment=env, sparse=sparse, selected=selected), indent=1))
+        results = dict(environment=env, sparse=sparse, selected=selected)
+        Path(args.json).write_text(json.dumps(results, indent=1))
 
 
 if __name__ == "__main__":
