@@ -88,7 +88,12 @@ def _masked_tile_step(
                    BLOCK_N, BLOCK_D, HEAD_DIM, USE_TMA, True)  # fmt: skip
     v = _load_tile(v_base, v_desc, batch, kv_head, start, limit, stride_vl, stride_vd,
                    BLOCK_N, BLOCK_D, HEAD_DIM, USE_TMA, True)  # fmt: skip
-    valid = rows_attend[:, None] & ((start + tl.arange(0, BLOCK_N)) < limit)[None, :]
+    token_ok = (start + tl.arange(0, BLOCK_N)) < limit
+    if USE_TMA:
+        # The copy engine reads whole tiles: values past `limit` (another block, perhaps a
+        # corrupted one) would reach the output through 0 * NaN. Zero them.
+        v = tl.where(token_ok[:, None], v, 0.0)
+    valid = rows_attend[:, None] & token_ok[None, :]
     return _softmax_step(q, k, v, valid, qk_scale, m_i, l_i, acc, True, PRECISION)
 
 

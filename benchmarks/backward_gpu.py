@@ -102,8 +102,9 @@ def sparse_shape(history_len: int, top_k: int) -> dict:
 
     # Reference: float32 autograd over exactly the attended tokens.
     ref_q, ref_k, ref_v = leaves(q.float(), k.float(), v.float())
-    ref_k, ref_v = ref_k.gather(2, index), ref_v.gather(2, index)
-    ref_out = F.scaled_dot_product_attention(ref_q, ref_k, ref_v, scale=scale)
+    ref_out = F.scaled_dot_product_attention(
+        ref_q, ref_k.gather(2, index), ref_v.gather(2, index), scale=scale
+    )
     ref = torch.autograd.grad(ref_out, (ref_q, ref_k, ref_v), d_out.float())
     del ref_q, ref_k, ref_v, ref_out
 
