@@ -23,6 +23,7 @@ Keys no query attends get a zero gradient and are never read.
 
 from __future__ import annotations
 
+import dataclasses
 import math
 
 import torch
@@ -244,14 +245,35 @@ def block_pairs(block_idx: torch.Tensor, num_slots: int) -> tuple[torch.Tensor, 
     return torch.where(keys == torch.iinfo(torch.int64).max, -1, keys), group_of.contiguous()
 
 
-def tile_sizes(group_size: int, block_size: int, *, wide: bool) -> tuple[int, int, int, int]:
-    """``(BLOCK_M, row tiles per group, BLOCK_N, key tiles per block)``: tensor-core minimums of
-    16; 64-row and 64-key tiles at most (two float32 ``[BLOCK_N, D]`` accumulators stay in
-    registers; 32 for 4-byte inputs)."""
-    cap = 32 if wide else 64
-    block_m = min(cap, max(16, triton.next_power_of_2(group_size)))
-    block_n = min(cap, max(16, triton.next_power_of_2(block_size)))
-    return block_m, math.ceil(group_size / block_m), block_n, math.ceil(block_size / block_n)
+@dataclasses.dataclass(frozen=True)
+class Tiles:
+    """One kernel's launch shape: ``block_m`` query rows by ``block_n`` keys per step."""
+
+    block_m: int
+    block_n: int
+    num_warps: int
+    num_stages: int
+
+
+def default_tiles(
+    group_size: int, block_size: int, dtype: torch.dtype, device: torch.device
+) -> tuple[Tiles, Tiles]:
+    """``(dq, dkv)`` tiles: rows no wider than a group (tensor-core minimum 16), keys no wider
+    than a block; the dK/dV kernel keeps two float32 ``[block_n, D]`` accumulators in registers,
+    so it takes wide key tiles and narrow row tiles, the dQ kernel the reverse (FA2's choice).
+    4-byte inputs halve the tiles (shared memory)."""
+    if device.type != "cuda":  # the interpreter: small tiles, one warp
+        rows = min(32, max(16, triton.next_power_of_2(group_size)))
+        keys = min(32, max(16, triton.next_power_of_2(block_size)))
+        return Tiles(rows, keys, 1, 1), Tiles(rows, keys, 1, 1)
+    wide = dtype == torch.float32
+
+    def fit(n: int, cap: int) -> int:
+        return min(cap // (2 if wide else 1), max(16, triton.next_power_of_2(n)))
+
+    dq = Tiles(fit(group_size, 64), fit(block_size, 64), num_warps=4, num_stages=2)
+    dkv = Tiles(fit(group_size, 64), fit(block_size, 64), num_warps=4, num_stages=2)
+    return dq, dkv
 
 
 def scattered_attention_backward(
@@ -270,6 +292,8 @@ def scattered_attention_backward(
     chunk_len: int,
     scale: float,
     grad_lse: torch.Tensor | None = None,
+    dq_tiles: Tiles | None = None,
+    dkv_tiles: Tiles | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """``(dq, dk, dv)`` of scattered attention, in the inputs' dtypes and shapes.
 
@@ -281,12 +305,14 @@ def scattered_attention_backward(
     natural-log LSE of the forward (``-inf`` for rows that attended nothing); ``grad_lse`` its
     gradient, if any. Allocates the three gradients (``dk``/``dv`` zero where nothing attends)
     and ``[B, Hq, Lq]`` float32 for ``delta``, plus the sorted pairs (``12 B`` per table entry).
+    ``dq_tiles``/``dkv_tiles`` default to ``default_tiles`` (benchmarks/backward_gpu.py
+    ``--variants`` measures others).
     """
     batch, q_heads, q_len, head_dim = q.shape
     kv_heads = k.shape[1]
     groups = block_idx.shape[2]
-    wide = q.element_size() >= 4
-    block_m, tiles, block_n, subs = tile_sizes(query_group_size, block_size, wide=wide)
+    default_dq, default_dkv = default_tiles(query_group_size, block_size, q.dtype, q.device)
+    dq_tiles, dkv_tiles = dq_tiles or default_dq, dkv_tiles or default_dkv
     block_d = max(16, triton.next_power_of_2(head_dim))
     precision = "ieee" if q.dtype == torch.float32 or q.device.type != "cuda" else "tf32"
     delta = (grad_out.float() * out.float()).sum(-1)
@@ -296,7 +322,6 @@ def scattered_attention_backward(
     dk = torch.zeros_like(k)
     dv = torch.zeros_like(v)
     lse = lse.float().contiguous()
-    num_warps = 4 if q.device.type == "cuda" else 1
     common = dict(
         stride_qb=q.stride(0), stride_qh=q.stride(1), stride_ql=q.stride(2), stride_qd=q.stride(3),
         stride_kb=k.stride(0), stride_kh=k.stride(1), stride_kl=k.stride(2), stride_kd=k.stride(3),
@@ -305,21 +330,31 @@ def scattered_attention_backward(
         stride_ol=grad_out.stride(2), stride_od=grad_out.stride(3),
         num_q_heads=q_heads, heads_per_kv=q_heads // kv_heads, num_kv_heads=kv_heads, q_len=q_len,
         group_size=query_group_size, block_size=block_size, chunk_len=chunk_len,
-        scale=scale, qk_scale=scale * LOG2E,
-        tiles_per_group=tiles, BLOCK_M=block_m, BLOCK_N=block_n, SUBS=subs,
-        HEAD_DIM=head_dim, BLOCK_D=block_d, PRECISION=precision,
+        scale=scale, qk_scale=scale * LOG2E, HEAD_DIM=head_dim, BLOCK_D=block_d, PRECISION=precision,
     )  # fmt: skip
+
+    def shape(tiles: Tiles) -> dict:
+        return dict(
+            tiles_per_group=math.ceil(query_group_size / tiles.block_m),
+            BLOCK_M=tiles.block_m,
+            BLOCK_N=tiles.block_n,
+            SUBS=math.ceil(block_size / tiles.block_n),
+            num_warps=tiles.num_warps,
+            num_stages=tiles.num_stages,
+        )
+
     if q_len and q_heads and batch:
-        _dq_kernel[(groups * tiles, batch * q_heads)](
+        _dq_kernel[(groups * math.ceil(query_group_size / dq_tiles.block_m), batch * q_heads)](
             q_ptr=q, k_ptr=k, v_ptr=v, do_ptr=grad_out, lse_ptr=lse, delta_ptr=delta, dq_ptr=dq,
             table_ptr=block_idx, count_ptr=num_blocks, limit_ptr=limit,
             stride_gb=dq.stride(0), stride_gh=dq.stride(1), stride_gl=dq.stride(2), stride_gd=dq.stride(3),
             num_groups=groups, table_width=block_idx.shape[3], HAS_CHUNK=chunk_len > 0,
-            num_warps=num_warps, **common,
+            **shape(dq_tiles), **common,
         )  # fmt: skip
         num_slots = max(1, math.ceil(k.shape[2] / block_size))
         keys, pair_groups = block_pairs(block_idx, num_slots)
-        chunk_tiles = math.ceil(chunk_len / block_n)
+        chunk_tiles = math.ceil(chunk_len / dkv_tiles.block_n)
+        subs = math.ceil(block_size / dkv_tiles.block_n)
         _dkv_kernel[(keys.numel() * subs + batch * kv_heads * chunk_tiles,)](
             q_ptr=q, k_ptr=k, v_ptr=v, do_ptr=grad_out, lse_ptr=lse, delta_ptr=delta, dk_ptr=dk, dv_ptr=dv,
             pair_key_ptr=keys, pair_group_ptr=pair_groups, limit_ptr=limit,
@@ -328,6 +363,6 @@ def scattered_attention_backward(
             stride_dvb=dv.stride(0), stride_dvh=dv.stride(1),
             stride_dvl=dv.stride(2), stride_dvd=dv.stride(3),
             num_pairs=keys.numel(), num_slots=num_slots, chunk_tiles=max(chunk_tiles, 1),
-            num_warps=num_warps, **common,
+            **shape(dkv_tiles), **common,
         )  # fmt: skip
     return dq, dk, dv

@@ -35,11 +35,40 @@ from omnimem import GatedConfig, OmniMemConfig, gated_attention, select_blocks
 from omnimem.backends import flex as flex_backend
 from omnimem.backends import triton as triton_backend
 from omnimem.backends.gated_branches import selected_attention_gather
+from omnimem.backends.scattered_backward import Tiles, default_tiles, scattered_attention_backward
 from omnimem.backends.selected_attention import SelectedAttention, selected_attention
 from omnimem.gated import select_group_blocks
 from omnimem.kernels.block_sums import block_sums
 
 HEADS, HEAD_DIM, CHUNK = 12, 128, 3 * FRAME_TOKENS
+# (block_m, block_n, num_warps, num_stages) swept by --variants, per kernel (the other default).
+SPARSE_VARIANTS = {
+    "dkv": [(64, 64, 4, 2), (32, 128, 4, 3), (64, 128, 8, 2), (32, 128, 8, 3), (64, 128, 4, 2),
+            (16, 128, 4, 4), (32, 64, 4, 3), (64, 64, 8, 3)],
+    "dq": [(64, 64, 4, 2), (128, 32, 4, 3), (128, 64, 8, 2), (64, 64, 4, 3), (128, 32, 8, 3),
+           (64, 32, 4, 4), (128, 64, 8, 3), (64, 128, 8, 2)],
+}  # fmt: skip
+GROUP_VARIANTS = {
+    "dkv": [(16, 32, 4, 2), (16, 32, 1, 2), (16, 32, 2, 2), (16, 32, 2, 3), (16, 32, 1, 1), (16, 32, 2, 1)],
+    "dq": [(16, 32, 4, 2), (16, 32, 1, 2), (16, 32, 2, 2), (16, 32, 2, 3), (16, 32, 1, 3), (16, 32, 2, 4)],
+}  # fmt: skip
+
+
+def sweep(run, variants: dict, defaults: tuple[Tiles, Tiles]) -> list[dict]:
+    """Backward time per tile variant of one kernel, the other kernel at its default."""
+    rows = []
+    for kernel, options in variants.items():
+        for option in options:
+            tiles = dict(dq_tiles=defaults[0], dkv_tiles=defaults[1])
+            tiles[f"{kernel}_tiles"] = Tiles(*option)
+            try:
+                ms = bench(lambda: run(**tiles))  # noqa: B023
+            except Exception as exc:  # e.g. out of shared memory or registers
+                print(f"variant {kernel} {option} failed: {str(exc).splitlines()[0][:200]}")
+                ms = float("nan")
+            rows.append(dict(kernel=kernel, tiles=option, ms=ms))
+            print(f"variant {kernel} {option}: {ms:.3f} ms", flush=True)
+    return rows
 
 
 def rel_err(x: torch.Tensor, ref: torch.Tensor) -> float:
@@ -90,7 +119,7 @@ def attended_tokens(sel, history_len: int) -> torch.Tensor:
     return torch.stack(rows)[None]
 
 
-def sparse_shape(history_len: int, top_k: int) -> dict:
+def sparse_shape(history_len: int, top_k: int, variants: bool = False) -> dict:
     q, k, v, d_out = inputs(history_len, seed=history_len)
     config = OmniMemConfig(block_size=128, top_k=top_k, sink_tokens=FRAME_TOKENS, local_tokens=CHUNK)
     sums = block_sums(k, torch.tensor(history_len, device="cuda"), 128)
@@ -114,6 +143,15 @@ def sparse_shape(history_len: int, top_k: int) -> dict:
 
     with torch.no_grad():
         row["triton_fwd_ms"] = bench(lambda: triton_forward(q, k, v))
+    if variants:
+        fwd_out, fwd_lse = triton_backend._attend(q, k, v, sel, chunk_len=CHUNK, scale=scale, return_lse=True)
+        table = dict(block_idx=sel.kv_block_idx, num_blocks=sel.kv_num_blocks, limit=sel.history_len)
+        sizes = dict(block_size=128, query_group_size=CHUNK, chunk_len=CHUNK, scale=scale)
+
+        def run(**tiles):
+            return scattered_attention_backward(q, k, v, fwd_out, fwd_lse, d_out, **table, **sizes, **tiles)
+
+        row["variants"] = sweep(run, SPARSE_VARIANTS, default_tiles(CHUNK, 128, q.dtype, q.device))
     xs = leaves(q, k, v)
     row["triton_fwd_with_lse_ms"] = bench(lambda: triton_forward(*xs))
     out = triton_forward(*xs)
@@ -156,7 +194,7 @@ def sparse_shape(history_len: int, top_k: int) -> dict:
     return row
 
 
-def selected_shape(frames: int) -> dict:
+def selected_shape(frames: int, variants: bool = False) -> dict:
     history_len = frames * FRAME_TOKENS
     q, k, v, d_out = inputs(history_len, seed=frames)
     config = GatedConfig()
@@ -175,6 +213,14 @@ def selected_shape(frames: int) -> dict:
     row["selected_fwd_ms"] = bench(lambda: selected_attention(q, k, v, **table, **sizes))
     lse = torch.empty(q.shape[:3], device="cuda")
     row["selected_fwd_with_lse_ms"] = bench(lambda: selected_attention(q, k, v, **table, **sizes, lse=lse))
+    if variants:
+        out = selected_attention(q, k, v, **table, **sizes, lse=lse)
+        bwd_table = dict(block_idx=sel.block_idx, num_blocks=sel.num_blocks, limit=sel.seq_len)
+        run = lambda **tiles: scattered_attention_backward(  # noqa: E731
+            q, k, v, out, lse, d_out, **bwd_table, **sizes, chunk_len=0, **tiles
+        )
+        defaults = default_tiles(sel.query_group_size, config.block_size, q.dtype, q.device)
+        row["variants"] = sweep(run, GROUP_VARIANTS, defaults)
     xs = leaves(q, k, v)
     args = (sel.block_idx, sel.num_blocks, sel.seq_len, config.block_size, sel.query_group_size, scale)
     out = SelectedAttention.apply(*xs, *args)
@@ -198,12 +244,13 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--histories", type=int, nargs="+", default=[24, 237], help="frames (sparse)")
     parser.add_argument("--gated-histories", type=int, nargs="+", default=[18, 60, 237], help="frames")
+    parser.add_argument("--variants", action="store_true", help="sweep the backward kernels' tiles")
     parser.add_argument("--json", default=None)
     args = parser.parse_args()
     env = environment()
     print(env, flush=True)
-    sparse = [sparse_shape(frames * FRAME_TOKENS, 32) for frames in args.histories]
-    selected = [selected_shape(frames) for frames in args.gated_histories]
+    sparse = [sparse_shape(frames * FRAME_TOKENS, 32, args.variants) for frames in args.histories]
+    selected = [selected_shape(frames, args.variants) for frames in args.gated_histories]
 
     print("\nsparse_attention, 12 heads, top_k 32, bf16 (ms; grad rel err q/k/v max)")
     print("| history | triton fwd | +LSE | triton bwd | bwd/fwd | flex fwd | flex bwd | gather+SDPA | bwd |")
