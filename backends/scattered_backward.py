@@ -18,6 +18,11 @@ softmax pass) and ``delta = rowsum(dO * O)``:
   sync): programs are launched per pair, and only the first pair of each block's run works.
   Chunk key tiles (``sparse_attention``) are attended by every query: one program each.
 
+Measured on an H200 (benchmarks/backward_gpu.py ``--variants``): dQ accumulated with float32
+atomics inside the dK/dV kernel (five matrix products per tile instead of seven, FA3's way)
+was slower at every tile shape tried (5.0-8.0 ms against 4.05 at Wan-1.3B 60 s): the atomics
+cost more than the recomputed products.
+
 Keys no query attends get a zero gradient and are never read.
 """
 
@@ -128,12 +133,11 @@ def _dq_kernel(
 
 @triton.jit
 def _dkv_rows(
-    k, v, token_ok, dk, dv, q_base, do_base, lse_ptr, delta_ptr, dq_acc_ptr, row_stat0, rows, row_ok, dims,
-    stride_ql, stride_qd, stride_ol, stride_od, qk_scale, scale,
-    HEAD_DIM: tl.constexpr, PRECISION: tl.constexpr, DQ_ATOMIC: tl.constexpr,
+    k, v, token_ok, dk, dv, q_base, do_base, lse_ptr, delta_ptr, row_stat0, rows, row_ok, dims,
+    stride_ql, stride_qd, stride_ol, stride_od, qk_scale,
+    HEAD_DIM: tl.constexpr, PRECISION: tl.constexpr,
 ):  # fmt: skip
-    """``dV += P^T dO`` and ``dK += dS^T Q`` (unscaled) over one tile of query rows; with
-    ``DQ_ATOMIC`` also ``dQ += scale * dS K`` into the float32 accumulator (atomics)."""
+    """``dV += P^T dO`` and ``dK += dS^T Q`` (unscaled) over one tile of query rows."""
     q = _load_rows(q_base, rows, row_ok, dims, stride_ql, stride_qd, HEAD_DIM)
     do = _load_rows(do_base, rows, row_ok, dims, stride_ol, stride_od, HEAD_DIM)
     lse = tl.load(lse_ptr + row_stat0 + rows, mask=row_ok, other=float("inf"))
@@ -144,16 +148,12 @@ def _dkv_rows(
     dp = tl.dot(do, tl.trans(v), input_precision=PRECISION)
     ds = p * (dp - delta[:, None])
     dk = tl.dot(tl.trans(ds.to(q.dtype)), q, dk, input_precision=PRECISION)
-    if DQ_ATOMIC:
-        dq = tl.dot(ds.to(k.dtype), k, input_precision=PRECISION) * scale
-        ptrs = dq_acc_ptr + (row_stat0 + rows)[:, None] * HEAD_DIM + dims[None, :]
-        tl.atomic_add(ptrs, dq, mask=row_ok[:, None] & (dims[None, :] < HEAD_DIM), sem="relaxed")
     return dk, dv
 
 
 @triton.jit
 def _dkv_kernel(
-    q_ptr, k_ptr, v_ptr, do_ptr, lse_ptr, delta_ptr, dk_ptr, dv_ptr, dq_acc_ptr,
+    q_ptr, k_ptr, v_ptr, do_ptr, lse_ptr, delta_ptr, dk_ptr, dv_ptr,
     pair_key_ptr, pair_group_ptr, limit_ptr,
     stride_qb, stride_qh, stride_ql, stride_qd,
     stride_kb, stride_kh, stride_kl, stride_kd,
@@ -164,7 +164,7 @@ def _dkv_kernel(
     num_q_heads, heads_per_kv, num_kv_heads, q_len, group_size, block_size, chunk_len,
     num_pairs, num_slots, chunk_tiles, tiles_per_group, scale, qk_scale,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, SUBS: tl.constexpr,
-    HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, PRECISION: tl.constexpr, DQ_ATOMIC: tl.constexpr,
+    HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, PRECISION: tl.constexpr,
 ):  # fmt: skip
     # Programs [0, num_pairs * SUBS): key tile (pair, sub) of a history block; the first pair
     # of each block's run works, the others find nothing to do. Then one program per chunk key
@@ -207,9 +207,9 @@ def _dkv_kernel(
         row_stat0 = (batch * num_q_heads + head).to(tl.int64) * q_len
         for tile in range(0, q_tiles):  # a chunk tile: every query row
             rows = tile * BLOCK_M + tl.arange(0, BLOCK_M)
-            dk, dv = _dkv_rows(k, v, token_ok, dk, dv, q_base, do_base, lse_ptr, delta_ptr, dq_acc_ptr,
-                               row_stat0, rows, rows < q_len, dims, stride_ql, stride_qd, stride_ol,
-                               stride_od, qk_scale, scale, HEAD_DIM, PRECISION, DQ_ATOMIC)  # fmt: skip
+            dk, dv = _dkv_rows(k, v, token_ok, dk, dv, q_base, do_base, lse_ptr, delta_ptr, row_stat0,
+                               rows, rows < q_len, dims, stride_ql, stride_qd, stride_ol, stride_od,
+                               qk_scale, HEAD_DIM, PRECISION)  # fmt: skip
         # A history block: every group of the pairs in its run, starting here.
         j = pair
         go = leads
@@ -218,10 +218,9 @@ def _dkv_kernel(
             for tile in range(0, tiles_per_group):
                 rows = group * group_size + tile * BLOCK_M + tl.arange(0, BLOCK_M)
                 row_ok = rows < tl.minimum((group + 1) * group_size, q_len)
-                dk, dv = _dkv_rows(k, v, token_ok, dk, dv, q_base, do_base, lse_ptr, delta_ptr,
-                                   dq_acc_ptr, row_stat0, rows, row_ok, dims, stride_ql, stride_qd,
-                                   stride_ol, stride_od, qk_scale, scale, HEAD_DIM, PRECISION,
-                                   DQ_ATOMIC)  # fmt: skip
+                dk, dv = _dkv_rows(k, v, token_ok, dk, dv, q_base, do_base, lse_ptr, delta_ptr, row_stat0,
+                                   rows, row_ok, dims, stride_ql, stride_qd, stride_ol, stride_od,
+                                   qk_scale, HEAD_DIM, PRECISION)  # fmt: skip
             j += 1
             go = (j < num_pairs) & (tl.load(pair_key_ptr + tl.minimum(j, num_pairs - 1)) == key)
     store_mask = token_ok[:, None] & (dims[None, :] < HEAD_DIM)
@@ -287,11 +286,6 @@ def default_tiles(
     return dq, dkv
 
 
-def default_dq_atomic(group_size: int, block_size: int, device: torch.device) -> bool:
-    """Whether dQ goes through atomics in the dK/dV kernel (see ``scattered_attention_backward``)."""
-    return False
-
-
 def scattered_attention_backward(
     q: torch.Tensor,
     k: torch.Tensor,
@@ -310,7 +304,6 @@ def scattered_attention_backward(
     grad_lse: torch.Tensor | None = None,
     dq_tiles: Tiles | None = None,
     dkv_tiles: Tiles | None = None,
-    dq_atomic: bool | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """``(dq, dk, dv)`` of scattered attention, in the inputs' dtypes and shapes.
 
@@ -323,9 +316,7 @@ def scattered_attention_backward(
     gradient, if any. Allocates the three gradients (``dk``/``dv`` zero where nothing attends)
     and ``[B, Hq, Lq]`` float32 for ``delta``, plus the sorted pairs (``12 B`` per table entry).
     ``dq_tiles``/``dkv_tiles`` default to ``default_tiles`` (benchmarks/backward_gpu.py
-    ``--variants`` measures others). ``dq_atomic``: dQ accumulated by the dK/dV kernel into a
-    float32 ``[B, Hq, Lq, D]`` buffer with atomics (five matrix products per tile instead of
-    seven; the dQ kernel is skipped); default: where measured faster (``default_dq_atomic``).
+    ``--variants`` measures others).
     """
     batch, q_heads, q_len, head_dim = q.shape
     kv_heads = k.shape[1]
@@ -337,10 +328,7 @@ def scattered_attention_backward(
     delta = (grad_out.float() * out.float()).sum(-1)
     if grad_lse is not None:
         delta = delta - grad_lse.float()  # dL/dS = P * (dP - delta + dLSE)
-    if dq_atomic is None:
-        dq_atomic = default_dq_atomic(query_group_size, block_size, q.device)
     dq = torch.empty_like(q)
-    dq_acc = torch.zeros(q.shape, device=q.device, dtype=torch.float32) if dq_atomic else dq
     dk = torch.zeros_like(k)
     dv = torch.zeros_like(v)
     lse = lse.float().contiguous()
@@ -365,7 +353,7 @@ def scattered_attention_backward(
             num_stages=tiles.num_stages,
         )
 
-    if q_len and q_heads and batch and not dq_atomic:
+    if q_len and q_heads and batch:
         _dq_kernel[(groups * math.ceil(query_group_size / dq_tiles.block_m), batch * q_heads)](
             q_ptr=q, k_ptr=k, v_ptr=v, do_ptr=grad_out, lse_ptr=lse, delta_ptr=delta, dq_ptr=dq,
             table_ptr=block_idx, count_ptr=num_blocks, limit_ptr=limit,
@@ -373,21 +361,18 @@ def scattered_attention_backward(
             num_groups=groups, table_width=block_idx.shape[3], HAS_CHUNK=chunk_len > 0,
             **shape(dq_tiles), **common,
         )  # fmt: skip
-    if q_len and q_heads and batch:
         num_slots = max(1, math.ceil(k.shape[2] / block_size))
         keys, pair_groups = block_pairs(block_idx, num_slots)
         chunk_tiles = math.ceil(chunk_len / dkv_tiles.block_n)
         subs = math.ceil(block_size / dkv_tiles.block_n)
         _dkv_kernel[(keys.numel() * subs + batch * kv_heads * chunk_tiles,)](
             q_ptr=q, k_ptr=k, v_ptr=v, do_ptr=grad_out, lse_ptr=lse, delta_ptr=delta, dk_ptr=dk, dv_ptr=dv,
-            dq_acc_ptr=dq_acc, pair_key_ptr=keys, pair_group_ptr=pair_groups, limit_ptr=limit,
+            pair_key_ptr=keys, pair_group_ptr=pair_groups, limit_ptr=limit,
             stride_dkb=dk.stride(0), stride_dkh=dk.stride(1),
             stride_dkl=dk.stride(2), stride_dkd=dk.stride(3),
             stride_dvb=dv.stride(0), stride_dvh=dv.stride(1),
             stride_dvl=dv.stride(2), stride_dvd=dv.stride(3),
             num_pairs=keys.numel(), num_slots=num_slots, chunk_tiles=max(chunk_tiles, 1),
-            DQ_ATOMIC=dq_atomic, **shape(dkv_tiles), **common,
+            **shape(dkv_tiles), **common,
         )  # fmt: skip
-        if dq_atomic:
-            dq.copy_(dq_acc)
     return dq, dk, dv

@@ -45,14 +45,10 @@ HEADS, HEAD_DIM, CHUNK = 12, 128, 3 * FRAME_TOKENS
 SPARSE_VARIANTS = {
     "dkv": [(64, 64, 4, 2), (32, 64, 4, 3)],
     "dq": [(128, 64, 8, 3), (128, 32, 4, 3), (64, 64, 4, 2)],
-    # dQ by atomics in the dK/dV kernel (these are its tiles; no dQ kernel).
-    "atomic": [(64, 64, 4, 2), (64, 64, 8, 2), (32, 64, 4, 3), (64, 128, 8, 2), (128, 64, 8, 2),
-               (32, 128, 8, 2)],
 }  # fmt: skip
 GROUP_VARIANTS = {
     "dkv": [(16, 32, 2, 1), (16, 32, 4, 1), (16, 32, 1, 1)],
     "dq": [(16, 32, 2, 1), (16, 32, 2, 2), (16, 32, 4, 1)],
-    "atomic": [(16, 32, 2, 1), (16, 32, 4, 1), (16, 32, 4, 2)],
 }  # fmt: skip
 
 
@@ -61,8 +57,8 @@ def sweep(run, variants: dict, defaults: tuple[Tiles, Tiles]) -> list[dict]:
     rows = []
     for kernel, options in variants.items():
         for option in options:
-            tiles = dict(dq_tiles=defaults[0], dkv_tiles=defaults[1], dq_atomic=kernel == "atomic")
-            tiles["dq_tiles" if kernel == "dq" else "dkv_tiles"] = Tiles(*option)
+            tiles = dict(dq_tiles=defaults[0], dkv_tiles=defaults[1])
+            tiles[f"{kernel}_tiles"] = Tiles(*option)
             try:
                 ms = bench(lambda: run(**tiles))  # noqa: B023
             except Exception as exc:  # e.g. out of shared memory or registers
