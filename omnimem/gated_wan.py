@@ -228,8 +228,9 @@ class GatedWanSelfAttention(nn.Module):
     ) -> torch.Tensor:
         if block_mask is not None:
             raise NotImplementedError(
-                "GatedWanSelfAttention runs the inference path (block_mask=None); training through "
-                "the gated layer needs its backward (not yet in omnimem)"
+                "GatedWanSelfAttention runs the cached path (block_mask=None): their teacher-forcing "
+                "path (the whole video under one block_mask) is not supported; train through the "
+                "cached path instead (a Self-Forcing rollout: gradients flow through each chunk)"
             )
         if not isinstance(x, torch.Tensor) or x.dim() != 3 or x.shape[-1] != self.dim:
             raise ValueError(
