@@ -328,6 +328,7 @@ def scattered_attention_backward(
     delta = (grad_out.float() * out.float()).sum(-1)
     if grad_lse is not None:
         delta = delta - grad_lse.float()  # dL/dS = P * (dP - delta + dLSE)
+    block_idx, num_blocks = block_idx.contiguous(), num_blocks.contiguous()  # indexed as dense rows
     dq = torch.empty_like(q)
     dk = torch.zeros_like(k)
     dv = torch.zeros_like(v)

@@ -108,7 +108,7 @@ def test_refusals():
     with pytest.raises(ValueError, match="skip_module must be"):
         make_layer(skip_module="swa")
     layer = make_layer()
-    with pytest.raises(NotImplementedError, match="teacher-forcing path.*train through the cached path"):
+    with pytest.raises(NotImplementedError, match=r"teacher-forcing path.*train through the cached path"):
         layer(
             torch.randn(1, 24, DIM), None, torch.tensor([[2, 4, 3]]), wan_rope_freqs(16), block_mask=object()
         )
