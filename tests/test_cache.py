@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import os
+
 import pytest
 import torch
 from torch._dynamo.utils import counters
@@ -305,6 +307,55 @@ def test_a_training_rollout_through_the_cache_on_the_triton_backend():
         for mine, reference in zip(ours, theirs, strict=True):
             torch.testing.assert_close(mine.grad, reference.grad, atol=1e-5, rtol=1e-4)
         cache.commit(ours[1].detach(), ours[2].detach())
+
+
+@pytest.mark.parametrize("backend", ["dense", "gather", "triton"])
+@pytest.mark.parametrize(
+    "history, groups, layout", [(41, None, "bhld"), (3, 5, "blhd"), (29, 4, "bhld"), (32, None, "blhd")]
+)
+def test_training_attends_a_compact_copy_of_the_attended_history(
+    backend, history, groups, layout, monkeypatch
+):
+    """With gradients the cache attends a compact copy of only the blocks the chunk selects
+    (partial last block, query groups, GQA, both layouts, a history shorter than a block): the
+    output and the gradients equal the stateless call over the whole history."""
+    if backend == "triton" and TEST_DEVICE.type != "cuda" and os.environ.get("TRITON_INTERPRET") != "1":
+        pytest.skip("the triton kernels run on CUDA or under TRITON_INTERPRET=1")
+    config = OmniMemConfig(block_size=4, top_k=2, sink_tokens=2, local_tokens=3, query_group_size=groups,
+                           backend=backend)  # fmt: skip
+    cache = OmniMemCache(64, max_chunk_tokens=10, batch=2, num_kv_heads=2, head_dim=16, config=config,
+                         layout=layout, device=TEST_DEVICE)  # fmt: skip
+    gen = torch.Generator().manual_seed(history)
+    past = [torch.randn(2, 2, history, 16, generator=gen).to(TEST_DEVICE) for _ in range(2)]
+    for start in range(0, history, 10):
+        cache.commit(past[0][:, :, start : start + 10], past[1][:, :, start : start + 10])
+    q = torch.randn(2, 4, 10, 16, generator=gen).to(TEST_DEVICE).requires_grad_()
+    k, v = (torch.randn(2, 2, 10, 16, generator=gen).to(TEST_DEVICE).requires_grad_() for _ in range(2))
+    import omnimem.cache
+
+    lengths, original = [], omnimem.cache.sparse_attention
+
+    def recording(q, k, v, **kw):
+        lengths.append(k.shape[2])
+        return original(q, k, v, **kw)
+
+    monkeypatch.setattr(omnimem.cache, "sparse_attention", recording)
+    out, lse = cache.attend(q, k, v, return_lse=True)
+    if history >= 32 and groups is None:  # the selected blocks (a static bound), then the chunk
+        assert len(lengths) == 1 and lengths[0] < history + 10
+    theirs = [x.detach().clone().requires_grad_() for x in (q, k, v)]
+    keys = torch.cat([cache.k[:, :, :history], theirs[1]], 2)
+    values = torch.cat([cache.v[:, :, :history], theirs[2]], 2)
+    want, want_lse = sparse_attention(
+        theirs[0], keys, values, history_len=history, config=config, return_lse=True
+    )
+    torch.testing.assert_close(out, want, atol=1e-6, rtol=1e-5)
+    torch.testing.assert_close(lse, want_lse, atol=1e-6, rtol=1e-5)
+    d_out = torch.randn(out.shape, generator=gen).to(TEST_DEVICE)
+    (out * d_out + lse[..., None]).sum().backward()
+    (want * d_out + want_lse[..., None]).sum().backward()
+    for mine, reference in zip((q, k, v), theirs, strict=True):
+        torch.testing.assert_close(mine.grad, reference.grad, atol=1e-5, rtol=1e-4)
 
 
 def test_an_offloaded_cache_refuses_gradients():
