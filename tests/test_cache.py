@@ -358,6 +358,31 @@ def test_training_attends_a_compact_copy_of_the_attended_history(
         torch.testing.assert_close(mine.grad, reference.grad, atol=1e-5, rtol=1e-4)
 
 
+def test_one_backward_after_a_whole_rollout_through_the_cache():
+    """Self-Forcing's order: every chunk attended with gradients and committed, then one
+    backward over the whole video's loss; later writes do not disturb what autograd kept."""
+    config = OmniMemConfig(block_size=4, top_k=2, sink_tokens=4, local_tokens=4, backend="gather")
+    cache = make_cache(config=config, capacity=48)
+    gen = torch.Generator().manual_seed(0)
+    chunks = [[torch.randn(1, 2, 8, 8, generator=gen).to(TEST_DEVICE).requires_grad_() for _ in range(3)]
+              for _ in range(4)]  # fmt: skip
+    loss = 0
+    for q, k, v in chunks:
+        loss = loss + cache.attend(q, k, v).square().sum()
+        cache.commit(k.detach(), v.detach())
+    loss.backward()
+    keys, values = cache.k[:, :, :32], cache.v[:, :, :32]
+    for i, (q, k, v) in enumerate(chunks):
+        theirs = [x.detach().clone().requires_grad_() for x in (q, k, v)]
+        keys_i = torch.cat([keys[:, :, : 8 * i], theirs[1]], 2)
+        values_i = torch.cat([values[:, :, : 8 * i], theirs[2]], 2)
+        sparse_attention(
+            theirs[0], keys_i, values_i, history_len=8 * i, config=config
+        ).square().sum().backward()
+        for mine, reference in zip((q, k, v), theirs, strict=True):
+            torch.testing.assert_close(mine.grad, reference.grad, atol=1e-5, rtol=1e-4)
+
+
 def test_an_offloaded_cache_refuses_gradients():
     cache = make_cache(offload=True)
     q = chunk(8).requires_grad_()
