@@ -11,6 +11,10 @@ Two workloads, bf16 on the GPU, ``triton.testing.do_bench`` medians (L2 flushed)
    16; histories of 18 / 60 / 237 frames): the kernel forward, forward with LSE, backward; and
    the whole ``gated_attention`` layer forward + backward.
 
+3. One layer's training step through ``OmniMemCache`` (attend with gradients, backward) at
+   those histories: the compact copy of the attended blocks against a copy of the whole
+   history, time and what autograd keeps for the backward.
+
 Each gradient is first checked against float32 autograd over exactly the attended tokens.
 "Peak extra" is what a backward allocates beyond the three gradients it returns.
 
@@ -31,7 +35,7 @@ from torch.nn.attention import SDPBackend, sdpa_kernel
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from omnimem import GatedConfig, OmniMemConfig, gated_attention, select_blocks
+from omnimem import GatedConfig, OmniMemCache, OmniMemConfig, gated_attention, select_blocks, sparse_attention
 from omnimem.backends import flex as flex_backend
 from omnimem.backends import triton as triton_backend
 from omnimem.backends.gated_branches import selected_attention_gather
@@ -238,17 +242,72 @@ def selected_shape(frames: int, variants: bool = False) -> dict:
     return row
 
 
+def cache_step(frames: int) -> dict:
+    """One training step of one layer through ``OmniMemCache`` (attend with gradients, then
+    backward) at ``frames`` of history, beside the same step over a copy of the whole history
+    (what the cache did before it copied only the attended blocks): time and the memory
+    autograd keeps between the forward and the backward."""
+    history_len = frames * FRAME_TOKENS
+    q, k, v, d_out = inputs(history_len, seed=frames)
+    config = OmniMemConfig(
+        block_size=128, top_k=32, sink_tokens=FRAME_TOKENS, local_tokens=CHUNK, backend="triton"
+    )
+    shape = dict(max_chunk_tokens=CHUNK, batch=1, num_kv_heads=HEADS, head_dim=HEAD_DIM, dtype=torch.bfloat16)
+    cache = OmniMemCache(history_len + CHUNK, **shape, device="cuda", config=config)
+    for start in range(0, history_len, CHUNK):
+        end = min(start + CHUNK, history_len)
+        cache.commit(k[:, :, start:end], v[:, :, start:end])
+    chunk = [x.detach().clone().requires_grad_() for x in (q, k[:, :, history_len:], v[:, :, history_len:])]
+
+    def compact():
+        out = cache.attend(*chunk)
+        torch.autograd.grad(out, chunk, d_out)
+
+    def whole():
+        keys = torch.cat([cache.k[:, :, :history_len], chunk[1]], 2)
+        values = torch.cat([cache.v[:, :, :history_len], chunk[2]], 2)
+        out = sparse_attention(chunk[0], keys, values, history_len=history_len, config=config)
+        torch.autograd.grad(out, chunk, d_out)
+
+    def kept(step_forward) -> float:
+        torch.cuda.synchronize()
+        base = torch.cuda.memory_allocated()
+        out = step_forward()
+        torch.cuda.synchronize()
+        held = (torch.cuda.memory_allocated() - base) / 2**20
+        del out
+        return held
+
+    row = dict(frames=frames, history=history_len)
+    row["compact_step_ms"], row["whole_step_ms"] = bench(compact), bench(whole)
+    row["compact_kept_mib"] = kept(lambda: cache.attend(*chunk))
+    row["whole_kept_mib"] = kept(
+        lambda: sparse_attention(
+            chunk[0], torch.cat([cache.k[:, :, :history_len], chunk[1]], 2),
+            torch.cat([cache.v[:, :, :history_len], chunk[2]], 2), history_len=history_len, config=config,
+        )
+    )  # fmt: skip
+    print(f"cache {row}", flush=True)
+    return row
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--histories", type=int, nargs="+", default=[24, 237], help="frames (sparse)")
     parser.add_argument("--gated-histories", type=int, nargs="+", default=[18, 60, 237], help="frames")
     parser.add_argument("--variants", action="store_true", help="sweep the backward kernels' tiles")
+    parser.add_argument("--parts", nargs="+", default=["sparse", "selected", "cache"])
     parser.add_argument("--json", default=None)
     args = parser.parse_args()
     env = environment()
     print(env, flush=True)
-    sparse = [sparse_shape(frames * FRAME_TOKENS, 32, args.variants) for frames in args.histories]
-    selected = [selected_shape(frames, args.variants) for frames in args.gated_histories]
+    sparse, selected, cache = [], [], []
+    if "cache" in args.parts:
+        cache = [cache_step(frames) for frames in args.histories]
+    if "sparse" in args.parts:
+        sparse = [sparse_shape(frames * FRAME_TOKENS, 32, args.variants) for frames in args.histories]
+    if "selected" in args.parts:
+        selected = [selected_shape(frames, args.variants) for frames in args.gated_histories]
 
     print("\nsparse_attention, 12 heads, top_k 32, bf16 (ms; grad rel err q/k/v max)")
     print("| history | triton fwd | +LSE | triton bwd | bwd/fwd | flex fwd | flex bwd | gather+SDPA | bwd |")
@@ -271,8 +330,16 @@ def main() -> None:
             f"{r['selected_bwd_over_fwd']:.2f}x | "
             f"{r['selected_bwd_peak_extra_mib']:.0f} | {r['layer_fwd_ms']:.3f} | {r['layer_bwd_ms']:.3f} |"
         )
+    print("\none layer's training step through OmniMemCache (attend + backward), bf16")
+    print("| history | compact copy ms | whole-history copy ms | kept for backward MiB: compact / whole |")
+    print("|---|---|---|---|")
+    for r in cache:
+        print(
+            f"| {r['history']} | {r['compact_step_ms']:.3f} | {r['whole_step_ms']:.3f} | "
+            f"{r['compact_kept_mib']:.0f} / {r['whole_kept_mib']:.0f} |"
+        )
     if args.json:
-        results = dict(environment=env, sparse=sparse, selected=selected)
+        results = dict(environment=env, sparse=sparse, selected=selected, cache=cache)
         Path(args.json).write_text(json.dumps(results, indent=1))
 
 
