@@ -28,7 +28,9 @@ Keys no query attends get a zero gradient and are never read.
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
+import functools
 import math
 
 import torch
@@ -330,8 +332,16 @@ def scattered_attention_backward(
         delta = delta - grad_lse.float()  # dL/dS = P * (dP - delta + dLSE)
     block_idx, num_blocks = block_idx.contiguous(), num_blocks.contiguous()  # indexed as dense rows
     dq = torch.empty_like(q)
-    dk = torch.zeros_like(k)
-    dv = torch.zeros_like(v)
+    dk, dv = torch.empty_like(k), torch.empty_like(v)
+    # dK/dV are zero where nothing attends: 2.3 GB of writes at 60 s of Wan-1.3B history. On a
+    # GPU the fill runs on a side stream beside the compute-bound dQ kernel (which never touches
+    # them); the dK/dV kernel waits for it.
+    side = _side_stream(q.device) if q.is_cuda else None
+    if side is not None:
+        side.wait_stream(torch.cuda.current_stream(q.device))
+    with torch.cuda.stream(side) if side is not None else contextlib.nullcontext():
+        dk.zero_()
+        dv.zero_()
     lse = lse.float().contiguous()
     common = dict(
         stride_qb=q.stride(0), stride_qh=q.stride(1), stride_ql=q.stride(2), stride_qd=q.stride(3),
@@ -364,6 +374,8 @@ def scattered_attention_backward(
         )  # fmt: skip
         num_slots = max(1, math.ceil(k.shape[2] / block_size))
         keys, pair_groups = block_pairs(block_idx, num_slots)
+        if side is not None:
+            torch.cuda.current_stream(q.device).wait_stream(side)
         chunk_tiles = math.ceil(chunk_len / dkv_tiles.block_n)
         subs = math.ceil(block_size / dkv_tiles.block_n)
         _dkv_kernel[(keys.numel() * subs + batch * kv_heads * chunk_tiles,)](
@@ -376,4 +388,11 @@ def scattered_attention_backward(
             num_pairs=keys.numel(), num_slots=num_slots, chunk_tiles=max(chunk_tiles, 1),
             **shape(dkv_tiles), **common,
         )  # fmt: skip
+    elif side is not None:
+        torch.cuda.current_stream(q.device).wait_stream(side)
     return dq, dk, dv
+
+
+@functools.cache
+def _side_stream(device: torch.device) -> torch.cuda.Stream:
+    return torch.cuda.Stream(device)
