@@ -19,6 +19,7 @@ import math
 import torch
 import triton
 import triton.language as tl
+from torch.autograd.function import once_differentiable
 
 
 @triton.jit
@@ -196,6 +197,7 @@ class SelectedAttention(torch.autograd.Function):
         return out
 
     @staticmethod
+    @once_differentiable
     def backward(ctx, grad_out):
         from omnimem.backends.scattered_backward import scattered_attention_backward
 

@@ -20,6 +20,7 @@ import os
 from types import ModuleType
 
 import torch
+from torch.autograd.function import once_differentiable
 
 from omnimem.config import OmniMemConfig
 from omnimem.selection import Selection, sorted_unique
@@ -96,6 +97,7 @@ class _ScatteredAttention(torch.autograd.Function):
         return out, lse
 
     @staticmethod
+    @once_differentiable
     def backward(ctx, grad_out, grad_lse):
         from omnimem.backends.scattered_backward import scattered_attention_backward
 
