@@ -110,6 +110,18 @@ def backward_ms_and_peak(out: torch.Tensor, xs: list, d_out: torch.Tensor) -> tu
     return bench(run), peak
 
 
+def measure(row: dict, name: str, forward, inputs: tuple, d_out: torch.Tensor, ref) -> None:
+    """``row[name + "_fwd_ms" / "_grad_rel_err" / "_bwd_ms" / "_bwd_peak_extra_mib"]`` of
+    ``forward(*inputs)``: inference time, gradients against ``ref``, backward time and memory."""
+    with torch.no_grad():
+        row[f"{name}_fwd_ms"] = bench(lambda: forward(*inputs))
+    xs = leaves(*inputs)
+    out = forward(*xs)
+    grads = torch.autograd.grad(out, xs, d_out, retain_graph=True)
+    row[f"{name}_grad_rel_err"] = [rel_err(g, r) for g, r in zip(grads, ref, strict=True)]
+    row[f"{name}_bwd_ms"], row[f"{name}_bwd_peak_extra_mib"] = backward_ms_and_peak(out, xs, d_out)
+
+
 def attended_tokens(sel, history_len: int) -> torch.Tensor:
     """``[1, Hkv, T]`` the tokens each KV head attends (one query group; equal counts here)."""
     rows = []
@@ -143,8 +155,6 @@ def sparse_shape(history_len: int, top_k: int, variants: bool = False) -> dict:
         call = dict(chunk_len=CHUNK, scale=scale, return_lse=False, config=config)
         return triton_backend.forward(*xs, sel, **call)[0]
 
-    with torch.no_grad():
-        row["triton_fwd_ms"] = bench(lambda: triton_forward(q, k, v))
     if variants:
         fwd_out, fwd_lse = triton_backend._attend(q, k, v, sel, chunk_len=CHUNK, scale=scale, return_lse=True)
         table = dict(block_idx=sel.kv_block_idx, num_blocks=sel.kv_num_blocks, limit=sel.history_len)
@@ -156,11 +166,7 @@ def sparse_shape(history_len: int, top_k: int, variants: bool = False) -> dict:
         row["variants"] = sweep(run, SPARSE_VARIANTS, default_tiles(CHUNK, 128, q.dtype, q.device))
     xs = leaves(q, k, v)
     row["triton_fwd_with_lse_ms"] = bench(lambda: triton_forward(*xs))
-    out = triton_forward(*xs)
-    grads = torch.autograd.grad(out, xs, d_out, retain_graph=True)
-    row["triton_grad_rel_err"] = [rel_err(g, r) for g, r in zip(grads, ref, strict=True)]
-    row["triton_bwd_ms"], row["triton_bwd_peak_extra_mib"] = backward_ms_and_peak(out, xs, d_out)
-    del out, grads
+    measure(row, "triton", triton_forward, (q, k, v), d_out, ref)
 
     shapes = dict(num_q_heads=HEADS, q_len=CHUNK, kv_len=history_len + CHUNK, chunk_len=CHUNK, compiled=True)
     mask = flex_backend.build_block_mask(sel, **shapes, for_backward=True)
@@ -168,28 +174,13 @@ def sparse_shape(history_len: int, top_k: int, variants: bool = False) -> dict:
     def flex_forward(*xs):
         return flex_backend.attend(*xs, mask, scale=scale)[0]
 
-    with torch.no_grad():
-        row["flex_fwd_ms"] = bench(lambda: flex_forward(q, k, v))
-    xs = leaves(q, k, v)
-    out = flex_forward(*xs)
-    grads = torch.autograd.grad(out, xs, d_out, retain_graph=True)
-    row["flex_grad_rel_err"] = [rel_err(g, r) for g, r in zip(grads, ref, strict=True)]
-    row["flex_bwd_ms"], row["flex_bwd_peak_extra_mib"] = backward_ms_and_peak(out, xs, d_out)
-    del out, grads
-
     def gather_sdpa(*xs):
         q_, k_, v_ = xs
         with sdpa_kernel(SDPBackend.FLASH_ATTENTION):
             return F.scaled_dot_product_attention(q_, k_.gather(2, index), v_.gather(2, index), scale=scale)
 
-    with torch.no_grad():
-        row["gather_sdpa_fwd_ms"] = bench(lambda: gather_sdpa(q, k, v))
-    xs = leaves(q, k, v)
-    out = gather_sdpa(*xs)
-    grads = torch.autograd.grad(out, xs, d_out, retain_graph=True)
-    row["gather_sdpa_grad_rel_err"] = [rel_err(g, r) for g, r in zip(grads, ref, strict=True)]
-    row["gather_sdpa_bwd_ms"], row["gather_sdpa_bwd_peak_extra_mib"] = backward_ms_and_peak(out, xs, d_out)
-    del out, grads
+    measure(row, "flex", flex_forward, (q, k, v), d_out, ref)
+    measure(row, "gather_sdpa", gather_sdpa, (q, k, v), d_out, ref)
     row["triton_bwd_over_fwd"] = row["triton_bwd_ms"] / row["triton_fwd_ms"]
     row["flex_bwd_over_triton_bwd"] = row["flex_bwd_ms"] / row["triton_bwd_ms"]
     print(f"sparse {row}", flush=True)
