@@ -271,7 +271,12 @@ def sparse_attention(
     if not isinstance(return_lse, bool):
         raise TypeError(f"return_lse must be a bool, got {type(return_lse).__name__}")
     if q.shape[0] == 0 or q.shape[1] == 0:  # nothing to attend: the empty result, on every backend
-        out = torch.empty_like(q)
+        # ... still part of the graph when an input requires grad (its gradients are empty too).
+        out = (
+            q * 0 + (k.sum() + v.sum()).to(q.dtype) * 0
+            if q.requires_grad or k.requires_grad or v.requires_grad
+            else torch.empty_like(q)
+        )
         return (out, torch.empty(q.shape[:3], dtype=torch.float32, device=q.device)) if return_lse else out
     forward = get_backend(resolve_backend(config, q.device, dtype=q.dtype, head_dim=q.shape[-1]))
     scale = config.scale or q.shape[-1] ** -0.5

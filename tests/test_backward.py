@@ -70,3 +70,21 @@ def test_backward_kernels_match_autograd_of_the_gather_twin_with_an_empty_group(
         assert torch.isfinite(ours).all()
         torch.testing.assert_close(ours, leaf.grad, atol=1e-5, rtol=1e-4)
     assert (grads[0][:, :, 4:8] == 0).all()
+
+
+@pytest.mark.parametrize("backend", ["dense", "gather", "triton"])
+def test_an_empty_batch_backpropagates_empty_gradients(backend):
+    """B = 0 (a data-parallel rank's empty shard): the empty result stays part of the graph."""
+    if backend == "triton" and not RUNS_TRITON:
+        pytest.skip("the triton kernels run on CUDA or under TRITON_INTERPRET=1")
+    from omnimem import gated_attention
+
+    q, k, v = (torch.randn(0, 2, n, 16, device=TEST_DEVICE, requires_grad=True) for n in (30, 90, 90))
+    sparse_attention(q, k, v, block_size=8, top_k=2, backend=backend).sum().backward()
+    assert [x.grad.shape for x in (q, k, v)] == [x.shape for x in (q, k, v)]
+    if backend == "dense":
+        return
+    gates = torch.rand(0, 2, 30, 3, device=TEST_DEVICE, requires_grad=True)
+    rules = dict(block_size=6, query_group_size=5, top_k=2, window_tokens=30, backend=backend)
+    gated_attention(q, k, v, gates, history_len=60, **rules).sum().backward()
+    assert gates.grad.shape == gates.shape

@@ -267,7 +267,8 @@ def plan(
     """``(splits, blocks_per_split)``: enough programs for about ``per_sm`` per SM."""
     row_tiles = math.ceil(num_rows / rows)
     tiles = max(1, math.ceil(num_slots / block_n))
-    splits = max(1, min(tiles, math.ceil(per_sm * _num_sms(device) / (row_tiles * batch_heads))))
+    programs = max(1, row_tiles * batch_heads)  # an empty batch launches nothing
+    splits = max(1, min(tiles, math.ceil(per_sm * _num_sms(device) / programs)))
     return splits, math.ceil(tiles / splits) * block_n
 
 
