@@ -26,7 +26,7 @@ from omnimem.api import select_blocks, sparse_attention
 from omnimem.checks import Layout, check_attention_inputs
 from omnimem.config import OmniMemConfig
 from omnimem.offload import HostOffload, OffloadStats, check_device_memory, check_host_memory, host_zeros
-from omnimem.selection import Selection, block_key_sums, sorted_unique
+from omnimem.selection import Selection, block_key_sums, gather_block_union
 
 
 class OmniMemCache:
@@ -564,17 +564,9 @@ def _compact_history(
     flat = table.flatten(2)
     is_whole = (flat >= 0) & (flat < whole)
     width = max(1, min(flat.shape[-1], whole))
-    union = sorted_unique(torch.where(is_whole, flat, none), none=none)[
-        ..., :width
-    ].contiguous()  # [B, Hkv, U]
-    tokens = union[..., None] * bs + torch.arange(bs, device=k.device)  # [B, Hkv, U, bs]
-    valid = (union < none)[..., None].expand_as(tokens).flatten(2)
-    index = torch.where(valid, tokens.flatten(2), 0)[..., None].expand(-1, -1, -1, k.shape[-1])
-
-    def compact(x: torch.Tensor) -> torch.Tensor:
-        rows = torch.where(valid[..., None], x.gather(2, index), 0)  # unattended slots: zeros
-        return torch.cat([rows, x[:, :, whole * bs : history_len]], dim=2)
-
+    union, (k_rows, v_rows) = gather_block_union(
+        flat, is_whole, width=width, none=none, block_size=bs, buffers=(k, v)
+    )
     position = torch.searchsorted(union, torch.where(is_whole, flat, none).contiguous())
     renumbered = torch.where(is_whole, position, torch.where(flat == whole, width, -1))
     new_idx = renumbered.view_as(table).int()
@@ -593,4 +585,7 @@ def _compact_history(
         num_history_blocks=slots,
         planned_history_len=width * bs + rem,
     )
-    return compact(k), compact(v), compact_sel
+    partial = slice(whole * bs, history_len)
+    compact_k = torch.cat([k_rows, k[:, :, partial]], dim=2)
+    compact_v = torch.cat([v_rows, v[:, :, partial]], dim=2)
+    return compact_k, compact_v, compact_sel

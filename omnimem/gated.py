@@ -102,9 +102,10 @@ def _prepare(q, k, v, history_len, config, pooled):
     return seq_len, pooled, config
 
 
-def _select(
+def select_groups_for(
     q: torch.Tensor, pooled: PooledKV, seq_len: int, config: GatedConfig, backend: str
 ) -> GroupSelection:
+    """The selection ``gated_attention`` makes: ``config``'s rule over ``pooled``'s block means."""
     return select_groups(
         q,
         pooled.k,
@@ -143,7 +144,7 @@ def select_group_blocks(
     config = _resolve(config, overrides)
     backend = resolve_gated_backend(config, q.device, q.dtype)
     seq_len, pooled, config = _prepare(q, k, k, history_len, config, pooled)
-    return _select(q, pooled, seq_len, config, backend)
+    return select_groups_for(q, pooled, seq_len, config, backend)
 
 
 def gated_attention(
@@ -204,18 +205,44 @@ def gated_attention(
     wants_grad = torch.is_grad_enabled() and any(
         isinstance(x, torch.Tensor) and x.requires_grad for x in (q, k, v, gates)
     )
+    seq_len, pooled, config = _prepare(q, k, v, history_len, config, pooled)
+    check_gates(gates, q)
+    _log_choice(backend, q.device.type)
+    scale = config.scale or q.shape[-1] ** -0.5
+    selection = select_groups_for(q, pooled, seq_len, config, backend)
+    num_blocks = math.ceil(seq_len / config.block_size)
+    return run_branches(
+        q, k, v, gates, selection, seq_len=seq_len, k_means=pooled.k_attn, v_means=pooled.v_attn,
+        num_blocks=num_blocks, config=config, backend=backend, scale=scale, wants_grad=wants_grad,
+    )  # fmt: skip
+
+
+def run_branches(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    gates: torch.Tensor,
+    selection: GroupSelection,
+    *,
+    seq_len: int,
+    k_means: torch.Tensor,
+    v_means: torch.Tensor,
+    num_blocks: int,
+    config: GatedConfig,
+    backend: str,
+    scale: float,
+    wants_grad: bool,
+) -> torch.Tensor:
+    """The run step of ``gated_attention``, its selection made: the three branches over
+    ``k``/``v`` ``[0, seq_len)`` (the window: the last ``window_tokens`` of them; the selected
+    branch: ``selection``'s blocks of ``k``) and the first ``num_blocks`` block means, summed
+    with the gates. A cache that trains attends compact keys this way (``GatedCache``)."""
     if backend == "triton" and wants_grad and q.dtype == torch.float64:
         raise ValueError(
             "the gated layer's triton kernels compute in float32 at most: for float64 gradients "
             "(gradcheck) use backend='gather'"
         )
-    seq_len, pooled, config = _prepare(q, k, v, history_len, config, pooled)
-    check_gates(gates, q)
-    _log_choice(backend, q.device.type)
-    scale = config.scale or q.shape[-1] ** -0.5
-    selection = _select(q, pooled, seq_len, config, backend)
-    num_blocks = math.ceil(seq_len / config.block_size)
-    o_cmp = compressed_attention(q, pooled.k_attn, pooled.v_attn, num_blocks, scale=scale)
+    o_cmp = compressed_attention(q, k_means, v_means, num_blocks, scale=scale)
     o_swa = window_attention(q, k, v, seq_len, window_tokens=config.window_tokens, scale=scale)
     if backend == "triton" and wants_grad:
         # The selected branch alone (its backward needs its output and LSE); the gated sum in

@@ -13,6 +13,7 @@ Buffers never change shape; the write position is tracked on the host (no ``.ite
 
 from __future__ import annotations
 
+import dataclasses
 import math
 from typing import Literal
 
@@ -20,9 +21,10 @@ import torch
 
 from omnimem.checks import check_attention_inputs, check_gates
 from omnimem.config import GatedConfig
-from omnimem.gated import gated_attention
+from omnimem.gated import gated_attention, resolve_gated_backend, run_branches, select_groups_for
 from omnimem.offload import check_device_memory
 from omnimem.pooling import PooledKV, accumulation_dtype, block_means
+from omnimem.selection import gather_block_union
 from omnimem.sizing import kv_cache_bytes
 
 Layout = Literal["bhld", "blhd"]
@@ -204,6 +206,63 @@ class GatedCache:
         self.pooled.v_attn[:, :, first:last].copy_(v_means)
         self.last_start, self.end = start, stop
 
+    def _attend_differentiably(
+        self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, gates: torch.Tensor, start: int
+    ) -> torch.Tensor:
+        """``attend`` with gradients through the chunk (q, k, v, gates; through the block means
+        it touches, the compressed branch too), the history a constant.
+
+        What autograd keeps must not be the buffers (the next write changes them), and should
+        not be a copy of the whole history: the selection is made on the cache as usual, then
+        the layer runs on compact keys, the history blocks the groups selected (``U`` slots,
+        ascending) followed by the live region (from the window's or the chunk's first block to
+        the chunk's end, the chunk with its graph), with the table renumbered into them; the
+        compressed branch reads the cache's block means before the chunk's first block and the
+        chunk's blocks pooled afresh. Same tokens, same order: the stateless call's result.
+        """
+        config, bs = self.config, self.config.block_size
+        backend = resolve_gated_backend(config, q.device, q.dtype)
+        seq_len = start + k.shape[2]
+        with torch.no_grad():
+            selection = select_groups_for(q, self.pooled, seq_len, config, backend)
+        first = start // bs  # the first block holding chunk tokens
+        live_first = min(max(0, seq_len - config.window_tokens), first * bs) // bs
+        live_start = live_first * bs
+        table = selection.block_idx.long()
+        flat = table.flatten(2)
+        in_history = (flat >= 0) & (flat < live_first)
+        width = min(flat.shape[-1], live_first)  # static slots for the selected history blocks
+        renumbered = torch.where(flat >= live_first, width + flat - live_first, -1)
+        with torch.no_grad():
+            parts_k, parts_v = [], []
+            if width:
+                none = live_first + 1
+                union, (k_rows, v_rows) = gather_block_union(
+                    flat, in_history, width=width, none=none, block_size=bs, buffers=(self.k, self.v)
+                )
+                position = torch.searchsorted(union, torch.where(in_history, flat, none).contiguous())
+                renumbered = torch.where(in_history, position, renumbered)
+                parts_k, parts_v = [k_rows], [v_rows]
+        keys = torch.cat([*parts_k, self.k[:, :, live_start:start], k], 2)
+        values = torch.cat([*parts_v, self.v[:, :, live_start:start], v], 2)
+        acc = accumulation_dtype(self.k.dtype)
+        touched = seq_len - first * bs
+        k_live = block_means(torch.cat([self.k[:, :, first * bs : start], k], 2), touched, bs, dtype=acc)
+        v_live = block_means(torch.cat([self.v[:, :, first * bs : start], v], 2), touched, bs, dtype=acc)
+        k_means = torch.cat([self.pooled.k_attn[:, :, :first], k_live.to(self.k.dtype)], 2)
+        v_means = torch.cat([self.pooled.v_attn[:, :, :first], v_live.to(self.v.dtype)], 2)
+        compact_len = keys.shape[2]
+        compact = dataclasses.replace(
+            selection,
+            block_idx=renumbered.view_as(table).int(),
+            seq_len=torch.full((), compact_len, dtype=torch.int64, device=q.device),
+        )
+        return run_branches(
+            q, keys, values, gates, compact, seq_len=compact_len, k_means=k_means, v_means=v_means,
+            num_blocks=math.ceil(seq_len / bs), config=config, backend=backend,
+            scale=config.scale or q.shape[-1] ** -0.5, wants_grad=True,
+        )  # fmt: skip
+
     def attend(
         self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, gates: torch.Tensor, *, start: int
     ) -> torch.Tensor:
@@ -219,10 +278,7 @@ class GatedCache:
         check_gates(gates, q)
         self._store(k, v, start)
         if torch.is_grad_enabled() and any(t.requires_grad for t in (q, k, v, gates)):
-            # Gradients through the chunk (and, via the block means it touches, the compressed
-            # branch): the history as constants plus the live chunk, pooled afresh per call.
-            keys, values = torch.cat([self.k[:, :, :start], k], 2), torch.cat([self.v[:, :, :start], v], 2)
-            return gated_attention(q, keys, values, gates, history_len=start, config=self.config)
+            return self._attend_differentiably(q, k, v, gates, start)
         return gated_attention(
             q, self.k, self.v, gates, history_len=start, config=self.config, pooled=self.pooled
         )

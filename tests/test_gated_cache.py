@@ -111,3 +111,57 @@ def test_gradients_flow_through_the_current_chunk_of_a_gated_cache(backend, dtyp
             assert mine.grad is not None and mine.grad.abs().sum() > 0
             torch.testing.assert_close(mine.grad, reference.grad, atol=tol, rtol=tol)
         assert not cache.k.requires_grad and not cache.pooled.k.requires_grad
+
+
+@pytest.mark.parametrize("backend", ["gather", "triton"])
+@pytest.mark.parametrize(
+    "rules",
+    [
+        dict(block_size=6, query_group_size=4, top_k=2, window_tokens=20, candidates="awe"),
+        dict(block_size=7, query_group_size=15, top_k=3, window_tokens=200),
+        dict(block_size=30, query_group_size=15, top_k=16, window_tokens=45),
+    ],
+)
+def test_training_runs_on_compact_keys_and_equals_the_stateless_layer(backend, rules, monkeypatch):
+    """Gradients through the cache over a long history (window shorter or longer than it, GQA,
+    groups that do not divide the chunk, partial blocks, both candidate rules, blhd storage): the
+    layer runs on the selected history blocks plus the live region, and output and gradients
+    equal the stateless layer's over the whole history."""
+    if backend == "triton" and TEST_DEVICE.type != "cuda" and os.environ.get("TRITON_INTERPRET") != "1":
+        pytest.skip("the triton kernels run on CUDA or under TRITON_INTERPRET=1")
+    import omnimem.gated_cache
+
+    cache = GatedCache(
+        200, batch=1, num_kv_heads=1, head_dim=16, device=TEST_DEVICE, backend=backend, **rules
+    )
+    gen = torch.Generator().manual_seed(0)
+    for start in range(0, 150, 25):
+        with torch.no_grad():
+            q, k, v = (
+                torch.randn(1, 2 if x == "q" else 1, 25, 16, generator=gen).to(TEST_DEVICE) for x in "qkv"
+            )
+            cache.attend(q, k, v, torch.rand(1, 2, 25, 3, generator=gen).to(TEST_DEVICE), start=start)
+    lengths, original = [], omnimem.gated_cache.run_branches
+
+    def recording(q, k, *args, **kw):
+        lengths.append(k.shape[2])
+        return original(q, k, *args, **kw)
+
+    monkeypatch.setattr(omnimem.gated_cache, "run_branches", recording)
+    ours = [torch.randn(1, h, 23, 16, generator=gen).to(TEST_DEVICE).requires_grad_() for h in (2, 1, 1)]
+    ours.append(torch.rand(1, 2, 23, 3, generator=gen).to(TEST_DEVICE).requires_grad_())
+    out = cache.attend(*ours, start=150)
+    # Never longer than the whole sequence; shorter when the groups select fewer blocks than
+    # lie before the window (the first rules: 6 groups x top 2 of 25 blocks).
+    assert len(lengths) == 1 and lengths[0] <= 173
+    assert lengths[0] < 173 or rules["top_k"] > 2
+    theirs = [x.detach().clone().requires_grad_() for x in ours]
+    keys = torch.cat([cache.k[:, :, :150], theirs[1]], 2)
+    values = torch.cat([cache.v[:, :, :150], theirs[2]], 2)
+    want = gated_attention(theirs[0], keys, values, theirs[3], history_len=150, backend="gather", **rules)
+    torch.testing.assert_close(out, want, atol=1e-5, rtol=1e-4)
+    d_out = torch.randn(out.shape, generator=gen).to(TEST_DEVICE)
+    (out * d_out).sum().backward()
+    (want * d_out).sum().backward()
+    for mine, reference in zip(ours, theirs, strict=True):
+        torch.testing.assert_close(mine.grad, reference.grad, atol=1e-5, rtol=1e-4)
