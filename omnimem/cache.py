@@ -257,6 +257,12 @@ class OmniMemCache:
         training = torch.is_grad_enabled() and any(
             isinstance(t, torch.Tensor) and t.requires_grad for t in (q, k_chunk, v_chunk)
         )
+        # Every check before the chunk is written: a refused call must not overwrite the chunk
+        # an attend_at wrote (its chunk_len would then describe other data).
+        k_chunk, v_chunk = self._check_pair(k_chunk, v_chunk)
+        check_attention_inputs(q, k_chunk, v_chunk, history_len=0, chunk_len=k_chunk.shape[2])
+        if not isinstance(return_lse, bool):
+            raise TypeError(f"return_lse must be a bool, got {type(return_lse).__name__}")
         if self._offload is not None:
             if training:
                 raise ValueError(

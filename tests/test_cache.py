@@ -390,3 +390,17 @@ def test_an_offloaded_cache_refuses_gradients():
         cache.attend(q, chunk(8), chunk(8))
     with torch.no_grad():
         cache.attend(q, chunk(8), chunk(8))
+
+
+def test_a_refused_attend_leaves_the_current_chunk_alone():
+    """attend_at writes a chunk; an attend refused for its q must not overwrite it (attend_at
+    would later promote the other data as that chunk)."""
+    cache = make_cache()
+    cache.attend_at(chunk(8), chunk(8, seed=1), chunk(8, seed=2), start=0)
+    before = cache.k.clone(), cache.v.clone(), cache.history_len, cache.chunk_len
+    with pytest.raises(ValueError, match="q heads"):
+        cache.attend(chunk(8, heads=3), chunk(8, seed=5), chunk(8, seed=6))
+    with pytest.raises(TypeError, match="return_lse must be a bool"):
+        cache.attend(chunk(8), chunk(8, seed=5), chunk(8, seed=6), return_lse="yes")
+    assert torch.equal(cache.k, before[0]) and torch.equal(cache.v, before[1])
+    assert (cache.history_len, cache.chunk_len) == before[2:]
