@@ -269,7 +269,6 @@ class OmniMemCache:
                     "gradients through an offloaded cache are not supported: train with a resident "
                     "cache (offload=False), or attend under torch.no_grad()"
                 )
-            k_chunk, v_chunk = self._check_pair(k_chunk, v_chunk)
             out = self._offload.attend(self, q, k_chunk, v_chunk, return_lse)
             self.chunk_len, self._chunk_copy = 0, None  # this write replaced attend_at's chunk
             return out
@@ -560,8 +559,9 @@ def _compact_history(
     """The history blocks ``selection`` attends, copied into ``[B, Hkv, U * bs + rem, D]`` (``U``
     slots for the whole blocks any group attends, ascending, zeros where a head attends fewer;
     then the ``rem`` tokens of a partial last block), and the selection renumbered to match a
-    call on that copy followed by ``chunk_len`` chunk tokens. (Which slots hold sink or local
-    blocks is not carried over: ``retrieved_block_idx`` of the result is not meaningful.)"""
+    call on that copy followed by ``chunk_len`` chunk tokens. Only what the backends read is
+    renumbered (``kv_block_idx``, the history length, the slot count): the result's
+    ``selected_block_idx`` keeps the cache's numbering and it marks no sink or local blocks."""
     bs = selection.block_size
     whole = history_len // bs
     rem = history_len - whole * bs
@@ -577,16 +577,10 @@ def _compact_history(
     renumbered = torch.where(is_whole, position, torch.where(flat == whole, width, -1))
     new_idx = renumbered.view_as(table).int()
     slots = math.ceil((width * bs + rem + chunk_len) / bs)  # block slots of the compact keys
-    rank = torch.where(selection.selected_block_idx >= 0, selection.selected_block_idx.long(), none)
-    rank_flat = rank.flatten(2)
-    rank_pos = torch.searchsorted(union, torch.where(rank_flat < whole, rank_flat, none).contiguous())
-    rank_new = torch.where(rank_flat < whole, rank_pos, torch.where(rank_flat == whole, width, -1))
-    fixed = torch.zeros(slots, dtype=torch.bool, device=k.device)
     compact_sel = dataclasses.replace(
         selection,
         kv_block_idx=new_idx,
-        selected_block_idx=rank_new.view_as(rank).int(),
-        fixed_block_mask=fixed,
+        fixed_block_mask=torch.zeros(slots, dtype=torch.bool, device=k.device),
         history_len=torch.full((), width * bs + rem, dtype=selection.history_len.dtype, device=k.device),
         num_history_blocks=slots,
         planned_history_len=width * bs + rem,
