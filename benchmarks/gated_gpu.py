@@ -17,7 +17,8 @@ with ``triton.testing.do_bench`` medians (L2 flushed):
 - ``compressed`` / ``window``: SDPA with cuDNN and with flash (the peers for dense branches);
 - ``cache update``: writing the chunk's K/V into the buffers and pooling its blocks;
 - ``layer``: ``gated_attention(pooled=...)`` (selection, the three branches, the gated sum),
-  and layer + cache update; peak extra memory beyond the output.
+  and layer + cache update; peak extra memory beyond the output; the same with the selection
+  inline instead of on its side stream.
 
 Usage: ``python benchmarks/gated_gpu.py [--histories ...] [--json out.json] [--quick]``
 """
@@ -38,6 +39,7 @@ from torch.nn.attention import SDPBackend, sdpa_kernel
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from omnimem import GatedConfig, gated_attention
+from omnimem import gated as gated_module
 from omnimem.backends.gated_branches import (
     compressed_attention,
     selected_attention_gather,
@@ -50,21 +52,27 @@ from omnimem.gated_selection import (
     select_groups,
     select_groups_torch,
 )
-from omnimem.kernels.group_topk import bucket_maxima, group_topk, stream_topk, two_pass_topk
+from omnimem.kernels.group_topk import (
+    bucket_maxima,
+    default_bucket,
+    group_topk,
+    stream_topk,
+    two_pass_topk,
+)
 from omnimem.pooling import block_means, pool_kv
 from tests.reference_gated import reference_gated_attention
 
 HEADS, HEAD_DIM, CHUNK = 12, 128, 3 * FRAME_TOKENS
 CFG = GatedConfig()
-# group_topk keyword variants swept by --variants: (rows, block_n, precision, num_warps, per_sm).
+# group_topk keyword variants swept by --variants (pass 1's tiles; pass 2's bucket and warps).
 SELECTION_VARIANTS = [
     dict(),
-    dict(rows=64, block_n=64, num_warps=4, per_sm=8),
-    dict(refine_warps=1, refine_chunk=16),
-    dict(refine_warps=1, refine_chunk=32),
-    dict(refine_warps=2, refine_chunk=16, level_steps=10),
-    dict(refine_warps=4, refine_chunk=64),
-    dict(refine_warps=1, refine_chunk=16, level_steps=10),
+    dict(bucket=4, chunk_lanes=128),
+    dict(chunk_lanes=128),
+    dict(refine_warps=1),
+    dict(refine_warps=2),
+    dict(level_steps=6),
+    dict(rows=64, num_warps=4),
 ]
 
 
@@ -187,11 +195,8 @@ def run_history(history: int, pattern: str, args) -> dict:
             t[name + " eager"] = bench_or_nan(
                 lambda o=options: two_pass_topk(pq, pooled.k, end, top_k=16, scale=scale, **o)
             )
-        t["selection pass 1 alone"] = bench(
-            lambda: bucket_maxima(
-                pq, pooled.k, end, bucket=16, rows=128, block_n=64, precision="tf32", num_warps=8, per_sm=4
-            )
-        )
+        pass_1 = dict(bucket=default_bucket(slots), rows=128, block_n=64, precision="tf32", num_warps=8)
+        t["selection pass 1 alone"] = bench(lambda: bucket_maxima(pq, pooled.k, end, per_sm=4, **pass_1))
         t["selection one-pass (tf32x3)"] = bench(
             lambda: stream_topk(pq, pooled.k, end, top_k=16, scale=scale)
         )
@@ -240,6 +245,14 @@ def run_history(history: int, pattern: str, args) -> dict:
         t["layer + cache update"] = bench(lambda: (cache_update(), layer()))
         t["layer + cache update (CUDA graph)"] = graph_ms(lambda: (cache_update(), layer()))
         row["layer extra MiB"] = peak_extra_mib(layer, q.numel() * 2)
+        # The same with the selection inline (no side stream): what the overlap saves.
+        gated_module.OVERLAP_SELECTION = False
+        try:
+            t["layer, selection inline"] = bench(layer)
+            name = "layer + cache update, selection inline (CUDA graph)"
+            t[name] = graph_ms(lambda: (cache_update(), layer()))
+        finally:
+            gated_module.OVERLAP_SELECTION = True
     row["times_ms"] = t
     return row
 

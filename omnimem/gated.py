@@ -12,6 +12,7 @@ import functools
 import logging
 import math
 import os
+from collections.abc import Callable
 
 import torch
 
@@ -209,12 +210,50 @@ def gated_attention(
     check_gates(gates, q)
     _log_choice(backend, q.device.type)
     scale = config.scale or q.shape[-1] ** -0.5
-    selection = select_groups_for(q, pooled, seq_len, config, backend)
+    selection, ready = _select_beside(
+        q, backend, lambda: select_groups_for(q, pooled, seq_len, config, backend)
+    )
     num_blocks = math.ceil(seq_len / config.block_size)
     return run_branches(
         q, k, v, gates, selection, seq_len=seq_len, k_means=pooled.k_attn, v_means=pooled.v_attn,
         num_blocks=num_blocks, config=config, backend=backend, scale=scale, wants_grad=wants_grad,
+        selection_ready=ready,
     )  # fmt: skip
+
+
+# Whether the triton backend selects on a side stream beside the dense branches (benchmarks
+# turn it off to measure the difference).
+OVERLAP_SELECTION = True
+
+
+@functools.cache
+def _selection_stream(device: torch.device) -> torch.cuda.Stream:
+    return torch.cuda.Stream(device)
+
+
+def _select_beside(
+    q: torch.Tensor, backend: str, select: Callable[[], GroupSelection]
+) -> tuple[GroupSelection, Callable[[], None] | None]:
+    """The selection, on CUDA with the triton backend on a side stream: its kernels are
+    latency-bound (few warps per SM), so they fill the SMs the compute-bound dense branches
+    leave idle. Returns the selection and what the selected branch calls before reading it
+    (the main stream waits; the selection's tensors are marked as used there so the caching
+    allocator never hands their memory to the side stream early). Same order on every call,
+    so a CUDA graph captures it as it runs eagerly."""
+    if not (OVERLAP_SELECTION and backend == "triton" and q.is_cuda):
+        return select(), None
+    main = torch.cuda.current_stream(q.device)
+    side = _selection_stream(q.device)
+    side.wait_stream(main)
+    with torch.cuda.stream(side):
+        selection = select()
+
+    def ready() -> None:
+        main.wait_stream(side)
+        for tensor in (selection.block_idx, selection.num_blocks, selection.seq_len):
+            tensor.record_stream(main)
+
+    return selection, ready
 
 
 def run_branches(
@@ -232,11 +271,14 @@ def run_branches(
     backend: str,
     scale: float,
     wants_grad: bool,
+    selection_ready: Callable[[], None] | None = None,
 ) -> torch.Tensor:
     """The run step of ``gated_attention``, its selection made: the three branches over
     ``k``/``v`` ``[0, seq_len)`` (the window: the last ``window_tokens`` of them; the selected
     branch: ``selection``'s blocks of ``k``) and the first ``num_blocks`` block means, summed
-    with the gates. A cache that trains attends compact keys this way (``GatedCache``)."""
+    with the gates. A cache that trains attends compact keys this way (``GatedCache``).
+    ``selection_ready`` runs after the dense branches, before anything reads ``selection``
+    (the side-stream join of ``_select_beside``)."""
     if backend == "triton" and wants_grad and q.dtype == torch.float64:
         raise ValueError(
             "the gated layer's triton kernels compute in float32 at most: for float64 gradients "
@@ -244,6 +286,8 @@ def run_branches(
         )
     o_cmp = compressed_attention(q, k_means, v_means, num_blocks, scale=scale)
     o_swa = window_attention(q, k, v, seq_len, window_tokens=config.window_tokens, scale=scale)
+    if selection_ready is not None:
+        selection_ready()
     if backend == "triton" and wants_grad:
         # The selected branch alone (its backward needs its output and LSE); the gated sum in
         # torch below, so that the gates and the dense branches differentiate as usual.

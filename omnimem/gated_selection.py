@@ -6,8 +6,9 @@ It is ``omnimem.selection`` generalised: the same pooled queries, the same packe
 then lower block index on ties) and top-k; the blocks tile the whole sequence and the
 candidates are a prefix of them (every valid block, or with ``candidates="awe"`` the blocks
 entirely before the sliding window once at least ``top_k`` of them exist). On CUDA the scores
-and the top-k run in Triton kernels (``omnimem/kernels/group_topk.py``: bucket maxima, then
-exact scores of the few candidate buckets) that never write the ``[G, NB]`` score matrix.
+and the top-k run in Triton kernels (``omnimem/kernels/group_queries.py``: the pooled queries
+and the candidates' end; ``omnimem/kernels/group_topk.py``: bucket maxima, then exact scores of
+the few candidate buckets) that never write the ``[G, NB]`` score matrix.
 """
 
 from __future__ import annotations
@@ -134,16 +135,21 @@ def select_groups(
         use_kernel: score and rank in the Triton kernel (CUDA, or CPU under the interpreter).
     """
     group_size = min(query_group_size, q.shape[2])
-    pooled_q = group_queries(q, group_size, k_means.shape[1], precision)
     keys = selection_keys(k_means, precision, q.dtype)
-    end = candidate_end(
-        seq_len, block_size=block_size, top_k=top_k, window_tokens=window_tokens, candidates=candidates
-    )
     if use_kernel:
+        from omnimem.kernels.group_queries import group_queries_and_end
         from omnimem.kernels.group_topk import group_topk
 
+        pooled_q, end = group_queries_and_end(
+            q, seq_len, query_group_size=group_size, num_kv_heads=k_means.shape[1], precision=precision,
+            block_size=block_size, top_k=top_k, window_tokens=window_tokens, candidates=candidates,
+        )  # fmt: skip
         block_idx, num_blocks = group_topk(pooled_q, keys, end, top_k=top_k, scale=scale)
     else:
+        pooled_q = group_queries(q, group_size, k_means.shape[1], precision)
+        end = candidate_end(
+            seq_len, block_size=block_size, top_k=top_k, window_tokens=window_tokens, candidates=candidates
+        )
         block_idx, num_blocks = select_groups_torch(pooled_q, keys, end, top_k=top_k, scale=scale)
     return GroupSelection(
         block_idx=block_idx,

@@ -115,9 +115,13 @@ def test_input_pool_precision_rounds_like_the_authors():
         (5, 200, 200, 16, {}),
         (3, 37, 20, 12, {}),
         (4, 150, 0, 5, {}),  # no candidate at all
-        (2, 300, 290, 3, {"candidate_buckets": 2}),  # candidates overflow: the one-pass fallback
-        (3, 120, 120, 4, {"error_bound": 10.0}),  # a loose bound keeps every bucket: overflow
-        (3, 90, 90, 40, {"candidate_buckets": 2}),  # top_k beyond the candidate list: one pass
+        (5, 200, 200, 16, {"bucket": 16}),  # coarse buckets: more blocks scored exactly
+        (4, 500, 433, 7, {"bucket": 8, "chunk_lanes": 16}),  # kept buckets span several steps
+        # a loose bound keeps every bucket: pass 2 scores them all, step by step
+        (2, 300, 290, 2, {"error_bound": 10.0, "chunk_lanes": 32}),
+        (3, 120, 120, 4, {"error_bound": 10.0}),
+        (3, 90, 90, 40, {"chunk_lanes": 16}),  # top_k above the step: one step of k_pad lanes
+        (3, 90, 90, 40, {"one_pass": True}),  # the one-pass kernel
     ],
 )
 def test_group_topk_kernels_match_torch(groups, num_slots, end, top_k, options, monkeypatch):
@@ -140,6 +144,32 @@ def test_group_topk_kernels_match_torch(groups, num_slots, end, top_k, options, 
     want = select_groups_torch(pq, km, end, top_k=top_k, scale=0.5)
     got = group_topk(pq, km, end, top_k=top_k, scale=0.5, rows=16, block_n=16, **options)
     assert torch.equal(got[0], want[0]) and torch.equal(got[1], want[1])
+
+
+@pytest.mark.parametrize(
+    ("q_heads", "kv_heads", "q_len", "group", "seq_len", "candidates", "precision"),
+    [
+        (2, 2, 30, 15, 330, "all", "float32"),
+        (4, 2, 13, 5, 91, "awe", "input"),  # GQA, a short last group, awe past top_k
+        (3, 1, 40, 40, 45, "awe", "float32"),  # awe with too few blocks before the window
+        (1, 1, 7, 3, 7, "all", "input"),
+    ],
+)
+def test_group_queries_kernel_matches_torch(q_heads, kv_heads, q_len, group, seq_len, candidates, precision):
+    """The selection's per-call inputs in one launch: pooled queries (GQA sum, rounding) and
+    the candidates' end equal the torch path's (exact inputs: every sum order agrees)."""
+    from omnimem.gated_selection import group_queries
+    from omnimem.kernels.group_queries import group_queries_and_end
+
+    gen = torch.Generator().manual_seed(q_len)
+    q = torch.randint(-8, 9, (2, q_heads, q_len, 16), generator=gen).to(torch.bfloat16).to(TEST_DEVICE)
+    seq = torch.tensor(seq_len, device=TEST_DEVICE)
+    rule = dict(block_size=7, top_k=3, window_tokens=20, candidates=candidates)
+    pooled, end = group_queries_and_end(
+        q, seq, query_group_size=group, num_kv_heads=kv_heads, precision=precision, **rule
+    )
+    torch.testing.assert_close(pooled, group_queries(q, group, kv_heads, precision), atol=0, rtol=0)
+    assert end.item() == candidate_end(seq, **rule).item()
 
 
 def test_selected_kernel_empty_rows_and_poisoned_output():
@@ -233,12 +263,16 @@ def test_gather_path_gradients_pass_gradcheck_in_float64(rules):
 
 @pytest.mark.parametrize(
     ("num_slots", "top_k", "options"),
-    [(200, 16, {}), (300, 3, {"candidate_buckets": 2}), (90, 40, {"candidate_buckets": 2})],
-    ids=["two-pass", "overflow", "one-pass"],
+    [
+        (200, 16, {}),
+        (300, 2, {"error_bound": 10.0, "chunk_lanes": 32}),
+        (90, 40, {"one_pass": True}),
+    ],
+    ids=["two-pass", "every-bucket-kept", "one-pass"],
 )
 def test_blocks_with_nan_means_are_no_candidates_in_kernels_and_torch(num_slots, top_k, options):
-    """A corrupted block (NaN mean) is never selected, by the kernels (both passes and the
-    one-pass fallback) and the torch path alike, and the other blocks rank as before."""
+    """A corrupted block (NaN mean) is never selected, by the kernels (both passes, and the
+    one-pass kernel) and the torch path alike, and the other blocks rank as before."""
     from omnimem.kernels.group_topk import group_topk
 
     gen = torch.Generator().manual_seed(num_slots)
@@ -257,3 +291,29 @@ def test_blocks_with_nan_means_are_no_candidates_in_kernels_and_torch(num_slots,
     assert torch.equal(
         want[0], torch.stack([row[row != 7][:top_k] for row in clean.flatten(0, 2)]).view_as(want[0])
     )
+
+
+@pytest.mark.skipif(TEST_DEVICE.type != "cuda", reason="the side stream exists on CUDA only")
+def test_selection_beside_the_dense_branches_changes_nothing(monkeypatch):
+    """On CUDA the triton backend selects on a side stream while the dense branches run: the
+    same bits as selecting inline, eagerly and replayed from a CUDA graph."""
+    from omnimem import gated as gated_module
+
+    shape = dict(q_heads=4, kv_heads=2, q_len=90, history_len=3000, head_dim=64)
+    q, k, v = make_inputs(**shape, dtype=torch.bfloat16)
+    gates = torch.rand(1, 4, 90, 3, device=TEST_DEVICE)
+    rules = dict(history_len=3000, top_k=8, window_tokens=300, backend="triton")
+    monkeypatch.setattr(gated_module, "OVERLAP_SELECTION", False)
+    inline = gated_attention(q, k, v, gates, **rules)
+    monkeypatch.setattr(gated_module, "OVERLAP_SELECTION", True)
+    assert torch.equal(gated_attention(q, k, v, gates, **rules), inline)
+    stream = torch.cuda.Stream()
+    stream.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(stream):  # warm-up on the capture's stream
+        gated_attention(q, k, v, gates, **rules)
+    torch.cuda.current_stream().wait_stream(stream)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        out = gated_attention(q, k, v, gates, **rules)
+    graph.replay()
+    assert torch.equal(out, inline)

@@ -1,14 +1,20 @@
-"""Scores and top-k of the gated layer's fine-grained selection in one pass (reference:
-``gated_selection.select_groups_torch``).
+"""Scores and top-k of the gated layer's fine-grained selection (reference:
+``gated_selection.select_groups_torch``), never writing the ``[G, NB]`` score matrix.
 
-A program takes ``ROWS`` query groups of one (batch, KV head) and one split of the candidate
-blocks. Per tile of ``BLOCK_N`` block means it computes the scores on tensor cores, keeps a
-running, unsorted set of its best ``top_k`` keys per row, in the torch path's int64 key
-(score, then the lower block index on ties). Per score it costs one float comparison with the
-row's worst kept score; only the few that may beat it are packed into keys and inserted, one
-insertion round per key of the row with the most (at most ``top_k``). Once the sets have
-settled a tile is a matrix product and a comparison, not a sort. The ``[G, NB]`` score matrix
-is never written. The splits' sets (``SPLITS * K_PAD`` keys per row) are merged by a top-k.
+Two passes (``two_pass_topk``), exact whatever the data:
+
+1. ``_bucket_max_kernel``: tensor-core (tf32) scores of ``ROWS`` query groups against tiles of
+   block means, reduced to the maximum of every ``BUCKET`` consecutive blocks (4 at the
+   authors' 369,720-token history), and each split's largest block-mean norm.
+2. ``_refine_kernel``, one query group per program: a level that ``top_k`` bucket maxima
+   reach (bisection), lowered by the tf32 error bound; only the few buckets above it (about
+   20 of 3,120 on random keys) can hold a top-k block. Their blocks are scored exactly in
+   float32 and ranked by the torch path's int64 key (score, then the lower block index on
+   ties), 128 blocks per step; near-ties only add steps. The block indices are
+   written.
+
+``_stream_topk_kernel`` is the one-pass alternative (a running set of the best ``top_k`` keys
+per row, one float comparison per score), used for ``top_k`` above pass 2's step.
 """
 
 from __future__ import annotations
@@ -58,6 +64,13 @@ def _key_score(key, INDEX_BITS: tl.constexpr):
 
 
 @triton.jit
+def _key_block(key, INDEX_BITS: tl.constexpr):
+    """The block index packed in ``key`` (int32; ``-1`` for the empty key 0)."""
+    index_mask = (1 << INDEX_BITS) - 1
+    return tl.where(key > 0, index_mask - (key & index_mask), -1).to(tl.int32)
+
+
+@triton.jit
 def _load_rows(base, rows, rows_ok, stride_row, stride_dim, HEAD_DIM: tl.constexpr, D_PAD: tl.constexpr):
     """Rows ``rows`` of a ``[*, HEAD_DIM]`` matrix as ``[len(rows), D_PAD]`` (0 where masked)."""
     dims = tl.arange(0, D_PAD)
@@ -88,13 +101,13 @@ def _split_program(
 
 @triton.jit
 def _stream_topk_kernel(
-    pq_ptr, km_ptr, end_ptr, keys_ptr, flags_ptr,
+    pq_ptr, km_ptr, end_ptr, keys_ptr,
     stride_qb, stride_qh, stride_qg, stride_qd,
     stride_kb, stride_kh, stride_kj, stride_kd,
     num_kv_heads, num_groups, blocks_per_split, scale,
     ROWS: tl.constexpr, BLOCK_N: tl.constexpr, HEAD_DIM: tl.constexpr, D_PAD: tl.constexpr,
     K_PAD: tl.constexpr, TOP_K: tl.constexpr, INDEX_BITS: tl.constexpr, TIER_SHIFT: tl.constexpr,
-    PRECISION: tl.constexpr, HAS_FLAGS: tl.constexpr,
+    PRECISION: tl.constexpr,
 ):  # fmt: skip
     batch_head, rows, row_ok, q, k_base, lo, hi = _split_program(
         pq_ptr, km_ptr, end_ptr, stride_qb, stride_qh, stride_qg, stride_qd, stride_kb, stride_kh,
@@ -102,9 +115,6 @@ def _stream_topk_kernel(
     )  # fmt: skip
     split = tl.program_id(2)
     num_splits = tl.num_programs(2)
-    if HAS_FLAGS:  # the fallback of the two-pass path: only rows it flagged are redone
-        row_ok = row_ok & (tl.load(flags_ptr + batch_head * num_groups + rows, mask=row_ok, other=0) != 0)
-        hi = tl.where(tl.max(row_ok.to(tl.int32), 0) > 0, hi, lo)
 
     slot = tl.arange(0, K_PAD)
     # 0 marks an empty slot (below every real key, whose tier bit is set); padding slots past
@@ -143,7 +153,7 @@ def _stream_topk_kernel(
 
 @triton.jit
 def _bucket_max_kernel(
-    pq_ptr, km_ptr, end_ptr, bmax_ptr, knorm_ptr,
+    pq_ptr, km_ptr, end_ptr, bmax_ptr, norms_ptr, counts_ptr,
     stride_qb, stride_qh, stride_qg, stride_qd,
     stride_kb, stride_kh, stride_kj, stride_kd,
     num_kv_heads, num_groups, num_buckets, blocks_per_split,
@@ -151,12 +161,16 @@ def _bucket_max_kernel(
     D_PAD: tl.constexpr, PRECISION: tl.constexpr,
 ):  # fmt: skip
     """Pass 1: approximate (tensor-core) scores, reduced to each ``BUCKET`` of blocks' maximum
-    per row, and the largest squared norm of the block means (for the error bound)."""
+    per row, and the largest squared norm of the split's block means (for the error bound;
+    written by the first row tile, so no buffer needs zeroing). The first split zeroes its
+    rows' candidate counters for pass 2 (no extra launch)."""
     batch_head, rows, row_ok, q, k_base, lo, hi = _split_program(
         pq_ptr, km_ptr, end_ptr, stride_qb, stride_qh, stride_qg, stride_qd, stride_kb, stride_kh,
         num_kv_heads, num_groups, blocks_per_split, ROWS, HEAD_DIM, D_PAD,
     )  # fmt: skip
     out_rows = bmax_ptr + (batch_head.to(tl.int64) * num_groups + rows[:, None]) * num_buckets
+    if tl.program_id(2) == 0:
+        tl.store(counts_ptr + batch_head.to(tl.int64) * num_groups + rows, 0, mask=row_ok)
     norms = tl.zeros([BLOCK_N], tl.float32)
     for start in range(lo, hi, BLOCK_N):
         block = start + tl.arange(0, BLOCK_N)
@@ -171,81 +185,94 @@ def _bucket_max_kernel(
         tl.store(out_rows + bucket[None, :], bucket_max, mask=row_ok[:, None])
         squares = tl.sum(keys * keys, 1)
         norms = tl.maximum(norms, tl.where(squares == squares, squares, 0.0))
-    tl.atomic_max(knorm_ptr + batch_head, tl.max(norms, 0))
+    if tl.program_id(0) == 0:
+        tl.store(norms_ptr + batch_head * tl.num_programs(2) + tl.program_id(2), tl.max(norms, 0))
 
 
 @triton.jit
 def _refine_kernel(
-    pq_ptr, km_ptr, end_ptr, bmax_ptr, knorm_ptr, buckets_ptr, cand_ptr, keys_ptr, flags_ptr,
+    pq_ptr, km_ptr, end_ptr, bmax_ptr, norms_ptr, counts_ptr, list_ptr, idx_ptr, num_ptr,
     stride_qb, stride_qh, stride_qg, stride_qd,
     stride_kb, stride_kh, stride_kj, stride_kd,
-    num_kv_heads, num_groups, num_buckets, scale, error_bound,
-    BUCKETS_PAD: tl.constexpr, BUCKET: tl.constexpr, CANDIDATES: tl.constexpr,
-    CHUNK: tl.constexpr, HEAD_DIM: tl.constexpr, D_PAD: tl.constexpr, K_PAD: tl.constexpr,
-    TOP_K: tl.constexpr, INDEX_BITS: tl.constexpr, TIER_SHIFT: tl.constexpr, LEVEL_STEPS: tl.constexpr,
+    num_kv_heads, num_groups, num_buckets, num_splits, scale, error_bound,
+    BUCKETS_PAD: tl.constexpr, SPLITS_PAD: tl.constexpr, BUCKET: tl.constexpr,
+    CHUNK_BUCKETS: tl.constexpr, D_CHUNK: tl.constexpr, HEAD_DIM: tl.constexpr, D_PAD: tl.constexpr,
+    K_PAD: tl.constexpr, TOP_K: tl.constexpr, INDEX_BITS: tl.constexpr, TIER_SHIFT: tl.constexpr,
+    LEVEL_STEPS: tl.constexpr,
 ):  # fmt: skip
     """Pass 2, one query group: the threshold under which no top-k block can lie, the buckets
-    above it, exact float32 scores of their blocks, and the top-k of those (rows with more
-    than ``CANDIDATES`` buckets above it are flagged for the one-pass kernel)."""
+    above it, exact float32 scores of their blocks ``CHUNK_BUCKETS`` buckets at a time, and
+    the block indices of the top-k of those. ``list_ptr`` is the row of ``bmax`` itself, as
+    int32: once the maxima are in registers it holds the kept buckets, so any number fits."""
     row = tl.program_id(0)
     batch_head = tl.program_id(1)
     batch = batch_head // num_kv_heads
     head = batch_head % num_kv_heads
     row_id = batch_head.to(tl.int64) * num_groups + row
     dims = tl.arange(0, D_PAD)
-    dim_ok = dims < HEAD_DIM
     q_base = pq_ptr + batch.to(tl.int64) * stride_qb + head.to(tl.int64) * stride_qh + row * stride_qg
-    q = tl.load(q_base + dims * stride_qd, mask=dim_ok, other=0.0)
+    q = tl.load(q_base + dims * stride_qd, mask=dims < HEAD_DIM, other=0.0)
     end = tl.load(end_ptr).to(tl.int32)
 
     # A level that at least TOP_K bucket maxima reach (so at most the TOP_K-th largest), by
-    # bisection between the row's smallest and largest maximum; -inf with fewer valid buckets.
+    # bisection between the row's smallest and largest maximum. Buckets at -inf (only NaN
+    # means) hold no candidate; with fewer than TOP_K other buckets every one is kept.
     bucket = tl.arange(0, BUCKETS_PAD)
     valid = bucket < (end + BUCKET - 1) // BUCKET
     bmax = tl.load(bmax_ptr + row_id * num_buckets + bucket, mask=valid, other=float("-inf"))
-    num_valid = tl.sum(valid.to(tl.int32), 0)
-    low = tl.where(num_valid > 0, tl.min(tl.where(valid, bmax, float("inf")), 0), 0.0)
-    high = tl.where(num_valid > 0, tl.max(bmax, 0), 0.0)
+    finite = valid & (bmax > float("-inf"))
+    num_finite = tl.sum(finite.to(tl.int32), 0)
+    low = tl.where(num_finite > 0, tl.min(tl.where(finite, bmax, float("inf")), 0), 0.0)
+    high = tl.where(num_finite > 0, tl.max(tl.where(finite, bmax, float("-inf")), 0), 0.0)
     for _ in tl.static_range(LEVEL_STEPS):
         mid = low + (high - low) * 0.5
-        enough = tl.sum((valid & (bmax >= mid)).to(tl.int32), 0) >= TOP_K
+        enough = tl.sum((finite & (bmax >= mid)).to(tl.int32), 0) >= TOP_K
         low = tl.where(enough, mid, low)
         high = tl.where(enough, high, mid)
     # Every top-k block's exact score is within 2 * eps of a kept bucket's approximate max:
     # eps bounds |approximate - exact| (Cauchy-Schwarz on the rounding of each product).
-    eps = error_bound * tl.sqrt(tl.sum(q * q, 0) * tl.load(knorm_ptr + batch_head))
-    threshold = tl.where(num_valid >= TOP_K, low - 2.0 * eps, float("-inf"))
-    keep = valid & (bmax >= threshold)
+    split = tl.arange(0, SPLITS_PAD)
+    norms = tl.load(norms_ptr + batch_head * num_splits + split, mask=split < num_splits, other=0.0)
+    eps = error_bound * tl.sqrt(tl.sum(q * q, 0) * tl.max(norms, 0))
+    threshold = tl.where(num_finite >= TOP_K, low - 2.0 * eps, float("-inf"))
+    keep = finite & (bmax >= threshold)
     count = tl.sum(keep.to(tl.int32), 0)
-    tl.store(flags_ptr + row_id, (count > CANDIDATES).to(tl.int32))
-    slot = tl.cumsum(keep.to(tl.int32), 0) - 1
-    tl.store(buckets_ptr + row_id * CANDIDATES + slot, bucket, mask=keep & (slot < CANDIDATES))
-    tl.debug_barrier()
+    # The kept buckets into the row's list, in any order (the ranking fixes the order): an
+    # atomic counter per row (zeroed by pass 1) is far cheaper than a prefix sum.
+    tl.debug_barrier()  # every maximum is in registers before the list overwrites them
+    slot = tl.atomic_add(counts_ptr + row_id + tl.zeros_like(bucket), 1, mask=keep, sem="relaxed")
+    row_list = list_ptr + row_id * num_buckets
+    tl.store(row_list + slot, bucket, mask=keep)
+    tl.debug_barrier()  # the list's stores before any thread reads it
 
-    # Exact scores of the kept buckets' blocks, CHUNK buckets at a time, as packed keys.
-    kept = tl.minimum(count, CANDIDATES)
+    # Exact scores of the kept buckets' blocks, CHUNK_BUCKETS buckets at a time (one chunk
+    # unless near-ties keep many), merged into the running top-k.
+    lane = tl.arange(0, CHUNK_BUCKETS * BUCKET)
     k_base = km_ptr + batch.to(tl.int64) * stride_kb + head.to(tl.int64) * stride_kh
-    lane = tl.arange(0, CHUNK * BUCKET)
-    for first in range(0, kept, CHUNK):
+    best = tl.zeros([K_PAD], tl.int64)
+    for first in range(0, count, CHUNK_BUCKETS):
         entry = first + lane // BUCKET
-        chosen = tl.load(buckets_ptr + row_id * CANDIDATES + entry, mask=entry < kept, other=0)
+        chosen = tl.load(row_list + entry, mask=entry < count, other=0)
         block = chosen * BUCKET + lane % BUCKET
-        ok = (entry < kept) & (block < end)
-        keys = _load_rows(k_base, block, ok, stride_kj, stride_kd, HEAD_DIM, D_PAD)
-        score = tl.sum(keys * q[None, :], 1) * scale
+        ok = (entry < count) & (block < end)
+        k_rows = k_base + block.to(tl.int64) * stride_kj
+        score = tl.zeros([CHUNK_BUCKETS * BUCKET], tl.float32)
+        for d in tl.static_range(0, D_PAD, D_CHUNK):
+            chunk = d + tl.arange(0, D_CHUNK)
+            chunk_ok = chunk < HEAD_DIM
+            q_part = tl.load(q_base + chunk * stride_qd, mask=chunk_ok, other=0.0)
+            key_ok = ok[:, None] & chunk_ok[None, :]
+            keys = tl.load(k_rows[:, None] + chunk[None, :] * stride_kd, mask=key_ok, other=0.0)
+            score += tl.sum(keys * q_part[None, :], 1)
+        score = score * scale
         ok = ok & (score == score)  # NaN means: no candidate
         key = tl.where(ok, _packed_key(score, block, INDEX_BITS, TIER_SHIFT), 0)
-        tl.store(cand_ptr + row_id * (CANDIDATES * BUCKET) + first * BUCKET + lane, key)
-    tl.debug_barrier()
-    every = tl.arange(0, CANDIDATES * BUCKET)
-    key = tl.load(cand_ptr + row_id * (CANDIDATES * BUCKET) + every, mask=every < kept * BUCKET, other=0)
-    key = tl.sort(key, descending=True)
-    # The first K_PAD of the sorted keys: fold the row into [n, K_PAD] and keep row 0.
-    folded = tl.reshape(key, [CANDIDATES * BUCKET // K_PAD, K_PAD])
-    first_row = (tl.arange(0, CANDIDATES * BUCKET // K_PAD) == 0)[:, None]
-    top = tl.sum(tl.where(first_row, folded, 0), 0)
+        both = tl.reshape(tl.join(best, tl.topk(key, K_PAD)), [2 * K_PAD])
+        best = tl.topk(both, K_PAD)  # best first (bitonic top-k: cheaper than a sort)
     slot_k = tl.arange(0, K_PAD)
-    tl.store(keys_ptr + row_id * K_PAD + slot_k, tl.where(slot_k < TOP_K, top, 0))
+    best = tl.where(slot_k < TOP_K, best, 0)
+    tl.store(idx_ptr + row_id * TOP_K + slot_k, _key_block(best, INDEX_BITS), mask=slot_k < TOP_K)
+    tl.store(num_ptr + row_id, tl.sum((best > 0).to(tl.int32), 0))
 
 
 @functools.cache
@@ -274,9 +301,31 @@ def plan(
 
 # Pass 1's error bound per unit of |q| * max|k|: tf32 operands (10 explicit bits, truncated or
 # rounded: 2**-10 each) and float32 sums of both passes; exact float32 dots (the interpreter)
-# only leave the sums. Candidates per row: buckets whose maximum may hold a top-k block.
+# only leave the sums.
 _ERROR_BOUND = {"tf32": 2.5e-3, "ieee": 1.0e-4}
-CANDIDATE_BUCKETS = 32
+# Pass 2 holds a row's bucket maxima in registers, and pass 1 writes them: at most this many
+# per row (at most 59 MiB of maxima for the authors' 3,744 groups). Measured on an H200 at
+# 369,720 / 1,872,000 tokens: 4,096 (buckets of 4 / 16 blocks) beat 2,048 (8 / 32 blocks).
+_MAX_BUCKETS = 4096
+# Pass 2 scores this many blocks per step (128 beat 256 and 512 on the H200); top_k above it
+# goes to the one-pass kernel.
+_CHUNK_LANES = 128
+
+
+def default_bucket(num_slots: int) -> int:
+    """Blocks per bucket: small (4) so that pass 2 scores few blocks exactly, larger only when
+    a row's bucket maxima would exceed ``_MAX_BUCKETS`` (4 up to 491,520 tokens of 30-token
+    blocks, 16 at 1,872,000)."""
+    return max(4, triton.next_power_of_2(math.ceil(num_slots / _MAX_BUCKETS)))
+
+
+def _strides(pooled_q: torch.Tensor, k_means: torch.Tensor) -> dict:
+    return dict(
+        stride_qb=pooled_q.stride(0), stride_qh=pooled_q.stride(1),
+        stride_qg=pooled_q.stride(2), stride_qd=pooled_q.stride(3),
+        stride_kb=k_means.stride(0), stride_kh=k_means.stride(1),
+        stride_kj=k_means.stride(2), stride_kd=k_means.stride(3),
+    )  # fmt: skip
 
 
 def stream_topk(
@@ -291,51 +340,29 @@ def stream_topk(
     precision: str | None = None,
     num_warps: int = 4,
     per_sm: int = 2,
-    keys: torch.Tensor | None = None,
-    row_flags: torch.Tensor | None = None,
-) -> torch.Tensor:
-    """The one-pass kernel: ``[B, Hkv, G, K_PAD]`` int64 packed keys, best first (0: none).
-
-    With ``row_flags [B * Hkv * G]`` only flagged rows are computed, into ``keys`` (one split):
-    the two-pass path's fallback.
-    """
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """The one-pass kernel: ``(block_idx [B, Hkv, G, top_k] int32, num_blocks [B, Hkv, G]
+    int32)``, best first, ``-1`` padded; the splits' sets are merged by ``torch.topk``."""
     batch, kv_heads, groups, head_dim = pooled_q.shape
     num_slots = k_means.shape[2]
+    device = pooled_q.device
     if precision is None:
         precision = "tf32x3" if pooled_q.is_cuda else "ieee"
     k_pad = triton.next_power_of_2(top_k)
-    if row_flags is None:
-        splits, per_split = plan(groups, num_slots, batch * kv_heads, pooled_q.device, rows, block_n, per_sm)
-        keys = torch.empty(
-            (batch, kv_heads, splits, groups, k_pad), dtype=torch.int64, device=pooled_q.device
-        )
-    else:
-        splits, per_split = 1, max(1, math.ceil(num_slots / block_n)) * block_n
-    grid = (math.ceil(groups / rows), batch * kv_heads, splits)
-    _stream_topk_kernel[grid](
-        pq_ptr=pooled_q, km_ptr=k_means, end_ptr=end, keys_ptr=keys, flags_ptr=row_flags,
-        stride_qb=pooled_q.stride(0), stride_qh=pooled_q.stride(1),
-        stride_qg=pooled_q.stride(2), stride_qd=pooled_q.stride(3),
-        stride_kb=k_means.stride(0), stride_kh=k_means.stride(1),
-        stride_kj=k_means.stride(2), stride_kd=k_means.stride(3),
-        num_kv_heads=kv_heads, num_groups=groups, blocks_per_split=per_split, scale=scale,
-        ROWS=rows, BLOCK_N=block_n, HEAD_DIM=head_dim, D_PAD=max(16, triton.next_power_of_2(head_dim)),
-        K_PAD=k_pad, TOP_K=top_k, INDEX_BITS=_INDEX_BITS, TIER_SHIFT=_TIER_SHIFT, PRECISION=precision,
-        HAS_FLAGS=row_flags is not None, num_warps=num_warps,
-    )  # fmt: skip
-    keys = keys.view(batch, kv_heads, splits, groups, k_pad).permute(0, 1, 3, 2, 4).flatten(-2)
-    if keys.shape[-1] != k_pad:
+    splits, per_split = plan(groups, num_slots, batch * kv_heads, device, rows, block_n, per_sm)
+    keys = torch.empty((batch, kv_heads, splits, groups, k_pad), dtype=torch.int64, device=device)
+    if keys.numel():
+        _stream_topk_kernel[(math.ceil(groups / rows), batch * kv_heads, splits)](
+            pq_ptr=pooled_q, km_ptr=k_means, end_ptr=end, keys_ptr=keys, **_strides(pooled_q, k_means),
+            num_kv_heads=kv_heads, num_groups=groups, blocks_per_split=per_split, scale=scale,
+            ROWS=rows, BLOCK_N=block_n, HEAD_DIM=head_dim, D_PAD=max(16, triton.next_power_of_2(head_dim)),
+            K_PAD=k_pad, TOP_K=top_k, INDEX_BITS=_INDEX_BITS, TIER_SHIFT=_TIER_SHIFT, PRECISION=precision,
+            num_warps=num_warps,
+        )  # fmt: skip
+    keys = keys.permute(0, 1, 3, 2, 4).flatten(-2)
+    if keys.shape[-1] != k_pad:  # merge the splits' sets
         keys = torch.topk(keys, k_pad, dim=-1, sorted=True).values
-    return keys
-
-
-def _strides(pooled_q: torch.Tensor, k_means: torch.Tensor) -> dict:
-    return dict(
-        stride_qb=pooled_q.stride(0), stride_qh=pooled_q.stride(1),
-        stride_qg=pooled_q.stride(2), stride_qd=pooled_q.stride(3),
-        stride_kb=k_means.stride(0), stride_kh=k_means.stride(1),
-        stride_kj=k_means.stride(2), stride_kd=k_means.stride(3),
-    )  # fmt: skip
+    return decode_keys(keys, top_k)
 
 
 def bucket_maxima(
@@ -349,25 +376,28 @@ def bucket_maxima(
     precision: str,
     num_warps: int,
     per_sm: int,
-) -> tuple[torch.Tensor, torch.Tensor]:
-    """Pass 1: ``(bmax [B * Hkv * G, buckets] float32, knorm [B * Hkv] float32)``, unscaled
-    approximate scores' maximum per bucket of ``bucket`` blocks (buckets past ``end`` hold
-    junk), and each head's largest squared block-mean norm."""
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Pass 1: ``(bmax [B * Hkv * G, buckets] float32, norms [B * Hkv, splits] float32, counts
+    [B * Hkv * G] int32)``: unscaled approximate scores' maximum per bucket of ``bucket`` blocks
+    (buckets past ``end`` hold junk), each split's largest squared block-mean norm, and zeroed
+    candidate counters."""
     batch, kv_heads, groups, head_dim = pooled_q.shape
     num_slots = k_means.shape[2]
-    splits, per_split = plan(groups, num_slots, batch * kv_heads, pooled_q.device, rows, block_n, per_sm)
+    device = pooled_q.device
+    splits, per_split = plan(groups, num_slots, batch * kv_heads, device, rows, block_n, per_sm)
     tiles = max(1, math.ceil(num_slots / block_n))
     num_buckets = tiles * (block_n // bucket)  # whole tiles: pass 1 stores every bucket of a tile
-    bmax = torch.empty((batch * kv_heads * groups, num_buckets), dtype=torch.float32, device=pooled_q.device)
-    knorm = torch.zeros(batch * kv_heads, dtype=torch.float32, device=pooled_q.device)
+    bmax = torch.empty((batch * kv_heads * groups, num_buckets), dtype=torch.float32, device=device)
+    norms = torch.empty((batch * kv_heads, splits), dtype=torch.float32, device=device)
+    counts = torch.empty(batch * kv_heads * groups, dtype=torch.int32, device=device)
     _bucket_max_kernel[(math.ceil(groups / rows), batch * kv_heads, splits)](
-        pq_ptr=pooled_q, km_ptr=k_means, end_ptr=end, bmax_ptr=bmax, knorm_ptr=knorm,
+        pq_ptr=pooled_q, km_ptr=k_means, end_ptr=end, bmax_ptr=bmax, norms_ptr=norms, counts_ptr=counts,
         **_strides(pooled_q, k_means),
         num_kv_heads=kv_heads, num_groups=groups, num_buckets=num_buckets, blocks_per_split=per_split,
         ROWS=rows, BLOCK_N=block_n, BUCKET=bucket, HEAD_DIM=head_dim,
         D_PAD=max(16, triton.next_power_of_2(head_dim)), PRECISION=precision, num_warps=num_warps,
     )  # fmt: skip
-    return bmax, knorm
+    return bmax, norms, counts
 
 
 def two_pass_topk(
@@ -383,50 +413,46 @@ def two_pass_topk(
     num_warps: int = 8,
     per_sm: int = 4,
     error_bound: float | None = None,
-    candidate_buckets: int = CANDIDATE_BUCKETS,
-    refine_warps: int = 1,
-    refine_chunk: int = 16,
-    level_steps: int = 10,
-) -> torch.Tensor:
+    bucket: int | None = None,
+    chunk_lanes: int = _CHUNK_LANES,
+    refine_warps: int = 4,
+    level_steps: int = 8,
+) -> tuple[torch.Tensor, torch.Tensor]:
     """Approximate bucket maxima, then exact scores of the few buckets that may hold a top-k
-    block; ``[B, Hkv, G, K_PAD]`` int64 packed keys, best first (0: none). Exact: a row whose
-    candidates overflow ``CANDIDATE_BUCKETS`` is redone by the one-pass kernel."""
+    block: ``(block_idx [B, Hkv, G, top_k] int32, num_blocks [B, Hkv, G] int32)``, exact
+    whatever the data (near-ties only make pass 2 score more blocks)."""
     batch, kv_heads, groups, head_dim = pooled_q.shape
     num_slots = k_means.shape[2]
     device = pooled_q.device
     if precision is None:
         precision = "tf32" if pooled_q.is_cuda else "ieee"
     error_bound = _ERROR_BOUND[precision] if error_bound is None else error_bound
-    bucket = 16 if num_slots <= 32768 else 32
-    k_pad = triton.next_power_of_2(top_k)
-    # Short histories: no more candidate slots than buckets (but room for the top-k).
-    fewer = max(triton.next_power_of_2(math.ceil(num_slots / bucket)), triton.cdiv(k_pad, bucket))
-    candidate_buckets = min(candidate_buckets, triton.next_power_of_2(fewer))
+    bucket = default_bucket(num_slots) if bucket is None else bucket
+    block_n = max(block_n, bucket)
+    k_pad = max(2, triton.next_power_of_2(top_k))  # tl.topk needs two lanes
+    lanes = max(chunk_lanes, k_pad, bucket)
     d_pad = max(16, triton.next_power_of_2(head_dim))
-    rows_total = batch * kv_heads * groups
-    bmax, knorm = bucket_maxima(
+    block_idx = torch.empty((batch, kv_heads, groups, top_k), dtype=torch.int32, device=device)
+    num_blocks = torch.empty((batch, kv_heads, groups), dtype=torch.int32, device=device)
+    if block_idx.numel() == 0:
+        return block_idx, num_blocks
+    bmax, norms, counts = bucket_maxima(
         pooled_q, k_means, end, bucket=bucket, rows=rows, block_n=block_n, precision=precision,
         num_warps=num_warps, per_sm=per_sm,
     )  # fmt: skip
-    num_buckets = bmax.shape[1]
-    buckets = torch.empty((rows_total, candidate_buckets), dtype=torch.int32, device=device)
-    candidates = torch.empty((rows_total, candidate_buckets * bucket), dtype=torch.int64, device=device)
-    keys = torch.empty((batch, kv_heads, groups, k_pad), dtype=torch.int64, device=device)
-    flags = torch.empty(rows_total, dtype=torch.int32, device=device)
+    num_buckets, splits = bmax.shape[1], norms.shape[1]
     _refine_kernel[(groups, batch * kv_heads)](
-        pq_ptr=pooled_q, km_ptr=k_means, end_ptr=end, bmax_ptr=bmax, knorm_ptr=knorm,
-        buckets_ptr=buckets, cand_ptr=candidates, keys_ptr=keys, flags_ptr=flags,
+        pq_ptr=pooled_q, km_ptr=k_means, end_ptr=end, bmax_ptr=bmax, norms_ptr=norms, counts_ptr=counts,
+        list_ptr=bmax.view(torch.int32), idx_ptr=block_idx, num_ptr=num_blocks,
         **_strides(pooled_q, k_means),
-        num_kv_heads=kv_heads, num_groups=groups, num_buckets=num_buckets, scale=scale,
-        error_bound=error_bound, BUCKETS_PAD=triton.next_power_of_2(num_buckets), BUCKET=bucket,
-        CANDIDATES=candidate_buckets, CHUNK=min(candidate_buckets, max(1, refine_chunk // bucket)),
-        HEAD_DIM=head_dim, D_PAD=d_pad, K_PAD=k_pad, TOP_K=top_k, INDEX_BITS=_INDEX_BITS,
-        TIER_SHIFT=_TIER_SHIFT, LEVEL_STEPS=level_steps, num_warps=refine_warps,
+        num_kv_heads=kv_heads, num_groups=groups, num_buckets=num_buckets, num_splits=splits,
+        scale=scale, error_bound=error_bound, BUCKETS_PAD=triton.next_power_of_2(num_buckets),
+        SPLITS_PAD=triton.next_power_of_2(splits), BUCKET=bucket, CHUNK_BUCKETS=lanes // bucket,
+        D_CHUNK=min(d_pad, max(16, 4096 // lanes)), HEAD_DIM=head_dim, D_PAD=d_pad,
+        K_PAD=k_pad, TOP_K=top_k, INDEX_BITS=_INDEX_BITS, TIER_SHIFT=_TIER_SHIFT,
+        LEVEL_STEPS=level_steps, num_warps=refine_warps,
     )  # fmt: skip
-    # Rows whose candidates overflowed: the one-pass kernel, in place (programs of rows
-    # without a flag return at once; nothing waits on the host).
-    stream_topk(pooled_q, k_means, end, top_k=top_k, scale=scale, keys=keys, row_flags=flags)
-    return keys
+    return block_idx, num_blocks
 
 
 def decode_keys(keys: torch.Tensor, top_k: int) -> tuple[torch.Tensor, torch.Tensor]:
@@ -440,30 +466,34 @@ def decode_keys(keys: torch.Tensor, top_k: int) -> tuple[torch.Tensor, torch.Ten
 @functools.cache
 def _log_one_pass(top_k: int) -> None:
     logging.getLogger("omnimem").info(
-        "gated selection: top_k=%d does not fit the two-pass kernels' candidate list; "
+        "gated selection: top_k=%d is above the two-pass kernels' %d-block steps; "
         "running the one-pass kernel (slower at long histories)",
         top_k,
+        _CHUNK_LANES,
     )
 
 
 def group_topk(
-    pooled_q: torch.Tensor, k_means: torch.Tensor, end: torch.Tensor, *, top_k: int, scale: float, **options
+    pooled_q: torch.Tensor,
+    k_means: torch.Tensor,
+    end: torch.Tensor,
+    *,
+    top_k: int,
+    scale: float,
+    one_pass: bool | None = None,
+    **options,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """``(block_idx [B, Hkv, G, top_k] int32, num_blocks [B, Hkv, G] int32)``, as
     ``select_groups_torch``: the same keys, up to the float32 rounding order of the scores.
 
     ``pooled_q [B, Hkv, G, D]`` and ``k_means [B, Hkv, NB, D]`` are float32; ``end`` is a 0-d
-    integer tensor (candidates are the blocks ``[0, end)``). The two-pass kernels when
-    ``top_k`` fits their candidate list, else the one-pass kernel; ``options`` go to the
-    chosen launcher.
+    integer tensor (candidates are the blocks ``[0, end)``). The two-pass kernels unless
+    ``top_k`` exceeds their step (or ``one_pass=True``); ``options`` go to the chosen launcher.
     """
-    candidate_buckets = options.pop("candidate_buckets", CANDIDATE_BUCKETS)
-    if triton.next_power_of_2(top_k) <= candidate_buckets * 16:
-        keys = two_pass_topk(
-            pooled_q, k_means, end, top_k=top_k, scale=scale, candidate_buckets=candidate_buckets, **options
-        )
-    else:
+    if one_pass is None:
+        one_pass = top_k > _CHUNK_LANES
+    if not one_pass:
+        return two_pass_topk(pooled_q, k_means, end, top_k=top_k, scale=scale, **options)
+    if top_k > _CHUNK_LANES:
         _log_one_pass(top_k)
-        options.pop("error_bound", None)
-        keys = stream_topk(pooled_q, k_means, end, top_k=top_k, scale=scale, **options)
-    return decode_keys(keys, top_k)
+    return stream_topk(pooled_q, k_means, end, top_k=top_k, scale=scale, **options)
