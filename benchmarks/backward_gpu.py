@@ -14,6 +14,9 @@ Two workloads, bf16 on the GPU, ``triton.testing.do_bench`` medians (L2 flushed)
 3. One layer's training step through ``OmniMemCache`` (attend with gradients, backward) at
    those histories: the compact copy of the attended blocks against a copy of the whole
    history, time and what autograd keeps for the backward.
+4. The same through ``GatedCache`` at the authors' shapes (``--parts gated-cache``): compact
+   keys (selected history blocks + the live region) against the stateless layer over a copy
+   of the whole history.
 
 Each gradient is first checked against float32 autograd over exactly the attended tokens.
 "Peak extra" is what a backward allocates beyond the three gradients it returns.
@@ -35,7 +38,15 @@ from torch.nn.attention import SDPBackend, sdpa_kernel
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from omnimem import GatedConfig, OmniMemCache, OmniMemConfig, gated_attention, select_blocks, sparse_attention
+from omnimem import (
+    GatedCache,
+    GatedConfig,
+    OmniMemCache,
+    OmniMemConfig,
+    gated_attention,
+    select_blocks,
+    sparse_attention,
+)
 from omnimem.backends import flex as flex_backend
 from omnimem.backends import triton as triton_backend
 from omnimem.backends.gated_branches import selected_attention_gather
@@ -260,19 +271,10 @@ def cache_step(frames: int) -> dict:
         out = sparse_attention(chunk[0], keys, values, history_len=history_len, config=config)
         torch.autograd.grad(out, chunk, d_out)
 
-    def kept(step_forward) -> float:
-        torch.cuda.synchronize()
-        base = torch.cuda.memory_allocated()
-        out = step_forward()
-        torch.cuda.synchronize()
-        held = (torch.cuda.memory_allocated() - base) / 2**20
-        del out
-        return held
-
     row = dict(frames=frames, history=history_len)
     row["compact_step_ms"], row["whole_step_ms"] = bench(compact), bench(whole)
-    row["compact_kept_mib"] = kept(lambda: cache.attend(*chunk))
-    row["whole_kept_mib"] = kept(
+    row["compact_kept_mib"] = kept_mib(lambda: cache.attend(*chunk))
+    row["whole_kept_mib"] = kept_mib(
         lambda: sparse_attention(
             chunk[0], torch.cat([cache.k[:, :, :history_len], chunk[1]], 2),
             torch.cat([cache.v[:, :, :history_len], chunk[2]], 2), history_len=history_len, config=config,
@@ -282,19 +284,74 @@ def cache_step(frames: int) -> dict:
     return row
 
 
+def kept_mib(step_forward) -> float:
+    """Memory a forward leaves allocated until its output is dropped (what autograd keeps)."""
+    torch.cuda.synchronize()
+    base = torch.cuda.memory_allocated()
+    out = step_forward()
+    torch.cuda.synchronize()
+    held = (torch.cuda.memory_allocated() - base) / 2**20
+    del out
+    return held
+
+
+def gated_cache_step(frames: int) -> dict:
+    """One training step of one gated layer through ``GatedCache`` at the authors' shapes
+    (attend with gradients in q, k, v and the gates, then backward) at ``frames`` of history,
+    beside the stateless layer over a copy of the whole history: time and what autograd keeps."""
+    history_len = frames * FRAME_TOKENS
+    q, k, v, d_out = inputs(history_len, seed=frames)
+    cache = GatedCache(
+        history_len + CHUNK, batch=1, num_kv_heads=HEADS, head_dim=HEAD_DIM, dtype=torch.bfloat16,
+        device="cuda", layout="bhld",
+    )  # fmt: skip
+    for start in range(0, history_len, CHUNK):
+        cache.write(k[:, :, start : start + CHUNK], v[:, :, start : start + CHUNK], start=start)
+    gates = torch.rand(*q.shape[:3], 3, device="cuda", dtype=torch.bfloat16)
+    chunk = leaves(q, k[:, :, history_len:], v[:, :, history_len:], gates)
+
+    def compact():
+        out = cache.attend(chunk[0], chunk[1], chunk[2], chunk[3], start=history_len)
+        torch.autograd.grad(out, chunk, d_out)
+
+    def whole_forward():
+        keys = torch.cat([cache.k[:, :, :history_len], chunk[1]], 2)
+        values = torch.cat([cache.v[:, :, :history_len], chunk[2]], 2)
+        return gated_attention(chunk[0], keys, values, chunk[3], history_len=history_len)
+
+    def whole():
+        torch.autograd.grad(whole_forward(), chunk, d_out)
+
+    with torch.no_grad():  # the same output both ways (compact keys: same tokens, same order)
+        got = cache.attend(chunk[0], chunk[1], chunk[2], chunk[3], start=history_len)
+        want = whole_forward()
+    row = dict(frames=frames, history=history_len)
+    row["max_abs_diff"] = (got.float() - want.float()).abs().max().item()
+    row["compact_step_ms"], row["whole_step_ms"] = bench(compact), bench(whole)
+    row["compact_kept_mib"] = kept_mib(lambda: cache.attend(*chunk[:3], chunk[3], start=history_len))
+    row["whole_kept_mib"] = kept_mib(whole_forward)
+    print(f"gated cache {row}", flush=True)
+    return row
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--histories", type=int, nargs="+", default=[24, 237], help="frames (sparse)")
     parser.add_argument("--gated-histories", type=int, nargs="+", default=[18, 60, 237], help="frames")
     parser.add_argument("--variants", action="store_true", help="sweep the backward kernels' tiles")
-    parser.add_argument("--parts", nargs="+", default=["sparse", "selected", "cache"])
+    parser.add_argument(
+        "--parts", nargs="+", default=["sparse", "selected", "cache", "gated-cache"],
+        choices=["sparse", "selected", "cache", "gated-cache"],
+    )  # fmt: skip
     parser.add_argument("--json", default=None)
     args = parser.parse_args()
     env = environment()
     print(env, flush=True)
-    sparse, selected, cache = [], [], []
+    sparse, selected, cache, gated_cache = [], [], [], []
     if "cache" in args.parts:
         cache = [cache_step(frames) for frames in args.histories]
+    if "gated-cache" in args.parts:
+        gated_cache = [gated_cache_step(frames) for frames in args.gated_histories]
     if "sparse" in args.parts:
         sparse = [sparse_shape(frames * FRAME_TOKENS, 32, args.variants) for frames in args.histories]
     if "selected" in args.parts:
@@ -329,8 +386,17 @@ def main() -> None:
             f"| {r['history']} | {r['compact_step_ms']:.3f} | {r['whole_step_ms']:.3f} | "
             f"{r['compact_kept_mib']:.0f} / {r['whole_kept_mib']:.0f} |"
         )
+    print("\none gated layer's training step through GatedCache (attend + backward), bf16")
+    print("| history | compact ms | whole-history copy ms | kept MiB: compact / whole | max diff |")
+    print("|---|---|---|---|---|")
+    for r in gated_cache:
+        print(
+            f"| {r['history']} | {r['compact_step_ms']:.3f} | {r['whole_step_ms']:.3f} | "
+            f"{r['compact_kept_mib']:.0f} / {r['whole_kept_mib']:.0f} | {r['max_abs_diff']:.1e} |"
+        )
     if args.json:
         results = dict(environment=env, sparse=sparse, selected=selected, cache=cache)
+        results["gated_cache"] = gated_cache
         Path(args.json).write_text(json.dumps(results, indent=1))
 
 

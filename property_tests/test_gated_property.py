@@ -8,12 +8,14 @@ import os
 
 import pytest
 import torch
-from hypothesis import assume, given
+from hypothesis import assume, given, settings
 from hypothesis import strategies as st
 
 from omnimem import gated_attention
 from tests.inputs import TEST_DEVICE, make_inputs
 from tests.reference_gated import reference_gated_attention
+
+from .conftest import examples
 
 # Relative Frobenius error bounds: float32 arithmetic, and 16-bit inputs and outputs.
 TOLERANCE = {torch.float32: 2e-5, torch.float16: 3e-3, torch.bfloat16: 1.5e-2}
@@ -72,3 +74,40 @@ def test_gated_matches_reference_16bit(backend, case):
     if backend == "triton" and os.environ.get("TRITON_INTERPRET") == "1" and shape["dtype"] == torch.bfloat16:
         shape["dtype"] = torch.float16  # Triton's CPU interpreter computes bf16 tl.dot wrongly
     check(shape, config, backend)
+
+
+@settings(max_examples=examples(30))
+@given(
+    groups=st.integers(1, 12),
+    num_slots=st.integers(1, 600),
+    end_fraction=st.floats(0.0, 1.0),
+    top_k=st.integers(1, 40),
+    options=st.sampled_from(
+        [
+            {},
+            {"bucket": 8},
+            {"bucket": 16, "chunk_lanes": 32},
+            {"chunk_lanes": 16},  # kept buckets take several steps
+            {"error_bound": 10.0, "chunk_lanes": 32},  # every bucket kept
+            {"one_pass": True},
+        ]
+    ),
+    corrupt=st.booleans(),
+    seed=st.integers(0, 2**16),
+)
+def test_group_topk_kernels_match_torch(groups, num_slots, end_fraction, top_k, options, corrupt, seed):
+    """The selection kernels (both passes, or the one-pass kernel) rank exactly as the torch
+    path on exact inputs (small integers: ties everywhere, every summation order agrees),
+    with candidates cut at any ``end`` and NaN block means that must never be picked."""
+    from omnimem.gated_selection import select_groups_torch
+    from omnimem.kernels.group_topk import group_topk
+    from tests.inputs import exact_queries_and_keys
+
+    gen = torch.Generator().manual_seed(seed)
+    pq, km = exact_queries_and_keys(1, 2, 2, groups, 1, 16, num_slots, gen)
+    if corrupt:
+        km[:, :, seed % num_slots] = float("nan")
+    end = torch.tensor(round(end_fraction * num_slots), device=TEST_DEVICE)
+    want = select_groups_torch(pq, km, end, top_k=top_k, scale=0.5)
+    got = group_topk(pq, km, end, top_k=top_k, scale=0.5, rows=16, block_n=16, **options)
+    assert torch.equal(got[0], want[0]) and torch.equal(got[1], want[1])
