@@ -22,9 +22,10 @@ import torch
 from omnimem.checks import check_attention_inputs, check_gates
 from omnimem.config import GatedConfig
 from omnimem.gated import gated_attention, resolve_gated_backend, run_branches, select_groups_for
-from omnimem.offload import check_device_memory
+from omnimem.gated_offload import GatedHostOffload
+from omnimem.offload import check_device_memory, check_host_memory
 from omnimem.pooling import PooledKV, accumulation_dtype, block_means
-from omnimem.selection import gather_block_union
+from omnimem.selection import gather_block_union, sorted_unique
 from omnimem.sizing import kv_cache_bytes
 
 Layout = Literal["bhld", "blhd"]
@@ -38,9 +39,15 @@ class GatedCache:
         batch: batch size; num_kv_heads: key/value heads; head_dim: head dimension.
         config: the layer's [`GatedConfig`][omnimem.GatedConfig] (default: the authors').
         dtype: dtype of the key/value buffers (the attention dtype).
-        device: where the buffers live.
+        device: where the buffers live (with ``offload``: where the layer computes).
         layout: ``"blhd"`` (``[B, L, H, D]``, the Wan/Self-Forcing cache layout, default) or
             ``"bhld"``; both are exposed as ``[B, H, L, D]`` views without copies.
+        offload: keep the full keys/values in (pinned) host memory; the device holds the block
+            means and the live region (window and chunk), and each call copies the history
+            blocks its groups selected over PCIe (``omnimem/gated_offload.py``). Same results
+            as resident, bit for bit.
+        max_chunk_tokens: the longest chunk a write may bring (needed with ``offload``: it
+            sizes the device's live region).
 
     Memory: ``2 * capacity * H * D`` elements for the keys/values, plus per block of
     ``block_size`` tokens one float32 mean key and one mean key and value in ``dtype``
@@ -70,13 +77,22 @@ class GatedCache:
         dtype: torch.dtype = torch.float32,
         device: torch.device | str = "cpu",
         layout: Layout = "blhd",
+        offload: bool = False,
+        max_chunk_tokens: int | None = None,
         **overrides: object,
     ) -> None:
+        if not isinstance(offload, bool):
+            raise TypeError(f"GatedCache offload must be a bool, got {type(offload).__name__}")
+        if offload and max_chunk_tokens is None:
+            raise ValueError(
+                "GatedCache(offload=True) needs max_chunk_tokens (the longest chunk a write brings)"
+            )
         for name, value in (
             ("capacity", capacity),
             ("batch", batch),
             ("num_kv_heads", num_kv_heads),
             ("head_dim", head_dim),
+            *((("max_chunk_tokens", max_chunk_tokens),) if max_chunk_tokens is not None else ()),
         ):
             if isinstance(value, bool) or not isinstance(value, int):
                 raise TypeError(f"GatedCache {name} must be an int, got {type(value).__name__}")
@@ -97,16 +113,20 @@ class GatedCache:
             if layout == "blhd"
             else (batch, num_kv_heads, capacity, head_dim)
         )
-        check_device_memory(
-            kv_cache_bytes(
-                capacity, num_kv_heads=num_kv_heads, head_dim=head_dim, batch=batch, dtype=dtype,
-                config=self.config,
-            ),
-            torch.device(device),
-        )  # fmt: skip
-        # Zeros, not empty: unwritten space is never read, but finite is the safe default.
-        self._k = torch.zeros(shape, dtype=dtype, device=device)
-        self._v = torch.zeros_like(self._k)
+        self.device, self.dtype = torch.device(device), dtype
+        self.max_chunk_tokens = max_chunk_tokens
+        sizes = dict(
+            num_kv_heads=num_kv_heads, head_dim=head_dim, batch=batch, dtype=dtype, config=self.config
+        )
+        if offload:
+            check_host_memory(kv_cache_bytes(capacity, **sizes) - kv_cache_bytes(0, **sizes))
+            self._k = GatedHostOffload.host_buffer(shape, dtype, self.device)
+            self._v = GatedHostOffload.host_buffer(shape, dtype, self.device)
+        else:
+            check_device_memory(kv_cache_bytes(capacity, **sizes), self.device)
+            # Zeros, not empty: unwritten space is never read, but finite is the safe default.
+            self._k = torch.zeros(shape, dtype=dtype, device=device)
+            self._v = torch.zeros_like(self._k)
         slots = math.ceil(capacity / self.config.block_size)
         pooled_shape = (batch, num_kv_heads, slots, head_dim)
         self.pooled = PooledKV(
@@ -117,17 +137,25 @@ class GatedCache:
         )
         self.end = 0  # tokens written: the next chunk starts here (or the last one is rewritten)
         self.last_start = 0
+        self._offload = GatedHostOffload(self, max_chunk_tokens) if offload else None
 
     def __repr__(self) -> str:
         b, h, _, d = self.k.shape
         return (
             f"GatedCache(capacity={self.capacity}, end={self.end}, B={b}, Hkv={h}, D={d}, "
-            f"dtype={self.k.dtype}, device={self.k.device}, layout={self.layout!r})"
+            f"dtype={self.dtype}, device={self.device}, layout={self.layout!r}"
+            f"{', offload=True' if self.offloaded else ''})"
         )
 
     @property
+    def offloaded(self) -> bool:
+        """Whether the full keys/values live in host memory (``offload=True``)."""
+        return self._offload is not None
+
+    @property
     def k(self) -> torch.Tensor:
-        """``[B, Hkv, capacity, D]`` view of the key buffer."""
+        """``[B, Hkv, capacity, D]`` view of the key buffer (in host memory when offloaded;
+        the last chunk reaches it when the next chunk is written)."""
         return self._k.transpose(1, 2) if self.layout == "blhd" else self._k
 
     @property
@@ -139,6 +167,8 @@ class GatedCache:
         """Forget everything (a new video, or a new prompt that re-caches from scratch)."""
         self.end = 0
         self.last_start = 0
+        if self._offload is not None:
+            self._offload.reset()
 
     def rewind(self, end: int) -> None:
         """Forget every position at or past ``end`` (``0 <= end <= self.end``): the next write
@@ -148,6 +178,8 @@ class GatedCache:
             raise TypeError(f"end must be a Python int, got {type(end).__name__}")
         if not 0 <= end <= self.end:
             raise ValueError(f"end must lie in [0, {self.end}] (what has been written), got {end}")
+        if self._offload is not None:
+            self._offload.rewind(self, end)
         self.end = self.last_start = end
 
     def _check_write(self, k: torch.Tensor, v: torch.Tensor, start: object) -> int:
@@ -162,9 +194,9 @@ class GatedCache:
                     f"{name} must be the chunk's [B, Hkv, L, D] = [{b}, {h}, L, {d}] "
                     f"(a [B, L, H, D] tensor passed as .transpose(1, 2)), got {tuple(x.shape)}"
                 )
-            if x.dtype != self.k.dtype or x.device != self.k.device:
+            if x.dtype != self.dtype or x.device != self.device:
                 raise TypeError(
-                    f"{name} must be {self.k.dtype} on {self.k.device} like the cache, "
+                    f"{name} must be {self.dtype} on {self.device} like the cache, "
                     f"got {x.dtype} on {x.device}"
                 )
         if v.shape != k.shape:
@@ -178,7 +210,18 @@ class GatedCache:
             raise ValueError(
                 f"the chunk [{start}, {start + k.shape[2]}) does not fit the cache's capacity {self.capacity}"
             )
+        if self._offload is not None and k.shape[2] > self.max_chunk_tokens:
+            raise ValueError(
+                f"k holds {k.shape[2]} tokens, more than the offloaded cache's max_chunk_tokens "
+                f"{self.max_chunk_tokens}"
+            )
         return start
+
+    def _live_start(self, start: int, seq_len: int) -> int:
+        """First position of the live region of a call over ``[0, seq_len)`` whose chunk starts
+        at ``start``: the window's (or the chunk's) first block."""
+        bs = self.config.block_size
+        return min(max(0, seq_len - self.config.window_tokens), start) // bs * bs
 
     def write(self, k: torch.Tensor, v: torch.Tensor, *, start: int) -> None:
         """Write a chunk's keys/values ``[B, Hkv, L, D]`` at ``start`` and refresh the block
@@ -188,12 +231,17 @@ class GatedCache:
 
     def _store(self, k: torch.Tensor, v: torch.Tensor, start: int) -> None:
         stop = start + k.shape[2]
-        # Values, never autograd graphs (a graph kept here would break the next backward).
-        self.k[:, :, start:stop].copy_(k.detach())
-        self.v[:, :, start:stop].copy_(v.detach())
         bs = self.config.block_size
         first = start // bs  # the block holding `start` may also hold earlier tokens
-        touched = (self.k[:, :, first * bs : stop], self.v[:, :, first * bs : stop])
+        # Values, never autograd graphs (a graph kept here would break the next backward).
+        if self._offload is None:
+            self.k[:, :, start:stop].copy_(k.detach())
+            self.v[:, :, start:stop].copy_(v.detach())
+            touched = (self.k[:, :, first * bs : stop], self.v[:, :, first * bs : stop])
+        else:  # into the device's live region (the host gets it when the next chunk starts)
+            self._offload.prepare(self, start, stop, self._live_start(start, stop))
+            self._offload.write(k, v, start)
+            touched = self._offload.rows(first * bs, stop)
         acc = accumulation_dtype(self.k.dtype)
         k_means = block_means(touched[0], stop - first * bs, bs)  # float32: what selection scores
         k_attn = (
@@ -206,19 +254,26 @@ class GatedCache:
         self.pooled.v_attn[:, :, first:last].copy_(v_means)
         self.last_start, self.end = start, stop
 
-    def _attend_differentiably(
-        self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, gates: torch.Tensor, start: int
+    def _attend_compact(
+        self,
+        q: torch.Tensor,
+        k: torch.Tensor,
+        v: torch.Tensor,
+        gates: torch.Tensor,
+        start: int,
+        differentiable: bool,
     ) -> torch.Tensor:
-        """``attend`` with gradients through the chunk (q, k, v, gates; through the block means
-        it touches, the compressed branch too), the history a constant.
+        """The layer over compact keys: the history blocks the groups selected (``U`` slots,
+        ascending) followed by the live region (from the window's or the chunk's first block
+        to the chunk's end), with the table renumbered into them. Same tokens, same order:
+        the stateless call's result.
 
-        What autograd keeps must not be the buffers (the next write changes them), and should
-        not be a copy of the whole history: the selection is made on the cache as usual, then
-        the layer runs on compact keys, the history blocks the groups selected (``U`` slots,
-        ascending) followed by the live region (from the window's or the chunk's first block to
-        the chunk's end, the chunk with its graph), with the table renumbered into them; the
-        compressed branch reads the cache's block means before the chunk's first block and the
-        chunk's blocks pooled afresh. Same tokens, same order: the stateless call's result.
+        Two users: an offloaded cache (its history is in host memory; the live region is on
+        the device), and training (``differentiable``: gradients through the chunk's q, k, v
+        and gates, and through the block means it touches for the compressed branch; what
+        autograd keeps must not be the buffers, which the next write changes, and should not
+        be a copy of the whole history). The compressed branch then reads the cache's block
+        means before the chunk's first block and the chunk's blocks pooled afresh.
         """
         config, bs = self.config, self.config.block_size
         backend = resolve_gated_backend(config, q.device, q.dtype)
@@ -226,8 +281,8 @@ class GatedCache:
         with torch.no_grad():
             selection = select_groups_for(q, self.pooled, seq_len, config, backend)
         first = start // bs  # the first block holding chunk tokens
-        live_first = min(max(0, seq_len - config.window_tokens), first * bs) // bs
-        live_start = live_first * bs
+        live_start = self._live_start(start, seq_len)
+        live_first = live_start // bs
         table = selection.block_idx.long()
         flat = table.flatten(2)
         in_history = (flat >= 0) & (flat < live_first)
@@ -237,20 +292,37 @@ class GatedCache:
             parts_k, parts_v = [], []
             if width:
                 none = live_first + 1
-                union, (k_rows, v_rows) = gather_block_union(
-                    flat, in_history, width=width, none=none, block_size=bs, buffers=(self.k, self.v)
-                )
+                if self._offload is None:
+                    union, (k_rows, v_rows) = gather_block_union(
+                        flat, in_history, width=width, none=none, block_size=bs, buffers=(self.k, self.v)
+                    )
+                else:
+                    union = sorted_unique(torch.where(in_history, flat, none), none=none)[..., :width]
+                    union = union.contiguous()
+                    k_rows, v_rows = self._offload.history_rows(self, union, none)
                 position = torch.searchsorted(union, torch.where(in_history, flat, none).contiguous())
                 renumbered = torch.where(in_history, position, renumbered)
                 parts_k, parts_v = [k_rows], [v_rows]
-        keys = torch.cat([*parts_k, self.k[:, :, live_start:start], k], 2)
-        values = torch.cat([*parts_v, self.v[:, :, live_start:start], v], 2)
-        acc = accumulation_dtype(self.k.dtype)
-        touched = seq_len - first * bs
-        k_live = block_means(torch.cat([self.k[:, :, first * bs : start], k], 2), touched, bs, dtype=acc)
-        v_live = block_means(torch.cat([self.v[:, :, first * bs : start], v], 2), touched, bs, dtype=acc)
-        k_means = torch.cat([self.pooled.k_attn[:, :, :first], k_live.to(self.k.dtype)], 2)
-        v_means = torch.cat([self.pooled.v_attn[:, :, :first], v_live.to(self.v.dtype)], 2)
+            if self._offload is None:
+                live_k, live_v = self.k[:, :, live_start:start], self.v[:, :, live_start:start]
+            else:
+                live_k, live_v = self._offload.rows(live_start, start)
+        if not differentiable:  # the chunk is in the buffers already (written by _store)
+            k, v = self._live_chunk(start, seq_len)
+        keys = torch.cat([*parts_k, live_k, k], 2)
+        values = torch.cat([*parts_v, live_v, v], 2)
+        if differentiable:
+            acc = accumulation_dtype(self.dtype)
+            touched = seq_len - first * bs
+            # The chunk's first block may start before it: those tokens end the live region.
+            before_k = keys[:, :, keys.shape[2] - touched : keys.shape[2] - k.shape[2]].detach()
+            before_v = values[:, :, values.shape[2] - touched : values.shape[2] - v.shape[2]].detach()
+            k_live = block_means(torch.cat([before_k, k], 2), touched, bs, dtype=acc)
+            v_live = block_means(torch.cat([before_v, v], 2), touched, bs, dtype=acc)
+            k_means = torch.cat([self.pooled.k_attn[:, :, :first], k_live.to(self.dtype)], 2)
+            v_means = torch.cat([self.pooled.v_attn[:, :, :first], v_live.to(self.dtype)], 2)
+        else:
+            k_means, v_means = self.pooled.k_attn, self.pooled.v_attn
         compact_len = keys.shape[2]
         compact = dataclasses.replace(
             selection,
@@ -260,8 +332,14 @@ class GatedCache:
         return run_branches(
             q, keys, values, gates, compact, seq_len=compact_len, k_means=k_means, v_means=v_means,
             num_blocks=math.ceil(seq_len / bs), config=config, backend=backend,
-            scale=config.scale or q.shape[-1] ** -0.5, wants_grad=True,
+            scale=config.scale or q.shape[-1] ** -0.5, wants_grad=differentiable,
         )  # fmt: skip
+
+    def _live_chunk(self, start: int, seq_len: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """The chunk as stored (``[start, seq_len)``), device views."""
+        if self._offload is None:
+            return self.k[:, :, start:seq_len], self.v[:, :, start:seq_len]
+        return self._offload.rows(start, seq_len)
 
     def attend(
         self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, gates: torch.Tensor, *, start: int
@@ -272,13 +350,19 @@ class GatedCache:
         Validation of ``q`` and ``gates`` happens before anything is written.
         """
         start = self._check_write(k, v, start)
-        check_attention_inputs(q, self.k, self.v, history_len=start, chunk_len=None)
+        # An offloaded cache's buffers are on the host: check q against a device stand-in.
+        buffer = self.k
+        if self._offload is not None:
+            buffer = torch.zeros((), dtype=self.dtype, device=self.device).expand(self.k.shape)
+        check_attention_inputs(q, buffer, buffer, history_len=start, chunk_len=None)
         if q.shape[2] != k.shape[2]:
             raise ValueError(f"q must hold the chunk's {k.shape[2]} queries (k's length), got {q.shape[2]}")
         check_gates(gates, q)
         self._store(k, v, start)
         if torch.is_grad_enabled() and any(t.requires_grad for t in (q, k, v, gates)):
-            return self._attend_differentiably(q, k, v, gates, start)
+            return self._attend_compact(q, k, v, gates, start, differentiable=True)
+        if self._offload is not None:
+            return self._attend_compact(q, k, v, gates, start, differentiable=False)
         return gated_attention(
             q, self.k, self.v, gates, history_len=start, config=self.config, pooled=self.pooled
         )

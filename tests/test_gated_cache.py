@@ -165,3 +165,95 @@ def test_training_runs_on_compact_keys_and_equals_the_stateless_layer(backend, r
     (want * d_out).sum().backward()
     for mine, reference in zip(ours, theirs, strict=True):
         torch.testing.assert_close(mine.grad, reference.grad, atol=1e-5, rtol=1e-4)
+
+
+OFFLOAD_RULES = [
+    dict(block_size=7, query_group_size=5, top_k=3, window_tokens=25),  # window over 2 chunks
+    dict(block_size=4, query_group_size=3, top_k=2, window_tokens=6, candidates="awe"),  # window < chunk
+]
+
+
+@pytest.mark.parametrize(
+    ("layout", "backend", "rules"),
+    [
+        ("blhd", "gather", OFFLOAD_RULES[0]),
+        ("bhld", "triton", OFFLOAD_RULES[0]),
+        ("blhd", "triton", OFFLOAD_RULES[1]),
+        ("bhld", "gather", OFFLOAD_RULES[1]),
+    ],
+    ids=["wide-window-gather", "wide-window-triton", "narrow-window-awe-triton", "narrow-window-awe-gather"],
+)
+def test_offloaded_cache_equals_the_resident_one(layout, backend, rules):
+    """The same rollout through an offloaded and a resident cache: the same bits, with
+    denoising rewrites, chunks of varying length (blocks straddle chunks), GQA, a rewind into
+    the previous chunk, one past the device's live region, and a reset."""
+    gen = torch.Generator().manual_seed(1)
+    shape = dict(batch=2, num_kv_heads=2, head_dim=16, layout=layout, device=TEST_DEVICE, backend=backend)
+    resident = GatedCache(120, **shape, **rules)
+    offloaded = GatedCache(120, **shape, offload=True, max_chunk_tokens=12, **rules)
+    assert offloaded.offloaded and "offload=True" in repr(offloaded) and not resident.offloaded
+
+    def chunk(start: int, length: int, passes: int = 2) -> None:
+        for _ in range(passes):
+            q = torch.randn(2, 4, length, 16, generator=gen).to(TEST_DEVICE)
+            k, v = (torch.randn(2, 2, length, 16, generator=gen).to(TEST_DEVICE) for _ in range(2))
+            gates = torch.rand(2, 4, length, 3, generator=gen).to(TEST_DEVICE)
+            want = resident.attend(q, k, v, gates, start=start)
+            got = offloaded.attend(q, k, v, gates, start=start)
+            assert torch.equal(got, want), (start, length)
+
+    start = 0
+    for length in (12, 9, 12, 12, 5, 12, 11):
+        chunk(start, length)
+        start += length
+    for cache in (resident, offloaded):
+        cache.rewind(start - 3)  # into the last chunk: what only the device held must survive
+    chunk(start - 3, 12)
+    for cache in (resident, offloaded):
+        cache.rewind(20)  # far before the device's live region: it comes back from the host
+    chunk(20, 12, passes=1)
+    chunk(32, 7)
+    # What became history is on the host, identical to the resident buffers.
+    assert torch.equal(offloaded.k[:, :, :32].cpu(), resident.k[:, :, :32].cpu())
+    assert torch.equal(offloaded.pooled.k, resident.pooled.k)
+    for cache in (resident, offloaded):
+        cache.reset()
+    chunk(0, 12)
+
+
+def test_offloaded_training_step_equals_the_resident_one():
+    """Gradients through an offloaded cache's chunk equal the resident cache's."""
+    rules = dict(block_size=6, query_group_size=4, top_k=2, window_tokens=12, backend="gather")
+    gen = torch.Generator().manual_seed(2)
+    caches = [
+        GatedCache(80, batch=1, num_kv_heads=2, head_dim=8, device=TEST_DEVICE, **rules),
+        GatedCache(80, batch=1, num_kv_heads=2, head_dim=8, device=TEST_DEVICE, offload=True,
+                   max_chunk_tokens=10, **rules),
+    ]  # fmt: skip
+    for start in range(0, 50, 10):
+        history = [torch.randn(1, 2, 10, 8, generator=gen).to(TEST_DEVICE) for _ in range(2)]
+        for cache in caches:
+            cache.write(*history, start=start)
+    inputs = [torch.randn(1, 2, 10, 8, generator=gen).to(TEST_DEVICE) for _ in range(3)]
+    gates = torch.rand(1, 2, 10, 3, generator=gen).to(TEST_DEVICE)
+    grads = []
+    for cache in caches:
+        leaves = [x.clone().requires_grad_() for x in (*inputs, gates)]
+        out = cache.attend(*leaves[:3], leaves[3], start=50)
+        grads.append(torch.autograd.grad(out.square().sum(), leaves))
+    for want, got in zip(*grads, strict=True):
+        assert torch.equal(got, want)
+
+
+def test_offload_validation():
+    with pytest.raises(ValueError, match="needs max_chunk_tokens"):
+        GatedCache(40, batch=1, num_kv_heads=1, head_dim=8, offload=True)
+    with pytest.raises(TypeError, match="offload must be a bool"):
+        GatedCache(40, batch=1, num_kv_heads=1, head_dim=8, offload=1, max_chunk_tokens=8)
+    with pytest.raises(ValueError, match="max_chunk_tokens must be positive"):
+        GatedCache(40, batch=1, num_kv_heads=1, head_dim=8, offload=True, max_chunk_tokens=0)
+    cache = GatedCache(40, batch=1, num_kv_heads=1, head_dim=8, offload=True, max_chunk_tokens=8, **RULES)
+    q = k = v = torch.randn(1, 1, 10, 8)
+    with pytest.raises(ValueError, match="more than the offloaded cache's max_chunk_tokens 8"):
+        cache.attend(q, k, v, torch.rand(1, 1, 10, 3), start=0)
+    assert cache.end == 0

@@ -1,0 +1,138 @@
+"""Host offload for ``GatedCache(offload=True)``: full keys/values in host memory, the live
+region and the block means on the device.
+
+What a gated layer call reads at full resolution is the **live region** (the window branch's
+last ``window_tokens`` positions, rounded down to a block, through the chunk: the same region
+the training path keeps) and, for the selected branch, the history blocks its query groups
+picked. So the device keeps:
+
+- the block means (``PooledKV``: selection and the compressed branch read only these);
+- the **tail**: one buffer holding the live region, re-based (a device-to-device copy) when a
+  new chunk moves the window;
+
+and each call copies the selected history blocks that lie before the live region out of the
+pinned host memory, read in place over PCIe by one Triton kernel
+(``omnimem.kernels.stage_blocks``), into a compact buffer in front of the live region, with
+the selection renumbered into it (``GatedCache._attend_compact``). A chunk reaches the host
+once, when the next chunk starts (its denoising rewrites stay on the device), on a side
+stream; host reads wait for it with an event. No host sync, static shapes per chunk length.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from omnimem.offload import SOURCE_HOST, SOURCE_NONE, host_zeros, stage_blocks_reference
+
+
+class GatedHostOffload:
+    """Device side of an offloaded ``GatedCache`` (see the module docstring)."""
+
+    def __init__(self, cache, max_chunk_tokens: int) -> None:
+        batch, heads, capacity, head_dim = cache.k.shape
+        bs = cache.config.block_size
+        # The live region spans at most max(window, chunk) tokens plus a partial block before.
+        self.capacity = min(capacity, max(cache.config.window_tokens, max_chunk_tokens) + bs)
+        self.device = cache.device
+        if cache.layout == "bhld":
+            shape = (batch, heads, self.capacity, head_dim)
+            self._k = torch.zeros(shape, dtype=cache.dtype, device=self.device)
+            self._v = torch.zeros_like(self._k)
+        else:
+            shape = (batch, self.capacity, heads, head_dim)
+            self._k = torch.zeros(shape, dtype=cache.dtype, device=self.device).transpose(1, 2)
+            self._v = torch.zeros(shape, dtype=cache.dtype, device=self.device).transpose(1, 2)
+        self.start = 0  # the tail holds positions [start, cache.end)
+        self.flushed = 0  # the host holds every position before this
+        self.copy_stream = torch.cuda.Stream(self.device) if self.device.type == "cuda" else None
+        self.copied: torch.cuda.Event | None = None
+
+    @staticmethod
+    def host_buffer(shape: tuple[int, ...], dtype: torch.dtype, device: torch.device) -> torch.Tensor:
+        """A zero host buffer, pinned and mapped for in-place device reads when ``device`` is a GPU."""
+        return host_zeros(shape, dtype, pin=device.type == "cuda")
+
+    def reset(self) -> None:
+        self.wait_for_copies()
+        self.start = self.flushed = 0
+
+    def rows(self, lo: int, hi: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """Device views of positions ``[lo, hi)``, which must lie in the tail."""
+        lo, hi = lo - self.start, hi - self.start
+        return self._k[:, :, lo:hi], self._v[:, :, lo:hi]
+
+    def wait_for_copies(self) -> None:
+        """Order the current stream after the last copy to the host (it reads the tail, and
+        host readers need it)."""
+        if self.copied is not None:
+            torch.cuda.current_stream(self.device).wait_event(self.copied)
+            self.copied = None
+
+    def flush(self, cache, end: int) -> None:
+        """Copy positions ``[flushed, end)`` from the tail to the host (a side stream on GPUs)."""
+        if end <= self.flushed:
+            self.flushed = min(self.flushed, end)
+            return
+        keys, values = self.rows(self.flushed, end)
+        if self.copy_stream is None:
+            cache.k[:, :, self.flushed : end].copy_(keys)
+            cache.v[:, :, self.flushed : end].copy_(values)
+        else:
+            self.wait_for_copies()
+            self.copy_stream.wait_stream(torch.cuda.current_stream(self.device))
+            with torch.cuda.stream(self.copy_stream):
+                cache.k[:, :, self.flushed : end].copy_(keys, non_blocking=True)
+                cache.v[:, :, self.flushed : end].copy_(values, non_blocking=True)
+                self.copied = torch.cuda.Event()
+                self.copied.record(self.copy_stream)
+        self.flushed = end
+
+    def prepare(self, cache, start: int, stop: int, live_start: int) -> None:
+        """Before writing ``[start, stop)``: the previous chunk to the host if this one is new,
+        and the tail re-based so that it holds ``[live_start, start)`` with room up to ``stop``."""
+        if start == cache.end:  # a new chunk: everything before it is final
+            self.flush(cache, start)
+        if self.start <= live_start and stop - self.start <= self.capacity:
+            return
+        self.wait_for_copies()  # the copy may still read the tail we are about to move
+        keep = start - live_start
+        if self.start <= live_start and start <= cache.end:  # in the tail: shift it down
+            keys, values = (x.clone() for x in self.rows(live_start, start))
+        else:  # after a rewind past the tail: from the host
+            keys, values = cache.k[:, :, live_start:start], cache.v[:, :, live_start:start]
+        self.start = live_start
+        self._k[:, :, :keep].copy_(keys, non_blocking=True)
+        self._v[:, :, :keep].copy_(values, non_blocking=True)
+
+    def write(self, k: torch.Tensor, v: torch.Tensor, start: int) -> None:
+        keys, values = self.rows(start, start + k.shape[2])
+        keys.copy_(k.detach())
+        values.copy_(v.detach())
+
+    def rewind(self, cache, end: int) -> None:
+        """Keep ``[0, end)``: what only the tail held there reaches the host first."""
+        self.flush(cache, min(end, cache.end))
+        self.flushed = min(self.flushed, end)
+
+    def history_rows(self, cache, union: torch.Tensor, none: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """The tokens of the ``union [B, H, W]`` blocks (``none``: an empty slot) from the
+        host: ``[B, H, W * block_size, D]`` each (empty slots unwritten on GPUs, zero on CPU)."""
+        bs = cache.config.block_size
+        batch, heads, width = union.shape
+        head_dim = cache.k.shape[-1]
+        shape = (batch, heads, width * bs, head_dim)
+        source = torch.where(union < none, SOURCE_HOST, SOURCE_NONE).int()
+        block = torch.where(union < none, union, 0).long()
+        if self.device.type == "cuda":
+            from omnimem.kernels.stage_blocks import stage_blocks
+
+            self.wait_for_copies()  # the kernel reads what the last flush copied
+            dst = (
+                torch.empty(shape, dtype=cache.dtype, device=self.device),
+                torch.empty(shape, dtype=cache.dtype, device=self.device),
+            )
+            stage_blocks(dst, dst, dst, (cache.k, cache.v), source, block, bs)
+        else:
+            dst = (torch.zeros(shape, dtype=cache.dtype), torch.zeros(shape, dtype=cache.dtype))
+            stage_blocks_reference(dst, dst, dst, (cache.k, cache.v), source, block, bs)
+        return dst
