@@ -10,7 +10,7 @@ means are the cache's own), then the chunk is timed (``triton.testing.do_bench``
 the peak GPU memory. Their figures: DESIGN.md section 8 (2.08 s per chunk at 237 frames, all
 resident, 84 GiB).
 
-    python benchmarks/gated_rollout_gpu.py [--frames 18 60 237] [--json out.json]
+    python benchmarks/gated_rollout_gpu.py [--frames 18 60 237] [--offload] [--json out.json]
     python benchmarks/gated_rollout_gpu.py --smoke   # tiny model on CPU: checks the script runs
 """
 
@@ -66,6 +66,9 @@ def main() -> None:
         "--frames", type=int, nargs="+", default=[18, 60, 237], help="history in latent frames"
     )
     parser.add_argument("--smoke", action="store_true", help="a tiny model on CPU")
+    parser.add_argument(
+        "--offload", action="store_true", help="GatedCache(offload=True): the history in host memory"
+    )
     parser.add_argument("--json", default=None)
     args = parser.parse_args()
     if args.smoke:
@@ -91,6 +94,8 @@ def main() -> None:
             dtype=dtype,
             device=device,
             config=blocks[i].self_attn.config,
+            offload=args.offload,
+            max_chunk_tokens=chunk,
         )
         for i in range(layers)
     ]
@@ -130,7 +135,7 @@ def main() -> None:
             ms, peak = (time.perf_counter() - begin) * 1e3, float("nan")
         for cache in caches:  # the timed chunk was written at `history`; drop it for the next point
             cache.rewind(history)
-        row = dict(frames=frames, history=history, ms_per_chunk=ms, peak_gib=peak)
+        row = dict(frames=frames, history=history, ms_per_chunk=ms, peak_gib=peak, offload=args.offload)
         print(json.dumps(row), flush=True)
         rows.append(row)
     print("\n| history frames | ms per chunk (4 passes + commit) | vs real time (750 ms) | peak GiB |")
