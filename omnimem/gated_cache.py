@@ -113,7 +113,8 @@ class GatedCache:
             if layout == "blhd"
             else (batch, num_kv_heads, capacity, head_dim)
         )
-        self.device, self.dtype = torch.device(device), dtype
+        # Where the layer computes, with its index ("cuda" -> "cuda:0"): inputs are compared to it.
+        self.device, self.dtype = torch.empty(0, device=device).device, dtype
         self.max_chunk_tokens = max_chunk_tokens
         sizes = dict(
             num_kv_heads=num_kv_heads, head_dim=head_dim, batch=batch, dtype=dtype, config=self.config
