@@ -121,6 +121,8 @@ class GatedCache:
         )
         if offload:
             check_host_memory(kv_cache_bytes(capacity, **sizes) - kv_cache_bytes(0, **sizes))
+            live = kv_cache_bytes(capacity, **sizes, offload=True, max_chunk_tokens=max_chunk_tokens)
+            check_device_memory(live, self.device)
             self._k = GatedHostOffload.host_buffer(shape, dtype, self.device)
             self._v = GatedHostOffload.host_buffer(shape, dtype, self.device)
         else:

@@ -29,7 +29,8 @@ def kv_cache_bytes(
     ``offload=True``, what an offloaded one keeps on the device instead: the sums and its
     staging buffers (the history itself is in host memory). With a
     ``GatedConfig``: ``GatedCache`` buffers of ``capacity`` tokens plus, per block, one float32
-    mean key and one mean key and value in ``dtype``.
+    mean key and one mean key and value in ``dtype``; with ``offload=True``, the block means
+    and the live region (``max(window_tokens, max_chunk_tokens) + block_size`` tokens).
 
     Example:
         >>> import torch
@@ -48,15 +49,18 @@ def kv_cache_bytes(
             raise TypeError(f"{name} must be a non-negative int, got {value!r}")
     if not isinstance(offload, bool):
         raise TypeError(f"offload must be a bool, got {type(offload).__name__}")
-    if offload and isinstance(config, GatedConfig):
-        raise ValueError("offload=True sizes an offloaded OmniMemCache; GatedCache has no offload")
     if not (isinstance(dtype, torch.dtype) and dtype.is_floating_point):
         raise TypeError(f"dtype must be a floating torch.dtype, got {dtype!r}")
     itemsize = torch.empty((), dtype=dtype).element_size()
     row = batch * num_kv_heads * head_dim  # elements of one token (or one block summary)
     if isinstance(config, GatedConfig):
         blocks = math.ceil(capacity / config.block_size)
-        per_layer = 2 * capacity * row * itemsize + blocks * row * (4 + 2 * itemsize)
+        means = blocks * row * (4 + 2 * itemsize)
+        if offload:  # the live region stays on the device (omnimem.gated_offload)
+            live = min(capacity, max(config.window_tokens, max_chunk_tokens) + config.block_size)
+            per_layer = 2 * live * row * itemsize + means
+        else:
+            per_layer = 2 * capacity * row * itemsize + means
     elif config is None or isinstance(config, OmniMemConfig):
         config = config or OmniMemConfig()
         length = capacity + max_chunk_tokens

@@ -50,7 +50,16 @@ def test_offloaded_sizes_match_the_device_allocations():
     held = cache.key_block_sums.nbytes + sum(t.untyped_storage().nbytes() for t in staged)
     sizes = dict(num_kv_heads=3, head_dim=8, batch=2, dtype=torch.float32, config=config, max_chunk_tokens=9)
     assert kv_cache_bytes(120, offload=True, **sizes) == held
-    with pytest.raises(ValueError, match="GatedCache has no offload"):
-        kv_cache_bytes(120, num_kv_heads=3, head_dim=8, config=GatedConfig(), offload=True)
+    gated = GatedConfig(block_size=6, window_tokens=20)
+    cache = GatedCache(
+        120, batch=2, num_kv_heads=3, head_dim=8, config=gated, offload=True, max_chunk_tokens=9
+    )
+    pooled, live = cache.pooled, cache._offload
+    held = sum(
+        x.untyped_storage().nbytes() for x in (pooled.k, pooled.k_attn, pooled.v_attn, live._k, live._v)
+    )
+    sizes.update(config=gated)
+    assert kv_cache_bytes(120, offload=True, **sizes) == held
+    assert cache.k.device.type == "cpu"  # the history is in host memory
     with pytest.raises(TypeError, match="offload must be a bool"):
         kv_cache_bytes(120, num_kv_heads=3, head_dim=8, offload=1)
