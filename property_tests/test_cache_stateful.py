@@ -192,16 +192,17 @@ class OmniMemCacheMachine(RuleBasedStateMachine):
 
 class GatedCacheMachine(RuleBasedStateMachine):
     """Position-addressed writes (new chunk, rewrite, refused positions, rewind, reset); every
-    attend equals the stateless layer over the model's keys/values."""
+    attend equals the stateless layer over the model's keys/values, and an offloaded cache
+    driven in lockstep gives the same bits."""
 
-    @initialize(seed=st.integers(0, 2**16))
-    def start(self, seed):
+    @initialize(seed=st.integers(0, 2**16), window=st.sampled_from([3, 10]))
+    def start(self, seed, window):
         self.gen = torch.Generator().manual_seed(seed)
-        rules = dict(block_size=4, query_group_size=3, top_k=2, window_tokens=10)
+        rules = dict(block_size=4, query_group_size=3, top_k=2, window_tokens=window)
         self.rules = rules
-        self.cache = GatedCache(
-            CAPACITY, batch=1, num_kv_heads=HEADS, head_dim=DIM, device=TEST_DEVICE, **rules
-        )
+        shape = dict(batch=1, num_kv_heads=HEADS, head_dim=DIM, device=TEST_DEVICE)
+        self.cache = GatedCache(CAPACITY, **shape, **rules)
+        self.offloaded = GatedCache(CAPACITY, **shape, offload=True, max_chunk_tokens=MAX_CHUNK, **rules)
         self.k = torch.zeros(1, HEADS, 0, DIM, device=TEST_DEVICE)
         self.v = torch.zeros_like(self.k)
         self.last_start = 0
@@ -210,6 +211,7 @@ class GatedCacheMachine(RuleBasedStateMachine):
         q, k, v = rand(self.gen, length), rand(self.gen, length), rand(self.gen, length)
         gates = torch.rand(1, HEADS, length, 3, generator=self.gen).to(TEST_DEVICE)
         got = self.cache.attend(q, k, v, gates, start=start)
+        assert torch.equal(self.offloaded.attend(q, k, v, gates, start=start), got)
         self.k = torch.cat([self.k[:, :, :start], k], 2)
         self.v = torch.cat([self.v[:, :, :start], v], 2)
         self.last_start = start
@@ -238,25 +240,42 @@ class GatedCacheMachine(RuleBasedStateMachine):
             self._attend(start, length)
             return
         q = k = v = rand(self.gen, length)
-        try:
-            self.cache.attend(q, k, v, torch.rand(1, HEADS, length, 3).to(TEST_DEVICE), start=start)
-        except ValueError:
-            pass
-        else:
-            raise AssertionError(f"a write at {start} (end {end}, last start {self.last_start}) was accepted")
+        for cache in (self.cache, self.offloaded):
+            try:
+                cache.attend(q, k, v, torch.rand(1, HEADS, length, 3).to(TEST_DEVICE), start=start)
+            except ValueError:
+                pass
+            else:
+                raise AssertionError(
+                    f"a write at {start} (end {end}, last start {self.last_start}) was accepted"
+                )
 
     @precondition(lambda self: hasattr(self, "cache"))
     @rule(data=st.data())
     def rewind(self, data):
         end = data.draw(st.integers(0, self.k.shape[2]))
         self.cache.rewind(end)
+        self.offloaded.rewind(end)
         self.k, self.v, self.last_start = self.k[:, :, :end], self.v[:, :, :end], end
+
+    @precondition(lambda self: hasattr(self, "cache"))
+    @rule()
+    def reset(self):
+        self.cache.reset()
+        self.offloaded.reset()
+        self.k, self.v, self.last_start = self.k[:, :, :0], self.v[:, :, :0], 0
 
     @precondition(lambda self: hasattr(self, "cache"))
     @invariant()
     def positions_match(self):
-        assert self.cache.end == self.k.shape[2]
+        assert self.cache.end == self.offloaded.end == self.k.shape[2]
         assert torch.equal(self.cache.k[:, :, : self.cache.end], self.k)
+        # The offloaded cache's host memory holds everything before the current chunk.
+        if TEST_DEVICE.type == "cuda":
+            torch.cuda.synchronize()
+        flushed = self.offloaded._offload.flushed
+        assert flushed >= self.last_start
+        assert torch.equal(self.offloaded.k[:, :, :flushed].to(self.k.device), self.k[:, :, :flushed])
 
 
 OmniMemCacheMachine.TestCase.settings = settings(max_examples=examples(50), stateful_step_count=15)
