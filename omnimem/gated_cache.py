@@ -113,8 +113,7 @@ class GatedCache:
             if layout == "blhd"
             else (batch, num_kv_heads, capacity, head_dim)
         )
-        # Where the layer computes, with its index ("cuda" -> "cuda:0"): inputs are compared to it.
-        self.device, self.dtype = torch.empty(0, device=device).device, dtype
+        self.device, self.dtype = torch.device(device), dtype
         self.max_chunk_tokens = max_chunk_tokens
         sizes = dict(
             num_kv_heads=num_kv_heads, head_dim=head_dim, batch=batch, dtype=dtype, config=self.config
@@ -138,6 +137,8 @@ class GatedCache:
             torch.zeros(pooled_shape, dtype=dtype, device=device),
             self.config.block_size,
         )
+        # Where the layer computes, with its index ("cuda" -> "cuda:0"): inputs are compared to it.
+        self.device = self.pooled.k.device
         self.end = 0  # tokens written: the next chunk starts here (or the last one is rewritten)
         self.last_start = 0
         self._offload = GatedHostOffload(self, max_chunk_tokens) if offload else None
