@@ -76,7 +76,7 @@ def test_gated_matches_reference_16bit(backend, case):
     check(shape, config, backend)
 
 
-@settings(max_examples=examples(30))
+@settings(max_examples=examples(20))
 @given(
     groups=st.integers(1, 12),
     num_slots=st.integers(1, 600),
