@@ -276,8 +276,9 @@ class GatedCache:
         the device), and training (``differentiable``: gradients through the chunk's q, k, v
         and gates, and through the block means it touches for the compressed branch; what
         autograd keeps must not be the buffers, which the next write changes, and should not
-        be a copy of the whole history). The compressed branch then reads the cache's block
-        means before the chunk's first block and the chunk's blocks pooled afresh.
+        be a copy of the whole history). When differentiable, the compressed branch reads the
+        cache's block means before the chunk's first block and the chunk's blocks pooled afresh
+        (so its gradient reaches the chunk's k and v); otherwise the cache's block means.
         """
         config, bs = self.config, self.config.block_size
         backend = resolve_gated_backend(config, q.device, q.dtype)
