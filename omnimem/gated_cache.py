@@ -25,7 +25,7 @@ from omnimem.gated import gated_attention, resolve_gated_backend, run_branches, 
 from omnimem.gated_offload import GatedHostOffload
 from omnimem.offload import check_device_memory, check_host_memory
 from omnimem.pooling import PooledKV, accumulation_dtype, block_means
-from omnimem.selection import gather_block_union, sorted_unique
+from omnimem.selection import block_union, gather_block_union
 from omnimem.sizing import kv_cache_bytes
 
 Layout = Literal["bhld", "blhd"]
@@ -302,8 +302,7 @@ class GatedCache:
                         flat, in_history, width=width, none=none, block_size=bs, buffers=(self.k, self.v)
                     )
                 else:
-                    union = sorted_unique(torch.where(in_history, flat, none), none=none)[..., :width]
-                    union = union.contiguous()
+                    union = block_union(flat, in_history, width=width, none=none)
                     k_rows, v_rows = self._offload.history_rows(self, union, none)
                 position = torch.searchsorted(union, torch.where(in_history, flat, none).contiguous())
                 renumbered = torch.where(in_history, position, renumbered)
@@ -356,9 +355,7 @@ class GatedCache:
         """
         start = self._check_write(k, v, start)
         # An offloaded cache's buffers are on the host: check q against a device stand-in.
-        buffer = self.k
-        if self._offload is not None:
-            buffer = torch.zeros((), dtype=self.dtype, device=self.device).expand(self.k.shape)
+        buffer = self.k if self._offload is None else self._offload.stand_in
         check_attention_inputs(q, buffer, buffer, history_len=start, chunk_len=None)
         if q.shape[2] != k.shape[2]:
             raise ValueError(f"q must hold the chunk's {k.shape[2]} queries (k's length), got {q.shape[2]}")

@@ -22,7 +22,7 @@ from __future__ import annotations
 
 import torch
 
-from omnimem.offload import SOURCE_HOST, SOURCE_NONE, host_zeros, stage_blocks_reference
+from omnimem.offload import SOURCE_HOST, SOURCE_NONE, host_zeros, stage
 
 
 class GatedHostOffload:
@@ -42,6 +42,8 @@ class GatedHostOffload:
             shape = (batch, self.capacity, heads, head_dim)
             self._k = torch.zeros(shape, dtype=cache.dtype, device=self.device).transpose(1, 2)
             self._v = torch.zeros(shape, dtype=cache.dtype, device=self.device).transpose(1, 2)
+        # What input checks compare q with in place of the host buffers (no memory, made once).
+        self.stand_in = torch.zeros((), dtype=cache.dtype, device=self.device).expand(cache.k.shape)
         self.start = 0  # the tail holds positions [start, cache.end)
         self.flushed = 0  # the host holds every position before this
         self.copy_stream = torch.cuda.Stream(self.device) if self.device.type == "cuda" else None
@@ -116,23 +118,13 @@ class GatedHostOffload:
 
     def history_rows(self, cache, union: torch.Tensor, none: int) -> tuple[torch.Tensor, torch.Tensor]:
         """The tokens of the ``union [B, H, W]`` blocks (``none``: an empty slot) from the
-        host: ``[B, H, W * block_size, D]`` each (empty slots unwritten on GPUs, zero on CPU)."""
+        host: ``[B, H, W * block_size, D]`` each (empty slots are never written nor read)."""
         bs = cache.config.block_size
         batch, heads, width = union.shape
-        head_dim = cache.k.shape[-1]
-        shape = (batch, heads, width * bs, head_dim)
+        shape = (batch, heads, width * bs, cache.k.shape[-1])
         source = torch.where(union < none, SOURCE_HOST, SOURCE_NONE).int()
         block = torch.where(union < none, union, 0).long()
-        if self.device.type == "cuda":
-            from omnimem.kernels.stage_blocks import stage_blocks
-
-            self.wait_for_copies()  # the kernel reads what the last flush copied
-            dst = (
-                torch.empty(shape, dtype=cache.dtype, device=self.device),
-                torch.empty(shape, dtype=cache.dtype, device=self.device),
-            )
-            stage_blocks(dst, dst, dst, (cache.k, cache.v), source, block, bs)
-        else:
-            dst = (torch.zeros(shape, dtype=cache.dtype), torch.zeros(shape, dtype=cache.dtype))
-            stage_blocks_reference(dst, dst, dst, (cache.k, cache.v), source, block, bs)
+        self.wait_for_copies()  # the copy reads what the last flush sent to the host
+        dst = tuple(torch.empty(shape, dtype=cache.dtype, device=self.device) for _ in range(2))
+        stage(dst, dst, dst, (cache.k, cache.v), source, block, bs)  # only host sources
         return dst

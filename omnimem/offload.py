@@ -118,7 +118,8 @@ def stage_blocks_reference(
             staged.copy_(torch.where(slot_source == code, gathered, staged))
 
 
-def _stage(dst, previous, fresh, host, source, source_block, block_size) -> None:
+def stage(dst, previous, fresh, host, source, source_block, block_size) -> None:
+    """``stage_blocks`` on GPUs (host sources read in place), its plain-torch twin on CPU."""
     if dst[0].device.type == "cuda":
         from omnimem.kernels.stage_blocks import stage_blocks
 
@@ -306,7 +307,7 @@ class HostOffload:
         staged, source, source_block, remapped, counts = plan(
             selection.kv_block_idx, self.staged_block, self.bounds, self.num_staged, self.num_blocks
         )
-        _stage(dst, previous, self.fresh, (cache.k, cache.v), source, source_block, bs)
+        stage(dst, previous, self.fresh, (cache.k, cache.v), source, source_block, bs)
         self.staged_block, self.current = staged, 1 - self.current
         self.counters += counts
         remapped_selection = dataclasses.replace(

@@ -426,15 +426,20 @@ def triton_selection_from_sums(
 _RANK_SORT_MAX_WIDTH = 256  # [.., width, width] comparisons stay small
 
 
+def block_union(blocks: torch.Tensor, member: torch.Tensor, *, width: int, none: int) -> torch.Tensor:
+    """The distinct ``blocks [B, H, N]`` where ``member``, ascending in ``width`` slots per
+    ``(b, h)``: ``union [B, H, width]``, ``none`` in unused slots (``none`` exceeds every
+    block). ``torch.searchsorted(union, block)`` gives a member block's slot."""
+    return sorted_unique(torch.where(member, blocks, none), none=none)[..., :width].contiguous()
+
+
 def gather_block_union(
     blocks: torch.Tensor, member: torch.Tensor, *, width: int, none: int, block_size: int, buffers
 ) -> tuple[torch.Tensor, list[torch.Tensor]]:
-    """The distinct ``blocks [B, H, N]`` where ``member``, ascending in ``width`` slots per
-    ``(b, h)`` (``union [B, H, width]``, ``none`` in unused slots; ``none`` exceeds every block),
-    and their tokens copied out of each of ``buffers`` ``[B, H, L, D]`` into ``[B, H, width *
-    block_size, D]`` (zeros in unused slots). ``torch.searchsorted(union, block)`` gives a
-    member block's slot. The caches train on such compact copies."""
-    union = sorted_unique(torch.where(member, blocks, none), none=none)[..., :width].contiguous()
+    """``block_union``, and the union's tokens copied out of each of ``buffers`` ``[B, H, L,
+    D]`` into ``[B, H, width * block_size, D]`` (zeros in unused slots). The caches train on
+    such compact copies."""
+    union = block_union(blocks, member, width=width, none=none)
     tokens = union[..., None] * block_size + torch.arange(block_size, device=blocks.device)
     valid = (union < none)[..., None].expand_as(tokens).flatten(2)
     index = torch.where(valid, tokens.flatten(2), 0)[..., None]

@@ -182,10 +182,18 @@ OFFLOAD_RULES = [
     ],
     ids=["wide-window-gather", "wide-window-triton", "narrow-window-awe-gather"],
 )
-def test_offloaded_cache_equals_the_resident_one(layout, backend, rules):
+def test_offloaded_cache_equals_the_resident_one(layout, backend, rules, monkeypatch):
     """The same rollout through an offloaded and a resident cache: the same bits, with
     denoising rewrites, chunks of varying length (blocks straddle chunks), GQA, a rewind into
-    the previous chunk, one past the device's live region, and a reset."""
+    the previous chunk, one past the device's live region, and a reset. Every buffer made
+    with ``torch.empty`` starts as NaN (the staging's unused slots among them): none leaks."""
+    original = torch.empty
+
+    def poisoned(*args, **kwargs):
+        buffer = original(*args, **kwargs)
+        return buffer.fill_(float("nan") if buffer.is_floating_point() else -123456789)
+
+    monkeypatch.setattr(torch, "empty", poisoned)
     gen = torch.Generator().manual_seed(1)
     shape = dict(batch=2, num_kv_heads=2, head_dim=16, layout=layout, device=TEST_DEVICE, backend=backend)
     resident = GatedCache(120, **shape, **rules)
