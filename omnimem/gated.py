@@ -119,7 +119,17 @@ def select_groups_for(
         precision=config.pool_precision,
         scale=config.scale or q.shape[-1] ** -0.5,
         use_kernel=backend == "triton",
+        approx_keys=_approx_keys(pooled, q),
     )
+
+
+def _approx_keys(pooled: PooledKV, q: torch.Tensor) -> torch.Tensor | None:
+    """The selection kernel's first pass reads a bfloat16 model's block means (``k_attn``,
+    rounded to nearest from the float32 means): half the bytes at the bfloat16 tensor-core
+    rate, the same result (its error bound covers the rounding). CUDA only: Triton's CPU
+    interpreter computes bfloat16 dots wrongly."""
+    usable = pooled.k_attn_rounded and pooled.k_attn.dtype == torch.bfloat16
+    return pooled.k_attn if usable and q.is_cuda else None
 
 
 def select_group_blocks(

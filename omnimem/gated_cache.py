@@ -136,6 +136,7 @@ class GatedCache:
             torch.zeros(pooled_shape, dtype=dtype, device=device),
             torch.zeros(pooled_shape, dtype=dtype, device=device),
             self.config.block_size,
+            k_attn_rounded=True,  # update() casts the float32 means into k_attn
         )
         # Where the layer computes, with its index ("cuda" -> "cuda:0"): inputs are compared to it.
         self.device = self.pooled.k.device

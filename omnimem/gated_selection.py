@@ -126,6 +126,7 @@ def select_groups(
     precision: str,
     scale: float,
     use_kernel: bool,
+    approx_keys: torch.Tensor | None = None,
 ) -> GroupSelection:
     """Fine-grained selection for validated inputs (public: ``omnimem.select_group_blocks``).
 
@@ -133,6 +134,8 @@ def select_groups(
         q: ``[B, Hq, Lq, D]`` chunk queries; k_means: ``[B, Hkv, NB, D]`` float32 block means.
         seq_len: 0-d int64 tensor on q's device (history + chunk tokens).
         use_kernel: score and rank in the Triton kernel (CUDA, or CPU under the interpreter).
+        approx_keys: the block means rounded to nearest bfloat16 (a bfloat16 model's
+            ``k_attn``), for the kernel's approximate first pass on CUDA; the result is the same.
     """
     group_size = min(query_group_size, q.shape[2])
     keys = selection_keys(k_means, precision, q.dtype)
@@ -144,7 +147,9 @@ def select_groups(
             q, seq_len, query_group_size=group_size, num_kv_heads=k_means.shape[1], precision=precision,
             block_size=block_size, top_k=top_k, window_tokens=window_tokens, candidates=candidates,
         )  # fmt: skip
-        block_idx, num_blocks = group_topk(pooled_q, keys, end, top_k=top_k, scale=scale)
+        block_idx, num_blocks = group_topk(
+            pooled_q, keys, end, top_k=top_k, scale=scale, approx_keys=approx_keys
+        )
     else:
         pooled_q = group_queries(q, group_size, k_means.shape[1], precision)
         end = candidate_end(

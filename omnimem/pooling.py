@@ -26,6 +26,9 @@ class PooledKV:
         k_attn: the mean keys in the attention dtype (the compressed branch attends these).
         v_attn: the mean values in the attention dtype.
         block_size: tokens per block.
+        k_attn_rounded: ``k_attn`` is ``k`` rounded to nearest in its dtype (``pool_kv`` and
+            the caches guarantee it). Then a bfloat16 ``k_attn`` serves the selection kernel's
+            approximate first pass, whose error bound assumes exactly that rounding.
 
     Keeping the attention-dtype copies beside the float32 keys (a cache updates all three)
     spares every layer call two casts of the whole pooled history.
@@ -45,6 +48,7 @@ class PooledKV:
     k_attn: torch.Tensor
     v_attn: torch.Tensor
     block_size: int
+    k_attn_rounded: bool = False
 
     def __repr__(self) -> str:
         b, h, n, d = self.k.shape
@@ -58,7 +62,9 @@ class PooledKV:
         return self.k.shape[2]
 
     def to(self, device: torch.device | str) -> PooledKV:
-        return PooledKV(self.k.to(device), self.k_attn.to(device), self.v_attn.to(device), self.block_size)
+        return dataclasses.replace(
+            self, k=self.k.to(device), k_attn=self.k_attn.to(device), v_attn=self.v_attn.to(device)
+        )
 
 
 def accumulation_dtype(dtype: torch.dtype) -> torch.dtype:
@@ -121,4 +127,6 @@ def pool_kv(
     k_means = block_means(k, seq_len, block_size, num_slots)  # float32: what selection scores
     k_attn = k_means if acc == torch.float32 else block_means(k, seq_len, block_size, num_slots, acc)
     v_means = block_means(v, seq_len, block_size, num_slots, acc)
-    return PooledKV(k_means, k_attn.to(k.dtype), v_means.to(v.dtype), block_size)
+    return PooledKV(
+        k_means, k_attn.to(k.dtype), v_means.to(v.dtype), block_size, k_attn_rounded=acc == torch.float32
+    )

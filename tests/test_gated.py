@@ -293,6 +293,54 @@ def test_blocks_with_nan_means_are_no_candidates_in_kernels_and_torch(num_slots,
     )
 
 
+@pytest.mark.skipif(TEST_DEVICE.type != "cuda", reason="bfloat16 dots are wrong in Triton's CPU interpreter")
+def test_bfloat16_first_pass_selects_as_torch():
+    """Pass 1 on bfloat16 means (``approx_keys``): wherever the float64 scores separate the
+    16th and 17th block by more than float32 rounding, the selection equals the torch path's,
+    with pairs of blocks closer than bfloat16 can tell apart and NaN means among them."""
+    from omnimem.kernels.group_topk import group_topk
+
+    gen = torch.Generator(device=TEST_DEVICE).manual_seed(0)
+    pq = torch.randn(1, 3, 60, 64, device=TEST_DEVICE, generator=gen)
+    km = torch.randn(1, 3, 3000, 64, device=TEST_DEVICE, generator=gen)
+    km[:, :, 1::2] = km[:, :, ::2] * (1 + 1e-3 * torch.rand(1, 3, 1500, 1, device=TEST_DEVICE, generator=gen))
+    km[:, :, 5] = float("nan")
+    end = torch.tensor(2950, device=TEST_DEVICE)
+    want = select_groups_torch(pq, km, end, top_k=16, scale=0.125)
+    got = group_topk(pq, km, end, top_k=16, scale=0.125, approx_keys=km.to(torch.bfloat16))
+    scores = torch.einsum("bhgd,bhjd->bhgj", pq.double(), km[:, :, :2950].double()).nan_to_num(-1e30)
+    top = scores.topk(17, dim=-1).values
+    clear = (top[..., 15] - top[..., 16]) > 1e-4
+    assert clear.float().mean() > 0.9
+    assert torch.equal(got[0][clear], want[0][clear]) and torch.equal(got[1], want[1])
+
+
+def test_bfloat16_first_pass_needs_rounded_means_on_cuda():
+    """``approx_keys`` must be CUDA bfloat16 of the means' shape; the layer passes a pooled
+    ``k_attn`` only when it is the rounded means (``pool_kv``, the caches), on CUDA."""
+    from omnimem.gated import _approx_keys
+    from omnimem.kernels.group_topk import two_pass_topk
+
+    pq, km = torch.randn(1, 1, 2, 16), torch.randn(1, 1, 40, 16)
+    with pytest.raises(ValueError, match="approx_keys must be a CUDA bfloat16"):
+        two_pass_topk(pq, km, torch.tensor(40), top_k=4, scale=1.0, approx_keys=km.to(torch.bfloat16))
+    k = torch.randn(1, 2, 90, 16, dtype=torch.bfloat16)
+    pooled = pool_kv(k, k, seq_len=90, block_size=30)
+    assert pooled.k_attn_rounded and pooled.to("cpu").k_attn_rounded
+    assert torch.equal(pooled.k_attn, pooled.k.to(torch.bfloat16))
+    q = torch.randn(1, 2, 30, 16, dtype=torch.bfloat16)
+    assert _approx_keys(pooled, q) is None  # CPU
+    from omnimem import GatedCache
+
+    cache = GatedCache(60, batch=1, num_kv_heads=2, head_dim=16, dtype=torch.bfloat16)
+    assert cache.pooled.k_attn_rounded
+    hand_built = PooledKV(pooled.k, pooled.k_attn, pooled.v_attn, 30)
+    assert not hand_built.k_attn_rounded
+    if torch.cuda.is_available():
+        assert _approx_keys(pooled.to("cuda"), q.cuda()) is not None
+        assert _approx_keys(hand_built.to("cuda"), q.cuda()) is None
+
+
 @pytest.mark.skipif(TEST_DEVICE.type != "cuda", reason="the side stream exists on CUDA only")
 def test_selection_beside_the_dense_branches_changes_nothing(monkeypatch):
     """On CUDA the triton backend selects on a side stream while the dense branches run: the

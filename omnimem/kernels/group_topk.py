@@ -3,12 +3,14 @@
 
 Two passes (``two_pass_topk``), exact whatever the data:
 
-1. ``_bucket_max_kernel``: tensor-core (tf32) scores of ``ROWS`` query groups against tiles of
-   block means, reduced to the maximum of every ``BUCKET`` consecutive blocks (4 at the
-   authors' 369,720-token history), and each split's largest block-mean norm.
+1. ``_bucket_max_kernel``: tensor-core scores of ``ROWS`` query groups against tiles of
+   block means (tf32, or bfloat16 on a bfloat16 copy of the means: ``approx_keys``), reduced
+   to the maximum of every ``BUCKET`` consecutive blocks (4 at the authors' 369,720-token
+   history), and each split's largest block-mean norm.
 2. ``_refine_kernel``, one query group per program: a level that ``top_k`` bucket maxima
-   reach (bisection), lowered by the tf32 error bound; only the few buckets above it (about
-   20 of 3,120 on random keys) can hold a top-k block. Their blocks are scored exactly in
+   reach (bisection over the maxima of disjoint groups of buckets), lowered by pass 1's
+   error bound; only the few buckets above it (about 20 of 3,120 on random keys, 25 after
+   bfloat16 scores) can hold a top-k block. Their blocks are scored exactly in
    float32 and ranked by the torch path's int64 key (score, then the lower block index on
    ties), 128 blocks per step; near-ties only add steps. The block indices are
    written.
@@ -68,6 +70,21 @@ def _key_block(key, INDEX_BITS: tl.constexpr):
     """The block index packed in ``key`` (int32; ``-1`` for the empty key 0)."""
     index_mask = (1 << INDEX_BITS) - 1
     return tl.where(key > 0, index_mask - (key & index_mask), -1).to(tl.int32)
+
+
+@triton.jit
+def _level(values, ok, LEVEL_STEPS: tl.constexpr, TOP_K: tl.constexpr):
+    """A level that at least ``TOP_K`` of ``values[ok]`` reach, by bisection between their
+    smallest and largest (0 when none is ok)."""
+    any_ok = tl.max(ok.to(tl.int32), 0) > 0
+    low = tl.where(any_ok, tl.min(tl.where(ok, values, float("inf")), 0), 0.0)
+    high = tl.where(any_ok, tl.max(tl.where(ok, values, float("-inf")), 0), 0.0)
+    for _ in tl.static_range(LEVEL_STEPS):
+        mid = low + (high - low) * 0.5
+        enough = tl.sum((ok & (values >= mid)).to(tl.int32), 0) >= TOP_K
+        low = tl.where(enough, mid, low)
+        high = tl.where(enough, high, mid)
+    return low
 
 
 @triton.jit
@@ -171,6 +188,8 @@ def _bucket_max_kernel(
     out_rows = bmax_ptr + (batch_head.to(tl.int64) * num_groups + rows[:, None]) * num_buckets
     if tl.program_id(2) == 0:
         tl.store(counts_ptr + batch_head.to(tl.int64) * num_groups + rows, 0, mask=row_ok)
+    if km_ptr.dtype.element_ty != tl.float32:  # 16-bit means: the queries round to them too
+        q = q.to(km_ptr.dtype.element_ty)
     norms = tl.zeros([BLOCK_N], tl.float32)
     for start in range(lo, hi, BLOCK_N):
         block = start + tl.arange(0, BLOCK_N)
@@ -183,6 +202,7 @@ def _bucket_max_kernel(
         bucket_max = tl.max(tl.reshape(score, [ROWS, BLOCK_N // BUCKET, BUCKET]), 2)
         bucket = start // BUCKET + tl.arange(0, BLOCK_N // BUCKET)
         tl.store(out_rows + bucket[None, :], bucket_max, mask=row_ok[:, None])
+        keys = keys.to(tl.float32)
         squares = tl.sum(keys * keys, 1)
         norms = tl.maximum(norms, tl.where(squares == squares, squares, 0.0))
     if tl.program_id(0) == 0:
@@ -198,7 +218,7 @@ def _refine_kernel(
     BUCKETS_PAD: tl.constexpr, SPLITS_PAD: tl.constexpr, BUCKET: tl.constexpr,
     CHUNK_BUCKETS: tl.constexpr, D_CHUNK: tl.constexpr, HEAD_DIM: tl.constexpr, D_PAD: tl.constexpr,
     K_PAD: tl.constexpr, TOP_K: tl.constexpr, INDEX_BITS: tl.constexpr, TIER_SHIFT: tl.constexpr,
-    LEVEL_STEPS: tl.constexpr,
+    LEVEL_STEPS: tl.constexpr, GROUPS: tl.constexpr, VEC: tl.constexpr,
 ):  # fmt: skip
     """Pass 2, one query group: the threshold under which no top-k block can lie, the buckets
     above it, exact float32 scores of their blocks ``CHUNK_BUCKETS`` buckets at a time, and
@@ -215,20 +235,24 @@ def _refine_kernel(
     end = tl.load(end_ptr).to(tl.int32)
 
     # A level that at least TOP_K bucket maxima reach (so at most the TOP_K-th largest), by
-    # bisection between the row's smallest and largest maximum. Buckets at -inf (only NaN
-    # means) hold no candidate; with fewer than TOP_K other buckets every one is kept.
+    # bisection. Buckets at -inf (only NaN means) hold no candidate; with fewer than TOP_K
+    # other buckets every one is kept. The maxima of GROUPS disjoint groups of buckets (a
+    # thread's own, in the load's layout) are distinct blocks' scores too, so when TOP_K of
+    # them are finite the bisection runs over them alone: a slightly lower level, far fewer
+    # operations.
     bucket = tl.arange(0, BUCKETS_PAD)
     valid = bucket < (end + BUCKET - 1) // BUCKET
     bmax = tl.load(bmax_ptr + row_id * num_buckets + bucket, mask=valid, other=float("-inf"))
     finite = valid & (bmax > float("-inf"))
-    num_finite = tl.sum(finite.to(tl.int32), 0)
-    low = tl.where(num_finite > 0, tl.min(tl.where(finite, bmax, float("inf")), 0), 0.0)
-    high = tl.where(num_finite > 0, tl.max(tl.where(finite, bmax, float("-inf")), 0), 0.0)
-    for _ in tl.static_range(LEVEL_STEPS):
-        mid = low + (high - low) * 0.5
-        enough = tl.sum((finite & (bmax >= mid)).to(tl.int32), 0) >= TOP_K
-        low = tl.where(enough, mid, low)
-        high = tl.where(enough, high, mid)
+    marked = tl.where(finite, bmax, float("-inf"))
+    group_max = tl.max(tl.max(tl.reshape(marked, [BUCKETS_PAD // (GROUPS * VEC), GROUPS, VEC]), 2), 0)
+    group_finite = group_max > float("-inf")
+    if tl.sum(group_finite.to(tl.int32), 0) >= TOP_K:
+        num_finite = TOP_K
+        low = _level(group_max, group_finite, LEVEL_STEPS, TOP_K)
+    else:
+        num_finite = tl.sum(finite.to(tl.int32), 0)
+        low = _level(bmax, finite, LEVEL_STEPS, TOP_K)
     # Every top-k block's exact score is within 2 * eps of a kept bucket's approximate max:
     # eps bounds |approximate - exact| (Cauchy-Schwarz on the rounding of each product).
     split = tl.arange(0, SPLITS_PAD)
@@ -303,6 +327,9 @@ def plan(
 # rounded: 2**-10 each) and float32 sums of both passes; exact float32 dots (the interpreter)
 # only leave the sums.
 _ERROR_BOUND = {"tf32": 2.5e-3, "ieee": 1.0e-4}
+# Pass 1 on bfloat16 block means (``approx_keys``, rounded to nearest from the float32 means)
+# with the queries rounded the same way: 2**-9 per operand, plus the float32 sums.
+_BF16_ERROR_BOUND = 4.5e-3
 # Pass 2 holds a row's bucket maxima in registers, and pass 1 writes them: at most this many
 # per row (at most 59 MiB of maxima for the authors' 3,744 groups). Measured on an H200 at
 # 369,720 / 1,872,000 tokens: 4,096 (buckets of 4 / 16 blocks) beat 2,048 (8 / 32 blocks).
@@ -376,6 +403,7 @@ def bucket_maxima(
     precision: str,
     num_warps: int,
     per_sm: int,
+    num_stages: int | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Pass 1: ``(bmax [B * Hkv * G, buckets] float32, norms [B * Hkv, splits] float32, counts
     [B * Hkv * G] int32)``: unscaled approximate scores' maximum per bucket of ``bucket`` blocks
@@ -396,6 +424,7 @@ def bucket_maxima(
         num_kv_heads=kv_heads, num_groups=groups, num_buckets=num_buckets, blocks_per_split=per_split,
         ROWS=rows, BLOCK_N=block_n, BUCKET=bucket, HEAD_DIM=head_dim,
         D_PAD=max(16, triton.next_power_of_2(head_dim)), PRECISION=precision, num_warps=num_warps,
+        **({} if num_stages is None else {"num_stages": num_stages}),
     )  # fmt: skip
     return bmax, norms, counts
 
@@ -417,16 +446,36 @@ def two_pass_topk(
     chunk_lanes: int = _CHUNK_LANES,
     refine_warps: int = 4,
     level_steps: int = 8,
+    d_chunk: int = 16,
+    approx_keys: torch.Tensor | None = None,
+    num_stages: int | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Approximate bucket maxima, then exact scores of the few buckets that may hold a top-k
     block: ``(block_idx [B, Hkv, G, top_k] int32, num_blocks [B, Hkv, G] int32)``, exact
-    whatever the data (near-ties only make pass 2 score more blocks)."""
+    whatever the data (near-ties only make pass 2 score more blocks).
+
+    ``approx_keys``: ``k_means`` rounded to nearest bfloat16 (a cache's ``k_attn``), for pass 1
+    on half the bytes at the bfloat16 tensor-core rate (CUDA only: Triton's interpreter
+    computes bfloat16 dots wrongly)."""
     batch, kv_heads, groups, head_dim = pooled_q.shape
     num_slots = k_means.shape[2]
     device = pooled_q.device
     if precision is None:
         precision = "tf32" if pooled_q.is_cuda else "ieee"
-    error_bound = _ERROR_BOUND[precision] if error_bound is None else error_bound
+    if approx_keys is not None:
+        if (
+            approx_keys.dtype != torch.bfloat16
+            or approx_keys.shape != k_means.shape
+            or not approx_keys.is_cuda
+        ):
+            raise ValueError(
+                f"approx_keys must be a CUDA bfloat16 tensor of k_means' shape {tuple(k_means.shape)}, "
+                f"got {approx_keys.dtype} {tuple(approx_keys.shape)} on {approx_keys.device}"
+            )
+        default_bound = _BF16_ERROR_BOUND
+    else:
+        default_bound = _ERROR_BOUND[precision]
+    error_bound = default_bound if error_bound is None else error_bound
     bucket = default_bucket(num_slots) if bucket is None else bucket
     block_n = max(block_n, bucket)
     k_pad = max(2, triton.next_power_of_2(top_k))  # tl.topk needs two lanes
@@ -437,18 +486,21 @@ def two_pass_topk(
     if block_idx.numel() == 0:
         return block_idx, num_blocks
     bmax, norms, counts = bucket_maxima(
-        pooled_q, k_means, end, bucket=bucket, rows=rows, block_n=block_n, precision=precision,
-        num_warps=num_warps, per_sm=per_sm,
+        pooled_q, k_means if approx_keys is None else approx_keys, end, bucket=bucket, rows=rows,
+        block_n=block_n, precision=precision, num_warps=num_warps, per_sm=per_sm, num_stages=num_stages,
     )  # fmt: skip
     num_buckets, splits = bmax.shape[1], norms.shape[1]
+    buckets_pad = triton.next_power_of_2(num_buckets)
+    groups_pad = min(buckets_pad, 32 * refine_warps)
     _refine_kernel[(groups, batch * kv_heads)](
         pq_ptr=pooled_q, km_ptr=k_means, end_ptr=end, bmax_ptr=bmax, norms_ptr=norms, counts_ptr=counts,
         list_ptr=bmax.view(torch.int32), idx_ptr=block_idx, num_ptr=num_blocks,
         **_strides(pooled_q, k_means),
         num_kv_heads=kv_heads, num_groups=groups, num_buckets=num_buckets, num_splits=splits,
-        scale=scale, error_bound=error_bound, BUCKETS_PAD=triton.next_power_of_2(num_buckets),
+        scale=scale, error_bound=error_bound, BUCKETS_PAD=buckets_pad, GROUPS=groups_pad,
+        VEC=min(4, buckets_pad // groups_pad),
         SPLITS_PAD=triton.next_power_of_2(splits), BUCKET=bucket, CHUNK_BUCKETS=lanes // bucket,
-        D_CHUNK=min(d_pad, max(16, 4096 // lanes)), HEAD_DIM=head_dim, D_PAD=d_pad,
+        D_CHUNK=min(d_pad, d_chunk), HEAD_DIM=head_dim, D_PAD=d_pad,
         K_PAD=k_pad, TOP_K=top_k, INDEX_BITS=_INDEX_BITS, TIER_SHIFT=_TIER_SHIFT,
         LEVEL_STEPS=level_steps, num_warps=refine_warps,
     )  # fmt: skip
@@ -488,11 +540,14 @@ def group_topk(
 
     ``pooled_q [B, Hkv, G, D]`` and ``k_means [B, Hkv, NB, D]`` are float32; ``end`` is a 0-d
     integer tensor (candidates are the blocks ``[0, end)``). The two-pass kernels unless
-    ``top_k`` exceeds their step (or ``one_pass=True``); ``options`` go to the chosen launcher.
+    ``top_k`` exceeds their step (or ``one_pass=True``); ``options`` go to the chosen launcher
+    (``approx_keys`` only to the two-pass one, which alone uses it).
     """
     if one_pass is None:
         one_pass = top_k > _CHUNK_LANES
-    if not one_pass:
+    if one_pass:
+        options.pop("approx_keys", None)
+    else:
         return two_pass_topk(pooled_q, k_means, end, top_k=top_k, scale=scale, **options)
     if top_k > _CHUNK_LANES:
         _log_one_pass(top_k)
