@@ -64,10 +64,14 @@ from tests.reference_gated import reference_gated_attention
 HEADS, HEAD_DIM, CHUNK = 12, 128, 3 * FRAME_TOKENS
 CFG = GatedConfig()
 # group_topk keyword variants swept by --variants (pass 1's tiles; pass 2's bucket and warps).
-# Pass 2's knobs around the defaults (d_chunk=16, refine_warps=4, bucket=4, pass 1 on the
-# bfloat16 means); approx_keys=None runs pass 1 in tf32 on the float32 means.
+# Pass 2's knobs around the defaults (the warp refine pass from 2,048 buckets per row, else
+# the block one; d_chunk=16, bucket=4, pass 1 on the bfloat16 means); approx_keys=None runs
+# pass 1 in tf32 on the float32 means.
 SELECTION_VARIANTS = [
     dict(),
+    dict(refine="block"),
+    dict(refine="warp"),
+    dict(refine="warp", refine_warps=1, d_chunk=8),
     dict(approx_keys=None),
     dict(d_chunk=32),
     dict(d_chunk=4),

@@ -90,6 +90,8 @@ def test_gated_matches_reference_16bit(backend, case):
             {"chunk_lanes": 16},  # kept buckets take several steps
             {"error_bound": 10.0, "chunk_lanes": 32},  # every bucket kept
             {"one_pass": True},
+            {"refine": "warp"},
+            {"refine": "warp", "chunk_lanes": 16, "refine_warps": 1},
         ]
     ),
     corrupt=st.booleans(),

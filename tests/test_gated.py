@@ -122,6 +122,11 @@ def test_input_pool_precision_rounds_like_the_authors():
         (3, 120, 120, 4, {"error_bound": 10.0}),
         (3, 90, 90, 40, {"chunk_lanes": 16}),  # top_k above the step: one step of k_pad lanes
         (3, 90, 90, 40, {"one_pass": True}),  # the one-pass kernel
+        (5, 200, 200, 16, {"refine": "warp"}),  # pass 2 from the tile maxima down
+        (4, 150, 0, 5, {"refine": "warp"}),
+        (2, 300, 290, 2, {"refine": "warp", "error_bound": 10.0, "chunk_lanes": 32}),
+        (4, 500, 433, 7, {"refine": "warp", "bucket": 8, "chunk_lanes": 16}),
+        (3, 37, 20, 12, {"refine": "warp", "refine_warps": 1}),  # fewer tiles than top_k
     ],
 )
 def test_group_topk_kernels_match_torch(groups, num_slots, end, top_k, options, monkeypatch):
@@ -267,8 +272,9 @@ def test_gather_path_gradients_pass_gradcheck_in_float64(rules):
         (200, 16, {}),
         (300, 2, {"error_bound": 10.0, "chunk_lanes": 32}),
         (90, 40, {"one_pass": True}),
+        (200, 16, {"refine": "warp"}),
     ],
-    ids=["two-pass", "every-bucket-kept", "one-pass"],
+    ids=["two-pass", "every-bucket-kept", "one-pass", "warp-refine"],
 )
 def test_blocks_with_nan_means_are_no_candidates_in_kernels_and_torch(num_slots, top_k, options):
     """A corrupted block (NaN mean) is never selected, by the kernels (both passes, and the
@@ -322,6 +328,8 @@ def test_bfloat16_first_pass_needs_rounded_means_on_cuda():
     from omnimem.kernels.group_topk import two_pass_topk
 
     pq, km = torch.randn(1, 1, 2, 16), torch.randn(1, 1, 40, 16)
+    with pytest.raises(ValueError, match="refine must be 'block' or 'warp'"):
+        two_pass_topk(pq, km, torch.tensor(40), top_k=4, scale=1.0, refine="fast")
     with pytest.raises(ValueError, match="approx_keys must be a CUDA bfloat16"):
         two_pass_topk(pq, km, torch.tensor(40), top_k=4, scale=1.0, approx_keys=km.to(torch.bfloat16))
     k = torch.randn(1, 2, 90, 16, dtype=torch.bfloat16)
