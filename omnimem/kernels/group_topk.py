@@ -206,7 +206,7 @@ def _bucket_max_kernel(
         bucket_max = tl.max(tl.reshape(score, [ROWS, BLOCK_N // BUCKET, BUCKET]), 2)
         bucket = start // BUCKET + tl.arange(0, BLOCK_N // BUCKET)
         tl.store(out_rows + bucket[None, :], bucket_max, mask=row_ok[:, None])
-        if TILE_MAXIMA:  # each BLOCK_N tile's maximum too, for the one-warp refine pass
+        if TILE_MAXIMA:  # each BLOCK_N tile's maximum too, for the warp refine pass
             tile_rows = tmax_ptr + (batch_head.to(tl.int64) * num_groups + rows) * num_tiles
             tl.store(tile_rows + start // BLOCK_N, tl.max(bucket_max, 1), mask=row_ok)
         keys = keys.to(tl.float32)
@@ -214,6 +214,62 @@ def _bucket_max_kernel(
         norms = tl.maximum(norms, tl.where(squares == squares, squares, 0.0))
     if tl.program_id(0) == 0:
         tl.store(norms_ptr + batch_head * tl.num_programs(2) + tl.program_id(2), tl.max(norms, 0))
+
+
+@triton.jit
+def _group_program(
+    pq_ptr, km_ptr, end_ptr, stride_qb, stride_qh, stride_qg, stride_qd, stride_kb, stride_kh,
+    num_kv_heads, num_groups, HEAD_DIM: tl.constexpr, D_PAD: tl.constexpr,
+):  # fmt: skip
+    """A pass-2 program's query group (program ids: group, batch x KV head): its batch x head,
+    flat row id, pooled query (pointer and values), its head's block means and the
+    candidates' end."""
+    row = tl.program_id(0)
+    batch_head = tl.program_id(1)
+    batch = batch_head // num_kv_heads
+    head = batch_head % num_kv_heads
+    dims = tl.arange(0, D_PAD)
+    q_base = pq_ptr + batch.to(tl.int64) * stride_qb + head.to(tl.int64) * stride_qh + row * stride_qg
+    q = tl.load(q_base + dims * stride_qd, mask=dims < HEAD_DIM, other=0.0)
+    k_base = km_ptr + batch.to(tl.int64) * stride_kb + head.to(tl.int64) * stride_kh
+    end = tl.load(end_ptr).to(tl.int32)
+    return batch_head, batch_head.to(tl.int64) * num_groups + row, q_base, q, k_base, end
+
+
+@triton.jit
+def _merge_exact(
+    best, block, ok, q_base, k_base, stride_qd, stride_kj, stride_kd, scale,
+    D_CHUNK: tl.constexpr, HEAD_DIM: tl.constexpr, D_PAD: tl.constexpr, K_PAD: tl.constexpr,
+    INDEX_BITS: tl.constexpr, TIER_SHIFT: tl.constexpr,
+):  # fmt: skip
+    """``best`` (the running top-k keys, best first) merged with the exact float32 scores of
+    ``block[ok]``, ``D_CHUNK`` dimensions per load."""
+    k_rows = k_base + block.to(tl.int64) * stride_kj
+    score = tl.zeros(block.shape, tl.float32)
+    for d in tl.static_range(0, D_PAD, D_CHUNK):
+        chunk = d + tl.arange(0, D_CHUNK)
+        chunk_ok = chunk < HEAD_DIM
+        q_part = tl.load(q_base + chunk * stride_qd, mask=chunk_ok, other=0.0)
+        keys = tl.load(
+            k_rows[:, None] + chunk[None, :] * stride_kd, mask=ok[:, None] & chunk_ok[None, :], other=0.0
+        )
+        score += tl.sum(keys * q_part[None, :], 1)
+    score = score * scale
+    ok = ok & (score == score)  # NaN means: no candidate
+    key = tl.where(ok, _packed_key(score, block, INDEX_BITS, TIER_SHIFT), 0)
+    both = tl.reshape(tl.join(best, tl.topk(key, K_PAD)), [2 * K_PAD])
+    return tl.topk(both, K_PAD)  # best first (bitonic top-k: cheaper than a sort)
+
+
+@triton.jit
+def _store_top(
+    best, idx_ptr, num_ptr, row_id, K_PAD: tl.constexpr, TOP_K: tl.constexpr, INDEX_BITS: tl.constexpr
+):
+    """A group's block indices (best first, -1 padded) and their count."""
+    slot = tl.arange(0, K_PAD)
+    best = tl.where(slot < TOP_K, best, 0)
+    tl.store(idx_ptr + row_id * TOP_K + slot, _key_block(best, INDEX_BITS), mask=slot < TOP_K)
+    tl.store(num_ptr + row_id, tl.sum((best > 0).to(tl.int32), 0))
 
 
 @triton.jit
@@ -231,15 +287,10 @@ def _refine_kernel(
     above it, exact float32 scores of their blocks ``CHUNK_BUCKETS`` buckets at a time, and
     the block indices of the top-k of those. ``list_ptr`` is the row of ``bmax`` itself, as
     int32: once the maxima are in registers it holds the kept buckets, so any number fits."""
-    row = tl.program_id(0)
-    batch_head = tl.program_id(1)
-    batch = batch_head // num_kv_heads
-    head = batch_head % num_kv_heads
-    row_id = batch_head.to(tl.int64) * num_groups + row
-    dims = tl.arange(0, D_PAD)
-    q_base = pq_ptr + batch.to(tl.int64) * stride_qb + head.to(tl.int64) * stride_qh + row * stride_qg
-    q = tl.load(q_base + dims * stride_qd, mask=dims < HEAD_DIM, other=0.0)
-    end = tl.load(end_ptr).to(tl.int32)
+    batch_head, row_id, q_base, q, k_base, end = _group_program(
+        pq_ptr, km_ptr, end_ptr, stride_qb, stride_qh, stride_qg, stride_qd, stride_kb, stride_kh,
+        num_kv_heads, num_groups, HEAD_DIM, D_PAD,
+    )  # fmt: skip
 
     # A level that at least TOP_K bucket maxima reach (so at most the TOP_K-th largest), by
     # bisection. Buckets at -inf (only NaN means) hold no candidate; with fewer than TOP_K
@@ -279,31 +330,16 @@ def _refine_kernel(
     # Exact scores of the kept buckets' blocks, CHUNK_BUCKETS buckets at a time (one chunk
     # unless near-ties keep many), merged into the running top-k.
     lane = tl.arange(0, CHUNK_BUCKETS * BUCKET)
-    k_base = km_ptr + batch.to(tl.int64) * stride_kb + head.to(tl.int64) * stride_kh
     best = tl.zeros([K_PAD], tl.int64)
     for first in range(0, count, CHUNK_BUCKETS):
         entry = first + lane // BUCKET
         chosen = tl.load(row_list + entry, mask=entry < count, other=0)
         block = chosen * BUCKET + lane % BUCKET
-        ok = (entry < count) & (block < end)
-        k_rows = k_base + block.to(tl.int64) * stride_kj
-        score = tl.zeros([CHUNK_BUCKETS * BUCKET], tl.float32)
-        for d in tl.static_range(0, D_PAD, D_CHUNK):
-            chunk = d + tl.arange(0, D_CHUNK)
-            chunk_ok = chunk < HEAD_DIM
-            q_part = tl.load(q_base + chunk * stride_qd, mask=chunk_ok, other=0.0)
-            key_ok = ok[:, None] & chunk_ok[None, :]
-            keys = tl.load(k_rows[:, None] + chunk[None, :] * stride_kd, mask=key_ok, other=0.0)
-            score += tl.sum(keys * q_part[None, :], 1)
-        score = score * scale
-        ok = ok & (score == score)  # NaN means: no candidate
-        key = tl.where(ok, _packed_key(score, block, INDEX_BITS, TIER_SHIFT), 0)
-        both = tl.reshape(tl.join(best, tl.topk(key, K_PAD)), [2 * K_PAD])
-        best = tl.topk(both, K_PAD)  # best first (bitonic top-k: cheaper than a sort)
-    slot_k = tl.arange(0, K_PAD)
-    best = tl.where(slot_k < TOP_K, best, 0)
-    tl.store(idx_ptr + row_id * TOP_K + slot_k, _key_block(best, INDEX_BITS), mask=slot_k < TOP_K)
-    tl.store(num_ptr + row_id, tl.sum((best > 0).to(tl.int32), 0))
+        best = _merge_exact(
+            best, block, (entry < count) & (block < end), q_base, k_base, stride_qd, stride_kj, stride_kd,
+            scale, D_CHUNK, HEAD_DIM, D_PAD, K_PAD, INDEX_BITS, TIER_SHIFT,
+        )  # fmt: skip
+    _store_top(best, idx_ptr, num_ptr, row_id, K_PAD, TOP_K, INDEX_BITS)
 
 
 @triton.jit
@@ -317,20 +353,15 @@ def _refine_warp_kernel(
     D_PAD: tl.constexpr, K_PAD: tl.constexpr, TOP_K: tl.constexpr, INDEX_BITS: tl.constexpr,
     TIER_SHIFT: tl.constexpr, LEVEL_STEPS: tl.constexpr,
 ):  # fmt: skip
-    """Pass 2 in one warp per query group, from the tile maxima down: the level comes from
+    """Pass 2 in a warp or two per query group, from the tile maxima down: the level comes from
     the ~200 tile maxima (not ~3,000 bucket maxima), only candidate tiles' bucket maxima are
     read, and every reduction stays inside the warp. Lists live in the rows they were read
     from: the candidate tiles in the row of tile maxima, the kept buckets in the candidate
     tiles' own (already read) stretches of the row of bucket maxima, so any number fits."""
-    row = tl.program_id(0)
-    batch_head = tl.program_id(1)
-    batch = batch_head // num_kv_heads
-    head = batch_head % num_kv_heads
-    row_id = batch_head.to(tl.int64) * num_groups + row
-    dims = tl.arange(0, D_PAD)
-    q_base = pq_ptr + batch.to(tl.int64) * stride_qb + head.to(tl.int64) * stride_qh + row * stride_qg
-    q = tl.load(q_base + dims * stride_qd, mask=dims < HEAD_DIM, other=0.0)
-    end = tl.load(end_ptr).to(tl.int32)
+    batch_head, row_id, q_base, q, k_base, end = _group_program(
+        pq_ptr, km_ptr, end_ptr, stride_qb, stride_qh, stride_qg, stride_qd, stride_kb, stride_kh,
+        num_kv_heads, num_groups, HEAD_DIM, D_PAD,
+    )  # fmt: skip
     valid_buckets = (end + BUCKET - 1) // BUCKET
 
     # The level: TOP_K tile maxima are distinct blocks' scores. With fewer finite tiles the
@@ -376,7 +407,6 @@ def _refine_warp_kernel(
 
     # Exact scores of the kept buckets' blocks, merged into the running top-k.
     lane = tl.arange(0, CHUNK_BUCKETS * BUCKET)
-    k_base = km_ptr + batch.to(tl.int64) * stride_kb + head.to(tl.int64) * stride_kh
     best = tl.zeros([K_PAD], tl.int64)
     for first in range(0, count, CHUNK_BUCKETS):
         entry = first + lane // BUCKET
@@ -384,26 +414,11 @@ def _refine_warp_kernel(
         home = tl.load(tile_list + entry // TILE_BUCKETS, mask=listed, other=0)
         chosen = tl.load(bucket_list + home * TILE_BUCKETS + entry % TILE_BUCKETS, mask=listed, other=0)
         block = chosen * BUCKET + lane % BUCKET
-        ok = listed & (block < end)
-        k_rows = k_base + block.to(tl.int64) * stride_kj
-        score = tl.zeros([CHUNK_BUCKETS * BUCKET], tl.float32)
-        for d in tl.static_range(0, D_PAD, D_CHUNK):
-            chunk = d + tl.arange(0, D_CHUNK)
-            chunk_ok = chunk < HEAD_DIM
-            q_part = tl.load(q_base + chunk * stride_qd, mask=chunk_ok, other=0.0)
-            keys = tl.load(
-                k_rows[:, None] + chunk[None, :] * stride_kd, mask=ok[:, None] & chunk_ok[None, :], other=0.0
-            )
-            score += tl.sum(keys * q_part[None, :], 1)
-        score = score * scale
-        ok = ok & (score == score)  # NaN means: no candidate
-        key = tl.where(ok, _packed_key(score, block, INDEX_BITS, TIER_SHIFT), 0)
-        both = tl.reshape(tl.join(best, tl.topk(key, K_PAD)), [2 * K_PAD])
-        best = tl.topk(both, K_PAD)
-    slot_k = tl.arange(0, K_PAD)
-    best = tl.where(slot_k < TOP_K, best, 0)
-    tl.store(idx_ptr + row_id * TOP_K + slot_k, _key_block(best, INDEX_BITS), mask=slot_k < TOP_K)
-    tl.store(num_ptr + row_id, tl.sum((best > 0).to(tl.int32), 0))
+        best = _merge_exact(
+            best, block, listed & (block < end), q_base, k_base, stride_qd, stride_kj, stride_kd,
+            scale, D_CHUNK, HEAD_DIM, D_PAD, K_PAD, INDEX_BITS, TIER_SHIFT,
+        )  # fmt: skip
+    _store_top(best, idx_ptr, num_ptr, row_id, K_PAD, TOP_K, INDEX_BITS)
 
 
 @functools.cache
