@@ -127,6 +127,8 @@ def test_input_pool_precision_rounds_like_the_authors():
         (2, 300, 290, 2, {"refine": "warp", "error_bound": 10.0, "chunk_lanes": 32}),
         (4, 500, 433, 7, {"refine": "warp", "bucket": 8, "chunk_lanes": 16}),
         (3, 37, 20, 12, {"refine": "warp", "refine_warps": 1}),  # fewer tiles than top_k
+        (5, 200, 200, 16, {"d_chunk": 4}),  # exact scores 4 dimensions per load
+        (5, 200, 200, 16, {"refine": "warp", "d_chunk": 8}),
     ],
 )
 def test_group_topk_kernels_match_torch(groups, num_slots, end, top_k, options, monkeypatch):

@@ -622,6 +622,8 @@ def two_pass_topk(
     num_blocks = torch.empty((batch, kv_heads, groups), dtype=torch.int32, device=device)
     if block_idx.numel() == 0:
         return block_idx, num_blocks
+    if d_chunk is None:  # registers bound the GPU's step; the CPU interpreter pays per step
+        d_chunk = 16 if pooled_q.is_cuda else d_pad
     if refine is None:  # the warp pass wins once a row's maxima outgrow one warp's registers
         refine = "warp" if math.ceil(num_slots / bucket) >= _WARP_REFINE_BUCKETS else "block"
     if refine not in ("block", "warp"):
@@ -642,7 +644,7 @@ def two_pass_topk(
             num_splits=splits, scale=scale, error_bound=error_bound,
             TILES_PAD=triton.next_power_of_2(tmax.shape[1]), SPLITS_PAD=triton.next_power_of_2(splits),
             BUCKET=bucket, TILE_BUCKETS=block_n // bucket, TILE_STEP=max(1, 128 // (block_n // bucket)),
-            CHUNK_BUCKETS=lanes // bucket, D_CHUNK=min(d_pad, d_chunk or 16), HEAD_DIM=head_dim, D_PAD=d_pad,
+            CHUNK_BUCKETS=lanes // bucket, D_CHUNK=min(d_pad, d_chunk), HEAD_DIM=head_dim, D_PAD=d_pad,
             K_PAD=k_pad, TOP_K=top_k, INDEX_BITS=_INDEX_BITS, TIER_SHIFT=_TIER_SHIFT,
             LEVEL_STEPS=level_steps, num_warps=refine_warps or 2,
         )  # fmt: skip
@@ -659,7 +661,7 @@ def two_pass_topk(
         scale=scale, error_bound=error_bound, BUCKETS_PAD=buckets_pad, GROUPS=groups_pad,
         VEC=min(4, buckets_pad // groups_pad),
         SPLITS_PAD=triton.next_power_of_2(splits), BUCKET=bucket, CHUNK_BUCKETS=lanes // bucket,
-        D_CHUNK=min(d_pad, d_chunk or 16), HEAD_DIM=head_dim, D_PAD=d_pad,
+        D_CHUNK=min(d_pad, d_chunk), HEAD_DIM=head_dim, D_PAD=d_pad,
         K_PAD=k_pad, TOP_K=top_k, INDEX_BITS=_INDEX_BITS, TIER_SHIFT=_TIER_SHIFT,
         LEVEL_STEPS=level_steps, num_warps=refine_warps,
     )  # fmt: skip
