@@ -83,6 +83,8 @@ def _check_pooled(
             raise TypeError(f"{name} must be {dtype}, got {x.dtype}")
         if x.device != k.device:
             raise ValueError(f"{name} must be on k's device {k.device}, got {x.device}")
+    if not isinstance(pooled.k_attn_rounded, bool):
+        raise TypeError(f"pooled.k_attn_rounded must be a bool, got {type(pooled.k_attn_rounded).__name__}")
     if pooled.block_size != block_size:
         raise ValueError(
             f"pooled.block_size must equal the config's block_size {block_size}, got {pooled.block_size}"
@@ -128,8 +130,20 @@ def _approx_keys(pooled: PooledKV, q: torch.Tensor) -> torch.Tensor | None:
     rounded to nearest from the float32 means): half the bytes at the bfloat16 tensor-core
     rate, the same result (its error bound covers the rounding). CUDA only: Triton's CPU
     interpreter computes bfloat16 dots wrongly."""
-    usable = pooled.k_attn_rounded and pooled.k_attn.dtype == torch.bfloat16
-    return pooled.k_attn if usable and q.is_cuda else None
+    if not q.is_cuda or pooled.k_attn.dtype != torch.bfloat16:
+        return None
+    if not pooled.k_attn_rounded:
+        _log_unrounded()
+        return None
+    return pooled.k_attn
+
+
+@functools.cache
+def _log_unrounded() -> None:
+    logger.info(
+        "gated selection: pooled.k_attn_rounded is False (a PooledKV not built by pool_kv or a "
+        "cache), so the first pass scores the float32 means in tf32 instead of k_attn in bfloat16"
+    )
 
 
 def select_group_blocks(

@@ -8,7 +8,7 @@ Two passes (``two_pass_topk``), exact whatever the data:
    to the maximum of every ``BUCKET`` consecutive blocks (4 at the authors' 369,720-token
    history), and each split's largest block-mean norm.
 2. ``_refine_kernel``, one query group per program: a level that ``top_k`` bucket maxima
-   reach (bisection over the maxima of disjoint groups of buckets), lowered by pass 1's
+   reach (bisection), lowered by pass 1's
    error bound; only the few buckets above it (about 20 of 3,120 on random keys, 25 after
    bfloat16 scores) can hold a top-k block. Their blocks are scored exactly in
    float32 and ranked by the torch path's int64 key (score, then the lower block index on
@@ -281,7 +281,7 @@ def _refine_kernel(
     BUCKETS_PAD: tl.constexpr, SPLITS_PAD: tl.constexpr, BUCKET: tl.constexpr,
     CHUNK_BUCKETS: tl.constexpr, D_CHUNK: tl.constexpr, HEAD_DIM: tl.constexpr, D_PAD: tl.constexpr,
     K_PAD: tl.constexpr, TOP_K: tl.constexpr, INDEX_BITS: tl.constexpr, TIER_SHIFT: tl.constexpr,
-    LEVEL_STEPS: tl.constexpr, GROUPS: tl.constexpr, VEC: tl.constexpr,
+    LEVEL_STEPS: tl.constexpr,
 ):  # fmt: skip
     """Pass 2, one query group: the threshold under which no top-k block can lie, the buckets
     above it, exact float32 scores of their blocks ``CHUNK_BUCKETS`` buckets at a time, and
@@ -294,23 +294,13 @@ def _refine_kernel(
 
     # A level that at least TOP_K bucket maxima reach (so at most the TOP_K-th largest), by
     # bisection. Buckets at -inf (only NaN means) hold no candidate; with fewer than TOP_K
-    # other buckets every one is kept. The maxima of GROUPS disjoint groups of buckets (a
-    # thread's own, in the load's layout) are distinct blocks' scores too, so when TOP_K of
-    # them are finite the bisection runs over them alone: a slightly lower level, far fewer
-    # operations.
+    # other buckets every one is kept.
     bucket = tl.arange(0, BUCKETS_PAD)
     valid = bucket < (end + BUCKET - 1) // BUCKET
     bmax = tl.load(bmax_ptr + row_id * num_buckets + bucket, mask=valid, other=float("-inf"))
     finite = valid & (bmax > float("-inf"))
-    marked = tl.where(finite, bmax, float("-inf"))
-    group_max = tl.max(tl.max(tl.reshape(marked, [BUCKETS_PAD // (GROUPS * VEC), GROUPS, VEC]), 2), 0)
-    group_finite = group_max > float("-inf")
-    if tl.sum(group_finite.to(tl.int32), 0) >= TOP_K:
-        num_finite = TOP_K
-        low = _level(group_max, group_finite, LEVEL_STEPS, TOP_K)
-    else:
-        num_finite = tl.sum(finite.to(tl.int32), 0)
-        low = _level(bmax, finite, LEVEL_STEPS, TOP_K)
+    num_finite = tl.sum(finite.to(tl.int32), 0)
+    low = _level(bmax, finite, LEVEL_STEPS, TOP_K)
     # Every top-k block's exact score is within 2 * eps of a kept bucket's approximate max:
     # eps bounds |approximate - exact| (Cauchy-Schwarz on the rounding of each product).
     split = tl.arange(0, SPLITS_PAD)
@@ -651,15 +641,12 @@ def two_pass_topk(
         return block_idx, num_blocks
     refine_warps = refine_warps or 4
     num_buckets, splits = bmax.shape[1], norms.shape[1]
-    buckets_pad = triton.next_power_of_2(num_buckets)
-    groups_pad = min(buckets_pad, 32 * refine_warps)
     _refine_kernel[(groups, batch * kv_heads)](
         pq_ptr=pooled_q, km_ptr=k_means, end_ptr=end, bmax_ptr=bmax, norms_ptr=norms, counts_ptr=counts,
         list_ptr=bmax.view(torch.int32), idx_ptr=block_idx, num_ptr=num_blocks,
         **_strides(pooled_q, k_means),
         num_kv_heads=kv_heads, num_groups=groups, num_buckets=num_buckets, num_splits=splits,
-        scale=scale, error_bound=error_bound, BUCKETS_PAD=buckets_pad, GROUPS=groups_pad,
-        VEC=min(4, buckets_pad // groups_pad),
+        scale=scale, error_bound=error_bound, BUCKETS_PAD=triton.next_power_of_2(num_buckets),
         SPLITS_PAD=triton.next_power_of_2(splits), BUCKET=bucket, CHUNK_BUCKETS=lanes // bucket,
         D_CHUNK=min(d_pad, d_chunk), HEAD_DIM=head_dim, D_PAD=d_pad,
         K_PAD=k_pad, TOP_K=top_k, INDEX_BITS=_INDEX_BITS, TIER_SHIFT=_TIER_SHIFT,
