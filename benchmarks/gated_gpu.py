@@ -65,8 +65,8 @@ HEADS, HEAD_DIM, CHUNK = 12, 128, 3 * FRAME_TOKENS
 CFG = GatedConfig()
 # group_topk keyword variants swept by --variants (pass 1's tiles; pass 2's bucket and warps).
 # Pass 2's knobs around the defaults (the warp refine pass from 2,048 buckets per row, else
-# the block one; d_chunk=16, bucket=4, pass 1 on the bfloat16 means); approx_keys=None runs
-# pass 1 in tf32 on the float32 means.
+# the block one in 2 warps up to 512 buckets, else 4; d_chunk=16, bucket=4, pass 1 on the
+# bfloat16 means, 3 programs per SM); approx_keys=None runs pass 1 in tf32 on the float32 means.
 SELECTION_VARIANTS = [
     dict(),
     dict(refine="block"),
@@ -76,7 +76,11 @@ SELECTION_VARIANTS = [
     dict(d_chunk=32),
     dict(d_chunk=4),
     dict(refine_warps=2),
+    dict(refine_warps=4),
     dict(refine_warps=2, d_chunk=8),
+    dict(per_sm=4),
+    dict(level_steps=5),
+    dict(level_steps=12),
     dict(bucket=8),
     dict(chunk_lanes=256),
 ]
@@ -194,9 +198,9 @@ def run_history(history: int, pattern: str, args) -> dict:
             options = {"approx_keys": pooled.k_attn, **options}
             t[name] = graph_ms(lambda o=options: two_pass_topk(pq, pooled.k, end, top_k=16, scale=scale, **o))
         pass_1 = dict(bucket=default_bucket(slots), rows=128, block_n=64, precision="tf32", num_warps=8)
-        t["selection pass 1 alone"] = bench(lambda: bucket_maxima(pq, pooled.k_attn, end, per_sm=4, **pass_1))
+        t["selection pass 1 alone"] = bench(lambda: bucket_maxima(pq, pooled.k_attn, end, per_sm=3, **pass_1))
         t["selection pass 1 alone, tf32"] = bench(
-            lambda: bucket_maxima(pq, pooled.k, end, per_sm=4, **pass_1)
+            lambda: bucket_maxima(pq, pooled.k, end, per_sm=3, **pass_1)
         )
         t["selection one-pass (tf32x3)"] = bench(
             lambda: stream_topk(pq, pooled.k, end, top_k=16, scale=scale)

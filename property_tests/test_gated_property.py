@@ -62,6 +62,7 @@ def check(shape: dict, config: dict, backend: str) -> None:
 
 
 @pytest.mark.parametrize("backend", ["gather", "triton"])
+@settings(max_examples=examples(25))  # ~2 s an example under the interpreter: CI's time budget
 @given(case=gated_cases())
 def test_gated_matches_reference_float32(backend, case):
     check(*case, backend)

@@ -348,7 +348,7 @@ def test_bfloat16_first_pass_needs_rounded_means_on_cuda():
     assert not hand_built.k_attn_rounded
     gates = torch.rand(1, 2, 30, 3).to(torch.bfloat16)
     bad = PooledKV(pooled.k, pooled.k_attn, pooled.v_attn, 30, k_attn_rounded="yes")
-    with pytest.raises(TypeError, match="pooled.k_attn_rounded must be a bool"):
+    with pytest.raises(TypeError, match=r"pooled\.k_attn_rounded must be a bool"):
         gated_attention(q, k, k, gates, history_len=60, pooled=bad, block_size=30)
     if torch.cuda.is_available():
         assert _approx_keys(pooled.to("cuda"), q.cuda()) is not None

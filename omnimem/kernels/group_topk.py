@@ -452,6 +452,13 @@ _CHUNK_LANES = 128
 # Rows with at least this many buckets use the warp refine pass (H200, 2026-12-01: 0.178 vs
 # 0.216 ms at 3,120 buckets, 0.114 vs 0.093 ms at 273).
 _WARP_REFINE_BUCKETS = 2048
+# The block refine pass runs 2 warps per group up to this many buckets per row, else 4 (H200,
+# 2026-12-01: 0.068 vs 0.085 ms for both passes at 273 buckets, 0.116 vs 0.110 at 819).
+_SMALL_ROW_BUCKETS = 512
+# Pass 1 launches about this many programs per SM. It runs one 8-warp program per SM, so a
+# whole number of waves matters: 3 beat 4 at every history (H200, 2026-12-01: 0.065 vs 0.074
+# ms at 369,720 tokens, 0.28 vs 0.31 at 1,872,000).
+_PASS_1_PER_SM = 3
 
 
 def default_bucket(num_slots: int) -> int:
@@ -563,7 +570,7 @@ def two_pass_topk(
     block_n: int = 64,
     precision: str | None = None,
     num_warps: int = 8,
-    per_sm: int = 4,
+    per_sm: int = _PASS_1_PER_SM,
     error_bound: float | None = None,
     bucket: int | None = None,
     chunk_lanes: int = _CHUNK_LANES,
@@ -580,10 +587,10 @@ def two_pass_topk(
 
     ``approx_keys``: ``k_means`` rounded to nearest bfloat16 (a cache's ``k_attn``), for pass 1
     on half the bytes at the bfloat16 tensor-core rate (CUDA only: Triton's interpreter
-    computes bfloat16 dots wrongly). ``refine``: ``"block"`` (``_refine_kernel``, one 4-warp
-    program per group over every bucket maximum) or ``"warp"`` (``_refine_warp_kernel``, 2
-    warps per group from pass 1's tile maxima down); by default ``"warp"`` from
-    ``_WARP_REFINE_BUCKETS`` buckets per row."""
+    computes bfloat16 dots wrongly). ``refine``: ``"block"`` (``_refine_kernel``, one program
+    per group over every bucket maximum: 2 warps, 4 past ``_SMALL_ROW_BUCKETS`` buckets) or
+    ``"warp"`` (``_refine_warp_kernel``, 2 warps per group from pass 1's tile maxima down); by
+    default ``"warp"`` from ``_WARP_REFINE_BUCKETS`` buckets per row."""
     batch, kv_heads, groups, head_dim = pooled_q.shape
     num_slots = k_means.shape[2]
     device = pooled_q.device
@@ -639,7 +646,8 @@ def two_pass_topk(
             LEVEL_STEPS=level_steps, num_warps=refine_warps or 2,
         )  # fmt: skip
         return block_idx, num_blocks
-    refine_warps = refine_warps or 4
+    if refine_warps is None:
+        refine_warps = 2 if math.ceil(num_slots / bucket) <= _SMALL_ROW_BUCKETS else 4
     num_buckets, splits = bmax.shape[1], norms.shape[1]
     _refine_kernel[(groups, batch * kv_heads)](
         pq_ptr=pooled_q, km_ptr=k_means, end_ptr=end, bmax_ptr=bmax, norms_ptr=norms, counts_ptr=counts,
