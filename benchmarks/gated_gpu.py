@@ -64,9 +64,9 @@ from tests.reference_gated import reference_gated_attention
 HEADS, HEAD_DIM, CHUNK = 12, 128, 3 * FRAME_TOKENS
 CFG = GatedConfig()
 # group_topk keyword variants swept by --variants (pass 1's tiles; pass 2's bucket and warps).
-# Pass 2's knobs around the defaults (the warp refine pass from 2,048 buckets per row, else
-# the block one in 2 warps up to 512 buckets, else 4; d_chunk=16, bucket=4, pass 1 on the
-# bfloat16 means, 3 programs per SM); approx_keys=None runs pass 1 in tf32 on the float32 means.
+# Pass 2's knobs around the defaults (the warp refine pass past 512 buckets per row, else the
+# block one in 2 warps; d_chunk=16, bucket=4, pass 1 on the bfloat16 means, 3 programs per SM);
+# approx_keys=None runs pass 1 in tf32 on the float32 means.
 SELECTION_VARIANTS = [
     dict(),
     dict(refine="block"),

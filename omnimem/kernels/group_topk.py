@@ -449,12 +449,11 @@ _MAX_BUCKETS = 4096
 # Pass 2 scores this many blocks per step (128 beat 256 and 512 on the H200); top_k above it
 # goes to the one-pass kernel.
 _CHUNK_LANES = 128
-# Rows with at least this many buckets use the warp refine pass (H200, 2026-12-01: 0.178 vs
-# 0.216 ms at 3,120 buckets, 0.114 vs 0.093 ms at 273).
-_WARP_REFINE_BUCKETS = 2048
-# The block refine pass runs 2 warps per group up to this many buckets per row, else 4 (H200,
-# 2026-12-01: 0.068 vs 0.085 ms for both passes at 273 buckets, 0.116 vs 0.110 at 819).
-_SMALL_ROW_BUCKETS = 512
+# Rows of more than this many buckets use the warp refine pass, shorter ones the block refine
+# pass in 2 warps (H200, 2026-12-01, both passes: block 0.072 vs warp 0.113 ms at 273 buckets,
+# 0.113 vs 0.099 at 819, 0.218 vs 0.178 at 3,081; between 273 and 819 is not measured). The
+# block pass on longer rows (``refine="block"``) runs 4 warps.
+_WARP_REFINE_BUCKETS = 512
 # Pass 1 launches about this many programs per SM. It runs one 8-warp program per SM, so a
 # whole number of waves matters: 3 beat 4 at every history (H200, 2026-12-01: 0.065 vs 0.074
 # ms at 369,720 tokens, 0.28 vs 0.31 at 1,872,000).
@@ -588,9 +587,9 @@ def two_pass_topk(
     ``approx_keys``: ``k_means`` rounded to nearest bfloat16 (a cache's ``k_attn``), for pass 1
     on half the bytes at the bfloat16 tensor-core rate (CUDA only: Triton's interpreter
     computes bfloat16 dots wrongly). ``refine``: ``"block"`` (``_refine_kernel``, one program
-    per group over every bucket maximum: 2 warps, 4 past ``_SMALL_ROW_BUCKETS`` buckets) or
+    per group over every bucket maximum: 2 warps, 4 past ``_WARP_REFINE_BUCKETS`` buckets) or
     ``"warp"`` (``_refine_warp_kernel``, 2 warps per group from pass 1's tile maxima down); by
-    default ``"warp"`` from ``_WARP_REFINE_BUCKETS`` buckets per row."""
+    default ``"warp"`` past ``_WARP_REFINE_BUCKETS`` buckets per row."""
     batch, kv_heads, groups, head_dim = pooled_q.shape
     num_slots = k_means.shape[2]
     device = pooled_q.device
@@ -622,7 +621,7 @@ def two_pass_topk(
     if d_chunk is None:  # registers bound the GPU's step; the CPU interpreter pays per step
         d_chunk = 16 if pooled_q.is_cuda else d_pad
     if refine is None:  # the warp pass wins once a row's maxima outgrow one warp's registers
-        refine = "warp" if math.ceil(num_slots / bucket) >= _WARP_REFINE_BUCKETS else "block"
+        refine = "warp" if math.ceil(num_slots / bucket) > _WARP_REFINE_BUCKETS else "block"
     if refine not in ("block", "warp"):
         raise ValueError(f"refine must be 'block' or 'warp', got {refine!r}")
     warp = refine == "warp"
@@ -647,7 +646,7 @@ def two_pass_topk(
         )  # fmt: skip
         return block_idx, num_blocks
     if refine_warps is None:
-        refine_warps = 2 if math.ceil(num_slots / bucket) <= _SMALL_ROW_BUCKETS else 4
+        refine_warps = 2 if math.ceil(num_slots / bucket) <= _WARP_REFINE_BUCKETS else 4
     num_buckets, splits = bmax.shape[1], norms.shape[1]
     _refine_kernel[(groups, batch * kv_heads)](
         pq_ptr=pooled_q, km_ptr=k_means, end_ptr=end, bmax_ptr=bmax, norms_ptr=norms, counts_ptr=counts,
