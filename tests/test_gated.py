@@ -268,6 +268,30 @@ def test_gather_path_gradients_pass_gradcheck_in_float64(rules):
     assert torch.autograd.gradcheck(layer, (q, k, v, gates))
 
 
+@pytest.mark.parametrize(("groups", "num_slots", "end"), [(40, 300, 300), (40, 300, 170), (5, 90, 90)])
+def test_first_pass_norms_cover_every_candidate_block_once(groups, num_slots, end):
+    """Pass 1's norm entries (the row tiles take turns over block tiles) have the largest
+    squared norm of the candidate means as their maximum, per head: several row tiles and
+    splits, a NaN mean ignored, a huge mean past the candidates' end ignored."""
+    from omnimem.kernels.group_topk import bucket_maxima
+
+    gen = torch.Generator().manual_seed(groups + num_slots + end)
+    pq = torch.randn(2, 3, groups, 16, generator=gen).to(TEST_DEVICE)
+    km = torch.randn(2, 3, num_slots, 16, generator=gen)
+    km[0, 1, 37] *= 10.0  # one head's largest norm sits in a single block
+    km[1, 2, 5] = float("nan")
+    km[:, :, end:] = 1e3  # past the end: never a candidate
+    km = km.to(TEST_DEVICE)
+    _, norms, _, _ = bucket_maxima(
+        pq, km, torch.tensor(end, device=TEST_DEVICE), bucket=4, rows=16, block_n=16,
+        precision="ieee", num_warps=4, per_sm=16,
+    )  # fmt: skip
+    assert norms.shape[1] > 3  # several row tiles and splits wrote entries
+    squares = km[:, :, :end].double().pow(2).sum(-1).nan_to_num(0.0)
+    want = squares.amax(-1).flatten()
+    torch.testing.assert_close(norms.double().amax(1), want, rtol=1e-6, atol=0)
+
+
 @pytest.mark.parametrize(
     ("num_slots", "top_k", "options"),
     [

@@ -6,7 +6,7 @@ Two passes (``two_pass_topk``), exact whatever the data:
 1. ``_bucket_max_kernel``: tensor-core scores of ``ROWS`` query groups against tiles of
    block means (tf32, or bfloat16 on a bfloat16 copy of the means: ``approx_keys``), reduced
    to the maximum of every ``BUCKET`` consecutive blocks (4 at the authors' 369,720-token
-   history), and each split's largest block-mean norm.
+   history), and the largest block-mean norm (each computed once).
 2. ``_refine_kernel``, one query group per program: a level that ``top_k`` bucket maxima
    reach (bisection), lowered by pass 1's
    error bound; only the few buckets above it (about 20 of 3,120 on random keys, 25 after
@@ -182,9 +182,10 @@ def _bucket_max_kernel(
     D_PAD: tl.constexpr, PRECISION: tl.constexpr, TILE_MAXIMA: tl.constexpr,
 ):  # fmt: skip
     """Pass 1: approximate (tensor-core) scores, reduced to each ``BUCKET`` of blocks' maximum
-    per row, and the largest squared norm of the split's block means (for the error bound;
-    written by the first row tile, so no buffer needs zeroing). The first split zeroes its
-    rows' candidate counters for pass 2 (no extra launch)."""
+    per row, and the largest squared norm of block means (for the error bound): the row tiles
+    take turns over the split's block tiles, so each mean's norm is computed once, and every
+    program writes its own maximum (no buffer needs zeroing). The first split zeroes its rows'
+    candidate counters for pass 2 (no extra launch)."""
     batch_head, rows, row_ok, q, k_base, lo, hi = _split_program(
         pq_ptr, km_ptr, end_ptr, stride_qb, stride_qh, stride_qg, stride_qd, stride_kb, stride_kh,
         num_kv_heads, num_groups, blocks_per_split, ROWS, HEAD_DIM, D_PAD,
@@ -209,11 +210,12 @@ def _bucket_max_kernel(
         if TILE_MAXIMA:  # each BLOCK_N tile's maximum too, for the warp refine pass
             tile_rows = tmax_ptr + (batch_head.to(tl.int64) * num_groups + rows) * num_tiles
             tl.store(tile_rows + start // BLOCK_N, tl.max(bucket_max, 1), mask=row_ok)
-        keys = keys.to(tl.float32)
-        squares = tl.sum(keys * keys, 1)
-        norms = tl.maximum(norms, tl.where(squares == squares, squares, 0.0))
-    if tl.program_id(0) == 0:
-        tl.store(norms_ptr + batch_head * tl.num_programs(2) + tl.program_id(2), tl.max(norms, 0))
+        if (start // BLOCK_N) % tl.num_programs(0) == tl.program_id(0):  # this row tile's turn
+            wide = keys.to(tl.float32)
+            squares = tl.sum(wide * wide, 1)
+            norms = tl.maximum(norms, tl.where(squares == squares, squares, 0.0))
+    program = (batch_head * tl.num_programs(2) + tl.program_id(2)) * tl.num_programs(0) + tl.program_id(0)
+    tl.store(norms_ptr + program, tl.max(norms, 0))
 
 
 @triton.jit
@@ -277,8 +279,8 @@ def _refine_kernel(
     pq_ptr, km_ptr, end_ptr, bmax_ptr, norms_ptr, counts_ptr, list_ptr, idx_ptr, num_ptr,
     stride_qb, stride_qh, stride_qg, stride_qd,
     stride_kb, stride_kh, stride_kj, stride_kd,
-    num_kv_heads, num_groups, num_buckets, num_splits, scale, error_bound,
-    BUCKETS_PAD: tl.constexpr, SPLITS_PAD: tl.constexpr, BUCKET: tl.constexpr,
+    num_kv_heads, num_groups, num_buckets, num_norms, scale, error_bound,
+    BUCKETS_PAD: tl.constexpr, NORMS_PAD: tl.constexpr, BUCKET: tl.constexpr,
     CHUNK_BUCKETS: tl.constexpr, D_CHUNK: tl.constexpr, HEAD_DIM: tl.constexpr, D_PAD: tl.constexpr,
     K_PAD: tl.constexpr, TOP_K: tl.constexpr, INDEX_BITS: tl.constexpr, TIER_SHIFT: tl.constexpr,
     LEVEL_STEPS: tl.constexpr,
@@ -303,8 +305,8 @@ def _refine_kernel(
     low = _level(bmax, finite, LEVEL_STEPS, TOP_K)
     # Every top-k block's exact score is within 2 * eps of a kept bucket's approximate max:
     # eps bounds |approximate - exact| (Cauchy-Schwarz on the rounding of each product).
-    split = tl.arange(0, SPLITS_PAD)
-    norms = tl.load(norms_ptr + batch_head * num_splits + split, mask=split < num_splits, other=0.0)
+    norm_entry = tl.arange(0, NORMS_PAD)
+    norms = tl.load(norms_ptr + batch_head * num_norms + norm_entry, mask=norm_entry < num_norms, other=0.0)
     eps = error_bound * tl.sqrt(tl.sum(q * q, 0) * tl.max(norms, 0))
     threshold = tl.where(num_finite >= TOP_K, low - 2.0 * eps, float("-inf"))
     keep = finite & (bmax >= threshold)
@@ -337,8 +339,8 @@ def _refine_warp_kernel(
     pq_ptr, km_ptr, end_ptr, bmax_ptr, tmax_ptr, norms_ptr, bucket_list_ptr, tile_list_ptr, idx_ptr, num_ptr,
     stride_qb, stride_qh, stride_qg, stride_qd,
     stride_kb, stride_kh, stride_kj, stride_kd,
-    num_kv_heads, num_groups, num_buckets, num_tiles, num_splits, scale, error_bound,
-    TILES_PAD: tl.constexpr, SPLITS_PAD: tl.constexpr, BUCKET: tl.constexpr, TILE_BUCKETS: tl.constexpr,
+    num_kv_heads, num_groups, num_buckets, num_tiles, num_norms, scale, error_bound,
+    TILES_PAD: tl.constexpr, NORMS_PAD: tl.constexpr, BUCKET: tl.constexpr, TILE_BUCKETS: tl.constexpr,
     TILE_STEP: tl.constexpr, CHUNK_BUCKETS: tl.constexpr, D_CHUNK: tl.constexpr, HEAD_DIM: tl.constexpr,
     D_PAD: tl.constexpr, K_PAD: tl.constexpr, TOP_K: tl.constexpr, INDEX_BITS: tl.constexpr,
     TIER_SHIFT: tl.constexpr, LEVEL_STEPS: tl.constexpr,
@@ -361,8 +363,8 @@ def _refine_warp_kernel(
     tmax = tl.load(tile_row + tile, mask=tile * TILE_BUCKETS < valid_buckets, other=float("-inf"))
     finite = tmax > float("-inf")
     low = _level(tmax, finite, LEVEL_STEPS, TOP_K)
-    split = tl.arange(0, SPLITS_PAD)
-    norms = tl.load(norms_ptr + batch_head * num_splits + split, mask=split < num_splits, other=0.0)
+    norm_entry = tl.arange(0, NORMS_PAD)
+    norms = tl.load(norms_ptr + batch_head * num_norms + norm_entry, mask=norm_entry < num_norms, other=0.0)
     eps = error_bound * tl.sqrt(tl.sum(q * q, 0) * tl.max(norms, 0))
     enough = tl.sum(finite.to(tl.int32), 0) >= TOP_K
     threshold = tl.where(enough, low - 2.0 * eps, float("-inf"))
@@ -527,11 +529,11 @@ def bucket_maxima(
     num_stages: int | None = None,
     tile_maxima: bool = False,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor | None]:
-    """Pass 1: ``(bmax [B * Hkv * G, buckets] float32, norms [B * Hkv, splits] float32, counts
-    [B * Hkv * G] int32, tmax [B * Hkv * G, tiles] float32 or None)``: unscaled approximate
-    scores' maximum per bucket of ``bucket`` blocks (buckets past ``end`` hold junk), each
-    split's largest squared block-mean norm, zeroed candidate counters, and with
-    ``tile_maxima`` each ``block_n`` tile's maximum."""
+    """Pass 1: ``(bmax [B * Hkv * G, buckets] float32, norms [B * Hkv, programs per head]
+    float32, counts [B * Hkv * G] int32, tmax [B * Hkv * G, tiles] float32 or None)``: unscaled
+    approximate scores' maximum per bucket of ``bucket`` blocks (buckets past ``end`` hold
+    junk), each program's largest squared block-mean norm (their maximum is the head's),
+    zeroed candidate counters, and with ``tile_maxima`` each ``block_n`` tile's maximum."""
     batch, kv_heads, groups, head_dim = pooled_q.shape
     num_slots = k_means.shape[2]
     device = pooled_q.device
@@ -539,7 +541,9 @@ def bucket_maxima(
     tiles = max(1, math.ceil(num_slots / block_n))
     num_buckets = tiles * (block_n // bucket)  # whole tiles: pass 1 stores every bucket of a tile
     bmax = torch.empty((batch * kv_heads * groups, num_buckets), dtype=torch.float32, device=device)
-    norms = torch.empty((batch * kv_heads, splits), dtype=torch.float32, device=device)
+    norms = torch.empty(
+        (batch * kv_heads, splits * math.ceil(groups / rows)), dtype=torch.float32, device=device
+    )
     counts = torch.empty(batch * kv_heads * groups, dtype=torch.int32, device=device)
     tmax = (
         torch.empty((batch * kv_heads * groups, tiles), dtype=torch.float32, device=device)
@@ -631,14 +635,14 @@ def two_pass_topk(
         tile_maxima=warp,
     )  # fmt: skip
     if warp:
-        num_buckets, splits = bmax.shape[1], norms.shape[1]
+        num_buckets, num_norms = bmax.shape[1], norms.shape[1]
         _refine_warp_kernel[(groups, batch * kv_heads)](
             pq_ptr=pooled_q, km_ptr=k_means, end_ptr=end, bmax_ptr=bmax, tmax_ptr=tmax, norms_ptr=norms,
             bucket_list_ptr=bmax.view(torch.int32), tile_list_ptr=tmax.view(torch.int32), idx_ptr=block_idx,
             num_ptr=num_blocks, **_strides(pooled_q, k_means),
             num_kv_heads=kv_heads, num_groups=groups, num_buckets=num_buckets, num_tiles=tmax.shape[1],
-            num_splits=splits, scale=scale, error_bound=error_bound,
-            TILES_PAD=triton.next_power_of_2(tmax.shape[1]), SPLITS_PAD=triton.next_power_of_2(splits),
+            num_norms=num_norms, scale=scale, error_bound=error_bound,
+            TILES_PAD=triton.next_power_of_2(tmax.shape[1]), NORMS_PAD=triton.next_power_of_2(num_norms),
             BUCKET=bucket, TILE_BUCKETS=block_n // bucket, TILE_STEP=max(1, 128 // (block_n // bucket)),
             CHUNK_BUCKETS=lanes // bucket, D_CHUNK=min(d_pad, d_chunk), HEAD_DIM=head_dim, D_PAD=d_pad,
             K_PAD=k_pad, TOP_K=top_k, INDEX_BITS=_INDEX_BITS, TIER_SHIFT=_TIER_SHIFT,
@@ -647,14 +651,14 @@ def two_pass_topk(
         return block_idx, num_blocks
     if refine_warps is None:
         refine_warps = 2 if math.ceil(num_slots / bucket) <= _WARP_REFINE_BUCKETS else 4
-    num_buckets, splits = bmax.shape[1], norms.shape[1]
+    num_buckets, num_norms = bmax.shape[1], norms.shape[1]
     _refine_kernel[(groups, batch * kv_heads)](
         pq_ptr=pooled_q, km_ptr=k_means, end_ptr=end, bmax_ptr=bmax, norms_ptr=norms, counts_ptr=counts,
         list_ptr=bmax.view(torch.int32), idx_ptr=block_idx, num_ptr=num_blocks,
         **_strides(pooled_q, k_means),
-        num_kv_heads=kv_heads, num_groups=groups, num_buckets=num_buckets, num_splits=splits,
+        num_kv_heads=kv_heads, num_groups=groups, num_buckets=num_buckets, num_norms=num_norms,
         scale=scale, error_bound=error_bound, BUCKETS_PAD=triton.next_power_of_2(num_buckets),
-        SPLITS_PAD=triton.next_power_of_2(splits), BUCKET=bucket, CHUNK_BUCKETS=lanes // bucket,
+        NORMS_PAD=triton.next_power_of_2(num_norms), BUCKET=bucket, CHUNK_BUCKETS=lanes // bucket,
         D_CHUNK=min(d_pad, d_chunk), HEAD_DIM=head_dim, D_PAD=d_pad,
         K_PAD=k_pad, TOP_K=top_k, INDEX_BITS=_INDEX_BITS, TIER_SHIFT=_TIER_SHIFT,
         LEVEL_STEPS=level_steps, num_warps=refine_warps,
