@@ -52,6 +52,7 @@ from omnimem.gated_selection import (
     select_groups_torch,
 )
 from omnimem.kernels.group_topk import (
+    _PASS_1_PER_SM,
     bucket_maxima,
     default_bucket,
     group_topk,
@@ -197,11 +198,12 @@ def run_history(history: int, pattern: str, args) -> dict:
             name = "two-pass " + " ".join(f"{k}={v}" for k, v in options.items())
             options = {"approx_keys": pooled.k_attn, **options}
             t[name] = graph_ms(lambda o=options: two_pass_topk(pq, pooled.k, end, top_k=16, scale=scale, **o))
-        pass_1 = dict(bucket=default_bucket(slots), rows=128, block_n=64, precision="tf32", num_warps=8)
-        t["selection pass 1 alone"] = bench(lambda: bucket_maxima(pq, pooled.k_attn, end, per_sm=3, **pass_1))
-        t["selection pass 1 alone, tf32"] = bench(
-            lambda: bucket_maxima(pq, pooled.k, end, per_sm=3, **pass_1)
-        )
+        pass_1 = dict(
+            bucket=default_bucket(slots), rows=128, block_n=64, precision="tf32", num_warps=8,
+            per_sm=_PASS_1_PER_SM,
+        )  # fmt: skip
+        t["selection pass 1 alone"] = bench(lambda: bucket_maxima(pq, pooled.k_attn, end, **pass_1))
+        t["selection pass 1 alone, tf32"] = bench(lambda: bucket_maxima(pq, pooled.k, end, **pass_1))
         t["selection one-pass (tf32x3)"] = bench(
             lambda: stream_topk(pq, pooled.k, end, top_k=16, scale=scale)
         )

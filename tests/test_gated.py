@@ -269,10 +269,11 @@ def test_gather_path_gradients_pass_gradcheck_in_float64(rules):
 
 
 @pytest.mark.parametrize(("groups", "num_slots", "end"), [(40, 300, 300), (40, 300, 170), (5, 90, 90)])
-def test_first_pass_norms_cover_every_candidate_block_once(groups, num_slots, end):
+def test_first_pass_norms_cover_every_candidate_block_once(groups, num_slots, end, poisoned_allocations):
     """Pass 1's norm entries (the row tiles take turns over block tiles) have the largest
     squared norm of the candidate means as their maximum, per head: several row tiles and
-    splits, a NaN mean ignored, a huge mean past the candidates' end ignored."""
+    splits, a NaN mean ignored, a huge mean past the candidates' end ignored, and no entry
+    left unwritten (allocations start as NaN)."""
     from omnimem.kernels.group_topk import bucket_maxima
 
     gen = torch.Generator().manual_seed(groups + num_slots + end)

@@ -1,0 +1,22 @@
+"""Fixtures shared by the tests."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+
+@pytest.fixture
+def poisoned_allocations(monkeypatch):
+    """Every ``torch.empty``-style allocation is filled with NaN (or junk integers)."""
+
+    def fill(buffer: torch.Tensor) -> torch.Tensor:
+        if buffer.numel():
+            buffer.fill_(float("nan") if buffer.is_floating_point() else -123456789)
+        return buffer
+
+    originals = {name: getattr(torch, name) for name in ("empty", "empty_like", "empty_strided")}
+    for name, original in originals.items():
+        monkeypatch.setattr(torch, name, lambda *a, _f=original, **kw: fill(_f(*a, **kw)))
+    new_empty = torch.Tensor.new_empty
+    monkeypatch.setattr(torch.Tensor, "new_empty", lambda self, *a, **kw: fill(new_empty(self, *a, **kw)))
