@@ -191,7 +191,28 @@ def forward(
         compiled=compiled and q.device.type == "cuda",
         for_backward=wants_grad,
     )
+    if q.device.type == "cpu":
+        v = unattended_values_zeroed(v, selection, chunk_len=chunk_len)
     return attend(q, k, v, block_mask, scale=scale, return_lse=return_lse, compiled=compiled)
+
+
+def unattended_values_zeroed(v: torch.Tensor, selection: Selection, *, chunk_len: int) -> torch.Tensor:
+    """``v`` with every token that no query of its KV head attends set to 0 (a copy).
+
+    FlexAttention multiplies masked weights of 0 by every value of a key tile it visits (all
+    of them in eager mode), so a NaN or inf value beside an attended block would turn whole
+    outputs into NaN. Zeroing what nobody attends costs one pass over ``v``: small next to
+    attention on the CPU, where flex is the default; on CUDA (the ``triton`` backend's home)
+    it would be a pass over every history value per call, so it is not made there. A NaN
+    value in a block that another query group of the same head attends still reaches the
+    groups that skip it.
+    """
+    attended = selection.attended_block_mask().any(2)  # [B, Hkv, NB]: any group attends it
+    token = torch.arange(v.shape[2], device=v.device)
+    in_history = token < selection.history_len
+    block = (token // selection.block_size).clamp(max=selection.num_history_blocks - 1)
+    kept = (attended[..., block] & in_history) | (~in_history & (token < selection.history_len + chunk_len))
+    return v.masked_fill(~kept[..., None], 0)
 
 
 def attend(

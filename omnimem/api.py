@@ -221,10 +221,12 @@ def sparse_attention(
     Args:
         q: ``[B, Hq, Lq, D]`` current-chunk queries (float16, bfloat16, float32 or float64).
             A ``[B, Lq, Hq, D]`` (flash-attn/Wan layout) tensor can be passed as
-            ``q.transpose(1, 2)``: no copy is made by the selection or the flex backend.
+            ``q.transpose(1, 2)``: no copy is made by the selection or the flex backend (on
+            the CPU flex copies ``v`` once, zeroing the values nobody attends).
         k: ``[B, Hkv, Lkv, D]`` keys, ``Hq % Hkv == 0``: positions ``[0, history_len)`` are the
             history, ``[history_len, history_len + chunk_len)`` the current chunk; positions
-            after that (preallocated, unwritten space) are never attended but must be finite.
+            after that (preallocated, unwritten space) are never attended and influence no
+            output (flex on CUDA excepted: there values beside attended ones must be finite).
         v: values, same shape as ``k``.
         history_len: history tokens in ``k``; default ``Lkv - chunk_len``. ``0`` gives plain
             attention over the chunk.

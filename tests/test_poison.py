@@ -2,7 +2,8 @@
 with ``torch.empty``/``empty_like``/``new_empty`` starts as NaN (junk for integers), and every
 backend must give the same output as with clean buffers, so a row a kernel never writes, or an
 entry read before it is written, shows. Unwritten cache space and unattended history are
-poisoned too where the contract allows it (non-flex backends ignore unattended values)."""
+poisoned too: no backend lets an unattended value reach an output (flex on CUDA excepted,
+documented in docs/faq.md)."""
 
 from __future__ import annotations
 
@@ -90,3 +91,27 @@ def test_backward_writes_every_gradient_and_ignores_unattended_values(backend, q
         assert not got.isnan().any()
         torch.testing.assert_close(got, want, atol=0, rtol=0)
     assert (clean[2][:, :, 4:8] == 0).all()  # an unattended block gets no gradient
+
+
+@pytest.mark.parametrize("compiled", [False, True], ids=["eager", "compiled"])
+@pytest.mark.parametrize("query_group_size", [None, 7], ids=["one-group", "groups"])
+def test_flex_on_cpu_ignores_unattended_values(query_group_size, compiled):
+    """FlexAttention weighs every value of a visited tile (every value, eager): NaN in blocks
+    no query of a head attends, beside attended ones in the same tile, and in the buffer's
+    unwritten tail, must not reach any output on the CPU, where flex is the default."""
+    q, k, v = make_inputs(batch=2, q_heads=4, kv_heads=2, history_len=37, q_len=35, head_dim=16, unwritten=9)
+    q, k, v = q.cpu(), k.cpu(), v.cpu()
+    q[..., 0] = q[..., 0].abs() + 3.0
+    k[:, :, 4:8, 0] = -20.0  # block 1 scores lowest for every query group: never attended
+    call = dict(
+        history_len=37, chunk_len=35, block_size=4, top_k=3, sink_tokens=2, local_tokens=5,
+        query_group_size=query_group_size, backend="flex", compile=compiled, return_lse=True,
+    )  # fmt: skip
+    out, lse = sparse_attention(q, k, v, **call)
+    poisoned = v.clone()
+    poisoned[:, :, 4:8] = float("nan")
+    poisoned[:, :, 37 + 35 :] = float("nan")
+    got, got_lse = sparse_attention(q, k, poisoned, **call)
+    assert not got.isnan().any()
+    torch.testing.assert_close(got, out, atol=0, rtol=0)
+    torch.testing.assert_close(got_lse, lse, atol=0, rtol=0)
