@@ -75,7 +75,9 @@ def check_attention_inputs(
         raise ValueError(
             f"k must have q's head_dim {head_dim}, got {k_dim} (shape {tuple(k.shape)}); {LAYOUT_HINT}"
         )
-    if kv_heads == 0 or q_heads % kv_heads:
+    if kv_heads == 0:
+        raise ValueError(f"k must have at least one head, got shape {tuple(k.shape)}; {LAYOUT_HINT}")
+    if q_heads % kv_heads:
         raise ValueError(
             f"q heads ({q_heads}) must be a multiple of k heads ({kv_heads}) for MHA/GQA; {LAYOUT_HINT}"
         )

@@ -61,6 +61,7 @@ def _bad_inputs():
     yield "batch", (q, k.expand(2, -1, -1, -1), v.expand(2, -1, -1, -1)), {}, ValueError, "batch size"
     yield "head dim", (q, k[..., :8], v[..., :8]), {}, ValueError, "head_dim"
     yield "gqa ratio", (q[:, :3], k, v), {}, ValueError, "multiple of k heads"
+    yield "no heads", (q[:, :0], k[:, :0], v[:, :0]), {}, ValueError, "k must have at least one head"
     yield "history too long", (q, k, v), dict(history_len=17), ValueError, "history_len must lie"
     yield "negative history", (q, k, v), dict(history_len=-1), ValueError, "history_len must lie"
     yield "history not int", (q, k, v), dict(history_len=3.0), TypeError, "history_len must be a Python int"
