@@ -142,13 +142,17 @@ def select_groups(
     if use_kernel:
         from omnimem.kernels.group_queries import group_queries_and_end
         from omnimem.kernels.group_topk import group_topk
+        from omnimem.kernels.pdl import pdl_available
 
+        # Three short kernels in a chain: on Hopper each starts while its predecessor drains.
+        pdl = pdl_available(q.device)
         pooled_q, end = group_queries_and_end(
             q, seq_len, query_group_size=group_size, num_kv_heads=k_means.shape[1], precision=precision,
             block_size=block_size, top_k=top_k, window_tokens=window_tokens, candidates=candidates,
+            pdl_trigger=pdl,
         )  # fmt: skip
         block_idx, num_blocks = group_topk(
-            pooled_q, keys, end, top_k=top_k, scale=scale, approx_keys=approx_keys
+            pooled_q, keys, end, top_k=top_k, scale=scale, approx_keys=approx_keys, pdl=pdl
         )
     else:
         pooled_q = group_queries(q, group_size, k_means.shape[1], precision)

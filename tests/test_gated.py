@@ -162,9 +162,13 @@ def test_group_topk_kernels_match_torch(groups, num_slots, end, top_k, options, 
         (1, 1, 7, 3, 7, "all", "input"),
     ],
 )
-def test_group_queries_kernel_matches_torch(q_heads, kv_heads, q_len, group, seq_len, candidates, precision):
+@pytest.mark.parametrize("groups_per_program", [1, 2, 3])
+def test_group_queries_kernel_matches_torch(
+    q_heads, kv_heads, q_len, group, seq_len, candidates, precision, groups_per_program, poisoned_allocations
+):
     """The selection's per-call inputs in one launch: pooled queries (GQA sum, rounding) and
-    the candidates' end equal the torch path's (exact inputs: every sum order agrees)."""
+    the candidates' end equal the torch path's (exact inputs: every sum order agrees), with
+    programs of several groups (the last one partial) and the outputs poisoned."""
     from omnimem.gated_selection import group_queries
     from omnimem.kernels.group_queries import group_queries_and_end
 
@@ -173,8 +177,9 @@ def test_group_queries_kernel_matches_torch(q_heads, kv_heads, q_len, group, seq
     seq = torch.tensor(seq_len, device=TEST_DEVICE)
     rule = dict(block_size=7, top_k=3, window_tokens=20, candidates=candidates)
     pooled, end = group_queries_and_end(
-        q, seq, query_group_size=group, num_kv_heads=kv_heads, precision=precision, **rule
-    )
+        q, seq, query_group_size=group, num_kv_heads=kv_heads, precision=precision,
+        groups_per_program=groups_per_program, **rule,
+    )  # fmt: skip
     torch.testing.assert_close(pooled, group_queries(q, group, kv_heads, precision), atol=0, rtol=0)
     assert end.item() == candidate_end(seq, **rule).item()
 

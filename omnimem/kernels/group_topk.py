@@ -33,6 +33,7 @@ import torch
 import triton
 import triton.language as tl
 
+from omnimem.kernels.pdl import gdc_launch_dependents, gdc_wait
 from omnimem.selection import _INDEX_BITS, _TIER_SHIFT
 
 _MAX_KEY = tl.constexpr((1 << 63) - 1)  # a jit global must be a constexpr
@@ -180,12 +181,18 @@ def _bucket_max_kernel(
     num_kv_heads, num_groups, num_buckets, blocks_per_split, num_tiles,
     ROWS: tl.constexpr, BLOCK_N: tl.constexpr, BUCKET: tl.constexpr, HEAD_DIM: tl.constexpr,
     D_PAD: tl.constexpr, PRECISION: tl.constexpr, TILE_MAXIMA: tl.constexpr,
+    PDL_WAIT: tl.constexpr = False, PDL_TRIGGER: tl.constexpr = False,
 ):  # fmt: skip
     """Pass 1: approximate (tensor-core) scores, reduced to each ``BUCKET`` of blocks' maximum
     per row, and the largest squared norm of block means (for the error bound): the row tiles
     take turns over the split's block tiles, so each mean's norm is computed once, and every
     program writes its own maximum (no buffer needs zeroing). The first split zeroes its rows'
-    candidate counters for pass 2 (no extra launch)."""
+    candidate counters for pass 2 (no extra launch). ``PDL_WAIT``/``PDL_TRIGGER``: see
+    ``omnimem.kernels.pdl``."""
+    if PDL_WAIT:  # the pooled queries and the end come from the previous launch
+        gdc_wait()
+    if PDL_TRIGGER:
+        gdc_launch_dependents()
     batch_head, rows, row_ok, q, k_base, lo, hi = _split_program(
         pq_ptr, km_ptr, end_ptr, stride_qb, stride_qh, stride_qg, stride_qd, stride_kb, stride_kh,
         num_kv_heads, num_groups, blocks_per_split, ROWS, HEAD_DIM, D_PAD,
@@ -283,12 +290,14 @@ def _refine_kernel(
     BUCKETS_PAD: tl.constexpr, NORMS_PAD: tl.constexpr, BUCKET: tl.constexpr,
     CHUNK_BUCKETS: tl.constexpr, D_CHUNK: tl.constexpr, HEAD_DIM: tl.constexpr, D_PAD: tl.constexpr,
     K_PAD: tl.constexpr, TOP_K: tl.constexpr, INDEX_BITS: tl.constexpr, TIER_SHIFT: tl.constexpr,
-    LEVEL_STEPS: tl.constexpr,
+    LEVEL_STEPS: tl.constexpr, PDL_WAIT: tl.constexpr = False,
 ):  # fmt: skip
     """Pass 2, one query group: the threshold under which no top-k block can lie, the buckets
     above it, exact float32 scores of their blocks ``CHUNK_BUCKETS`` buckets at a time, and
     the block indices of the top-k of those. ``list_ptr`` is the row of ``bmax`` itself, as
     int32: once the maxima are in registers it holds the kept buckets, so any number fits."""
+    if PDL_WAIT:  # every input but the means comes from the previous launches
+        gdc_wait()
     batch_head, row_id, q_base, q, k_base, end = _group_program(
         pq_ptr, km_ptr, end_ptr, stride_qb, stride_qh, stride_qg, stride_qd, stride_kb, stride_kh,
         num_kv_heads, num_groups, HEAD_DIM, D_PAD,
@@ -343,13 +352,15 @@ def _refine_warp_kernel(
     TILES_PAD: tl.constexpr, NORMS_PAD: tl.constexpr, BUCKET: tl.constexpr, TILE_BUCKETS: tl.constexpr,
     TILE_STEP: tl.constexpr, CHUNK_BUCKETS: tl.constexpr, D_CHUNK: tl.constexpr, HEAD_DIM: tl.constexpr,
     D_PAD: tl.constexpr, K_PAD: tl.constexpr, TOP_K: tl.constexpr, INDEX_BITS: tl.constexpr,
-    TIER_SHIFT: tl.constexpr, LEVEL_STEPS: tl.constexpr,
+    TIER_SHIFT: tl.constexpr, LEVEL_STEPS: tl.constexpr, PDL_WAIT: tl.constexpr = False,
 ):  # fmt: skip
     """Pass 2 in a warp or two per query group, from the tile maxima down: the level comes from
     the ~200 tile maxima (not ~3,000 bucket maxima), only candidate tiles' bucket maxima are
     read, and every reduction stays inside the warp. Lists live in the rows they were read
     from: the candidate tiles in the row of tile maxima, the kept buckets in the candidate
     tiles' own (already read) stretches of the row of bucket maxima, so any number fits."""
+    if PDL_WAIT:  # every input but the means comes from the previous launches
+        gdc_wait()
     batch_head, row_id, q_base, q, k_base, end = _group_program(
         pq_ptr, km_ptr, end_ptr, stride_qb, stride_qh, stride_qg, stride_qd, stride_kb, stride_kh,
         num_kv_heads, num_groups, HEAD_DIM, D_PAD,
@@ -528,12 +539,16 @@ def bucket_maxima(
     per_sm: int,
     num_stages: int | None = None,
     tile_maxima: bool = False,
+    pdl: bool = False,
+    pdl_trigger: bool = False,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor | None]:
     """Pass 1: ``(bmax [B * Hkv * G, buckets] float32, norms [B * Hkv, programs per head]
     float32, counts [B * Hkv * G] int32, tmax [B * Hkv * G, tiles] float32 or None)``: unscaled
     approximate scores' maximum per bucket of ``bucket`` blocks (buckets past ``end`` hold
     junk), each program's largest squared block-mean norm (their maximum is the head's),
-    zeroed candidate counters, and with ``tile_maxima`` each ``block_n`` tile's maximum."""
+    zeroed candidate counters, and with ``tile_maxima`` each ``block_n`` tile's maximum.
+    ``pdl``: launched to overlap the previous kernel's tail (``omnimem.kernels.pdl``);
+    ``pdl_trigger``: let the next kernel start as soon as every program of this one has."""
     batch, kv_heads, groups, head_dim = pooled_q.shape
     num_slots = k_means.shape[2]
     device = pooled_q.device
@@ -556,8 +571,9 @@ def bucket_maxima(
         num_kv_heads=kv_heads, num_groups=groups, num_buckets=num_buckets, blocks_per_split=per_split,
         num_tiles=tiles, ROWS=rows, BLOCK_N=block_n, BUCKET=bucket, HEAD_DIM=head_dim,
         D_PAD=max(16, triton.next_power_of_2(head_dim)), PRECISION=precision, TILE_MAXIMA=tile_maxima,
-        num_warps=num_warps,
+        PDL_WAIT=pdl, PDL_TRIGGER=pdl_trigger, num_warps=num_warps,
         **({} if num_stages is None else {"num_stages": num_stages}),
+        **({"launch_pdl": True} if pdl else {}),
     )  # fmt: skip
     return bmax, norms, counts, tmax
 
@@ -583,6 +599,9 @@ def two_pass_topk(
     refine: str | None = None,
     approx_keys: torch.Tensor | None = None,
     num_stages: int | None = None,
+    pdl: bool = False,
+    pdl_trigger: bool = False,
+    refine_maxnreg: int | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Approximate bucket maxima, then exact scores of the few buckets that may hold a top-k
     block: ``(block_idx [B, Hkv, G, top_k] int32, num_blocks [B, Hkv, G] int32)``, exact
@@ -593,7 +612,10 @@ def two_pass_topk(
     computes bfloat16 dots wrongly). ``refine``: ``"block"`` (``_refine_kernel``, one program
     per group over every bucket maximum: 2 warps, 4 past ``_WARP_REFINE_BUCKETS`` buckets) or
     ``"warp"`` (``_refine_warp_kernel``, 2 warps per group from pass 1's tile maxima down); by
-    default ``"warp"`` past ``_WARP_REFINE_BUCKETS`` buckets per row."""
+    default ``"warp"`` past ``_WARP_REFINE_BUCKETS`` buckets per row. ``pdl``: both passes are
+    launched to overlap their predecessor's tail (``omnimem.kernels.pdl``; CUDA, sm_90+);
+    ``pdl_trigger``: pass 1 lets pass 2 start once all its programs have; ``refine_maxnreg``:
+    a register cap for the warp refine pass."""
     batch, kv_heads, groups, head_dim = pooled_q.shape
     num_slots = k_means.shape[2]
     device = pooled_q.device
@@ -632,8 +654,9 @@ def two_pass_topk(
     bmax, norms, counts, tmax = bucket_maxima(
         pooled_q, k_means if approx_keys is None else approx_keys, end, bucket=bucket, rows=rows,
         block_n=block_n, precision=precision, num_warps=num_warps, per_sm=per_sm, num_stages=num_stages,
-        tile_maxima=warp,
+        tile_maxima=warp, pdl=pdl, pdl_trigger=pdl_trigger,
     )  # fmt: skip
+    launch = {"launch_pdl": True} if pdl else {}
     if warp:
         num_buckets, num_norms = bmax.shape[1], norms.shape[1]
         _refine_warp_kernel[(groups, batch * kv_heads)](
@@ -646,7 +669,8 @@ def two_pass_topk(
             BUCKET=bucket, TILE_BUCKETS=block_n // bucket, TILE_STEP=max(1, 128 // (block_n // bucket)),
             CHUNK_BUCKETS=lanes // bucket, D_CHUNK=min(d_pad, d_chunk), HEAD_DIM=head_dim, D_PAD=d_pad,
             K_PAD=k_pad, TOP_K=top_k, INDEX_BITS=_INDEX_BITS, TIER_SHIFT=_TIER_SHIFT,
-            LEVEL_STEPS=level_steps, num_warps=refine_warps or 2,
+            LEVEL_STEPS=level_steps, PDL_WAIT=pdl, num_warps=refine_warps or 2, **launch,
+            **({} if refine_maxnreg is None else {"maxnreg": refine_maxnreg}),
         )  # fmt: skip
         return block_idx, num_blocks
     if refine_warps is None:
@@ -661,7 +685,7 @@ def two_pass_topk(
         NORMS_PAD=triton.next_power_of_2(num_norms), BUCKET=bucket, CHUNK_BUCKETS=lanes // bucket,
         D_CHUNK=min(d_pad, d_chunk), HEAD_DIM=head_dim, D_PAD=d_pad,
         K_PAD=k_pad, TOP_K=top_k, INDEX_BITS=_INDEX_BITS, TIER_SHIFT=_TIER_SHIFT,
-        LEVEL_STEPS=level_steps, num_warps=refine_warps,
+        LEVEL_STEPS=level_steps, PDL_WAIT=pdl, num_warps=refine_warps, **launch,
     )  # fmt: skip
     return block_idx, num_blocks
 
@@ -700,12 +724,13 @@ def group_topk(
     ``pooled_q [B, Hkv, G, D]`` and ``k_means [B, Hkv, NB, D]`` are float32; ``end`` is a 0-d
     integer tensor (candidates are the blocks ``[0, end)``). The two-pass kernels unless
     ``top_k`` exceeds their step (or ``one_pass=True``); ``options`` go to the chosen launcher
-    (``approx_keys`` only to the two-pass one, which alone uses it).
+    (``approx_keys`` and ``pdl`` only to the two-pass one, which alone uses them).
     """
     if one_pass is None:
         one_pass = top_k > _CHUNK_LANES
     if one_pass:
         options.pop("approx_keys", None)
+        options.pop("pdl", None)
     else:
         return two_pass_topk(pooled_q, k_means, end, top_k=top_k, scale=scale, **options)
     if top_k > _CHUNK_LANES:
