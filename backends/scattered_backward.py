@@ -166,7 +166,7 @@ def _dkv_kernel(
     num_q_heads, heads_per_kv, num_kv_heads, q_len, group_size, block_size, chunk_len,
     num_pairs, num_slots, chunk_tiles, tiles_per_group, scale, qk_scale,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, SUBS: tl.constexpr,
-    HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, PRECISION: tl.constexpr,
+    HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, PRECISION: tl.constexpr, ACCUMULATE: tl.constexpr = False,
 ):  # fmt: skip
     # Programs [0, num_pairs * SUBS): key tile (pair, sub) of a history block; the first pair
     # of each block's run works, the others find nothing to do. Then one program per chunk key
@@ -228,10 +228,14 @@ def _dkv_kernel(
     store_mask = token_ok[:, None] & (dims[None, :] < HEAD_DIM)
     dk_base = dk_ptr + batch.to(tl.int64) * stride_dkb + kv_head.to(tl.int64) * stride_dkh
     dv_base = dv_ptr + batch.to(tl.int64) * stride_dvb + kv_head.to(tl.int64) * stride_dvh
-    tl.store(dk_base + tokens[:, None].to(tl.int64) * stride_dkl + dims[None, :] * stride_dkd,
-             (dk * scale).to(dk_ptr.dtype.element_ty), mask=store_mask)  # fmt: skip
-    tl.store(dv_base + tokens[:, None].to(tl.int64) * stride_dvl + dims[None, :] * stride_dvd,
-             dv.to(dv_ptr.dtype.element_ty), mask=store_mask)  # fmt: skip
+    dk_ptrs = dk_base + tokens[:, None].to(tl.int64) * stride_dkl + dims[None, :] * stride_dkd
+    dv_ptrs = dv_base + tokens[:, None].to(tl.int64) * stride_dvl + dims[None, :] * stride_dvd
+    dk = dk * scale
+    if ACCUMULATE:  # onto gradients from other branches (one program per token: no race)
+        dk += tl.load(dk_ptrs, mask=store_mask, other=0.0).to(tl.float32)
+        dv += tl.load(dv_ptrs, mask=store_mask, other=0.0).to(tl.float32)
+    tl.store(dk_ptrs, dk.to(dk_ptr.dtype.element_ty), mask=store_mask)
+    tl.store(dv_ptrs, dv.to(dv_ptr.dtype.element_ty), mask=store_mask)
 
 
 def block_pairs(block_idx: torch.Tensor, num_slots: int) -> tuple[torch.Tensor, torch.Tensor]:
@@ -307,6 +311,8 @@ def scattered_attention_backward(
     grad_lse: torch.Tensor | None = None,
     dq_tiles: Tiles | None = None,
     dkv_tiles: Tiles | None = None,
+    dk_init: torch.Tensor | None = None,
+    dv_init: torch.Tensor | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """``(dq, dk, dv)`` of scattered attention, in the inputs' dtypes and shapes.
 
@@ -319,7 +325,9 @@ def scattered_attention_backward(
     gradient, if any. Allocates the three gradients (``dk``/``dv`` zero where nothing attends)
     and ``[B, Hq, Lq]`` float32 for ``delta``, plus the sorted pairs (``12 B`` per table entry).
     ``dq_tiles``/``dkv_tiles`` default to ``default_tiles`` (benchmarks/backward_gpu.py
-    ``--variants`` measures others).
+    ``--variants`` measures others). ``dk_init``/``dv_init``: k's and v's gradients from other
+    uses of them (k's shape and dtype, both or neither): this backward adds into them in
+    place and returns them, instead of allocating and zero-filling its own.
     """
     batch, q_heads, q_len, head_dim = q.shape
     kv_heads = k.shape[1]
@@ -333,16 +341,25 @@ def scattered_attention_backward(
         delta = delta - grad_lse.float()  # dL/dS = P * (dP - delta + dLSE)
     block_idx, num_blocks = block_idx.contiguous(), num_blocks.contiguous()  # indexed as dense rows
     dq = torch.empty_like(q)
-    dk, dv = torch.empty_like(k), torch.empty_like(v)
-    # dK/dV are zero where nothing attends: 2.3 GB of writes at 60 s of Wan-1.3B history. On a
-    # GPU the fill runs on a side stream beside the compute-bound dQ kernel (which never touches
-    # them); the dK/dV kernel waits for it.
-    side = _side_stream(q.device) if q.is_cuda else None
-    if side is not None:
-        side.wait_stream(torch.cuda.current_stream(q.device))
-    with torch.cuda.stream(side) if side is not None else contextlib.nullcontext():
-        dk.zero_()
-        dv.zero_()
+    accumulate = dk_init is not None
+    if accumulate != (dv_init is not None):
+        raise ValueError("dk_init and dv_init go together: pass both or neither")
+    if accumulate:
+        for name, init, x in (("dk_init", dk_init, k), ("dv_init", dv_init, v)):
+            if init.shape != x.shape or init.dtype != x.dtype or init.device != x.device:
+                raise ValueError(f"{name} must match {tuple(x.shape)} {x.dtype} on {x.device}")
+        dk, dv, side = dk_init, dv_init, None
+    else:
+        dk, dv = torch.empty_like(k), torch.empty_like(v)
+        # dK/dV are zero where nothing attends: 2.3 GB of writes at 60 s of Wan-1.3B history.
+        # On a GPU the fill runs on a side stream beside the compute-bound dQ kernel (which
+        # never touches them); the dK/dV kernel waits for it.
+        side = _side_stream(q.device) if q.is_cuda else None
+        if side is not None:
+            side.wait_stream(torch.cuda.current_stream(q.device))
+        with torch.cuda.stream(side) if side is not None else contextlib.nullcontext():
+            dk.zero_()
+            dv.zero_()
     lse = lse.float().contiguous()
     common = dict(
         stride_qb=q.stride(0), stride_qh=q.stride(1), stride_ql=q.stride(2), stride_qd=q.stride(3),
@@ -387,7 +404,7 @@ def scattered_attention_backward(
             stride_dvb=dv.stride(0), stride_dvh=dv.stride(1),
             stride_dvl=dv.stride(2), stride_dvd=dv.stride(3),
             num_pairs=keys.numel(), num_slots=num_slots, chunk_tiles=max(chunk_tiles, 1),
-            **shape(dkv_tiles), **common,
+            ACCUMULATE=accumulate, **shape(dkv_tiles), **common,
         )  # fmt: skip
     elif side is not None:
         torch.cuda.current_stream(q.device).wait_stream(side)

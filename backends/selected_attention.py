@@ -208,3 +208,79 @@ class SelectedAttention(torch.autograd.Function):
             query_group_size=ctx.query_group_size, chunk_len=0, scale=ctx.scale,
         )  # fmt: skip
         return dq, dk, dv, None, None, None, None, None, None
+
+
+def spread_block_gradients(
+    grad_means: torch.Tensor | None, like: torch.Tensor, seq_len: int, block_size: int
+) -> torch.Tensor:
+    """The gradient that block means ``[B, H, >= ceil(seq_len / block_size), D]`` pass to the
+    tokens they average: each of a block's ``n`` tokens gets ``grad / n`` (the last block may
+    be partial), tokens at or past ``seq_len`` get 0. A new tensor of ``like``'s shape, dtype
+    and strides."""
+    out = torch.empty_like(like)
+    full = seq_len // block_size
+    out[:, :, full * block_size :].zero_()
+    if grad_means is None or seq_len == 0:
+        out[:, :, : full * block_size].zero_()
+        return out
+    grad = grad_means.float()
+    if full:
+        body = out[:, :, : full * block_size].unflatten(2, (full, block_size))
+        body.copy_((grad[:, :, :full] / block_size)[:, :, :, None].expand(body.shape))
+    if seq_len > full * block_size:
+        tail = seq_len - full * block_size
+        out[:, :, full * block_size : seq_len] = (grad[:, :, full] / tail)[:, :, None]
+    return out
+
+
+class SelectedAttentionFanout(torch.autograd.Function):
+    """The selected branch of the gated layer together with what the two dense branches take
+    from ``k`` and ``v`` (block means, the window), so that one backward makes the whole ``dk``
+    and ``dv``: the means' gradient spread over their tokens (one write of each tensor: the
+    gradient autograd needs anyway), the window's added in place, then the selected branch's
+    dK/dV kernel adds its blocks in place. Autograd alone would zero-fill a full-history
+    gradient per branch and sum them: several more passes over the whole history.
+
+    ``SelectedAttentionFanout.apply(q, k, v, k_means, v_means, block_idx, num_blocks, seq_len_t,
+    seq_len, window_start, block_size, query_group_size, scale)`` returns ``(o_slc, k_means',
+    v_means', k_window, v_window)``: the selected branch's output (as ``selected_attention``),
+    copies of the (precomputed, undifferentiated) block means ``[B, Hkv, NB, D]`` and of ``k``,
+    ``v`` ``[window_start, seq_len)``, each differentiable back to ``k`` and ``v``.
+    """
+
+    @staticmethod
+    def forward(
+        ctx, q, k, v, k_means, v_means, block_idx, num_blocks, seq_len_t, seq_len, window_start,
+        block_size, query_group_size, scale,
+    ):  # fmt: skip
+        lse = torch.empty(q.shape[:3], device=q.device, dtype=torch.float32)
+        out = selected_attention(
+            q, k, v, block_idx=block_idx, num_blocks=num_blocks, seq_len=seq_len_t, block_size=block_size,
+            query_group_size=query_group_size, scale=scale, lse=lse,
+        )  # fmt: skip
+        ctx.save_for_backward(q, k, v, out, lse, block_idx, num_blocks, seq_len_t)
+        ctx.seq_len, ctx.window_start = seq_len, window_start
+        ctx.block_size, ctx.query_group_size, ctx.scale = block_size, query_group_size, scale
+        window = slice(window_start, seq_len)
+        return out, k_means.clone(), v_means.clone(), k[:, :, window].clone(), v[:, :, window].clone()
+
+    @staticmethod
+    @once_differentiable
+    def backward(ctx, grad_out, grad_k_means, grad_v_means, grad_k_window, grad_v_window):
+        from omnimem.backends.scattered_backward import scattered_attention_backward
+
+        q, k, v, out, lse, block_idx, num_blocks, seq_len_t = ctx.saved_tensors
+        window = slice(ctx.window_start, ctx.seq_len)
+        dk = spread_block_gradients(grad_k_means, k, ctx.seq_len, ctx.block_size)
+        dv = spread_block_gradients(grad_v_means, v, ctx.seq_len, ctx.block_size)
+        for grad, window_grad in ((dk, grad_k_window), (dv, grad_v_window)):
+            if window_grad is not None:
+                grad[:, :, window] += window_grad
+        dq = None
+        if grad_out is not None:
+            dq, dk, dv = scattered_attention_backward(
+                q, k, v, out, lse, grad_out,
+                block_idx=block_idx, num_blocks=num_blocks, limit=seq_len_t, block_size=ctx.block_size,
+                query_group_size=ctx.query_group_size, chunk_len=0, scale=ctx.scale, dk_init=dk, dv_init=dv,
+            )  # fmt: skip
+        return dq, dk, dv, *([None] * 10)

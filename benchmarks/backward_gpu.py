@@ -47,6 +47,7 @@ from omnimem import (
     select_blocks,
     sparse_attention,
 )
+from omnimem import gated as gated_module
 from omnimem.backends import flex as flex_backend
 from omnimem.backends import triton as triton_backend
 from omnimem.backends.gated_branches import selected_attention_gather
@@ -220,7 +221,7 @@ def selected_shape(frames: int, variants: bool = False) -> dict:
     if variants:
         out = selected_attention(q, k, v, **table, **sizes, lse=lse)
         bwd_table = dict(block_idx=sel.block_idx, num_blocks=sel.num_blocks, limit=sel.seq_len)
-        run = lambda **tiles: scattered_attention_backward(  # noqa: E731
+        run = lambda out=out, **tiles: scattered_attention_backward(  # noqa: E731
             q, k, v, out, lse, d_out, **bwd_table, **sizes, chunk_len=0, **tiles
         )
         defaults = default_tiles(sel.query_group_size, config.block_size, q.dtype, q.device)
@@ -237,9 +238,24 @@ def selected_shape(frames: int, variants: bool = False) -> dict:
     gates = torch.rand(*q.shape[:3], 3, device="cuda", dtype=torch.bfloat16)
     with torch.no_grad():
         row["layer_fwd_ms"] = bench(lambda: gated_attention(q, k, v, gates, history_len=history_len))
-    xs = leaves(q, k, v, gates)
-    out = gated_attention(*xs, history_len=history_len)
-    row["layer_bwd_ms"], row["layer_bwd_peak_extra_mib"] = backward_ms_and_peak(out, xs, d_out)
+    layer_grads = {}
+    for fanout, suffix in ((True, ""), (False, "_autograd_sum")):
+        # One backward for dk/dv (SelectedAttentionFanout) vs autograd summing the branches'.
+        gated_module.FANOUT_BACKWARD = fanout
+        xs = leaves(q, k, v, gates)
+        train_forward = lambda xs=xs: gated_attention(*xs, history_len=history_len)  # noqa: E731
+        row[f"layer_train_fwd_ms{suffix}"] = bench(train_forward)
+        layer_out = train_forward()
+        layer_grads[fanout] = torch.autograd.grad(layer_out, xs, d_out, retain_graph=True)
+        row[f"layer_bwd_ms{suffix}"], row[f"layer_bwd_peak_extra_mib{suffix}"] = backward_ms_and_peak(
+            layer_out, xs, d_out
+        )
+        del layer_out, xs
+    gated_module.FANOUT_BACKWARD = True
+    row["layer_fanout_vs_autograd_rel_err"] = [
+        rel_err(a, b.float()) for a, b in zip(layer_grads[True], layer_grads[False], strict=True)
+    ]
+    del layer_grads
     print(f"selected {row}", flush=True)
     return row
 
@@ -369,14 +385,22 @@ def main() -> None:
             f"{r['gather_sdpa_fwd_ms']:.3f} | {r['gather_sdpa_bwd_ms']:.3f} |"
         )
     print("\nselected branch (authors' shapes) and the whole gated layer, bf16 (ms)")
-    print("| frames | fwd | fwd+LSE | bwd | bwd/fwd | peak extra MiB | layer fwd | layer bwd |")
-    print("|---|---|---|---|---|---|---|---|")
+    print(
+        "| frames | fwd | fwd+LSE | bwd | bwd/fwd | peak extra MiB | layer fwd | layer train fwd | "
+        "layer bwd (peak MiB) | the same, autograd summing the branches |"
+    )
+    print("|---|---|---|---|---|---|---|---|---|---|")
     for r in selected:
         print(
             f"| {r['frames']} | {r['selected_fwd_ms']:.3f} | {r['selected_fwd_with_lse_ms']:.3f} | "
             f"{r['selected_bwd_ms']:.3f} ({max(r['selected_grad_rel_err']):.1e}) | "
             f"{r['selected_bwd_over_fwd']:.2f}x | "
-            f"{r['selected_bwd_peak_extra_mib']:.0f} | {r['layer_fwd_ms']:.3f} | {r['layer_bwd_ms']:.3f} |"
+            f"{r['selected_bwd_peak_extra_mib']:.0f} | {r['layer_fwd_ms']:.3f} | "
+            f"{r['layer_train_fwd_ms']:.3f} | "
+            f"{r['layer_bwd_ms']:.3f} ({r['layer_bwd_peak_extra_mib']:.0f}) | "
+            f"{r['layer_train_fwd_ms_autograd_sum']:.3f} + {r['layer_bwd_ms_autograd_sum']:.3f} "
+            f"({r['layer_bwd_peak_extra_mib_autograd_sum']:.0f}; grads differ by "
+            f"{max(r['layer_fanout_vs_autograd_rel_err']):.1e}) |"
         )
     print("\none layer's training step through OmniMemCache (attend + backward), bf16")
     print("| history | compact copy ms | whole-history copy ms | kept for backward MiB: compact / whole |")

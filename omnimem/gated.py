@@ -92,13 +92,15 @@ def _check_pooled(
     return pooled
 
 
-def _prepare(q, k, v, history_len, config, pooled):
+def _prepare(q, k, v, history_len, config, pooled, detach=False):
     history_len, _ = check_attention_inputs(q, k, v, history_len=history_len, chunk_len=None)
     seq_len = history_len + q.shape[2]
     if pooled is None and config.block_size > seq_len:
         # One block of the whole sequence: the same layer, without allocations sized by the block.
         config = config.replace(block_size=seq_len)
-    if pooled is None:
+    if pooled is None and detach:  # the means' gradient is SelectedAttentionFanout's to make
+        pooled = pool_kv(k.detach(), v.detach(), seq_len=seq_len, block_size=config.block_size)
+    elif pooled is None:
         pooled = pool_kv(k, v, seq_len=seq_len, block_size=config.block_size)
     else:
         pooled = _check_pooled(pooled, q, k, config.block_size, seq_len)
@@ -230,7 +232,12 @@ def gated_attention(
     wants_grad = torch.is_grad_enabled() and any(
         isinstance(x, torch.Tensor) and x.requires_grad for x in (q, k, v, gates)
     )
-    seq_len, pooled, config = _prepare(q, k, v, history_len, config, pooled)
+    # Training on the triton backend from k and v alone: one backward makes dk and dv for
+    # all three branches (SelectedAttentionFanout) instead of autograd summing three.
+    fanout = (
+        FANOUT_BACKWARD and backend == "triton" and wants_grad and pooled is None and q.dtype != torch.float64
+    )
+    seq_len, pooled, config = _prepare(q, k, v, history_len, config, pooled, detach=fanout)
     check_gates(gates, q)
     _log_choice(backend, q.device.type)
     scale = config.scale or q.shape[-1] ** -0.5
@@ -241,13 +248,16 @@ def gated_attention(
     return run_branches(
         q, k, v, gates, selection, seq_len=seq_len, k_means=pooled.k_attn, v_means=pooled.v_attn,
         num_blocks=num_blocks, config=config, backend=backend, scale=scale, wants_grad=wants_grad,
-        selection_ready=ready,
+        selection_ready=ready, fanout=fanout,
     )  # fmt: skip
 
 
 # Whether the triton backend selects on a side stream beside the dense branches (benchmarks
 # turn it off to measure the difference).
 OVERLAP_SELECTION = True
+# Whether a differentiable stateless call on the triton backend makes dk/dv in one backward
+# (SelectedAttentionFanout) rather than letting autograd sum three branches' (benchmarks).
+FANOUT_BACKWARD = True
 
 
 @functools.cache
@@ -296,18 +306,35 @@ def run_branches(
     scale: float,
     wants_grad: bool,
     selection_ready: Callable[[], None] | None = None,
+    fanout: bool = False,
 ) -> torch.Tensor:
     """The run step of ``gated_attention``, its selection made: the three branches over
     ``k``/``v`` ``[0, seq_len)`` (the window: the last ``window_tokens`` of them; the selected
     branch: ``selection``'s blocks of ``k``) and the first ``num_blocks`` block means, summed
     with the gates. A cache that trains attends compact keys this way (``GatedCache``).
     ``selection_ready`` runs after the dense branches, before anything reads ``selection``
-    (the side-stream join of ``_select_beside``)."""
+    (the side-stream join of ``_select_beside``). ``fanout`` (triton, with gradients):
+    ``k_means``/``v_means`` carry no gradient of their own, and ``SelectedAttentionFanout``
+    makes the whole ``dk``/``dv`` in one backward."""
     if backend == "triton" and wants_grad and q.dtype == torch.float64:
         raise ValueError(
             "the gated layer's triton kernels compute in float32 at most: for float64 gradients "
             "(gradcheck) use backend='gather'"
         )
+    if fanout and backend == "triton" and wants_grad:
+        from omnimem.backends.selected_attention import SelectedAttentionFanout
+
+        if selection_ready is not None:
+            selection_ready()
+        o_slc, k_means, v_means, k_window, v_window = SelectedAttentionFanout.apply(
+            q, k, v, k_means, v_means, selection.block_idx, selection.num_blocks, selection.seq_len,
+            seq_len, max(0, seq_len - config.window_tokens), config.block_size,
+            selection.query_group_size, scale,
+        )  # fmt: skip
+        o_cmp = compressed_attention(q, k_means, v_means, num_blocks, scale=scale)
+        window_len = k_window.shape[2]
+        o_swa = window_attention(q, k_window, v_window, window_len, window_tokens=window_len, scale=scale)
+        return _gated_sum(gates, o_cmp, o_slc, o_swa, q.dtype)
     o_cmp = compressed_attention(q, k_means, v_means, num_blocks, scale=scale)
     o_swa = window_attention(q, k, v, seq_len, window_tokens=config.window_tokens, scale=scale)
     if selection_ready is not None:
@@ -347,9 +374,13 @@ def run_branches(
             query_group_size=selection.query_group_size,
             scale=scale,
         )
-    acc = accumulation_dtype(q.dtype)
+    return _gated_sum(gates, o_cmp, o_slc, o_swa, q.dtype)
+
+
+def _gated_sum(gates, o_cmp, o_slc, o_swa, dtype: torch.dtype) -> torch.Tensor:
+    acc = accumulation_dtype(dtype)
     g_cmp, g_slc, g_swa = gates.to(acc).unbind(-1)
     out = (
         g_cmp[..., None] * o_cmp.to(acc) + g_slc[..., None] * o_slc.to(acc) + g_swa[..., None] * o_swa.to(acc)
     )
-    return out.to(q.dtype)
+    return out.to(dtype)

@@ -88,3 +88,39 @@ def test_an_empty_batch_backpropagates_empty_gradients(backend):
     rules = dict(block_size=6, query_group_size=5, top_k=2, window_tokens=30, backend=backend)
     gated_attention(q, k, v, gates, history_len=60, **rules).sum().backward()
     assert gates.grad.shape == gates.shape
+
+
+@pytest.mark.skipif(not RUNS_TRITON, reason="the Triton kernels run on CUDA or under TRITON_INTERPRET=1")
+@pytest.mark.parametrize(
+    ("q_heads", "kv_heads", "history_len", "tail", "block_size", "window_tokens"),
+    [
+        (4, 2, 47, 5, 7, 30),  # GQA, a partial last block, unwritten space after the chunk
+        (2, 2, 0, 0, 30, 14040),  # no history: one partial block, the window covers everything
+        (2, 1, 100, 3, 10, 25),
+    ],
+)
+def test_gated_triton_backward_makes_dk_dv_in_one_pass(
+    q_heads, kv_heads, history_len, tail, block_size, window_tokens, poisoned_allocations
+):
+    """gated_attention on the triton backend makes the whole dk/dv in one backward (the block
+    means' gradient spread over their tokens, the window's added, the selected blocks' added
+    by the kernel): equal to autograd through the gather twin, every row written (allocations
+    poisoned), zero past the sequence."""
+    from omnimem import gated_attention
+
+    gen = torch.Generator().manual_seed(history_len)
+    q = torch.randn(1, q_heads, 20, 16, generator=gen).to(TEST_DEVICE)
+    kv_shape = (1, kv_heads, history_len + 20 + tail, 16)
+    k, v = (torch.randn(kv_shape, generator=gen).to(TEST_DEVICE) for _ in "kv")
+    gates = torch.rand(1, q_heads, 20, 3, generator=gen).to(TEST_DEVICE)
+    d_out = torch.randn(q.shape, generator=gen).to(TEST_DEVICE)
+    rules = dict(history_len=history_len, block_size=block_size, query_group_size=5, top_k=3)
+    grads = {}
+    for backend in ("gather", "triton"):
+        leaves = [x.clone().requires_grad_() for x in (q, k, v, gates)]
+        gated_attention(*leaves, window_tokens=window_tokens, backend=backend, **rules).backward(d_out)
+        grads[backend] = [leaf.grad for leaf in leaves]
+    for name, ours, want in zip(("q", "k", "v", "gates"), grads["triton"], grads["gather"], strict=True):
+        torch.testing.assert_close(ours, want, atol=2e-5, rtol=1e-4, msg=name)
+    for grad in grads["triton"][1:3]:
+        assert (grad[:, :, history_len + 20 :] == 0).all()
