@@ -164,7 +164,7 @@ def _dkv_kernel(
     stride_dkb, stride_dkh, stride_dkl, stride_dkd,
     stride_dvb, stride_dvh, stride_dvl, stride_dvd,
     num_q_heads, heads_per_kv, num_kv_heads, q_len, group_size, block_size, chunk_len,
-    num_pairs, num_slots, chunk_tiles, tiles_per_group, scale, qk_scale,
+    num_pairs, num_slots, chunk_tiles, tiles_per_group, scale, qk_scale, grad_from,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, SUBS: tl.constexpr,
     HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, PRECISION: tl.constexpr, ACCUMULATE: tl.constexpr = False,
 ):  # fmt: skip
@@ -180,6 +180,8 @@ def _dkv_kernel(
     key = tl.load(pair_key_ptr + pair)
     previous = tl.load(pair_key_ptr + tl.maximum(pair - 1, 0))
     leads = (program < num_pairs * SUBS) & (key >= 0) & ((pair == 0) | (previous != key))
+    # Blocks wholly before grad_from need no gradient (a cache's constant history).
+    leads = leads & ((tl.maximum(key, 0) % num_slots + 1) * block_size > grad_from)
     chunk_tile = tl.maximum(program - num_pairs * SUBS, 0)
     batch_kv = tl.where(is_chunk, chunk_tile // chunk_tiles, tl.maximum(key, 0) // num_slots).to(tl.int32)
     block = (tl.maximum(key, 0) % num_slots).to(tl.int32)
@@ -225,7 +227,9 @@ def _dkv_kernel(
                                    qk_scale, HEAD_DIM, PRECISION)  # fmt: skip
             j += 1
             go = (j < num_pairs) & (tl.load(pair_key_ptr + tl.minimum(j, num_pairs - 1)) == key)
-    store_mask = token_ok[:, None] & (dims[None, :] < HEAD_DIM)
+    # dk/dv hold the keys from grad_from on.
+    store_mask = token_ok[:, None] & (dims[None, :] < HEAD_DIM) & (tokens >= grad_from)[:, None]
+    tokens = tokens - grad_from
     dk_base = dk_ptr + batch.to(tl.int64) * stride_dkb + kv_head.to(tl.int64) * stride_dkh
     dv_base = dv_ptr + batch.to(tl.int64) * stride_dvb + kv_head.to(tl.int64) * stride_dvh
     dk_ptrs = dk_base + tokens[:, None].to(tl.int64) * stride_dkl + dims[None, :] * stride_dkd
@@ -313,6 +317,7 @@ def scattered_attention_backward(
     dkv_tiles: Tiles | None = None,
     dk_init: torch.Tensor | None = None,
     dv_init: torch.Tensor | None = None,
+    grad_from: int = 0,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """``(dq, dk, dv)`` of scattered attention, in the inputs' dtypes and shapes.
 
@@ -325,9 +330,11 @@ def scattered_attention_backward(
     gradient, if any. Allocates the three gradients (``dk``/``dv`` zero where nothing attends)
     and ``[B, Hq, Lq]`` float32 for ``delta``, plus the sorted pairs (``12 B`` per table entry).
     ``dq_tiles``/``dkv_tiles`` default to ``default_tiles`` (benchmarks/backward_gpu.py
-    ``--variants`` measures others). ``dk_init``/``dv_init``: k's and v's gradients from other
-    uses of them (k's shape and dtype, both or neither): this backward adds into them in
-    place and returns them, instead of allocating and zero-filling its own.
+    ``--variants`` measures others). ``grad_from``: only keys ``[grad_from, Lkv)`` get a
+    gradient (the rest are constants: a cache's history), so ``dk``/``dv`` are ``[B, Hkv, Lkv -
+    grad_from, D]``. ``dk_init``/``dv_init``: those gradients from other uses of the keys and
+    values (that shape, k's dtype; both or neither): this backward adds into them in place and
+    returns them, instead of allocating and zero-filling its own.
     """
     batch, q_heads, q_len, head_dim = q.shape
     kv_heads = k.shape[1]
@@ -344,11 +351,16 @@ def scattered_attention_backward(
     accumulate = dk_init is not None
     if accumulate != (dv_init is not None):
         raise ValueError("dk_init and dv_init go together: pass both or neither")
+    if not 0 <= grad_from <= k.shape[2]:
+        raise ValueError(f"grad_from must lie in [0, {k.shape[2]}], got {grad_from}")
     if accumulate:
+        grad_shape = (*k.shape[:2], k.shape[2] - grad_from, k.shape[3])
         for name, init, x in (("dk_init", dk_init, k), ("dv_init", dv_init, v)):
-            if init.shape != x.shape or init.dtype != x.dtype or init.device != x.device:
-                raise ValueError(f"{name} must match {tuple(x.shape)} {x.dtype} on {x.device}")
+            if init.shape != grad_shape or init.dtype != x.dtype or init.device != x.device:
+                raise ValueError(f"{name} must match {grad_shape} {x.dtype} on {x.device}")
         dk, dv, side = dk_init, dv_init, None
+    elif grad_from:
+        raise ValueError("grad_from needs dk_init and dv_init")
     else:
         dk, dv = torch.empty_like(k), torch.empty_like(v)
         # dK/dV are zero where nothing attends: 2.3 GB of writes at 60 s of Wan-1.3B history.
@@ -404,7 +416,7 @@ def scattered_attention_backward(
             stride_dvb=dv.stride(0), stride_dvh=dv.stride(1),
             stride_dvl=dv.stride(2), stride_dvd=dv.stride(3),
             num_pairs=keys.numel(), num_slots=num_slots, chunk_tiles=max(chunk_tiles, 1),
-            ACCUMULATE=accumulate, **shape(dkv_tiles), **common,
+            grad_from=grad_from, ACCUMULATE=accumulate, **shape(dkv_tiles), **common,
         )  # fmt: skip
     elif side is not None:
         torch.cuda.current_stream(q.device).wait_stream(side)

@@ -211,76 +211,99 @@ class SelectedAttention(torch.autograd.Function):
 
 
 def spread_block_gradients(
-    grad_means: torch.Tensor | None, like: torch.Tensor, seq_len: int, block_size: int
+    grad_means: torch.Tensor | None, like: torch.Tensor, seq_len: int, block_size: int, start: int = 0
 ) -> torch.Tensor:
-    """The gradient that block means ``[B, H, >= ceil(seq_len / block_size), D]`` pass to the
-    tokens they average: each of a block's ``n`` tokens gets ``grad / n`` (the last block may
-    be partial), tokens at or past ``seq_len`` get 0. A new tensor of ``like``'s shape, dtype
-    and strides."""
+    """The gradient that block means ``[B, H, NB, D]`` of tokens ``[0, seq_len)`` pass to the
+    tokens ``[start, start + L)`` (``like``'s ``[B, H, L, D]``): each of a block's ``n`` tokens
+    gets ``grad / n`` (the last block may be partial); tokens at or past ``seq_len`` get 0. A
+    new tensor of ``like``'s shape, dtype and strides."""
     out = torch.empty_like(like)
-    full = seq_len // block_size
-    out[:, :, full * block_size :].zero_()
-    if grad_means is None or seq_len == 0:
-        out[:, :, : full * block_size].zero_()
+    end = max(start, min(start + like.shape[2], seq_len))
+    out[:, :, end - start :].zero_()
+    if end == start:
         return out
-    grad = grad_means.float()
-    if full:
-        body = out[:, :, : full * block_size].unflatten(2, (full, block_size))
-        body.copy_((grad[:, :, :full] / block_size)[:, :, :, None].expand(body.shape))
-    if seq_len > full * block_size:
-        tail = seq_len - full * block_size
-        out[:, :, full * block_size : seq_len] = (grad[:, :, full] / tail)[:, :, None]
+    if grad_means is None:
+        out[:, :, : end - start].zero_()
+        return out
+    grad = grad_means.to(torch.promote_types(grad_means.dtype, torch.float32))
+    bs = block_size
+
+    def fill(lo: int, hi: int, block: int) -> None:  # tokens [lo, hi) of one block
+        count = min(bs, seq_len - block * bs)
+        out[:, :, lo - start : hi - start] = (grad[:, :, block] / count)[:, :, None]
+
+    head = start // bs
+    fill(start, min((head + 1) * bs, end), head)
+    body_lo, body_hi = (head + 1) * bs, end // bs * bs
+    if body_hi > body_lo:  # whole blocks: one broadcast copy
+        body = out[:, :, body_lo - start : body_hi - start].unflatten(2, (-1, bs))
+        body.copy_((grad[:, :, head + 1 : end // bs] / bs)[:, :, :, None].expand(body.shape))
+    if end > max(body_lo, body_hi):  # a partial last block
+        fill(max(body_lo, body_hi), end, end // bs)
     return out
 
 
 class SelectedAttentionFanout(torch.autograd.Function):
     """The selected branch of the gated layer together with what the two dense branches take
-    from ``k`` and ``v`` (block means, the window), so that one backward makes the whole ``dk``
-    and ``dv``: the means' gradient spread over their tokens (one write of each tensor: the
-    gradient autograd needs anyway), the window's added in place, then the selected branch's
-    dK/dV kernel adds its blocks in place. Autograd alone would zero-fill a full-history
-    gradient per branch and sum them: several more passes over the whole history.
+    from the keys and values (block means, the window), so that one backward makes the whole
+    ``dk`` and ``dv``: the means' gradient spread over their tokens (one write of each: a
+    gradient every token gets anyway), the window's added in place, then the selected branch's
+    dK/dV kernel adds its blocks in place. Autograd alone would zero-fill a full-length gradient
+    per branch and sum them: several more passes over the whole history.
 
-    ``SelectedAttentionFanout.apply(q, k, v, k_means, v_means, block_idx, num_blocks, seq_len_t,
-    seq_len, window_start, block_size, query_group_size, scale)`` returns ``(o_slc, k_means',
-    v_means', k_window, v_window)``: the selected branch's output (as ``selected_attention``),
-    copies of the (precomputed, undifferentiated) block means ``[B, Hkv, NB, D]`` and of ``k``,
-    ``v`` ``[window_start, seq_len)``, each differentiable back to ``k`` and ``v``.
+    ``SelectedAttentionFanout.apply(q, k, v, keys, values, k_means, v_means, block_idx,
+    num_blocks, limit_t, limit, window_start, k_start, seq_len, block_size, query_group_size,
+    scale)``: the attended keys are ``k`` (``[B, Hkv, L, D]``), or ``keys`` when given: a copy
+    whose last ``L`` tokens hold ``k``'s values after constant ones (a cache's compact history;
+    only ``k`` gets a gradient); the values likewise; ``limit`` (and ``limit_t``, the same as a
+    0-d device tensor) ends the attended keys; ``k``'s tokens are the sequence's
+    ``[k_start, k_start + L)`` of ``seq_len``, whose block means ``k_means``/``v_means``
+    (precomputed, undifferentiated) are. Returns ``(o_slc, k_means', v_means', k_window,
+    v_window)``: the selected branch's output (as ``selected_attention``), copies of the means
+    and of the keys and values ``[window_start, limit)``, each differentiable back to ``k`` and
+    ``v`` (not to the constant keys before them).
     """
 
     @staticmethod
     def forward(
-        ctx, q, k, v, k_means, v_means, block_idx, num_blocks, seq_len_t, seq_len, window_start,
-        block_size, query_group_size, scale,
+        ctx, q, k, v, keys, values, k_means, v_means, block_idx, num_blocks, limit_t, limit,
+        window_start, k_start, seq_len, block_size, query_group_size, scale,
     ):  # fmt: skip
+        keys = k if keys is None else keys
+        values = v if values is None else values
         lse = torch.empty(q.shape[:3], device=q.device, dtype=torch.float32)
         out = selected_attention(
-            q, k, v, block_idx=block_idx, num_blocks=num_blocks, seq_len=seq_len_t, block_size=block_size,
-            query_group_size=query_group_size, scale=scale, lse=lse,
+            q, keys, values, block_idx=block_idx, num_blocks=num_blocks, seq_len=limit_t,
+            block_size=block_size, query_group_size=query_group_size, scale=scale, lse=lse,
         )  # fmt: skip
-        ctx.save_for_backward(q, k, v, out, lse, block_idx, num_blocks, seq_len_t)
-        ctx.seq_len, ctx.window_start = seq_len, window_start
+        ctx.save_for_backward(q, keys, values, out, lse, block_idx, num_blocks, limit_t)
+        ctx.grad_from = keys.shape[2] - k.shape[2]
+        ctx.window_start, ctx.k_start, ctx.seq_len = window_start, k_start, seq_len
         ctx.block_size, ctx.query_group_size, ctx.scale = block_size, query_group_size, scale
-        window = slice(window_start, seq_len)
-        return out, k_means.clone(), v_means.clone(), k[:, :, window].clone(), v[:, :, window].clone()
+        window = slice(window_start, limit)
+        return out, k_means.clone(), v_means.clone(), keys[:, :, window].clone(), values[:, :, window].clone()
 
     @staticmethod
     @once_differentiable
     def backward(ctx, grad_out, grad_k_means, grad_v_means, grad_k_window, grad_v_window):
         from omnimem.backends.scattered_backward import scattered_attention_backward
 
-        q, k, v, out, lse, block_idx, num_blocks, seq_len_t = ctx.saved_tensors
-        window = slice(ctx.window_start, ctx.seq_len)
-        dk = spread_block_gradients(grad_k_means, k, ctx.seq_len, ctx.block_size)
-        dv = spread_block_gradients(grad_v_means, v, ctx.seq_len, ctx.block_size)
+        q, keys, values, out, lse, block_idx, num_blocks, limit_t = ctx.saved_tensors
+        grad_from, bs = ctx.grad_from, ctx.block_size
+        like = keys[:, :, grad_from:]
+        dk = spread_block_gradients(grad_k_means, like, ctx.seq_len, bs, start=ctx.k_start)
+        dv = spread_block_gradients(grad_v_means, like, ctx.seq_len, bs, start=ctx.k_start)
         for grad, window_grad in ((dk, grad_k_window), (dv, grad_v_window)):
-            if window_grad is not None:
-                grad[:, :, window] += window_grad
+            if window_grad is not None:  # the window's part from grad_from on
+                skip = max(0, grad_from - ctx.window_start)
+                lo = ctx.window_start + skip - grad_from
+                grad[:, :, lo : lo + window_grad.shape[2] - skip] += window_grad[:, :, skip:]
         dq = None
         if grad_out is not None:
             dq, dk, dv = scattered_attention_backward(
-                q, k, v, out, lse, grad_out,
-                block_idx=block_idx, num_blocks=num_blocks, limit=seq_len_t, block_size=ctx.block_size,
+                q, keys, values, out, lse, grad_out,
+                block_idx=block_idx, num_blocks=num_blocks, limit=limit_t, block_size=bs,
                 query_group_size=ctx.query_group_size, chunk_len=0, scale=ctx.scale, dk_init=dk, dv_init=dv,
+                grad_from=grad_from,
             )  # fmt: skip
-        return dq, dk, dv, *([None] * 10)
+        return dq, dk, dv, *([None] * 14)

@@ -343,9 +343,22 @@ def gated_cache_step(frames: int) -> dict:
         want = whole_forward()
     row = dict(frames=frames, history=history_len)
     row["max_abs_diff"] = (got.float() - want.float()).abs().max().item()
-    row["compact_step_ms"], row["whole_step_ms"] = bench(compact), bench(whole)
-    row["compact_kept_mib"] = kept_mib(lambda: cache.attend(*chunk[:3], chunk[3], start=history_len))
-    row["whole_kept_mib"] = kept_mib(whole_forward)
+    grads = {}
+    for fanout, suffix in ((True, ""), (False, "_autograd_sum")):
+        # One backward for the chunk's dk/dv (SelectedAttentionFanout) vs autograd's sums.
+        gated_module.FANOUT_BACKWARD = fanout
+        out = cache.attend(chunk[0], chunk[1], chunk[2], chunk[3], start=history_len)
+        grads[fanout] = torch.autograd.grad(out, chunk, d_out)
+        del out
+        row[f"compact_step_ms{suffix}"], row[f"whole_step_ms{suffix}"] = bench(compact), bench(whole)
+        row[f"compact_kept_mib{suffix}"] = kept_mib(
+            lambda: cache.attend(*chunk[:3], chunk[3], start=history_len)
+        )
+        row[f"whole_kept_mib{suffix}"] = kept_mib(whole_forward)
+    gated_module.FANOUT_BACKWARD = True
+    row["compact_fanout_vs_autograd_rel_err"] = [
+        rel_err(a, b.float()) for a, b in zip(grads[True], grads[False], strict=True)
+    ]
     print(f"gated cache {row}", flush=True)
     return row
 
@@ -411,12 +424,17 @@ def main() -> None:
             f"{r['compact_kept_mib']:.0f} / {r['whole_kept_mib']:.0f} |"
         )
     print("\none gated layer's training step through GatedCache (attend + backward), bf16")
-    print("| history | compact ms | whole-history copy ms | kept MiB: compact / whole | max diff |")
-    print("|---|---|---|---|---|")
+    print(
+        "| history | compact ms | whole-history copy ms | kept MiB: compact / whole | max diff | "
+        "autograd summing the branches: compact / whole ms | grads differ by |"
+    )
+    print("|---|---|---|---|---|---|---|")
     for r in gated_cache:
         print(
             f"| {r['history']} | {r['compact_step_ms']:.3f} | {r['whole_step_ms']:.3f} | "
-            f"{r['compact_kept_mib']:.0f} / {r['whole_kept_mib']:.0f} | {r['max_abs_diff']:.1e} |"
+            f"{r['compact_kept_mib']:.0f} / {r['whole_kept_mib']:.0f} | {r['max_abs_diff']:.1e} | "
+            f"{r['compact_step_ms_autograd_sum']:.3f} / {r['whole_step_ms_autograd_sum']:.3f} | "
+            f"{max(r['compact_fanout_vs_autograd_rel_err']):.1e} |"
         )
     if args.json:
         results = dict(environment=env, sparse=sparse, selected=selected, cache=cache)

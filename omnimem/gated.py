@@ -307,6 +307,9 @@ def run_branches(
     wants_grad: bool,
     selection_ready: Callable[[], None] | None = None,
     fanout: bool = False,
+    compact: tuple[torch.Tensor, torch.Tensor] | None = None,
+    k_start: int = 0,
+    means_seq_len: int | None = None,
 ) -> torch.Tensor:
     """The run step of ``gated_attention``, its selection made: the three branches over
     ``k``/``v`` ``[0, seq_len)`` (the window: the last ``window_tokens`` of them; the selected
@@ -315,7 +318,10 @@ def run_branches(
     ``selection_ready`` runs after the dense branches, before anything reads ``selection``
     (the side-stream join of ``_select_beside``). ``fanout`` (triton, with gradients):
     ``k_means``/``v_means`` carry no gradient of their own, and ``SelectedAttentionFanout``
-    makes the whole ``dk``/``dv`` in one backward."""
+    makes the whole ``dk``/``dv`` in one backward; then ``compact`` (the attended keys and
+    values when ``k``/``v`` are only their differentiable last tokens: a cache's compact copy),
+    ``k_start`` (``k``'s first token in the sequence the means pool) and ``means_seq_len``
+    (that sequence's length; default ``seq_len``) place ``k`` among the means."""
     if backend == "triton" and wants_grad and q.dtype == torch.float64:
         raise ValueError(
             "the gated layer's triton kernels compute in float32 at most: for float64 gradients "
@@ -326,9 +332,11 @@ def run_branches(
 
         if selection_ready is not None:
             selection_ready()
+        keys, values = compact if compact is not None else (None, None)
         o_slc, k_means, v_means, k_window, v_window = SelectedAttentionFanout.apply(
-            q, k, v, k_means, v_means, selection.block_idx, selection.num_blocks, selection.seq_len,
-            seq_len, max(0, seq_len - config.window_tokens), config.block_size,
+            q, k, v, keys, values, k_means, v_means, selection.block_idx, selection.num_blocks,
+            selection.seq_len, seq_len, max(0, seq_len - config.window_tokens), k_start,
+            seq_len if means_seq_len is None else means_seq_len, config.block_size,
             selection.query_group_size, scale,
         )  # fmt: skip
         o_cmp = compressed_attention(q, k_means, v_means, num_blocks, scale=scale)

@@ -13,12 +13,14 @@ Buffers never change shape; the write position is tracked on the host (no ``.ite
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import math
 from typing import Literal
 
 import torch
 
+from omnimem import gated
 from omnimem.checks import check_attention_inputs, check_gates
 from omnimem.config import GatedConfig
 from omnimem.gated import gated_attention, resolve_gated_backend, run_branches, select_groups_for
@@ -314,30 +316,36 @@ class GatedCache:
                 live_k, live_v = self._offload.rows(live_start, start)
         if not differentiable:  # the chunk is in the buffers already (written by _store)
             k, v = self._live_chunk(start, seq_len)
-        keys = torch.cat([*parts_k, live_k, k], 2)
-        values = torch.cat([*parts_v, live_v, v], 2)
+        # Training on the triton backend: one autograd function attends the compact copy and
+        # its backward makes only the chunk's dk/dv (SelectedAttentionFanout).
+        fanout = differentiable and backend == "triton" and q.dtype != torch.float64 and gated.FANOUT_BACKWARD
+        chunk_k, chunk_v = (k.detach(), v.detach()) if fanout else (k, v)
+        keys = torch.cat([*parts_k, live_k, chunk_k], 2)
+        values = torch.cat([*parts_v, live_v, chunk_v], 2)
         if differentiable:
             acc = accumulation_dtype(self.dtype)
             touched = seq_len - first * bs
             # The chunk's first block may start before it: those tokens end the live region.
             before_k = keys[:, :, keys.shape[2] - touched : keys.shape[2] - k.shape[2]].detach()
             before_v = values[:, :, values.shape[2] - touched : values.shape[2] - v.shape[2]].detach()
-            k_live = block_means(torch.cat([before_k, k], 2), touched, bs, dtype=acc)
-            v_live = block_means(torch.cat([before_v, v], 2), touched, bs, dtype=acc)
+            with torch.no_grad() if fanout else contextlib.nullcontext():
+                k_live = block_means(torch.cat([before_k, k], 2), touched, bs, dtype=acc)
+                v_live = block_means(torch.cat([before_v, v], 2), touched, bs, dtype=acc)
             k_means = torch.cat([self.pooled.k_attn[:, :, :first], k_live.to(self.dtype)], 2)
             v_means = torch.cat([self.pooled.v_attn[:, :, :first], v_live.to(self.dtype)], 2)
         else:
             k_means, v_means = self.pooled.k_attn, self.pooled.v_attn
         compact_len = keys.shape[2]
-        compact = dataclasses.replace(
+        compact_selection = dataclasses.replace(
             selection,
             block_idx=renumbered.view_as(table).int(),
             seq_len=torch.full((), compact_len, dtype=torch.int64, device=q.device),
         )
         return run_branches(
-            q, keys, values, gates, compact, seq_len=compact_len, k_means=k_means, v_means=v_means,
-            num_blocks=math.ceil(seq_len / bs), config=config, backend=backend,
-            scale=config.scale or q.shape[-1] ** -0.5, wants_grad=differentiable,
+            q, k if fanout else keys, v if fanout else values, gates, compact_selection, seq_len=compact_len,
+            k_means=k_means, v_means=v_means, num_blocks=math.ceil(seq_len / bs), config=config,
+            backend=backend, scale=config.scale or q.shape[-1] ** -0.5, wants_grad=differentiable,
+            fanout=fanout, compact=(keys, values) if fanout else None, k_start=start, means_seq_len=seq_len,
         )  # fmt: skip
 
     def _live_chunk(self, start: int, seq_len: int) -> tuple[torch.Tensor, torch.Tensor]:

@@ -124,3 +124,26 @@ def test_gated_triton_backward_makes_dk_dv_in_one_pass(
         torch.testing.assert_close(ours, want, atol=2e-5, rtol=1e-4, msg=name)
     for grad in grads["triton"][1:3]:
         assert (grad[:, :, history_len + 20 :] == 0).all()
+
+
+@pytest.mark.parametrize(
+    ("seq_len", "start", "length"),
+    [(23, 0, 26), (23, 9, 14), (23, 10, 13), (6, 2, 3), (0, 0, 4), (23, 24, 2)],
+)
+def test_spread_block_gradients_is_the_block_means_backward(seq_len, start, length, poisoned_allocations):
+    """The one-pass backward's spread of block-mean gradients over tokens ``[start, start +
+    length)`` (a partial first and last block, tokens past the sequence) equals autograd
+    through ``block_means``, with the allocation poisoned."""
+    from omnimem.backends.selected_attention import spread_block_gradients
+    from omnimem.pooling import block_means
+
+    gen = torch.Generator().manual_seed(seq_len + start)
+    x = torch.randn(1, 2, max(seq_len, start + length), 4, generator=gen, dtype=torch.float64)
+    x.requires_grad_()
+    grad_means = torch.randn(1, 2, max(1, -(-seq_len // 4)), 4, generator=gen, dtype=torch.float64)
+    means = block_means(x, seq_len, 4, num_slots=grad_means.shape[2], dtype=torch.float64)
+    # Nothing to pool (seq_len 0): the means hold no graph and every token's gradient is 0.
+    want = torch.autograd.grad(means, x, grad_means)[0] if means.requires_grad else torch.zeros_like(x)
+    like = x.detach()[:, :, start : start + length]
+    got = spread_block_gradients(grad_means, like, seq_len, 4, start=start)
+    torch.testing.assert_close(got, want[:, :, start : start + length], atol=1e-12, rtol=0)
