@@ -122,7 +122,8 @@ def test_gated_gradients_match_reference(backend, case):
 
 
 @pytest.mark.parametrize("backend", ["gather", "triton"])
-@settings(max_examples=examples(10))
+# ~30 s an example in float16 under Triton's CPU interpreter: CI's time budget; the GPU runs more.
+@settings(max_examples=examples(4) if INTERPRETED else examples(10))
 @given(case=gated_cases(dtypes=(torch.bfloat16, torch.float16)))
 def test_gated_gradients_match_reference_16bit(backend, case):
     shape, config = case

@@ -17,6 +17,7 @@ from tests.reference_gated import reference_gated_attention
 
 from .conftest import examples
 
+INTERPRETED = os.environ.get("TRITON_INTERPRET") == "1"
 # Relative Frobenius error bounds: float32 arithmetic, and 16-bit inputs and outputs.
 TOLERANCE = {torch.float32: 2e-5, torch.float16: 3e-3, torch.bfloat16: 1.5e-2}
 
@@ -69,10 +70,13 @@ def test_gated_matches_reference_float32(backend, case):
 
 
 @pytest.mark.parametrize("backend", ["gather", "triton"])
+# float16 in Triton's CPU interpreter is ~8 s an example (numpy's emulated halves): CI's time
+# budget there; the GPU runs the default count.
+@settings(max_examples=examples(10) if INTERPRETED else settings.default.max_examples)
 @given(case=gated_cases(dtypes=(torch.bfloat16, torch.float16)))
 def test_gated_matches_reference_16bit(backend, case):
     shape, config = case
-    if backend == "triton" and os.environ.get("TRITON_INTERPRET") == "1" and shape["dtype"] == torch.bfloat16:
+    if backend == "triton" and INTERPRETED and shape["dtype"] == torch.bfloat16:
         shape["dtype"] = torch.float16  # Triton's CPU interpreter computes bf16 tl.dot wrongly
     check(shape, config, backend)
 
