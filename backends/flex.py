@@ -207,11 +207,14 @@ def unattended_values_zeroed(v: torch.Tensor, selection: Selection, *, chunk_len
     value in a block that another query group of the same head attends still reaches the
     groups that skip it.
     """
-    attended = selection.attended_block_mask().any(2)  # [B, Hkv, NB]: any group attends it
-    token = torch.arange(v.shape[2], device=v.device)
-    in_history = token < selection.history_len
-    block = (token // selection.block_size).clamp(max=selection.num_history_blocks - 1)
-    kept = (attended[..., block] & in_history) | (~in_history & (token < selection.history_len + chunk_len))
+    # The attended set's own rule, with every query group of a KV head merged into one.
+    any_group = selection.attended_block_mask().any(2, keepdim=True)  # [B, Hkv, 1, NB]
+    mask_mod = token_mask_mod(
+        selection, num_q_heads=v.shape[1], chunk_len=chunk_len, block_attended=any_group
+    )
+    b, h, token = (torch.arange(n, device=v.device) for n in v.shape[:3])
+    query = torch.zeros(1, dtype=torch.long, device=v.device)  # any query: one merged group
+    kept = mask_mod(b[:, None, None], h[None, :, None], query, token)  # [B, Hkv, Lkv]
     return v.masked_fill(~kept[..., None], 0)
 
 

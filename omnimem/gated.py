@@ -232,11 +232,10 @@ def gated_attention(
     wants_grad = torch.is_grad_enabled() and any(
         isinstance(x, torch.Tensor) and x.requires_grad for x in (q, k, v, gates)
     )
-    # Training on the triton backend from k and v alone: one backward makes dk and dv for
-    # all three branches (SelectedAttentionFanout) instead of autograd summing three.
-    fanout = (
-        FANOUT_BACKWARD and backend == "triton" and wants_grad and pooled is None and q.dtype != torch.float64
-    )
+    # Training from k and v alone: the means' gradient is the one-pass backward's to make.
+    fanout = fanout_backward(backend, wants_grad) and pooled is None
+    if fanout_backward(backend, wants_grad) and pooled is not None:
+        _log_pooled_autograd()
     seq_len, pooled, config = _prepare(q, k, v, history_len, config, pooled, detach=fanout)
     check_gates(gates, q)
     _log_choice(backend, q.device.type)
@@ -255,9 +254,22 @@ def gated_attention(
 # Whether the triton backend selects on a side stream beside the dense branches (benchmarks
 # turn it off to measure the difference).
 OVERLAP_SELECTION = True
-# Whether a differentiable stateless call on the triton backend makes dk/dv in one backward
+# Whether differentiable calls on the triton backend make dk/dv in one backward
 # (SelectedAttentionFanout) rather than letting autograd sum three branches' (benchmarks).
 FANOUT_BACKWARD = True
+
+
+def fanout_backward(backend: str, wants_grad: bool) -> bool:
+    """Whether a call's k/v gradients come from ``SelectedAttentionFanout``'s one backward."""
+    return FANOUT_BACKWARD and backend == "triton" and wants_grad
+
+
+@functools.cache
+def _log_pooled_autograd() -> None:
+    logging.getLogger("omnimem").info(
+        "gated_attention: pooled= was passed with gradients on; the block means' gradient goes "
+        "through autograd (one more full-history pass per branch than without pooled=)"
+    )
 
 
 @functools.cache
@@ -327,7 +339,7 @@ def run_branches(
             "the gated layer's triton kernels compute in float32 at most: for float64 gradients "
             "(gradcheck) use backend='gather'"
         )
-    if fanout and backend == "triton" and wants_grad:
+    if fanout:
         from omnimem.backends.selected_attention import SelectedAttentionFanout
 
         if selection_ready is not None:

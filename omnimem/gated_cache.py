@@ -20,10 +20,15 @@ from typing import Literal
 
 import torch
 
-from omnimem import gated
 from omnimem.checks import check_attention_inputs, check_gates
 from omnimem.config import GatedConfig
-from omnimem.gated import gated_attention, resolve_gated_backend, run_branches, select_groups_for
+from omnimem.gated import (
+    fanout_backward,
+    gated_attention,
+    resolve_gated_backend,
+    run_branches,
+    select_groups_for,
+)
 from omnimem.gated_offload import GatedHostOffload
 from omnimem.offload import check_device_memory, check_host_memory
 from omnimem.pooling import PooledKV, accumulation_dtype, block_means
@@ -318,7 +323,7 @@ class GatedCache:
             k, v = self._live_chunk(start, seq_len)
         # Training on the triton backend: one autograd function attends the compact copy and
         # its backward makes only the chunk's dk/dv (SelectedAttentionFanout).
-        fanout = differentiable and backend == "triton" and q.dtype != torch.float64 and gated.FANOUT_BACKWARD
+        fanout = fanout_backward(backend, differentiable)
         chunk_k, chunk_v = (k.detach(), v.detach()) if fanout else (k, v)
         keys = torch.cat([*parts_k, live_k, chunk_k], 2)
         values = torch.cat([*parts_v, live_v, chunk_v], 2)
