@@ -53,20 +53,23 @@ from omnimem.gated_selection import (
 )
 from omnimem.kernels.group_topk import (
     _PASS_1_PER_SM,
+    _PASS_1_ROWS,
+    _PASS_1_WARPS,
     bucket_maxima,
     default_bucket,
     group_topk,
     stream_topk,
     two_pass_topk,
 )
-from omnimem.pooling import block_means, pool_kv
+from omnimem.pooling import block_means, key_bounds, pool_kv
 from tests.reference_gated import reference_gated_attention
 
 HEADS, HEAD_DIM, CHUNK = 12, 128, 3 * FRAME_TOKENS
 CFG = GatedConfig()
 # group_topk keyword variants swept by --variants (pass 1's tiles; pass 2's bucket and warps).
 # Pass 2's knobs around the defaults (the warp refine pass past 512 buckets per row, else the
-# block one in 2 warps; d_chunk=16, bucket=4, pass 1 on the bfloat16 means, 3 programs per SM);
+# block one in 2 warps; d_chunk=16, bucket=4, pass 1 on the bfloat16 means in 64-row tiles of
+# 4 warps, 8 programs per SM);
 # approx_keys=None runs pass 1 in tf32 on the float32 means.
 SELECTION_VARIANTS = [
     dict(),
@@ -79,7 +82,9 @@ SELECTION_VARIANTS = [
     dict(refine_warps=2),
     dict(refine_warps=4),
     dict(refine_warps=2, d_chunk=8),
-    dict(per_sm=4),
+    dict(rows=128, num_warps=8, per_sm=3),  # pass 1's launch before 2026-12-02
+    dict(per_sm=6),
+    dict(per_sm=12),
     dict(level_steps=5),
     dict(level_steps=12),
     dict(bucket=8),
@@ -139,7 +144,9 @@ def selection_agreement(q, pooled, seq_len) -> str:
     scale = HEAD_DIM**-0.5
     pq = group_queries(q, 15, HEADS, "float32")
     end = candidate_end(seq_len, block_size=30, top_k=16, window_tokens=14040, candidates="all")
-    got, _ = group_topk(pq, pooled.k, end, top_k=16, scale=scale, approx_keys=pooled.k_attn)
+    got, _ = group_topk(
+        pq, pooled.k, end, top_k=16, scale=scale, approx_keys=pooled.k_attn, key_bounds=pooled.k_bounds
+    )
     want, _ = select_groups_torch(pq, pooled.k, end, top_k=16, scale=scale)
     same = (got.sort(-1).values == want.sort(-1).values).all(-1)
     scores = torch.einsum("bhgd,bhjd->bhgj", pq.double(), pooled.k.double()) * scale
@@ -161,6 +168,7 @@ def run_history(history: int, pattern: str, args) -> dict:
     sel = select_groups(
         q, pooled.k, seq_len, block_size=30, query_group_size=15, top_k=16, window_tokens=14040,
         candidates="all", precision="float32", scale=scale, use_kernel=True, approx_keys=pooled.k_attn,
+        key_bounds=pooled.k_bounds,
     )  # fmt: skip
     checks = []
     if pattern == "random":
@@ -184,6 +192,7 @@ def run_history(history: int, pattern: str, args) -> dict:
         return select_groups(
             q, pooled.k, seq_len, block_size=30, query_group_size=15, top_k=16, window_tokens=14040,
             candidates="all", precision="float32", scale=scale, use_kernel=True, approx_keys=approx_keys,
+            key_bounds=None if approx_keys is None else pooled.k_bounds,
         )  # fmt: skip
 
     pq = group_queries(q, 15, HEADS, "float32")
@@ -191,18 +200,24 @@ def run_history(history: int, pattern: str, args) -> dict:
     t = {}
     t["selection"] = bench(select)
     t["selection kernel+merge"] = bench(
-        lambda: group_topk(pq, pooled.k, end, top_k=16, scale=scale, approx_keys=pooled.k_attn)
+        lambda: group_topk(
+            pq, pooled.k, end, top_k=16, scale=scale, approx_keys=pooled.k_attn, key_bounds=pooled.k_bounds
+        )
     )
     if args.variants and pattern == "random":
         for options in SELECTION_VARIANTS:
             name = "two-pass " + " ".join(f"{k}={v}" for k, v in options.items())
-            options = {"approx_keys": pooled.k_attn, **options}
+            options = {"approx_keys": pooled.k_attn, "key_bounds": pooled.k_bounds, **options}
+            if options["approx_keys"] is None:
+                options["key_bounds"] = None
             t[name] = graph_ms(lambda o=options: two_pass_topk(pq, pooled.k, end, top_k=16, scale=scale, **o))
         pass_1 = dict(
-            bucket=default_bucket(slots), rows=128, block_n=64, precision="tf32", num_warps=8,
-            per_sm=_PASS_1_PER_SM,
+            bucket=default_bucket(slots), rows=_PASS_1_ROWS, block_n=64, precision="tf32",
+            num_warps=_PASS_1_WARPS, per_sm=_PASS_1_PER_SM,
         )  # fmt: skip
-        t["selection pass 1 alone"] = bench(lambda: bucket_maxima(pq, pooled.k_attn, end, **pass_1))
+        t["selection pass 1 alone"] = bench(
+            lambda: bucket_maxima(pq, pooled.k_attn, end, bounds=pooled.k_bounds, **pass_1)
+        )
         t["selection pass 1 alone, tf32"] = bench(lambda: bucket_maxima(pq, pooled.k, end, **pass_1))
         t["selection one-pass (tf32x3)"] = bench(
             lambda: stream_topk(pq, pooled.k, end, top_k=16, scale=scale)
@@ -231,7 +246,8 @@ def run_history(history: int, pattern: str, args) -> dict:
                 lambda: window_attention(q, k, v, seq, window_tokens=14040, scale=scale)
             )
 
-    # The cache update a layer call needs: the chunk's K/V into the buffers, its blocks pooled.
+    # The cache update a layer call needs (GatedCache.write): the chunk's K/V into the buffers,
+    # its blocks pooled, their key bounds.
     k_new, v_new = k[:, :, history:].clone(), v[:, :, history:].clone()
     first = history // 30
 
@@ -242,6 +258,7 @@ def run_history(history: int, pattern: str, args) -> dict:
         pooled.k[:, :, first:slots].copy_(k_means)
         pooled.k_attn[:, :, first:slots].copy_(k_means)
         pooled.v_attn[:, :, first:slots].copy_(block_means(v_new, CHUNK, 30))
+        pooled.k_bounds[:, :, first:slots].copy_(key_bounds(k_means, pooled.k_attn[:, :, first:slots]))
 
     t["cache update"] = bench(cache_update)
 

@@ -65,7 +65,7 @@ def run_history(frames: int) -> dict:
     def select():
         return select_groups(
             q, pooled.k, seq_len, query_group_size=15, precision="float32", scale=SCALE,
-            use_kernel=True, approx_keys=pooled.k_attn, **RULE,
+            use_kernel=True, approx_keys=pooled.k_attn, key_bounds=pooled.k_bounds, **RULE,
         )  # fmt: skip
 
     want = select()
@@ -75,7 +75,10 @@ def run_history(frames: int) -> dict:
         pq, end = group_queries_and_end(
             q, seq_len, groups_per_program=gpp, num_warps=warps, pdl_trigger=trig, **gq_rule
         )
-        return two_pass_topk(pq, pooled.k, end, top_k=16, scale=SCALE, approx_keys=pooled.k_attn, pdl=pdl)
+        return two_pass_topk(
+            pq, pooled.k, end, top_k=16, scale=SCALE, approx_keys=pooled.k_attn, key_bounds=pooled.k_bounds,
+            pdl=pdl,
+        )  # fmt: skip
 
     t = {"select_groups": graph_ms(select)}
     for name, options in CHAIN_VARIANTS.items():
@@ -95,7 +98,15 @@ def run_history(frames: int) -> dict:
                 )
             )
     t["two passes alone"] = graph_ms(
-        lambda: two_pass_topk(pq_want, pooled.k, end_want, top_k=16, scale=SCALE, approx_keys=pooled.k_attn)
+        lambda: two_pass_topk(
+            pq_want,
+            pooled.k,
+            end_want,
+            top_k=16,
+            scale=SCALE,
+            approx_keys=pooled.k_attn,
+            key_bounds=pooled.k_bounds,
+        ),
     )
     return t
 

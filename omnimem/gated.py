@@ -83,6 +83,18 @@ def _check_pooled(
             raise TypeError(f"{name} must be {dtype}, got {x.dtype}")
         if x.device != k.device:
             raise ValueError(f"{name} must be on k's device {k.device}, got {x.device}")
+    bounds = pooled.k_bounds
+    if bounds is not None:
+        want = (*pooled.k.shape[:3], 2)
+        if not isinstance(bounds, torch.Tensor) or tuple(bounds.shape) != want:
+            raise ValueError(
+                f"pooled.k_bounds must be None or a {list(want)} tensor (omnimem.pooling.key_bounds), "
+                f"got {getattr(bounds, 'shape', type(bounds).__name__)}"
+            )
+        if bounds.dtype != torch.float32 or bounds.device != k.device:
+            raise TypeError(
+                f"pooled.k_bounds must be float32 on {k.device}, got {bounds.dtype} on {bounds.device}"
+            )
     if not isinstance(pooled.k_attn_rounded, bool):
         raise TypeError(f"pooled.k_attn_rounded must be a bool, got {type(pooled.k_attn_rounded).__name__}")
     if pooled.block_size != block_size:
@@ -124,27 +136,28 @@ def select_groups_for(
         scale=config.scale or q.shape[-1] ** -0.5,
         use_kernel=backend == "triton",
         approx_keys=_approx_keys(pooled, q),
+        key_bounds=pooled.k_bounds,
     )
 
 
 def _approx_keys(pooled: PooledKV, q: torch.Tensor) -> torch.Tensor | None:
-    """The selection kernel's first pass reads a bfloat16 model's block means (``k_attn``,
-    rounded to nearest from the float32 means): half the bytes at the bfloat16 tensor-core
-    rate, the same result (its error bound covers the rounding). CUDA only: Triton's CPU
-    interpreter computes bfloat16 dots wrongly."""
+    """The selection kernel's first pass reads a bfloat16 model's block means (``k_attn``):
+    half the bytes at the bfloat16 tensor-core rate, the same result (its error bound comes
+    from ``pooled.k_bounds``). CUDA only: Triton's CPU interpreter computes bfloat16 dots
+    wrongly."""
     if not q.is_cuda or pooled.k_attn.dtype != torch.bfloat16:
         return None
-    if not pooled.k_attn_rounded:
-        _log_unrounded()
+    if pooled.k_bounds is None:
+        _log_no_bounds()
         return None
     return pooled.k_attn
 
 
 @functools.cache
-def _log_unrounded() -> None:
+def _log_no_bounds() -> None:
     logger.info(
-        "gated selection: pooled.k_attn_rounded is False (a PooledKV not built by pool_kv or a "
-        "cache), so the first pass scores the float32 means in tf32 instead of k_attn in bfloat16"
+        "gated selection: pooled.k_bounds is None (a PooledKV not built by pool_kv or a cache), "
+        "so the first pass scores the float32 means in tf32 instead of k_attn in bfloat16"
     )
 
 

@@ -31,7 +31,7 @@ from omnimem.gated import (
 )
 from omnimem.gated_offload import GatedHostOffload
 from omnimem.offload import check_device_memory, check_host_memory
-from omnimem.pooling import PooledKV, accumulation_dtype, block_means
+from omnimem.pooling import PooledKV, accumulation_dtype, block_means, key_bounds
 from omnimem.selection import block_union, gather_block_union
 from omnimem.sizing import kv_cache_bytes
 
@@ -144,6 +144,11 @@ class GatedCache:
             torch.zeros(pooled_shape, dtype=dtype, device=device),
             self.config.block_size,
             k_attn_rounded=True,  # update() casts the float32 means into k_attn
+            k_bounds=(
+                torch.zeros((batch, num_kv_heads, slots, 2), dtype=torch.float32, device=device)
+                if dtype == torch.bfloat16
+                else None
+            ),
         )
         # Where the layer computes, with its index ("cuda" -> "cuda:0"): inputs are compared to it.
         self.device = self.pooled.k.device
@@ -264,6 +269,9 @@ class GatedCache:
         self.pooled.k[:, :, first:last].copy_(k_means)
         self.pooled.k_attn[:, :, first:last].copy_(k_attn)
         self.pooled.v_attn[:, :, first:last].copy_(v_means)
+        if self.pooled.k_bounds is not None:
+            bounds = key_bounds(k_means, self.pooled.k_attn[:, :, first:last])
+            self.pooled.k_bounds[:, :, first:last].copy_(bounds)
         self.last_start, self.end = start, stop
 
     def _attend_compact(

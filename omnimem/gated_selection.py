@@ -127,6 +127,7 @@ def select_groups(
     scale: float,
     use_kernel: bool,
     approx_keys: torch.Tensor | None = None,
+    key_bounds: torch.Tensor | None = None,
 ) -> GroupSelection:
     """Fine-grained selection for validated inputs (public: ``omnimem.select_group_blocks``).
 
@@ -134,8 +135,9 @@ def select_groups(
         q: ``[B, Hq, Lq, D]`` chunk queries; k_means: ``[B, Hkv, NB, D]`` float32 block means.
         seq_len: 0-d int64 tensor on q's device (history + chunk tokens).
         use_kernel: score and rank in the Triton kernel (CUDA, or CPU under the interpreter).
-        approx_keys: the block means rounded to nearest bfloat16 (a bfloat16 model's
-            ``k_attn``), for the kernel's approximate first pass on CUDA; the result is the same.
+        approx_keys: the block means in bfloat16 (a bfloat16 model's ``k_attn``), for the
+            kernel's approximate first pass on CUDA; the result is the same.
+        key_bounds: ``[B, Hkv, NB, 2]`` (``PooledKV.k_bounds``): required with ``approx_keys``.
     """
     group_size = min(query_group_size, q.shape[2])
     keys = selection_keys(k_means, precision, q.dtype)
@@ -152,8 +154,9 @@ def select_groups(
             pdl_trigger=pdl,
         )  # fmt: skip
         block_idx, num_blocks = group_topk(
-            pooled_q, keys, end, top_k=top_k, scale=scale, approx_keys=approx_keys, pdl=pdl
-        )
+            pooled_q, keys, end, top_k=top_k, scale=scale, approx_keys=approx_keys,
+            key_bounds=key_bounds if approx_keys is not None else None, pdl=pdl,
+        )  # fmt: skip
     else:
         pooled_q = group_queries(q, group_size, k_means.shape[1], precision)
         end = candidate_end(

@@ -27,8 +27,12 @@ class PooledKV:
         v_attn: the mean values in the attention dtype.
         block_size: tokens per block.
         k_attn_rounded: ``k_attn`` is ``k`` rounded to nearest in its dtype (``pool_kv`` and
-            the caches guarantee it). Then a bfloat16 ``k_attn`` serves the selection kernel's
-            approximate first pass, whose error bound assumes exactly that rounding.
+            the caches guarantee it).
+        k_bounds: ``[B, Hkv, NB, 2]`` float32 per block: ``|k|**2`` and ``|k_attn - k|**2``
+            (``key_bounds``; ``pool_kv`` and the caches fill it for bfloat16). With it, a bfloat16
+            ``k_attn`` serves the selection kernel's approximate first pass, whose error
+            bound is computed from these norms; without it (a hand-built ``PooledKV``) the
+            first pass scores the float32 means in tf32.
 
     Keeping the attention-dtype copies beside the float32 keys (a cache updates all three)
     spares every layer call two casts of the whole pooled history.
@@ -49,6 +53,7 @@ class PooledKV:
     v_attn: torch.Tensor
     block_size: int
     k_attn_rounded: bool = False
+    k_bounds: torch.Tensor | None = None
 
     def __repr__(self) -> str:
         b, h, n, d = self.k.shape
@@ -63,8 +68,20 @@ class PooledKV:
 
     def to(self, device: torch.device | str) -> PooledKV:
         return dataclasses.replace(
-            self, k=self.k.to(device), k_attn=self.k_attn.to(device), v_attn=self.v_attn.to(device)
+            self,
+            k=self.k.to(device),
+            k_attn=self.k_attn.to(device),
+            v_attn=self.v_attn.to(device),
+            k_bounds=None if self.k_bounds is None else self.k_bounds.to(device),
         )
+
+
+def key_bounds(k: torch.Tensor, k_attn: torch.Tensor) -> torch.Tensor:
+    """``[..., NB, 2]`` float32: each block's ``|k|**2`` and ``|k_attn - k|**2`` (float32 mean
+    keys ``k`` and their attention-dtype copy ``k_attn``, both ``[..., NB, D]``): what the
+    selection kernel's error bound needs to score ``k_attn`` in place of ``k``."""
+    both = torch.stack([k, k_attn.float() - k], dim=-2)  # [..., NB, 2, D]: few launches per cache write
+    return torch.linalg.vecdot(both, both)
 
 
 def accumulation_dtype(dtype: torch.dtype) -> torch.dtype:
@@ -127,6 +144,13 @@ def pool_kv(
     k_means = block_means(k, seq_len, block_size, num_slots)  # float32: what selection scores
     k_attn = k_means if acc == torch.float32 else block_means(k, seq_len, block_size, num_slots, acc)
     v_means = block_means(v, seq_len, block_size, num_slots, acc)
+    k_attn = k_attn.to(k.dtype)
+    rounded = acc == torch.float32
     return PooledKV(
-        k_means, k_attn.to(k.dtype), v_means.to(v.dtype), block_size, k_attn_rounded=acc == torch.float32
+        k_means,
+        k_attn,
+        v_means.to(v.dtype),
+        block_size,
+        k_attn_rounded=rounded,
+        k_bounds=key_bounds(k_means.detach(), k_attn.detach()) if k_attn.dtype == torch.bfloat16 else None,
     )

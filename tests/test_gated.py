@@ -8,6 +8,7 @@ import torch
 
 from omnimem import GatedConfig, PooledKV, gated_attention, pool_kv, select_group_blocks
 from omnimem.gated_selection import candidate_end, select_groups_torch
+from omnimem.pooling import key_bounds
 
 from .inputs import TEST_DEVICE, exact_queries_and_keys, make_inputs
 from .reference_gated import reference_gated_attention
@@ -288,14 +289,22 @@ def test_first_pass_norms_cover_every_candidate_block_once(groups, num_slots, en
     km[1, 2, 5] = float("nan")
     km[:, :, end:] = 1e3  # past the end: never a candidate
     km = km.to(TEST_DEVICE)
-    _, norms, _, _ = bucket_maxima(
-        pq, km, torch.tensor(end, device=TEST_DEVICE), bucket=4, rows=16, block_n=16,
-        precision="ieee", num_warps=4, per_sm=16,
-    )  # fmt: skip
-    assert norms.shape[1] > 3  # several row tiles and splits wrote entries
+    # The error bound's precomputed inputs (PooledKV.k_bounds) take the same turns.
+    bounds = torch.rand(2, 3, num_slots, 2, generator=gen)
+    bounds[0, 2, 11, 1] = 50.0
+    bounds[1, 0, 3] = float("nan")
+    bounds[:, :, end:] = 1e6
+    bounds = bounds.to(TEST_DEVICE)
+    kwargs = dict(bucket=4, rows=16, block_n=16, precision="ieee", num_warps=4, per_sm=16)
+    end_t = torch.tensor(end, device=TEST_DEVICE)
+    _, norms, _, _ = bucket_maxima(pq, km, end_t, **kwargs)
+    assert norms.shape[2] > 3  # several row tiles and splits wrote entries
     squares = km[:, :, :end].double().pow(2).sum(-1).nan_to_num(0.0)
-    want = squares.amax(-1).flatten()
-    torch.testing.assert_close(norms.double().amax(1), want, rtol=1e-6, atol=0)
+    torch.testing.assert_close(norms[:, 0].double().amax(1), squares.amax(-1).flatten(), rtol=1e-6, atol=0)
+    assert torch.equal(norms[:, 1], torch.zeros_like(norms[:, 1]))
+    _, norms, _, _ = bucket_maxima(pq, km, end_t, bounds=bounds, **kwargs)
+    want = bounds[:, :, :end].nan_to_num(0.0).amax(2).flatten(0, 1)
+    assert torch.equal(norms.amax(2), want)
 
 
 @pytest.mark.parametrize(
@@ -345,7 +354,9 @@ def test_bfloat16_first_pass_selects_as_torch():
     km[:, :, 5] = float("nan")
     end = torch.tensor(2950, device=TEST_DEVICE)
     want = select_groups_torch(pq, km, end, top_k=16, scale=0.125)
-    got = group_topk(pq, km, end, top_k=16, scale=0.125, approx_keys=km.to(torch.bfloat16))
+    approx = km.to(torch.bfloat16)
+    bounds = key_bounds(km, approx)
+    got = group_topk(pq, km, end, top_k=16, scale=0.125, approx_keys=approx, key_bounds=bounds)
     scores = torch.einsum("bhgd,bhjd->bhgj", pq.double(), km[:, :, :2950].double()).nan_to_num(-1e30)
     top = scores.topk(17, dim=-1).values
     clear = (top[..., 15] - top[..., 16]) > 1e-4
@@ -353,9 +364,10 @@ def test_bfloat16_first_pass_selects_as_torch():
     assert torch.equal(got[0][clear], want[0][clear]) and torch.equal(got[1], want[1])
 
 
-def test_bfloat16_first_pass_needs_rounded_means_on_cuda():
-    """``approx_keys`` must be CUDA bfloat16 of the means' shape; the layer passes a pooled
-    ``k_attn`` only when it is the rounded means (``pool_kv``, the caches), on CUDA."""
+def test_bfloat16_first_pass_needs_key_bounds_on_cuda():
+    """``approx_keys`` must be CUDA bfloat16 of the means' shape, with their ``key_bounds``;
+    the layer passes a pooled ``k_attn`` only with its bounds (``pool_kv``, the caches), on
+    CUDA; bounds of the wrong shape or dtype are refused."""
     from omnimem.gated import _approx_keys
     from omnimem.kernels.group_topk import two_pass_topk
 
@@ -364,25 +376,88 @@ def test_bfloat16_first_pass_needs_rounded_means_on_cuda():
         two_pass_topk(pq, km, torch.tensor(40), top_k=4, scale=1.0, refine="fast")
     with pytest.raises(ValueError, match="approx_keys must be a CUDA bfloat16"):
         two_pass_topk(pq, km, torch.tensor(40), top_k=4, scale=1.0, approx_keys=km.to(torch.bfloat16))
+    with pytest.raises(ValueError, match="key_bounds go with approx_keys"):
+        two_pass_topk(pq, km, torch.tensor(40), top_k=4, scale=1.0, key_bounds=torch.zeros(1, 1, 40, 2))
     k = torch.randn(1, 2, 90, 16, dtype=torch.bfloat16)
     pooled = pool_kv(k, k, seq_len=90, block_size=30)
     assert pooled.k_attn_rounded and pooled.to("cpu").k_attn_rounded
     assert torch.equal(pooled.k_attn, pooled.k.to(torch.bfloat16))
+    assert torch.equal(pooled.k_bounds, key_bounds(pooled.k, pooled.k_attn))
+    assert pool_kv(k.float(), k.float(), seq_len=90, block_size=30).k_bounds is None  # no bfloat16 copy
     q = torch.randn(1, 2, 30, 16, dtype=torch.bfloat16)
     assert _approx_keys(pooled, q) is None  # CPU
     from omnimem import GatedCache
 
     cache = GatedCache(60, batch=1, num_kv_heads=2, head_dim=16, dtype=torch.bfloat16)
-    assert cache.pooled.k_attn_rounded
+    assert cache.pooled.k_attn_rounded and cache.pooled.k_bounds.shape == (1, 2, 2, 2)
     hand_built = PooledKV(pooled.k, pooled.k_attn, pooled.v_attn, 30)
-    assert not hand_built.k_attn_rounded
+    assert not hand_built.k_attn_rounded and hand_built.k_bounds is None
     gates = torch.rand(1, 2, 30, 3).to(torch.bfloat16)
     bad = PooledKV(pooled.k, pooled.k_attn, pooled.v_attn, 30, k_attn_rounded="yes")
     with pytest.raises(TypeError, match=r"pooled\.k_attn_rounded must be a bool"):
         gated_attention(q, k, k, gates, history_len=60, pooled=bad, block_size=30)
+    wrong = ((torch.zeros(1, 2, 3), ValueError), (torch.zeros(1, 2, 3, 2, dtype=torch.float64), TypeError))
+    for bounds, error in wrong:
+        bad = PooledKV(pooled.k, pooled.k_attn, pooled.v_attn, 30, k_bounds=bounds)
+        with pytest.raises(error, match=r"pooled\.k_bounds must be"):
+            gated_attention(q, k, k, gates, history_len=60, pooled=bad, block_size=30)
     if torch.cuda.is_available():
         assert _approx_keys(pooled.to("cuda"), q.cuda()) is not None
         assert _approx_keys(hand_built.to("cuda"), q.cuda()) is None
+
+
+def _rounding_adversary(device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
+    """``(pooled_q [1, 1, 1, 128], k_means [1, 1, 64, 128])`` where bfloat16 rounding moves two
+    scores apart by 2 * 2**-8 of ``|q| |k|``, the most it can: block 8's exact score (64.4696) is
+    the best, but every component of it and of the query's first half rounds down, while
+    block 0 (exact 64.4654) rounds up on the second half. The other blocks score ~50."""
+    low, high = 1 + 2**-8 - 2**-12, 1 + 2**-8 + 2**-12  # just under / over a rounding midpoint
+    q = torch.cat([torch.full((64,), low), torch.full((64,), high)])
+    km = torch.zeros(64, 128)
+    km[:, :64] = 0.78
+    km[8, :64] = low
+    km[0] = 0.0
+    km[0, 64:127] = high
+    km[0, 127] = 0.9375
+    return q.view(1, 1, 1, 128).to(device), km.view(1, 1, 64, 128).to(device)
+
+
+def test_bfloat16_error_bound_covers_the_worst_rounding():
+    """The first pass's error bound (``_score_error`` with key bounds, in float64 here) covers
+    the largest error bfloat16 rounding can make, where the former constant (4.5e-3 per unit
+    of ``|q| max|k|``, from a wrong 2**-9 per operand) did not: with it the adversary's best
+    block would have been dropped before its exact score was seen."""
+    from omnimem.kernels.group_topk import _SUMS_ERROR_BOUND
+
+    q, km = (x.flatten(0, 2).double() for x in _rounding_adversary(torch.device("cpu")))
+    q = q[0]
+    q_r, k_r = q.float().bfloat16().double(), km.float().bfloat16().double()
+    error = (k_r @ q_r - km @ q).abs()
+    bounds = key_bounds(km.float(), km.float().bfloat16()).double()
+    k_max, d_max = bounds.amax(0).sqrt()
+    eps = q_r.norm() * d_max + ((q_r - q).norm() + _SUMS_ERROR_BOUND * q_r.norm()) * (k_max + d_max)
+    assert (error <= eps).all()
+    old_eps = 4.5e-3 * q.norm() * k_r.norm(dim=1).max()
+    swing = (k_r @ q_r)[0] - (k_r @ q_r)[8]  # block 0 ahead by this much approximately ...
+    assert (km @ q)[8] > (km @ q)[0] and swing > 2 * old_eps  # ... and behind exactly
+    assert swing < 2 * eps
+
+
+@pytest.mark.skipif(TEST_DEVICE.type != "cuda", reason="bfloat16 dots are wrong in Triton's CPU interpreter")
+@pytest.mark.parametrize("refine", ["block", "warp"])
+def test_bfloat16_first_pass_keeps_the_rounding_adversary(refine):
+    """The kernel selects the adversary's exact best block (8), as the torch path does."""
+    from omnimem.kernels.group_topk import two_pass_topk
+
+    pq, km = _rounding_adversary(TEST_DEVICE)
+    end = torch.tensor(64, device=TEST_DEVICE)
+    want = select_groups_torch(pq, km, end, top_k=1, scale=1.0)
+    assert want[0].item() == 8
+    approx = km.to(torch.bfloat16)
+    got = two_pass_topk(
+        pq, km, end, top_k=1, scale=1.0, approx_keys=approx, key_bounds=key_bounds(km, approx), refine=refine
+    )
+    assert torch.equal(got[0], want[0]) and torch.equal(got[1], want[1])
 
 
 @pytest.mark.skipif(TEST_DEVICE.type != "cuda", reason="the side stream exists on CUDA only")

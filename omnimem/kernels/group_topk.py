@@ -175,19 +175,21 @@ def _stream_topk_kernel(
 
 @triton.jit
 def _bucket_max_kernel(
-    pq_ptr, km_ptr, end_ptr, bmax_ptr, norms_ptr, counts_ptr, tmax_ptr,
+    pq_ptr, km_ptr, end_ptr, bmax_ptr, norms_ptr, counts_ptr, tmax_ptr, bounds_ptr,
     stride_qb, stride_qh, stride_qg, stride_qd,
-    stride_kb, stride_kh, stride_kj, stride_kd,
+    stride_kb, stride_kh, stride_kj, stride_kd, stride_bb, stride_bh,
     num_kv_heads, num_groups, num_buckets, blocks_per_split, num_tiles,
     ROWS: tl.constexpr, BLOCK_N: tl.constexpr, BUCKET: tl.constexpr, HEAD_DIM: tl.constexpr,
     D_PAD: tl.constexpr, PRECISION: tl.constexpr, TILE_MAXIMA: tl.constexpr,
-    PDL_WAIT: tl.constexpr = False, PDL_TRIGGER: tl.constexpr = False,
+    BOUNDS: tl.constexpr = False, PDL_WAIT: tl.constexpr = False, PDL_TRIGGER: tl.constexpr = False,
 ):  # fmt: skip
     """Pass 1: approximate (tensor-core) scores, reduced to each ``BUCKET`` of blocks' maximum
-    per row, and the largest squared norm of block means (for the error bound): the row tiles
-    take turns over the split's block tiles, so each mean's norm is computed once, and every
-    program writes its own maximum (no buffer needs zeroing). The first split zeroes its rows'
-    candidate counters for pass 2 (no extra launch). ``PDL_WAIT``/``PDL_TRIGGER``: see
+    per row, and what the error bound needs: the largest squared norm of the scored block
+    means, or with ``BOUNDS`` the largest of each column of the blocks' ``[|k|**2,
+    |k_attn - k|**2]`` (``bounds_ptr``, ``[B, Hkv, NB, 2]``, rows contiguous). The row tiles
+    take turns over the split's block tiles, so each block is counted once, and every program
+    writes its own maxima (no buffer needs zeroing). The first split zeroes its rows' candidate
+    counters for pass 2 (no extra launch). ``PDL_WAIT``/``PDL_TRIGGER``: see
     ``omnimem.kernels.pdl``."""
     if PDL_WAIT:  # the pooled queries and the end come from the previous launch
         gdc_wait()
@@ -202,7 +204,10 @@ def _bucket_max_kernel(
         tl.store(counts_ptr + batch_head.to(tl.int64) * num_groups + rows, 0, mask=row_ok)
     if km_ptr.dtype.element_ty != tl.float32:  # 16-bit means: the queries round to them too
         q = q.to(km_ptr.dtype.element_ty)
-    norms = tl.zeros([BLOCK_N], tl.float32)
+    norms = tl.zeros([BLOCK_N, 2], tl.float32)
+    column = tl.arange(0, 2)
+    b_base = bounds_ptr + (batch_head // num_kv_heads).to(tl.int64) * stride_bb
+    b_base += (batch_head % num_kv_heads).to(tl.int64) * stride_bh
     for start in range(lo, hi, BLOCK_N):
         block = start + tl.arange(0, BLOCK_N)
         block_ok = block < hi
@@ -218,11 +223,16 @@ def _bucket_max_kernel(
             tile_rows = tmax_ptr + (batch_head.to(tl.int64) * num_groups + rows) * num_tiles
             tl.store(tile_rows + start // BLOCK_N, tl.max(bucket_max, 1), mask=row_ok)
         if (start // BLOCK_N) % tl.num_programs(0) == tl.program_id(0):  # this row tile's turn
-            wide = keys.to(tl.float32)
-            squares = tl.sum(wide * wide, 1)
+            if BOUNDS:  # precomputed: the key tile stays in shared memory, unread here
+                entries = b_base + block.to(tl.int64)[:, None] * 2 + column[None, :]
+                squares = tl.load(entries, mask=block_ok[:, None], other=0.0)
+            else:
+                wide = keys.to(tl.float32)
+                squares = tl.where(column[None, :] == 0, tl.sum(wide * wide, 1)[:, None], 0.0)
             norms = tl.maximum(norms, tl.where(squares == squares, squares, 0.0))
-    program = (batch_head * tl.num_programs(2) + tl.program_id(2)) * tl.num_programs(0) + tl.program_id(0)
-    tl.store(norms_ptr + program, tl.max(norms, 0))
+    program = tl.program_id(2) * tl.num_programs(0) + tl.program_id(0)
+    per_head = tl.num_programs(2) * tl.num_programs(0)
+    tl.store(norms_ptr + (batch_head * 2 + column) * per_head + program, tl.max(norms, 0))
 
 
 @triton.jit
@@ -282,6 +292,34 @@ def _store_top(
 
 
 @triton.jit
+def _score_error(
+    q, norms_ptr, batch_head, num_norms, error_bound, NORMS_PAD: tl.constexpr, BOUNDS: tl.constexpr
+):
+    """``eps`` bounding ``|approximate - exact|`` for every block score of query ``q`` (pass 1's
+    per-program maxima of ``[|k|**2, |k_attn - k|**2]`` at ``norms_ptr``).
+
+    Without ``BOUNDS``: ``error_bound * |q| * max |k|`` (Cauchy-Schwarz on each product's
+    relative rounding). With ``BOUNDS`` (pass 1 scored ``q`` rounded to bfloat16, ``q_r``,
+    against ``k_attn``): ``q_r . k_attn - q . k = q_r . (k_attn - k) + (q_r - q) . k``, so
+    ``|q_r| max|k_attn - k| + |q_r - q| (max|k| + max|k_attn - k|)`` (the second norm also
+    covers scoring ``k_attn`` itself) plus ``error_bound * |q_r| (max|k| + max|k_attn - k|)``
+    for both passes' float32 sums."""
+    entry = tl.arange(0, NORMS_PAD)
+    ok = entry < num_norms
+    row = norms_ptr + batch_head * 2 * num_norms
+    k_max = tl.sqrt(tl.max(tl.load(row + entry, mask=ok, other=0.0), 0))
+    if BOUNDS:
+        d_max = tl.sqrt(tl.max(tl.load(row + num_norms + entry, mask=ok, other=0.0), 0))
+        q_r = q.to(tl.bfloat16).to(tl.float32)
+        q_r_norm = tl.sqrt(tl.sum(q_r * q_r, 0))
+        q_err = tl.sqrt(tl.sum((q_r - q) * (q_r - q), 0))
+        eps = q_r_norm * d_max + (q_err + error_bound * q_r_norm) * (k_max + d_max)
+    else:
+        eps = error_bound * tl.sqrt(tl.sum(q * q, 0)) * k_max
+    return eps
+
+
+@triton.jit
 def _refine_kernel(
     pq_ptr, km_ptr, end_ptr, bmax_ptr, norms_ptr, counts_ptr, list_ptr, idx_ptr, num_ptr,
     stride_qb, stride_qh, stride_qg, stride_qd,
@@ -290,7 +328,7 @@ def _refine_kernel(
     BUCKETS_PAD: tl.constexpr, NORMS_PAD: tl.constexpr, BUCKET: tl.constexpr,
     CHUNK_BUCKETS: tl.constexpr, D_CHUNK: tl.constexpr, HEAD_DIM: tl.constexpr, D_PAD: tl.constexpr,
     K_PAD: tl.constexpr, TOP_K: tl.constexpr, INDEX_BITS: tl.constexpr, TIER_SHIFT: tl.constexpr,
-    LEVEL_STEPS: tl.constexpr, PDL_WAIT: tl.constexpr = False,
+    LEVEL_STEPS: tl.constexpr, BOUNDS: tl.constexpr = False, PDL_WAIT: tl.constexpr = False,
 ):  # fmt: skip
     """Pass 2, one query group: the threshold under which no top-k block can lie, the buckets
     above it, exact float32 scores of their blocks ``CHUNK_BUCKETS`` buckets at a time, and
@@ -313,10 +351,8 @@ def _refine_kernel(
     num_finite = tl.sum(finite.to(tl.int32), 0)
     low = _level(bmax, finite, LEVEL_STEPS, TOP_K)
     # Every top-k block's exact score is within 2 * eps of a kept bucket's approximate max:
-    # eps bounds |approximate - exact| (Cauchy-Schwarz on the rounding of each product).
-    norm_entry = tl.arange(0, NORMS_PAD)
-    norms = tl.load(norms_ptr + batch_head * num_norms + norm_entry, mask=norm_entry < num_norms, other=0.0)
-    eps = error_bound * tl.sqrt(tl.sum(q * q, 0) * tl.max(norms, 0))
+    # eps bounds |approximate - exact| (``_score_error``).
+    eps = _score_error(q, norms_ptr, batch_head, num_norms, error_bound, NORMS_PAD, BOUNDS)
     threshold = tl.where(num_finite >= TOP_K, low - 2.0 * eps, float("-inf"))
     keep = finite & (bmax >= threshold)
     count = tl.sum(keep.to(tl.int32), 0)
@@ -352,7 +388,8 @@ def _refine_warp_kernel(
     TILES_PAD: tl.constexpr, NORMS_PAD: tl.constexpr, BUCKET: tl.constexpr, TILE_BUCKETS: tl.constexpr,
     TILE_STEP: tl.constexpr, CHUNK_BUCKETS: tl.constexpr, D_CHUNK: tl.constexpr, HEAD_DIM: tl.constexpr,
     D_PAD: tl.constexpr, K_PAD: tl.constexpr, TOP_K: tl.constexpr, INDEX_BITS: tl.constexpr,
-    TIER_SHIFT: tl.constexpr, LEVEL_STEPS: tl.constexpr, PDL_WAIT: tl.constexpr = False,
+    TIER_SHIFT: tl.constexpr, LEVEL_STEPS: tl.constexpr, BOUNDS: tl.constexpr = False,
+    PDL_WAIT: tl.constexpr = False,
 ):  # fmt: skip
     """Pass 2 in a warp or two per query group, from the tile maxima down: the level comes from
     the ~200 tile maxima (not ~3,000 bucket maxima), only candidate tiles' bucket maxima are
@@ -374,9 +411,7 @@ def _refine_warp_kernel(
     tmax = tl.load(tile_row + tile, mask=tile * TILE_BUCKETS < valid_buckets, other=float("-inf"))
     finite = tmax > float("-inf")
     low = _level(tmax, finite, LEVEL_STEPS, TOP_K)
-    norm_entry = tl.arange(0, NORMS_PAD)
-    norms = tl.load(norms_ptr + batch_head * num_norms + norm_entry, mask=norm_entry < num_norms, other=0.0)
-    eps = error_bound * tl.sqrt(tl.sum(q * q, 0) * tl.max(norms, 0))
+    eps = _score_error(q, norms_ptr, batch_head, num_norms, error_bound, NORMS_PAD, BOUNDS)
     enough = tl.sum(finite.to(tl.int32), 0) >= TOP_K
     threshold = tl.where(enough, low - 2.0 * eps, float("-inf"))
 
@@ -452,9 +487,11 @@ def plan(
 # rounded: 2**-10 each) and float32 sums of both passes; exact float32 dots (the interpreter)
 # only leave the sums.
 _ERROR_BOUND = {"tf32": 2.5e-3, "ieee": 1.0e-4}
-# Pass 1 on bfloat16 block means (``approx_keys``, rounded to nearest from the float32 means)
-# with the queries rounded the same way: 2**-9 per operand, plus the float32 sums.
-_BF16_ERROR_BOUND = 4.5e-3
+# Pass 1 on bfloat16 block means (``approx_keys``) with the queries rounded to bfloat16: the
+# rounding's share of the error comes from the data (``_score_error``; a worst-case constant
+# would be 2 * 2**-8 + 2**-16 per unit of |q| * max|k|, round to nearest keeping 8 significant
+# bits), and this per unit of |q| * (max|k| + max|k_attn - k|) covers both passes' float32 sums.
+_SUMS_ERROR_BOUND = 5e-4
 # Pass 2 holds a row's bucket maxima in registers, and pass 1 writes them: at most this many
 # per row (at most 59 MiB of maxima for the authors' 3,744 groups). Measured on an H200 at
 # 369,720 / 1,872,000 tokens: 4,096 (buckets of 4 / 16 blocks) beat 2,048 (8 / 32 blocks).
@@ -467,10 +504,12 @@ _CHUNK_LANES = 128
 # 0.113 vs 0.099 at 819, 0.218 vs 0.178 at 3,081; between 273 and 819 is not measured). The
 # block pass on longer rows (``refine="block"``) runs 4 warps.
 _WARP_REFINE_BUCKETS = 512
-# Pass 1 launches about this many programs per SM. It runs one 8-warp program per SM, so a
-# whole number of waves matters: 3 beat 4 at every history (H200, 2026-12-01: 0.065 vs 0.074
-# ms at 369,720 tokens, 0.28 vs 0.31 at 1,872,000).
-_PASS_1_PER_SM = 3
+# Pass 1's launch: 64-row tiles in 4 warps (one warpgroup), about this many programs per SM.
+# H200, 2026-12-02, both passes (raw: benchmarks/results/2026-12-02-h200-selection-bounds.json):
+# 0.143 ms at 369,720 tokens vs 0.151 for 128 rows in 8 warps at 3 per SM (the former choice: one
+# such program fits an SM), 0.095 vs 0.098 at 93,600, 0.078 vs 0.077 at 28,080, 0.477 vs 0.515 at
+# 1,872,000; 12 per SM was within 1% at 60 s and slower at 60 frames, 4 and 6 slower at 60 s.
+_PASS_1_ROWS, _PASS_1_WARPS, _PASS_1_PER_SM = 64, 4, 8
 
 
 def default_bucket(num_slots: int) -> int:
@@ -539,14 +578,16 @@ def bucket_maxima(
     per_sm: int,
     num_stages: int | None = None,
     tile_maxima: bool = False,
+    bounds: torch.Tensor | None = None,
     pdl: bool = False,
     pdl_trigger: bool = False,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor | None]:
-    """Pass 1: ``(bmax [B * Hkv * G, buckets] float32, norms [B * Hkv, programs per head]
+    """Pass 1: ``(bmax [B * Hkv * G, buckets] float32, norms [B * Hkv, 2, programs per head]
     float32, counts [B * Hkv * G] int32, tmax [B * Hkv * G, tiles] float32 or None)``: unscaled
     approximate scores' maximum per bucket of ``bucket`` blocks (buckets past ``end`` hold
-    junk), each program's largest squared block-mean norm (their maximum is the head's),
-    zeroed candidate counters, and with ``tile_maxima`` each ``block_n`` tile's maximum.
+    junk), each program's largest squared norm of the scored block means (``norms[:, 0]``; of
+    ``bounds[..., 0]`` when ``bounds`` are given, and ``norms[:, 1]`` their ``[..., 1]``, else
+    0), zeroed candidate counters, and with ``tile_maxima`` each ``block_n`` tile's maximum.
     ``pdl``: launched to overlap the previous kernel's tail (``omnimem.kernels.pdl``);
     ``pdl_trigger``: let the next kernel start as soon as every program of this one has."""
     batch, kv_heads, groups, head_dim = pooled_q.shape
@@ -557,8 +598,10 @@ def bucket_maxima(
     num_buckets = tiles * (block_n // bucket)  # whole tiles: pass 1 stores every bucket of a tile
     bmax = torch.empty((batch * kv_heads * groups, num_buckets), dtype=torch.float32, device=device)
     norms = torch.empty(
-        (batch * kv_heads, splits * math.ceil(groups / rows)), dtype=torch.float32, device=device
+        (batch * kv_heads, 2, splits * math.ceil(groups / rows)), dtype=torch.float32, device=device
     )
+    if bounds is not None and (bounds.stride(-1), bounds.stride(-2)) != (1, 2):
+        bounds = bounds.contiguous()
     counts = torch.empty(batch * kv_heads * groups, dtype=torch.int32, device=device)
     tmax = (
         torch.empty((batch * kv_heads * groups, tiles), dtype=torch.float32, device=device)
@@ -567,7 +610,10 @@ def bucket_maxima(
     )
     _bucket_max_kernel[(math.ceil(groups / rows), batch * kv_heads, splits)](
         pq_ptr=pooled_q, km_ptr=k_means, end_ptr=end, bmax_ptr=bmax, norms_ptr=norms, counts_ptr=counts,
-        tmax_ptr=bmax if tmax is None else tmax, **_strides(pooled_q, k_means),
+        tmax_ptr=bmax if tmax is None else tmax, bounds_ptr=norms if bounds is None else bounds,
+        stride_bb=0 if bounds is None else bounds.stride(0),
+        stride_bh=0 if bounds is None else bounds.stride(1),
+        BOUNDS=bounds is not None, **_strides(pooled_q, k_means),
         num_kv_heads=kv_heads, num_groups=groups, num_buckets=num_buckets, blocks_per_split=per_split,
         num_tiles=tiles, ROWS=rows, BLOCK_N=block_n, BUCKET=bucket, HEAD_DIM=head_dim,
         D_PAD=max(16, triton.next_power_of_2(head_dim)), PRECISION=precision, TILE_MAXIMA=tile_maxima,
@@ -585,10 +631,10 @@ def two_pass_topk(
     *,
     top_k: int,
     scale: float,
-    rows: int = 128,
+    rows: int = _PASS_1_ROWS,
     block_n: int = 64,
     precision: str | None = None,
-    num_warps: int = 8,
+    num_warps: int = _PASS_1_WARPS,
     per_sm: int = _PASS_1_PER_SM,
     error_bound: float | None = None,
     bucket: int | None = None,
@@ -598,6 +644,7 @@ def two_pass_topk(
     d_chunk: int | None = None,
     refine: str | None = None,
     approx_keys: torch.Tensor | None = None,
+    key_bounds: torch.Tensor | None = None,
     num_stages: int | None = None,
     pdl: bool = False,
     pdl_trigger: bool = False,
@@ -607,9 +654,12 @@ def two_pass_topk(
     block: ``(block_idx [B, Hkv, G, top_k] int32, num_blocks [B, Hkv, G] int32)``, exact
     whatever the data (near-ties only make pass 2 score more blocks).
 
-    ``approx_keys``: ``k_means`` rounded to nearest bfloat16 (a cache's ``k_attn``), for pass 1
-    on half the bytes at the bfloat16 tensor-core rate (CUDA only: Triton's interpreter
-    computes bfloat16 dots wrongly). ``refine``: ``"block"`` (``_refine_kernel``, one program
+    ``approx_keys``: ``k_means`` in bfloat16 (a cache's ``k_attn``), for pass 1 on half the
+    bytes at the bfloat16 tensor-core rate (CUDA only: Triton's interpreter computes bfloat16
+    dots wrongly), with ``key_bounds`` ``[B, Hkv, NB, 2]`` (``omnimem.pooling.key_bounds``:
+    each block's ``|k_means|**2`` and ``|approx_keys - k_means|**2``), from which the error
+    bound is computed; ``error_bound`` then covers only the float32 sums. ``refine``:
+    ``"block"`` (``_refine_kernel``, one program
     per group over every bucket maximum: 2 warps, 4 past ``_WARP_REFINE_BUCKETS`` buckets) or
     ``"warp"`` (``_refine_warp_kernel``, 2 warps per group from pass 1's tile maxima down); by
     default ``"warp"`` past ``_WARP_REFINE_BUCKETS`` buckets per row. ``pdl``: both passes are
@@ -631,7 +681,20 @@ def two_pass_topk(
                 f"approx_keys must be a CUDA bfloat16 tensor of k_means' shape {tuple(k_means.shape)}, "
                 f"got {approx_keys.dtype} {tuple(approx_keys.shape)} on {approx_keys.device}"
             )
-        default_bound = _BF16_ERROR_BOUND
+        want = (*k_means.shape[:3], 2)
+        if (
+            not isinstance(key_bounds, torch.Tensor)
+            or tuple(key_bounds.shape) != want
+            or key_bounds.dtype != torch.float32
+            or key_bounds.device != approx_keys.device
+        ):
+            raise ValueError(
+                f"approx_keys needs key_bounds, a float32 {list(want)} tensor on its device "
+                f"(omnimem.pooling.key_bounds), got {getattr(key_bounds, 'shape', key_bounds)}"
+            )
+        default_bound = _SUMS_ERROR_BOUND
+    elif key_bounds is not None:
+        raise ValueError("key_bounds go with approx_keys (the first pass's bfloat16 keys), got none")
     else:
         default_bound = _ERROR_BOUND[precision]
     error_bound = default_bound if error_bound is None else error_bound
@@ -654,11 +717,12 @@ def two_pass_topk(
     bmax, norms, counts, tmax = bucket_maxima(
         pooled_q, k_means if approx_keys is None else approx_keys, end, bucket=bucket, rows=rows,
         block_n=block_n, precision=precision, num_warps=num_warps, per_sm=per_sm, num_stages=num_stages,
-        tile_maxima=warp, pdl=pdl, pdl_trigger=pdl_trigger,
+        tile_maxima=warp, bounds=key_bounds, pdl=pdl, pdl_trigger=pdl_trigger,
     )  # fmt: skip
+    bounded = key_bounds is not None
     launch = {"launch_pdl": True} if pdl else {}
     if warp:
-        num_buckets, num_norms = bmax.shape[1], norms.shape[1]
+        num_buckets, num_norms = bmax.shape[1], norms.shape[2]
         _refine_warp_kernel[(groups, batch * kv_heads)](
             pq_ptr=pooled_q, km_ptr=k_means, end_ptr=end, bmax_ptr=bmax, tmax_ptr=tmax, norms_ptr=norms,
             bucket_list_ptr=bmax.view(torch.int32), tile_list_ptr=tmax.view(torch.int32), idx_ptr=block_idx,
@@ -669,13 +733,13 @@ def two_pass_topk(
             BUCKET=bucket, TILE_BUCKETS=block_n // bucket, TILE_STEP=max(1, 128 // (block_n // bucket)),
             CHUNK_BUCKETS=lanes // bucket, D_CHUNK=min(d_pad, d_chunk), HEAD_DIM=head_dim, D_PAD=d_pad,
             K_PAD=k_pad, TOP_K=top_k, INDEX_BITS=_INDEX_BITS, TIER_SHIFT=_TIER_SHIFT,
-            LEVEL_STEPS=level_steps, PDL_WAIT=pdl, num_warps=refine_warps or 2, **launch,
+            LEVEL_STEPS=level_steps, BOUNDS=bounded, PDL_WAIT=pdl, num_warps=refine_warps or 2, **launch,
             **({} if refine_maxnreg is None else {"maxnreg": refine_maxnreg}),
         )  # fmt: skip
         return block_idx, num_blocks
     if refine_warps is None:
         refine_warps = 2 if math.ceil(num_slots / bucket) <= _WARP_REFINE_BUCKETS else 4
-    num_buckets, num_norms = bmax.shape[1], norms.shape[1]
+    num_buckets, num_norms = bmax.shape[1], norms.shape[2]
     _refine_kernel[(groups, batch * kv_heads)](
         pq_ptr=pooled_q, km_ptr=k_means, end_ptr=end, bmax_ptr=bmax, norms_ptr=norms, counts_ptr=counts,
         list_ptr=bmax.view(torch.int32), idx_ptr=block_idx, num_ptr=num_blocks,
@@ -685,7 +749,7 @@ def two_pass_topk(
         NORMS_PAD=triton.next_power_of_2(num_norms), BUCKET=bucket, CHUNK_BUCKETS=lanes // bucket,
         D_CHUNK=min(d_pad, d_chunk), HEAD_DIM=head_dim, D_PAD=d_pad,
         K_PAD=k_pad, TOP_K=top_k, INDEX_BITS=_INDEX_BITS, TIER_SHIFT=_TIER_SHIFT,
-        LEVEL_STEPS=level_steps, PDL_WAIT=pdl, num_warps=refine_warps, **launch,
+        LEVEL_STEPS=level_steps, BOUNDS=bounded, PDL_WAIT=pdl, num_warps=refine_warps, **launch,
     )  # fmt: skip
     return block_idx, num_blocks
 
@@ -724,12 +788,14 @@ def group_topk(
     ``pooled_q [B, Hkv, G, D]`` and ``k_means [B, Hkv, NB, D]`` are float32; ``end`` is a 0-d
     integer tensor (candidates are the blocks ``[0, end)``). The two-pass kernels unless
     ``top_k`` exceeds their step (or ``one_pass=True``); ``options`` go to the chosen launcher
-    (``approx_keys`` and ``pdl`` only to the two-pass one, which alone uses them).
+    (``approx_keys``, ``key_bounds`` and ``pdl`` only to the two-pass one, which alone uses
+    them).
     """
     if one_pass is None:
         one_pass = top_k > _CHUNK_LANES
     if one_pass:
         options.pop("approx_keys", None)
+        options.pop("key_bounds", None)
         options.pop("pdl", None)
     else:
         return two_pass_topk(pooled_q, k_means, end, top_k=top_k, scale=scale, **options)
