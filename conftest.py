@@ -7,6 +7,10 @@ import torch
 # kernel module is imported (triton.jit reads it at decoration time).
 if not torch.cuda.is_available():
     os.environ.setdefault("TRITON_INTERPRET", "1")
+if os.environ.get("TRITON_INTERPRET") == "1":
+    from tests.interpreter_patch import patch_once_per_launch
+
+    patch_once_per_launch()
 
 
 @pytest.fixture(autouse=True)

@@ -499,6 +499,10 @@ _MAX_BUCKETS = 4096
 # Pass 2 scores this many blocks per step (128 beat 256 and 512 on the H200); top_k above it
 # goes to the one-pass kernel.
 _CHUNK_LANES = 128
+# Under Triton's CPU interpreter (tests), where a test's few candidates fit in fewer lanes and
+# each of tl.topk's bitonic stages costs a round of interpreted calls: 128 lanes were half of
+# a small GatedCache rollout's time.
+_INTERPRETER_CHUNK_LANES = 32
 # Rows of more than this many buckets use the warp refine pass, shorter ones the block refine
 # pass in 2 warps (H200, 2026-12-01, both passes: block 0.072 vs warp 0.113 ms at 273 buckets,
 # 0.113 vs 0.099 at 819, 0.218 vs 0.178 at 3,081; between 273 and 819 is not measured). The
@@ -638,7 +642,7 @@ def two_pass_topk(
     per_sm: int = _PASS_1_PER_SM,
     error_bound: float | None = None,
     bucket: int | None = None,
-    chunk_lanes: int = _CHUNK_LANES,
+    chunk_lanes: int | None = None,
     refine_warps: int | None = None,
     level_steps: int = 8,
     d_chunk: int | None = None,
@@ -701,6 +705,8 @@ def two_pass_topk(
     bucket = default_bucket(num_slots) if bucket is None else bucket
     block_n = max(block_n, bucket)
     k_pad = max(2, triton.next_power_of_2(top_k))  # tl.topk needs two lanes
+    if chunk_lanes is None:  # the CPU interpreter pays per bitonic stage, not per lane
+        chunk_lanes = _CHUNK_LANES if pooled_q.is_cuda else _INTERPRETER_CHUNK_LANES
     lanes = max(chunk_lanes, k_pad, bucket)
     d_pad = max(16, triton.next_power_of_2(head_dim))
     block_idx = torch.empty((batch, kv_heads, groups, top_k), dtype=torch.int32, device=device)
