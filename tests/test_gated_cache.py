@@ -25,7 +25,7 @@ def test_rollout_equals_stateless_calls(layout, backend):
                        backend=backend, **RULES)  # fmt: skip
     final_k = torch.zeros(2, 2, 60, 16, device=TEST_DEVICE)
     final_v = torch.zeros_like(final_k)
-    for start in range(0, 48, 12):
+    for start in range(0, 36, 12):
         for _ in range(3):  # two denoising passes, then the commit pass: all at the same start
             q, k, v = (torch.randn(2, 2, 12, 16, generator=gen).to(TEST_DEVICE) for _ in range(3))
             gates = torch.rand(2, 2, 12, 3, generator=gen).to(TEST_DEVICE)
@@ -33,7 +33,7 @@ def test_rollout_equals_stateless_calls(layout, backend):
             final_k[:, :, start : start + 12], final_v[:, :, start : start + 12] = k, v
             want = gated_attention(q, final_k, final_v, gates, history_len=start, backend=backend, **RULES)
             torch.testing.assert_close(got, want, atol=1e-6, rtol=1e-6)
-    assert cache.end == 48 and "end=48" in repr(cache)
+    assert cache.end == 36 and "end=36" in repr(cache)
 
 
 def test_positions_are_checked_before_anything_is_written():
@@ -201,7 +201,11 @@ def test_offloaded_cache_equals_the_resident_one(layout, backend, rules, monkeyp
     offloaded = GatedCache(120, **shape, offload=True, max_chunk_tokens=12, **rules)
     assert offloaded.offloaded and "offload=True" in repr(offloaded) and not resident.offloaded
 
-    def chunk(start: int, length: int, passes: int = 2) -> None:
+    # Denoising rewrites: two passes a chunk, but one under Triton's interpreter (CI's time
+    # budget; the gather variants rewrite, and the staging is the same for both backends).
+    rewrites = 1 if backend == "triton" and TEST_DEVICE.type == "cpu" else 2
+
+    def chunk(start: int, length: int, passes: int = rewrites) -> None:
         for _ in range(passes):
             q = torch.randn(2, 4, length, 16, generator=gen).to(TEST_DEVICE)
             k, v = (torch.randn(2, 2, length, 16, generator=gen).to(TEST_DEVICE) for _ in range(2))
