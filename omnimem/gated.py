@@ -123,6 +123,7 @@ def select_groups_for(
     q: torch.Tensor, pooled: PooledKV, seq_len: int, config: GatedConfig, backend: str
 ) -> GroupSelection:
     """The selection ``gated_attention`` makes: ``config``'s rule over ``pooled``'s block means."""
+    approx_keys = _approx_keys(pooled, q)
     return select_groups(
         q,
         pooled.k,
@@ -135,8 +136,8 @@ def select_groups_for(
         precision=config.pool_precision,
         scale=config.scale or q.shape[-1] ** -0.5,
         use_kernel=backend == "triton",
-        approx_keys=_approx_keys(pooled, q),
-        key_bounds=pooled.k_bounds,
+        approx_keys=approx_keys,
+        key_bounds=None if approx_keys is None else pooled.k_bounds,
     )
 
 

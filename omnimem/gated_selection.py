@@ -154,8 +154,8 @@ def select_groups(
             pdl_trigger=pdl,
         )  # fmt: skip
         block_idx, num_blocks = group_topk(
-            pooled_q, keys, end, top_k=top_k, scale=scale, approx_keys=approx_keys,
-            key_bounds=key_bounds if approx_keys is not None else None, pdl=pdl,
+            pooled_q, keys, end, top_k=top_k, scale=scale, approx_keys=approx_keys, key_bounds=key_bounds,
+            pdl=pdl,
         )  # fmt: skip
     else:
         pooled_q = group_queries(q, group_size, k_means.shape[1], precision)
