@@ -52,11 +52,11 @@ def say(*args: object) -> None:
         print(*args, flush=True)
 
 
-def cache_kwargs(config: OmniMemConfig) -> dict:
+def cache_kwargs(config: OmniMemConfig, cuda_graphs: bool = False) -> dict:
     """Every cache here: wan chunks, bf16, ``[B, L, H, D]`` storage on this rank's GPU."""
     return dict(
         max_chunk_tokens=CHUNK, batch=1, head_dim=DIM, config=config, dtype=torch.bfloat16, device="cuda",
-        layout="blhd",
+        layout="blhd", cuda_graphs=cuda_graphs,
     )  # fmt: skip
 
 
@@ -181,6 +181,10 @@ def one_gpu_attention(heads: int, history: int, config: OmniMemConfig, qkv: tupl
     replay = graphed(one, group_ok=False)
     row = {"1 GPU": timed(one), "1 GPU host": host_ms(one), "1 GPU graph": timed(replay) if replay else None}
     row["1 GPU do_bench"] = triton.testing.do_bench(one)  # cross-check: L2 flushed between calls
+    del full, replay
+    full = fill(OmniMemCache(history, num_kv_heads=heads, **cache_kwargs(config, True)), history, seed=1)
+    name = "1 GPU, cuda_graphs"
+    row[name], row[f"{name} host"], row[f"{name} graph"] = timed(one), host_ms(one), None
     if args.profile:
         row["1 GPU profile"] = profile_step_local(one)
     return row
@@ -195,6 +199,9 @@ def attention_rows(heads: int, history: int, config: OmniMemConfig, args) -> dic
         row.update(one_gpu_attention(heads, history, config, (q, k, v), args))
     dist.barrier()
     cache = fill(sharded_cache(history, num_kv_heads=heads, **cache_kwargs(config)), history, seed=2 + rank)
+    replaying = fill(
+        sharded_cache(history, num_kv_heads=heads, **cache_kwargs(config, True)), history, seed=2 + rank
+    )
     shards = [token_shard(x, rank, world) for x in (q, k, v)]
     pack, unpack = _layout_fn(_pack_parts, q, cache), _layout_fn(_unpack_parts, q, cache)
     returned = torch.empty(
@@ -216,6 +223,10 @@ def attention_rows(heads: int, history: int, config: OmniMemConfig, args) -> dic
         if kv_per_rank % pipeline == 0 and (pipeline == 1 or kv_per_rank // pipeline >= 3):
             name = "2 GPUs" if pipeline == 1 else f"2 GPUs, pipeline={pipeline}"
             variants[name] = lambda p=pipeline: ulysses_attention(*shards, cache, pipeline=p)
+            if pipeline <= 2:  # the same through a cache that replays its own graphs
+                variants[f"{name}, cuda_graphs"] = lambda p=pipeline: ulysses_attention(
+                    *shards, replaying, pipeline=p
+                )
     for name, fn in variants.items():
         eager = timed(fn)
         host = host_ms(fn)
@@ -252,11 +263,17 @@ def one_gpu_block(block: WanBlock, inputs: tuple, history: int, config: OmniMemC
         return block(*inputs, lambda q, k, v: cached_attention(q, k, v, full))
 
     replay = graphed(one, group_ok=False)
-    return {
+    row = {
         "1 GPU": timed(one, reps=20),
         "1 GPU graph": timed(replay, reps=20) if replay else None,
         "1 GPU without self-attention": timed(lambda: block(*inputs, lambda q, k, v: q), reps=20),
     }
+    del full, replay
+    full = fill(
+        OmniMemCache(history, num_kv_heads=block.heads, **cache_kwargs(config, True)), history, seed=1
+    )
+    row["1 GPU, cuda_graphs"], row["1 GPU, cuda_graphs graph"] = timed(one, reps=20), None
+    return row
 
 
 BLOCKS = {"wan-14b": WanBlock.wan_14b, "wan-1.3b": WanBlock.wan_1_3b}
@@ -279,14 +296,21 @@ def block_rows(model: str, history: int, config: OmniMemConfig) -> dict:
         if rank == 0:
             row.update(one_gpu_block(block, (x, e, context, rope), history, config))
         dist.barrier()
-        cache = fill(
-            sharded_cache(history, num_kv_heads=heads, **cache_kwargs(config)), history, seed=2 + rank
-        )
+        caches = {
+            graphs: fill(
+                sharded_cache(history, num_kv_heads=heads, **cache_kwargs(config, graphs)),
+                history,
+                seed=2 + rank,
+            )
+            for graphs in (False, True)
+        }
         xs, ropes = token_shard(x, rank, world), rope[rank * CHUNK // world : (rank + 1) * CHUNK // world]
-        for pipeline in (1, 2):
-            name = "2 GPUs" if pipeline == 1 else f"2 GPUs, pipeline={pipeline}"
+        for pipeline, graphs in ((1, False), (2, False), (1, True), (2, True)):
+            name = ("2 GPUs" if pipeline == 1 else f"2 GPUs, pipeline={pipeline}") + (
+                ", cuda_graphs" if graphs else ""
+            )
 
-            def step(p=pipeline):
+            def step(p=pipeline, cache=caches[graphs]):
                 def attention(q, k, v):
                     return ulysses_attention(q, k, v, cache, pipeline=p)
 
@@ -389,9 +413,12 @@ def report(env: dict, rows: list[dict], blocks: list[dict], big: dict | None) ->
     for r in rows:
         names = (
             "1 GPU",
+            "1 GPU, cuda_graphs",
             "2 GPUs",
             "2 GPUs, pipeline=2",
             "2 GPUs, pipeline=4",
+            "2 GPUs, cuda_graphs",
+            "2 GPUs, pipeline=2, cuda_graphs",
             "rank's attention alone",
             "all_to_all",
         )
@@ -408,7 +435,10 @@ def report(env: dict, rows: list[dict], blocks: list[dict], big: dict | None) ->
         say(f"\n{block['model']} block per chunk, ms ({gflop:.0f} GFLOP outside self-attention)")
         say("| variant | eager | graph | speed-up eager | speed-up graph |")
         say("|---|---|---|---|---|")
-        for name in ("1 GPU", "2 GPUs", "2 GPUs, pipeline=2"):
+        for name in (
+            "1 GPU", "1 GPU, cuda_graphs", "2 GPUs", "2 GPUs, pipeline=2", "2 GPUs, cuda_graphs",
+            "2 GPUs, pipeline=2, cuda_graphs",
+        ):  # fmt: skip
             eager, graph = block[name], block[f"{name} graph"]
             ups = (speedup(block["1 GPU"], eager), speedup(block["1 GPU graph"], graph))
             say(f"| {name} | {fmt(eager)} | {fmt(graph)} | {ups[0]} | {ups[1]} |")

@@ -135,10 +135,13 @@ def _select(
     config: OmniMemConfig,
     scale: float,
     key_block_sums: torch.Tensor | None,
+    history: torch.Tensor | None = None,
 ) -> Selection:
     check_key_block_sums(key_block_sums, k, config.block_size)
-    # A device scalar (a fill kernel, no host sync) keeps every shape independent of the history.
-    history = torch.full((), history_len, dtype=torch.int64, device=q.device)
+    # A device scalar (a fill kernel, no host sync) keeps every shape independent of the history;
+    # a cache passes its own (``history``), which it updates only when the history changes.
+    if history is None:
+        history = torch.full((), history_len, dtype=torch.int64, device=q.device)
     # Compiling pays on GPUs, where eager selection is launch-bound; on CPU it would only add
     # compile time.
     compiled = config.compile and q.device.type == "cuda"
@@ -272,6 +275,28 @@ def sparse_attention(
     history_len, chunk_len = check_attention_inputs(q, k, v, history_len=history_len, chunk_len=chunk_len)
     if not isinstance(return_lse, bool):
         raise TypeError(f"return_lse must be a bool, got {type(return_lse).__name__}")
+    return _attend_checked(
+        q, k, v, history_len=history_len, chunk_len=chunk_len, config=config, return_lse=return_lse,
+        key_block_sums=key_block_sums, selection=selection,
+    )  # fmt: skip
+
+
+def _attend_checked(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    *,
+    history_len: int,
+    chunk_len: int,
+    config: OmniMemConfig,
+    return_lse: bool,
+    key_block_sums: torch.Tensor | None,
+    selection: Selection | None = None,
+    history: torch.Tensor | None = None,
+) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
+    """``sparse_attention`` on validated ``[B, H, L, D]`` inputs. ``history``: ``history_len``
+    as a 0-d int64 device tensor that the caller keeps (a cache's), so that the launched work
+    holds no position and a CUDA graph of it stays valid as the history grows."""
     if q.shape[0] == 0 or q.shape[1] == 0:  # nothing to attend: the empty result, on every backend
         # ... still part of the graph when an input requires grad (its gradients are empty too).
         out = (
@@ -283,7 +308,7 @@ def sparse_attention(
     forward = get_backend(resolve_backend(config, q.device, dtype=q.dtype, head_dim=q.shape[-1]))
     scale = config.scale or q.shape[-1] ** -0.5
     if selection is None:
-        selection = _select(q, k, history_len, config, scale, key_block_sums)
+        selection = _select(q, k, history_len, config, scale, key_block_sums, history)
     else:
         check_selection(selection, q, k, config.block_size, history_len)
     out, lse = forward(

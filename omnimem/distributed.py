@@ -28,7 +28,7 @@ from collections.abc import Callable
 import torch
 import torch.distributed as dist
 
-from omnimem.cache import OmniMemCache
+from omnimem.cache import OmniMemCache, graph_inputs, graph_pool, may_replay, no_replay
 from omnimem.compile import compile_static
 from omnimem.integration import cached_attention
 
@@ -187,6 +187,40 @@ def ulysses_attention(
             f"pipeline must be a positive int dividing this rank's {kv_per_rank} KV heads, got {pipeline!r}"
         )
     _log_few_heads(kv_per_rank, world)
+    if cache._graphs is not None and not commit and may_replay() and dist.get_backend(group) == "nccl":
+        return _replayed(q, k, v, cache, group, pipeline)
+    return _ulysses_step(q, k, v, cache, commit, group, pipeline)
+
+
+def _replayed(q, k, v, cache: OmniMemCache, group, pipeline: int) -> torch.Tensor:
+    """A ``cuda_graphs`` cache's denoising step: the whole exchange and attention replayed from
+    one CUDA graph (NCCL included), captured on the first call per shape. Every rank captures
+    at the same call (equal shapes on every rank), and the first runs eagerly to compile and
+    connect what the graph holds. Commits run eagerly (they move the history)."""
+    key = ("ulysses", q.shape, k.shape, q.dtype, pipeline, id(group), cache._k_storage.data_ptr())
+    entry = cache._graphs.get(key)
+    if entry is None:
+        with no_replay():
+            static = graph_inputs(q, k, v)
+            # Eagerly first, on the graph's own inputs (their strides may differ from the
+            # caller's): what they compile (the packing copy) compiles here, not in the capture.
+            out = _ulysses_step(*static, cache, False, group, pipeline)
+            graph = torch.cuda.CUDAGraph()
+            # thread_local: NCCL's watchdog thread queries events while this thread captures.
+            with torch.cuda.graph(graph, pool=graph_pool(q.device), capture_error_mode="thread_local"):
+                static_out = _ulysses_step(*static, cache, False, group, pipeline)
+        cache._graphs[key] = graph, static, static_out
+        return out
+    graph, static, static_out = entry
+    for buffer, x in zip(static, (q, k, v), strict=True):
+        buffer.copy_(x)
+    graph.replay()
+    return static_out.clone()  # the next replay overwrites the graph's own
+
+
+def _ulysses_step(q, k, v, cache: OmniMemCache, commit: bool, group, pipeline: int) -> torch.Tensor:
+    world, _ = _world(group)
+    kv_per_rank = k.shape[2] // world
     parts = pipeline
     q_part, kv_part = q.shape[2] // world // parts, kv_per_rank // parts
     send = _layout_fn(_pack_parts, q, cache)(q, k, v, world, parts)
