@@ -122,8 +122,9 @@ def _say_few_heads(kv_per_rank: int, world: int) -> None:
     logger.info(
         "ulysses_attention: %d KV heads per rank over %d ranks (fewer than %d): each rank's step "
         "is short, so run eagerly it is bound by host launch overhead and can be slower than one "
-        "GPU (wan-1.3b on 2 H200s: a block at 0.69x); capture the model in CUDA graphs (1.60x "
-        "there) or shard only for memory (docs/integration.md, 'Past one GPU')",
+        "GPU (wan-1.3b on 2 H200s: a block at 0.69x); create the caches with cuda_graphs=True (the "
+        "step replays as one graph), capture the model in CUDA graphs (1.60x there) or shard only "
+        "for memory (docs/integration.md, 'Past one GPU')",
         kv_per_rank,
         world,
         FEW_HEADS_PER_RANK,
@@ -155,9 +156,13 @@ def ulysses_attention(
         pipeline: split the rank's heads into this many groups and attend each while the next
             one's q/k/v and the previous one's output are in transit (overlaps communication
             with compute; same results). Each group costs one more ``cached_attention`` call of
-            host time, so it pays in a CUDA graph, not eagerly (2x H200, wan-14b: 1.49 vs 1.54
-            ms per step in a graph). The rank's KV heads must divide by it; resident caches
-            only.
+            host time, so it pays in a CUDA graph or with a ``cuda_graphs=True`` cache, not
+            eagerly (2x H200, wan-14b: 1.49 vs 1.54 ms per step in a graph). The rank's KV
+            heads must divide by it; resident caches only.
+
+    With a ``cuda_graphs=True`` cache and NCCL, a call without ``commit`` replays the whole
+    step (pack, both all_to_alls, attention, unpack) from one CUDA graph, captured on every rank
+    at the first call per shape (docs/integration.md, "CUDA graphs").
 
     Returns:
         ``[B, L/P, Hq, D]``: this rank's tokens of the attention output, all heads.
