@@ -182,6 +182,7 @@ def forward(
     compiled = config.compile and not (return_lse and q.device.type == "cpu")
     if compiled:
         _check_compiled_inputs(q, k, v)
+        k, v = keys_padded_for_cpu_template(k, v)
     block_mask = build_block_mask(
         selection,
         num_q_heads=num_q_heads,
@@ -194,6 +195,28 @@ def forward(
     if q.device.type == "cpu":
         v = unattended_values_zeroed(v, selection, chunk_len=chunk_len)
     return attend(q, k, v, block_mask, scale=scale, return_lse=return_lse, compiled=compiled)
+
+
+def keys_padded_for_cpu_template(k: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """``k, v`` padded with zeros where compiled CPU FlexAttention would miscompute them.
+
+    Inductor's C++ FlexAttention template (torch 2.11-2.13) computes ``q @ k.T`` in column
+    blocks of 16 keys; for head dims below 24 its tail block treats 8 leftover keys as 16 on
+    AVX2 (8-float vectors), reading 8 keys past the tile and writing 8 scores past the row.
+    With one key tile (``kv_len < 128``, the tile) the last row's spill lands on the running
+    row maxima and every query goes wrong (measured on AVX2: every kv_len of 8 mod 16 below
+    128 wrong, every other length right; AVX-512 right); in a last tile of a longer buffer the
+    spill is overwritten or lands in scratch, but the reads still pass the tensor's end. So a
+    buffer of such head dims is padded to whole 16-key blocks and to at least one full tile;
+    the padded keys lie past the chunk, where no query attends. Head dims of 24 and more take
+    another code path and are never copied.
+    """
+    length, head_dim = k.shape[2], k.shape[3]
+    padded = max(TILE, -(-length // 16) * 16)
+    if k.device.type != "cpu" or head_dim >= 24 or padded == length:
+        return k, v
+    pad = (0, 0, 0, padded - length)
+    return torch.nn.functional.pad(k, pad), torch.nn.functional.pad(v, pad)
 
 
 def unattended_values_zeroed(v: torch.Tensor, selection: Selection, *, chunk_len: int) -> torch.Tensor:

@@ -18,7 +18,7 @@ from .cases import Case
 from .conftest import examples
 from .test_backends_property import TOLERANCE, relative_error
 
-BUFFER_HISTORY = 160
+BUFFER_HISTORY = 160  # per class, unless the class names its own
 SHAPE_CLASSES = {
     "gqa": (
         dict(batch=1, q_heads=4, kv_heads=2, q_len=24, head_dim=16),
@@ -39,17 +39,25 @@ SHAPE_CLASSES = {
         dict(batch=1, q_heads=2, kv_heads=1, q_len=33, head_dim=16, flash_layout=True),
         dict(block_size=16, top_k=4, sink_tokens=16, local_tokens=16, window_exclusion="always"),
     ),
+    # The whole buffer is one short key tile (72 < 128 tokens): the CPU template's tail case.
+    "one-tile": (
+        dict(batch=1, q_heads=2, kv_heads=2, q_len=8, head_dim=16, buffer_history=64),
+        dict(block_size=8, top_k=2, sink_tokens=8, local_tokens=8),
+    ),
 }
 
 
 @pytest.mark.compile
 @pytest.mark.parametrize("shape_class", list(SHAPE_CLASSES))
 @settings(max_examples=examples(10))
-@given(history_len=st.integers(0, BUFFER_HISTORY), seed=st.integers(0, 2**16))
-def test_compiled_flex_matches_reference(shape_class, history_len, seed):
+@given(data=st.data(), seed=st.integers(0, 2**16))
+def test_compiled_flex_matches_reference(shape_class, data, seed):
     shape, config = SHAPE_CLASSES[shape_class]
+    buffer_history = shape.get("buffer_history", BUFFER_HISTORY)
+    history_len = data.draw(st.integers(0, buffer_history), label="history_len")
+    shape = {k: v for k, v in shape.items() if k != "buffer_history"}
     case = Case(
-        shape={**shape, "unwritten": BUFFER_HISTORY - history_len, "seed": seed},
+        shape={**shape, "unwritten": buffer_history - history_len, "seed": seed},
         config=config,
         history_len=history_len,
         chunk_len=None,

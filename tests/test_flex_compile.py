@@ -8,7 +8,7 @@ from torch._dynamo.utils import counters
 
 from omnimem import OmniMemConfig, sparse_attention
 
-from .inputs import make_inputs
+from .inputs import TEST_DEVICE, make_inputs
 
 pytestmark = pytest.mark.compile
 
@@ -68,3 +68,21 @@ def test_compiled_planning_matches_eager_planning():
             assert torch.equal(a, b)
     assert counters["stats"]["unique_graphs"] == 2, dict(counters["stats"])
     assert not counters["graph_break"], dict(counters["graph_break"])
+
+
+@pytest.mark.skipif(TEST_DEVICE.type != "cpu", reason="inductor's C++ FlexAttention template is the CPU path")
+def test_compiled_cpu_flex_is_exact_over_one_short_key_tile_with_avx2_vectors():
+    """torch's C++ template mis-computed a lone key tile of 8 mod 16 keys with 8-float (AVX2)
+    vectors and head dims < 24 (backends/flex.py: keys_padded_for_cpu_template); its vector
+    width is forced here so that the case runs on every x86 machine, AVX-512 ones included."""
+    import torch._inductor.config as inductor_config
+
+    config = OmniMemConfig(block_size=8, top_k=1, sink_tokens=8, local_tokens=8, backend="flex", compile=True)
+    with inductor_config.patch({"cpp.simdlen": 256}):
+        for step, (q_len, history_len, head_dim) in enumerate(((8, 64, 16), (4, 36, 8))):  # kv_len 72, 40
+            q, k, v = make_inputs(q_len=q_len, history_len=history_len, head_dim=head_dim, seed=step)
+            out = sparse_attention(q, k, v, history_len=history_len, config=config)
+            dense = config.replace(backend="dense")
+            torch.testing.assert_close(
+                out, sparse_attention(q, k, v, history_len=history_len, config=dense), atol=2e-5, rtol=2e-5
+            )
