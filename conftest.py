@@ -12,6 +12,13 @@ if os.environ.get("TRITON_INTERPRET") == "1":
 
     patch_once_per_launch()
 
+# Under pytest-xdist (the README's `-n 2`) each worker gets its share of the cores: torch's
+# default of one intra-op thread per core in every worker oversubscribes them, and OpenMP's
+# spin-waits then made the float64 gradchecks 5x slower.
+if os.environ.get("PYTEST_XDIST_WORKER"):
+    workers = int(os.environ.get("PYTEST_XDIST_WORKER_COUNT", "1"))
+    torch.set_num_threads(max(1, (os.cpu_count() or 1) // workers))
+
 
 @pytest.fixture(autouse=True)
 def _fresh_dynamo(request):
