@@ -276,8 +276,10 @@ def window_masks(
 
 def _order_preserving_bits(scores: torch.Tensor) -> torch.Tensor:
     """Map float32 to int64 in [0, 2**32) with the same order (-0.0 and +0.0 equal)."""
-    bits = (scores.float() + 0.0).view(torch.int32).long()
-    return torch.where(bits >= 0, bits + (1 << 31), (1 << 31) - 1 - (bits & 0x7FFFFFFF))
+    bits = (scores.float() + 0.0).view(torch.int32)
+    # Negative floats: flip the 31 magnitude bits (int32 arithmetic, no select: compiled for
+    # 256-bit CPU vectors, torch 2.13's int64 select on the sign picked the wrong branch).
+    return (bits ^ ((bits >> 31) & 0x7FFFFFFF)).long() + (1 << 31)
 
 
 def compact_indices(mask: torch.Tensor, width: int, pad: int = -1) -> tuple[torch.Tensor, torch.Tensor]:

@@ -46,13 +46,26 @@ def test_compiled_flex_matches_dense_without_recompiling(shape, cfg):
     assert not counters["graph_break"], dict(counters["graph_break"])
 
 
-def test_compiled_planning_matches_eager_planning():
-    """The GPU path compiles selection and BlockMask planning; check that code on this device."""
+@pytest.mark.parametrize("simdlen", [None, 256], ids=["native-vectors", "avx2-vectors"])
+def test_compiled_planning_matches_eager_planning(simdlen):
+    """The GPU path compiles selection and BlockMask planning; check that code on this device.
+    A model compiled whole on a CPU compiles it too: with 256-bit (AVX2) vectors, torch 2.13
+    once picked the wrong branch of selection's int64 sign select (omnimem/selection.py:
+    _order_preserving_bits), ranking other blocks than eager selection."""
+    import torch._inductor.config as inductor_config
+
+    if simdlen is not None and TEST_DEVICE.type != "cpu":
+        pytest.skip("the vector width is the CPU's")
+    config = OmniMemConfig(block_size=16, top_k=3, sink_tokens=16, local_tokens=24, query_group_size=20)
+    counters.clear()
+    with inductor_config.patch({"cpp.simdlen": simdlen}):
+        _check_compiled_planning(config)
+
+
+def _check_compiled_planning(config: OmniMemConfig) -> None:
     from omnimem.backends.flex import build_block_mask
     from omnimem.selection import select
 
-    config = OmniMemConfig(block_size=16, top_k=3, sink_tokens=16, local_tokens=24, query_group_size=20)
-    counters.clear()
     for history_len in (0, 37, 200):
         q, k, _ = make_inputs(
             q_heads=4, kv_heads=2, q_len=40, history_len=history_len, unwritten=200 - history_len
