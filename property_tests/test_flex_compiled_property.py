@@ -18,7 +18,7 @@ from .cases import Case
 from .conftest import examples
 from .test_backends_property import TOLERANCE, relative_error
 
-BUFFER_HISTORY = 160  # per class, unless the class names its own
+BUFFER_HISTORY = 160
 SHAPE_CLASSES = {
     "gqa": (
         dict(batch=1, q_heads=4, kv_heads=2, q_len=24, head_dim=16),
@@ -41,10 +41,11 @@ SHAPE_CLASSES = {
     ),
     # The whole buffer is one short key tile (72 < 128 tokens): the CPU template's tail case.
     "one-tile": (
-        dict(batch=1, q_heads=2, kv_heads=2, q_len=8, head_dim=16, buffer_history=64),
+        dict(batch=1, q_heads=2, kv_heads=2, q_len=8, head_dim=16),
         dict(block_size=8, top_k=2, sink_tokens=8, local_tokens=8),
     ),
 }
+OWN_BUFFER_HISTORY = {"one-tile": 64}  # other classes: BUFFER_HISTORY
 
 
 @pytest.mark.compile
@@ -53,9 +54,8 @@ SHAPE_CLASSES = {
 @given(data=st.data(), seed=st.integers(0, 2**16))
 def test_compiled_flex_matches_reference(shape_class, data, seed):
     shape, config = SHAPE_CLASSES[shape_class]
-    buffer_history = shape.get("buffer_history", BUFFER_HISTORY)
+    buffer_history = OWN_BUFFER_HISTORY.get(shape_class, BUFFER_HISTORY)
     history_len = data.draw(st.integers(0, buffer_history), label="history_len")
-    shape = {k: v for k, v in shape.items() if k != "buffer_history"}
     case = Case(
         shape={**shape, "unwritten": buffer_history - history_len, "seed": seed},
         config=config,
