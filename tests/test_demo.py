@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import pytest
 import torch
 
 from omnimem import OmniMemConfig
@@ -56,6 +57,8 @@ def test_demo_command_prints_a_table_and_writes_a_plot(tmp_path, capsys):
             "1",
             "--dim",
             "32",
+            "--heads",  # whatever --size the device picks (wan-1.3b on CUDA: 12 heads)
+            "2",
             "--no-compile",
             "--plot",
             str(plot),
@@ -83,8 +86,6 @@ def test_the_demo_story_holds_at_a_reduced_size():
 
 
 def test_cli_help_exits_zero_and_documents_every_option(capsys):
-    import pytest
-
     for argv in (["--help"], ["demo", "--help"]):
         with pytest.raises(SystemExit) as exit_info:
             main(argv)
@@ -105,3 +106,28 @@ def test_size_presets_fill_only_what_is_not_given():
     assert (tiny.size, tiny.layers, tiny.frame_size) == ("tiny", 4, 16)
     wan = _resolve_sizes(parse_args(["--device", "cpu", "--size", "wan-1.3b", "--layers", "2"]))
     assert (wan.layers, wan.heads, wan.dim, wan.frame_size) == (2, 12, 1536, SIZES["wan-1.3b"]["frame_size"])
+
+
+def test_size_options_that_do_not_fit_are_a_usage_error(capsys):
+    """A width the heads do not divide (what ``--dim 32`` meant under the CUDA default of 12
+    heads) stops before anything runs, naming the options, instead of failing in a reshape."""
+    with pytest.raises(SystemExit) as exit_info:
+        main(["demo", "--device", "cpu", "--size", "wan-1.3b", "--dim", "32", "--plot", ""])
+    assert exit_info.value.code == 2
+    err = capsys.readouterr().err
+    assert "dim (32) must be heads (12) times an even head dim" in err and "--heads" in err
+
+
+@pytest.mark.parametrize(
+    "fields, message",
+    [
+        (dict(dim=32, heads=12), "dim \\(32\\) must be heads \\(12\\)"),
+        (dict(dim=36, heads=4), "even head dim"),  # head dim 9: RoPE rotates pairs
+        (dict(layers=0), "layers must be a positive int"),
+        (dict(heads=2.0), "heads must be a positive int"),
+        (dict(height=15), "multiples of patch"),
+    ],
+)
+def test_model_config_is_validated(fields, message):
+    with pytest.raises(ValueError, match=message):
+        TinyDiTConfig(**fields)

@@ -38,6 +38,12 @@ def _resolve_sizes(args: argparse.Namespace) -> argparse.Namespace:
     return args
 
 
+def _model_config(args: argparse.Namespace) -> TinyDiTConfig:
+    return TinyDiTConfig(
+        height=args.frame_size, width=args.frame_size, dim=args.dim, heads=args.heads, layers=args.layers
+    )
+
+
 def _add_demo_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--chunks", type=int, default=40, help="chunks to generate (3 latent frames each)")
     parser.add_argument(
@@ -108,9 +114,7 @@ def run_demo(args: argparse.Namespace) -> dict[str, list]:
         if args.dtype
         else (torch.bfloat16 if device.type == "cuda" else torch.float32)
     )
-    model_config = TinyDiTConfig(
-        height=args.frame_size, width=args.frame_size, dim=args.dim, heads=args.heads, layers=args.layers
-    )
+    model_config = _model_config(args)
     model = TinyCausalDiT(model_config, seed=args.seed).to(device=device, dtype=dtype).eval()
     frame = model_config.tokens_per_frame
     chunk = frame * model_config.frames_per_chunk
@@ -278,6 +282,13 @@ def main(argv: list[str] | None = None) -> None:
     if args.command is None:  # no command: say what there is, and fail like argparse does
         parser.print_help(sys.stderr)
         raise SystemExit(2)
+    try:  # size options that do not fit together: a usage error before anything runs
+        _model_config(_resolve_sizes(args))
+    except ValueError as error:
+        parser.error(
+            f"demo: {error} (size {args.size!r}: --size sets --frame-size, --layers, --heads, --dim "
+            "and --top-k; each given option overrides its value)"
+        )
     results = run_demo(args)
     print_table(results)
     if args.plot:

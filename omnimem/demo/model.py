@@ -40,6 +40,22 @@ class TinyDiTConfig:
     tied_qk: bool = True
     qk_gain: float = 2.0
 
+    def __post_init__(self) -> None:
+        for name in ("channels", "height", "width", "patch", "dim", "heads", "layers", "frames_per_chunk"):
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+                raise ValueError(f"{name} must be a positive int, got {value!r}")
+        if self.dim % self.heads or (self.dim // self.heads) % 2:
+            # Heads split the width evenly, and RoPE rotates pairs of each head's dimensions.
+            raise ValueError(
+                f"dim ({self.dim}) must be heads ({self.heads}) times an even head dim; "
+                f"e.g. dim={self.heads * max(2, self.dim // self.heads // 2 * 2)}"
+            )
+        if self.height % self.patch or self.width % self.patch:
+            raise ValueError(
+                f"height ({self.height}) and width ({self.width}) must be multiples of patch ({self.patch})"
+            )
+
     @property
     def head_dim(self) -> int:
         return self.dim // self.heads
