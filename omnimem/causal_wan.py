@@ -237,6 +237,16 @@ def _patched_forward(original: Callable, settings: dict) -> Callable:
                 f"x holds {length} tokens at current_start={start}; grid_sizes {frames}x{height}x{width} "
                 "describe whole frames of another size"
             )
+        if start and not isinstance(kv_cache.get("omnimem"), OmniMemCache):
+            # Checked before anything is allocated or their buffers released.
+            raise ValueError(
+                f"current_start={start} on a KV cache dict that holds no omnimem history yet: a video's "
+                "history starts at token 0. The pipeline created new cache dicts mid-video (Krea "
+                "Realtime's recompute_kv_cache re-encodes a window of recent frames into fresh caches "
+                "every block, at positions relative to that window). omnimem keeps the whole history "
+                "itself: create the caches once and call the model at absolute positions, as their "
+                "CausalInferencePipeline.inference does (docs/integration.md, section 0)"
+            )
         n, d = self.num_heads, self.head_dim
         q = self.norm_q(self.q(x)).view(batch, length, n, d)
         k = self.norm_k(self.k(x)).view(batch, length, n, d)

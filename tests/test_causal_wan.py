@@ -109,6 +109,22 @@ def test_misuse_is_refused_clearly():
         pipeline.inference(chunks(4), GRID, FREQS)  # 3 chunks of history > max_frames=4
 
 
+def test_cache_dicts_created_mid_video_are_refused_before_anything_changes():
+    """Krea Realtime's server re-creates the cache dicts every block and re-encodes a window of
+    recent frames at positions relative to it (a call at a non-zero ``current_start`` on a fresh
+    dict): refused with a message that says what to do, their buffers untouched."""
+    ours = model()
+    patch_causal_wan(ours, FULL, max_frames=8)
+    pipeline = StandinPipeline(ours, buffer_tokens=4 * CHUNK)
+    pipeline.inference(chunks(2), GRID, FREQS)
+    pipeline._initialize_kv_cache(1, torch.float32)  # fresh dicts, as their recompute makes
+    with pytest.raises(ValueError, match=r"holds no omnimem history yet.*Krea Realtime's recompute_kv_cache"):
+        ours(chunks(1)[0], GRID, FREQS, pipeline.kv_cache1, current_start=CHUNK)
+    for layer in pipeline.kv_cache1:
+        assert "omnimem" not in layer and layer["k"].numel() == 4 * CHUNK * DIM
+    ours(chunks(1)[0], GRID, FREQS, pipeline.kv_cache1, current_start=0)  # a new video from token 0 runs
+
+
 class StandinNSAttention(torch.nn.Module):
     """The authors' three-branch layer as their constructor and weights describe it (settings
     kept as attributes of those names, Wan's projections and norms, the gate projection)."""
