@@ -1,13 +1,13 @@
 """One call that puts omnimem into a loaded Self-Forcing-family ``CausalWanModel``.
 
-Self-Forcing, CausVid, LongLive, Rolling Forcing and Krea Realtime share Wan2.1's causal DiT:
-each block's ``self_attn`` is called as ``forward(x, seq_lens, grid_sizes, freqs, block_mask,
-kv_cache=None, current_start=0, cache_start=None)``, and their inference pipeline passes each
-layer a dict of its own (``kv_cache1[i]``: a 32,760-token window and two end indices) and calls
-the model at the chunk's ``current_start`` token for every denoising pass and once more, at
-timestep 0, to cache the clean chunk. No call says which pass is final, so the cache is
-position-addressed: ``OmniMemCache.attend_at`` writes each pass at ``current_start``; the
-first pass of the next chunk makes the previous chunk history.
+Self-Forcing and the models built on its code (Krea Realtime's ``CausalInferencePipeline``)
+share Wan2.1's causal DiT: each block's ``self_attn`` is called as ``forward(x, seq_lens,
+grid_sizes, freqs, block_mask, kv_cache=None, current_start=0, cache_start=None)``, and their
+inference pipeline passes each layer a dict of its own (``kv_cache1[i]``: a 32,760-token window
+and two end indices) and calls the model at the chunk's ``current_start`` token for every
+denoising pass and once more, at timestep 0, to cache the clean chunk. No call says which pass
+is final, so the cache is position-addressed: ``OmniMemCache.attend_at`` writes each pass at
+``current_start``; the first pass of the next chunk makes the previous chunk history.
 
 The authors' OmniMem model (``CausalWanNSAModel``: three-branch ``CausalNSSelfAttention``
 layers with learned gates) takes the same call: each such layer is replaced by
@@ -223,7 +223,17 @@ def _patched_forward(original: Callable, settings: dict) -> Callable:
         kv_cache: MutableMapping | None = None,
         current_start: int = 0,
         cache_start: int | None = None,
+        **extra: object,
     ) -> torch.Tensor:
+        if extra:
+            # Arguments Self-Forcing's call does not have change what attention computes
+            # (LongLive's Wan-5B RoPE options, Rolling Forcing's updating_cache): not ours to drop.
+            raise TypeError(
+                f"this model calls self-attention with {', '.join(sorted(extra))}, which the Self-Forcing "
+                "call that patch_causal_wan implements does not have: its attention works differently "
+                "(e.g. LongLive's Wan-5B RoPE options, Rolling Forcing's rolling window); patch it by "
+                "hand (docs/integration.md, sections 1-4) or unpatch_causal_wan(model)"
+            )
         if kv_cache is None:  # training / teacher forcing: their path, untouched
             return original(x, seq_lens, grid_sizes, freqs, block_mask, kv_cache, current_start, cache_start)
         if not isinstance(kv_cache, MutableMapping):

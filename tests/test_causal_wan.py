@@ -125,6 +125,20 @@ def test_cache_dicts_created_mid_video_are_refused_before_anything_changes():
     ours(chunks(1)[0], GRID, FREQS, pipeline.kv_cache1, current_start=0)  # a new video from token 0 runs
 
 
+def test_arguments_beyond_the_self_forcing_call_are_refused():
+    """LongLive's Wan-5B blocks pass RoPE options, Rolling Forcing's pass ``updating_cache``:
+    attention that the patch does not compute, so the call is refused, naming them."""
+    ours = model()
+    patch_causal_wan(ours, FULL, max_frames=8)
+    pipeline = StandinPipeline(ours, buffer_tokens=4 * CHUNK)
+    pipeline.inference(chunks(1), GRID, FREQS)
+    attn = ours.blocks[0].self_attn
+    x = chunks(1)[0]
+    with pytest.raises(TypeError, match="calls self-attention with t_scale, use_relative_rope, which"):
+        attn(x, None, GRID, FREQS, None, pipeline.kv_cache1[0], CHUNK, t_scale=1.0, use_relative_rope=False)
+    assert pipeline.kv_cache1[0]["omnimem"].history_len == 0  # nothing was written
+
+
 class StandinNSAttention(torch.nn.Module):
     """The authors' three-branch layer as their constructor and weights describe it (settings
     kept as attributes of those names, Wan's projections and norms, the gate projection)."""
