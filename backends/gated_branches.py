@@ -2,24 +2,90 @@
 blocks, sliding-window attention over the last ``window_tokens`` positions, and the selected
 branch over each query group's blocks.
 
-The two dense branches are plain SDPA calls (cuDNN/flash on GPUs) over views of the inputs: no
-copy of the key/value history is made. The selected branch runs the scattered Triton kernel
-(``selected_attention.py``) or, anywhere, ``selected_attention_gather``: a per-group gather
-then a masked softmax, the kernel's plain-torch twin (it allocates ``G * top_k * block_size``
-tokens per head, which the kernel never does).
+The two dense branches attend contiguous ranges of keys, views of the inputs (no copy of the
+key/value history is made): on Hopper, for inference in float16/bfloat16 over at least
+``HOPPER_MIN_KEYS`` keys, through the warp-specialized Gluon kernel of the ``triton`` backend
+(``gluon_attention.py``) given an empty block table and the range as its chunk, which is 8-13%
+faster than cuDNN there (docs/gated.md, "Dense branches"); otherwise (gradients, other GPUs,
+other dtypes and head dims, fewer keys) SDPA (cuDNN/flash on GPUs). The selected branch runs
+the scattered Triton kernel (``selected_attention.py``) or, anywhere,
+``selected_attention_gather``: a per-group gather then a masked softmax, the kernel's
+plain-torch twin (it allocates ``G * top_k * block_size`` tokens per head, which the kernel
+never does).
 """
 
 from __future__ import annotations
 
+import functools
+import logging
+
 import torch
 import torch.nn.functional as F
 
+# From this many keys the Hopper kernel beats cuDNN on a dense branch (H200, 4,680 bfloat16
+# queries, 12 heads of 128: 1,092 keys 0.096 vs 0.074 ms, 3,276 even, 12,480 0.62 vs 0.70;
+# benchmarks/dense_branches_gpu.py). Below it the kernel's launch (descriptors, tables) and
+# its 128-key tiles cost more than they save.
+HOPPER_MIN_KEYS = 4096
+# Whether the dense branches may take the Hopper kernel at all (benchmarks turn it off).
+HOPPER_DENSE = True
+
 
 def _sdpa(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float) -> torch.Tensor:
+    if _hopper_runs(q, k, v):
+        return _hopper_dense(q, k, v, scale)
     if k.shape[1] != q.shape[1]:  # GQA
         repeat = q.shape[1] // k.shape[1]
         k, v = k.repeat_interleave(repeat, dim=1), v.repeat_interleave(repeat, dim=1)
     return F.scaled_dot_product_attention(q, k, v, scale=scale)
+
+
+def _hopper_runs(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> bool:
+    """Whether a dense branch over ``k``/``v`` runs the Hopper kernel (forward only: it has no
+    backward of its own). Says once per reason why it is skipped where it could pay."""
+    if not (HOPPER_DENSE and q.is_cuda and k.shape[2] >= HOPPER_MIN_KEYS):
+        return False
+    if torch.is_grad_enabled() and (q.requires_grad or k.requires_grad or v.requires_grad):
+        return False
+    from omnimem.backends.triton import hopper_kernel
+
+    hopper = hopper_kernel()
+    reason = (
+        "this triton has no Gluon for Hopper"
+        if hopper is None
+        else hopper.skip_reason(q, k, v, block_size=hopper.BLOCK_N, grouped=False)
+    )
+    if reason is not None:
+        _say_skipped(reason)
+    return reason is None
+
+
+@functools.cache
+def _say_skipped(reason: str) -> None:
+    logging.getLogger("omnimem").info(
+        "gated layer: the dense branches run SDPA; the faster Hopper Gluon kernel is skipped: %s", reason
+    )
+
+
+def _hopper_dense(
+    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float, *, stages: int = 3
+) -> torch.Tensor:
+    """Every query attends every key of ``k``/``v``: the scattered kernel with no history
+    blocks and all of ``k`` as its chunk."""
+    from omnimem.backends.gluon_attention import BLOCK_N, scattered_attention
+    from omnimem.backends.triton_attention import default_num_sms
+
+    batch, kv_heads = k.shape[:2]
+    # One fill for the empty tables (a zero per (batch, head): no blocks; the table's one
+    # unread entry) and the history length 0.
+    zeros = torch.zeros(2 * batch * kv_heads + 1, device=q.device, dtype=torch.int32)
+    return scattered_attention(
+        q, k, v,
+        block_idx=zeros[: batch * kv_heads].view(batch, kv_heads, 1, 1),
+        num_blocks=zeros[batch * kv_heads : 2 * batch * kv_heads].view(batch, kv_heads, 1),
+        history_len=zeros[-1], chunk_len=k.shape[2], block_size=BLOCK_N, scale=scale, return_lse=False,
+        num_sms=default_num_sms(q.device), stages=stages,
+    )[0]  # fmt: skip
 
 
 def compressed_attention(

@@ -51,7 +51,7 @@ def tile_tables(selection: Selection, *, q_len: int, block_m: int) -> tuple[torc
 
 
 @functools.cache
-def _hopper_kernel() -> ModuleType | None:
+def hopper_kernel() -> ModuleType | None:
     """The warp-specialized Gluon kernel, or ``None`` where this triton has no Gluon for Hopper
     (or a Gluon whose API moved: Gluon is experimental)."""
     try:
@@ -176,7 +176,7 @@ def _attend(
     from omnimem.backends.triton_attention import default_num_sms, scattered_attention
 
     grouped = selection.kv_block_idx.shape[2] > 1
-    hopper = _hopper_kernel()
+    hopper = hopper_kernel()
     reason = (
         "this triton has no Gluon for Hopper"
         if hopper is None

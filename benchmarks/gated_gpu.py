@@ -14,11 +14,12 @@ with ``triton.testing.do_bench`` medians (L2 flushed):
 - ``selection``: ``select_groups`` from cached float32 block means (pooled queries, the
   scores + top-k kernel, the split merge), and the kernel alone; sweeps of its tile sizes;
 - ``selected``: the scattered kernel alone (output allocation only), sweeps;
-- ``compressed`` / ``window``: SDPA with cuDNN and with flash (the peers for dense branches);
+- ``compressed`` / ``window``: the layer's choice (the Hopper kernel from ``HOPPER_MIN_KEYS``
+  keys), and SDPA with cuDNN and with flash (the peers for dense branches);
 - ``cache update``: writing the chunk's K/V into the buffers and pooling its blocks;
 - ``layer``: ``gated_attention(pooled=...)`` (selection, the three branches, the gated sum),
   and layer + cache update; peak extra memory beyond the output; the same with the selection
-  inline instead of on its side stream.
+  inline instead of on its side stream, and with both dense branches on cuDNN.
 
 Usage: ``python benchmarks/gated_gpu.py [--histories ...] [--json out.json] [--quick]``
 """
@@ -39,6 +40,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from omnimem import GatedConfig, gated_attention
 from omnimem import gated as gated_module
+from omnimem.backends import gated_branches
 from omnimem.backends.gated_branches import (
     compressed_attention,
     selected_attention_gather,
@@ -237,14 +239,21 @@ def run_history(history: int, pattern: str, args) -> dict:
             t[f"selected w={warps} s={stages}"] = bench(
                 lambda w=warps, s=stages: slc(num_warps=w, num_stages=s)
             )
-    for name, backend in (("cudnn", SDPBackend.CUDNN_ATTENTION), ("flash", SDPBackend.FLASH_ATTENTION)):
-        with sdpa_kernel(backend):
-            t[f"compressed {name}"] = bench(
-                lambda: compressed_attention(q, pooled.k_attn, pooled.v_attn, slots, scale=scale)
-            )
-            t[f"window {name}"] = bench(
-                lambda: window_attention(q, k, v, seq, window_tokens=14040, scale=scale)
-            )
+
+    def compressed():
+        return compressed_attention(q, pooled.k_attn, pooled.v_attn, slots, scale=scale)
+
+    def window():
+        return window_attention(q, k, v, seq, window_tokens=14040, scale=scale)
+
+    t["compressed (layer's choice)"], t["window (layer's choice)"] = bench(compressed), bench(window)
+    gated_branches.HOPPER_DENSE = False
+    try:
+        for name, backend in (("cudnn", SDPBackend.CUDNN_ATTENTION), ("flash", SDPBackend.FLASH_ATTENTION)):
+            with sdpa_kernel(backend):
+                t[f"compressed {name}"], t[f"window {name}"] = bench(compressed), bench(window)
+    finally:
+        gated_branches.HOPPER_DENSE = True
 
     # The cache update a layer call needs (GatedCache.write): the chunk's K/V into the buffers,
     # its blocks pooled, their key bounds.
@@ -278,6 +287,14 @@ def run_history(history: int, pattern: str, args) -> dict:
             t[name] = graph_ms(lambda: (cache_update(), layer()))
         finally:
             gated_module.OVERLAP_SELECTION = True
+        # The same with both dense branches on cuDNN: what the Hopper kernel saves there.
+        gated_branches.HOPPER_DENSE = False
+        try:
+            t["layer, dense branches cuDNN"] = bench(layer)
+            name = "layer + cache update, dense branches cuDNN (CUDA graph)"
+            t[name] = graph_ms(lambda: (cache_update(), layer()))
+        finally:
+            gated_branches.HOPPER_DENSE = True
     row["times_ms"] = t
     return row
 

@@ -484,3 +484,93 @@ def test_selection_beside_the_dense_branches_changes_nothing(monkeypatch):
         out = gated_attention(q, k, v, gates, **rules)
     graph.replay()
     assert torch.equal(out, inline)
+
+
+HOPPER = TEST_DEVICE.type == "cuda" and torch.cuda.get_device_capability(TEST_DEVICE)[0] == 9
+
+
+@pytest.mark.skipif(not HOPPER, reason="the Hopper Gluon kernel runs on compute capability 9.x only")
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+@pytest.mark.parametrize(
+    "shape",
+    [
+        # q_heads, kv_heads, q_len, keys, head_dim, [B, L, H, D] storage
+        (4, 2, 301, 5003, 64, True),  # GQA, partial query and key tiles
+        (2, 2, 1, 4096, 128, False),  # one query, exactly the threshold
+        (3, 3, 129, 7, 128, True),  # fewer keys than a tile (threshold lowered)
+    ],
+)
+def test_dense_branches_on_the_hopper_kernel_match_float64(shape, dtype, monkeypatch, poisoned_allocations):
+    """Inference over enough keys runs the compressed and window branches on the Hopper kernel
+    (an empty block table, the keys as its chunk): no worse than SDPA against float64, never
+    reading past the range (the buffer's unwritten tail is poisoned)."""
+    from omnimem.backends import gated_branches
+    from omnimem.backends.gated_branches import compressed_attention, window_attention
+
+    hq, hkv, lq, keys, d, flash = shape
+    if keys < gated_branches.HOPPER_MIN_KEYS:
+        monkeypatch.setattr(gated_branches, "HOPPER_MIN_KEYS", 1)
+    q, k, v = make_inputs(
+        batch=2, q_heads=hq, kv_heads=hkv, q_len=lq, history_len=0, chunk_len=keys + 2, head_dim=d,
+        unwritten=5, dtype=dtype, flash_layout=flash,
+    )  # fmt: skip
+    scale = d**-0.5
+    seq = keys + 2
+
+    def want(start: int, end: int) -> torch.Tensor:
+        kk, vv = (x[:, :, start:end].double().repeat_interleave(hq // hkv, dim=1) for x in (k, v))
+        return torch.nn.functional.scaled_dot_product_attention(q.double(), kk, vv, scale=scale)
+
+    def branches():
+        return (
+            compressed_attention(q, k, v, keys, scale=scale),  # keys [0, keys)
+            window_attention(q, k, v, seq, window_tokens=keys, scale=scale),  # keys [2, keys + 2)
+        )
+
+    assert gated_branches._hopper_runs(q, k[:, :, 2:seq], v[:, :, 2:seq])
+    got = branches()
+    monkeypatch.setattr(gated_branches, "HOPPER_DENSE", False)
+    sdpa = branches()
+    for out, peer, reference in zip(got, sdpa, (want(0, keys), want(2, seq)), strict=True):
+        assert out.dtype == dtype and out.shape == q.shape
+        err, peer_err = ((x.double() - reference).abs().max().item() for x in (out, peer))
+        assert err <= 2 * peer_err + 1e-3, (err, peer_err)
+
+
+@pytest.mark.skipif(not HOPPER, reason="the Hopper Gluon kernel runs on compute capability 9.x only")
+def test_gated_layer_with_hopper_dense_branches_matches_reference(monkeypatch):
+    """The whole layer in bfloat16 with a window long enough for the Hopper kernel: within
+    SDPA's error of the float64 reference, the same bits replayed from a CUDA graph, and
+    differentiable calls keep SDPA (the kernel has no backward)."""
+    from omnimem.backends import gated_branches
+
+    hist, lq = 6000, 45
+    shape = dict(q_heads=4, kv_heads=2, q_len=lq, history_len=hist, head_dim=64)
+    q, k, v = make_inputs(**shape, dtype=torch.bfloat16, flash_layout=True)
+    gates = torch.rand(1, 4, lq, 3, device=TEST_DEVICE)
+    rules = dict(top_k=8, window_tokens=4200)
+    ref = reference_gated_attention(q, k, v, gates, history_len=hist, **rules).out
+    window = rules["window_tokens"]
+    assert gated_branches._hopper_runs(q, k[:, :, :window], v[:, :, :window])
+    out = gated_attention(q, k, v, gates, history_len=hist, backend="triton", **rules)
+    monkeypatch.setattr(gated_branches, "HOPPER_DENSE", False)
+    peer = gated_attention(q, k, v, gates, history_len=hist, backend="triton", **rules)
+    monkeypatch.setattr(gated_branches, "HOPPER_DENSE", True)
+    err, peer_err = ((x.double().cpu() - ref).abs().max().item() for x in (out, peer))
+    assert err <= 2 * peer_err + 1e-3, (err, peer_err)
+
+    stream = torch.cuda.Stream()
+    stream.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(stream):  # warm-up on the capture's stream
+        gated_attention(q, k, v, gates, history_len=hist, backend="triton", **rules)
+    torch.cuda.current_stream().wait_stream(stream)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        replayed = gated_attention(q, k, v, gates, history_len=hist, backend="triton", **rules)
+    graph.replay()
+    assert torch.equal(replayed, out)
+
+    q.requires_grad_(True)
+    assert not gated_branches._hopper_runs(q, k, v)
+    with torch.no_grad():
+        assert gated_branches._hopper_runs(q, k, v)
