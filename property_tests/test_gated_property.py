@@ -92,6 +92,26 @@ def test_gated_matches_reference_16bit(backend, case):
     check(shape, config, backend)
 
 
+HOPPER = TEST_DEVICE.type == "cuda" and torch.cuda.get_device_capability(TEST_DEVICE)[0] == 9
+
+
+@pytest.mark.skipif(not HOPPER, reason="the Hopper Gluon kernel runs on compute capability 9.x only")
+@given(case=gated_cases(dtypes=(torch.bfloat16, torch.float16)), head_dim=st.sampled_from([64, 128]))
+def test_gated_with_hopper_dense_branches_matches_reference(case, head_dim):
+    """The compressed and window branches on the Hopper kernel (its key threshold lowered so that
+    every draw takes it; the kernel's head dims)."""
+    from omnimem.backends import gated_branches
+
+    shape, config = case
+    shape["head_dim"] = head_dim
+    threshold = gated_branches.HOPPER_MIN_KEYS
+    gated_branches.HOPPER_MIN_KEYS = 1  # not monkeypatch: a function-scoped fixture under @given
+    try:
+        check(shape, config, "triton")
+    finally:
+        gated_branches.HOPPER_MIN_KEYS = threshold
+
+
 @settings(max_examples=examples(14))  # ~3 s an example under the interpreter: CI's time budget
 @given(
     groups=st.integers(1, 12),

@@ -121,9 +121,23 @@ def test_an_omnimem_cache_rollout(offload, cuda_graphs):
             run(chunks[c], c * 256)
 
 
+@pytest.mark.parametrize("hopper_dense", [False, True])
 @pytest.mark.parametrize("offload", [False, True])
-def test_a_gated_cache_rollout(offload):
-    """The authors' shapes scaled down (blocks of 30, groups of 15), kernels on the GPU."""
+def test_a_gated_cache_rollout(offload, hopper_dense, monkeypatch):
+    """The authors' shapes scaled down (blocks of 30, groups of 15), kernels on the GPU; the
+    dense branches on SDPA, or (on Hopper) on the Gluon kernel with its key threshold lowered."""
+    from omnimem.backends import gated_branches
+
+    if hopper_dense and torch.cuda.get_device_capability(TEST_DEVICE)[0] != 9:
+        pytest.skip("the Hopper Gluon kernel runs on compute capability 9.x only")
+    monkeypatch.setattr(gated_branches, "HOPPER_MIN_KEYS", 1 if hopper_dense else 1 << 30)
+    launches, hopper = [], gated_branches._hopper_dense
+
+    def counted(*args, **kwargs):
+        launches.append(1)
+        return hopper(*args, **kwargs)
+
+    monkeypatch.setattr(gated_branches, "_hopper_dense", counted)
     config = GatedConfig(block_size=30, query_group_size=15, top_k=4, window_tokens=180, backend="triton")
     cache = GatedCache(
         1800, batch=1, num_kv_heads=2, head_dim=64, config=config, dtype=torch.bfloat16, device=TEST_DEVICE,
@@ -142,9 +156,13 @@ def test_a_gated_cache_rollout(offload):
     with no_host_sync():
         for chunk in range(3, 7):
             run(chunk)
+    assert bool(launches) == hopper_dense
 
 
-def test_gated_attention_forward_and_backward():
+def test_gated_attention_forward_and_backward(monkeypatch):
+    from omnimem.backends import gated_branches
+
+    monkeypatch.setattr(gated_branches, "HOPPER_MIN_KEYS", 1)  # the no-grad call's dense branches
     q = _randn(1, 4, 180, 64).requires_grad_()
     k, v = (_randn(1, 2, 1800, 64, seed=i).requires_grad_() for i in (1, 2))
     gates = torch.rand(1, 4, 180, 3, device=TEST_DEVICE, requires_grad=True)
