@@ -279,22 +279,18 @@ def run_history(history: int, pattern: str, args) -> dict:
         t["layer + cache update"] = bench(lambda: (cache_update(), layer()))
         t["layer + cache update (CUDA graph)"] = graph_ms(lambda: (cache_update(), layer()))
         row["layer extra MiB"] = peak_extra_mib(layer, q.numel() * 2)
-        # The same with the selection inline (no side stream): what the overlap saves.
-        gated_module.OVERLAP_SELECTION = False
-        try:
-            t["layer, selection inline"] = bench(layer)
-            name = "layer + cache update, selection inline (CUDA graph)"
-            t[name] = graph_ms(lambda: (cache_update(), layer()))
-        finally:
-            gated_module.OVERLAP_SELECTION = True
-        # The same with both dense branches on cuDNN: what the Hopper kernel saves there.
-        gated_branches.HOPPER_DENSE = False
-        try:
-            t["layer, dense branches cuDNN"] = bench(layer)
-            name = "layer + cache update, dense branches cuDNN (CUDA graph)"
-            t[name] = graph_ms(lambda: (cache_update(), layer()))
-        finally:
-            gated_branches.HOPPER_DENSE = True
+        # The same with the selection inline (no side stream): what the overlap saves; and with
+        # both dense branches on cuDNN: what the Hopper kernel saves there.
+        for module, flag, label in (
+            (gated_module, "OVERLAP_SELECTION", "selection inline"),
+            (gated_branches, "HOPPER_DENSE", "dense branches cuDNN"),
+        ):
+            setattr(module, flag, False)
+            try:
+                t[f"layer, {label}"] = bench(layer)
+                t[f"layer + cache update, {label} (CUDA graph)"] = graph_ms(lambda: (cache_update(), layer()))
+            finally:
+                setattr(module, flag, True)
     row["times_ms"] = t
     return row
 
