@@ -10,7 +10,7 @@ from hypothesis import assume, given, settings
 from hypothesis import strategies as st
 
 from omnimem import sparse_attention
-from tests.inputs import TEST_DEVICE
+from tests.inputs import ON_HOPPER
 
 from .cases import Case, attention_cases, hopper_cases
 from .conftest import examples
@@ -97,9 +97,6 @@ def test_triton_kernel_matches_reference_with_head_dims_of_tensor_cores(use_tma,
         check_against_reference(case, **BACKENDS["triton"])
     finally:
         triton_attention.default_use_tma = original
-
-
-ON_HOPPER = TEST_DEVICE.type == "cuda" and torch.cuda.get_device_capability(TEST_DEVICE)[0] == 9
 
 
 @pytest.mark.skipif(not ON_HOPPER, reason="the Gluon kernel runs on Hopper GPUs only")

@@ -12,7 +12,7 @@ from hypothesis import assume, given, settings
 from hypothesis import strategies as st
 
 from omnimem import gated_attention
-from tests.inputs import TEST_DEVICE, make_inputs
+from tests.inputs import ON_HOPPER, TEST_DEVICE, make_inputs
 from tests.reference_gated import reference_gated_attention
 
 from .conftest import examples
@@ -92,10 +92,7 @@ def test_gated_matches_reference_16bit(backend, case):
     check(shape, config, backend)
 
 
-HOPPER = TEST_DEVICE.type == "cuda" and torch.cuda.get_device_capability(TEST_DEVICE)[0] == 9
-
-
-@pytest.mark.skipif(not HOPPER, reason="the Hopper Gluon kernel runs on compute capability 9.x only")
+@pytest.mark.skipif(not ON_HOPPER, reason="the Hopper Gluon kernel runs on compute capability 9.x only")
 @given(case=gated_cases(dtypes=(torch.bfloat16, torch.float16)), head_dim=st.sampled_from([64, 128]))
 def test_gated_with_hopper_dense_branches_matches_reference(case, head_dim):
     """The compressed and window branches on the Hopper kernel (its key threshold lowered so that

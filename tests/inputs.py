@@ -9,6 +9,8 @@ import torch
 # Property tests run on CPU in CI; OMNIMEM_TEST_DEVICE=cuda runs the same tests on a GPU.
 TEST_DEVICE = torch.device(os.environ.get("OMNIMEM_TEST_DEVICE", "cpu"))
 POISON = 1.0e3  # finite junk in unwritten buffer space: must never reach an output
+# Whether the tests run on a Hopper GPU, where the Gluon kernel (backends/gluon_attention.py) runs.
+ON_HOPPER = TEST_DEVICE.type == "cuda" and torch.cuda.get_device_capability(TEST_DEVICE)[0] == 9
 
 
 def make_inputs(

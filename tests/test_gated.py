@@ -10,7 +10,7 @@ from omnimem import GatedConfig, PooledKV, gated_attention, pool_kv, select_grou
 from omnimem.gated_selection import candidate_end, select_groups_torch
 from omnimem.pooling import key_bounds
 
-from .inputs import TEST_DEVICE, exact_queries_and_keys, make_inputs
+from .inputs import ON_HOPPER, TEST_DEVICE, exact_queries_and_keys, make_inputs
 from .reference_gated import reference_gated_attention
 
 BACKENDS = ["gather", pytest.param("triton", marks=pytest.mark.filterwarnings("ignore"))]
@@ -486,10 +486,7 @@ def test_selection_beside_the_dense_branches_changes_nothing(monkeypatch):
     assert torch.equal(out, inline)
 
 
-HOPPER = TEST_DEVICE.type == "cuda" and torch.cuda.get_device_capability(TEST_DEVICE)[0] == 9
-
-
-@pytest.mark.skipif(not HOPPER, reason="the Hopper Gluon kernel runs on compute capability 9.x only")
+@pytest.mark.skipif(not ON_HOPPER, reason="the Hopper Gluon kernel runs on compute capability 9.x only")
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
 @pytest.mark.parametrize(
     "shape",
@@ -537,7 +534,7 @@ def test_dense_branches_on_the_hopper_kernel_match_float64(shape, dtype, monkeyp
         assert err <= 2 * peer_err + 1e-3, (err, peer_err)
 
 
-@pytest.mark.skipif(not HOPPER, reason="the Hopper Gluon kernel runs on compute capability 9.x only")
+@pytest.mark.skipif(not ON_HOPPER, reason="the Hopper Gluon kernel runs on compute capability 9.x only")
 def test_gated_layer_with_hopper_dense_branches_matches_reference(monkeypatch):
     """The whole layer in bfloat16 with a window long enough for the Hopper kernel: within
     SDPA's error of the float64 reference, the same bits replayed from a CUDA graph, and

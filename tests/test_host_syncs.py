@@ -27,7 +27,7 @@ from omnimem import (
     sparse_attention,
 )
 from omnimem.distributed import sharded_cache, ulysses_attention
-from tests.inputs import TEST_DEVICE
+from tests.inputs import ON_HOPPER, TEST_DEVICE
 
 pytestmark = pytest.mark.skipif(TEST_DEVICE.type != "cuda", reason="host syncs exist on CUDA only")
 
@@ -128,7 +128,7 @@ def test_a_gated_cache_rollout(offload, hopper_dense, monkeypatch):
     dense branches on SDPA, or (on Hopper) on the Gluon kernel with its key threshold lowered."""
     from omnimem.backends import gated_branches
 
-    if hopper_dense and torch.cuda.get_device_capability(TEST_DEVICE)[0] != 9:
+    if hopper_dense and not ON_HOPPER:
         pytest.skip("the Hopper Gluon kernel runs on compute capability 9.x only")
     monkeypatch.setattr(gated_branches, "HOPPER_MIN_KEYS", 1 if hopper_dense else 1 << 30)
     launches, hopper = [], gated_branches._hopper_dense

@@ -9,7 +9,7 @@ import torch
 
 from omnimem.selection import block_key_sums_reference
 
-from .inputs import TEST_DEVICE, exact_queries_and_keys, make_inputs
+from .inputs import ON_HOPPER, TEST_DEVICE, exact_queries_and_keys, make_inputs
 
 pytest.importorskip("triton")
 
@@ -273,11 +273,7 @@ def test_hopper_row_view_addresses_every_head(layout):
         assert row * row_len + col == offset + t * sl
 
 
-def _on_hopper() -> bool:
-    return TEST_DEVICE.type == "cuda" and torch.cuda.get_device_capability(TEST_DEVICE)[0] == 9
-
-
-@pytest.mark.skipif(not _on_hopper(), reason="the Gluon kernel runs on Hopper GPUs only")
+@pytest.mark.skipif(not ON_HOPPER, reason="the Gluon kernel runs on Hopper GPUs only")
 @pytest.mark.parametrize("num_sms", [1, 5, 50, None])
 @pytest.mark.parametrize(
     ("q_heads", "kv_heads", "head_dim", "history_len", "q_len", "block_size", "flash_layout", "dtype"),
