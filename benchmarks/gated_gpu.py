@@ -48,7 +48,8 @@ from omnimem.backends.gated_branches import (
 )
 from omnimem.backends.selected_attention import selected_attention
 from omnimem.gated_selection import (
-    candidate_end,
+    CandidateRule,
+    candidate_span,
     group_queries,
     select_groups,
     select_groups_torch,
@@ -68,6 +69,8 @@ from tests.reference_gated import reference_gated_attention
 
 HEADS, HEAD_DIM, CHUNK = 12, 128, 3 * FRAME_TOKENS
 CFG = GatedConfig()
+# The candidates of the authors' current code (the default) and of their code before ca257ce.
+RULE, RULE_ALL = CandidateRule.of(CFG), CandidateRule.of(CFG.replace(candidates="all"))
 # group_topk keyword variants swept by --variants (pass 1's tiles; pass 2's bucket and warps).
 # Pass 2's knobs around the defaults (the warp refine pass past 512 buckets per row, else the
 # block one in 2 warps; d_chunk=16, bucket=4, pass 1 on the bfloat16 means in 64-row tiles of
@@ -103,6 +106,7 @@ def check_small() -> list[str]:
             (300, 60, 30, 15, 4, 90, "all", 4, 4),
             (1000, 45, 7, 10, 16, 100, "awe", 4, 2),
             (0, 33, 30, 15, 16, 14040, "all", 2, 2),
+            (540, 60, 30, 15, 4, 180, "chunks", 4, 4),  # chunk 9: the authors' exclusion applies
         ]:
             # The reference sees the same (rounded) inputs as the kernels.
             q = torch.randn(2, lq, hq, 64, generator=gen).transpose(1, 2).to(dtype)
@@ -145,7 +149,7 @@ def selection_agreement(q, pooled, seq_len) -> str:
     difference is a near-tie (kernel's pick scores within 1e-5 relative of the k-th best)."""
     scale = HEAD_DIM**-0.5
     pq = group_queries(q, 15, HEADS, "float32")
-    end = candidate_end(seq_len, block_size=30, top_k=16, window_tokens=14040, candidates="all")
+    end = candidate_span(seq_len, CHUNK, RULE)
     got, _ = group_topk(
         pq, pooled.k, end, top_k=16, scale=scale, approx_keys=pooled.k_attn, key_bounds=pooled.k_bounds
     )
@@ -168,9 +172,8 @@ def run_history(history: int, pattern: str, args) -> dict:
     pooled = pool_kv(k, v, seq_len=seq, block_size=30, num_slots=slots)
     row = dict(history=history, frames=history // FRAME_TOKENS, pattern=pattern)
     sel = select_groups(
-        q, pooled.k, seq_len, block_size=30, query_group_size=15, top_k=16, window_tokens=14040,
-        candidates="all", precision="float32", scale=scale, use_kernel=True, approx_keys=pooled.k_attn,
-        key_bounds=pooled.k_bounds,
+        q, pooled.k, seq_len, query_group_size=15, rule=RULE, precision="float32", scale=scale,
+        use_kernel=True, approx_keys=pooled.k_attn, key_bounds=pooled.k_bounds,
     )  # fmt: skip
     checks = []
     if pattern == "random":
@@ -189,16 +192,16 @@ def run_history(history: int, pattern: str, args) -> dict:
     for line in checks:
         print(f"  [{history}/{pattern}] {line}", flush=True)
 
-    def select(approx_keys=pooled.k_attn):
+    def select(approx_keys=pooled.k_attn, rule=RULE):
         """What the layer runs: pass 1 on the bfloat16 means (``approx_keys=None``: tf32)."""
         return select_groups(
-            q, pooled.k, seq_len, block_size=30, query_group_size=15, top_k=16, window_tokens=14040,
-            candidates="all", precision="float32", scale=scale, use_kernel=True, approx_keys=approx_keys,
+            q, pooled.k, seq_len, query_group_size=15, rule=rule, precision="float32", scale=scale,
+            use_kernel=True, approx_keys=approx_keys,
             key_bounds=None if approx_keys is None else pooled.k_bounds,
         )  # fmt: skip
 
     pq = group_queries(q, 15, HEADS, "float32")
-    end = candidate_end(seq_len, block_size=30, top_k=16, window_tokens=14040, candidates="all")
+    end = candidate_span(seq_len, CHUNK, RULE)
     t = {}
     t["selection"] = bench(select)
     t["selection kernel+merge"] = bench(
@@ -225,6 +228,7 @@ def run_history(history: int, pattern: str, args) -> dict:
             lambda: stream_topk(pq, pooled.k, end, top_k=16, scale=scale)
         )
     t["selection (CUDA graph)"] = graph_ms(select)
+    t["selection, candidates=all (CUDA graph)"] = graph_ms(lambda: select(rule=RULE_ALL))
     t["selection, tf32 pass 1 (CUDA graph)"] = graph_ms(lambda: select(approx_keys=None))
 
     def slc(**kw):

@@ -32,16 +32,16 @@ from attention_gpu import FRAME_TOKENS, bench, environment, graph_ms
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from omnimem import OmniMemConfig, select_blocks, sparse_attention
+from omnimem import GatedConfig, OmniMemConfig, select_blocks, sparse_attention
 from omnimem.backends.flex import unattended_values_zeroed
-from omnimem.gated_selection import select_groups
-from omnimem.kernels.group_queries import group_queries_and_end
+from omnimem.gated_selection import CandidateRule, select_groups
+from omnimem.kernels.group_queries import group_queries_and_span
 from omnimem.kernels.group_topk import two_pass_topk
 from omnimem.pooling import pool_kv
 
 HEADS, HEAD_DIM, CHUNK = 12, 128, 3 * FRAME_TOKENS
 SCALE = HEAD_DIM**-0.5
-RULE = dict(block_size=30, top_k=16, window_tokens=14040, candidates="all")
+RULE = CandidateRule.of(GatedConfig())  # the authors' current candidates (chunk exclusion)
 CHAIN_VARIANTS = {
     "chain, no PDL, 1 group per gq program": dict(gpp=1),
     "chain pdl": dict(gpp=1, pdl=True),
@@ -65,14 +65,14 @@ def run_history(frames: int) -> dict:
     def select():
         return select_groups(
             q, pooled.k, seq_len, query_group_size=15, precision="float32", scale=SCALE,
-            use_kernel=True, approx_keys=pooled.k_attn, key_bounds=pooled.k_bounds, **RULE,
+            use_kernel=True, approx_keys=pooled.k_attn, key_bounds=pooled.k_bounds, rule=RULE,
         )  # fmt: skip
 
     want = select()
-    gq_rule = dict(query_group_size=15, num_kv_heads=HEADS, precision="float32", **RULE)
+    gq_rule = dict(query_group_size=15, num_kv_heads=HEADS, precision="float32", rule=RULE)
 
     def chain(gpp=1, warps=2, pdl=False, trig=False):
-        pq, end = group_queries_and_end(
+        pq, end = group_queries_and_span(
             q, seq_len, groups_per_program=gpp, num_warps=warps, pdl_trigger=trig, **gq_rule
         )
         return two_pass_topk(
@@ -86,14 +86,14 @@ def run_history(frames: int) -> dict:
         if not (torch.equal(idx, want.block_idx) and torch.equal(num, want.num_blocks)):
             name += " (TABLE DIFFERS)"
         t[name] = graph_ms(lambda o=options: chain(**o))
-    pq_want, end_want = group_queries_and_end(q, seq_len, groups_per_program=1, **gq_rule)
+    pq_want, end_want = group_queries_and_span(q, seq_len, groups_per_program=1, **gq_rule)
     for gpp in (1, 2, 4, 8):
         for warps in (2, 4):
-            pq, end = group_queries_and_end(q, seq_len, groups_per_program=gpp, num_warps=warps, **gq_rule)
+            pq, end = group_queries_and_span(q, seq_len, groups_per_program=gpp, num_warps=warps, **gq_rule)
             # 4 warps sum a group's rows in another order: float32 rounding may differ.
             same = torch.equal(pq, pq_want) and torch.equal(end, end_want)
             t[f"gq gpp={gpp} w={warps}" + ("" if same else " (rounding differs)")] = graph_ms(
-                lambda g=gpp, w=warps: group_queries_and_end(
+                lambda g=gpp, w=warps: group_queries_and_span(
                     q, seq_len, groups_per_program=g, num_warps=w, **gq_rule
                 )
             )

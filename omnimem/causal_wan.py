@@ -24,6 +24,7 @@ the dict are released on first use. ``unpatch_causal_wan`` restores the original
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import types
 from collections.abc import Callable, MutableMapping
@@ -32,8 +33,10 @@ import torch
 from torch import nn
 
 from omnimem.cache import OmniMemCache
-from omnimem.config import OmniMemConfig
+from omnimem.config import GatedConfig, OmniMemConfig
 from omnimem.gated_wan import GatedWanSelfAttention, reordered_rope
+from omnimem.offload import check_host_memory
+from omnimem.sizing import kv_cache_bytes
 
 logger = logging.getLogger("omnimem")
 
@@ -43,6 +46,15 @@ _NSA_SETTINGS = (
     "pool_f", "pool_h", "pool_w", "num_selected_blocks", "gate_mode", "layer_idx", "chunk_length",
     "group_q_size", "skip_module",
 )  # fmt: skip
+# Read too where their layer has them (their window exclusion; their GQA-style head pooling).
+_NSA_OPTIONAL_SETTINGS = (
+    "exclude_window_chunks",
+    "exclude_sink_chunks",
+    "progressive_exclude",
+    "num_kv_head_groups",
+)
+_OMNIMEM_FIELDS = frozenset(f.name for f in dataclasses.fields(OmniMemConfig))
+_GATED_FIELDS = frozenset(f.name for f in dataclasses.fields(GatedConfig))
 _PATCH = "_omnimem_patch"
 _ORIGINAL = "_omnimem_original"
 
@@ -57,13 +69,20 @@ def _is_nsa_attention(module: nn.Module) -> bool:
     )
 
 
-def _gated_replacement(module: nn.Module) -> GatedWanSelfAttention:
+def _gated_replacement(module: nn.Module, gated_settings: dict) -> GatedWanSelfAttention:
     """Their three-branch layer as ``GatedWanSelfAttention``: same settings, and their very
-    projection and norm modules (shared, not copied: no second set of weights)."""
+    projection and norm modules (shared, not copied: no second set of weights).
+    ``gated_settings``: the patch's (``config``, ``overrides``, cache sizes, ``offload``)."""
     wan = {name: getattr(module, name) for name in ("window_size", "qk_norm", "eps") if hasattr(module, name)}
     settings = {name: getattr(module, name) for name in _NSA_SETTINGS}
+    settings |= {name: getattr(module, name) for name in _NSA_OPTIONAL_SETTINGS if hasattr(module, name)}
     with torch.device("meta"):  # every weight is replaced by theirs below
-        gated = GatedWanSelfAttention(dim=module.dim, num_heads=module.num_heads, **wan, **settings)
+        gated = GatedWanSelfAttention(
+            dim=module.dim, num_heads=module.num_heads, **wan, **settings, config=gated_settings["config"],
+            max_frames=gated_settings["max_frames"], max_chunk_frames=gated_settings["max_chunk_frames"],
+            offload=gated_settings["offload"],
+        )  # fmt: skip
+    gated.config = gated.config.replace(**gated_settings["overrides"])
     expected = {name: tuple(t.shape) for name, t in gated.state_dict().items()}
     for name in ("q", "k", "v", "o", "norm_q", "norm_k", "g_proj"):
         setattr(gated, name, getattr(module, name))
@@ -79,7 +98,7 @@ def _gated_replacement(module: nn.Module) -> GatedWanSelfAttention:
 
 def patch_causal_wan(
     model: nn.Module,
-    config: OmniMemConfig | None = None,
+    config: OmniMemConfig | GatedConfig | None = None,
     *,
     max_frames: int,
     max_chunk_frames: int = 3,
@@ -90,28 +109,44 @@ def patch_causal_wan(
 ) -> list[nn.Module]:
     """Make ``model``'s causal self-attention layers attend through omnimem, in place.
 
+    Two kinds of layer are patched: Self-Forcing's ``CausalWanSelfAttention`` (through an
+    ``OmniMemCache`` each) and the authors' three-branch ``CausalNSSelfAttention`` (replaced by
+    ``GatedWanSelfAttention``, built from their settings: blocks, groups, ``top_k``, window
+    exclusion). Every setting below reaches both kinds.
+
     Args:
         model: a loaded Self-Forcing-family ``CausalWanModel`` (or any module holding their
             ``CausalWanSelfAttention``-shaped layers: ``q``, ``k``, ``v``, ``o``, ``norm_q``,
-            ``norm_k``, ``num_heads``, ``head_dim``, ``sink_size``).
-        config: retrieval settings; default ``OmniMemConfig.preset("wan2.1-1.3b")`` (the
-            first frame as sink, the last chunk as local window, 32 blocks per head).
+            ``norm_k``, ``num_heads``, ``head_dim``, ``sink_size``), or the authors'
+            ``CausalWanNSAModel``.
+        config: an ``OmniMemConfig`` for Self-Forcing's layers (default
+            ``OmniMemConfig.preset("wan2.1-1.3b")``: the first frame as sink, the last chunk as
+            local window, 32 blocks per head) or a ``GatedConfig`` for the authors' layers (the
+            fields their constructor settings do not set, e.g. ``backend``; default
+            ``GatedConfig()``).
         max_frames: the longest video, in latent frames, the caches must hold (the history
-            is kept whole: 60 s of Wan2.1 at 16 fps is 240 latent frames).
+            is kept whole: 60 s of Wan2.1 at 16 fps is 240 latent frames). Each layer's cache
+            is allocated once, at its first call, after a check that every patched layer's
+            cache fits the device (host memory with ``offload``).
         max_chunk_frames: the most frames one call writes (Self-Forcing: 3).
         sink_frames: the sink in latent frames (their unit: ``sink_size``); converted to tokens
-            with the model's tokens per frame at the first call, overriding ``config``'s.
+            with the model's tokens per frame at the first call, overriding ``config``'s
+            (Self-Forcing's layers).
         local_frames: the local window in latent frames (their ``local_attn_size``'s unit),
             likewise.
-        offload: keep each layer's history in host memory (``OmniMemCache(offload=True)``).
-        **overrides: ``OmniMemConfig`` fields to change, e.g. ``top_k=64``.
+        offload: keep each layer's history in host memory (``OmniMemCache(offload=True)``,
+            ``GatedCache(offload=True)``).
+        **overrides: config fields to change: ``OmniMemConfig`` fields for Self-Forcing's
+            layers, ``GatedConfig`` fields for the authors' (over their own settings), e.g.
+            ``top_k=12`` (a field of both reaches both).
 
     Returns:
         The patched modules, in model order.
 
     Raises:
         ValueError: no such module in ``model``, an already patched one, or bad sizes.
-        TypeError: a ``config`` that is not an ``OmniMemConfig``, unknown override names.
+        TypeError: a ``config`` of neither type, or one for layers the model does not have; an
+            override that is a field of no config the model's layers use.
 
     Example:
         >>> from omnimem.causal_wan import patch_causal_wan, unpatch_causal_wan
@@ -119,10 +154,8 @@ def patch_causal_wan(
         >>> # patch_causal_wan(pipeline.generator.model, max_frames=240, top_k=32)
         >>> # video = pipeline.inference(noise, text_prompts)     # runs as before
     """
-    config = OmniMemConfig.preset("wan2.1-1.3b") if config is None else config
-    if not isinstance(config, OmniMemConfig):
-        raise TypeError(f"config must be an OmniMemConfig, got {type(config).__name__}")
-    config = config.replace(**overrides)
+    if config is not None and not isinstance(config, (OmniMemConfig, GatedConfig)):
+        raise TypeError(f"config must be an OmniMemConfig or a GatedConfig, got {type(config).__name__}")
     if not isinstance(offload, bool):
         raise TypeError(f"offload must be a bool, got {type(offload).__name__}")
     for name, value, minimum in (
@@ -137,17 +170,32 @@ def patch_causal_wan(
             raise ValueError(f"{name} must be an int >= {minimum}, got {value!r}")
     if any(hasattr(m, _PATCH) or hasattr(m, _ORIGINAL) for m in model.modules()):
         raise ValueError("the model is already patched; call unpatch_causal_wan first")
-    replaced = _replace_nsa_layers(model)
+    nsa_layers = [m for m in model.modules() if _is_nsa_attention(m)]
     modules = [m for m in model.modules() if _is_causal_wan_attention(m)]
-    if not modules and not replaced:
+    if not modules and not nsa_layers:
         raise ValueError(
             "patch_causal_wan found no CausalWanSelfAttention-like module in the model (looked for "
             f"modules with {', '.join(_ATTENTION_ATTRIBUTES)} and sink_size, or the authors' "
             "CausalNSSelfAttention with g_proj and pool sizes)"
         )
+    omnimem_config, gated_config, gated_overrides = _split_settings(
+        config, overrides, sink_frames=sink_frames, local_frames=local_frames, sparse=bool(modules),
+        gated=bool(nsa_layers),
+    )  # fmt: skip
+    gated_settings = dict(
+        config=gated_config, overrides=gated_overrides, max_frames=max_frames,
+        max_chunk_frames=max_chunk_frames, offload=offload,
+    )  # fmt: skip
+    replaced = _replace_nsa_layers(model, gated_settings)
+    check_gated = _first_allocation_check(len(replaced), max_frames, offload)
+    for layer in replaced:
+        layer.before_allocation = lambda layer, sizes: check_gated(
+            {**sizes, "config": layer.config}, sizes["capacity"] // max_frames
+        )
     settings = dict(
-        config=config, max_frames=max_frames, max_chunk_frames=max_chunk_frames,
+        config=omnimem_config, max_frames=max_frames, max_chunk_frames=max_chunk_frames,
         sink_frames=sink_frames, local_frames=local_frames, offload=offload,
+        check=_first_allocation_check(len(modules), max_frames, offload),
     )  # fmt: skip
     for module in modules:
         original = module.forward
@@ -160,15 +208,100 @@ def patch_causal_wan(
     return sorted(modules + replaced, key=[*model.modules()].index)
 
 
-def _replace_nsa_layers(model: nn.Module) -> list[nn.Module]:
-    replaced = []
-    for parent in list(model.modules()):
-        for name, child in list(parent.named_children()):
-            if _is_nsa_attention(child):
-                gated = _gated_replacement(child)
-                setattr(parent, name, gated)
-                replaced.append(gated)
-    return replaced
+def _split_settings(
+    config: OmniMemConfig | GatedConfig | None,
+    overrides: dict,
+    *,
+    sink_frames: int | None,
+    local_frames: int | None,
+    sparse: bool,
+    gated: bool,
+) -> tuple[OmniMemConfig | None, GatedConfig | None, dict]:
+    """The patch's settings per kind of layer, validated before the model changes: Self-Forcing's
+    ``OmniMemConfig``, the authors' base ``GatedConfig`` and the ``GatedConfig`` overrides
+    (applied over their layers' own settings). Settings for a kind the model lacks are refused."""
+    has = " and ".join(
+        kind
+        for kind, present in (("Self-Forcing's layers", sparse), ("the authors' gated layers", gated))
+        if present
+    )
+    for name in overrides:
+        if name not in _OMNIMEM_FIELDS | _GATED_FIELDS:
+            raise TypeError(
+                f"unknown setting {name!r}: neither an OmniMemConfig field (Self-Forcing's layers) nor a "
+                "GatedConfig field (the authors' gated layers)"
+            )
+        if not ((sparse and name in _OMNIMEM_FIELDS) or (gated and name in _GATED_FIELDS)):
+            owner = "an OmniMemConfig" if name in _OMNIMEM_FIELDS else "a GatedConfig"
+            raise TypeError(f"{name!r} is {owner} field, which no layer of this model uses (it has {has})")
+    if isinstance(config, GatedConfig) and not gated:
+        raise TypeError(f"config is a GatedConfig, for the authors' gated layers; this model has {has}")
+    if isinstance(config, OmniMemConfig) and not sparse:
+        raise TypeError(f"config is an OmniMemConfig, for Self-Forcing's layers; this model has {has}")
+    if not sparse and (sink_frames is not None or local_frames is not None):
+        raise TypeError(f"sink_frames and local_frames set Self-Forcing's layers; this model has {has}")
+    omnimem_config = gated_config = None
+    if sparse:
+        base = config if isinstance(config, OmniMemConfig) else OmniMemConfig.preset("wan2.1-1.3b")
+        omnimem_config = base.replace(**{n: v for n, v in overrides.items() if n in _OMNIMEM_FIELDS})
+    gated_overrides = {n: v for n, v in overrides.items() if n in _GATED_FIELDS}
+    if gated:
+        gated_config = config if isinstance(config, GatedConfig) else GatedConfig()
+        gated_config.replace(**gated_overrides)  # validated now, applied over each layer's settings
+    return omnimem_config, gated_config, gated_overrides if gated else {}
+
+
+def _first_allocation_check(layers: int, max_frames: int, offload: bool) -> Callable[[dict, int], None]:
+    """A check, run before the first of ``layers`` caches is allocated, that all of them fit:
+    the device (or, with ``offload``, the host for the history and the device for the rest).
+    Its argument: one cache's ``kv_cache_bytes`` sizes (``capacity`` in tokens included)."""
+    done = []
+
+    def check(sizes: dict, frame_tokens: int) -> None:
+        if done:
+            return
+        sizes = dict(sizes)
+        capacity, device = sizes.pop("capacity"), torch.device(sizes.pop("device"))
+        sizes = {
+            k: sizes[k] for k in ("batch", "num_kv_heads", "head_dim", "dtype", "config", "max_chunk_tokens")
+        }
+        sizes["max_chunk_tokens"] = sizes["max_chunk_tokens"] or 0
+        on_device = layers * kv_cache_bytes(capacity, **sizes, offload=offload)
+        if offload:
+            full = kv_cache_bytes(capacity, **sizes) - kv_cache_bytes(0, **sizes)
+            check_host_memory(layers * full)
+        if device.type == "cuda":
+            free, _ = torch.cuda.mem_get_info(device)
+            if on_device > free:
+                advice = (
+                    "lower max_frames"
+                    if offload
+                    else "patch_causal_wan(..., offload=True) keeps the history in host memory"
+                )
+                raise ValueError(
+                    f"the caches of the {layers} patched layers at max_frames={max_frames} ({frame_tokens} "
+                    f"tokens a frame) need {on_device / 2**30:.1f} GiB of GPU memory, but only "
+                    f"{free / 2**30:.1f} GiB are free on {device}: {advice} (omnimem.kv_cache_bytes sizes "
+                    "a model)"
+                )
+        done.append(True)
+
+    return check
+
+
+def _replace_nsa_layers(model: nn.Module, gated_settings: dict) -> list[nn.Module]:
+    # Every replacement is built before any is installed: a layer that does not fit leaves the
+    # model as it was.
+    found = [
+        (parent, name, child)
+        for parent in model.modules()
+        for name, child in parent.named_children()
+        if _is_nsa_attention(child)
+    ]
+    built = [(parent, name, _gated_replacement(child, gated_settings)) for parent, name, child in found]
+    for parent, name, gated in built:
+        setattr(parent, name, gated)
+    return [gated for _, _, gated in built]
 
 
 def unpatch_causal_wan(model: nn.Module) -> int:
@@ -199,6 +332,13 @@ def _layer_cache(
     config = settings["config"]
     frames = {"sink_tokens": settings["sink_frames"], "local_tokens": settings["local_frames"]}
     config = config.replace(**{name: n * frame_tokens for name, n in frames.items() if n is not None})
+    sizes = dict(
+        capacity=settings["max_frames"] * frame_tokens,
+        max_chunk_tokens=max(settings["max_chunk_frames"] * frame_tokens, k.shape[1]),
+        batch=k.shape[0], num_kv_heads=module.num_heads, head_dim=module.head_dim, config=config,
+        dtype=k.dtype, device=k.device,
+    )  # fmt: skip
+    settings["check"](sizes, frame_tokens)
     cache = OmniMemCache(
         settings["max_frames"] * frame_tokens,
         max_chunk_tokens=max(settings["max_chunk_frames"] * frame_tokens, k.shape[1]),

@@ -194,8 +194,8 @@ GATED_PRESETS: dict[str, dict[str, object]] = {
     "omnimem-wan2.1-1.3b-long": dict(top_k=12),  # their long-video checkpoints
 }
 
-GatedCandidates = Literal["all", "awe"]
-GATED_CANDIDATE_MODES: tuple[str, ...] = ("all", "awe")
+GatedCandidates = Literal["chunks", "all", "awe"]
+GATED_CANDIDATE_MODES: tuple[str, ...] = ("chunks", "all", "awe")
 POOL_PRECISIONS: tuple[str, ...] = ("float32", "input")
 GATED_BACKEND_NAMES: tuple[str, ...] = ("auto", "triton", "gather")
 
@@ -204,9 +204,11 @@ GATED_BACKEND_NAMES: tuple[str, ...] = ("auto", "triton", "gather")
 class GatedConfig:
     """The gated three-branch OmniMem layer (``omnimem.gated_attention``; docs/gated.md).
 
-    Defaults are the authors' released Wan2.1-1.3B model: blocks of 30 tokens (1 x 15 x 2
-    patches in their reordered token layout), groups of 15 queries, the top 16 blocks per
-    (group, head), a 14,040-token (3-chunk) sliding window.
+    Defaults are the authors' released Wan2.1-1.3B model as their current code runs it
+    (commit ``ca257ce``): blocks of 30 tokens (1 x 15 x 2 patches in their reordered token
+    layout), groups of 15 queries, the top 16 blocks per (group, head), a 14,040-token
+    (3-chunk) sliding window, and their window exclusion over chunks: from the fourth chunk
+    on, the last 3 chunks (the current one included) are no candidates.
 
     Attributes:
         block_size: tokens per pooled block; blocks tile the whole sequence (history, then
@@ -217,10 +219,20 @@ class GatedConfig:
             when fewer blocks are candidates.
         window_tokens: the sliding-window branch attends the last ``window_tokens`` positions
             ending at the chunk's end.
-        candidates: ``"all"`` (every block of history and chunk, as the authors' released
-            inference runs) or ``"awe"`` (the paper's Adaptive Window Exclusion: once at least
-            ``top_k`` blocks lie entirely before the window, blocks that touch the window are
-            no candidates).
+        candidates: ``"chunks"`` (the authors' rule, in chunks of the call's ``Lq`` queries:
+            the call is chunk ``c = history_len // Lq``, block ``j`` lies in chunk
+            ``j * block_size // Lq``; where the exclusion applies, blocks in the first
+            ``exclude_sink_chunks`` chunks and in chunks ``c - exclude_window_chunks + 1 .. c``
+            are no candidates), ``"all"`` (every block of history and chunk: their code
+            before ``ca257ce``, where the chunk index was always 0) or ``"awe"`` (the paper's
+            Adaptive Window Exclusion by budget: once at least ``top_k`` blocks lie entirely
+            before the window, blocks that touch the window are no candidates).
+        exclude_window_chunks: ``"chunks"``: the trailing chunks excluded (their
+            ``exclude_window_chunks``; 3 in their released configs).
+        exclude_sink_chunks: ``"chunks"``: the leading chunks excluded (theirs; 0).
+        progressive_exclude: ``"chunks"``: ``True`` applies the exclusion only from chunk
+            ``exclude_sink_chunks + exclude_window_chunks`` on (every block is a candidate
+            before); ``False`` applies it at every chunk (theirs; ``True`` in their configs).
         pool_precision: ``"float32"`` (selection scores from float32 block means, the
             default) or ``"input"`` (block and query means rounded to the inputs' dtype
             first, as the authors' code does in bf16; near-ties may rank differently).
@@ -238,7 +250,10 @@ class GatedConfig:
     query_group_size: int = 15
     top_k: int = 16
     window_tokens: int = 14040
-    candidates: GatedCandidates = "all"
+    candidates: GatedCandidates = "chunks"
+    exclude_window_chunks: int = 3
+    exclude_sink_chunks: int = 0
+    progressive_exclude: bool = True
     pool_precision: str = "float32"
     scale: float | None = None
     backend: str = "auto"
@@ -246,6 +261,11 @@ class GatedConfig:
     def __post_init__(self) -> None:
         for name in ("block_size", "query_group_size", "top_k", "window_tokens"):
             _check_int(name, getattr(self, name), minimum=1, owner="GatedConfig")
+        for name in ("exclude_window_chunks", "exclude_sink_chunks"):
+            _check_int(name, getattr(self, name), minimum=0, owner="GatedConfig")
+        if not isinstance(self.progressive_exclude, bool):
+            kind = type(self.progressive_exclude).__name__
+            raise TypeError(f"GatedConfig.progressive_exclude must be a bool, got {kind}")
         _check_choice("candidates", self.candidates, GATED_CANDIDATE_MODES, owner="GatedConfig")
         _check_choice("pool_precision", self.pool_precision, POOL_PRECISIONS, owner="GatedConfig")
         _check_choice("backend", self.backend, GATED_BACKEND_NAMES, owner="GatedConfig")

@@ -19,7 +19,7 @@ import torch
 from omnimem.backends.gated_branches import compressed_attention, selected_attention_gather, window_attention
 from omnimem.checks import check_attention_inputs, check_gates
 from omnimem.config import GatedConfig
-from omnimem.gated_selection import GroupSelection, select_groups
+from omnimem.gated_selection import CandidateRule, GroupSelection, select_groups
 from omnimem.pooling import PooledKV, accumulation_dtype, pool_kv
 
 _DEFAULT = GatedConfig()
@@ -128,11 +128,8 @@ def select_groups_for(
         q,
         pooled.k,
         torch.full((), seq_len, dtype=torch.int64, device=q.device),
-        block_size=config.block_size,
         query_group_size=config.query_group_size,
-        top_k=config.top_k,
-        window_tokens=config.window_tokens,
-        candidates=config.candidates,
+        rule=CandidateRule.of(config),
         precision=config.pool_precision,
         scale=config.scale or q.shape[-1] ** -0.5,
         use_kernel=backend == "triton",

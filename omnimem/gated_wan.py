@@ -9,7 +9,7 @@ through a [`GatedCache`][omnimem.GatedCache] (docs/gated.md, "Drop-in for the au
 
 from __future__ import annotations
 
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 
 import torch
 from einops import rearrange
@@ -87,17 +87,24 @@ class GatedWanSelfAttention(nn.Module):
     ``pool_f/h/w`` (block = ``pool_f * pool_h * pool_w`` tokens), ``num_selected_blocks``
     (``top_k``), ``gate_mode`` (``"sigmoid"`` or ``"softmax"``), ``group_q_size`` (queries per
     selection group), ``chunk_length``, ``skip_module`` (``"cmp"`` or ``"slc"`` drops that
-    branch); the others are accepted and ignored (``exclude_*``/``progressive_exclude``: their
-    released inference never excludes, ``candidates="all"``; ``num_kv_head_groups``: MHA).
-    omnimem's own, keyword-only: ``window_tokens`` (default ``3 * chunk_length``, else 14,040),
-    ``candidates``, ``cache_capacity`` (tokens of the module's own cache) and ``config``
-    overrides.
+    branch), ``exclude_window_chunks``, ``exclude_sink_chunks`` and ``progressive_exclude``
+    (their window exclusion over chunks: ``candidates="chunks"``, docs/gated.md), and
+    ``num_kv_head_groups`` (``None`` or ``num_heads``: the others pool heads before selecting,
+    which is not implemented and refused); ``tf`` is accepted and ignored (their
+    teacher-forcing layout, a training path). omnimem's own, keyword-only: ``window_tokens``
+    (default ``3 * chunk_length``, else 14,040), ``candidates`` (``"chunks"``, theirs since
+    commit ``ca257ce``; ``"all"`` for code before it), ``config`` (a ``GatedConfig`` for the
+    fields their arguments do not set), and the module's own cache: ``cache_capacity`` (tokens)
+    or ``max_frames`` (latent frames, converted at the first call), ``max_chunk_frames`` and
+    ``offload`` (``GatedCache(offload=True)``).
 
     ``forward(x, seq_lens, grid_sizes, freqs, start_frame=0, kv_cache=None, ...)``: ``x [B, S,
     C]`` is one chunk in the pooled-block token order. Its keys/values are written at token
     ``start_frame * H * W`` of a ``GatedCache``: ``kv_cache`` when it is one (or a sequence or
-    mapping of them, indexed by ``layer_idx``), else the module's own, allocated on first use
-    (``cache_capacity`` tokens, or grown by doubling) and reset when ``start_frame`` is 0.
+    mapping of them, indexed by ``layer_idx``), else the module's own, allocated once at the
+    first call (``cache_capacity`` tokens or ``max_frames`` frames; a longer video is a
+    ``ValueError``; with neither, sized by the call and grown by doubling, which copies the
+    history) and reset when ``start_frame`` is 0.
 
     Example:
         >>> import torch
@@ -125,9 +132,12 @@ class GatedWanSelfAttention(nn.Module):
         tf: bool = False,
         *args: object,
         window_tokens: int | None = None,
-        candidates: str = "all",
+        candidates: str = "chunks",
         cache_capacity: int | None = None,
         config: GatedConfig | None = None,
+        max_frames: int | None = None,
+        max_chunk_frames: int = 3,
+        offload: bool = False,
         **kwargs: object,
     ) -> None:
         super().__init__()
@@ -151,6 +161,24 @@ class GatedWanSelfAttention(nn.Module):
             raise ValueError(f"gate_mode must be 'sigmoid' or 'softmax', got {gate_mode!r}")
         if skip_module not in (None, "cmp", "slc"):
             raise ValueError(f"skip_module must be None, 'cmp' or 'slc', got {skip_module!r}")
+        if num_kv_head_groups not in (None, num_heads):
+            raise ValueError(
+                f"num_kv_head_groups={num_kv_head_groups} pools {num_heads} heads into fewer selections "
+                "before the top-k; GatedWanSelfAttention implements one selection per head "
+                f"(num_kv_head_groups None or {num_heads}) only"
+            )
+        for name, value, minimum in (
+            ("max_frames", max_frames, 1),
+            ("max_chunk_frames", max_chunk_frames, 1),
+        ):
+            if value is not None and (
+                isinstance(value, bool) or not isinstance(value, int) or value < minimum
+            ):
+                raise ValueError(f"{name} must be an int >= {minimum}, got {value!r}")
+        if not isinstance(offload, bool):
+            raise TypeError(f"offload must be a bool, got {type(offload).__name__}")
+        if offload and cache_capacity is None and max_frames is None:
+            raise ValueError("offload=True needs the cache's size up front: max_frames or cache_capacity")
         self.dim, self.num_heads, self.head_dim = dim, num_heads, dim // num_heads
         self.pool = (pool_f, pool_h, pool_w)
         self.gate_mode, self.skip_module, self.layer_idx = gate_mode, skip_module, layer_idx
@@ -168,8 +196,19 @@ class GatedWanSelfAttention(nn.Module):
             top_k=num_selected_blocks,
             window_tokens=window_tokens,
             candidates=candidates,
+            exclude_window_chunks=exclude_window_chunks,
+            exclude_sink_chunks=exclude_sink_chunks,
+            progressive_exclude=progressive_exclude,
         )
-        self.cache_capacity = cache_capacity
+        self.cache_capacity, self.max_frames, self.max_chunk_frames = (
+            cache_capacity,
+            max_frames,
+            max_chunk_frames,
+        )
+        self.offload = offload
+        # Called with the first cache's size before it is allocated (patch_causal_wan checks
+        # that every patched layer's cache fits, before the first one is allocated).
+        self.before_allocation: Callable[[GatedWanSelfAttention, dict], None] | None = None
         self._cache: GatedCache | None = None
 
     def initialize_gate(self) -> None:
@@ -187,7 +226,9 @@ class GatedWanSelfAttention(nn.Module):
             g = g * keep
         return g.transpose(1, 2)
 
-    def _layer_cache(self, kv_cache: object, x: torch.Tensor, needed: int, start: int) -> GatedCache:
+    def _layer_cache(
+        self, kv_cache: object, x: torch.Tensor, needed: int, start: int, frame_tokens: int
+    ) -> GatedCache:
         if isinstance(kv_cache, GatedCache):
             return kv_cache
         if isinstance(kv_cache, (Sequence, Mapping)) and not isinstance(kv_cache, str):
@@ -196,16 +237,32 @@ class GatedWanSelfAttention(nn.Module):
                 raise TypeError(f"kv_cache[{self.layer_idx}] must be an omnimem.GatedCache")
             return chosen
         cache = self._cache
-        grow = (
-            cache is None or cache.capacity < needed or cache.k.dtype != x.dtype or cache.k.device != x.device
-        )
-        if grow:
-            capacity = max(self.cache_capacity or 0, needed, 2 * (cache.capacity if cache is not None else 0))
-            fresh = GatedCache(
-                capacity, batch=x.shape[0], num_kv_heads=self.num_heads, head_dim=self.head_dim,
-                config=self.config, dtype=x.dtype, device=x.device,
+        fixed = self.cache_capacity or (self.max_frames and self.max_frames * frame_tokens)
+        if fixed and needed > fixed:  # sized once: never grown (a growth copies the history)
+            unit = (
+                f"cache_capacity={self.cache_capacity} tokens"
+                if self.cache_capacity
+                else (f"max_frames={self.max_frames} latent frames")
+            )
+            raise ValueError(
+                f"the chunk ends at token {needed} (frame {needed // frame_tokens}), past the layer's "
+                f"{unit}: size it for the whole video (patch_causal_wan(..., max_frames=...))"
+            )
+        fresh_needed = cache is None or cache.k.dtype != x.dtype or cache.device != x.device
+        if fresh_needed or cache.capacity < needed:
+            capacity = fixed or max(needed, 2 * (cache.capacity if cache is not None else 0))
+            sizes = dict(
+                capacity=capacity, batch=x.shape[0], num_kv_heads=self.num_heads, head_dim=self.head_dim,
+                config=self.config, dtype=x.dtype, device=x.device, offload=self.offload,
+                max_chunk_tokens=(
+                    max(self.max_chunk_frames * frame_tokens, x.shape[1]) if self.offload else None
+                ),
             )  # fmt: skip
-            if cache is not None and start > 0 and cache.k.dtype == x.dtype and cache.end:  # keep the history
+            if self.before_allocation is not None:
+                self.before_allocation(self, sizes)
+            self._cache = None  # the old buffers go before the new ones come
+            fresh = GatedCache(sizes.pop("capacity"), **sizes)
+            if cache is not None and not fresh_needed and start > 0 and cache.end:  # keep the history
                 fresh.write(cache.k[:, :, : cache.end], cache.v[:, :, : cache.end], start=0)
                 fresh.last_start = cache.last_start
             self._cache = cache = fresh
@@ -260,7 +317,7 @@ class GatedWanSelfAttention(nn.Module):
         start = start_frame * height * width
         if layer_idx is not None:
             self.layer_idx = layer_idx
-        cache = self._layer_cache(kv_cache, x, start + length, start)
+        cache = self._layer_cache(kv_cache, x, start + length, start, height * width)
         out = cache.attend(
             q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2), self.gates(x).to(q.dtype), start=start
         )

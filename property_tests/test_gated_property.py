@@ -50,13 +50,27 @@ def gated_cases(draw, dtypes=(torch.float32,)):
         query_group_size=draw(st.sampled_from([1, 4, 7, 15, 40])),
         top_k=draw(st.integers(1, 20)),
         window_tokens=draw(st.one_of(st.integers(1, 60), st.just(14040))),
-        candidates=draw(st.sampled_from(["all", "awe"])),
+        candidates=draw(st.sampled_from(["chunks", "chunks", "all", "awe"])),
     )
+    # The authors' rule: the call's chunk index (history // q_len) 0..8 on whole chunks, as
+    # their rollout calls it, or any history; window and sink widths, progressive or not.
+    chunk_index = None
+    if config["candidates"] == "chunks":
+        config |= dict(
+            exclude_window_chunks=draw(st.integers(0, 4)),
+            exclude_sink_chunks=draw(st.sampled_from([0, 0, 1, 2])),
+            progressive_exclude=draw(st.booleans()),
+        )
+        chunk_index = draw(st.one_of(st.integers(0, 8), st.none()))
+        if chunk_index is not None:
+            shape["history_len"] = chunk_index * q_len
     if INTERPRETED:
         blocks = min(config["top_k"], -(-(shape["history_len"] + q_len) // config["block_size"]))
         per_group = shape["batch"] * shape["q_heads"] * blocks
         groups = max(1, INTERPRETER_ITERATIONS // per_group)
         shape["q_len"] = min(q_len, groups * config["query_group_size"])
+        if chunk_index is not None:  # the same chunk index with the shorter chunk
+            shape["history_len"] = chunk_index * shape["q_len"]
     return shape, config
 
 
@@ -114,6 +128,7 @@ def test_gated_with_hopper_dense_branches_matches_reference(case, head_dim):
     groups=st.integers(1, 12),
     num_slots=st.integers(1, 600),
     end_fraction=st.floats(0.0, 1.0),
+    start_fraction=st.one_of(st.just(0.0), st.floats(0.0, 1.0)),
     top_k=st.integers(1, 40),
     options=st.sampled_from(
         [
@@ -131,10 +146,12 @@ def test_gated_with_hopper_dense_branches_matches_reference(case, head_dim):
     corrupt=st.booleans(),
     seed=st.integers(0, 2**16),
 )
-def test_group_topk_kernels_match_torch(groups, num_slots, end_fraction, top_k, options, corrupt, seed):
+def test_group_topk_kernels_match_torch(
+    groups, num_slots, end_fraction, start_fraction, top_k, options, corrupt, seed
+):
     """The selection kernels (both passes, or the one-pass kernel) rank exactly as the torch
     path on exact inputs (small integers: ties everywhere, every summation order agrees),
-    with candidates cut at any ``end`` and NaN block means that must never be picked."""
+    with candidates any span ``[start, end)`` and NaN block means that must never be picked."""
     from omnimem.gated_selection import select_groups_torch
     from omnimem.kernels.group_topk import group_topk
     from tests.inputs import exact_queries_and_keys
@@ -143,7 +160,8 @@ def test_group_topk_kernels_match_torch(groups, num_slots, end_fraction, top_k, 
     pq, km = exact_queries_and_keys(1, 2, 2, groups, 1, 16, num_slots, gen)
     if corrupt:
         km[:, :, seed % num_slots] = float("nan")
-    end = torch.tensor(round(end_fraction * num_slots), device=TEST_DEVICE)
+    span = [round(start_fraction * num_slots), round(end_fraction * num_slots)]
+    end = torch.tensor(span, device=TEST_DEVICE)
     want = select_groups_torch(pq, km, end, top_k=top_k, scale=0.5)
     got = group_topk(pq, km, end, top_k=top_k, scale=0.5, rows=16, block_n=16, **options)
     assert torch.equal(got[0], want[0]) and torch.equal(got[1], want[1])

@@ -40,7 +40,10 @@ def reference_gated_attention(
     query_group_size: int = 15,
     top_k: int = 16,
     window_tokens: int = 14040,
-    candidates: str = "all",
+    candidates: str = "chunks",
+    exclude_window_chunks: int = 3,
+    exclude_sink_chunks: int = 0,
+    progressive_exclude: bool = True,
     scale: float | None = None,
 ) -> GatedReference:
     q, k, v, gates = q.double().cpu(), k.double().cpu(), v.double().cpu(), gates.double().cpu()
@@ -55,6 +58,19 @@ def reference_gated_attention(
     before_window = [j for j in range(num_blocks) if blocks[j][-1] < window_start]
     if candidates == "awe" and len(before_window) >= top_k:
         allowed = before_window
+    elif candidates == "chunks":
+        # The authors' rule: chunks of q_len tokens; this call is chunk history_len // q_len, a
+        # block belongs to the chunk of its first token. Blocks past chunk `chunk` (only when
+        # history_len is not a whole number of chunks) are the current chunk's tail.
+        chunk = history_len // q_len
+        excluding = not progressive_exclude or chunk >= exclude_sink_chunks + exclude_window_chunks
+        allowed = []
+        for j in range(num_blocks):
+            block_chunk = blocks[j][0] // q_len
+            in_sink = block_chunk < exclude_sink_chunks
+            in_window = exclude_window_chunks > 0 and block_chunk >= chunk - exclude_window_chunks + 1
+            if not (excluding and (in_sink or in_window)):
+                allowed.append(j)
     else:
         allowed = list(range(num_blocks))
     group = min(query_group_size, q_len)

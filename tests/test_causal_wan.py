@@ -7,7 +7,7 @@ import copy
 import pytest
 import torch
 
-from omnimem import OmniMemCache, OmniMemConfig
+from omnimem import GatedConfig, OmniMemCache, OmniMemConfig
 from omnimem.causal_wan import patch_causal_wan, unpatch_causal_wan
 from omnimem.gated_wan import wan_rope_freqs
 
@@ -93,8 +93,12 @@ def test_misuse_is_refused_clearly():
         patch_causal_wan(ours, max_frames=0)
     with pytest.raises(TypeError, match="config must be an OmniMemConfig"):
         patch_causal_wan(ours, config={"top_k": 4}, max_frames=4)
-    with pytest.raises(TypeError, match="unknown OmniMemConfig field"):
+    with pytest.raises(TypeError, match="unknown setting 'topk': neither an OmniMemConfig field"):
         patch_causal_wan(ours, max_frames=4, topk=4)
+    with pytest.raises(TypeError, match="'window_tokens' is a GatedConfig field, which no layer"):
+        patch_causal_wan(ours, max_frames=4, window_tokens=4)  # Self-Forcing's layers only
+    with pytest.raises(TypeError, match="config is a GatedConfig, for the authors' gated layers"):
+        patch_causal_wan(ours, GatedConfig(), max_frames=4)
     with pytest.raises(TypeError, match="offload must be a bool"):
         patch_causal_wan(ours, max_frames=4, offload="yes")
     patch_causal_wan(ours, FULL, max_frames=4)
@@ -143,8 +147,13 @@ class StandinNSAttention(torch.nn.Module):
     """The authors' three-branch layer as their constructor and weights describe it (settings
     kept as attributes of those names, Wan's projections and norms, the gate projection)."""
 
-    def __init__(self, dim, num_heads, pool_f=1, pool_h=3, pool_w=2, num_selected_blocks=2, group_q_size=4):
+    def __init__(
+        self, dim, num_heads, pool_f=1, pool_h=3, pool_w=2, num_selected_blocks=2, group_q_size=4,
+        exclude_window_chunks=0, exclude_sink_chunks=0, progressive_exclude=False, num_kv_head_groups=None,
+    ):  # fmt: skip
         super().__init__()
+        self.exclude_window_chunks, self.exclude_sink_chunks = exclude_window_chunks, exclude_sink_chunks
+        self.progressive_exclude, self.num_kv_head_groups = progressive_exclude, num_kv_head_groups
         self.dim, self.num_heads, self.head_dim = dim, num_heads, dim // num_heads
         self.window_size, self.qk_norm, self.eps = (-1, -1), True, 1e-6
         self.pool_f, self.pool_h, self.pool_w = pool_f, pool_h, pool_w
@@ -197,3 +206,84 @@ def test_a_grid_that_does_not_divide_into_blocks_is_a_clear_error():
     layer = GatedWanSelfAttention(dim=DIM, num_heads=HEADS, pool_h=2, pool_w=3, chunk_length=CHUNK)
     with pytest.raises(ValueError, match=r"grid_sizes 2x3x4 must divide into the pooled blocks 1x2x3"):
         layer(chunks(1)[0], None, GRID, FREQS, 0)
+
+
+def _nsa_model(**settings) -> torch.nn.Sequential:
+    torch.manual_seed(3)
+    return torch.nn.Sequential(
+        StandinNSAttention(DIM, HEADS, **settings), StandinNSAttention(DIM, HEADS, **settings)
+    )
+
+
+def test_the_patch_settings_reach_the_authors_layers():
+    """Their exclusion settings are read from their layers; ``max_frames`` sizes each cache once,
+    ``offload`` reaches them, overrides are GatedConfig fields over their settings."""
+    exclusion = dict(exclude_window_chunks=2, exclude_sink_chunks=1, progressive_exclude=True)
+    model = _nsa_model(**exclusion)
+    patched = patch_causal_wan(model, GatedConfig(backend="gather"), max_frames=10, top_k=3)
+    config = patched[0].config
+    assert (config.exclude_window_chunks, config.exclude_sink_chunks, config.progressive_exclude) == (
+        2,
+        1,
+        True,
+    )
+    assert (config.candidates, config.top_k, config.backend, config.block_size) == ("chunks", 3, "gather", 6)
+    for start_frame in (0, 2, 4, 6, 8):  # chunk 3 on: the sink chunk and 2 window chunks excluded
+        patched[0](chunks(1, seed=start_frame)[0], None, GRID, FREQS, start_frame)
+    cache = patched[0]._cache
+    assert cache.capacity == 10 * FRAME and cache.end == 10 * FRAME  # sized once, to max_frames
+    with pytest.raises(ValueError, match=r"past the layer's max_frames=10 latent frames"):
+        patched[0](chunks(1)[0], None, GRID, FREQS, 10)  # frames 10-11: past max_frames
+    assert patched[0]._cache is cache and cache.end == 10 * FRAME  # refused before any write
+
+    # offload=True: GatedCache(offload=True), the same outputs as resident, bit for bit
+    resident, offloaded = _nsa_model(**exclusion), _nsa_model(**exclusion)
+    patch_causal_wan(resident, GatedConfig(backend="gather"), max_frames=10)
+    patch_causal_wan(offloaded, GatedConfig(backend="gather"), max_frames=10, offload=True)
+    for start_frame in (0, 2, 4, 6, 8):
+        x = chunks(1, seed=start_frame)[0]
+        for _ in range(2):  # a denoising pass, then the commit pass
+            want = resident[0](x, None, GRID, FREQS, start_frame)
+            torch.testing.assert_close(offloaded[0](x, None, GRID, FREQS, start_frame), want, atol=0, rtol=0)
+    assert offloaded[0]._cache.offloaded and not resident[0]._cache.offloaded
+
+
+def test_the_patch_refuses_what_the_authors_layers_cannot_take():
+    with pytest.raises(TypeError, match="'sink_tokens' is an OmniMemConfig field, which no layer"):
+        patch_causal_wan(_nsa_model(), max_frames=8, sink_tokens=12)
+    with pytest.raises(TypeError, match="config is an OmniMemConfig, for Self-Forcing's layers"):
+        patch_causal_wan(_nsa_model(), FULL, max_frames=8)
+    with pytest.raises(TypeError, match="sink_frames and local_frames set Self-Forcing's layers"):
+        patch_causal_wan(_nsa_model(), max_frames=8, sink_frames=1)
+    with pytest.raises(ValueError, match=r"GatedConfig.top_k must be >= 1"):
+        patch_causal_wan(_nsa_model(), max_frames=8, top_k=0)
+    with pytest.raises(ValueError, match="num_kv_head_groups=1 pools 2 heads"):
+        patch_causal_wan(_nsa_model(num_kv_head_groups=1), max_frames=8)
+    model = _nsa_model()
+    theirs = list(model)
+    with pytest.raises(TypeError):
+        patch_causal_wan(model, max_frames=8, unknown=1)
+    assert list(model) == theirs  # nothing was replaced
+
+
+def test_a_history_the_device_cannot_hold_is_refused_before_any_allocation(monkeypatch):
+    """The first layer's first call checks every patched layer's cache against the GPU's free
+    memory (here a CUDA device that reports 1 MiB free), naming offload=True."""
+    from omnimem.causal_wan import _first_allocation_check
+
+    monkeypatch.setattr(torch.cuda, "mem_get_info", lambda device: (2**20, 2**30))
+    sizes = dict(
+        capacity=240 * 1560, batch=1, num_kv_heads=12, head_dim=128, dtype=torch.bfloat16,
+        config=GatedConfig(), device="cuda:0", max_chunk_tokens=None,
+    )  # fmt: skip
+    with pytest.raises(ValueError, match=r"30 patched layers at max_frames=240 .* offload=True"):
+        _first_allocation_check(30, 240, offload=False)(sizes, 1560)
+    with pytest.raises(ValueError, match="lower max_frames"):  # even the live regions do not fit
+        offloaded = {**sizes, "capacity": 24 * 1560, "max_chunk_tokens": 4680}
+        _first_allocation_check(2, 24, offload=True)(offloaded, 1560)
+    model = _nsa_model()
+    patched = patch_causal_wan(model, max_frames=8)
+    calls = []
+    patched[0].before_allocation = lambda layer, sizes: calls.append(sizes["capacity"])
+    patched[0](chunks(1)[0], None, GRID, FREQS, 0)
+    assert calls == [8 * FRAME]  # asked once, with the whole video's size, before allocating

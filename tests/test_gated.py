@@ -7,12 +7,15 @@ import pytest
 import torch
 
 from omnimem import GatedConfig, PooledKV, gated_attention, pool_kv, select_group_blocks
-from omnimem.gated_selection import candidate_end, select_groups_torch
+from omnimem.gated_selection import CandidateRule, candidate_span, select_groups_torch
 from omnimem.pooling import key_bounds
 
 from .inputs import ON_HOPPER, TEST_DEVICE, exact_queries_and_keys, make_inputs
 from .reference_gated import reference_gated_attention
 
+CHUNKS_SINK = dict(
+    candidates="chunks", exclude_window_chunks=2, exclude_sink_chunks=1, progressive_exclude=False
+)
 BACKENDS = ["gather", pytest.param("triton", marks=pytest.mark.filterwarnings("ignore"))]
 
 CASES = [
@@ -23,6 +26,12 @@ CASES = [
     (3, 3, 17, 100, 16, 6, 4, 20, 30, "awe", True),  # awe with too few blocks before the window
     (2, 2, 9, 200, 16, 3, 2, 5, 40, "awe", False),  # awe excluding the window
     (1, 1, 1, 31, 4, 30, 15, 1, 1, "all", False),  # one query, a partial block
+    # The authors' chunk exclusion (chunks of q_len tokens), past and before where it applies:
+    (2, 1, 20, 100, 16, 7, 5, 3, 90, dict(candidates="chunks"), False),  # chunk 5: blocks 0..8
+    (2, 2, 12, 60, 16, 5, 4, 4, 30, CHUNKS_SINK, True),  # sink chunk and 2 window chunks out
+    (1, 1, 10, 10, 8, 4, 3, 2, 20, dict(candidates="chunks", progressive_exclude=False), False),  # none
+    (2, 2, 10, 20, 8, 4, 3, 2, 20, dict(candidates="chunks"), False),  # chunk 2: not yet, all
+    (1, 1, 9, 400, 8, 30, 15, 2, 40, dict(), False),  # GatedConfig's defaults (a straddling block)
 ]
 
 
@@ -41,7 +50,8 @@ def test_gated_attention_matches_reference(case, backend):
         flash_layout=flash,
     )
     gates = torch.rand(2, hq, lq, 3, generator=torch.Generator().manual_seed(1)).to(TEST_DEVICE)
-    kwargs = dict(block_size=bs, query_group_size=gs, top_k=top_k, window_tokens=window, candidates=cand)
+    kwargs = dict(block_size=bs, query_group_size=gs, top_k=top_k, window_tokens=window)
+    kwargs |= cand if isinstance(cand, dict) else dict(candidates=cand)
     ref = reference_gated_attention(q, k, v, gates, history_len=hist, **kwargs)
     assert ref.margin > 1e-4  # the cases have no near-tie at a top-k boundary
     out = gated_attention(q, k, v, gates, history_len=hist, backend=backend, **kwargs)
@@ -54,12 +64,27 @@ def test_gated_attention_matches_reference(case, backend):
         assert (sel.block_idx[b, kvh, g, len(blocks) :] == -1).all()
 
 
-def test_awe_candidates():
-    seq = torch.tensor(300)
-    rule = dict(block_size=30, top_k=4, window_tokens=120)
-    assert candidate_end(seq, candidates="all", **rule).item() == 10
-    assert candidate_end(seq, candidates="awe", **rule).item() == 6  # blocks 0..5 end before 180
-    assert candidate_end(seq, candidates="awe", **{**rule, "top_k": 7}).item() == 10  # too few: all
+def _span(seq_len: int, q_len: int, mode: str, **settings: object) -> list[int]:
+    rule = CandidateRule(mode, **{"block_size": 30, "top_k": 4, "window_tokens": 120, **settings})
+    return candidate_span(torch.tensor(seq_len), q_len, rule).tolist()
+
+
+def test_candidate_spans():
+    assert _span(300, 60, "all") == [0, 10]
+    assert _span(300, 60, "awe") == [0, 6]  # blocks 0..5 end before 180
+    assert _span(300, 60, "awe", top_k=7) == [0, 10]  # too few: all
+    # The authors' rule, chunks of 60 tokens (2 blocks): the call at 240 is chunk 4.
+    window = dict(exclude_window_chunks=3)
+    assert _span(300, 60, "chunks", **window) == [0, 4]  # chunks 2..4 excluded: blocks 0..3
+    assert _span(240, 60, "chunks", **window) == [0, 2]  # chunk 3: the first it applies to
+    assert _span(180, 60, "chunks", **window) == [0, 6]  # chunk 2 < 3: every block
+    assert _span(300, 60, "chunks", exclude_window_chunks=0) == [0, 10]
+    fixed = dict(exclude_window_chunks=2, exclude_sink_chunks=1, progressive_exclude=False)
+    assert _span(300, 60, "chunks", **fixed) == [2, 6]  # chunk 0 and chunks 3..4 out
+    assert _span(60, 60, "chunks", **fixed) == [2, 0]  # chunk 0: nothing is a candidate
+    # Chunks of 50 tokens over 30-token blocks: a block is in the chunk of its first token.
+    assert _span(250, 50, "chunks", **window) == [0, 4]  # block 3 starts at 90 (chunk 1)
+    assert _span(250, 50, "chunks", **fixed) == [2, 5]  # block 1 starts at 30 (chunk 0)
 
 
 @pytest.mark.parametrize("backend", BACKENDS)
@@ -105,7 +130,7 @@ def test_input_pool_precision_rounds_like_the_authors():
     assert exact.block_idx.shape == rounded.block_idx.shape
     pooled = pool_kv(k, v, seq_len=330, block_size=30)
     pq = q.float().unflatten(2, (2, 15)).mean(3).to(torch.bfloat16).float()
-    end = torch.tensor(11)
+    end = torch.tensor(8)  # the default rule at chunk 10 (30 tokens each): chunks 8..10 excluded
     want, _ = select_groups_torch(pq, pooled.k.to(torch.bfloat16).float(), end, top_k=4, scale=16**-0.5)
     assert torch.equal(rounded.block_idx, want)
 
@@ -130,6 +155,12 @@ def test_input_pool_precision_rounds_like_the_authors():
         (3, 37, 20, 12, {"refine": "warp", "refine_warps": 1}),  # fewer tiles than top_k
         (5, 200, 200, 16, {"d_chunk": 4}),  # exact scores 4 dimensions per load
         (5, 200, 200, 16, {"refine": "warp", "d_chunk": 8}),
+        # a span [start, end) (the authors' sink exclusion): blocks before start never kept
+        (5, 200, (37, 180), 16, {}),
+        (4, 500, (130, 433), 7, {"refine": "warp", "bucket": 8, "chunk_lanes": 16}),
+        (3, 90, (50, 90), 40, {"one_pass": True}),
+        (3, 120, (100, 104), 8, {"error_bound": 10.0}),  # fewer candidates than top_k
+        (4, 150, (60, 20), 5, {}),  # start past end: none
     ],
 )
 def test_group_topk_kernels_match_torch(groups, num_slots, end, top_k, options, monkeypatch):
@@ -148,10 +179,12 @@ def test_group_topk_kernels_match_torch(groups, num_slots, end, top_k, options, 
 
     gen = torch.Generator().manual_seed(groups + num_slots)
     pq, km = exact_queries_and_keys(1, 2, 2, groups, 1, 16, num_slots, gen)
-    end = torch.tensor(end, device=TEST_DEVICE)
+    end = torch.tensor(end, device=TEST_DEVICE)  # a 0-d end, or a [start, end] span
     want = select_groups_torch(pq, km, end, top_k=top_k, scale=0.5)
     got = group_topk(pq, km, end, top_k=top_k, scale=0.5, rows=16, block_n=16, **options)
     assert torch.equal(got[0], want[0]) and torch.equal(got[1], want[1])
+    if end.dim():
+        assert ((got[0] < 0) | (got[0] >= end[0])).all()
 
 
 @pytest.mark.parametrize(
@@ -161,6 +194,10 @@ def test_group_topk_kernels_match_torch(groups, num_slots, end, top_k, options, 
         (4, 2, 13, 5, 91, "awe", "input"),  # GQA, a short last group, awe past top_k
         (3, 1, 40, 40, 45, "awe", "float32"),  # awe with too few blocks before the window
         (1, 1, 7, 3, 7, "all", "input"),
+        (2, 1, 13, 5, 91, ("chunks", dict(exclude_window_chunks=3)), "float32"),  # chunk 6
+        (2, 2, 10, 3, 30, ("chunks", dict(exclude_window_chunks=3)), "float32"),  # chunk 2: not yet
+        (1, 1, 9, 4, 54, ("chunks", dict(exclude_window_chunks=2, exclude_sink_chunks=1)), "input"),
+        (1, 1, 9, 4, 27, ("chunks", dict(exclude_sink_chunks=2, progressive_exclude=False)), "input"),
     ],
 )
 @pytest.mark.parametrize("groups_per_program", [1, 2, 3])
@@ -168,21 +205,22 @@ def test_group_queries_kernel_matches_torch(
     q_heads, kv_heads, q_len, group, seq_len, candidates, precision, groups_per_program, poisoned_allocations
 ):
     """The selection's per-call inputs in one launch: pooled queries (GQA sum, rounding) and
-    the candidates' end equal the torch path's (exact inputs: every sum order agrees), with
+    the candidates' span equal the torch path's (exact inputs: every sum order agrees), with
     programs of several groups (the last one partial) and the outputs poisoned."""
     from omnimem.gated_selection import group_queries
-    from omnimem.kernels.group_queries import group_queries_and_end
+    from omnimem.kernels.group_queries import group_queries_and_span
 
     gen = torch.Generator().manual_seed(q_len)
     q = torch.randint(-8, 9, (2, q_heads, q_len, 16), generator=gen).to(torch.bfloat16).to(TEST_DEVICE)
     seq = torch.tensor(seq_len, device=TEST_DEVICE)
-    rule = dict(block_size=7, top_k=3, window_tokens=20, candidates=candidates)
-    pooled, end = group_queries_and_end(
+    mode, settings = candidates if isinstance(candidates, tuple) else (candidates, {})
+    rule = CandidateRule(mode, block_size=7, top_k=3, window_tokens=20, **settings)
+    pooled, span = group_queries_and_span(
         q, seq, query_group_size=group, num_kv_heads=kv_heads, precision=precision,
-        groups_per_program=groups_per_program, **rule,
+        groups_per_program=groups_per_program, rule=rule,
     )  # fmt: skip
     torch.testing.assert_close(pooled, group_queries(q, group, kv_heads, precision), atol=0, rtol=0)
-    assert end.item() == candidate_end(seq, **rule).item()
+    assert span.tolist() == candidate_span(seq, q_len, rule).tolist()
 
 
 def test_selected_kernel_empty_rows_and_poisoned_output():

@@ -62,7 +62,15 @@ def test_reordered_rope_is_wan_rope_then_reorder():
     torch.testing.assert_close(plain.norm(dim=-1), x.norm(dim=-1), atol=1e-5, rtol=1e-5)
 
 
-@pytest.mark.parametrize("options", [{}, {"gate_mode": "softmax", "skip_module": "cmp"}])
+@pytest.mark.parametrize(
+    "options",
+    [
+        {},  # their class's defaults: no exclusion
+        {"gate_mode": "softmax", "skip_module": "cmp"},
+        {"exclude_window_chunks": 2, "progressive_exclude": True},  # from chunk 2 on
+        {"exclude_window_chunks": 1, "exclude_sink_chunks": 1, "progressive_exclude": False},
+    ],
+)
 def test_rollout_equals_the_reference_layer(options):
     layer = make_layer(**options)
     freqs = wan_rope_freqs(DIM // HEADS)
@@ -71,7 +79,7 @@ def test_rollout_equals_the_reference_layer(options):
     keys, values = [], []
     gen = torch.Generator().manual_seed(1)
     with torch.no_grad():
-        for chunk in range(3):
+        for chunk in range(4):
             for _ in range(2):  # a denoising pass, then the commit pass: same start
                 x = torch.randn(1, length, DIM, generator=gen)
                 start_frame = chunk * FRAMES_PER_CHUNK
@@ -91,7 +99,10 @@ def test_rollout_equals_the_reference_layer(options):
                     gates = gates * torch.tensor([0.0, 1.0, 1.0])
                 ref = reference_gated_attention(
                     q.transpose(1, 2), k_all, v_all, gates.transpose(1, 2), history_len=chunk * length,
-                    block_size=6, query_group_size=4, top_k=3, window_tokens=72,
+                    block_size=6, query_group_size=4, top_k=3, window_tokens=72, candidates="chunks",
+                    exclude_window_chunks=options.get("exclude_window_chunks", 0),
+                    exclude_sink_chunks=options.get("exclude_sink_chunks", 0),
+                    progressive_exclude=options.get("progressive_exclude", False),
                 )  # fmt: skip
                 assert ref.margin > 1e-4
                 want = layer.o(ref.out.transpose(1, 2).flatten(2).float())
@@ -107,6 +118,17 @@ def test_refusals():
         make_layer(gate_mode="tanh")
     with pytest.raises(ValueError, match="skip_module must be"):
         make_layer(skip_module="swa")
+    with pytest.raises(ValueError, match="num_kv_head_groups=1 pools 2 heads"):
+        make_layer(num_kv_head_groups=1)
+    with pytest.raises(ValueError, match="offload=True needs the cache's size up front"):
+        make_layer(offload=True)
+    with pytest.raises(ValueError, match=r"GatedConfig\.exclude_window_chunks must be >= 0"):
+        make_layer(exclude_window_chunks=-1)
+    sized = make_layer(cache_capacity=48)
+    grid, freqs = torch.tensor([[2, 4, 3]]), wan_rope_freqs(16)
+    sized(torch.randn(1, 24, DIM), None, grid, freqs, start_frame=0)
+    with pytest.raises(ValueError, match="past the layer's cache_capacity=48 tokens"):
+        sized(torch.randn(1, 24, DIM), None, grid, freqs, start_frame=4)
     layer = make_layer()
     with pytest.raises(NotImplementedError, match=r"teacher-forcing path.*train through the cached path"):
         layer(

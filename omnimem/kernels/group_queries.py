@@ -1,10 +1,10 @@
 """The gated selection's per-call inputs in one launch (reference: ``gated_selection``'s
-``group_queries`` and ``candidate_end``).
+``group_queries`` and ``candidate_span``).
 
 One program per (batch x KV head, ``groups_per_program`` query groups) averages each group's
 queries of each query head of that KV head and sums the means (the GQA sum); ``ROUND`` rounds
 each mean to the queries' dtype first (``pool_precision="input"``). The first program also
-writes the candidates' end (``[0, end)`` are the candidate blocks) from the sequence length on
+writes the candidates' span (``[start, end)`` are the candidate blocks) from the sequence length on
 the device, so a selection makes no host sync and no chain of scalar torch ops.
 """
 
@@ -16,6 +16,7 @@ import torch
 import triton
 import triton.language as tl
 
+from omnimem.gated_selection import CandidateRule, candidate_span
 from omnimem.kernels.pdl import gdc_launch_dependents
 
 
@@ -41,11 +42,12 @@ def _rows(base, first, stop, stride_l, stride_d, cols, col_ok, ROWS: tl.constexp
 
 @triton.jit
 def _group_queries_kernel(
-    q_ptr, seq_ptr, out_ptr, end_ptr,
+    q_ptr, seq_ptr, out_ptr, span_ptr,
     stride_b, stride_h, stride_l, stride_d,
-    num_kv_heads, q_len, group_size, num_groups, window_tokens,
+    num_kv_heads, q_len, group_size, num_groups, window_tokens, sink_end,
     HEADS_PER_KV: tl.constexpr, ROWS: tl.constexpr, HEAD_DIM: tl.constexpr, D_PAD: tl.constexpr,
-    ROUND: tl.constexpr, BLOCK_SIZE: tl.constexpr, TOP_K: tl.constexpr, AWE: tl.constexpr,
+    ROUND: tl.constexpr, BLOCK_SIZE: tl.constexpr, TOP_K: tl.constexpr, MODE: tl.constexpr,
+    EX_WINDOW: tl.constexpr = 0, EX_SINK: tl.constexpr = 0, PROGRESSIVE: tl.constexpr = True,
     GROUPS: tl.constexpr = 1, ONE_TILE: tl.constexpr = False, PDL_TRIGGER: tl.constexpr = False,
 ):  # fmt: skip
     if PDL_TRIGGER:  # the selection's first pass may start (it waits for this kernel's writes)
@@ -80,32 +82,44 @@ def _group_queries_kernel(
     group = tl.program_id(0)
     if (group == 0) & (batch_head == 0):
         seq_len = tl.load(seq_ptr).to(tl.int64)
-        end = (seq_len + BLOCK_SIZE - 1) // BLOCK_SIZE
-        if AWE:  # the blocks entirely before the window, once there are top_k of them
+        valid = (seq_len + BLOCK_SIZE - 1) // BLOCK_SIZE
+        first = valid * 0
+        end = valid
+        if MODE == "awe":  # the blocks entirely before the window, once there are top_k of them
             before = tl.maximum(seq_len - window_tokens, 0) // BLOCK_SIZE
             end = tl.where(before >= TOP_K, before, end)
-        tl.store(end_ptr, end)
+        if MODE == "chunks":  # the authors' exclusion, in chunks of q_len tokens
+            chunk = (seq_len - q_len) // q_len
+            if EX_WINDOW > 0:
+                first_excluded = tl.maximum(chunk - EX_WINDOW + 1, 0)
+                end = tl.minimum((first_excluded * q_len + BLOCK_SIZE - 1) // BLOCK_SIZE, valid)
+            if PROGRESSIVE:
+                applies = chunk >= EX_SINK + EX_WINDOW
+                first = tl.where(applies, sink_end, first)
+                end = tl.where(applies, end, valid)
+            else:
+                first += sink_end
+        tl.store(span_ptr, first)
+        tl.store(span_ptr + 1, end)
 
 
-def group_queries_and_end(
+def group_queries_and_span(
     q: torch.Tensor,
     seq_len: torch.Tensor,
     *,
     query_group_size: int,
     num_kv_heads: int,
     precision: str,
-    block_size: int,
-    top_k: int,
-    window_tokens: int,
-    candidates: str,
+    rule: CandidateRule,
     rows: int = 16,
     num_warps: int = 2,
     groups_per_program: int = 2,
     pdl_trigger: bool = False,
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """``(pooled_q [B, Hkv, G, D] float32, end 0-d int64)``: each group's mean query summed over
-    a KV head's query heads (``G = ceil(Lq / query_group_size)``), and the end of the
-    candidate blocks for ``seq_len`` (a 0-d integer tensor on ``q``'s device).
+    """``(pooled_q [B, Hkv, G, D] float32, span [2] int64)``: each group's mean query summed
+    over a KV head's query heads (``G = ceil(Lq / query_group_size)``), and the candidate
+    blocks ``[start, end)`` of ``rule`` for ``seq_len`` (a 0-d integer tensor on ``q``'s
+    device), as ``candidate_span``.
 
     ``groups_per_program``: 2 measured fastest on an H200 (12.8 vs 14.0 us at the authors'
     shapes; 4: 14.6, 8: 19.4); the result does not depend on it. ``pdl_trigger``: the next
@@ -114,19 +128,19 @@ def group_queries_and_end(
     batch, q_heads, q_len, head_dim = q.shape
     num_groups = math.ceil(q_len / query_group_size)
     pooled = torch.empty(batch, num_kv_heads, num_groups, head_dim, device=q.device, dtype=torch.float32)
-    end = torch.empty((), device=q.device, dtype=torch.int64)
-    if pooled.numel() == 0:  # nothing to select for: no program would write end
-        end.copy_((seq_len + block_size - 1) // block_size)
-        return pooled, end
+    if pooled.numel() == 0:  # nothing to select for: no program would write the span
+        return pooled, candidate_span(seq_len.to(torch.int64), q_len, rule)
+    span = torch.empty(2, device=q.device, dtype=torch.int64)
     rows = min(rows, triton.next_power_of_2(query_group_size))
     _group_queries_kernel[(math.ceil(num_groups / groups_per_program), batch * num_kv_heads)](
-        q_ptr=q, seq_ptr=seq_len, out_ptr=pooled, end_ptr=end,
+        q_ptr=q, seq_ptr=seq_len, out_ptr=pooled, span_ptr=span,
         stride_b=q.stride(0), stride_h=q.stride(1), stride_l=q.stride(2), stride_d=q.stride(3),
         num_kv_heads=num_kv_heads, q_len=q_len, group_size=query_group_size, num_groups=num_groups,
-        window_tokens=window_tokens, HEADS_PER_KV=q_heads // num_kv_heads,
-        ROWS=rows, HEAD_DIM=head_dim,
-        D_PAD=triton.next_power_of_2(head_dim), ROUND=precision == "input", BLOCK_SIZE=block_size,
-        TOP_K=top_k, AWE=candidates == "awe", GROUPS=groups_per_program,
+        window_tokens=rule.window_tokens, sink_end=rule.sink_end(q_len),
+        HEADS_PER_KV=q_heads // num_kv_heads, ROWS=rows, HEAD_DIM=head_dim,
+        D_PAD=triton.next_power_of_2(head_dim), ROUND=precision == "input", BLOCK_SIZE=rule.block_size,
+        TOP_K=rule.top_k, MODE=rule.mode, EX_WINDOW=rule.exclude_window_chunks,
+        EX_SINK=rule.exclude_sink_chunks, PROGRESSIVE=rule.progressive_exclude, GROUPS=groups_per_program,
         ONE_TILE=query_group_size <= rows, PDL_TRIGGER=pdl_trigger, num_warps=num_warps,
     )  # fmt: skip
-    return pooled, end
+    return pooled, span

@@ -33,6 +33,7 @@ import torch
 import triton
 import triton.language as tl
 
+from omnimem.gated_selection import as_span
 from omnimem.kernels.pdl import gdc_launch_dependents, gdc_wait
 from omnimem.selection import _INDEX_BITS, _TIER_SHIFT
 
@@ -102,12 +103,13 @@ def _load_rows(base, rows, rows_ok, stride_row, stride_dim, HEAD_DIM: tl.constex
 
 @triton.jit
 def _split_program(
-    pq_ptr, km_ptr, end_ptr, stride_qb, stride_qh, stride_qg, stride_qd, stride_kb, stride_kh,
+    pq_ptr, km_ptr, span_ptr, stride_qb, stride_qh, stride_qg, stride_qd, stride_kb, stride_kh,
     num_kv_heads, num_groups, blocks_per_split,
     ROWS: tl.constexpr, HEAD_DIM: tl.constexpr, D_PAD: tl.constexpr,
 ):  # fmt: skip
     """A (row tile, batch x KV head, split) program's rows, their pooled queries, its head's
-    block means and its block range ``[lo, hi)`` (cut at the candidates' end)."""
+    block means, its block range ``[lo, hi)`` (cut at the candidates' end) and the candidates'
+    first block (blocks below it are scored, never kept: tiles stay aligned)."""
     batch_head = tl.program_id(1)
     batch = batch_head // num_kv_heads
     head = batch_head % num_kv_heads
@@ -117,13 +119,13 @@ def _split_program(
     q = _load_rows(q_base, rows, row_ok, stride_qg, stride_qd, HEAD_DIM, D_PAD)
     k_base = km_ptr + batch.to(tl.int64) * stride_kb + head.to(tl.int64) * stride_kh
     lo = tl.program_id(2) * blocks_per_split
-    hi = tl.minimum(lo + blocks_per_split, tl.load(end_ptr).to(tl.int32))
-    return batch_head, rows, row_ok, q, k_base, lo, hi
+    hi = tl.minimum(lo + blocks_per_split, tl.load(span_ptr + 1).to(tl.int32))
+    return batch_head, rows, row_ok, q, k_base, lo, hi, tl.load(span_ptr).to(tl.int32)
 
 
 @triton.jit
 def _stream_topk_kernel(
-    pq_ptr, km_ptr, end_ptr, keys_ptr,
+    pq_ptr, km_ptr, span_ptr, keys_ptr,
     stride_qb, stride_qh, stride_qg, stride_qd,
     stride_kb, stride_kh, stride_kj, stride_kd,
     num_kv_heads, num_groups, blocks_per_split, scale,
@@ -131,8 +133,8 @@ def _stream_topk_kernel(
     K_PAD: tl.constexpr, TOP_K: tl.constexpr, INDEX_BITS: tl.constexpr, TIER_SHIFT: tl.constexpr,
     PRECISION: tl.constexpr,
 ):  # fmt: skip
-    batch_head, rows, row_ok, q, k_base, lo, hi = _split_program(
-        pq_ptr, km_ptr, end_ptr, stride_qb, stride_qh, stride_qg, stride_qd, stride_kb, stride_kh,
+    batch_head, rows, row_ok, q, k_base, lo, hi, lowest = _split_program(
+        pq_ptr, km_ptr, span_ptr, stride_qb, stride_qh, stride_qg, stride_qd, stride_kb, stride_kh,
         num_kv_heads, num_groups, blocks_per_split, ROWS, HEAD_DIM, D_PAD,
     )  # fmt: skip
     split = tl.program_id(2)
@@ -151,7 +153,7 @@ def _stream_topk_kernel(
         score = tl.dot(q, tl.trans(keys), input_precision=PRECISION) * scale
         # Streaming part, one float compare per score: only scores that may beat a row's
         # worst kept key (ties included; the packed keys settle them) go any further.
-        maybe = (score >= worst_score[:, None]) & row_ok[:, None] & block_ok[None, :]
+        maybe = (score >= worst_score[:, None]) & row_ok[:, None] & (block_ok & (block >= lowest))[None, :]
         pending_rows = tl.sum(maybe.to(tl.int32), 1)
         # Inserting in descending order, at most TOP_K of a row's pending keys can enter.
         rounds = tl.minimum(tl.max(pending_rows, 0), TOP_K)
@@ -175,7 +177,7 @@ def _stream_topk_kernel(
 
 @triton.jit
 def _bucket_max_kernel(
-    pq_ptr, km_ptr, end_ptr, bmax_ptr, norms_ptr, counts_ptr, tmax_ptr, bounds_ptr,
+    pq_ptr, km_ptr, span_ptr, bmax_ptr, norms_ptr, counts_ptr, tmax_ptr, bounds_ptr,
     stride_qb, stride_qh, stride_qg, stride_qd,
     stride_kb, stride_kh, stride_kj, stride_kd, stride_bb, stride_bh,
     num_kv_heads, num_groups, num_buckets, blocks_per_split, num_tiles,
@@ -191,12 +193,12 @@ def _bucket_max_kernel(
     writes its own maxima (no buffer needs zeroing). The first split zeroes its rows' candidate
     counters for pass 2 (no extra launch). ``PDL_WAIT``/``PDL_TRIGGER``: see
     ``omnimem.kernels.pdl``."""
-    if PDL_WAIT:  # the pooled queries and the end come from the previous launch
+    if PDL_WAIT:  # the pooled queries and the span come from the previous launch
         gdc_wait()
     if PDL_TRIGGER:
         gdc_launch_dependents()
-    batch_head, rows, row_ok, q, k_base, lo, hi = _split_program(
-        pq_ptr, km_ptr, end_ptr, stride_qb, stride_qh, stride_qg, stride_qd, stride_kb, stride_kh,
+    batch_head, rows, row_ok, q, k_base, lo, hi, lowest = _split_program(
+        pq_ptr, km_ptr, span_ptr, stride_qb, stride_qh, stride_qg, stride_qd, stride_kb, stride_kh,
         num_kv_heads, num_groups, blocks_per_split, ROWS, HEAD_DIM, D_PAD,
     )  # fmt: skip
     out_rows = bmax_ptr + (batch_head.to(tl.int64) * num_groups + rows[:, None]) * num_buckets
@@ -215,7 +217,7 @@ def _bucket_max_kernel(
         score = tl.dot(q, tl.trans(keys), input_precision=PRECISION)
         # NaN means (a corrupted block) are no candidates: they neither raise a bucket's
         # maximum nor the error bound (tl.max's NaN handling is left unspecified: say it).
-        score = tl.where(block_ok[None, :] & (score == score), score, float("-inf"))
+        score = tl.where((block_ok & (block >= lowest))[None, :] & (score == score), score, float("-inf"))
         bucket_max = tl.max(tl.reshape(score, [ROWS, BLOCK_N // BUCKET, BUCKET]), 2)
         bucket = start // BUCKET + tl.arange(0, BLOCK_N // BUCKET)
         tl.store(out_rows + bucket[None, :], bucket_max, mask=row_ok[:, None])
@@ -237,12 +239,12 @@ def _bucket_max_kernel(
 
 @triton.jit
 def _group_program(
-    pq_ptr, km_ptr, end_ptr, stride_qb, stride_qh, stride_qg, stride_qd, stride_kb, stride_kh,
+    pq_ptr, km_ptr, span_ptr, stride_qb, stride_qh, stride_qg, stride_qd, stride_kb, stride_kh,
     num_kv_heads, num_groups, HEAD_DIM: tl.constexpr, D_PAD: tl.constexpr,
 ):  # fmt: skip
     """A pass-2 program's query group (program ids: group, batch x KV head): its batch x head,
     flat row id, pooled query (pointer and values), its head's block means and the
-    candidates' end."""
+    candidates' first block and end."""
     row = tl.program_id(0)
     batch_head = tl.program_id(1)
     batch = batch_head // num_kv_heads
@@ -251,8 +253,9 @@ def _group_program(
     q_base = pq_ptr + batch.to(tl.int64) * stride_qb + head.to(tl.int64) * stride_qh + row * stride_qg
     q = tl.load(q_base + dims * stride_qd, mask=dims < HEAD_DIM, other=0.0)
     k_base = km_ptr + batch.to(tl.int64) * stride_kb + head.to(tl.int64) * stride_kh
-    end = tl.load(end_ptr).to(tl.int32)
-    return batch_head, batch_head.to(tl.int64) * num_groups + row, q_base, q, k_base, end
+    lowest = tl.load(span_ptr).to(tl.int32)
+    end = tl.load(span_ptr + 1).to(tl.int32)
+    return batch_head, batch_head.to(tl.int64) * num_groups + row, q_base, q, k_base, lowest, end
 
 
 @triton.jit
@@ -321,7 +324,7 @@ def _score_error(
 
 @triton.jit
 def _refine_kernel(
-    pq_ptr, km_ptr, end_ptr, bmax_ptr, norms_ptr, counts_ptr, list_ptr, idx_ptr, num_ptr,
+    pq_ptr, km_ptr, span_ptr, bmax_ptr, norms_ptr, counts_ptr, list_ptr, idx_ptr, num_ptr,
     stride_qb, stride_qh, stride_qg, stride_qd,
     stride_kb, stride_kh, stride_kj, stride_kd,
     num_kv_heads, num_groups, num_buckets, num_norms, scale, error_bound,
@@ -336,8 +339,8 @@ def _refine_kernel(
     int32: once the maxima are in registers it holds the kept buckets, so any number fits."""
     if PDL_WAIT:  # every input but the means comes from the previous launches
         gdc_wait()
-    batch_head, row_id, q_base, q, k_base, end = _group_program(
-        pq_ptr, km_ptr, end_ptr, stride_qb, stride_qh, stride_qg, stride_qd, stride_kb, stride_kh,
+    batch_head, row_id, q_base, q, k_base, lowest, end = _group_program(
+        pq_ptr, km_ptr, span_ptr, stride_qb, stride_qh, stride_qg, stride_qd, stride_kb, stride_kh,
         num_kv_heads, num_groups, HEAD_DIM, D_PAD,
     )  # fmt: skip
 
@@ -372,16 +375,17 @@ def _refine_kernel(
         entry = first + lane // BUCKET
         chosen = tl.load(row_list + entry, mask=entry < count, other=0)
         block = chosen * BUCKET + lane % BUCKET
+        ok = (entry < count) & (block < end) & (block >= lowest)
         best = _merge_exact(
-            best, block, (entry < count) & (block < end), q_base, k_base, stride_qd, stride_kj, stride_kd,
-            scale, D_CHUNK, HEAD_DIM, D_PAD, K_PAD, INDEX_BITS, TIER_SHIFT,
+            best, block, ok, q_base, k_base, stride_qd, stride_kj, stride_kd, scale,
+            D_CHUNK, HEAD_DIM, D_PAD, K_PAD, INDEX_BITS, TIER_SHIFT,
         )  # fmt: skip
     _store_top(best, idx_ptr, num_ptr, row_id, K_PAD, TOP_K, INDEX_BITS)
 
 
 @triton.jit
 def _refine_warp_kernel(
-    pq_ptr, km_ptr, end_ptr, bmax_ptr, tmax_ptr, norms_ptr, bucket_list_ptr, tile_list_ptr, idx_ptr, num_ptr,
+    pq_ptr, km_ptr, span_ptr, bmax_ptr, tmax_ptr, norms_ptr, bucket_list_ptr, tile_list_ptr, idx_ptr, num_ptr,
     stride_qb, stride_qh, stride_qg, stride_qd,
     stride_kb, stride_kh, stride_kj, stride_kd,
     num_kv_heads, num_groups, num_buckets, num_tiles, num_norms, scale, error_bound,
@@ -398,8 +402,8 @@ def _refine_warp_kernel(
     tiles' own (already read) stretches of the row of bucket maxima, so any number fits."""
     if PDL_WAIT:  # every input but the means comes from the previous launches
         gdc_wait()
-    batch_head, row_id, q_base, q, k_base, end = _group_program(
-        pq_ptr, km_ptr, end_ptr, stride_qb, stride_qh, stride_qg, stride_qd, stride_kb, stride_kh,
+    batch_head, row_id, q_base, q, k_base, lowest, end = _group_program(
+        pq_ptr, km_ptr, span_ptr, stride_qb, stride_qh, stride_qg, stride_qd, stride_kb, stride_kh,
         num_kv_heads, num_groups, HEAD_DIM, D_PAD,
     )  # fmt: skip
     valid_buckets = (end + BUCKET - 1) // BUCKET
@@ -452,9 +456,10 @@ def _refine_warp_kernel(
         home = tl.load(tile_list + entry // TILE_BUCKETS, mask=listed, other=0)
         chosen = tl.load(bucket_list + home * TILE_BUCKETS + entry % TILE_BUCKETS, mask=listed, other=0)
         block = chosen * BUCKET + lane % BUCKET
+        ok = listed & (block < end) & (block >= lowest)
         best = _merge_exact(
-            best, block, listed & (block < end), q_base, k_base, stride_qd, stride_kj, stride_kd,
-            scale, D_CHUNK, HEAD_DIM, D_PAD, K_PAD, INDEX_BITS, TIER_SHIFT,
+            best, block, ok, q_base, k_base, stride_qd, stride_kj, stride_kd, scale,
+            D_CHUNK, HEAD_DIM, D_PAD, K_PAD, INDEX_BITS, TIER_SHIFT,
         )  # fmt: skip
     _store_top(best, idx_ptr, num_ptr, row_id, K_PAD, TOP_K, INDEX_BITS)
 
@@ -535,7 +540,7 @@ def _strides(pooled_q: torch.Tensor, k_means: torch.Tensor) -> dict:
 def stream_topk(
     pooled_q: torch.Tensor,
     k_means: torch.Tensor,
-    end: torch.Tensor,
+    span: torch.Tensor,
     *,
     top_k: int,
     scale: float,
@@ -547,6 +552,7 @@ def stream_topk(
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """The one-pass kernel: ``(block_idx [B, Hkv, G, top_k] int32, num_blocks [B, Hkv, G]
     int32)``, best first, ``-1`` padded; the splits' sets are merged by ``torch.topk``."""
+    span = as_span(span)
     batch, kv_heads, groups, head_dim = pooled_q.shape
     num_slots = k_means.shape[2]
     device = pooled_q.device
@@ -557,7 +563,7 @@ def stream_topk(
     keys = torch.empty((batch, kv_heads, splits, groups, k_pad), dtype=torch.int64, device=device)
     if keys.numel():
         _stream_topk_kernel[(math.ceil(groups / rows), batch * kv_heads, splits)](
-            pq_ptr=pooled_q, km_ptr=k_means, end_ptr=end, keys_ptr=keys, **_strides(pooled_q, k_means),
+            pq_ptr=pooled_q, km_ptr=k_means, span_ptr=span, keys_ptr=keys, **_strides(pooled_q, k_means),
             num_kv_heads=kv_heads, num_groups=groups, blocks_per_split=per_split, scale=scale,
             ROWS=rows, BLOCK_N=block_n, HEAD_DIM=head_dim, D_PAD=max(16, triton.next_power_of_2(head_dim)),
             K_PAD=k_pad, TOP_K=top_k, INDEX_BITS=_INDEX_BITS, TIER_SHIFT=_TIER_SHIFT, PRECISION=precision,
@@ -572,7 +578,7 @@ def stream_topk(
 def bucket_maxima(
     pooled_q: torch.Tensor,
     k_means: torch.Tensor,
-    end: torch.Tensor,
+    span: torch.Tensor,
     *,
     bucket: int,
     rows: int,
@@ -588,12 +594,14 @@ def bucket_maxima(
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor | None]:
     """Pass 1: ``(bmax [B * Hkv * G, buckets] float32, norms [B * Hkv, 2, programs per head]
     float32, counts [B * Hkv * G] int32, tmax [B * Hkv * G, tiles] float32 or None)``: unscaled
-    approximate scores' maximum per bucket of ``bucket`` blocks (buckets past ``end`` hold
-    junk), each program's largest squared norm of the scored block means (``norms[:, 0]``; of
+    approximate scores' maximum per bucket of ``bucket`` blocks (buckets past the span's end
+    hold junk, blocks before its start count as -inf), each program's largest squared norm of
+    the scored block means (``norms[:, 0]``; of
     ``bounds[..., 0]`` when ``bounds`` are given, and ``norms[:, 1]`` their ``[..., 1]``, else
     0), zeroed candidate counters, and with ``tile_maxima`` each ``block_n`` tile's maximum.
     ``pdl``: launched to overlap the previous kernel's tail (``omnimem.kernels.pdl``);
     ``pdl_trigger``: let the next kernel start as soon as every program of this one has."""
+    span = as_span(span)
     batch, kv_heads, groups, head_dim = pooled_q.shape
     num_slots = k_means.shape[2]
     device = pooled_q.device
@@ -613,7 +621,7 @@ def bucket_maxima(
         else None
     )
     _bucket_max_kernel[(math.ceil(groups / rows), batch * kv_heads, splits)](
-        pq_ptr=pooled_q, km_ptr=k_means, end_ptr=end, bmax_ptr=bmax, norms_ptr=norms, counts_ptr=counts,
+        pq_ptr=pooled_q, km_ptr=k_means, span_ptr=span, bmax_ptr=bmax, norms_ptr=norms, counts_ptr=counts,
         tmax_ptr=bmax if tmax is None else tmax, bounds_ptr=norms if bounds is None else bounds,
         stride_bb=0 if bounds is None else bounds.stride(0),
         stride_bh=0 if bounds is None else bounds.stride(1),
@@ -631,7 +639,7 @@ def bucket_maxima(
 def two_pass_topk(
     pooled_q: torch.Tensor,
     k_means: torch.Tensor,
-    end: torch.Tensor,
+    span: torch.Tensor,
     *,
     top_k: int,
     scale: float,
@@ -670,6 +678,7 @@ def two_pass_topk(
     launched to overlap their predecessor's tail (``omnimem.kernels.pdl``; CUDA, sm_90+);
     ``pdl_trigger``: pass 1 lets pass 2 start once all its programs have; ``refine_maxnreg``:
     a register cap for the warp refine pass."""
+    span = as_span(span)
     batch, kv_heads, groups, head_dim = pooled_q.shape
     num_slots = k_means.shape[2]
     device = pooled_q.device
@@ -721,7 +730,7 @@ def two_pass_topk(
         raise ValueError(f"refine must be 'block' or 'warp', got {refine!r}")
     warp = refine == "warp"
     bmax, norms, counts, tmax = bucket_maxima(
-        pooled_q, k_means if approx_keys is None else approx_keys, end, bucket=bucket, rows=rows,
+        pooled_q, k_means if approx_keys is None else approx_keys, span, bucket=bucket, rows=rows,
         block_n=block_n, precision=precision, num_warps=num_warps, per_sm=per_sm, num_stages=num_stages,
         tile_maxima=warp, bounds=key_bounds, pdl=pdl, pdl_trigger=pdl_trigger,
     )  # fmt: skip
@@ -730,7 +739,7 @@ def two_pass_topk(
     if warp:
         num_buckets, num_norms = bmax.shape[1], norms.shape[2]
         _refine_warp_kernel[(groups, batch * kv_heads)](
-            pq_ptr=pooled_q, km_ptr=k_means, end_ptr=end, bmax_ptr=bmax, tmax_ptr=tmax, norms_ptr=norms,
+            pq_ptr=pooled_q, km_ptr=k_means, span_ptr=span, bmax_ptr=bmax, tmax_ptr=tmax, norms_ptr=norms,
             bucket_list_ptr=bmax.view(torch.int32), tile_list_ptr=tmax.view(torch.int32), idx_ptr=block_idx,
             num_ptr=num_blocks, **_strides(pooled_q, k_means),
             num_kv_heads=kv_heads, num_groups=groups, num_buckets=num_buckets, num_tiles=tmax.shape[1],
@@ -747,7 +756,7 @@ def two_pass_topk(
         refine_warps = 2 if math.ceil(num_slots / bucket) <= _WARP_REFINE_BUCKETS else 4
     num_buckets, num_norms = bmax.shape[1], norms.shape[2]
     _refine_kernel[(groups, batch * kv_heads)](
-        pq_ptr=pooled_q, km_ptr=k_means, end_ptr=end, bmax_ptr=bmax, norms_ptr=norms, counts_ptr=counts,
+        pq_ptr=pooled_q, km_ptr=k_means, span_ptr=span, bmax_ptr=bmax, norms_ptr=norms, counts_ptr=counts,
         list_ptr=bmax.view(torch.int32), idx_ptr=block_idx, num_ptr=num_blocks,
         **_strides(pooled_q, k_means),
         num_kv_heads=kv_heads, num_groups=groups, num_buckets=num_buckets, num_norms=num_norms,
@@ -781,7 +790,7 @@ def _log_one_pass(top_k: int) -> None:
 def group_topk(
     pooled_q: torch.Tensor,
     k_means: torch.Tensor,
-    end: torch.Tensor,
+    span: torch.Tensor,
     *,
     top_k: int,
     scale: float,
@@ -791,8 +800,9 @@ def group_topk(
     """``(block_idx [B, Hkv, G, top_k] int32, num_blocks [B, Hkv, G] int32)``, as
     ``select_groups_torch``: the same keys, up to the float32 rounding order of the scores.
 
-    ``pooled_q [B, Hkv, G, D]`` and ``k_means [B, Hkv, NB, D]`` are float32; ``end`` is a 0-d
-    integer tensor (candidates are the blocks ``[0, end)``). The two-pass kernels unless
+    ``pooled_q [B, Hkv, G, D]`` and ``k_means [B, Hkv, NB, D]`` are float32; ``span`` is a
+    ``[2]`` integer tensor (candidates are the blocks ``[start, end)``; ``candidate_span``) or
+    a 0-d ``end`` (``[0, end)``). The two-pass kernels unless
     ``top_k`` exceeds their step (or ``one_pass=True``); ``options`` go to the chosen launcher
     (``approx_keys``, ``key_bounds`` and ``pdl`` only to the two-pass one, which alone uses
     them).
@@ -804,7 +814,7 @@ def group_topk(
         options.pop("key_bounds", None)
         options.pop("pdl", None)
     else:
-        return two_pass_topk(pooled_q, k_means, end, top_k=top_k, scale=scale, **options)
+        return two_pass_topk(pooled_q, k_means, span, top_k=top_k, scale=scale, **options)
     if top_k > _CHUNK_LANES:
         _log_one_pass(top_k)
-    return stream_topk(pooled_q, k_means, end, top_k=top_k, scale=scale, **options)
+    return stream_topk(pooled_q, k_means, span, top_k=top_k, scale=scale, **options)
