@@ -10,8 +10,15 @@ means are the cache's own), then the chunk is timed (``triton.testing.do_bench``
 the peak GPU memory. Their figures: DESIGN.md section 8 (2.08 s per chunk at 237 frames, all
 resident, 84 GiB).
 
+With ``--patched``, each block's self-attention is first a stand-in of *their* layer (their
+``CausalNSSelfAttention``'s constructor settings and weight layout, released settings:
+exclusion of 3 chunks, progressive) and the model goes through ``patch_causal_wan(model,
+max_frames=...)``, as a user of their model would run it: the layers' own caches are sized by
+``max_frames`` at their first call, ``--offload`` reaches them through the patch.
+
     python benchmarks/gated_rollout_gpu.py [--frames 18 60 237] [--offload] [--json out.json]
-    python benchmarks/gated_rollout_gpu.py --smoke   # tiny model on CPU: checks the script runs
+    python benchmarks/gated_rollout_gpu.py --patched --max-frames 240 --frames 237 [--offload]
+    python benchmarks/gated_rollout_gpu.py --smoke [--patched]  # tiny model on CPU: the script runs
 """
 
 from __future__ import annotations
@@ -24,22 +31,51 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from omnimem import GatedCache, GatedWanSelfAttention
-from omnimem.gated_wan import wan_rope_freqs
+from omnimem import GatedCache, GatedWanSelfAttention, patch_causal_wan
+from omnimem.gated_wan import RMSNorm, wan_rope_freqs
+
+# Their released configuration's selection settings (configs/causal/*_nsa_15x2_top16_qg15.yaml).
+RELEASED = dict(num_selected_blocks=16, group_q_size=15, exclude_window_chunks=3, progressive_exclude=True)
+
+
+class AuthorsLayer(nn.Module):
+    """Their ``CausalNSSelfAttention`` as its public constructor and weights describe it: the
+    settings as attributes of those names, Wan's projections and norms, the gate projection.
+    Its forward is theirs to run; here it must be patched first."""
+
+    def __init__(self, dim: int, heads: int, layer: int, pool: tuple[int, int, int], chunk: int) -> None:
+        super().__init__()
+        self.dim, self.num_heads, self.head_dim = dim, heads, dim // heads
+        self.window_size, self.qk_norm, self.eps = (-1, -1), True, 1e-6
+        self.pool_f, self.pool_h, self.pool_w = pool
+        self.gate_mode, self.layer_idx, self.chunk_length, self.skip_module = "sigmoid", layer, chunk, None
+        self.exclude_sink_chunks, self.num_kv_head_groups = 0, None
+        for name, value in RELEASED.items():
+            setattr(self, name, value)
+        self.q, self.k, self.v, self.o = (nn.Linear(dim, dim) for _ in range(4))
+        self.norm_q, self.norm_k = RMSNorm(dim, eps=1e-6), RMSNorm(dim, eps=1e-6)
+        self.g_proj = nn.Linear(dim, 3 * heads)
+
+    def forward(self, *args, **kwargs):
+        raise RuntimeError("the stand-in of the authors' layer runs only once patched")
 
 
 class Block(nn.Module):
     """A Wan block's shape of work: modulated self-attention, cross-attention, FFN."""
 
     def __init__(
-        self, dim: int, heads: int, ffn: int, layer: int, pool: tuple[int, int, int], chunk: int
-    ) -> None:
+        self, dim: int, heads: int, ffn: int, layer: int, pool: tuple[int, int, int], chunk: int,
+        theirs: bool = False,
+    ) -> None:  # fmt: skip
         super().__init__()
         self.norm = nn.LayerNorm(dim, elementwise_affine=False)
-        self.self_attn = GatedWanSelfAttention(
-            dim=dim, num_heads=heads, pool_f=pool[0], pool_h=pool[1], pool_w=pool[2],
-            num_selected_blocks=16, group_q_size=15, chunk_length=chunk, layer_idx=layer,
-        )  # fmt: skip
+        if theirs:
+            self.self_attn = AuthorsLayer(dim, heads, layer, pool, chunk)
+        else:
+            self.self_attn = GatedWanSelfAttention(
+                dim=dim, num_heads=heads, pool_f=pool[0], pool_h=pool[1], pool_w=pool[2],
+                chunk_length=chunk, layer_idx=layer, **RELEASED,
+            )  # fmt: skip
         self.cross_q, self.cross_kv, self.cross_o = (
             nn.Linear(dim, dim),
             nn.Linear(dim, 2 * dim),
@@ -69,6 +105,10 @@ def main() -> None:
     parser.add_argument(
         "--offload", action="store_true", help="GatedCache(offload=True): the history in host memory"
     )
+    parser.add_argument(
+        "--patched", action="store_true", help="a stand-in of their layers through patch_causal_wan"
+    )
+    parser.add_argument("--max-frames", type=int, default=None, help="--patched: patch_causal_wan's max_frames")
     parser.add_argument("--json", default=None)
     args = parser.parse_args()
     if args.smoke:
@@ -82,23 +122,21 @@ def main() -> None:
     torch.manual_seed(0)
     frame = frame_hw[0] * frame_hw[1]
     chunk = 3 * frame
-    blocks = nn.ModuleList(Block(dim, heads, ffn, i, pool, chunk) for i in range(layers)).to(device, dtype)
+    blocks = nn.ModuleList(Block(dim, heads, ffn, i, pool, chunk, args.patched) for i in range(layers))
+    blocks = blocks.to(device, dtype)
     freqs = wan_rope_freqs(dim // heads, positions=4096).to(device)
-    capacity = (max(frames_list) + 3) * frame
-    caches = [
-        GatedCache(
-            capacity,
-            batch=1,
-            num_kv_heads=heads,
-            head_dim=dim // heads,
-            dtype=dtype,
-            device=device,
-            config=blocks[i].self_attn.config,
-            offload=args.offload,
-            max_chunk_tokens=chunk,
-        )
-        for i in range(layers)
-    ]
+    max_frames = args.max_frames or max(frames_list) + 3
+    if args.patched:  # their layers -> GatedWanSelfAttention, each with its own cache of max_frames
+        patch_causal_wan(blocks, max_frames=max_frames, offload=args.offload)
+        caches = [None] * layers
+    else:
+        caches = [
+            GatedCache(
+                max_frames * frame, batch=1, num_kv_heads=heads, head_dim=dim // heads, dtype=dtype,
+                device=device, config=blocks[i].self_attn.config, offload=args.offload, max_chunk_tokens=chunk,
+            )  # fmt: skip
+            for i in range(layers)
+        ]
     context = torch.randn(1, text, dim, device=device, dtype=dtype)
     grid = torch.tensor([[3, *frame_hw]])
     x = torch.randn(1, chunk, dim, device=device, dtype=dtype)
@@ -108,11 +146,20 @@ def main() -> None:
         out = x
         for _ in range(5):  # 4 denoising passes, then the commit pass: same start, each rewrites
             out = x
-            for block, cache in zip(blocks, caches, strict=True):
+            for block, cache in zip(blocks, caches, strict=True):  # patched: the layers' own
                 out = block(out, grid, freqs, start_frame, cache, context)
         return out
 
     rows = []
+    if args.patched:  # the first call allocates each layer's cache (max_frames, checked up front)
+        torch.cuda.reset_peak_memory_stats() if device.type == "cuda" else None
+        with torch.no_grad():
+            out = x
+            for block in blocks:
+                out = block(out, grid, freqs, 0, None, context)
+        caches = [block.self_attn._cache for block in blocks]
+        for cache in caches:
+            cache.rewind(0)
     for frames in frames_list:
         history = frames * frame
         for cache in caches:  # fill the history chunk by chunk with random keys/values
@@ -135,7 +182,10 @@ def main() -> None:
             ms, peak = (time.perf_counter() - begin) * 1e3, float("nan")
         for cache in caches:  # the timed chunk was written at `history`; drop it for the next point
             cache.rewind(history)
-        row = dict(frames=frames, history=history, ms_per_chunk=ms, peak_gib=peak, offload=args.offload)
+        row = dict(
+            frames=frames, history=history, ms_per_chunk=ms, peak_gib=peak, offload=args.offload,
+            patched=args.patched, max_frames=max_frames,
+        )  # fmt: skip
         print(json.dumps(row), flush=True)
         rows.append(row)
     print("\n| history frames | ms per chunk (4 passes + commit) | vs real time (750 ms) | peak GiB |")
