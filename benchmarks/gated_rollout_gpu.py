@@ -108,7 +108,9 @@ def main() -> None:
     parser.add_argument(
         "--patched", action="store_true", help="a stand-in of their layers through patch_causal_wan"
     )
-    parser.add_argument("--max-frames", type=int, default=None, help="--patched: patch_causal_wan's max_frames")
+    parser.add_argument(
+        "--max-frames", type=int, default=None, help="--patched: patch_causal_wan's max_frames"
+    )
     parser.add_argument("--json", default=None)
     args = parser.parse_args()
     if args.smoke:
@@ -132,8 +134,15 @@ def main() -> None:
     else:
         caches = [
             GatedCache(
-                max_frames * frame, batch=1, num_kv_heads=heads, head_dim=dim // heads, dtype=dtype,
-                device=device, config=blocks[i].self_attn.config, offload=args.offload, max_chunk_tokens=chunk,
+                max_frames * frame,
+                batch=1,
+                num_kv_heads=heads,
+                head_dim=dim // heads,
+                dtype=dtype,
+                device=device,
+                config=blocks[i].self_attn.config,
+                offload=args.offload,
+                max_chunk_tokens=chunk,
             )  # fmt: skip
             for i in range(layers)
         ]

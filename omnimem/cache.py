@@ -594,9 +594,21 @@ class OmniMemCache:
                 raise ValueError(f"state[{name!r}] must be a tensor of shape {expected}")
             if x.dtype != self.k.dtype:
                 raise TypeError(f"state[{name!r}] must have the cache's dtype {self.k.dtype}, got {x.dtype}")
+        # Copied beside the buffers first: a tensor that cannot be copied (on the meta device,
+        # say) fails here, before reset() has forgotten the history.
+        staged = []
+        for name, x in (("k", k), ("v", v)):
+            scratch = torch.empty(expected, dtype=self.k.dtype, device=self.k.device)
+            try:
+                scratch.copy_(x)
+            except (RuntimeError, NotImplementedError) as error:
+                raise ValueError(
+                    f"state[{name!r}] cannot be copied into the cache ({x.device} -> {self.k.device}): {error}"
+                ) from error
+            staged.append(scratch)
         self.reset()
-        self.k[:, :, :history_len] = k
-        self.v[:, :, :history_len] = v
+        self.k[:, :, :history_len] = staged[0]
+        self.v[:, :, :history_len] = staged[1]
         self._refresh_block_sums(0, history_len)
         self.history_len = history_len
         if self._offload is not None:

@@ -90,6 +90,8 @@ def test_failed_load_state_dict_leaves_the_cache_as_it_was():
         ({**state, "v": state["v"].int()}, TypeError, r"state\['v'\] must have the cache's dtype"),
         ({"k": state["k"], "history_len": 8}, ValueError, r"state lacks \['v'\]"),
         ({**state, "k": state["k"][:, :, :4]}, ValueError, r"state\['k'\] must be a tensor of shape"),
+        # right shape and dtype, but no data to copy: refused before the history is forgotten
+        ({**state, "v": state["v"].to("meta")}, ValueError, r"state\['v'\] cannot be copied into the cache"),
     ]
     for bad, error, message in bad_states:
         with pytest.raises(error, match=message):
