@@ -143,7 +143,7 @@ def main() -> None:
                 config=blocks[i].self_attn.config,
                 offload=args.offload,
                 max_chunk_tokens=chunk,
-            )  # fmt: skip
+            )
             for i in range(layers)
         ]
     context = torch.randn(1, text, dim, device=device, dtype=dtype)

@@ -602,8 +602,9 @@ class OmniMemCache:
             try:
                 scratch.copy_(x)
             except (RuntimeError, NotImplementedError) as error:
+                where = f"{x.device} -> {self.k.device}"
                 raise ValueError(
-                    f"state[{name!r}] cannot be copied into the cache ({x.device} -> {self.k.device}): {error}"
+                    f"state[{name!r}] cannot be copied into the cache ({where}): {error}"
                 ) from error
             staged.append(scratch)
         self.reset()
