@@ -8,6 +8,7 @@ import torch
 
 from omnimem.config import GatedConfig, OmniMemConfig
 from omnimem.offload import staging_sizes
+from omnimem.store.formats import check_kv_format, token_bytes
 
 
 def kv_cache_bytes(
@@ -21,6 +22,7 @@ def kv_cache_bytes(
     config: OmniMemConfig | GatedConfig | None = None,
     max_chunk_tokens: int = 0,
     offload: bool = False,
+    kv_format: str = "native",
 ) -> int:
     """Bytes the caches of ``layers`` attention layers allocate on their device.
 
@@ -31,6 +33,17 @@ def kv_cache_bytes(
     ``GatedConfig``: ``GatedCache`` buffers of ``capacity`` tokens plus, per block, one float32
     mean key and one mean key and value in ``dtype``; with ``offload=True``, the block means
     and the live region (``max(window_tokens, max_chunk_tokens) + block_size`` tokens).
+
+    ``kv_format`` (``"native"``, ``"fp8"``, ``"int4"``; ``omnimem.store.formats``): the history's
+    keys and values at that format's bytes per token, scales included (``token_bytes``); the
+    chunk being written, the block sums and means stay in their own dtypes.
+
+    Example (the history's share of one layer at 60 s: 237 frames, Wan2.1-1.3B):
+        >>> from omnimem import kv_cache_bytes
+        >>> sizes = dict(num_kv_heads=12, head_dim=128, dtype=torch.bfloat16)
+        >>> native = kv_cache_bytes(237 * 1560, **sizes)
+        >>> [round(kv_cache_bytes(237 * 1560, **sizes, kv_format=f) / native, 3) for f in ("fp8", "int4")]
+        [0.504, 0.271]
 
     Example:
         >>> import torch
@@ -51,7 +64,17 @@ def kv_cache_bytes(
         raise TypeError(f"offload must be a bool, got {type(offload).__name__}")
     if not (isinstance(dtype, torch.dtype) and dtype.is_floating_point):
         raise TypeError(f"dtype must be a floating torch.dtype, got {dtype!r}")
+    check_kv_format(kv_format)
     itemsize = torch.empty((), dtype=dtype).element_size()
+
+    def history(tokens: int, block_size: int) -> int:
+        """Keys and values of ``tokens`` history tokens in ``kv_format`` (whole blocks' scales)."""
+        if kv_format == "native":
+            return 2 * tokens * row * itemsize
+        blocks = math.ceil(tokens / block_size)
+        per = token_bytes(kv_format, head_dim=head_dim, block_size=block_size, itemsize=itemsize)
+        return math.ceil(per * blocks * block_size * batch * num_kv_heads)
+
     row = batch * num_kv_heads * head_dim  # elements of one token (or one block summary)
     if isinstance(config, GatedConfig):
         blocks = math.ceil(capacity / config.block_size)
@@ -60,7 +83,7 @@ def kv_cache_bytes(
             live = min(capacity, max(config.window_tokens, max_chunk_tokens) + config.block_size)
             per_layer = 2 * live * row * itemsize + means
         else:
-            per_layer = 2 * capacity * row * itemsize + means
+            per_layer = history(capacity, config.block_size) + means
     elif config is None or isinstance(config, OmniMemConfig):
         config = config or OmniMemConfig()
         length = capacity + max_chunk_tokens
@@ -69,7 +92,8 @@ def kv_cache_bytes(
             _, work, fresh = staging_sizes(config, length, max_chunk_tokens)
             per_layer = sums + (4 * work + 2 * fresh) * row * itemsize  # two work pairs, one fresh pair
         else:
-            per_layer = 2 * length * row * itemsize + sums
+            chunk = 2 * max_chunk_tokens * row * itemsize  # the chunk's scratch stays native
+            per_layer = history(capacity, config.block_size) + chunk + sums
     else:
         raise TypeError(f"config must be an OmniMemConfig or a GatedConfig, got {type(config).__name__}")
     return layers * per_layer

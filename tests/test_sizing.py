@@ -63,3 +63,20 @@ def test_offloaded_sizes_match_the_device_allocations():
     assert cache.k.device.type == "cpu"  # the history is in host memory
     with pytest.raises(TypeError, match="offload must be a bool"):
         kv_cache_bytes(120, num_kv_heads=3, head_dim=8, offload=1)
+
+
+@pytest.mark.parametrize("kv_format", ["fp8", "int4"])
+@pytest.mark.parametrize("config", [OmniMemConfig(block_size=7), GatedConfig(block_size=7)])
+def test_quantized_history_sizes_are_what_the_format_stores(kv_format, config):
+    """kv_cache_bytes(kv_format=...) counts the history as quantize() stores it (whole blocks),
+    the rest (the chunk's scratch, block sums or means) as before; bad formats are refused."""
+    from omnimem.store.formats import quantize
+
+    sizes = dict(num_kv_heads=3, head_dim=9, batch=2, dtype=torch.bfloat16, config=config)
+    history = torch.randn(2, 3, 49, 9)
+    stored = sum(quantize(history, kv_format, role=r, block_size=7).nbytes for r in ("key", "value"))
+    native = kv_cache_bytes(49, **sizes)
+    quantized = kv_cache_bytes(49, **sizes, kv_format=kv_format)
+    assert native - quantized == 2 * history.numel() * 2 - stored
+    with pytest.raises(ValueError, match="kv_format must be one of"):
+        kv_cache_bytes(49, **sizes, kv_format="int8")

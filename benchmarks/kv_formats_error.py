@@ -1,0 +1,135 @@
+"""What a quantized history costs in accuracy: the attention output of one chunk over a history
+stored in fp8 / int4 (``omnimem.store.formats``: quantize, then dequantize, then attend),
+against the same call over the native (bf16) history, with the same selection.
+
+Keys and values come from a Wan2.1-1.3B-shaped block (``wan_block.py``, random weights, bf16):
+its q/k/v projection, RMS-normed q/k and rotary positions, over random input tokens. Two calls:
+
+- ``sparse_attention`` at the ``wan2.1-1.3b`` preset (128-token blocks, top 32, sink = first
+  frame, local = last chunk): history blocks quantized, the chunk native;
+- ``gated_attention`` at the authors' settings: history outside the 3-chunk window quantized,
+  the window and the chunk native (re-read at full resolution every pass), block means from
+  the native keys.
+
+Selection reads block sums / means taken before quantization, so it is the native call's
+(checked). Printed: relative L2 error of each output against the native one, per format.
+
+    python benchmarks/kv_formats_error.py [--frames 60] [--json out.json]   # GPU
+    python benchmarks/kv_formats_error.py --small                           # CPU, short history
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+from wan_block import WanBlock, rope_tables
+
+from omnimem import GatedConfig, OmniMemConfig, gated_attention, pool_kv, select_blocks, sparse_attention
+from omnimem.store.formats import dequantize, quantize
+
+FRAME = 1560
+
+
+def kv_of_block(block: WanBlock, tokens: int, chunk: int, device, dtype, gen):
+    """q of the last ``chunk`` tokens and k, v of all ``tokens`` ([B, H, L, D]), made the way the
+    block makes them (projection, RMS norm, rotary positions)."""
+    from wan_block import apply_rope
+
+    ks, vs = [], []
+    for start in range(0, tokens, chunk):
+        x = torch.randn(1, min(chunk, tokens - start), block.self_qkv.in_features, device=device,
+                        generator=gen).to(dtype)  # fmt: skip
+        q, k, v = block.self_qkv(x).chunk(3, dim=-1)
+        rope = rope_tables(torch.arange(start, start + x.shape[1], device=device), block.head_dim)
+        q = apply_rope(block.heads_of(block.self_norm_q(q)), rope)
+        ks.append(apply_rope(block.heads_of(block.self_norm_k(k)), rope))
+        vs.append(block.heads_of(v))
+    return q.transpose(1, 2), torch.cat(ks, 1).transpose(1, 2), torch.cat(vs, 1).transpose(1, 2)
+
+
+def stored(x: torch.Tensor, kv_format: str, role: str, block_size: int, keep_from: int) -> torch.Tensor:
+    """``x`` with ``[0, keep_from)`` (whole blocks) quantized and dequantized, the rest as is."""
+    cut = keep_from - keep_from % block_size
+    if kv_format == "native" or cut == 0:
+        return x
+    q = quantize(x[:, :, :cut], kv_format, role=role, block_size=block_size)
+    return torch.cat([dequantize(q, x.dtype), x[:, :, cut:]], dim=2)
+
+
+def rel(a: torch.Tensor, b: torch.Tensor) -> float:
+    return float((a.float() - b.float()).norm() / b.float().norm())
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--frames", type=int, default=60, help="history in latent frames")
+    parser.add_argument("--small", action="store_true", help="CPU: 12 frames of history")
+    parser.add_argument("--json", default=None)
+    args = parser.parse_args()
+    device = torch.device("cpu" if args.small else "cuda")
+    frames = 12 if args.small else args.frames
+    dtype = torch.bfloat16
+    torch.manual_seed(0)
+    block = WanBlock.wan_1_3b().to(device, dtype)
+    chunk = 3 * FRAME
+    history = frames * FRAME
+    gen = torch.Generator(device=device).manual_seed(1)
+    with torch.no_grad():
+        q, k, v = kv_of_block(block, history + chunk, chunk, device, dtype, gen)
+        rows = []
+        sparse = OmniMemConfig.preset("wan2.1-1.3b", backend="gather" if args.small else "auto")
+        selection = select_blocks(q, k, history_len=history, chunk_len=chunk, config=sparse)
+        want = sparse_attention(
+            q, k, v, history_len=history, chunk_len=chunk, config=sparse, selection=selection
+        )
+        gated = GatedConfig(backend="gather" if args.small else "auto")
+        pooled = pool_kv(k, v, seq_len=history + chunk, block_size=gated.block_size)
+        gates = torch.full((*q.shape[:3], 3), 0.5, device=device, dtype=dtype)
+        want_g = gated_attention(q, k, v, gates, history_len=history, config=gated, pooled=pooled)
+        window_start = max(0, history + chunk - gated.window_tokens)
+        for kv_format in ("fp8", "int4"):
+            ks = stored(k, kv_format, "key", sparse.block_size, history)
+            vs = stored(v, kv_format, "value", sparse.block_size, history)
+            again = select_blocks(q, ks, history_len=history, chunk_len=chunk, config=sparse,
+                                  key_block_sums=selection_sums(k, history, chunk, sparse))  # fmt: skip
+            same = torch.equal(again.kv_block_idx, selection.kv_block_idx)
+            got = sparse_attention(
+                q, ks, vs, history_len=history, chunk_len=chunk, config=sparse, selection=selection
+            )
+            kg = stored(k, kv_format, "key", gated.block_size, window_start)
+            vg = stored(v, kv_format, "value", gated.block_size, window_start)
+            got_g = gated_attention(q, kg, vg, gates, history_len=history, config=gated, pooled=pooled)
+            row = dict(format=kv_format, frames=frames, sparse_rel_l2=rel(got, want),
+                       gated_rel_l2=rel(got_g, want_g),
+                       selection_identical=same)  # fmt: skip
+            print(json.dumps(row), flush=True)
+            rows.append(row)
+    print(
+        f"\n| format | sparse_attention rel. L2 vs bf16 | gated_attention rel. L2 vs bf16 "
+        f"| history {frames} frames |"
+    )
+    print("|---|---|---|---|")
+    for r in rows:
+        print(f"| {r['format']} | {r['sparse_rel_l2']:.2%} | {r['gated_rel_l2']:.2%} | selection identical: "
+              f"{r['selection_identical']} |")  # fmt: skip
+    if args.json:
+        Path(args.json).write_text(json.dumps(dict(rows=rows), indent=1))
+
+
+def selection_sums(k: torch.Tensor, history: int, chunk: int, config: OmniMemConfig) -> torch.Tensor:
+    """The block sums a cache keeps: taken from the native keys, before any quantization."""
+    from omnimem.selection import block_key_sums
+
+    return block_key_sums(k, torch.full((), history, dtype=torch.int64, device=k.device), config.block_size)
+
+
+if __name__ == "__main__":
+    main()
