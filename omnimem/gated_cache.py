@@ -29,11 +29,12 @@ from omnimem.gated import (
     run_branches,
     select_groups_for,
 )
-from omnimem.gated_offload import GatedHostOffload
+from omnimem.gated_offload import GatedHostOffload, GatedQuantizedHistory
 from omnimem.offload import check_device_memory, check_host_memory
 from omnimem.pooling import PooledKV, accumulation_dtype, block_means, key_bounds
 from omnimem.selection import block_union, gather_block_union
 from omnimem.sizing import kv_cache_bytes
+from omnimem.store.formats import check_kv_format
 
 Layout = Literal["bhld", "blhd"]
 
@@ -53,8 +54,15 @@ class GatedCache:
             means and the live region (window and chunk), and each call copies the history
             blocks its groups selected over PCIe (``omnimem/gated_offload.py``). Same results
             as resident, bit for bit.
-        max_chunk_tokens: the longest chunk a write may bring (needed with ``offload``: it
-            sizes the device's live region).
+        max_chunk_tokens: the longest chunk a write may bring (needed with ``offload`` or a
+            quantized ``kv_format``: it sizes the device's live region).
+        kv_format: ``"native"`` (``dtype``, default), ``"fp8"`` or ``"int4"`` (docs/memory.md):
+            the history before the live region (the window, rounded down to a block, through
+            the chunk) is kept as quantized blocks on the device, quantized once from the
+            native keys/values when a new chunk starts after them; the live region and the
+            block means stay native, so selection is unchanged. Results equal the layer over
+            the history dequantized (``omnimem.store.formats.dequantize``) before the live
+            region. Not with ``offload`` yet.
 
     Memory: ``2 * capacity * H * D`` elements for the keys/values, plus per block of
     ``block_size`` tokens one float32 mean key and one mean key and value in ``dtype``
@@ -86,13 +94,22 @@ class GatedCache:
         layout: Layout = "blhd",
         offload: bool = False,
         max_chunk_tokens: int | None = None,
+        kv_format: str = "native",
         **overrides: object,
     ) -> None:
         if not isinstance(offload, bool):
             raise TypeError(f"GatedCache offload must be a bool, got {type(offload).__name__}")
-        if offload and max_chunk_tokens is None:
+        check_kv_format(kv_format, owner="GatedCache kv_format")
+        quantized = kv_format != "native"
+        if offload and quantized:
             raise ValueError(
-                "GatedCache(offload=True) needs max_chunk_tokens (the longest chunk a write brings)"
+                f"GatedCache(offload=True, kv_format={kv_format!r}) is not supported yet: a quantized "
+                "history is kept on the device; choose one"
+            )
+        if (offload or quantized) and max_chunk_tokens is None:
+            reason = "offload=True" if offload else f"kv_format={kv_format!r}"
+            raise ValueError(
+                f"GatedCache({reason}) needs max_chunk_tokens (the longest chunk a write brings)"
             )
         for name, value in (
             ("capacity", capacity),
@@ -125,7 +142,13 @@ class GatedCache:
         sizes = dict(
             num_kv_heads=num_kv_heads, head_dim=head_dim, batch=batch, dtype=dtype, config=self.config
         )
-        if offload:
+        self.kv_format = kv_format
+        if quantized:  # no native history buffer: a shape-only stand-in (no memory)
+            need = kv_cache_bytes(capacity, **sizes, kv_format=kv_format, max_chunk_tokens=max_chunk_tokens)
+            check_device_memory(need, self.device)
+            self._k = torch.zeros((), dtype=dtype, device=device).expand(shape)
+            self._v = self._k
+        elif offload:
             check_host_memory(kv_cache_bytes(capacity, **sizes) - kv_cache_bytes(0, **sizes))
             live = kv_cache_bytes(capacity, **sizes, offload=True, max_chunk_tokens=max_chunk_tokens)
             check_device_memory(live, self.device)
@@ -154,20 +177,25 @@ class GatedCache:
         self.device = self.pooled.k.device
         self.end = 0  # tokens written: the next chunk starts here (or the last one is rewritten)
         self.last_start = 0
-        self._offload = GatedHostOffload(self, max_chunk_tokens) if offload else None
+        # The tier beneath the live region: host memory (offload), quantized blocks, or none.
+        if quantized:
+            self._offload = GatedQuantizedHistory(self, max_chunk_tokens, kv_format)
+        else:
+            self._offload = GatedHostOffload(self, max_chunk_tokens) if offload else None
 
     def __repr__(self) -> str:
         b, h, _, d = self.k.shape
         return (
             f"GatedCache(capacity={self.capacity}, end={self.end}, B={b}, Hkv={h}, D={d}, "
             f"dtype={self.dtype}, device={self.device}, layout={self.layout!r}"
-            f"{', offload=True' if self.offloaded else ''})"
+            f"{', offload=True' if self.offloaded else ''}"
+            f"{f', kv_format={self.kv_format!r}' if self.kv_format != 'native' else ''})"
         )
 
     @property
     def offloaded(self) -> bool:
         """Whether the full keys/values live in host memory (``offload=True``)."""
-        return self._offload is not None
+        return self._offload is not None and self.kv_format == "native"
 
     @property
     def k(self) -> torch.Tensor:

@@ -128,3 +128,61 @@ class GatedHostOffload:
         dst = tuple(torch.empty(shape, dtype=cache.dtype, device=self.device) for _ in range(2))
         stage(dst, dst, dst, (cache.k, cache.v), source, block, bs)  # only host sources
         return dst
+
+
+class GatedQuantizedHistory(GatedHostOffload):
+    """Device side of a ``GatedCache(kv_format="fp8" | "int4")``: the live region native in the
+    tail, as offloaded, and the history before it as quantized blocks on the device
+    (``omnimem.store.blocks.QuantizedBlocks``) instead of native rows in host memory.
+
+    A block is quantized once, from the tail's native rows, when a new chunk starts after it
+    (whole blocks only: a block the chunk starts in waits for the next). Selected history
+    blocks before the live region are read back dequantized into the compact buffer (the
+    reference path; kernels that read the bytes in place come next, docs/memory.md). Rewinding
+    before the live region is refused: those tokens exist only quantized.
+    """
+
+    def __init__(self, cache, max_chunk_tokens: int, kv_format: str) -> None:
+        super().__init__(cache, max_chunk_tokens)
+        from omnimem.store.blocks import QuantizedBlocks
+
+        batch, heads, capacity, head_dim = cache.k.shape
+        self.store = QuantizedBlocks(
+            kv_format, batch=batch, num_kv_heads=heads, capacity=capacity, head_dim=head_dim,
+            block_size=cache.config.block_size, device=self.device,
+        )  # fmt: skip
+        self.copy_stream = None  # quantized on the compute stream: nothing to wait for
+        self.dtype = cache.dtype
+
+    def flush(self, cache, end: int) -> None:
+        """Quantize the whole blocks of ``[flushed, end)`` from the tail into the store."""
+        bs = cache.config.block_size
+        cut = end // bs * bs
+        if cut <= self.flushed:
+            self.flushed = min(self.flushed, cut)
+            return
+        keys, values = self.rows(self.flushed, cut)
+        self.store.write(self.flushed // bs, keys, values)
+        self.flushed = cut
+
+    def prepare(self, cache, start: int, stop: int, live_start: int) -> None:
+        if live_start < self.start and start > live_start:  # would re-read quantized history natively
+            raise ValueError(
+                f"the live region would start at {live_start}, before the native rows kept from "
+                f"{self.start}: a quantized cache keeps only the live region natively"
+            )
+        super().prepare(cache, start, stop, live_start)
+
+    def rewind(self, cache, end: int) -> None:
+        if end < self.start:
+            raise ValueError(
+                f"rewind({end}) reaches before the live region (native from {self.start}): with "
+                f"kv_format={self.store.kv_format!r} the history before it is kept only quantized; "
+                "reset() and write the video again, or use kv_format='native'"
+            )
+        super().rewind(cache, end)
+        self.flushed = min(self.flushed, end // cache.config.block_size * cache.config.block_size)
+
+    def history_rows(self, cache, union: torch.Tensor, none: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """The ``union [B, H, W]`` blocks (``none``: an empty slot, never read) dequantized."""
+        return self.store.rows(torch.where(union < none, union, 0).long(), self.dtype)

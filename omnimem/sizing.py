@@ -36,7 +36,8 @@ def kv_cache_bytes(
 
     ``kv_format`` (``"native"``, ``"fp8"``, ``"int4"``; ``omnimem.store.formats``): the history's
     keys and values at that format's bytes per token, scales included (``token_bytes``); the
-    chunk being written, the block sums and means stay in their own dtypes.
+    chunk being written, the block sums and means stay in their own dtypes, and a quantized
+    ``GatedCache`` keeps its live region natively too.
 
     Example (the history's share of one layer at 60 s: 237 frames, Wan2.1-1.3B):
         >>> from omnimem import kv_cache_bytes
@@ -79,9 +80,12 @@ def kv_cache_bytes(
     if isinstance(config, GatedConfig):
         blocks = math.ceil(capacity / config.block_size)
         means = blocks * row * (4 + 2 * itemsize)
-        if offload:  # the live region stays on the device (omnimem.gated_offload)
-            live = min(capacity, max(config.window_tokens, max_chunk_tokens) + config.block_size)
-            per_layer = 2 * live * row * itemsize + means
+        live = min(capacity, max(config.window_tokens, max_chunk_tokens) + config.block_size)
+        live = 2 * live * row * itemsize  # the live region, native on the device (gated_offload)
+        if offload:
+            per_layer = live + means
+        elif kv_format != "native":  # quantized blocks beneath the live region
+            per_layer = history(capacity, config.block_size) + live + means
         else:
             per_layer = history(capacity, config.block_size) + means
     elif config is None or isinstance(config, OmniMemConfig):

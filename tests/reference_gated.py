@@ -45,8 +45,14 @@ def reference_gated_attention(
     exclude_sink_chunks: int = 0,
     progressive_exclude: bool = True,
     scale: float | None = None,
+    selected_k: torch.Tensor | None = None,
+    selected_v: torch.Tensor | None = None,
 ) -> GatedReference:
+    """``selected_k``/``selected_v``: what the selected branch reads, if not ``k``/``v`` (a
+    quantized history: dequantized blocks); block means, selection and the window read ``k``/``v``."""
     q, k, v, gates = q.double().cpu(), k.double().cpu(), v.double().cpu(), gates.double().cpu()
+    slc_k = k if selected_k is None else selected_k.double().cpu()
+    slc_v = v if selected_v is None else selected_v.double().cpu()
     batch, q_heads, q_len, head_dim = q.shape
     kv_heads = k.shape[1]
     per_kv = q_heads // kv_heads
@@ -103,7 +109,7 @@ def reference_gated_attention(
                 tokens = sorted(t for j in chosen for t in blocks[j])
                 for h in heads:
                     slc_out[b, h, list(rows)] = _softmax_attend(
-                        q[b, h, list(rows)], k[b, kvh, tokens], v[b, kvh, tokens], scale
+                        q[b, h, list(rows)], slc_k[b, kvh, tokens], slc_v[b, kvh, tokens], scale
                     )
     g_cmp, g_slc, g_swa = gates.unbind(-1)
     out = g_cmp[..., None] * cmp_out + g_slc[..., None] * slc_out + g_swa[..., None] * swa_out

@@ -269,3 +269,104 @@ def test_offload_validation():
     with pytest.raises(ValueError, match="more than the offloaded cache's max_chunk_tokens 8"):
         cache.attend(q, k, v, torch.rand(1, 1, 10, 3), start=0)
     assert cache.end == 0
+
+
+@pytest.mark.parametrize("kv_format", ["fp8", "int4"])
+@pytest.mark.parametrize(
+    ("layout", "backend", "rules"),
+    [
+        ("blhd", "gather", dict(block_size=7, query_group_size=5, top_k=3, window_tokens=25)),
+        (
+            "bhld",
+            "triton",
+            dict(block_size=6, query_group_size=4, top_k=2, window_tokens=12, candidates="awe"),
+        ),
+        (
+            "bhld",
+            "gather",
+            dict(block_size=5, query_group_size=3, top_k=4, window_tokens=30, exclude_window_chunks=2),
+        ),
+    ],
+    ids=["gather", "triton", "gather-chunks"],
+)
+def test_quantized_history_equals_the_layer_over_dequantized_blocks(
+    kv_format, layout, backend, rules, monkeypatch
+):
+    """GatedCache(kv_format=...): every call equals the float64 reference in which the selected
+    branch reads the history before the live region quantized then dequantized, while block
+    means, selection and the window read the native keys (denoising rewrites, chunks of varying
+    length, GQA, partial blocks; poisoned allocations). Its bytes: no native history buffer."""
+    if backend == "triton" and TEST_DEVICE.type != "cuda" and os.environ.get("TRITON_INTERPRET") != "1":
+        pytest.skip("the triton kernels run on CUDA or under TRITON_INTERPRET=1")
+    from omnimem.store.formats import dequantize, quantize
+
+    from .reference_gated import reference_gated_attention
+
+    original = torch.empty
+
+    def poisoned(*args, **kwargs):
+        buffer = original(*args, **kwargs)
+        return buffer.fill_(float("nan") if buffer.is_floating_point() else -123)
+
+    monkeypatch.setattr(torch, "empty", poisoned)
+    gen = torch.Generator().manual_seed(3)
+    rules = {"candidates": "chunks", "exclude_window_chunks": 0, **rules}
+    cache = GatedCache(
+        120, batch=2, num_kv_heads=2, head_dim=16, layout=layout, device=TEST_DEVICE, backend=backend,
+        kv_format=kv_format, max_chunk_tokens=12, **rules,
+    )  # fmt: skip
+    assert f"kv_format={kv_format!r}" in repr(cache) and not cache.offloaded
+    bs = rules["block_size"]
+    keys, values = torch.zeros(2, 2, 0, 16), torch.zeros(2, 2, 0, 16)
+    start = 0
+    for length in (12, 9, 12, 12, 5, 12, 11):
+        passes = 1 if backend == "triton" and TEST_DEVICE.type == "cpu" else 2
+        for _ in range(passes):  # denoising rewrites, then the final pass
+            q = torch.randn(2, 4, length, 16, generator=gen)
+            k, v = torch.randn(2, 2, length, 16, generator=gen), torch.randn(2, 2, length, 16, generator=gen)
+            gates = torch.rand(2, 4, length, 3, generator=gen)
+            got = cache.attend(*(x.to(TEST_DEVICE) for x in (q, k, v, gates)), start=start)
+            k_all, v_all = torch.cat([keys, k], 2), torch.cat([values, v], 2)
+            live = cache._live_start(start, start + length)  # blocks before it are read quantized
+            stored_k, stored_v = k_all.clone(), v_all.clone()
+            if live:
+                stored_k[:, :, :live] = dequantize(
+                    quantize(k_all[:, :, :live], kv_format, role="key", block_size=bs)
+                )
+                stored_v[:, :, :live] = dequantize(
+                    quantize(v_all[:, :, :live], kv_format, role="value", block_size=bs)
+                )
+            ref = reference_gated_attention(
+                q, k_all, v_all, gates, history_len=start, selected_k=stored_k, selected_v=stored_v,
+                **rules,
+            )  # fmt: skip
+            assert ref.margin > 1e-5
+            torch.testing.assert_close(got.double().cpu(), ref.out, atol=2e-5, rtol=1e-4)
+        keys, values = k_all, v_all
+        start += length
+    # Quantization changed what the selected branch read: the native reference differs.
+    native = reference_gated_attention(
+        q,
+        k_all,
+        v_all,
+        gates,
+        history_len=start - length,
+        **rules,
+    )
+    assert (native.out - ref.out).abs().max() > 1e-4
+    with pytest.raises(ValueError, match="before the live region"):
+        cache.rewind(3)
+    cache.reset()
+    cache.attend(
+        *(x.to(TEST_DEVICE) for x in (q[:, :, :5], k[:, :, :5], v[:, :, :5], gates[:, :, :5])), start=0
+    )
+
+
+def test_quantized_cache_validation():
+    shape = dict(batch=1, num_kv_heads=1, head_dim=8)
+    with pytest.raises(ValueError, match="kv_format must be one of"):
+        GatedCache(60, **shape, kv_format="int8", max_chunk_tokens=8)
+    with pytest.raises(ValueError, match=r"kv_format='fp8'\) needs max_chunk_tokens"):
+        GatedCache(60, **shape, kv_format="fp8")
+    with pytest.raises(ValueError, match="is not supported yet"):
+        GatedCache(60, **shape, kv_format="int4", offload=True, max_chunk_tokens=8)

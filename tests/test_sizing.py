@@ -66,12 +66,12 @@ def test_offloaded_sizes_match_the_device_allocations():
 
 
 @pytest.mark.parametrize("kv_format", ["fp8", "int4"])
-@pytest.mark.parametrize("config", [OmniMemConfig(block_size=7), GatedConfig(block_size=7)])
-def test_quantized_history_sizes_are_what_the_format_stores(kv_format, config):
+def test_quantized_history_sizes_are_what_the_format_stores(kv_format):
     """kv_cache_bytes(kv_format=...) counts the history as quantize() stores it (whole blocks),
-    the rest (the chunk's scratch, block sums or means) as before; bad formats are refused."""
+    the rest (the chunk's scratch, block sums) as before; bad formats are refused."""
     from omnimem.store.formats import quantize
 
+    config = OmniMemConfig(block_size=7)
     sizes = dict(num_kv_heads=3, head_dim=9, batch=2, dtype=torch.bfloat16, config=config)
     history = torch.randn(2, 3, 49, 9)
     stored = sum(quantize(history, kv_format, role=r, block_size=7).nbytes for r in ("key", "value"))
@@ -80,3 +80,21 @@ def test_quantized_history_sizes_are_what_the_format_stores(kv_format, config):
     assert native - quantized == 2 * history.numel() * 2 - stored
     with pytest.raises(ValueError, match="kv_format must be one of"):
         kv_cache_bytes(49, **sizes, kv_format="int8")
+
+
+@pytest.mark.parametrize("kv_format", ["fp8", "int4"])
+@pytest.mark.parametrize("layout", ["blhd", "bhld"])
+def test_quantized_gated_cache_allocates_what_kv_cache_bytes_says(kv_format, layout):
+    """A quantized GatedCache holds the quantized blocks, the native live region and the block
+    means on the device (no native history): exactly kv_cache_bytes(kv_format=...)."""
+    gated = GatedConfig(block_size=6, window_tokens=20)
+    sizes = dict(batch=2, num_kv_heads=3, head_dim=9, dtype=torch.bfloat16, config=gated)
+    cache = GatedCache(121, **sizes, layout=layout, kv_format=kv_format, max_chunk_tokens=9)
+    pooled, tier = cache.pooled, cache._offload
+    held = tier.store.nbytes + sum(
+        x.untyped_storage().nbytes()
+        for x in (pooled.k, pooled.k_attn, pooled.v_attn, pooled.k_bounds, tier._k, tier._v)
+    )
+    bounds = pooled.k_bounds.nbytes  # bf16 caches keep bounds for the first selection pass
+    assert kv_cache_bytes(121, **sizes, kv_format=kv_format, max_chunk_tokens=9) + bounds == held
+    assert cache.k.untyped_storage().nbytes() <= 2  # the history has no native buffer

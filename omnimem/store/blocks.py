@@ -1,0 +1,111 @@
+"""``QuantizedBlocks``: a history's keys and values, whole blocks, in a quantized format on one
+device (``omnimem.store.formats``). Blocks are written once, from native keys and values, and
+read back dequantized by block index: the reference path that kernels reading the bytes in
+place will replace (docs/memory.md)."""
+
+from __future__ import annotations
+
+import math
+
+import torch
+
+from omnimem.store.formats import QuantizedKV, dequantize, quantize
+
+
+class QuantizedBlocks:
+    """Keys and values of ``capacity`` tokens in ``block_size``-token blocks, ``kv_format``.
+
+    Storage (``[B, H, slots * block_size, ...]`` rows, slot-major scales), all on ``device``:
+    fp8: float8 e4m3 rows and one float32 scale per (batch, head, block) for keys and values;
+    int4: packed rows, bfloat16 scale and minimum per (block, channel) for keys, per token for
+    values. ``nbytes`` is what ``kv_cache_bytes(..., kv_format=...)`` counts for the history.
+    """
+
+    def __init__(
+        self,
+        kv_format: str,
+        *,
+        batch: int,
+        num_kv_heads: int,
+        capacity: int,
+        head_dim: int,
+        block_size: int,
+        device: torch.device,
+    ) -> None:
+        if kv_format not in ("fp8", "int4"):
+            raise ValueError(f"QuantizedBlocks kv_format must be 'fp8' or 'int4', got {kv_format!r}")
+        self.kv_format, self.block_size, self.head_dim = kv_format, block_size, head_dim
+        self.slots = math.ceil(capacity / block_size)
+        rows = (batch, num_kv_heads, self.slots * block_size)
+        if kv_format == "fp8":
+            data = (*rows, head_dim)
+            self.k = torch.zeros(data, dtype=torch.float8_e4m3fn, device=device)
+            self.v = torch.zeros(data, dtype=torch.float8_e4m3fn, device=device)
+            per_block = (batch, num_kv_heads, self.slots)
+            self.k_scale = torch.ones(per_block, dtype=torch.float32, device=device)
+            self.v_scale = torch.ones(per_block, dtype=torch.float32, device=device)
+            self.k_min = self.v_min = None
+        else:
+            data = (*rows, math.ceil(head_dim / 2))
+            self.k = torch.zeros(data, dtype=torch.uint8, device=device)
+            self.v = torch.zeros(data, dtype=torch.uint8, device=device)
+            per_channel = (batch, num_kv_heads, self.slots, head_dim)
+            self.k_scale = torch.ones(per_channel, dtype=torch.bfloat16, device=device)
+            self.k_min = torch.zeros(per_channel, dtype=torch.bfloat16, device=device)
+            self.v_scale = torch.ones(rows, dtype=torch.bfloat16, device=device)
+            self.v_min = torch.zeros(rows, dtype=torch.bfloat16, device=device)
+
+    def __repr__(self) -> str:
+        b, h = self.k.shape[:2]
+        return (
+            f"QuantizedBlocks({self.kv_format}, B={b}, H={h}, blocks={self.slots}, "
+            f"block_size={self.block_size}, D={self.head_dim}, device={self.k.device})"
+        )
+
+    @property
+    def nbytes(self) -> int:
+        tensors = (self.k, self.v, self.k_scale, self.v_scale, self.k_min, self.v_min)
+        return sum(t.numel() * t.element_size() for t in tensors if t is not None)
+
+    def write(self, first_block: int, k: torch.Tensor, v: torch.Tensor) -> None:
+        """Quantize ``k``, ``v`` ``[B, H, n * block_size, D]`` (whole blocks) into blocks
+        ``first_block ..``."""
+        bs = self.block_size
+        blocks = k.shape[2] // bs
+        lo, hi = first_block * bs, (first_block + blocks) * bs
+        for role, x, data, scale, minimum in (
+            ("key", k, self.k, self.k_scale, self.k_min),
+            ("value", v, self.v, self.v_scale, self.v_min),
+        ):
+            q = quantize(x, self.kv_format, role=role, block_size=bs)
+            data[:, :, lo:hi] = q.data
+            if self.kv_format == "fp8" or role == "key":  # per block
+                scale[:, :, first_block : first_block + blocks] = q.scale
+                if minimum is not None:
+                    minimum[:, :, first_block : first_block + blocks] = q.minimum
+            else:  # int4 values: per token
+                scale[:, :, lo:hi] = q.scale
+                minimum[:, :, lo:hi] = q.minimum
+
+    def rows(self, blocks: torch.Tensor, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
+        """Keys and values of ``blocks [B, H, W]`` (block indices; any value for an unused slot
+        in ``[0, slots)``), dequantized: ``[B, H, W * block_size, D]`` each, in ``dtype``."""
+        bs = self.block_size
+        tokens = (blocks[..., None] * bs + torch.arange(bs, device=blocks.device)).flatten(2)  # [B, H, W*bs]
+        out = []
+        for role, data, scale, minimum in (
+            ("key", self.k, self.k_scale, self.k_min),
+            ("value", self.v, self.v_scale, self.v_min),
+        ):
+            # gather on the bytes (torch gathers no float8 on every device), then reinterpret
+            raw = data.view(torch.uint8).gather(2, tokens[..., None].expand(-1, -1, -1, data.shape[-1]))
+            rows = raw.view(data.dtype)
+            if self.kv_format == "fp8" or role == "key":
+                index = blocks if scale.dim() == 3 else blocks[..., None].expand(-1, -1, -1, scale.shape[-1])
+                picked = scale.gather(2, index)
+                low = None if minimum is None else minimum.gather(2, index)
+            else:
+                picked, low = scale.gather(2, tokens), minimum.gather(2, tokens)
+            q = QuantizedKV(self.kv_format, role, bs, self.head_dim, rows, picked, low)
+            out.append(dequantize(q, dtype))
+        return out[0], out[1]
