@@ -18,6 +18,7 @@ max_frames=...)``, as a user of their model would run it: the layers' own caches
 
     python benchmarks/gated_rollout_gpu.py [--frames 18 60 237] [--offload] [--json out.json]
     python benchmarks/gated_rollout_gpu.py --patched --max-frames 240 --frames 237 [--offload]
+        [--kv-format int4]
     python benchmarks/gated_rollout_gpu.py --smoke [--patched]  # tiny model on CPU: the script runs
 """
 
@@ -111,6 +112,7 @@ def main() -> None:
     parser.add_argument(
         "--max-frames", type=int, default=None, help="--patched: patch_causal_wan's max_frames"
     )
+    parser.add_argument("--kv-format", default="native", help="the history's format: native, fp8, int4")
     parser.add_argument("--json", default=None)
     args = parser.parse_args()
     if args.smoke:
@@ -129,7 +131,7 @@ def main() -> None:
     freqs = wan_rope_freqs(dim // heads, positions=4096).to(device)
     max_frames = args.max_frames or max(frames_list) + 3
     if args.patched:  # their layers -> GatedWanSelfAttention, each with its own cache of max_frames
-        patch_causal_wan(blocks, max_frames=max_frames, offload=args.offload)
+        patch_causal_wan(blocks, max_frames=max_frames, offload=args.offload, kv_format=args.kv_format)
         caches = [None] * layers
     else:
         caches = [
@@ -143,6 +145,7 @@ def main() -> None:
                 config=blocks[i].self_attn.config,
                 offload=args.offload,
                 max_chunk_tokens=chunk,
+                kv_format=args.kv_format,
             )
             for i in range(layers)
         ]
@@ -193,7 +196,7 @@ def main() -> None:
             cache.rewind(history)
         row = dict(
             frames=frames, history=history, ms_per_chunk=ms, peak_gib=peak, offload=args.offload,
-            patched=args.patched, max_frames=max_frames,
+            patched=args.patched, max_frames=max_frames, kv_format=args.kv_format,
         )  # fmt: skip
         print(json.dumps(row), flush=True)
         rows.append(row)

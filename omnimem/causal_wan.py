@@ -37,6 +37,7 @@ from omnimem.config import GatedConfig, OmniMemConfig
 from omnimem.gated_wan import GatedWanSelfAttention, reordered_rope
 from omnimem.offload import check_host_memory
 from omnimem.sizing import kv_cache_bytes
+from omnimem.store.formats import check_kv_format
 
 logger = logging.getLogger("omnimem")
 
@@ -80,7 +81,7 @@ def _gated_replacement(module: nn.Module, gated_settings: dict) -> GatedWanSelfA
         gated = GatedWanSelfAttention(
             dim=module.dim, num_heads=module.num_heads, **wan, **settings, config=gated_settings["config"],
             max_frames=gated_settings["max_frames"], max_chunk_frames=gated_settings["max_chunk_frames"],
-            offload=gated_settings["offload"],
+            offload=gated_settings["offload"], kv_format=gated_settings["kv_format"],
         )  # fmt: skip
     gated.config = gated.config.replace(**gated_settings["overrides"])
     expected = {name: tuple(t.shape) for name, t in gated.state_dict().items()}
@@ -105,6 +106,7 @@ def patch_causal_wan(
     sink_frames: int | None = None,
     local_frames: int | None = None,
     offload: bool = False,
+    kv_format: str = "native",
     **overrides: object,
 ) -> list[nn.Module]:
     """Make ``model``'s causal self-attention layers attend through omnimem, in place.
@@ -136,6 +138,9 @@ def patch_causal_wan(
             likewise.
         offload: keep each layer's history in host memory (``OmniMemCache(offload=True)``,
             ``GatedCache(offload=True)``).
+        kv_format: ``"native"``, ``"fp8"`` or ``"int4"``: the authors' layers keep their history
+            quantized on the device (``GatedCache(kv_format=...)``, docs/memory.md);
+            Self-Forcing's layers take ``"native"`` only for now (a ``ValueError`` otherwise).
         **overrides: config fields to change: ``OmniMemConfig`` fields for Self-Forcing's
             layers, ``GatedConfig`` fields for the authors' (over their own settings), e.g.
             ``top_k=12`` (a field of both reaches both).
@@ -158,6 +163,7 @@ def patch_causal_wan(
         raise TypeError(f"config must be an OmniMemConfig or a GatedConfig, got {type(config).__name__}")
     if not isinstance(offload, bool):
         raise TypeError(f"offload must be a bool, got {type(offload).__name__}")
+    check_kv_format(kv_format)
     for name, value, minimum in (
         ("max_frames", max_frames, 1),
         ("max_chunk_frames", max_chunk_frames, 1),
@@ -178,16 +184,21 @@ def patch_causal_wan(
             f"modules with {', '.join(_ATTENTION_ATTRIBUTES)} and sink_size, or the authors' "
             "CausalNSSelfAttention with g_proj and pool sizes)"
         )
+    if kv_format != "native" and modules:
+        raise ValueError(
+            f"kv_format={kv_format!r} reaches the authors' gated layers only for now; Self-Forcing's "
+            "layers (OmniMemCache) keep their history native: use kv_format='native'"
+        )
     omnimem_config, gated_config, gated_overrides = _split_settings(
         config, overrides, sink_frames=sink_frames, local_frames=local_frames, sparse=bool(modules),
         gated=bool(nsa_layers),
     )  # fmt: skip
     gated_settings = dict(
         config=gated_config, overrides=gated_overrides, max_frames=max_frames,
-        max_chunk_frames=max_chunk_frames, offload=offload,
+        max_chunk_frames=max_chunk_frames, offload=offload, kv_format=kv_format,
     )  # fmt: skip
     replaced = _replace_nsa_layers(model, gated_settings)
-    check_gated = _first_allocation_check(len(replaced), max_frames, offload)
+    check_gated = _first_allocation_check(len(replaced), max_frames, offload, kv_format)
     for layer in replaced:
         layer.before_allocation = lambda layer, sizes: check_gated(
             {**sizes, "config": layer.config}, sizes["capacity"] // max_frames
@@ -251,7 +262,9 @@ def _split_settings(
     return omnimem_config, gated_config, gated_overrides if gated else {}
 
 
-def _first_allocation_check(layers: int, max_frames: int, offload: bool) -> Callable[[dict, int], None]:
+def _first_allocation_check(
+    layers: int, max_frames: int, offload: bool, kv_format: str = "native"
+) -> Callable[[dict, int], None]:
     """A check, run before the first of ``layers`` caches is allocated, that all of them fit:
     the device (or, with ``offload``, the host for the history and the device for the rest).
     Its argument: one cache's ``kv_cache_bytes`` sizes (``capacity`` in tokens included)."""
@@ -266,7 +279,7 @@ def _first_allocation_check(layers: int, max_frames: int, offload: bool) -> Call
             k: sizes[k] for k in ("batch", "num_kv_heads", "head_dim", "dtype", "config", "max_chunk_tokens")
         }
         sizes["max_chunk_tokens"] = sizes["max_chunk_tokens"] or 0
-        on_device = layers * kv_cache_bytes(capacity, **sizes, offload=offload)
+        on_device = layers * kv_cache_bytes(capacity, **sizes, offload=offload, kv_format=kv_format)
         if offload:
             full = kv_cache_bytes(capacity, **sizes) - kv_cache_bytes(0, **sizes)
             check_host_memory(layers * full)

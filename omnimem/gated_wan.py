@@ -17,6 +17,7 @@ from torch import nn
 
 from omnimem.config import GatedConfig
 from omnimem.gated_cache import GatedCache
+from omnimem.store.formats import check_kv_format
 
 
 class RMSNorm(nn.Module):
@@ -95,8 +96,9 @@ class GatedWanSelfAttention(nn.Module):
     (default ``3 * chunk_length``, else 14,040), ``candidates`` (``"chunks"``, theirs since
     commit ``ca257ce``; ``"all"`` for code before it), ``config`` (a ``GatedConfig`` for the
     fields their arguments do not set), and the module's own cache: ``cache_capacity`` (tokens)
-    or ``max_frames`` (latent frames, converted at the first call), ``max_chunk_frames`` and
-    ``offload`` (``GatedCache(offload=True)``).
+    or ``max_frames`` (latent frames, converted at the first call), ``max_chunk_frames``,
+    ``offload`` (``GatedCache(offload=True)``) and ``kv_format`` (``GatedCache(kv_format=...)``:
+    the history quantized, docs/memory.md).
 
     ``forward(x, seq_lens, grid_sizes, freqs, start_frame=0, kv_cache=None, ...)``: ``x [B, S,
     C]`` is one chunk in the pooled-block token order. Its keys/values are written at token
@@ -138,6 +140,7 @@ class GatedWanSelfAttention(nn.Module):
         max_frames: int | None = None,
         max_chunk_frames: int = 3,
         offload: bool = False,
+        kv_format: str = "native",
         **kwargs: object,
     ) -> None:
         super().__init__()
@@ -177,8 +180,10 @@ class GatedWanSelfAttention(nn.Module):
                 raise ValueError(f"{name} must be an int >= {minimum}, got {value!r}")
         if not isinstance(offload, bool):
             raise TypeError(f"offload must be a bool, got {type(offload).__name__}")
-        if offload and cache_capacity is None and max_frames is None:
-            raise ValueError("offload=True needs the cache's size up front: max_frames or cache_capacity")
+        check_kv_format(kv_format)
+        if (offload or kv_format != "native") and cache_capacity is None and max_frames is None:
+            what = "offload=True" if offload else f"kv_format={kv_format!r}"
+            raise ValueError(f"{what} needs the cache's size up front: max_frames or cache_capacity")
         self.dim, self.num_heads, self.head_dim = dim, num_heads, dim // num_heads
         self.pool = (pool_f, pool_h, pool_w)
         self.gate_mode, self.skip_module, self.layer_idx = gate_mode, skip_module, layer_idx
@@ -205,7 +210,7 @@ class GatedWanSelfAttention(nn.Module):
             max_frames,
             max_chunk_frames,
         )
-        self.offload = offload
+        self.offload, self.kv_format = offload, kv_format
         # Called with the first cache's size before it is allocated (patch_causal_wan checks
         # that every patched layer's cache fits, before the first one is allocated).
         self.before_allocation: Callable[[GatedWanSelfAttention, dict], None] | None = None
@@ -254,8 +259,11 @@ class GatedWanSelfAttention(nn.Module):
             sizes = dict(
                 capacity=capacity, batch=x.shape[0], num_kv_heads=self.num_heads, head_dim=self.head_dim,
                 config=self.config, dtype=x.dtype, device=x.device, offload=self.offload,
+                kv_format=self.kv_format,
                 max_chunk_tokens=(
-                    max(self.max_chunk_frames * frame_tokens, x.shape[1]) if self.offload else None
+                    max(self.max_chunk_frames * frame_tokens, x.shape[1])
+                    if self.offload or self.kv_format != "native"
+                    else None
                 ),
             )  # fmt: skip
             if self.before_allocation is not None:

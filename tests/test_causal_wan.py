@@ -287,3 +287,24 @@ def test_a_history_the_device_cannot_hold_is_refused_before_any_allocation(monke
     patched[0].before_allocation = lambda layer, sizes: calls.append(sizes["capacity"])
     patched[0](chunks(1)[0], None, GRID, FREQS, 0)
     assert calls == [8 * FRAME]  # asked once, with the whole video's size, before allocating
+
+
+def test_kv_format_reaches_the_authors_layers():
+    """patch_causal_wan(kv_format="int4"): each gated layer's cache keeps its history quantized
+    (no native history buffer), and the model runs past its window; Self-Forcing's layers
+    refuse a quantized format for now."""
+    native, quantized = _nsa_model(), _nsa_model()
+    patch_causal_wan(native, GatedConfig(backend="gather"), max_frames=12)
+    patched = patch_causal_wan(quantized, GatedConfig(backend="gather"), max_frames=12, kv_format="int4")
+    with torch.no_grad():
+        for start_frame in (0, 2, 4, 6, 8, 10):
+            x = chunks(1, seed=start_frame)[0]
+            want = native[0](x, None, GRID, FREQS, start_frame)
+            got = quantized[0](x, None, GRID, FREQS, start_frame)
+    cache = patched[0]._cache
+    assert cache.kv_format == "int4" and cache.k.untyped_storage().nbytes() <= 4
+    assert 0 < float((got - want).norm() / want.norm()) < 0.2  # read quantized, close to native
+    with pytest.raises(ValueError, match="kv_format='fp8' reaches the authors' gated layers only"):
+        patch_causal_wan(model(), max_frames=4, kv_format="fp8")
+    with pytest.raises(ValueError, match="kv_format must be one of"):
+        patch_causal_wan(_nsa_model(), max_frames=4, kv_format="int2")
