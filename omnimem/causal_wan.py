@@ -1,7 +1,8 @@
 """One call that puts omnimem into a loaded Self-Forcing-family ``CausalWanModel``.
 
-Self-Forcing and the models built on its code (Krea Realtime's ``CausalInferencePipeline``)
-share Wan2.1's causal DiT: each block's ``self_attn`` is called as ``forward(x, seq_lens,
+Self-Forcing and the models built on its code (Krea Realtime's ``CausalInferencePipeline``;
+CausVid, which it grew from, calls the same way with ``current_end`` in the last place and no
+sink) share Wan2.1's causal DiT: each block's ``self_attn`` is called as ``forward(x, seq_lens,
 grid_sizes, freqs, block_mask, kv_cache=None, current_start=0, cache_start=None)``, and their
 inference pipeline passes each layer a dict of its own (``kv_cache1[i]``: a 32,760-token window
 and two end indices) and calls the model at the chunk's ``current_start`` token for every
@@ -25,6 +26,7 @@ the dict are released on first use. ``unpatch_causal_wan`` restores the original
 from __future__ import annotations
 
 import dataclasses
+import inspect
 import logging
 import types
 from collections.abc import Callable, MutableMapping
@@ -60,8 +62,26 @@ _PATCH = "_omnimem_patch"
 _ORIGINAL = "_omnimem_original"
 
 
+def _forward_parameters(module: nn.Module) -> tuple[str, ...]:
+    try:
+        return tuple(inspect.signature(module.forward).parameters)
+    except (TypeError, ValueError):
+        return ()
+
+
+def _is_causvid_attention(module: nn.Module) -> bool:
+    """CausVid's ``CausalWanSelfAttention``: Self-Forcing's call with ``current_end`` in the
+    place of ``cache_start`` and no sink (it attends the whole cache up to ``current_end``)."""
+    parameters = _forward_parameters(module)
+    return "current_start" in parameters and parameters[parameters.index("current_start") + 1 :][:1] == (
+        "current_end",
+    )
+
+
 def _is_causal_wan_attention(module: nn.Module) -> bool:
-    return all(hasattr(module, name) for name in _ATTENTION_ATTRIBUTES) and hasattr(module, "sink_size")
+    return all(hasattr(module, name) for name in _ATTENTION_ATTRIBUTES) and (
+        hasattr(module, "sink_size") or _is_causvid_attention(module)
+    )
 
 
 def _is_nsa_attention(module: nn.Module) -> bool:
@@ -211,7 +231,8 @@ def patch_causal_wan(
     for module in modules:
         original = module.forward
         setattr(module, _PATCH, original)
-        module.forward = types.MethodType(_patched_forward(original, settings), module)
+        call = {**settings, "current_end": _is_causvid_attention(module)}
+        module.forward = types.MethodType(_patched_forward(original, call), module)
     logger.info(
         "patch_causal_wan: %d attention layers attend through omnimem",
         len(modules) + len(replaced),
@@ -378,6 +399,11 @@ def _patched_forward(original: Callable, settings: dict) -> Callable:
         cache_start: int | None = None,
         **extra: object,
     ) -> torch.Tensor:
+        # CausVid's call: the eighth argument is current_end (the chunk's end), not cache_start.
+        current_end = None
+        if settings["current_end"]:
+            current_end = extra.pop("current_end", cache_start)
+            cache_start = None
         if extra:
             # Arguments Self-Forcing's call does not have change what attention computes
             # (LongLive's Wan-5B RoPE options, Rolling Forcing's updating_cache): not ours to drop.
@@ -388,7 +414,8 @@ def _patched_forward(original: Callable, settings: dict) -> Callable:
                 "hand (docs/integration.md, sections 1-4) or unpatch_causal_wan(model)"
             )
         if kv_cache is None:  # training / teacher forcing: their path, untouched
-            return original(x, seq_lens, grid_sizes, freqs, block_mask, kv_cache, current_start, cache_start)
+            last = current_end if settings["current_end"] else cache_start
+            return original(x, seq_lens, grid_sizes, freqs, block_mask, kv_cache, current_start, last)
         if not isinstance(kv_cache, MutableMapping):
             raise TypeError(f"kv_cache must be the pipeline's per-layer dict, got {type(kv_cache).__name__}")
         batch, length = x.shape[:2]
@@ -399,6 +426,12 @@ def _patched_forward(original: Callable, settings: dict) -> Callable:
             raise ValueError(
                 f"x holds {length} tokens at current_start={start}; grid_sizes {frames}x{height}x{width} "
                 "describe whole frames of another size"
+            )
+        if current_end is not None and int(current_end) != start + length:
+            raise ValueError(
+                f"current_end={int(current_end)} but the chunk of {length} tokens at current_start={start} "
+                f"ends at {start + length}: CausVid's call writes and attends exactly "
+                "[current_start, current_end)"
             )
         if start and not isinstance(kv_cache.get("omnimem"), OmniMemCache):
             # Checked before anything is allocated or their buffers released.

@@ -141,3 +141,74 @@ class StandinPipeline:
                 outputs.append(self.model(x, grid_sizes, freqs, self.kv_cache1, start))
                 start += x.shape[1]
         return outputs
+
+
+class StandinCausVidSelfAttention(StandinSelfAttention):
+    """CausVid's layer as its public signature describes it: no sink, ``current_end`` where
+    Self-Forcing has ``cache_start``, and dense attention over the whole cache up to it."""
+
+    def __init__(self, dim: int, num_heads: int):
+        super().__init__(dim, num_heads)
+        del self.sink_size, self.local_attn_size, self.max_attention_size
+
+    def forward(
+        self, x, seq_lens, grid_sizes, freqs, block_mask, kv_cache=None, current_start=0, current_end=0
+    ):
+        b, s = x.shape[:2]
+        n, d = self.num_heads, self.head_dim
+        q = self.norm_q(self.q(x)).view(b, s, n, d)
+        k = self.norm_k(self.k(x)).view(b, s, n, d)
+        v = self.v(x).view(b, s, n, d)
+        if kv_cache is None:
+            out = F.scaled_dot_product_attention(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2))
+            return self.o(out.transpose(1, 2).flatten(2))
+        start_frame = current_start // int(grid_sizes[0][1] * grid_sizes[0][2])
+        q = apply_rope(q, grid_sizes, freqs, start_frame).type_as(v)
+        k = apply_rope(k, grid_sizes, freqs, start_frame).type_as(v)
+        kv_cache["k"][:, current_start:current_end] = k
+        kv_cache["v"][:, current_start:current_end] = v
+        keys, values = kv_cache["k"][:, :current_end], kv_cache["v"][:, :current_end]
+        out = F.scaled_dot_product_attention(q.transpose(1, 2), keys.transpose(1, 2), values.transpose(1, 2))
+        return self.o(out.transpose(1, 2).flatten(2))
+
+
+class StandinCausVidBlock(StandinBlock):
+    def __init__(self, dim: int, num_heads: int):
+        super().__init__(dim, num_heads, window=0)
+        self.self_attn = StandinCausVidSelfAttention(dim, num_heads)
+
+    def forward(self, x, grid_sizes, freqs, kv_cache, current_start):
+        end = current_start + x.shape[1]  # their blocks pass current_start, current_end positionally
+        x = x + self.self_attn(self.norm1(x), None, grid_sizes, freqs, None, kv_cache, current_start, end)
+        return x + self.ffn(self.norm2(x))
+
+
+class StandinCausVidModel(StandinModel):
+    def __init__(self, num_layers: int = 2, dim: int = 32, num_heads: int = 2):
+        super().__init__(num_layers, dim, num_heads)
+        self.blocks = nn.ModuleList(StandinCausVidBlock(dim, num_heads) for _ in range(num_layers))
+
+
+class StandinCausVidPipeline(StandinPipeline):
+    """CausVid's loop: cache dicts of ``k`` and ``v`` only (a whole video's tokens), created once."""
+
+    def _initialize_kv_cache(self, batch: int, dtype: torch.dtype) -> None:
+        heads = self.model.blocks[0].self_attn.num_heads
+        head_dim = self.model.blocks[0].self_attn.head_dim
+        shape = (batch, self.buffer_tokens, heads, head_dim)
+        self.kv_cache1 = [
+            {"k": torch.zeros(shape, dtype=dtype), "v": torch.zeros(shape, dtype=dtype)}
+            for _ in self.model.blocks
+        ]
+
+    def inference(self, chunks, grid_sizes, freqs, passes: int = 2):
+        if self.kv_cache1 is None:
+            self._initialize_kv_cache(chunks[0].shape[0], chunks[0].dtype)
+        outputs, start = [], 0
+        with torch.no_grad():
+            for x in chunks:
+                for i in range(passes):
+                    self.model(x * (i + 2), grid_sizes, freqs, self.kv_cache1, start)
+                outputs.append(self.model(x, grid_sizes, freqs, self.kv_cache1, start))
+                start += x.shape[1]
+        return outputs

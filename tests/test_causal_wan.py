@@ -308,3 +308,30 @@ def test_kv_format_reaches_the_authors_layers():
         patch_causal_wan(model(), max_frames=4, kv_format="fp8")
     with pytest.raises(ValueError, match="kv_format must be one of"):
         patch_causal_wan(_nsa_model(), max_frames=4, kv_format="int2")
+
+
+def test_causvid_is_served_in_one_call():
+    """CausVid (tianweiy/CausVid: no sink, ``current_end`` after ``current_start``, dense over
+    the whole cache): patched at full budget it equals its own attention over its unmodified
+    loop, a second video starts over, and a ``current_end`` other than the chunk's end is
+    refused before anything is written."""
+    from .causal_wan_standin import StandinCausVidModel, StandinCausVidPipeline
+
+    torch.manual_seed(0)
+    theirs = StandinCausVidModel(num_layers=2, dim=DIM, num_heads=HEADS)
+    ours = copy.deepcopy(theirs)
+    assert len(patch_causal_wan(ours, FULL, max_frames=12)) == 2
+    inputs = chunks(4)
+    want = StandinCausVidPipeline(theirs, buffer_tokens=4 * CHUNK).inference(inputs, GRID, FREQS)
+    pipeline = StandinCausVidPipeline(ours, buffer_tokens=4 * CHUNK)
+    for _ in range(2):  # the second video resets the patched caches at current_start=0
+        got = pipeline.inference(inputs, GRID, FREQS)
+        for g, w in zip(got, want, strict=True):
+            torch.testing.assert_close(g, w, atol=1e-5, rtol=1e-4)
+    attn = ours.blocks[0].self_attn
+    cache = pipeline.kv_cache1[0]["omnimem"]
+    before = cache.history_len, cache.chunk_len
+    with pytest.raises(ValueError, match=r"current_end=30 but the chunk of 24 tokens at current_start=0"):
+        attn(chunks(1)[0], None, GRID, FREQS, None, pipeline.kv_cache1[0], 0, 30)
+    assert (cache.history_len, cache.chunk_len) == before
+    assert unpatch_causal_wan(ours) == 2
