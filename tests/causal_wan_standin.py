@@ -122,6 +122,11 @@ class StandinPipeline:
             for _ in self.model.blocks
         ]
 
+    def _reset_kv_cache(self) -> None:
+        for layer in self.kv_cache1:
+            layer["global_end_index"] = torch.tensor([0])
+            layer["local_end_index"] = torch.tensor([0])
+
     def inference(
         self, chunks: list[torch.Tensor], grid_sizes: torch.Tensor, freqs: torch.Tensor, passes: int = 2
     ):
@@ -130,9 +135,7 @@ class StandinPipeline:
         if self.kv_cache1 is None:
             self._initialize_kv_cache(chunks[0].shape[0], chunks[0].dtype)
         else:
-            for layer in self.kv_cache1:
-                layer["global_end_index"] = torch.tensor([0])
-                layer["local_end_index"] = torch.tensor([0])
+            self._reset_kv_cache()
         outputs, start = [], 0
         with torch.no_grad():
             for x in chunks:
@@ -201,14 +204,5 @@ class StandinCausVidPipeline(StandinPipeline):
             for _ in self.model.blocks
         ]
 
-    def inference(self, chunks, grid_sizes, freqs, passes: int = 2):
-        if self.kv_cache1 is None:
-            self._initialize_kv_cache(chunks[0].shape[0], chunks[0].dtype)
-        outputs, start = [], 0
-        with torch.no_grad():
-            for x in chunks:
-                for i in range(passes):
-                    self.model(x * (i + 2), grid_sizes, freqs, self.kv_cache1, start)
-                outputs.append(self.model(x, grid_sizes, freqs, self.kv_cache1, start))
-                start += x.shape[1]
-        return outputs
+    def _reset_kv_cache(self) -> None:  # its dicts hold no end indices: a new video just writes at 0
+        pass
