@@ -31,8 +31,17 @@ import torch
 from omnimem.api import _attend_checked, resolve_backend, select_blocks, sparse_attention
 from omnimem.checks import Layout, check_attention_inputs
 from omnimem.config import OmniMemConfig
-from omnimem.offload import HostOffload, OffloadStats, check_device_memory, check_host_memory, host_zeros
+from omnimem.offload import (
+    HostOffload,
+    OffloadStats,
+    QuantizedStage,
+    check_device_memory,
+    check_host_memory,
+    host_zeros,
+)
 from omnimem.selection import Selection, block_key_sums, gather_block_union
+from omnimem.sizing import kv_cache_bytes
+from omnimem.store.formats import check_kv_format
 
 
 class OmniMemCache:
@@ -55,6 +64,13 @@ class OmniMemCache:
             previous call's blocks, the last commit's, or the host (read over PCIe by a
             Triton kernel; no host sync). Same API and results (bit-identical with the triton
             and gather backends); ``offload_stats`` reports hits and bytes fetched.
+        kv_format: ``"native"`` (``dtype``, default), ``"fp8"`` or ``"int4"`` (docs/memory.md):
+            every whole history block is kept quantized on the device, quantized once when a
+            commit completes it; the partial last block and the chunk stay native, and the block
+            sums come from the native keys (selection unchanged). Each call stages its blocks
+            like an offloaded cache, dequantized. Results equal attention over the history with
+            its whole blocks dequantized. Not with ``offload``, ``cuda_graphs``, ``rewind``,
+            ``state_dict`` or gradients yet.
         cuda_graphs: replay each ``attend`` from a CUDA graph captured on its first call per
             query shape (triton backend, resident CUDA caches): the host launches one graph
             instead of about a dozen kernels (~0.9 ms of Python per call on a slow host, ~0.05
@@ -107,7 +123,15 @@ class OmniMemCache:
         layout: Layout = "bhld",
         offload: bool = False,
         cuda_graphs: bool = False,
+        kv_format: str = "native",
     ) -> None:
+        check_kv_format(kv_format, owner="OmniMemCache kv_format")
+        quantized = kv_format != "native"
+        if quantized and (offload or cuda_graphs):
+            raise ValueError(
+                f"OmniMemCache(kv_format={kv_format!r}) with offload=True or cuda_graphs=True is not "
+                "supported yet: the quantized history is kept on the device and staged per call"
+            )
         for name, value in (
             ("capacity", capacity),
             ("max_chunk_tokens", max_chunk_tokens),
@@ -146,11 +170,22 @@ class OmniMemCache:
                 f"OmniMemCache cuda_graphs=True needs a resident CUDA cache, got device {self.device}"
                 + (" with offload=True" if offload else "")
             )
-        history_bytes = _history_bytes(capacity, max_chunk_tokens, batch, num_kv_heads, head_dim, dtype)
-        (check_host_memory if offload else functools.partial(check_device_memory, device=self.device))(
-            history_bytes
-        )
-        if offload:
+        self.kv_format = kv_format
+        if quantized:  # no native history buffer: a shape-only stand-in (no memory)
+            need = kv_cache_bytes(
+                capacity, max_chunk_tokens=max_chunk_tokens, batch=batch, num_kv_heads=num_kv_heads,
+                head_dim=head_dim, dtype=dtype, config=self.config, kv_format=kv_format,
+            )  # fmt: skip
+            check_device_memory(need, self.device)
+        else:
+            history_bytes = _history_bytes(capacity, max_chunk_tokens, batch, num_kv_heads, head_dim, dtype)
+            (check_host_memory if offload else functools.partial(check_device_memory, device=self.device))(
+                history_bytes
+            )
+        if quantized:
+            self._k_storage = torch.zeros((), dtype=dtype, device=self.device).expand(shape)
+            self._v_storage = self._k_storage
+        elif offload:
             pin = self.device.type == "cuda"  # the stage kernel reads it; commits copy asynchronously
             self._k_storage = host_zeros(shape, dtype, pin=pin)
             self._v_storage = host_zeros(shape, dtype, pin=pin)
@@ -166,7 +201,11 @@ class OmniMemCache:
         self._history = torch.zeros((), dtype=torch.int64, device=self.device)
         self._positions = torch.arange(max_chunk_tokens, device=self.device)
         self.history_len = 0
-        self._offload = HostOffload(self) if offload else None
+        # The history's tier: host memory (offload), quantized blocks on the device, or none.
+        if quantized:
+            self._offload = QuantizedStage(self, kv_format)
+        else:
+            self._offload = HostOffload(self) if offload else None
         # cuda_graphs: (query shape, dtype, chunk, lse, storage) -> (graph, static q, static out);
         # head-slice views share it (their storage pointers tell them apart).
         self._graphs: dict | None = {} if cuda_graphs else None
@@ -311,8 +350,9 @@ class OmniMemCache:
         if self._offload is not None:
             if training:
                 raise ValueError(
-                    "gradients through an offloaded cache are not supported: train with a resident "
-                    "cache (offload=False), or attend under torch.no_grad()"
+                    "gradients through an offloaded or quantized cache are not supported: train with a "
+                    "resident native cache (offload=False, kv_format='native'), or attend under "
+                    "torch.no_grad()"
                 )
             out = self._offload.attend(self, q, k_chunk, v_chunk, return_lse)
             self.chunk_len, self._chunk_copy = 0, None  # this write replaced attend_at's chunk
@@ -456,7 +496,12 @@ class OmniMemCache:
         if not 0 <= end <= self.history_len:
             raise ValueError(f"end must be in [0, history_len={self.history_len}], got {end}")
         if self._offload is not None:
-            raise ValueError("rewind is not supported on an offloaded cache; reset() it and re-commit")
+            what = (
+                "an offloaded cache"
+                if self.kv_format == "native"
+                else f"a kv_format={self.kv_format!r} cache"
+            )
+            raise ValueError(f"rewind is not supported on {what}; reset() it and re-commit")
         # The block `end` cuts keeps the sum of its kept tokens only; sums past the history are
         # never read, and later writes recompute every block they touch.
         self._refresh_block_sums(end - end % self.config.block_size, end)
@@ -562,8 +607,13 @@ class OmniMemCache:
         if self._offload is not None and self.device.type == "cuda":
             torch.cuda.synchronize(self.device)  # the compute and the copy streams
 
+    def _native_only(self, what: str) -> None:
+        if self.kv_format != "native":
+            raise ValueError(f"{what} is not supported on a kv_format={self.kv_format!r} cache yet")
+
     def state_dict(self) -> dict[str, object]:
         """The committed history (``[B, Hkv, history_len, D]`` clones) and its length."""
+        self._native_only("state_dict")
         self._sync_host()
         return {
             "k": self.k[:, :, : self.history_len].clone(),
@@ -576,6 +626,7 @@ class OmniMemCache:
 
         Everything is checked before the cache is touched: a refused state leaves it as it was.
         """
+        self._native_only("load_state_dict")
         if not isinstance(state, dict):
             raise TypeError(f"state must be a dict from state_dict(), got {type(state).__name__}")
         missing = [name for name in ("k", "v", "history_len") if name not in state]

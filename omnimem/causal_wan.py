@@ -158,9 +158,9 @@ def patch_causal_wan(
             likewise.
         offload: keep each layer's history in host memory (``OmniMemCache(offload=True)``,
             ``GatedCache(offload=True)``).
-        kv_format: ``"native"``, ``"fp8"`` or ``"int4"``: the authors' layers keep their history
-            quantized on the device (``GatedCache(kv_format=...)``, docs/memory.md);
-            Self-Forcing's layers take ``"native"`` only for now (a ``ValueError`` otherwise).
+        kv_format: ``"native"``, ``"fp8"`` or ``"int4"``: every layer keeps its history quantized
+            on the device (``OmniMemCache(kv_format=...)``, ``GatedCache(kv_format=...)``;
+            docs/memory.md). Not with ``offload`` yet.
         **overrides: config fields to change: ``OmniMemConfig`` fields for Self-Forcing's
             layers, ``GatedConfig`` fields for the authors' (over their own settings), e.g.
             ``top_k=12`` (a field of both reaches both).
@@ -184,6 +184,8 @@ def patch_causal_wan(
     if not isinstance(offload, bool):
         raise TypeError(f"offload must be a bool, got {type(offload).__name__}")
     check_kv_format(kv_format)
+    if offload and kv_format != "native":
+        raise ValueError(f"offload=True with kv_format={kv_format!r} is not supported yet: choose one")
     for name, value, minimum in (
         ("max_frames", max_frames, 1),
         ("max_chunk_frames", max_chunk_frames, 1),
@@ -204,11 +206,6 @@ def patch_causal_wan(
             f"modules with {', '.join(_ATTENTION_ATTRIBUTES)} and sink_size, or the authors' "
             "CausalNSSelfAttention with g_proj and pool sizes)"
         )
-    if kv_format != "native" and modules:
-        raise ValueError(
-            f"kv_format={kv_format!r} reaches the authors' gated layers only for now; Self-Forcing's "
-            "layers (OmniMemCache) keep their history native: use kv_format='native'"
-        )
     omnimem_config, gated_config, gated_overrides = _split_settings(
         config, overrides, sink_frames=sink_frames, local_frames=local_frames, sparse=bool(modules),
         gated=bool(nsa_layers),
@@ -225,8 +222,8 @@ def patch_causal_wan(
         )
     settings = dict(
         config=omnimem_config, max_frames=max_frames, max_chunk_frames=max_chunk_frames,
-        sink_frames=sink_frames, local_frames=local_frames, offload=offload,
-        check=_first_allocation_check(len(modules), max_frames, offload),
+        sink_frames=sink_frames, local_frames=local_frames, offload=offload, kv_format=kv_format,
+        check=_first_allocation_check(len(modules), max_frames, offload, kv_format),
     )  # fmt: skip
     for module in modules:
         original = module.forward
@@ -378,6 +375,7 @@ def _layer_cache(
         max_chunk_tokens=max(settings["max_chunk_frames"] * frame_tokens, k.shape[1]),
         batch=k.shape[0], num_kv_heads=module.num_heads, head_dim=module.head_dim, config=config,
         dtype=k.dtype, device=k.device, layout="blhd", offload=settings["offload"],
+        kv_format=settings["kv_format"],
     )  # fmt: skip
     for name in ("k", "v"):  # the pipeline's window buffers: never read once patched
         if isinstance(kv_cache.get(name), torch.Tensor):

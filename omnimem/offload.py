@@ -307,7 +307,7 @@ class HostOffload:
         staged, source, source_block, remapped, counts = plan(
             selection.kv_block_idx, self.staged_block, self.bounds, self.num_staged, self.num_blocks
         )
-        stage(dst, previous, self.fresh, (cache.k, cache.v), source, source_block, bs)
+        self._stage(cache, dst, previous, source, source_block)
         self.staged_block, self.current = staged, 1 - self.current
         self.counters += counts
         remapped_selection = dataclasses.replace(
@@ -329,6 +329,11 @@ class HostOffload:
             selection=remapped_selection,
         )
 
+    def _stage(self, cache, dst, previous, source: torch.Tensor, source_block: torch.Tensor) -> None:
+        """The staged blocks into ``dst``: from the previous work buffer, the fresh blocks, or
+        the host (read in place)."""
+        stage(dst, previous, self.fresh, (cache.k, cache.v), source, source_block, self.block_size)
+
     def wait_for_copies(self) -> None:
         """Order the current stream after the last commit's copy to the host."""
         if self.copied is not None:
@@ -347,8 +352,20 @@ class HostOffload:
         fresh_v[:, :, partial : partial + v_chunk.shape[2]] = v_chunk
         # The block-aligned slice the resident cache sums, from the device copy: the same bits.
         cache._refresh_block_sums(start, end, aligned_keys=fresh_k)
-        # Device to host, from our own copy of the chunk (the caller may reuse its tensors),
-        # straight into the pinned history; host-side readers (state_dict) synchronize first.
+        self._keep(cache, start, end)
+        self._set_bounds(end, first, end // bs)
+        new_partial = end % bs
+        if new_partial:
+            at = (end // bs - first) * bs
+            self._write_partial(fresh_k[:, :, at : at + new_partial], fresh_v[:, :, at : at + new_partial])
+
+    def _keep(self, cache, start: int, end: int) -> None:
+        """The committed ``[start, end)`` (in ``fresh`` from the start of its first block) into
+        the history: device to host, from our own copy of the chunk (the caller may reuse its
+        tensors), straight into the pinned history; host-side readers (state_dict) synchronize
+        first."""
+        partial = start % self.block_size
+        fresh_k, fresh_v = self.fresh
         sources = (
             fresh_k[:, :, partial : partial + end - start],
             fresh_v[:, :, partial : partial + end - start],
@@ -363,8 +380,50 @@ class HostOffload:
                 cache.v[:, :, start:end].copy_(sources[1], non_blocking=True)
                 self.copied = torch.cuda.Event()
                 self.copied.record(self.copy_stream)
-        self._set_bounds(end, first, end // bs)
-        new_partial = end % bs
-        if new_partial:
-            at = (end // bs - first) * bs
-            self._write_partial(fresh_k[:, :, at : at + new_partial], fresh_v[:, :, at : at + new_partial])
+
+
+class QuantizedStage(HostOffload):
+    """Device side of an ``OmniMemCache(kv_format="fp8" | "int4")``: the offload staging with
+    the history's whole blocks as quantized blocks on the device (``QuantizedBlocks``) in place
+    of native rows on the host. A commit quantizes the blocks it completes and keeps their
+    dequantized values in ``fresh`` (so every source of a staged block holds the same values);
+    blocks staged from the store are dequantized into the work buffer (the reference path, until
+    kernels read the bytes in place). The history's partial last block and the chunk stay
+    native; block sums come from the native keys, so selection is unchanged."""
+
+    def __init__(self, cache, kv_format: str) -> None:
+        super().__init__(cache)
+        from omnimem.store.blocks import QuantizedBlocks
+
+        batch, heads, _, head_dim = cache.k.shape
+        self.store = QuantizedBlocks(
+            kv_format, batch=batch, num_kv_heads=heads, capacity=cache.capacity, head_dim=head_dim,
+            block_size=self.block_size, device=cache.device,
+        )  # fmt: skip
+        self.copy_stream = None
+
+    def _stage(self, cache, dst, previous, source: torch.Tensor, source_block: torch.Tensor) -> None:
+        from_store = source == SOURCE_HOST
+        # The device sources first (the host slots skipped), then the store's, dequantized.
+        stage(dst, previous, self.fresh, previous, torch.where(from_store, SOURCE_NONE, source), source_block,
+              self.block_size)  # fmt: skip
+        rows = self.store.rows(torch.where(from_store, source_block, 0).long(), dst[0].dtype)
+        slots = from_store.repeat_interleave(self.block_size, dim=-1)[..., None]
+        for which in (0, 1):
+            staged = dst[which][:, :, : rows[which].shape[2]]
+            staged.copy_(torch.where(slots, rows[which], staged))
+
+    def _keep(self, cache, start: int, end: int) -> None:
+        """Quantize the blocks ``[start, end)`` completes; ``fresh`` keeps their dequantized values."""
+        bs = self.block_size
+        first, done = start // bs, end // bs
+        if done == first:
+            return
+        fresh_k, fresh_v = self.fresh
+        whole = (done - first) * bs
+        self.store.write(first, fresh_k[:, :, :whole], fresh_v[:, :, :whole])
+        k_rows, v_rows = self.store.rows(
+            torch.arange(first, done, device=fresh_k.device).expand(*fresh_k.shape[:2], -1), fresh_k.dtype
+        )
+        fresh_k[:, :, :whole] = k_rows
+        fresh_v[:, :, :whole] = v_rows

@@ -36,23 +36,19 @@ def kv_cache_bytes(
 
     ``kv_format`` (``"native"``, ``"fp8"``, ``"int4"``; ``omnimem.store.formats``): the history's
     keys and values at that format's bytes per token, scales included (``token_bytes``); the
-    chunk being written, the block sums and means stay in their own dtypes, and a quantized
-    ``GatedCache`` keeps its live region natively too.
+    chunk being written, the block sums and means stay in their own dtypes; a quantized
+    ``GatedCache`` keeps its live region natively too, a quantized ``OmniMemCache`` the staging
+    buffers of an offloaded one.
 
-    Example (the history's share of one layer at 60 s: 237 frames, Wan2.1-1.3B):
+    Example (what a minute of history adds to one layer, Wan2.1-1.3B, 128-token blocks):
         >>> from omnimem import kv_cache_bytes
-        >>> sizes = dict(num_kv_heads=12, head_dim=128, dtype=torch.bfloat16)
-        >>> native = kv_cache_bytes(237 * 1560, **sizes)
-        >>> [round(kv_cache_bytes(237 * 1560, **sizes, kv_format=f) / native, 3) for f in ("fp8", "int4")]
+        >>> sizes = dict(num_kv_heads=12, head_dim=128, dtype=torch.bfloat16, max_chunk_tokens=4680)
+        >>> minute = 240 * 1560
+        >>> def added(f):
+        ...     one, two = (kv_cache_bytes(n * minute, **sizes, kv_format=f) for n in (1, 2))
+        ...     return two - one
+        >>> [round(added(f) / added("native"), 3) for f in ("fp8", "int4")]
         [0.504, 0.271]
-
-    Example:
-        >>> import torch
-        >>> from omnimem import GatedConfig, kv_cache_bytes
-        >>> sixty_seconds = (237 + 3) * 1560  # history + one chunk, Wan2.1 latent frames
-        >>> round(kv_cache_bytes(sixty_seconds, num_kv_heads=12, head_dim=128, layers=30,
-        ...                      config=GatedConfig()) / 2**30, 1)  # GiB, Wan2.1-1.3B
-        68.6
     """
     sizes = dict(
         capacity=capacity, num_kv_heads=num_kv_heads, head_dim=head_dim, batch=batch, layers=layers,
@@ -92,12 +88,14 @@ def kv_cache_bytes(
         config = config or OmniMemConfig()
         length = capacity + max_chunk_tokens
         sums = math.ceil(length / config.block_size) * row * 4
+        _, work, fresh = staging_sizes(config, length, max_chunk_tokens)
+        staging = (4 * work + 2 * fresh) * row * itemsize  # two work pairs, one fresh pair
         if offload:
-            _, work, fresh = staging_sizes(config, length, max_chunk_tokens)
-            per_layer = sums + (4 * work + 2 * fresh) * row * itemsize  # two work pairs, one fresh pair
+            per_layer = sums + staging
+        elif kv_format != "native":  # quantized blocks, staged per call like an offloaded history
+            per_layer = history(capacity, config.block_size) + staging + sums
         else:
-            chunk = 2 * max_chunk_tokens * row * itemsize  # the chunk's scratch stays native
-            per_layer = history(capacity, config.block_size) + chunk + sums
+            per_layer = 2 * length * row * itemsize + sums
     else:
         raise TypeError(f"config must be an OmniMemConfig or a GatedConfig, got {type(config).__name__}")
     return layers * per_layer

@@ -386,7 +386,9 @@ def test_one_backward_after_a_whole_rollout_through_the_cache():
 def test_an_offloaded_cache_refuses_gradients():
     cache = make_cache(offload=True)
     q = chunk(8).requires_grad_()
-    with pytest.raises(ValueError, match="gradients through an offloaded cache are not supported"):
+    with pytest.raises(
+        ValueError, match="gradients through an offloaded or quantized cache are not supported"
+    ):
         cache.attend(q, chunk(8), chunk(8))
     with torch.no_grad():
         cache.attend(q, chunk(8), chunk(8))
@@ -404,3 +406,67 @@ def test_a_refused_attend_leaves_the_current_chunk_alone():
         cache.attend(chunk(8), chunk(8, seed=5), chunk(8, seed=6), return_lse="yes")
     assert torch.equal(cache.k, before[0]) and torch.equal(cache.v, before[1])
     assert (cache.history_len, cache.chunk_len) == before[2:]
+
+
+@pytest.mark.parametrize("kv_format", ["fp8", "int4"])
+@pytest.mark.parametrize(
+    ("backend", "layout", "groups"),
+    [("gather", "bhld", None), ("dense", "blhd", 3), ("triton", "bhld", None)],
+)
+def test_quantized_history_equals_attention_over_dequantized_blocks(
+    kv_format, backend, layout, groups, poisoned_allocations
+):
+    """OmniMemCache(kv_format=...): every attend and attend_at equals the float64-checked
+    backend over the history whose whole blocks are quantized then dequantized (the partial
+    last block and the chunk native), with the selection of the native keys (block sums taken
+    before quantization); chunks that straddle blocks, GQA, query groups, both layouts."""
+    if backend == "triton" and TEST_DEVICE.type != "cuda" and os.environ.get("TRITON_INTERPRET") != "1":
+        pytest.skip("the triton kernels run on CUDA or under TRITON_INTERPRET=1")
+    from omnimem.store.formats import dequantize, quantize
+
+    config = OmniMemConfig(block_size=4, top_k=2, sink_tokens=4, local_tokens=6, backend=backend,
+                           query_group_size=groups)  # fmt: skip
+    kw = dict(max_chunk_tokens=7, batch=2, num_kv_heads=2, head_dim=8, device=TEST_DEVICE, layout=layout)
+    cache = OmniMemCache(64, **kw, config=config, kv_format=kv_format)
+    gen = torch.Generator().manual_seed(5)
+    keys, values = torch.zeros(2, 2, 0, 8), torch.zeros(2, 2, 0, 8)
+    start = 0
+    for length in (7, 5, 7, 3, 7, 6):
+        for _ in range(2):  # a denoising pass, then the clean one: same start
+            q = torch.randn(2, 4, length, 8, generator=gen)
+            k, v = torch.randn(2, 2, length, 8, generator=gen), torch.randn(2, 2, length, 8, generator=gen)
+            got = cache.attend_at(*(x.to(TEST_DEVICE) for x in (q, k, v)), start=start)
+            whole = start // 4 * 4
+            stored = [
+                torch.cat(
+                    [dequantize(quantize(x[:, :, :whole], kv_format, role=r, block_size=4)), x[:, :, whole:]],
+                    2,
+                )
+                if whole
+                else x
+                for x, r in ((keys, "key"), (values, "value"))
+            ]
+            k_all, v_all = torch.cat([keys, k], 2), torch.cat([values, v], 2)
+            selection = select_blocks(q, k_all, history_len=start, config=config.replace(backend="dense"))
+            want = sparse_attention(
+                q.double(), torch.cat([stored[0], k], 2).double(), torch.cat([stored[1], v], 2).double(),
+                history_len=start, config=config.replace(backend="dense"), selection=selection,
+            )  # fmt: skip
+            torch.testing.assert_close(got.double().cpu(), want, atol=2e-5, rtol=1e-4)
+        keys, values, start = k_all, v_all, start + length
+    native = sparse_attention(q.double(), k_all.double(), v_all.double(), history_len=start - length,
+                              config=config.replace(backend="dense"), selection=selection)  # fmt: skip
+    assert (native - want).abs().max() > 1e-4  # the quantized history changed what was read
+    assert cache.k.untyped_storage().nbytes() <= 4 and f"{cache.kv_format}" == kv_format
+    for refused in (lambda: cache.rewind(3), cache.state_dict):
+        with pytest.raises(ValueError, match=f"kv_format='{kv_format}'"):
+            refused()
+    cache.reset()
+    cache.attend_at(*(x[:, :, :5].to(TEST_DEVICE) for x in (q, k, v)), start=0)
+
+
+def test_quantized_cache_validation():
+    with pytest.raises(ValueError, match="OmniMemCache kv_format must be one of"):
+        make_cache(kv_format="nf4")
+    with pytest.raises(ValueError, match="is not supported yet"):
+        make_cache(kv_format="fp8", offload=True)

@@ -66,18 +66,30 @@ def test_offloaded_sizes_match_the_device_allocations():
 
 
 @pytest.mark.parametrize("kv_format", ["fp8", "int4"])
-def test_quantized_history_sizes_are_what_the_format_stores(kv_format):
-    """kv_cache_bytes(kv_format=...) counts the history as quantize() stores it (whole blocks),
-    the rest (the chunk's scratch, block sums) as before; bad formats are refused."""
-    from omnimem.store.formats import quantize
+@pytest.mark.parametrize("layout", ["blhd", "bhld"])
+def test_quantized_omnimem_cache_allocates_what_kv_cache_bytes_says(kv_format, layout):
+    """A quantized OmniMemCache holds the quantized blocks, the staging buffers and the block
+    sums (no native history): exactly kv_cache_bytes(kv_format=...); the history's share per
+    token is the format's (token_bytes); bad formats are refused."""
+    from omnimem.store.formats import token_bytes
 
-    config = OmniMemConfig(block_size=7)
-    sizes = dict(num_kv_heads=3, head_dim=9, batch=2, dtype=torch.bfloat16, config=config)
-    history = torch.randn(2, 3, 49, 9)
-    stored = sum(quantize(history, kv_format, role=r, block_size=7).nbytes for r in ("key", "value"))
-    native = kv_cache_bytes(49, **sizes)
-    quantized = kv_cache_bytes(49, **sizes, kv_format=kv_format)
-    assert native - quantized == 2 * history.numel() * 2 - stored
+    config = OmniMemConfig(block_size=7, top_k=3, sink_tokens=7, local_tokens=9)
+    sizes = dict(num_kv_heads=3, head_dim=9, batch=2, dtype=torch.bfloat16, config=config, max_chunk_tokens=9)
+    cache = OmniMemCache(119, **sizes, layout=layout, kv_format=kv_format)
+    staged = [*cache._offload.fresh, *(t for pair in cache._offload.work for t in pair)]
+    held = (
+        cache._offload.store.nbytes
+        + cache.key_block_sums.nbytes
+        + sum(t.untyped_storage().nbytes() for t in staged)
+    )
+    assert kv_cache_bytes(119, **sizes, kv_format=kv_format) == held
+    assert cache.k.untyped_storage().nbytes() <= 2  # the history has no native buffer
+    added = kv_cache_bytes(238, **sizes, kv_format=kv_format) - kv_cache_bytes(
+        119, **sizes, kv_format=kv_format
+    )
+    per_token = token_bytes(kv_format, head_dim=9, block_size=7) * 2 * 3
+    sums = 17 * 2 * 3 * 9 * 4  # 17 whole blocks more, and their float32 key sums
+    assert added == pytest.approx(119 * per_token + sums, abs=1)
     with pytest.raises(ValueError, match="kv_format must be one of"):
         kv_cache_bytes(49, **sizes, kv_format="int8")
 
