@@ -36,7 +36,7 @@ from torch import nn
 
 from omnimem.cache import OmniMemCache
 from omnimem.config import GatedConfig, OmniMemConfig
-from omnimem.gated_wan import GatedWanSelfAttention, reordered_rope
+from omnimem.gated_wan import GatedWanSelfAttention, reordered_rope, rope_table_for
 from omnimem.offload import check_host_memory
 from omnimem.sizing import kv_cache_bytes
 from omnimem.store.formats import check_kv_format
@@ -447,6 +447,7 @@ def _patched_forward(original: Callable, settings: dict) -> Callable:
         v = self.v(x).view(batch, length, n, d)
         # Their RoPE: float64 tables, float32 result, then the model's dtype (same bits).
         grid, start_frame = (frames, height, width), start // frame_tokens
+        freqs = rope_table_for(freqs, start_frame + frames)  # past their 1,024 frames: extended
         q = reordered_rope(q.float(), grid, freqs, start_frame=start_frame).type_as(v)
         k = reordered_rope(k.float(), grid, freqs, start_frame=start_frame).type_as(v)
         cache = _layer_cache(kv_cache, self, k, frame_tokens, settings)

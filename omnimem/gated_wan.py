@@ -45,6 +45,44 @@ def wan_rope_freqs(head_dim: int, positions: int = 1024, theta: float = 10000.0)
     return torch.cat(parts, dim=1)
 
 
+# Wan's tables verified once per tensor (data pointer, shape, device) and their extensions.
+_CHECKED_TABLES: dict[tuple, bool] = {}
+_EXTENDED_TABLES: dict[tuple, torch.Tensor] = {}
+
+
+def rope_table_for(freqs: torch.Tensor, frames: int) -> torch.Tensor:
+    """A RoPE table that reaches ``frames`` latent frames: ``freqs`` itself when it is long
+    enough; past its end, Wan's own table extended with Wan's formula (``wan_rope_freqs``:
+    absolute positions keep growing, as the model already extrapolates past its ~21 trained
+    frames up to its table's 1,024), after checking once that ``freqs`` is Wan's table.
+
+    Raises:
+        ValueError: ``freqs`` is shorter than ``frames`` and is not Wan's table (another theta
+            or layout): it cannot be extended faithfully.
+    """
+    if frames <= freqs.shape[0]:
+        return freqs
+    key = (freqs.data_ptr(), tuple(freqs.shape), freqs.dtype, str(freqs.device))
+    if key not in _CHECKED_TABLES:  # one host comparison per table, never again
+        head_dim = 2 * freqs.shape[1]
+        wan = wan_rope_freqs(head_dim, positions=freqs.shape[0])
+        _CHECKED_TABLES[key] = freqs.dtype == wan.dtype and torch.allclose(
+            freqs.cpu(), wan, rtol=0, atol=1e-12
+        )
+    if not _CHECKED_TABLES[key]:
+        raise ValueError(
+            f"latent frame {frames - 1} is past the model's RoPE table of {freqs.shape[0]} frames, and the "
+            "table is not Wan's (theta 10000, float64), so omnimem cannot extend it: keep max_frames <= "
+            f"{freqs.shape[0]}"
+        )
+    size = 1 << (frames - 1).bit_length()  # extended in powers of two: a few tables per video
+    extended = _EXTENDED_TABLES.get((*key, size))
+    if extended is None:
+        extended = wan_rope_freqs(2 * freqs.shape[1], positions=size).to(freqs.device)
+        _EXTENDED_TABLES[(*key, size)] = extended
+    return extended
+
+
 def reordered_rope(
     x: torch.Tensor,
     grid: tuple[int, int, int],
@@ -320,6 +358,7 @@ class GatedWanSelfAttention(nn.Module):
         k = self.norm_k(self.k(x)).view(batch, length, n, d)
         v = self.v(x).view(batch, length, n, d)
         grid = (frames, height, width)
+        freqs = rope_table_for(freqs, start_frame + frames)  # past Wan's 1,024 frames: extended
         q = reordered_rope(q, grid, freqs, start_frame=start_frame, pool=self.pool)
         k = reordered_rope(k, grid, freqs, start_frame=start_frame, pool=self.pool)
         start = start_frame * height * width

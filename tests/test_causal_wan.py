@@ -351,3 +351,35 @@ def test_causvid_is_served_in_one_call():
         attn(chunks(1)[0], None, GRID, FREQS, None, pipeline.kv_cache1[0], 0, 30)
     assert (cache.history_len, cache.chunk_len) == before
     assert unpatch_causal_wan(ours) == 2
+
+
+def test_past_the_rope_table_the_patched_model_runs_on_with_wan_positions():
+    """Self-Forcing's models hold a RoPE table of 1,024 latent frames; patched, the model runs
+    1,100 frames (their own dies at 1,024): positions past the table come from Wan's formula
+    (absolute positions keep growing). At full budget it equals their attention with the table
+    extended by the same formula (the same as theirs wherever their table reaches). A table
+    that is not Wan's is not extended: a ValueError names the limit before anything is written."""
+    from omnimem.gated_wan import wan_rope_freqs
+
+    everything = OmniMemConfig(block_size=128, top_k=128, sink_tokens=0, local_tokens=0, backend="dense")
+    theirs = model()
+    ours = copy.deepcopy(theirs)
+    patch_causal_wan(ours, everything, max_frames=1100)
+    inputs = [x * 0.1 for x in chunks(550, seed=7)]  # 1,100 frames of 12 tokens
+    long_table = wan_rope_freqs(DIM // HEADS, positions=2048)  # theirs, extended by their formula
+    want = StandinPipeline(theirs, buffer_tokens=1100 * FRAME).inference(inputs, GRID, long_table, passes=1)
+    got = StandinPipeline(ours, buffer_tokens=1100 * FRAME).inference(inputs, GRID, FREQS, passes=1)
+    assert FREQS.shape[0] == 1024  # what the model hands its layers
+    for g, w in zip(got, want, strict=True):
+        torch.testing.assert_close(g, w, atol=2e-5, rtol=1e-4)
+
+    turn = torch.tensor(0.1, dtype=torch.float64)
+    foreign = FREQS * torch.polar(torch.ones_like(turn), turn)  # another table
+    fresh = copy.deepcopy(theirs)
+    patch_causal_wan(fresh, everything, max_frames=1100)
+    pipeline = StandinPipeline(fresh, buffer_tokens=1100 * FRAME)
+    pipeline.inference(inputs[:2], GRID, foreign, passes=1)  # inside the table: runs
+    attn, layer = fresh.blocks[0].self_attn, pipeline.kv_cache1[0]
+    with pytest.raises(ValueError, match=r"past the model's RoPE table of 1024 frames.*max_frames <= 1024"):
+        attn(inputs[0], None, GRID, foreign, None, layer, 1024 * FRAME)
+    assert layer["omnimem"].history_len + layer["omnimem"].chunk_len == 4 * FRAME  # nothing written

@@ -140,3 +140,17 @@ def test_refusals():
         layer(torch.randn(1, 24, DIM), None, torch.tensor([[2, 4, 3]]), wan_rope_freqs(16), start_frame=-2)
     with pytest.raises(ValueError, match="grid_sizes"):
         layer(torch.randn(1, 20, DIM), None, torch.tensor([[2, 4, 3]]), wan_rope_freqs(16))
+
+
+def test_rope_table_for_extends_wan_tables_only():
+    """Past the table: Wan's formula (the table's own rows unchanged); a table that is not
+    Wan's is refused, naming the limit; the drop-in layer reads it at its start_frame."""
+    from omnimem.gated_wan import rope_table_for
+
+    table = wan_rope_freqs(16)
+    assert rope_table_for(table, 1024) is table
+    longer = rope_table_for(table, 1100)
+    assert longer.shape[0] >= 1100 and torch.equal(longer[:1024], table)
+    torch.testing.assert_close(longer[:1100], wan_rope_freqs(16, positions=1100), atol=0, rtol=0)
+    with pytest.raises(ValueError, match="RoPE table of 1024 frames.*max_frames <= 1024"):
+        rope_table_for(wan_rope_freqs(16, theta=500.0), 1025)
