@@ -152,5 +152,5 @@ def test_rope_table_for_extends_wan_tables_only():
     longer = rope_table_for(table, 1100)
     assert longer.shape[0] >= 1100 and torch.equal(longer[:1024], table)
     torch.testing.assert_close(longer[:1100], wan_rope_freqs(16, positions=1100), atol=0, rtol=0)
-    with pytest.raises(ValueError, match="RoPE table of 1024 frames.*max_frames <= 1024"):
+    with pytest.raises(ValueError, match=r"RoPE table of 1024 frames.*max_frames <= 1024"):
         rope_table_for(wan_rope_freqs(16, theta=500.0), 1025)
