@@ -112,3 +112,16 @@ def reference_attention(
                     lse[b, h, rows] = torch.logsumexp(logits, -1)
                     out[b, h, rows] = torch.softmax(logits, -1) @ v[b, kvh, idx]
     return ReferenceResult(out, lse, attended_blocks, selected_blocks, margin)
+
+
+def stored_history(x: torch.Tensor, upto: int, kv_format: str, role: str, block_size: int) -> torch.Tensor:
+    """What a ``kv_format`` cache reads back of ``x [B, H, L, D]``: the whole blocks before
+    ``upto`` quantized then dequantized (``omnimem.store.formats``, the reference of the
+    formats themselves, held to float64 bounds by their property tests), the rest as is."""
+    from omnimem.store.formats import dequantize, quantize
+
+    cut = upto - upto % block_size
+    if cut == 0:
+        return x
+    kept = dequantize(quantize(x[:, :, :cut], kv_format, role=role, block_size=block_size), x.dtype)
+    return torch.cat([kept, x[:, :, cut:]], dim=2)

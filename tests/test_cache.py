@@ -422,7 +422,7 @@ def test_quantized_history_equals_attention_over_dequantized_blocks(
     before quantization); chunks that straddle blocks, GQA, query groups, both layouts."""
     if backend == "triton" and TEST_DEVICE.type != "cuda" and os.environ.get("TRITON_INTERPRET") != "1":
         pytest.skip("the triton kernels run on CUDA or under TRITON_INTERPRET=1")
-    from omnimem.store.formats import dequantize, quantize
+    from .reference import stored_history
 
     config = OmniMemConfig(block_size=4, top_k=2, sink_tokens=4, local_tokens=6, backend=backend,
                            query_group_size=groups)  # fmt: skip
@@ -436,15 +436,8 @@ def test_quantized_history_equals_attention_over_dequantized_blocks(
             q = torch.randn(2, 4, length, 8, generator=gen)
             k, v = torch.randn(2, 2, length, 8, generator=gen), torch.randn(2, 2, length, 8, generator=gen)
             got = cache.attend_at(*(x.to(TEST_DEVICE) for x in (q, k, v)), start=start)
-            whole = start // 4 * 4
             stored = [
-                torch.cat(
-                    [dequantize(quantize(x[:, :, :whole], kv_format, role=r, block_size=4)), x[:, :, whole:]],
-                    2,
-                )
-                if whole
-                else x
-                for x, r in ((keys, "key"), (values, "value"))
+                stored_history(x, start, kv_format, r, 4) for x, r in ((keys, "key"), (values, "value"))
             ]
             k_all, v_all = torch.cat([keys, k], 2), torch.cat([values, v], 2)
             selection = select_blocks(q, k_all, history_len=start, config=config.replace(backend="dense"))

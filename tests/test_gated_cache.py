@@ -298,8 +298,7 @@ def test_quantized_history_equals_the_layer_over_dequantized_blocks(
     length, GQA, partial blocks; poisoned allocations). Its bytes: no native history buffer."""
     if backend == "triton" and TEST_DEVICE.type != "cuda" and os.environ.get("TRITON_INTERPRET") != "1":
         pytest.skip("the triton kernels run on CUDA or under TRITON_INTERPRET=1")
-    from omnimem.store.formats import dequantize, quantize
-
+    from .reference import stored_history
     from .reference_gated import reference_gated_attention
 
     gen = torch.Generator().manual_seed(3)
@@ -321,14 +320,8 @@ def test_quantized_history_equals_the_layer_over_dequantized_blocks(
             got = cache.attend(*(x.to(TEST_DEVICE) for x in (q, k, v, gates)), start=start)
             k_all, v_all = torch.cat([keys, k], 2), torch.cat([values, v], 2)
             live = cache._live_start(start, start + length)  # blocks before it are read quantized
-            stored_k, stored_v = k_all.clone(), v_all.clone()
-            if live:
-                stored_k[:, :, :live] = dequantize(
-                    quantize(k_all[:, :, :live], kv_format, role="key", block_size=bs)
-                )
-                stored_v[:, :, :live] = dequantize(
-                    quantize(v_all[:, :, :live], kv_format, role="value", block_size=bs)
-                )
+            stored_k = stored_history(k_all, live, kv_format, "key", bs)
+            stored_v = stored_history(v_all, live, kv_format, "value", bs)
             ref = reference_gated_attention(
                 q, k_all, v_all, gates, history_len=start, selected_k=stored_k, selected_v=stored_v,
                 **rules,
