@@ -681,6 +681,11 @@ class OmniMemCache:
             dtype, torch.dtype
         ):  # else the constructor says
             total = num_layers * _history_bytes(*sizes, dtype)
+            kv_format = kwargs.get("kv_format", "native")
+            if kv_format in ("fp8", "int4"):  # quantized: the device holds what kv_cache_bytes counts
+                names = ("max_chunk_tokens", "batch", "num_kv_heads", "head_dim")
+                per_layer = dict(zip(names, sizes[1:], strict=True), config=kwargs.get("config"))
+                total = num_layers * kv_cache_bytes(capacity, **per_layer, dtype=dtype, kv_format=kv_format)
             if kwargs.get("offload") is True:
                 check_host_memory(total)
             else:

@@ -307,7 +307,8 @@ def _first_allocation_check(
                 advice = (
                     "lower max_frames"
                     if offload
-                    else "patch_causal_wan(..., offload=True) keeps the history in host memory"
+                    else "patch_causal_wan(..., offload=True) keeps the history in host memory, "
+                    "kv_format='fp8' or 'int4' quantizes it on the device"
                 )
                 raise ValueError(
                     f"the caches of the {layers} patched layers at max_frames={max_frames} ({frame_tokens} "

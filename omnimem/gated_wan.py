@@ -9,6 +9,7 @@ through a [`GatedCache`][omnimem.GatedCache] (docs/gated.md, "Drop-in for the au
 
 from __future__ import annotations
 
+import weakref
 from collections.abc import Callable, Mapping, Sequence
 
 import torch
@@ -45,9 +46,16 @@ def wan_rope_freqs(head_dim: int, positions: int = 1024, theta: float = 10000.0)
     return torch.cat(parts, dim=1)
 
 
-# Wan's tables verified once per tensor (data pointer, shape, device) and their extensions.
+# Wan's tables verified once per table tensor (forgotten when it is freed) and their extensions.
+# A model that builds a new table every forward pays the check (a host sync) per call past it.
 _CHECKED_TABLES: dict[tuple, bool] = {}
 _EXTENDED_TABLES: dict[tuple, torch.Tensor] = {}
+
+
+def _forget_table(key: tuple) -> None:
+    _CHECKED_TABLES.pop(key, None)
+    for cached in [k for k in _EXTENDED_TABLES if k[: len(key)] == key]:
+        del _EXTENDED_TABLES[cached]
 
 
 def rope_table_for(freqs: torch.Tensor, frames: int) -> torch.Tensor:
@@ -62,13 +70,14 @@ def rope_table_for(freqs: torch.Tensor, frames: int) -> torch.Tensor:
     """
     if frames <= freqs.shape[0]:
         return freqs
-    key = (freqs.data_ptr(), tuple(freqs.shape), freqs.dtype, str(freqs.device))
-    if key not in _CHECKED_TABLES:  # one host comparison per table, never again
+    key = (id(freqs), freqs.data_ptr(), tuple(freqs.shape), freqs.dtype, str(freqs.device))
+    if key not in _CHECKED_TABLES:  # one host comparison per table tensor, never again
         head_dim = 2 * freqs.shape[1]
         wan = wan_rope_freqs(head_dim, positions=freqs.shape[0])
         _CHECKED_TABLES[key] = freqs.dtype == wan.dtype and torch.allclose(
             freqs.cpu(), wan, rtol=0, atol=1e-12
         )
+        weakref.finalize(freqs, _forget_table, key)  # another tensor may reuse its address
     if not _CHECKED_TABLES[key]:
         raise ValueError(
             f"latent frame {frames - 1} is past the model's RoPE table of {freqs.shape[0]} frames, and the "

@@ -154,3 +154,9 @@ def test_rope_table_for_extends_wan_tables_only():
     torch.testing.assert_close(longer[:1100], wan_rope_freqs(16, positions=1100), atol=0, rtol=0)
     with pytest.raises(ValueError, match=r"RoPE table of 1024 frames.*max_frames <= 1024"):
         rope_table_for(wan_rope_freqs(16, theta=500.0), 1025)
+    # A table's verdict dies with it: a later table at the same address is checked afresh.
+    from omnimem import gated_wan
+
+    before = len(gated_wan._CHECKED_TABLES)
+    rope_table_for(wan_rope_freqs(16, positions=8), 9)
+    assert len(gated_wan._CHECKED_TABLES) == before  # the temporary table is gone, and its entry
