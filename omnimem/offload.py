@@ -402,6 +402,30 @@ class QuantizedStage(HostOffload):
         )  # fmt: skip
         self.copy_stream = None
 
+    def attend(self, cache, q: torch.Tensor, k_chunk: torch.Tensor, v_chunk: torch.Tensor, return_lse: bool):
+        if cache.config.backend != "triton":
+            return super().attend(cache, q, k_chunk, v_chunk, return_lse)  # stage, dequantized
+        # The triton backend reads the store's bytes in place: nothing is staged. The chunk goes
+        # after the partial block in the current work buffer: [partial | chunk] is the tail.
+        from omnimem.backends.quantized_attention import quantized_attention
+        from omnimem.backends.triton import tile_tables
+
+        history_len, chunk_len = cache.history_len, k_chunk.shape[2]
+        tail_end = self.partial_start + history_len % self.block_size + chunk_len
+        tail_k, tail_v = (t[:, :, self.partial_start : tail_end] for t in self.work[self.current])
+        tail_k[:, :, tail_k.shape[2] - chunk_len :] = k_chunk
+        tail_v[:, :, tail_v.shape[2] - chunk_len :] = v_chunk
+        selection = cache.selection(q)
+        block_m = 64 if q.device.type == "cuda" else 16
+        block_idx, num_blocks = tile_tables(selection, q_len=q.shape[2], block_m=block_m)
+        out, lse = quantized_attention(
+            q, self.store, tail_k, tail_v, block_idx=block_idx, num_blocks=num_blocks,
+            block_attended=selection.attended_block_mask() if selection.num_query_groups > 1 else None,
+            history_len=history_len, chunk_len=chunk_len, query_group_size=selection.query_group_size,
+            scale=cache.config.scale or q.shape[-1] ** -0.5, return_lse=return_lse, block_m=block_m,
+        )  # fmt: skip
+        return (out, lse) if return_lse else out
+
     def _stage(self, cache, dst, previous, source: torch.Tensor, source_block: torch.Tensor) -> None:
         from_store = source == SOURCE_HOST
         # The device sources first (the host slots skipped), then the store's, dequantized.

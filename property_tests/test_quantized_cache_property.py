@@ -41,10 +41,15 @@ def _chunk(gen, case, length):
 
 
 @settings(max_examples=examples(12))
-@given(case=rollouts(), groups=st.sampled_from([None, 2]), local=st.integers(0, 8))
-def test_quantized_omnimem_cache_equals_the_reference(case, groups, local):
+@given(
+    case=rollouts(),
+    groups=st.sampled_from([None, 2]),
+    local=st.integers(0, 8),
+    backend=st.sampled_from(["gather", "triton"]),  # triton: the kernel reading the bytes in place
+)
+def test_quantized_omnimem_cache_equals_the_reference(case, groups, local, backend):
     bs = case["block_size"]
-    config = OmniMemConfig(block_size=bs, top_k=2, sink_tokens=bs, local_tokens=local, backend="gather",
+    config = OmniMemConfig(block_size=bs, top_k=2, sink_tokens=bs, local_tokens=local, backend=backend,
                            query_group_size=groups)  # fmt: skip
     dense = config.replace(backend="dense")
     cache = OmniMemCache(
