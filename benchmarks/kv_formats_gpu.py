@@ -1,0 +1,127 @@
+"""The sparse ``triton`` call over a quantized history (fp8, int4) beside the bf16 cache, at
+Wan2.1-1.3B shapes (GPU; one device call). Issue 36's speed and bytes bars.
+
+Per history length: bf16 keys/values, a selection from their block sums (the same for every
+format: selection reads the native keys), the whole blocks quantized into a ``QuantizedBlocks``
+store, the partial block and the chunk in a native tail. Each format's kernel output is checked
+against a float32 attention over exactly the attended tokens of the *dequantized* history (the
+kernel's correctness), and its error against the bf16 cache's output is reported (the format's
+cost). Timed with ``triton.testing.do_bench`` (median): the bf16 run step
+(``triton_backend.forward``, on Hopper the Gluon kernel) and the quantized kernel per format and
+tile configuration. Bytes: the store's against the bf16 history's.
+
+    python benchmarks/kv_formats_gpu.py [--histories 369720] [--top-k 32] [--json out.json]
+"""
+
+from __future__ import annotations
+
+import argparse
+import functools
+import json
+
+import torch
+from attention_gpu import FRAME_TOKENS, bench, environment, gather_reference
+from backends_gpu import make_inputs, rel_err
+
+from omnimem import OmniMemConfig, select_blocks
+from omnimem.backends import triton as triton_backend
+from omnimem.backends.quantized_attention import dequantized_history, quantized_attention
+from omnimem.kernels.block_sums import block_sums
+from omnimem.store.blocks import QuantizedBlocks
+
+# Tile configurations of the quantized kernel (keyword arguments of quantized_attention).
+VARIANTS = [
+    dict(block_m=64, block_n=64, num_warps=4),
+    dict(block_m=128, block_n=64, num_warps=8),
+    dict(block_m=128, block_n=128, num_warps=8),
+    dict(block_m=64, block_n=128, num_warps=4),
+]
+
+
+def run_shape(heads: int, history_len: int, top_k: int, chunk_len: int) -> dict:
+    q, k, v = make_inputs(heads, history_len, chunk_len)
+    scale, bs = 128**-0.5, 128
+    config = OmniMemConfig(block_size=bs, top_k=top_k, sink_tokens=FRAME_TOKENS, local_tokens=chunk_len)
+    history = torch.tensor(history_len, device="cuda")
+    sel = select_blocks(
+        q, k, history_len=history_len, config=config, key_block_sums=block_sums(k, history, bs)
+    )
+    row = dict(heads=heads, history=history_len, top_k=top_k, chunk=chunk_len)
+    bf16 = triton_backend.forward(
+        q, k, v, sel, chunk_len=chunk_len, scale=scale, return_lse=False, config=config
+    )[0]
+    ref = gather_reference(q, k, v, sel, history_len, chunk_len, scale)
+    row["bf16"] = dict(ms=bench(lambda: triton_backend.forward(
+        q, k, v, sel, chunk_len=chunk_len, scale=scale, return_lse=False, config=config)),
+        err_vs_float32=rel_err(bf16, ref), history_bytes=2 * k[:, :, :history_len].numel() * 2)  # fmt: skip
+    whole = history_len // bs * bs
+    for kv_format in ("fp8", "int4"):
+        store = QuantizedBlocks(kv_format, batch=1, num_kv_heads=heads, capacity=history_len, head_dim=128,
+                                block_size=bs, device=q.device)  # fmt: skip
+        store.write(0, k[:, :, :whole], v[:, :, :whole])
+        tail_k, tail_v = k[:, :, whole:], v[:, :, whole:]
+        result = dict(history_bytes=store.nbytes + 2 * (history_len - whole) * heads * 128 * 2)
+        result["bytes_vs_bf16"] = result["history_bytes"] / row["bf16"]["history_bytes"]
+        read_k, read_v = dequantized_history(
+            store, tail_k, tail_v, history_len=history_len, dtype=torch.bfloat16
+        )
+        want = gather_reference(q, read_k, read_v, sel, history_len, chunk_len, scale)
+        del read_k, read_v
+        result["variants"] = []
+        for variant in VARIANTS:
+            block_idx, num_blocks = triton_backend.tile_tables(
+                sel, q_len=chunk_len, block_m=variant["block_m"]
+            )
+
+            run = functools.partial(
+                quantized_attention, q, store, tail_k, tail_v, block_idx=block_idx, num_blocks=num_blocks,
+                block_attended=None, history_len=history_len, chunk_len=chunk_len,
+                query_group_size=chunk_len, scale=scale, return_lse=False, **variant,
+            )  # fmt: skip
+
+            try:
+                out = run()[0]
+                result["variants"].append(dict(
+                    **variant, ms=bench(run), err_vs_dequantized=rel_err(out, want),
+                    err_vs_bf16_cache=rel_err(out, bf16.float()),
+                ))  # fmt: skip
+            except Exception as err:  # a tile configuration that does not compile: say so, go on
+                result["variants"].append(dict(**variant, error=str(err).splitlines()[0][:200]))
+        timed = [r for r in result["variants"] if "ms" in r]
+        result["best"] = min(timed, key=lambda r: r["ms"]) if timed else None
+        row[kv_format] = result
+    return row
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--histories", type=int, nargs="+", default=[369720], help="history tokens")
+    parser.add_argument("--heads", type=int, default=12)
+    parser.add_argument("--top-k", type=int, default=32)
+    parser.add_argument("--chunk-tokens", type=int, default=3 * FRAME_TOKENS)
+    parser.add_argument("--json", default=None)
+    args = parser.parse_args()
+    rows = [run_shape(args.heads, h, args.top_k, args.chunk_tokens) for h in args.histories]
+    result = dict(environment=environment(), rows=rows)
+    if args.json:
+        with open(args.json, "w") as f:
+            json.dump(result, f, indent=1)
+    print(result["environment"])
+    head = ("history", "format", "ms", "x bf16", "bytes x", "err kernel", "err vs bf16")
+    print("{:>8} {:>6} {:>7} {:>7} {:>8} {:>11} {:>11}".format(*head))
+    for row in rows:
+        base, bf16 = row["bf16"]["ms"], row["bf16"]
+        print(f"{row['history']:>8} {'bf16':>6} {base:7.3f} {1:7.2f} {1:8.3f} {bf16['err_vs_float32']:11.2e}")
+        for kv_format in ("fp8", "int4"):
+            r, best = row[kv_format], row[kv_format]["best"]
+            if best is None:
+                print(f"{row['history']:>8} {kv_format:>6} failed: {r['variants']}")
+                continue
+            errors = f"{best['err_vs_dequantized']:11.2e} {best['err_vs_bf16_cache']:11.2e}"
+            tile = f"({best['block_m']}x{best['block_n']}, {best['num_warps']} warps)"
+            timing = f"{best['ms']:7.3f} {best['ms'] / base:7.2f} {r['bytes_vs_bf16']:8.3f}"
+            print(f"{row['history']:>8} {kv_format:>6} {timing} {errors}  {tile}")
+
+
+if __name__ == "__main__":
+    main()
