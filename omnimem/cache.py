@@ -37,11 +37,11 @@ from omnimem.offload import (
     QuantizedStage,
     check_device_memory,
     check_host_memory,
-    host_zeros,
 )
 from omnimem.selection import Selection, block_key_sums, gather_block_union
 from omnimem.sizing import kv_cache_bytes
 from omnimem.store.formats import check_kv_format
+from omnimem.store.host import host_zeros
 
 
 class OmniMemCache:

@@ -22,7 +22,8 @@ from __future__ import annotations
 
 import torch
 
-from omnimem.offload import SOURCE_HOST, SOURCE_NONE, host_zeros, stage
+from omnimem.offload import SOURCE_HOST, SOURCE_NONE, stage
+from omnimem.store.host import host_zeros
 
 
 class GatedHostOffload:

@@ -1,7 +1,7 @@
 """``QuantizedBlocks``: a history's keys and values, whole blocks, in a quantized format on one
-device (``omnimem.store.formats``). Blocks are written once, from native keys and values, and
-read back dequantized by block index: the reference path that kernels reading the bytes in
-place will replace (docs/memory.md)."""
+device or in (pinned) host memory (``omnimem.store.formats``). Blocks are written once, from
+native keys and values; kernels read them in place (``backends/quantized_attention.py``);
+``rows`` reads them back dequantized by block index (the reference path, docs/memory.md)."""
 
 from __future__ import annotations
 
@@ -10,12 +10,14 @@ import math
 import torch
 
 from omnimem.store.formats import QuantizedKV, dequantize, quantize
+from omnimem.store.host import host_zeros
 
 
 class QuantizedBlocks:
     """Keys and values of ``capacity`` tokens in ``block_size``-token blocks, ``kv_format``.
 
-    Storage (``[B, H, slots * block_size, ...]`` rows, slot-major scales), all on ``device``:
+    Storage (``[B, H, slots * block_size, ...]`` rows, slot-major scales), all on ``device``
+    (``host=True``: in host memory, page-locked when ``device`` is a GPU):
     fp8: float8 e4m3 rows and one float32 scale per (batch, head, block) for keys and values;
     int4: packed rows, bfloat16 scale and minimum per (block, channel) for keys, per token for
     values. ``nbytes`` is what ``kv_cache_bytes(..., kv_format=...)`` counts for the history.
@@ -30,30 +32,37 @@ class QuantizedBlocks:
         capacity: int,
         head_dim: int,
         block_size: int,
-        device: torch.device,
+        device: torch.device | str,
+        host: bool = False,
     ) -> None:
         if kv_format not in ("fp8", "int4"):
             raise ValueError(f"QuantizedBlocks kv_format must be 'fp8' or 'int4', got {kv_format!r}")
         self.kv_format, self.block_size, self.head_dim = kv_format, block_size, head_dim
         self.slots = math.ceil(capacity / block_size)
         rows = (batch, num_kv_heads, self.slots * block_size)
+
+        device = torch.empty(0, device=device).device
+        pin = device.type == "cuda"
+
+        def zeros(shape: tuple[int, ...], dtype: torch.dtype, fill: float = 0.0) -> torch.Tensor:
+            # host: the offloaded tier, page-locked so that copies to the device run asynchronously
+            x = host_zeros(shape, dtype, pin=pin) if host else torch.zeros(shape, dtype=dtype, device=device)
+            return x.fill_(fill) if fill else x
+
         if kv_format == "fp8":
             data = (*rows, head_dim)
-            self.k = torch.zeros(data, dtype=torch.float8_e4m3fn, device=device)
-            self.v = torch.zeros(data, dtype=torch.float8_e4m3fn, device=device)
+            self.k, self.v = zeros(data, torch.float8_e4m3fn), zeros(data, torch.float8_e4m3fn)
             per_block = (batch, num_kv_heads, self.slots)
-            self.k_scale = torch.ones(per_block, dtype=torch.float32, device=device)
-            self.v_scale = torch.ones(per_block, dtype=torch.float32, device=device)
+            self.k_scale = zeros(per_block, torch.float32, 1.0)
+            self.v_scale = zeros(per_block, torch.float32, 1.0)
             self.k_min = self.v_min = None
         else:
             data = (*rows, math.ceil(head_dim / 2))
-            self.k = torch.zeros(data, dtype=torch.uint8, device=device)
-            self.v = torch.zeros(data, dtype=torch.uint8, device=device)
+            self.k, self.v = zeros(data, torch.uint8), zeros(data, torch.uint8)
             per_channel = (batch, num_kv_heads, self.slots, head_dim)
-            self.k_scale = torch.ones(per_channel, dtype=torch.bfloat16, device=device)
-            self.k_min = torch.zeros(per_channel, dtype=torch.bfloat16, device=device)
-            self.v_scale = torch.ones(rows, dtype=torch.bfloat16, device=device)
-            self.v_min = torch.zeros(rows, dtype=torch.bfloat16, device=device)
+            self.k_scale = zeros(per_channel, torch.bfloat16, 1.0)
+            self.k_min = zeros(per_channel, torch.bfloat16)
+            self.v_scale, self.v_min = zeros(rows, torch.bfloat16, 1.0), zeros(rows, torch.bfloat16)
 
     def __repr__(self) -> str:
         b, h = self.k.shape[:2]
@@ -66,6 +75,29 @@ class QuantizedBlocks:
     def nbytes(self) -> int:
         tensors = (self.k, self.v, self.k_scale, self.v_scale, self.k_min, self.v_min)
         return sum(t.numel() * t.element_size() for t in tensors if t is not None)
+
+    def pairs(self) -> list[tuple[tuple[torch.Tensor, torch.Tensor], int]]:
+        """The store as ``((a, b), rows_per_block)`` pairs of ``[B, H, rows, C]`` tensors (``a`` and
+        ``b`` of one shape; per-block or per-token scales get a unit last dim): block ``j`` is
+        rows ``[j * rows_per_block, (j + 1) * rows_per_block)`` of each. What copying blocks
+        between stores moves (``omnimem.offload.stage``)."""
+        bs = self.block_size
+        if self.kv_format == "fp8":
+            return [((self.k, self.v), bs), ((self.k_scale[..., None], self.v_scale[..., None]), 1)]
+        return [
+            ((self.k, self.v), bs),
+            ((self.k_scale, self.k_min), 1),
+            ((self.v_scale[..., None], self.v_min[..., None]), bs),
+        ]
+
+    def copy_blocks_(self, src: QuantizedBlocks, first: int, src_first: int, count: int) -> None:
+        """Blocks ``[src_first, src_first + count)`` of ``src`` into ``[first, first + count)``
+        (asynchronous between pinned host and device memory on the current stream)."""
+        for (dst_pair, rows), (src_pair, _) in zip(self.pairs(), src.pairs(), strict=True):
+            for dst, source in zip(dst_pair, src_pair, strict=True):
+                dst[:, :, first * rows : (first + count) * rows].copy_(
+                    source[:, :, src_first * rows : (src_first + count) * rows], non_blocking=True
+                )
 
     def write(self, first_block: int, k: torch.Tensor, v: torch.Tensor) -> None:
         """Quantize ``k``, ``v`` ``[B, H, n * block_size, D]`` (whole blocks) into blocks
