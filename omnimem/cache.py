@@ -34,13 +34,14 @@ from omnimem.config import OmniMemConfig
 from omnimem.offload import (
     HostOffload,
     OffloadStats,
+    QuantizedOffload,
     QuantizedStage,
     check_device_memory,
     check_host_memory,
 )
 from omnimem.selection import Selection, block_key_sums, gather_block_union
 from omnimem.sizing import kv_cache_bytes
-from omnimem.store.formats import check_kv_format
+from omnimem.store.formats import check_kv_format, token_bytes
 from omnimem.store.host import host_zeros
 
 
@@ -67,10 +68,11 @@ class OmniMemCache:
         kv_format: ``"native"`` (``dtype``, default), ``"fp8"`` or ``"int4"`` (docs/memory.md):
             every whole history block is kept quantized on the device, quantized once when a
             commit completes it; the partial last block and the chunk stay native, and the block
-            sums come from the native keys (selection unchanged). Each call stages its blocks
-            like an offloaded cache, dequantized. Results equal attention over the history with
-            its whole blocks dequantized. Not with ``offload``, ``cuda_graphs``, ``rewind``,
-            ``state_dict`` or gradients yet.
+            sums come from the native keys (selection unchanged). With ``offload`` the quantized
+            blocks live in host memory and each call stages the bytes of the blocks it selects.
+            The triton backend reads the quantized bytes in place; the others dequantize what
+            they read. Results equal attention over the history with its whole blocks
+            dequantized. Not with ``cuda_graphs``, ``rewind``, ``state_dict`` or gradients yet.
         cuda_graphs: replay each ``attend`` from a CUDA graph captured on its first call per
             query shape (triton backend, resident CUDA caches): the host launches one graph
             instead of about a dozen kernels (~0.9 ms of Python per call on a slow host, ~0.05
@@ -127,10 +129,10 @@ class OmniMemCache:
     ) -> None:
         check_kv_format(kv_format, owner="OmniMemCache kv_format")
         quantized = kv_format != "native"
-        if quantized and (offload or cuda_graphs):
+        if quantized and cuda_graphs:
             raise ValueError(
-                f"OmniMemCache(kv_format={kv_format!r}) with offload=True or cuda_graphs=True is not "
-                "supported yet: the quantized history is kept on the device and staged per call"
+                f"OmniMemCache(kv_format={kv_format!r}) with cuda_graphs=True is not supported yet: "
+                "use cuda_graphs=False (a quantized history's call plans on the host)"
             )
         for name, value in (
             ("capacity", capacity),
@@ -172,11 +174,15 @@ class OmniMemCache:
             )
         self.kv_format = kv_format
         if quantized:  # no native history buffer: a shape-only stand-in (no memory)
-            need = kv_cache_bytes(
-                capacity, max_chunk_tokens=max_chunk_tokens, batch=batch, num_kv_heads=num_kv_heads,
-                head_dim=head_dim, dtype=dtype, config=self.config, kv_format=kv_format,
+            sizes = dict(
+                max_chunk_tokens=max_chunk_tokens, batch=batch, num_kv_heads=num_kv_heads, head_dim=head_dim,
+                dtype=dtype, config=self.config, kv_format=kv_format,
             )  # fmt: skip
-            check_device_memory(need, self.device)
+            check_device_memory(kv_cache_bytes(capacity, **sizes, offload=offload), self.device)
+            if offload:  # the quantized history itself, in host memory
+                bs = self.config.block_size
+                per_token = token_bytes(kv_format, head_dim=head_dim, block_size=bs)
+                check_host_memory(math.ceil(per_token * math.ceil(capacity / bs) * bs * batch * num_kv_heads))
         else:
             history_bytes = _history_bytes(capacity, max_chunk_tokens, batch, num_kv_heads, head_dim, dtype)
             (check_host_memory if offload else functools.partial(check_device_memory, device=self.device))(
@@ -203,7 +209,7 @@ class OmniMemCache:
         self.history_len = 0
         # The history's tier: host memory (offload), quantized blocks on the device, or none.
         if quantized:
-            self._offload = QuantizedStage(self, kv_format)
+            self._offload = (QuantizedOffload if offload else QuantizedStage)(self, kv_format)
         else:
             self._offload = HostOffload(self) if offload else None
         # cuda_graphs: (query shape, dtype, chunk, lse, storage) -> (graph, static q, static out);

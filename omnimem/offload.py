@@ -195,13 +195,22 @@ def staging_sizes(config, length: int, max_chunk_tokens: int) -> tuple[int, int,
 class HostOffload:
     """Device side of an offloaded ``OmniMemCache`` (see the module docstring)."""
 
+    NATIVE_STAGING = True  # staged blocks are native rows of the work buffers
+
     def __init__(self, cache) -> None:
         batch, heads, length, head_dim = cache.k.shape
         config, bs = cache.config, cache.config.block_size
         self.block_size = bs
         self.num_blocks = math.ceil(length / bs)  # the cache's block slots; also "no block"
         self.num_staged, work_len, fresh_len = staging_sizes(config, length, cache.max_chunk_tokens)
+        # The work buffers' token numbering: staged blocks, then the history's partial block
+        # (at partial_start) and the chunk. Native staging keeps all of it in the native
+        # buffers; a quantized one stages into quantized stores and keeps only the tail
+        # [partial | chunk] natively, from tail_start.
         self.partial_start = self.num_staged * bs
+        self.tail_start = self.partial_start if self.NATIVE_STAGING else 0
+        blocks_in_work = math.ceil(work_len / bs)  # of the numbering: the remapped table's width
+        work_len -= self.partial_start - self.tail_start
 
         # Device buffers in the cache's layout: chunk writes and commit copies to the host are
         # then plain memory copies.
@@ -226,7 +235,7 @@ class HostOffload:
         # buffer's history length.
         self.bounds = torch.zeros(3, dtype=torch.long, device=cache.device)
         self.work_history = torch.full((), self.partial_start, dtype=torch.long, device=cache.device)
-        self.no_fixed_blocks = torch.zeros(math.ceil(work_len / bs), dtype=torch.bool, device=cache.device)
+        self.no_fixed_blocks = torch.zeros(blocks_in_work, dtype=torch.bool, device=cache.device)
         # The last call's staged blocks (ascending; num_blocks = an empty slot).
         self.staged_block = torch.full(
             (batch, heads, self.num_staged), self.num_blocks, dtype=torch.long, device=cache.device
@@ -259,10 +268,10 @@ class HostOffload:
 
     def _write_partial(self, k: torch.Tensor, v: torch.Tensor) -> None:
         """The history's partial last block, into both work buffers."""
-        end = self.partial_start + k.shape[2]
+        end = self.tail_start + k.shape[2]
         for work_k, work_v in self.work:
-            work_k[:, :, self.partial_start : end] = k
-            work_v[:, :, self.partial_start : end] = v
+            work_k[:, :, self.tail_start : end] = k
+            work_v[:, :, self.tail_start : end] = v
 
     def load_tail(self, cache) -> None:
         """Copy the history's partial last block from the host (after a restore)."""
@@ -327,8 +336,8 @@ class HostOffload:
         self.wait_for_copies()  # `fresh` is the source of the previous commit's copy
         fresh_k, fresh_v = self.fresh
         work_k, work_v = self.work[self.current]
-        fresh_k[:, :, :partial] = work_k[:, :, self.partial_start : self.partial_start + partial]
-        fresh_v[:, :, :partial] = work_v[:, :, self.partial_start : self.partial_start + partial]
+        fresh_k[:, :, :partial] = work_k[:, :, self.tail_start : self.tail_start + partial]
+        fresh_v[:, :, :partial] = work_v[:, :, self.tail_start : self.tail_start + partial]
         fresh_k[:, :, partial : partial + k_chunk.shape[2]] = k_chunk
         fresh_v[:, :, partial : partial + v_chunk.shape[2]] = v_chunk
         # The block-aligned slice the resident cache sums, from the device copy: the same bits.
@@ -363,6 +372,32 @@ class HostOffload:
                 self.copied.record(self.copy_stream)
 
 
+def quantized_run(cache, q, store, tail, selection, history_len: int, return_lse: bool):
+    """Attention of ``q`` over the whole blocks of ``store`` its ``selection`` names (block
+    numbering of the store; ``history_len`` tokens, the partial block and the chunk in ``tail``):
+    with the triton backend the kernel that reads the bytes in place, otherwise the reference
+    path (the store dequantized whole, then the backend)."""
+    from omnimem.backends.quantized_attention import dequantized_history, quantized_attention
+    from omnimem.backends.triton import tile_tables
+
+    chunk_len = tail[0].shape[2] - history_len % store.block_size
+    if cache.config.backend != "triton":
+        k, v = dequantized_history(store, *tail, history_len=history_len, dtype=tail[0].dtype)
+        pad = selection.num_history_blocks * store.block_size - k.shape[2]  # the table's numbering
+        k, v = (torch.nn.functional.pad(x, (0, 0, 0, max(pad, 0))) for x in (k, v))
+        return sparse_attention(q, k, v, history_len=history_len, chunk_len=chunk_len, config=cache.config,
+                                return_lse=return_lse, selection=selection)  # fmt: skip
+    block_m = 64 if q.device.type == "cuda" else 16
+    block_idx, num_blocks = tile_tables(selection, q_len=q.shape[2], block_m=block_m)
+    out, lse = quantized_attention(
+        q, store, *tail, block_idx=block_idx, num_blocks=num_blocks,
+        block_attended=selection.attended_block_mask() if selection.num_query_groups > 1 else None,
+        history_len=history_len, chunk_len=chunk_len, query_group_size=selection.query_group_size,
+        scale=cache.config.scale or q.shape[-1] ** -0.5, return_lse=return_lse, block_m=block_m,
+    )  # fmt: skip
+    return (out, lse) if return_lse else out
+
+
 class QuantizedStage(HostOffload):
     """Device side of an ``OmniMemCache(kv_format="fp8" | "int4")``: the offload staging with
     the history's whole blocks as quantized blocks on the device (``QuantizedBlocks``) in place
@@ -388,24 +423,14 @@ class QuantizedStage(HostOffload):
             return super().attend(cache, q, k_chunk, v_chunk, return_lse)  # stage, dequantized
         # The triton backend reads the store's bytes in place: nothing is staged. The chunk goes
         # after the partial block in the current work buffer: [partial | chunk] is the tail.
-        from omnimem.backends.quantized_attention import quantized_attention
-        from omnimem.backends.triton import tile_tables
-
         history_len, chunk_len = cache.history_len, k_chunk.shape[2]
-        tail_end = self.partial_start + history_len % self.block_size + chunk_len
-        tail_k, tail_v = (t[:, :, self.partial_start : tail_end] for t in self.work[self.current])
+        tail_end = self.tail_start + history_len % self.block_size + chunk_len
+        tail_k, tail_v = (t[:, :, self.tail_start : tail_end] for t in self.work[self.current])
         tail_k[:, :, tail_k.shape[2] - chunk_len :] = k_chunk
         tail_v[:, :, tail_v.shape[2] - chunk_len :] = v_chunk
-        selection = cache.selection(q)
-        block_m = 64 if q.device.type == "cuda" else 16
-        block_idx, num_blocks = tile_tables(selection, q_len=q.shape[2], block_m=block_m)
-        out, lse = quantized_attention(
-            q, self.store, tail_k, tail_v, block_idx=block_idx, num_blocks=num_blocks,
-            block_attended=selection.attended_block_mask() if selection.num_query_groups > 1 else None,
-            history_len=history_len, chunk_len=chunk_len, query_group_size=selection.query_group_size,
-            scale=cache.config.scale or q.shape[-1] ** -0.5, return_lse=return_lse, block_m=block_m,
-        )  # fmt: skip
-        return (out, lse) if return_lse else out
+        return quantized_run(
+            cache, q, self.store, (tail_k, tail_v), cache.selection(q), history_len, return_lse
+        )
 
     def _stage(self, cache, dst, previous, source: torch.Tensor, source_block: torch.Tensor) -> None:
         from_store = source == SOURCE_HOST
@@ -432,3 +457,79 @@ class QuantizedStage(HostOffload):
         )
         fresh_k[:, :, :whole] = k_rows
         fresh_v[:, :, :whole] = v_rows
+
+
+class QuantizedOffload(HostOffload):
+    """Device side of an ``OmniMemCache(offload=True, kv_format="fp8" | "int4")``: the history's
+    whole blocks quantized in pinned host memory (``QuantizedBlocks(host=True)``), staged per
+    call as quantized bytes (the bus carries the format's bytes, scales included) into one of
+    two device stores, from the other one (the previous call's blocks), the last commit's
+    blocks (quantized on the device, then copied to the host on a side stream) or the host.
+    The native work buffers hold only the tail: the history's partial block and the chunk.
+    The triton backend reads the staged bytes in place; the others dequantize the staged store
+    (the reference path)."""
+
+    NATIVE_STAGING = False
+
+    def __init__(self, cache, kv_format: str) -> None:
+        super().__init__(cache)
+        from omnimem.store.blocks import QuantizedBlocks
+        from omnimem.store.formats import token_bytes
+
+        batch, heads, _, head_dim = cache.k.shape
+        bs = self.block_size
+        make = functools.partial(
+            QuantizedBlocks, kv_format, batch=batch, num_kv_heads=heads, head_dim=head_dim, block_size=bs,
+            device=cache.device,
+        )  # fmt: skip
+        self.host = make(capacity=cache.capacity, host=True)
+        self.stores = [make(capacity=self.num_staged * bs) for _ in range(2)]
+        self.fresh_store = make(capacity=self.fresh[0].shape[2])
+        self.block_bytes = round(token_bytes(kv_format, head_dim=head_dim, block_size=bs) * bs)
+
+    def attend(self, cache, q: torch.Tensor, k_chunk: torch.Tensor, v_chunk: torch.Tensor, return_lse: bool):
+        history_len, chunk_len = cache.history_len, k_chunk.shape[2]
+        partial = history_len % self.block_size
+        tail_k, tail_v = (t[:, :, : partial + chunk_len] for t in self.work[0])  # both hold the partial block
+        tail_k[:, :, partial:] = k_chunk
+        tail_v[:, :, partial:] = v_chunk
+        selection = cache.selection(q)
+        self.wait_for_copies()  # staging may read what a commit copied to the host
+        plan = _compiled_staging_plan() if self.compiled else staging_plan
+        staged, source, source_block, remapped, counts = plan(
+            selection.kv_block_idx, self.staged_block, self.bounds, self.num_staged, self.num_blocks
+        )
+        previous, dst = self.stores[self.current], self.stores[1 - self.current]
+        for (into, rows), (prev, _), (fresh, _), (host, _) in zip(
+            dst.pairs(), previous.pairs(), self.fresh_store.pairs(), self.host.pairs(), strict=True
+        ):
+            stage(into, prev, fresh, host, source, source_block, rows)
+        self.staged_block, self.current = staged, 1 - self.current
+        self.counters += counts
+        remapped_selection = dataclasses.replace(
+            selection, kv_block_idx=remapped, fixed_block_mask=self.no_fixed_blocks,
+            history_len=self.work_history, num_history_blocks=self.no_fixed_blocks.shape[0],
+            planned_history_len=None,
+        )  # fmt: skip
+        return quantized_run(
+            cache, q, dst, (tail_k, tail_v), remapped_selection, self.partial_start + partial, return_lse
+        )
+
+    def _keep(self, cache, start: int, end: int) -> None:
+        """Quantize the blocks ``[start, end)`` completes into the fresh store, then copy them to
+        the host store (side stream; ``wait_for_copies`` orders later readers)."""
+        bs = self.block_size
+        first, done = start // bs, end // bs
+        if done == first:
+            return
+        fresh_k, fresh_v = self.fresh
+        whole = (done - first) * bs
+        self.fresh_store.write(0, fresh_k[:, :, :whole], fresh_v[:, :, :whole])
+        if self.copy_stream is None:
+            self.host.copy_blocks_(self.fresh_store, first, 0, done - first)
+            return
+        self.copy_stream.wait_stream(torch.cuda.current_stream(cache.device))
+        with torch.cuda.stream(self.copy_stream):
+            self.host.copy_blocks_(self.fresh_store, first, 0, done - first)
+            self.copied = torch.cuda.Event()
+            self.copied.record(self.copy_stream)

@@ -28,7 +28,7 @@ def rollouts(draw):
         kv_heads=kv_heads,
         q_heads=kv_heads * draw(st.sampled_from([1, 2])),
         head_dim=draw(st.sampled_from([8, 9, 16])),
-        lengths=draw(st.lists(st.integers(1, 9), min_size=2, max_size=6)),
+        lengths=draw(st.lists(st.integers(1, 9), min_size=2, max_size=8)),
         layout=draw(st.sampled_from(["bhld", "blhd"])),
         seed=draw(st.integers(0, 2**16)),
     )
@@ -46,15 +46,17 @@ def _chunk(gen, case, length):
     groups=st.sampled_from([None, 2]),
     local=st.integers(0, 8),
     backend=st.sampled_from(["gather", "triton"]),  # triton: the kernel reading the bytes in place
+    offload=st.booleans(),  # the quantized bytes in host memory, staged per call
 )
-def test_quantized_omnimem_cache_equals_the_reference(case, groups, local, backend):
+def test_quantized_omnimem_cache_equals_the_reference(case, groups, local, backend, offload):
     bs = case["block_size"]
     config = OmniMemConfig(block_size=bs, top_k=2, sink_tokens=bs, local_tokens=local, backend=backend,
                            query_group_size=groups)  # fmt: skip
     dense = config.replace(backend="dense")
     cache = OmniMemCache(
-        64, max_chunk_tokens=9, batch=1, num_kv_heads=case["kv_heads"], head_dim=case["head_dim"],
+        80, max_chunk_tokens=9, batch=1, num_kv_heads=case["kv_heads"], head_dim=case["head_dim"],
         config=config, device=TEST_DEVICE, layout=case["layout"], kv_format=case["kv_format"],
+        offload=offload,
     )  # fmt: skip
     gen = torch.Generator().manual_seed(case["seed"])
     keys = values = torch.zeros(1, case["kv_heads"], 0, case["head_dim"])

@@ -169,9 +169,13 @@ def test_selection_is_what_attend_uses():
         cache.selection(chunk(9))
 
 
-def test_offload_reuses_blocks_across_denoising_steps():
+@pytest.mark.parametrize("kv_format", ["native", "fp8", "int4"])
+def test_offload_reuses_blocks_across_denoising_steps(kv_format):
+    """...and a quantized history crosses the bus as its format's bytes, scales included."""
+    from omnimem.store.formats import token_bytes
+
     config = OmniMemConfig(block_size=4, top_k=2, sink_tokens=4, local_tokens=4, backend="gather")
-    cache = make_cache(capacity=64, config=config, offload=True)
+    cache = make_cache(capacity=64, config=config, offload=True, kv_format=kv_format)
     for seed in range(6):
         cache.commit(chunk(8, seed=seed), chunk(8, seed=seed + 50))
     q = chunk(8, seed=99)
@@ -180,12 +184,16 @@ def test_offload_reuses_blocks_across_denoising_steps():
     # The local window comes from the last commit, kept on the device; the rest from the host.
     assert 0 < stats.hits < stats.requested
     fetched = stats.fetched_bytes
-    assert fetched == (stats.requested - stats.hits) * 2 * 4 * 8 * 4  # k and v, bs 4, D 8, fp32
+    block_bytes = token_bytes(kv_format, head_dim=8, block_size=4, itemsize=4) * 4  # k and v, bs 4, fp32
+    assert block_bytes == {"native": 256, "fp8": 72, "int4": 80}[kv_format]
+    assert fetched == (stats.requested - stats.hits) * block_bytes
     for _ in range(3):  # later denoising steps of the same chunk select the same blocks
         cache.attend(q, chunk(8), chunk(8))
     assert cache.offload_stats.fetched_bytes == fetched
     assert cache.offload_stats.hit_rate > stats.hit_rate
-    assert cache.k.device.type == "cpu" and cache.key_block_sums.device.type == torch.device(TEST_DEVICE).type
+    assert cache.key_block_sums.device.type == torch.device(TEST_DEVICE).type
+    history = cache.k if kv_format == "native" else cache._offload.host.k
+    assert history.device.type == "cpu"
 
 
 def test_offload_edges_are_clear_errors(monkeypatch):
@@ -461,5 +469,5 @@ def test_quantized_history_equals_attention_over_dequantized_blocks(
 def test_quantized_cache_validation():
     with pytest.raises(ValueError, match="OmniMemCache kv_format must be one of"):
         make_cache(kv_format="nf4")
-    with pytest.raises(ValueError, match="is not supported yet"):
-        make_cache(kv_format="fp8", offload=True)
+    with pytest.raises(ValueError, match="cuda_graphs=True is not supported yet"):
+        make_cache(kv_format="fp8", cuda_graphs=True)

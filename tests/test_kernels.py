@@ -46,7 +46,16 @@ def test_block_sums_kernel_matches_reference(
 
 @pytest.mark.parametrize(
     ("block_size", "head_dim", "host_flash_layout", "dtype"),
-    [(4, 8, False, torch.float32), (3, 5, True, torch.float32), (8, 16, True, torch.bfloat16)],
+    [
+        (4, 8, False, torch.float32),
+        (3, 5, True, torch.float32),
+        (8, 16, True, torch.bfloat16),
+        # what a quantized store stages: bytes, per-block scales (one row of one), per-token scales
+        (4, 8, False, torch.uint8),
+        (1, 1, False, torch.float32),
+        (1, 9, False, torch.bfloat16),
+        (5, 1, False, torch.bfloat16),
+    ],
 )
 def test_stage_blocks_kernel_matches_reference(block_size, head_dim, host_flash_layout, dtype):
     from omnimem.kernels.stage_blocks import stage_blocks

@@ -96,6 +96,34 @@ def test_quantized_omnimem_cache_allocates_what_kv_cache_bytes_says(kv_format, l
 
 @pytest.mark.parametrize("kv_format", ["fp8", "int4"])
 @pytest.mark.parametrize("layout", ["blhd", "bhld"])
+def test_offloaded_quantized_omnimem_cache_allocates_what_kv_cache_bytes_says(kv_format, layout):
+    """Offloaded and quantized: the device holds the block sums, two quantized staging stores,
+    the last commit's blocks quantized and the native tail, exactly kv_cache_bytes(offload=True,
+    kv_format=...), which grows with the capacity only by the block sums; the history is in
+    host memory at the format's bytes."""
+    from omnimem.store.formats import token_bytes
+
+    config = OmniMemConfig(block_size=7, top_k=3, sink_tokens=7, local_tokens=9)
+    sizes = dict(num_kv_heads=3, head_dim=9, batch=2, dtype=torch.bfloat16, config=config, max_chunk_tokens=9)
+    cache = OmniMemCache(119, **sizes, layout=layout, kv_format=kv_format, offload=True)
+    tier = cache._offload
+    native = [*tier.fresh, *(t for pair in tier.work for t in pair)]
+    held = (
+        sum(store.nbytes for store in (*tier.stores, tier.fresh_store))
+        + cache.key_block_sums.nbytes
+        + sum(t.untyped_storage().nbytes() for t in native)
+    )
+    assert all(t.device == cache.device for pair in tier.work for t in pair)
+    assert kv_cache_bytes(119, **sizes, kv_format=kv_format, offload=True) == held
+    assert tier.host.k.device.type == "cpu"
+    per_token = token_bytes(kv_format, head_dim=9, block_size=7) * 2 * 3
+    assert tier.host.nbytes == pytest.approx(119 * per_token, abs=1)
+    grown = kv_cache_bytes(238, **sizes, kv_format=kv_format, offload=True)
+    assert grown - held == 17 * 2 * 3 * 9 * 4  # only the float32 key sums of 17 more blocks
+
+
+@pytest.mark.parametrize("kv_format", ["fp8", "int4"])
+@pytest.mark.parametrize("layout", ["blhd", "bhld"])
 def test_quantized_gated_cache_allocates_what_kv_cache_bytes_says(kv_format, layout):
     """A quantized GatedCache holds the quantized blocks, the native live region and the block
     means on the device (no native history): exactly kv_cache_bytes(kv_format=...)."""

@@ -82,8 +82,9 @@ class QuantizedBlocks:
         rows ``[j * rows_per_block, (j + 1) * rows_per_block)`` of each. What copying blocks
         between stores moves (``omnimem.offload.stage``)."""
         bs = self.block_size
-        if self.kv_format == "fp8":
-            return [((self.k, self.v), bs), ((self.k_scale[..., None], self.v_scale[..., None]), 1)]
+        if self.kv_format == "fp8":  # bytes: kernels that copy rows need no float8 support
+            data = (self.k.view(torch.uint8), self.v.view(torch.uint8))
+            return [(data, bs), ((self.k_scale[..., None], self.v_scale[..., None]), 1)]
         return [
             ((self.k, self.v), bs),
             ((self.k_scale, self.k_min), 1),
