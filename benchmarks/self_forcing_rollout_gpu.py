@@ -15,7 +15,13 @@ does: 4 denoising passes and the clean pass, each a full forward at the chunk's 
 The history is random keys/values (selection is data-dependent, the work is not). Times per
 chunk are medians over ``--reps`` chunks (CUDA events), with peak GPU memory.
 
+With ``--kv-format fp8|int4`` only the quantized, offloaded omnimem cache runs (issue 36's
+scale bar: 960 frames, 4 minutes, which bf16 cannot hold): its history is written chunk by
+chunk through ``commit`` (quantized as a real rollout writes it), then one chunk is timed; the
+table gives its time, peak GPU memory and the host bytes of the quantized history.
+
     python benchmarks/self_forcing_rollout_gpu.py [--frames 237 60 18] [--json out.json]
+    python benchmarks/self_forcing_rollout_gpu.py --kv-format int4 --frames 960
 """
 
 from __future__ import annotations
@@ -63,12 +69,68 @@ def peak_gib() -> float:
     return torch.cuda.max_memory_allocated() / 2**30 if torch.cuda.is_available() else float("nan")
 
 
+def quantized_offloaded(args, blocks, frames: int, capacity: int, kwargs: dict, device, dtype) -> None:
+    """One chunk at ``frames`` of history with every layer's cache offloaded in ``kv_format``."""
+    begin = time.perf_counter()
+    caches = OmniMemCache.for_layers(LAYERS, capacity, offload=True, kv_format=args.kv_format, **kwargs)
+    allocated = time.perf_counter() - begin
+    heads, head_dim = kwargs["num_kv_heads"], kwargs["head_dim"]
+    gen = torch.Generator(device=device).manual_seed(1)
+    begin = time.perf_counter()
+    for cache in caches:  # the history as a rollout writes it: one commit per chunk
+        for _ in range(0, frames * FRAME, CHUNK):
+            k, v = (
+                torch.randn(1, heads, CHUNK, head_dim, device=device, dtype=dtype, generator=gen)
+                for _ in "kv"
+            )
+            cache.commit(k, v)
+    if device.type == "cuda":
+        torch.cuda.synchronize()
+    written = time.perf_counter() - begin
+    history = caches[0].history_len
+    x = torch.randn(1, CHUNK, heads * head_dim, device=device, dtype=dtype, generator=gen)
+    e = 0.1 * torch.randn(1, 6, x.shape[-1], device=device, dtype=dtype, generator=gen)
+    context = torch.randn(1, TEXT, x.shape[-1], device=device, dtype=dtype, generator=gen)
+    rope = rope_tables(torch.arange(history, history + CHUNK, device=device), head_dim)
+
+    def chunk() -> None:
+        with torch.no_grad():
+            for _ in range(5):  # 4 denoising passes + the clean pass, all at `history`
+                out = x
+                for layer, block in enumerate(blocks):
+                    attention = lambda q, k, v, c=caches[layer]: c.attend_at(  # noqa: E731
+                        q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2), start=history
+                    ).transpose(1, 2)
+                    out = block(out, e, context, rope, attention)
+
+    if device.type == "cuda":
+        torch.cuda.reset_peak_memory_stats()
+    ms = per_chunk_ms(chunk, args.reps)
+    stats = caches[0].offload_stats
+    row = dict(
+        kv_format=args.kv_format, frames=history // FRAME, history=history, ms=ms, peak_gib=peak_gib(),
+        host_gib=sum(c._offload.host.nbytes for c in caches) / 2**30, allocate_s=allocated, write_s=written,
+        layer0_hit_rate=stats.hit_rate, layer0_fetched_mib=stats.fetched_bytes / 2**20,
+        device=torch.cuda.get_device_name() if device.type == "cuda" else "cpu", torch=torch.__version__,
+        triton=triton.__version__, date=datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%d"),
+    )  # fmt: skip
+    print(json.dumps(row), flush=True)
+    print(
+        f"omnimem offloaded, {args.kv_format}, {row['frames']} frames ({history} tokens): {ms:.0f} ms/chunk, "
+        f"{row['peak_gib']:.1f} GiB peak GPU memory, {row['host_gib']:.1f} GiB host (quantized history)"
+    )
+    if args.json:
+        with open(args.json, "w") as fh:
+            json.dump(row, fh, indent=1)
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--frames", type=int, nargs="+", default=[237, 60, 18], help="history, latent frames")
     parser.add_argument("--reps", type=int, default=3)
     parser.add_argument("--no-offload", action="store_true")
     parser.add_argument("--smoke", action="store_true", help="a tiny model on CPU: checks the script runs")
+    parser.add_argument("--kv-format", default=None, help="fp8 or int4: the quantized offloaded cache alone")
     parser.add_argument("--json", default=None)
     args = parser.parse_args()
     global FRAME, CHUNK, LAYERS, TEXT, WINDOW
@@ -89,6 +151,9 @@ def main() -> None:
         max_chunk_tokens=CHUNK, batch=1, num_kv_heads=heads, head_dim=head_dim, config=config,
         dtype=dtype, device=device, layout="blhd",
     )  # fmt: skip
+    if args.kv_format:
+        quantized_offloaded(args, blocks, frames[0], capacity, kwargs, device, dtype)
+        return
     caches = OmniMemCache.for_layers(LAYERS, capacity, **kwargs)
     gen = torch.Generator(device=device).manual_seed(1)
     for cache in caches:  # random history, block sums as commits leave them

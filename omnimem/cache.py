@@ -40,8 +40,8 @@ from omnimem.offload import (
     check_host_memory,
 )
 from omnimem.selection import Selection, block_key_sums, gather_block_union
-from omnimem.sizing import kv_cache_bytes
-from omnimem.store.formats import check_kv_format, token_bytes
+from omnimem.sizing import host_history_bytes, kv_cache_bytes
+from omnimem.store.formats import check_kv_format
 from omnimem.store.host import host_zeros
 
 
@@ -180,9 +180,10 @@ class OmniMemCache:
             )  # fmt: skip
             check_device_memory(kv_cache_bytes(capacity, **sizes, offload=offload), self.device)
             if offload:  # the quantized history itself, in host memory
-                bs = self.config.block_size
-                per_token = token_bytes(kv_format, head_dim=head_dim, block_size=bs)
-                check_host_memory(math.ceil(per_token * math.ceil(capacity / bs) * bs * batch * num_kv_heads))
+                check_host_memory(host_history_bytes(
+                    capacity, kv_format=kv_format, num_kv_heads=num_kv_heads, head_dim=head_dim, batch=batch,
+                    block_size=self.config.block_size,
+                ))  # fmt: skip
         else:
             history_bytes = _history_bytes(capacity, max_chunk_tokens, batch, num_kv_heads, head_dim, dtype)
             (check_host_memory if offload else functools.partial(check_device_memory, device=self.device))(
@@ -688,11 +689,21 @@ class OmniMemCache:
         ):  # else the constructor says
             total = num_layers * _history_bytes(*sizes, dtype)
             kv_format = kwargs.get("kv_format", "native")
+            offload = kwargs.get("offload") is True
             if kv_format in ("fp8", "int4"):  # quantized: the device holds what kv_cache_bytes counts
                 names = ("max_chunk_tokens", "batch", "num_kv_heads", "head_dim")
                 per_layer = dict(zip(names, sizes[1:], strict=True), config=kwargs.get("config"))
-                total = num_layers * kv_cache_bytes(capacity, **per_layer, dtype=dtype, kv_format=kv_format)
-            if kwargs.get("offload") is True:
+                total = num_layers * kv_cache_bytes(
+                    capacity, **per_layer, dtype=dtype, kv_format=kv_format, offload=offload
+                )
+                if offload:  # the quantized history in host memory; the device's share per layer
+                    check_device_memory(total, torch.device(kwargs.get("device", "cpu")))
+                    block_size = (kwargs.get("config") or OmniMemConfig()).block_size
+                    total = num_layers * host_history_bytes(
+                        capacity, kv_format=kv_format, num_kv_heads=sizes[3], head_dim=sizes[4],
+                        batch=sizes[2], block_size=block_size,
+                    )  # fmt: skip
+            if offload:
                 check_host_memory(total)
             else:
                 check_device_memory(total, torch.device(kwargs.get("device", "cpu")))

@@ -108,3 +108,12 @@ def kv_cache_bytes(
     else:
         raise TypeError(f"config must be an OmniMemConfig or a GatedConfig, got {type(config).__name__}")
     return layers * per_layer
+
+
+def host_history_bytes(
+    capacity: int, *, kv_format: str, num_kv_heads: int, head_dim: int, batch: int, block_size: int
+) -> int:
+    """Host bytes of an offloaded quantized ``OmniMemCache``'s history: ``capacity`` tokens in
+    whole blocks at the format's bytes, scales included."""
+    per_token = token_bytes(kv_format, head_dim=head_dim, block_size=block_size)
+    return math.ceil(per_token * math.ceil(capacity / block_size) * block_size * batch * num_kv_heads)

@@ -101,6 +101,7 @@ def test_offloaded_quantized_omnimem_cache_allocates_what_kv_cache_bytes_says(kv
     the last commit's blocks quantized and the native tail, exactly kv_cache_bytes(offload=True,
     kv_format=...), which grows with the capacity only by the block sums; the history is in
     host memory at the format's bytes."""
+    from omnimem.sizing import host_history_bytes
     from omnimem.store.formats import token_bytes
 
     config = OmniMemConfig(block_size=7, top_k=3, sink_tokens=7, local_tokens=9)
@@ -118,6 +119,8 @@ def test_offloaded_quantized_omnimem_cache_allocates_what_kv_cache_bytes_says(kv
     assert tier.host.k.device.type == "cpu"
     per_token = token_bytes(kv_format, head_dim=9, block_size=7) * 2 * 3
     assert tier.host.nbytes == pytest.approx(119 * per_token, abs=1)
+    host = dict(num_kv_heads=3, head_dim=9, batch=2, block_size=7)
+    assert tier.host.nbytes == host_history_bytes(119, kv_format=kv_format, **host)
     grown = kv_cache_bytes(238, **sizes, kv_format=kv_format, offload=True)
     assert grown - held == 17 * 2 * 3 * 9 * 4  # only the float32 key sums of 17 more blocks
 
