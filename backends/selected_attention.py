@@ -21,11 +21,17 @@ import triton
 import triton.language as tl
 from torch.autograd.function import once_differentiable
 
+from omnimem.backends.quantized_attention import _codes_tile
+from omnimem.store.blocks import QuantizedBlocks
+
 
 @triton.jit
 def _selected_attention_kernel(
     q_ptr, k_ptr, v_ptr, table_ptr, count_ptr, seq_len_ptr, out_ptr, lse_ptr,
     cmp_ptr, swa_ptr, gate_ptr,
+    kq_ptr, vq_ptr, k_scale_ptr, v_scale_ptr, k_min_ptr, v_min_ptr, live_first,
+    stride_qkb, stride_qkh, stride_qkl,
+    stride_ksb, stride_ksh, stride_ksn, stride_vsb, stride_vsh, stride_vsn,
     stride_qb, stride_qh, stride_ql, stride_qd,
     stride_kb, stride_kh, stride_kl, stride_kd,
     stride_vb, stride_vh, stride_vl, stride_vd,
@@ -37,6 +43,7 @@ def _selected_attention_kernel(
     TOP_K: tl.constexpr, TILES_PER_GROUP: tl.constexpr, BLOCK_M: tl.constexpr,
     BLOCK_N: tl.constexpr, SUBS: tl.constexpr, HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr,
     COMBINE: tl.constexpr, WRITE_LSE: tl.constexpr, PRECISION: tl.constexpr,
+    QUANTIZED: tl.constexpr, INT4: tl.constexpr,
 ):  # fmt: skip
     group_tile = tl.program_id(0)
     batch_head = tl.program_id(1)
@@ -63,17 +70,53 @@ def _selected_attention_kernel(
     l_i = tl.zeros([BLOCK_M], dtype=tl.float32)
     acc = tl.zeros([BLOCK_M, BLOCK_D], dtype=tl.float32)
     offs = tl.arange(0, BLOCK_N)
+    if QUANTIZED:  # blocks before live_first: a quantized store; k/v hold tokens from live_first's
+        kq = kq_ptr + batch.to(tl.int64) * stride_qkb + kv_head.to(tl.int64) * stride_qkh
+        vq = vq_ptr + batch.to(tl.int64) * stride_qkb + kv_head.to(tl.int64) * stride_qkh
+        k_scales = batch.to(tl.int64) * stride_ksb + kv_head.to(tl.int64) * stride_ksh
+        v_scales = batch.to(tl.int64) * stride_vsb + kv_head.to(tl.int64) * stride_vsh
     for it in range(0, count * SUBS):
         block = tl.load(table_ptr + row_entry.to(tl.int64) * TOP_K + it // SUBS)
         in_block = (it % SUBS) * BLOCK_N + offs
         token = block * block_size + in_block
         token_ok = (in_block < block_size) & (token < seq_len)
         load_mask = token_ok[:, None] & dim_ok[None, :]
-        k = tl.load(k_base + token.to(tl.int64)[:, None] * stride_kl + dims[None, :] * stride_kd,
-                    mask=load_mask, other=0.0)  # fmt: skip
-        v = tl.load(v_base + token.to(tl.int64)[:, None] * stride_vl + dims[None, :] * stride_vd,
-                    mask=load_mask, other=0.0)  # fmt: skip
-        scores = tl.dot(q, tl.trans(k), input_precision=PRECISION) * qk_scale
+        if QUANTIZED:
+            k_mult = tl.full([], 1.0, tl.float32)
+            v_mult = tl.full([], 1.0, tl.float32)
+            if block < live_first:
+                start = block * block_size + (it % SUBS) * BLOCK_N
+                limit = block * block_size + block_size
+                k = _codes_tile(kq, start, limit, stride_qkl, BLOCK_N, BLOCK_D, HEAD_DIM, INT4)
+                v = _codes_tile(vq, start, limit, stride_qkl, BLOCK_N, BLOCK_D, HEAD_DIM, INT4)
+                if INT4:
+                    channel = k_scales + block.to(tl.int64) * stride_ksn + dims
+                    k = k * tl.load(k_scale_ptr + channel, mask=dim_ok, other=0.0).to(tl.float32)[None, :]
+                    k = k + tl.load(k_min_ptr + channel, mask=dim_ok, other=0.0).to(tl.float32)[None, :]
+                    per_token = v_scales + token.to(tl.int64) * stride_vsn
+                    v_scale = tl.load(v_scale_ptr + per_token, mask=token_ok, other=0.0).to(tl.float32)
+                    v_low = tl.load(v_min_ptr + per_token, mask=token_ok, other=0.0).to(tl.float32)
+                    v = tl.where(load_mask, v * v_scale[:, None] + v_low[:, None], 0.0)
+                else:
+                    k_mult = tl.load(k_scale_ptr + k_scales + block.to(tl.int64) * stride_ksn).to(tl.float32)
+                    v_mult = tl.load(v_scale_ptr + v_scales + block.to(tl.int64) * stride_vsn).to(tl.float32)
+                k = k.to(k_ptr.dtype.element_ty)
+                v = v.to(v_ptr.dtype.element_ty)
+            else:
+                live = (token - live_first * block_size).to(tl.int64)
+                k = tl.load(
+                    k_base + live[:, None] * stride_kl + dims[None, :] * stride_kd, mask=load_mask, other=0.0
+                )
+                v = tl.load(
+                    v_base + live[:, None] * stride_vl + dims[None, :] * stride_vd, mask=load_mask, other=0.0
+                )
+            scores = tl.dot(q, tl.trans(k), input_precision=PRECISION) * (qk_scale * k_mult)
+        else:
+            k = tl.load(k_base + token.to(tl.int64)[:, None] * stride_kl + dims[None, :] * stride_kd,
+                        mask=load_mask, other=0.0)  # fmt: skip
+            v = tl.load(v_base + token.to(tl.int64)[:, None] * stride_vl + dims[None, :] * stride_vd,
+                        mask=load_mask, other=0.0)  # fmt: skip
+            scores = tl.dot(q, tl.trans(k), input_precision=PRECISION) * qk_scale
         scores = tl.where(token_ok[None, :], scores, float("-inf"))
         m_new = tl.maximum(m_i, tl.max(scores, 1))
         # A tile whose keys are all masked leaves m = -inf: shift by 0 there (no inf - inf).
@@ -81,7 +124,10 @@ def _selected_attention_kernel(
         p = tl.exp2(scores - m_shift[:, None])
         alpha = tl.exp2(m_i - m_shift)
         l_i = l_i * alpha + tl.sum(p, 1)
-        acc = tl.dot(p.to(v.dtype), v, acc * alpha[:, None], input_precision=PRECISION)
+        if QUANTIZED:  # fp8: the block's value scale on its whole product
+            acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v, input_precision=PRECISION) * v_mult
+        else:
+            acc = tl.dot(p.to(v.dtype), v, acc * alpha[:, None], input_precision=PRECISION)
         m_i = m_new
 
     out = acc / tl.where(l_i > 0, l_i, 1.0)[:, None]  # no blocks: 0
@@ -136,6 +182,8 @@ def selected_attention(
     lse: torch.Tensor | None = None,
     num_warps: int = 2,
     num_stages: int = 3,
+    store: QuantizedBlocks | None = None,
+    live_first: int = 0,
 ) -> torch.Tensor:
     """``[B, Hq, Lq, D]`` in ``q.dtype``: the selected branch (or, with ``combine=(o_cmp,
     o_swa, gates)``, the gated sum of the three branches). ``lse``: a ``[B, Hq, Lq]`` float32
@@ -144,6 +192,11 @@ def selected_attention(
 
     ``block_idx [B, Hkv, G, top_k]`` int32 (its first ``num_blocks [B, Hkv, G]`` entries are
     read), ``seq_len`` a 0-d integer tensor: tokens at or past it are never read. Any strides.
+
+    With ``store`` (a quantized history, ``omnimem.store.blocks.QuantizedBlocks``), blocks
+    before ``live_first`` are read from the store's bytes in place (dequantized in registers,
+    as ``backends/quantized_attention.py`` does) and ``k``/``v`` hold the tokens from block
+    ``live_first`` on: token ``t`` of the sequence is row ``t - live_first * block_size``.
     """
     batch, q_heads, q_len, head_dim = q.shape
     kv_heads = k.shape[1]
@@ -153,9 +206,21 @@ def selected_attention(
     cmp_out, swa_out, gates = combine if combine is not None else (out, out, out)
     interpreted = q.device.type != "cuda"
     precision = "ieee" if interpreted or q.dtype == torch.float32 else "tf32"
+    if store is None:  # unused pointers and strides
+        kq = vq = k_scale = v_scale = k_min = v_min = num_blocks
+        quantized_strides = [0] * 9
+    else:
+        kq, vq = store.k.view(torch.uint8), store.v.view(torch.uint8)
+        k_scale, v_scale = store.k_scale, store.v_scale
+        k_min = store.k_min if store.k_min is not None else k_scale
+        v_min = store.v_min if store.v_min is not None else v_scale
+        quantized_strides = [*kq.stride()[:3], *k_scale.stride()[:3], *v_scale.stride()[:3]]
+    names = ("qkb", "qkh", "qkl", "ksb", "ksh", "ksn", "vsb", "vsh", "vsn")
     _selected_attention_kernel[(groups * tiles, batch * q_heads)](
         q_ptr=q, k_ptr=k, v_ptr=v, table_ptr=block_idx, count_ptr=num_blocks, seq_len_ptr=seq_len,
         out_ptr=out, lse_ptr=out if lse is None else lse, cmp_ptr=cmp_out, swa_ptr=swa_out, gate_ptr=gates,
+        kq_ptr=kq, vq_ptr=vq, k_scale_ptr=k_scale, v_scale_ptr=v_scale, k_min_ptr=k_min, v_min_ptr=v_min,
+        live_first=live_first, **{f"stride_{n}": x for n, x in zip(names, quantized_strides, strict=True)},
         stride_qb=q.stride(0), stride_qh=q.stride(1), stride_ql=q.stride(2), stride_qd=q.stride(3),
         stride_kb=k.stride(0), stride_kh=k.stride(1), stride_kl=k.stride(2), stride_kd=k.stride(3),
         stride_vb=v.stride(0), stride_vh=v.stride(1), stride_vl=v.stride(2), stride_vd=v.stride(3),
@@ -172,6 +237,7 @@ def selected_attention(
         TOP_K=top_k, TILES_PER_GROUP=tiles, BLOCK_M=block_m, BLOCK_N=block_n, SUBS=subs,
         HEAD_DIM=head_dim, BLOCK_D=max(16, triton.next_power_of_2(head_dim)),
         COMBINE=combine is not None, WRITE_LSE=lse is not None, PRECISION=precision,
+        QUANTIZED=store is not None, INT4=store is not None and store.kv_format == "int4",
         num_warps=num_warps, num_stages=num_stages,
     )  # fmt: skip
     return out

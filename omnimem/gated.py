@@ -21,6 +21,7 @@ from omnimem.checks import check_attention_inputs, check_gates
 from omnimem.config import GatedConfig
 from omnimem.gated_selection import CandidateRule, GroupSelection, select_groups
 from omnimem.pooling import PooledKV, accumulation_dtype, pool_kv
+from omnimem.store.blocks import QuantizedBlocks
 
 _DEFAULT = GatedConfig()
 logger = logging.getLogger("omnimem")
@@ -333,6 +334,8 @@ def run_branches(
     compact: tuple[torch.Tensor, torch.Tensor] | None = None,
     k_start: int = 0,
     means_seq_len: int | None = None,
+    store: QuantizedBlocks | None = None,
+    live_first: int = 0,
 ) -> torch.Tensor:
     """The run step of ``gated_attention``, its selection made: the three branches over
     ``k``/``v`` ``[0, seq_len)`` (the window: the last ``window_tokens`` of them; the selected
@@ -344,7 +347,26 @@ def run_branches(
     makes the whole ``dk``/``dv`` in one backward; then ``compact`` (the attended keys and
     values when ``k``/``v`` are only their differentiable last tokens: a cache's compact copy),
     ``k_start`` (``k``'s first token in the sequence the means pool) and ``means_seq_len``
-    (that sequence's length; default ``seq_len``) place ``k`` among the means."""
+    (that sequence's length; default ``seq_len``) place ``k`` among the means. ``store`` (a
+    quantized cache's history; triton, no gradients): the selected branch reads blocks before
+    ``live_first`` from its bytes, and ``k``/``v`` hold the tokens from block ``live_first`` on
+    (the window lies among them)."""
+    if store is not None:
+        if backend != "triton" or wants_grad or fanout:
+            raise ValueError(
+                "a quantized store is read by the triton backend's selected kernel, without gradients"
+            )
+        from omnimem.backends.selected_attention import selected_attention
+
+        offset = live_first * config.block_size
+        o_cmp = compressed_attention(q, k_means, v_means, num_blocks, scale=scale)
+        o_swa = window_attention(q, k, v, seq_len - offset, window_tokens=config.window_tokens, scale=scale)
+        return selected_attention(
+            q, k, v, block_idx=selection.block_idx, num_blocks=selection.num_blocks,
+            seq_len=selection.seq_len, block_size=config.block_size,
+            query_group_size=selection.query_group_size, scale=scale, combine=(o_cmp, o_swa, gates),
+            store=store, live_first=live_first,
+        )  # fmt: skip
     if backend == "triton" and wants_grad and q.dtype == torch.float64:
         raise ValueError(
             "the gated layer's triton kernels compute in float32 at most: for float64 gradients "

@@ -389,6 +389,26 @@ class GatedCache:
             fanout=fanout, compact=(keys, values) if fanout else None, k_start=start, means_seq_len=seq_len,
         )  # fmt: skip
 
+    def _backend(self, q: torch.Tensor) -> str:
+        return resolve_gated_backend(self.config, q.device, q.dtype)
+
+    def _attend_quantized(
+        self, q: torch.Tensor, gates: torch.Tensor, start: int, seq_len: int
+    ) -> torch.Tensor:
+        """A quantized cache on the triton backend: the selected branch reads the history's
+        blocks before the live region from the store's bytes in place (no compact copy), the
+        window and the chunk from the native tail, the compressed branch the block means."""
+        config, bs = self.config, self.config.block_size
+        selection = select_groups_for(q, self.pooled, seq_len, config, "triton")
+        live_start = self._live_start(start, seq_len)
+        keys, values = self._offload.rows(live_start, seq_len)
+        return run_branches(
+            q, keys, values, gates, selection, seq_len=seq_len, k_means=self.pooled.k_attn,
+            v_means=self.pooled.v_attn, num_blocks=math.ceil(seq_len / bs), config=config, backend="triton",
+            scale=config.scale or q.shape[-1] ** -0.5, wants_grad=False, store=self._offload.store,
+            live_first=live_start // bs,
+        )  # fmt: skip
+
     def _live_chunk(self, start: int, seq_len: int) -> tuple[torch.Tensor, torch.Tensor]:
         """The chunk as stored (``[start, seq_len)``), device views."""
         if self._offload is None:
@@ -413,6 +433,8 @@ class GatedCache:
         self._store(k, v, start)
         if torch.is_grad_enabled() and any(t.requires_grad for t in (q, k, v, gates)):
             return self._attend_compact(q, k, v, gates, start, differentiable=True)
+        if isinstance(self._offload, GatedQuantizedHistory) and self._backend(q) == "triton":
+            return self._attend_quantized(q, gates, start, start + k.shape[2])
         if self._offload is not None:
             return self._attend_compact(q, k, v, gates, start, differentiable=False)
         return gated_attention(

@@ -418,11 +418,17 @@ def test_a_refused_attend_leaves_the_current_chunk_alone():
 
 @pytest.mark.parametrize("kv_format", ["fp8", "int4"])
 @pytest.mark.parametrize(
-    ("backend", "layout", "groups"),
-    [("gather", "bhld", None), ("dense", "blhd", 3), ("triton", "bhld", None)],
+    ("backend", "layout", "groups", "offload"),
+    [
+        ("gather", "bhld", None, False),
+        ("dense", "blhd", 3, False),
+        ("triton", "bhld", None, False),
+        ("triton", "blhd", 3, True),  # the staged bytes, read in place
+        ("gather", "bhld", 2, True),
+    ],
 )
 def test_quantized_history_equals_attention_over_dequantized_blocks(
-    kv_format, backend, layout, groups, poisoned_allocations
+    kv_format, backend, layout, groups, offload, poisoned_allocations
 ):
     """OmniMemCache(kv_format=...): every attend and attend_at equals the float64-checked
     backend over the history whose whole blocks are quantized then dequantized (the partial
@@ -435,7 +441,7 @@ def test_quantized_history_equals_attention_over_dequantized_blocks(
     config = OmniMemConfig(block_size=4, top_k=2, sink_tokens=4, local_tokens=6, backend=backend,
                            query_group_size=groups)  # fmt: skip
     kw = dict(max_chunk_tokens=7, batch=2, num_kv_heads=2, head_dim=8, device=TEST_DEVICE, layout=layout)
-    cache = OmniMemCache(64, **kw, config=config, kv_format=kv_format)
+    cache = OmniMemCache(64, **kw, config=config, kv_format=kv_format, offload=offload)
     gen = torch.Generator().manual_seed(5)
     keys, values = torch.zeros(2, 2, 0, 8), torch.zeros(2, 2, 0, 8)
     start = 0
