@@ -46,6 +46,7 @@ from omnimem.backends.gated_branches import (
     selected_attention_gather,
     window_attention,
 )
+from omnimem.backends.quantized_attention import dequantized_history
 from omnimem.backends.selected_attention import selected_attention
 from omnimem.gated_selection import (
     CandidateRule,
@@ -65,6 +66,7 @@ from omnimem.kernels.group_topk import (
     two_pass_topk,
 )
 from omnimem.pooling import block_means, key_bounds, pool_kv
+from omnimem.store.blocks import QuantizedBlocks
 from tests.reference_gated import reference_gated_attention
 
 HEADS, HEAD_DIM, CHUNK = 12, 128, 3 * FRAME_TOKENS
@@ -238,6 +240,37 @@ def run_history(history: int, pattern: str, args) -> dict:
         )  # fmt: skip
 
     t["selected"] = bench(slc)
+    # A quantized cache's selected branch (GatedCache(kv_format=...)): blocks before the live
+    # region (the window, rounded down to a block) read from the store's bytes, the rest native.
+    live_first = max(0, seq - 14040) // 30
+    live_k, live_v = k[:, :, live_first * 30 :], v[:, :, live_first * 30 :]
+    for kv_format in ("fp8", "int4"):
+        store = QuantizedBlocks(kv_format, batch=1, num_kv_heads=HEADS, capacity=max(live_first * 30, 30),
+                                head_dim=HEAD_DIM, block_size=30, device=q.device)  # fmt: skip
+        if live_first:
+            store.write(0, k[:, :, : live_first * 30], v[:, :, : live_first * 30])
+
+        def quantized(store=store):
+            return selected_attention(
+                q, live_k, live_v, block_idx=sel.block_idx, num_blocks=sel.num_blocks, seq_len=seq_len,
+                block_size=30, query_group_size=15, scale=scale, store=store, live_first=live_first,
+            )  # fmt: skip
+
+        if history <= 100_000 and pattern == "random":  # against the branch over the dequantized keys
+            read_k, read_v = dequantized_history(store, live_k, live_v, history_len=live_first * 30,
+                                                 dtype=torch.bfloat16) if live_first else (k, v)  # fmt: skip
+            want = selected_attention_gather(q, read_k, read_v, block_idx=sel.block_idx, seq_len=seq_len,
+                                             block_size=30, query_group_size=15, scale=scale)  # fmt: skip
+            got, native = quantized(), slc()
+            err = ((got.float() - want.float()).norm() / want.float().norm()).item()
+            cost = ((got.float() - native.float()).norm() / native.float().norm()).item()
+            line = f"selected {kv_format}: kernel vs dequantized branch {err:.2e}, vs bf16 {cost:.2%}"
+            print(f"  [{history}/{pattern}] {line}", flush=True)
+            checks.append(line)
+        t[f"selected {kv_format}"] = bench(quantized)
+        row[f"store {kv_format} bytes vs bf16"] = store.nbytes / (
+            2 * live_k.element_size() * max(live_first, 1) * 30 * HEADS * HEAD_DIM
+        )
     if args.variants:
         for warps, stages in [(4, 2), (2, 2), (2, 4), (1, 3)]:
             t[f"selected w={warps} s={stages}"] = bench(
