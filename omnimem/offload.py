@@ -349,6 +349,13 @@ class HostOffload:
             at = (end // bs - first) * bs
             self._write_partial(fresh_k[:, :, at : at + new_partial], fresh_v[:, :, at : at + new_partial])
 
+    def _completed(self, start: int, end: int) -> tuple[int, int, torch.Tensor, torch.Tensor]:
+        """``(first, done, k, v)``: the blocks ``[first, done)`` a commit of ``[start, end)``
+        completes, and their native rows (views of ``fresh``, which starts at block ``first``)."""
+        first, done = start // self.block_size, end // self.block_size
+        whole = (done - first) * self.block_size
+        return first, done, self.fresh[0][:, :, :whole], self.fresh[1][:, :, :whole]
+
     def _keep(self, cache, start: int, end: int) -> None:
         """The committed ``[start, end)`` (in ``fresh`` from the start of its first block) into
         the history: device to host, from our own copy of the chunk (the caller may reuse its
@@ -445,18 +452,15 @@ class QuantizedStage(HostOffload):
 
     def _keep(self, cache, start: int, end: int) -> None:
         """Quantize the blocks ``[start, end)`` completes; ``fresh`` keeps their dequantized values."""
-        bs = self.block_size
-        first, done = start // bs, end // bs
+        first, done, fresh_k, fresh_v = self._completed(start, end)
         if done == first:
             return
-        fresh_k, fresh_v = self.fresh
-        whole = (done - first) * bs
-        self.store.write(first, fresh_k[:, :, :whole], fresh_v[:, :, :whole])
+        self.store.write(first, fresh_k, fresh_v)
         k_rows, v_rows = self.store.rows(
             torch.arange(first, done, device=fresh_k.device).expand(*fresh_k.shape[:2], -1), fresh_k.dtype
         )
-        fresh_k[:, :, :whole] = k_rows
-        fresh_v[:, :, :whole] = v_rows
+        fresh_k.copy_(k_rows)
+        fresh_v.copy_(v_rows)
 
 
 class QuantizedOffload(HostOffload):
@@ -518,13 +522,10 @@ class QuantizedOffload(HostOffload):
     def _keep(self, cache, start: int, end: int) -> None:
         """Quantize the blocks ``[start, end)`` completes into the fresh store, then copy them to
         the host store (side stream; ``wait_for_copies`` orders later readers)."""
-        bs = self.block_size
-        first, done = start // bs, end // bs
+        first, done, fresh_k, fresh_v = self._completed(start, end)
         if done == first:
             return
-        fresh_k, fresh_v = self.fresh
-        whole = (done - first) * bs
-        self.fresh_store.write(0, fresh_k[:, :, :whole], fresh_v[:, :, :whole])
+        self.fresh_store.write(0, fresh_k, fresh_v)
         if self.copy_stream is None:
             self.host.copy_blocks_(self.fresh_store, first, 0, done - first)
             return
