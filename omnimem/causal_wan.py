@@ -38,7 +38,7 @@ from omnimem.cache import OmniMemCache
 from omnimem.config import GatedConfig, OmniMemConfig
 from omnimem.gated_wan import GatedWanSelfAttention, reordered_rope, rope_table_for
 from omnimem.offload import check_host_memory
-from omnimem.sizing import kv_cache_bytes
+from omnimem.sizing import host_history_bytes, kv_cache_bytes
 from omnimem.store.formats import check_kv_format
 
 logger = logging.getLogger("omnimem")
@@ -184,8 +184,6 @@ def patch_causal_wan(
     if not isinstance(offload, bool):
         raise TypeError(f"offload must be a bool, got {type(offload).__name__}")
     check_kv_format(kv_format)
-    if offload and kv_format != "native":
-        raise ValueError(f"offload=True with kv_format={kv_format!r} is not supported yet: choose one")
     for name, value, minimum in (
         ("max_frames", max_frames, 1),
         ("max_chunk_frames", max_chunk_frames, 1),
@@ -298,7 +296,14 @@ def _first_allocation_check(
         }
         sizes["max_chunk_tokens"] = sizes["max_chunk_tokens"] or 0
         on_device = layers * kv_cache_bytes(capacity, **sizes, offload=offload, kv_format=kv_format)
-        if offload:
+        if offload and kv_format != "native":  # the quantized history in host memory
+            names = ("batch", "num_kv_heads", "head_dim")
+            block_size = (sizes["config"] or OmniMemConfig()).block_size
+            full = host_history_bytes(
+                capacity, kv_format=kv_format, block_size=block_size, **{k: sizes[k] for k in names}
+            )
+            check_host_memory(layers * full)
+        elif offload:
             full = kv_cache_bytes(capacity, **sizes) - kv_cache_bytes(0, **sizes)
             check_host_memory(layers * full)
         if device.type == "cuda":

@@ -29,11 +29,11 @@ from omnimem.gated import (
     run_branches,
     select_groups_for,
 )
-from omnimem.gated_offload import GatedHostOffload, GatedQuantizedHistory
+from omnimem.gated_offload import GatedHostOffload, GatedQuantizedHistory, GatedQuantizedOffload
 from omnimem.offload import check_device_memory, check_host_memory
 from omnimem.pooling import PooledKV, accumulation_dtype, block_means, key_bounds
 from omnimem.selection import block_union, gather_block_union
-from omnimem.sizing import kv_cache_bytes
+from omnimem.sizing import host_history_bytes, kv_cache_bytes
 from omnimem.store.formats import check_kv_format
 
 Layout = Literal["bhld", "blhd"]
@@ -101,11 +101,6 @@ class GatedCache:
             raise TypeError(f"GatedCache offload must be a bool, got {type(offload).__name__}")
         check_kv_format(kv_format, owner="GatedCache kv_format")
         quantized = kv_format != "native"
-        if offload and quantized:
-            raise ValueError(
-                f"GatedCache(offload=True, kv_format={kv_format!r}) is not supported yet: a quantized "
-                "history is kept on the device; choose one"
-            )
         if (offload or quantized) and max_chunk_tokens is None:
             reason = "offload=True" if offload else f"kv_format={kv_format!r}"
             raise ValueError(
@@ -144,8 +139,15 @@ class GatedCache:
         )
         self.kv_format = kv_format
         if quantized:  # no native history buffer: a shape-only stand-in (no memory)
-            need = kv_cache_bytes(capacity, **sizes, kv_format=kv_format, max_chunk_tokens=max_chunk_tokens)
+            need = kv_cache_bytes(
+                capacity, **sizes, kv_format=kv_format, max_chunk_tokens=max_chunk_tokens, offload=offload
+            )
             check_device_memory(need, self.device)
+            if offload:  # the quantized history itself, in host memory
+                check_host_memory(host_history_bytes(
+                    capacity, kv_format=kv_format, num_kv_heads=num_kv_heads, head_dim=head_dim, batch=batch,
+                    block_size=self.config.block_size,
+                ))  # fmt: skip
             self._k = torch.zeros((), dtype=dtype, device=device).expand(shape)
             self._v = self._k
         elif offload:
@@ -179,7 +181,8 @@ class GatedCache:
         self.last_start = 0
         # The tier beneath the live region: host memory (offload), quantized blocks, or none.
         if quantized:
-            self._offload = GatedQuantizedHistory(self, max_chunk_tokens, kv_format)
+            tier = GatedQuantizedOffload if offload else GatedQuantizedHistory
+            self._offload = tier(self, max_chunk_tokens, kv_format)
         else:
             self._offload = GatedHostOffload(self, max_chunk_tokens) if offload else None
 
@@ -194,8 +197,10 @@ class GatedCache:
 
     @property
     def offloaded(self) -> bool:
-        """Whether the full keys/values live in host memory (``offload=True``)."""
-        return self._offload is not None and self.kv_format == "native"
+        """Whether the history lives in host memory (``offload=True``)."""
+        return isinstance(self._offload, GatedHostOffload) and (
+            self.kv_format == "native" or isinstance(self._offload, GatedQuantizedOffload)
+        )
 
     @property
     def k(self) -> torch.Tensor:
@@ -402,11 +407,15 @@ class GatedCache:
         selection = select_groups_for(q, self.pooled, seq_len, config, "triton")
         live_start = self._live_start(start, seq_len)
         keys, values = self._offload.rows(live_start, seq_len)
+        flat = selection.block_idx.long().flatten(2)
+        in_history = (flat >= 0) & (flat < live_start // bs)
+        store, selection, live_first, compact_len = self._offload.selected_source(
+            self, selection, flat, in_history, live_start, seq_len
+        )
         return run_branches(
-            q, keys, values, gates, selection, seq_len=seq_len, k_means=self.pooled.k_attn,
+            q, keys, values, gates, selection, seq_len=compact_len, k_means=self.pooled.k_attn,
             v_means=self.pooled.v_attn, num_blocks=math.ceil(seq_len / bs), config=config, backend="triton",
-            scale=config.scale or q.shape[-1] ** -0.5, wants_grad=False, store=self._offload.store,
-            live_first=live_start // bs,
+            scale=config.scale or q.shape[-1] ** -0.5, wants_grad=False, store=store, live_first=live_first,
         )  # fmt: skip
 
     def _live_chunk(self, start: int, seq_len: int) -> tuple[torch.Tensor, torch.Tensor]:

@@ -20,9 +20,15 @@ stream; host reads wait for it with an event. No host sync, static shapes per ch
 
 from __future__ import annotations
 
+import dataclasses
+import functools
+
 import torch
 
 from omnimem.offload import SOURCE_HOST, SOURCE_NONE, stage
+from omnimem.selection import block_union
+from omnimem.sizing import staged_slots
+from omnimem.store.blocks import QuantizedBlocks
 from omnimem.store.host import host_zeros
 
 
@@ -143,17 +149,25 @@ class GatedQuantizedHistory(GatedHostOffload):
     before the live region is refused: those tokens exist only quantized.
     """
 
+    HOST = False  # where the store lives: the device here, pinned host memory when offloaded
+
     def __init__(self, cache, max_chunk_tokens: int, kv_format: str) -> None:
         super().__init__(cache, max_chunk_tokens)
-        from omnimem.store.blocks import QuantizedBlocks
-
         batch, heads, capacity, head_dim = cache.k.shape
-        self.store = QuantizedBlocks(
-            kv_format, batch=batch, num_kv_heads=heads, capacity=capacity, head_dim=head_dim,
+        self.make = functools.partial(
+            QuantizedBlocks, kv_format, batch=batch, num_kv_heads=heads, head_dim=head_dim,
             block_size=cache.config.block_size, device=self.device,
         )  # fmt: skip
-        self.copy_stream = None  # quantized on the compute stream: nothing to wait for
+        self.store = self.make(capacity=capacity, host=self.HOST)
+        if not self.HOST:
+            self.copy_stream = None  # quantized on the compute stream: nothing to wait for
         self.dtype = cache.dtype
+
+    def selected_source(self, cache, selection, flat, in_history, live_start: int, seq_len: int):
+        """What the selected-branch kernel reads: ``(store, selection, live_first, seq_len)``,
+        table entries below ``live_first`` being blocks of ``store`` (here the whole history's
+        store, in its own numbering)."""
+        return self.store, selection, live_start // cache.config.block_size, seq_len
 
     def flush(self, cache, end: int) -> None:
         """Quantize the whole blocks of ``[flushed, end)`` from the tail into the store."""
@@ -187,3 +201,79 @@ class GatedQuantizedHistory(GatedHostOffload):
     def history_rows(self, cache, union: torch.Tensor, none: int) -> tuple[torch.Tensor, torch.Tensor]:
         """The ``union [B, H, W]`` blocks (``none``: an empty slot, never read) dequantized."""
         return self.store.rows(torch.where(union < none, union, 0).long(), self.dtype)
+
+
+class GatedQuantizedOffload(GatedQuantizedHistory):
+    """Device side of a ``GatedCache(offload=True, kv_format="fp8" | "int4")``: the quantized
+    blocks in pinned host memory. A block is quantized on the device once (into ``scratch``,
+    when a new chunk starts after it) and copied to the host on a side stream; each call stages
+    the bytes of the union of its groups' selected history blocks (scales included: the bus
+    carries the format's bytes) into a device store of ``width`` slots, which the selected
+    kernel reads in place, with the table renumbered into it (the compact numbering of
+    ``GatedCache._attend_compact``)."""
+
+    HOST = True
+
+    def __init__(self, cache, max_chunk_tokens: int, kv_format: str) -> None:
+        super().__init__(cache, max_chunk_tokens, kv_format)
+        bs, config = cache.config.block_size, cache.config
+        self.scratch = self.make(capacity=max_chunk_tokens + 2 * bs)  # what one flush quantizes
+        self.staged = self.make(capacity=staged_slots(config, max_chunk_tokens) * bs)
+
+    def flush(self, cache, end: int) -> None:
+        """Quantize the whole blocks of ``[flushed, end)`` on the device, then copy them to the
+        host store (a side stream on GPUs; ``wait_for_copies`` orders the readers)."""
+        bs = cache.config.block_size
+        cut = end // bs * bs
+        if cut <= self.flushed:
+            self.flushed = min(self.flushed, cut)
+            return
+        self.wait_for_copies()  # the previous copy reads the scratch store
+        keys, values = self.rows(self.flushed, cut)
+        first, count = self.flushed // bs, (cut - self.flushed) // bs
+        self.scratch.write(0, keys, values)
+        if self.copy_stream is None:
+            self.store.copy_blocks_(self.scratch, first, 0, count)
+        else:
+            self.copy_stream.wait_stream(torch.cuda.current_stream(self.device))
+            with torch.cuda.stream(self.copy_stream):
+                self.store.copy_blocks_(self.scratch, first, 0, count)
+                self.copied = torch.cuda.Event()
+                self.copied.record(self.copy_stream)
+        self.flushed = cut
+
+    def _stage_union(self, union: torch.Tensor, none: int) -> None:
+        """The ``union [B, H, W]`` blocks' bytes from the host into slots ``[0, W)`` of ``staged``."""
+        source = torch.where(union < none, SOURCE_HOST, SOURCE_NONE).int()
+        block = torch.where(union < none, union, 0).long()
+        self.wait_for_copies()  # the staging reads what the last flush sent to the host
+        for (into, rows), (host, _) in zip(self.staged.pairs(), self.store.pairs(), strict=True):
+            stage(into, into, into, host, source, block, rows)  # only host sources
+
+    def history_rows(self, cache, union: torch.Tensor, none: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """The ``union [B, H, W]`` blocks, staged from the host, dequantized (the reference path)."""
+        self._stage_union(union, none)
+        slots = torch.arange(union.shape[-1], device=union.device).expand_as(union)
+        return self.staged.rows(slots, self.dtype)
+
+    def selected_source(self, cache, selection, flat, in_history, live_start: int, seq_len: int):
+        """The union of the selected history blocks staged into ``staged`` (slots ``[0, W)``),
+        the table renumbered: history blocks to their slot, live blocks to ``W + (block -
+        live_first)``; ``seq_len`` the compact length."""
+        bs = cache.config.block_size
+        live_first = live_start // bs
+        width = min(flat.shape[-1], live_first)
+        renumbered = torch.where(flat >= live_first, width + flat - live_first, -1)
+        if width:
+            none = live_first + 1
+            union = block_union(flat, in_history, width=width, none=none)
+            self._stage_union(union, none)
+            position = torch.searchsorted(union, torch.where(in_history, flat, none).contiguous())
+            renumbered = torch.where(in_history, position, renumbered)
+        compact_len = width * bs + seq_len - live_start
+        compact = dataclasses.replace(
+            selection,
+            block_idx=renumbered.view_as(selection.block_idx).int(),
+            seq_len=torch.full((), compact_len, dtype=torch.int64, device=flat.device),
+        )
+        return self.staged, compact, width, compact_len

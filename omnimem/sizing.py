@@ -80,7 +80,11 @@ def kv_cache_bytes(
         means = blocks * row * (4 + 2 * itemsize)
         live = min(capacity, max(config.window_tokens, max_chunk_tokens) + config.block_size)
         live = 2 * live * row * itemsize  # the live region, native on the device (gated_offload)
-        if offload:
+        if offload and kv_format != "native":  # quantized on the device, staged from the host
+            scratch = history(max_chunk_tokens + 2 * config.block_size, config.block_size)
+            staged = history(staged_slots(config, max_chunk_tokens) * config.block_size, config.block_size)
+            per_layer = live + means + scratch + staged
+        elif offload:
             per_layer = live + means
         elif kv_format != "native":  # quantized blocks beneath the live region
             per_layer = history(capacity, config.block_size) + live + means
@@ -117,3 +121,9 @@ def host_history_bytes(
     whole blocks at the format's bytes, scales included."""
     per_token = token_bytes(kv_format, head_dim=head_dim, block_size=block_size)
     return math.ceil(per_token * math.ceil(capacity / block_size) * block_size * batch * num_kv_heads)
+
+
+def staged_slots(config, max_chunk_tokens: int) -> int:
+    """Slots of an offloaded quantized ``GatedCache``'s staging store: the union of every
+    query group's ``top_k`` blocks."""
+    return math.ceil(max_chunk_tokens / config.query_group_size) * config.top_k

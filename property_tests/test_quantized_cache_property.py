@@ -83,14 +83,16 @@ def test_quantized_omnimem_cache_equals_the_reference(case, groups, local, backe
     window=st.integers(1, 20),
     candidates=st.sampled_from(["chunks", "all", "awe"]),
     backend=st.sampled_from(["gather", "triton"]),  # triton: the selected kernel reads the bytes in place
+    offload=st.booleans(),
 )
-def test_quantized_gated_cache_equals_the_reference(case, window, candidates, backend):
+def test_quantized_gated_cache_equals_the_reference(case, window, candidates, backend, offload):
     bs = case["block_size"]
     rules = dict(block_size=bs, query_group_size=2, top_k=2, window_tokens=window, candidates=candidates,
                  exclude_window_chunks=2)  # fmt: skip
     cache = GatedCache(
         64, batch=1, num_kv_heads=case["kv_heads"], head_dim=case["head_dim"], device=TEST_DEVICE,
-        layout=case["layout"], backend=backend, kv_format=case["kv_format"], max_chunk_tokens=9, **rules,
+        layout=case["layout"], backend=backend, kv_format=case["kv_format"], max_chunk_tokens=9,
+        offload=offload, **rules,
     )  # fmt: skip
     gen = torch.Generator().manual_seed(case["seed"])
     keys = values = torch.zeros(1, case["kv_heads"], 0, case["head_dim"])

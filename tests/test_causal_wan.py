@@ -306,8 +306,14 @@ def test_kv_format_reaches_the_authors_layers():
     assert 0 < float((got - want).norm() / want.norm()) < 0.2  # read quantized, close to native
     with pytest.raises(ValueError, match="kv_format must be one of"):
         patch_causal_wan(_nsa_model(), max_frames=4, kv_format="int2")
-    with pytest.raises(ValueError, match="offload=True with kv_format='fp8' is not supported yet"):
-        patch_causal_wan(_nsa_model(), max_frames=4, kv_format="fp8", offload=True)
+    offloaded = patch_causal_wan(
+        _nsa_model(), GatedConfig(backend="gather"), max_frames=12, kv_format="int4", offload=True
+    )
+    with torch.no_grad():
+        for start_frame in (0, 2, 4, 6, 8, 10):  # the same layer, its quantized history in host memory
+            got_offloaded = offloaded[0](chunks(1, seed=start_frame)[0], None, GRID, FREQS, start_frame)
+    assert offloaded[0]._cache.offloaded and offloaded[0]._cache.kv_format == "int4"
+    torch.testing.assert_close(got_offloaded, got, atol=1e-5, rtol=1e-5)
 
 
 def test_kv_format_reaches_self_forcing_layers():

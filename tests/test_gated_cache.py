@@ -273,24 +273,29 @@ def test_offload_validation():
 
 @pytest.mark.parametrize("kv_format", ["fp8", "int4"])
 @pytest.mark.parametrize(
-    ("layout", "backend", "rules"),
+    ("layout", "backend", "rules", "offload"),
     [
-        ("blhd", "gather", dict(block_size=7, query_group_size=5, top_k=3, window_tokens=25)),
+        ("blhd", "gather", dict(block_size=7, query_group_size=5, top_k=3, window_tokens=25), False),
         (
             "bhld",
             "triton",
             dict(block_size=6, query_group_size=4, top_k=2, window_tokens=12, candidates="awe"),
+            False,
         ),
         (
             "bhld",
             "gather",
             dict(block_size=5, query_group_size=3, top_k=4, window_tokens=30, exclude_window_chunks=2),
+            False,
         ),
+        # the quantized bytes in host memory, the selected blocks' bytes staged per call
+        ("blhd", "triton", dict(block_size=6, query_group_size=4, top_k=2, window_tokens=12), True),
+        ("bhld", "gather", dict(block_size=5, query_group_size=3, top_k=3, window_tokens=20), True),
     ],
-    ids=["gather", "triton", "gather-chunks"],
+    ids=["gather", "triton", "gather-chunks", "triton-offload", "gather-offload"],
 )
 def test_quantized_history_equals_the_layer_over_dequantized_blocks(
-    kv_format, layout, backend, rules, monkeypatch
+    kv_format, layout, backend, rules, offload, monkeypatch
 ):
     """GatedCache(kv_format=...): every call equals the float64 reference in which the selected
     branch reads the history before the live region quantized then dequantized, while block
@@ -305,9 +310,9 @@ def test_quantized_history_equals_the_layer_over_dequantized_blocks(
     rules = {"candidates": "chunks", "exclude_window_chunks": 0, **rules}
     cache = GatedCache(
         120, batch=2, num_kv_heads=2, head_dim=16, layout=layout, device=TEST_DEVICE, backend=backend,
-        kv_format=kv_format, max_chunk_tokens=12, **rules,
+        kv_format=kv_format, max_chunk_tokens=12, offload=offload, **rules,
     )  # fmt: skip
-    assert f"kv_format={kv_format!r}" in repr(cache) and not cache.offloaded
+    assert f"kv_format={kv_format!r}" in repr(cache) and cache.offloaded == offload
     bs = rules["block_size"]
     keys, values = torch.zeros(2, 2, 0, 16), torch.zeros(2, 2, 0, 16)
     start = 0
@@ -354,5 +359,5 @@ def test_quantized_cache_validation():
         GatedCache(60, **shape, kv_format="int8", max_chunk_tokens=8)
     with pytest.raises(ValueError, match=r"kv_format='fp8'\) needs max_chunk_tokens"):
         GatedCache(60, **shape, kv_format="fp8")
-    with pytest.raises(ValueError, match="is not supported yet"):
-        GatedCache(60, **shape, kv_format="int4", offload=True, max_chunk_tokens=8)
+    offloaded = GatedCache(60, **shape, kv_format="int4", offload=True, max_chunk_tokens=8)
+    assert offloaded.offloaded and "offload=True, kv_format='int4'" in repr(offloaded)

@@ -141,3 +141,30 @@ def test_quantized_gated_cache_allocates_what_kv_cache_bytes_says(kv_format, lay
     bounds = pooled.k_bounds.nbytes  # bf16 caches keep bounds for the first selection pass
     assert kv_cache_bytes(121, **sizes, kv_format=kv_format, max_chunk_tokens=9) + bounds == held
     assert cache.k.untyped_storage().nbytes() <= 2  # the history has no native buffer
+
+
+@pytest.mark.parametrize("kv_format", ["fp8", "int4"])
+def test_offloaded_quantized_gated_cache_allocates_what_kv_cache_bytes_says(kv_format):
+    """Offloaded and quantized, a GatedCache keeps on the device the native live region, the
+    block means, a scratch store (one flush) and a staging store (every group's top_k blocks):
+    exactly kv_cache_bytes(offload=True, kv_format=...); the quantized history is in host
+    memory (host_history_bytes)."""
+    from omnimem.sizing import host_history_bytes
+
+    gated = GatedConfig(block_size=6, window_tokens=20)
+    sizes = dict(batch=2, num_kv_heads=3, head_dim=9, dtype=torch.bfloat16, config=gated)
+    cache = GatedCache(121, **sizes, kv_format=kv_format, max_chunk_tokens=9, offload=True)
+    pooled, tier = cache.pooled, cache._offload
+    held = (
+        tier.scratch.nbytes
+        + tier.staged.nbytes
+        + sum(
+            x.untyped_storage().nbytes()
+            for x in (pooled.k, pooled.k_attn, pooled.v_attn, pooled.k_bounds, tier._k, tier._v)
+        )
+    )
+    need = kv_cache_bytes(121, **sizes, kv_format=kv_format, max_chunk_tokens=9, offload=True)
+    assert need + pooled.k_bounds.nbytes == held
+    assert tier.store.k.device.type == "cpu" and cache.offloaded
+    host = dict(num_kv_heads=3, head_dim=9, batch=2, block_size=6)
+    assert tier.store.nbytes == host_history_bytes(121, kv_format=kv_format, **host)
