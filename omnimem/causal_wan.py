@@ -159,8 +159,8 @@ def patch_causal_wan(
         offload: keep each layer's history in host memory (``OmniMemCache(offload=True)``,
             ``GatedCache(offload=True)``).
         kv_format: ``"native"``, ``"fp8"`` or ``"int4"``: every layer keeps its history quantized
-            on the device (``OmniMemCache(kv_format=...)``, ``GatedCache(kv_format=...)``;
-            docs/memory.md). Not with ``offload`` yet.
+            (``OmniMemCache(kv_format=...)``, ``GatedCache(kv_format=...)``; docs/memory.md):
+            on the device, or with ``offload`` in host memory.
         **overrides: config fields to change: ``OmniMemConfig`` fields for Self-Forcing's
             layers, ``GatedConfig`` fields for the authors' (over their own settings), e.g.
             ``top_k=12`` (a field of both reaches both).

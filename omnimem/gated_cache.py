@@ -62,7 +62,9 @@ class GatedCache:
             native keys/values when a new chunk starts after them; the live region and the
             block means stay native, so selection is unchanged. Results equal the layer over
             the history dequantized (``omnimem.store.formats.dequantize``) before the live
-            region. Not with ``offload`` yet.
+            region. With ``offload`` the quantized blocks live in host memory and each call
+            stages the bytes of the blocks its groups selected. The triton backend's selected
+            kernel reads the quantized bytes in place.
 
     Memory: ``2 * capacity * H * D`` elements for the keys/values, plus per block of
     ``block_size`` tokens one float32 mean key and one mean key and value in ``dtype``
