@@ -109,7 +109,7 @@ def quantized_offloaded(args, blocks, frames: int, capacity: int, kwargs: dict, 
     stats = caches[0].offload_stats
     row = dict(
         kv_format=args.kv_format, frames=history // FRAME, history=history, ms=ms, peak_gib=peak_gib(),
-        host_gib=sum(c._offload.host.nbytes for c in caches) / 2**30, allocate_s=allocated, write_s=written,
+        host_gib=sum(c._offload.store.nbytes for c in caches) / 2**30, allocate_s=allocated, write_s=written,
         layer0_hit_rate=stats.hit_rate, layer0_fetched_mib=stats.fetched_bytes / 2**20,
         device=torch.cuda.get_device_name() if device.type == "cuda" else "cpu", torch=torch.__version__,
         triton=triton.__version__, date=datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%d"),

@@ -34,8 +34,8 @@ from omnimem.config import OmniMemConfig
 from omnimem.offload import (
     HostOffload,
     OffloadStats,
+    QuantizedHistory,
     QuantizedOffload,
-    QuantizedStage,
     check_device_memory,
     check_host_memory,
 )
@@ -210,7 +210,7 @@ class OmniMemCache:
         self.history_len = 0
         # The history's tier: host memory (offload), quantized blocks on the device, or none.
         if quantized:
-            self._offload = (QuantizedOffload if offload else QuantizedStage)(self, kv_format)
+            self._offload = (QuantizedOffload if offload else QuantizedHistory)(self, kv_format)
         else:
             self._offload = HostOffload(self) if offload else None
         # cuda_graphs: (query shape, dtype, chunk, lse, storage) -> (graph, static q, static out);

@@ -405,75 +405,19 @@ def quantized_run(cache, q, store, tail, selection, history_len: int, return_lse
     return (out, lse) if return_lse else out
 
 
-class QuantizedStage(HostOffload):
-    """Device side of an ``OmniMemCache(kv_format="fp8" | "int4")``: the offload staging with
-    the history's whole blocks as quantized blocks on the device (``QuantizedBlocks``) in place
-    of native rows on the host. A commit quantizes the blocks it completes and keeps their
-    dequantized values in ``fresh`` (so every source of a staged block holds the same values);
-    blocks staged from the store are dequantized into the work buffer (the reference path, until
-    kernels read the bytes in place). The history's partial last block and the chunk stay
-    native; block sums come from the native keys, so selection is unchanged."""
-
-    def __init__(self, cache, kv_format: str) -> None:
-        super().__init__(cache)
-        from omnimem.store.blocks import QuantizedBlocks
-
-        batch, heads, _, head_dim = cache.k.shape
-        self.store = QuantizedBlocks(
-            kv_format, batch=batch, num_kv_heads=heads, capacity=cache.capacity, head_dim=head_dim,
-            block_size=self.block_size, device=cache.device,
-        )  # fmt: skip
-        self.copy_stream = None
-
-    def attend(self, cache, q: torch.Tensor, k_chunk: torch.Tensor, v_chunk: torch.Tensor, return_lse: bool):
-        if cache.config.backend != "triton":
-            return super().attend(cache, q, k_chunk, v_chunk, return_lse)  # stage, dequantized
-        # The triton backend reads the store's bytes in place: nothing is staged. The chunk goes
-        # after the partial block in the current work buffer: [partial | chunk] is the tail.
-        history_len, chunk_len = cache.history_len, k_chunk.shape[2]
-        tail_end = self.tail_start + history_len % self.block_size + chunk_len
-        tail_k, tail_v = (t[:, :, self.tail_start : tail_end] for t in self.work[self.current])
-        tail_k[:, :, tail_k.shape[2] - chunk_len :] = k_chunk
-        tail_v[:, :, tail_v.shape[2] - chunk_len :] = v_chunk
-        return quantized_run(
-            cache, q, self.store, (tail_k, tail_v), cache.selection(q), history_len, return_lse
-        )
-
-    def _stage(self, cache, dst, previous, source: torch.Tensor, source_block: torch.Tensor) -> None:
-        from_store = source == SOURCE_HOST
-        # The device sources first (the host slots skipped), then the store's, dequantized.
-        stage(dst, previous, self.fresh, previous, torch.where(from_store, SOURCE_NONE, source), source_block,
-              self.block_size)  # fmt: skip
-        rows = self.store.rows(torch.where(from_store, source_block, 0).long(), dst[0].dtype)
-        slots = from_store.repeat_interleave(self.block_size, dim=-1)[..., None]
-        for which in (0, 1):
-            staged = dst[which][:, :, : rows[which].shape[2]]
-            staged.copy_(torch.where(slots, rows[which], staged))
-
-    def _keep(self, cache, start: int, end: int) -> None:
-        """Quantize the blocks ``[start, end)`` completes; ``fresh`` keeps their dequantized values."""
-        first, done, fresh_k, fresh_v = self._completed(start, end)
-        if done == first:
-            return
-        self.store.write(first, fresh_k, fresh_v)
-        k_rows, v_rows = self.store.rows(
-            torch.arange(first, done, device=fresh_k.device).expand(*fresh_k.shape[:2], -1), fresh_k.dtype
-        )
-        fresh_k.copy_(k_rows)
-        fresh_v.copy_(v_rows)
-
-
-class QuantizedOffload(HostOffload):
-    """Device side of an ``OmniMemCache(offload=True, kv_format="fp8" | "int4")``: the history's
-    whole blocks quantized in pinned host memory (``QuantizedBlocks(host=True)``), staged per
-    call as quantized bytes (the bus carries the format's bytes, scales included) into one of
-    two device stores, from the other one (the previous call's blocks), the last commit's
-    blocks (quantized on the device, then copied to the host on a side stream) or the host.
-    The native work buffers hold only the tail: the history's partial block and the chunk.
-    The triton backend reads the staged bytes in place; the others dequantize the staged store
-    (the reference path)."""
+class QuantizedHistory(HostOffload):
+    """Device side of an ``OmniMemCache(kv_format="fp8" | "int4")``: the history's whole blocks
+    quantized once, when a commit completes them, in a ``QuantizedBlocks`` store on the device
+    (``QuantizedOffload``: in pinned host memory); the history's partial last block and the
+    chunk stay native in a small tail, and block sums come from the native keys, so selection is
+    unchanged. The triton backend reads a resident store's bytes in place and stages nothing.
+    Otherwise each call stages the bytes of the blocks it selected (scales included) into one of
+    two small device stores, from the other one (the previous call's blocks), the last commit's
+    blocks (``fresh_store``) or the store: the triton kernel reads the staged bytes, the other
+    backends dequantize them (the reference path)."""
 
     NATIVE_STAGING = False
+    HOST = False
 
     def __init__(self, cache, kv_format: str) -> None:
         super().__init__(cache)
@@ -486,10 +430,12 @@ class QuantizedOffload(HostOffload):
             QuantizedBlocks, kv_format, batch=batch, num_kv_heads=heads, head_dim=head_dim, block_size=bs,
             device=cache.device,
         )  # fmt: skip
-        self.host = make(capacity=cache.capacity, host=True)
+        self.store = make(capacity=cache.capacity, host=self.HOST)
         self.stores = [make(capacity=self.num_staged * bs) for _ in range(2)]
         self.fresh_store = make(capacity=self.fresh[0].shape[2])
         self.block_bytes = round(token_bytes(kv_format, head_dim=head_dim, block_size=bs) * bs)
+        if not self.HOST:
+            self.copy_stream = None  # the store is written on the compute stream
 
     def attend(self, cache, q: torch.Tensor, k_chunk: torch.Tensor, v_chunk: torch.Tensor, return_lse: bool):
         history_len, chunk_len = cache.history_len, k_chunk.shape[2]
@@ -498,16 +444,18 @@ class QuantizedOffload(HostOffload):
         tail_k[:, :, partial:] = k_chunk
         tail_v[:, :, partial:] = v_chunk
         selection = cache.selection(q)
+        if not self.HOST and cache.config.backend == "triton":  # the kernel reads the store in place
+            return quantized_run(cache, q, self.store, (tail_k, tail_v), selection, history_len, return_lse)
         self.wait_for_copies()  # staging may read what a commit copied to the host
         plan = _compiled_staging_plan() if self.compiled else staging_plan
         staged, source, source_block, remapped, counts = plan(
             selection.kv_block_idx, self.staged_block, self.bounds, self.num_staged, self.num_blocks
         )
         previous, dst = self.stores[self.current], self.stores[1 - self.current]
-        for (into, rows), (prev, _), (fresh, _), (host, _) in zip(
-            dst.pairs(), previous.pairs(), self.fresh_store.pairs(), self.host.pairs(), strict=True
+        for (into, rows), (prev, _), (fresh, _), (store, _) in zip(
+            dst.pairs(), previous.pairs(), self.fresh_store.pairs(), self.store.pairs(), strict=True
         ):
-            stage(into, prev, fresh, host, source, source_block, rows)
+            stage(into, prev, fresh, store, source, source_block, rows)
         self.staged_block, self.current = staged, 1 - self.current
         self.counters += counts
         remapped_selection = dataclasses.replace(
@@ -521,16 +469,24 @@ class QuantizedOffload(HostOffload):
 
     def _keep(self, cache, start: int, end: int) -> None:
         """Quantize the blocks ``[start, end)`` completes into the fresh store, then copy them to
-        the host store (side stream; ``wait_for_copies`` orders later readers)."""
+        the store (to the host on a side stream; ``wait_for_copies`` orders later readers)."""
         first, done, fresh_k, fresh_v = self._completed(start, end)
         if done == first:
             return
         self.fresh_store.write(0, fresh_k, fresh_v)
         if self.copy_stream is None:
-            self.host.copy_blocks_(self.fresh_store, first, 0, done - first)
+            self.store.copy_blocks_(self.fresh_store, first, 0, done - first)
             return
         self.copy_stream.wait_stream(torch.cuda.current_stream(cache.device))
         with torch.cuda.stream(self.copy_stream):
-            self.host.copy_blocks_(self.fresh_store, first, 0, done - first)
+            self.store.copy_blocks_(self.fresh_store, first, 0, done - first)
             self.copied = torch.cuda.Event()
             self.copied.record(self.copy_stream)
+
+
+class QuantizedOffload(QuantizedHistory):
+    """Device side of an ``OmniMemCache(offload=True, kv_format=...)``: ``QuantizedHistory``
+    with the store in pinned host memory; every call stages (the bus carries the format's
+    bytes), and commits copy to the host on a side stream."""
+
+    HOST = True

@@ -37,10 +37,10 @@ def kv_cache_bytes(
     ``kv_format`` (``"native"``, ``"fp8"``, ``"int4"``; ``omnimem.store.formats``): the history's
     keys and values at that format's bytes per token, scales included (``token_bytes``); the
     chunk being written, the block sums and means stay in their own dtypes; a quantized
-    ``GatedCache`` keeps its live region natively too, a quantized ``OmniMemCache`` the staging
-    buffers of an offloaded one; offloaded, a quantized ``OmniMemCache`` keeps two quantized
-    staging stores, the last commit's blocks quantized, and the native tail (partial block and
-    chunk) on the device (the history itself is in host memory).
+    ``GatedCache`` keeps its live region natively too (offloaded: with a scratch and a staging
+    store); a quantized ``OmniMemCache`` keeps two quantized staging stores, the last commit's
+    blocks quantized and the native tail (partial block and chunk), beside the history (in
+    host memory when offloaded).
 
     Example (what a minute of history adds to one layer, Wan2.1-1.3B, 128-token blocks):
         >>> from omnimem import kv_cache_bytes
@@ -96,17 +96,17 @@ def kv_cache_bytes(
         sums = math.ceil(length / config.block_size) * row * 4
         staged, work, fresh = staging_sizes(config, length, max_chunk_tokens)
         staging = (4 * work + 2 * fresh) * row * itemsize  # two work pairs, one fresh pair
-        if offload and kv_format != "native":
+        if kv_format != "native":
             # Native: the tail of both work pairs ([partial | chunk]) and the fresh pair;
-            # quantized: two staging stores and the last commit's blocks.
+            # quantized: two staging stores, the last commit's blocks, and (resident) the history.
             tail = work - staged * config.block_size
             native = (4 * tail + 2 * fresh) * row * itemsize
             per_layer = sums + native + 2 * history(staged * config.block_size, config.block_size)
             per_layer += history(fresh, config.block_size)
+            if not offload:
+                per_layer += history(capacity, config.block_size)
         elif offload:
             per_layer = sums + staging
-        elif kv_format != "native":  # quantized blocks, staged per call like an offloaded history
-            per_layer = history(capacity, config.block_size) + staging + sums
         else:
             per_layer = 2 * length * row * itemsize + sums
     else:

@@ -192,7 +192,7 @@ def test_offload_reuses_blocks_across_denoising_steps(kv_format):
     assert cache.offload_stats.fetched_bytes == fetched
     assert cache.offload_stats.hit_rate > stats.hit_rate
     assert cache.key_block_sums.device.type == torch.device(TEST_DEVICE).type
-    history = cache.k if kv_format == "native" else cache._offload.host.k
+    history = cache.k if kv_format == "native" else cache._offload.store.k
     assert history.device.type == "cpu"
 
 

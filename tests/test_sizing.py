@@ -76,12 +76,14 @@ def test_quantized_omnimem_cache_allocates_what_kv_cache_bytes_says(kv_format, l
     config = OmniMemConfig(block_size=7, top_k=3, sink_tokens=7, local_tokens=9)
     sizes = dict(num_kv_heads=3, head_dim=9, batch=2, dtype=torch.bfloat16, config=config, max_chunk_tokens=9)
     cache = OmniMemCache(119, **sizes, layout=layout, kv_format=kv_format)
-    staged = [*cache._offload.fresh, *(t for pair in cache._offload.work for t in pair)]
+    tier = cache._offload
+    native = [*tier.fresh, *(t for pair in tier.work for t in pair)]
     held = (
-        cache._offload.store.nbytes
+        sum(store.nbytes for store in (tier.store, *tier.stores, tier.fresh_store))
         + cache.key_block_sums.nbytes
-        + sum(t.untyped_storage().nbytes() for t in staged)
+        + sum(t.untyped_storage().nbytes() for t in native)
     )
+    assert tier.store.k.device == cache.device
     assert kv_cache_bytes(119, **sizes, kv_format=kv_format) == held
     assert cache.k.untyped_storage().nbytes() <= 2  # the history has no native buffer
     added = kv_cache_bytes(238, **sizes, kv_format=kv_format) - kv_cache_bytes(
@@ -116,11 +118,11 @@ def test_offloaded_quantized_omnimem_cache_allocates_what_kv_cache_bytes_says(kv
     )
     assert all(t.device == cache.device for pair in tier.work for t in pair)
     assert kv_cache_bytes(119, **sizes, kv_format=kv_format, offload=True) == held
-    assert tier.host.k.device.type == "cpu"
+    assert tier.store.k.device.type == "cpu"
     per_token = token_bytes(kv_format, head_dim=9, block_size=7) * 2 * 3
-    assert tier.host.nbytes == pytest.approx(119 * per_token, abs=1)
+    assert tier.store.nbytes == pytest.approx(119 * per_token, abs=1)
     host = dict(num_kv_heads=3, head_dim=9, batch=2, block_size=7)
-    assert tier.host.nbytes == host_history_bytes(119, kv_format=kv_format, **host)
+    assert tier.store.nbytes == host_history_bytes(119, kv_format=kv_format, **host)
     grown = kv_cache_bytes(238, **sizes, kv_format=kv_format, offload=True)
     assert grown - held == 17 * 2 * 3 * 9 * 4  # only the float32 key sums of 17 more blocks
 
