@@ -91,16 +91,20 @@ def test_sparse_attention_backward(backend):
         step()
 
 
+@pytest.mark.parametrize("kv_format", ["native", "fp8", "int4"])
 @pytest.mark.parametrize("offload", [False, True])
 @pytest.mark.parametrize("cuda_graphs", [False, True])
-def test_an_omnimem_cache_rollout(offload, cuda_graphs):
+def test_an_omnimem_cache_rollout(offload, cuda_graphs, kv_format):
     """Denoising passes (``attend_at`` and ``cached_attention``) and commits, chunk after chunk."""
     if offload and cuda_graphs:
         pytest.skip("cuda_graphs needs a resident cache")
+    if kv_format != "native" and cuda_graphs:
+        pytest.skip("a quantized cache runs without CUDA graphs")
     config = OmniMemConfig(block_size=128, top_k=3, sink_tokens=128, local_tokens=256, backend="triton")
     cache = OmniMemCache(
         4096, max_chunk_tokens=256, batch=1, num_kv_heads=4, head_dim=128, config=config,
         dtype=torch.bfloat16, device=TEST_DEVICE, layout="blhd", offload=offload, cuda_graphs=cuda_graphs,
+        kv_format=kv_format,
     )  # fmt: skip
     chunks = [
         [tuple(_randn(1, 256, 4, 128, seed=100 * c + 10 * s + i) for i in range(3)) for s in range(3)]
@@ -121,9 +125,12 @@ def test_an_omnimem_cache_rollout(offload, cuda_graphs):
             run(chunks[c], c * 256)
 
 
-@pytest.mark.parametrize("hopper_dense", [False, True])
-@pytest.mark.parametrize("offload", [False, True])
-def test_a_gated_cache_rollout(offload, hopper_dense, monkeypatch):
+@pytest.mark.parametrize(
+    ("offload", "hopper_dense", "kv_format"),
+    [(False, False, "native"), (False, True, "native"), (True, False, "native"), (True, True, "native"),
+     (False, False, "fp8"), (True, False, "int4")],
+)  # fmt: skip
+def test_a_gated_cache_rollout(offload, hopper_dense, kv_format, monkeypatch):
     """The authors' shapes scaled down (blocks of 30, groups of 15), kernels on the GPU; the
     dense branches on SDPA, or (on Hopper) on the Gluon kernel with its key threshold lowered."""
     from omnimem.backends import gated_branches
@@ -141,7 +148,8 @@ def test_a_gated_cache_rollout(offload, hopper_dense, monkeypatch):
     config = GatedConfig(block_size=30, query_group_size=15, top_k=4, window_tokens=180, backend="triton")
     cache = GatedCache(
         1800, batch=1, num_kv_heads=2, head_dim=64, config=config, dtype=torch.bfloat16, device=TEST_DEVICE,
-        offload=offload, max_chunk_tokens=180 if offload else None,
+        offload=offload, max_chunk_tokens=180 if offload or kv_format != "native" else None,
+        kv_format=kv_format,
     )  # fmt: skip
     gates = torch.rand(1, 4, 180, 3, device=TEST_DEVICE, dtype=torch.bfloat16)
 
