@@ -124,17 +124,9 @@ class _ScatteredAttention(torch.autograd.Function):
         return dq, dk, dv, None, None, None
 
 
-def forward(
-    q: torch.Tensor,
-    k: torch.Tensor,
-    v: torch.Tensor,
-    selection: Selection,
-    *,
-    chunk_len: int,
-    scale: float,
-    return_lse: bool,
-    config: OmniMemConfig,
-) -> tuple[torch.Tensor, torch.Tensor | None]:
+def check_inputs(q: torch.Tensor) -> None:
+    """What the triton backend's kernels (and the quantized-history kernel) cannot run: a clear
+    ``ValueError`` instead of a kernel crash or a wrong answer."""
     interpreted = os.environ.get("TRITON_INTERPRET") == "1"
     if q.device.type != "cuda" and not interpreted:
         raise ValueError(
@@ -148,6 +140,20 @@ def forward(
         )
     if q.device.type == "cuda" and q.shape[-1] < 16:
         raise ValueError(f"q's head_dim must be >= 16 for the triton backend, got {q.shape[-1]}")
+
+
+def forward(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    selection: Selection,
+    *,
+    chunk_len: int,
+    scale: float,
+    return_lse: bool,
+    config: OmniMemConfig,
+) -> tuple[torch.Tensor, torch.Tensor | None]:
+    check_inputs(q)
     if selection.num_history_blocks == 1 and selection.block_size > k.shape[2]:
         # One block longer than the buffer: the same tokens as a block of the buffer's length,
         # without block arithmetic that overflows int32 in the kernel.

@@ -32,7 +32,7 @@ from omnimem.gated import (
 from omnimem.gated_offload import GatedHostOffload, GatedQuantizedHistory, GatedQuantizedOffload
 from omnimem.offload import check_device_memory, check_host_memory
 from omnimem.pooling import PooledKV, accumulation_dtype, block_means, key_bounds
-from omnimem.selection import block_union, gather_block_union
+from omnimem.selection import compact_numbering, gather_union_rows
 from omnimem.sizing import host_history_bytes, kv_cache_bytes
 from omnimem.store.formats import check_kv_format
 
@@ -340,23 +340,16 @@ class GatedCache:
         live_start = self._live_start(start, seq_len)
         live_first = live_start // bs
         table = selection.block_idx.long()
-        flat = table.flatten(2)
-        in_history = (flat >= 0) & (flat < live_first)
-        width = min(flat.shape[-1], live_first)  # static slots for the selected history blocks
-        renumbered = torch.where(flat >= live_first, width + flat - live_first, -1)
         with torch.no_grad():
             parts_k, parts_v = [], []
-            if width:
+            union, renumbered = compact_numbering(table.flatten(2), live_first)
+            if union is not None:
                 none = live_first + 1
                 if self._offload is None:
-                    union, (k_rows, v_rows) = gather_block_union(
-                        flat, in_history, width=width, none=none, block_size=bs, buffers=(self.k, self.v)
-                    )
+                    buffers = (self.k, self.v)
+                    k_rows, v_rows = gather_union_rows(union, none=none, block_size=bs, buffers=buffers)
                 else:
-                    union = block_union(flat, in_history, width=width, none=none)
                     k_rows, v_rows = self._offload.history_rows(self, union, none)
-                position = torch.searchsorted(union, torch.where(in_history, flat, none).contiguous())
-                renumbered = torch.where(in_history, position, renumbered)
                 parts_k, parts_v = [k_rows], [v_rows]
             if self._offload is None:
                 live_k, live_v = self.k[:, :, live_start:start], self.v[:, :, live_start:start]
@@ -409,10 +402,8 @@ class GatedCache:
         selection = select_groups_for(q, self.pooled, seq_len, config, "triton")
         live_start = self._live_start(start, seq_len)
         keys, values = self._offload.rows(live_start, seq_len)
-        flat = selection.block_idx.long().flatten(2)
-        in_history = (flat >= 0) & (flat < live_start // bs)
         store, selection, live_first, compact_len = self._offload.selected_source(
-            self, selection, flat, in_history, live_start, seq_len
+            self, selection, live_start, seq_len
         )
         return run_branches(
             q, keys, values, gates, selection, seq_len=compact_len, k_means=self.pooled.k_attn,

@@ -26,7 +26,7 @@ import functools
 import torch
 
 from omnimem.offload import SOURCE_HOST, SOURCE_NONE, stage
-from omnimem.selection import block_union
+from omnimem.selection import compact_numbering
 from omnimem.sizing import staged_slots
 from omnimem.store.blocks import QuantizedBlocks
 from omnimem.store.host import host_zeros
@@ -163,7 +163,7 @@ class GatedQuantizedHistory(GatedHostOffload):
             self.copy_stream = None  # quantized on the compute stream: nothing to wait for
         self.dtype = cache.dtype
 
-    def selected_source(self, cache, selection, flat, in_history, live_start: int, seq_len: int):
+    def selected_source(self, cache, selection, live_start: int, seq_len: int):
         """What the selected-branch kernel reads: ``(store, selection, live_first, seq_len)``,
         table entries below ``live_first`` being blocks of ``store`` (here the whole history's
         store, in its own numbering)."""
@@ -256,24 +256,19 @@ class GatedQuantizedOffload(GatedQuantizedHistory):
         slots = torch.arange(union.shape[-1], device=union.device).expand_as(union)
         return self.staged.rows(slots, self.dtype)
 
-    def selected_source(self, cache, selection, flat, in_history, live_start: int, seq_len: int):
+    def selected_source(self, cache, selection, live_start: int, seq_len: int):
         """The union of the selected history blocks staged into ``staged`` (slots ``[0, W)``),
-        the table renumbered: history blocks to their slot, live blocks to ``W + (block -
-        live_first)``; ``seq_len`` the compact length."""
+        the table renumbered onto it (``omnimem.selection.compact_numbering``: live blocks
+        follow at ``W``); ``seq_len`` the compact length."""
         bs = cache.config.block_size
-        live_first = live_start // bs
-        width = min(flat.shape[-1], live_first)
-        renumbered = torch.where(flat >= live_first, width + flat - live_first, -1)
-        if width:
-            none = live_first + 1
-            union = block_union(flat, in_history, width=width, none=none)
-            self._stage_union(union, none)
-            position = torch.searchsorted(union, torch.where(in_history, flat, none).contiguous())
-            renumbered = torch.where(in_history, position, renumbered)
+        union, renumbered = compact_numbering(selection.block_idx.long().flatten(2), live_start // bs)
+        width = 0 if union is None else union.shape[-1]
+        if union is not None:
+            self._stage_union(union, live_start // bs + 1)
         compact_len = width * bs + seq_len - live_start
         compact = dataclasses.replace(
             selection,
             block_idx=renumbered.view_as(selection.block_idx).int(),
-            seq_len=torch.full((), compact_len, dtype=torch.int64, device=flat.device),
+            seq_len=torch.full((), compact_len, dtype=torch.int64, device=renumbered.device),
         )
         return self.staged, compact, width, compact_len

@@ -29,7 +29,7 @@ import os
 
 import torch
 
-from omnimem.api import sparse_attention
+from omnimem.api import resolve_backend, sparse_attention
 from omnimem.compile import compile_static
 from omnimem.selection import RetrievalRules, sorted_unique
 
@@ -297,7 +297,7 @@ class HostOffload:
         staged, source, source_block, remapped, counts = plan(
             selection.kv_block_idx, self.staged_block, self.bounds, self.num_staged, self.num_blocks
         )
-        self._stage(cache, dst, previous, source, source_block)
+        stage(dst, previous, self.fresh, (cache.k, cache.v), source, source_block, bs)
         self.staged_block, self.current = staged, 1 - self.current
         self.counters += counts
         remapped_selection = dataclasses.replace(
@@ -318,11 +318,6 @@ class HostOffload:
             return_lse=return_lse,
             selection=remapped_selection,
         )
-
-    def _stage(self, cache, dst, previous, source: torch.Tensor, source_block: torch.Tensor) -> None:
-        """The staged blocks into ``dst``: from the previous work buffer, the fresh blocks, or
-        the host (read in place)."""
-        stage(dst, previous, self.fresh, (cache.k, cache.v), source, source_block, self.block_size)
 
     def wait_for_copies(self) -> None:
         """Order the current stream after the last commit's copy to the host."""
@@ -379,21 +374,29 @@ class HostOffload:
                 self.copied.record(self.copy_stream)
 
 
+def reads_in_place(cache, q: torch.Tensor) -> bool:
+    """Whether ``q``'s call on ``cache`` runs on the triton backend (``resolve_backend``: config,
+    ``use_backend``, ``OMNIMEM_BACKEND``, then ``auto``'s choice), whose kernel reads a quantized
+    history's bytes in place."""
+    return resolve_backend(cache.config, q.device, dtype=q.dtype, head_dim=q.shape[-1]) == "triton"
+
+
 def quantized_run(cache, q, store, tail, selection, history_len: int, return_lse: bool):
     """Attention of ``q`` over the whole blocks of ``store`` its ``selection`` names (block
     numbering of the store; ``history_len`` tokens, the partial block and the chunk in ``tail``):
-    with the triton backend the kernel that reads the bytes in place, otherwise the reference
-    path (the store dequantized whole, then the backend)."""
+    on the triton backend the kernel that reads the bytes in place, otherwise the reference path
+    (``store`` dequantized, then the backend: callers pass a small staged store there)."""
     from omnimem.backends.quantized_attention import dequantized_history, quantized_attention
-    from omnimem.backends.triton import tile_tables
+    from omnimem.backends.triton import check_inputs, tile_tables
 
     chunk_len = tail[0].shape[2] - history_len % store.block_size
-    if cache.config.backend != "triton":
+    if not reads_in_place(cache, q):
         k, v = dequantized_history(store, *tail, history_len=history_len, dtype=tail[0].dtype)
         pad = selection.num_history_blocks * store.block_size - k.shape[2]  # the table's numbering
         k, v = (torch.nn.functional.pad(x, (0, 0, 0, max(pad, 0))) for x in (k, v))
         return sparse_attention(q, k, v, history_len=history_len, chunk_len=chunk_len, config=cache.config,
                                 return_lse=return_lse, selection=selection)  # fmt: skip
+    check_inputs(q)
     block_m = 64 if q.device.type == "cuda" else 16
     block_idx, num_blocks = tile_tables(selection, q_len=q.shape[2], block_m=block_m)
     out, lse = quantized_attention(
@@ -444,7 +447,7 @@ class QuantizedHistory(HostOffload):
         tail_k[:, :, partial:] = k_chunk
         tail_v[:, :, partial:] = v_chunk
         selection = cache.selection(q)
-        if not self.HOST and cache.config.backend == "triton":  # the kernel reads the store in place
+        if not self.HOST and reads_in_place(cache, q):  # the kernel reads the store in place
             return quantized_run(cache, q, self.store, (tail_k, tail_v), selection, history_len, return_lse)
         self.wait_for_copies()  # staging may read what a commit copied to the host
         plan = _compiled_staging_plan() if self.compiled else staging_plan

@@ -442,13 +442,34 @@ def gather_block_union(
     D]`` into ``[B, H, width * block_size, D]`` (zeros in unused slots). The caches train on
     such compact copies."""
     union = block_union(blocks, member, width=width, none=none)
-    tokens = union[..., None] * block_size + torch.arange(block_size, device=blocks.device)
+    return union, gather_union_rows(union, none=none, block_size=block_size, buffers=buffers)
+
+
+def gather_union_rows(union: torch.Tensor, *, none: int, block_size: int, buffers) -> list[torch.Tensor]:
+    """The tokens of the ``union [B, H, W]`` blocks (``none``: an empty slot) copied out of each of
+    ``buffers`` ``[B, H, L, D]`` into ``[B, H, W * block_size, D]`` (zeros in empty slots)."""
+    tokens = union[..., None] * block_size + torch.arange(block_size, device=union.device)
     valid = (union < none)[..., None].expand_as(tokens).flatten(2)
     index = torch.where(valid, tokens.flatten(2), 0)[..., None]
-    copies = [
+    return [
         torch.where(valid[..., None], x.gather(2, index.expand(-1, -1, -1, x.shape[-1])), 0) for x in buffers
     ]
-    return union, copies
+
+
+def compact_numbering(blocks: torch.Tensor, live_first: int) -> tuple[torch.Tensor | None, torch.Tensor]:
+    """``blocks [B, H, N]`` (block indices, ``-1`` empty) renumbered onto compact keys: first
+    the union of the blocks before ``live_first`` (``W = min(N, live_first)`` slots, ascending),
+    then the blocks from ``live_first`` on, contiguous. Returns ``(union [B, H, W], renumbered)``
+    (``union`` is ``None`` when ``W == 0``; ``live_first + 1`` marks its empty slots)."""
+    in_history = (blocks >= 0) & (blocks < live_first)
+    width = min(blocks.shape[-1], live_first)  # static slots for the selected history blocks
+    renumbered = torch.where(blocks >= live_first, width + blocks - live_first, -1)
+    if not width:
+        return None, renumbered
+    none = live_first + 1
+    union = block_union(blocks, in_history, width=width, none=none)
+    position = torch.searchsorted(union, torch.where(in_history, blocks, none).contiguous())
+    return union, torch.where(in_history, position, renumbered)
 
 
 def sorted_unique(indices: torch.Tensor, *, none: int) -> torch.Tensor:

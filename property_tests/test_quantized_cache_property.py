@@ -90,7 +90,7 @@ def test_quantized_gated_cache_equals_the_reference(case, window, candidates, ba
     rules = dict(block_size=bs, query_group_size=2, top_k=2, window_tokens=window, candidates=candidates,
                  exclude_window_chunks=2)  # fmt: skip
     cache = GatedCache(
-        64, batch=1, num_kv_heads=case["kv_heads"], head_dim=case["head_dim"], device=TEST_DEVICE,
+        80, batch=1, num_kv_heads=case["kv_heads"], head_dim=case["head_dim"], device=TEST_DEVICE,
         layout=case["layout"], backend=backend, kv_format=case["kv_format"], max_chunk_tokens=9,
         offload=offload, **rules,
     )  # fmt: skip

@@ -477,3 +477,9 @@ def test_quantized_cache_validation():
         make_cache(kv_format="nf4")
     with pytest.raises(ValueError, match="cuda_graphs=True is not supported yet"):
         make_cache(kv_format="fp8", cuda_graphs=True)
+    if TEST_DEVICE.type == "cpu":  # the in-place kernel refuses what the triton backend refuses
+        triton_config = OmniMemConfig(block_size=4, top_k=2, sink_tokens=4, local_tokens=4, backend="triton")
+        cache = make_cache(kv_format="int4", config=triton_config, dtype=torch.bfloat16)
+        q = chunk(4).to(torch.bfloat16)
+        with pytest.raises(ValueError, match=r"cannot run bfloat16|needs CUDA tensors"):
+            cache.attend(q, q, q)
