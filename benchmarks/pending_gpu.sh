@@ -5,12 +5,14 @@
 #   benchmarks/pending_gpu.sh 39   # the authors' model: layer + cache update, patched rollouts, GPU tests
 #   benchmarks/pending_gpu.sh 36   # quantized history: kernels, the 4-minute int4 rollout, GPU tests
 #
-# The device image has no pytest/hypothesis/einops: carry them as a folder of pure-Python
-# packages copied from a local venv (e.g. `.devpkgs`, excluded from git) and pass it in `carry`;
-# this script puts it on PYTHONPATH. omnimem runs from the tree (omnimem.backends is linked in).
+# The device image has pytest, hypothesis and einops; a machine without them can be given a
+# folder of them (`.devpkgs`, excluded from git, passed in `carry`), used only then: a copy from
+# another Python would shadow the image's (hypothesis has a compiled part). omnimem runs from
+# the tree (omnimem.backends is linked in).
 set -u
 ln -sfn ../backends omnimem/backends
-export PYTHONPATH=$PWD/.devpkgs:$PWD
+export PYTHONPATH=$PWD
+python3 -c 'import pytest, hypothesis, einops' 2>/dev/null || export PYTHONPATH=$PWD/.devpkgs:$PWD
 export OMNIMEM_TEST_DEVICE=cuda HYPOTHESIS_PROFILE=gpu
 LOG=$OUT/log_$1.txt
 step() { local t=$1; shift; echo "=== $(date +%T) [$t s] $*" >>"$LOG"; (timeout "$t" "$@") >>"$LOG" 2>&1; echo "=== rc=$?" >>"$LOG"; }

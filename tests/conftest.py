@@ -10,9 +10,13 @@ import torch
 def poisoned_allocations(monkeypatch):
     """Every ``torch.empty``-style allocation is filled with NaN (or junk integers)."""
 
+    # Outside torch.compile's graphs: a traced fill became an in-place op on a graph
+    # allocation that CUDA inductor rejected (dynamo graph-breaks here and the fill runs eagerly).
+    @torch.compiler.disable
     def fill(buffer: torch.Tensor) -> torch.Tensor:
         if buffer.numel():
-            buffer.fill_(float("nan") if buffer.is_floating_point() else -123456789)
+            with torch.no_grad():  # inductor's own probes allocate leaves that require grad
+                buffer.fill_(float("nan") if buffer.is_floating_point() else -123456789)
         return buffer
 
     originals = {name: getattr(torch, name) for name in ("empty", "empty_like", "empty_strided")}

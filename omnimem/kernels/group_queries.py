@@ -70,8 +70,8 @@ def _group_queries_kernel(
                 acc = _rows(base, start, stop, stride_l, stride_d, cols, col_ok, ROWS)
             else:
                 acc = tl.zeros([ROWS, D_PAD], tl.float32)
-                for first in range(start, stop, ROWS):
-                    acc += _rows(base, first, stop, stride_l, stride_d, cols, col_ok, ROWS)
+                for row0 in range(start, stop, ROWS):
+                    acc += _rows(base, row0, stop, stride_l, stride_d, cols, col_ok, ROWS)
             mean = tl.div_rn(tl.sum(acc, 0), tl.maximum(stop - start, 1).to(tl.float32))
             if ROUND:
                 mean = _round_through(mean, q_ptr.dtype.element_ty)
@@ -83,7 +83,7 @@ def _group_queries_kernel(
     if (group == 0) & (batch_head == 0):
         seq_len = tl.load(seq_ptr).to(tl.int64)
         valid = (seq_len + BLOCK_SIZE - 1) // BLOCK_SIZE
-        first = valid * 0
+        span_start = valid * 0
         end = valid
         if MODE == "awe":  # the blocks entirely before the window, once there are top_k of them
             before = tl.maximum(seq_len - window_tokens, 0) // BLOCK_SIZE
@@ -95,11 +95,11 @@ def _group_queries_kernel(
                 end = tl.minimum((first_excluded * q_len + BLOCK_SIZE - 1) // BLOCK_SIZE, valid)
             if PROGRESSIVE:
                 applies = chunk >= EX_SINK + EX_WINDOW
-                first = tl.where(applies, sink_end, first)
+                span_start = tl.where(applies, sink_end, span_start)
                 end = tl.where(applies, end, valid)
             else:
-                first += sink_end
-        tl.store(span_ptr, first)
+                span_start += sink_end
+        tl.store(span_ptr, span_start)
         tl.store(span_ptr + 1, end)
 
 
