@@ -21,7 +21,7 @@ import triton
 import triton.language as tl
 from torch.autograd.function import once_differentiable
 
-from omnimem.backends.quantized_attention import _codes_tile
+from omnimem.backends.quantized_tiles import decoded_tile
 from omnimem.store.blocks import QuantizedBlocks
 
 
@@ -87,21 +87,13 @@ def _selected_attention_kernel(
             if block < live_first:
                 start = block * block_size + (it % SUBS) * BLOCK_N
                 limit = block * block_size + block_size
-                k = _codes_tile(kq, start, limit, stride_qkl, BLOCK_N, BLOCK_D, HEAD_DIM, INT4)
-                v = _codes_tile(vq, start, limit, stride_qkl, BLOCK_N, BLOCK_D, HEAD_DIM, INT4)
-                if INT4:
-                    channel = k_scales + block.to(tl.int64) * stride_ksn + dims
-                    k = k * tl.load(k_scale_ptr + channel, mask=dim_ok, other=0.0).to(tl.float32)[None, :]
-                    k = k + tl.load(k_min_ptr + channel, mask=dim_ok, other=0.0).to(tl.float32)[None, :]
-                    per_token = v_scales + token.to(tl.int64) * stride_vsn
-                    v_scale = tl.load(v_scale_ptr + per_token, mask=token_ok, other=0.0).to(tl.float32)
-                    v_low = tl.load(v_min_ptr + per_token, mask=token_ok, other=0.0).to(tl.float32)
-                    v = tl.where(load_mask, v * v_scale[:, None] + v_low[:, None], 0.0)
-                else:
-                    k_mult = tl.load(k_scale_ptr + k_scales + block.to(tl.int64) * stride_ksn).to(tl.float32)
-                    v_mult = tl.load(v_scale_ptr + v_scales + block.to(tl.int64) * stride_vsn).to(tl.float32)
-                k = k.to(k_ptr.dtype.element_ty)
-                v = v.to(v_ptr.dtype.element_ty)
+                dtype = k_ptr.dtype.element_ty
+                k, k_mult = decoded_tile(kq, k_scale_ptr, k_min_ptr, k_scales, block, start, limit,
+                                         stride_qkl, stride_ksn, dtype, BLOCK_N, BLOCK_D, HEAD_DIM, INT4,
+                                         True, True)  # fmt: skip
+                v, v_mult = decoded_tile(vq, v_scale_ptr, v_min_ptr, v_scales, block, start, limit,
+                                         stride_qkl, stride_vsn, dtype, BLOCK_N, BLOCK_D, HEAD_DIM, INT4,
+                                         True, False)  # fmt: skip
             else:
                 live = (token - live_first * block_size).to(tl.int64)
                 k = tl.load(
@@ -124,8 +116,8 @@ def _selected_attention_kernel(
         p = tl.exp2(scores - m_shift[:, None])
         alpha = tl.exp2(m_i - m_shift)
         l_i = l_i * alpha + tl.sum(p, 1)
-        if QUANTIZED:  # fp8: the block's value scale on its whole product
-            acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v, input_precision=PRECISION) * v_mult
+        if QUANTIZED:  # fp8: the block's value scale on its probabilities (exact operands otherwise)
+            acc = tl.dot((p * v_mult).to(v.dtype), v, acc * alpha[:, None], input_precision=PRECISION)
         else:
             acc = tl.dot(p.to(v.dtype), v, acc * alpha[:, None], input_precision=PRECISION)
         m_i = m_new
@@ -195,7 +187,7 @@ def selected_attention(
 
     With ``store`` (a quantized history, ``omnimem.store.blocks.QuantizedBlocks``), blocks
     before ``live_first`` are read from the store's bytes in place (dequantized in registers,
-    as ``backends/quantized_attention.py`` does) and ``k``/``v`` hold the tokens from block
+    ``backends/quantized_tiles.py``) and ``k``/``v`` hold the tokens from block
     ``live_first`` on: token ``t`` of the sequence is row ``t - live_first * block_size``.
     """
     batch, q_heads, q_len, head_dim = q.shape

@@ -32,6 +32,9 @@ import triton
 import triton.language as tl
 from triton.tools.tensor_descriptor import TensorDescriptor
 
+from omnimem.backends.quantized_tiles import decoded_tile
+from omnimem.store.blocks import QuantizedBlocks
+
 
 @triton.jit
 def _load_tile(
@@ -53,48 +56,92 @@ def _load_tile(
 
 
 @triton.jit
-def _softmax_update(scores, v, m_i, l_i, acc, MASKED: tl.constexpr, PRECISION: tl.constexpr):
-    """One online-softmax update of ``(m_i, l_i, acc)`` with scaled scores and values ``v``."""
+def _softmax_update(scores, v, v_mult, m_i, l_i, acc, MASKED: tl.constexpr, PRECISION: tl.constexpr,
+                    SCALED: tl.constexpr):  # fmt: skip
+    """One online-softmax update of ``(m_i, l_i, acc)`` with scaled scores and values ``v``
+    (``SCALED``: an fp8 block's values, whose scale ``v_mult`` multiplies the probabilities)."""
     m_new = tl.maximum(m_i, tl.max(scores, 1))
     # Masked rows with nothing attended so far keep m = -inf: shift by 0 there (no inf - inf).
     m_shift = tl.where(m_new == float("-inf"), 0.0, m_new) if MASKED else m_new
     p = tl.exp2(scores - m_shift[:, None])
     alpha = tl.exp2(m_i - m_shift)
     l_i = l_i * alpha + tl.sum(p, 1)
+    weights = p * v_mult if SCALED else p
     # Rescaled accumulator fed to the dot: the MMA accumulates in place (no second tile).
-    acc = tl.dot(p.to(v.dtype), v, acc * alpha[:, None], input_precision=PRECISION)
+    acc = tl.dot(weights.to(v.dtype), v, acc * alpha[:, None], input_precision=PRECISION)
     return m_new, l_i, acc
 
 
 @triton.jit
-def _softmax_step(q, k, v, valid, qk_scale, m_i, l_i, acc, MASKED: tl.constexpr, PRECISION: tl.constexpr):
+def _softmax_step(q, k, v, k_mult, v_mult, valid, qk_scale, m_i, l_i, acc, MASKED: tl.constexpr,
+                  PRECISION: tl.constexpr, SCALED: tl.constexpr):  # fmt: skip
     """Scores of ``q`` against keys ``k`` (``valid`` ones when masked), then the update."""
-    scores = tl.dot(q, tl.trans(k), input_precision=PRECISION) * qk_scale
+    scores = tl.dot(q, tl.trans(k), input_precision=PRECISION) * (qk_scale * k_mult if SCALED else qk_scale)
     if MASKED:
         scores = tl.where(valid, scores, float("-inf"))
-    return _softmax_update(scores, v, m_i, l_i, acc, MASKED, PRECISION)
+    return _softmax_update(scores, v, v_mult, m_i, l_i, acc, MASKED, PRECISION, SCALED)
+
+
+@triton.jit
+def _history_tile(
+    base, desc, batch, kv_head, block, start, limit, stride_l, stride_d,
+    codes, scale_ptr, min_ptr, scales, stride_cl, stride_sn, whole_blocks, native_from, dtype,
+    BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, HEAD_DIM: tl.constexpr, USE_TMA: tl.constexpr,
+    MASKED: tl.constexpr, QUANT: tl.constexpr, IS_KEY: tl.constexpr, WHOLE: tl.constexpr,
+):  # fmt: skip
+    """Keys or values ``[start, start + BLOCK_N)`` of block ``block`` (tokens ``>= limit`` read
+    as 0 when ``MASKED``) and the factor of their scores or probabilities. Native caches
+    (``QUANT == 0``) read ``base``; a quantized history (1: fp8, 2: int4) reads its whole blocks'
+    codes (``quantized_tiles``) and the rest, the partial last block and the chunk, from
+    ``base`` at ``token - native_from``. ``WHOLE``: the block is known to be whole."""
+    if QUANT == 0:
+        tile = _load_tile(base, desc, batch, kv_head, start, limit, stride_l, stride_d,
+                          BLOCK_N, BLOCK_D, HEAD_DIM, USE_TMA, MASKED)  # fmt: skip
+        mult = tl.full([], 1.0, tl.float32)
+    elif WHOLE:
+        tile, mult = decoded_tile(codes, scale_ptr, min_ptr, scales, block, start, limit, stride_cl,
+                                  stride_sn, dtype, BLOCK_N, BLOCK_D, HEAD_DIM, QUANT == 2, MASKED,
+                                  IS_KEY)  # fmt: skip
+    else:
+        if block < whole_blocks:
+            tile, mult = decoded_tile(codes, scale_ptr, min_ptr, scales, block, start, limit, stride_cl,
+                                      stride_sn, dtype, BLOCK_N, BLOCK_D, HEAD_DIM, QUANT == 2, True,
+                                      IS_KEY)  # fmt: skip
+        else:
+            tile = _load_tile(base, desc, batch, kv_head, start - native_from, limit - native_from, stride_l,
+                              stride_d, BLOCK_N, BLOCK_D, HEAD_DIM, USE_TMA, True).to(dtype)  # fmt: skip
+            mult = tl.full([], 1.0, tl.float32)
+    return tile, mult
 
 
 @triton.jit
 def _masked_tile_step(
-    q, k_base, v_base, k_desc, v_desc, batch, kv_head, start, limit, rows_attend, qk_scale,
+    q, k_base, v_base, k_desc, v_desc, batch, kv_head, block, start, limit, rows_attend, qk_scale,
     m_i, l_i, acc, stride_kl, stride_kd, stride_vl, stride_vd,
+    kq, vq, k_scale_ptr, v_scale_ptr, k_min_ptr, v_min_ptr, k_scales, v_scales,
+    stride_cl, stride_ksn, stride_vsn, whole_blocks, native_from,
     BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, HEAD_DIM: tl.constexpr, USE_TMA: tl.constexpr,
-    PRECISION: tl.constexpr,
+    PRECISION: tl.constexpr, QUANT: tl.constexpr,
 ):  # fmt: skip
-    """The update with keys ``[start, start + BLOCK_N)``: tokens ``>= limit`` and rows not in
-    ``rows_attend`` masked out."""
-    k = _load_tile(k_base, k_desc, batch, kv_head, start, limit, stride_kl, stride_kd,
-                   BLOCK_N, BLOCK_D, HEAD_DIM, USE_TMA, True)  # fmt: skip
-    v = _load_tile(v_base, v_desc, batch, kv_head, start, limit, stride_vl, stride_vd,
-                   BLOCK_N, BLOCK_D, HEAD_DIM, USE_TMA, True)  # fmt: skip
+    """The update with keys ``[start, start + BLOCK_N)`` of block ``block`` (the chunk: any
+    block ``>= whole_blocks``): tokens ``>= limit`` and rows not in ``rows_attend`` masked out."""
+    k, k_mult = _history_tile(
+        k_base, k_desc, batch, kv_head, block, start, limit, stride_kl, stride_kd,
+        kq, k_scale_ptr, k_min_ptr, k_scales, stride_cl, stride_ksn, whole_blocks, native_from, q.dtype,
+        BLOCK_N, BLOCK_D, HEAD_DIM, USE_TMA, True, QUANT, True, False,
+    )  # fmt: skip
+    v, v_mult = _history_tile(
+        v_base, v_desc, batch, kv_head, block, start, limit, stride_vl, stride_vd,
+        vq, v_scale_ptr, v_min_ptr, v_scales, stride_cl, stride_vsn, whole_blocks, native_from, q.dtype,
+        BLOCK_N, BLOCK_D, HEAD_DIM, USE_TMA, True, QUANT, False, False,
+    )  # fmt: skip
     token_ok = (start + tl.arange(0, BLOCK_N)) < limit
     if USE_TMA:
         # The copy engine reads whole tiles: values past `limit` (another block, perhaps a
         # corrupted one) would reach the output through 0 * NaN. Zero them.
         v = tl.where(token_ok[:, None], v, 0.0)
     valid = rows_attend[:, None] & token_ok[None, :]
-    return _softmax_step(q, k, v, valid, qk_scale, m_i, l_i, acc, True, PRECISION)
+    return _softmax_step(q, k, v, k_mult, v_mult, valid, qk_scale, m_i, l_i, acc, True, PRECISION, QUANT == 1)
 
 
 @triton.jit
@@ -102,17 +149,24 @@ def _attend_range(
     q, k_base, v_base, k_desc, v_desc, batch, kv_head, rows, row_valid,
     table_ptr, num_tile_blocks, attended_row, history_len, chunk_len, it_begin, it_end,
     stride_kl, stride_kd, stride_vl, stride_vd, qk_scale,
+    kq, vq, k_scale_ptr, v_scale_ptr, k_min_ptr, v_min_ptr, k_scales, v_scales,
+    stride_cl, stride_ksn, stride_vsn,
     HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
     BLOCK_SIZE: tl.constexpr, HAS_GROUPS: tl.constexpr, ALL_MASKED: tl.constexpr,
-    USE_TMA: tl.constexpr, PRECISION: tl.constexpr,
+    USE_TMA: tl.constexpr, PRECISION: tl.constexpr, QUANT: tl.constexpr,
 ):  # fmt: skip
     """Online softmax of one query tile over its key tiles ``[it_begin, it_end)``: the
-    selected history blocks first (``SUBS`` key tiles each, in table order), then the chunk."""
+    selected history blocks first (``SUBS`` key tiles each, in table order), then the chunk.
+    With a quantized history (``QUANT``), ``k_base``/``v_base`` hold the tokens from the first
+    partial block on (the partial block, then the chunk)."""
     SUBS: tl.constexpr = (BLOCK_SIZE + BLOCK_N - 1) // BLOCK_N
+    SCALED: tl.constexpr = QUANT == 1
     m_i = tl.full([BLOCK_M], float("-inf"), dtype=tl.float32)
     l_i = tl.zeros([BLOCK_M], dtype=tl.float32)
     acc = tl.zeros([BLOCK_M, BLOCK_D], dtype=tl.float32)
     hist_iters = num_tile_blocks * SUBS
+    whole_blocks = history_len // BLOCK_SIZE
+    native_from = whole_blocks * BLOCK_SIZE if QUANT else 0
 
     if ALL_MASKED:
         for it in range(it_begin, tl.minimum(it_end, hist_iters)):
@@ -124,9 +178,11 @@ def _attend_range(
             block_end = tl.minimum(block * BLOCK_SIZE + BLOCK_SIZE, history_len)
             start = block * BLOCK_SIZE + (it % SUBS) * BLOCK_N
             m_i, l_i, acc = _masked_tile_step(
-                q, k_base, v_base, k_desc, v_desc, batch, kv_head, start, block_end, rows_attend, qk_scale,
-                m_i, l_i, acc, stride_kl, stride_kd, stride_vl, stride_vd,
-                BLOCK_N, BLOCK_D, HEAD_DIM, USE_TMA, PRECISION,
+                q, k_base, v_base, k_desc, v_desc, batch, kv_head, block, start, block_end, rows_attend,
+                qk_scale, m_i, l_i, acc, stride_kl, stride_kd, stride_vl, stride_vd,
+                kq, vq, k_scale_ptr, v_scale_ptr, k_min_ptr, v_min_ptr, k_scales, v_scales,
+                stride_cl, stride_ksn, stride_vsn, whole_blocks, native_from,
+                BLOCK_N, BLOCK_D, HEAD_DIM, USE_TMA, PRECISION, QUANT,
             )  # fmt: skip
     else:
         # Whole blocks: no masks. Only the last slot may hold the partial block: masked below.
@@ -139,51 +195,75 @@ def _attend_range(
             # with the history, measured 5% slower (scalar selects of the addresses).
             block = tl.load(table_ptr + it_begin // SUBS).to(tl.int32)
             start = block * BLOCK_SIZE + (it_begin % SUBS) * BLOCK_N
-            k = _load_tile(k_base, k_desc, batch, kv_head, start, history_len, stride_kl, stride_kd,
-                           BLOCK_N, BLOCK_D, HEAD_DIM, USE_TMA, False)  # fmt: skip
-            scores = tl.dot(q, tl.trans(k), input_precision=PRECISION) * qk_scale
+            k, k_mult = _history_tile(
+                k_base, k_desc, batch, kv_head, block, start, history_len, stride_kl, stride_kd,
+                kq, k_scale_ptr, k_min_ptr, k_scales, stride_cl, stride_ksn, whole_blocks, native_from,
+                q.dtype, BLOCK_N, BLOCK_D, HEAD_DIM, USE_TMA, False, QUANT, True, True,
+            )  # fmt: skip
+            scores = tl.dot(q, tl.trans(k), input_precision=PRECISION) * (
+                qk_scale * k_mult if SCALED else qk_scale
+            )
             for it in tl.range(it_begin, hist_stop - 1):
                 block_next = tl.load(table_ptr + (it + 1) // SUBS).to(tl.int32)
                 start_next = block_next * BLOCK_SIZE + ((it + 1) % SUBS) * BLOCK_N
-                k = _load_tile(k_base, k_desc, batch, kv_head, start_next, history_len, stride_kl, stride_kd,
-                               BLOCK_N, BLOCK_D, HEAD_DIM, USE_TMA, False)  # fmt: skip
-                v = _load_tile(v_base, v_desc, batch, kv_head, start, history_len, stride_vl, stride_vd,
-                               BLOCK_N, BLOCK_D, HEAD_DIM, USE_TMA, False)  # fmt: skip
-                scores_next = tl.dot(q, tl.trans(k), input_precision=PRECISION) * qk_scale
-                m_i, l_i, acc = _softmax_update(scores, v, m_i, l_i, acc, False, PRECISION)
+                k, k_mult = _history_tile(
+                    k_base, k_desc, batch, kv_head, block_next, start_next, history_len, stride_kl, stride_kd,
+                    kq, k_scale_ptr, k_min_ptr, k_scales, stride_cl, stride_ksn, whole_blocks, native_from,
+                    q.dtype, BLOCK_N, BLOCK_D, HEAD_DIM, USE_TMA, False, QUANT, True, True,
+                )  # fmt: skip
+                v, v_mult = _history_tile(
+                    v_base, v_desc, batch, kv_head, block, start, history_len, stride_vl, stride_vd,
+                    vq, v_scale_ptr, v_min_ptr, v_scales, stride_cl, stride_vsn, whole_blocks, native_from,
+                    q.dtype, BLOCK_N, BLOCK_D, HEAD_DIM, USE_TMA, False, QUANT, False, True,
+                )  # fmt: skip
+                scores_next = tl.dot(q, tl.trans(k), input_precision=PRECISION) * (
+                    qk_scale * k_mult if SCALED else qk_scale
+                )
+                m_i, l_i, acc = _softmax_update(scores, v, v_mult, m_i, l_i, acc, False, PRECISION, SCALED)
                 scores = scores_next
                 start = start_next
-            v = _load_tile(v_base, v_desc, batch, kv_head, start, history_len, stride_vl, stride_vd,
-                           BLOCK_N, BLOCK_D, HEAD_DIM, USE_TMA, False)  # fmt: skip
-            m_i, l_i, acc = _softmax_update(scores, v, m_i, l_i, acc, False, PRECISION)
+                block = block_next
+            v, v_mult = _history_tile(
+                v_base, v_desc, batch, kv_head, block, start, history_len, stride_vl, stride_vd,
+                vq, v_scale_ptr, v_min_ptr, v_scales, stride_cl, stride_vsn, whole_blocks, native_from,
+                q.dtype, BLOCK_N, BLOCK_D, HEAD_DIM, USE_TMA, False, QUANT, False, True,
+            )  # fmt: skip
+            m_i, l_i, acc = _softmax_update(scores, v, v_mult, m_i, l_i, acc, False, PRECISION, SCALED)
         for sub in tl.static_range(SUBS):
             it = whole_iters + sub
             if (it >= it_begin) & (it < it_end) & (it >= 0):
                 block = tl.load(table_ptr + it // SUBS).to(tl.int32)
                 start = block * BLOCK_SIZE + (it % SUBS) * BLOCK_N
                 m_i, l_i, acc = _masked_tile_step(
-                    q, k_base, v_base, k_desc, v_desc, batch, kv_head, start, history_len, row_valid,
+                    q, k_base, v_base, k_desc, v_desc, batch, kv_head, block, start, history_len, row_valid,
                     qk_scale, m_i, l_i, acc, stride_kl, stride_kd, stride_vl, stride_vd,
-                    BLOCK_N, BLOCK_D, HEAD_DIM, USE_TMA, PRECISION,
+                    kq, vq, k_scale_ptr, v_scale_ptr, k_min_ptr, v_min_ptr, k_scales, v_scales,
+                    stride_cl, stride_ksn, stride_vsn, whole_blocks, native_from,
+                    BLOCK_N, BLOCK_D, HEAD_DIM, USE_TMA, PRECISION, QUANT,
                 )  # fmt: skip
 
     # The current chunk: contiguous tokens [history_len, history_len + chunk_len); every row,
     # padding rows too, attends it, so no row ends with an empty softmax (0/0).
     chunk_end = history_len + chunk_len
     whole_end = hist_iters + chunk_len // BLOCK_N
+    one = tl.full([], 1.0, tl.float32)
     for it in tl.range(tl.maximum(it_begin, hist_iters), tl.minimum(it_end, whole_end)):
-        start = history_len + (it - hist_iters) * BLOCK_N
-        k = _load_tile(k_base, k_desc, batch, kv_head, start, chunk_end, stride_kl, stride_kd,
+        start = history_len + (it - hist_iters) * BLOCK_N - native_from
+        k = _load_tile(k_base, k_desc, batch, kv_head, start, chunk_end - native_from, stride_kl, stride_kd,
                        BLOCK_N, BLOCK_D, HEAD_DIM, USE_TMA, False)  # fmt: skip
-        v = _load_tile(v_base, v_desc, batch, kv_head, start, chunk_end, stride_vl, stride_vd,
+        v = _load_tile(v_base, v_desc, batch, kv_head, start, chunk_end - native_from, stride_vl, stride_vd,
                        BLOCK_N, BLOCK_D, HEAD_DIM, USE_TMA, False)  # fmt: skip
-        m_i, l_i, acc = _softmax_step(q, k, v, row_valid[:, None], qk_scale, m_i, l_i, acc, False, PRECISION)
+        m_i, l_i, acc = _softmax_step(
+            q, k, v, one, one, row_valid[:, None], qk_scale, m_i, l_i, acc, False, PRECISION, False
+        )
     if (chunk_len % BLOCK_N != 0) & (it_begin <= whole_end) & (whole_end < it_end):
         start = history_len + (whole_end - hist_iters) * BLOCK_N
         m_i, l_i, acc = _masked_tile_step(
-            q, k_base, v_base, k_desc, v_desc, batch, kv_head, start, chunk_end, rows >= 0, qk_scale,
-            m_i, l_i, acc, stride_kl, stride_kd, stride_vl, stride_vd,
-            BLOCK_N, BLOCK_D, HEAD_DIM, USE_TMA, PRECISION,
+            q, k_base, v_base, k_desc, v_desc, batch, kv_head, whole_blocks, start, chunk_end, rows >= 0,
+            qk_scale, m_i, l_i, acc, stride_kl, stride_kd, stride_vl, stride_vd,
+            kq, vq, k_scale_ptr, v_scale_ptr, k_min_ptr, v_min_ptr, k_scales, v_scales,
+            stride_cl, stride_ksn, stride_vsn, whole_blocks, native_from,
+            BLOCK_N, BLOCK_D, HEAD_DIM, USE_TMA, PRECISION, QUANT,
         )  # fmt: skip
     return m_i, l_i, acc
 
@@ -198,9 +278,11 @@ def _scattered_attention_kernel(
     stride_ob, stride_oh, stride_ol, stride_od,
     num_q_heads, heads_per_kv, q_len, chunk_len, table_tiles, table_width, num_groups, num_hist_blocks,
     query_group_size, qk_scale, num_q_tiles, num_whole_tiles, splits,
+    kq_ptr, vq_ptr, k_scale_ptr, v_scale_ptr, k_min_ptr, v_min_ptr,
+    stride_cb, stride_ch, stride_cl, stride_ksb, stride_ksh, stride_ksn, stride_vsb, stride_vsh, stride_vsn,
     HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
     BLOCK_SIZE: tl.constexpr, HAS_GROUPS: tl.constexpr, USE_TMA: tl.constexpr,
-    WRITE_LSE: tl.constexpr, PRECISION: tl.constexpr,
+    WRITE_LSE: tl.constexpr, PRECISION: tl.constexpr, QUANT: tl.constexpr = 0,
 ):  # fmt: skip
     # Tiles are (batch, query head, query tile), query tile fastest. The first
     # `num_whole_tiles` programs run one whole tile each; the tiles of the last, partly filled
@@ -248,11 +330,19 @@ def _scattered_attention_kernel(
         block_attended_ptr
         + ((batch * num_kv_heads + kv_head) * num_groups + groups).to(tl.int64) * num_hist_blocks
     )
+    # A quantized history's whole blocks (QUANT: 1 fp8, 2 int4): codes, and the offsets of this
+    # (batch, KV head) into their scales and minima.
+    kq = kq_ptr + batch.to(tl.int64) * stride_cb + kv_head.to(tl.int64) * stride_ch
+    vq = vq_ptr + batch.to(tl.int64) * stride_cb + kv_head.to(tl.int64) * stride_ch
+    k_scales = batch.to(tl.int64) * stride_ksb + kv_head.to(tl.int64) * stride_ksh
+    v_scales = batch.to(tl.int64) * stride_vsb + kv_head.to(tl.int64) * stride_vsh
     m_i, l_i, acc = _attend_range(
         q, k_base, v_base, k_desc, v_desc, batch, kv_head, rows, row_valid,
         table_ptr, num_tile_blocks, attended_row, history_len, chunk_len, it_begin, it_end,
         stride_kl, stride_kd, stride_vl, stride_vd, qk_scale,
-        HEAD_DIM, BLOCK_D, BLOCK_M, BLOCK_N, BLOCK_SIZE, HAS_GROUPS, ALL_MASKED, USE_TMA, PRECISION,
+        kq, vq, k_scale_ptr, v_scale_ptr, k_min_ptr, v_min_ptr, k_scales, v_scales,
+        stride_cl, stride_ksn, stride_vsn,
+        HEAD_DIM, BLOCK_D, BLOCK_M, BLOCK_N, BLOCK_SIZE, HAS_GROUPS, ALL_MASKED, USE_TMA, PRECISION, QUANT,
     )  # fmt: skip
 
     out_ptrs = (
@@ -339,6 +429,7 @@ def scattered_attention(
     num_stages: int | None = None,
     use_tma: bool | None = None,
     num_sms: int | None = None,
+    store: QuantizedBlocks | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor | None]:
     """Launch the kernel.
 
@@ -352,6 +443,11 @@ def scattered_attention(
     (benchmarks/backends_gpu.py measures the others). Besides its outputs a call allocates at
     most ``num_sms + 1`` int32 flags and ``num_sms x 2 x block_m`` float32 (132 KiB on an
     H100): split parts hand partial results over through ``out`` itself.
+
+    With ``store`` (a quantized history, ``omnimem.store.blocks.QuantizedBlocks``), the
+    history's whole blocks ``[0, history_len // block_size)`` are read from the store's bytes in
+    place (``quantized_tiles``) and ``k``/``v`` hold the tokens from there on: the partial last
+    block, then the chunk (``backends/quantized_attention.py`` launches it so).
     """
     batch, num_q_heads, q_len, head_dim = q.shape
     out = torch.empty_like(q)
@@ -375,6 +471,14 @@ def scattered_attention(
         v_desc = TensorDescriptor(v, list(v.shape), list(v.stride()), [1, 1, block_n, block_d])
     has_groups = block_attended is not None
     attended = block_attended.to(torch.uint8) if has_groups else num_blocks  # unused when no groups
+    if store is None:  # unused pointers and strides
+        quantized = [k] * 6 + [0] * 9
+    else:
+        kq, vq = store.k.view(torch.uint8), store.v.view(torch.uint8)
+        k_min = store.k_min if store.k_min is not None else store.k_scale  # fp8 has none: unused
+        v_min = store.v_min if store.v_min is not None else store.v_scale
+        quantized = [kq, vq, store.k_scale, store.v_scale, k_min, v_min, *kq.stride()[:3],
+                     *store.k_scale.stride()[:3], *store.v_scale.stride()[:3]]  # fmt: skip
     if num_warps is None:
         num_warps = 8 if block_m >= 128 else 4
     if num_stages is None:
@@ -394,9 +498,10 @@ def scattered_attention(
         num_q_heads, num_q_heads // k.shape[1], q_len, chunk_len, block_idx.shape[2], block_idx.shape[3],
         block_attended.shape[2] if has_groups else 1, block_attended.shape[3] if has_groups else 1,
         query_group_size, scale * 1.4426950408889634,
-        num_q_tiles, num_tiles - num_split_tiles, splits,
+        num_q_tiles, num_tiles - num_split_tiles, splits, *quantized,
         HEAD_DIM=head_dim, BLOCK_D=block_d, BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_SIZE=block_size,
         HAS_GROUPS=has_groups, USE_TMA=use_tma, WRITE_LSE=return_lse,
+        QUANT=0 if store is None else {"fp8": 1, "int4": 2}[store.kv_format],
         # float32 inputs stay float32 (tensor cores would round them to TF32: ~1e-3 error).
         PRECISION="ieee" if q.dtype == torch.float32 else "tf32",
         num_warps=num_warps, num_stages=num_stages,

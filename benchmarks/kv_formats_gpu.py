@@ -8,7 +8,9 @@ against a float32 attention over exactly the attended tokens of the *dequantized
 kernel's correctness), and its error against the bf16 cache's output is reported (the format's
 cost). Timed with ``triton.testing.do_bench`` (median): the bf16 run step
 (``triton_backend.forward``, on Hopper the Gluon kernel) and the quantized kernel per format and
-tile configuration. Bytes: the store's against the bf16 history's.
+tile configuration; beside them the Triton-language kernel on the bf16 history, the same kernel
+the quantized formats run (on Hopper the bf16 call runs the faster Gluon kernel). Bytes: the
+store's against the bf16 history's.
 
     python benchmarks/kv_formats_gpu.py [--histories 369720] [--top-k 32] [--json out.json]
 """
@@ -29,13 +31,17 @@ from omnimem.backends.quantized_attention import dequantized_history, quantized_
 from omnimem.kernels.block_sums import block_sums
 from omnimem.store.blocks import QuantizedBlocks
 
-# Tile configurations of the quantized kernel (keyword arguments of quantized_attention).
+# Tile configurations of the quantized kernel (keyword arguments of quantized_attention, over
+# triton_attention.scattered_attention's defaults: 128 x 128 tiles, 8 warps, 3 stages).
 VARIANTS = [
-    dict(block_m=64, block_n=64, num_warps=4),
-    dict(block_m=128, block_n=64, num_warps=8),
-    dict(block_m=128, block_n=128, num_warps=8),
-    dict(block_m=64, block_n=128, num_warps=4),
+    dict(),
+    dict(block_n=64),
+    dict(num_stages=2),
+    dict(block_m=64, num_warps=4),
 ]
+
+
+TIMED = ("ms", "err_vs_dequantized", "err_vs_bf16_cache")
 
 
 def run_shape(heads: int, history_len: int, top_k: int, chunk_len: int) -> dict:
@@ -54,6 +60,15 @@ def run_shape(heads: int, history_len: int, top_k: int, chunk_len: int) -> dict:
     row["bf16"] = dict(ms=bench(lambda: triton_backend.forward(
         q, k, v, sel, chunk_len=chunk_len, scale=scale, return_lse=False, config=config)),
         err_vs_float32=rel_err(bf16, ref), history_bytes=2 * k[:, :, :history_len].numel() * 2)  # fmt: skip
+    from omnimem.backends.triton_attention import scattered_attention
+
+    table_idx, table_num = triton_backend.tile_tables(sel, q_len=chunk_len, block_m=128)
+    lang = functools.partial(
+        scattered_attention, q, k, v, block_idx=table_idx, num_blocks=table_num, block_attended=None,
+        history_len=history, chunk_len=chunk_len, block_size=bs, query_group_size=chunk_len, scale=scale,
+        return_lse=False,
+    )  # fmt: skip
+    row["bf16_triton_lang"] = dict(ms=bench(lang), err_vs_float32=rel_err(lang()[0], ref))
     whole = history_len // bs * bs
     for kv_format in ("fp8", "int4"):
         store = QuantizedBlocks(kv_format, batch=1, num_kv_heads=heads, capacity=history_len, head_dim=128,
@@ -70,7 +85,7 @@ def run_shape(heads: int, history_len: int, top_k: int, chunk_len: int) -> dict:
         result["variants"] = []
         for variant in VARIANTS:
             block_idx, num_blocks = triton_backend.tile_tables(
-                sel, q_len=chunk_len, block_m=variant["block_m"]
+                sel, q_len=chunk_len, block_m=variant.get("block_m", 128)
             )
 
             run = functools.partial(
@@ -112,13 +127,17 @@ def main() -> None:
     for row in rows:
         base, bf16 = row["bf16"]["ms"], row["bf16"]
         print(f"{row['history']:>8} {'bf16':>6} {base:7.3f} {1:7.2f} {1:8.3f} {bf16['err_vs_float32']:11.2e}")
+        lang = row["bf16_triton_lang"]
+        print(f"{'':>8} {'(lang)':>6} {lang['ms']:7.3f} {lang['ms'] / base:7.2f} {1:8.3f} "
+              f"{lang['err_vs_float32']:11.2e}  (the Triton-language kernel on bf16)")  # fmt: skip
         for kv_format in ("fp8", "int4"):
             r, best = row[kv_format], row[kv_format]["best"]
             if best is None:
                 print(f"{row['history']:>8} {kv_format:>6} failed: {r['variants']}")
                 continue
             errors = f"{best['err_vs_dequantized']:11.2e} {best['err_vs_bf16_cache']:11.2e}"
-            tile = f"({best['block_m']}x{best['block_n']}, {best['num_warps']} warps)"
+            options = ", ".join(f"{k}={v}" for k, v in best.items() if k not in TIMED)
+            tile = f"({options or 'defaults'})"
             timing = f"{best['ms']:7.3f} {best['ms'] / base:7.2f} {r['bytes_vs_bf16']:8.3f}"
             print(f"{row['history']:>8} {kv_format:>6} {timing} {errors}  {tile}")
 

@@ -397,7 +397,7 @@ def quantized_run(cache, q, store, tail, selection, history_len: int, return_lse
         return sparse_attention(q, k, v, history_len=history_len, chunk_len=chunk_len, config=cache.config,
                                 return_lse=return_lse, selection=selection)  # fmt: skip
     check_inputs(q)
-    block_m = 64 if q.device.type == "cuda" else 16
+    block_m = 128 if q.device.type == "cuda" else 16  # the tuned kernel's tile (backends.triton)
     block_idx, num_blocks = tile_tables(selection, q_len=q.shape[2], block_m=block_m)
     out, lse = quantized_attention(
         q, store, *tail, block_idx=block_idx, num_blocks=num_blocks,

@@ -1,0 +1,107 @@
+"""Tiles of a quantized history (``omnimem.store``), decoded in registers by the attention kernels.
+
+The scattered kernel (``triton_attention``, ``store=``) and the gated selected-branch kernel
+(``selected_attention``, ``store=``) read a whole history block's bytes in place with these;
+their plain-torch twin is ``omnimem.store.formats.dequantize``.
+
+- fp8 e4m3: the codes convert exactly to the compute dtype (bf16, fp16 and fp32 hold every e4m3
+  value); the block's key scale multiplies the scores and its value scale the block's
+  probabilities before ``p @ v`` (one scalar each), so the tensor cores see exact operands.
+- int4: two codes a byte (the even channel in the low nibble), read once and split into both
+  nibbles in registers; keys are ``code * scale + minimum`` per (block, channel), values per
+  token, in float32, rounded once to the compute dtype.
+"""
+
+from __future__ import annotations
+
+import triton
+import triton.language as tl
+
+
+@triton.jit
+def codes_tile(base, start, limit, stride_l, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
+               HEAD_DIM: tl.constexpr, INT4: tl.constexpr, MASKED: tl.constexpr):  # fmt: skip
+    """Codes of rows ``[start, start + BLOCK_N)``: fp8 e4m3 values (unscaled, ``float8e4nv``)
+    or int4 codes 0..15 (``uint8``, one a channel); with ``MASKED``, rows ``>= limit`` read 0."""
+    tokens = start + tl.arange(0, BLOCK_N)
+    row = base + tokens[:, None].to(tl.int64) * stride_l
+    if INT4:
+        HALF: tl.constexpr = BLOCK_D // 2
+        cols = tl.arange(0, HALF)
+        if MASKED or HEAD_DIM != BLOCK_D:
+            mask = (tokens[:, None] < limit) & (cols[None, :] < (HEAD_DIM + 1) // 2)
+            raw = tl.load(row + cols[None, :], mask=mask, other=0)
+        else:
+            raw = tl.load(row + cols[None, :])
+        # [BLOCK_N, HALF, 2] -> [BLOCK_N, BLOCK_D]: channel 2c from the low nibble of byte c.
+        return tl.reshape(tl.join(raw & 0xF, raw >> 4), (BLOCK_N, BLOCK_D))
+    cols = tl.arange(0, BLOCK_D)
+    if MASKED or HEAD_DIM != BLOCK_D:
+        mask = (tokens[:, None] < limit) & (cols[None, :] < HEAD_DIM)
+        raw = tl.load(row + cols[None, :], mask=mask, other=0)
+    else:
+        raw = tl.load(row + cols[None, :])
+    return raw.to(tl.float8e4nv, bitcast=True)
+
+
+@triton.jit
+def key_tile(codes_base, scale_ptr, min_ptr, scales, block, start, limit, stride_l, stride_sn, dtype,
+             BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, HEAD_DIM: tl.constexpr, INT4: tl.constexpr,
+             MASKED: tl.constexpr):  # fmt: skip
+    """Keys of rows ``[start, start + BLOCK_N)`` of whole block ``block`` in ``dtype``, and the
+    factor of their scores (fp8: the block's scale; int4: 1). ``scales``: the (batch, head)
+    offset into the scale and minimum buffers."""
+    codes = codes_tile(codes_base, start, limit, stride_l, BLOCK_N, BLOCK_D, HEAD_DIM, INT4, MASKED)
+    if INT4:
+        dims = tl.arange(0, BLOCK_D)
+        channel = scales + block.to(tl.int64) * stride_sn + dims
+        scale = tl.load(scale_ptr + channel, mask=dims < HEAD_DIM, other=0.0).to(tl.float32)
+        low = tl.load(min_ptr + channel, mask=dims < HEAD_DIM, other=0.0).to(tl.float32)
+        keys = (codes.to(tl.float32) * scale[None, :] + low[None, :]).to(dtype)
+        mult = tl.full([], 1.0, tl.float32)
+    else:
+        keys = codes.to(dtype)
+        mult = tl.load(scale_ptr + scales + block.to(tl.int64) * stride_sn).to(tl.float32)
+    return keys, mult
+
+
+@triton.jit
+def value_tile(codes_base, scale_ptr, min_ptr, scales, block, start, limit, stride_l, stride_sn, dtype,
+               BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, HEAD_DIM: tl.constexpr, INT4: tl.constexpr,
+               MASKED: tl.constexpr):  # fmt: skip
+    """Values of rows ``[start, start + BLOCK_N)`` of whole block ``block`` in ``dtype`` (rows
+    ``>= limit`` are 0 when ``MASKED``), and the factor of their probabilities (fp8: the
+    block's scale; int4: 1)."""
+    codes = codes_tile(codes_base, start, limit, stride_l, BLOCK_N, BLOCK_D, HEAD_DIM, INT4, MASKED)
+    if INT4:
+        tokens = start + tl.arange(0, BLOCK_N)
+        per_token = scales + tokens.to(tl.int64) * stride_sn
+        if MASKED:  # scale and minimum 0: rows past the limit are exactly 0
+            scale = tl.load(scale_ptr + per_token, mask=tokens < limit, other=0.0).to(tl.float32)
+            low = tl.load(min_ptr + per_token, mask=tokens < limit, other=0.0).to(tl.float32)
+        else:
+            scale = tl.load(scale_ptr + per_token).to(tl.float32)
+            low = tl.load(min_ptr + per_token).to(tl.float32)
+        values = codes.to(tl.float32) * scale[:, None] + low[:, None]
+        if HEAD_DIM != BLOCK_D:  # padding channels stay 0
+            values = tl.where((tl.arange(0, BLOCK_D) < HEAD_DIM)[None, :], values, 0.0)
+        values = values.to(dtype)
+        mult = tl.full([], 1.0, tl.float32)
+    else:
+        values = codes.to(dtype)
+        mult = tl.load(scale_ptr + scales + block.to(tl.int64) * stride_sn).to(tl.float32)
+    return values, mult
+
+
+@triton.jit
+def decoded_tile(codes_base, scale_ptr, min_ptr, scales, block, start, limit, stride_l, stride_sn, dtype,
+                 BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, HEAD_DIM: tl.constexpr, INT4: tl.constexpr,
+                 MASKED: tl.constexpr, IS_KEY: tl.constexpr):  # fmt: skip
+    """``key_tile`` or ``value_tile``."""
+    if IS_KEY:
+        tile, mult = key_tile(codes_base, scale_ptr, min_ptr, scales, block, start, limit, stride_l,
+                              stride_sn, dtype, BLOCK_N, BLOCK_D, HEAD_DIM, INT4, MASKED)  # fmt: skip
+    else:
+        tile, mult = value_tile(codes_base, scale_ptr, min_ptr, scales, block, start, limit, stride_l,
+                                stride_sn, dtype, BLOCK_N, BLOCK_D, HEAD_DIM, INT4, MASKED)  # fmt: skip
+    return tile, mult
