@@ -115,7 +115,10 @@ def main() -> None:
     parser.add_argument("--top-k", type=int, default=32)
     parser.add_argument("--chunk-tokens", type=int, default=3 * FRAME_TOKENS)
     parser.add_argument("--json", default=None)
+    parser.add_argument("--quick", action="store_true", help="the default tile configuration only")
     args = parser.parse_args()
+    if args.quick:
+        VARIANTS[1:] = []
     rows = [run_shape(args.heads, h, args.top_k, args.chunk_tokens) for h in args.histories]
     result = dict(environment=environment(), rows=rows)
     if args.json:

@@ -1,9 +1,10 @@
 #!/usr/bin/env bash
-# The GPU measurements issues 36 and 39 still wait for, in two device calls of under 10 minutes
-# each (run from the repository root on the device machine; results and a log under $OUT).
+# The GPU measurements issue 36 still waits for, in one device call of under 10 minutes (run
+# from the repository root on the device machine; results and a log under $OUT; issue 39's
+# were taken on 2026-12-07):
 #
-#   benchmarks/pending_gpu.sh 39   # the authors' model: layer + cache update, patched rollouts, GPU tests
-#   benchmarks/pending_gpu.sh 36   # quantized history: kernels, the 4-minute int4 rollout, GPU tests
+#   benchmarks/pending_gpu.sh 36   # quantized history: kernels, the 4-minute int4 rollout
+#                                  # (profiled), the selected branch, GPU tests (pytest-xdist)
 #
 # The device image has pytest, hypothesis and einops; a machine without them can be given a
 # folder of them (`.devpkgs`, excluded from git, passed in `carry`), used only then: a copy from
@@ -19,21 +20,16 @@ step() { local t=$1; shift; echo "=== $(date +%T) [$t s] $*" >>"$LOG"; (timeout 
 { date; nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv
   python3 -c 'import torch, triton; print(torch.__version__, triton.__version__, torch.version.cuda)'; } >>"$LOG" 2>&1
 cd benchmarks
-if [ "$1" = 39 ]; then
-  step 150 python3 gated_gpu.py --patterns random --histories 60 237 --json "$OUT/gated.json"
-  step 90 python3 gated_rollout_gpu.py --patched --max-frames 240 --frames 237 --json "$OUT/resident.json"
-  step 90 python3 gated_rollout_gpu.py --patched --max-frames 240 --frames 237 --offload --json "$OUT/offload.json"
-  step 90 python3 gated_rollout_gpu.py --patched --max-frames 240 --frames 237 --offload --kv-format int4 \
-    --json "$OUT/offload_int4.json"
-  cd ..
-  step 150 python3 -m pytest -q -p no:cacheprovider tests/test_gated.py tests/test_causal_wan.py \
-    tests/test_gated_cache.py property_tests/test_gated_property.py tests/test_host_syncs.py
-else
+if [ "$1" = 36 ]; then
   step 120 python3 kv_formats_gpu.py --json "$OUT/kvfmt.json"
-  step 200 python3 self_forcing_rollout_gpu.py --kv-format int4 --frames 960 --reps 2 --json "$OUT/sf960.json"
-  step 80 python3 kv_formats_error.py --frames 60 --json "$OUT/kverr.json"
+  step 200 python3 self_forcing_rollout_gpu.py --kv-format int4 --frames 960 --reps 2 --profile \
+    --json "$OUT/sf960.json"
+  step 100 python3 gated_gpu.py --patterns random --histories 60 --json "$OUT/gated.json"
   cd ..
-  step 150 python3 -m pytest -q -p no:cacheprovider property_tests/test_quantized_attention_property.py \
-    property_tests/test_quantized_cache_property.py tests/test_cache.py tests/test_sizing.py tests/test_kernels.py
+  step 150 python3 -m pytest -q -p no:cacheprovider -n 8 property_tests/test_quantized_attention_property.py \
+    property_tests/test_quantized_cache_property.py tests/test_cache.py tests/test_kernels.py \
+    tests/test_gated_cache.py tests/test_host_syncs.py
+else
+  echo "usage: pending_gpu.sh 36" >>"$LOG"
 fi
 tail -c 4000 "$LOG"

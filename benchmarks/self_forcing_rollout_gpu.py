@@ -106,6 +106,16 @@ def quantized_offloaded(args, blocks, frames: int, capacity: int, kwargs: dict, 
     if device.type == "cuda":
         torch.cuda.reset_peak_memory_stats()
     ms = per_chunk_ms(chunk, args.reps)
+    if args.profile:  # where a chunk's time goes: GPU kernels, and the host's share
+        from torch.profiler import ProfilerActivity, profile
+
+        activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if device.type == "cuda" else [])
+        with profile(activities=activities) as prof:
+            chunk()
+            if device.type == "cuda":
+                torch.cuda.synchronize()
+        for key in ("cuda_time_total", "cpu_time_total")[device.type != "cuda" :]:
+            print(prof.key_averages().table(sort_by=key, row_limit=15), flush=True)
     stats = caches[0].offload_stats
     row = dict(
         kv_format=args.kv_format, frames=history // FRAME, history=history, ms=ms, peak_gib=peak_gib(),
@@ -132,6 +142,7 @@ def main() -> None:
     parser.add_argument("--smoke", action="store_true", help="a tiny model on CPU: checks the script runs")
     parser.add_argument("--kv-format", default=None, help="fp8 or int4: the quantized offloaded cache alone")
     parser.add_argument("--json", default=None)
+    parser.add_argument("--profile", action="store_true", help="with --kv-format: profile one chunk")
     args = parser.parse_args()
     global FRAME, CHUNK, LAYERS, TEXT, WINDOW
     torch.manual_seed(0)
