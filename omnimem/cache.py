@@ -39,6 +39,7 @@ from omnimem.offload import (
     check_device_memory,
     check_host_memory,
 )
+from omnimem.positions import RelativeTime, relative_frames, reserve
 from omnimem.selection import Selection, block_key_sums, gather_block_union
 from omnimem.sizing import host_history_bytes, kv_cache_bytes
 from omnimem.store.formats import check_kv_format
@@ -126,9 +127,21 @@ class OmniMemCache:
         offload: bool = False,
         cuda_graphs: bool = False,
         kv_format: str = "native",
+        positions: RelativeTime | None = None,
     ) -> None:
         check_kv_format(kv_format, owner="OmniMemCache kv_format")
         quantized = kv_format != "native"
+        if positions is not None:
+            if not isinstance(positions, RelativeTime):
+                raise TypeError(
+                    f"OmniMemCache positions must be an omnimem.positions.RelativeTime or None, got "
+                    f"{type(positions).__name__}"
+                )
+            if quantized or offload or cuda_graphs:
+                raise ValueError(
+                    "OmniMemCache(positions=RelativeTime(...)) needs a resident native cache for now: "
+                    "kv_format='native', offload=False, cuda_graphs=False (docs/positions.md)"
+                )
         if quantized and cuda_graphs:
             raise ValueError(
                 f"OmniMemCache(kv_format={kv_format!r}) with cuda_graphs=True is not supported yet: "
@@ -173,6 +186,7 @@ class OmniMemCache:
                 + (" with offload=True" if offload else "")
             )
         self.kv_format = kv_format
+        self.positions = None if positions is None else positions.to(self.device)
         if quantized:  # no native history buffer: a shape-only stand-in (no memory)
             sizes = dict(
                 max_chunk_tokens=max_chunk_tokens, batch=batch, num_kv_heads=num_kv_heads, head_dim=head_dim,
@@ -312,12 +326,58 @@ class OmniMemCache:
                 q, self.k, history_len=history, chunk_len=chunk_len, config=self.config,
                 key_block_sums=self.key_block_sums,
             )  # fmt: skip
-            compact_k, compact_v, selection = _compact_history(self.k, self.v, selection, history, chunk_len)
+            compact_k, compact_v, selection, _ = _compact_history(
+                self.k, self.v, selection, history, chunk_len
+            )
         keys = torch.cat([compact_k, k_chunk], dim=2)
         values = torch.cat([compact_v, v_chunk], dim=2)
         return sparse_attention(
             q, keys, values, history_len=compact_k.shape[2], chunk_len=chunk_len, config=self.config,
             return_lse=return_lse, selection=selection,
+        )  # fmt: skip
+
+    def _attend_relative(self, q, k_chunk, v_chunk, chunk_len: int, return_lse: bool):
+        """``attend`` with relative temporal positions (``omnimem.positions``): selection on the
+        keys and queries as stored (rotated in space only), then a compact copy of the attended
+        blocks (as ``_attend_differentiably`` makes), rotated in time at their relative
+        positions with the chunk and the queries. Differentiable in q, k_chunk and v_chunk."""
+        time, history, tpf = self.positions, self.history_len, self.positions.frame_tokens
+        window_frame = max(history - self.config.local_tokens, 0) // tpf
+        chunk_frames = (history + torch.arange(chunk_len, device=self.device)) // tpf
+        if history == 0:
+            compact_k = compact_v = k_chunk[:, :, :0]
+            selection, rank, hist_pos = None, 0, None
+        else:
+            with torch.no_grad():
+                selection = select_blocks(
+                    q, self.k, history_len=history, chunk_len=chunk_len, config=self.config,
+                    key_block_sums=self.key_block_sums,
+                )  # fmt: skip
+                none = selection.num_history_blocks + 1  # _compact_history's empty slot
+                compact_k, compact_v, selection, union = _compact_history(
+                    self.k, self.v, selection, history, chunk_len
+                )
+                bs = self.config.block_size
+                tokens = (union[..., None] * bs + torch.arange(bs, device=self.device)).flatten(2)
+                valid = (union < none)[..., None].expand(-1, -1, -1, bs).flatten(2)
+                partial = torch.arange(history // bs * bs, history, device=self.device).expand(
+                    *tokens.shape[:2], -1
+                )
+                tokens = torch.cat([tokens, partial], dim=-1)
+                valid = torch.cat([valid, torch.ones_like(partial, dtype=torch.bool)], dim=-1)
+                rank = reserve(window_frame, compact_k.shape[2], bs, tpf)
+                hist_pos = relative_frames(tokens // tpf, valid, window_frame=window_frame, reserve=rank)
+        chunk_pos = rank + chunk_frames - window_frame
+        time.check_reach(
+            rank + (history + chunk_len - 1) // tpf - window_frame, what="the chunk's last frame"
+        )
+        keys, values = time.rotate(k_chunk, chunk_pos), v_chunk
+        if hist_pos is not None:
+            keys = torch.cat([time.rotate(compact_k, hist_pos), keys], dim=2)
+            values = torch.cat([compact_v, values], dim=2)
+        return sparse_attention(
+            time.rotate(q, chunk_pos), keys, values, history_len=compact_k.shape[2], chunk_len=chunk_len,
+            config=self.config, return_lse=return_lse, selection=selection,
         )  # fmt: skip
 
     def attend(
@@ -364,9 +424,10 @@ class OmniMemCache:
             out = self._offload.attend(self, q, k_chunk, v_chunk, return_lse)
             self.chunk_len, self._chunk_copy = 0, None  # this write replaced attend_at's chunk
             return out
-        if training:
+        if training or self.positions is not None:
             chunk_len = self._write_chunk(k_chunk, v_chunk)
-            return self._attend_differentiably(q, k_chunk, v_chunk, chunk_len, return_lse)
+            attend = self._attend_relative if self.positions is not None else self._attend_differentiably
+            return attend(q, k_chunk, v_chunk, chunk_len, return_lse)
         chunk_len = self._write_chunk(k_chunk, v_chunk, on_device=True)
         if self._graphs is not None and may_replay():
             out = self._replay(q, chunk_len, return_lse)
@@ -771,7 +832,8 @@ def _compact_history(
     then the ``rem`` tokens of a partial last block), and the selection renumbered to match a
     call on that copy followed by ``chunk_len`` chunk tokens. Only what the backends read is
     renumbered (``kv_block_idx``, the history length, the slot count): the result's
-    ``selected_block_idx`` keeps the cache's numbering and it marks no sink or local blocks."""
+    ``selected_block_idx`` keeps the cache's numbering and it marks no sink or local blocks.
+    Also returns the copied blocks ``[B, Hkv, U]`` (``num_history_blocks + 1``: an empty slot)."""
     bs = selection.block_size
     whole = history_len // bs
     rem = history_len - whole * bs
@@ -798,4 +860,4 @@ def _compact_history(
     partial = slice(whole * bs, history_len)
     compact_k = torch.cat([k_rows, k[:, :, partial]], dim=2)
     compact_v = torch.cat([v_rows, v[:, :, partial]], dim=2)
-    return compact_k, compact_v, compact_sel
+    return compact_k, compact_v, compact_sel, union

@@ -38,6 +38,7 @@ from omnimem.cache import OmniMemCache
 from omnimem.config import GatedConfig, OmniMemConfig
 from omnimem.gated_wan import GatedWanSelfAttention, reordered_rope, rope_table_for
 from omnimem.offload import check_host_memory
+from omnimem.positions import RelativeTime, wan_time_table
 from omnimem.sizing import host_history_bytes, kv_cache_bytes
 from omnimem.store.formats import check_kv_format
 
@@ -127,6 +128,7 @@ def patch_causal_wan(
     local_frames: int | None = None,
     offload: bool = False,
     kv_format: str = "native",
+    positions: str = "absolute",
     **overrides: object,
 ) -> list[nn.Module]:
     """Make ``model``'s causal self-attention layers attend through omnimem, in place.
@@ -161,6 +163,13 @@ def patch_causal_wan(
         kv_format: ``"native"``, ``"fp8"`` or ``"int4"``: every layer keeps its history quantized
             (``OmniMemCache(kv_format=...)``, ``GatedCache(kv_format=...)``; docs/memory.md):
             on the device, or with ``offload`` in host memory.
+        positions: the frames RoPE sees (Self-Forcing's layers). ``"absolute"``: the model's
+            own positions, its table extended past its end by Wan's formula. ``"relative"``:
+            keys kept rotated in space only; each call places the chunk and local window at
+            their true distances and the retrieved blocks right before them, in temporal
+            order, so positions stay inside the table however long the video
+            (``omnimem.positions``; docs/positions.md). Needs ``offload=False`` and
+            ``kv_format="native"`` for now.
         **overrides: config fields to change: ``OmniMemConfig`` fields for Self-Forcing's
             layers, ``GatedConfig`` fields for the authors' (over their own settings), e.g.
             ``top_k=12`` (a field of both reaches both).
@@ -184,6 +193,13 @@ def patch_causal_wan(
     if not isinstance(offload, bool):
         raise TypeError(f"offload must be a bool, got {type(offload).__name__}")
     check_kv_format(kv_format)
+    if positions not in ("absolute", "relative"):
+        raise ValueError(f"positions must be 'absolute' or 'relative', got {positions!r}")
+    if positions == "relative" and (offload or kv_format != "native"):
+        raise ValueError(
+            "positions='relative' needs resident native caches for now: pass offload=False and "
+            "kv_format='native', or keep positions='absolute' (docs/positions.md)"
+        )
     for name, value, minimum in (
         ("max_frames", max_frames, 1),
         ("max_chunk_frames", max_chunk_frames, 1),
@@ -204,6 +220,11 @@ def patch_causal_wan(
             f"modules with {', '.join(_ATTENTION_ATTRIBUTES)} and sink_size, or the authors' "
             "CausalNSSelfAttention with g_proj and pool sizes)"
         )
+    if positions == "relative" and nsa_layers:
+        raise ValueError(
+            "positions='relative' is not implemented for the authors' three-branch layers yet: "
+            "patch this model with positions='absolute' (docs/positions.md)"
+        )
     omnimem_config, gated_config, gated_overrides = _split_settings(
         config, overrides, sink_frames=sink_frames, local_frames=local_frames, sparse=bool(modules),
         gated=bool(nsa_layers),
@@ -221,7 +242,7 @@ def patch_causal_wan(
     settings = dict(
         config=omnimem_config, max_frames=max_frames, max_chunk_frames=max_chunk_frames,
         sink_frames=sink_frames, local_frames=local_frames, offload=offload, kv_format=kv_format,
-        check=_first_allocation_check(len(modules), max_frames, offload, kv_format),
+        check=_first_allocation_check(len(modules), max_frames, offload, kv_format), positions=positions,
     )  # fmt: skip
     for module in modules:
         original = module.forward
@@ -361,7 +382,12 @@ def unpatch_causal_wan(model: nn.Module) -> int:
 
 
 def _layer_cache(
-    kv_cache: MutableMapping, module: nn.Module, k: torch.Tensor, frame_tokens: int, settings: dict
+    kv_cache: MutableMapping,
+    module: nn.Module,
+    k: torch.Tensor,
+    frame_tokens: int,
+    settings: dict,
+    positions: RelativeTime | None = None,
 ) -> OmniMemCache:
     cache = kv_cache.get("omnimem")
     if isinstance(cache, OmniMemCache) and cache.k.dtype == k.dtype and cache.device == k.device:
@@ -381,13 +407,20 @@ def _layer_cache(
         max_chunk_tokens=max(settings["max_chunk_frames"] * frame_tokens, k.shape[1]),
         batch=k.shape[0], num_kv_heads=module.num_heads, head_dim=module.head_dim, config=config,
         dtype=k.dtype, device=k.device, layout="blhd", offload=settings["offload"],
-        kv_format=settings["kv_format"],
+        kv_format=settings["kv_format"], positions=positions,
     )  # fmt: skip
     for name in ("k", "v"):  # the pipeline's window buffers: never read once patched
         if isinstance(kv_cache.get(name), torch.Tensor):
             kv_cache[name] = kv_cache[name].new_empty(0)
     kv_cache["omnimem"] = cache
     return cache
+
+
+def _spatial_table(freqs: torch.Tensor) -> torch.Tensor:
+    """Wan's RoPE table with its temporal columns at angle 0: rotates rows and columns only."""
+    spatial = freqs.clone()
+    spatial[:, : wan_time_table(freqs).shape[1]] = 1
+    return spatial
 
 
 def _patched_forward(original: Callable, settings: dict) -> Callable:
@@ -453,10 +486,15 @@ def _patched_forward(original: Callable, settings: dict) -> Callable:
         v = self.v(x).view(batch, length, n, d)
         # Their RoPE: float64 tables, float32 result, then the model's dtype (same bits).
         grid, start_frame = (frames, height, width), start // frame_tokens
-        freqs = rope_table_for(freqs, start_frame + frames)  # past their 1,024 frames: extended
+        time = None
+        if settings["positions"] == "relative":  # space only; the cache rotates in time per call
+            time = RelativeTime(wan_time_table(freqs), frame_tokens)
+            freqs, start_frame = _spatial_table(freqs), 0
+        else:
+            freqs = rope_table_for(freqs, start_frame + frames)  # past their 1,024 frames: extended
         q = reordered_rope(q.float(), grid, freqs, start_frame=start_frame).type_as(v)
         k = reordered_rope(k.float(), grid, freqs, start_frame=start_frame).type_as(v)
-        cache = _layer_cache(kv_cache, self, k, frame_tokens, settings)
+        cache = _layer_cache(kv_cache, self, k, frame_tokens, settings, time)
         if start == 0 and cache.history_len > 0:  # the pipeline reset its caches: a new video
             cache.reset()
         out = cache.attend_at(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2), start=start)

@@ -1,0 +1,123 @@
+"""Relative temporal positions: a long video's retrieved history placed inside the RoPE table.
+
+A Wan-style 3-D RoPE rotates the first ``T`` complex pairs of each head by the token's frame
+and the rest by its row and column. The frame part is what outgrows the table (Self-Forcing's
+models hold 1,024 frames) and what no trained model has seen past ~21 frames. With
+``RelativeTime`` a cache keeps its keys rotated in space only and each call rotates in time:
+
+- the chunk and the local window keep their true distances: a token of frame ``f >= F_w`` (the
+  local window's first frame) sits at ``R + f - F_w``;
+- the retrieved history (sink and selected blocks before the window) is packed right before
+  the window, in temporal order: a token of frame ``f < F_w`` sits at ``R - n(f)``, where
+  ``n(f)`` counts the distinct frames ``>= f`` (and ``< F_w``) that the KV head's attended
+  blocks (the union over its query groups) cover;
+- ``R = min(F_w, cap)``, where ``cap`` bounds the distinct frames the attended blocks can cover,
+  so positions never go below 0 and stay under ``cap + window + chunk`` frames however long the
+  video grows.
+
+While the history fits the budget (every frame before the window attended, ``F_w <= cap``),
+``n(f) = F_w - f`` and every position equals the absolute one: relative and absolute agree.
+Selection scores use the keys and queries rotated in space only (as if every frame sat at the
+same time): the time rotation depends on the selection, so it cannot enter it.
+
+Plain-torch, per call, on the compact copy of the attended blocks (``OmniMemCache`` with
+``positions=``): rotating inside the scattered kernels is the next step.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+
+import torch
+
+
+@dataclasses.dataclass(frozen=True)
+class RelativeTime:
+    """How a cache rotates in time (see the module docstring).
+
+    Attributes:
+        freqs: ``[P, T]`` complex: ``exp(i * p * theta_t)`` for positions ``p < P`` and the ``T``
+            temporal pairs (a Wan RoPE table's first ``T`` columns: ``wan_time_table``).
+        frame_tokens: tokens per latent frame (token ``t`` is in frame ``t // frame_tokens``).
+
+    Example:
+        >>> from omnimem.gated_wan import wan_rope_freqs
+        >>> from omnimem.positions import RelativeTime, wan_time_table
+        >>> time = RelativeTime(wan_time_table(wan_rope_freqs(128, positions=1024)), frame_tokens=1560)
+        >>> time
+        RelativeTime(positions=1024, pairs=22, frame_tokens=1560)
+    """
+
+    freqs: torch.Tensor
+    frame_tokens: int
+
+    def __post_init__(self) -> None:
+        if not isinstance(self.freqs, torch.Tensor) or not self.freqs.is_complex() or self.freqs.dim() != 2:
+            raise TypeError("RelativeTime freqs must be a complex [positions, pairs] tensor")
+        if (
+            isinstance(self.frame_tokens, bool)
+            or not isinstance(self.frame_tokens, int)
+            or self.frame_tokens < 1
+        ):
+            raise ValueError(f"RelativeTime frame_tokens must be a positive int, got {self.frame_tokens!r}")
+
+    def __repr__(self) -> str:
+        positions, pairs = self.freqs.shape
+        return f"RelativeTime(positions={positions}, pairs={pairs}, frame_tokens={self.frame_tokens})"
+
+    def to(self, device: torch.device | str) -> RelativeTime:
+        return dataclasses.replace(self, freqs=self.freqs.to(device))
+
+    def rotate(self, x: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
+        """``x [B, H, L, D]`` with its first ``T`` pairs rotated by ``positions`` (``[L]`` or
+        ``[B, H, L]`` integers ``< P``); in float64 for float64 ``x``, else float32, returned
+        in ``x``'s dtype."""
+        pairs = self.freqs.shape[1]
+        wide = x.dtype == torch.float64
+        head = x[..., : 2 * pairs].to(torch.float64 if wide else torch.float32)
+        head = torch.view_as_complex(head.reshape(*x.shape[:-1], pairs, 2).contiguous())
+        turn = self.freqs.to(device=x.device, dtype=torch.complex128 if wide else torch.complex64)[positions]
+        rotated = torch.view_as_real(head * turn).flatten(-2).to(x.dtype)
+        return torch.cat([rotated, x[..., 2 * pairs :]], dim=-1)
+
+    def check_reach(self, last: int, *, what: str) -> None:
+        """A ``ValueError`` when position ``last`` is past the table."""
+        if last >= self.freqs.shape[0]:
+            raise ValueError(
+                f"relative positions reach frame {last}, past the RoPE table's {self.freqs.shape[0]} "
+                f"frames ({what}): attend fewer blocks (top_k, sink/local frames) or use a longer table"
+            )
+
+
+def wan_time_table(freqs: torch.Tensor) -> torch.Tensor:
+    """The temporal columns of Wan's complex RoPE table ``[P, D/2]`` (its first
+    ``D/2 - 2 * (D/2 // 3)``)."""
+    half = freqs.shape[1]
+    return freqs[:, : half - 2 * (half // 3)]
+
+
+def reserve(window_frame: int, attended_tokens: int, block_size: int, frame_tokens: int) -> int:
+    """``R``: at most the frames before the window, and at most the distinct frames that the
+    attended whole blocks and a partial block (``attended_tokens`` in all) can cover."""
+    span = math.ceil((block_size - 1) / frame_tokens) + 1  # frames one block can touch
+    blocks = math.ceil(attended_tokens / block_size) + 1
+    return min(window_frame, blocks * span)
+
+
+def relative_frames(
+    frames: torch.Tensor, valid: torch.Tensor, *, window_frame: int, reserve: int
+) -> torch.Tensor:
+    """Positions ``[B, H, N]`` of tokens with true ``frames [B, H, N]`` (``valid`` ones count;
+    the others get ``reserve``), by the rule of the module docstring."""
+    retrieved = valid & (frames < window_frame)
+    covered = torch.zeros(*frames.shape[:-1], window_frame + 1, dtype=torch.int32, device=frames.device)
+    covered.scatter_(-1, torch.where(retrieved, frames, window_frame).long(), 1)
+    covered = covered[..., :window_frame]
+    at_or_after = covered.flip(-1).cumsum(-1).flip(-1)  # distinct covered frames >= f
+    count = (
+        at_or_after.gather(-1, frames.clamp(0, max(window_frame - 1, 0)).long()) if window_frame else frames
+    )
+    before = reserve - count
+    after = reserve + frames - window_frame
+    return torch.where(retrieved, before, torch.where(valid, after, reserve)).long()

@@ -1,0 +1,178 @@
+"""Relative temporal positions (``omnimem.positions``, ``OmniMemCache(positions=...)``,
+``patch_causal_wan(positions="relative")``) against float64 references written from the rule."""
+
+from __future__ import annotations
+
+import copy
+import math
+
+import pytest
+import torch
+
+from omnimem import OmniMemConfig, select_blocks
+from omnimem.cache import OmniMemCache
+from omnimem.causal_wan import patch_causal_wan
+from omnimem.gated_wan import wan_rope_freqs
+from omnimem.positions import RelativeTime, relative_frames, reserve, wan_time_table
+
+from .test_causal_wan import DIM, FRAME, FREQS, GRID, HEADS, StandinPipeline, chunks, model
+
+D, TPF, H = 12, 4, 2
+TIME = RelativeTime(wan_time_table(wan_rope_freqs(D, positions=256)), frame_tokens=TPF)
+
+
+def rule(frames: list[int], window_frame: int, rank: int) -> list[int]:
+    """The module docstring's rule for one head's tokens, with sets."""
+    covered = {f for f in frames if f < window_frame}
+    return [
+        rank - sum(d >= f for d in covered) if f < window_frame else rank + f - window_frame for f in frames
+    ]
+
+
+def test_relative_frames_follow_the_rule():
+    gen = torch.Generator().manual_seed(0)
+    for _ in range(50):
+        window = int(torch.randint(0, 30, (), generator=gen))
+        frames = torch.randint(0, 40, (2, 3, 17), generator=gen).sort(-1).values
+        valid = torch.rand(2, 3, 17, generator=gen) < 0.8
+        rank = min(window, 20)
+        got = relative_frames(frames, valid, window_frame=window, reserve=rank)
+        for b in range(2):
+            for h in range(3):
+                kept = [int(f) for f, ok in zip(frames[b, h], valid[b, h], strict=True) if ok]
+                want = iter(rule(kept, window, rank))
+                for ok, p in zip(valid[b, h], got[b, h], strict=True):
+                    assert int(p) == (next(want) if ok else rank)
+
+
+def test_relative_time_repr_to_and_validation():
+    assert repr(TIME) == "RelativeTime(positions=256, pairs=2, frame_tokens=4)"
+    assert TIME.to("cpu").freqs.device.type == "cpu"
+    with pytest.raises(TypeError, match="complex"):
+        RelativeTime(torch.zeros(4, 2), frame_tokens=4)
+    with pytest.raises(ValueError, match="frame_tokens must be a positive int"):
+        RelativeTime(TIME.freqs, frame_tokens=0)
+    for bad in (dict(offload=True), dict(kv_format="fp8")):
+        with pytest.raises(ValueError, match="needs a resident native cache"):
+            OmniMemCache(64, max_chunk_tokens=8, batch=1, num_kv_heads=H, head_dim=D, positions=TIME, **bad)
+    with pytest.raises(TypeError, match=r"positions must be an omnimem\.positions\.RelativeTime"):
+        OmniMemCache(64, max_chunk_tokens=8, batch=1, num_kv_heads=H, head_dim=D, positions="relative")
+
+
+def _rollout(config, chunks_: int, length: int = 8, q_heads: int = H, seed: int = 0):
+    """A float64 rollout through a relative cache: per chunk, two passes at the same start."""
+    gen = torch.Generator().manual_seed(seed)
+    cache = OmniMemCache(chunks_ * length, max_chunk_tokens=length, batch=1, num_kv_heads=H, head_dim=D,
+                         config=config, dtype=torch.float64, positions=TIME)  # fmt: skip
+    for c in range(chunks_):
+        q = torch.randn(1, q_heads, length, D, dtype=torch.float64, generator=gen)
+        k, v = (torch.randn(1, H, length, D, dtype=torch.float64, generator=gen) for _ in "kv")
+        for _ in range(2):
+            out = cache.attend_at(q, k, v, start=c * length)
+        yield cache, q, k, v, out
+
+
+def test_at_full_budget_relative_positions_are_the_absolute_ones():
+    """Every frame before the window attended and the history under the reserve: relative
+    positions equal absolute ones, so the cache equals dense attention at true frames."""
+    config = OmniMemConfig(block_size=4, top_k=100, sink_tokens=4, local_tokens=8, backend="dense")
+    keys, values = [], []
+    for _, q, k, v, out in _rollout(config, 8):
+        keys.append(k), values.append(v)
+        k_all, v_all = torch.cat(keys, 2), torch.cat(values, 2)
+        frames = torch.arange(k_all.shape[2]) // TPF
+        scores = TIME.rotate(q, frames[-q.shape[2] :]) @ TIME.rotate(k_all, frames).transpose(-1, -2)
+        want = (scores * D**-0.5).softmax(-1) @ v_all
+        torch.testing.assert_close(out, want, atol=1e-12, rtol=1e-12)
+
+
+@pytest.mark.parametrize("groups", [None, 3])
+def test_with_a_budget_the_cache_equals_the_rule_in_float64(groups):
+    """Past the budget: the library's selection (tested elsewhere), then per KV head the
+    attended blocks' tokens at the rule's positions (with sets), per query its group's blocks
+    and the chunk, softmax in float64. GQA and query groups."""
+    bs, length = 4, 8
+    config = OmniMemConfig(block_size=bs, top_k=2, sink_tokens=4, local_tokens=8, backend="gather",
+                           query_group_size=groups)  # fmt: skip
+    keys, values = [], []
+    for cache, q, k, v, out in _rollout(config, 12, length, q_heads=2 * H, seed=1):
+        history = cache.history_len
+        k_hist, v_hist = (
+            torch.cat(keys, 2) if keys else k[:, :, :0],
+            torch.cat(values, 2) if values else v[:, :, :0],
+        )
+        keys.append(k), values.append(v)
+        if history == 0:
+            continue
+        k_all, v_all = torch.cat([k_hist, k], 2), torch.cat([v_hist, v], 2)
+        sel = select_blocks(q, k_all, history_len=history, chunk_len=length, config=config)
+        table, group_size = sel.kv_block_idx, sel.query_group_size
+        window = max(history - config.local_tokens, 0) // TPF
+        width = max(1, min(table.shape[2] * table.shape[3], history // bs))
+        rank = reserve(window, width * bs + history % bs, bs, TPF)
+        for hk in range(H):
+            blocks = sorted({int(b) for b in table[0, hk].flatten() if b >= 0})
+            tokens = [t for b in blocks for t in range(b * bs, min(b * bs + bs, history))]
+            where = dict(zip(tokens, rule([t // TPF for t in tokens], window, rank), strict=True))
+            for head in (2 * hk, 2 * hk + 1):
+                for i in range(length):
+                    group = min(i // group_size, table.shape[2] - 1)
+                    mine = {int(b) for b in table[0, hk, group] if b >= 0}
+                    attended = [t for t in tokens if t // bs in mine] + list(range(history, history + length))
+                    pos = torch.tensor([where.get(t, rank + t // TPF - window) for t in attended])
+                    qi = TIME.rotate(
+                        q[:, head : head + 1, i : i + 1], torch.tensor([rank + (history + i) // TPF - window])
+                    )
+                    ki = TIME.rotate(k_all[:, hk : hk + 1, attended], pos)
+                    weights = ((qi @ ki.transpose(-1, -2)) * D**-0.5).softmax(-1)
+                    want = weights @ v_all[:, hk : hk + 1, attended]
+                    torch.testing.assert_close(out[:, head, i], want[:, 0, 0], atol=1e-12, rtol=1e-12)
+
+
+def test_positions_past_the_table_are_refused_before_anything_changes():
+    short = RelativeTime(TIME.freqs[:5], frame_tokens=TPF)
+    config = OmniMemConfig(block_size=4, top_k=100, sink_tokens=4, local_tokens=8, backend="dense")
+    cache = OmniMemCache(64, max_chunk_tokens=8, batch=1, num_kv_heads=H, head_dim=D, config=config,
+                         dtype=torch.float64, positions=short)  # fmt: skip
+    x = torch.randn(1, H, 8, D, dtype=torch.float64)
+    cache.attend_at(x, x, x, start=0)  # frames 0-1
+    cache.attend_at(x, x, x, start=8)  # frames 2-3: reach 3 < 5
+    with pytest.raises(ValueError, match="relative positions reach frame 5, past the RoPE table's 5 frames"):
+        cache.attend_at(x, x, x, start=16)
+
+
+def test_the_patched_model_runs_past_its_table_with_relative_positions():
+    """patch_causal_wan(positions="relative"): at full budget on a short video it equals their
+    model (relative = absolute there); with a budget it runs 1,100 latent frames (their own
+    dies at 1,024) with every position inside the table. Refusals at patch time."""
+    everything = OmniMemConfig(block_size=128, top_k=128, sink_tokens=0, local_tokens=0, backend="dense")
+    theirs = model()
+    ours = copy.deepcopy(theirs)
+    patch_causal_wan(ours, everything, max_frames=40, positions="relative")
+    inputs = [x * 0.1 for x in chunks(20, seed=3)]
+    want = StandinPipeline(theirs, buffer_tokens=40 * FRAME).inference(inputs, GRID, FREQS, passes=2)
+    got = StandinPipeline(ours, buffer_tokens=40 * FRAME).inference(inputs, GRID, FREQS, passes=2)
+    for g, w in zip(got, want, strict=True):
+        torch.testing.assert_close(g, w, atol=2e-5, rtol=1e-4)
+
+    budget = OmniMemConfig(
+        block_size=12, top_k=4, sink_tokens=FRAME, local_tokens=2 * FRAME, backend="gather"
+    )
+    long = copy.deepcopy(theirs)
+    patch_causal_wan(long, budget, max_frames=1100, positions="relative")
+    inputs = [x * 0.1 for x in chunks(550, seed=7)]  # 1,100 frames of 12 tokens
+    pipeline = StandinPipeline(long, buffer_tokens=1100 * FRAME)
+    out = pipeline.inference(inputs, GRID, FREQS, passes=1)
+    assert len(out) == 550 and all(torch.isfinite(x).all() for x in out)
+    assert pipeline.kv_cache1[0]["omnimem"].history_len + CHUNK_TOKENS == 1100 * FRAME
+    assert FREQS.shape[0] == 1024 and math.ceil(1100 / 1024) == 2  # the table was never extended
+
+    for bad, match in ((dict(offload=True), "needs resident native caches"),
+                       (dict(kv_format="int4"), "needs resident native caches"),
+                       (dict(positions="rope"), "positions must be 'absolute' or 'relative'")):  # fmt: skip
+        with pytest.raises(ValueError, match=match):
+            patch_causal_wan(copy.deepcopy(theirs), max_frames=8, **{"positions": "relative", **bad})
+
+
+CHUNK_TOKENS = 2 * FRAME
+assert DIM // HEADS == 16
