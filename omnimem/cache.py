@@ -354,17 +354,19 @@ class OmniMemCache:
                     key_block_sums=self.key_block_sums,
                 )  # fmt: skip
                 none = selection.num_history_blocks + 1  # _compact_history's empty slot
+                bs = self.config.block_size
+                # The partial last block's frames count only where the head attends it.
+                partial_read = (selection.kv_block_idx == history // bs).flatten(2).any(-1, keepdim=True)
                 compact_k, compact_v, selection, union = _compact_history(
                     self.k, self.v, selection, history, chunk_len
                 )
-                bs = self.config.block_size
                 tokens = (union[..., None] * bs + torch.arange(bs, device=self.device)).flatten(2)
                 valid = (union < none)[..., None].expand(-1, -1, -1, bs).flatten(2)
                 partial = torch.arange(history // bs * bs, history, device=self.device).expand(
                     *tokens.shape[:2], -1
                 )
                 tokens = torch.cat([tokens, partial], dim=-1)
-                valid = torch.cat([valid, torch.ones_like(partial, dtype=torch.bool)], dim=-1)
+                valid = torch.cat([valid, partial_read.expand_as(partial)], dim=-1)
                 rank = reserve(window_frame, compact_k.shape[2], bs, tpf)
                 hist_pos = relative_frames(tokens // tpf, valid, window_frame=window_frame, reserve=rank)
         chunk_pos = rank + chunk_frames - window_frame

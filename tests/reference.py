@@ -125,3 +125,59 @@ def stored_history(x: torch.Tensor, upto: int, kv_format: str, role: str, block_
         return x
     kept = dequantize(quantize(x[:, :, :cut], kv_format, role=role, block_size=block_size), x.dtype)
     return torch.cat([kept, x[:, :, cut:]], dim=2)
+
+
+def relative_frame_rule(frames: list[int], window_frame: int, rank: int) -> list[int]:
+    """``omnimem.positions``' rule for one KV head's attended history tokens, with sets."""
+    covered = {f for f in frames if f < window_frame}
+    return [
+        rank - sum(d >= f for d in covered) if f < window_frame else rank + f - window_frame for f in frames
+    ]
+
+
+def relative_attention_reference(
+    q, k_all, v_all, *, history: int, chunk_len: int, config, time
+) -> torch.Tensor:
+    """What ``OmniMemCache(positions=time)`` returns for a chunk at ``history``, in float64 from
+    the rule: the library's selection (held to its own reference elsewhere), then per KV head its
+    attended blocks' tokens (the union over query groups) at the rule's positions, per query its
+    group's blocks and the chunk."""
+    from omnimem import select_blocks
+    from omnimem.positions import reserve
+
+    q, k_all, v_all = q.double(), k_all.double(), v_all.double()
+    batch, q_heads, length, head_dim = q.shape
+    kv_heads, bs, tpf = k_all.shape[1], config.block_size, time.frame_tokens
+    window = max(history - config.local_tokens, 0) // tpf
+    chunk = list(range(history, history + chunk_len))
+    out = torch.zeros_like(q)
+    if history:
+        sel = select_blocks(q, k_all, history_len=history, chunk_len=chunk_len, config=config)
+        table, group_size = sel.kv_block_idx, sel.query_group_size
+        width = max(1, min(table.shape[2] * table.shape[3], history // bs))
+        rank = reserve(window, width * bs + history % bs, bs, tpf)
+    else:
+        table, group_size, rank = None, length, 0
+    scale = config.scale or head_dim**-0.5
+    for b in range(batch):
+        for hk in range(kv_heads):
+            blocks = sorted({int(x) for x in table[b, hk].flatten() if x >= 0}) if history else []
+            tokens = [t for x in blocks for t in range(x * bs, min(x * bs + bs, history))]
+            where = dict(
+                zip(tokens, relative_frame_rule([t // tpf for t in tokens], window, rank), strict=True)
+            )
+            for head in range(hk * (q_heads // kv_heads), (hk + 1) * (q_heads // kv_heads)):
+                for i in range(length):
+                    mine = set()
+                    if history:
+                        group = min(i // group_size, table.shape[2] - 1)
+                        mine = {int(x) for x in table[b, hk, group] if x >= 0}
+                    attended = [t for t in tokens if t // bs in mine] + chunk
+                    pos = torch.tensor([where.get(t, rank + t // tpf - window) for t in attended])
+                    qi = time.rotate(
+                        q[b, head, i][None, None, None], torch.tensor([rank + (history + i) // tpf - window])
+                    )
+                    ki = time.rotate(k_all[b, hk, attended][None, None], pos)
+                    weights = ((qi @ ki.transpose(-1, -2)) * scale).softmax(-1)
+                    out[b, head, i] = (weights @ v_all[b, hk, attended][None, None])[0, 0, 0]
+    return out

@@ -9,24 +9,17 @@ import math
 import pytest
 import torch
 
-from omnimem import OmniMemConfig, select_blocks
+from omnimem import OmniMemConfig
 from omnimem.cache import OmniMemCache
 from omnimem.causal_wan import patch_causal_wan
 from omnimem.gated_wan import wan_rope_freqs
 from omnimem.positions import RelativeTime, relative_frames, reserve, wan_time_table
 
+from .reference import relative_attention_reference, relative_frame_rule
 from .test_causal_wan import DIM, FRAME, FREQS, GRID, HEADS, StandinPipeline, chunks, model
 
 D, TPF, H = 12, 4, 2
 TIME = RelativeTime(wan_time_table(wan_rope_freqs(D, positions=256)), frame_tokens=TPF)
-
-
-def rule(frames: list[int], window_frame: int, rank: int) -> list[int]:
-    """The module docstring's rule for one head's tokens, with sets."""
-    covered = {f for f in frames if f < window_frame}
-    return [
-        rank - sum(d >= f for d in covered) if f < window_frame else rank + f - window_frame for f in frames
-    ]
 
 
 def test_relative_frames_follow_the_rule():
@@ -40,7 +33,7 @@ def test_relative_frames_follow_the_rule():
         for b in range(2):
             for h in range(3):
                 kept = [int(f) for f, ok in zip(frames[b, h], valid[b, h], strict=True) if ok]
-                want = iter(rule(kept, window, rank))
+                want = iter(relative_frame_rule(kept, window, rank))
                 for ok, p in zip(valid[b, h], got[b, h], strict=True):
                     assert int(p) == (next(want) if ok else rank)
 
@@ -88,45 +81,20 @@ def test_at_full_budget_relative_positions_are_the_absolute_ones():
 
 @pytest.mark.parametrize("groups", [None, 3])
 def test_with_a_budget_the_cache_equals_the_rule_in_float64(groups):
-    """Past the budget: the library's selection (tested elsewhere), then per KV head the
-    attended blocks' tokens at the rule's positions (with sets), per query its group's blocks
-    and the chunk, softmax in float64. GQA and query groups."""
-    bs, length = 4, 8
-    config = OmniMemConfig(block_size=bs, top_k=2, sink_tokens=4, local_tokens=8, backend="gather",
+    """Past the budget (the reserve smaller than the frames before the window): GQA and query
+    groups against ``relative_attention_reference`` (per KV head, with sets)."""
+    config = OmniMemConfig(block_size=4, top_k=2, sink_tokens=4, local_tokens=8, backend="gather",
                            query_group_size=groups)  # fmt: skip
     keys, values = [], []
-    for cache, q, k, v, out in _rollout(config, 12, length, q_heads=2 * H, seed=1):
-        history = cache.history_len
-        k_hist, v_hist = (
-            torch.cat(keys, 2) if keys else k[:, :, :0],
-            torch.cat(values, 2) if values else v[:, :, :0],
-        )
+    for cache, q, k, v, out in _rollout(config, 12, 8, q_heads=2 * H, seed=1):
         keys.append(k), values.append(v)
-        if history == 0:
-            continue
-        k_all, v_all = torch.cat([k_hist, k], 2), torch.cat([v_hist, v], 2)
-        sel = select_blocks(q, k_all, history_len=history, chunk_len=length, config=config)
-        table, group_size = sel.kv_block_idx, sel.query_group_size
-        window = max(history - config.local_tokens, 0) // TPF
-        width = max(1, min(table.shape[2] * table.shape[3], history // bs))
-        rank = reserve(window, width * bs + history % bs, bs, TPF)
-        for hk in range(H):
-            blocks = sorted({int(b) for b in table[0, hk].flatten() if b >= 0})
-            tokens = [t for b in blocks for t in range(b * bs, min(b * bs + bs, history))]
-            where = dict(zip(tokens, rule([t // TPF for t in tokens], window, rank), strict=True))
-            for head in (2 * hk, 2 * hk + 1):
-                for i in range(length):
-                    group = min(i // group_size, table.shape[2] - 1)
-                    mine = {int(b) for b in table[0, hk, group] if b >= 0}
-                    attended = [t for t in tokens if t // bs in mine] + list(range(history, history + length))
-                    pos = torch.tensor([where.get(t, rank + t // TPF - window) for t in attended])
-                    qi = TIME.rotate(
-                        q[:, head : head + 1, i : i + 1], torch.tensor([rank + (history + i) // TPF - window])
-                    )
-                    ki = TIME.rotate(k_all[:, hk : hk + 1, attended], pos)
-                    weights = ((qi @ ki.transpose(-1, -2)) * D**-0.5).softmax(-1)
-                    want = weights @ v_all[:, hk : hk + 1, attended]
-                    torch.testing.assert_close(out[:, head, i], want[:, 0, 0], atol=1e-12, rtol=1e-12)
+        want = relative_attention_reference(
+            q, torch.cat(keys, 2), torch.cat(values, 2), history=cache.history_len, chunk_len=8,
+            config=config, time=TIME,
+        )  # fmt: skip
+        torch.testing.assert_close(out, want, atol=1e-12, rtol=1e-12)
+    window = (cache.history_len - config.local_tokens) // TPF
+    assert reserve(window, 24, 4, TPF) < window  # the retrieved frames were packed
 
 
 def test_positions_past_the_table_are_refused_before_anything_changes():
