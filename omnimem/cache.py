@@ -556,15 +556,21 @@ class OmniMemCache:
     def rewind(self, end: int) -> None:
         """Drop the history from token ``end`` on (and the current chunk): the next
         ``attend_at`` starts at ``end``. E.g. re-encode the last frames under a new prompt.
+        An ``end`` inside the current chunk (as ``attend_at`` last wrote it) keeps the chunk's
+        tokens before ``end`` as history.
 
         Raises:
-            ValueError: ``end`` outside ``[0, history_len]``, or an offloaded cache.
+            ValueError: ``end`` outside ``[0, history_len + chunk_len]``, or an offloaded cache.
             TypeError: a non-int ``end``.
         """
         if isinstance(end, bool) or not isinstance(end, int):
             raise TypeError(f"end must be an int token position, got {type(end).__name__}")
-        if not 0 <= end <= self.history_len:
-            raise ValueError(f"end must be in [0, history_len={self.history_len}], got {end}")
+        chunk_end = self.history_len + self.chunk_len
+        if not 0 <= end <= chunk_end:
+            raise ValueError(
+                f"end must be in [0, history_len + chunk_len = {chunk_end}] (history_len={self.history_len}), "
+                f"got {end}"
+            )
         if self._offload is not None:
             what = (
                 "an offloaded cache"
@@ -572,6 +578,9 @@ class OmniMemCache:
                 else f"a kv_format={self.kv_format!r} cache"
             )
             raise ValueError(f"rewind is not supported on {what}; reset() it and re-commit")
+        if end > self.history_len:  # the current chunk's head becomes history
+            self._refresh_block_sums(self.history_len, end)
+            self.history_len = end
         # The block `end` cuts keeps the sum of its kept tokens only; sums past the history are
         # never read, and later writes recompute every block they touch.
         self._refresh_block_sums(end - end % self.config.block_size, end)

@@ -29,6 +29,7 @@ import dataclasses
 import inspect
 import logging
 import types
+import weakref
 from collections.abc import Callable, MutableMapping
 
 import torch
@@ -243,6 +244,7 @@ def patch_causal_wan(
         config=omnimem_config, max_frames=max_frames, max_chunk_frames=max_chunk_frames,
         sink_frames=sink_frames, local_frames=local_frames, offload=offload, kv_format=kv_format,
         check=_first_allocation_check(len(modules), max_frames, offload, kv_format), positions=positions,
+        model=weakref.ref(model), returns_update=callable(getattr(model, "_apply_cache_updates", None)),
     )  # fmt: skip
     for module in modules:
         original = module.forward
@@ -416,6 +418,19 @@ def _layer_cache(
     return cache
 
 
+def _reencode(cache: OmniMemCache, q, k, v, start: int, block_tokens: int) -> torch.Tensor:
+    """Frames from ``start`` written again (a prompt switch's re-cache): the cache goes back to
+    ``start``, then each block of ``block_tokens`` attends the history before it and itself
+    (their block-causal mask) and becomes history when the next one is written."""
+    if start != cache.history_len + cache.chunk_len:
+        cache.rewind(start)
+    outs = []
+    for first in range(0, q.shape[2], block_tokens):
+        part = slice(first, first + block_tokens)
+        outs.append(cache.attend_at(q[:, :, part], k[:, :, part], v[:, :, part], start=start + first))
+    return torch.cat(outs, dim=2)
+
+
 def _spatial_table(freqs: torch.Tensor) -> torch.Tensor:
     """Wan's RoPE table with its temporal columns at angle 0: rotates rows and columns only."""
     spatial = freqs.clone()
@@ -494,10 +509,29 @@ def _patched_forward(original: Callable, settings: dict) -> Callable:
             freqs = rope_table_for(freqs, start_frame + frames)  # past their 1,024 frames: extended
         q = reordered_rope(q.float(), grid, freqs, start_frame=start_frame).type_as(v)
         k = reordered_rope(k.float(), grid, freqs, start_frame=start_frame).type_as(v)
+        sink_tokens = getattr(self, "sink_size", 0) * frame_tokens
+        if block_mask is not None and kv_cache.get("global_sink") and start < sink_tokens:
+            # Checked before anything is allocated or changed.
+            raise ValueError(
+                f"a re-encode from current_start={start} with kv_cache['global_sink'] set starts inside the "
+                f"sink ({sink_tokens} tokens), whose keys LongLive keeps from the first prompt: not "
+                "supported yet; switch prompts after the sink and the re-cached window, or unset global_sink"
+            )
         cache = _layer_cache(kv_cache, self, k, frame_tokens, settings, time)
-        if start == 0 and cache.history_len > 0:  # the pipeline reset its caches: a new video
-            cache.reset()
-        out = cache.attend_at(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2), start=start)
-        return self.o(out.transpose(1, 2).flatten(2))
+        q, k, v = (x.transpose(1, 2) for x in (q, k, v))
+        if block_mask is not None:  # a block-causal re-encode of frames already generated
+            model = settings["model"]()
+            block_frames = getattr(model, "num_frame_per_block", None) or settings["max_chunk_frames"]
+            out = _reencode(cache, q, k, v, start, block_frames * frame_tokens)
+        else:
+            if start == 0 and cache.history_len > 0:  # the pipeline reset its caches: a new video
+                cache.reset()
+            out = cache.attend_at(q, k, v, start=start)
+        out = self.o(out.transpose(1, 2).flatten(2))
+        if settings["returns_update"]:
+            # LongLive's layers return the cache update their model applies after all blocks;
+            # omnimem has written it already: only the end indices remain to be set.
+            return out, (start + length, start + length, None)
+        return out
 
     return forward

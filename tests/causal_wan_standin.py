@@ -206,3 +206,120 @@ class StandinCausVidPipeline(StandinPipeline):
 
     def _reset_kv_cache(self) -> None:  # its dicts hold no end indices: a new video just writes at 0
         pass
+
+
+class StandinBlockMask:
+    """Stands for the flex ``BlockMask`` LongLive builds for a re-cache: block-causal over
+    blocks of ``frames_per_block`` frames (a query attends every key before its block's end)."""
+
+    def __init__(self, frames_per_block: int):
+        self.frames_per_block = frames_per_block
+
+
+class StandinLongLiveSelfAttention(StandinSelfAttention):
+    """LongLive's layer (NVlabs/LongLive ``wan/modules/causal_model.py`` at d69a1fa) as its public
+    behaviour describes it: Self-Forcing's signature; at inference the chunk's keys go into a
+    *copy* of the cache, attention reads the copy (dense over the whole history here: global
+    attention, ``local_attn_size=-1``; block-causal when ``block_mask`` is given), and the layer
+    returns ``(out, (current_end, local_end_index, update))``: the model writes ``update`` into
+    the cache after all blocks."""
+
+    def forward(
+        self, x, seq_lens, grid_sizes, freqs, block_mask, kv_cache=None, current_start=0, cache_start=None
+    ):
+        if kv_cache is None:
+            return super().forward(x, seq_lens, grid_sizes, freqs, block_mask)
+        b, s = x.shape[:2]
+        n, d = self.num_heads, self.head_dim
+        q = self.norm_q(self.q(x)).view(b, s, n, d)
+        k = self.norm_k(self.k(x)).view(b, s, n, d)
+        v = self.v(x).view(b, s, n, d)
+        frame_tokens = int(grid_sizes[0][1] * grid_sizes[0][2])
+        start_frame = current_start // frame_tokens
+        q = apply_rope(q, grid_sizes, freqs, start_frame).type_as(v)
+        k = apply_rope(k, grid_sizes, freqs, start_frame).type_as(v)
+        end = current_start + s
+        keys, values = kv_cache["k"].clone(), kv_cache["v"].clone()
+        keys[:, current_start:end], values[:, current_start:end] = k, v
+        keys, values = keys[:, :end].transpose(1, 2), values[:, :end].transpose(1, 2)
+        mask = None
+        if block_mask is not None:  # query token i sees keys before the end of its block
+            step = block_mask.frames_per_block * frame_tokens
+            block_end = current_start + (torch.arange(s) // step + 1) * step
+            mask = torch.arange(end)[None, :] < block_end[:, None]
+        out = F.scaled_dot_product_attention(q.transpose(1, 2), keys, values, attn_mask=mask)
+        recompute = end <= int(kv_cache["global_end_index"]) and current_start > 0
+        update = dict(start=current_start, end=end, k=k, v=v, is_recompute=recompute)
+        return self.o(out.transpose(1, 2).flatten(2)), (end, end, update)
+
+
+class StandinLongLiveBlock(StandinBlock):
+    def __init__(self, dim: int, num_heads: int):
+        super().__init__(dim, num_heads, window=0)
+        self.self_attn = StandinLongLiveSelfAttention(dim, num_heads)
+
+    def forward(self, x, grid_sizes, freqs, kv_cache, current_start, block_mask=None):
+        result = self.self_attn(self.norm1(x), None, grid_sizes, freqs, block_mask, kv_cache, current_start)
+        y, info = result if kv_cache is not None else (result, None)
+        x = x + y
+        return x + self.ffn(self.norm2(x)), info
+
+
+class StandinLongLiveModel(StandinModel):
+    """Blocks return their cache updates; ``_apply_cache_updates`` writes them after all blocks
+    (end indices are not moved back by a re-cache). ``cond`` stands for the prompt."""
+
+    num_frame_per_block = 2
+
+    def __init__(self, num_layers: int = 2, dim: int = 32, num_heads: int = 2):
+        super().__init__(num_layers, dim, num_heads)
+        self.blocks = nn.ModuleList(StandinLongLiveBlock(dim, num_heads) for _ in range(num_layers))
+
+    def _apply_cache_updates(self, kv_cache, infos) -> None:
+        for index, (end, local_end, update) in infos:
+            if update is not None:
+                kv_cache[index]["k"][:, update["start"] : update["end"]] = update["k"]
+                kv_cache[index]["v"][:, update["start"] : update["end"]] = update["v"]
+            if update is None or not update["is_recompute"]:
+                kv_cache[index]["global_end_index"].fill_(end)
+                kv_cache[index]["local_end_index"].fill_(local_end)
+
+    def forward(self, x, grid_sizes, freqs, kv_cache=None, current_start=0, block_mask=None, cond=0.0):
+        # The prompt: a direction in feature space (a constant shift would vanish in LayerNorm).
+        x, infos = x + cond * torch.linspace(-1, 1, x.shape[-1]), []
+        for i, block in enumerate(self.blocks):
+            x, info = block(x, grid_sizes, freqs, None if kv_cache is None else kv_cache[i], current_start,
+                            block_mask)  # fmt: skip
+            infos.append((i, info))
+        if kv_cache is not None:
+            self._apply_cache_updates(kv_cache, infos)
+        return x
+
+
+class StandinLongLivePipeline(StandinPipeline):
+    """LongLive's interactive loop: Self-Forcing's per chunk, and at a prompt switch the frames
+    so far re-encoded (global attention: all of them) under the new prompt, in one call with a
+    block-causal mask at their start, before the next chunk."""
+
+    def inference(self, chunks, grid_sizes, freqs, passes: int = 2, *, switches=(), prompts=(0.0,)):
+        self._initialize_kv_cache(chunks[0].shape[0], chunks[0].dtype)
+        outputs, start, clean, prompt = [], 0, [], 0
+        block = StandinBlockMask(self.model.num_frame_per_block)
+        with torch.no_grad():
+            for index, x in enumerate(chunks):
+                if index in switches:
+                    prompt += 1
+                    self.model(torch.cat(clean, 1), grid_sizes_of(grid_sizes, len(clean)), freqs,
+                               self.kv_cache1, 0, block, prompts[prompt])  # fmt: skip
+                for i in range(passes):
+                    self.model(x * (i + 2), grid_sizes, freqs, self.kv_cache1, start, cond=prompts[prompt])
+                outputs.append(self.model(x, grid_sizes, freqs, self.kv_cache1, start, cond=prompts[prompt]))
+                clean.append(x)
+                start += x.shape[1]
+        return outputs
+
+
+def grid_sizes_of(grid_sizes: torch.Tensor, chunks: int) -> torch.Tensor:
+    """The grid of ``chunks`` chunks of ``grid_sizes`` each, in one call."""
+    frames, height, width = (int(n) for n in grid_sizes[0])
+    return torch.tensor([[frames * chunks, height, width]])
