@@ -4,7 +4,8 @@
 # were taken on 2026-12-07):
 #
 #   benchmarks/pending_gpu.sh 36   # quantized history: kernels, the 4-minute int4 rollout
-#                                  # (profiled), the selected branch, GPU tests (pytest-xdist)
+#                                  # (profiled), the selected branch, relative positions at 60 s
+#                                  # (issue 37), GPU tests (pytest-xdist)
 #
 # The device image has pytest, hypothesis and einops; a machine without them can be given a
 # folder of them (`.devpkgs`, excluded from git, passed in `carry`), used only then: a copy from
@@ -25,8 +26,9 @@ if [ "$1" = 36 ]; then
   step 200 python3 self_forcing_rollout_gpu.py --kv-format int4 --frames 960 --reps 2 --profile \
     --json "$OUT/sf960.json"
   step 100 python3 gated_gpu.py --patterns random --histories 60 --json "$OUT/gated.json"
+  step 120 python3 self_forcing_rollout_gpu.py --frames 237 --no-offload --reps 2 --json "$OUT/sf237.json"
   cd ..
-  step 150 python3 -m pytest -q -p no:cacheprovider -n 8 property_tests/test_quantized_attention_property.py \
+  step 120 python3 -m pytest -q -p no:cacheprovider -n 8 property_tests/test_quantized_attention_property.py \
     property_tests/test_quantized_cache_property.py tests/test_cache.py tests/test_kernels.py \
     tests/test_gated_cache.py tests/test_host_syncs.py
 else

@@ -40,6 +40,8 @@ import torch.nn.functional as F
 import triton
 
 from omnimem import OmniMemCache, OmniMemConfig
+from omnimem.gated_wan import wan_rope_freqs
+from omnimem.positions import RelativeTime, wan_time_table
 
 sys.path.insert(0, str(Path(__file__).parent))
 from wan_block import WanBlock, rope_tables
@@ -210,7 +212,20 @@ def main() -> None:
 
         return attention_for_layer
 
-    methods = {"dense": sdpa(None), "truncation (32,760 tokens)": sdpa(WINDOW), "omnimem": omnimem}
+    time = RelativeTime(wan_time_table(wan_rope_freqs(head_dim, positions=1024)), FRAME).to(device)
+
+    def relative(layer, start):  # omnimem with positions="relative" (omnimem.positions)
+        def attention(q, k, v):
+            caches[layer].positions = time
+            try:
+                return omnimem(layer, start)(q, k, v)
+            finally:
+                caches[layer].positions = None
+
+        return attention
+
+    methods = {"dense": sdpa(None), "truncation (32,760 tokens)": sdpa(WINDOW), "omnimem": omnimem,
+               "omnimem, relative positions": relative}  # fmt: skip
     rows = []
     for history_frames in frames:
         history = history_frames * FRAME
@@ -267,6 +282,9 @@ def main() -> None:
             + " | ".join(map(str, cells))
             + f" | {r['omnimem'] / truncation:.2f}x | {r['omnimem peak GiB']:.1f} |"
         )
+    for r in rows:
+        ms = r["omnimem, relative positions"]
+        print(f"{r['frames']} frames: omnimem with relative positions {ms:.0f} ms ({ms / r['omnimem']:.2f}x)")
     if offloaded:
         print(
             f"omnimem offloaded at {offloaded['frames']} frames: {offloaded['ms']:.0f} ms per chunk, "

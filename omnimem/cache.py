@@ -568,8 +568,8 @@ class OmniMemCache:
         chunk_end = self.history_len + self.chunk_len
         if not 0 <= end <= chunk_end:
             raise ValueError(
-                f"end must be in [0, history_len + chunk_len = {chunk_end}] (history_len={self.history_len}), "
-                f"got {end}"
+                f"end must be in [0, history_len + chunk_len = {chunk_end}] "
+                f"(history_len={self.history_len}), got {end}"
             )
         if self._offload is not None:
             what = (

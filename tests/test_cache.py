@@ -266,11 +266,30 @@ def test_attend_at_refuses_before_changing_anything():
     with pytest.raises(ValueError, match="head_dim"):  # bad queries for the next chunk
         cache.attend_at(chunk(4)[..., :4], chunk(4), chunk(4), start=16)
     assert (cache.history_len, cache.chunk_len) == (8, 8)
-    with pytest.raises(ValueError, match=r"end must be in \[0, history_len=8\]"):
-        cache.rewind(9)
+    with pytest.raises(ValueError, match=r"end must be in \[0, history_len \+ chunk_len = 16\]"):
+        cache.rewind(17)
     cache.rewind(4)
     assert (cache.history_len, cache.chunk_len) == (4, 0)
     cache.attend_at(chunk(4), chunk(4), chunk(4), start=4)
+
+
+def test_rewind_into_the_current_chunk_keeps_its_head_as_history():
+    """rewind(end) with end inside the current chunk: its tokens before end become history, as
+    if that shorter chunk had been written and promoted (LongLive's re-cache can start there)."""
+    config = OmniMemConfig(block_size=4, top_k=1, sink_tokens=4, local_tokens=4, backend="dense")
+    gen = torch.Generator().manual_seed(3)
+    x = [torch.randn(1, 2, 8, 8, generator=gen) for _ in range(3)]
+    rewound, written = (OmniMemCache(32, max_chunk_tokens=8, batch=1, num_kv_heads=2, head_dim=8,
+                                     config=config) for _ in range(2))  # fmt: skip
+    rewound.attend_at(x[0], x[0], x[0], start=0)
+    rewound.attend_at(x[1], x[1], x[1], start=8)
+    rewound.rewind(13)
+    assert (rewound.history_len, rewound.chunk_len) == (13, 0)
+    written.attend_at(x[0], x[0], x[0], start=0)
+    written.attend_at(*(t[:, :, :5] for t in x[1:2] * 3), start=8)
+    want = written.attend_at(x[2], x[2], x[2], start=13)
+    torch.testing.assert_close(rewound.attend_at(x[2], x[2], x[2], start=13), want, rtol=0, atol=0)
+    torch.testing.assert_close(rewound.key_block_sums[:, :, :4], written.key_block_sums[:, :, :4])
 
 
 @pytest.mark.parametrize("backend", ["dense", "gather"])
