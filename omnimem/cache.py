@@ -39,7 +39,7 @@ from omnimem.offload import (
     check_device_memory,
     check_host_memory,
 )
-from omnimem.positions import RelativeTime, relative_frames, reserve
+from omnimem.positions import RelativeTime, buffer_positions
 from omnimem.selection import Selection, block_key_sums, gather_block_union
 from omnimem.sizing import host_history_bytes, kv_cache_bytes
 from omnimem.store.formats import check_kv_format
@@ -137,10 +137,10 @@ class OmniMemCache:
                     f"OmniMemCache positions must be an omnimem.positions.RelativeTime or None, got "
                     f"{type(positions).__name__}"
                 )
-            if quantized or offload or cuda_graphs:
+            if quantized or cuda_graphs:
                 raise ValueError(
-                    "OmniMemCache(positions=RelativeTime(...)) needs a resident native cache for now: "
-                    "kv_format='native', offload=False, cuda_graphs=False (docs/positions.md)"
+                    "OmniMemCache(positions=RelativeTime(...)) needs a native cache without CUDA graphs for "
+                    "now: kv_format='native', cuda_graphs=False (docs/positions.md)"
                 )
         if quantized and cuda_graphs:
             raise ValueError(
@@ -341,40 +341,31 @@ class OmniMemCache:
         keys and queries as stored (rotated in space only), then a compact copy of the attended
         blocks (as ``_attend_differentiably`` makes), rotated in time at their relative
         positions with the chunk and the queries. Differentiable in q, k_chunk and v_chunk."""
-        time, history, tpf = self.positions, self.history_len, self.positions.frame_tokens
-        window_frame = max(history - self.config.local_tokens, 0) // tpf
-        chunk_frames = (history + torch.arange(chunk_len, device=self.device)) // tpf
-        if history == 0:
-            compact_k = compact_v = k_chunk[:, :, :0]
-            selection, rank, hist_pos = None, 0, None
-        else:
+        time, history = self.positions, self.history_len
+        compact_k = compact_v = k_chunk[:, :, :0]
+        selection = None
+        if history:
             with torch.no_grad():
                 selection = select_blocks(
                     q, self.k, history_len=history, chunk_len=chunk_len, config=self.config,
                     key_block_sums=self.key_block_sums,
                 )  # fmt: skip
                 none = selection.num_history_blocks + 1  # _compact_history's empty slot
-                bs = self.config.block_size
                 # The partial last block's frames count only where the head attends it.
+                bs = self.config.block_size
                 partial_read = (selection.kv_block_idx == history // bs).flatten(2).any(-1, keepdim=True)
-                compact_k, compact_v, selection, union = _compact_history(
+                compact_k, compact_v, selection, blocks = _compact_history(
                     self.k, self.v, selection, history, chunk_len
                 )
-                tokens = (union[..., None] * bs + torch.arange(bs, device=self.device)).flatten(2)
-                valid = (union < none)[..., None].expand(-1, -1, -1, bs).flatten(2)
-                partial = torch.arange(history // bs * bs, history, device=self.device).expand(
-                    *tokens.shape[:2], -1
-                )
-                tokens = torch.cat([tokens, partial], dim=-1)
-                valid = torch.cat([valid, partial_read.expand_as(partial)], dim=-1)
-                rank = reserve(window_frame, compact_k.shape[2], bs, tpf)
-                hist_pos = relative_frames(tokens // tpf, valid, window_frame=window_frame, reserve=rank)
-        chunk_pos = rank + chunk_frames - window_frame
-        time.check_reach(
-            rank + (history + chunk_len - 1) // tpf - window_frame, what="the chunk's last frame"
-        )
+        else:  # only the chunk: any empty block list gives its positions
+            blocks = torch.zeros(*k_chunk.shape[:2], 0, dtype=torch.long, device=self.device)
+            none, partial_read = 1, torch.zeros(*k_chunk.shape[:2], 1, dtype=torch.bool, device=self.device)
+        hist_pos, chunk_pos = buffer_positions(
+            time, blocks, none, partial_read, history=history, block_size=self.config.block_size,
+            local_tokens=self.config.local_tokens, chunk_len=chunk_len,
+        )  # fmt: skip
         keys, values = time.rotate(k_chunk, chunk_pos), v_chunk
-        if hist_pos is not None:
+        if history:
             keys = torch.cat([time.rotate(compact_k, hist_pos), keys], dim=2)
             values = torch.cat([compact_v, values], dim=2)
         return sparse_attention(

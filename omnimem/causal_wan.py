@@ -169,8 +169,8 @@ def patch_causal_wan(
             keys kept rotated in space only; each call places the chunk and local window at
             their true distances and the retrieved blocks right before them, in temporal
             order, so positions stay inside the table however long the video
-            (``omnimem.positions``; docs/positions.md). Needs ``offload=False`` and
-            ``kv_format="native"`` for now.
+            (``omnimem.positions``; docs/positions.md). Needs ``kv_format="native"`` for
+            now.
         **overrides: config fields to change: ``OmniMemConfig`` fields for Self-Forcing's
             layers, ``GatedConfig`` fields for the authors' (over their own settings), e.g.
             ``top_k=12`` (a field of both reaches both).
@@ -196,10 +196,10 @@ def patch_causal_wan(
     check_kv_format(kv_format)
     if positions not in ("absolute", "relative"):
         raise ValueError(f"positions must be 'absolute' or 'relative', got {positions!r}")
-    if positions == "relative" and (offload or kv_format != "native"):
+    if positions == "relative" and kv_format != "native":
         raise ValueError(
-            "positions='relative' needs resident native caches for now: pass offload=False and "
-            "kv_format='native', or keep positions='absolute' (docs/positions.md)"
+            "positions='relative' needs native caches for now: pass kv_format='native', or keep "
+            "positions='absolute' (docs/positions.md)"
         )
     for name, value, minimum in (
         ("max_frames", max_frames, 1),

@@ -31,6 +31,7 @@ import torch
 
 from omnimem.api import resolve_backend, sparse_attention
 from omnimem.compile import compile_static
+from omnimem.positions import buffer_positions
 from omnimem.selection import RetrievalRules, sorted_unique
 
 # Where a staging slot's block comes from (the ``source`` codes of the stage kernel).
@@ -308,12 +309,24 @@ class HostOffload:
             num_history_blocks=self.no_fixed_blocks.shape[0],
             planned_history_len=None,  # remapped onto the staging buffer: its own history length
         )
+        keys, values, chunk_len = dst[0], dst[1], k_chunk.shape[2]
+        if cache.positions is not None:  # relative positions: a rotated copy of the staged keys
+            time = cache.positions
+            partial_read = (selection.kv_block_idx == history_len // bs).flatten(2).any(-1, keepdim=True)
+            hist_pos, chunk_pos = buffer_positions(
+                time, staged, self.num_blocks, partial_read, history=history_len, block_size=bs,
+                local_tokens=cache.config.local_tokens, chunk_len=chunk_len,
+            )  # fmt: skip
+            heads = hist_pos.shape[:2]
+            rest = hist_pos.new_zeros(*heads, keys.shape[2] - chunk_start - chunk_len)  # never attended
+            positions = torch.cat([hist_pos, chunk_pos.expand(*heads, -1), rest], dim=-1)
+            keys, q = time.rotate(keys, positions), time.rotate(q, chunk_pos)
         return sparse_attention(
             q,
-            dst[0],
-            dst[1],
+            keys,
+            values,
             history_len=chunk_start,
-            chunk_len=k_chunk.shape[2],
+            chunk_len=chunk_len,
             config=cache.config,
             return_lse=return_lse,
             selection=remapped_selection,

@@ -121,3 +121,37 @@ def relative_frames(
     before = reserve - count
     after = reserve + frames - window_frame
     return torch.where(retrieved, before, torch.where(valid, after, reserve)).long()
+
+
+def buffer_positions(
+    time: RelativeTime,
+    blocks: torch.Tensor,
+    none: int,
+    partial_read: torch.Tensor,
+    *,
+    history: int,
+    block_size: int,
+    local_tokens: int,
+    chunk_len: int,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Positions for keys laid out ``[W attended blocks | the partial last block | the chunk]``
+    (the compact copy of ``OmniMemCache``, the staging buffer of its offload): ``blocks [B, H, W]``
+    their indices (``none``: an empty slot), ``partial_read [B, H, 1]`` whether the head attends
+    the partial block. Returns ``([B, H, W * block_size + history % block_size]`` history
+    positions, ``[chunk_len]`` chunk and query positions``)``.
+
+    Raises:
+        ValueError: a position past ``time``'s table.
+    """
+    tpf, device = time.frame_tokens, blocks.device
+    window = max(history - local_tokens, 0) // tpf
+    tokens = (blocks[..., None] * block_size + torch.arange(block_size, device=device)).flatten(2)
+    valid = (blocks < none)[..., None].expand(-1, -1, -1, block_size).flatten(2)
+    partial = torch.arange(history // block_size * block_size, history, device=device)
+    partial = partial.expand(*tokens.shape[:2], -1)
+    tokens = torch.cat([tokens, partial], dim=-1)
+    valid = torch.cat([valid, partial_read.expand_as(partial)], dim=-1)
+    rank = reserve(window, tokens.shape[-1], block_size, tpf)
+    time.check_reach(rank + (history + chunk_len - 1) // tpf - window, what="the chunk's last frame")
+    chunk = rank + (history + torch.arange(chunk_len, device=device)) // tpf - window
+    return relative_frames(tokens // tpf, valid, window_frame=window, reserve=rank), chunk

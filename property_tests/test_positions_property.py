@@ -2,7 +2,7 @@
 (``tests.reference.relative_attention_reference``) over random rollouts: frame sizes that do
 and do not divide the blocks (1..9 tokens a frame; blocks of 3, 4, 7, 30), chunks of any length,
 sinks, windows, budgets, GQA, query groups, head dims with 1..5 temporal pairs, empty and tiny
-histories, backends, float64 and float32."""
+histories, resident and offloaded, backends, float64 and float32."""
 
 from __future__ import annotations
 
@@ -42,6 +42,7 @@ def cases(draw):
         lengths=draw(st.lists(st.integers(1, 12), min_size=1, max_size=8)),
         config=config,
         dtype=torch.float32 if backend == "triton" else draw(st.sampled_from([torch.float64, torch.float32])),
+        offload=draw(st.booleans()),
         seed=draw(st.integers(0, 2**16)),
     )
 
@@ -53,7 +54,7 @@ def test_relative_cache_equals_the_rule(case):
     dtype, heads, dim = case["dtype"], case["kv_heads"], case["head_dim"]
     cache = OmniMemCache(
         sum(case["lengths"]), max_chunk_tokens=12, batch=1, num_kv_heads=heads, head_dim=dim,
-        config=case["config"], dtype=dtype, device=TEST_DEVICE, positions=time,
+        config=case["config"], dtype=dtype, device=TEST_DEVICE, positions=time, offload=case["offload"],
     )  # fmt: skip
     gen = torch.Generator().manual_seed(case["seed"])
     keys, values, start = [], [], 0

@@ -45,8 +45,8 @@ def test_relative_time_repr_to_and_validation():
         RelativeTime(torch.zeros(4, 2), frame_tokens=4)
     with pytest.raises(ValueError, match="frame_tokens must be a positive int"):
         RelativeTime(TIME.freqs, frame_tokens=0)
-    for bad in (dict(offload=True), dict(kv_format="fp8")):
-        with pytest.raises(ValueError, match="needs a resident native cache"):
+    for bad in (dict(cuda_graphs=True), dict(kv_format="fp8")):
+        with pytest.raises(ValueError, match="needs a native cache without CUDA graphs"):
             OmniMemCache(64, max_chunk_tokens=8, batch=1, num_kv_heads=H, head_dim=D, positions=TIME, **bad)
     with pytest.raises(TypeError, match=r"positions must be an omnimem\.positions\.RelativeTime"):
         OmniMemCache(64, max_chunk_tokens=8, batch=1, num_kv_heads=H, head_dim=D, positions="relative")
@@ -135,8 +135,7 @@ def test_the_patched_model_runs_past_its_table_with_relative_positions():
     assert pipeline.kv_cache1[0]["omnimem"].history_len + CHUNK_TOKENS == 1100 * FRAME
     assert FREQS.shape[0] == 1024 and math.ceil(1100 / 1024) == 2  # the table was never extended
 
-    for bad, match in ((dict(offload=True), "needs resident native caches"),
-                       (dict(kv_format="int4"), "needs resident native caches"),
+    for bad, match in ((dict(kv_format="int4"), "needs native caches"),
                        (dict(positions="rope"), "positions must be 'absolute' or 'relative'")):  # fmt: skip
         with pytest.raises(ValueError, match=match):
             patch_causal_wan(copy.deepcopy(theirs), max_frames=8, **{"positions": "relative", **bad})
@@ -144,3 +143,21 @@ def test_the_patched_model_runs_past_its_table_with_relative_positions():
 
 CHUNK_TOKENS = 2 * FRAME
 assert DIM // HEADS == 16
+
+
+@pytest.mark.parametrize(("backend", "tol"), [("gather", 0.0), ("dense", 1e-12)])
+def test_an_offloaded_relative_cache_equals_the_resident_one(backend, tol):
+    """offload=True stages the selected blocks, then rotates the staged copy: the same tokens at
+    the same positions in the same order as the resident cache's compact copy, bit for bit on
+    gather (dense reduces over buffers of other lengths: float64 rounding)."""
+    config = OmniMemConfig(block_size=4, top_k=2, sink_tokens=4, local_tokens=8, backend=backend,
+                           query_group_size=3)  # fmt: skip
+    kw = dict(max_chunk_tokens=8, batch=1, num_kv_heads=H, head_dim=D, config=config, dtype=torch.float64)
+    caches = [OmniMemCache(96, **kw, positions=TIME, offload=offload) for offload in (False, True)]
+    gen = torch.Generator().manual_seed(2)
+    for c in range(12):
+        q = torch.randn(1, 2 * H, 8, D, dtype=torch.float64, generator=gen)
+        k, v = (torch.randn(1, H, 8, D, dtype=torch.float64, generator=gen) for _ in "kv")
+        for _ in range(2):
+            resident, offloaded = (cache.attend_at(q, k, v, start=c * 8) for cache in caches)
+            torch.testing.assert_close(offloaded, resident, rtol=tol, atol=tol)
