@@ -137,10 +137,10 @@ class OmniMemCache:
                     f"OmniMemCache positions must be an omnimem.positions.RelativeTime or None, got "
                     f"{type(positions).__name__}"
                 )
-            if quantized or cuda_graphs:
+            if cuda_graphs:
                 raise ValueError(
-                    "OmniMemCache(positions=RelativeTime(...)) needs a native cache without CUDA graphs for "
-                    "now: kv_format='native', cuda_graphs=False (docs/positions.md)"
+                    "OmniMemCache(positions=RelativeTime(...)) with cuda_graphs=True is not supported: a "
+                    "call's positions are planned on the host (docs/positions.md)"
                 )
         if quantized and cuda_graphs:
             raise ValueError(

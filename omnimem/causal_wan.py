@@ -169,8 +169,7 @@ def patch_causal_wan(
             keys kept rotated in space only; each call places the chunk and local window at
             their true distances and the retrieved blocks right before them, in temporal
             order, so positions stay inside the table however long the video
-            (``omnimem.positions``; docs/positions.md). Needs ``kv_format="native"`` for
-            now.
+            (``omnimem.positions``; docs/positions.md). Self-Forcing's layers only for now.
         **overrides: config fields to change: ``OmniMemConfig`` fields for Self-Forcing's
             layers, ``GatedConfig`` fields for the authors' (over their own settings), e.g.
             ``top_k=12`` (a field of both reaches both).
@@ -196,11 +195,6 @@ def patch_causal_wan(
     check_kv_format(kv_format)
     if positions not in ("absolute", "relative"):
         raise ValueError(f"positions must be 'absolute' or 'relative', got {positions!r}")
-    if positions == "relative" and kv_format != "native":
-        raise ValueError(
-            "positions='relative' needs native caches for now: pass kv_format='native', or keep "
-            "positions='absolute' (docs/positions.md)"
-        )
     for name, value, minimum in (
         ("max_frames", max_frames, 1),
         ("max_chunk_frames", max_chunk_frames, 1),

@@ -394,19 +394,27 @@ def reads_in_place(cache, q: torch.Tensor) -> bool:
     return resolve_backend(cache.config, q.device, dtype=q.dtype, head_dim=q.shape[-1]) == "triton"
 
 
-def quantized_run(cache, q, store, tail, selection, history_len: int, return_lse: bool):
+def quantized_run(cache, q, store, tail, selection, history_len: int, return_lse: bool, rotation=None):
     """Attention of ``q`` over the whole blocks of ``store`` its ``selection`` names (block
     numbering of the store; ``history_len`` tokens, the partial block and the chunk in ``tail``):
     on the triton backend the kernel that reads the bytes in place, otherwise the reference path
-    (``store`` dequantized, then the backend: callers pass a small staged store there)."""
+    (``store`` dequantized, then the backend: callers pass a small staged store there).
+    ``rotation``: ``buffer_positions``' history and chunk positions (relative positions): the
+    dequantized keys and ``q`` rotated in time (the reference path)."""
     from omnimem.backends.quantized_attention import dequantized_history, quantized_attention
     from omnimem.backends.triton import check_inputs, tile_tables
 
     chunk_len = tail[0].shape[2] - history_len % store.block_size
-    if not reads_in_place(cache, q):
+    if rotation is not None or not reads_in_place(cache, q):
         k, v = dequantized_history(store, *tail, history_len=history_len, dtype=tail[0].dtype)
         pad = selection.num_history_blocks * store.block_size - k.shape[2]  # the table's numbering
         k, v = (torch.nn.functional.pad(x, (0, 0, 0, max(pad, 0))) for x in (k, v))
+        if rotation is not None:
+            hist_pos, chunk_pos = rotation
+            heads = hist_pos.shape[:2]
+            rest = hist_pos.new_zeros(*heads, k.shape[2] - hist_pos.shape[2] - chunk_len)  # never attended
+            k = cache.positions.rotate(k, torch.cat([hist_pos, chunk_pos.expand(*heads, -1), rest], dim=-1))
+            q = cache.positions.rotate(q, chunk_pos)
         return sparse_attention(q, k, v, history_len=history_len, chunk_len=chunk_len, config=cache.config,
                                 return_lse=return_lse, selection=selection)  # fmt: skip
     check_inputs(q)
@@ -460,7 +468,8 @@ class QuantizedHistory(HostOffload):
         tail_k[:, :, partial:] = k_chunk
         tail_v[:, :, partial:] = v_chunk
         selection = cache.selection(q)
-        if not self.HOST and reads_in_place(cache, q):  # the kernel reads the store in place
+        relative = cache.positions is not None  # rotated in time: a dequantized staged copy
+        if not relative and not self.HOST and reads_in_place(cache, q):  # the kernel reads the store in place
             return quantized_run(cache, q, self.store, (tail_k, tail_v), selection, history_len, return_lse)
         self.wait_for_copies()  # staging may read what a commit copied to the host
         plan = _compiled_staging_plan() if self.compiled else staging_plan
@@ -479,8 +488,24 @@ class QuantizedHistory(HostOffload):
             history_len=self.work_history, num_history_blocks=self.no_fixed_blocks.shape[0],
             planned_history_len=None,
         )  # fmt: skip
+        rotation = None
+        if relative:
+            partial_read = (
+                (selection.kv_block_idx == history_len // self.block_size).flatten(2).any(-1, keepdim=True)
+            )
+            rotation = buffer_positions(
+                cache.positions, staged, self.num_blocks, partial_read, history=history_len,
+                block_size=self.block_size, local_tokens=cache.config.local_tokens, chunk_len=chunk_len,
+            )  # fmt: skip
         return quantized_run(
-            cache, q, dst, (tail_k, tail_v), remapped_selection, self.partial_start + partial, return_lse
+            cache,
+            q,
+            dst,
+            (tail_k, tail_v),
+            remapped_selection,
+            self.partial_start + partial,
+            return_lse,
+            rotation,
         )
 
     def _keep(self, cache, start: int, end: int) -> None:

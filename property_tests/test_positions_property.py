@@ -2,7 +2,7 @@
 (``tests.reference.relative_attention_reference``) over random rollouts: frame sizes that do
 and do not divide the blocks (1..9 tokens a frame; blocks of 3, 4, 7, 30), chunks of any length,
 sinks, windows, budgets, GQA, query groups, head dims with 1..5 temporal pairs, empty and tiny
-histories, resident and offloaded, backends, float64 and float32."""
+histories, resident and offloaded, native / fp8 / int4 history, backends, float64 and float32."""
 
 from __future__ import annotations
 
@@ -17,7 +17,7 @@ from omnimem.cache import OmniMemCache
 from omnimem.gated_wan import wan_rope_freqs
 from omnimem.positions import RelativeTime, wan_time_table
 from tests.inputs import TEST_DEVICE
-from tests.reference import relative_attention_reference
+from tests.reference import relative_attention_reference, stored_history
 
 from .conftest import examples
 
@@ -43,6 +43,7 @@ def cases(draw):
         config=config,
         dtype=torch.float32 if backend == "triton" else draw(st.sampled_from([torch.float64, torch.float32])),
         offload=draw(st.booleans()),
+        kv_format=draw(st.sampled_from(["native", "native", "fp8", "int4"])),
         seed=draw(st.integers(0, 2**16)),
     )
 
@@ -51,10 +52,13 @@ def cases(draw):
 @given(case=cases())
 def test_relative_cache_equals_the_rule(case):
     time = RelativeTime(wan_time_table(wan_rope_freqs(case["head_dim"], positions=512)), case["frame_tokens"])
-    dtype, heads, dim = case["dtype"], case["kv_heads"], case["head_dim"]
+    dtype, heads, dim, kv_format = case["dtype"], case["kv_heads"], case["head_dim"], case["kv_format"]
+    if kv_format != "native":
+        dtype = torch.float32
     cache = OmniMemCache(
         sum(case["lengths"]), max_chunk_tokens=12, batch=1, num_kv_heads=heads, head_dim=dim,
         config=case["config"], dtype=dtype, device=TEST_DEVICE, positions=time, offload=case["offload"],
+        kv_format=kv_format,
     )  # fmt: skip
     gen = torch.Generator().manual_seed(case["seed"])
     keys, values, start = [], [], 0
@@ -65,9 +69,15 @@ def test_relative_cache_equals_the_rule(case):
         for _ in range(2):  # a denoising pass, then the clean one
             out = cache.attend_at(*(x.to(TEST_DEVICE, dtype) for x in (q, k, v)), start=start)
         keys.append(k.to(dtype)), values.append(v.to(dtype))
+        native_k, native_v = torch.cat(keys, 2), torch.cat(values, 2)
+        stored_k, stored_v = native_k, native_v
+        if kv_format != "native":  # what the cache reads back: whole history blocks quantized
+            bs = case["config"].block_size
+            stored_k = stored_history(native_k, start, kv_format, "key", bs)
+            stored_v = stored_history(native_v, start, kv_format, "value", bs)
         want = relative_attention_reference(
-            q.to(dtype), torch.cat(keys, 2), torch.cat(values, 2), history=start, chunk_len=length,
-            config=case["config"], time=time,
+            q.to(dtype), stored_k, stored_v, history=start, chunk_len=length, config=case["config"],
+            time=time, k_select=native_k,
         )  # fmt: skip
         torch.testing.assert_close(out.cpu().double(), want, **tol)
         start += length

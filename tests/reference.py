@@ -136,12 +136,13 @@ def relative_frame_rule(frames: list[int], window_frame: int, rank: int) -> list
 
 
 def relative_attention_reference(
-    q, k_all, v_all, *, history: int, chunk_len: int, config, time
+    q, k_all, v_all, *, history: int, chunk_len: int, config, time, k_select=None
 ) -> torch.Tensor:
     """What ``OmniMemCache(positions=time)`` returns for a chunk at ``history``, in float64 from
     the rule: the library's selection (held to its own reference elsewhere), then per KV head its
     attended blocks' tokens (the union over query groups) at the rule's positions, per query its
-    group's blocks and the chunk."""
+    group's blocks and the chunk. ``k_select``: the keys selection reads, when they are not the
+    ones attended (a quantized cache's native keys)."""
     from omnimem import select_blocks
     from omnimem.positions import reserve
 
@@ -152,7 +153,8 @@ def relative_attention_reference(
     chunk = list(range(history, history + chunk_len))
     out = torch.zeros_like(q)
     if history:
-        sel = select_blocks(q, k_all, history_len=history, chunk_len=chunk_len, config=config)
+        keys = k_all if k_select is None else k_select.double()  # a quantized cache selects on native keys
+        sel = select_blocks(q, keys, history_len=history, chunk_len=chunk_len, config=config)
         table, group_size = sel.kv_block_idx, sel.query_group_size
         width = max(1, min(table.shape[2] * table.shape[3], history // bs))
         rank = reserve(window, width * bs + history % bs, bs, tpf)
