@@ -24,6 +24,7 @@ import dataclasses
 import functools
 import logging
 import math
+import os
 from collections.abc import Iterator
 
 import torch
@@ -42,6 +43,7 @@ from omnimem.offload import (
 from omnimem.positions import RelativeTime, buffer_positions
 from omnimem.selection import Selection, block_key_sums, gather_block_union
 from omnimem.sizing import host_history_bytes, kv_cache_bytes
+from omnimem.store.disk import disk_zeros
 from omnimem.store.formats import check_kv_format
 from omnimem.store.host import host_zeros
 
@@ -81,6 +83,12 @@ class OmniMemCache:
             out per call, and keeps a ``q``-sized input and output buffer per captured shape.
             Calls inside a capture of your own, under ``torch.compile`` or with gradients run as
             without it (docs/integration.md, "CUDA graphs").
+        positions: an ``omnimem.positions.RelativeTime``: keys are stored rotated in space
+            only, and each call rotates in time at relative positions that stay inside the RoPE
+            table however long the video (docs/positions.md). Not with ``cuda_graphs``.
+        disk: with ``offload``, a directory for the history's preallocated, unlinked files
+            (``omnimem.store.disk``; the page cache is its host memory); native histories;
+            each call synchronizes with the host once (docs/memory.md, "the disk tier").
 
     Attributes:
         history_len: committed history tokens (``[0, history_len)`` of ``k``/``v``); grows with
@@ -128,6 +136,7 @@ class OmniMemCache:
         cuda_graphs: bool = False,
         kv_format: str = "native",
         positions: RelativeTime | None = None,
+        disk: str | os.PathLike | None = None,
     ) -> None:
         check_kv_format(kv_format, owner="OmniMemCache kv_format")
         quantized = kv_format != "native"
@@ -160,6 +169,11 @@ class OmniMemCache:
                 raise ValueError(f"OmniMemCache {name} must be positive, got {value}")
         if not isinstance(offload, bool):
             raise TypeError(f"OmniMemCache offload must be a bool, got {type(offload).__name__}")
+        if disk is not None and (not offload or quantized):
+            raise ValueError(
+                "OmniMemCache(disk=...) keeps an offloaded native history in a file: pass offload=True and "
+                "kv_format='native' (a quantized history on disk is not supported yet)"
+            )
         if not isinstance(cuda_graphs, bool):
             raise TypeError(f"OmniMemCache cuda_graphs must be a bool, got {type(cuda_graphs).__name__}")
         if layout not in ("bhld", "blhd"):
@@ -186,6 +200,7 @@ class OmniMemCache:
                 + (" with offload=True" if offload else "")
             )
         self.kv_format = kv_format
+        self.disk = None if disk is None else os.fspath(disk)
         self.positions = None if positions is None else positions.to(self.device)
         if quantized:  # no native history buffer: a shape-only stand-in (no memory)
             sizes = dict(
@@ -198,7 +213,7 @@ class OmniMemCache:
                     capacity, kv_format=kv_format, num_kv_heads=num_kv_heads, head_dim=head_dim, batch=batch,
                     block_size=self.config.block_size,
                 ))  # fmt: skip
-        else:
+        elif disk is None:  # (a disk history is checked against the disk's free space)
             history_bytes = _history_bytes(capacity, max_chunk_tokens, batch, num_kv_heads, head_dim, dtype)
             (check_host_memory if offload else functools.partial(check_device_memory, device=self.device))(
                 history_bytes
@@ -206,6 +221,9 @@ class OmniMemCache:
         if quantized:
             self._k_storage = torch.zeros((), dtype=dtype, device=self.device).expand(shape)
             self._v_storage = self._k_storage
+        elif disk is not None:  # file-backed: the page cache is its host memory
+            self._k_storage = disk_zeros(shape, dtype, disk)
+            self._v_storage = disk_zeros(shape, dtype, disk)
         elif offload:
             pin = self.device.type == "cuda"  # the stage kernel reads it; commits copy asynchronously
             self._k_storage = host_zeros(shape, dtype, pin=pin)
@@ -351,6 +369,7 @@ class OmniMemCache:
                     key_block_sums=self.key_block_sums,
                 )  # fmt: skip
                 none = selection.num_history_blocks + 1  # _compact_history's empty slot
+                width = selection.kv_block_idx[0, 0].numel()
                 # The partial last block's frames count only where the head attends it.
                 bs = self.config.block_size
                 partial_read = (selection.kv_block_idx == history // bs).flatten(2).any(-1, keepdim=True)
@@ -360,9 +379,10 @@ class OmniMemCache:
         else:  # only the chunk: any empty block list gives its positions
             blocks = torch.zeros(*k_chunk.shape[:2], 0, dtype=torch.long, device=self.device)
             none, partial_read = 1, torch.zeros(*k_chunk.shape[:2], 1, dtype=torch.bool, device=self.device)
+            width = 1
         hist_pos, chunk_pos = buffer_positions(
             time, blocks, none, partial_read, history=history, block_size=self.config.block_size,
-            local_tokens=self.config.local_tokens, chunk_len=chunk_len,
+            local_tokens=self.config.local_tokens, chunk_len=chunk_len, table_width=width,
         )  # fmt: skip
         keys, values = time.rotate(k_chunk, chunk_pos), v_chunk
         if history:

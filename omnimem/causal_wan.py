@@ -28,6 +28,8 @@ from __future__ import annotations
 import dataclasses
 import inspect
 import logging
+import os
+import shutil
 import types
 import weakref
 from collections.abc import Callable, MutableMapping
@@ -130,6 +132,7 @@ def patch_causal_wan(
     offload: bool = False,
     kv_format: str = "native",
     positions: str = "absolute",
+    disk: str | os.PathLike | None = None,
     **overrides: object,
 ) -> list[nn.Module]:
     """Make ``model``'s causal self-attention layers attend through omnimem, in place.
@@ -170,6 +173,9 @@ def patch_causal_wan(
             their true distances and the retrieved blocks right before them, in temporal
             order, so positions stay inside the table however long the video
             (``omnimem.positions``; docs/positions.md). Self-Forcing's layers only for now.
+        disk: with ``offload``, a directory whose preallocated files hold each layer's history
+            (``OmniMemCache(disk=...)``: the page cache is its host memory; docs/positions.md
+            has the hour this is for). Self-Forcing's layers, native history.
         **overrides: config fields to change: ``OmniMemConfig`` fields for Self-Forcing's
             layers, ``GatedConfig`` fields for the authors' (over their own settings), e.g.
             ``top_k=12`` (a field of both reaches both).
@@ -193,6 +199,10 @@ def patch_causal_wan(
     if not isinstance(offload, bool):
         raise TypeError(f"offload must be a bool, got {type(offload).__name__}")
     check_kv_format(kv_format)
+    if disk is not None and (not offload or kv_format != "native"):
+        raise ValueError(
+            "disk= needs offload=True and kv_format='native' (a quantized history on disk: not yet)"
+        )
     if positions not in ("absolute", "relative"):
         raise ValueError(f"positions must be 'absolute' or 'relative', got {positions!r}")
     for name, value, minimum in (
@@ -215,6 +225,8 @@ def patch_causal_wan(
             f"modules with {', '.join(_ATTENTION_ATTRIBUTES)} and sink_size, or the authors' "
             "CausalNSSelfAttention with g_proj and pool sizes)"
         )
+    if disk is not None and nsa_layers:
+        raise ValueError("disk= is not implemented for the authors' three-branch layers yet: leave it unset")
     if positions == "relative" and nsa_layers:
         raise ValueError(
             "positions='relative' is not implemented for the authors' three-branch layers yet: "
@@ -237,7 +249,8 @@ def patch_causal_wan(
     settings = dict(
         config=omnimem_config, max_frames=max_frames, max_chunk_frames=max_chunk_frames,
         sink_frames=sink_frames, local_frames=local_frames, offload=offload, kv_format=kv_format,
-        check=_first_allocation_check(len(modules), max_frames, offload, kv_format), positions=positions,
+        check=_first_allocation_check(len(modules), max_frames, offload, kv_format, disk),
+        positions=positions, disk=disk,
         model=weakref.ref(model), returns_update=callable(getattr(model, "_apply_cache_updates", None)),
     )  # fmt: skip
     for module in modules:
@@ -296,7 +309,7 @@ def _split_settings(
 
 
 def _first_allocation_check(
-    layers: int, max_frames: int, offload: bool, kv_format: str = "native"
+    layers: int, max_frames: int, offload: bool, kv_format: str = "native", disk: str | None = None
 ) -> Callable[[dict, int], None]:
     """A check, run before the first of ``layers`` caches is allocated, that all of them fit:
     the device (or, with ``offload``, the host for the history and the device for the rest).
@@ -322,7 +335,15 @@ def _first_allocation_check(
             check_host_memory(layers * full)
         elif offload:
             full = kv_cache_bytes(capacity, **sizes) - kv_cache_bytes(0, **sizes)
-            check_host_memory(layers * full)
+            if disk is None:
+                check_host_memory(layers * full)
+            elif layers * full > shutil.disk_usage(disk).free:
+                raise ValueError(
+                    f"the histories of the {layers} patched layers at max_frames={max_frames} need "
+                    f"{layers * full / 2**30:.1f} GiB on disk={disk!r}, which has "
+                    f"{shutil.disk_usage(disk).free / 2**30:.1f} GiB free: lower max_frames or pass another "
+                    "directory"
+                )
         if device.type == "cuda":
             free, _ = torch.cuda.mem_get_info(device)
             if on_device > free:
@@ -403,7 +424,7 @@ def _layer_cache(
         max_chunk_tokens=max(settings["max_chunk_frames"] * frame_tokens, k.shape[1]),
         batch=k.shape[0], num_kv_heads=module.num_heads, head_dim=module.head_dim, config=config,
         dtype=k.dtype, device=k.device, layout="blhd", offload=settings["offload"],
-        kv_format=settings["kv_format"], positions=positions,
+        kv_format=settings["kv_format"], positions=positions, disk=settings["disk"],
     )  # fmt: skip
     for name in ("k", "v"):  # the pipeline's window buffers: never read once patched
         if isinstance(kv_cache.get(name), torch.Tensor):

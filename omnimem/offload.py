@@ -33,6 +33,7 @@ from omnimem.api import resolve_backend, sparse_attention
 from omnimem.compile import compile_static
 from omnimem.positions import buffer_positions
 from omnimem.selection import RetrievalRules, sorted_unique
+from omnimem.store.host import host_zeros
 
 # Where a staging slot's block comes from (the ``source`` codes of the stage kernel).
 SOURCE_NONE, SOURCE_PREVIOUS, SOURCE_FRESH, SOURCE_HOST = 0, 1, 2, 3
@@ -243,6 +244,26 @@ class HostOffload:
         )
         self.counters = torch.zeros(3, dtype=torch.long, device=cache.device)  # requested, hits, fetched
         self.block_bytes = 2 * bs * head_dim * cache.k.element_size()  # keys and values
+        # A history on disk (omnimem.store.disk): the blocks a call fetches pass through these
+        # page-locked rows, one slot per staging slot (kernels cannot read a file mapping).
+        self.bounce = None
+        if getattr(cache, "disk", None) is not None and self.NATIVE_STAGING:
+            shape, pin = (batch, heads, self.num_staged * bs, head_dim), cache.device.type == "cuda"
+            self.bounce = tuple(host_zeros(shape, cache.k.dtype, pin=pin) for _ in "kv")
+
+    def _through_bounce(self, cache, source: torch.Tensor, source_block: torch.Tensor):
+        """The history's blocks this call fetches, read from the disk mapping into the bounce
+        rows (slot ``s`` at rows ``s * bs``); returns the bounce pair and the source blocks
+        renumbered onto it. Synchronizes with the host: it must know which blocks to read (which
+        also orders the previous call's reads of the bounce rows before these writes)."""
+        bs = self.block_size
+        hosted = (source == SOURCE_HOST).cpu()
+        blocks = torch.where(hosted, source_block.cpu(), 0)
+        tokens = (blocks[..., None] * bs + torch.arange(bs)).flatten(2)[..., None]
+        for storage, rows in zip((cache.k, cache.v), self.bounce, strict=True):
+            rows.copy_(storage.gather(2, tokens.expand(-1, -1, -1, storage.shape[-1])))
+        slots = torch.arange(source.shape[-1], device=source.device).expand_as(source_block)
+        return self.bounce, torch.where(source == SOURCE_HOST, slots, source_block)
 
     @property
     def stats(self) -> OffloadStats:
@@ -298,7 +319,10 @@ class HostOffload:
         staged, source, source_block, remapped, counts = plan(
             selection.kv_block_idx, self.staged_block, self.bounds, self.num_staged, self.num_blocks
         )
-        stage(dst, previous, self.fresh, (cache.k, cache.v), source, source_block, bs)
+        host = (cache.k, cache.v)
+        if self.bounce is not None:
+            host, source_block = self._through_bounce(cache, source, source_block)
+        stage(dst, previous, self.fresh, host, source, source_block, bs)
         self.staged_block, self.current = staged, 1 - self.current
         self.counters += counts
         remapped_selection = dataclasses.replace(
@@ -316,6 +340,7 @@ class HostOffload:
             hist_pos, chunk_pos = buffer_positions(
                 time, staged, self.num_blocks, partial_read, history=history_len, block_size=bs,
                 local_tokens=cache.config.local_tokens, chunk_len=chunk_len,
+                table_width=selection.kv_block_idx[0, 0].numel(),
             )  # fmt: skip
             heads = hist_pos.shape[:2]
             rest = hist_pos.new_zeros(*heads, keys.shape[2] - chunk_start - chunk_len)  # never attended
@@ -496,6 +521,7 @@ class QuantizedHistory(HostOffload):
             rotation = buffer_positions(
                 cache.positions, staged, self.num_blocks, partial_read, history=history_len,
                 block_size=self.block_size, local_tokens=cache.config.local_tokens, chunk_len=chunk_len,
+                table_width=selection.kv_block_idx[0, 0].numel(),
             )  # fmt: skip
         return quantized_run(
             cache,

@@ -74,11 +74,14 @@ class RelativeTime:
         ``[B, H, L]`` integers ``< P``); in float64 for float64 ``x``, else float32, returned
         in ``x``'s dtype."""
         pairs = self.freqs.shape[1]
-        wide = x.dtype == torch.float64
-        head = x[..., : 2 * pairs].to(torch.float64 if wide else torch.float32)
-        head = torch.view_as_complex(head.reshape(*x.shape[:-1], pairs, 2).contiguous())
-        turn = self.freqs.to(device=x.device, dtype=torch.complex128 if wide else torch.complex64)[positions]
-        rotated = torch.view_as_real(head * turn).flatten(-2).to(x.dtype)
+        real = torch.float64 if x.dtype == torch.float64 else torch.float32
+        head = x[..., : 2 * pairs].to(real).unflatten(-1, (pairs, 2))
+        re, im = head[..., 0], head[..., 1]
+        turn = self.freqs.to(x.device)[positions]
+        cos, sin = turn.real.to(real), turn.imag.to(real)
+        # Separate products and sums (no fused complex multiply): the same bits whatever the
+        # tensor's length or layout, so a staged copy rotates exactly like a compact one.
+        rotated = torch.stack([re * cos - im * sin, re * sin + im * cos], dim=-1).flatten(-2).to(x.dtype)
         return torch.cat([rotated, x[..., 2 * pairs :]], dim=-1)
 
     def check_reach(self, last: int, *, what: str) -> None:
@@ -133,12 +136,15 @@ def buffer_positions(
     block_size: int,
     local_tokens: int,
     chunk_len: int,
+    table_width: int,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Positions for keys laid out ``[W attended blocks | the partial last block | the chunk]``
     (the compact copy of ``OmniMemCache``, the staging buffer of its offload): ``blocks [B, H, W]``
     their indices (``none``: an empty slot), ``partial_read [B, H, 1]`` whether the head attends
     the partial block. Returns ``([B, H, W * block_size + history % block_size]`` history
-    positions, ``[chunk_len]`` chunk and query positions``)``.
+    positions, ``[chunk_len]`` chunk and query positions``)``. ``table_width``: the selection's
+    entries per KV head (groups x slots), which bound the attended blocks: ``R`` depends on it
+    and the history only, not on the buffer, so a staged and a compact copy agree.
 
     Raises:
         ValueError: a position past ``time``'s table.
@@ -151,7 +157,8 @@ def buffer_positions(
     partial = partial.expand(*tokens.shape[:2], -1)
     tokens = torch.cat([tokens, partial], dim=-1)
     valid = torch.cat([valid, partial_read.expand_as(partial)], dim=-1)
-    rank = reserve(window, tokens.shape[-1], block_size, tpf)
+    slots = max(1, min(table_width, history // block_size))
+    rank = reserve(window, slots * block_size + history % block_size, block_size, tpf)
     time.check_reach(rank + (history + chunk_len - 1) // tpf - window, what="the chunk's last frame")
     chunk = rank + (history + torch.arange(chunk_len, device=device)) // tpf - window
     return relative_frames(tokens // tpf, valid, window_frame=window, reserve=rank), chunk

@@ -1,0 +1,49 @@
+"""The disk tier: a history kept in a file-backed mapping, the operating system's page cache as
+its host-memory cache.
+
+The file is preallocated (``posix_fallocate``: a full disk is refused here, not discovered by a
+``SIGBUS`` in the middle of a write) and unlinked as soon as it is mapped, so nothing is left on
+disk when the tensor is freed or the process dies. Device kernels cannot read a file mapping in
+place; ``omnimem.offload`` stages the blocks a call needs through a small page-locked bounce
+buffer instead (one host synchronization per call: the host has to know which blocks to read).
+"""
+
+from __future__ import annotations
+
+import math
+import os
+import shutil
+import tempfile
+
+import torch
+
+
+def disk_zeros(shape: tuple[int, ...], dtype: torch.dtype, directory: str | os.PathLike) -> torch.Tensor:
+    """A zero CPU tensor backed by a preallocated, already unlinked file in ``directory``.
+
+    Raises:
+        ValueError: ``directory`` is not a writable directory, or lacks the space.
+    """
+    directory = os.fspath(directory)
+    if not os.path.isdir(directory) or not os.access(directory, os.W_OK):
+        raise ValueError(f"disk={directory!r} must be a writable directory")
+    numel = math.prod(shape)
+    nbytes = numel * torch.empty((), dtype=dtype).element_size()
+    handle, path = tempfile.mkstemp(prefix="omnimem-history-", suffix=".bin", dir=directory)
+    try:
+        try:
+            if nbytes:
+                os.posix_fallocate(handle, 0, nbytes)
+        except OSError as err:
+            free = shutil.disk_usage(directory).free
+            raise ValueError(
+                f"disk={directory!r} cannot hold the history: {nbytes / 2**30:.2f} GiB needed, "
+                f"{free / 2**30:.2f} GiB free ({err.strerror}); pass another directory or a smaller capacity"
+            ) from None
+        tensor = torch.zeros(0, dtype=dtype)
+        if numel:
+            tensor = torch.from_file(path, shared=True, size=numel, dtype=dtype)
+    finally:
+        os.close(handle)
+        os.unlink(path)  # the mapping keeps the data; the name goes now
+    return tensor.view(shape)

@@ -1,0 +1,81 @@
+"""The disk tier (``omnimem.store.disk``, ``OmniMemCache(offload=True, disk=...)``,
+``patch_causal_wan(..., disk=...)``): a file-backed history staged through page-locked bounce
+rows, bit-identical to the resident and the host-offloaded caches."""
+
+from __future__ import annotations
+
+import copy
+import errno
+import os
+
+import pytest
+import torch
+
+from omnimem import OmniMemConfig
+from omnimem.cache import OmniMemCache
+from omnimem.causal_wan import patch_causal_wan
+from omnimem.gated_wan import wan_rope_freqs
+from omnimem.positions import RelativeTime, wan_time_table
+from omnimem.store.disk import disk_zeros
+
+from .test_causal_wan import CHUNK, FREQS, FULL, GRID, StandinPipeline, chunks, model
+
+
+@pytest.mark.parametrize("layout", ["bhld", "blhd"])
+@pytest.mark.parametrize("relative", [False, True])
+def test_a_disk_history_equals_the_resident_and_host_ones_bit_for_bit(tmp_path, layout, relative):
+    config = OmniMemConfig(block_size=4, top_k=2, sink_tokens=4, local_tokens=8, backend="gather",
+                           query_group_size=3)  # fmt: skip
+    time = RelativeTime(wan_time_table(wan_rope_freqs(8, positions=256)), frame_tokens=4)
+    kw = dict(max_chunk_tokens=8, batch=2, num_kv_heads=2, head_dim=8, config=config, layout=layout,
+              positions=time if relative else None)  # fmt: skip
+    resident, host = OmniMemCache(200, **kw), OmniMemCache(200, **kw, offload=True)
+    disk = OmniMemCache(200, **kw, offload=True, disk=tmp_path)
+    assert os.listdir(tmp_path) == []  # unlinked once mapped: nothing stays behind
+    gen, start = torch.Generator().manual_seed(0), 0
+    for c in range(20):
+        length = 8 if c % 3 else 5  # chunks that straddle blocks
+        q = torch.randn(2, 4, length, 8, generator=gen)
+        k, v = (torch.randn(2, 2, length, 8, generator=gen) for _ in "kv")
+        for _ in range(2):  # a denoising pass, then the clean one
+            want = resident.attend_at(q, k, v, start=start)
+            torch.testing.assert_close(host.attend_at(q, k, v, start=start), want, rtol=0, atol=0)
+            torch.testing.assert_close(disk.attend_at(q, k, v, start=start), want, rtol=0, atol=0)
+        start += length
+    assert disk.offload_stats.fetched_bytes == host.offload_stats.fetched_bytes > 0
+    disk.reset()
+    assert disk.history_len == 0
+
+
+def test_disk_zeros_refuses_a_full_disk_and_a_bad_directory(tmp_path, monkeypatch):
+    tensor = disk_zeros((2, 3), torch.float32, tmp_path)
+    assert torch.equal(tensor, torch.zeros(2, 3)) and os.listdir(tmp_path) == []
+
+    def full(*_):
+        raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+
+    monkeypatch.setattr(os, "posix_fallocate", full)
+    with pytest.raises(ValueError, match=r"cannot hold the history: 0.00 GiB needed, .* GiB free \(No space"):
+        disk_zeros((4, 4), torch.float32, tmp_path)
+    assert os.listdir(tmp_path) == []
+    with pytest.raises(ValueError, match="must be a writable directory"):
+        disk_zeros((4,), torch.float32, tmp_path / "missing")
+    kw = dict(max_chunk_tokens=8, batch=1, num_kv_heads=1, head_dim=8, disk=tmp_path)
+    for bad in (dict(), dict(offload=True, kv_format="int4")):
+        with pytest.raises(ValueError, match=r"OmniMemCache\(disk=...\) keeps an offloaded native history"):
+            OmniMemCache(16, **kw, **bad)
+
+
+def test_the_patched_model_keeps_its_history_on_disk(tmp_path):
+    theirs = model()
+    ours = copy.deepcopy(theirs)
+    patch_causal_wan(ours, FULL, max_frames=12, offload=True, disk=tmp_path)
+    inputs = chunks(5)
+    want = StandinPipeline(theirs, buffer_tokens=5 * CHUNK).inference(inputs, GRID, FREQS)
+    pipeline = StandinPipeline(ours, buffer_tokens=5 * CHUNK)
+    got = pipeline.inference(inputs, GRID, FREQS)
+    for g, w in zip(got, want, strict=True):
+        torch.testing.assert_close(g, w, atol=2e-5, rtol=1e-4)
+    assert pipeline.kv_cache1[0]["omnimem"].disk == os.fspath(tmp_path)
+    with pytest.raises(ValueError, match="disk= needs offload=True"):
+        patch_causal_wan(copy.deepcopy(theirs), FULL, max_frames=12, disk=tmp_path)
