@@ -2,6 +2,10 @@
 
 from __future__ import annotations
 
+import atexit
+import shutil
+import tempfile
+
 import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
@@ -118,19 +122,25 @@ def test_cache_attention_equals_stateless_attention_bit_for_bit(rollout):
         assert cache.history_len == history_k.shape[2]
 
 
+DISK = tempfile.mkdtemp(prefix="omnimem-property-")  # the disk tier's files: unlinked at once
+atexit.register(shutil.rmtree, DISK, True)
+
+
 @settings(max_examples=examples(30))
-@given(rollout=rollouts(), commits_between_calls=st.booleans())
-def test_offloaded_cache_equals_resident_cache(rollout, commits_between_calls):
+@given(rollout=rollouts(), commits_between_calls=st.booleans(), on_disk=st.booleans())
+def test_offloaded_cache_equals_resident_cache(rollout, commits_between_calls, on_disk):
     """Host offload changes where blocks live, not the math: triton and gather (same blocks, same
     order) are bit-identical; dense and flex (another buffer length) agree to float32 rounding.
     Every source of a staged block is exercised: the previous call, the last commit, the host
-    (always, when chunks are committed without a call in between)."""
+    (always, when chunks are committed without a call in between). ``on_disk``: the history in
+    a file (``disk=``), its blocks staged through the bounce rows."""
     run = Rollout(rollout)
-    resident, offloaded = run.cache(), run.cache(offload=True)
+    where = dict(offload=True, disk=DISK if on_disk else None)
+    resident, offloaded = run.cache(), run.cache(**where)
     for index, chunk_len in enumerate(rollout["chunks"]):
         if index == rollout["restore_after"]:
             state = offloaded.state_dict()
-            offloaded = run.cache(offload=True)
+            offloaded = run.cache(**where)
             offloaded.load_state_dict(state)
         k_chunk, v_chunk = run.rand(run.hkv, chunk_len), run.rand(run.hkv, chunk_len)
         for _ in range(0 if commits_between_calls and index % 2 else rollout["steps"]):
