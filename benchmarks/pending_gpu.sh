@@ -1,11 +1,13 @@
 #!/usr/bin/env bash
-# The GPU measurements issue 36 still waits for, in one device call of under 10 minutes (run
+# The GPU measurements issues 36 and 37 still wait for, one device call each of under 10 minutes (run
 # from the repository root on the device machine; results and a log under $OUT; issue 39's
 # were taken on 2026-12-07):
 #
 #   benchmarks/pending_gpu.sh 36   # quantized history: kernels, the 4-minute int4 rollout
 #                                  # (profiled), the selected branch, relative positions at 60 s
 #                                  # (issue 37), GPU tests (pytest-xdist)
+#   benchmarks/pending_gpu.sh 37   # an hour: one int4 layer with relative positions at 1-60 min;
+#                                  # the disk tier at 1 and 10 min
 #
 # The device image has pytest, hypothesis and einops; a machine without them can be given a
 # folder of them (`.devpkgs`, excluded from git, passed in `carry`), used only then: a copy from
@@ -31,7 +33,12 @@ if [ "$1" = 36 ]; then
   step 120 python3 -m pytest -q -p no:cacheprovider -n 8 property_tests/test_quantized_attention_property.py \
     property_tests/test_quantized_cache_property.py tests/test_cache.py tests/test_kernels.py \
     tests/test_gated_cache.py tests/test_host_syncs.py
+elif [ "$1" = 37 ]; then
+  step 300 python3 hour_gpu.py --minutes 1 10 30 60 --layers 1 --kv-format int4 --positions relative \
+    --json "$OUT/hour_int4.json"
+  step 200 python3 hour_gpu.py --minutes 1 10 --layers 1 --positions relative --disk /tmp \
+    --json "$OUT/hour_disk.json"
 else
-  echo "usage: pending_gpu.sh 36" >>"$LOG"
+  echo "usage: pending_gpu.sh 36|37" >>"$LOG"
 fi
 tail -c 4000 "$LOG"
