@@ -437,7 +437,9 @@ def _reencode(cache: OmniMemCache, q, k, v, start: int, block_tokens: int) -> to
     """Frames from ``start`` written again (a prompt switch's re-cache): the cache goes back to
     ``start``, then each block of ``block_tokens`` attends the history before it and itself
     (their block-causal mask) and becomes history when the next one is written."""
-    if start != cache.history_len + cache.chunk_len:
+    if start == 0 and cache.history_len > 0:  # everything again: any cache can reset
+        cache.reset()
+    elif start not in (cache.history_len, cache.history_len + cache.chunk_len):  # attend_at's own cases
         cache.rewind(start)
     outs = []
     for first in range(0, q.shape[2], block_tokens):

@@ -28,13 +28,15 @@ def run(model, inputs, **kw):
     return pipeline, pipeline.inference(inputs, GRID, FREQS, switches=(3, 6), prompts=PROMPTS, **kw)
 
 
-def test_full_budget_equals_longlive_through_prompt_switches():
+@pytest.mark.parametrize("offload", [False, True])
+def test_full_budget_equals_longlive_through_prompt_switches(offload):
     """Their loop, unmodified: every chunk's output equals their own attention at full budget,
     before and after two prompt switches (each re-encodes the frames so far, block-causally,
-    under the new prompt); their end indices keep moving as theirs do."""
+    under the new prompt; from frame 0 any cache, offloaded too, starts again); their end
+    indices keep moving as theirs do."""
     theirs = longlive()
     ours = copy.deepcopy(theirs)
-    patch_causal_wan(ours, FULL, max_frames=20)
+    patch_causal_wan(ours, FULL, max_frames=20, offload=offload)
     inputs = chunks(9, seed=4)
     _, want = run(theirs, inputs)
     pipeline, got = run(ours, inputs)
