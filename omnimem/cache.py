@@ -40,8 +40,8 @@ from omnimem.offload import (
     check_device_memory,
     check_host_memory,
 )
-from omnimem.positions import RelativeTime, buffer_positions
-from omnimem.selection import Selection, block_key_sums, gather_block_union
+from omnimem.positions import RelativeTime, buffer_positions, reserve
+from omnimem.selection import RetrievalRules, Selection, block_key_sums, gather_block_union
 from omnimem.sizing import host_history_bytes, kv_cache_bytes
 from omnimem.store.disk import disk_zeros
 from omnimem.store.formats import check_kv_format
@@ -169,6 +169,8 @@ class OmniMemCache:
                 raise ValueError(f"OmniMemCache {name} must be positive, got {value}")
         if not isinstance(offload, bool):
             raise TypeError(f"OmniMemCache offload must be a bool, got {type(offload).__name__}")
+        if disk is not None and not isinstance(disk, (str, os.PathLike)):
+            raise TypeError(f"OmniMemCache disk must be a directory path or None, got {type(disk).__name__}")
         if disk is not None and (not offload or quantized):
             raise ValueError(
                 "OmniMemCache(disk=...) keeps an offloaded native history in a file: pass offload=True and "
@@ -354,6 +356,19 @@ class OmniMemCache:
             return_lse=return_lse, selection=selection,
         )  # fmt: skip
 
+    def _check_reach(self, history: int, chunk_len: int, q_len: int) -> None:
+        """Relative positions: refuse, before anything changes, a chunk at ``history`` whose
+        positions would pass the table. With the widest table selection can make (every query
+        group, ``RetrievalRules.table_width``'s bound), so the call's own check cannot fail."""
+        bs, tpf = self.config.block_size, self.positions.frame_tokens
+        rules = RetrievalRules.from_config(self.config)
+        groups = math.ceil(q_len / self.config.query_group_size) if self.config.query_group_size else 1
+        width = groups * rules.table_width(math.ceil(self.k.shape[2] / bs))
+        window = max(history - self.config.local_tokens, 0) // tpf
+        rank = reserve(window, max(1, min(width, history // bs)) * bs + history % bs, bs, tpf)
+        last = rank + (history + chunk_len - 1) // tpf - window
+        self.positions.check_reach(last, what="the chunk's last frame")
+
     def _attend_relative(self, q, k_chunk, v_chunk, chunk_len: int, return_lse: bool):
         """``attend`` with relative temporal positions (``omnimem.positions``): selection on the
         keys and queries as stored (rotated in space only), then a compact copy of the attended
@@ -427,6 +442,8 @@ class OmniMemCache:
         check_attention_inputs(q, k_chunk, v_chunk, history_len=0, chunk_len=k_chunk.shape[2])
         if not isinstance(return_lse, bool):
             raise TypeError(f"return_lse must be a bool, got {type(return_lse).__name__}")
+        if self.positions is not None:
+            self._check_reach(self.history_len, k_chunk.shape[2], q.shape[2])
         if self._offload is not None:
             if training:
                 raise ValueError(
@@ -547,6 +564,8 @@ class OmniMemCache:
         promote = start == chunk_end and self.chunk_len > 0
         # Every check before the history changes: a refused call leaves the cache as it was.
         check_attention_inputs(q, k_chunk, v_chunk, history_len=0, chunk_len=k_chunk.shape[2])
+        if self.positions is not None:
+            self._check_reach(start, k_chunk.shape[2], q.shape[2])
         if promote and chunk_end > self.capacity:
             raise ValueError(
                 f"the history would grow to {chunk_end} tokens, past the cache capacity of {self.capacity}; "

@@ -199,6 +199,8 @@ def patch_causal_wan(
     if not isinstance(offload, bool):
         raise TypeError(f"offload must be a bool, got {type(offload).__name__}")
     check_kv_format(kv_format)
+    if disk is not None and not isinstance(disk, (str, os.PathLike)):
+        raise TypeError(f"disk must be a directory path or None, got {type(disk).__name__}")
     if disk is not None and (not offload or kv_format != "native"):
         raise ValueError(
             "disk= needs offload=True and kv_format='native' (a quantized history on disk: not yet)"

@@ -107,6 +107,11 @@ def test_positions_past_the_table_are_refused_before_anything_changes():
     cache.attend_at(x, x, x, start=8)  # frames 2-3: reach 3 < 5
     with pytest.raises(ValueError, match="relative positions reach frame 5, past the RoPE table's 5 frames"):
         cache.attend_at(x, x, x, start=16)
+    assert (cache.history_len, cache.chunk_len) == (8, 8)  # the chunk at 8 was not promoted
+    cache.rewind(16)  # its chunk becomes history: a chunk now would reach frame 5
+    with pytest.raises(ValueError, match="relative positions reach frame 5"):
+        cache.attend(x, x, x)
+    assert (cache.history_len, cache.chunk_len) == (16, 0)
 
 
 def test_the_patched_model_runs_past_its_table_with_relative_positions():
