@@ -25,6 +25,7 @@ import functools
 import logging
 import math
 import os
+import shutil
 from collections.abc import Iterator
 
 import torch
@@ -805,7 +806,14 @@ class OmniMemCache:
                         capacity, kv_format=kv_format, num_kv_heads=sizes[3], head_dim=sizes[4],
                         batch=sizes[2], block_size=block_size,
                     )  # fmt: skip
-            if offload:
+            disk = kwargs.get("disk")
+            if offload and disk is not None and isinstance(disk, (str, os.PathLike)) and os.path.isdir(disk):
+                if total > shutil.disk_usage(disk).free:  # the files' bytes (each is checked again)
+                    raise ValueError(
+                        f"the histories of {num_layers} layers need {total / 2**30:.1f} GiB on "
+                        f"disk={disk!r}, which has {shutil.disk_usage(disk).free / 2**30:.1f} GiB free"
+                    )
+            elif offload:
                 check_host_memory(total)
             else:
                 check_device_memory(total, torch.device(kwargs.get("device", "cpu")))

@@ -63,6 +63,8 @@ def test_disk_zeros_refuses_a_full_disk_and_a_bad_directory(tmp_path, monkeypatc
     kw = dict(max_chunk_tokens=8, batch=1, num_kv_heads=1, head_dim=8, disk=tmp_path)
     with pytest.raises(TypeError, match="disk must be a directory path or None, got int"):
         OmniMemCache(16, **{**kw, "disk": 3}, offload=True)
+    with pytest.raises(ValueError, match=r"the histories of 2 layers need .* GiB on disk="):
+        OmniMemCache.for_layers(2, 2**40, **kw, offload=True)
     for bad in (dict(), dict(offload=True, kv_format="int4")):
         with pytest.raises(ValueError, match=r"OmniMemCache\(disk=...\) keeps an offloaded native history"):
             OmniMemCache(16, **kw, **bad)
