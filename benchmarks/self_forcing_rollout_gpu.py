@@ -194,18 +194,20 @@ def main() -> None:
             q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2), start=start
         ).transpose(1, 2)
 
-    def sdpa(window: int | None):
+    def sdpa(window: int | None, sink: int = 0):
         def attention_for_layer(layer, start):
             cache = caches[layer]
 
-            def attention(q, k, v):  # write the chunk at `start`, attend [first, start + L)
+            def attention(q, k, v):  # write the chunk at `start`, attend [0, sink) + [first, start + L)
                 end = start + q.shape[1]
                 cache.k[:, :, start:end] = k.transpose(1, 2)
                 cache.v[:, :, start:end] = v.transpose(1, 2)
                 first = 0 if window is None else max(0, end - window)
-                out = F.scaled_dot_product_attention(
-                    q.transpose(1, 2), cache.k[:, :, first:end], cache.v[:, :, first:end]
-                )
+                keys, values = cache.k[:, :, first:end], cache.v[:, :, first:end]
+                if sink and first > sink:  # LongLive's sink + window: the copy it attends
+                    keys = torch.cat([cache.k[:, :, :sink], keys], dim=2)
+                    values = torch.cat([cache.v[:, :, :sink], values], dim=2)
+                out = F.scaled_dot_product_attention(q.transpose(1, 2), keys, values)
                 return out.transpose(1, 2)
 
             return attention
@@ -225,7 +227,9 @@ def main() -> None:
         return attention
 
     methods = {"dense": sdpa(None), "truncation (32,760 tokens)": sdpa(WINDOW), "omnimem": omnimem,
-               "omnimem, relative positions": relative}  # fmt: skip
+               "omnimem, relative positions": relative,
+               # LongLive's defaults: a 3-frame sink and a 12-frame window, copied per call
+               "sink + window (LongLive, 3 + 12 frames)": sdpa(12 * FRAME, sink=3 * FRAME)}  # fmt: skip
     rows = []
     for history_frames in frames:
         history = history_frames * FRAME
@@ -283,6 +287,9 @@ def main() -> None:
             + f" | {r['omnimem'] / truncation:.2f}x | {r['omnimem peak GiB']:.1f} |"
         )
     for r in rows:
+        longlive = r["sink + window (LongLive, 3 + 12 frames)"]
+        ratio = r["omnimem"] / longlive
+        print(f"{r['frames']} frames: LongLive's sink + window {longlive:.0f} ms; omnimem / it {ratio:.2f}x")
         ms = r["omnimem, relative positions"]
         print(f"{r['frames']} frames: omnimem with relative positions {ms:.0f} ms ({ms / r['omnimem']:.2f}x)")
     if offloaded:
