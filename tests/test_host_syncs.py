@@ -91,20 +91,26 @@ def test_sparse_attention_backward(backend):
         step()
 
 
+@pytest.mark.parametrize("relative", [False, True])
 @pytest.mark.parametrize("kv_format", ["native", "fp8", "int4"])
 @pytest.mark.parametrize("offload", [False, True])
 @pytest.mark.parametrize("cuda_graphs", [False, True])
-def test_an_omnimem_cache_rollout(offload, cuda_graphs, kv_format):
-    """Denoising passes (``attend_at`` and ``cached_attention``) and commits, chunk after chunk."""
+def test_an_omnimem_cache_rollout(offload, cuda_graphs, kv_format, relative):
+    """Denoising passes (``attend_at`` and ``cached_attention``) and commits, chunk after chunk;
+    with relative positions (``omnimem.positions``) too."""
     if offload and cuda_graphs:
         pytest.skip("cuda_graphs needs a resident cache")
-    if kv_format != "native" and cuda_graphs:
-        pytest.skip("a quantized cache runs without CUDA graphs")
+    if (kv_format != "native" or relative) and cuda_graphs:
+        pytest.skip("quantized caches and relative positions run without CUDA graphs")
+    from omnimem.gated_wan import wan_rope_freqs
+    from omnimem.positions import RelativeTime, wan_time_table
+
+    time = RelativeTime(wan_time_table(wan_rope_freqs(128, positions=1024)), frame_tokens=64)
     config = OmniMemConfig(block_size=128, top_k=3, sink_tokens=128, local_tokens=256, backend="triton")
     cache = OmniMemCache(
         4096, max_chunk_tokens=256, batch=1, num_kv_heads=4, head_dim=128, config=config,
         dtype=torch.bfloat16, device=TEST_DEVICE, layout="blhd", offload=offload, cuda_graphs=cuda_graphs,
-        kv_format=kv_format,
+        kv_format=kv_format, positions=time if relative else None,
     )  # fmt: skip
     chunks = [
         [tuple(_randn(1, 256, 4, 128, seed=100 * c + 10 * s + i) for i in range(3)) for s in range(3)]
