@@ -82,9 +82,16 @@ def _is_causvid_attention(module: nn.Module) -> bool:
     )
 
 
+def _is_rolling_forcing_attention(module: nn.Module) -> bool:
+    """Rolling Forcing's ``CausalWanSelfAttention``: Self-Forcing's call plus ``updating_cache``,
+    a ``block_length`` it caches per call, no ``sink_size`` attribute (its anchor is the first
+    block)."""
+    return "updating_cache" in _forward_parameters(module) and hasattr(module, "block_length")
+
+
 def _is_causal_wan_attention(module: nn.Module) -> bool:
     return all(hasattr(module, name) for name in _ATTENTION_ATTRIBUTES) and (
-        hasattr(module, "sink_size") or _is_causvid_attention(module)
+        hasattr(module, "sink_size") or _is_causvid_attention(module) or _is_rolling_forcing_attention(module)
     )
 
 
@@ -258,7 +265,11 @@ def patch_causal_wan(
     for module in modules:
         original = module.forward
         setattr(module, _PATCH, original)
-        call = {**settings, "current_end": _is_causvid_attention(module)}
+        call = {
+            **settings,
+            "current_end": _is_causvid_attention(module),
+            "rolling": _is_rolling_forcing_attention(module),
+        }
         module.forward = types.MethodType(_patched_forward(original, call), module)
     logger.info(
         "patch_causal_wan: %d attention layers attend through omnimem",
@@ -414,16 +425,19 @@ def _layer_cache(
     config = settings["config"]
     frames = {"sink_tokens": settings["sink_frames"], "local_tokens": settings["local_frames"]}
     config = config.replace(**{name: n * frame_tokens for name, n in frames.items() if n is not None})
+    # Rolling Forcing attends whole windows of blocks: up to its max_attention_size at once.
+    window = getattr(module, "max_attention_size", 0) if settings["rolling"] else 0
+    max_chunk = max(settings["max_chunk_frames"] * frame_tokens, k.shape[1], window)
     sizes = dict(
         capacity=settings["max_frames"] * frame_tokens,
-        max_chunk_tokens=max(settings["max_chunk_frames"] * frame_tokens, k.shape[1]),
+        max_chunk_tokens=max_chunk,
         batch=k.shape[0], num_kv_heads=module.num_heads, head_dim=module.head_dim, config=config,
         dtype=k.dtype, device=k.device,
     )  # fmt: skip
     settings["check"](sizes, frame_tokens)
     cache = OmniMemCache(
         settings["max_frames"] * frame_tokens,
-        max_chunk_tokens=max(settings["max_chunk_frames"] * frame_tokens, k.shape[1]),
+        max_chunk_tokens=max_chunk,
         batch=k.shape[0], num_kv_heads=module.num_heads, head_dim=module.head_dim, config=config,
         dtype=k.dtype, device=k.device, layout="blhd", offload=settings["offload"],
         kv_format=settings["kv_format"], positions=positions, disk=settings["disk"],
@@ -472,6 +486,13 @@ def _patched_forward(original: Callable, settings: dict) -> Callable:
     ) -> torch.Tensor:
         # CausVid's call: the eighth argument is current_end (the chunk's end), not cache_start.
         current_end = None
+        if settings["rolling"]:
+            # Rolling Forcing writes a window at its start, then the window's clean first block at
+            # the same start (updating_cache=True); the next window starts one block later. That
+            # is attend_at's own rewrite-then-promote: the flag changes nothing here.
+            updating = extra.pop("updating_cache", False)
+            if not isinstance(updating, bool):
+                raise TypeError(f"updating_cache must be a bool, got {type(updating).__name__}")
         if settings["current_end"]:
             current_end = extra.pop("current_end", cache_start)
             cache_start = None

@@ -323,3 +323,90 @@ def grid_sizes_of(grid_sizes: torch.Tensor, chunks: int) -> torch.Tensor:
     """The grid of ``chunks`` chunks of ``grid_sizes`` each, in one call."""
     frames, height, width = (int(n) for n in grid_sizes[0])
     return torch.tensor([[frames * chunks, height, width]])
+
+
+class StandinRollingSelfAttention(StandinSelfAttention):
+    """Rolling Forcing's layer (TencentARC/RollingForcing ``wan/modules/causal_model.py`` at
+    a1477d0) as its public behaviour describes it: Self-Forcing's call plus ``updating_cache``;
+    every call writes its first ``block_length`` tokens' keys and values at ``current_start``
+    into the clean cache and attends that cache before ``current_start`` and all of its own
+    tokens (a whole window of blocks at staggered noise levels, bidirectionally). No
+    ``sink_size`` attribute: the first block is its anchor. Full range here (their working
+    cache is truncated to ``max_attention_size`` and re-places the anchor; not at these sizes)."""
+
+    def __init__(self, dim: int, num_heads: int, block_length: int):
+        super().__init__(dim, num_heads)
+        del self.sink_size
+        self.block_length, self.max_attention_size = block_length, 10 * block_length
+
+    def forward(
+        self, x, seq_lens, grid_sizes, freqs, block_mask, kv_cache=None, current_start=0, cache_start=None,
+        updating_cache=False,
+    ):  # fmt: skip
+        if kv_cache is None:
+            return super().forward(x, seq_lens, grid_sizes, freqs, block_mask)
+        b, s = x.shape[:2]
+        n, d = self.num_heads, self.head_dim
+        q = self.norm_q(self.q(x)).view(b, s, n, d)
+        k = self.norm_k(self.k(x)).view(b, s, n, d)
+        v = self.v(x).view(b, s, n, d)
+        start_frame = current_start // int(grid_sizes[0][1] * grid_sizes[0][2])
+        q = apply_rope(q, grid_sizes, freqs, start_frame).type_as(v)
+        k = apply_rope(k, grid_sizes, freqs, start_frame).type_as(v)
+        block_end = current_start + self.block_length
+        kv_cache["k"][:, current_start:block_end] = k[:, : self.block_length]
+        kv_cache["v"][:, current_start:block_end] = v[:, : self.block_length]
+        keys = torch.cat([kv_cache["k"][:, :current_start], k], dim=1).transpose(1, 2)
+        values = torch.cat([kv_cache["v"][:, :current_start], v], dim=1).transpose(1, 2)
+        out = F.scaled_dot_product_attention(q.transpose(1, 2), keys, values)
+        return self.o(out.transpose(1, 2).flatten(2))
+
+
+class StandinRollingBlock(StandinBlock):
+    def __init__(self, dim: int, num_heads: int, block_length: int):
+        super().__init__(dim, num_heads, window=0)
+        self.self_attn = StandinRollingSelfAttention(dim, num_heads, block_length)
+
+    def forward(self, x, grid_sizes, freqs, kv_cache, current_start, updating_cache=False):
+        x = x + self.self_attn(self.norm1(x), None, grid_sizes, freqs, None, kv_cache, current_start,
+                               updating_cache=updating_cache)  # fmt: skip
+        return x + self.ffn(self.norm2(x))
+
+
+class StandinRollingModel(StandinModel):
+    def __init__(self, num_layers: int = 2, dim: int = 32, num_heads: int = 2, block_length: int = 24):
+        super().__init__(num_layers, dim, num_heads)
+        self.blocks = nn.ModuleList(
+            StandinRollingBlock(dim, num_heads, block_length) for _ in range(num_layers)
+        )
+
+    def forward(self, x, grid_sizes, freqs, kv_cache=None, current_start=0, updating_cache=False):
+        for i, block in enumerate(self.blocks):
+            x = block(
+                x, grid_sizes, freqs, None if kv_cache is None else kv_cache[i], current_start, updating_cache
+            )
+        return x
+
+
+class StandinRollingPipeline(StandinPipeline):
+    """Rolling Forcing's loop: windows of ``steps`` blocks (fewer at the ends), window ``w``
+    covering blocks ``[max(0, w - steps + 1), min(blocks - 1, w)]``, each block one noise level
+    further than the next; one call per window at its first block, then the window's first block
+    again, clean, with ``updating_cache=True``."""
+
+    def inference(self, chunks, grid_sizes, freqs, passes: int = 3):
+        self._initialize_kv_cache(chunks[0].shape[0], chunks[0].dtype)
+        outputs, steps = [], passes
+        with torch.no_grad():
+            for window in range(len(chunks) + steps - 1):
+                first, last = max(0, window - steps + 1), min(len(chunks) - 1, window)
+                noisy = torch.cat(
+                    [chunks[i] * (1 + 0.3 * (window - i)) for i in range(first, last + 1)], dim=1
+                )
+                start = first * chunks[0].shape[1]
+                grid = torch.tensor(
+                    [[int(grid_sizes[0][0]) * (last - first + 1), *map(int, grid_sizes[0][1:])]]
+                )
+                outputs.append(self.model(noisy, grid, freqs, self.kv_cache1, start))
+                self.model(chunks[first], grid_sizes, freqs, self.kv_cache1, start, updating_cache=True)
+        return outputs
