@@ -498,11 +498,11 @@ def _patched_forward(original: Callable, settings: dict) -> Callable:
             cache_start = None
         if extra:
             # Arguments Self-Forcing's call does not have change what attention computes
-            # (LongLive's Wan-5B RoPE options, Rolling Forcing's updating_cache): not ours to drop.
+            # (e.g. LongLive-2.0's RoPE options): not ours to drop.
             raise TypeError(
                 f"this model calls self-attention with {', '.join(sorted(extra))}, which the Self-Forcing "
                 "call that patch_causal_wan implements does not have: its attention works differently "
-                "(e.g. LongLive's Wan-5B RoPE options, Rolling Forcing's rolling window); patch it by "
+                "(e.g. LongLive-2.0's RoPE options); patch it by "
                 "hand (docs/integration.md, sections 1-4) or unpatch_causal_wan(model)"
             )
         if kv_cache is None:  # training / teacher forcing: their path, untouched
