@@ -453,6 +453,12 @@ def _reencode(cache: OmniMemCache, q, k, v, start: int, block_tokens: int) -> to
     """Frames from ``start`` written again (a prompt switch's re-cache): the cache goes back to
     ``start``, then each block of ``block_tokens`` attends the history before it and itself
     (their block-causal mask) and becomes history when the next one is written."""
+    if min(block_tokens, q.shape[2]) > cache.max_chunk_tokens:  # before anything changes
+        raise ValueError(
+            f"a re-encode in blocks of {block_tokens} tokens, but the cache takes chunks of at most "
+            f"{cache.max_chunk_tokens}: pass patch_causal_wan(..., max_chunk_frames=) of at least the "
+            "model's num_frame_per_block"
+        )
     if start == 0 and cache.history_len > 0:  # everything again: any cache can reset
         cache.reset()
     elif start not in (cache.history_len, cache.history_len + cache.chunk_len):  # attend_at's own cases

@@ -78,3 +78,18 @@ def test_a_reencode_inside_a_global_sink_is_refused_before_anything_changes():
     with pytest.raises(ValueError, match=r"re-encode from current_start=0 with kv_cache\['global_sink'\]"):
         attn(chunks(1)[0], None, GRID, FREQS, StandinBlockMask(2), layer, 0)
     assert (layer["omnimem"].history_len, layer["omnimem"].chunk_len) == before
+
+
+def test_a_reencode_in_blocks_larger_than_the_cache_takes_is_refused_before_anything_changes():
+    ours = longlive()
+    ours.num_frame_per_block = 4  # 48 tokens; the caches take 3 frames (36)
+    patch_causal_wan(ours, FULL, max_frames=20, max_chunk_frames=3)
+    pipeline, _ = run(ours, chunks(2, seed=1))
+    layer = pipeline.kv_cache1[0]
+    before = layer["omnimem"].history_len, layer["omnimem"].chunk_len
+    attn = ours.blocks[0].self_attn
+    x = torch.cat(chunks(2), dim=1)  # 4 frames at frame 0
+    grid = torch.tensor([[4, 3, 4]])
+    with pytest.raises(ValueError, match=r"re-encode in blocks of 48 tokens, .* at most 36"):
+        attn(x, None, grid, FREQS, StandinBlockMask(4), layer, 0)
+    assert (layer["omnimem"].history_len, layer["omnimem"].chunk_len) == before
