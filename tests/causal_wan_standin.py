@@ -51,6 +51,17 @@ class StandinSelfAttention(nn.Module):
         self.q, self.k, self.v, self.o = (nn.Linear(dim, dim) for _ in range(4))
         self.norm_q, self.norm_k = nn.RMSNorm(dim, eps=1e-6), nn.RMSNorm(dim, eps=1e-6)
 
+    def roped_qkv(self, x, grid_sizes, freqs, current_start: int):
+        """``q``, ``k`` (Wan's RoPE, frames from the chunk's start) and ``v``, ``[B, L, H, D]``."""
+        b, s = x.shape[:2]
+        n, d = self.num_heads, self.head_dim
+        q = self.norm_q(self.q(x)).view(b, s, n, d)
+        k = self.norm_k(self.k(x)).view(b, s, n, d)
+        v = self.v(x).view(b, s, n, d)
+        start_frame = current_start // int(grid_sizes[0][1] * grid_sizes[0][2])
+        q = apply_rope(q, grid_sizes, freqs, start_frame).type_as(v)
+        return q, apply_rope(k, grid_sizes, freqs, start_frame).type_as(v), v
+
     def forward(
         self, x, seq_lens, grid_sizes, freqs, block_mask, kv_cache=None, current_start=0, cache_start=None
     ):
@@ -229,15 +240,8 @@ class StandinLongLiveSelfAttention(StandinSelfAttention):
     ):
         if kv_cache is None:
             return super().forward(x, seq_lens, grid_sizes, freqs, block_mask)
-        b, s = x.shape[:2]
-        n, d = self.num_heads, self.head_dim
-        q = self.norm_q(self.q(x)).view(b, s, n, d)
-        k = self.norm_k(self.k(x)).view(b, s, n, d)
-        v = self.v(x).view(b, s, n, d)
-        frame_tokens = int(grid_sizes[0][1] * grid_sizes[0][2])
-        start_frame = current_start // frame_tokens
-        q = apply_rope(q, grid_sizes, freqs, start_frame).type_as(v)
-        k = apply_rope(k, grid_sizes, freqs, start_frame).type_as(v)
+        s, frame_tokens = x.shape[1], int(grid_sizes[0][1] * grid_sizes[0][2])
+        q, k, v = self.roped_qkv(x, grid_sizes, freqs, current_start)
         end = current_start + s
         keys, values = kv_cache["k"].clone(), kv_cache["v"].clone()
         keys[:, current_start:end], values[:, current_start:end] = k, v
@@ -345,14 +349,7 @@ class StandinRollingSelfAttention(StandinSelfAttention):
     ):  # fmt: skip
         if kv_cache is None:
             return super().forward(x, seq_lens, grid_sizes, freqs, block_mask)
-        b, s = x.shape[:2]
-        n, d = self.num_heads, self.head_dim
-        q = self.norm_q(self.q(x)).view(b, s, n, d)
-        k = self.norm_k(self.k(x)).view(b, s, n, d)
-        v = self.v(x).view(b, s, n, d)
-        start_frame = current_start // int(grid_sizes[0][1] * grid_sizes[0][2])
-        q = apply_rope(q, grid_sizes, freqs, start_frame).type_as(v)
-        k = apply_rope(k, grid_sizes, freqs, start_frame).type_as(v)
+        q, k, v = self.roped_qkv(x, grid_sizes, freqs, current_start)
         block_end = current_start + self.block_length
         kv_cache["k"][:, current_start:block_end] = k[:, : self.block_length]
         kv_cache["v"][:, current_start:block_end] = v[:, : self.block_length]
