@@ -60,7 +60,7 @@ def key_tile(codes_base, scale_ptr, min_ptr, scales, block, start, limit, stride
         keys = (codes.to(tl.float32) * scale[None, :] + low[None, :]).to(dtype)
         mult = tl.full([], 1.0, tl.float32)
     else:
-        keys = codes.to(dtype)
+        keys = codes.to(tl.float32).to(dtype)  # through float32: the conversion the GPU run compiled
         mult = tl.load(scale_ptr + scales + block.to(tl.int64) * stride_sn).to(tl.float32)
     return keys, mult
 
@@ -88,7 +88,7 @@ def value_tile(codes_base, scale_ptr, min_ptr, scales, block, start, limit, stri
         values = values.to(dtype)
         mult = tl.full([], 1.0, tl.float32)
     else:
-        values = codes.to(dtype)
+        values = codes.to(tl.float32).to(dtype)
         mult = tl.load(scale_ptr + scales + block.to(tl.int64) * stride_sn).to(tl.float32)
     return values, mult
 
