@@ -45,9 +45,9 @@ def codes_tile(base, start, limit, stride_l, BLOCK_N: tl.constexpr, BLOCK_D: tl.
 
 
 @triton.jit
-def key_tile(codes_base, scale_ptr, min_ptr, scales, block, start, limit, stride_l, stride_sn, dtype,
-             BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, HEAD_DIM: tl.constexpr, INT4: tl.constexpr,
-             MASKED: tl.constexpr):  # fmt: skip
+def key_tile(codes_base, scale_ptr, min_ptr, scales, block, start, limit, stride_l, stride_sn,
+             dtype: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, HEAD_DIM: tl.constexpr,
+             INT4: tl.constexpr, MASKED: tl.constexpr):  # fmt: skip
     """Keys of rows ``[start, start + BLOCK_N)`` of whole block ``block`` in ``dtype``, and the
     factor of their scores (fp8: the block's scale; int4: 1). ``scales``: the (batch, head)
     offset into the scale and minimum buffers."""
@@ -66,9 +66,9 @@ def key_tile(codes_base, scale_ptr, min_ptr, scales, block, start, limit, stride
 
 
 @triton.jit
-def value_tile(codes_base, scale_ptr, min_ptr, scales, block, start, limit, stride_l, stride_sn, dtype,
-               BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, HEAD_DIM: tl.constexpr, INT4: tl.constexpr,
-               MASKED: tl.constexpr):  # fmt: skip
+def value_tile(codes_base, scale_ptr, min_ptr, scales, block, start, limit, stride_l, stride_sn,
+               dtype: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, HEAD_DIM: tl.constexpr,
+               INT4: tl.constexpr, MASKED: tl.constexpr):  # fmt: skip
     """Values of rows ``[start, start + BLOCK_N)`` of whole block ``block`` in ``dtype`` (rows
     ``>= limit`` are 0 when ``MASKED``), and the factor of their probabilities (fp8: the
     block's scale; int4: 1)."""
@@ -94,9 +94,9 @@ def value_tile(codes_base, scale_ptr, min_ptr, scales, block, start, limit, stri
 
 
 @triton.jit
-def decoded_tile(codes_base, scale_ptr, min_ptr, scales, block, start, limit, stride_l, stride_sn, dtype,
-                 BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, HEAD_DIM: tl.constexpr, INT4: tl.constexpr,
-                 MASKED: tl.constexpr, IS_KEY: tl.constexpr):  # fmt: skip
+def decoded_tile(codes_base, scale_ptr, min_ptr, scales, block, start, limit, stride_l, stride_sn,
+                 dtype: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, HEAD_DIM: tl.constexpr,
+                 INT4: tl.constexpr, MASKED: tl.constexpr, IS_KEY: tl.constexpr):  # fmt: skip
     """``key_tile`` or ``value_tile``."""
     if IS_KEY:
         tile, mult = key_tile(codes_base, scale_ptr, min_ptr, scales, block, start, limit, stride_l,

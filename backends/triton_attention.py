@@ -85,7 +85,7 @@ def _softmax_step(q, k, v, k_mult, v_mult, valid, qk_scale, m_i, l_i, acc, MASKE
 @triton.jit
 def _history_tile(
     base, desc, batch, kv_head, block, start, limit, stride_l, stride_d,
-    codes, scale_ptr, min_ptr, scales, stride_cl, stride_sn, whole_blocks, native_from, dtype,
+    codes, scale_ptr, min_ptr, scales, stride_cl, stride_sn, whole_blocks, native_from, dtype: tl.constexpr,
     BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, HEAD_DIM: tl.constexpr, USE_TMA: tl.constexpr,
     MASKED: tl.constexpr, QUANT: tl.constexpr, IS_KEY: tl.constexpr, WHOLE: tl.constexpr,
 ):  # fmt: skip
