@@ -113,6 +113,7 @@ def _gated_replacement(module: nn.Module, gated_settings: dict) -> GatedWanSelfA
             dim=module.dim, num_heads=module.num_heads, **wan, **settings, config=gated_settings["config"],
             max_frames=gated_settings["max_frames"], max_chunk_frames=gated_settings["max_chunk_frames"],
             offload=gated_settings["offload"], kv_format=gated_settings["kv_format"],
+            disk=gated_settings["disk"],
         )  # fmt: skip
     gated.config = gated.config.replace(**gated_settings["overrides"])
     expected = {name: tuple(t.shape) for name, t in gated.state_dict().items()}
@@ -182,7 +183,7 @@ def patch_causal_wan(
             (``omnimem.positions``; docs/positions.md). Self-Forcing's layers only for now.
         disk: with ``offload``, a directory whose preallocated files hold each layer's history
             (``OmniMemCache(disk=...)``: the page cache is its host memory; docs/positions.md
-            has the hour this is for). Self-Forcing's layers, native history.
+            has the hour this is for). Native histories, both kinds of layer.
         **overrides: config fields to change: ``OmniMemConfig`` fields for Self-Forcing's
             layers, ``GatedConfig`` fields for the authors' (over their own settings), e.g.
             ``top_k=12`` (a field of both reaches both).
@@ -234,8 +235,6 @@ def patch_causal_wan(
             f"modules with {', '.join(_ATTENTION_ATTRIBUTES)} and sink_size, or the authors' "
             "CausalNSSelfAttention with g_proj and pool sizes)"
         )
-    if disk is not None and nsa_layers:
-        raise ValueError("disk= is not implemented for the authors' three-branch layers yet: leave it unset")
     if positions == "relative" and nsa_layers:
         raise ValueError(
             "positions='relative' is not implemented for the authors' three-branch layers yet: "
@@ -247,10 +246,10 @@ def patch_causal_wan(
     )  # fmt: skip
     gated_settings = dict(
         config=gated_config, overrides=gated_overrides, max_frames=max_frames,
-        max_chunk_frames=max_chunk_frames, offload=offload, kv_format=kv_format,
+        max_chunk_frames=max_chunk_frames, offload=offload, kv_format=kv_format, disk=disk,
     )  # fmt: skip
     replaced = _replace_nsa_layers(model, gated_settings)
-    check_gated = _first_allocation_check(len(replaced), max_frames, offload, kv_format)
+    check_gated = _first_allocation_check(len(replaced), max_frames, offload, kv_format, disk)
     for layer in replaced:
         layer.before_allocation = lambda layer, sizes: check_gated(
             {**sizes, "config": layer.config}, sizes["capacity"] // max_frames

@@ -16,6 +16,7 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import math
+import os
 from typing import Literal
 
 import torch
@@ -34,6 +35,7 @@ from omnimem.offload import check_device_memory, check_host_memory
 from omnimem.pooling import PooledKV, accumulation_dtype, block_means, key_bounds
 from omnimem.selection import compact_numbering, gather_union_rows
 from omnimem.sizing import host_history_bytes, kv_cache_bytes
+from omnimem.store.disk import disk_zeros
 from omnimem.store.formats import check_kv_format
 
 Layout = Literal["bhld", "blhd"]
@@ -97,10 +99,18 @@ class GatedCache:
         offload: bool = False,
         max_chunk_tokens: int | None = None,
         kv_format: str = "native",
+        disk: str | os.PathLike | None = None,
         **overrides: object,
     ) -> None:
         if not isinstance(offload, bool):
             raise TypeError(f"GatedCache offload must be a bool, got {type(offload).__name__}")
+        if disk is not None and not isinstance(disk, (str, os.PathLike)):
+            raise TypeError(f"GatedCache disk must be a directory path or None, got {type(disk).__name__}")
+        if disk is not None and (not offload or kv_format != "native"):
+            raise ValueError(
+                "GatedCache(disk=...) keeps an offloaded native history in a file: pass offload=True and "
+                "kv_format='native' (a quantized history on disk is not supported yet)"
+            )
         check_kv_format(kv_format, owner="GatedCache kv_format")
         quantized = kv_format != "native"
         if (offload or quantized) and max_chunk_tokens is None:
@@ -140,6 +150,7 @@ class GatedCache:
             num_kv_heads=num_kv_heads, head_dim=head_dim, batch=batch, dtype=dtype, config=self.config
         )
         self.kv_format = kv_format
+        self.disk = None if disk is None else os.fspath(disk)
         if quantized:  # no native history buffer: a shape-only stand-in (no memory)
             need = kv_cache_bytes(
                 capacity, **sizes, kv_format=kv_format, max_chunk_tokens=max_chunk_tokens, offload=offload
@@ -153,11 +164,15 @@ class GatedCache:
             self._k = torch.zeros((), dtype=dtype, device=device).expand(shape)
             self._v = self._k
         elif offload:
-            check_host_memory(kv_cache_bytes(capacity, **sizes) - kv_cache_bytes(0, **sizes))
+            if disk is None:  # (a disk history is checked against the disk's free space)
+                check_host_memory(kv_cache_bytes(capacity, **sizes) - kv_cache_bytes(0, **sizes))
             live = kv_cache_bytes(capacity, **sizes, offload=True, max_chunk_tokens=max_chunk_tokens)
             check_device_memory(live, self.device)
-            self._k = GatedHostOffload.host_buffer(shape, dtype, self.device)
-            self._v = GatedHostOffload.host_buffer(shape, dtype, self.device)
+            if disk is None:
+                self._k = GatedHostOffload.host_buffer(shape, dtype, self.device)
+                self._v = GatedHostOffload.host_buffer(shape, dtype, self.device)
+            else:  # file-backed (omnimem.store.disk): the page cache is its host memory
+                self._k, self._v = disk_zeros(shape, dtype, disk), disk_zeros(shape, dtype, disk)
         else:
             check_device_memory(kv_cache_bytes(capacity, **sizes), self.device)
             # Zeros, not empty: unwritten space is never read, but finite is the safe default.

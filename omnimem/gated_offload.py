@@ -26,7 +26,7 @@ import functools
 import torch
 
 from omnimem.offload import SOURCE_HOST, SOURCE_NONE, stage
-from omnimem.selection import compact_numbering
+from omnimem.selection import compact_numbering, gather_union_rows
 from omnimem.sizing import staged_slots
 from omnimem.store.blocks import QuantizedBlocks
 from omnimem.store.host import host_zeros
@@ -127,6 +127,13 @@ class GatedHostOffload:
         """The tokens of the ``union [B, H, W]`` blocks (``none``: an empty slot) from the
         host: ``[B, H, W * block_size, D]`` each (empty slots are never written nor read)."""
         bs = cache.config.block_size
+        if getattr(cache, "disk", None) is not None:
+            # A file mapping: kernels cannot read it, so the host gathers the blocks (it must
+            # know which: one synchronization) and they travel to the device.
+            self.wait_for_copies()
+            blocks = union.cpu()
+            rows = gather_union_rows(blocks, none=none, block_size=bs, buffers=(cache.k, cache.v))
+            return tuple(x.to(self.device, non_blocking=True) for x in rows)
         batch, heads, width = union.shape
         shape = (batch, heads, width * bs, cache.k.shape[-1])
         source = torch.where(union < none, SOURCE_HOST, SOURCE_NONE).int()

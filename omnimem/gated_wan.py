@@ -9,6 +9,7 @@ through a [`GatedCache`][omnimem.GatedCache] (docs/gated.md, "Drop-in for the au
 
 from __future__ import annotations
 
+import os
 import weakref
 from collections.abc import Callable, Mapping, Sequence
 
@@ -144,8 +145,8 @@ class GatedWanSelfAttention(nn.Module):
     commit ``ca257ce``; ``"all"`` for code before it), ``config`` (a ``GatedConfig`` for the
     fields their arguments do not set), and the module's own cache: ``cache_capacity`` (tokens)
     or ``max_frames`` (latent frames, converted at the first call), ``max_chunk_frames``,
-    ``offload`` (``GatedCache(offload=True)``) and ``kv_format`` (``GatedCache(kv_format=...)``:
-    the history quantized, docs/memory.md).
+    ``offload`` (``GatedCache(offload=True)``; with ``disk``, the history in a file) and
+    ``kv_format`` (``GatedCache(kv_format=...)``: the history quantized, docs/memory.md).
 
     ``forward(x, seq_lens, grid_sizes, freqs, start_frame=0, kv_cache=None, ...)``: ``x [B, S,
     C]`` is one chunk in the pooled-block token order. Its keys/values are written at token
@@ -188,6 +189,7 @@ class GatedWanSelfAttention(nn.Module):
         max_chunk_frames: int = 3,
         offload: bool = False,
         kv_format: str = "native",
+        disk: str | os.PathLike | None = None,
         **kwargs: object,
     ) -> None:
         super().__init__()
@@ -257,7 +259,7 @@ class GatedWanSelfAttention(nn.Module):
             max_frames,
             max_chunk_frames,
         )
-        self.offload, self.kv_format = offload, kv_format
+        self.offload, self.kv_format, self.disk = offload, kv_format, disk
         # Called with the first cache's size before it is allocated (patch_causal_wan checks
         # that every patched layer's cache fits, before the first one is allocated).
         self.before_allocation: Callable[[GatedWanSelfAttention, dict], None] | None = None
@@ -306,7 +308,7 @@ class GatedWanSelfAttention(nn.Module):
             sizes = dict(
                 capacity=capacity, batch=x.shape[0], num_kv_heads=self.num_heads, head_dim=self.head_dim,
                 config=self.config, dtype=x.dtype, device=x.device, offload=self.offload,
-                kv_format=self.kv_format,
+                kv_format=self.kv_format, disk=self.disk,
                 max_chunk_tokens=(
                     max(self.max_chunk_frames * frame_tokens, x.shape[1])
                     if self.offload or self.kv_format != "native"

@@ -83,3 +83,25 @@ def test_the_patched_model_keeps_its_history_on_disk(tmp_path):
     assert pipeline.kv_cache1[0]["omnimem"].disk == os.fspath(tmp_path)
     with pytest.raises(ValueError, match="disk= needs offload=True"):
         patch_causal_wan(copy.deepcopy(theirs), FULL, max_frames=12, disk=tmp_path)
+
+
+def test_the_authors_layers_keep_their_history_on_disk(tmp_path):
+    """GatedCache(offload=True, disk=...) through patch_causal_wan: the same outputs as
+    resident, bit for bit (the host gathers the selected blocks from the file)."""
+    from omnimem import GatedCache, GatedConfig
+
+    from .test_causal_wan import _nsa_model, chunks
+
+    resident, on_disk = _nsa_model(), _nsa_model()
+    patch_causal_wan(resident, GatedConfig(backend="gather"), max_frames=10)
+    patch_causal_wan(on_disk, GatedConfig(backend="gather"), max_frames=10, offload=True, disk=tmp_path)
+    for start_frame in (0, 2, 4, 6, 8):
+        x = chunks(1, seed=start_frame)[0]
+        for _ in range(2):  # a denoising pass, then the commit pass
+            want = resident[0](x, None, GRID, FREQS, start_frame)
+            torch.testing.assert_close(on_disk[0](x, None, GRID, FREQS, start_frame), want, atol=0, rtol=0)
+    assert on_disk[0]._cache.disk == os.fspath(tmp_path) and os.listdir(tmp_path) == []
+    with pytest.raises(ValueError, match=r"GatedCache\(disk=...\) keeps an offloaded native history"):
+        GatedCache(16, batch=1, num_kv_heads=1, head_dim=8, disk=tmp_path)
+    with pytest.raises(TypeError, match="GatedCache disk must be a directory path or None, got int"):
+        GatedCache(16, batch=1, num_kv_heads=1, head_dim=8, offload=True, max_chunk_tokens=4, disk=1)

@@ -175,18 +175,20 @@ OFFLOAD_RULES = [
 
 
 @pytest.mark.parametrize(
-    ("layout", "backend", "rules"),
+    ("layout", "backend", "rules", "on_disk"),
     [
-        ("blhd", "gather", OFFLOAD_RULES[0]),
-        ("bhld", "triton", OFFLOAD_RULES[0]),
-        ("bhld", "gather", OFFLOAD_RULES[1]),
+        ("blhd", "gather", OFFLOAD_RULES[0], False),
+        ("bhld", "triton", OFFLOAD_RULES[0], False),
+        ("bhld", "gather", OFFLOAD_RULES[1], False),
+        ("blhd", "gather", OFFLOAD_RULES[1], True),
     ],
-    ids=["wide-window-gather", "wide-window-triton", "narrow-window-awe-gather"],
+    ids=["wide-window-gather", "wide-window-triton", "narrow-window-awe-gather", "narrow-window-disk-gather"],
 )
-def test_offloaded_cache_equals_the_resident_one(layout, backend, rules, monkeypatch):
+def test_offloaded_cache_equals_the_resident_one(layout, backend, rules, on_disk, monkeypatch, tmp_path):
     """The same rollout through an offloaded and a resident cache: the same bits, with
     denoising rewrites, chunks of varying length (blocks straddle chunks), GQA, a rewind into
-    the previous chunk, one past the device's live region, and a reset. Every buffer made
+    the previous chunk, one past the device's live region, and a reset; the history on disk
+    too. Every buffer made
     with ``torch.empty`` starts as NaN (the staging's unused slots among them): none leaks."""
     original = torch.empty
 
@@ -198,7 +200,9 @@ def test_offloaded_cache_equals_the_resident_one(layout, backend, rules, monkeyp
     gen = torch.Generator().manual_seed(1)
     shape = dict(batch=2, num_kv_heads=2, head_dim=16, layout=layout, device=TEST_DEVICE, backend=backend)
     resident = GatedCache(120, **shape, **rules)
-    offloaded = GatedCache(120, **shape, offload=True, max_chunk_tokens=12, **rules)
+    offloaded = GatedCache(
+        120, **shape, offload=True, max_chunk_tokens=12, disk=tmp_path if on_disk else None, **rules
+    )  # on_disk: the history in a file (omnimem.store.disk), gathered by the host per call
     assert offloaded.offloaded and "offload=True" in repr(offloaded) and not resident.offloaded
 
     # Denoising rewrites: two passes a chunk, but one under Triton's interpreter (CI's time
