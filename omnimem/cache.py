@@ -25,7 +25,6 @@ import functools
 import logging
 import math
 import os
-import shutil
 from collections.abc import Iterator
 
 import torch
@@ -41,10 +40,10 @@ from omnimem.offload import (
     check_device_memory,
     check_host_memory,
 )
-from omnimem.positions import RelativeTime, buffer_positions, reserve
+from omnimem.positions import RelativeTime, buffer_positions, window_and_reserve
 from omnimem.selection import RetrievalRules, Selection, block_key_sums, gather_block_union
 from omnimem.sizing import host_history_bytes, kv_cache_bytes
-from omnimem.store.disk import disk_zeros
+from omnimem.store.disk import check_disk_space, disk_zeros
 from omnimem.store.formats import check_kv_format
 from omnimem.store.host import host_zeros
 
@@ -362,51 +361,42 @@ class OmniMemCache:
         positions would pass the table. With the widest table selection can make (every query
         group, ``RetrievalRules.table_width``'s bound), so the call's own check cannot fail."""
         bs, tpf = self.config.block_size, self.positions.frame_tokens
-        rules = RetrievalRules.from_config(self.config)
         groups = math.ceil(q_len / self.config.query_group_size) if self.config.query_group_size else 1
-        width = groups * rules.table_width(math.ceil(self.k.shape[2] / bs))
-        window = max(history - self.config.local_tokens, 0) // tpf
-        rank = reserve(window, max(1, min(width, history // bs)) * bs + history % bs, bs, tpf)
-        last = rank + (history + chunk_len - 1) // tpf - window
-        self.positions.check_reach(last, what="the chunk's last frame")
+        width = groups * RetrievalRules.from_config(self.config).table_width(math.ceil(self.k.shape[2] / bs))
+        window, rank = window_and_reserve(
+            history, table_width=width, block_size=bs, local_tokens=self.config.local_tokens, frame_tokens=tpf
+        )
+        self.positions.check_reach(
+            rank + (history + chunk_len - 1) // tpf - window, what="the chunk's last frame"
+        )
 
     def _attend_relative(self, q, k_chunk, v_chunk, chunk_len: int, return_lse: bool):
         """``attend`` with relative temporal positions (``omnimem.positions``): selection on the
         keys and queries as stored (rotated in space only), then a compact copy of the attended
         blocks (as ``_attend_differentiably`` makes), rotated in time at their relative
         positions with the chunk and the queries. Differentiable in q, k_chunk and v_chunk."""
-        time, history = self.positions, self.history_len
-        compact_k = compact_v = k_chunk[:, :, :0]
-        selection = None
+        history, keys, values = self.history_len, k_chunk, v_chunk
+        selection = table = None
+        blocks, none = k_chunk.new_zeros(*k_chunk.shape[:2], 0, dtype=torch.long), 1  # no history
         if history:
             with torch.no_grad():
                 selection = select_blocks(
                     q, self.k, history_len=history, chunk_len=chunk_len, config=self.config,
                     key_block_sums=self.key_block_sums,
                 )  # fmt: skip
-                none = selection.num_history_blocks + 1  # _compact_history's empty slot
-                width = selection.kv_block_idx[0, 0].numel()
-                # The partial last block's frames count only where the head attends it.
-                bs = self.config.block_size
-                partial_read = (selection.kv_block_idx == history // bs).flatten(2).any(-1, keepdim=True)
+                table, none = selection.kv_block_idx, selection.num_history_blocks + 1  # _compact_history's
                 compact_k, compact_v, selection, blocks = _compact_history(
                     self.k, self.v, selection, history, chunk_len
                 )
-        else:  # only the chunk: any empty block list gives its positions
-            blocks = torch.zeros(*k_chunk.shape[:2], 0, dtype=torch.long, device=self.device)
-            none, partial_read = 1, torch.zeros(*k_chunk.shape[:2], 1, dtype=torch.bool, device=self.device)
-            width = 1
-        hist_pos, chunk_pos = buffer_positions(
-            time, blocks, none, partial_read, history=history, block_size=self.config.block_size,
-            local_tokens=self.config.local_tokens, chunk_len=chunk_len, table_width=width,
+            keys, values = torch.cat([compact_k, k_chunk], dim=2), torch.cat([compact_v, v_chunk], dim=2)
+        key_pos, q_pos = buffer_positions(
+            self.positions, blocks, none, table, history=history, block_size=self.config.block_size,
+            local_tokens=self.config.local_tokens, chunk_len=chunk_len, length=keys.shape[2],
         )  # fmt: skip
-        keys, values = time.rotate(k_chunk, chunk_pos), v_chunk
-        if history:
-            keys = torch.cat([time.rotate(compact_k, hist_pos), keys], dim=2)
-            values = torch.cat([compact_v, values], dim=2)
         return sparse_attention(
-            time.rotate(q, chunk_pos), keys, values, history_len=compact_k.shape[2], chunk_len=chunk_len,
-            config=self.config, return_lse=return_lse, selection=selection,
+            self.positions.rotate(q, q_pos), self.positions.rotate(keys, key_pos), values,
+            history_len=keys.shape[2] - chunk_len, chunk_len=chunk_len, config=self.config,
+            return_lse=return_lse, selection=selection,
         )  # fmt: skip
 
     def attend(
@@ -807,12 +797,8 @@ class OmniMemCache:
                         batch=sizes[2], block_size=block_size,
                     )  # fmt: skip
             disk = kwargs.get("disk")
-            if offload and disk is not None and isinstance(disk, (str, os.PathLike)) and os.path.isdir(disk):
-                if total > shutil.disk_usage(disk).free:  # the files' bytes (each is checked again)
-                    raise ValueError(
-                        f"the histories of {num_layers} layers need {total / 2**30:.1f} GiB on "
-                        f"disk={disk!r}, which has {shutil.disk_usage(disk).free / 2**30:.1f} GiB free"
-                    )
+            if offload and isinstance(disk, (str, os.PathLike)):  # (else the constructor says)
+                check_disk_space(total, disk, what=f"the histories of {num_layers} layers")
             elif offload:
                 check_host_memory(total)
             else:

@@ -29,7 +29,6 @@ import dataclasses
 import inspect
 import logging
 import os
-import shutil
 import types
 import weakref
 from collections.abc import Callable, MutableMapping
@@ -39,10 +38,11 @@ from torch import nn
 
 from omnimem.cache import OmniMemCache
 from omnimem.config import GatedConfig, OmniMemConfig
-from omnimem.gated_wan import GatedWanSelfAttention, reordered_rope, rope_table_for
+from omnimem.gated_wan import GatedWanSelfAttention, reordered_rope, rope_table_for, spatial_rope_table
 from omnimem.offload import check_host_memory
 from omnimem.positions import RelativeTime, wan_time_table
 from omnimem.sizing import host_history_bytes, kv_cache_bytes
+from omnimem.store.disk import check_disk_space
 from omnimem.store.formats import check_kv_format
 
 logger = logging.getLogger("omnimem")
@@ -349,12 +349,9 @@ def _first_allocation_check(
             full = kv_cache_bytes(capacity, **sizes) - kv_cache_bytes(0, **sizes)
             if disk is None:
                 check_host_memory(layers * full)
-            elif layers * full > shutil.disk_usage(disk).free:
-                raise ValueError(
-                    f"the histories of the {layers} patched layers at max_frames={max_frames} need "
-                    f"{layers * full / 2**30:.1f} GiB on disk={disk!r}, which has "
-                    f"{shutil.disk_usage(disk).free / 2**30:.1f} GiB free: lower max_frames or pass another "
-                    "directory"
+            else:
+                check_disk_space(
+                    layers * full, disk, what=f"the {layers} patched layers at max_frames={max_frames}"
                 )
         if device.type == "cuda":
             free, _ = torch.cuda.mem_get_info(device)
@@ -469,13 +466,6 @@ def _reencode(cache: OmniMemCache, q, k, v, start: int, block_tokens: int) -> to
     return torch.cat(outs, dim=2)
 
 
-def _spatial_table(freqs: torch.Tensor) -> torch.Tensor:
-    """Wan's RoPE table with its temporal columns at angle 0: rotates rows and columns only."""
-    spatial = freqs.clone()
-    spatial[:, : wan_time_table(freqs).shape[1]] = 1
-    return spatial
-
-
 def _patched_forward(original: Callable, settings: dict) -> Callable:
     def forward(
         self: nn.Module,
@@ -549,7 +539,7 @@ def _patched_forward(original: Callable, settings: dict) -> Callable:
         time = None
         if settings["positions"] == "relative":  # space only; the cache rotates in time per call
             time = RelativeTime(wan_time_table(freqs), frame_tokens)
-            freqs, start_frame = _spatial_table(freqs), 0
+            freqs, start_frame = spatial_rope_table(freqs), 0
         else:
             freqs = rope_table_for(freqs, start_frame + frames)  # past their 1,024 frames: extended
         q = reordered_rope(q.float(), grid, freqs, start_frame=start_frame).type_as(v)

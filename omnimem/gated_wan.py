@@ -59,6 +59,27 @@ def _forget_table(key: tuple) -> None:
         del _EXTENDED_TABLES[cached]
 
 
+def _table_key(freqs: torch.Tensor) -> tuple:
+    """A table tensor's cache key; its entries are forgotten when the tensor is freed."""
+    key = (id(freqs), freqs.data_ptr(), tuple(freqs.shape), freqs.dtype, str(freqs.device))
+    if key not in _CHECKED_TABLES and not any(k[: len(key)] == key for k in _EXTENDED_TABLES):
+        weakref.finalize(freqs, _forget_table, key)  # another tensor may reuse its address
+    return key
+
+
+def spatial_rope_table(freqs: torch.Tensor) -> torch.Tensor:
+    """Wan's RoPE table with its temporal columns at angle 0 (rotating rows and columns only:
+    the keys of relative positions, ``omnimem.positions``); made once per table tensor."""
+    key = (*_table_key(freqs), "spatial")
+    spatial = _EXTENDED_TABLES.get(key)
+    if spatial is None:
+        half = freqs.shape[1]
+        spatial = freqs.clone()
+        spatial[:, : half - 2 * (half // 3)] = 1
+        _EXTENDED_TABLES[key] = spatial
+    return spatial
+
+
 def rope_table_for(freqs: torch.Tensor, frames: int) -> torch.Tensor:
     """A RoPE table that reaches ``frames`` latent frames: ``freqs`` itself when it is long
     enough; past its end, Wan's own table extended with Wan's formula (``wan_rope_freqs``:
@@ -71,14 +92,13 @@ def rope_table_for(freqs: torch.Tensor, frames: int) -> torch.Tensor:
     """
     if frames <= freqs.shape[0]:
         return freqs
-    key = (id(freqs), freqs.data_ptr(), tuple(freqs.shape), freqs.dtype, str(freqs.device))
+    key = _table_key(freqs)
     if key not in _CHECKED_TABLES:  # one host comparison per table tensor, never again
         head_dim = 2 * freqs.shape[1]
         wan = wan_rope_freqs(head_dim, positions=freqs.shape[0])
         _CHECKED_TABLES[key] = freqs.dtype == wan.dtype and torch.allclose(
             freqs.cpu(), wan, rtol=0, atol=1e-12
         )
-        weakref.finalize(freqs, _forget_table, key)  # another tensor may reuse its address
     if not _CHECKED_TABLES[key]:
         raise ValueError(
             f"latent frame {frames - 1} is past the model's RoPE table of {freqs.shape[0]} frames, and the "

@@ -32,7 +32,7 @@ import torch
 from omnimem.api import resolve_backend, sparse_attention
 from omnimem.compile import compile_static
 from omnimem.positions import buffer_positions
-from omnimem.selection import RetrievalRules, sorted_unique
+from omnimem.selection import RetrievalRules, gather_union_rows, sorted_unique
 from omnimem.store.host import host_zeros
 
 # Where a staging slot's block comes from (the ``source`` codes of the stage kernel).
@@ -256,12 +256,13 @@ class HostOffload:
         rows (slot ``s`` at rows ``s * bs``); returns the bounce pair and the source blocks
         renumbered onto it. Synchronizes with the host: it must know which blocks to read (which
         also orders the previous call's reads of the bounce rows before these writes)."""
-        bs = self.block_size
         hosted = (source == SOURCE_HOST).cpu()
-        blocks = torch.where(hosted, source_block.cpu(), 0)
-        tokens = (blocks[..., None] * bs + torch.arange(bs)).flatten(2)[..., None]
-        for storage, rows in zip((cache.k, cache.v), self.bounce, strict=True):
-            rows.copy_(storage.gather(2, tokens.expand(-1, -1, -1, storage.shape[-1])))
+        blocks = torch.where(hosted, source_block.cpu(), self.num_blocks)
+        gathered = gather_union_rows(
+            blocks, none=self.num_blocks, block_size=self.block_size, buffers=(cache.k, cache.v)
+        )
+        for rows, got in zip(self.bounce, gathered, strict=True):
+            rows.copy_(got)
         slots = torch.arange(source.shape[-1], device=source.device).expand_as(source_block)
         return self.bounce, torch.where(source == SOURCE_HOST, slots, source_block)
 
@@ -335,17 +336,12 @@ class HostOffload:
         )
         keys, values, chunk_len = dst[0], dst[1], k_chunk.shape[2]
         if cache.positions is not None:  # relative positions: a rotated copy of the staged keys
-            time = cache.positions
-            partial_read = (selection.kv_block_idx == history_len // bs).flatten(2).any(-1, keepdim=True)
-            hist_pos, chunk_pos = buffer_positions(
-                time, staged, self.num_blocks, partial_read, history=history_len, block_size=bs,
-                local_tokens=cache.config.local_tokens, chunk_len=chunk_len,
-                table_width=selection.kv_block_idx[0, 0].numel(),
+            key_pos, q_pos = buffer_positions(
+                cache.positions, staged, self.num_blocks, selection.kv_block_idx, history=history_len,
+                block_size=bs, local_tokens=cache.config.local_tokens, chunk_len=chunk_len,
+                length=keys.shape[2],
             )  # fmt: skip
-            heads = hist_pos.shape[:2]
-            rest = hist_pos.new_zeros(*heads, keys.shape[2] - chunk_start - chunk_len)  # never attended
-            positions = torch.cat([hist_pos, chunk_pos.expand(*heads, -1), rest], dim=-1)
-            keys, q = time.rotate(keys, positions), time.rotate(q, chunk_pos)
+            keys, q = cache.positions.rotate(keys, key_pos), cache.positions.rotate(q, q_pos)
         return sparse_attention(
             q,
             keys,
@@ -424,8 +420,8 @@ def quantized_run(cache, q, store, tail, selection, history_len: int, return_lse
     numbering of the store; ``history_len`` tokens, the partial block and the chunk in ``tail``):
     on the triton backend the kernel that reads the bytes in place, otherwise the reference path
     (``store`` dequantized, then the backend: callers pass a small staged store there).
-    ``rotation``: ``buffer_positions``' history and chunk positions (relative positions): the
-    dequantized keys and ``q`` rotated in time (the reference path)."""
+    ``rotation``: relative positions, ``buffer_positions`` but for ``length`` (the dequantized
+    keys' tokens): those keys and ``q`` rotated in time (the reference path)."""
     from omnimem.backends.quantized_attention import dequantized_history, quantized_attention
     from omnimem.backends.triton import check_inputs, tile_tables
 
@@ -435,11 +431,8 @@ def quantized_run(cache, q, store, tail, selection, history_len: int, return_lse
         pad = selection.num_history_blocks * store.block_size - k.shape[2]  # the table's numbering
         k, v = (torch.nn.functional.pad(x, (0, 0, 0, max(pad, 0))) for x in (k, v))
         if rotation is not None:
-            hist_pos, chunk_pos = rotation
-            heads = hist_pos.shape[:2]
-            rest = hist_pos.new_zeros(*heads, k.shape[2] - hist_pos.shape[2] - chunk_len)  # never attended
-            k = cache.positions.rotate(k, torch.cat([hist_pos, chunk_pos.expand(*heads, -1), rest], dim=-1))
-            q = cache.positions.rotate(q, chunk_pos)
+            key_pos, q_pos = rotation(length=k.shape[2])
+            k, q = cache.positions.rotate(k, key_pos), cache.positions.rotate(q, q_pos)
         return sparse_attention(q, k, v, history_len=history_len, chunk_len=chunk_len, config=cache.config,
                                 return_lse=return_lse, selection=selection)  # fmt: skip
     check_inputs(q)
@@ -515,13 +508,10 @@ class QuantizedHistory(HostOffload):
         )  # fmt: skip
         rotation = None
         if relative:
-            partial_read = (
-                (selection.kv_block_idx == history_len // self.block_size).flatten(2).any(-1, keepdim=True)
-            )
-            rotation = buffer_positions(
-                cache.positions, staged, self.num_blocks, partial_read, history=history_len,
-                block_size=self.block_size, local_tokens=cache.config.local_tokens, chunk_len=chunk_len,
-                table_width=selection.kv_block_idx[0, 0].numel(),
+            rotation = functools.partial(
+                buffer_positions, cache.positions, staged, self.num_blocks, selection.kv_block_idx,
+                history=history_len, block_size=self.block_size, local_tokens=cache.config.local_tokens,
+                chunk_len=chunk_len,
             )  # fmt: skip
         return quantized_run(
             cache,

@@ -126,39 +126,57 @@ def relative_frames(
     return torch.where(retrieved, before, torch.where(valid, after, reserve)).long()
 
 
+def window_and_reserve(
+    history: int, *, table_width: int, block_size: int, local_tokens: int, frame_tokens: int
+) -> tuple[int, int]:
+    """``(F_w, R)`` for a chunk at ``history``: the local window's first frame and the reserve.
+    ``table_width``, the selection's entries per KV head (groups x slots), bounds the attended
+    blocks, so ``R`` depends on it and the history only, not on the buffer a caller rotates."""
+    window = max(history - local_tokens, 0) // frame_tokens
+    slots = max(1, min(table_width, history // block_size))
+    return window, reserve(window, slots * block_size + history % block_size, block_size, frame_tokens)
+
+
 def buffer_positions(
     time: RelativeTime,
     blocks: torch.Tensor,
     none: int,
-    partial_read: torch.Tensor,
+    table: torch.Tensor | None,
     *,
     history: int,
     block_size: int,
     local_tokens: int,
     chunk_len: int,
-    table_width: int,
+    length: int,
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """Positions for keys laid out ``[W attended blocks | the partial last block | the chunk]``
-    (the compact copy of ``OmniMemCache``, the staging buffer of its offload): ``blocks [B, H, W]``
-    their indices (``none``: an empty slot), ``partial_read [B, H, 1]`` whether the head attends
-    the partial block. Returns ``([B, H, W * block_size + history % block_size]`` history
-    positions, ``[chunk_len]`` chunk and query positions``)``. ``table_width``: the selection's
-    entries per KV head (groups x slots), which bound the attended blocks: ``R`` depends on it
-    and the history only, not on the buffer, so a staged and a compact copy agree.
+    """Positions for keys laid out ``[W attended blocks | the partial last block | the chunk |
+    unused]`` (the compact copy of ``OmniMemCache``, the staging buffer of its offload):
+    ``blocks [B, H, W]`` their indices (``none``: an empty slot), ``table [B, H, G, K]`` the
+    selection's ``kv_block_idx`` (``None`` with no history), ``length`` the buffer's tokens.
+    Returns ``([B, H, length]`` key positions (0 on unused tokens, never attended)``,
+    [chunk_len]`` query positions``)``.
 
     Raises:
         ValueError: a position past ``time``'s table.
     """
     tpf, device = time.frame_tokens, blocks.device
-    window = max(history - local_tokens, 0) // tpf
+    width = 1 if table is None else table[0, 0].numel()
+    window, rank = window_and_reserve(
+        history, table_width=width, block_size=block_size, local_tokens=local_tokens, frame_tokens=tpf
+    )
+    time.check_reach(rank + (history + chunk_len - 1) // tpf - window, what="the chunk's last frame")
     tokens = (blocks[..., None] * block_size + torch.arange(block_size, device=device)).flatten(2)
     valid = (blocks < none)[..., None].expand(-1, -1, -1, block_size).flatten(2)
     partial = torch.arange(history // block_size * block_size, history, device=device)
     partial = partial.expand(*tokens.shape[:2], -1)
-    tokens = torch.cat([tokens, partial], dim=-1)
-    valid = torch.cat([valid, partial_read.expand_as(partial)], dim=-1)
-    slots = max(1, min(table_width, history // block_size))
-    rank = reserve(window, slots * block_size + history % block_size, block_size, tpf)
-    time.check_reach(rank + (history + chunk_len - 1) // tpf - window, what="the chunk's last frame")
+    # The partial last block's frames count only where the head attends it.
+    partial_read = torch.zeros_like(partial, dtype=torch.bool)
+    if table is not None:
+        partial_read = (table == history // block_size).flatten(2).any(-1, keepdim=True).expand_as(partial)
+    frames = torch.cat([tokens, partial], dim=-1) // tpf
+    hist = relative_frames(
+        frames, torch.cat([valid, partial_read], dim=-1), window_frame=window, reserve=rank
+    )
     chunk = rank + (history + torch.arange(chunk_len, device=device)) // tpf - window
-    return relative_frames(tokens // tpf, valid, window_frame=window, reserve=rank), chunk
+    rest = hist.new_zeros(*hist.shape[:2], length - hist.shape[-1] - chunk_len)
+    return torch.cat([hist, chunk.expand(*hist.shape[:2], -1), rest], dim=-1), chunk

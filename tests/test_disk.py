@@ -63,7 +63,7 @@ def test_disk_zeros_refuses_a_full_disk_and_a_bad_directory(tmp_path, monkeypatc
     kw = dict(max_chunk_tokens=8, batch=1, num_kv_heads=1, head_dim=8, disk=tmp_path)
     with pytest.raises(TypeError, match="disk must be a directory path or None, got int"):
         OmniMemCache(16, **{**kw, "disk": 3}, offload=True)
-    with pytest.raises(ValueError, match=r"the histories of 2 layers need .* GiB on disk="):
+    with pytest.raises(ValueError, match=r"the histories of 2 layers: .* GiB needed on disk="):
         OmniMemCache.for_layers(2, 2**40, **kw, offload=True)
     for bad in (dict(), dict(offload=True, kv_format="int4")):
         with pytest.raises(ValueError, match=r"OmniMemCache\(disk=...\) keeps an offloaded native history"):
@@ -83,6 +83,10 @@ def test_the_patched_model_keeps_its_history_on_disk(tmp_path):
     assert pipeline.kv_cache1[0]["omnimem"].disk == os.fspath(tmp_path)
     with pytest.raises(ValueError, match="disk= needs offload=True"):
         patch_causal_wan(copy.deepcopy(theirs), FULL, max_frames=12, disk=tmp_path)
+    missing = copy.deepcopy(theirs)
+    patch_causal_wan(missing, FULL, max_frames=12, offload=True, disk=tmp_path / "missing")
+    with pytest.raises(ValueError, match=r"disk=.*missing' must be a writable directory"):
+        StandinPipeline(missing, buffer_tokens=5 * CHUNK).inference(inputs, GRID, FREQS)
 
 
 def test_the_authors_layers_keep_their_history_on_disk(tmp_path):

@@ -18,6 +18,19 @@ import tempfile
 import torch
 
 
+def check_disk_space(nbytes: int, directory: str | os.PathLike, what: str = "the history") -> None:
+    """A ``ValueError`` unless ``directory`` is a writable directory with ``nbytes`` free."""
+    directory = os.fspath(directory)
+    if not os.path.isdir(directory) or not os.access(directory, os.W_OK):
+        raise ValueError(f"disk={directory!r} must be a writable directory")
+    free = shutil.disk_usage(directory).free
+    if nbytes > free:
+        raise ValueError(
+            f"{what}: {nbytes / 2**30:.2f} GiB needed on disk={directory!r}, which has {free / 2**30:.2f} "
+            "GiB free: pass another directory or a smaller capacity"
+        )
+
+
 def disk_zeros(shape: tuple[int, ...], dtype: torch.dtype, directory: str | os.PathLike) -> torch.Tensor:
     """A zero CPU tensor backed by a preallocated, already unlinked file in ``directory``.
 
@@ -25,8 +38,7 @@ def disk_zeros(shape: tuple[int, ...], dtype: torch.dtype, directory: str | os.P
         ValueError: ``directory`` is not a writable directory, or lacks the space.
     """
     directory = os.fspath(directory)
-    if not os.path.isdir(directory) or not os.access(directory, os.W_OK):
-        raise ValueError(f"disk={directory!r} must be a writable directory")
+    check_disk_space(0, directory)
     numel = math.prod(shape)
     nbytes = numel * torch.empty((), dtype=dtype).element_size()
     handle, path = tempfile.mkstemp(prefix="omnimem-history-", suffix=".bin", dir=directory)
