@@ -24,6 +24,7 @@ from __future__ import annotations
 
 import dataclasses
 import functools
+import logging
 import math
 import os
 
@@ -408,6 +409,16 @@ class HostOffload:
                 self.copied.record(self.copy_stream)
 
 
+@functools.cache
+def _say_relative_dequantizes(kv_format: str) -> None:
+    logging.getLogger("omnimem").info(
+        "OmniMemCache(kv_format=%r, positions=...): the triton kernel does not read the quantized "
+        "history in place with relative positions yet; the selected blocks are staged and their "
+        "dequantized copy rotated (docs/positions.md)",
+        kv_format,
+    )
+
+
 def reads_in_place(cache, q: torch.Tensor) -> bool:
     """Whether ``q``'s call on ``cache`` runs on the triton backend (``resolve_backend``: config,
     ``use_backend``, ``OMNIMEM_BACKEND``, then ``auto``'s choice), whose kernel reads a quantized
@@ -487,8 +498,11 @@ class QuantizedHistory(HostOffload):
         tail_v[:, :, partial:] = v_chunk
         selection = cache.selection(q)
         relative = cache.positions is not None  # rotated in time: a dequantized staged copy
-        if not relative and not self.HOST and reads_in_place(cache, q):  # the kernel reads the store in place
-            return quantized_run(cache, q, self.store, (tail_k, tail_v), selection, history_len, return_lse)
+        if not self.HOST and reads_in_place(cache, q):
+            if not relative:  # the kernel reads the store in place
+                tail = (tail_k, tail_v)
+                return quantized_run(cache, q, self.store, tail, selection, history_len, return_lse)
+            _say_relative_dequantizes(cache.kv_format)
         self.wait_for_copies()  # staging may read what a commit copied to the host
         plan = _compiled_staging_plan() if self.compiled else staging_plan
         staged, source, source_block, remapped, counts = plan(

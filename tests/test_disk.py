@@ -23,7 +23,9 @@ from .test_causal_wan import CHUNK, FREQS, FULL, GRID, StandinPipeline, chunks, 
 
 @pytest.mark.parametrize("layout", ["bhld", "blhd"])
 @pytest.mark.parametrize("relative", [False, True])
-def test_a_disk_history_equals_the_resident_and_host_ones_bit_for_bit(tmp_path, layout, relative):
+def test_a_disk_history_equals_the_resident_and_host_ones_bit_for_bit(
+    tmp_path, layout, relative, poisoned_allocations
+):
     config = OmniMemConfig(block_size=4, top_k=2, sink_tokens=4, local_tokens=8, backend="gather",
                            query_group_size=3)  # fmt: skip
     time = RelativeTime(wan_time_table(wan_rope_freqs(8, positions=256)), frame_tokens=4)

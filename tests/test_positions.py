@@ -80,9 +80,10 @@ def test_at_full_budget_relative_positions_are_the_absolute_ones():
 
 
 @pytest.mark.parametrize("groups", [None, 3])
-def test_with_a_budget_the_cache_equals_the_rule_in_float64(groups):
+def test_with_a_budget_the_cache_equals_the_rule_in_float64(groups, poisoned_allocations):
     """Past the budget (the reserve smaller than the frames before the window): GQA and query
-    groups against ``relative_attention_reference`` (per KV head, with sets)."""
+    groups against ``relative_attention_reference`` (per KV head, with sets). Every
+    ``torch.empty`` the library allocates starts as NaN."""
     config = OmniMemConfig(block_size=4, top_k=2, sink_tokens=4, local_tokens=8, backend="gather",
                            query_group_size=groups)  # fmt: skip
     keys, values = [], []
@@ -149,7 +150,7 @@ assert DIM // HEADS == 16
 
 
 @pytest.mark.parametrize(("backend", "tol"), [("gather", 0.0), ("dense", 1e-12)])
-def test_an_offloaded_relative_cache_equals_the_resident_one(backend, tol):
+def test_an_offloaded_relative_cache_equals_the_resident_one(backend, tol, poisoned_allocations):
     """offload=True stages the selected blocks, then rotates the staged copy: the same tokens at
     the same positions in the same order as the resident cache's compact copy, bit for bit on
     gather (dense reduces over buffers of other lengths: float64 rounding)."""
