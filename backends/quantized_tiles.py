@@ -25,6 +25,8 @@ def codes_tile(base, start, limit, stride_l, BLOCK_N: tl.constexpr, BLOCK_D: tl.
     or int4 codes 0..15 (``uint8``, one a channel); with ``MASKED``, rows ``>= limit`` read 0."""
     tokens = start + tl.arange(0, BLOCK_N)
     row = base + tokens[:, None].to(tl.int64) * stride_l
+    # One return, after a constexpr branch: the compiler (unlike the interpreter) also types an
+    # early return's fall-through and rejects the two code types as inconsistent.
     if INT4:
         HALF: tl.constexpr = BLOCK_D // 2
         cols = tl.arange(0, HALF)
@@ -34,14 +36,16 @@ def codes_tile(base, start, limit, stride_l, BLOCK_N: tl.constexpr, BLOCK_D: tl.
         else:
             raw = tl.load(row + cols[None, :])
         # [BLOCK_N, HALF, 2] -> [BLOCK_N, BLOCK_D]: channel 2c from the low nibble of byte c.
-        return tl.reshape(tl.join(raw & 0xF, raw >> 4), (BLOCK_N, BLOCK_D))
-    cols = tl.arange(0, BLOCK_D)
-    if MASKED or HEAD_DIM != BLOCK_D:
-        mask = (tokens[:, None] < limit) & (cols[None, :] < HEAD_DIM)
-        raw = tl.load(row + cols[None, :], mask=mask, other=0)
+        codes = tl.reshape(tl.join(raw & 0xF, raw >> 4), (BLOCK_N, BLOCK_D))
     else:
-        raw = tl.load(row + cols[None, :])
-    return raw.to(tl.float8e4nv, bitcast=True)
+        cols = tl.arange(0, BLOCK_D)
+        if MASKED or HEAD_DIM != BLOCK_D:
+            mask = (tokens[:, None] < limit) & (cols[None, :] < HEAD_DIM)
+            raw = tl.load(row + cols[None, :], mask=mask, other=0)
+        else:
+            raw = tl.load(row + cols[None, :])
+        codes = raw.to(tl.float8e4nv, bitcast=True)
+    return codes
 
 
 @triton.jit
