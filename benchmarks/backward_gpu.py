@@ -47,13 +47,13 @@ from omnimem import (
     select_blocks,
     sparse_attention,
 )
-from omnimem import gated as gated_module
 from omnimem.backends import flex as flex_backend
 from omnimem.backends import triton as triton_backend
 from omnimem.backends.gated_branches import selected_attention_gather
 from omnimem.backends.scattered_backward import Tiles, default_tiles, scattered_attention_backward
 from omnimem.backends.selected_attention import SelectedAttention, selected_attention
-from omnimem.gated import select_group_blocks
+from omnimem.gated import attention as gated_module
+from omnimem.gated.attention import select_group_blocks
 from omnimem.kernels.block_sums import block_sums
 
 HEADS, HEAD_DIM, CHUNK = 12, 128, 3 * FRAME_TOKENS

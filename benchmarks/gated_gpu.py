@@ -39,7 +39,6 @@ from torch.nn.attention import SDPBackend, sdpa_kernel
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from omnimem import GatedConfig, gated_attention
-from omnimem import gated as gated_module
 from omnimem.backends import gated_branches
 from omnimem.backends.gated_branches import (
     compressed_attention,
@@ -48,7 +47,8 @@ from omnimem.backends.gated_branches import (
 )
 from omnimem.backends.quantized_attention import dequantized_history
 from omnimem.backends.selected_attention import selected_attention
-from omnimem.gated_selection import (
+from omnimem.gated import attention as gated_module
+from omnimem.gated.selection import (
     CandidateRule,
     candidate_span,
     group_queries,

@@ -33,7 +33,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from omnimem import GatedCache, GatedWanSelfAttention, patch_causal_wan
-from omnimem.gated_wan import RMSNorm, wan_rope_freqs
+from omnimem.gated.wan import RMSNorm, wan_rope_freqs
 
 # Their released configuration's selection settings (configs/causal/*_nsa_15x2_top16_qg15.yaml).
 RELEASED = dict(num_selected_blocks=16, group_q_size=15, exclude_window_chunks=3, progressive_exclude=True)

@@ -28,7 +28,7 @@ import torch
 import triton
 
 from omnimem import OmniMemCache, OmniMemConfig
-from omnimem.gated_wan import wan_rope_freqs
+from omnimem.gated.wan import wan_rope_freqs
 from omnimem.positions import RelativeTime, wan_time_table
 
 sys.path.insert(0, str(Path(__file__).parent))

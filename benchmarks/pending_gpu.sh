@@ -4,8 +4,7 @@
 # were taken on 2026-12-07):
 #
 #   benchmarks/pending_gpu.sh 36   # quantized history: kernels, the 4-minute int4 rollout
-#                                  # (profiled), the selected branch, relative positions at 60 s
-#                                  # (issue 37), GPU tests (pytest-xdist)
+#                                  # (profiled), the selected branch, GPU tests (pytest-xdist)
 #   benchmarks/pending_gpu.sh 37   # an hour: one int4 layer with relative positions at 1-60 min;
 #                                  # the disk tier at 1 and 10 min
 #
@@ -28,9 +27,8 @@ if [ "$1" = 36 ]; then
   step 200 python3 self_forcing_rollout_gpu.py --kv-format int4 --frames 960 --reps 2 --profile \
     --json "$OUT/sf960.json"
   step 100 python3 gated_gpu.py --patterns random --histories 60 --json "$OUT/gated.json"
-  step 120 python3 self_forcing_rollout_gpu.py --frames 237 --no-offload --reps 2 --json "$OUT/sf237.json"
   cd ..
-  step 120 python3 -m pytest -q -p no:cacheprovider -n 8 property_tests/test_quantized_attention_property.py \
+  step 180 python3 -m pytest -q -p no:cacheprovider -n 8 --tb=line -rf property_tests/test_quantized_attention_property.py \
     property_tests/test_quantized_cache_property.py tests/test_cache.py tests/test_kernels.py \
     tests/test_gated_cache.py tests/test_host_syncs.py
 elif [ "$1" = 37 ]; then

@@ -34,7 +34,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from omnimem import GatedConfig, OmniMemConfig, select_blocks, sparse_attention
 from omnimem.backends.flex import unattended_values_zeroed
-from omnimem.gated_selection import CandidateRule, select_groups
+from omnimem.gated.selection import CandidateRule, select_groups
 from omnimem.kernels.group_queries import group_queries_and_span
 from omnimem.kernels.group_topk import two_pass_topk
 from omnimem.pooling import pool_kv

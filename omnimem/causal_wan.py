@@ -36,14 +36,14 @@ from collections.abc import Callable, MutableMapping
 import torch
 from torch import nn
 
-from omnimem.cache import OmniMemCache
 from omnimem.config import GatedConfig, OmniMemConfig
-from omnimem.gated_wan import GatedWanSelfAttention, reordered_rope, rope_table_for, spatial_rope_table
-from omnimem.offload import check_host_memory
+from omnimem.gated.wan import GatedWanSelfAttention, reordered_rope, rope_table_for, spatial_rope_table
 from omnimem.positions import RelativeTime, wan_time_table
 from omnimem.sizing import host_history_bytes, kv_cache_bytes
+from omnimem.sparse.cache import OmniMemCache
 from omnimem.store.disk import check_disk_space
 from omnimem.store.formats import check_kv_format
+from omnimem.store.tiers import check_host_memory
 
 logger = logging.getLogger("omnimem")
 

@@ -28,9 +28,9 @@ from collections.abc import Callable
 import torch
 import torch.distributed as dist
 
-from omnimem.cache import OmniMemCache, graph_inputs, graph_pool, may_replay, no_replay
 from omnimem.compile import compile_static
 from omnimem.integration import cached_attention
+from omnimem.sparse.cache import OmniMemCache, graph_inputs, graph_pool, may_replay, no_replay
 
 logger = logging.getLogger("omnimem")
 

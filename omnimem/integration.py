@@ -25,7 +25,7 @@ from __future__ import annotations
 
 import torch
 
-from omnimem.cache import OmniMemCache
+from omnimem.sparse.cache import OmniMemCache
 
 
 def cached_attention(
@@ -58,7 +58,7 @@ def cached_attention(
     Example:
         >>> import torch
         >>> from omnimem import OmniMemConfig
-        >>> from omnimem.cache import OmniMemCache
+        >>> from omnimem.sparse.cache import OmniMemCache
         >>> from omnimem.integration import cached_attention
         >>> config = OmniMemConfig(block_size=8, backend="dense")
         >>> caches = OmniMemCache.for_layers(2, 64, max_chunk_tokens=8, batch=1, num_kv_heads=4,

@@ -42,7 +42,7 @@ class RelativeTime:
         frame_tokens: tokens per latent frame (token ``t`` is in frame ``t // frame_tokens``).
 
     Example:
-        >>> from omnimem.gated_wan import wan_rope_freqs
+        >>> from omnimem.gated.wan import wan_rope_freqs
         >>> from omnimem.positions import RelativeTime, wan_time_table
         >>> time = RelativeTime(wan_time_table(wan_rope_freqs(128, positions=1024)), frame_tokens=1560)
         >>> time

@@ -7,7 +7,7 @@ import math
 import torch
 
 from omnimem.config import GatedConfig, OmniMemConfig
-from omnimem.offload import staging_sizes
+from omnimem.selection import RetrievalRules
 from omnimem.store.formats import check_kv_format, token_bytes
 
 
@@ -79,7 +79,7 @@ def kv_cache_bytes(
         blocks = math.ceil(capacity / config.block_size)
         means = blocks * row * (4 + 2 * itemsize)
         live = min(capacity, max(config.window_tokens, max_chunk_tokens) + config.block_size)
-        live = 2 * live * row * itemsize  # the live region, native on the device (gated_offload)
+        live = 2 * live * row * itemsize  # the live region, native on the device (omnimem.gated.offload)
         if offload and kv_format != "native":  # quantized on the device, staged from the host
             scratch = history(max_chunk_tokens + 2 * config.block_size, config.block_size)
             staged = history(staged_slots(config, max_chunk_tokens) * config.block_size, config.block_size)
@@ -127,3 +127,15 @@ def staged_slots(config, max_chunk_tokens: int) -> int:
     """Slots of an offloaded quantized ``GatedCache``'s staging store: the union of every
     query group's ``top_k`` blocks."""
     return math.ceil(max_chunk_tokens / config.query_group_size) * config.top_k
+
+
+def staging_sizes(config, length: int, max_chunk_tokens: int) -> tuple[int, int, int]:
+    """``(staged blocks, work buffer tokens, fresh buffer tokens)`` of an offloaded cache whose
+    buffers span ``length`` tokens: what it keeps on the device besides the block sums (two
+    work buffers and one fresh buffer, each for keys and for values)."""
+    bs = config.block_size
+    num_blocks = math.ceil(length / bs)
+    groups = math.ceil(max_chunk_tokens / config.query_group_size) if config.query_group_size else 1
+    width = RetrievalRules.from_config(config).table_width(num_blocks)
+    num_staged = min(num_blocks, groups * width)  # the union of every group's row
+    return num_staged, num_staged * bs + bs + max_chunk_tokens, (math.ceil(max_chunk_tokens / bs) + 1) * bs

@@ -11,7 +11,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from omnimem import OmniMemConfig, sparse_attention
-from omnimem.cache import OmniMemCache
+from omnimem.sparse.cache import OmniMemCache
 from tests.inputs import TEST_DEVICE
 
 from .cases import retrieval_configs

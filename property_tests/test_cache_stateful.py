@@ -10,7 +10,7 @@ from hypothesis import strategies as st
 from hypothesis.stateful import RuleBasedStateMachine, initialize, invariant, precondition, rule
 
 from omnimem import GatedCache, OmniMemConfig, gated_attention, sparse_attention
-from omnimem.cache import OmniMemCache
+from omnimem.sparse.cache import OmniMemCache
 from tests.inputs import TEST_DEVICE
 
 from .conftest import examples

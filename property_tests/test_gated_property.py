@@ -152,7 +152,7 @@ def test_group_topk_kernels_match_torch(
     """The selection kernels (both passes, or the one-pass kernel) rank exactly as the torch
     path on exact inputs (small integers: ties everywhere, every summation order agrees),
     with candidates any span ``[start, end)`` and NaN block means that must never be picked."""
-    from omnimem.gated_selection import select_groups_torch
+    from omnimem.gated.selection import select_groups_torch
     from omnimem.kernels.group_topk import group_topk
     from tests.inputs import exact_queries_and_keys
 

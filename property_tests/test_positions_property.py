@@ -13,9 +13,9 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from omnimem import OmniMemConfig
-from omnimem.cache import OmniMemCache
-from omnimem.gated_wan import wan_rope_freqs
+from omnimem.gated.wan import wan_rope_freqs
 from omnimem.positions import RelativeTime, wan_time_table
+from omnimem.sparse.cache import OmniMemCache
 from tests.inputs import TEST_DEVICE
 from tests.reference import relative_attention_reference, stored_history
 

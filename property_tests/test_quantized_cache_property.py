@@ -11,7 +11,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from omnimem import GatedCache, OmniMemConfig, select_blocks, sparse_attention
-from omnimem.cache import OmniMemCache
+from omnimem.sparse.cache import OmniMemCache
 from tests.inputs import TEST_DEVICE
 from tests.reference import stored_history
 from tests.reference_gated import reference_gated_attention

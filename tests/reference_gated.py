@@ -2,7 +2,7 @@
 section 8; docs/gated.md states the exact semantics).
 
 Written from the text with Python lists and sorted(): it shares no code with
-``omnimem.gated``, ``omnimem.selection`` or the backends.
+``omnimem.gated.attention``, ``omnimem.selection`` or the backends.
 """
 
 from __future__ import annotations

@@ -9,7 +9,7 @@ import torch
 from torch._dynamo.utils import counters
 
 from omnimem import OmniMemConfig, select_blocks, sparse_attention
-from omnimem.cache import OmniMemCache
+from omnimem.sparse.cache import OmniMemCache
 
 from .inputs import TEST_DEVICE
 
@@ -198,16 +198,16 @@ def test_offload_reuses_blocks_across_denoising_steps(kv_format):
 
 def test_offload_edges_are_clear_errors(monkeypatch):
     config = OmniMemConfig(block_size=4, top_k=3, sink_tokens=4, local_tokens=4, backend="gather")
-    import omnimem.offload
+    import omnimem.store.tiers
 
     with pytest.raises(TypeError, match="offload must be a bool"):
         make_cache(offload="yes")
     one_layer = 2 * (64 + 8) * 2 * 8 * 4  # k and v, capacity + chunk, 2 heads, D 8, fp32
-    monkeypatch.setattr(omnimem.offload, "available_host_memory", lambda: 3 * one_layer)
+    monkeypatch.setattr(omnimem.store.tiers, "available_host_memory", lambda: 3 * one_layer)
     make_cache(capacity=64, config=config, offload=True)
     with pytest.raises(ValueError, match=r"needs 0\.0 GiB of host memory"):  # 4 layers, checked up front
         OmniMemCache.for_layers(4, 64, **CACHE_KW, config=config, offload=True)
-    monkeypatch.setattr(omnimem.offload, "available_host_memory", lambda: one_layer - 1)
+    monkeypatch.setattr(omnimem.store.tiers, "available_host_memory", lambda: one_layer - 1)
     with pytest.raises(ValueError, match="GiB of host memory"):
         make_cache(capacity=64, config=config, offload=True)
 
@@ -358,15 +358,15 @@ def test_training_attends_a_compact_copy_of_the_attended_history(
         cache.commit(past[0][:, :, start : start + 10], past[1][:, :, start : start + 10])
     q = torch.randn(2, 4, 10, 16, generator=gen).to(TEST_DEVICE).requires_grad_()
     k, v = (torch.randn(2, 2, 10, 16, generator=gen).to(TEST_DEVICE).requires_grad_() for _ in range(2))
-    import omnimem.cache
+    import omnimem.sparse.cache
 
-    lengths, original = [], omnimem.cache.sparse_attention
+    lengths, original = [], omnimem.sparse.cache.sparse_attention
 
     def recording(q, k, v, **kw):
         lengths.append(k.shape[2])
         return original(q, k, v, **kw)
 
-    monkeypatch.setattr(omnimem.cache, "sparse_attention", recording)
+    monkeypatch.setattr(omnimem.sparse.cache, "sparse_attention", recording)
     out, lse = cache.attend(q, k, v, return_lse=True)
     if history >= 32 and groups is None:  # the selected blocks (a static bound), then the chunk
         assert len(lengths) == 1 and lengths[0] < history + 10

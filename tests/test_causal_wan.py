@@ -9,7 +9,7 @@ import torch
 
 from omnimem import GatedConfig, OmniMemCache, OmniMemConfig
 from omnimem.causal_wan import patch_causal_wan, unpatch_causal_wan
-from omnimem.gated_wan import wan_rope_freqs
+from omnimem.gated.wan import wan_rope_freqs
 
 from .causal_wan_standin import StandinModel, StandinPipeline
 
@@ -365,7 +365,7 @@ def test_past_the_rope_table_the_patched_model_runs_on_with_wan_positions():
     (absolute positions keep growing). At full budget it equals their attention with the table
     extended by the same formula (the same as theirs wherever their table reaches). A table
     that is not Wan's is not extended: a ValueError names the limit before anything is written."""
-    from omnimem.gated_wan import wan_rope_freqs
+    from omnimem.gated.wan import wan_rope_freqs
 
     everything = OmniMemConfig(block_size=128, top_k=128, sink_tokens=0, local_tokens=0, backend="dense")
     theirs = model()

@@ -10,8 +10,8 @@ import torch
 import torch.distributed as dist
 
 from omnimem import OmniMemConfig, cached_attention
-from omnimem.cache import OmniMemCache
 from omnimem.distributed import sharded_cache, ulysses_attention
+from omnimem.sparse.cache import OmniMemCache
 from tests.inputs import TEST_DEVICE
 
 CUDA = pytest.mark.skipif(TEST_DEVICE.type != "cuda", reason="CUDA graphs exist on CUDA only")

@@ -12,10 +12,10 @@ import pytest
 import torch
 
 from omnimem import OmniMemConfig
-from omnimem.cache import OmniMemCache
 from omnimem.causal_wan import patch_causal_wan
-from omnimem.gated_wan import wan_rope_freqs
+from omnimem.gated.wan import wan_rope_freqs
 from omnimem.positions import RelativeTime, wan_time_table
+from omnimem.sparse.cache import OmniMemCache
 from omnimem.store.disk import disk_zeros
 
 from .test_causal_wan import CHUNK, FREQS, FULL, GRID, StandinPipeline, chunks, model

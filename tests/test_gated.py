@@ -7,7 +7,7 @@ import pytest
 import torch
 
 from omnimem import GatedConfig, PooledKV, gated_attention, pool_kv, select_group_blocks
-from omnimem.gated_selection import CandidateRule, candidate_span, select_groups_torch
+from omnimem.gated.selection import CandidateRule, candidate_span, select_groups_torch
 from omnimem.pooling import key_bounds
 
 from .inputs import ON_HOPPER, TEST_DEVICE, exact_queries_and_keys, make_inputs
@@ -207,7 +207,7 @@ def test_group_queries_kernel_matches_torch(
     """The selection's per-call inputs in one launch: pooled queries (GQA sum, rounding) and
     the candidates' span equal the torch path's (exact inputs: every sum order agrees), with
     programs of several groups (the last one partial) and the outputs poisoned."""
-    from omnimem.gated_selection import group_queries
+    from omnimem.gated.selection import group_queries
     from omnimem.kernels.group_queries import group_queries_and_span
 
     gen = torch.Generator().manual_seed(q_len)
@@ -406,7 +406,7 @@ def test_bfloat16_first_pass_needs_key_bounds_on_cuda():
     """``approx_keys`` must be CUDA bfloat16 of the means' shape, with their ``key_bounds``;
     the layer passes a pooled ``k_attn`` only with its bounds (``pool_kv``, the caches), on
     CUDA; bounds of the wrong shape or dtype are refused."""
-    from omnimem.gated import _approx_keys
+    from omnimem.gated.attention import _approx_keys
     from omnimem.kernels.group_topk import two_pass_topk
 
     pq, km = torch.randn(1, 1, 2, 16), torch.randn(1, 1, 40, 16)
@@ -502,7 +502,7 @@ def test_bfloat16_first_pass_keeps_the_rounding_adversary(refine):
 def test_selection_beside_the_dense_branches_changes_nothing(monkeypatch):
     """On CUDA the triton backend selects on a side stream while the dense branches run: the
     same bits as selecting inline, eagerly and replayed from a CUDA graph."""
-    from omnimem import gated as gated_module
+    from omnimem.gated import attention as gated_module
 
     shape = dict(q_heads=4, kv_heads=2, q_len=90, history_len=3000, head_dim=64)
     q, k, v = make_inputs(**shape, dtype=torch.bfloat16)

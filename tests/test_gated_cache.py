@@ -129,7 +129,7 @@ def test_training_runs_on_compact_keys_and_equals_the_stateless_layer(backend, r
     equal the stateless layer's over the whole history."""
     if backend == "triton" and TEST_DEVICE.type != "cuda" and os.environ.get("TRITON_INTERPRET") != "1":
         pytest.skip("the triton kernels run on CUDA or under TRITON_INTERPRET=1")
-    import omnimem.gated_cache
+    import omnimem.gated.cache
 
     cache = GatedCache(
         200, batch=1, num_kv_heads=1, head_dim=16, device=TEST_DEVICE, backend=backend, **rules
@@ -141,14 +141,14 @@ def test_training_runs_on_compact_keys_and_equals_the_stateless_layer(backend, r
                 torch.randn(1, 2 if x == "q" else 1, 25, 16, generator=gen).to(TEST_DEVICE) for x in "qkv"
             )
             cache.attend(q, k, v, torch.rand(1, 2, 25, 3, generator=gen).to(TEST_DEVICE), start=start)
-    lengths, original = [], omnimem.gated_cache.run_branches
+    lengths, original = [], omnimem.gated.cache.run_branches
 
     def recording(q, k, *args, **kw):
         compact = kw.get("compact")  # triton training: k is the chunk, the keys come apart
         lengths.append((k if compact is None else compact[0]).shape[2])
         return original(q, k, *args, **kw)
 
-    monkeypatch.setattr(omnimem.gated_cache, "run_branches", recording)
+    monkeypatch.setattr(omnimem.gated.cache, "run_branches", recording)
     ours = [torch.randn(1, h, 23, 16, generator=gen).to(TEST_DEVICE).requires_grad_() for h in (2, 1, 1)]
     ours.append(torch.rand(1, 2, 23, 3, generator=gen).to(TEST_DEVICE).requires_grad_())
     out = cache.attend(*ours, start=150)

@@ -9,7 +9,7 @@ from einops import rearrange
 from torch import nn
 
 from omnimem import GatedWanSelfAttention
-from omnimem.gated_wan import reordered_rope, wan_rope_freqs
+from omnimem.gated.wan import reordered_rope, wan_rope_freqs
 
 from .reference_gated import reference_gated_attention
 
@@ -145,7 +145,7 @@ def test_refusals():
 def test_rope_table_for_extends_wan_tables_only():
     """Past the table: Wan's formula (the table's own rows unchanged); a table that is not
     Wan's is refused, naming the limit; the drop-in layer reads it at its start_frame."""
-    from omnimem.gated_wan import rope_table_for
+    from omnimem.gated.wan import rope_table_for
 
     table = wan_rope_freqs(16)
     assert rope_table_for(table, 1024) is table
@@ -155,7 +155,7 @@ def test_rope_table_for_extends_wan_tables_only():
     with pytest.raises(ValueError, match=r"RoPE table of 1024 frames.*max_frames <= 1024"):
         rope_table_for(wan_rope_freqs(16, theta=500.0), 1025)
     # A table's verdict dies with it: a later table at the same address is checked afresh.
-    from omnimem import gated_wan
+    from omnimem.gated import wan as gated_wan
 
     before = len(gated_wan._CHECKED_TABLES)
     rope_table_for(wan_rope_freqs(16, positions=8), 9)

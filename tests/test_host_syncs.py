@@ -102,7 +102,7 @@ def test_an_omnimem_cache_rollout(offload, cuda_graphs, kv_format, relative):
         pytest.skip("cuda_graphs needs a resident cache")
     if (kv_format != "native" or relative) and cuda_graphs:
         pytest.skip("quantized caches and relative positions run without CUDA graphs")
-    from omnimem.gated_wan import wan_rope_freqs
+    from omnimem.gated.wan import wan_rope_freqs
     from omnimem.positions import RelativeTime, wan_time_table
 
     time = RelativeTime(wan_time_table(wan_rope_freqs(128, positions=1024)), frame_tokens=64)

@@ -59,7 +59,7 @@ def test_block_sums_kernel_matches_reference(
 )
 def test_stage_blocks_kernel_matches_reference(block_size, head_dim, host_flash_layout, dtype):
     from omnimem.kernels.stage_blocks import stage_blocks
-    from omnimem.offload import stage_blocks_reference
+    from omnimem.store.staging import stage_blocks_reference
 
     gen = torch.Generator().manual_seed(block_size)
     batch, heads, num_slots = 2, 3, 5

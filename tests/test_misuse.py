@@ -132,7 +132,7 @@ def test_unselected_block_has_no_influence_through_gather_padding(backend):
 
 def test_resident_caches_larger_than_the_gpu_are_refused_up_front(monkeypatch):
     """Like offloaded caches and host memory: all layers are checked before any is allocated."""
-    from omnimem.cache import OmniMemCache
+    from omnimem.sparse.cache import OmniMemCache
 
     monkeypatch.setattr(torch.cuda, "mem_get_info", lambda device=None: (2 * 2**30, 80 * 2**30))
     kwargs = dict(max_chunk_tokens=4680, batch=1, num_kv_heads=12, head_dim=128, dtype=torch.bfloat16)

@@ -10,10 +10,10 @@ import pytest
 import torch
 
 from omnimem import OmniMemConfig
-from omnimem.cache import OmniMemCache
 from omnimem.causal_wan import patch_causal_wan
-from omnimem.gated_wan import wan_rope_freqs
+from omnimem.gated.wan import wan_rope_freqs
 from omnimem.positions import RelativeTime, relative_frames, reserve, wan_time_table
+from omnimem.sparse.cache import OmniMemCache
 
 from .reference import relative_attention_reference, relative_frame_rule
 from .test_causal_wan import DIM, FRAME, FREQS, GRID, HEADS, StandinPipeline, chunks, model

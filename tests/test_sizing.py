@@ -6,7 +6,7 @@ import pytest
 import torch
 
 from omnimem import GatedCache, GatedConfig, OmniMemConfig, kv_cache_bytes
-from omnimem.cache import OmniMemCache
+from omnimem.sparse.cache import OmniMemCache
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])

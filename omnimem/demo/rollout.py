@@ -13,11 +13,11 @@ import time
 import torch
 import torch.nn.functional as F
 
-from omnimem.cache import OmniMemCache
 from omnimem.config import OmniMemConfig
 from omnimem.demo.model import TinyCausalDiT
 from omnimem.integration import cached_attention
 from omnimem.sizing import kv_cache_bytes
+from omnimem.sparse.cache import OmniMemCache
 
 MODES = ("omnimem", "dense", "truncated")
 

@@ -19,7 +19,7 @@ import torch
 from omnimem.backends.gated_branches import compressed_attention, selected_attention_gather, window_attention
 from omnimem.checks import check_attention_inputs, check_gates
 from omnimem.config import GatedConfig
-from omnimem.gated_selection import CandidateRule, GroupSelection, select_groups
+from omnimem.gated.selection import CandidateRule, GroupSelection, select_groups
 from omnimem.pooling import PooledKV, accumulation_dtype, pool_kv
 from omnimem.store.blocks import QuantizedBlocks
 

@@ -23,20 +23,19 @@ import torch
 
 from omnimem.checks import check_attention_inputs, check_gates
 from omnimem.config import GatedConfig
-from omnimem.gated import (
+from omnimem.gated.attention import (
     fanout_backward,
     gated_attention,
     resolve_gated_backend,
     run_branches,
     select_groups_for,
 )
-from omnimem.gated_offload import GatedHostOffload, GatedQuantizedHistory, GatedQuantizedOffload
-from omnimem.offload import check_device_memory, check_host_memory
+from omnimem.gated.offload import GatedHostOffload, GatedQuantizedHistory, GatedQuantizedOffload
 from omnimem.pooling import PooledKV, accumulation_dtype, block_means, key_bounds
 from omnimem.selection import compact_numbering, gather_union_rows
 from omnimem.sizing import host_history_bytes, kv_cache_bytes
-from omnimem.store.disk import disk_zeros
 from omnimem.store.formats import check_kv_format
+from omnimem.store.tiers import check_device_memory, check_host_memory, native_history
 
 Layout = Literal["bhld", "blhd"]
 
@@ -54,7 +53,7 @@ class GatedCache:
             ``"bhld"``; both are exposed as ``[B, H, L, D]`` views without copies.
         offload: keep the full keys/values in (pinned) host memory; the device holds the block
             means and the live region (window and chunk), and each call copies the history
-            blocks its groups selected over PCIe (``omnimem/gated_offload.py``). Same results
+            blocks its groups selected over PCIe (``omnimem/gated/offload.py``). Same results
             as resident, bit for bit.
         max_chunk_tokens: the longest chunk a write may bring (needed with ``offload`` or a
             quantized ``kv_format``: it sizes the device's live region).
@@ -168,16 +167,10 @@ class GatedCache:
                 check_host_memory(kv_cache_bytes(capacity, **sizes) - kv_cache_bytes(0, **sizes))
             live = kv_cache_bytes(capacity, **sizes, offload=True, max_chunk_tokens=max_chunk_tokens)
             check_device_memory(live, self.device)
-            if disk is None:
-                self._k = GatedHostOffload.host_buffer(shape, dtype, self.device)
-                self._v = GatedHostOffload.host_buffer(shape, dtype, self.device)
-            else:  # file-backed (omnimem.store.disk): the page cache is its host memory
-                self._k, self._v = disk_zeros(shape, dtype, disk), disk_zeros(shape, dtype, disk)
+            self._k, self._v = native_history(shape, dtype, self.device, offload=True, disk=disk)
         else:
             check_device_memory(kv_cache_bytes(capacity, **sizes), self.device)
-            # Zeros, not empty: unwritten space is never read, but finite is the safe default.
-            self._k = torch.zeros(shape, dtype=dtype, device=device)
-            self._v = torch.zeros_like(self._k)
+            self._k, self._v = native_history(shape, dtype, self.device, offload=False)
         slots = math.ceil(capacity / self.config.block_size)
         pooled_shape = (batch, num_kv_heads, slots, head_dim)
         self.pooled = PooledKV(

@@ -25,11 +25,10 @@ import functools
 
 import torch
 
-from omnimem.offload import SOURCE_HOST, SOURCE_NONE, stage
 from omnimem.selection import compact_numbering, gather_union_rows
 from omnimem.sizing import staged_slots
 from omnimem.store.blocks import QuantizedBlocks
-from omnimem.store.host import host_zeros
+from omnimem.store.staging import SOURCE_HOST, SOURCE_NONE, stage
 
 
 class GatedHostOffload:
@@ -55,11 +54,6 @@ class GatedHostOffload:
         self.flushed = 0  # the host holds every position before this
         self.copy_stream = torch.cuda.Stream(self.device) if self.device.type == "cuda" else None
         self.copied: torch.cuda.Event | None = None
-
-    @staticmethod
-    def host_buffer(shape: tuple[int, ...], dtype: torch.dtype, device: torch.device) -> torch.Tensor:
-        """A zero host buffer, pinned and mapped for in-place device reads when ``device`` is a GPU."""
-        return host_zeros(shape, dtype, pin=device.type == "cuda")
 
     def reset(self) -> None:
         self.wait_for_copies()

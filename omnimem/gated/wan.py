@@ -18,7 +18,7 @@ from einops import rearrange
 from torch import nn
 
 from omnimem.config import GatedConfig
-from omnimem.gated_cache import GatedCache
+from omnimem.gated.cache import GatedCache
 from omnimem.store.formats import check_kv_format
 
 

@@ -1,4 +1,4 @@
-"""The gated selection's per-call inputs in one launch (reference: ``gated_selection``'s
+"""The gated selection's per-call inputs in one launch (reference: ``omnimem.gated.selection``'s
 ``group_queries`` and ``candidate_span``).
 
 One program per (batch x KV head, ``groups_per_program`` query groups) averages each group's
@@ -16,7 +16,7 @@ import torch
 import triton
 import triton.language as tl
 
-from omnimem.gated_selection import CandidateRule, candidate_span
+from omnimem.gated.selection import CandidateRule, candidate_span
 from omnimem.kernels.pdl import gdc_launch_dependents
 
 

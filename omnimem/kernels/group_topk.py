@@ -1,5 +1,5 @@
 """Scores and top-k of the gated layer's fine-grained selection (reference:
-``gated_selection.select_groups_torch``), never writing the ``[G, NB]`` score matrix.
+``omnimem.gated.selection.select_groups_torch``), never writing the ``[G, NB]`` score matrix.
 
 Two passes (``two_pass_topk``), exact whatever the data:
 
@@ -33,7 +33,7 @@ import torch
 import triton
 import triton.language as tl
 
-from omnimem.gated_selection import as_span
+from omnimem.gated.selection import as_span
 from omnimem.kernels.pdl import gdc_launch_dependents, gdc_wait
 from omnimem.selection import _INDEX_BITS, _TIER_SHIFT
 

@@ -4,8 +4,8 @@ One program stages one block slot of one (batch, KV head), keys and values: from
 call's staging buffer, from the last commit's blocks kept on the device, or from the history in
 pinned host memory, read in place over PCIe (unified virtual addressing: no bounce buffer, no
 host involvement, no sync). Which source, and which block of it, come from device tensors, so
-the launch has static shapes. Reference: ``omnimem.offload.stage_blocks_reference``; the
-source codes are ``omnimem.offload.SOURCE_*``.
+the launch has static shapes. Reference: ``omnimem.store.staging.stage_blocks_reference``; the
+source codes are ``omnimem.store.staging.SOURCE_*``.
 """
 
 from __future__ import annotations
@@ -110,7 +110,7 @@ def stage_blocks(
     ``dst``, ``previous``, ``fresh`` and ``host`` are ``(k, v)`` pairs of ``[B, H, L, D]`` views
     with a unit stride along ``D``; ``dst`` and ``previous`` share shape and strides; ``host``
     may live in pinned host memory; ``k`` and ``v`` of a pair share strides. ``source`` (int32,
-    ``omnimem.offload.SOURCE_*``) and ``source_block``
+    ``omnimem.store.staging.SOURCE_*``) and ``source_block``
     (int64) are ``[B, H, W]`` device tensors; slot ``w`` covers tokens ``[w*bs, (w+1)*bs)``.
     """
     batch, heads, num_slots = source.shape

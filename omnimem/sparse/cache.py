@@ -32,20 +32,14 @@ import torch
 from omnimem.api import _attend_checked, resolve_backend, select_blocks, sparse_attention
 from omnimem.checks import Layout, check_attention_inputs
 from omnimem.config import OmniMemConfig
-from omnimem.offload import (
-    HostOffload,
-    OffloadStats,
-    QuantizedHistory,
-    QuantizedOffload,
-    check_device_memory,
-    check_host_memory,
-)
 from omnimem.positions import RelativeTime, buffer_positions, window_and_reserve
 from omnimem.selection import RetrievalRules, Selection, block_key_sums, gather_block_union
 from omnimem.sizing import host_history_bytes, kv_cache_bytes
-from omnimem.store.disk import check_disk_space, disk_zeros
+from omnimem.sparse.offload import HostOffload, QuantizedHistory, QuantizedOffload
+from omnimem.store.disk import check_disk_space
 from omnimem.store.formats import check_kv_format
-from omnimem.store.host import host_zeros
+from omnimem.store.staging import OffloadStats
+from omnimem.store.tiers import check_device_memory, check_host_memory, native_history
 
 
 class OmniMemCache:
@@ -110,7 +104,7 @@ class OmniMemCache:
     Example:
         >>> import torch
         >>> from omnimem import OmniMemConfig
-        >>> from omnimem.cache import OmniMemCache
+        >>> from omnimem.sparse.cache import OmniMemCache
         >>> cache = OmniMemCache(capacity=64, max_chunk_tokens=16, batch=1, num_kv_heads=2,
         ...                      head_dim=8, config=OmniMemConfig(block_size=8, top_k=2, backend="dense"))
         >>> q = k = v = torch.randn(1, 2, 16, 8)
@@ -223,16 +217,10 @@ class OmniMemCache:
         if quantized:
             self._k_storage = torch.zeros((), dtype=dtype, device=self.device).expand(shape)
             self._v_storage = self._k_storage
-        elif disk is not None:  # file-backed: the page cache is its host memory
-            self._k_storage = disk_zeros(shape, dtype, disk)
-            self._v_storage = disk_zeros(shape, dtype, disk)
-        elif offload:
-            pin = self.device.type == "cuda"  # the stage kernel reads it; commits copy asynchronously
-            self._k_storage = host_zeros(shape, dtype, pin=pin)
-            self._v_storage = host_zeros(shape, dtype, pin=pin)
-        else:
-            self._k_storage = torch.zeros(shape, dtype=dtype, device=self.device)
-            self._v_storage = torch.zeros(shape, dtype=dtype, device=self.device)
+        else:  # on its tier (a file: the page cache is its host memory; host: the stage kernel reads it)
+            self._k_storage, self._v_storage = native_history(
+                shape, dtype, self.device, offload=offload, disk=disk
+            )
         num_blocks = math.ceil(length / self.config.block_size)
         self.key_block_sums = torch.zeros(
             batch, num_kv_heads, num_blocks, head_dim, dtype=torch.float32, device=device
@@ -533,7 +521,7 @@ class OmniMemCache:
         Example:
             >>> import torch
             >>> from omnimem import OmniMemConfig
-            >>> from omnimem.cache import OmniMemCache
+            >>> from omnimem.sparse.cache import OmniMemCache
             >>> cache = OmniMemCache(capacity=64, max_chunk_tokens=16, batch=1, num_kv_heads=2,
             ...                      head_dim=8, config=OmniMemConfig(block_size=8, backend="dense"))
             >>> q = k = v = torch.randn(1, 2, 16, 8)

@@ -26,108 +26,16 @@ import dataclasses
 import functools
 import logging
 import math
-import os
 
 import torch
 
 from omnimem.api import resolve_backend, sparse_attention
 from omnimem.compile import compile_static
 from omnimem.positions import buffer_positions
-from omnimem.selection import RetrievalRules, gather_union_rows, sorted_unique
+from omnimem.selection import gather_union_rows, sorted_unique
+from omnimem.sizing import staging_sizes
 from omnimem.store.host import host_zeros
-
-# Where a staging slot's block comes from (the ``source`` codes of the stage kernel).
-SOURCE_NONE, SOURCE_PREVIOUS, SOURCE_FRESH, SOURCE_HOST = 0, 1, 2, 3
-
-
-def available_host_memory() -> int | None:
-    """Bytes the host can still give (``MemAvailable``: free plus reclaimable), if known."""
-    try:
-        with open("/proc/meminfo") as meminfo:
-            for line in meminfo:
-                if line.startswith("MemAvailable:"):
-                    return int(line.split()[1]) * 1024
-    except OSError:
-        pass
-    try:
-        return os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
-    except (ValueError, OSError, AttributeError):  # not a POSIX host: cannot tell
-        return None
-
-
-def check_host_memory(nbytes: int) -> None:
-    """Refuse up front a host history larger than the host's available memory."""
-    available = available_host_memory()
-    if available is not None and nbytes > available:
-        raise ValueError(
-            f"an offloaded history of this capacity needs {nbytes / 2**30:.1f} GiB of host memory, "
-            f"but only {available / 2**30:.1f} GiB are available: lower the capacity"
-        )
-
-
-def check_device_memory(nbytes: int, device: torch.device) -> None:
-    """Refuse up front a resident history larger than the GPU's free memory (CPU: unchecked,
-    the host's allocator answers for itself)."""
-    if device.type != "cuda":
-        return
-    free, _ = torch.cuda.mem_get_info(device)
-    if nbytes > free:
-        raise ValueError(
-            f"a resident history of this capacity needs {nbytes / 2**30:.1f} GiB of GPU memory, but "
-            f"only {free / 2**30:.1f} GiB are free on {device}: use offload=True (the history in "
-            "host memory) or lower the capacity (omnimem.kv_cache_bytes sizes a model)"
-        )
-
-
-def stage_blocks_reference(
-    dst: tuple[torch.Tensor, torch.Tensor],
-    previous: tuple[torch.Tensor, torch.Tensor],
-    fresh: tuple[torch.Tensor, torch.Tensor],
-    host: tuple[torch.Tensor, torch.Tensor],
-    source: torch.Tensor,
-    source_block: torch.Tensor,
-    block_size: int,
-) -> None:
-    """Plain-torch ``omnimem.kernels.stage_blocks.stage_blocks`` (CPU caches use it)."""
-    num_slots, head_dim = source.shape[-1], dst[0].shape[-1]
-    offsets = torch.arange(block_size, device=source.device)
-    slot_source = source.repeat_interleave(block_size, dim=-1)[..., None]  # [B, H, W*bs, 1]
-    for which in (0, 1):  # keys, values
-        staged = dst[which][:, :, : num_slots * block_size]
-        for code, pair in ((SOURCE_PREVIOUS, previous), (SOURCE_FRESH, fresh), (SOURCE_HOST, host)):
-            block = torch.where(source == code, source_block, 0)
-            # Slots of other sources read block 0, which a short buffer may not fill: clamp.
-            tokens = (block[..., None] * block_size + offsets).flatten(-2).clamp(max=pair[which].shape[2] - 1)
-            gathered = pair[which].gather(2, tokens[..., None].expand(-1, -1, -1, head_dim))
-            staged.copy_(torch.where(slot_source == code, gathered, staged))
-
-
-def stage(dst, previous, fresh, host, source, source_block, block_size) -> None:
-    """``stage_blocks`` on GPUs (host sources read in place), its plain-torch twin on CPU."""
-    if dst[0].device.type == "cuda":
-        from omnimem.kernels.stage_blocks import stage_blocks
-
-        stage_blocks(dst, previous, fresh, host, source, source_block, block_size)
-    else:
-        stage_blocks_reference(dst, previous, fresh, host, source, source_block, block_size)
-
-
-@dataclasses.dataclass
-class OffloadStats:
-    """Staging traffic of an offloaded cache since creation (or ``reset``).
-
-    ``requested``: blocks staged by all calls (per batch and KV head); ``hits``: those copied
-    on the device (from the previous call or the last commit); ``fetched_bytes``: keys and
-    values read from host memory for the others. ``hit_rate = hits / requested``.
-    """
-
-    requested: int = 0
-    hits: int = 0
-    fetched_bytes: int = 0
-
-    @property
-    def hit_rate(self) -> float:
-        return self.hits / self.requested if self.requested else 1.0
+from omnimem.store.staging import SOURCE_FRESH, SOURCE_HOST, SOURCE_NONE, SOURCE_PREVIOUS, OffloadStats, stage
 
 
 def staging_plan(
@@ -181,18 +89,6 @@ def staging_plan(
 def _compiled_staging_plan():
     # ~30 small kernels eagerly: launch-bound on a GPU (measured 2.3x the attention's time).
     return compile_static(staging_plan)
-
-
-def staging_sizes(config, length: int, max_chunk_tokens: int) -> tuple[int, int, int]:
-    """``(staged blocks, work buffer tokens, fresh buffer tokens)`` of an offloaded cache whose
-    buffers span ``length`` tokens: what it keeps on the device besides the block sums (two
-    work buffers and one fresh buffer, each for keys and for values)."""
-    bs = config.block_size
-    num_blocks = math.ceil(length / bs)
-    groups = math.ceil(max_chunk_tokens / config.query_group_size) if config.query_group_size else 1
-    width = RetrievalRules.from_config(config).table_width(num_blocks)
-    num_staged = min(num_blocks, groups * width)  # the union of every group's row
-    return num_staged, num_staged * bs + bs + max_chunk_tokens, (math.ceil(max_chunk_tokens / bs) + 1) * bs
 
 
 class HostOffload:

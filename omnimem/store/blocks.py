@@ -80,7 +80,7 @@ class QuantizedBlocks:
         """The store as ``((a, b), rows_per_block)`` pairs of ``[B, H, rows, C]`` tensors (``a`` and
         ``b`` of one shape; per-block or per-token scales get a unit last dim): block ``j`` is
         rows ``[j * rows_per_block, (j + 1) * rows_per_block)`` of each. What copying blocks
-        between stores moves (``omnimem.offload.stage``)."""
+        between stores moves (``omnimem.store.staging.stage``)."""
         bs = self.block_size
         if self.kv_format == "fp8":  # bytes: kernels that copy rows need no float8 support
             data = (self.k.view(torch.uint8), self.v.view(torch.uint8))

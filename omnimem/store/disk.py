@@ -4,7 +4,7 @@ its host-memory cache.
 The file is preallocated (``posix_fallocate``: a full disk is refused here, not discovered by a
 ``SIGBUS`` in the middle of a write) and unlinked as soon as it is mapped, so nothing is left on
 disk when the tensor is freed or the process dies. Device kernels cannot read a file mapping in
-place; ``omnimem.offload`` stages the blocks a call needs through a small page-locked bounce
+place; ``omnimem.sparse.offload`` stages the blocks a call needs through a small page-locked bounce
 buffer instead (one host synchronization per call: the host has to know which blocks to read).
 """
 
