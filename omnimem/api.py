@@ -16,6 +16,7 @@ from omnimem.backends import get_backend
 from omnimem.checks import Layout, check_attention_inputs, check_key_block_sums, check_selection, layout_of
 from omnimem.config import BACKEND_NAMES, OmniMemConfig
 from omnimem.selection import Selection, select
+from omnimem.store.index import Int8BlockSums
 
 BACKEND_ENV_VAR = "OMNIMEM_BACKEND"
 _DEFAULT_CONFIG = OmniMemConfig()
@@ -134,7 +135,7 @@ def _select(
     history_len: int,
     config: OmniMemConfig,
     scale: float,
-    key_block_sums: torch.Tensor | None,
+    key_block_sums: torch.Tensor | Int8BlockSums | None,
     history: torch.Tensor | None = None,
 ) -> Selection:
     check_key_block_sums(key_block_sums, k, config.block_size)
@@ -156,7 +157,7 @@ def select_blocks(
     history_len: int | None = None,
     chunk_len: int | None = None,
     config: OmniMemConfig | None = None,
-    key_block_sums: torch.Tensor | None = None,
+    key_block_sums: torch.Tensor | Int8BlockSums | None = None,
     layout: Layout = "bhld",
     **overrides: object,
 ) -> Selection:
@@ -173,8 +174,9 @@ def select_blocks(
         layout: ``"bhld"`` (default: q and k are ``[B, H, L, D]``) or ``"blhd"`` (``[B, L, H,
             D]``, read through views without copies).
         key_block_sums: optional float32 ``[B, Hkv, ceil(Lkv / block_size), D]`` sums of each
-            block's history keys (what a KV cache maintains incrementally). Without it the
-            whole key history is read once per call to compute block means.
+            block's history keys (what a KV cache maintains incrementally), or an
+            ``omnimem.store.index.Int8BlockSums`` of them. Without it the whole key history is
+            read once per call to compute block means.
         **overrides: config fields to replace for this call (e.g. ``top_k=16``).
 
     Returns:
@@ -210,7 +212,7 @@ def sparse_attention(
     chunk_len: int | None = None,
     config: OmniMemConfig | None = None,
     return_lse: bool = False,
-    key_block_sums: torch.Tensor | None = None,
+    key_block_sums: torch.Tensor | Int8BlockSums | None = None,
     selection: Selection | None = None,
     layout: Layout = "bhld",
     **overrides: object,
@@ -290,7 +292,7 @@ def _attend_checked(
     chunk_len: int,
     config: OmniMemConfig,
     return_lse: bool,
-    key_block_sums: torch.Tensor | None,
+    key_block_sums: torch.Tensor | Int8BlockSums | None,
     selection: Selection | None = None,
     history: torch.Tensor | None = None,
 ) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:

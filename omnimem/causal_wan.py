@@ -43,6 +43,7 @@ from omnimem.sizing import host_history_bytes, kv_cache_bytes
 from omnimem.sparse.cache import OmniMemCache
 from omnimem.store.disk import check_disk_space
 from omnimem.store.formats import check_kv_format
+from omnimem.store.index import check_index_format
 from omnimem.store.tiers import check_host_memory
 
 logger = logging.getLogger("omnimem")
@@ -141,6 +142,7 @@ def patch_causal_wan(
     kv_format: str = "native",
     positions: str = "absolute",
     disk: str | os.PathLike | None = None,
+    index_format: str = "float32",
     **overrides: object,
 ) -> list[nn.Module]:
     """Make ``model``'s causal self-attention layers attend through omnimem, in place.
@@ -184,6 +186,9 @@ def patch_causal_wan(
         disk: with ``offload``, a directory whose preallocated files hold each layer's history
             (``OmniMemCache(disk=...)``: the page cache is its host memory; docs/positions.md
             has the hour this is for). Native histories, both kinds of layer.
+        index_format: ``"float32"`` or ``"int8"``: the block sums Self-Forcing's layers select
+            from (``OmniMemCache(index_format=...)``: 0.26x the bytes, within a documented bound;
+            the index an hour needs, docs/positions.md).
         **overrides: config fields to change: ``OmniMemConfig`` fields for Self-Forcing's
             layers, ``GatedConfig`` fields for the authors' (over their own settings), e.g.
             ``top_k=12`` (a field of both reaches both).
@@ -207,6 +212,7 @@ def patch_causal_wan(
     if not isinstance(offload, bool):
         raise TypeError(f"offload must be a bool, got {type(offload).__name__}")
     check_kv_format(kv_format)
+    check_index_format(index_format)
     if disk is not None and not isinstance(disk, (str, os.PathLike)):
         raise TypeError(f"disk must be a directory path or None, got {type(disk).__name__}")
     if disk is not None and (not offload or kv_format != "native"):
@@ -235,6 +241,11 @@ def patch_causal_wan(
             f"modules with {', '.join(_ATTENTION_ATTRIBUTES)} and sink_size, or the authors' "
             "CausalNSSelfAttention with g_proj and pool sizes)"
         )
+    if index_format != "float32" and nsa_layers:
+        raise ValueError(
+            f"index_format={index_format!r} applies to Self-Forcing's layers (OmniMemCache); the authors' "
+            "three-branch layers select from block means: patch this model with index_format='float32'"
+        )
     if positions == "relative" and nsa_layers:
         raise ValueError(
             "positions='relative' is not implemented for the authors' three-branch layers yet: "
@@ -257,8 +268,8 @@ def patch_causal_wan(
     settings = dict(
         config=omnimem_config, max_frames=max_frames, max_chunk_frames=max_chunk_frames,
         sink_frames=sink_frames, local_frames=local_frames, offload=offload, kv_format=kv_format,
-        check=_first_allocation_check(len(modules), max_frames, offload, kv_format, disk),
-        positions=positions, disk=disk,
+        check=_first_allocation_check(len(modules), max_frames, offload, kv_format, disk, index_format),
+        positions=positions, disk=disk, index_format=index_format,
         model=weakref.ref(model), returns_update=callable(getattr(model, "_apply_cache_updates", None)),
     )  # fmt: skip
     for module in modules:
@@ -321,7 +332,12 @@ def _split_settings(
 
 
 def _first_allocation_check(
-    layers: int, max_frames: int, offload: bool, kv_format: str = "native", disk: str | None = None
+    layers: int,
+    max_frames: int,
+    offload: bool,
+    kv_format: str = "native",
+    disk: str | None = None,
+    index_format: str = "float32",
 ) -> Callable[[dict, int], None]:
     """A check, run before the first of ``layers`` caches is allocated, that all of them fit:
     the device (or, with ``offload``, the host for the history and the device for the rest).
@@ -337,7 +353,9 @@ def _first_allocation_check(
             k: sizes[k] for k in ("batch", "num_kv_heads", "head_dim", "dtype", "config", "max_chunk_tokens")
         }
         sizes["max_chunk_tokens"] = sizes["max_chunk_tokens"] or 0
-        on_device = layers * kv_cache_bytes(capacity, **sizes, offload=offload, kv_format=kv_format)
+        on_device = layers * kv_cache_bytes(
+            capacity, **sizes, offload=offload, kv_format=kv_format, index_format=index_format
+        )
         if offload and kv_format != "native":  # the quantized history in host memory
             names = ("batch", "num_kv_heads", "head_dim")
             block_size = (sizes["config"] or OmniMemConfig()).block_size
@@ -437,6 +455,7 @@ def _layer_cache(
         batch=k.shape[0], num_kv_heads=module.num_heads, head_dim=module.head_dim, config=config,
         dtype=k.dtype, device=k.device, layout="blhd", offload=settings["offload"],
         kv_format=settings["kv_format"], positions=positions, disk=settings["disk"],
+        index_format=settings["index_format"],
     )  # fmt: skip
     for name in ("k", "v"):  # the pipeline's window buffers: never read once patched
         if isinstance(kv_cache.get(name), torch.Tensor):

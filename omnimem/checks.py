@@ -105,11 +105,16 @@ def check_attention_inputs(
 
 
 def check_key_block_sums(key_block_sums: object, k: torch.Tensor, block_size: int) -> None:
-    """``key_block_sums`` must be float32 ``[B, Hkv, ceil(Lkv / block_size), D]`` on k's device."""
+    """``key_block_sums`` must be float32 ``[B, Hkv, ceil(Lkv / block_size), D]`` on k's device,
+    or an ``omnimem.store.index.Int8BlockSums`` of that shape."""
+    from omnimem.store.index import Int8BlockSums
+
     if key_block_sums is None:
         return
-    if not isinstance(key_block_sums, torch.Tensor):
-        raise TypeError(f"key_block_sums must be a torch.Tensor, got {type(key_block_sums).__name__}")
+    if not isinstance(key_block_sums, torch.Tensor | Int8BlockSums):
+        raise TypeError(
+            f"key_block_sums must be a torch.Tensor or an Int8BlockSums, got {type(key_block_sums).__name__}"
+        )
     batch, heads, length, head_dim = k.shape
     expected = (batch, heads, -(-length // block_size), head_dim)
     if tuple(key_block_sums.shape) != expected:
@@ -117,7 +122,7 @@ def check_key_block_sums(key_block_sums: object, k: torch.Tensor, block_size: in
             f"key_block_sums must have shape {expected} ([B, Hkv, ceil(Lkv / block_size), D]), "
             f"got {tuple(key_block_sums.shape)}"
         )
-    if key_block_sums.dtype != torch.float32:
+    if isinstance(key_block_sums, torch.Tensor) and key_block_sums.dtype != torch.float32:
         raise TypeError(f"key_block_sums must be float32, got {key_block_sums.dtype}")
     if key_block_sums.device != k.device:
         raise ValueError(f"key_block_sums must be on k's device {k.device}, got {key_block_sums.device}")

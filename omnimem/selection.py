@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import dataclasses
 import functools
+import logging
 import math
 from typing import NamedTuple
 
@@ -18,6 +19,7 @@ from einops import reduce
 
 from omnimem.compile import compile_static
 from omnimem.config import OmniMemConfig
+from omnimem.store.index import Int8BlockSums
 
 # Selection keys pack (tier, score, -block index) into one int64 so a single top-k gives a
 # deterministic order: tier first, then score, then the lower block index on ties.
@@ -415,13 +417,15 @@ def triton_selection_from_sums(
         dtype=torch.int32,
     )
     pooled = pooled_queries_kernel(q, query_group_size, tickets=tickets[:num_pooled])
+    int8 = isinstance(block_sums, Int8BlockSums)
     return block_tables_from_sums(
         pooled,
-        block_sums,
+        block_sums.codes if int8 else block_sums,
         history_len,
         scale=scale,
         **kernel_table_rules(rules, num_blocks),
         tickets=tickets[num_pooled:],
+        sum_steps=block_sums.step if int8 else None,
     )
 
 
@@ -562,6 +566,15 @@ def _compiled_scores_from_block_sums():
     return compile_static(_scores_from_block_sums)
 
 
+@functools.cache
+def _say_int8_index_dequantized() -> None:
+    logging.getLogger("omnimem").info(
+        "an int8 selection index is read in place by the fused selection kernel (one query group "
+        "per chunk); with several query groups or past the kernel's limits it is dequantized "
+        "per call (a float32 copy of the index)"
+    )
+
+
 def select(
     q: torch.Tensor,
     k: torch.Tensor,
@@ -577,8 +590,9 @@ def select(
     Args:
         q: ``[B, Hq, Lq, D]``; k: ``[B, Hkv, Lkv, D]``; history_len: 0-d int64 tensor on q's device.
         config: retrieval configuration; scale: the softmax scale.
-        key_block_sums: cached ``block_key_sums(k, history_len, block_size)``; then ``k`` is
-            not read (a full pass over the key history otherwise).
+        key_block_sums: cached ``block_key_sums(k, history_len, block_size)`` (float32, or
+            ``Int8BlockSums``); then ``k`` is not read (a full pass over the key history
+            otherwise).
         compiled: run the pipeline through ``torch.compile`` (static shapes: one compile per
             buffer shape and config, none as ``history_len`` changes).
     """
@@ -590,6 +604,11 @@ def select(
     rules = RetrievalRules.from_config(config)
     if key_block_sums is None:
         key_block_sums = block_key_sums(k, history_len, config.block_size)
+    fused = q.is_cuda and triton_tables_supported(num_blocks, rules) and group_size == q_len
+    if isinstance(key_block_sums, Int8BlockSums) and not fused:
+        if q.is_cuda:
+            _say_int8_index_dequantized()
+        key_block_sums = key_block_sums.dequantize()  # the reference path
     args = (q, key_block_sums, history_len, rules, group_size, scale)
     if q.is_cuda and triton_tables_supported(num_blocks, rules):
         if group_size == q_len:

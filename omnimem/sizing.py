@@ -9,6 +9,7 @@ import torch
 from omnimem.config import GatedConfig, OmniMemConfig
 from omnimem.selection import RetrievalRules
 from omnimem.store.formats import check_kv_format, token_bytes
+from omnimem.store.index import check_index_format
 
 
 def kv_cache_bytes(
@@ -23,6 +24,7 @@ def kv_cache_bytes(
     max_chunk_tokens: int = 0,
     offload: bool = False,
     kv_format: str = "native",
+    index_format: str = "float32",
 ) -> int:
     """Bytes the caches of ``layers`` attention layers allocate on their device.
 
@@ -41,6 +43,9 @@ def kv_cache_bytes(
     store); a quantized ``OmniMemCache`` keeps two quantized staging stores, the last commit's
     blocks quantized and the native tail (partial block and chunk), beside the history (in
     host memory when offloaded).
+
+    ``index_format`` (``OmniMemCache`` only): ``"int8"`` counts the block sums as one byte a
+    channel plus a float32 step per block (``omnimem.store.index.Int8BlockSums``).
 
     Example (what a minute of history adds to one layer, Wan2.1-1.3B, 128-token blocks):
         >>> from omnimem import kv_cache_bytes
@@ -64,6 +69,7 @@ def kv_cache_bytes(
     if not (isinstance(dtype, torch.dtype) and dtype.is_floating_point):
         raise TypeError(f"dtype must be a floating torch.dtype, got {dtype!r}")
     check_kv_format(kv_format)
+    check_index_format(index_format)
     itemsize = torch.empty((), dtype=dtype).element_size()
 
     def history(tokens: int, block_size: int) -> int:
@@ -76,6 +82,10 @@ def kv_cache_bytes(
 
     row = batch * num_kv_heads * head_dim  # elements of one token (or one block summary)
     if isinstance(config, GatedConfig):
+        if index_format != "float32":
+            raise ValueError(
+                "index_format applies to OmniMemCache (an OmniMemConfig); GatedCache keeps block means"
+            )
         blocks = math.ceil(capacity / config.block_size)
         means = blocks * row * (4 + 2 * itemsize)
         live = min(capacity, max(config.window_tokens, max_chunk_tokens) + config.block_size)
@@ -93,7 +103,10 @@ def kv_cache_bytes(
     elif config is None or isinstance(config, OmniMemConfig):
         config = config or OmniMemConfig()
         length = capacity + max_chunk_tokens
-        sums = math.ceil(length / config.block_size) * row * 4
+        sum_blocks = math.ceil(length / config.block_size)
+        sums = sum_blocks * row * 4
+        if index_format == "int8":
+            sums = sum_blocks * (row + 4 * batch * num_kv_heads)
         staged, work, fresh = staging_sizes(config, length, max_chunk_tokens)
         staging = (4 * work + 2 * fresh) * row * itemsize  # two work pairs, one fresh pair
         if kv_format != "native":

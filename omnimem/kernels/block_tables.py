@@ -207,16 +207,16 @@ def _merge_tables_kernel(
 
 @triton.jit
 def _tables_from_sums_kernel(
-    pooled_ptr, sums_ptr, scores_ptr, keys_ptr, fixed_ptr, selected_ptr, block_idx_ptr,
+    pooled_ptr, sums_ptr, steps_ptr, scores_ptr, keys_ptr, fixed_ptr, selected_ptr, block_idx_ptr,
     num_blocks_out_ptr, history_len_ptr, ticket_ptr,
-    stride_sb, stride_sh, stride_sj, stride_sd,
+    stride_sb, stride_sh, stride_sj, stride_sd, stride_pb, stride_ph, stride_pj,
     num_kv_heads, heads_per_kv, num_groups, num_blocks, num_chunks, num_tiles, scale,
     sink_tokens, local_tokens, exclusion_tokens, top_k, num_sink, num_local, table_width,
     BLOCKS: tl.constexpr, HEAD_DIM: tl.constexpr, D_PAD: tl.constexpr,
     BLOCK_SIZE: tl.constexpr, MODE: tl.constexpr, CHUNK: tl.constexpr, K_PAD: tl.constexpr,
     KEYS_PAD: tl.constexpr, FIXED_PAD: tl.constexpr, TOPK_PAD: tl.constexpr,
     WIDTH_PAD: tl.constexpr, INDEX_BITS: tl.constexpr, TIER_SHIFT: tl.constexpr,
-    TIER_FAR: tl.constexpr, TIER_RECENT: tl.constexpr,
+    TIER_FAR: tl.constexpr, TIER_RECENT: tl.constexpr, INT8: tl.constexpr,
 ):  # fmt: skip
     row = tl.program_id(0)  # (batch, KV head, query group)
     tile = tl.program_id(1)
@@ -231,8 +231,8 @@ def _tables_from_sums_kernel(
     key_sums = tl.load(
         sums_row + block.to(tl.int64)[:, None] * stride_sj + cols[None, :] * stride_sd,
         mask=(block[:, None] < num_blocks) & col_ok[None, :],
-        other=0.0,
-    )
+        other=0,
+    ).to(tl.float32)
     # Scores of the KV head's query heads summed (GQA) = the summed pooled queries' score.
     pooled = tl.zeros([D_PAD], dtype=tl.float32)
     for r in range(heads_per_kv):
@@ -241,7 +241,11 @@ def _tables_from_sums_kernel(
     history_len = tl.load(history_len_ptr)
     tokens = tl.minimum(tl.maximum(history_len - block.to(tl.int64) * BLOCK_SIZE, 1), BLOCK_SIZE)
     # float32 math like the torch path (a caller's torch.compile passes ``scale`` as float64).
-    score = tl.sum(key_sums * pooled[None, :], axis=1) * tl.cast(scale, tl.float32)
+    score = tl.sum(key_sums * pooled[None, :], axis=1)
+    if INT8:  # an int8 index (omnimem.store.index): codes times each block's step
+        steps_row = steps_ptr + batch.to(tl.int64) * stride_pb + kv_head.to(tl.int64) * stride_ph
+        score *= tl.load(steps_row + block.to(tl.int64) * stride_pj, mask=block < num_blocks, other=0.0)
+    score = score * tl.cast(scale, tl.float32)
     score = tl.div_rn(score, tokens.to(tl.float32))
     scores_row = scores_ptr + row.to(tl.int64) * num_blocks
     tl.store(scores_row + block, score, mask=block < num_blocks)
@@ -358,6 +362,7 @@ def block_tables_from_sums(
     tier_far: int,
     tier_recent: int,
     tickets: torch.Tensor | None = None,
+    sum_steps: torch.Tensor | None = None,
     blocks: int = 64,
     num_warps: int = 8,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
@@ -366,7 +371,8 @@ def block_tables_from_sums(
     it, the last chunk of a row merges the row).
 
     ``pooled [B, Hq, G, D]`` float32 mean queries (``pooled_queries``); ``block_sums
-    [B, Hkv, NB, D]`` float32 key sums; the query heads of a KV head are summed (GQA).
+    [B, Hkv, NB, D]`` float32 key sums, or int8 codes with ``sum_steps [B, Hkv, NB]`` float32
+    (``omnimem.store.index.Int8BlockSums``); the query heads of a KV head are summed (GQA).
     ``tickets``: ``num_table_tickets(...)`` zeroed int32 (allocated here if not given);
     ``blocks``: history blocks scored per program (64 on 8 warps measured best on an H100).
     """
@@ -391,16 +397,18 @@ def block_tables_from_sums(
     selected = torch.empty(*lead, k, device=device, dtype=torch.int32)
     block_idx = torch.empty(*lead, table_width, device=device, dtype=torch.int32)
     count = torch.empty(*lead, device=device, dtype=torch.int32)
+    steps = block_sums if sum_steps is None else sum_steps  # (unread for float32 sums)
+    step_strides = (0, 0, 0) if sum_steps is None else sum_steps.stride()
     _tables_from_sums_kernel[(rows, num_tiles)](
-        pooled, block_sums, scores, keys, fixed, selected, block_idx, count, history_len, tickets,
-        *block_sums.stride(), num_kv_heads, num_heads // num_kv_heads, num_groups, num_blocks,
+        pooled, block_sums, steps, scores, keys, fixed, selected, block_idx, count, history_len, tickets,
+        *block_sums.stride(), *step_strides, num_kv_heads, num_heads // num_kv_heads, num_groups, num_blocks,
         num_chunks, num_tiles, scale, sink_tokens, local_tokens, exclusion_tokens, k, num_sink,
         num_local, table_width, BLOCKS=blocks, HEAD_DIM=head_dim,
         D_PAD=triton.next_power_of_2(head_dim), BLOCK_SIZE=block_size,
         MODE={"never": 0, "always": 1, "adaptive": 2}[window_exclusion], CHUNK=chunk, K_PAD=k_pad,
         KEYS_PAD=keys_pad, FIXED_PAD=triton.next_power_of_2(max(1, num_sink + num_local)),
         TOPK_PAD=k_pad, WIDTH_PAD=triton.next_power_of_2(table_width), INDEX_BITS=index_bits,
-        TIER_SHIFT=tier_shift, TIER_FAR=tier_far, TIER_RECENT=tier_recent,
+        TIER_SHIFT=tier_shift, TIER_FAR=tier_far, TIER_RECENT=tier_recent, INT8=sum_steps is not None,
         num_warps=num_warps,
     )  # fmt: skip
     return block_idx, count, selected, fixed

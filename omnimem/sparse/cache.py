@@ -38,6 +38,7 @@ from omnimem.sizing import host_history_bytes, kv_cache_bytes
 from omnimem.sparse.offload import HostOffload, QuantizedHistory, QuantizedOffload
 from omnimem.store.disk import check_disk_space
 from omnimem.store.formats import check_kv_format
+from omnimem.store.index import Int8BlockSums, check_index_format
 from omnimem.store.staging import OffloadStats
 from omnimem.store.tiers import check_device_memory, check_host_memory, native_history
 
@@ -83,6 +84,10 @@ class OmniMemCache:
         disk: with ``offload``, a directory for the history's preallocated, unlinked files
             (``omnimem.store.disk``; the page cache is its host memory); native histories;
             each call synchronizes with the host once (docs/memory.md, "the disk tier").
+        index_format: ``"float32"`` (default) or ``"int8"``: the block sums selection reads,
+            in int8 with one step per block (``omnimem.store.index.Int8BlockSums``, 0.26x the
+            bytes); the selection equals float32's wherever the documented bound separates the
+            chosen blocks from the rest (docs/positions.md, "An index that stays small").
 
     Attributes:
         history_len: committed history tokens (``[0, history_len)`` of ``k``/``v``); grows with
@@ -92,8 +97,9 @@ class OmniMemCache:
         capacity: the most history tokens the cache holds; ``k``/``v`` have one chunk more
             (``max_chunk_tokens`` of scratch for the chunk being attended).
         key_block_sums: float32 ``[B, Hkv, ceil((capacity + max_chunk_tokens) / block_size),
-            D]`` sums of each block's history keys, kept up to date by commits (selection
-            reads them instead of the keys).
+            D]`` sums of each block's history keys (an ``Int8BlockSums`` with
+            ``index_format="int8"``), kept up to date by commits (selection reads them instead
+            of the keys).
 
     Raises:
         ValueError: non-positive sizes, an unknown layout, or (offloaded) a capacity larger
@@ -131,8 +137,10 @@ class OmniMemCache:
         kv_format: str = "native",
         positions: RelativeTime | None = None,
         disk: str | os.PathLike | None = None,
+        index_format: str = "float32",
     ) -> None:
         check_kv_format(kv_format, owner="OmniMemCache kv_format")
+        check_index_format(index_format, owner="OmniMemCache index_format")
         quantized = kv_format != "native"
         if positions is not None:
             if not isinstance(positions, RelativeTime):
@@ -222,9 +230,13 @@ class OmniMemCache:
                 shape, dtype, self.device, offload=offload, disk=disk
             )
         num_blocks = math.ceil(length / self.config.block_size)
-        self.key_block_sums = torch.zeros(
-            batch, num_kv_heads, num_blocks, head_dim, dtype=torch.float32, device=device
-        )
+        self.index_format = index_format
+        if index_format == "int8":  # a quarter of the bytes, within a documented bound
+            self.key_block_sums = Int8BlockSums.zeros(batch, num_kv_heads, num_blocks, head_dim, self.device)
+        else:
+            self.key_block_sums = torch.zeros(
+                batch, num_kv_heads, num_blocks, head_dim, dtype=torch.float32, device=device
+            )
         # history_len on the device as well: what the launched work reads, so that no position
         # is baked into it (a CUDA graph of an attend stays valid as the history grows).
         self._history = torch.zeros((), dtype=torch.int64, device=self.device)
