@@ -7,10 +7,11 @@ clean pass, each a full block forward) is timed, and, for layer 0, the selection
 attention call alone (``triton.testing.do_bench`` medians). Per mark: per-layer ms of a chunk,
 selection's share of the attention call, peak GPU memory, the host bytes of the history,
 the disk bytes (``--disk``: native history in a file), and the selection index's bytes (the
-per-block key sums) scaled to 30 layers.
+per-block key sums, ``--index-format int8`` by default) scaled to 30 layers.
 
     python benchmarks/hour_gpu.py [--minutes 1 10 30 60] [--layers 1] [--kv-format int4]
-                                  [--positions relative] [--disk DIR] [--json out.json]
+                                  [--positions relative] [--disk DIR] [--index-format int8]
+                                  [--json out.json]
     python benchmarks/hour_gpu.py --smoke   # a tiny CPU run: checks the script
 """
 
@@ -71,6 +72,7 @@ def main() -> None:
     parser.add_argument("--kv-format", default="int4")
     parser.add_argument("--positions", default="relative", choices=["relative", "absolute"])
     parser.add_argument("--disk", default=None, help="a directory: the native history in a file")
+    parser.add_argument("--index-format", default="int8", choices=["int8", "float32"])
     parser.add_argument("--smoke", action="store_true")
     parser.add_argument("--json", default=None)
     args = parser.parse_args()
@@ -91,6 +93,7 @@ def main() -> None:
         args.layers, marks[-1] + CHUNK, max_chunk_tokens=CHUNK, batch=1, num_kv_heads=heads,
         head_dim=head_dim, config=config, dtype=dtype, device=device, layout="blhd", offload=True,
         kv_format=kv_format, positions=time_table if args.positions == "relative" else None, disk=args.disk,
+        index_format=args.index_format,
     )  # fmt: skip
     gen = torch.Generator(device=device).manual_seed(0)
     x = torch.randn(1, CHUNK, heads * head_dim, device=device, dtype=dtype, generator=gen)
@@ -133,6 +136,7 @@ def main() -> None:
         device=torch.cuda.get_device_name() if device.type == "cuda" else "cpu", torch=torch.__version__,
         triton=triton.__version__, date=datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%d"),
         layers=args.layers, kv_format=kv_format, positions=args.positions, disk=bool(args.disk),
+        index_format=args.index_format,
     )  # fmt: skip
     print(f"\n{env}")
     print("| minutes | ms per layer call | vs first | selection share | peak GPU GiB | host GiB | disk GiB "

@@ -4,7 +4,7 @@ Selection reads one sum per (batch, KV head, block, channel). At an hour of Wan2
 (22.5M tokens a layer, 128-token blocks) those are 1.08 GB a layer in float32, 32 GB for 30
 layers: more than the GPU should spend on an index. ``Int8BlockSums`` keeps each block's sum row
 as int8 codes with one float32 step per (batch, head, block) (symmetric absmax: ``step =
-max|sum| / 127``), 0.26x the bytes (7.8 GiB for the hour's 30 layers).
+max|sum| / 127``), 0.26x the bytes (7.77 GiB for the hour's 30 layers).
 
 The bound (docs/positions.md, "An index that stays small"): a code is its sum rounded to the
 step, so each channel is off by at most ``step / 2`` and a block's score ``scale * <p, sum> /
