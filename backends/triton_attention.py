@@ -26,6 +26,7 @@ from __future__ import annotations
 
 import functools
 import math
+from typing import NamedTuple
 
 import torch
 import triton
@@ -53,6 +54,27 @@ def _load_tile(
     if MASKED or HEAD_DIM != BLOCK_D:
         return tl.load(ptrs, mask=(tokens[:, None] < limit) & (dims[None, :] < HEAD_DIM), other=0.0)
     return tl.load(ptrs)
+
+
+@triton.jit
+def _rotate_keys(k, start, rot_row, cos_ptr, sin_ptr, frame_tokens, num_frames, dtype: tl.constexpr,
+                 BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, PAIRS: tl.constexpr):  # fmt: skip
+    """Keys ``k [BLOCK_N, BLOCK_D]`` of tokens ``[start, start + BLOCK_N)`` (the cache's
+    numbering) with their first ``PAIRS`` channel pairs rotated in time by their frame's
+    relative position (``rot_row``: this (batch, KV head)'s position of every frame; ``cos``,
+    ``sin``: ``[positions, PAIRS]`` float32), in float32, rounded once to ``dtype``: what
+    ``omnimem.positions.RelativeTime.rotate`` does to a copy. Tokens past the last frame (never
+    attended: masked) read the last frame's position."""
+    frames = tl.minimum((start + tl.arange(0, BLOCK_N)) // frame_tokens, num_frames - 1)
+    pos = tl.load(rot_row + frames).to(tl.int64)
+    HALF: tl.constexpr = BLOCK_D // 2
+    pairs = tl.arange(0, HALF)
+    turn = pos[:, None] * PAIRS + pairs[None, :]
+    rotated = pairs[None, :] < PAIRS
+    cos = tl.load(cos_ptr + turn, mask=rotated, other=1.0)
+    sin = tl.load(sin_ptr + turn, mask=rotated, other=0.0)
+    re, im = tl.split(tl.reshape(k.to(tl.float32), (BLOCK_N, HALF, 2)))
+    return tl.reshape(tl.join(re * cos - im * sin, re * sin + im * cos), (BLOCK_N, BLOCK_D)).to(dtype)
 
 
 @triton.jit
@@ -88,12 +110,14 @@ def _history_tile(
     codes, scale_ptr, min_ptr, scales, stride_cl, stride_sn, whole_blocks, native_from, dtype: tl.constexpr,
     BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, HEAD_DIM: tl.constexpr, USE_TMA: tl.constexpr,
     MASKED: tl.constexpr, QUANT: tl.constexpr, IS_KEY: tl.constexpr, WHOLE: tl.constexpr,
+    rot_row, cos_ptr, sin_ptr, frame_tokens, num_frames, PAIRS: tl.constexpr,
 ):  # fmt: skip
     """Keys or values ``[start, start + BLOCK_N)`` of block ``block`` (tokens ``>= limit`` read
     as 0 when ``MASKED``) and the factor of their scores or probabilities. Native caches
     (``QUANT == 0``) read ``base``; a quantized history (1: fp8, 2: int4) reads its whole blocks'
     codes (``quantized_tiles``) and the rest, the partial last block and the chunk, from
-    ``base`` at ``token - native_from``. ``WHOLE``: the block is known to be whole."""
+    ``base`` at ``token - native_from``. ``WHOLE``: the block is known to be whole. ``PAIRS``:
+    keys are rotated in time (``_rotate_keys``; 0: not)."""
     if QUANT == 0:
         tile = _load_tile(base, desc, batch, kv_head, start, limit, stride_l, stride_d,
                           BLOCK_N, BLOCK_D, HEAD_DIM, USE_TMA, MASKED)  # fmt: skip
@@ -111,6 +135,9 @@ def _history_tile(
             tile = _load_tile(base, desc, batch, kv_head, start - native_from, limit - native_from, stride_l,
                               stride_d, BLOCK_N, BLOCK_D, HEAD_DIM, USE_TMA, True).to(dtype)  # fmt: skip
             mult = tl.full([], 1.0, tl.float32)
+    if IS_KEY and PAIRS > 0:
+        tile = _rotate_keys(tile, start, rot_row, cos_ptr, sin_ptr, frame_tokens, num_frames, dtype,
+                            BLOCK_N, BLOCK_D, PAIRS)  # fmt: skip
     return tile, mult
 
 
@@ -122,6 +149,7 @@ def _masked_tile_step(
     stride_cl, stride_ksn, stride_vsn, whole_blocks, native_from,
     BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, HEAD_DIM: tl.constexpr, USE_TMA: tl.constexpr,
     PRECISION: tl.constexpr, QUANT: tl.constexpr,
+    rot_row, cos_ptr, sin_ptr, frame_tokens, num_frames, PAIRS: tl.constexpr,
 ):  # fmt: skip
     """The update with keys ``[start, start + BLOCK_N)`` of block ``block`` (the chunk: any
     block ``>= whole_blocks``): tokens ``>= limit`` and rows not in ``rows_attend`` masked out."""
@@ -129,11 +157,13 @@ def _masked_tile_step(
         k_base, k_desc, batch, kv_head, block, start, limit, stride_kl, stride_kd,
         kq, k_scale_ptr, k_min_ptr, k_scales, stride_cl, stride_ksn, whole_blocks, native_from, q.dtype,
         BLOCK_N, BLOCK_D, HEAD_DIM, USE_TMA, True, QUANT, True, False,
+        rot_row, cos_ptr, sin_ptr, frame_tokens, num_frames, PAIRS,
     )  # fmt: skip
     v, v_mult = _history_tile(
         v_base, v_desc, batch, kv_head, block, start, limit, stride_vl, stride_vd,
         vq, v_scale_ptr, v_min_ptr, v_scales, stride_cl, stride_vsn, whole_blocks, native_from, q.dtype,
         BLOCK_N, BLOCK_D, HEAD_DIM, USE_TMA, True, QUANT, False, False,
+        rot_row, cos_ptr, sin_ptr, frame_tokens, num_frames, PAIRS,
     )  # fmt: skip
     token_ok = (start + tl.arange(0, BLOCK_N)) < limit
     if USE_TMA:
@@ -154,6 +184,7 @@ def _attend_range(
     HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
     BLOCK_SIZE: tl.constexpr, HAS_GROUPS: tl.constexpr, ALL_MASKED: tl.constexpr,
     USE_TMA: tl.constexpr, PRECISION: tl.constexpr, QUANT: tl.constexpr,
+    rot_row, cos_ptr, sin_ptr, frame_tokens, num_frames, PAIRS: tl.constexpr,
 ):  # fmt: skip
     """Online softmax of one query tile over its key tiles ``[it_begin, it_end)``: the
     selected history blocks first (``SUBS`` key tiles each, in table order), then the chunk.
@@ -183,6 +214,7 @@ def _attend_range(
                 kq, vq, k_scale_ptr, v_scale_ptr, k_min_ptr, v_min_ptr, k_scales, v_scales,
                 stride_cl, stride_ksn, stride_vsn, whole_blocks, native_from,
                 BLOCK_N, BLOCK_D, HEAD_DIM, USE_TMA, PRECISION, QUANT,
+                rot_row, cos_ptr, sin_ptr, frame_tokens, num_frames, PAIRS,
             )  # fmt: skip
     else:
         # Whole blocks: no masks. Only the last slot may hold the partial block: masked below.
@@ -199,6 +231,7 @@ def _attend_range(
                 k_base, k_desc, batch, kv_head, block, start, history_len, stride_kl, stride_kd,
                 kq, k_scale_ptr, k_min_ptr, k_scales, stride_cl, stride_ksn, whole_blocks, native_from,
                 q.dtype, BLOCK_N, BLOCK_D, HEAD_DIM, USE_TMA, False, QUANT, True, True,
+                rot_row, cos_ptr, sin_ptr, frame_tokens, num_frames, PAIRS,
             )  # fmt: skip
             scores = tl.dot(q, tl.trans(k), input_precision=PRECISION) * (
                 qk_scale * k_mult if SCALED else qk_scale
@@ -210,11 +243,13 @@ def _attend_range(
                     k_base, k_desc, batch, kv_head, block_next, start_next, history_len, stride_kl, stride_kd,
                     kq, k_scale_ptr, k_min_ptr, k_scales, stride_cl, stride_ksn, whole_blocks, native_from,
                     q.dtype, BLOCK_N, BLOCK_D, HEAD_DIM, USE_TMA, False, QUANT, True, True,
+                    rot_row, cos_ptr, sin_ptr, frame_tokens, num_frames, PAIRS,
                 )  # fmt: skip
                 v, v_mult = _history_tile(
                     v_base, v_desc, batch, kv_head, block, start, history_len, stride_vl, stride_vd,
                     vq, v_scale_ptr, v_min_ptr, v_scales, stride_cl, stride_vsn, whole_blocks, native_from,
                     q.dtype, BLOCK_N, BLOCK_D, HEAD_DIM, USE_TMA, False, QUANT, False, True,
+                    rot_row, cos_ptr, sin_ptr, frame_tokens, num_frames, PAIRS,
                 )  # fmt: skip
                 scores_next = tl.dot(q, tl.trans(k), input_precision=PRECISION) * (
                     qk_scale * k_mult if SCALED else qk_scale
@@ -227,6 +262,7 @@ def _attend_range(
                 v_base, v_desc, batch, kv_head, block, start, history_len, stride_vl, stride_vd,
                 vq, v_scale_ptr, v_min_ptr, v_scales, stride_cl, stride_vsn, whole_blocks, native_from,
                 q.dtype, BLOCK_N, BLOCK_D, HEAD_DIM, USE_TMA, False, QUANT, False, True,
+                rot_row, cos_ptr, sin_ptr, frame_tokens, num_frames, PAIRS,
             )  # fmt: skip
             m_i, l_i, acc = _softmax_update(scores, v, v_mult, m_i, l_i, acc, False, PRECISION, SCALED)
         for sub in tl.static_range(SUBS):
@@ -240,6 +276,7 @@ def _attend_range(
                     kq, vq, k_scale_ptr, v_scale_ptr, k_min_ptr, v_min_ptr, k_scales, v_scales,
                     stride_cl, stride_ksn, stride_vsn, whole_blocks, native_from,
                     BLOCK_N, BLOCK_D, HEAD_DIM, USE_TMA, PRECISION, QUANT,
+                rot_row, cos_ptr, sin_ptr, frame_tokens, num_frames, PAIRS,
                 )  # fmt: skip
 
     # The current chunk: contiguous tokens [history_len, history_len + chunk_len); every row,
@@ -251,6 +288,9 @@ def _attend_range(
         start = history_len + (it - hist_iters) * BLOCK_N - native_from
         k = _load_tile(k_base, k_desc, batch, kv_head, start, chunk_end - native_from, stride_kl, stride_kd,
                        BLOCK_N, BLOCK_D, HEAD_DIM, USE_TMA, False)  # fmt: skip
+        if PAIRS > 0:
+            k = _rotate_keys(k, start + native_from, rot_row, cos_ptr, sin_ptr, frame_tokens, num_frames,
+                             q.dtype, BLOCK_N, BLOCK_D, PAIRS)  # fmt: skip
         v = _load_tile(v_base, v_desc, batch, kv_head, start, chunk_end - native_from, stride_vl, stride_vd,
                        BLOCK_N, BLOCK_D, HEAD_DIM, USE_TMA, False)  # fmt: skip
         m_i, l_i, acc = _softmax_step(
@@ -264,6 +304,7 @@ def _attend_range(
             kq, vq, k_scale_ptr, v_scale_ptr, k_min_ptr, v_min_ptr, k_scales, v_scales,
             stride_cl, stride_ksn, stride_vsn, whole_blocks, native_from,
             BLOCK_N, BLOCK_D, HEAD_DIM, USE_TMA, PRECISION, QUANT,
+                rot_row, cos_ptr, sin_ptr, frame_tokens, num_frames, PAIRS,
         )  # fmt: skip
     return m_i, l_i, acc
 
@@ -280,9 +321,10 @@ def _scattered_attention_kernel(
     query_group_size, qk_scale, num_q_tiles, num_whole_tiles, splits,
     kq_ptr, vq_ptr, k_scale_ptr, v_scale_ptr, k_min_ptr, v_min_ptr,
     stride_cb, stride_ch, stride_cl, stride_ksb, stride_ksh, stride_ksn, stride_vsb, stride_vsh, stride_vsn,
+    rot_ptr, cos_ptr, sin_ptr, stride_rb, stride_rh, frame_tokens, num_frames,
     HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
     BLOCK_SIZE: tl.constexpr, HAS_GROUPS: tl.constexpr, USE_TMA: tl.constexpr,
-    WRITE_LSE: tl.constexpr, PRECISION: tl.constexpr, QUANT: tl.constexpr = 0,
+    WRITE_LSE: tl.constexpr, PRECISION: tl.constexpr, QUANT: tl.constexpr = 0, PAIRS: tl.constexpr = 0,
 ):  # fmt: skip
     # Tiles are (batch, query head, query tile), query tile fastest. The first
     # `num_whole_tiles` programs run one whole tile each; the tiles of the last, partly filled
@@ -343,6 +385,8 @@ def _scattered_attention_kernel(
         kq, vq, k_scale_ptr, v_scale_ptr, k_min_ptr, v_min_ptr, k_scales, v_scales,
         stride_cl, stride_ksn, stride_vsn,
         HEAD_DIM, BLOCK_D, BLOCK_M, BLOCK_N, BLOCK_SIZE, HAS_GROUPS, ALL_MASKED, USE_TMA, PRECISION, QUANT,
+        rot_ptr + batch.to(tl.int64) * stride_rb + kv_head.to(tl.int64) * stride_rh, cos_ptr, sin_ptr,
+        frame_tokens, num_frames, PAIRS,
     )  # fmt: skip
 
     out_ptrs = (
@@ -404,6 +448,18 @@ def _tma_ok(t: torch.Tensor) -> bool:
     return t.stride(-1) == 1 and t.data_ptr() % 16 == 0 and all((s * size) % 16 == 0 for s in t.stride()[:-1])
 
 
+class KeyRotation(NamedTuple):
+    """Keys rotated in time inside the kernel (relative positions, ``omnimem.positions``):
+    ``frame_pos [B, Hkv, F]`` integer position of every frame of the cache (token ``t`` is in
+    frame ``t // frame_tokens``); ``cos``, ``sin [P, T]`` float32: the table's first ``T``
+    pairs at each position."""
+
+    frame_pos: torch.Tensor
+    cos: torch.Tensor
+    sin: torch.Tensor
+    frame_tokens: int
+
+
 # A split tile is cut into at most this many parts: each cut costs a merge (a wait and a
 # reload of the partial output) on the critical path.
 MAX_SPLITS = 4
@@ -430,6 +486,7 @@ def scattered_attention(
     use_tma: bool | None = None,
     num_sms: int | None = None,
     store: QuantizedBlocks | None = None,
+    rotation: KeyRotation | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor | None]:
     """Launch the kernel.
 
@@ -448,6 +505,9 @@ def scattered_attention(
     history's whole blocks ``[0, history_len // block_size)`` are read from the store's bytes in
     place (``quantized_tiles``) and ``k``/``v`` hold the tokens from there on: the partial last
     block, then the chunk (``backends/quantized_attention.py`` launches it so).
+
+    With ``rotation`` every key tile is rotated in time after its load (``_rotate_keys``: keys
+    stored rotated in space only, ``q`` already rotated; no rotated copy of the history).
     """
     batch, num_q_heads, q_len, head_dim = q.shape
     out = torch.empty_like(q)
@@ -479,6 +539,22 @@ def scattered_attention(
         v_min = store.v_min if store.v_min is not None else store.v_scale
         quantized = [kq, vq, store.k_scale, store.v_scale, k_min, v_min, *kq.stride()[:3],
                      *store.k_scale.stride()[:3], *store.v_scale.stride()[:3]]  # fmt: skip
+    if rotation is None:  # unused pointers
+        rotated = [k, k, k, 0, 0, 1, 1]
+        pairs = 0
+    else:
+        frame_pos, cos, sin, frame_tokens = rotation
+        pairs = cos.shape[1]
+        if (
+            not 0 < 2 * pairs <= head_dim
+            or frame_pos.stride(2) != 1
+            or not (cos.is_contiguous() and sin.is_contiguous())
+        ):
+            raise ValueError(
+                f"rotation: {pairs} temporal pairs for head_dim {head_dim}, frame positions with a unit "
+                "frame stride and contiguous cos/sin tables expected"
+            )
+        rotated = [frame_pos, cos, sin, *frame_pos.stride()[:2], frame_tokens, frame_pos.shape[2]]
     if num_warps is None:
         num_warps = 8 if block_m >= 128 else 4
     if num_stages is None:
@@ -498,10 +574,10 @@ def scattered_attention(
         num_q_heads, num_q_heads // k.shape[1], q_len, chunk_len, block_idx.shape[2], block_idx.shape[3],
         block_attended.shape[2] if has_groups else 1, block_attended.shape[3] if has_groups else 1,
         query_group_size, scale * 1.4426950408889634,
-        num_q_tiles, num_tiles - num_split_tiles, splits, *quantized,
+        num_q_tiles, num_tiles - num_split_tiles, splits, *quantized, *rotated,
         HEAD_DIM=head_dim, BLOCK_D=block_d, BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_SIZE=block_size,
         HAS_GROUPS=has_groups, USE_TMA=use_tma, WRITE_LSE=return_lse,
-        QUANT=0 if store is None else {"fp8": 1, "int4": 2}[store.kv_format],
+        QUANT=0 if store is None else {"fp8": 1, "int4": 2}[store.kv_format], PAIRS=pairs,
         # float32 inputs stay float32 (tensor cores would round them to TF32: ~1e-3 error).
         PRECISION="ieee" if q.dtype == torch.float32 else "tf32",
         num_warps=num_warps, num_stages=num_stages,

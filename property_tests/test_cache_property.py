@@ -11,7 +11,9 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from omnimem import OmniMemConfig, sparse_attention
+from omnimem.selection import block_key_sums
 from omnimem.sparse.cache import OmniMemCache
+from omnimem.store.index import Int8BlockSums
 from tests.inputs import TEST_DEVICE
 
 from .cases import retrieval_configs
@@ -43,6 +45,7 @@ def rollouts(draw):
             )
         ),
         restore_after=draw(st.integers(0, 6)),
+        index_format=draw(st.sampled_from(["float32", "int8"])),
         seed=draw(st.integers(0, 2**16)),
     )
 
@@ -59,6 +62,17 @@ class Rollout:
         self.dim = 16 if gpu_triton else rollout["head_dim"]
         self.config = OmniMemConfig(**rollout["config"], **rollout["backend"])
         self.capacity, self.layout = sum(rollout["chunks"]), rollout["layout"]
+        self.index_format = rollout["index_format"]
+
+    def index(self, k: torch.Tensor, history_len: int) -> torch.Tensor | Int8BlockSums | None:
+        """What the cache keeps for ``k``'s history: nothing to pass (float32, the stateless
+        call sums it alike) or the int8 index of those sums."""
+        if self.index_format == "float32":
+            return None
+        sums = block_key_sums(k, torch.tensor(history_len, device=k.device), self.config.block_size)
+        index = Int8BlockSums.zeros(*sums.shape, device=k.device)
+        index[:, :, :] = sums
+        return index
 
     def cache(self, **kwargs: object) -> OmniMemCache:
         return OmniMemCache(
@@ -70,6 +84,7 @@ class Rollout:
             config=self.config,
             device=TEST_DEVICE,
             layout=self.layout,
+            index_format=self.index_format,
             **kwargs,
         )
 
@@ -106,6 +121,7 @@ def test_cache_attention_equals_stateless_attention_bit_for_bit(rollout):
                 chunk_len=chunk_len,
                 config=run.config,
                 return_lse=True,
+                key_block_sums=run.index(k_ref, history_len),
             )
             assert torch.equal(out, expected)
             assert torch.equal(lse, expected_lse)
@@ -115,6 +131,7 @@ def test_cache_attention_equals_stateless_attention_bit_for_bit(rollout):
                 k_ref[:, :, : history_len + chunk_len],
                 v_ref[:, :, : history_len + chunk_len],
                 config=run.config,
+                key_block_sums=run.index(k_ref[:, :, : history_len + chunk_len], history_len),
             )
             torch.testing.assert_close(out, plain, atol=1e-5, rtol=1e-5)
         cache.commit(k_chunk, v_chunk)
@@ -154,5 +171,9 @@ def test_offloaded_cache_equals_resident_cache(rollout, commits_between_calls, o
                 torch.testing.assert_close(out, expected, atol=1e-5, rtol=1e-5)
         resident.commit(k_chunk, v_chunk)
         offloaded.commit(k_chunk, v_chunk)
-        assert torch.equal(offloaded.key_block_sums, resident.key_block_sums)
+        if run.index_format == "int8":
+            assert torch.equal(offloaded.key_block_sums.codes, resident.key_block_sums.codes)
+            assert torch.equal(offloaded.key_block_sums.step, resident.key_block_sums.step)
+        else:
+            assert torch.equal(offloaded.key_block_sums, resident.key_block_sums)
     assert 0.0 <= offloaded.offload_stats.hit_rate <= 1.0
