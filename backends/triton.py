@@ -228,3 +228,40 @@ def _attend(
         return_lse=return_lse,
         block_m=block_m,
     )
+
+
+def rotating_forward(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    selection: Selection,
+    *,
+    chunk_len: int,
+    scale: float,
+    return_lse: bool,
+    rotation,
+    store=None,
+) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """The forward with keys rotated in time inside the Triton-language kernel
+    (``triton_attention.KeyRotation``: relative positions, ``q`` already rotated): no rotated
+    copy of the attended blocks. The Gluon kernel has no rotation: skipped, said once. With
+    ``store`` (a quantized history) ``k``/``v`` hold the tokens from its partial last block on.
+    No gradients (training takes the rotated-copy path)."""
+    from omnimem.backends.triton_attention import scattered_attention
+
+    check_inputs(q)
+    grouped = selection.kv_block_idx.shape[2] > 1
+    if q.device.type == "cuda":
+        _say_kernel(
+            torch.cuda.get_device_capability(q.device), q.dtype, q.shape[-1], selection.block_size, grouped,
+            "relative positions rotate the keys inside the Triton-language kernel",
+        )  # fmt: skip
+    block_m = 128 if q.device.type == "cuda" else 16
+    tile_block_idx, tile_num_blocks = tile_tables(selection, q_len=q.shape[2], block_m=block_m)
+    return scattered_attention(
+        q, k, v, block_idx=tile_block_idx, num_blocks=tile_num_blocks,
+        block_attended=selection.attended_block_mask() if grouped else None,
+        history_len=selection.history_len, chunk_len=chunk_len, block_size=selection.block_size,
+        query_group_size=selection.query_group_size, scale=scale, return_lse=return_lse, block_m=block_m,
+        store=store, rotation=rotation,
+    )  # fmt: skip

@@ -3,8 +3,9 @@
 # from the repository root on the device machine; results and a log under $OUT; issue 39's
 # were taken on 2026-12-07):
 #
-#   benchmarks/pending_gpu.sh 36   # quantized history: kernels, the 4-minute int4 rollout
-#                                  # (profiled), the selected branch, GPU tests (pytest-xdist)
+#   benchmarks/pending_gpu.sh 36   # quantized history: kernels, relative positions rotated in
+#                                  # the kernel, the 4-minute int4 rollout (profiled), the
+#                                  # selected branch, GPU tests (pytest-xdist)
 #   benchmarks/pending_gpu.sh 37   # an hour: one int4 layer with relative positions at 1-60 min;
 #                                  # the disk tier at 1 and 10 min
 #
@@ -23,14 +24,16 @@ step() { local t=$1; shift; echo "=== $(date +%T) [$t s] $*" >>"$LOG"; (timeout 
   python3 -c 'import torch, triton; print(torch.__version__, triton.__version__, torch.version.cuda)'; } >>"$LOG" 2>&1
 cd benchmarks
 if [ "$1" = 36 ]; then
-  step 120 python3 kv_formats_gpu.py --json "$OUT/kvfmt.json"
-  step 200 python3 self_forcing_rollout_gpu.py --kv-format int4 --frames 960 --reps 2 --profile \
+  step 90 python3 kv_formats_gpu.py --json "$OUT/kvfmt.json"
+  step 100 python3 self_forcing_rollout_gpu.py --frames 237 --no-offload --reps 2 --relative-only \
+    --json "$OUT/sf237rel.json"
+  step 170 python3 self_forcing_rollout_gpu.py --kv-format int4 --frames 960 --reps 2 --profile \
     --json "$OUT/sf960.json"
-  step 100 python3 gated_gpu.py --patterns random --histories 60 --json "$OUT/gated.json"
+  step 70 python3 gated_gpu.py --patterns random --histories 60 --json "$OUT/gated.json"
   cd ..
-  step 180 python3 -m pytest -q -p no:cacheprovider -n 8 --tb=line -rf property_tests/test_quantized_attention_property.py \
-    property_tests/test_quantized_cache_property.py tests/test_cache.py tests/test_kernels.py \
-    tests/test_gated_cache.py tests/test_host_syncs.py
+  step 150 python3 -m pytest -q -p no:cacheprovider -n 8 --tb=line -rf tests/test_positions.py tests/test_index.py \
+    property_tests/test_quantized_attention_property.py property_tests/test_quantized_cache_property.py \
+    tests/test_cache.py tests/test_kernels.py tests/test_gated_cache.py tests/test_host_syncs.py
 elif [ "$1" = 37 ]; then
   step 300 python3 hour_gpu.py --minutes 1 10 30 60 --layers 1 --kv-format int4 --positions relative \
     --json "$OUT/hour_int4.json"

@@ -145,6 +145,9 @@ def main() -> None:
     parser.add_argument("--kv-format", default=None, help="fp8 or int4: the quantized offloaded cache alone")
     parser.add_argument("--json", default=None)
     parser.add_argument("--profile", action="store_true", help="with --kv-format: profile one chunk")
+    parser.add_argument(
+        "--relative-only", action="store_true", help="omnimem with absolute and relative positions only"
+    )
     args = parser.parse_args()
     global FRAME, CHUNK, LAYERS, TEXT, WINDOW
     torch.manual_seed(0)
@@ -230,6 +233,8 @@ def main() -> None:
                "omnimem, relative positions": relative,
                # LongLive's defaults: a 3-frame sink and a 12-frame window, copied per call
                "sink + window (LongLive, 3 + 12 frames)": sdpa(12 * FRAME, sink=3 * FRAME)}  # fmt: skip
+    if args.relative_only:
+        methods = {name: methods[name] for name in ("omnimem", "omnimem, relative positions")}
     rows = []
     for history_frames in frames:
         history = history_frames * FRAME
@@ -274,24 +279,37 @@ def main() -> None:
     )
     print(f"\n{env['device']}, torch {env['torch']}, triton {env['triton']}, {env['date']}")
     print("ms per chunk (4 denoising passes + clean pass, 30 layers); peak GiB")
-    print(
-        "| history frames | dense | truncation (32,760) | omnimem | omnimem / truncation | peak GiB omnimem |"
-    )
-    print("|---|---|---|---|---|---|")
-    for r in rows:
-        truncation = r["truncation (32,760 tokens)"]
-        cells = (r["frames"], f"{r['dense']:.0f}", f"{truncation:.0f}", f"{r['omnimem']:.0f}")
-        print(
-            "| "
-            + " | ".join(map(str, cells))
-            + f" | {r['omnimem'] / truncation:.2f}x | {r['omnimem peak GiB']:.1f} |"
-        )
-    for r in rows:
-        longlive = r["sink + window (LongLive, 3 + 12 frames)"]
-        ratio = r["omnimem"] / longlive
-        print(f"{r['frames']} frames: LongLive's sink + window {longlive:.0f} ms; omnimem / it {ratio:.2f}x")
+    for r in rows if args.relative_only else ():
         ms = r["omnimem, relative positions"]
-        print(f"{r['frames']} frames: omnimem with relative positions {ms:.0f} ms ({ms / r['omnimem']:.2f}x)")
+        print(
+            f"{r['frames']} frames: omnimem {r['omnimem']:.0f} ms, "
+            f"relative {ms:.0f} ms ({ms / r['omnimem']:.2f}x)"
+        )
+    if not args.relative_only:
+        print(
+            "| history frames | dense | truncation (32,760) | omnimem | omnimem / truncation "
+            "| peak GiB omnimem |"
+        )
+        print("|---|---|---|---|---|---|")
+        for r in rows:
+            truncation = r["truncation (32,760 tokens)"]
+            cells = (r["frames"], f"{r['dense']:.0f}", f"{truncation:.0f}", f"{r['omnimem']:.0f}")
+            print(
+                "| "
+                + " | ".join(map(str, cells))
+                + f" | {r['omnimem'] / truncation:.2f}x | {r['omnimem peak GiB']:.1f} |"
+            )
+        for r in rows:
+            longlive = r["sink + window (LongLive, 3 + 12 frames)"]
+            ratio = r["omnimem"] / longlive
+            print(
+                f"{r['frames']} frames: LongLive's sink + window {longlive:.0f} ms; omnimem / it {ratio:.2f}x"
+            )
+            ms = r["omnimem, relative positions"]
+            print(
+                f"{r['frames']} frames: omnimem with relative positions {ms:.0f} ms "
+                f"({ms / r['omnimem']:.2f}x)"
+            )
     if offloaded:
         print(
             f"omnimem offloaded at {offloaded['frames']} frames: {offloaded['ms']:.0f} ms per chunk, "

@@ -20,13 +20,15 @@ While the history fits the budget (every frame before the window attended, ``F_w
 Selection scores use the keys and queries rotated in space only (as if every frame sat at the
 same time): the time rotation depends on the selection, so it cannot enter it.
 
-Plain-torch, per call, on the compact copy of the attended blocks (``OmniMemCache`` with
-``positions=``): rotating inside the scattered kernels is the next step.
+On the triton backend the scattered kernel rotates each key tile in time after its load
+(``frame_positions`` lays the rule out per frame; ``backends/triton_attention.py``); elsewhere
+plain torch rotates a compact copy of the attended blocks (``buffer_positions``).
 """
 
 from __future__ import annotations
 
 import dataclasses
+import functools
 import math
 
 import torch
@@ -68,6 +70,12 @@ class RelativeTime:
 
     def to(self, device: torch.device | str) -> RelativeTime:
         return dataclasses.replace(self, freqs=self.freqs.to(device))
+
+    @functools.cached_property
+    def cos_sin(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """``(cos, sin)``: the table as two contiguous float32 ``[P, T]`` tensors (what the
+        kernel that rotates keys in place reads; the same values ``rotate`` uses)."""
+        return self.freqs.real.float().contiguous(), self.freqs.imag.float().contiguous()
 
     def rotate(self, x: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
         """``x [B, H, L, D]`` with its first ``T`` pairs rotated by ``positions`` (``[L]`` or
@@ -180,3 +188,54 @@ def buffer_positions(
     chunk = rank + (history + torch.arange(chunk_len, device=device)) // tpf - window
     rest = hist.new_zeros(*hist.shape[:2], length - hist.shape[-1] - chunk_len)
     return torch.cat([hist, chunk.expand(*hist.shape[:2], -1), rest], dim=-1), chunk
+
+
+def frame_positions(
+    time: RelativeTime,
+    table: torch.Tensor | None,
+    *,
+    lead: tuple[int, int],
+    history: int,
+    block_size: int,
+    local_tokens: int,
+    chunk_len: int,
+    num_frames: int,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """The rule per frame instead of per buffer token: ``([B, H, num_frames]`` int32 position
+    of every frame of the cache, ``[chunk_len]`` query positions``)``, for a kernel that rotates
+    the keys it reads where they lie (``backends/triton_attention.py``, ``KeyRotation``).
+    ``table [B, H, G, K]``: the selection's ``kv_block_idx`` over the cache's blocks (``None``
+    with no history; ``lead = (B, H)``). A frame before the window gets its place among the
+    frames the head's attended blocks cover (the union over its query groups, the partial block
+    where it is attended); any other frame before it is never read (its value is arbitrary).
+    Equal to ``buffer_positions`` on every token a call attends.
+
+    Raises:
+        ValueError: a position past ``time``'s table.
+    """
+    tpf = time.frame_tokens
+    device = time.freqs.device if table is None else table.device
+    width = 1 if table is None else table[0, 0].numel()
+    window, rank = window_and_reserve(
+        history, table_width=width, block_size=block_size, local_tokens=local_tokens, frame_tokens=tpf
+    )
+    time.check_reach(rank + (history + chunk_len - 1) // tpf - window, what="the chunk's last frame")
+    frames = torch.arange(num_frames, device=device)
+    positions = (rank + frames - window).expand(*lead, -1)
+    if table is not None and window > 0:
+        # Frames the attended blocks cover, as +1/-1 marks at each block's first and past its
+        # last frame (a block may straddle frames; groups may repeat a block: only > 0 counts).
+        blocks = table.flatten(2).long()
+        attended = blocks >= 0
+        first = torch.where(attended, blocks * block_size // tpf, window)
+        end = (torch.minimum((blocks + 1) * block_size, torch.full_like(blocks, history)) - 1) // tpf + 1
+        marks = torch.zeros(*lead, window + 1, dtype=torch.int32, device=device)
+        ones = torch.ones_like(blocks, dtype=torch.int32)
+        marks.scatter_add_(-1, first.clamp(max=window), ones)
+        marks.scatter_add_(-1, torch.where(attended, end, window).clamp(max=window), -ones)
+        covered = (marks.cumsum(-1)[..., :window] > 0).int()
+        at_or_after = covered.flip(-1).cumsum(-1).flip(-1)  # distinct covered frames >= f
+        before = rank - at_or_after
+        positions = torch.cat([before, positions[..., window:]], dim=-1)[..., :num_frames]
+    chunk = rank + (history + torch.arange(chunk_len, device=device)) // tpf - window
+    return positions.to(torch.int32).contiguous(), chunk

@@ -15,6 +15,7 @@ from omnimem.gated.wan import wan_rope_freqs
 from omnimem.positions import RelativeTime, relative_frames, reserve, wan_time_table
 from omnimem.sparse.cache import OmniMemCache
 
+from .inputs import TEST_DEVICE
 from .reference import relative_attention_reference, relative_frame_rule
 from .test_causal_wan import DIM, FRAME, FREQS, GRID, HEADS, StandinPipeline, chunks, model
 
@@ -165,3 +166,49 @@ def test_an_offloaded_relative_cache_equals_the_resident_one(backend, tol, poiso
         for _ in range(2):
             resident, offloaded = (cache.attend_at(q, k, v, start=c * 8) for cache in caches)
             torch.testing.assert_close(offloaded, resident, rtol=tol, atol=tol)
+
+
+@pytest.mark.parametrize("kv_format", ["native", "fp8", "int4"])
+@pytest.mark.parametrize("groups", [None, 3])
+def test_the_triton_kernel_rotates_the_keys_where_they_lie(
+    groups, kv_format, monkeypatch, poisoned_allocations
+):
+    """On the triton backend the kernel reads the selected blocks in the cache (quantized: in
+    its store) and rotates each key tile in time after its load: no compact copy, no rotated
+    copy (the copy path is made to fail here). Against the float64 rule over the keys it holds
+    (quantized: the dequantized ones), GQA, query groups, blocks straddling frames."""
+    from omnimem.sparse.cache import OmniMemCache as Cache
+    from omnimem.store.formats import dequantize, quantize
+
+    def no_copy(*args, **kwargs):
+        raise AssertionError("the rotated-copy path ran")
+
+    monkeypatch.setattr(Cache, "_attend_relative", no_copy)
+    d, length = 16, 8
+    time = RelativeTime(wan_time_table(wan_rope_freqs(d, positions=256)), frame_tokens=3)
+    config = OmniMemConfig(block_size=4, top_k=2, sink_tokens=4, local_tokens=8, backend="triton",
+                           query_group_size=groups)  # fmt: skip
+    cache = OmniMemCache(12 * length, max_chunk_tokens=length, batch=1, num_kv_heads=H, head_dim=d,
+                         config=config, positions=time, device=TEST_DEVICE, kv_format=kv_format)  # fmt: skip
+    gen = torch.Generator().manual_seed(4)
+    keys, values = [], []
+    for c in range(12):
+        q = torch.randn(1, 2 * H, length, d, generator=gen).to(TEST_DEVICE)
+        k, v = (torch.randn(1, H, length, d, generator=gen).to(TEST_DEVICE) for _ in "kv")
+        for _ in range(2):
+            out = cache.attend_at(q, k, v, start=c * length)
+        keys.append(k), values.append(v)
+        k_all, v_all = torch.cat(keys, 2), torch.cat(values, 2)
+        k_read, v_read = k_all.clone(), v_all.clone()
+        whole = cache.history_len // 4 * 4
+        if kv_format != "native" and whole:  # the whole history blocks are read dequantized
+            for x, role in ((k_read, "key"), (v_read, "value")):
+                x[:, :, :whole] = dequantize(
+                    quantize(x[:, :, :whole], kv_format, role=role, block_size=4), x.dtype
+                )
+        want = relative_attention_reference(
+            q, k_read, v_read, history=cache.history_len, chunk_len=length, config=config, time=time,
+            k_select=k_all,
+        )  # fmt: skip
+        torch.testing.assert_close(out.double(), want, atol=2e-5, rtol=2e-5)
+    assert cache.history_len // 3 - config.local_tokens // 3 > 8  # past the budget: frames were packed

@@ -32,7 +32,7 @@ import torch
 from omnimem.api import _attend_checked, resolve_backend, select_blocks, sparse_attention
 from omnimem.checks import Layout, check_attention_inputs
 from omnimem.config import OmniMemConfig
-from omnimem.positions import RelativeTime, buffer_positions, window_and_reserve
+from omnimem.positions import RelativeTime, buffer_positions, frame_positions, window_and_reserve
 from omnimem.selection import RetrievalRules, Selection, block_key_sums, gather_block_union
 from omnimem.sizing import host_history_bytes, kv_cache_bytes
 from omnimem.sparse.offload import HostOffload, QuantizedHistory, QuantizedOffload
@@ -370,6 +370,45 @@ class OmniMemCache:
             rank + (history + chunk_len - 1) // tpf - window, what="the chunk's last frame"
         )
 
+    def _rotates_in_kernel(self, q: torch.Tensor) -> bool:
+        """Relative positions on the triton backend: its kernel rotates the keys it reads."""
+        return resolve_backend(self.config, self.device, dtype=q.dtype, head_dim=q.shape[-1]) == "triton"
+
+    def key_rotation(self, q: torch.Tensor, table: torch.Tensor | None, chunk_len: int):
+        """``(KeyRotation, q rotated in time)`` for a call at ``history_len`` whose selection
+        table is ``table`` (``None``: no history): what a kernel that rotates keys in place
+        needs (``omnimem.positions.frame_positions``)."""
+        from omnimem.backends.triton_attention import KeyRotation
+
+        tpf = self.positions.frame_tokens
+        history = self.history_len
+        frame_pos, q_pos = frame_positions(
+            self.positions, table, lead=(self.k.shape[0], self.k.shape[1]), history=history,
+            block_size=self.config.block_size, local_tokens=self.config.local_tokens, chunk_len=chunk_len,
+            num_frames=math.ceil((history + chunk_len) / tpf),
+        )  # fmt: skip
+        cos, sin = self.positions.cos_sin
+        return KeyRotation(frame_pos, cos, sin, tpf), self.positions.rotate(q, q_pos)
+
+    def _attend_rotating(self, q: torch.Tensor, chunk_len: int, return_lse: bool):
+        """``attend`` with relative positions on the triton backend (the chunk already
+        written): selection as ``_attend_relative`` makes it, then one kernel that reads the
+        selected blocks where they lie and rotates each key tile in time after its load: no
+        copy of the attended blocks, no rotated copy."""
+        from omnimem.backends.triton import rotating_forward
+
+        history = self.history_len
+        selection = select_blocks(
+            q, self.k, history_len=history, chunk_len=chunk_len, config=self.config,
+            key_block_sums=self.key_block_sums,
+        )  # fmt: skip
+        rotation, q = self.key_rotation(q, selection.kv_block_idx if history else None, chunk_len)
+        out, lse = rotating_forward(
+            q, self.k, self.v, selection, chunk_len=chunk_len, scale=self.config.scale or q.shape[-1] ** -0.5,
+            return_lse=return_lse, rotation=rotation,
+        )  # fmt: skip
+        return (out, lse) if return_lse else out
+
     def _attend_relative(self, q, k_chunk, v_chunk, chunk_len: int, return_lse: bool):
         """``attend`` with relative temporal positions (``omnimem.positions``): selection on the
         keys and queries as stored (rotated in space only), then a compact copy of the attended
@@ -443,6 +482,11 @@ class OmniMemCache:
                     "torch.no_grad()"
                 )
             out = self._offload.attend(self, q, k_chunk, v_chunk, return_lse)
+            self.chunk_len, self._chunk_copy = 0, None  # this write replaced attend_at's chunk
+            return out
+        if self.positions is not None and not training and self._rotates_in_kernel(q):
+            chunk_len = self._write_chunk(k_chunk, v_chunk, on_device=True)
+            out = self._attend_rotating(q, chunk_len, return_lse)
             self.chunk_len, self._chunk_copy = 0, None  # this write replaced attend_at's chunk
             return out
         if training or self.positions is not None:

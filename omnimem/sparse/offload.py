@@ -24,7 +24,6 @@ from __future__ import annotations
 
 import dataclasses
 import functools
-import logging
 import math
 
 import torch
@@ -305,16 +304,6 @@ class HostOffload:
                 self.copied.record(self.copy_stream)
 
 
-@functools.cache
-def _say_relative_dequantizes(kv_format: str) -> None:
-    logging.getLogger("omnimem").info(
-        "OmniMemCache(kv_format=%r, positions=...): the triton kernel does not read the quantized "
-        "history in place with relative positions yet; the selected blocks are staged and their "
-        "dequantized copy rotated (docs/positions.md)",
-        kv_format,
-    )
-
-
 def reads_in_place(cache, q: torch.Tensor) -> bool:
     """Whether ``q``'s call on ``cache`` runs on the triton backend (``resolve_backend``: config,
     ``use_backend``, ``OMNIMEM_BACKEND``, then ``auto``'s choice), whose kernel reads a quantized
@@ -322,13 +311,16 @@ def reads_in_place(cache, q: torch.Tensor) -> bool:
     return resolve_backend(cache.config, q.device, dtype=q.dtype, head_dim=q.shape[-1]) == "triton"
 
 
-def quantized_run(cache, q, store, tail, selection, history_len: int, return_lse: bool, rotation=None):
+def quantized_run(
+    cache, q, store, tail, selection, history_len: int, return_lse: bool, rotation=None, key_rotation=None
+):
     """Attention of ``q`` over the whole blocks of ``store`` its ``selection`` names (block
     numbering of the store; ``history_len`` tokens, the partial block and the chunk in ``tail``):
     on the triton backend the kernel that reads the bytes in place, otherwise the reference path
     (``store`` dequantized, then the backend: callers pass a small staged store there).
     ``rotation``: relative positions, ``buffer_positions`` but for ``length`` (the dequantized
-    keys' tokens): those keys and ``q`` rotated in time (the reference path)."""
+    keys' tokens): those keys and ``q`` rotated in time (the reference path). ``key_rotation``:
+    a ``KeyRotation`` for the in-place kernel (``q`` already rotated)."""
     from omnimem.backends.quantized_attention import dequantized_history, quantized_attention
     from omnimem.backends.triton import check_inputs, tile_tables
 
@@ -350,6 +342,7 @@ def quantized_run(cache, q, store, tail, selection, history_len: int, return_lse
         block_attended=selection.attended_block_mask() if selection.num_query_groups > 1 else None,
         history_len=history_len, chunk_len=chunk_len, query_group_size=selection.query_group_size,
         scale=cache.config.scale or q.shape[-1] ** -0.5, return_lse=return_lse, block_m=block_m,
+        rotation=key_rotation,
     )  # fmt: skip
     return (out, lse) if return_lse else out
 
@@ -395,10 +388,16 @@ class QuantizedHistory(HostOffload):
         selection = cache.selection(q)
         relative = cache.positions is not None  # rotated in time: a dequantized staged copy
         if not self.HOST and reads_in_place(cache, q):
-            if not relative:  # the kernel reads the store in place
-                tail = (tail_k, tail_v)
-                return quantized_run(cache, q, self.store, tail, selection, history_len, return_lse)
-            _say_relative_dequantizes(cache.kv_format)
+            # The kernel reads the store in place; with relative positions it rotates each key
+            # tile in time after decoding it.
+            key_rotation = None
+            if relative:
+                table = selection.kv_block_idx if history_len else None
+                key_rotation, q = cache.key_rotation(q, table, chunk_len)
+            return quantized_run(
+                cache, q, self.store, (tail_k, tail_v), selection, history_len, return_lse,
+                key_rotation=key_rotation,
+            )  # fmt: skip
         self.wait_for_copies()  # staging may read what a commit copied to the host
         plan = _compiled_staging_plan() if self.compiled else staging_plan
         staged, source, source_block, remapped, counts = plan(
