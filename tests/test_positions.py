@@ -168,28 +168,35 @@ def test_an_offloaded_relative_cache_equals_the_resident_one(backend, tol, poiso
             torch.testing.assert_close(offloaded, resident, rtol=tol, atol=tol)
 
 
+@pytest.mark.parametrize("offload", [False, True])
 @pytest.mark.parametrize("kv_format", ["native", "fp8", "int4"])
 @pytest.mark.parametrize("groups", [None, 3])
 def test_the_triton_kernel_rotates_the_keys_where_they_lie(
-    groups, kv_format, monkeypatch, poisoned_allocations
+    groups, kv_format, offload, monkeypatch, poisoned_allocations
 ):
-    """On the triton backend the kernel reads the selected blocks in the cache (quantized: in
-    its store) and rotates each key tile in time after its load: no compact copy, no rotated
-    copy (the copy path is made to fail here). Against the float64 rule over the keys it holds
-    (quantized: the dequantized ones), GQA, query groups, blocks straddling frames."""
+    """On the triton backend the kernel reads the selected blocks where they lie (the cache, its
+    quantized store, or an offloaded cache's staging) and rotates each key tile in time after
+    its load: no compact copy, no rotated or dequantized copy (those paths are made to fail
+    here). Against the float64 rule over the keys it holds (quantized: the dequantized ones),
+    GQA, query groups, blocks straddling frames."""
+    import omnimem.backends.quantized_attention
+    import omnimem.sparse.offload
     from omnimem.sparse.cache import OmniMemCache as Cache
     from omnimem.store.formats import dequantize, quantize
 
     def no_copy(*args, **kwargs):
-        raise AssertionError("the rotated-copy path ran")
+        raise AssertionError("a copy path ran")
 
     monkeypatch.setattr(Cache, "_attend_relative", no_copy)
+    monkeypatch.setattr(omnimem.sparse.offload, "sparse_attention", no_copy)
+    monkeypatch.setattr(omnimem.backends.quantized_attention, "dequantized_history", no_copy)
     d, length = 16, 8
     time = RelativeTime(wan_time_table(wan_rope_freqs(d, positions=256)), frame_tokens=3)
     config = OmniMemConfig(block_size=4, top_k=2, sink_tokens=4, local_tokens=8, backend="triton",
                            query_group_size=groups)  # fmt: skip
     cache = OmniMemCache(12 * length, max_chunk_tokens=length, batch=1, num_kv_heads=H, head_dim=d,
-                         config=config, positions=time, device=TEST_DEVICE, kv_format=kv_format)  # fmt: skip
+                         config=config, positions=time, device=TEST_DEVICE, kv_format=kv_format,
+                         offload=offload)  # fmt: skip
     gen = torch.Generator().manual_seed(4)
     keys, values = [], []
     for c in range(12):

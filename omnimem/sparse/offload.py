@@ -231,13 +231,22 @@ class HostOffload:
             planned_history_len=None,  # remapped onto the staging buffer: its own history length
         )
         keys, values, chunk_len = dst[0], dst[1], k_chunk.shape[2]
-        if cache.positions is not None:  # relative positions: a rotated copy of the staged keys
+        if cache.positions is not None:  # relative positions: the staged keys rotated in time
             key_pos, q_pos = buffer_positions(
                 cache.positions, staged, self.num_blocks, selection.kv_block_idx, history=history_len,
                 block_size=bs, local_tokens=cache.config.local_tokens, chunk_len=chunk_len,
                 length=keys.shape[2],
             )  # fmt: skip
-            keys, q = cache.positions.rotate(keys, key_pos), cache.positions.rotate(q, q_pos)
+            q = cache.positions.rotate(q, q_pos)
+            if reads_in_place(cache, q):  # by the kernel, where they lie in the staging buffer
+                from omnimem.backends.triton import rotating_forward
+
+                out, lse = rotating_forward(
+                    q, keys, values, remapped_selection, chunk_len=chunk_len, return_lse=return_lse,
+                    scale=cache.config.scale or q.shape[-1] ** -0.5, rotation=token_rotation(cache, key_pos),
+                )  # fmt: skip
+                return (out, lse) if return_lse else out
+            keys = cache.positions.rotate(keys, key_pos)  # a rotated copy
         return sparse_attention(
             q,
             keys,
@@ -302,6 +311,15 @@ class HostOffload:
                 cache.v[:, :, start:end].copy_(sources[1], non_blocking=True)
                 self.copied = torch.cuda.Event()
                 self.copied.record(self.copy_stream)
+
+
+def token_rotation(cache, key_pos: torch.Tensor):
+    """A ``KeyRotation`` from per-token positions ``[B, H, L]`` of a staging buffer (its
+    ``frame_tokens`` is 1: each token is its own entry)."""
+    from omnimem.backends.triton_attention import KeyRotation
+
+    cos, sin = cache.positions.cos_sin
+    return KeyRotation(key_pos.to(torch.int32).contiguous(), cos, sin, 1)
 
 
 def reads_in_place(cache, q: torch.Tensor) -> bool:
@@ -415,13 +433,17 @@ class QuantizedHistory(HostOffload):
             history_len=self.work_history, num_history_blocks=self.no_fixed_blocks.shape[0],
             planned_history_len=None,
         )  # fmt: skip
-        rotation = None
+        rotation = key_rotation = None
         if relative:
             rotation = functools.partial(
                 buffer_positions, cache.positions, staged, self.num_blocks, selection.kv_block_idx,
                 history=history_len, block_size=self.block_size, local_tokens=cache.config.local_tokens,
                 chunk_len=chunk_len,
             )  # fmt: skip
+            if reads_in_place(cache, q):  # the kernel rotates the staged keys after decoding them
+                key_pos, q_pos = rotation(length=self.partial_start + partial + chunk_len)
+                q, rotation = cache.positions.rotate(q, q_pos), None
+                key_rotation = token_rotation(cache, key_pos)
         return quantized_run(
             cache,
             q,
@@ -431,6 +453,7 @@ class QuantizedHistory(HostOffload):
             self.partial_start + partial,
             return_lse,
             rotation,
+            key_rotation=key_rotation,
         )
 
     def _keep(self, cache, start: int, end: int) -> None:
