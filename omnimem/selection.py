@@ -351,11 +351,12 @@ def ranked_top_blocks(scores: torch.Tensor, tier: torch.Tensor, top_k: int) -> t
 
 def triton_tables_supported(num_blocks: int, rules: RetrievalRules) -> bool:
     """Whether ``triton_selection_tables`` takes these sizes: each of its sorts holds at most
-    4096 keys in one program, and the table holds at most 256 sink, local and top-k blocks."""
-    from omnimem.kernels.block_tables import plan_sizes
+    ``MAX_SORT`` (4096) keys in one program (up to ~524k blocks at top_k 32, three hours of
+    Wan2.1-1.3B), and the table holds at most 256 sink, local and top-k blocks."""
+    from omnimem.kernels.block_tables import MAX_SORT, plan_sizes
 
     chunk, keys_pad, union_pad = plan_sizes(num_blocks, rules.top_k, sum(rules.fixed_blocks(num_blocks)))
-    return chunk <= 4096 and keys_pad <= 4096 and union_pad <= 256
+    return chunk <= MAX_SORT and keys_pad <= MAX_SORT and union_pad <= 256
 
 
 def kernel_table_rules(rules: RetrievalRules, num_blocks: int) -> dict:

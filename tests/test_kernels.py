@@ -252,6 +252,16 @@ def test_tables_from_sums_kernel_matches_torch_tables(
         assert torch.equal(a, b), name
 
 
+def test_tables_from_sums_kernel_past_32_chunks_a_row(monkeypatch):
+    """Past 32 chunks of ``MAX_SORT`` blocks a row takes more chunks (an hour of video is 43 at
+    4,096): shrunk here so that 5,003 blocks make 40 chunks of 128."""
+    import omnimem.kernels.block_tables as block_tables
+
+    monkeypatch.setattr(block_tables, "MAX_SORT", 128)
+    assert block_tables.plan_sizes(5_003, 5, 3)[0] == 128
+    test_tables_from_sums_kernel_matches_torch_tables(2, 1, 20_000, 4, 5, 1, 8, 16, "adaptive", 64)
+
+
 @pytest.mark.parametrize("layout", ["bhld", "blhd", "cache-slice", "strided-dim", "padded-rows"])
 def test_hopper_row_view_addresses_every_head(layout):
     """The Gluon kernel's 2-D TMA view: (row, column) of every (batch, head, token) is its

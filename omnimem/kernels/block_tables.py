@@ -273,11 +273,17 @@ def _tables_from_sums_kernel(
             )  # fmt: skip
 
 
+# One program sorts at most this many keys (a chunk of a row's blocks, or the merge's survivors).
+MAX_SORT = 4096
+
+
 def plan_sizes(num_blocks: int, top_k: int, num_fixed: int) -> tuple[int, int, int]:
-    """``(chunk, keys_pad, union_pad)``: blocks per first-pass program (at most 32 chunks per
-    row), the merge's sort width, and the width of the sink + local + top-k candidates."""
+    """``(chunk, keys_pad, union_pad)``: blocks per first-pass program (32 chunks per row, or
+    more chunks of ``MAX_SORT`` blocks past that: an hour of Wan2.1-1.3B is 175k blocks, 43
+    chunks), the merge's sort width, and the width of the sink + local + top-k candidates."""
     k_pad = triton.next_power_of_2(min(top_k, num_blocks))
     chunk = max(256, 2 * k_pad, triton.next_power_of_2(math.ceil(num_blocks / 32)))
+    chunk = min(chunk, max(MAX_SORT, 2 * k_pad))
     keys_pad = triton.next_power_of_2(math.ceil(num_blocks / chunk) * k_pad)
     union_pad = triton.next_power_of_2(num_fixed + min(top_k, num_blocks))
     return chunk, keys_pad, union_pad
