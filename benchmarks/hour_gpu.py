@@ -18,9 +18,12 @@ per-block key sums, ``--index-format int8`` by default) scaled to 30 layers.
 from __future__ import annotations
 
 import argparse
+import ctypes
 import datetime
 import functools
 import json
+import mmap
+import statistics
 import sys
 import time
 from pathlib import Path
@@ -36,6 +39,19 @@ sys.path.insert(0, str(Path(__file__).parent))
 from wan_block import WanBlock, rope_tables
 
 FRAME, CHUNK, TEXT, FPS = 1560, 3 * 1560, 512, 4  # tokens a latent frame, a chunk; latent frames/s
+
+
+def page_out(t: torch.Tensor, fraction: float) -> bool:
+    """Ask the kernel to drop the first ``fraction`` of a file-backed tensor's pages from memory
+    (``madvise(MADV_PAGEOUT)``, Linux 5.4+): those blocks then come from the disk. Whether it
+    took is returned (the kernel may refuse: then the numbers say page cache, not disk)."""
+    libc = ctypes.CDLL(None, use_errno=True)
+    page = mmap.PAGESIZE
+    start = t.data_ptr()
+    end = start + int(t.numel() * t.element_size() * fraction)
+    first = (start + page - 1) // page * page
+    length = max(0, (end - first) // page * page)
+    return libc.madvise(ctypes.c_void_p(first), ctypes.c_size_t(length), 21) == 0  # 21: MADV_PAGEOUT
 
 
 def bench(fn) -> float:
@@ -73,6 +89,11 @@ def main() -> None:
     parser.add_argument("--positions", default="relative", choices=["relative", "absolute"])
     parser.add_argument("--disk", default=None, help="a directory: the native history in a file")
     parser.add_argument("--index-format", default="int8", choices=["int8", "float32"])
+    parser.add_argument(
+        "--evict-half",
+        action="store_true",
+        help="with --disk: also time chunks right after the first half of every history is paged out",
+    )
     parser.add_argument("--smoke", action="store_true")
     parser.add_argument("--json", default=None)
     args = parser.parse_args()
@@ -114,6 +135,17 @@ def main() -> None:
             torch.cuda.reset_peak_memory_stats()
         run()  # warm-up: compiles, stages
         ms = min(bench(run) for _ in range(2))
+        half_on_disk = paged = None
+        if args.disk and args.evict_half:  # each chunk right after half the history left memory
+            times = []
+            for _ in range(3):
+                paged = all(page_out(s, 0.5) for c in caches for s in (c._k_storage, c._v_storage))
+                begin = time.perf_counter()
+                run()
+                if device.type == "cuda":
+                    torch.cuda.synchronize()
+                times.append(1e3 * (time.perf_counter() - begin))
+            half_on_disk = statistics.median(times)
         q, k, v = (torch.randn(1, heads, CHUNK, head_dim, device=device, dtype=dtype, generator=gen)
                    for _ in "qkv")  # fmt: skip
         with torch.no_grad():
@@ -129,6 +161,7 @@ def main() -> None:
             disk_gib=(2 * caches[0].k.numel() * caches[0].k.element_size() if args.disk else 0) * args.layers
             / 2**30,
             index_gib_30_layers=caches[0].key_block_sums.nbytes * 30 / 2**30,
+            ms_per_chunk_half_on_disk=half_on_disk, paged_out=paged,
         )  # fmt: skip
         print(json.dumps(row), flush=True)
         rows.append(row)
@@ -149,6 +182,13 @@ def main() -> None:
         share = f"{r['selection_share']:.1%}"
         cells = (f"{r['minutes']:.1f}", f"{per_call:.2f}", f"{per_call / first:.2f}x", share, *sizes)
         print("| " + " | ".join(cells) + " |")
+    for r in rows:
+        if r["ms_per_chunk_half_on_disk"] is not None:
+            print(
+                f"{r['minutes']:.1f} min: a chunk right after half the history was paged out "
+                f"{r['ms_per_chunk_half_on_disk']:.1f} ms (paged out: {r['paged_out']}), "
+                f"with the file's pages in memory {r['ms_per_chunk']:.1f} ms"
+            )
     if args.json:
         with open(args.json, "w") as fh:
             json.dump(dict(environment=env, rows=rows), fh, indent=1)

@@ -7,7 +7,8 @@
 #                                  # the kernel, the 4-minute int4 rollout (profiled), the
 #                                  # selected branch, GPU tests (pytest-xdist)
 #   benchmarks/pending_gpu.sh 37   # an hour: one int4 layer with relative positions at 1-60 min;
-#                                  # the disk tier at 1 and 10 min
+#                                  # native host offload and the disk tier (half the history
+#                                  # paged out before each chunk) at 1 and 10 min
 #
 # The device image has pytest, hypothesis and einops; a machine without them can be given a
 # folder of them (`.devpkgs`, excluded from git, passed in `carry`), used only then: a copy from
@@ -35,9 +36,11 @@ if [ "$1" = 36 ]; then
     property_tests/test_quantized_attention_property.py property_tests/test_quantized_cache_property.py \
     tests/test_cache.py tests/test_kernels.py tests/test_gated_cache.py tests/test_host_syncs.py
 elif [ "$1" = 37 ]; then
-  step 300 python3 hour_gpu.py --minutes 1 10 30 60 --layers 1 --kv-format int4 --positions relative \
+  step 280 python3 hour_gpu.py --minutes 1 10 30 60 --layers 1 --kv-format int4 --positions relative \
     --json "$OUT/hour_int4.json"
-  step 200 python3 hour_gpu.py --minutes 1 10 --layers 1 --positions relative --disk /tmp \
+  step 100 python3 hour_gpu.py --minutes 1 10 --layers 1 --kv-format native --positions relative \
+    --json "$OUT/hour_host.json"
+  step 150 python3 hour_gpu.py --minutes 1 10 --layers 1 --positions relative --disk /tmp --evict-half \
     --json "$OUT/hour_disk.json"
 else
   echo "usage: pending_gpu.sh 36|37" >>"$LOG"
