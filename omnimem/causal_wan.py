@@ -185,7 +185,7 @@ def patch_causal_wan(
             (``omnimem.positions``; docs/positions.md). Self-Forcing's layers only for now.
         disk: with ``offload``, a directory whose preallocated files hold each layer's history
             (``OmniMemCache(disk=...)``: the page cache is its host memory; docs/positions.md
-            has the hour this is for). Native histories, both kinds of layer.
+            has the hour this is for). Both kinds of layer; quantized on disk: Self-Forcing's.
         index_format: ``"float32"`` or ``"int8"``: the block sums Self-Forcing's layers select
             from (``OmniMemCache(index_format=...)``: 0.26x the bytes, within a documented bound;
             the index an hour needs, docs/positions.md).
@@ -215,10 +215,8 @@ def patch_causal_wan(
     check_index_format(index_format)
     if disk is not None and not isinstance(disk, (str, os.PathLike)):
         raise TypeError(f"disk must be a directory path or None, got {type(disk).__name__}")
-    if disk is not None and (not offload or kv_format != "native"):
-        raise ValueError(
-            "disk= needs offload=True and kv_format='native' (a quantized history on disk: not yet)"
-        )
+    if disk is not None and not offload:
+        raise ValueError("disk= needs offload=True (the offloaded history goes to the disk)")
     if positions not in ("absolute", "relative"):
         raise ValueError(f"positions must be 'absolute' or 'relative', got {positions!r}")
     for name, value, minimum in (
@@ -245,6 +243,11 @@ def patch_causal_wan(
         raise ValueError(
             f"index_format={index_format!r} applies to Self-Forcing's layers (OmniMemCache); the authors' "
             "three-branch layers select from block means: patch this model with index_format='float32'"
+        )
+    if disk is not None and kv_format != "native" and nsa_layers:
+        raise ValueError(
+            "disk= with a quantized kv_format is not supported for the authors' three-branch layers yet "
+            "(GatedCache keeps a native history on disk): pass kv_format='native' with disk=, or no disk"
         )
     if positions == "relative" and nsa_layers:
         raise ValueError(
@@ -356,15 +359,15 @@ def _first_allocation_check(
         on_device = layers * kv_cache_bytes(
             capacity, **sizes, offload=offload, kv_format=kv_format, index_format=index_format
         )
-        if offload and kv_format != "native":  # the quantized history in host memory
-            names = ("batch", "num_kv_heads", "head_dim")
-            block_size = (sizes["config"] or OmniMemConfig()).block_size
-            full = host_history_bytes(
-                capacity, kv_format=kv_format, block_size=block_size, **{k: sizes[k] for k in names}
-            )
-            check_host_memory(layers * full)
-        elif offload:
-            full = kv_cache_bytes(capacity, **sizes) - kv_cache_bytes(0, **sizes)
+        if offload:  # the history in host memory (or on disk)
+            if kv_format != "native":
+                names = ("batch", "num_kv_heads", "head_dim")
+                block_size = (sizes["config"] or OmniMemConfig()).block_size
+                full = host_history_bytes(
+                    capacity, kv_format=kv_format, block_size=block_size, **{k: sizes[k] for k in names}
+                )
+            else:
+                full = kv_cache_bytes(capacity, **sizes) - kv_cache_bytes(0, **sizes)
             if disk is None:
                 check_host_memory(layers * full)
             else:

@@ -16,8 +16,12 @@ def poisoned_allocations(monkeypatch):
     def fill(buffer: torch.Tensor) -> torch.Tensor:
         if buffer.numel():
             with torch.no_grad():  # inductor's own probes allocate leaves that require grad
-                buffer.fill_(float("nan") if buffer.is_floating_point() else -123456789)
+                buffer.fill_(float("nan") if buffer.is_floating_point() else junk(buffer.dtype))
         return buffer
+
+    def junk(dtype: torch.dtype) -> int | bool:
+        """A far-off integer the dtype holds (bool: True)."""
+        return True if dtype == torch.bool else max(torch.iinfo(dtype).min, -123456789)
 
     originals = {name: getattr(torch, name) for name in ("empty", "empty_like", "empty_strided")}
     for name, original in originals.items():

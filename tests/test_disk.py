@@ -67,9 +67,41 @@ def test_disk_zeros_refuses_a_full_disk_and_a_bad_directory(tmp_path, monkeypatc
         OmniMemCache(16, **{**kw, "disk": 3}, offload=True)
     with pytest.raises(ValueError, match=r"the histories of 2 layers: .* GiB needed on disk="):
         OmniMemCache.for_layers(2, 2**40, **kw, offload=True)
-    for bad in (dict(), dict(offload=True, kv_format="int4")):
-        with pytest.raises(ValueError, match=r"OmniMemCache\(disk=...\) keeps an offloaded native history"):
-            OmniMemCache(16, **kw, **bad)
+    with pytest.raises(ValueError, match=r"OmniMemCache\(disk=...\) keeps an offloaded history in a file"):
+        OmniMemCache(16, **kw)
+    with pytest.raises(ValueError, match=r"the histories of 2 layers: .* GiB needed on disk="):
+        OmniMemCache.for_layers(2, 2**40, **kw, offload=True, kv_format="int4")
+
+
+@pytest.mark.parametrize(
+    ("kv_format", "backend", "relative"),
+    [("fp8", "gather", False), ("int4", "gather", True), ("fp8", "triton", True), ("int4", "triton", False)],
+)
+def test_a_quantized_history_on_disk_equals_the_one_in_host_memory_bit_for_bit(
+    tmp_path, kv_format, backend, relative, poisoned_allocations
+):
+    """The store's bytes (scales included) in files: a call gathers the blocks it fetches into
+    page-locked bounce slots, then stages them like host memory. Same bits as the store in host
+    memory, on the reference path (gather) and the in-place kernel (triton), relative positions
+    too; nothing stays on disk."""
+    config = OmniMemConfig(block_size=4, top_k=2, sink_tokens=4, local_tokens=8, backend=backend,
+                           query_group_size=3 if backend == "gather" else None)  # fmt: skip
+    time = RelativeTime(wan_time_table(wan_rope_freqs(16, positions=256)), frame_tokens=4)
+    kw = dict(max_chunk_tokens=8, batch=1, num_kv_heads=2, head_dim=16, config=config, offload=True,
+              kv_format=kv_format, positions=time if relative else None)  # fmt: skip
+    host, disk = OmniMemCache(200, **kw), OmniMemCache(200, **kw, disk=tmp_path)
+    assert os.listdir(tmp_path) == []
+    gen, start = torch.Generator().manual_seed(1), 0
+    for c in range(12):
+        length = 8 if c % 3 else 5
+        q = torch.randn(1, 4, length, 16, generator=gen)
+        k, v = (torch.randn(1, 2, length, 16, generator=gen) for _ in "kv")
+        for _ in range(2):
+            want = host.attend_at(q, k, v, start=start)
+            torch.testing.assert_close(disk.attend_at(q, k, v, start=start), want, rtol=0, atol=0)
+        start += length
+    assert disk.offload_stats.fetched_bytes == host.offload_stats.fetched_bytes > 0
+    assert disk._offload.store.k.data_ptr() != 0 and os.listdir(tmp_path) == []
 
 
 def test_the_patched_model_keeps_its_history_on_disk(tmp_path):
@@ -85,6 +117,11 @@ def test_the_patched_model_keeps_its_history_on_disk(tmp_path):
     assert pipeline.kv_cache1[0]["omnimem"].disk == os.fspath(tmp_path)
     with pytest.raises(ValueError, match="disk= needs offload=True"):
         patch_causal_wan(copy.deepcopy(theirs), FULL, max_frames=12, disk=tmp_path)
+    quantized = copy.deepcopy(theirs)  # int4 on disk: the same call, 0.27x the bytes
+    patch_causal_wan(quantized, FULL, max_frames=12, offload=True, disk=tmp_path, kv_format="int4")
+    pipeline = StandinPipeline(quantized, buffer_tokens=5 * CHUNK)
+    pipeline.inference(inputs, GRID, FREQS)
+    assert pipeline.kv_cache1[0]["omnimem"]._offload.quantized_bounce is not None
     missing = copy.deepcopy(theirs)
     patch_causal_wan(missing, FULL, max_frames=12, offload=True, disk=tmp_path / "missing")
     with pytest.raises(ValueError, match=r"disk=.*missing' must be a writable directory"):
@@ -109,5 +146,7 @@ def test_the_authors_layers_keep_their_history_on_disk(tmp_path):
     assert on_disk[0]._cache.disk == os.fspath(tmp_path) and os.listdir(tmp_path) == []
     with pytest.raises(ValueError, match=r"GatedCache\(disk=...\) keeps an offloaded native history"):
         GatedCache(16, batch=1, num_kv_heads=1, head_dim=8, disk=tmp_path)
+    with pytest.raises(ValueError, match="disk= with a quantized kv_format is not supported for the authors"):
+        patch_causal_wan(_nsa_model(), max_frames=10, offload=True, disk=tmp_path, kv_format="int4")
     with pytest.raises(TypeError, match="GatedCache disk must be a directory path or None, got int"):
         GatedCache(16, batch=1, num_kv_heads=1, head_dim=8, offload=True, max_chunk_tokens=4, disk=1)

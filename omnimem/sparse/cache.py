@@ -82,7 +82,7 @@ class OmniMemCache:
             only, and each call rotates in time at relative positions that stay inside the RoPE
             table however long the video (docs/positions.md). Not with ``cuda_graphs``.
         disk: with ``offload``, a directory for the history's preallocated, unlinked files
-            (``omnimem.store.disk``; the page cache is its host memory); native histories;
+            (``omnimem.store.disk``; the page cache is its host memory), native or quantized;
             each call synchronizes with the host once (docs/memory.md, "the disk tier").
         index_format: ``"float32"`` (default) or ``"int8"``: the block sums selection reads,
             in int8 with one step per block (``omnimem.store.index.Int8BlockSums``, 0.26x the
@@ -173,11 +173,8 @@ class OmniMemCache:
             raise TypeError(f"OmniMemCache offload must be a bool, got {type(offload).__name__}")
         if disk is not None and not isinstance(disk, (str, os.PathLike)):
             raise TypeError(f"OmniMemCache disk must be a directory path or None, got {type(disk).__name__}")
-        if disk is not None and (not offload or quantized):
-            raise ValueError(
-                "OmniMemCache(disk=...) keeps an offloaded native history in a file: pass offload=True and "
-                "kv_format='native' (a quantized history on disk is not supported yet)"
-            )
+        if disk is not None and not offload:
+            raise ValueError("OmniMemCache(disk=...) keeps an offloaded history in a file: pass offload=True")
         if not isinstance(cuda_graphs, bool):
             raise TypeError(f"OmniMemCache cuda_graphs must be a bool, got {type(cuda_graphs).__name__}")
         if layout not in ("bhld", "blhd"):
@@ -212,11 +209,15 @@ class OmniMemCache:
                 dtype=dtype, config=self.config, kv_format=kv_format,
             )  # fmt: skip
             check_device_memory(kv_cache_bytes(capacity, **sizes, offload=offload), self.device)
-            if offload:  # the quantized history itself, in host memory
-                check_host_memory(host_history_bytes(
+            if offload:  # the quantized history itself, in host memory (or on disk)
+                history_bytes = host_history_bytes(
                     capacity, kv_format=kv_format, num_kv_heads=num_kv_heads, head_dim=head_dim, batch=batch,
                     block_size=self.config.block_size,
-                ))  # fmt: skip
+                )  # fmt: skip
+                if disk is None:
+                    check_host_memory(history_bytes)
+                else:
+                    check_disk_space(history_bytes, disk)
         elif disk is None:  # (a disk history is checked against the disk's free space)
             history_bytes = _history_bytes(capacity, max_chunk_tokens, batch, num_kv_heads, head_dim, dtype)
             (check_host_memory if offload else functools.partial(check_device_memory, device=self.device))(

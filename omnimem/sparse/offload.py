@@ -390,7 +390,11 @@ class QuantizedHistory(HostOffload):
             QuantizedBlocks, kv_format, batch=batch, num_kv_heads=heads, head_dim=head_dim, block_size=bs,
             device=cache.device,
         )  # fmt: skip
-        self.store = make(capacity=cache.capacity, host=self.HOST)
+        disk = getattr(cache, "disk", None) if self.HOST else None
+        self.store = make(capacity=cache.capacity, host=self.HOST, disk=disk)
+        # On disk: the blocks a call fetches pass through these page-locked slots (one a staging
+        # slot), since kernels cannot read a file mapping.
+        self.quantized_bounce = None if disk is None else make(capacity=self.num_staged * bs, host=True)
         self.stores = [make(capacity=self.num_staged * bs) for _ in range(2)]
         self.fresh_store = make(capacity=self.fresh[0].shape[2])
         self.block_bytes = round(token_bytes(kv_format, head_dim=head_dim, block_size=bs) * bs)
@@ -422,10 +426,13 @@ class QuantizedHistory(HostOffload):
             selection.kv_block_idx, self.staged_block, self.bounds, self.num_staged, self.num_blocks
         )
         previous, dst = self.stores[self.current], self.stores[1 - self.current]
-        for (into, rows), (prev, _), (fresh, _), (store, _) in zip(
-            dst.pairs(), previous.pairs(), self.fresh_store.pairs(), self.store.pairs(), strict=True
+        held = self.store
+        if self.quantized_bounce is not None:
+            held, source_block = self._through_quantized_bounce(source, source_block)
+        for (into, rows), (prev, _), (fresh, _), (host, _) in zip(
+            dst.pairs(), previous.pairs(), self.fresh_store.pairs(), held.pairs(), strict=True
         ):
-            stage(into, prev, fresh, store, source, source_block, rows)
+            stage(into, prev, fresh, host, source, source_block, rows)
         self.staged_block, self.current = staged, 1 - self.current
         self.counters += counts
         remapped_selection = dataclasses.replace(
@@ -455,6 +462,21 @@ class QuantizedHistory(HostOffload):
             rotation,
             key_rotation=key_rotation,
         )
+
+    def _through_quantized_bounce(self, source: torch.Tensor, source_block: torch.Tensor):
+        """``_through_bounce`` for a quantized store on disk: the bytes (scales included) of the
+        blocks this call fetches, read from the file mapping into the bounce store (slot ``s``
+        holds block ``s``'s rows); returns it and the source blocks renumbered onto it.
+        Synchronizes with the host once (it must know which blocks to read)."""
+        hosted = (source == SOURCE_HOST).cpu()
+        blocks = torch.where(hosted, source_block.cpu(), self.num_blocks)
+        pairs = zip(self.quantized_bounce.pairs(), self.store.pairs(), strict=True)
+        for (bounce, rows), (stored, _) in pairs:
+            gathered = gather_union_rows(blocks, none=self.num_blocks, block_size=rows, buffers=stored)
+            for into, got in zip(bounce, gathered, strict=True):
+                into.copy_(got)
+        slots = torch.arange(source.shape[-1], device=source.device).expand_as(source_block)
+        return self.quantized_bounce, torch.where(source == SOURCE_HOST, slots, source_block)
 
     def _keep(self, cache, start: int, end: int) -> None:
         """Quantize the blocks ``[start, end)`` completes into the fresh store, then copy them to

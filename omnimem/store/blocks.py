@@ -9,6 +9,7 @@ import math
 
 import torch
 
+from omnimem.store.disk import disk_zeros
 from omnimem.store.formats import QuantizedKV, dequantize, quantize
 from omnimem.store.host import host_zeros
 
@@ -21,6 +22,8 @@ class QuantizedBlocks:
     fp8: float8 e4m3 rows and one float32 scale per (batch, head, block) for keys and values;
     int4: packed rows, bfloat16 scale and minimum per (block, channel) for keys, per token for
     values. ``nbytes`` is what ``kv_cache_bytes(..., kv_format=...)`` counts for the history.
+    ``disk``: a directory; the store lives in preallocated, unlinked files there instead
+    (``omnimem.store.disk``).
     """
 
     def __init__(
@@ -34,6 +37,7 @@ class QuantizedBlocks:
         block_size: int,
         device: torch.device | str,
         host: bool = False,
+        disk: str | None = None,
     ) -> None:
         if kv_format not in ("fp8", "int4"):
             raise ValueError(f"QuantizedBlocks kv_format must be 'fp8' or 'int4', got {kv_format!r}")
@@ -45,8 +49,14 @@ class QuantizedBlocks:
         pin = device.type == "cuda"
 
         def zeros(shape: tuple[int, ...], dtype: torch.dtype, fill: float = 0.0) -> torch.Tensor:
-            # host: the offloaded tier, page-locked so that copies to the device run asynchronously
-            x = host_zeros(shape, dtype, pin=pin) if host else torch.zeros(shape, dtype=dtype, device=device)
+            # host: the offloaded tier, page-locked so that copies to the device run asynchronously;
+            # disk: a file mapping (omnimem.store.disk), staged through page-locked bounce rows
+            if disk is not None:
+                x = disk_zeros(shape, dtype, disk)
+            elif host:
+                x = host_zeros(shape, dtype, pin=pin)
+            else:
+                x = torch.zeros(shape, dtype=dtype, device=device)
             return x.fill_(fill) if fill else x
 
         if kv_format == "fp8":

@@ -40,7 +40,7 @@ def disk_zeros(shape: tuple[int, ...], dtype: torch.dtype, directory: str | os.P
     directory = os.fspath(directory)
     check_disk_space(0, directory)
     numel = math.prod(shape)
-    nbytes = numel * torch.empty((), dtype=dtype).element_size()
+    nbytes = numel * dtype.itemsize
     handle, path = tempfile.mkstemp(prefix="omnimem-history-", suffix=".bin", dir=directory)
     try:
         try:
