@@ -38,7 +38,7 @@ from torch import nn
 
 from omnimem.config import GatedConfig, OmniMemConfig
 from omnimem.gated.wan import GatedWanSelfAttention, reordered_rope, rope_table_for, spatial_rope_table
-from omnimem.positions import RelativeTime, wan_time_table
+from omnimem.positions import RelativeTime, scaled_time_table, wan_time_table
 from omnimem.sizing import host_history_bytes, kv_cache_bytes
 from omnimem.sparse.cache import OmniMemCache
 from omnimem.store.disk import check_disk_space
@@ -488,6 +488,47 @@ def _reencode(cache: OmniMemCache, q, k, v, start: int, block_tokens: int) -> to
     return torch.cat(outs, dim=2)
 
 
+_LONGLIVE2_ROPE = ("t_scale", "use_relative_rope", "method", "original_seq_len", "temporal_offset")
+
+
+def _longlive2_rope(extra: dict, settings: dict) -> tuple[float, float | torch.Tensor]:
+    """LongLive-2.0's RoPE options, taken out of ``extra``: ``(t_scale, temporal_offset)`` for
+    absolute positions (``(1.0, 0.0)`` without them). Checked: the linear method only; its
+    window-relative rotation (``use_relative_rope=True``) needs ``positions="relative"``; one
+    ``t_scale`` per patched model (the caches' time tables are built with it)."""
+    if not any(name in extra for name in _LONGLIVE2_ROPE):
+        return 1.0, 0.0
+    t_scale = extra.pop("t_scale", 1.0)
+    relative = extra.pop("use_relative_rope", False)
+    method, original = extra.pop("method", "linear"), extra.pop("original_seq_len", None)
+    offset = extra.pop("temporal_offset", 0.0)
+    if method != "linear" or original is not None:
+        raise ValueError(
+            f"RoPE method={method!r}, original_seq_len={original!r}: only LongLive-2.0's linear temporal "
+            "RoPE (method='linear', original_seq_len=None) is implemented"
+        )
+    if isinstance(t_scale, bool) or not isinstance(t_scale, int | float) or not t_scale > 0:
+        raise ValueError(f"t_scale must be a positive number, got {t_scale!r}")
+    if not isinstance(relative, bool):
+        raise TypeError(f"use_relative_rope must be a bool, got {type(relative).__name__}")
+    if relative and settings["positions"] != "relative":
+        raise ValueError(
+            "this model rotates its attended window at window-relative frames (use_relative_rope=True): "
+            "patch it with patch_causal_wan(..., positions='relative'), omnimem's form of that rotation "
+            "over the whole history"
+        )
+    if (torch.is_tensor(offset) and offset.ndim > 1) or isinstance(offset, list | tuple):
+        raise ValueError(
+            "temporal_offset per sample ([B] or [B, F]) is not supported: pass a number or [F] frames"
+        )
+    if settings.setdefault("t_scale", float(t_scale)) != float(t_scale):
+        raise ValueError(
+            f"t_scale changed from {settings['t_scale']} to {t_scale} mid-run: unpatch and patch the model "
+            "again"
+        )
+    return float(t_scale), (0.0 if relative else offset)
+
+
 def _patched_forward(original: Callable, settings: dict) -> Callable:
     def forward(
         self: nn.Module,
@@ -513,9 +554,10 @@ def _patched_forward(original: Callable, settings: dict) -> Callable:
         if settings["current_end"]:
             current_end = extra.pop("current_end", cache_start)
             cache_start = None
+        t_scale, offset = _longlive2_rope(extra, settings)
         if extra:
-            # Arguments Self-Forcing's call does not have change what attention computes
-            # (e.g. LongLive-2.0's RoPE options): not ours to drop.
+            # Arguments Self-Forcing's call does not have change what attention computes: not
+            # ours to drop.
             raise TypeError(
                 f"this model calls self-attention with {', '.join(sorted(extra))}, which the Self-Forcing "
                 "call that patch_causal_wan implements does not have: its attention works differently "
@@ -560,10 +602,15 @@ def _patched_forward(original: Callable, settings: dict) -> Callable:
         grid, start_frame = (frames, height, width), start // frame_tokens
         time = None
         if settings["positions"] == "relative":  # space only; the cache rotates in time per call
-            time = RelativeTime(wan_time_table(freqs), frame_tokens)
+            time = RelativeTime(scaled_time_table(freqs, freqs.shape[0], 0, t_scale, 0.0), frame_tokens)
             freqs, start_frame = spatial_rope_table(freqs), 0
         else:
             freqs = rope_table_for(freqs, start_frame + frames)  # past their 1,024 frames: extended
+            if t_scale != 1.0 or torch.is_tensor(offset) or float(offset) != 0.0:  # LongLive-2.0's options
+                freqs = freqs.clone()
+                freqs[start_frame : start_frame + frames, : wan_time_table(freqs).shape[1]] = (
+                    scaled_time_table(freqs, frames, start_frame, t_scale, offset)
+                )
         q = reordered_rope(q.float(), grid, freqs, start_frame=start_frame).type_as(v)
         k = reordered_rope(k.float(), grid, freqs, start_frame=start_frame).type_as(v)
         sink_tokens = getattr(self, "sink_size", 0) * frame_tokens

@@ -108,6 +108,39 @@ def wan_time_table(freqs: torch.Tensor) -> torch.Tensor:
     return freqs[:, : half - 2 * (half // 3)]
 
 
+def scaled_time_table(
+    freqs: torch.Tensor, frames: int, start_frame: int, t_scale: float, offset: float | torch.Tensor
+) -> torch.Tensor:
+    """The temporal rotations ``[frames, T]`` of frames ``start_frame ..`` with LongLive-2.0's
+    linear temporal RoPE: frame ``f`` at angle ``(f + offset) * t_scale * theta_t`` for each
+    temporal frequency ``theta_t`` of Wan's table ``freqs`` (its row 1), in float64; ``offset``
+    a number, a 0-d tensor, or per-frame values (``[frames]``, or ``[>= start_frame + frames]``
+    indexed by absolute frame). Unscaled and unshifted: the table's own rows (their rule).
+
+    Raises:
+        ValueError: per-frame offsets that do not cover the frames.
+    """
+    temporal = wan_time_table(freqs)
+    if t_scale == 1.0 and not torch.is_tensor(offset) and float(offset) == 0.0:
+        return temporal[start_frame : start_frame + frames]
+    frame = torch.arange(frames, dtype=torch.float64, device=freqs.device) + start_frame
+    if torch.is_tensor(offset) and offset.ndim == 1:
+        offset = offset.to(freqs.device, torch.float64)
+        if offset.numel() == frames:
+            frame = frame + offset
+        elif offset.numel() >= start_frame + frames:
+            frame = frame + offset[start_frame : start_frame + frames]
+        else:
+            raise ValueError(
+                f"temporal_offset has {offset.numel()} frames; frames {start_frame}.."
+                f"{start_frame + frames - 1} need it per frame of the chunk or of the whole video"
+            )
+    else:
+        frame = frame + (offset.to(freqs.device, torch.float64) if torch.is_tensor(offset) else float(offset))
+    angles = (frame * t_scale)[:, None] * torch.angle(temporal[1]).to(torch.float64)[None, :]
+    return torch.polar(torch.ones_like(angles), angles)
+
+
 def reserve(window_frame: int, attended_tokens: int, block_size: int, frame_tokens: int) -> int:
     """``R``: at most the frames before the window, and at most the distinct frames that the
     attended whole blocks and a partial block (``attended_tokens`` in all) can cover."""

@@ -407,3 +407,101 @@ class StandinRollingPipeline(StandinPipeline):
                 outputs.append(self.model(noisy, grid, freqs, self.kv_cache1, start))
                 self.model(chunks[first], grid_sizes, freqs, self.kv_cache1, start, updating_cache=True)
         return outputs
+
+
+def scaled_time_table(
+    freqs: torch.Tensor, frames: int, start_frame: int, t_scale: float, offset
+) -> torch.Tensor:
+    """LongLive-2.0's temporal rotations as its docstrings describe them: frame ``f`` of the chunk
+    at angle ``(start_frame + f + offset) * t_scale * theta`` for each temporal frequency
+    ``theta`` (Wan's, the table's row 1), in float64; ``offset`` a number or per-frame values
+    (``[>= start_frame + frames]``, indexed by absolute frame). Without scale or offset: the
+    table's rows themselves."""
+    half = freqs.shape[1]
+    temporal = freqs[:, : half - 2 * (half // 3)]
+    if t_scale == 1.0 and not torch.is_tensor(offset) and float(offset) == 0.0:
+        return temporal[start_frame : start_frame + frames]
+    frame = torch.arange(frames, dtype=torch.float64) + start_frame
+    if torch.is_tensor(offset) and offset.ndim == 1:
+        frame = frame + offset.double()[start_frame : start_frame + frames]
+    else:
+        frame = frame + (offset.double() if torch.is_tensor(offset) else float(offset))
+    angles = (frame * t_scale)[:, None] * torch.angle(temporal[1]).double()[None, :]
+    return torch.polar(torch.ones_like(angles), angles)
+
+
+def apply_scaled_rope(x, grid_sizes, freqs, start_frame: int, t_scale: float, offset) -> torch.Tensor:
+    frames = int(grid_sizes[0][0])
+    table = freqs.clone()
+    time = scaled_time_table(freqs, frames, start_frame, t_scale, offset)
+    table = torch.cat([table, table[-1:].expand(max(0, start_frame + frames - table.shape[0]), -1)])
+    table[start_frame : start_frame + frames, : time.shape[1]] = time
+    return apply_rope(x, grid_sizes, table, start_frame)
+
+
+class StandinLongLive2SelfAttention(StandinLongLiveSelfAttention):
+    """LongLive-2.0's layer (NVlabs/LongLive ``wan_5b/modules/causal_model.py`` at fcd6475) as its
+    signature and docstrings describe it: LongLive's, plus ``t_scale`` (temporal RoPE scale),
+    ``use_relative_rope`` (keys kept raw, the attended window rotated at window-local frames:
+    over a window that starts at frame 0, the absolute ones), ``method`` ("linear"),
+    ``original_seq_len`` and ``temporal_offset`` (multi-shot shift; ignored by the relative
+    path). Global attention here: the window is the whole history."""
+
+    def forward(self, x, seq_lens, grid_sizes, freqs, block_mask, kv_cache=None, current_start=0,
+                cache_start=None, t_scale=1.0, use_relative_rope=False, method="linear",
+                original_seq_len=None, temporal_offset=0.0):  # fmt: skip
+        assert method == "linear" and original_seq_len is None
+        b, s = x.shape[:2]
+        n, d = self.num_heads, self.head_dim
+        frame_tokens = int(grid_sizes[0][1] * grid_sizes[0][2])
+        start_frame = current_start // frame_tokens
+        q = self.norm_q(self.q(x)).view(b, s, n, d)
+        k = self.norm_k(self.k(x)).view(b, s, n, d)
+        v = self.v(x).view(b, s, n, d)
+        offset = 0.0 if use_relative_rope else temporal_offset
+        q = apply_scaled_rope(q, grid_sizes, freqs, start_frame, t_scale, offset).type_as(v)
+        k = apply_scaled_rope(k, grid_sizes, freqs, start_frame, t_scale, offset).type_as(v)
+        end = current_start + s
+        keys, values = kv_cache["k"].clone(), kv_cache["v"].clone()
+        keys[:, current_start:end], values[:, current_start:end] = k, v
+        out = F.scaled_dot_product_attention(
+            q.transpose(1, 2), keys[:, :end].transpose(1, 2), values[:, :end].transpose(1, 2)
+        )
+        update = dict(start=current_start, end=end, k=k, v=v, is_recompute=False)
+        return self.o(out.transpose(1, 2).flatten(2)), (end, end, update)
+
+
+class StandinLongLive2Block(StandinLongLiveBlock):
+    def __init__(self, dim: int, num_heads: int):
+        super().__init__(dim, num_heads)
+        self.self_attn = StandinLongLive2SelfAttention(dim, num_heads)
+
+    def forward(self, x, grid_sizes, freqs, kv_cache, current_start, block_mask=None, **rope):
+        y, info = self.self_attn(self.norm1(x), None, grid_sizes, freqs, block_mask, kv_cache, current_start,
+                                 **rope)  # fmt: skip
+        x = x + y
+        return x + self.ffn(self.norm2(x)), info
+
+
+class StandinLongLive2Model(StandinLongLiveModel):
+    """The model holds the RoPE options and passes them to every layer by keyword."""
+
+    def __init__(self, num_layers: int = 2, dim: int = 32, num_heads: int = 2):
+        super().__init__(num_layers, dim, num_heads)
+        self.blocks = nn.ModuleList(StandinLongLive2Block(dim, num_heads) for _ in range(num_layers))
+        self.t_scale, self.use_relative_rope, self.rope_method, self.rope_temporal_offset = (
+            1.0,
+            False,
+            "linear",
+            0.0,
+        )
+
+    def forward(self, x, grid_sizes, freqs, kv_cache=None, current_start=0, block_mask=None, cond=0.0):
+        rope = dict(t_scale=self.t_scale, use_relative_rope=self.use_relative_rope, method=self.rope_method,
+                    original_seq_len=None, temporal_offset=self.rope_temporal_offset)  # fmt: skip
+        infos = []
+        for i, block in enumerate(self.blocks):
+            x, info = block(x, grid_sizes, freqs, kv_cache[i], current_start, block_mask, **rope)
+            infos.append((i, info))
+        self._apply_cache_updates(kv_cache, infos)
+        return x

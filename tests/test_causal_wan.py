@@ -130,16 +130,17 @@ def test_cache_dicts_created_mid_video_are_refused_before_anything_changes():
 
 
 def test_arguments_beyond_the_self_forcing_call_are_refused():
-    """LongLive's Wan-5B blocks pass RoPE options, Rolling Forcing's pass ``updating_cache``:
-    attention that the patch does not compute, so the call is refused, naming them."""
+    """Arguments the patch does not know (beyond Self-Forcing's call, LongLive-2.0's RoPE
+    options, Rolling Forcing's ``updating_cache``) change what attention computes: the call is
+    refused, naming them, and nothing is written."""
     ours = model()
     patch_causal_wan(ours, FULL, max_frames=8)
     pipeline = StandinPipeline(ours, buffer_tokens=4 * CHUNK)
     pipeline.inference(chunks(1), GRID, FREQS)
     attn = ours.blocks[0].self_attn
     x = chunks(1)[0]
-    with pytest.raises(TypeError, match="calls self-attention with t_scale, use_relative_rope, which"):
-        attn(x, None, GRID, FREQS, None, pipeline.kv_cache1[0], CHUNK, t_scale=1.0, use_relative_rope=False)
+    with pytest.raises(TypeError, match="calls self-attention with rope_scaling, window, which"):
+        attn(x, None, GRID, FREQS, None, pipeline.kv_cache1[0], CHUNK, t_scale=1.0, rope_scaling=2, window=3)
     assert pipeline.kv_cache1[0]["omnimem"].history_len == 0  # nothing was written
 
 

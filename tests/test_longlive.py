@@ -12,7 +12,12 @@ import torch
 from omnimem import OmniMemConfig
 from omnimem.causal_wan import patch_causal_wan
 
-from .causal_wan_standin import StandinBlockMask, StandinLongLiveModel, StandinLongLivePipeline
+from .causal_wan_standin import (
+    StandinBlockMask,
+    StandinLongLive2Model,
+    StandinLongLiveModel,
+    StandinLongLivePipeline,
+)
 from .test_causal_wan import CHUNK, DIM, FREQS, FULL, GRID, HEADS, chunks
 
 PROMPTS = (0.0, 0.3, -0.2)
@@ -93,3 +98,63 @@ def test_a_reencode_in_blocks_larger_than_the_cache_takes_is_refused_before_anyt
     with pytest.raises(ValueError, match=r"re-encode in blocks of 48 tokens, .* at most 36"):
         attn(x, None, grid, FREQS, StandinBlockMask(4), layer, 0)
     assert (layer["omnimem"].history_len, layer["omnimem"].chunk_len) == before
+
+
+def longlive2(**rope) -> StandinLongLive2Model:
+    torch.manual_seed(0)
+    model = StandinLongLive2Model(num_layers=2, dim=DIM, num_heads=HEADS)
+    for name, value in rope.items():
+        setattr(model, name, value)
+    return model
+
+
+@pytest.mark.parametrize(
+    "rope",
+    [
+        dict(t_scale=0.5),
+        dict(t_scale=0.75, rope_temporal_offset=3.0),
+        dict(rope_temporal_offset=torch.arange(40, dtype=torch.float64) * 0.25),  # per frame of the video
+        dict(t_scale=0.5, use_relative_rope=True),
+    ],
+)
+def test_longlive2_rope_options_equal_their_attention_at_full_budget(rope):
+    """LongLive-2.0 (its current model) passes ``t_scale``, ``use_relative_rope``, ``method``,
+    ``original_seq_len`` and ``temporal_offset`` to every layer: honoured, each chunk equals
+    their attention at full budget (their window-relative rotation over a window from frame 0
+    is the absolute one, which ``positions="relative"`` also gives under its budget)."""
+    theirs = longlive2(**rope)
+    ours = copy.deepcopy(theirs)
+    positions = "relative" if rope.get("use_relative_rope") else "absolute"
+    patch_causal_wan(ours, FULL, max_frames=20, positions=positions)
+    inputs = chunks(6, seed=7)
+    want = StandinLongLivePipeline(theirs, buffer_tokens=6 * CHUNK).inference(inputs, GRID, FREQS)
+    got = StandinLongLivePipeline(ours, buffer_tokens=6 * CHUNK).inference(inputs, GRID, FREQS)
+    for g, w in zip(got, want, strict=True):
+        torch.testing.assert_close(g, w, atol=2e-5, rtol=1e-4)
+    plain = StandinLongLivePipeline(longlive2(), buffer_tokens=6 * CHUNK).inference(inputs, GRID, FREQS)
+    assert not torch.allclose(plain[-1], want[-1], atol=1e-3)  # the options change the video
+
+
+def test_longlive2_misuse_is_refused_clearly():
+    inputs = chunks(2, seed=1)
+    for rope, error, match in (
+        (
+            dict(use_relative_rope=True),
+            ValueError,
+            r"use_relative_rope=True\): patch it with .*positions='relative'",
+        ),
+        (dict(rope_method="ntk"), ValueError, "only LongLive-2.0's linear temporal RoPE"),
+        (dict(t_scale=0.0), ValueError, "t_scale must be a positive number"),
+        (dict(rope_temporal_offset=torch.zeros(1, 4)), ValueError, r"temporal_offset per sample"),
+    ):
+        ours = longlive2(**rope)
+        patch_causal_wan(ours, FULL, max_frames=20)
+        with pytest.raises(error, match=match):
+            StandinLongLivePipeline(ours, buffer_tokens=2 * CHUNK).inference(inputs, GRID, FREQS)
+    ours = longlive2(t_scale=0.5)
+    patch_causal_wan(ours, FULL, max_frames=20)
+    pipeline = StandinLongLivePipeline(ours, buffer_tokens=4 * CHUNK)
+    pipeline.inference(inputs, GRID, FREQS)
+    ours.t_scale = 0.25
+    with pytest.raises(ValueError, match=r"t_scale changed from 0\.5 to 0\.25 mid-run"):
+        pipeline.inference(inputs, GRID, FREQS)
