@@ -233,12 +233,15 @@ def test_offload_with_buffers_shorter_than_a_block():
     assert torch.equal(offloaded.attend(q, k, v), resident.attend(q, k, v))
 
 
-def test_rewind_leaves_what_commits_of_the_kept_tokens_leave():
+@pytest.mark.parametrize("where", ["resident", "host", "disk"])
+def test_rewind_leaves_what_commits_of_the_kept_tokens_leave(where, tmp_path):
     """rewind(end) cuts a block: its sum is over the kept tokens only, as if they alone had been
-    committed; retrieval with no local window (the cut block's score decides) agrees too."""
-    config = OmniMemConfig(block_size=4, top_k=1, sink_tokens=0, local_tokens=0, backend="dense")
+    committed; retrieval with no local window (the cut block's score decides) agrees too.
+    Offloaded (host memory or disk) the same, from the host's copy."""
+    config = OmniMemConfig(block_size=4, top_k=1, sink_tokens=0, local_tokens=0, backend="gather")
     keys, values = chunk(23, seed=1), chunk(23, seed=2)
-    rewound, fresh = make_cache(config=config), make_cache(config=config)
+    tier = {"resident": {}, "host": dict(offload=True), "disk": dict(offload=True, disk=tmp_path)}[where]
+    rewound, fresh = make_cache(config=config, **tier), make_cache(config=config)
     for start in range(0, 23, 8):
         rewound.commit(keys[:, :, start : start + 8], values[:, :, start : start + 8])
     rewound.rewind(17)
@@ -273,14 +276,17 @@ def test_attend_at_refuses_before_changing_anything():
     cache.attend_at(chunk(4), chunk(4), chunk(4), start=4)
 
 
-def test_rewind_into_the_current_chunk_keeps_its_head_as_history():
+@pytest.mark.parametrize("offload", [False, True])
+def test_rewind_into_the_current_chunk_keeps_its_head_as_history(offload):
     """rewind(end) with end inside the current chunk: its tokens before end become history, as
-    if that shorter chunk had been written and promoted (LongLive's re-cache can start there)."""
-    config = OmniMemConfig(block_size=4, top_k=1, sink_tokens=4, local_tokens=4, backend="dense")
+    if that shorter chunk had been written and promoted (LongLive's re-cache can start there);
+    offloaded too."""
+    config = OmniMemConfig(block_size=4, top_k=1, sink_tokens=4, local_tokens=4, backend="gather")
     gen = torch.Generator().manual_seed(3)
-    x = [torch.randn(1, 2, 8, 8, generator=gen) for _ in range(3)]
+    x = [torch.randn(1, 2, 8, 8, generator=gen).to(TEST_DEVICE) for _ in range(3)]
     rewound, written = (OmniMemCache(32, max_chunk_tokens=8, batch=1, num_kv_heads=2, head_dim=8,
-                                     config=config) for _ in range(2))  # fmt: skip
+                                     config=config, device=TEST_DEVICE, offload=offload and i == 0)
+                        for i in range(2))  # fmt: skip
     rewound.attend_at(x[0], x[0], x[0], start=0)
     rewound.attend_at(x[1], x[1], x[1], start=8)
     rewound.rewind(13)

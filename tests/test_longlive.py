@@ -17,6 +17,7 @@ from .causal_wan_standin import (
     StandinLongLive2Model,
     StandinLongLiveModel,
     StandinLongLivePipeline,
+    grid_sizes_of,
 )
 from .test_causal_wan import CHUNK, DIM, FREQS, FULL, GRID, HEADS, chunks
 
@@ -68,6 +69,24 @@ def test_with_a_budget_prompt_switches_give_the_same_video_again():
     theirs = longlive()
     _, full = run(theirs, inputs)
     assert not torch.allclose(first[-1], full[-1], atol=1e-4)  # the budget did select
+
+
+def test_a_reencode_from_a_later_frame_runs_offloaded():
+    """A re-cache of the last frames only (LongLive with ``local_attn_size`` set re-encodes from a
+    later frame): the cache rewinds there, offloaded as resident, and the video goes on alike
+    (bit for bit on ``gather``)."""
+    outs = []
+    for offload in (False, True):
+        ours = longlive()
+        patch_causal_wan(ours, FULL.replace(backend="gather"), max_frames=20, offload=offload)
+        pipeline, _ = run(ours, chunks(3, seed=2))  # 3 chunks, a switch at 3 never comes
+        recent = torch.cat(chunks(3, seed=2)[1:], dim=1)  # chunks 1 and 2 again, from frame CHUNK
+        with torch.no_grad():
+            ours(recent, grid_sizes_of(GRID, 2), FREQS, pipeline.kv_cache1, CHUNK, StandinBlockMask(2), 0.3)
+            nxt = chunks(1, seed=9)[0]
+            outs.append(ours(nxt, GRID, FREQS, pipeline.kv_cache1, 3 * CHUNK, cond=0.3))
+        assert pipeline.kv_cache1[0]["omnimem"].history_len == 3 * CHUNK
+    torch.testing.assert_close(outs[1], outs[0], rtol=0, atol=0)
 
 
 def test_a_reencode_inside_a_global_sink_is_refused_before_anything_changes():

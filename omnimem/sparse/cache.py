@@ -625,8 +625,11 @@ class OmniMemCache:
         An ``end`` inside the current chunk (as ``attend_at`` last wrote it) keeps the chunk's
         tokens before ``end`` as history.
 
+        Offloaded (host memory or disk) the cut block's sum is recomputed from the host's copy
+        and the device's staging starts afresh.
+
         Raises:
-            ValueError: ``end`` outside ``[0, history_len + chunk_len]``, or an offloaded cache.
+            ValueError: ``end`` outside ``[0, history_len + chunk_len]``, or a quantized cache.
             TypeError: a non-int ``end``.
         """
         if isinstance(end, bool) or not isinstance(end, int):
@@ -637,13 +640,14 @@ class OmniMemCache:
                 f"end must be in [0, history_len + chunk_len = {chunk_end}] "
                 f"(history_len={self.history_len}), got {end}"
             )
-        if self._offload is not None:
-            what = (
-                "an offloaded cache"
-                if self.kv_format == "native"
-                else f"a kv_format={self.kv_format!r} cache"
+        if self.kv_format != "native":
+            raise ValueError(
+                f"rewind is not supported on a kv_format={self.kv_format!r} cache: the history before `end` "
+                "is kept only quantized (its cut block cannot come back exactly); reset() it and re-commit"
             )
-            raise ValueError(f"rewind is not supported on {what}; reset() it and re-commit")
+        if self._offload is not None:
+            self._rewind_offloaded(end)
+            return
         if end > self.history_len:  # the current chunk's head becomes history
             self._refresh_block_sums(self.history_len, end)
             self.history_len = end
@@ -651,6 +655,21 @@ class OmniMemCache:
         # never read, and later writes recompute every block they touch.
         self._refresh_block_sums(end - end % self.config.block_size, end)
         self.history_len, self.chunk_len, self._chunk_copy = end, 0, None
+
+    def _rewind_offloaded(self, end: int) -> None:
+        """``rewind`` of a history in host memory (or on disk): the current chunk's head is
+        committed if ``end`` lies in it; otherwise the history is cut at ``end``, the cut
+        block's sum recomputed from the host's copy, and what the device staged forgotten (its
+        partial block reloaded from the host)."""
+        if end > self.history_len:  # the current chunk's head becomes history
+            k, v = self._chunk_copy
+            keep = end - self.history_len
+            self.commit(k[:, :, :keep], v[:, :, :keep])
+            return
+        self._sync_host()  # the last commit's copy to the host has landed
+        self.history_len, self.chunk_len, self._chunk_copy = end, 0, None
+        self._refresh_block_sums(end - end % self.config.block_size, end)
+        self._offload.load_tail(self)
 
     def _head_slice(self, heads: slice) -> OmniMemCache:
         """A view of KV heads ``heads`` sharing this cache's storage and history, for attends
