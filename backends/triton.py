@@ -179,7 +179,7 @@ def _attend(
     scale: float,
     return_lse: bool,
 ) -> tuple[torch.Tensor, torch.Tensor | None]:
-    from omnimem.backends.triton_attention import default_num_sms, scattered_attention
+    from omnimem.backends.triton_attention import default_num_sms
 
     grouped = selection.kv_block_idx.shape[2] > 1
     hopper = hopper_kernel()
@@ -211,23 +211,7 @@ def _attend(
             return_lse=return_lse,
             num_sms=default_num_sms(q.device),
         )
-    block_m = 128 if q.device.type == "cuda" else 16
-    tile_block_idx, tile_num_blocks = tile_tables(selection, q_len=q.shape[2], block_m=block_m)
-    return scattered_attention(
-        q,
-        k,
-        v,
-        block_idx=tile_block_idx,
-        num_blocks=tile_num_blocks,
-        block_attended=selection.attended_block_mask() if grouped else None,
-        history_len=selection.history_len,
-        chunk_len=chunk_len,
-        block_size=selection.block_size,
-        query_group_size=selection.query_group_size,
-        scale=scale,
-        return_lse=return_lse,
-        block_m=block_m,
-    )
+    return _triton_language(q, k, v, selection, chunk_len=chunk_len, scale=scale, return_lse=return_lse)
 
 
 def rotating_forward(
@@ -247,8 +231,6 @@ def rotating_forward(
     copy of the attended blocks. The Gluon kernel has no rotation: skipped, said once. With
     ``store`` (a quantized history) ``k``/``v`` hold the tokens from its partial last block on.
     No gradients (training takes the rotated-copy path)."""
-    from omnimem.backends.triton_attention import scattered_attention
-
     check_inputs(q)
     grouped = selection.kv_block_idx.shape[2] > 1
     if q.device.type == "cuda":
@@ -256,6 +238,25 @@ def rotating_forward(
             torch.cuda.get_device_capability(q.device), q.dtype, q.shape[-1], selection.block_size, grouped,
             "relative positions rotate the keys inside the Triton-language kernel",
         )  # fmt: skip
+    return _triton_language(
+        q,
+        k,
+        v,
+        selection,
+        chunk_len=chunk_len,
+        scale=scale,
+        return_lse=return_lse,
+        store=store,
+        rotation=rotation,
+    )
+
+
+def _triton_language(q, k, v, selection: Selection, *, chunk_len: int, scale: float, return_lse: bool,
+                     store=None, rotation=None) -> tuple[torch.Tensor, torch.Tensor | None]:  # fmt: skip
+    """The Triton-language kernel over ``selection``'s per-tile tables."""
+    from omnimem.backends.triton_attention import scattered_attention
+
+    grouped = selection.kv_block_idx.shape[2] > 1
     block_m = 128 if q.device.type == "cuda" else 16
     tile_block_idx, tile_num_blocks = tile_tables(selection, q_len=q.shape[2], block_m=block_m)
     return scattered_attention(
