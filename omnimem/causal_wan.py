@@ -185,7 +185,7 @@ def patch_causal_wan(
             (``omnimem.positions``; docs/positions.md). Self-Forcing's layers only for now.
         disk: with ``offload``, a directory whose preallocated files hold each layer's history
             (``OmniMemCache(disk=...)``: the page cache is its host memory; docs/positions.md
-            has the hour this is for). Both kinds of layer; quantized on disk: Self-Forcing's.
+            has the hour this is for). Both kinds of layer, native or quantized.
         index_format: ``"float32"`` or ``"int8"``: the block sums Self-Forcing's layers select
             from (``OmniMemCache(index_format=...)``: 0.26x the bytes, within a documented bound;
             the index an hour needs, docs/positions.md).
@@ -243,11 +243,6 @@ def patch_causal_wan(
         raise ValueError(
             f"index_format={index_format!r} applies to Self-Forcing's layers (OmniMemCache); the authors' "
             "three-branch layers select from block means: patch this model with index_format='float32'"
-        )
-    if disk is not None and kv_format != "native" and nsa_layers:
-        raise ValueError(
-            "disk= with a quantized kv_format is not supported for the authors' three-branch layers yet "
-            "(GatedCache keeps a native history on disk): pass kv_format='native' with disk=, or no disk"
         )
     if positions == "relative" and nsa_layers:
         raise ValueError(

@@ -144,9 +144,18 @@ def test_the_authors_layers_keep_their_history_on_disk(tmp_path):
             want = resident[0](x, None, GRID, FREQS, start_frame)
             torch.testing.assert_close(on_disk[0](x, None, GRID, FREQS, start_frame), want, atol=0, rtol=0)
     assert on_disk[0]._cache.disk == os.fspath(tmp_path) and os.listdir(tmp_path) == []
-    with pytest.raises(ValueError, match=r"GatedCache\(disk=...\) keeps an offloaded native history"):
+    with pytest.raises(ValueError, match=r"GatedCache\(disk=...\) keeps an offloaded history in a file"):
         GatedCache(16, batch=1, num_kv_heads=1, head_dim=8, disk=tmp_path)
-    with pytest.raises(ValueError, match="disk= with a quantized kv_format is not supported for the authors"):
-        patch_causal_wan(_nsa_model(), max_frames=10, offload=True, disk=tmp_path, kv_format="int4")
+    # Quantized too: the store's bytes in files, the host gathers a call's selected blocks.
+    host, disk = _nsa_model(), _nsa_model()
+    rules = dict(max_frames=10, offload=True, kv_format="int4")
+    patch_causal_wan(host, GatedConfig(backend="gather"), **rules)
+    patch_causal_wan(disk, GatedConfig(backend="gather"), **rules, disk=tmp_path)
+    for start_frame in (0, 2, 4, 6, 8):
+        x = chunks(1, seed=start_frame)[0]
+        for _ in range(2):
+            want = host[0](x, None, GRID, FREQS, start_frame)
+            torch.testing.assert_close(disk[0](x, None, GRID, FREQS, start_frame), want, atol=0, rtol=0)
+    assert disk[0]._cache._offload.store.disk == os.fspath(tmp_path) and os.listdir(tmp_path) == []
     with pytest.raises(TypeError, match="GatedCache disk must be a directory path or None, got int"):
         GatedCache(16, batch=1, num_kv_heads=1, head_dim=8, offload=True, max_chunk_tokens=4, disk=1)

@@ -34,6 +34,7 @@ from omnimem.gated.offload import GatedHostOffload, GatedQuantizedHistory, Gated
 from omnimem.pooling import PooledKV, accumulation_dtype, block_means, key_bounds
 from omnimem.selection import compact_numbering, gather_union_rows
 from omnimem.sizing import host_history_bytes, kv_cache_bytes
+from omnimem.store.disk import check_disk_space
 from omnimem.store.formats import check_kv_format
 from omnimem.store.tiers import check_device_memory, check_host_memory, native_history
 
@@ -66,6 +67,9 @@ class GatedCache:
             region. With ``offload`` the quantized blocks live in host memory and each call
             stages the bytes of the blocks its groups selected. The triton backend's selected
             kernel reads the quantized bytes in place.
+        disk: with ``offload``, a directory for the history's preallocated, unlinked files
+            (``omnimem.store.disk``; native or quantized); the host gathers the blocks a call
+            selected from them (one host synchronization per call).
 
     Memory: ``2 * capacity * H * D`` elements for the keys/values, plus per block of
     ``block_size`` tokens one float32 mean key and one mean key and value in ``dtype``
@@ -105,11 +109,8 @@ class GatedCache:
             raise TypeError(f"GatedCache offload must be a bool, got {type(offload).__name__}")
         if disk is not None and not isinstance(disk, (str, os.PathLike)):
             raise TypeError(f"GatedCache disk must be a directory path or None, got {type(disk).__name__}")
-        if disk is not None and (not offload or kv_format != "native"):
-            raise ValueError(
-                "GatedCache(disk=...) keeps an offloaded native history in a file: pass offload=True and "
-                "kv_format='native' (a quantized history on disk is not supported yet)"
-            )
+        if disk is not None and not offload:
+            raise ValueError("GatedCache(disk=...) keeps an offloaded history in a file: pass offload=True")
         check_kv_format(kv_format, owner="GatedCache kv_format")
         quantized = kv_format != "native"
         if (offload or quantized) and max_chunk_tokens is None:
@@ -155,11 +156,15 @@ class GatedCache:
                 capacity, **sizes, kv_format=kv_format, max_chunk_tokens=max_chunk_tokens, offload=offload
             )
             check_device_memory(need, self.device)
-            if offload:  # the quantized history itself, in host memory
-                check_host_memory(host_history_bytes(
+            if offload:  # the quantized history itself, in host memory (or on disk)
+                history_bytes = host_history_bytes(
                     capacity, kv_format=kv_format, num_kv_heads=num_kv_heads, head_dim=head_dim, batch=batch,
                     block_size=self.config.block_size,
-                ))  # fmt: skip
+                )  # fmt: skip
+                if disk is None:
+                    check_host_memory(history_bytes)
+                else:
+                    check_disk_space(history_bytes, disk)
             self._k = torch.zeros((), dtype=dtype, device=device).expand(shape)
             self._v = self._k
         elif offload:

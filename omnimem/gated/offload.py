@@ -159,7 +159,8 @@ class GatedQuantizedHistory(GatedHostOffload):
             QuantizedBlocks, kv_format, batch=batch, num_kv_heads=heads, head_dim=head_dim,
             block_size=cache.config.block_size, device=self.device,
         )  # fmt: skip
-        self.store = self.make(capacity=capacity, host=self.HOST)
+        disk = getattr(cache, "disk", None) if self.HOST else None
+        self.store = self.make(capacity=capacity, host=self.HOST, disk=disk)
         if not self.HOST:
             self.copy_stream = None  # quantized on the compute stream: nothing to wait for
         self.dtype = cache.dtype
@@ -244,7 +245,17 @@ class GatedQuantizedOffload(GatedQuantizedHistory):
         self.flushed = cut
 
     def _stage_union(self, union: torch.Tensor, none: int) -> None:
-        """The ``union [B, H, W]`` blocks' bytes from the host into slots ``[0, W)`` of ``staged``."""
+        """The ``union [B, H, W]`` blocks' bytes from the host into slots ``[0, W)`` of ``staged``
+        (on disk: gathered by the host from the file mapping, which kernels cannot read; one
+        synchronization, as the native history on disk)."""
+        if self.store.disk is not None:
+            self.wait_for_copies()
+            blocks = union.cpu()
+            for (into, rows), (stored, _) in zip(self.staged.pairs(), self.store.pairs(), strict=True):
+                gathered = gather_union_rows(blocks, none=none, block_size=rows, buffers=stored)
+                for dst, got in zip(into, gathered, strict=True):
+                    dst[:, :, : got.shape[2]].copy_(got, non_blocking=True)
+            return
         source = torch.where(union < none, SOURCE_HOST, SOURCE_NONE).int()
         block = torch.where(union < none, union, 0).long()
         self.wait_for_copies()  # the staging reads what the last flush sent to the host

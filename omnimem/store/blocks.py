@@ -42,6 +42,7 @@ class QuantizedBlocks:
         if kv_format not in ("fp8", "int4"):
             raise ValueError(f"QuantizedBlocks kv_format must be 'fp8' or 'int4', got {kv_format!r}")
         self.kv_format, self.block_size, self.head_dim = kv_format, block_size, head_dim
+        self.disk = disk
         self.slots = math.ceil(capacity / block_size)
         rows = (batch, num_kv_heads, self.slots * block_size)
 
