@@ -497,6 +497,45 @@ def test_quantized_history_equals_attention_over_dequantized_blocks(
     cache.attend_at(*(x[:, :, :5].to(TEST_DEVICE) for x in (q, k, v)), start=0)
 
 
+@pytest.mark.parametrize("kv_format", ["fp8", "int4"])
+@pytest.mark.parametrize("offload", [False, True])
+@pytest.mark.parametrize("end", [16, 13, 8])
+def test_a_quantized_cache_rewinds_exactly_where_it_keeps_native_tokens(kv_format, offload, end):
+    """rewind into the current chunk (16), into the partial last block the cache keeps natively
+    (13: history 14, blocks of 4) or to a block boundary (8) gives what writing only the kept
+    tokens gives, bit for bit (gather); a cut inside a quantized block is refused before
+    anything changes."""
+    config = OmniMemConfig(block_size=4, top_k=2, sink_tokens=4, local_tokens=4, backend="gather")
+    kw = dict(max_chunk_tokens=7, batch=1, num_kv_heads=2, head_dim=8, device=TEST_DEVICE, config=config,
+              kv_format=kv_format, offload=offload)  # fmt: skip
+    tokens = [chunk(7, seed=1), chunk(7, seed=2), chunk(5, seed=3)]
+    rewound = OmniMemCache(40, **kw)
+    for start, x in zip((0, 7, 14), tokens, strict=True):
+        rewound.attend_at(x, x, x, start=start)
+    assert (rewound.history_len, rewound.chunk_len) == (14, 5)
+    with pytest.raises(
+        ValueError, match=r"rewind\(6\) cuts block 1, which a kv_format=.* keeps only quantized"
+    ):
+        rewound.rewind(6)
+    assert (rewound.history_len, rewound.chunk_len) == (14, 5)
+    rewound.rewind(end)
+    kept = torch.cat(tokens, dim=2)[:, :, :end]
+    written = OmniMemCache(40, **kw)
+    for start in range(0, end, 7):
+        part = kept[:, :, start : min(start + 7, end)]
+        written.commit(part, part)
+    assert rewound.history_len == written.history_len == end
+    blocks = -(-end // 4)  # the cut block's sum over its kept tokens only
+    torch.testing.assert_close(rewound.key_block_sums[:, :, :blocks], written.key_block_sums[:, :, :blocks])
+    nxt = chunk(6, seed=4)
+    torch.testing.assert_close(
+        rewound.attend_at(nxt, nxt, nxt, start=end),
+        written.attend_at(nxt, nxt, nxt, start=end),
+        rtol=0,
+        atol=0,
+    )
+
+
 def test_quantized_cache_validation():
     with pytest.raises(ValueError, match="OmniMemCache kv_format must be one of"):
         make_cache(kv_format="nf4")

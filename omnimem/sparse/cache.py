@@ -70,7 +70,8 @@ class OmniMemCache:
             blocks live in host memory and each call stages the bytes of the blocks it selects.
             The triton backend reads the quantized bytes in place; the others dequantize what
             they read. Results equal attention over the history with its whole blocks
-            dequantized. Not with ``cuda_graphs``, ``rewind``, ``state_dict`` or gradients yet.
+            dequantized. Not with ``cuda_graphs``, ``state_dict`` or gradients yet; ``rewind``
+            to block boundaries or into the partial last block only.
         cuda_graphs: replay each ``attend`` from a CUDA graph captured on its first call per
             query shape (triton backend, resident CUDA caches): the host launches one graph
             instead of about a dozen kernels (~0.9 ms of Python per call on a slow host, ~0.05
@@ -626,10 +627,13 @@ class OmniMemCache:
         tokens before ``end`` as history.
 
         Offloaded (host memory or disk) the cut block's sum is recomputed from the host's copy
-        and the device's staging starts afresh.
+        and the device's staging starts afresh. A quantized cache rewinds exactly to a block
+        boundary or into its partial last block (kept natively); a block it keeps only
+        quantized cannot be cut.
 
         Raises:
-            ValueError: ``end`` outside ``[0, history_len + chunk_len]``, or a quantized cache.
+            ValueError: ``end`` outside ``[0, history_len + chunk_len]``, or (quantized) inside
+                a block the cache keeps only quantized.
             TypeError: a non-int ``end``.
         """
         if isinstance(end, bool) or not isinstance(end, int):
@@ -640,10 +644,13 @@ class OmniMemCache:
                 f"end must be in [0, history_len + chunk_len = {chunk_end}] "
                 f"(history_len={self.history_len}), got {end}"
             )
-        if self.kv_format != "native":
+        bs = self.config.block_size
+        whole = self.history_len // bs * bs  # a quantized cache keeps the tokens from here natively
+        if self.kv_format != "native" and end % bs and end < whole:
             raise ValueError(
-                f"rewind is not supported on a kv_format={self.kv_format!r} cache: the history before `end` "
-                "is kept only quantized (its cut block cannot come back exactly); reset() it and re-commit"
+                f"rewind({end}) cuts block {end // bs}, which a kv_format={self.kv_format!r} cache keeps "
+                f"only quantized: rewind to a block boundary (a multiple of {bs}) or to {whole} or later; or "
+                "reset() and write the video again"
             )
         if self._offload is not None:
             self._rewind_offloaded(end)
@@ -657,19 +664,29 @@ class OmniMemCache:
         self.history_len, self.chunk_len, self._chunk_copy = end, 0, None
 
     def _rewind_offloaded(self, end: int) -> None:
-        """``rewind`` of a history in host memory (or on disk): the current chunk's head is
-        committed if ``end`` lies in it; otherwise the history is cut at ``end``, the cut
-        block's sum recomputed from the host's copy, and what the device staged forgotten (its
-        partial block reloaded from the host)."""
+        """``rewind`` of a history in host memory, on disk or quantized: the current chunk's
+        head is committed if ``end`` lies in it; otherwise the history is cut at ``end``, the cut
+        block's sum recomputed from its native tokens (the host's copy; a quantized cache's
+        native partial block), and what the device staged forgotten."""
         if end > self.history_len:  # the current chunk's head becomes history
             k, v = self._chunk_copy
             keep = end - self.history_len
             self.commit(k[:, :, :keep], v[:, :, :keep])
             return
         self._sync_host()  # the last commit's copy to the host has landed
+        bs = self.config.block_size
+        if self.kv_format == "native":
+            self.history_len, self.chunk_len, self._chunk_copy = end, 0, None
+            self._refresh_block_sums(end - end % bs, end)
+            self._offload.load_tail(self)
+            return
+        # Quantized: `end` is a block boundary or inside the partial block, whose tokens the
+        # tail holds natively from its first row (rewind checked that).
+        if end % bs:
+            self._refresh_block_sums(end - end % bs, end, aligned_keys=self._offload.work[0][0])
         self.history_len, self.chunk_len, self._chunk_copy = end, 0, None
-        self._refresh_block_sums(end - end % self.config.block_size, end)
-        self._offload.load_tail(self)
+        self._offload.forget()
+        self._offload._set_bounds(end, 0, 0)
 
     def _head_slice(self, heads: slice) -> OmniMemCache:
         """A view of KV heads ``heads`` sharing this cache's storage and history, for attends
