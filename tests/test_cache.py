@@ -490,9 +490,8 @@ def test_quantized_history_equals_attention_over_dequantized_blocks(
                               config=config.replace(backend="dense"), selection=selection)  # fmt: skip
     assert (native - want).abs().max() > 1e-4  # the quantized history changed what was read
     assert cache.k.untyped_storage().nbytes() <= 4 and f"{cache.kv_format}" == kv_format
-    for refused in (lambda: cache.rewind(3), cache.state_dict):
-        with pytest.raises(ValueError, match=f"kv_format='{kv_format}'"):
-            refused()
+    with pytest.raises(ValueError, match=f"kv_format='{kv_format}'"):
+        cache.rewind(3)
     cache.reset()
     cache.attend_at(*(x[:, :, :5].to(TEST_DEVICE) for x in (q, k, v)), start=0)
 
@@ -534,6 +533,49 @@ def test_a_quantized_cache_rewinds_exactly_where_it_keeps_native_tokens(kv_forma
         rtol=0,
         atol=0,
     )
+
+
+@pytest.mark.parametrize("kv_format", ["fp8", "int4"])
+@pytest.mark.parametrize(("offload", "index_format"), [(False, "float32"), (True, "int8")])
+def test_a_quantized_cache_saves_and_restores_what_it_holds(
+    kv_format, offload, index_format, poisoned_allocations
+):
+    """state_dict of a quantized cache: its whole blocks' bytes, its native partial block and
+    its block sums; a fresh cache that loads it attends the next chunk bit for bit as the
+    original (gather). A refused load (another format, other shapes, an uncopyable tensor)
+    changes nothing."""
+    config = OmniMemConfig(block_size=4, top_k=2, sink_tokens=4, local_tokens=4, backend="gather")
+    kw = dict(max_chunk_tokens=7, batch=1, num_kv_heads=2, head_dim=8, device=TEST_DEVICE, config=config,
+              kv_format=kv_format, offload=offload, index_format=index_format)  # fmt: skip
+    cache = OmniMemCache(40, **kw)
+    for start, length in ((0, 7), (7, 7), (14, 5)):
+        x = chunk(length, seed=start)
+        cache.attend_at(x, x, x, start=start)
+    cache.commit(chunk(3, seed=99), chunk(3, seed=98))  # replaces the chunk: history 17 (a partial block)
+    state = cache.state_dict()
+    assert state["kv_format"] == kv_format and state["history_len"] == 17
+    restored = OmniMemCache(40, **kw)
+    restored.load_state_dict(state)
+    nxt = chunk(6, seed=4)
+    torch.testing.assert_close(
+        restored.attend_at(nxt, nxt, nxt, start=17), cache.attend_at(nxt, nxt, nxt, start=17), rtol=0, atol=0
+    )
+    other = OmniMemCache(40, **{**kw, "kv_format": "int4" if kv_format == "fp8" else "fp8"})
+    bad_shape = {**state, "partial": tuple(torch.cat([t, t], 2) for t in state["partial"])}
+    meta = {**state, "blocks": [t.to("meta") for t in state["blocks"]]}
+    for bad, match in (
+        (state, "this cache"),
+        (bad_shape, r"state\['partial'\] must hold tensors of shapes"),
+        (meta, r"state\['blocks'\] cannot be copied"),
+        (dict(k=1, v=2, history_len=3), "state has kv_format='native'"),
+    ):
+        target = other if bad is state else restored
+        before = target.history_len
+        with pytest.raises(ValueError, match=match):
+            target.load_state_dict(bad)
+        assert target.history_len == before
+    with pytest.raises(ValueError, match="state has kv_format='int4'"):
+        make_cache().load_state_dict({**state, "kv_format": "int4"})
 
 
 def test_quantized_cache_validation():

@@ -70,8 +70,8 @@ class OmniMemCache:
             blocks live in host memory and each call stages the bytes of the blocks it selects.
             The triton backend reads the quantized bytes in place; the others dequantize what
             they read. Results equal attention over the history with its whole blocks
-            dequantized. Not with ``cuda_graphs``, ``state_dict`` or gradients yet; ``rewind``
-            to block boundaries or into the partial last block only.
+            dequantized; ``state_dict`` saves the quantized bytes. Not with ``cuda_graphs`` or
+            gradients yet; ``rewind`` to block boundaries or into the partial last block only.
         cuda_graphs: replay each ``attend`` from a CUDA graph captured on its first call per
             query shape (triton backend, resident CUDA caches): the host launches one graph
             instead of about a dozen kernels (~0.9 ms of Python per call on a slow host, ~0.05
@@ -788,14 +788,13 @@ class OmniMemCache:
         if self._offload is not None and self.device.type == "cuda":
             torch.cuda.synchronize(self.device)  # the compute and the copy streams
 
-    def _native_only(self, what: str) -> None:
-        if self.kv_format != "native":
-            raise ValueError(f"{what} is not supported on a kv_format={self.kv_format!r} cache yet")
-
     def state_dict(self) -> dict[str, object]:
-        """The committed history (``[B, Hkv, history_len, D]`` clones) and its length."""
-        self._native_only("state_dict")
+        """The committed history (``[B, Hkv, history_len, D]`` clones) and its length. A
+        quantized cache saves what it holds instead: its whole blocks' bytes (scales included),
+        its partial last block (native) and its block sums (the native keys are gone)."""
         self._sync_host()
+        if self.kv_format != "native":
+            return self._quantized_state()
         return {
             "k": self.k[:, :, : self.history_len].clone(),
             "v": self.v[:, :, : self.history_len].clone(),
@@ -807,9 +806,11 @@ class OmniMemCache:
 
         Everything is checked before the cache is touched: a refused state leaves it as it was.
         """
-        self._native_only("load_state_dict")
         if not isinstance(state, dict):
             raise TypeError(f"state must be a dict from state_dict(), got {type(state).__name__}")
+        if self.kv_format != "native" or "kv_format" in state:
+            self._load_quantized_state(state)
+            return
         missing = [name for name in ("k", "v", "history_len") if name not in state]
         if missing:
             raise ValueError(f"state lacks {missing} (expected the keys of state_dict(): k, v, history_len)")
@@ -846,6 +847,78 @@ class OmniMemCache:
         self.history_len = history_len
         if self._offload is not None:
             self._offload.load_tail(self)
+
+    def _quantized_state(self) -> dict[str, object]:
+        bs, n = self.config.block_size, self.history_len
+        partial = n % bs
+        tail_k, tail_v = (t[:, :, :partial].clone() for t in self._offload.work[0])
+        sums = self.key_block_sums[:, :, : -(-n // bs)]
+        return {
+            "kv_format": self.kv_format,
+            "history_len": n,
+            "blocks": [x.clone() for x in self._offload.store.head(n // bs)],
+            "partial": (tail_k, tail_v),
+            "key_block_sums": (sums.codes.clone(), sums.step.clone())
+            if isinstance(sums, Int8BlockSums)
+            else sums.clone(),
+        }
+
+    def _load_quantized_state(self, state: dict) -> None:
+        """``load_state_dict`` of a quantized cache's ``state_dict``: checked and copied beside the
+        cache first (a refused state changes nothing), then written in."""
+        if state.get("kv_format") != self.kv_format:
+            raise ValueError(
+                f"state has kv_format={state.get('kv_format', 'native')!r}, this cache "
+                f"{self.kv_format!r}: load a state_dict() of a cache with the same kv_format"
+            )
+        missing = [
+            name for name in ("history_len", "blocks", "partial", "key_block_sums") if name not in state
+        ]
+        if missing:
+            raise ValueError(f"state lacks {missing} (expected the keys of a quantized cache's state_dict())")
+        n = state["history_len"]
+        if isinstance(n, bool) or not isinstance(n, int) or not 0 <= n <= self.capacity:
+            raise ValueError(f"state['history_len'] must be an int in [0, {self.capacity}], got {n!r}")
+        bs = self.config.block_size
+        expected_blocks = self._offload.store.head(n // bs)  # the layout this cache saves at n tokens
+        sums = self.key_block_sums[:, :, : -(-n // bs)]
+        expected = {
+            "blocks": expected_blocks,
+            "partial": [t[:, :, : n % bs] for t in self._offload.work[0]],
+            "key_block_sums": [sums.codes, sums.step] if isinstance(sums, Int8BlockSums) else [sums],
+        }
+        staged = {}
+        for name, targets in expected.items():
+            given = state[name]
+            given = list(given) if isinstance(given, list | tuple) else [given]
+            if len(given) != len(targets):
+                raise ValueError(f"state[{name!r}] must hold {len(targets)} tensors, got {len(given)}")
+            copies = []
+            for x, target in zip(given, targets, strict=True):
+                if not isinstance(x, torch.Tensor) or x.shape != target.shape or x.dtype != target.dtype:
+                    raise ValueError(
+                        f"state[{name!r}] must hold tensors of shapes {[tuple(t.shape) for t in targets]} "
+                        f"and dtypes {[t.dtype for t in targets]} (this cache at history_len={n})"
+                    )
+                scratch = torch.empty_like(target)
+                try:
+                    scratch.copy_(x)
+                except (RuntimeError, NotImplementedError) as error:
+                    raise ValueError(f"state[{name!r}] cannot be copied into the cache: {error}") from error
+                copies.append(scratch)
+            staged[name] = copies
+        self.reset()
+        for dst, src in zip(self._offload.store.head(n // bs), staged["blocks"], strict=True):
+            dst.copy_(src)
+        sums = self.key_block_sums[:, :, : -(-n // bs)]
+        for dst, src in zip([sums.codes, sums.step] if isinstance(sums, Int8BlockSums) else [sums],
+                            staged["key_block_sums"], strict=True):  # fmt: skip
+            dst.copy_(src)
+        self.history_len = n
+        self._offload.forget()
+        self._offload._set_bounds(n, 0, 0)
+        if n % bs:
+            self._offload._write_partial(*staged["partial"])
 
     @classmethod
     def for_layers(cls, num_layers: int, capacity: int, **kwargs) -> list[OmniMemCache]:

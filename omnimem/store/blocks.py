@@ -102,6 +102,11 @@ class QuantizedBlocks:
             ((self.v_scale[..., None], self.v_min[..., None]), bs),
         ]
 
+    def head(self, blocks: int) -> list[torch.Tensor]:
+        """Views of the first ``blocks`` blocks of every stored tensor, in ``pairs`` order (what a
+        ``state_dict`` saves: the bytes, scales included)."""
+        return [x[:, :, : blocks * rows] for pair, rows in self.pairs() for x in pair]
+
     def copy_blocks_(self, src: QuantizedBlocks, first: int, src_first: int, count: int) -> None:
         """Blocks ``[src_first, src_first + count)`` of ``src`` into ``[first, first + count)``
         (asynchronous between pinned host and device memory on the current stream)."""
