@@ -234,7 +234,7 @@ def test_offload_with_buffers_shorter_than_a_block():
 
 
 @pytest.mark.parametrize("where", ["resident", "host", "disk"])
-def test_rewind_leaves_what_commits_of_the_kept_tokens_leave(where, tmp_path):
+def test_rewind_leaves_what_commits_of_the_kept_tokens_leave(where, tmp_path, poisoned_allocations):
     """rewind(end) cuts a block: its sum is over the kept tokens only, as if they alone had been
     committed; retrieval with no local window (the cut block's score decides) agrees too.
     Offloaded (host memory or disk) the same, from the host's copy."""
@@ -277,7 +277,7 @@ def test_attend_at_refuses_before_changing_anything():
 
 
 @pytest.mark.parametrize("offload", [False, True])
-def test_rewind_into_the_current_chunk_keeps_its_head_as_history(offload):
+def test_rewind_into_the_current_chunk_keeps_its_head_as_history(offload, poisoned_allocations):
     """rewind(end) with end inside the current chunk: its tokens before end become history, as
     if that shorter chunk had been written and promoted (LongLive's re-cache can start there);
     offloaded too."""
@@ -499,7 +499,9 @@ def test_quantized_history_equals_attention_over_dequantized_blocks(
 @pytest.mark.parametrize("kv_format", ["fp8", "int4"])
 @pytest.mark.parametrize("offload", [False, True])
 @pytest.mark.parametrize("end", [16, 13, 8])
-def test_a_quantized_cache_rewinds_exactly_where_it_keeps_native_tokens(kv_format, offload, end):
+def test_a_quantized_cache_rewinds_exactly_where_it_keeps_native_tokens(
+    kv_format, offload, end, poisoned_allocations
+):
     """rewind into the current chunk (16), into the partial last block the cache keeps natively
     (13: history 14, blocks of 4) or to a block boundary (8) gives what writing only the kept
     tokens gives, bit for bit (gather); a cut inside a quantized block is refused before

@@ -71,7 +71,7 @@ def test_with_a_budget_prompt_switches_give_the_same_video_again():
     assert not torch.allclose(first[-1], full[-1], atol=1e-4)  # the budget did select
 
 
-def test_a_reencode_from_a_later_frame_runs_offloaded():
+def test_a_reencode_from_a_later_frame_runs_offloaded(poisoned_allocations):
     """A re-cache of the last frames only (LongLive with ``local_attn_size`` set re-encodes from a
     later frame): the cache rewinds there, offloaded as resident, and the video goes on alike
     (bit for bit on ``gather``)."""
@@ -136,7 +136,7 @@ def longlive2(**rope) -> StandinLongLive2Model:
         dict(t_scale=0.5, use_relative_rope=True),
     ],
 )
-def test_longlive2_rope_options_equal_their_attention_at_full_budget(rope):
+def test_longlive2_rope_options_equal_their_attention_at_full_budget(rope, poisoned_allocations):
     """LongLive-2.0 (its current model) passes ``t_scale``, ``use_relative_rope``, ``method``,
     ``original_seq_len`` and ``temporal_offset`` to every layer: honoured, each chunk equals
     their attention at full budget (their window-relative rotation over a window from frame 0
