@@ -429,8 +429,10 @@ def _layer_cache(
     k: torch.Tensor,
     frame_tokens: int,
     settings: dict,
-    positions: RelativeTime | None = None,
+    positions: Callable[[], RelativeTime] | None = None,
 ) -> OmniMemCache:
+    """The layer's cache in its dict, made at the first call (``positions``: builds the
+    ``RelativeTime`` then)."""
     cache = kv_cache.get("omnimem")
     if isinstance(cache, OmniMemCache) and cache.k.dtype == k.dtype and cache.device == k.device:
         return cache
@@ -452,7 +454,8 @@ def _layer_cache(
         max_chunk_tokens=max_chunk,
         batch=k.shape[0], num_kv_heads=module.num_heads, head_dim=module.head_dim, config=config,
         dtype=k.dtype, device=k.device, layout="blhd", offload=settings["offload"],
-        kv_format=settings["kv_format"], positions=positions, disk=settings["disk"],
+        kv_format=settings["kv_format"], positions=None if positions is None else positions(),
+        disk=settings["disk"],
         index_format=settings["index_format"],
     )  # fmt: skip
     for name in ("k", "v"):  # the pipeline's window buffers: never read once patched
@@ -597,7 +600,10 @@ def _patched_forward(original: Callable, settings: dict) -> Callable:
         grid, start_frame = (frames, height, width), start // frame_tokens
         time = None
         if settings["positions"] == "relative":  # space only; the cache rotates in time per call
-            time = RelativeTime(scaled_time_table(freqs, freqs.shape[0], 0, t_scale, 0.0), frame_tokens)
+            table = freqs  # the time table is built once, when the layer's cache is
+            time = lambda: RelativeTime(  # noqa: E731
+                scaled_time_table(table, table.shape[0], 0, t_scale, 0.0), frame_tokens
+            )
             freqs, start_frame = spatial_rope_table(freqs), 0
         else:
             freqs = rope_table_for(freqs, start_frame + frames)  # past their 1,024 frames: extended

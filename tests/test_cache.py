@@ -563,11 +563,11 @@ def test_a_quantized_cache_saves_and_restores_what_it_holds(
         restored.attend_at(nxt, nxt, nxt, start=17), cache.attend_at(nxt, nxt, nxt, start=17), rtol=0, atol=0
     )
     other = OmniMemCache(40, **{**kw, "kv_format": "int4" if kv_format == "fp8" else "fp8"})
-    bad_shape = {**state, "partial": tuple(torch.cat([t, t], 2) for t in state["partial"])}
+    bad_shape = {**state, "partial": [torch.cat([t, t], 2) for t in state["partial"]]}
     meta = {**state, "blocks": [t.to("meta") for t in state["blocks"]]}
     for bad, match in (
         (state, "this cache"),
-        (bad_shape, r"state\['partial'\] must hold tensors of shapes"),
+        (bad_shape, r"state\['partial'\] must be a tensor of shape"),
         (meta, r"state\['blocks'\] cannot be copied"),
         (dict(k=1, v=2, history_len=3), "state has kv_format='native'"),
     ):

@@ -821,25 +821,7 @@ class OmniMemCache:
             raise ValueError(
                 f"state['history_len'] must be an int in [0, {self.capacity}], got {history_len!r}"
             )
-        expected = (*self.k.shape[:2], history_len, self.k.shape[3])
-        for name, x in (("k", k), ("v", v)):
-            if not isinstance(x, torch.Tensor) or tuple(x.shape) != expected:
-                raise ValueError(f"state[{name!r}] must be a tensor of shape {expected}")
-            if x.dtype != self.k.dtype:
-                raise TypeError(f"state[{name!r}] must have the cache's dtype {self.k.dtype}, got {x.dtype}")
-        # Copied beside the buffers first: a tensor that cannot be copied (on the meta device,
-        # say) fails here, before reset() has forgotten the history.
-        staged = []
-        for name, x in (("k", k), ("v", v)):
-            scratch = torch.empty(expected, dtype=self.k.dtype, device=self.k.device)
-            try:
-                scratch.copy_(x)
-            except (RuntimeError, NotImplementedError) as error:
-                where = f"{x.device} -> {self.k.device}"
-                raise ValueError(
-                    f"state[{name!r}] cannot be copied into the cache ({where}): {error}"
-                ) from error
-            staged.append(scratch)
+        staged = [_copy_beside(name, x, self.k[:, :, :history_len]) for name, x in (("k", k), ("v", v))]
         self.reset()
         self.k[:, :, :history_len] = staged[0]
         self.v[:, :, :history_len] = staged[1]
@@ -849,18 +831,20 @@ class OmniMemCache:
             self._offload.load_tail(self)
 
     def _quantized_state(self) -> dict[str, object]:
-        bs, n = self.config.block_size, self.history_len
-        partial = n % bs
-        tail_k, tail_v = (t[:, :, :partial].clone() for t in self._offload.work[0])
+        n = self.history_len
+        targets = self._quantized_targets(n)
+        return {"kv_format": self.kv_format, "history_len": n,
+                **{name: [t.clone() for t in ts] for name, ts in targets.items()}}  # fmt: skip
+
+    def _quantized_targets(self, n: int) -> dict[str, list[torch.Tensor]]:
+        """What a quantized cache at ``n`` history tokens saves, as views of its buffers: its
+        whole blocks' bytes (scales included), its native partial block, its block sums."""
+        bs = self.config.block_size
         sums = self.key_block_sums[:, :, : -(-n // bs)]
         return {
-            "kv_format": self.kv_format,
-            "history_len": n,
-            "blocks": [x.clone() for x in self._offload.store.head(n // bs)],
-            "partial": (tail_k, tail_v),
-            "key_block_sums": (sums.codes.clone(), sums.step.clone())
-            if isinstance(sums, Int8BlockSums)
-            else sums.clone(),
+            "blocks": self._offload.store.head(n // bs),
+            "partial": [t[:, :, : n % bs] for t in self._offload.work[0]],
+            "key_block_sums": [sums.codes, sums.step] if isinstance(sums, Int8BlockSums) else [sums],
         }
 
     def _load_quantized_state(self, state: dict) -> None:
@@ -871,54 +855,28 @@ class OmniMemCache:
                 f"state has kv_format={state.get('kv_format', 'native')!r}, this cache "
                 f"{self.kv_format!r}: load a state_dict() of a cache with the same kv_format"
             )
-        missing = [
-            name for name in ("history_len", "blocks", "partial", "key_block_sums") if name not in state
-        ]
+        targets = self._quantized_targets(0)
+        missing = [name for name in ("history_len", *targets) if name not in state]
         if missing:
             raise ValueError(f"state lacks {missing} (expected the keys of a quantized cache's state_dict())")
         n = state["history_len"]
         if isinstance(n, bool) or not isinstance(n, int) or not 0 <= n <= self.capacity:
             raise ValueError(f"state['history_len'] must be an int in [0, {self.capacity}], got {n!r}")
-        bs = self.config.block_size
-        expected_blocks = self._offload.store.head(n // bs)  # the layout this cache saves at n tokens
-        sums = self.key_block_sums[:, :, : -(-n // bs)]
-        expected = {
-            "blocks": expected_blocks,
-            "partial": [t[:, :, : n % bs] for t in self._offload.work[0]],
-            "key_block_sums": [sums.codes, sums.step] if isinstance(sums, Int8BlockSums) else [sums],
-        }
+        targets = self._quantized_targets(n)  # views: reset() below keeps the buffers
         staged = {}
-        for name, targets in expected.items():
+        for name, views in targets.items():
             given = state[name]
-            given = list(given) if isinstance(given, list | tuple) else [given]
-            if len(given) != len(targets):
-                raise ValueError(f"state[{name!r}] must hold {len(targets)} tensors, got {len(given)}")
-            copies = []
-            for x, target in zip(given, targets, strict=True):
-                if not isinstance(x, torch.Tensor) or x.shape != target.shape or x.dtype != target.dtype:
-                    raise ValueError(
-                        f"state[{name!r}] must hold tensors of shapes {[tuple(t.shape) for t in targets]} "
-                        f"and dtypes {[t.dtype for t in targets]} (this cache at history_len={n})"
-                    )
-                scratch = torch.empty_like(target)
-                try:
-                    scratch.copy_(x)
-                except (RuntimeError, NotImplementedError) as error:
-                    raise ValueError(f"state[{name!r}] cannot be copied into the cache: {error}") from error
-                copies.append(scratch)
-            staged[name] = copies
+            if not isinstance(given, list | tuple) or len(given) != len(views):
+                raise ValueError(f"state[{name!r}] must be a list of {len(views)} tensors")
+            staged[name] = [_copy_beside(name, x, view) for x, view in zip(given, views, strict=True)]
         self.reset()
-        for dst, src in zip(self._offload.store.head(n // bs), staged["blocks"], strict=True):
-            dst.copy_(src)
-        sums = self.key_block_sums[:, :, : -(-n // bs)]
-        for dst, src in zip([sums.codes, sums.step] if isinstance(sums, Int8BlockSums) else [sums],
-                            staged["key_block_sums"], strict=True):  # fmt: skip
-            dst.copy_(src)
+        for name in ("blocks", "key_block_sums"):
+            for view, x in zip(targets[name], staged[name], strict=True):
+                view.copy_(x)
         self.history_len = n
         self._offload.forget()
         self._offload._set_bounds(n, 0, 0)
-        if n % bs:
-            self._offload._write_partial(*staged["partial"])
+        self._offload._write_partial(*staged["partial"])  # into both work buffers
 
     @classmethod
     def for_layers(cls, num_layers: int, capacity: int, **kwargs) -> list[OmniMemCache]:
@@ -958,6 +916,24 @@ class OmniMemCache:
             else:
                 check_device_memory(total, torch.device(kwargs.get("device", "cpu")))
         return [cls(capacity, **kwargs) for _ in range(num_layers)]
+
+
+def _copy_beside(name: str, x: object, like: torch.Tensor) -> torch.Tensor:
+    """``state[name]`` checked against ``like`` (shape, dtype) and copied into a scratch tensor
+    beside the cache: a tensor that cannot be copied (on the meta device, say) fails here,
+    before ``reset()`` has forgotten the history."""
+    if not isinstance(x, torch.Tensor) or x.shape != like.shape:
+        raise ValueError(f"state[{name!r}] must be a tensor of shape {tuple(like.shape)}")
+    if x.dtype != like.dtype:
+        raise TypeError(f"state[{name!r}] must have the cache's dtype {like.dtype}, got {x.dtype}")
+    scratch = torch.empty_like(like)
+    try:
+        scratch.copy_(x)
+    except (RuntimeError, NotImplementedError) as error:
+        raise ValueError(
+            f"state[{name!r}] cannot be copied into the cache ({x.device} -> {like.device}): {error}"
+        ) from error
+    return scratch
 
 
 _replaying = contextvars.ContextVar("omnimem_replaying", default=True)

@@ -147,20 +147,21 @@ class HostOffload:
             shape, pin = (batch, heads, self.num_staged * bs, head_dim), cache.device.type == "cuda"
             self.bounce = tuple(host_zeros(shape, cache.k.dtype, pin=pin) for _ in "kv")
 
-    def _through_bounce(self, cache, source: torch.Tensor, source_block: torch.Tensor):
-        """The history's blocks this call fetches, read from the disk mapping into the bounce
-        rows (slot ``s`` at rows ``s * bs``); returns the bounce pair and the source blocks
-        renumbered onto it. Synchronizes with the host: it must know which blocks to read (which
-        also orders the previous call's reads of the bounce rows before these writes)."""
+    def _through_bounce(self, held, bounce, source: torch.Tensor, source_block: torch.Tensor):
+        """The history's blocks this call fetches, read by the host from a disk mapping
+        (``held``: ``pairs``-style ``[((a, b), rows_per_block)]``) into the page-locked
+        ``bounce`` slots (slot ``s`` holds the ``s``-th fetched block's rows); returns the source
+        blocks renumbered onto them. Synchronizes with the host: it must know which blocks to
+        read (which also orders the previous call's reads of the bounce slots before these
+        writes)."""
         hosted = (source == SOURCE_HOST).cpu()
         blocks = torch.where(hosted, source_block.cpu(), self.num_blocks)
-        gathered = gather_union_rows(
-            blocks, none=self.num_blocks, block_size=self.block_size, buffers=(cache.k, cache.v)
-        )
-        for rows, got in zip(self.bounce, gathered, strict=True):
-            rows.copy_(got)
-        slots = torch.arange(source.shape[-1], device=source.device).expand_as(source_block)
-        return self.bounce, torch.where(source == SOURCE_HOST, slots, source_block)
+        for (stored, rows), (slots, _) in zip(held, bounce, strict=True):
+            gathered = gather_union_rows(blocks, none=self.num_blocks, block_size=rows, buffers=stored)
+            for into, got in zip(slots, gathered, strict=True):
+                into.copy_(got)
+        slot = torch.arange(source.shape[-1], device=source.device).expand_as(source_block)
+        return torch.where(source == SOURCE_HOST, slot, source_block)
 
     @property
     def stats(self) -> OffloadStats:
@@ -218,7 +219,8 @@ class HostOffload:
         )
         host = (cache.k, cache.v)
         if self.bounce is not None:
-            host, source_block = self._through_bounce(cache, source, source_block)
+            source_block = self._through_bounce([(host, bs)], [(self.bounce, bs)], source, source_block)
+            host = self.bounce
         stage(dst, previous, self.fresh, host, source, source_block, bs)
         self.staged_block, self.current = staged, 1 - self.current
         self.counters += counts
@@ -408,7 +410,7 @@ class QuantizedHistory(HostOffload):
         tail_k[:, :, partial:] = k_chunk
         tail_v[:, :, partial:] = v_chunk
         selection = cache.selection(q)
-        relative = cache.positions is not None  # rotated in time: a dequantized staged copy
+        relative = cache.positions is not None  # keys rotated in time per call
         if not self.HOST and reads_in_place(cache, q):
             # The kernel reads the store in place; with relative positions it rotates each key
             # tile in time after decoding it.
@@ -428,7 +430,9 @@ class QuantizedHistory(HostOffload):
         previous, dst = self.stores[self.current], self.stores[1 - self.current]
         held = self.store
         if self.quantized_bounce is not None:
-            held, source_block = self._through_quantized_bounce(source, source_block)
+            bounce = self.quantized_bounce.pairs()
+            source_block = self._through_bounce(held.pairs(), bounce, source, source_block)
+            held = self.quantized_bounce
         for (into, rows), (prev, _), (fresh, _), (host, _) in zip(
             dst.pairs(), previous.pairs(), self.fresh_store.pairs(), held.pairs(), strict=True
         ):
@@ -462,21 +466,6 @@ class QuantizedHistory(HostOffload):
             rotation,
             key_rotation=key_rotation,
         )
-
-    def _through_quantized_bounce(self, source: torch.Tensor, source_block: torch.Tensor):
-        """``_through_bounce`` for a quantized store on disk: the bytes (scales included) of the
-        blocks this call fetches, read from the file mapping into the bounce store (slot ``s``
-        holds block ``s``'s rows); returns it and the source blocks renumbered onto it.
-        Synchronizes with the host once (it must know which blocks to read)."""
-        hosted = (source == SOURCE_HOST).cpu()
-        blocks = torch.where(hosted, source_block.cpu(), self.num_blocks)
-        pairs = zip(self.quantized_bounce.pairs(), self.store.pairs(), strict=True)
-        for (bounce, rows), (stored, _) in pairs:
-            gathered = gather_union_rows(blocks, none=self.num_blocks, block_size=rows, buffers=stored)
-            for into, got in zip(bounce, gathered, strict=True):
-                into.copy_(got)
-        slots = torch.arange(source.shape[-1], device=source.device).expand_as(source_block)
-        return self.quantized_bounce, torch.where(source == SOURCE_HOST, slots, source_block)
 
     def _keep(self, cache, start: int, end: int) -> None:
         """Quantize the blocks ``[start, end)`` completes into the fresh store, then copy them to
