@@ -558,7 +558,9 @@ def scattered_attention(
     if num_warps is None:
         num_warps = 8 if block_m >= 128 else 4
     if num_stages is None:
-        num_stages = 2 if wide else 3
+        # The rotation's float32 split/join takes shared memory for its layout changes: three
+        # bf16 stages of 128x128 K/V tiles plus it need 257 KiB, past Hopper's 227 (H100, 2026-12-07).
+        num_stages = 2 if wide or rotation is not None else 3
     sms = num_sms or default_num_sms(q.device)
     num_split_tiles = num_tiles % sms
     splits = min(MAX_SPLITS, sms // num_split_tiles) if num_split_tiles else 1

@@ -50,6 +50,8 @@ def _chunk(gen, case, length):
 )
 def test_quantized_omnimem_cache_equals_the_reference(case, groups, local, backend, offload):
     bs = case["block_size"]
+    if backend == "triton" and TEST_DEVICE.type == "cuda":
+        case = {**case, "head_dim": max(case["head_dim"], 16)}  # tl.dot on GPUs: check_inputs refuses less
     config = OmniMemConfig(block_size=bs, top_k=2, sink_tokens=bs, local_tokens=local, backend=backend,
                            query_group_size=groups)  # fmt: skip
     dense = config.replace(backend="dense")

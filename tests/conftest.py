@@ -10,11 +10,11 @@ import torch
 def poisoned_allocations(monkeypatch):
     """Every ``torch.empty``-style allocation is filled with NaN (or junk integers)."""
 
-    # Outside torch.compile's graphs: a traced fill became an in-place op on a graph
-    # allocation that CUDA inductor rejected (dynamo graph-breaks here and the fill runs eagerly).
-    @torch.compiler.disable
+    # Only outside torch.compile's graphs: a traced fill is an in-place op on a graph allocation
+    # that CUDA inductor (torch 2.11) rejects, and torch.compiler.disable did not keep it out of
+    # the graph there. So allocations inside compiled functions go unpoisoned.
     def fill(buffer: torch.Tensor) -> torch.Tensor:
-        if buffer.numel():
+        if buffer.numel() and not torch.compiler.is_compiling():
             with torch.no_grad():  # inductor's own probes allocate leaves that require grad
                 buffer.fill_(float("nan") if buffer.is_floating_point() else junk(buffer.dtype))
         return buffer

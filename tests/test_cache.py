@@ -465,15 +465,16 @@ def test_quantized_history_equals_attention_over_dequantized_blocks(
 
     config = OmniMemConfig(block_size=4, top_k=2, sink_tokens=4, local_tokens=6, backend=backend,
                            query_group_size=groups)  # fmt: skip
-    kw = dict(max_chunk_tokens=7, batch=2, num_kv_heads=2, head_dim=8, device=TEST_DEVICE, layout=layout)
+    d = 16 if backend == "triton" and TEST_DEVICE.type == "cuda" else 8  # tl.dot on GPUs: >= 16
+    kw = dict(max_chunk_tokens=7, batch=2, num_kv_heads=2, head_dim=d, device=TEST_DEVICE, layout=layout)
     cache = OmniMemCache(64, **kw, config=config, kv_format=kv_format, offload=offload)
     gen = torch.Generator().manual_seed(5)
-    keys, values = torch.zeros(2, 2, 0, 8), torch.zeros(2, 2, 0, 8)
+    keys, values = torch.zeros(2, 2, 0, d), torch.zeros(2, 2, 0, d)
     start = 0
     for length in (7, 5, 7, 3, 7, 6):
         for _ in range(2):  # a denoising pass, then the clean one: same start
-            q = torch.randn(2, 4, length, 8, generator=gen)
-            k, v = torch.randn(2, 2, length, 8, generator=gen), torch.randn(2, 2, length, 8, generator=gen)
+            q = torch.randn(2, 4, length, d, generator=gen)
+            k, v = torch.randn(2, 2, length, d, generator=gen), torch.randn(2, 2, length, d, generator=gen)
             got = cache.attend_at(*(x.to(TEST_DEVICE) for x in (q, k, v)), start=start)
             stored = [
                 stored_history(x, start, kv_format, r, 4) for x, r in ((keys, "key"), (values, "value"))
