@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import os
 
+import torch
 import triton
 import triton.language as tl
 
@@ -140,3 +141,25 @@ def decoded_tile(codes_base, scale_ptr, min_ptr, scales, block, start, limit, st
         tile, mult = value_tile(codes_base, scale_ptr, min_ptr, scales, block, start, limit, stride_l,
                                 stride_sn, dtype, BLOCK_N, BLOCK_D, HEAD_DIM, INT4, MASKED)  # fmt: skip
     return tile, mult
+
+
+def store_arguments(store, fallback, live_first: int = 0) -> dict:
+    """The keyword arguments with which a kernel that reads blocks before ``live_first`` from
+    ``store`` (a ``QuantizedBlocks``, or None) is launched: its code and scale pointers and
+    strides, ``live_first`` and the ``QUANTIZED``/``INT4`` constexprs (without a store:
+    ``fallback``, any tensor, for the unused pointers)."""
+    if store is None:
+        kq = vq = k_scale = v_scale = k_min = v_min = fallback
+        strides = [0] * 9
+    else:
+        kq, vq = store.k.view(torch.uint8), store.v.view(torch.uint8)
+        k_scale, v_scale = store.k_scale, store.v_scale
+        k_min = store.k_min if store.k_min is not None else k_scale  # fp8 has none: unused
+        v_min = store.v_min if store.v_min is not None else v_scale
+        strides = [*kq.stride()[:3], *k_scale.stride()[:3], *v_scale.stride()[:3]]
+    names = ("qkb", "qkh", "qkl", "ksb", "ksh", "ksn", "vsb", "vsh", "vsn")
+    return dict(
+        kq_ptr=kq, vq_ptr=vq, k_scale_ptr=k_scale, v_scale_ptr=v_scale, k_min_ptr=k_min, v_min_ptr=v_min,
+        live_first=live_first, **{f"stride_{n}": x for n, x in zip(names, strides, strict=True)},
+        QUANTIZED=store is not None, INT4=store is not None and store.kv_format == "int4",
+    )  # fmt: skip

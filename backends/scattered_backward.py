@@ -37,6 +37,9 @@ import torch
 import triton
 import triton.language as tl
 
+from omnimem.backends.quantized_tiles import decoded_tile, store_arguments
+from omnimem.store.blocks import QuantizedBlocks
+
 LOG2E = 1.4426950408889634
 
 
@@ -58,14 +61,19 @@ def _probabilities(q, k, lse2, token_ok, qk_scale, PRECISION: tl.constexpr):
 
 
 @triton.jit
-def _dq_step(q, do, lse2, delta, dq, k_base, v_base, tokens, token_ok, dims,
-             stride_kl, stride_kd, stride_vl, stride_vd, qk_scale,
-             HEAD_DIM: tl.constexpr, PRECISION: tl.constexpr):  # fmt: skip
-    k = _load_rows(k_base, tokens, token_ok, dims, stride_kl, stride_kd, HEAD_DIM)
-    v = _load_rows(v_base, tokens, token_ok, dims, stride_vl, stride_vd, HEAD_DIM)
-    p = _probabilities(q, k, lse2, token_ok, qk_scale, PRECISION)
-    dp = tl.dot(do, tl.trans(v), input_precision=PRECISION)
-    ds = p * (dp - delta[:, None])
+def _dq_step(q, do, lse2, delta, dq, k, v, token_ok, qk_scale, k_mult, v_mult,
+             PRECISION: tl.constexpr, SCALED: tl.constexpr):  # fmt: skip
+    """``dq += dS @ K`` over one key tile. ``SCALED`` (an fp8 store's tile): the keys' and
+    values' block scales ``k_mult``/``v_mult`` multiply the scores and ``dO V^T``, and ``dS``
+    before ``@ K``, as the forward applies them."""
+    if SCALED:
+        p = _probabilities(q, k, lse2, token_ok, qk_scale * k_mult, PRECISION)
+        dp = tl.dot(do, tl.trans(v), input_precision=PRECISION) * v_mult
+        ds = p * (dp - delta[:, None]) * k_mult
+    else:
+        p = _probabilities(q, k, lse2, token_ok, qk_scale, PRECISION)
+        dp = tl.dot(do, tl.trans(v), input_precision=PRECISION)
+        ds = p * (dp - delta[:, None])
     return tl.dot(ds.to(k.dtype), k, dq, input_precision=PRECISION)
 
 
@@ -73,6 +81,9 @@ def _dq_step(q, do, lse2, delta, dq, k_base, v_base, tokens, token_ok, dims,
 def _dq_kernel(
     q_ptr, k_ptr, v_ptr, do_ptr, lse_ptr, delta_ptr, dq_ptr,
     table_ptr, count_ptr, limit_ptr,
+    kq_ptr, vq_ptr, k_scale_ptr, v_scale_ptr, k_min_ptr, v_min_ptr, live_first,
+    stride_qkb, stride_qkh, stride_qkl,
+    stride_ksb, stride_ksh, stride_ksn, stride_vsb, stride_vsh, stride_vsn,
     stride_qb, stride_qh, stride_ql, stride_qd,
     stride_kb, stride_kh, stride_kl, stride_kd,
     stride_vb, stride_vh, stride_vl, stride_vd,
@@ -83,6 +94,7 @@ def _dq_kernel(
     tiles_per_group,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, SUBS: tl.constexpr,
     HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, HAS_CHUNK: tl.constexpr, PRECISION: tl.constexpr,
+    QUANTIZED: tl.constexpr = False, INT4: tl.constexpr = False,
 ):  # fmt: skip
     group_tile = tl.program_id(0)
     batch_head = tl.program_id(1)
@@ -111,20 +123,48 @@ def _dq_kernel(
 
     dq = tl.zeros([BLOCK_M, BLOCK_D], dtype=tl.float32)
     offs = tl.arange(0, BLOCK_N)
+    one = tl.full([], 1.0, tl.float32)
+    # With QUANTIZED, blocks before live_first are a store's (decoded in registers, as the
+    # forward reads them) and k/v hold the tokens from live_first's first on.
+    k_offset = live_first * block_size
+    if QUANTIZED:
+        kq = kq_ptr + batch.to(tl.int64) * stride_qkb + kv_head.to(tl.int64) * stride_qkh
+        vq = vq_ptr + batch.to(tl.int64) * stride_qkb + kv_head.to(tl.int64) * stride_qkh
+        k_scales = batch.to(tl.int64) * stride_ksb + kv_head.to(tl.int64) * stride_ksh
+        v_scales = batch.to(tl.int64) * stride_vsb + kv_head.to(tl.int64) * stride_vsh
     for it in range(0, count * SUBS):
         block = tl.load(table_ptr + row_entry.to(tl.int64) * table_width + it // SUBS)
         in_block = (it % SUBS) * BLOCK_N + offs
         tokens = block * block_size + in_block
         token_ok = (in_block < block_size) & (tokens < limit)
-        dq = _dq_step(q, do, lse2, delta, dq, k_base, v_base, tokens, token_ok, dims,
-                      stride_kl, stride_kd, stride_vl, stride_vd, qk_scale, HEAD_DIM, PRECISION)  # fmt: skip
+        if QUANTIZED:
+            if block < live_first:
+                start = block * block_size + (it % SUBS) * BLOCK_N
+                end = block * block_size + block_size
+                dtype = k_ptr.dtype.element_ty
+                k, k_mult = decoded_tile(kq, k_scale_ptr, k_min_ptr, k_scales, block, start, end,
+                                         stride_qkl, stride_ksn, dtype, BLOCK_N, BLOCK_D, HEAD_DIM, INT4,
+                                         True, True)  # fmt: skip
+                v, v_mult = decoded_tile(vq, v_scale_ptr, v_min_ptr, v_scales, block, start, end,
+                                         stride_qkl, stride_vsn, dtype, BLOCK_N, BLOCK_D, HEAD_DIM, INT4,
+                                         True, False)  # fmt: skip
+                dq = _dq_step(q, do, lse2, delta, dq, k, v, token_ok, qk_scale, k_mult, v_mult, PRECISION,
+                              not INT4)  # fmt: skip
+            else:
+                k = _load_rows(k_base, tokens - k_offset, token_ok, dims, stride_kl, stride_kd, HEAD_DIM)
+                v = _load_rows(v_base, tokens - k_offset, token_ok, dims, stride_vl, stride_vd, HEAD_DIM)
+                dq = _dq_step(q, do, lse2, delta, dq, k, v, token_ok, qk_scale, one, one, PRECISION, False)
+        else:
+            k = _load_rows(k_base, tokens, token_ok, dims, stride_kl, stride_kd, HEAD_DIM)
+            v = _load_rows(v_base, tokens, token_ok, dims, stride_vl, stride_vd, HEAD_DIM)
+            dq = _dq_step(q, do, lse2, delta, dq, k, v, token_ok, qk_scale, one, one, PRECISION, False)
     if HAS_CHUNK:  # the current chunk [limit, limit + chunk_len): every query attends it
         for it in range(0, tl.cdiv(chunk_len, BLOCK_N)):
             tokens = limit + it * BLOCK_N + offs
             token_ok = tokens < limit + chunk_len
-            dq = _dq_step(q, do, lse2, delta, dq, k_base, v_base, tokens, token_ok, dims,
-                          stride_kl, stride_kd, stride_vl, stride_vd, qk_scale,
-                          HEAD_DIM, PRECISION)  # fmt: skip
+            k = _load_rows(k_base, tokens - k_offset, token_ok, dims, stride_kl, stride_kd, HEAD_DIM)
+            v = _load_rows(v_base, tokens - k_offset, token_ok, dims, stride_vl, stride_vd, HEAD_DIM)
+            dq = _dq_step(q, do, lse2, delta, dq, k, v, token_ok, qk_scale, one, one, PRECISION, False)
     dq_base = dq_ptr + batch.to(tl.int64) * stride_gb + head.to(tl.int64) * stride_gh
     tl.store(
         dq_base + rows[:, None].to(tl.int64) * stride_gl + dims[None, :] * stride_gd,
@@ -164,7 +204,7 @@ def _dkv_kernel(
     stride_dkb, stride_dkh, stride_dkl, stride_dkd,
     stride_dvb, stride_dvh, stride_dvl, stride_dvd,
     num_q_heads, heads_per_kv, num_kv_heads, q_len, group_size, block_size, chunk_len,
-    num_pairs, num_slots, chunk_tiles, tiles_per_group, scale, qk_scale, grad_from,
+    num_pairs, num_slots, chunk_tiles, tiles_per_group, scale, qk_scale, grad_from, k_offset,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, SUBS: tl.constexpr,
     HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, PRECISION: tl.constexpr, ACCUMULATE: tl.constexpr = False,
 ):  # fmt: skip
@@ -199,8 +239,10 @@ def _dkv_kernel(
     kv_head = batch_kv % num_kv_heads
     k_base = k_ptr + batch.to(tl.int64) * stride_kb + kv_head.to(tl.int64) * stride_kh
     v_base = v_ptr + batch.to(tl.int64) * stride_vb + kv_head.to(tl.int64) * stride_vh
-    k = _load_rows(k_base, tokens, token_ok, dims, stride_kl, stride_kd, HEAD_DIM)
-    v = _load_rows(v_base, tokens, token_ok, dims, stride_vl, stride_vd, HEAD_DIM)
+    # k/v hold the tokens from k_offset on (a quantized store keeps the ones before: never
+    # read here, their blocks lie wholly before grad_from >= k_offset).
+    k = _load_rows(k_base, tokens - k_offset, token_ok, dims, stride_kl, stride_kd, HEAD_DIM)
+    v = _load_rows(v_base, tokens - k_offset, token_ok, dims, stride_vl, stride_vd, HEAD_DIM)
     dk = tl.zeros([BLOCK_N, BLOCK_D], dtype=tl.float32)
     dv = tl.zeros([BLOCK_N, BLOCK_D], dtype=tl.float32)
     q_tiles = tl.where(is_chunk, tl.cdiv(q_len, BLOCK_M), 0)
@@ -318,6 +360,8 @@ def scattered_attention_backward(
     dk_init: torch.Tensor | None = None,
     dv_init: torch.Tensor | None = None,
     grad_from: int = 0,
+    store: QuantizedBlocks | None = None,
+    live_first: int = 0,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """``(dq, dk, dv)`` of scattered attention, in the inputs' dtypes and shapes.
 
@@ -334,7 +378,12 @@ def scattered_attention_backward(
     gradient (the rest are constants: a cache's history), so ``dk``/``dv`` are ``[B, Hkv, Lkv -
     grad_from, D]``. ``dk_init``/``dv_init``: those gradients from other uses of the keys and
     values (that shape, k's dtype; both or neither): this backward adds into them in place and
-    returns them, instead of allocating and zero-filling its own.
+    returns them, instead of allocating and zero-filling its own. ``store`` (a quantized history,
+    ``omnimem.store.blocks.QuantizedBlocks``, as ``selected_attention`` reads it): blocks before
+    ``live_first`` are the store's, decoded in registers by the ``dq`` kernel (constants: they
+    get no gradient, so ``grad_from >= live_first * block_size``), and ``k``/``v`` hold the
+    tokens from ``live_first * block_size`` on (``dk``/``dv``: ``[B, Hkv, live_first *
+    block_size + Lkv - grad_from, D]``).
     """
     batch, q_heads, q_len, head_dim = q.shape
     kv_heads = k.shape[1]
@@ -351,10 +400,13 @@ def scattered_attention_backward(
     accumulate = dk_init is not None
     if accumulate != (dv_init is not None):
         raise ValueError("dk_init and dv_init go together: pass both or neither")
-    if not 0 <= grad_from <= k.shape[2]:
-        raise ValueError(f"grad_from must lie in [0, {k.shape[2]}], got {grad_from}")
+    if store is None and live_first:
+        raise ValueError(f"live_first ({live_first}) counts a quantized store's blocks: pass store")
+    k_offset = live_first * block_size  # k/v's first token
+    if not k_offset <= grad_from <= k_offset + k.shape[2]:
+        raise ValueError(f"grad_from must lie in [{k_offset}, {k_offset + k.shape[2]}], got {grad_from}")
     if accumulate:
-        grad_shape = (*k.shape[:2], k.shape[2] - grad_from, k.shape[3])
+        grad_shape = (*k.shape[:2], k_offset + k.shape[2] - grad_from, k.shape[3])
         for name, init, x in (("dk_init", dk_init, k), ("dv_init", dv_init, v)):
             if init.shape != grad_shape or init.dtype != x.dtype or init.device != x.device:
                 raise ValueError(f"{name} must match {grad_shape} {x.dtype} on {x.device}")
@@ -398,11 +450,12 @@ def scattered_attention_backward(
         _dq_kernel[(groups * math.ceil(query_group_size / dq_tiles.block_m), batch * q_heads)](
             q_ptr=q, k_ptr=k, v_ptr=v, do_ptr=grad_out, lse_ptr=lse, delta_ptr=delta, dq_ptr=dq,
             table_ptr=block_idx, count_ptr=num_blocks, limit_ptr=limit,
+            **store_arguments(store, k, live_first),
             stride_gb=dq.stride(0), stride_gh=dq.stride(1), stride_gl=dq.stride(2), stride_gd=dq.stride(3),
             num_groups=groups, table_width=block_idx.shape[3], HAS_CHUNK=chunk_len > 0,
             **shape(dq_tiles), **common,
         )  # fmt: skip
-        num_slots = max(1, math.ceil(k.shape[2] / block_size))
+        num_slots = max(1, math.ceil((k_offset + k.shape[2]) / block_size))
         keys, pair_groups = block_pairs(block_idx, num_slots)
         if side is not None:
             torch.cuda.current_stream(q.device).wait_stream(side)
@@ -416,7 +469,7 @@ def scattered_attention_backward(
             stride_dvb=dv.stride(0), stride_dvh=dv.stride(1),
             stride_dvl=dv.stride(2), stride_dvd=dv.stride(3),
             num_pairs=keys.numel(), num_slots=num_slots, chunk_tiles=max(chunk_tiles, 1),
-            grad_from=grad_from, ACCUMULATE=accumulate, **shape(dkv_tiles), **common,
+            grad_from=grad_from, k_offset=k_offset, ACCUMULATE=accumulate, **shape(dkv_tiles), **common,
         )  # fmt: skip
     elif side is not None:
         torch.cuda.current_stream(q.device).wait_stream(side)

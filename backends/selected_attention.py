@@ -21,7 +21,7 @@ import triton
 import triton.language as tl
 from torch.autograd.function import once_differentiable
 
-from omnimem.backends.quantized_tiles import decoded_tile
+from omnimem.backends.quantized_tiles import decoded_tile, store_arguments
 from omnimem.store.blocks import QuantizedBlocks
 
 
@@ -198,21 +198,10 @@ def selected_attention(
     cmp_out, swa_out, gates = combine if combine is not None else (out, out, out)
     interpreted = q.device.type != "cuda"
     precision = "ieee" if interpreted or q.dtype == torch.float32 else "tf32"
-    if store is None:  # unused pointers and strides
-        kq = vq = k_scale = v_scale = k_min = v_min = num_blocks
-        quantized_strides = [0] * 9
-    else:
-        kq, vq = store.k.view(torch.uint8), store.v.view(torch.uint8)
-        k_scale, v_scale = store.k_scale, store.v_scale
-        k_min = store.k_min if store.k_min is not None else k_scale
-        v_min = store.v_min if store.v_min is not None else v_scale
-        quantized_strides = [*kq.stride()[:3], *k_scale.stride()[:3], *v_scale.stride()[:3]]
-    names = ("qkb", "qkh", "qkl", "ksb", "ksh", "ksn", "vsb", "vsh", "vsn")
     _selected_attention_kernel[(groups * tiles, batch * q_heads)](
         q_ptr=q, k_ptr=k, v_ptr=v, table_ptr=block_idx, count_ptr=num_blocks, seq_len_ptr=seq_len,
         out_ptr=out, lse_ptr=out if lse is None else lse, cmp_ptr=cmp_out, swa_ptr=swa_out, gate_ptr=gates,
-        kq_ptr=kq, vq_ptr=vq, k_scale_ptr=k_scale, v_scale_ptr=v_scale, k_min_ptr=k_min, v_min_ptr=v_min,
-        live_first=live_first, **{f"stride_{n}": x for n, x in zip(names, quantized_strides, strict=True)},
+        **store_arguments(store, num_blocks, live_first),
         stride_qb=q.stride(0), stride_qh=q.stride(1), stride_ql=q.stride(2), stride_qd=q.stride(3),
         stride_kb=k.stride(0), stride_kh=k.stride(1), stride_kl=k.stride(2), stride_kd=k.stride(3),
         stride_vb=v.stride(0), stride_vh=v.stride(1), stride_vl=v.stride(2), stride_vd=v.stride(3),
@@ -229,7 +218,6 @@ def selected_attention(
         TOP_K=top_k, TILES_PER_GROUP=tiles, BLOCK_M=block_m, BLOCK_N=block_n, SUBS=subs,
         HEAD_DIM=head_dim, BLOCK_D=max(16, triton.next_power_of_2(head_dim)),
         COMBINE=combine is not None, WRITE_LSE=lse is not None, PRECISION=precision,
-        QUANTIZED=store is not None, INT4=store is not None and store.kv_format == "int4",
         num_warps=num_warps, num_stages=num_stages,
     )  # fmt: skip
     return out
@@ -319,26 +307,34 @@ class SelectedAttentionFanout(torch.autograd.Function):
     (precomputed, undifferentiated) are. Returns ``(o_slc, k_means', v_means', k_window,
     v_window)``: the selected branch's output (as ``selected_attention``), copies of the means
     and of the keys and values ``[window_start, limit)``, each differentiable back to ``k`` and
-    ``v`` (not to the constant keys before them).
+    ``v`` (not to the constant keys before them). ``store``, ``live_first`` (optional, last): a
+    quantized history, as ``selected_attention`` reads it: blocks before ``live_first`` come from
+    the store's bytes in forward and backward (constants), ``keys``/``values`` hold the tokens
+    from block ``live_first`` on (the window among them).
     """
 
     @staticmethod
     def forward(
         ctx, q, k, v, keys, values, k_means, v_means, block_idx, num_blocks, limit_t, limit,
-        window_start, k_start, seq_len, block_size, query_group_size, scale,
+        window_start, k_start, seq_len, block_size, query_group_size, scale, store=None, live_first=0,
     ):  # fmt: skip
         keys = k if keys is None else keys
         values = v if values is None else values
+        offset = live_first * block_size  # keys' first token
+        if window_start < offset:
+            raise ValueError(f"the window (from {window_start}) must lie in the native keys (from {offset})")
         lse = torch.empty(q.shape[:3], device=q.device, dtype=torch.float32)
         out = selected_attention(
             q, keys, values, block_idx=block_idx, num_blocks=num_blocks, seq_len=limit_t,
-            block_size=block_size, query_group_size=query_group_size, scale=scale, lse=lse,
+            block_size=block_size, query_group_size=query_group_size, scale=scale, lse=lse, store=store,
+            live_first=live_first,
         )  # fmt: skip
         ctx.save_for_backward(q, keys, values, out, lse, block_idx, num_blocks, limit_t)
-        ctx.grad_from = keys.shape[2] - k.shape[2]
+        ctx.grad_from = offset + keys.shape[2] - k.shape[2]  # in the table's numbering
+        ctx.store, ctx.live_first = store, live_first
         ctx.window_start, ctx.k_start, ctx.seq_len = window_start, k_start, seq_len
         ctx.block_size, ctx.query_group_size, ctx.scale = block_size, query_group_size, scale
-        window = slice(window_start, limit)
+        window = slice(window_start - offset, limit - offset)
         return out, k_means.clone(), v_means.clone(), keys[:, :, window].clone(), values[:, :, window].clone()
 
     @staticmethod
@@ -348,7 +344,7 @@ class SelectedAttentionFanout(torch.autograd.Function):
 
         q, keys, values, out, lse, block_idx, num_blocks, limit_t = ctx.saved_tensors
         grad_from, bs = ctx.grad_from, ctx.block_size
-        like = keys[:, :, grad_from:]
+        like = keys[:, :, grad_from - ctx.live_first * bs :]
         dk = spread_block_gradients(grad_k_means, like, ctx.seq_len, bs, start=ctx.k_start)
         dv = spread_block_gradients(grad_v_means, like, ctx.seq_len, bs, start=ctx.k_start)
         for grad, window_grad in ((dk, grad_k_window), (dv, grad_v_window)):
@@ -362,6 +358,6 @@ class SelectedAttentionFanout(torch.autograd.Function):
                 q, keys, values, out, lse, grad_out,
                 block_idx=block_idx, num_blocks=num_blocks, limit=limit_t, block_size=bs,
                 query_group_size=ctx.query_group_size, chunk_len=0, scale=ctx.scale, dk_init=dk, dv_init=dv,
-                grad_from=grad_from,
+                grad_from=grad_from, store=ctx.store, live_first=ctx.live_first,
             )  # fmt: skip
-        return dq, dk, dv, *([None] * 14)
+        return dq, dk, dv, *([None] * 16)

@@ -365,3 +365,71 @@ def test_quantized_cache_validation():
         GatedCache(60, **shape, kv_format="fp8")
     offloaded = GatedCache(60, **shape, kv_format="int4", offload=True, max_chunk_tokens=8)
     assert offloaded.offloaded and "offload=True, kv_format='int4'" in repr(offloaded)
+
+
+@pytest.mark.parametrize("kv_format", ["fp8", "int4"])
+@pytest.mark.parametrize(
+    ("backend", "offload"),
+    [("triton", False), ("triton", True), ("gather", False)],
+    ids=["triton", "triton-offload", "gather"],
+)
+def test_training_over_a_quantized_history_equals_the_reference(kv_format, backend, offload, monkeypatch):
+    """Gradients through a quantized GatedCache: a chunk with q, k, v and gates requiring
+    grad gives the float64 reference's output and gradients (the selected branch reads the
+    history quantized then dequantized, as in the forward test above). On the triton backend
+    its one-pass backward reads the store's bytes (the compact, dequantized copy is made to fail)."""
+    if backend == "triton" and TEST_DEVICE.type != "cuda" and os.environ.get("TRITON_INTERPRET") != "1":
+        pytest.skip("the triton kernels run on CUDA or under TRITON_INTERPRET=1")
+    from omnimem.gated import offload as gated_offload
+
+    from .reference import stored_history
+    from .reference_gated import reference_gated_attention
+
+    if backend == "triton":
+
+        def no_copy(*args, **kwargs):
+            raise AssertionError("a dequantized copy of the selected history blocks was made")
+
+        monkeypatch.setattr(gated_offload.GatedQuantizedHistory, "history_rows", no_copy)
+    gen = torch.Generator().manual_seed(7)
+    rules = dict(block_size=6, query_group_size=4, top_k=2, window_tokens=12, candidates="chunks",
+                 exclude_window_chunks=0)  # fmt: skip
+    cache = GatedCache(
+        120, batch=1, num_kv_heads=2, head_dim=16, device=TEST_DEVICE, backend=backend, kv_format=kv_format,
+        max_chunk_tokens=12, offload=offload, **rules,
+    )  # fmt: skip
+    keys, values = torch.zeros(1, 2, 0, 16), torch.zeros(1, 2, 0, 16)
+    start = 0
+    for c, length in enumerate((12, 9, 12, 12, 11)):
+        q = torch.randn(1, 4, length, 16, generator=gen)
+        k, v = torch.randn(1, 2, length, 16, generator=gen), torch.randn(1, 2, length, 16, generator=gen)
+        gates = torch.rand(1, 4, length, 3, generator=gen)
+        if c < 3:  # history, without gradients
+            with torch.no_grad():
+                cache.attend(*(x.to(TEST_DEVICE) for x in (q, k, v, gates)), start=start)
+        else:
+            weight = torch.randn(1, 4, length, 16, generator=gen)
+            ours = [x.to(TEST_DEVICE).requires_grad_() for x in (q, k, v, gates)]
+            out = cache.attend(*ours, start=start)
+            (out * weight.to(TEST_DEVICE)).sum().backward()
+            theirs = [x.detach().double().requires_grad_() for x in (q, k, v, gates)]
+            live = cache._live_start(start, start + length)
+            k_all, v_all = (
+                torch.cat([keys.double(), theirs[1]], 2),
+                torch.cat([values.double(), theirs[2]], 2),
+            )
+            read = [
+                torch.cat([stored_history(x.detach(), live, kv_format, role, 6)[:, :, :start], chunk], 2)
+                for x, role, chunk in ((k_all, "key", theirs[1]), (v_all, "value", theirs[2]))
+            ]
+            ref = reference_gated_attention(
+                theirs[0], k_all, v_all, theirs[3], history_len=start, selected_k=read[0], selected_v=read[1],
+                **rules,
+            )  # fmt: skip
+            assert ref.margin > 1e-5
+            (ref.out * weight.double()).sum().backward()
+            torch.testing.assert_close(out.detach().double().cpu(), ref.out.detach(), atol=2e-5, rtol=1e-4)
+            for name, a, b in zip("q k v gates".split(), ours, theirs, strict=True):
+                torch.testing.assert_close(a.grad.double().cpu(), b.grad, atol=1e-4, rtol=1e-4, msg=name)
+        keys, values = torch.cat([keys, k], 2), torch.cat([values, v], 2)
+        start += length

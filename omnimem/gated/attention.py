@@ -348,14 +348,16 @@ def run_branches(
     values when ``k``/``v`` are only their differentiable last tokens: a cache's compact copy),
     ``k_start`` (``k``'s first token in the sequence the means pool) and ``means_seq_len``
     (that sequence's length; default ``seq_len``) place ``k`` among the means. ``store`` (a
-    quantized cache's history; triton, no gradients): the selected branch reads blocks before
-    ``live_first`` from its bytes, and ``k``/``v`` hold the tokens from block ``live_first`` on
-    (the window lies among them)."""
-    if store is not None:
-        if backend != "triton" or wants_grad or fanout:
-            raise ValueError(
-                "a quantized store is read by the triton backend's selected kernel, without gradients"
-            )
+    quantized cache's history; triton): the selected branch reads blocks before ``live_first``
+    from its bytes, and ``k``/``v`` hold the tokens from block ``live_first`` on (the window
+    lies among them); with gradients only through ``fanout`` (``compact``: those tokens, ``k``/
+    ``v`` the differentiable chunk at their end), whose backward reads the same bytes."""
+    if store is not None and (backend != "triton" or (wants_grad and not fanout)):
+        raise ValueError(
+            "a quantized store is read by the triton backend's selected kernel (gradients through "
+            "its one-pass backward)"
+        )
+    if store is not None and not fanout:
         from omnimem.backends.selected_attention import selected_attention
 
         offset = live_first * config.block_size
@@ -382,7 +384,7 @@ def run_branches(
             q, k, v, keys, values, k_means, v_means, selection.block_idx, selection.num_blocks,
             selection.seq_len, seq_len, max(0, seq_len - config.window_tokens), k_start,
             seq_len if means_seq_len is None else means_seq_len, config.block_size,
-            selection.query_group_size, scale,
+            selection.query_group_size, scale, store, live_first,
         )  # fmt: skip
         o_cmp = compressed_attention(q, k_means, v_means, num_blocks, scale=scale)
         window_len = k_window.shape[2]

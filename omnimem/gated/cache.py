@@ -349,7 +349,6 @@ class GatedCache:
         seq_len = start + k.shape[2]
         with torch.no_grad():
             selection = select_groups_for(q, self.pooled, seq_len, config, backend)
-        first = start // bs  # the first block holding chunk tokens
         live_start = self._live_start(start, seq_len)
         live_first = live_start // bs
         table = selection.block_idx.long()
@@ -377,16 +376,7 @@ class GatedCache:
         keys = torch.cat([*parts_k, live_k, chunk_k], 2)
         values = torch.cat([*parts_v, live_v, chunk_v], 2)
         if differentiable:
-            acc = accumulation_dtype(self.dtype)
-            touched = seq_len - first * bs
-            # The chunk's first block may start before it: those tokens end the live region.
-            before_k = keys[:, :, keys.shape[2] - touched : keys.shape[2] - k.shape[2]].detach()
-            before_v = values[:, :, values.shape[2] - touched : values.shape[2] - v.shape[2]].detach()
-            with torch.no_grad() if fanout else contextlib.nullcontext():
-                k_live = block_means(torch.cat([before_k, k], 2), touched, bs, dtype=acc)
-                v_live = block_means(torch.cat([before_v, v], 2), touched, bs, dtype=acc)
-            k_means = torch.cat([self.pooled.k_attn[:, :, :first], k_live.to(self.dtype)], 2)
-            v_means = torch.cat([self.pooled.v_attn[:, :, :first], v_live.to(self.dtype)], 2)
+            k_means, v_means = self._chunk_means(keys, values, k, v, start, fanout)
         else:
             k_means, v_means = self.pooled.k_attn, self.pooled.v_attn
         compact_len = keys.shape[2]
@@ -400,6 +390,49 @@ class GatedCache:
             k_means=k_means, v_means=v_means, num_blocks=math.ceil(seq_len / bs), config=config,
             backend=backend, scale=config.scale or q.shape[-1] ** -0.5, wants_grad=differentiable,
             fanout=fanout, compact=(keys, values) if fanout else None, k_start=start, means_seq_len=seq_len,
+        )  # fmt: skip
+
+    def _chunk_means(self, keys, values, k, v, start: int, fanout: bool) -> tuple[torch.Tensor, torch.Tensor]:
+        """Block means for a differentiable call: the cache's before the chunk's first block,
+        the chunk's blocks pooled afresh from ``k``/``v`` (so that the compressed branch's
+        gradient reaches them; under ``fanout`` its backward spreads it instead). ``keys``/
+        ``values`` end with the chunk and hold the tokens of its first block before it."""
+        bs, acc = self.config.block_size, accumulation_dtype(self.dtype)
+        first = start // bs
+        touched = start + k.shape[2] - first * bs
+        # The chunk's first block may start before it: those tokens end the live region.
+        before_k = keys[:, :, keys.shape[2] - touched : keys.shape[2] - k.shape[2]].detach()
+        before_v = values[:, :, values.shape[2] - touched : values.shape[2] - v.shape[2]].detach()
+        with torch.no_grad() if fanout else contextlib.nullcontext():
+            k_live = block_means(torch.cat([before_k, k], 2), touched, bs, dtype=acc)
+            v_live = block_means(torch.cat([before_v, v], 2), touched, bs, dtype=acc)
+        k_means = torch.cat([self.pooled.k_attn[:, :, :first], k_live.to(self.dtype)], 2)
+        v_means = torch.cat([self.pooled.v_attn[:, :, :first], v_live.to(self.dtype)], 2)
+        return k_means, v_means
+
+    def _attend_quantized_differentiable(
+        self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, gates: torch.Tensor, start: int
+    ) -> torch.Tensor:
+        """Training over a quantized history on the triton backend: the selected branch reads
+        the history's blocks from the store's bytes in forward and backward (no native copy of
+        them), the live region and the chunk natively; gradients reach ``q``, ``gates`` and
+        the chunk's ``k``/``v`` (``SelectedAttentionFanout``'s one backward)."""
+        config, bs = self.config, self.config.block_size
+        seq_len = start + k.shape[2]
+        live_start = self._live_start(start, seq_len)
+        with torch.no_grad():
+            selection = select_groups_for(q, self.pooled, seq_len, config, "triton")
+            live_k, live_v = self._offload.rows(live_start, start)
+            store, selection, live_first, compact_len = self._offload.selected_source(
+                self, selection, live_start, seq_len
+            )
+        keys, values = torch.cat([live_k, k.detach()], 2), torch.cat([live_v, v.detach()], 2)
+        k_means, v_means = self._chunk_means(keys, values, k, v, start, fanout=True)
+        return run_branches(
+            q, k, v, gates, selection, seq_len=compact_len, k_means=k_means, v_means=v_means,
+            num_blocks=math.ceil(seq_len / bs), config=config, backend="triton",
+            scale=config.scale or q.shape[-1] ** -0.5, wants_grad=True, fanout=True, compact=(keys, values),
+            k_start=start, means_seq_len=seq_len, store=store, live_first=live_first,
         )  # fmt: skip
 
     def _backend(self, q: torch.Tensor) -> str:
@@ -447,6 +480,9 @@ class GatedCache:
         check_gates(gates, q)
         self._store(k, v, start)
         if torch.is_grad_enabled() and any(t.requires_grad for t in (q, k, v, gates)):
+            quantized = isinstance(self._offload, GatedQuantizedHistory) and self._backend(q) == "triton"
+            if quantized and fanout_backward("triton", True):
+                return self._attend_quantized_differentiable(q, k, v, gates, start)
             return self._attend_compact(q, k, v, gates, start, differentiable=True)
         if isinstance(self._offload, GatedQuantizedHistory) and self._backend(q) == "triton":
             return self._attend_quantized(q, gates, start, start + k.shape[2])
