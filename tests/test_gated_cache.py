@@ -429,7 +429,7 @@ def test_training_over_a_quantized_history_equals_the_reference(kv_format, backe
             assert ref.margin > 1e-5
             (ref.out * weight.double()).sum().backward()
             torch.testing.assert_close(out.detach().double().cpu(), ref.out.detach(), atol=2e-5, rtol=1e-4)
-            for name, a, b in zip("q k v gates".split(), ours, theirs, strict=True):
+            for name, a, b in zip(["q", "k", "v", "gates"], ours, theirs, strict=True):
                 torch.testing.assert_close(a.grad.double().cpu(), b.grad, atol=1e-4, rtol=1e-4, msg=name)
         keys, values = torch.cat([keys, k], 2), torch.cat([values, v], 2)
         start += length
