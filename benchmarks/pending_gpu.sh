@@ -56,7 +56,7 @@ elif [ "$1" = rest2 ]; then  # GPU tests of the fixes, then issue 38's codebases
   cd ..
   step 160 python3 -m pytest -q -p no:cacheprovider -n 16 --tb=short -rf tests/test_positions.py \
     tests/test_index.py property_tests/test_quantized_cache_property.py tests/test_cache.py \
-    tests/test_host_syncs.py tests/test_disk.py
+    tests/test_host_syncs.py tests/test_disk.py tests/test_gated_cache.py tests/test_backward.py
   cd benchmarks
   step 170 python3 codebases_gpu.py --layers 10 --json "$OUT/codebases.json"
 else
