@@ -42,22 +42,21 @@ elif [ "$1" = 37 ]; then
     --json "$OUT/hour_host.json"
   step 150 python3 hour_gpu.py --minutes 1 10 --layers 1 --positions relative --disk /tmp --evict-half \
     --json "$OUT/hour_disk.json"
-elif [ "$1" = rest1 ]; then  # what the first H100 run of 36 and 37 (2026-12-07) left
+elif [ "$1" = rest1 ]; then  # what the first H100 run of 36 and 37 (2026-12-07) left, in one call
   OMNIMEM_INT4_DECODE=convert step 55 python3 kv_formats_gpu.py --quick --json "$OUT/kvfmt_convert.json"
   OMNIMEM_FP8_DECODE=direct step 55 python3 kv_formats_gpu.py --quick --json "$OUT/kvfmt_magic.json"
   step 110 python3 self_forcing_rollout_gpu.py --kv-format int4 --frames 960 --reps 2 --json "$OUT/sf960.json"
-  step 80 python3 self_forcing_rollout_gpu.py --frames 237 --no-offload --reps 2 --relative-only \
-    --json "$OUT/sf237rel.json"
   step 60 python3 hour_gpu.py --minutes 10 --layers 1 --kv-format native --positions relative \
     --json "$OUT/hour_host.json"
   step 100 python3 hour_gpu.py --minutes 10 --layers 1 --positions relative --disk /tmp --evict-half \
     --json "$OUT/hour_disk.json"
-elif [ "$1" = rest2 ]; then  # GPU tests of the fixes, then issue 38's codebases
   cd ..
-  step 160 python3 -m pytest -q -p no:cacheprovider -n 16 --tb=short -rf tests/test_positions.py \
+  step 150 python3 -m pytest -q -p no:cacheprovider -n 16 --tb=short -rf tests/test_positions.py \
     tests/test_index.py property_tests/test_quantized_cache_property.py tests/test_cache.py \
     tests/test_host_syncs.py tests/test_disk.py tests/test_gated_cache.py tests/test_backward.py
-  cd benchmarks
+elif [ "$1" = rest2 ]; then  # the rotation's cost, issue 38's codebases
+  step 80 python3 self_forcing_rollout_gpu.py --frames 237 --no-offload --reps 2 --relative-only \
+    --json "$OUT/sf237rel.json"
   step 170 python3 codebases_gpu.py --layers 10 --json "$OUT/codebases.json"
 else
   echo "usage: pending_gpu.sh 36|37|rest1|rest2" >>"$LOG"
