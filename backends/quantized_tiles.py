@@ -34,7 +34,7 @@ def int4_codes_f32(codes):
     operation and an add, both full-rate, instead of the integer-to-float conversion (a
     quarter-rate instruction on Hopper), per element of every tile."""
     if INT4_MAGIC:
-        out = (codes.to(tl.uint32) | 0x4B000000).to(tl.float32, bitcast=True) - 8388608.0
+        out = (codes.to(tl.int32) | 0x4B000000).to(tl.float32, bitcast=True) - 8388608.0
     else:
         out = codes.to(tl.float32)
     return out
