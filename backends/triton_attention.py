@@ -520,7 +520,11 @@ def scattered_attention(
     if block_n is None:
         # tl.dot needs tile dims >= 16 on GPUs: smaller blocks are read as masked 16-token tiles.
         # 4-byte dtypes halve the tile so that K/V stages fit in shared memory.
-        block_n = max(16, min(triton.next_power_of_2(block_size), 64 if wide else 128))
+        # Rotating native tiles in float32 (split/join) needs shared memory for its layout
+        # changes: with 128-key bf16 tiles the kernel asked 256 KiB, past Hopper's 227 (H100,
+        # 2026-12-07, even at two stages); 64-key tiles halve that. Decoded tiles fitted at 128.
+        narrow = wide or (rotation is not None and store is None)
+        block_n = max(16, min(triton.next_power_of_2(block_size), 64 if narrow else 128))
     block_d = max(triton.next_power_of_2(head_dim), 16)
     if use_tma is None:
         use_tma = default_use_tma(q.device)
@@ -558,9 +562,7 @@ def scattered_attention(
     if num_warps is None:
         num_warps = 8 if block_m >= 128 else 4
     if num_stages is None:
-        # The rotation's float32 split/join takes shared memory for its layout changes: three
-        # bf16 stages of 128x128 K/V tiles plus it need 257 KiB, past Hopper's 227 (H100, 2026-12-07).
-        num_stages = 2 if wide or rotation is not None else 3
+        num_stages = 2 if wide else 3
     sms = num_sms or default_num_sms(q.device)
     num_split_tiles = num_tiles % sms
     splits = min(MAX_SPLITS, sms // num_split_tiles) if num_split_tiles else 1

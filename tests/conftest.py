@@ -10,11 +10,8 @@ import torch
 def poisoned_allocations(monkeypatch):
     """Every ``torch.empty``-style allocation is filled with NaN (or junk integers)."""
 
-    # Only outside torch.compile's graphs: a traced fill is an in-place op on a graph allocation
-    # that CUDA inductor (torch 2.11) rejects, and torch.compiler.disable did not keep it out of
-    # the graph there. So allocations inside compiled functions go unpoisoned.
     def fill(buffer: torch.Tensor) -> torch.Tensor:
-        if buffer.numel() and not torch.compiler.is_compiling():
+        if buffer.numel():
             with torch.no_grad():  # inductor's own probes allocate leaves that require grad
                 buffer.fill_(float("nan") if buffer.is_floating_point() else junk(buffer.dtype))
         return buffer
@@ -28,3 +25,8 @@ def poisoned_allocations(monkeypatch):
         monkeypatch.setattr(torch, name, lambda *a, _f=original, **kw: fill(_f(*a, **kw)))
     new_empty = torch.Tensor.new_empty
     monkeypatch.setattr(torch.Tensor, "new_empty", lambda self, *a, **kw: fill(new_empty(self, *a, **kw)))
+    # Compiled functions run eagerly under this fixture, so that their allocations are poisoned
+    # too and no graph is traced through a patched torch.empty (CUDA inductor, torch 2.11,
+    # rejected the traced fill even behind torch.compiler.disable and is_compiling()).
+    with torch._dynamo.config.patch(disable=True):
+        yield

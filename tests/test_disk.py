@@ -18,6 +18,7 @@ from omnimem.positions import RelativeTime, wan_time_table
 from omnimem.sparse.cache import OmniMemCache
 from omnimem.store.disk import disk_zeros
 
+from .inputs import TEST_DEVICE
 from .test_causal_wan import CHUNK, FREQS, FULL, GRID, StandinPipeline, chunks, model
 
 
@@ -30,15 +31,15 @@ def test_a_disk_history_equals_the_resident_and_host_ones_bit_for_bit(
                            query_group_size=3)  # fmt: skip
     time = RelativeTime(wan_time_table(wan_rope_freqs(8, positions=256)), frame_tokens=4)
     kw = dict(max_chunk_tokens=8, batch=2, num_kv_heads=2, head_dim=8, config=config, layout=layout,
-              positions=time if relative else None)  # fmt: skip
+              positions=time if relative else None, device=TEST_DEVICE)  # fmt: skip
     resident, host = OmniMemCache(200, **kw), OmniMemCache(200, **kw, offload=True)
     disk = OmniMemCache(200, **kw, offload=True, disk=tmp_path)
     assert os.listdir(tmp_path) == []  # unlinked once mapped: nothing stays behind
     gen, start = torch.Generator().manual_seed(0), 0
     for c in range(20):
         length = 8 if c % 3 else 5  # chunks that straddle blocks
-        q = torch.randn(2, 4, length, 8, generator=gen)
-        k, v = (torch.randn(2, 2, length, 8, generator=gen) for _ in "kv")
+        q = torch.randn(2, 4, length, 8, generator=gen).to(TEST_DEVICE)
+        k, v = (torch.randn(2, 2, length, 8, generator=gen).to(TEST_DEVICE) for _ in "kv")
         for _ in range(2):  # a denoising pass, then the clean one
             want = resident.attend_at(q, k, v, start=start)
             torch.testing.assert_close(host.attend_at(q, k, v, start=start), want, rtol=0, atol=0)
@@ -84,18 +85,20 @@ def test_a_quantized_history_on_disk_equals_the_one_in_host_memory_bit_for_bit(
     page-locked bounce slots, then stages them like host memory. Same bits as the store in host
     memory, on the reference path (gather) and the in-place kernel (triton), relative positions
     too; nothing stays on disk."""
+    if backend == "triton" and TEST_DEVICE.type != "cuda" and os.environ.get("TRITON_INTERPRET") != "1":
+        pytest.skip("the triton kernels run on CUDA or under TRITON_INTERPRET=1")
     config = OmniMemConfig(block_size=4, top_k=2, sink_tokens=4, local_tokens=8, backend=backend,
                            query_group_size=3 if backend == "gather" else None)  # fmt: skip
     time = RelativeTime(wan_time_table(wan_rope_freqs(16, positions=256)), frame_tokens=4)
     kw = dict(max_chunk_tokens=8, batch=1, num_kv_heads=2, head_dim=16, config=config, offload=True,
-              kv_format=kv_format, positions=time if relative else None)  # fmt: skip
+              kv_format=kv_format, positions=time if relative else None, device=TEST_DEVICE)  # fmt: skip
     host, disk = OmniMemCache(200, **kw), OmniMemCache(200, **kw, disk=tmp_path)
     assert os.listdir(tmp_path) == []
     gen, start = torch.Generator().manual_seed(1), 0
     for c in range(12):
         length = 8 if c % 3 else 5
-        q = torch.randn(1, 4, length, 16, generator=gen)
-        k, v = (torch.randn(1, 2, length, 16, generator=gen) for _ in "kv")
+        q = torch.randn(1, 4, length, 16, generator=gen).to(TEST_DEVICE)
+        k, v = (torch.randn(1, 2, length, 16, generator=gen).to(TEST_DEVICE) for _ in "kv")
         for _ in range(2):
             want = host.attend_at(q, k, v, start=start)
             torch.testing.assert_close(disk.attend_at(q, k, v, start=start), want, rtol=0, atol=0)
