@@ -43,13 +43,15 @@ elif [ "$1" = 37 ]; then
   step 150 python3 hour_gpu.py --minutes 1 10 --layers 1 --positions relative --disk /tmp --evict-half \
     --json "$OUT/hour_disk.json"
 elif [ "$1" = rest1 ]; then  # what the H100 runs of 2026-12-07 left: the disk tier's bar, GPU tests
-  step 60 python3 hour_gpu.py --minutes 10 --layers 1 --kv-format native --positions relative \
+  step 60 python3 hour_gpu.py --minutes 10 --layers 1 --kv-format native --positions absolute \
     --json "$OUT/hour_host.json"
-  step 100 python3 hour_gpu.py --minutes 10 --layers 1 --positions relative --disk /tmp --evict-half \
+  step 100 python3 hour_gpu.py --minutes 10 --layers 1 --positions absolute --disk /tmp --evict-half \
     --json "$OUT/hour_disk.json"
   cd ..
   step 130 python3 -m pytest -q -p no:cacheprovider -n 16 --tb=short -rf tests/test_positions.py \
     tests/test_index.py tests/test_cache.py tests/test_host_syncs.py tests/test_disk.py
+  cd benchmarks
+  step 130 python3 codebases_gpu.py --layers 5 --json "$OUT/codebases.json"
 elif [ "$1" = rest2 ]; then  # the rotation's cost, issue 38's codebases
   step 80 python3 self_forcing_rollout_gpu.py --frames 237 --no-offload --reps 2 --relative-only \
     --json "$OUT/sf237rel.json"
