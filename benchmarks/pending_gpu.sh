@@ -56,7 +56,14 @@ elif [ "$1" = rest2 ]; then  # the rotation's cost, issue 38's codebases
   step 80 python3 self_forcing_rollout_gpu.py --frames 237 --no-offload --reps 2 --relative-only \
     --json "$OUT/sf237rel.json"
   step 170 python3 codebases_gpu.py --layers 10 --json "$OUT/codebases.json"
+elif [ "$1" = disk ]; then  # the disk tier after it reads only the fetched blocks; the rotation
+  step 45 python3 hour_gpu.py --minutes 10 --layers 1 --kv-format native --positions absolute \
+    --json "$OUT/hour_host.json"
+  step 70 python3 hour_gpu.py --minutes 10 --layers 1 --positions absolute --disk /tmp --evict-half \
+    --json "$OUT/hour_disk.json"
+  step 75 python3 self_forcing_rollout_gpu.py --frames 237 --no-offload --reps 2 --relative-only \
+    --json "$OUT/sf237rel.json"
 else
-  echo "usage: pending_gpu.sh 36|37|rest1|rest2" >>"$LOG"
+  echo "usage: pending_gpu.sh 36|37|rest1|rest2|disk" >>"$LOG"
 fi
 grep -v "DEBUG\|PytestBenchmark\|warner(" "$LOG" | tail -c 6000

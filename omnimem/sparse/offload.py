@@ -31,8 +31,9 @@ import torch
 from omnimem.api import resolve_backend, sparse_attention
 from omnimem.compile import compile_static
 from omnimem.positions import buffer_positions
-from omnimem.selection import gather_union_rows, sorted_unique
+from omnimem.selection import sorted_unique
 from omnimem.sizing import staging_sizes
+from omnimem.store.disk import read_blocks
 from omnimem.store.host import host_zeros
 from omnimem.store.staging import SOURCE_FRESH, SOURCE_HOST, SOURCE_NONE, SOURCE_PREVIOUS, OffloadStats, stage
 
@@ -154,12 +155,11 @@ class HostOffload:
         blocks renumbered onto them. Synchronizes with the host: it must know which blocks to
         read (which also orders the previous call's reads of the bounce slots before these
         writes)."""
-        hosted = (source == SOURCE_HOST).cpu()
-        blocks = torch.where(hosted, source_block.cpu(), self.num_blocks)
-        for (stored, rows), (slots, _) in zip(held, bounce, strict=True):
-            gathered = gather_union_rows(blocks, none=self.num_blocks, block_size=rows, buffers=stored)
-            for into, got in zip(slots, gathered, strict=True):
-                into.copy_(got)
+        slots = (source == SOURCE_HOST).cpu().nonzero()  # [n, 3]: batch, head, staging slot
+        blocks = source_block.cpu()[tuple(slots.T)]
+        for (stored, rows), (buffers, _) in zip(held, bounce, strict=True):
+            for from_disk, into in zip(stored, buffers, strict=True):
+                read_blocks(from_disk, into, blocks, slots, rows)
         slot = torch.arange(source.shape[-1], device=source.device).expand_as(source_block)
         return torch.where(source == SOURCE_HOST, slot, source_block)
 

@@ -59,3 +59,18 @@ def disk_zeros(shape: tuple[int, ...], dtype: torch.dtype, directory: str | os.P
         os.close(handle)
         os.unlink(path)  # the mapping keeps the data; the name goes now
     return tensor.view(shape)
+
+
+def read_blocks(
+    stored: torch.Tensor, into: torch.Tensor, blocks: torch.Tensor, slots: torch.Tensor, rows: int
+) -> None:
+    """Copy block ``blocks[i]`` of ``(batch, head) = slots[i, :2]`` of ``stored [B, H, L, ...]``
+    (a disk mapping; ``rows`` per block) into slot ``slots[i, 2]`` of ``into [B, H, W * rows,
+    ...]`` (page-locked bounce rows), for the ``n`` listed blocks only (``blocks [n]``, ``slots
+    [n, 3]``, CPU int64): the host reads what a call fetches, not the whole staging width."""
+    if not blocks.numel():
+        return
+    offsets = torch.arange(rows)
+    batch, head = slots[:, 0, None], slots[:, 1, None]
+    read = stored[batch, head, blocks[:, None] * rows + offsets]  # [n, rows, ...]: only these pages
+    into[batch, head, slots[:, 2, None] * rows + offsets] = read
