@@ -277,6 +277,7 @@ def patch_causal_wan(
             **settings,
             "current_end": _is_causvid_attention(module),
             "rolling": _is_rolling_forcing_attention(module),
+            "their_rope": _their_scaled_rope(module),
         }
         module.forward = types.MethodType(_patched_forward(original, call), module)
     logger.info(
@@ -489,6 +490,25 @@ def _reencode(cache: OmniMemCache, q, k, v, start: int, block_tokens: int) -> to
 _LONGLIVE2_ROPE = ("t_scale", "use_relative_rope", "method", "original_seq_len", "temporal_offset")
 
 
+def _their_scaled_rope(module: nn.Module) -> Callable | None:
+    """The ``causal_rope_apply`` of the module's own source file when it takes LongLive-2.0's
+    options (``t_scale``, ``temporal_offset``), else None. LongLive-2.0 rotates in float32 with a
+    Triton kernel by default (float64 under autograd): calling their function is the one way to
+    match their bits on every path, so the patch rotates the chunk with it wherever their table
+    reaches (absolute positions); past it, and for relative positions, omnimem's float64 rotation
+    (their float64 path's bits)."""
+    import sys
+
+    rope = getattr(sys.modules.get(type(module).__module__), "causal_rope_apply", None)
+    if not callable(rope):
+        return None
+    try:
+        names = inspect.signature(rope).parameters
+    except (TypeError, ValueError):
+        return None
+    return rope if {"t_scale", "temporal_offset"} <= set(names) else None
+
+
 def _longlive2_rope(extra: dict, settings: dict) -> tuple[float, float | torch.Tensor]:
     """LongLive-2.0's RoPE options, taken out of ``extra``: ``(t_scale, temporal_offset)`` for
     absolute positions (``(1.0, 0.0)`` without them). Checked: the linear method only; its
@@ -596,8 +616,14 @@ def _patched_forward(original: Callable, settings: dict) -> Callable:
         q = self.norm_q(self.q(x)).view(batch, length, n, d)
         k = self.norm_k(self.k(x)).view(batch, length, n, d)
         v = self.v(x).view(batch, length, n, d)
-        # Their RoPE: float64 tables, float32 result, then the model's dtype (same bits).
+        # Their RoPE: float64 tables, float32 result, then the model's dtype (same bits). A model
+        # with its own scaled RoPE (LongLive-2.0) rotates with it wherever its table reaches.
         grid, start_frame = (frames, height, width), start // frame_tokens
+        theirs = (
+            settings["their_rope"] is not None
+            and settings["positions"] != "relative"
+            and start_frame + frames <= freqs.shape[0]
+        )
         time = None
         if settings["positions"] == "relative":  # space only; the cache rotates in time per call
             table = freqs  # the time table is built once, when the layer's cache is
@@ -605,15 +631,24 @@ def _patched_forward(original: Callable, settings: dict) -> Callable:
                 scaled_time_table(table, table.shape[0], 0, t_scale, 0.0), frame_tokens
             )
             freqs, start_frame = spatial_rope_table(freqs), 0
-        else:
+        elif not theirs:
             freqs = rope_table_for(freqs, start_frame + frames)  # past their 1,024 frames: extended
             if t_scale != 1.0 or torch.is_tensor(offset) or float(offset) != 0.0:  # LongLive-2.0's options
                 freqs = freqs.clone()
                 freqs[start_frame : start_frame + frames, : wan_time_table(freqs).shape[1]] = (
                     scaled_time_table(freqs, frames, start_frame, t_scale, offset)
                 )
-        q = reordered_rope(q.float(), grid, freqs, start_frame=start_frame).type_as(v)
-        k = reordered_rope(k.float(), grid, freqs, start_frame=start_frame).type_as(v)
+        if theirs:  # as their layer calls it
+            rope, grid_py = settings["their_rope"], [grid] * batch
+            q, k = (
+                rope(
+                    t, grid_py, freqs, start_frame=start_frame, t_scale=t_scale, temporal_offset=offset
+                ).type_as(v)
+                for t in (q, k)
+            )
+        else:
+            q = reordered_rope(q.float(), grid, freqs, start_frame=start_frame).type_as(v)
+            k = reordered_rope(k.float(), grid, freqs, start_frame=start_frame).type_as(v)
         sink_tokens = getattr(self, "sink_size", 0) * frame_tokens
         if block_mask is not None and kv_cache.get("global_sink") and start < sink_tokens:
             # Checked before anything is allocated or changed.

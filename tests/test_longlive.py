@@ -177,3 +177,30 @@ def test_longlive2_misuse_is_refused_clearly():
     ours.t_scale = 0.25
     with pytest.raises(ValueError, match=r"t_scale changed from 0\.5 to 0\.25 mid-run"):
         pipeline.inference(inputs, GRID, FREQS)
+
+
+def test_longlive2_rotates_with_its_own_function_bit_for_bit():
+    """LongLive-2.0 rotates in float32 (a Triton kernel) by default: the patch finds the
+    ``causal_rope_apply`` of the layer's own module and rotates the chunk with it, so the keys it
+    keeps are their keys bit for bit (float64 rotation differs in the last bits)."""
+    from . import longlive2_fp32_standin as fp32
+
+    torch.manual_seed(0)
+    theirs = fp32.Fp32RopeModel(num_layers=2, dim=DIM, num_heads=HEADS)
+    theirs.t_scale, theirs.rope_temporal_offset = 0.75, 2.0
+    ours = copy.deepcopy(theirs)
+    patch_causal_wan(ours, FULL, max_frames=20)
+    inputs = chunks(4, seed=3)
+    before = fp32.CALLS[0]
+    pipeline = StandinLongLivePipeline(theirs, buffer_tokens=4 * CHUNK)
+    want = pipeline.inference(inputs, GRID, FREQS)
+    calls = fp32.CALLS[0] - before
+    mine = StandinLongLivePipeline(ours, buffer_tokens=4 * CHUNK)
+    got = mine.inference(inputs, GRID, FREQS)
+    assert fp32.CALLS[0] - before == 2 * calls > 0  # q and k of every layer's every call, as theirs
+    for g, w in zip(got, want, strict=True):
+        torch.testing.assert_close(g, w, atol=2e-5, rtol=1e-4)
+    # Their kept keys and ours, layer 0, bit for bit (their cache dict holds theirs).
+    cache = mine.kv_cache1[0]["omnimem"]
+    kept = cache.k[:, :, : cache.history_len].transpose(1, 2)
+    torch.testing.assert_close(kept, pipeline.kv_cache1[0]["k"][:, : cache.history_len], atol=0, rtol=0)
