@@ -128,6 +128,22 @@ def decoded_tile(codes_base, scale_ptr, min_ptr, scales, block, start, limit, st
     return tile, mult
 
 
+@triton.jit
+def store_block_tiles(kq, vq, k_scale_ptr, v_scale_ptr, k_min_ptr, v_min_ptr, k_scales, v_scales, block,
+                      start, block_size, stride_l, stride_ksn, stride_vsn, dtype: tl.constexpr,
+                      BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, HEAD_DIM: tl.constexpr,
+                      INT4: tl.constexpr):  # fmt: skip
+    """``(keys, key factor, values, value factor)`` of rows ``[start, start + BLOCK_N)`` of whole
+    block ``block`` of a store (rows past the block read 0): what the gated selected kernel and
+    the dQ kernel read of a quantized history block."""
+    end = block * block_size + block_size
+    k, k_mult = decoded_tile(kq, k_scale_ptr, k_min_ptr, k_scales, block, start, end, stride_l, stride_ksn,
+                             dtype, BLOCK_N, BLOCK_D, HEAD_DIM, INT4, True, True)  # fmt: skip
+    v, v_mult = decoded_tile(vq, v_scale_ptr, v_min_ptr, v_scales, block, start, end, stride_l, stride_vsn,
+                             dtype, BLOCK_N, BLOCK_D, HEAD_DIM, INT4, True, False)  # fmt: skip
+    return k, k_mult, v, v_mult
+
+
 def store_arguments(store, fallback, live_first: int = 0) -> dict:
     """The keyword arguments with which a kernel that reads blocks before ``live_first`` from
     ``store`` (a ``QuantizedBlocks``, or None) is launched: its code and scale pointers and

@@ -37,7 +37,7 @@ import torch
 import triton
 import triton.language as tl
 
-from omnimem.backends.quantized_tiles import decoded_tile, store_arguments
+from omnimem.backends.quantized_tiles import store_arguments, store_block_tiles
 from omnimem.store.blocks import QuantizedBlocks
 
 LOG2E = 1.4426950408889634
@@ -139,15 +139,11 @@ def _dq_kernel(
         token_ok = (in_block < block_size) & (tokens < limit)
         if QUANTIZED:
             if block < live_first:
-                start = block * block_size + (it % SUBS) * BLOCK_N
-                end = block * block_size + block_size
-                dtype = k_ptr.dtype.element_ty
-                k, k_mult = decoded_tile(kq, k_scale_ptr, k_min_ptr, k_scales, block, start, end,
-                                         stride_qkl, stride_ksn, dtype, BLOCK_N, BLOCK_D, HEAD_DIM, INT4,
-                                         True, True)  # fmt: skip
-                v, v_mult = decoded_tile(vq, v_scale_ptr, v_min_ptr, v_scales, block, start, end,
-                                         stride_qkl, stride_vsn, dtype, BLOCK_N, BLOCK_D, HEAD_DIM, INT4,
-                                         True, False)  # fmt: skip
+                k, k_mult, v, v_mult = store_block_tiles(
+                    kq, vq, k_scale_ptr, v_scale_ptr, k_min_ptr, v_min_ptr, k_scales, v_scales, block,
+                    block * block_size + (it % SUBS) * BLOCK_N, block_size, stride_qkl, stride_ksn,
+                    stride_vsn, k_ptr.dtype.element_ty, BLOCK_N, BLOCK_D, HEAD_DIM, INT4,
+                )  # fmt: skip
                 dq = _dq_step(q, do, lse2, delta, dq, k, v, token_ok, qk_scale, k_mult, v_mult, PRECISION,
                               not INT4)  # fmt: skip
             else:

@@ -21,7 +21,7 @@ import triton
 import triton.language as tl
 from torch.autograd.function import once_differentiable
 
-from omnimem.backends.quantized_tiles import decoded_tile, store_arguments
+from omnimem.backends.quantized_tiles import store_arguments, store_block_tiles
 from omnimem.store.blocks import QuantizedBlocks
 
 
@@ -85,15 +85,11 @@ def _selected_attention_kernel(
             k_mult = tl.full([], 1.0, tl.float32)
             v_mult = tl.full([], 1.0, tl.float32)
             if block < live_first:
-                start = block * block_size + (it % SUBS) * BLOCK_N
-                limit = block * block_size + block_size
-                dtype = k_ptr.dtype.element_ty
-                k, k_mult = decoded_tile(kq, k_scale_ptr, k_min_ptr, k_scales, block, start, limit,
-                                         stride_qkl, stride_ksn, dtype, BLOCK_N, BLOCK_D, HEAD_DIM, INT4,
-                                         True, True)  # fmt: skip
-                v, v_mult = decoded_tile(vq, v_scale_ptr, v_min_ptr, v_scales, block, start, limit,
-                                         stride_qkl, stride_vsn, dtype, BLOCK_N, BLOCK_D, HEAD_DIM, INT4,
-                                         True, False)  # fmt: skip
+                k, k_mult, v, v_mult = store_block_tiles(
+                    kq, vq, k_scale_ptr, v_scale_ptr, k_min_ptr, v_min_ptr, k_scales, v_scales, block,
+                    block * block_size + (it % SUBS) * BLOCK_N, block_size, stride_qkl, stride_ksn,
+                    stride_vsn, k_ptr.dtype.element_ty, BLOCK_N, BLOCK_D, HEAD_DIM, INT4,
+                )  # fmt: skip
             else:
                 live = (token - live_first * block_size).to(tl.int64)
                 k = tl.load(

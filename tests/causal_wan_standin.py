@@ -459,8 +459,7 @@ class StandinLongLive2SelfAttention(StandinLongLiveSelfAttention):
         k = self.norm_k(self.k(x)).view(b, s, n, d)
         v = self.v(x).view(b, s, n, d)
         offset = 0.0 if use_relative_rope else temporal_offset
-        q = apply_scaled_rope(q, grid_sizes, freqs, start_frame, t_scale, offset).type_as(v)
-        k = apply_scaled_rope(k, grid_sizes, freqs, start_frame, t_scale, offset).type_as(v)
+        q, k = (self.rope(t, grid_sizes, freqs, start_frame, t_scale, offset).type_as(v) for t in (q, k))
         end = current_start + s
         keys, values = kv_cache["k"].clone(), kv_cache["v"].clone()
         keys[:, current_start:end], values[:, current_start:end] = k, v
@@ -469,6 +468,11 @@ class StandinLongLive2SelfAttention(StandinLongLiveSelfAttention):
         )
         update = dict(start=current_start, end=end, k=k, v=v, is_recompute=False)
         return self.o(out.transpose(1, 2).flatten(2)), (end, end, update)
+
+    @staticmethod
+    def rope(x, grid_sizes, freqs, start_frame: int, t_scale: float, offset) -> torch.Tensor:
+        """Their float64 rotation (their path under autograd)."""
+        return apply_scaled_rope(x, grid_sizes, freqs, start_frame, t_scale, offset)
 
 
 class StandinLongLive2Block(StandinLongLiveBlock):

@@ -43,35 +43,14 @@ def causal_rope_apply(x, grid_sizes, freqs, start_frame=0, t_scale=1.0, method="
 
 
 class Fp32RopeSelfAttention(StandinLongLive2SelfAttention):
-    """The stand-in layer, rotating with the float32 function above."""
+    """The stand-in layer, rotating with the float32 function above (as their layer calls it)."""
 
-    def forward(self, x, seq_lens, grid_sizes, freqs, block_mask, kv_cache=None, current_start=0,
-                cache_start=None, t_scale=1.0, use_relative_rope=False, method="linear",
-                original_seq_len=None, temporal_offset=0.0):  # fmt: skip
-        import torch.nn.functional as F
-
-        b, s = x.shape[:2]
-        n, d = self.num_heads, self.head_dim
-        frame_tokens = int(grid_sizes[0][1] * grid_sizes[0][2])
-        start_frame = current_start // frame_tokens
-        q = self.norm_q(self.q(x)).view(b, s, n, d)
-        k = self.norm_k(self.k(x)).view(b, s, n, d)
-        v = self.v(x).view(b, s, n, d)
-        grid = [tuple(int(g) for g in grid_sizes[0])] * b
-        q, k = (
-            causal_rope_apply(
-                t, grid, freqs, start_frame=start_frame, t_scale=t_scale, temporal_offset=temporal_offset
-            )
-            for t in (q, k)
+    @staticmethod
+    def rope(x, grid_sizes, freqs, start_frame: int, t_scale: float, offset) -> torch.Tensor:
+        grid = [tuple(int(g) for g in grid_sizes[0])] * x.shape[0]
+        return causal_rope_apply(
+            x, grid, freqs, start_frame=start_frame, t_scale=t_scale, temporal_offset=offset
         )
-        end = current_start + s
-        keys, values = kv_cache["k"].clone(), kv_cache["v"].clone()
-        keys[:, current_start:end], values[:, current_start:end] = k, v
-        out = F.scaled_dot_product_attention(
-            q.transpose(1, 2), keys[:, :end].transpose(1, 2), values[:, :end].transpose(1, 2)
-        )
-        update = dict(start=current_start, end=end, k=k, v=v, is_recompute=False)
-        return self.o(out.transpose(1, 2).flatten(2)), (end, end, update)
 
 
 class Fp32RopeBlock(StandinLongLive2Block):
