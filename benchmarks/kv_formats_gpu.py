@@ -35,6 +35,7 @@ from omnimem.store.blocks import QuantizedBlocks
 # triton_attention.scattered_attention's defaults: 128 x 128 tiles, 8 warps, 3 stages).
 VARIANTS = [
     dict(),
+    dict(fp16_products=True),  # the whole quantized blocks' products in fp16 (an experiment)
     dict(block_n=64),
     dict(num_stages=2),
     dict(block_m=64, num_warps=4),
@@ -115,10 +116,12 @@ def main() -> None:
     parser.add_argument("--top-k", type=int, default=32)
     parser.add_argument("--chunk-tokens", type=int, default=3 * FRAME_TOKENS)
     parser.add_argument("--json", default=None)
-    parser.add_argument("--quick", action="store_true", help="the default tile configuration only")
+    parser.add_argument(
+        "--quick", action="store_true", help="the default configuration and the fp16-products experiment only"
+    )
     args = parser.parse_args()
     if args.quick:
-        VARIANTS[1:] = []
+        VARIANTS[2:] = []
     rows = [run_shape(args.heads, h, args.top_k, args.chunk_tokens) for h in args.histories]
     result = dict(environment=environment(), rows=rows)
     if args.json:

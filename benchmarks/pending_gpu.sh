@@ -51,6 +51,8 @@ elif [ "$1" = next ]; then  # what the session of 2026-12-07 left unmeasured
   step 150 python3 -m pytest -q -p no:cacheprovider -n 16 --tb=short -rf tests/test_gated_cache.py \
     tests/test_backward.py tests/test_disk.py property_tests/test_quantized_cache_property.py
   cd benchmarks
+  # The fp16-products experiment beside the default (the quantized kernel, 60 s)
+  step 60 python3 kv_formats_gpu.py --quick --json "$OUT/kvfmt_fp16.json"
   # Issue 38 on an H200 (30 layers: 69 GB of 1.3B history, 117 GB at the 5B's shapes; an H100
   # holds 10): each codebase against its own attention at 60 s
   layers=$(python3 -c 'import torch; print(30 if torch.cuda.get_device_properties(0).total_memory > 120e9 else 10)')
