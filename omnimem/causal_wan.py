@@ -558,6 +558,7 @@ def _patched_forward(original: Callable, settings: dict) -> Callable:
         kv_cache: MutableMapping | None = None,
         current_start: int = 0,
         cache_start: int | None = None,
+        sink_recache_after_switch: bool | None = None,
         **extra: object,
     ) -> torch.Tensor:
         # CausVid's call: the eighth argument is current_end (the chunk's end), not cache_start.
@@ -572,6 +573,12 @@ def _patched_forward(original: Callable, settings: dict) -> Callable:
         if settings["current_end"]:
             current_end = extra.pop("current_end", cache_start)
             cache_start = None
+        # LongLive's 1.3B layer at its last version (7b56712) takes a ninth argument: whether a
+        # re-cache after a prompt switch rewrites the sink too (else it keeps the first prompt's).
+        if sink_recache_after_switch is not None and not isinstance(sink_recache_after_switch, bool):
+            raise TypeError(
+                f"sink_recache_after_switch must be a bool, got {type(sink_recache_after_switch).__name__}"
+            )
         t_scale, offset = _longlive2_rope(extra, settings)
         if extra:
             # Arguments Self-Forcing's call does not have change what attention computes: not
@@ -584,7 +591,8 @@ def _patched_forward(original: Callable, settings: dict) -> Callable:
             )
         if kv_cache is None:  # training / teacher forcing: their path, untouched
             last = current_end if settings["current_end"] else cache_start
-            return original(x, seq_lens, grid_sizes, freqs, block_mask, kv_cache, current_start, last)
+            more = () if sink_recache_after_switch is None else (sink_recache_after_switch,)
+            return original(x, seq_lens, grid_sizes, freqs, block_mask, kv_cache, current_start, last, *more)
         if not isinstance(kv_cache, MutableMapping):
             raise TypeError(f"kv_cache must be the pipeline's per-layer dict, got {type(kv_cache).__name__}")
         batch, length = x.shape[:2]
@@ -650,12 +658,17 @@ def _patched_forward(original: Callable, settings: dict) -> Callable:
             q = reordered_rope(q.float(), grid, freqs, start_frame=start_frame).type_as(v)
             k = reordered_rope(k.float(), grid, freqs, start_frame=start_frame).type_as(v)
         sink_tokens = getattr(self, "sink_size", 0) * frame_tokens
-        if block_mask is not None and kv_cache.get("global_sink") and start < sink_tokens:
+        if sink_recache_after_switch is None:  # LongLive at d69a1fa: kv_cache['global_sink']
+            keeps_sink, how = bool(kv_cache.get("global_sink")), "kv_cache['global_sink'] set"
+        else:  # at 7b56712: a re-cache after frame 0 keeps the sink unless told to rewrite it
+            keeps_sink, how = not sink_recache_after_switch and start > 0, "sink_recache_after_switch=False"
+        if block_mask is not None and keeps_sink and start < sink_tokens:
             # Checked before anything is allocated or changed.
             raise ValueError(
-                f"a re-encode from current_start={start} with kv_cache['global_sink'] set starts inside the "
-                f"sink ({sink_tokens} tokens), whose keys LongLive keeps from the first prompt: not "
-                "supported yet; switch prompts after the sink and the re-cached window, or unset global_sink"
+                f"a re-encode from current_start={start} with {how} starts inside the sink ({sink_tokens} "
+                "tokens), whose keys LongLive keeps from the first prompt: not supported yet; switch "
+                "prompts after the sink and the re-cached window, or let the re-cache rewrite the sink "
+                "(unset global_sink / sink_recache_after_switch=True)"
             )
         cache = _layer_cache(kv_cache, self, k, frame_tokens, settings, time)
         q, k, v = (x.transpose(1, 2) for x in (q, k, v))

@@ -104,6 +104,35 @@ def test_a_reencode_inside_a_global_sink_is_refused_before_anything_changes():
     assert (layer["omnimem"].history_len, layer["omnimem"].chunk_len) == before
 
 
+def test_the_ninth_argument_of_longlives_last_layer():
+    """LongLive's 1.3B layer at its last version (7b56712) passes ``sink_recache_after_switch``
+    ninth: a re-cache after frame 0 keeps the first prompt's sink unless it is True. Accepted;
+    generation is unchanged by it; a re-encode inside a kept sink is refused before anything
+    changes, one that rewrites the sink runs; a non-bool is a TypeError."""
+    ours = longlive()
+    for block in ours.blocks:
+        block.self_attn.sink_size = 2  # frames
+    patch_causal_wan(ours, FULL, max_frames=20)
+    pipeline, _ = run(ours, chunks(2, seed=1))
+    layer, attn = pipeline.kv_cache1[0], ours.blocks[0].self_attn
+    cache = layer["omnimem"]
+    x = chunks(1, seed=4)[0]
+    plain = attn(x, None, GRID, FREQS, None, layer, 2 * CHUNK)
+    again = attn(x, None, GRID, FREQS, None, layer, 2 * CHUNK, None, False)  # the same chunk rewritten
+    torch.testing.assert_close(again, plain, rtol=0, atol=0)
+    frame = int(GRID[0][1] * GRID[0][2])
+    before = cache.history_len, cache.chunk_len
+    with pytest.raises(
+        ValueError, match=r"current_start=\d+ with sink_recache_after_switch=False starts inside"
+    ):
+        attn(x, None, GRID, FREQS, StandinBlockMask(2), layer, frame, None, False)
+    with pytest.raises(TypeError, match="sink_recache_after_switch must be a bool, got int"):
+        attn(x, None, GRID, FREQS, StandinBlockMask(2), layer, frame, None, 1)
+    assert (cache.history_len, cache.chunk_len) == before
+    out, _ = attn(x, None, GRID, FREQS, StandinBlockMask(2), layer, frame, None, True)  # rewrites the sink
+    assert out.shape == x.shape and cache.history_len + cache.chunk_len == frame + x.shape[1]
+
+
 def test_a_reencode_in_blocks_larger_than_the_cache_takes_is_refused_before_anything_changes():
     ours = longlive()
     ours.num_frame_per_block = 4  # 48 tokens; the caches take 3 frames (36)
