@@ -520,8 +520,12 @@ def scattered_attention(
     With ``rotation`` every key tile is rotated in time after its load (``_rotate_keys``: keys
     stored rotated in space only, ``q`` already rotated; no rotated copy of the history).
     ``fp16_products`` (with ``store``; an experiment for the GPU benchmark, off by default): the
-    whole quantized blocks' matrix products in fp16 (docs/memory.md, "Next for speed").
+    whole quantized blocks' matrix products in fp16 (docs/memory.md, "Next for speed"), in the
+    pipelined loop over whole blocks (one query group, blocks a multiple of the key tile); masked
+    tiles keep the compute dtype.
     """
+    if not isinstance(fp16_products, bool):
+        raise TypeError(f"fp16_products must be a bool, got {type(fp16_products).__name__}")
     batch, num_q_heads, q_len, head_dim = q.shape
     out = torch.empty_like(q)
     lse = torch.empty(batch, num_q_heads, q_len, device=q.device, dtype=torch.float32) if return_lse else out

@@ -29,6 +29,7 @@ import dataclasses
 import inspect
 import logging
 import os
+import sys
 import types
 import weakref
 from collections.abc import Callable, MutableMapping
@@ -497,8 +498,6 @@ def _their_scaled_rope(module: nn.Module) -> Callable | None:
     match their bits on every path, so the patch rotates the chunk with it wherever their table
     reaches (absolute positions); past it, and for relative positions, omnimem's float64 rotation
     (their float64 path's bits)."""
-    import sys
-
     rope = getattr(sys.modules.get(type(module).__module__), "causal_rope_apply", None)
     if not callable(rope):
         return None

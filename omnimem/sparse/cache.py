@@ -685,8 +685,7 @@ class OmniMemCache:
         if end % bs:
             self._refresh_block_sums(end - end % bs, end, aligned_keys=self._offload.work[0][0])
         self.history_len, self.chunk_len, self._chunk_copy = end, 0, None
-        self._offload.forget()
-        self._offload._set_bounds(end, 0, 0)
+        self._offload.forget(end)
 
     def _head_slice(self, heads: slice) -> OmniMemCache:
         """A view of KV heads ``heads`` sharing this cache's storage and history, for attends
@@ -874,8 +873,7 @@ class OmniMemCache:
             for view, x in zip(targets[name], staged[name], strict=True):
                 view.copy_(x)
         self.history_len = n
-        self._offload.forget()
-        self._offload._set_bounds(n, 0, 0)
+        self._offload.forget(n)
         self._offload._write_partial(*staged["partial"])  # into both work buffers
 
     @classmethod

@@ -175,10 +175,11 @@ class HostOffload:
         self.forget()
         self.counters.zero_()
 
-    def forget(self) -> None:
-        """Drop what the device holds of the history (after a reset or restore)."""
+    def forget(self, history_len: int = 0) -> None:
+        """Drop what the device holds of the history (after a reset, restore or rewind to
+        ``history_len`` tokens): nothing staged, no fresh blocks."""
         self.staged_block.fill_(self.num_blocks)
-        self._set_bounds(0, 0, 0)
+        self._set_bounds(history_len, 0, 0)
 
     def _set_bounds(self, history_len: int, fresh_first: int, fresh_end: int) -> None:
         self.bounds[0].fill_(history_len // self.block_size)
@@ -195,8 +196,7 @@ class HostOffload:
 
     def load_tail(self, cache) -> None:
         """Copy the history's partial last block from the host (after a restore)."""
-        self.forget()
-        self._set_bounds(cache.history_len, 0, 0)
+        self.forget(cache.history_len)
         start = cache.history_len // self.block_size * self.block_size
         if start < cache.history_len:
             self._write_partial(
