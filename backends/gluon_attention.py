@@ -10,6 +10,11 @@ cores; within a warpgroup the next tile's QK^T is issued before this tile's PV c
 Triton 3.6 cannot express this for Hopper (its kernel waits on every wgmma group and keeps
 CTA barriers in the loop), which is what limits ``triton_attention``.
 
+A quantized history (``store=``, fp8 or int4) adds a fourth partition: the loader brings each
+selected whole block's code bytes (half or a quarter of the bf16 bytes) into a ring of its own,
+and two converter warps dequantize them into the consumers' stage ring, exactly as
+``omnimem.store.formats.dequantize`` would, while the consumers run the previous tiles.
+
 Scope (``supported`` says which calls qualify; the rest run ``triton_attention``): compute
 capability 9.x, fp16/bf16, head_dim 64 or 128, block_size a multiple of 128, one query group,
 and strides a 2-D TMA view can express (both ``[B, H, L, D]`` and ``[B, L, H, D]`` caches).
@@ -24,6 +29,7 @@ import triton
 from triton.experimental import gluon
 from triton.experimental.gluon import language as gl
 from triton.experimental.gluon.language.nvidia.hopper import (
+    fence_async_shared,
     mbarrier,
     tma,
     warpgroup_mma,
@@ -31,48 +37,169 @@ from triton.experimental.gluon.language.nvidia.hopper import (
 )
 from triton.experimental.gluon.nvidia.hopper import TensorDescriptor
 
+# Gluon is experimental: triton 3.7 renamed these (3.6, the device image's, has the old names).
+_tma_load = tma.async_load if hasattr(tma, "async_load") else tma.async_copy_global_to_shared
+_cta_barrier = gl.thread_barrier if hasattr(gl, "thread_barrier") else gl.barrier
+
 BLOCK_M = 128  # query rows per program: 64 per consumer warpgroup
 BLOCK_N = 128  # keys per stage
 # A split tile is cut into at most this many parts: each cut costs a merge (a wait and a
 # reload of the partial output) on the critical path.
 MAX_SPLITS = 4
+# Warps and registers a thread (launch maximum, worker consumer warpgroup, converter) by
+# converter warps (0: native history). Two converter warps sit beside the loader in the third
+# warpgroup, which padding would fill anyway: 12 warps as native, and the default warpgroup gets
+# what the others leave of 3 x 168 (native 232, quantized 200). Four take a fourth warpgroup:
+# 16 warps fit the 64K-register file at 128 a thread (default warpgroup 200, worker 192).
+LAUNCH_REGISTERS = {0: (168, 232, 40), 2: (168, 224, 80), 4: (128, 208, 56)}
+CONVERTER_WARPS = 2  # the default with a quantized history
 
 
 @gluon.jit
 def _load_partition(
-    q_desc, k_desc, v_desc, q_smem, k_smem, v_smem, q_bar, k_ready, v_ready, kv_empty,
-    table_ptr, q_row, q_col, kv_row, kv_col, num_hist_tiles, it_begin, it_end, history_len,
-    BLOCK_SIZE: gl.constexpr,
+    q_desc, k_desc, v_desc, kc_desc, vc_desc, q_smem, k_smem, v_smem, kc_smem, vc_smem,
+    q_bar, k_ready, v_ready, kv_empty, kc_ready, vc_ready, codes_empty,
+    table_ptr, q_row, q_col, kv_row, kv_col, codes_row, codes_col, num_hist_tiles, codes_end,
+    it_begin, it_end, history_len, native_from, BLOCK_SIZE: gl.constexpr, QUANT: gl.constexpr,
 ):  # fmt: skip
     """One warp: the tile's queries once, then keys and values of key tiles
-    ``[it_begin, it_end)``, in order."""
+    ``[it_begin, it_end)``, in order, into the stage ring. With a quantized history
+    (``QUANT``), key tiles before ``codes_end`` (the selected whole blocks) come as their code
+    bytes into the code ring instead, for the converter, and the rest from the native tail
+    (``k_desc``/``v_desc``), whose token 0 is history token ``native_from``."""
     STAGES: gl.constexpr = k_smem.type.shape[0]
+    CSTAGES: gl.constexpr = kc_smem.type.shape[0]
     KV_N: gl.constexpr = k_smem.type.shape[1]
     HALF: gl.constexpr = q_smem.type.shape[1]
     SUBS: gl.constexpr = BLOCK_SIZE // KV_N
-    # An empty part (fewer key tiles than parts) loads nothing: its consumers skip the queries.
     mbarrier.expect(q_bar, 2 * q_desc.block_type.nbytes, pred=it_end > it_begin)
-    tma.async_copy_global_to_shared(q_desc, [q_row, q_col], q_bar, q_smem.index(0), pred=it_end > it_begin)
-    tma.async_copy_global_to_shared(
-        q_desc, [q_row + HALF, q_col], q_bar, q_smem.index(1), pred=it_end > it_begin
-    )
+    _tma_load(q_desc, [q_row, q_col], q_bar, q_smem.index(0), pred=it_end > it_begin)
+    _tma_load(q_desc, [q_row + HALF, q_col], q_bar, q_smem.index(1), pred=it_end > it_begin)
     for it in range(it_begin, it_end):
-        stage = (it - it_begin) % STAGES
-        if it < num_hist_tiles:
+        j = it - it_begin
+        if QUANT and it < codes_end:
             block = gl.load(table_ptr + it // SUBS).to(gl.int32)
             start = block * BLOCK_SIZE + (it % SUBS) * KV_N
+            cstage = j % CSTAGES
+            mbarrier.wait(codes_empty.index(cstage), ((j // CSTAGES) & 1) ^ 1)
+            mbarrier.expect(kc_ready.index(cstage), kc_desc.block_type.nbytes)
+            _tma_load(kc_desc, [codes_row + start, codes_col], kc_ready.index(cstage), kc_smem.index(cstage))
+            mbarrier.expect(vc_ready.index(cstage), vc_desc.block_type.nbytes)
+            _tma_load(vc_desc, [codes_row + start, codes_col], vc_ready.index(cstage), vc_smem.index(cstage))
         else:
-            start = history_len + (it - num_hist_tiles) * KV_N
-        # A stage is free once both consumers finished its PV (barriers start "phase 1 done").
-        mbarrier.wait(kv_empty.index(stage), (((it - it_begin) // STAGES) & 1) ^ 1)
-        mbarrier.expect(k_ready.index(stage), k_desc.block_type.nbytes)
-        tma.async_copy_global_to_shared(
-            k_desc, [kv_row + start, kv_col], k_ready.index(stage), k_smem.index(stage)
+            if it < num_hist_tiles:
+                block = gl.load(table_ptr + it // SUBS).to(gl.int32)
+                start = block * BLOCK_SIZE + (it % SUBS) * KV_N - native_from
+            else:
+                start = history_len - native_from + (it - num_hist_tiles) * KV_N
+            stage = j % STAGES
+            mbarrier.wait(kv_empty.index(stage), ((j // STAGES) & 1) ^ 1)
+            mbarrier.expect(k_ready.index(stage), k_desc.block_type.nbytes)
+            _tma_load(k_desc, [kv_row + start, kv_col], k_ready.index(stage), k_smem.index(stage))
+            mbarrier.expect(v_ready.index(stage), v_desc.block_type.nbytes)
+            _tma_load(v_desc, [kv_row + start, kv_col], v_ready.index(stage), v_smem.index(stage))
+
+
+@gluon.constexpr_function
+def _codes_layout(width, warps):
+    """Registers of a converter pass: 16 consecutive elements of a ``width``-wide row a thread."""
+    cols = width // 16
+    return gl.BlockedLayout([1, 16], [32 // cols, cols], [warps, 1], [1, 0])
+
+
+@gluon.jit
+def _decode_rows(codes_smem, out_smem, scale_ptr, min_ptr, scales, block, token, first, stride_sn,
+                 ROWS: gl.constexpr, INT4: gl.constexpr, IS_KEY: gl.constexpr):  # fmt: skip
+    """Rows ``[first, first + ROWS)`` of a code tile (store rows from ``token + first``, in
+    whole block ``block``), dequantized into the same rows of ``out_smem`` (the compute dtype)
+    as ``omnimem.store.formats.dequantize`` does: fp8 ``code * scale`` in float32 (a scale per
+    block), int4 ``code * scale + minimum`` (keys per block and channel, values per token), then
+    rounded once. ``scales``: the (batch, head) offset into the scale and minimum buffers."""
+    HEAD_DIM: gl.constexpr = out_smem.type.shape[1]
+    WARPS: gl.constexpr = gl.num_warps()
+    out_layout: gl.constexpr = _codes_layout(HEAD_DIM, WARPS)
+    rows = codes_smem.slice(first, ROWS)
+    if INT4:
+        raw_layout: gl.constexpr = gl.BlockedLayout(
+            [1, 8], [32 // (HEAD_DIM // 16), HEAD_DIM // 16], [WARPS, 1], [1, 0]
         )
-        mbarrier.expect(v_ready.index(stage), v_desc.block_type.nbytes)
-        tma.async_copy_global_to_shared(
-            v_desc, [kv_row + start, kv_col], v_ready.index(stage), v_smem.index(stage)
-        )
+        raw = rows.load(raw_layout)
+        # Channel 2c from the low nibble of byte c.
+        pairs = gl.join(raw & 0xF, raw >> 4)
+        codes = gl.convert_layout(gl.reshape(pairs, [ROWS, HEAD_DIM]), out_layout)
+        # 2**23 + code, exactly, then minus 2**23: a bit operation instead of a conversion.
+        x = (codes.to(gl.int32) | 0x4B000000).to(gl.float32, bitcast=True) - 8388608.0
+        if IS_KEY:
+            dims = gl.arange(0, HEAD_DIM, layout=gl.SliceLayout(0, out_layout))
+            channel = scales + block.to(gl.int64) * stride_sn + dims
+            scale = gl.load(scale_ptr + channel).to(gl.float32)
+            low = gl.load(min_ptr + channel).to(gl.float32)
+            x = x * scale[None, :] + low[None, :]
+        else:
+            tokens = token + first + gl.arange(0, ROWS, layout=gl.SliceLayout(1, out_layout))
+            per_token = scales + tokens.to(gl.int64) * stride_sn
+            scale = gl.load(scale_ptr + per_token).to(gl.float32)
+            low = gl.load(min_ptr + per_token).to(gl.float32)
+            x = x * scale[:, None] + low[:, None]
+    else:
+        codes = rows.load(out_layout)
+        scale = gl.load(scale_ptr + scales + block.to(gl.int64) * stride_sn)
+        x = codes.to(gl.float8e4nv, bitcast=True).to(gl.float32) * scale
+    out_smem.slice(first, ROWS).store(x.to(out_smem.dtype))
+
+
+@gluon.jit
+def _convert_partition(
+    kc_smem, vc_smem, k_smem, v_smem, kc_ready, vc_ready, codes_empty, k_ready, v_ready, kv_empty,
+    table_ptr, k_scale_ptr, v_scale_ptr, k_min_ptr, v_min_ptr, k_scales, v_scales, stride_ksn, stride_vsn,
+    it_begin, codes_end, BLOCK_SIZE: gl.constexpr, QUANT: gl.constexpr,
+):  # fmt: skip
+    """The converter warps: the code tiles of key tiles ``[it_begin, codes_end)``
+    dequantized into the stage ring (the consumers' tiles), in order; the consumers cannot
+    tell them from tiles loaded native. The next tile's codes arrive (TMA) while this one is
+    converted. Without a quantized history (``QUANT`` 0) it does nothing."""
+    if QUANT:
+        _convert_tiles(
+            kc_smem, vc_smem, k_smem, v_smem, kc_ready, vc_ready, codes_empty, k_ready, v_ready, kv_empty,
+            table_ptr, k_scale_ptr, v_scale_ptr, k_min_ptr, v_min_ptr, k_scales, v_scales, stride_ksn,
+            stride_vsn, it_begin, codes_end, BLOCK_SIZE, QUANT == 2,
+        )  # fmt: skip
+
+
+@gluon.jit
+def _convert_tiles(
+    kc_smem, vc_smem, k_smem, v_smem, kc_ready, vc_ready, codes_empty, k_ready, v_ready, kv_empty,
+    table_ptr, k_scale_ptr, v_scale_ptr, k_min_ptr, v_min_ptr, k_scales, v_scales, stride_ksn, stride_vsn,
+    it_begin, codes_end, BLOCK_SIZE: gl.constexpr, INT4: gl.constexpr,
+):  # fmt: skip
+    STAGES: gl.constexpr = k_smem.type.shape[0]
+    CSTAGES: gl.constexpr = kc_smem.type.shape[0]
+    KV_N: gl.constexpr = k_smem.type.shape[1]
+    SUBS: gl.constexpr = BLOCK_SIZE // KV_N
+    ROWS: gl.constexpr = 64 // gl.num_warps()  # rows a pass: 32 (2 warps) or 16 (4 warps) code bytes a thread
+    for it in range(it_begin, codes_end):
+        j = it - it_begin
+        stage = j % STAGES
+        cstage = j % CSTAGES
+        block = gl.load(table_ptr + it // SUBS).to(gl.int32)
+        token = block * BLOCK_SIZE + (it % SUBS) * KV_N  # the tile's first row in the store
+        mbarrier.wait(kv_empty.index(stage), ((j // STAGES) & 1) ^ 1)
+        mbarrier.wait(kc_ready.index(cstage), (j // CSTAGES) & 1)
+        for r in gl.static_range(0, KV_N, ROWS):
+            _decode_rows(kc_smem.index(cstage), k_smem.index(stage), k_scale_ptr, k_min_ptr, k_scales, block,
+                         token, r, stride_ksn, ROWS, INT4, True)  # fmt: skip
+        # Every thread's writes visible to the tensor cores (async proxy), then one arrival.
+        fence_async_shared()
+        _cta_barrier()
+        mbarrier.arrive(k_ready.index(stage), count=1)
+        mbarrier.wait(vc_ready.index(cstage), (j // CSTAGES) & 1)
+        for r in gl.static_range(0, KV_N, ROWS):
+            _decode_rows(vc_smem.index(cstage), v_smem.index(stage), v_scale_ptr, v_min_ptr, v_scales, block,
+                         token, r, stride_vsn, ROWS, INT4, False)  # fmt: skip
+        fence_async_shared()
+        _cta_barrier()
+        mbarrier.arrive(v_ready.index(stage), count=1)
+        mbarrier.arrive(codes_empty.index(cstage), count=1)
 
 
 @gluon.jit
@@ -198,7 +325,7 @@ def _consume(
         # flag never goes back to 0 within a call.
         while gl.load(flags_ptr + (split_part - 1) * 2 + WG, volatile=True) != 1:
             pass
-        gl.thread_barrier()
+        _cta_barrier()
         handoff = (
             handoff_ptr
             + (split_part - 1).to(gl.int64) * 4 * HALF
@@ -225,7 +352,7 @@ def _consume(
         )
         gl.store(handoff, m_o)
         gl.store(handoff + HALF, l_o)
-        gl.thread_barrier()  # every thread's stores before the release (CUTLASS's pattern)
+        _cta_barrier()  # every thread's stores before the release (CUTLASS's pattern)
         gl.atomic_xchg(flags_ptr + split_part * 2 + WG, 1, sem="release")
     elif WRITE_LSE:
         # Natural-log LSE from the base-2 running max and sum.
@@ -258,7 +385,11 @@ def _hopper_attention_kernel(
     stride_ob, stride_oh, stride_ol,
     num_q_heads, heads_per_kv, q_len, chunk_len, table_width, qk_scale, num_q_tiles,
     num_whole_tiles, splits,
+    kc_desc, vc_desc, k_scale_ptr, v_scale_ptr, k_min_ptr, v_min_ptr,
+    stride_cb, stride_ch, stride_cl, stride_ksb, stride_ksh, stride_ksn, stride_vsb, stride_vsh, stride_vsn,
     BLOCK_SIZE: gl.constexpr, STAGES: gl.constexpr, WRITE_LSE: gl.constexpr,
+    QUANT: gl.constexpr = 0, CSTAGES: gl.constexpr = 2, WORKER_REGS: gl.constexpr = 232,
+    CONVERTER_REGS: gl.constexpr = 40, CONVERTER_WARPS: gl.constexpr = 2,
 ):  # fmt: skip
     HALF: gl.constexpr = q_desc.block_type.shape[0]
     KV_N: gl.constexpr = k_desc.block_type.shape[0]
@@ -272,7 +403,7 @@ def _hopper_attention_kernel(
     ticket = gl.atomic_add(sync_ptr, 1)
     # One thread ran the atomic and holds the ticket: publish it to the others through memory.
     gl.store(tickets_ptr + gl.program_id(0), ticket)
-    gl.thread_barrier()
+    _cta_barrier()
     program = gl.load(tickets_ptr + gl.program_id(0), volatile=True)
     split_part = program - num_whole_tiles  # >= 0: which part of a split tile
     part = gl.where(split_part < 0, 0, split_part % splits)
@@ -325,6 +456,42 @@ def _hopper_attention_kernel(
         mbarrier.init(v_ready.index(i), count=1)
         mbarrier.init(kv_empty.index(i), count=2)  # one arrival per consumer warpgroup
 
+    if QUANT:
+        # Whole blocks arrive as code bytes into a ring of their own; the converter dequantizes
+        # them into the stage ring, so the consumers run unchanged. The tail (the partial block
+        # and the chunk, native) starts at history token `native_from`.
+        native_from = history_len // BLOCK_SIZE * BLOCK_SIZE
+        partial = (num_tile_blocks > 0) & (last_block * BLOCK_SIZE >= native_from)
+        codes_end = gl.minimum(it_end, num_hist_tiles - gl.where(partial, SUBS, 0))
+        c_off = batch.to(gl.int64) * stride_cb + kv_head.to(gl.int64) * stride_ch
+        codes_row = (c_off // stride_cl).to(gl.int32)
+        codes_col = (c_off % stride_cl).to(gl.int32)
+        k_scales = batch.to(gl.int64) * stride_ksb + kv_head.to(gl.int64) * stride_ksh
+        v_scales = batch.to(gl.int64) * stride_vsb + kv_head.to(gl.int64) * stride_vsh
+        kc_smem = gl.allocate_shared_memory(kc_desc.dtype, [CSTAGES, KV_N, kc_desc.block_type.shape[1]],
+                                            kc_desc.layout)  # fmt: skip
+        vc_smem = gl.allocate_shared_memory(vc_desc.dtype, [CSTAGES, KV_N, vc_desc.block_type.shape[1]],
+                                            vc_desc.layout)  # fmt: skip
+        kc_ready = gl.allocate_shared_memory(gl.int64, [CSTAGES, 1], mbarrier.MBarrierLayout())
+        vc_ready = gl.allocate_shared_memory(gl.int64, [CSTAGES, 1], mbarrier.MBarrierLayout())
+        codes_empty = gl.allocate_shared_memory(gl.int64, [CSTAGES, 1], mbarrier.MBarrierLayout())
+        for i in gl.static_range(CSTAGES):
+            mbarrier.init(kc_ready.index(i), count=1)
+            mbarrier.init(vc_ready.index(i), count=1)
+            mbarrier.init(codes_empty.index(i), count=1)
+    else:  # unused stand-ins: no code tiles
+        native_from = 0
+        codes_end = it_begin
+        codes_row = 0
+        codes_col = 0
+        k_scales = batch.to(gl.int64)
+        v_scales = k_scales
+        kc_smem = k_smem
+        vc_smem = v_smem
+        kc_ready = k_ready
+        vc_ready = v_ready
+        codes_empty = kv_empty
+
     gl.warp_specialize(
         [
             (
@@ -348,14 +515,25 @@ def _hopper_attention_kernel(
             (
                 _load_partition,
                 (
-                    q_desc, k_desc, v_desc, q_smem, k_smem, v_smem, q_bar, k_ready, v_ready, kv_empty,
-                    table_ptr, q_row, q_col, kv_row, kv_col, num_hist_tiles, it_begin, it_end, history_len,
-                    BLOCK_SIZE,
+                    q_desc, k_desc, v_desc, kc_desc, vc_desc, q_smem, k_smem, v_smem, kc_smem, vc_smem,
+                    q_bar, k_ready, v_ready, kv_empty, kc_ready, vc_ready, codes_empty,
+                    table_ptr, q_row, q_col, kv_row, kv_col, codes_row, codes_col, num_hist_tiles,
+                    codes_end, it_begin, it_end, history_len, native_from, BLOCK_SIZE, QUANT,
+                ),
+            ),
+            (
+                _convert_partition,
+                (
+                    kc_smem, vc_smem, k_smem, v_smem, kc_ready, vc_ready, codes_empty, k_ready, v_ready,
+                    kv_empty, table_ptr, k_scale_ptr, v_scale_ptr, k_min_ptr, v_min_ptr, k_scales,
+                    v_scales, stride_ksn, stride_vsn, it_begin, codes_end, BLOCK_SIZE, QUANT,
                 ),
             ),
         ],
-        [4, 1],
-        [232, 40],
+        [4, 1, CONVERTER_WARPS],
+        # The third warpgroup (the loader, the converter, a padding warp) takes the largest of
+        # their requests; the default warpgroup what the others leave of 3 x 168.
+        [WORKER_REGS, 40, CONVERTER_REGS],
     )  # fmt: skip
 
 
@@ -381,14 +559,15 @@ def _row_view(t: torch.Tensor) -> tuple[int, int] | None:
 @functools.cache
 def _smem_layout(block_rows: int, head_dim: int, dtype: torch.dtype) -> gl.NVMMASharedLayout:
     # Cached: building it is ~10 us of Python, three times per call.
-    gl_dtype = gl.float16 if dtype == torch.float16 else gl.bfloat16
+    gl_dtype = {torch.float16: gl.float16, torch.uint8: gl.uint8}.get(dtype, gl.bfloat16)
     return gl.NVMMASharedLayout.get_default_for([block_rows, head_dim], gl_dtype)
 
 
 def skip_reason(
-    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, block_size: int, grouped: bool
+    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, block_size: int, grouped: bool, store=None
 ) -> str | None:
-    """Why this kernel cannot run the call (``None``: it can)."""
+    """Why this kernel cannot run the call (``None``: it can). With ``store`` (a quantized
+    history's ``QuantizedBlocks``), ``k``/``v`` are the native tail (partial block, chunk)."""
     if q.device.type != "cuda":
         return "not a CUDA tensor"
     if torch.cuda.get_device_capability(q.device)[0] != 9:
@@ -405,12 +584,20 @@ def skip_reason(
         return "k and v have different strides"
     if any(_row_view(t) is None for t in (q, k, v)):
         return "a layout its TMA descriptors cannot address (16-byte alignment, row strides)"
+    if store is not None:
+        if k.shape[2] == 0:
+            return "an empty tail (no chunk tokens)"
+        codes = (store.k.view(torch.uint8), store.v.view(torch.uint8))
+        if codes[0].stride() != codes[1].stride() or any(_row_view(t) is None for t in codes):
+            return "a store layout its TMA descriptors cannot address"
     return None
 
 
-def supported(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, block_size: int, grouped: bool) -> bool:
+def supported(
+    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, block_size: int, grouped: bool, store=None
+) -> bool:
     """Whether this kernel runs the call (else ``triton_attention`` does)."""
-    return skip_reason(q, k, v, block_size=block_size, grouped=grouped) is None
+    return skip_reason(q, k, v, block_size=block_size, grouped=grouped, store=store) is None
 
 
 def scattered_attention(
@@ -427,11 +614,17 @@ def scattered_attention(
     return_lse: bool,
     num_sms: int,
     stages: int = 3,
+    store=None,
+    converter_warps: int = CONVERTER_WARPS,
 ) -> tuple[torch.Tensor, torch.Tensor | None]:
     """Launch the kernel (call only where ``supported`` holds).
 
     ``block_idx [B, Hkv, 1, W]`` ascending block indices (``num_blocks [B, Hkv, 1]`` valid);
-    ``history_len`` a 0-d integer tensor on the device. One program per 128-query tile, but
+    ``history_len`` a 0-d integer tensor on the device. With ``store`` (a quantized history's
+    ``QuantizedBlocks``) the history's whole blocks are read from it as code bytes and
+    dequantized in shared memory by a converter partition (``_convert_partition``), and
+    ``k``/``v`` hold the tokens from the partial last block on (the partial block, then the
+    chunk), as ``quantized_attention`` passes them. One program per 128-query tile, but
     the tiles of the last wave (``num_sms`` programs at once) are split into up to
     ``MAX_SPLITS`` parts that hand over through ``out`` itself (``num_sms=1``: no split).
     Besides its outputs a call allocates one int32 ticket per program, at most
@@ -452,6 +645,22 @@ def scattered_attention(
         rows, row_len = _row_view(t)
         layout = _smem_layout(block_rows, head_dim, q.dtype)
         descs.append(TensorDescriptor(t, [rows, row_len], [row_len, 1], [block_rows, head_dim], layout))
+    if store is None:  # unused: the native kernel
+        quantized = [descs[1], descs[2], out, out, out, out] + [0] * 9
+    else:
+        codes = []
+        for t in (store.k.view(torch.uint8), store.v.view(torch.uint8)):
+            rows, row_len = _row_view(t)
+            layout = _smem_layout(BLOCK_N, t.shape[-1], torch.uint8)
+            codes.append(TensorDescriptor(t, [rows, row_len], [row_len, 1], [BLOCK_N, t.shape[-1]], layout))
+        k_min = store.k_min if store.k_min is not None else store.k_scale  # fp8 has none: unused
+        v_min = store.v_min if store.v_min is not None else store.v_scale
+        quantized = [*codes, store.k_scale, store.v_scale, k_min, v_min, *store.k.stride()[:3],
+                     *store.k_scale.stride()[:3], *store.v_scale.stride()[:3]]  # fmt: skip
+        stages = 2  # two native stages and the code ring fit in shared memory
+    if converter_warps not in (2, 4):
+        raise ValueError(f"converter_warps must be 2 or 4, got {converter_warps}")
+    maxnreg, worker_regs, converter_regs = LAUNCH_REGISTERS[0 if store is None else converter_warps]
     num_split_tiles = num_tiles % num_sms
     splits = min(MAX_SPLITS, num_sms // num_split_tiles) if num_split_tiles else 1
     if splits == 1:
@@ -466,8 +675,10 @@ def scattered_attention(
         q.stride(0), q.stride(1), q.stride(2), k.stride(0), k.stride(1), k.stride(2),
         out.stride(0), out.stride(1), out.stride(2),
         num_q_heads, num_q_heads // k.shape[1], q_len, chunk_len, block_idx.shape[-1],
-        scale * 1.4426950408889634, num_q_tiles, num_tiles - num_split_tiles, splits,
+        scale * 1.4426950408889634, num_q_tiles, num_tiles - num_split_tiles, splits, *quantized,
         BLOCK_SIZE=block_size, STAGES=stages, WRITE_LSE=return_lse,
-        num_warps=4, maxnreg=168,
+        QUANT=0 if store is None else {"fp8": 1, "int4": 2}[store.kv_format],
+        WORKER_REGS=worker_regs, CONVERTER_REGS=converter_regs, CONVERTER_WARPS=max(converter_warps, 2),
+        num_warps=4, maxnreg=maxnreg,
     )  # fmt: skip
     return out, (lse if return_lse else None)

@@ -3,13 +3,18 @@
 
 The history's whole blocks live in a ``QuantizedBlocks`` store (``omnimem.store``: fp8 e4m3
 with a scale per block and head, or int4 codes with KIVI's scales); the history's partial last
-block and the current chunk are native rows of a small *tail* buffer. The tuned scattered kernel
-(``triton_attention``: its pipelined loop of unmasked whole tiles, its split last wave) runs with
-the store: a selected whole block is read as its quantized bytes and decoded in registers
-(``quantized_tiles``); no native copy of the history or of the selection's blocks is made.
+block and the current chunk are native rows of a small *tail* buffer. On Hopper
+the warp-specialized Gluon kernel (``gluon_attention``) runs with the store: the loader brings a
+selected whole block's code bytes into shared memory and a converter partition dequantizes
+them there for the tensor cores. Elsewhere (and for relative positions, query groups, per-tile
+tables) the Triton-language kernel (``triton_attention``) does, decoding in registers
+(``quantized_tiles``). Neither makes a native copy of the history or of the selection's blocks.
 """
 
 from __future__ import annotations
+
+import functools
+import logging
 
 import torch
 
@@ -32,9 +37,12 @@ def quantized_attention(
     scale: float,
     return_lse: bool,
     block_m: int = 128,
+    kernel: str = "auto",
+    converter_warps: int | None = None,
     **options: object,
 ) -> tuple[torch.Tensor, torch.Tensor | None]:
-    """Launch ``triton_attention``'s kernel over a quantized history.
+    """Launch the scattered kernel over a quantized history: on Hopper the Gluon kernel
+    (``gluon_attention``, its converter partition) where it qualifies, else ``triton_attention``'s.
 
     ``q [B, Hq, Lq, D]``; the history's whole blocks ``[0, history_len // block_size)`` in
     ``store``; ``tail_k``/``tail_v [B, Hkv, T, D]`` (any strides): the history's partial last
@@ -43,18 +51,66 @@ def quantized_attention(
     ``num_blocks [B, Hkv, T]`` valid; ``block_attended [B, Hkv, G, NB]`` per query group
     (``None``: one group). See ``omnimem.backends.triton.tile_tables``. ``history_len``: an int
     or a 0-d integer tensor on ``q``'s device. ``options``: ``scattered_attention``'s tuning
-    keywords (``block_n``, ``num_warps``, ``num_stages``, ``use_tma``, ``num_sms``).
+    keywords (``block_n``, ``num_warps``, ``num_stages``, ``use_tma``, ``num_sms``, ``rotation``,
+    ``fp16_products``): they choose the Triton-language kernel. ``kernel``: ``"auto"`` (the
+    Gluon kernel where it qualifies; why not is logged once), ``"triton"`` (the
+    Triton-language kernel) or ``"gluon"`` (a ``ValueError`` saying why where it cannot run).
+    ``converter_warps`` (the Gluon kernel's, 2 or 4): warps that dequantize the code tiles.
     """
-    from omnimem.backends.triton_attention import scattered_attention
+    from omnimem.backends.triton_attention import default_num_sms, scattered_attention
 
+    if kernel not in ("auto", "triton", "gluon"):
+        raise ValueError(f"kernel must be 'auto', 'triton' or 'gluon', got {kernel!r}")
     if not isinstance(history_len, torch.Tensor):
         history_len = torch.full((), history_len, dtype=torch.int64, device=q.device)
+    if kernel != "triton":
+        reason = _gluon_skip_reason(q, store, tail_k, tail_v, block_idx, block_attended, block_m, options)
+        if reason is None:
+            from omnimem.backends.gluon_attention import scattered_attention as gluon_attention
+
+            return gluon_attention(
+                q, tail_k, tail_v, block_idx=block_idx, num_blocks=num_blocks, history_len=history_len,
+                chunk_len=chunk_len, block_size=store.block_size, scale=scale, return_lse=return_lse,
+                num_sms=default_num_sms(q.device), store=store,
+                **({} if converter_warps is None else dict(converter_warps=converter_warps)),
+            )  # fmt: skip
+        if kernel == "gluon":
+            raise ValueError(f"kernel='gluon' cannot run this call: {reason}")
+        if q.device.type == "cuda":
+            _say_skipped(store.kv_format, reason)
     return scattered_attention(
         q, tail_k, tail_v, block_idx=block_idx, num_blocks=num_blocks, block_attended=block_attended,
         history_len=history_len, chunk_len=chunk_len, block_size=store.block_size,
         query_group_size=query_group_size, scale=scale, return_lse=return_lse, block_m=block_m, store=store,
         **options,
     )  # fmt: skip
+
+
+def _gluon_skip_reason(q, store, tail_k, tail_v, block_idx, block_attended, block_m, options) -> str | None:
+    """Why the Gluon kernel cannot run a quantized call (``None``: it can)."""
+    from omnimem.backends.triton import hopper_kernel
+
+    hopper = hopper_kernel()
+    if hopper is None:
+        return "this triton has no Gluon for Hopper"
+    if options.get("rotation") is not None:
+        return "relative positions rotate the keys inside the Triton-language kernel"
+    if options:
+        return f"Triton-language tuning options {sorted(options)}"
+    if block_m != 128 or block_idx.shape[2] != 1:
+        return "per-tile block tables"
+    return hopper.skip_reason(q, tail_k, tail_v, block_size=store.block_size,
+                              grouped=block_attended is not None, store=store)  # fmt: skip
+
+
+@functools.cache
+def _say_skipped(kv_format: str, reason: str) -> None:
+    """Once per reason: why a quantized call runs the Triton-language kernel."""
+    logging.getLogger("omnimem").info(
+        "quantized history (%s): the Triton-language kernel, not the Hopper Gluon kernel: %s",
+        kv_format,
+        reason,
+    )
 
 
 def dequantized_history(

@@ -34,7 +34,9 @@ from omnimem.store.blocks import QuantizedBlocks
 # Tile configurations of the quantized kernel (keyword arguments of quantized_attention, over
 # triton_attention.scattered_attention's defaults: 128 x 128 tiles, 8 warps, 3 stages).
 VARIANTS = [
-    dict(),
+    dict(),  # on Hopper the Gluon kernel (its converter partition dequantizes in shared memory)
+    dict(kernel="triton"),  # the Triton-language kernel (decodes in registers)
+    dict(kernel="gluon", converter_warps=4),  # the Gluon kernel with a converter warpgroup
     dict(fp16_products=True),  # the whole quantized blocks' products in fp16 (an experiment)
     dict(block_n=64),
     dict(num_stages=2),
@@ -117,11 +119,13 @@ def main() -> None:
     parser.add_argument("--chunk-tokens", type=int, default=3 * FRAME_TOKENS)
     parser.add_argument("--json", default=None)
     parser.add_argument(
-        "--quick", action="store_true", help="the default configuration and the fp16-products experiment only"
+        "--quick",
+        action="store_true",
+        help="the default, the Triton-language and the Gluon kernels and the fp16 experiment only",
     )
     args = parser.parse_args()
     if args.quick:
-        VARIANTS[2:] = []
+        VARIANTS[4:] = []
     rows = [run_shape(args.heads, h, args.top_k, args.chunk_tokens) for h in args.histories]
     result = dict(environment=environment(), rows=rows)
     if args.json:

@@ -10,6 +10,8 @@
 #                                  # native host offload and the disk tier (half the history
 #                                  # paged out before each chunk) at 1 and 10 min
 #   benchmarks/pending_gpu.sh next # GPU tests of the last CPU-only changes; issue 38's codebases
+#   benchmarks/pending_gpu.sh gluonq # the Gluon kernel over a quantized history: its tests, the
+#                                  # sparse call at 60 s beside bf16, the 4-minute int4 chunk
 #
 # Both 36 and 37 ran on an H100 on 2026-12-07 (results in docs/memory.md, docs/positions.md).
 #
@@ -45,6 +47,17 @@ elif [ "$1" = 37 ]; then
     --json "$OUT/hour_host.json"
   step 150 python3 hour_gpu.py --minutes 1 10 --layers 1 --positions relative --disk /tmp --evict-half \
     --json "$OUT/hour_disk.json"
+elif [ "$1" = gluonq ]; then  # the Gluon kernel over a quantized history (converter partition)
+  cd ..
+  step 150 python3 -m pytest -x -q -p no:cacheprovider -n 8 --tb=short -rf tests/test_kernels.py -k "hopper"
+  cd benchmarks
+  step 90 python3 kv_formats_gpu.py --quick --json "$OUT/kvfmt_gluon.json"
+  [ "${2:-}" = quick ] && exit 0
+  cd ..
+  step 150 python3 -m pytest -q -p no:cacheprovider -n 16 --tb=short -rf tests/test_gated_cache.py \
+    tests/test_backward.py tests/test_disk.py property_tests/test_quantized_cache_property.py
+  cd benchmarks
+  step 150 python3 self_forcing_rollout_gpu.py --kv-format int4 --frames 960 --reps 2 --json "$OUT/sf960.json"
 elif [ "$1" = next ]; then  # what the session of 2026-12-07 left unmeasured
   cd ..  # GPU tests of what changed after its last device call: the gated backward over a
   # quantized history, the store-block tile reader, the disk tier reading only fetched blocks
@@ -58,6 +71,6 @@ elif [ "$1" = next ]; then  # what the session of 2026-12-07 left unmeasured
   layers=$(python3 -c 'import torch; print(30 if torch.cuda.get_device_properties(0).total_memory > 120e9 else 10)')
   step 300 python3 codebases_gpu.py --layers "$layers" --json "$OUT/codebases.json"
 else
-  echo "usage: pending_gpu.sh 36|37|next" >>"$LOG"
+  echo "usage: pending_gpu.sh 36|37|next|gluonq" >>"$LOG"
 fi
 grep -v "DEBUG\|PytestBenchmark\|warner(" "$LOG" | tail -c 6000

@@ -397,3 +397,94 @@ def test_fp16_products_of_quantized_blocks_are_taken_and_close():
         torch.testing.assert_close(exact.double(), want, atol=2e-5, rtol=1e-4)
         torch.testing.assert_close(fp16.double(), want, atol=3e-3, rtol=3e-3)
         assert (fp16 - exact).abs().max() > 1e-6  # the fp16 path ran
+
+
+@pytest.mark.skipif(not ON_HOPPER, reason="the Gluon kernel runs on Hopper GPUs only")
+@pytest.mark.parametrize("kv_format", ["fp8", "int4"])
+@pytest.mark.parametrize("num_sms", [1, 5, None])
+@pytest.mark.parametrize(
+    ("q_heads", "kv_heads", "head_dim", "history_len", "q_len", "block_size", "flash_layout", "dtype"),
+    [
+        (2, 2, 128, 0, 300, 128, False, torch.bfloat16),  # empty history: the tail only
+        (2, 2, 128, 128 * 20 + 37, 300, 128, True, torch.bfloat16),  # partial last block, selected
+        (4, 2, 128, 128 * 40, 128, 128, False, torch.float16),  # GQA, no partial block
+        (4, 2, 64, 2600, 200, 256, False, torch.bfloat16),  # head_dim 64, 2 key tiles a block
+        (2, 1, 128, 128 * 7, 64, 256, True, torch.bfloat16),  # fewer key tiles than split parts
+    ],
+)
+def test_hopper_kernel_reads_a_quantized_history(
+    kv_format, num_sms, q_heads, kv_heads, head_dim, history_len, q_len, block_size, flash_layout, dtype,
+    monkeypatch,
+):  # fmt: skip
+    """The Gluon kernel over a quantized store (its converter partition) against the float64
+    reference of the history it stands for (whole blocks dequantized, then the native tail),
+    and against the Triton-language kernel on the same store. Store slots the selection does
+    not name hold NaN codes and scales: never read."""
+    from omnimem.backends import triton_attention
+    from omnimem.backends.quantized_attention import quantized_attention, quantized_attention_reference
+    from omnimem.backends.triton import tile_tables
+    from omnimem.store.blocks import QuantizedBlocks
+
+    q, k, v = make_inputs(
+        q_heads=q_heads, kv_heads=kv_heads, history_len=history_len, q_len=q_len, head_dim=head_dim,
+        dtype=dtype, flash_layout=flash_layout, seed=history_len + q_len,
+    )  # fmt: skip
+    config = OmniMemConfig(block_size=block_size, top_k=3, sink_tokens=block_size, local_tokens=200)
+    selection = select_blocks(q, k, history_len=history_len, config=config)
+    whole = history_len // block_size * block_size
+    store = QuantizedBlocks(
+        kv_format, batch=1, num_kv_heads=kv_heads, capacity=whole + 2 * block_size, head_dim=head_dim,
+        block_size=block_size, device=q.device,
+    )  # fmt: skip
+    for scale in (store.k_scale, store.v_scale, store.k_min, store.v_min):
+        if scale is not None:
+            scale.fill_(float("nan"))
+    store.k.view(torch.uint8).fill_(0x7F)  # an e4m3 NaN; int4 codes decode to NaN with NaN scales
+    store.v.view(torch.uint8).fill_(0x7F)
+    if whole:
+        store.write(0, k[:, :, :whole], v[:, :, :whole])
+    tail_k, tail_v = k[:, :, whole:], v[:, :, whole:]
+    block_idx, num_blocks = tile_tables(selection, q_len=q_len, block_m=128)
+    if num_sms is not None:
+        monkeypatch.setattr(triton_attention, "default_num_sms", lambda device: num_sms)
+    run = functools.partial(
+        quantized_attention, q, store, tail_k, tail_v, block_idx=block_idx, num_blocks=num_blocks,
+        block_attended=None, history_len=history_len, chunk_len=q_len, query_group_size=q_len,
+        scale=head_dim**-0.5, return_lse=True,
+    )  # fmt: skip
+    out, lse = run(kernel="gluon")
+    want, want_lse = quantized_attention_reference(
+        q.double(), store, tail_k, tail_v, selection, history_len=history_len, chunk_len=q_len,
+        scale=head_dim**-0.5, return_lse=True,
+    )  # fmt: skip
+    torch.testing.assert_close(out.double(), want, atol=2e-2, rtol=2e-2)
+    torch.testing.assert_close(lse.double(), want_lse.double(), atol=2e-2, rtol=2e-2)
+    language, _ = run(kernel="triton")
+    torch.testing.assert_close(out, language, atol=2e-2, rtol=2e-2)
+    repeat, _ = run(kernel="gluon")
+    assert torch.equal(repeat, out)  # split parts hand over through memory: no race
+    wide, _ = run(kernel="gluon", converter_warps=4)  # a converter warpgroup: the same tiles
+    torch.testing.assert_close(wide, out, atol=0, rtol=0)
+
+
+def test_quantized_attention_says_why_the_gluon_kernel_cannot_run():
+    """``kernel="gluon"`` where it cannot run is a ValueError with the reason; an unknown
+    ``kernel`` is refused before anything runs."""
+    pytest.importorskip("triton.experimental.gluon")
+    from omnimem.backends.quantized_attention import quantized_attention
+    from omnimem.store.blocks import QuantizedBlocks
+
+    store = QuantizedBlocks(
+        "fp8", batch=1, num_kv_heads=1, capacity=256, head_dim=64, block_size=128, device="cpu"
+    )
+    q = torch.zeros(1, 1, 8, 64)
+    tail = torch.zeros(1, 1, 8, 64)
+    table = torch.zeros(1, 1, 1, 1, dtype=torch.int32)
+    call = dict(block_idx=table, num_blocks=table[..., 0], block_attended=None, history_len=0, chunk_len=8,
+                query_group_size=8, scale=0.125, return_lse=False)  # fmt: skip
+    with pytest.raises(ValueError, match="kernel='gluon' cannot run this call: not a CUDA tensor"):
+        quantized_attention(q, store, tail, tail, kernel="gluon", **call)
+    with pytest.raises(ValueError, match="kernel must be 'auto', 'triton' or 'gluon'"):
+        quantized_attention(q, store, tail, tail, kernel="flash", **call)
+    with pytest.raises(ValueError, match="Triton-language tuning options"):
+        quantized_attention(q, store, tail, tail, kernel="gluon", block_n=64, **call)
