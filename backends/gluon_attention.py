@@ -51,7 +51,7 @@ MAX_SPLITS = 4
 # warpgroup, which padding would fill anyway: 12 warps as native, and the default warpgroup gets
 # what the others leave of 3 x 168 (native 232, quantized 200). Four take a fourth warpgroup:
 # 16 warps fit the 64K-register file at 128 a thread (default warpgroup 200, worker 192).
-LAUNCH_REGISTERS = {0: (168, 232, 40), 2: (168, 224, 80), 4: (128, 208, 56)}
+LAUNCH_REGISTERS = {0: (168, 232, 40), 2: (168, 224, 56), 4: (128, 208, 56)}
 CONVERTER_WARPS = 2  # the default with a quantized history
 
 
@@ -111,13 +111,16 @@ def _codes_layout(width, warps):
 def _decode_rows(codes_smem, out_smem, scale_ptr, min_ptr, scales, block, token, first, stride_sn,
                  ROWS: gl.constexpr, INT4: gl.constexpr, IS_KEY: gl.constexpr):  # fmt: skip
     """Rows ``[first, first + ROWS)`` of a code tile (store rows from ``token + first``, in
-    whole block ``block``), dequantized into the same rows of ``out_smem`` (the compute dtype)
-    as ``omnimem.store.formats.dequantize`` does: fp8 ``code * scale`` in float32 (a scale per
-    block), int4 ``code * scale + minimum`` (keys per block and channel, values per token), then
-    rounded once. ``scales``: the (batch, head) offset into the scale and minimum buffers."""
+    whole block ``block``) into the same rows of ``out_smem`` (the compute dtype), with integer
+    and packed half-precision operations, not conversions (Hopper converts at a quarter of the
+    FMA rate: docs/memory.md). fp8: the e4m3 values themselves, unscaled (exact; the consumers
+    apply the block's scalar scales, ``_tile_scales``). int4: ``code * scale + minimum`` (keys
+    per block and channel, values per token) in one fused multiply-add of the compute dtype.
+    ``scales``: the (batch, head) offset into the scale and minimum buffers."""
     HEAD_DIM: gl.constexpr = out_smem.type.shape[1]
     WARPS: gl.constexpr = gl.num_warps()
     out_layout: gl.constexpr = _codes_layout(HEAD_DIM, WARPS)
+    dtype: gl.constexpr = out_smem.dtype
     rows = codes_smem.slice(first, ROWS)
     if INT4:
         raw_layout: gl.constexpr = gl.BlockedLayout(
@@ -126,26 +129,34 @@ def _decode_rows(codes_smem, out_smem, scale_ptr, min_ptr, scales, block, token,
         raw = rows.load(raw_layout)
         # Channel 2c from the low nibble of byte c.
         pairs = gl.join(raw & 0xF, raw >> 4)
-        codes = gl.convert_layout(gl.reshape(pairs, [ROWS, HEAD_DIM]), out_layout)
-        # 2**23 + code, exactly, then minus 2**23: a bit operation instead of a conversion.
-        x = (codes.to(gl.int32) | 0x4B000000).to(gl.float32, bitcast=True) - 8388608.0
+        codes = gl.convert_layout(gl.reshape(pairs, [ROWS, HEAD_DIM]), out_layout).to(gl.int16)
+        # The code ORed into the mantissa of 128 (bf16) or 1024 (fp16), exact, minus that.
+        if dtype == gl.bfloat16:
+            x = (codes | 0x4300).to(gl.bfloat16, bitcast=True) - 128.0
+        else:
+            x = (codes | 0x6400).to(gl.float16, bitcast=True) - 1024.0
         if IS_KEY:
             dims = gl.arange(0, HEAD_DIM, layout=gl.SliceLayout(0, out_layout))
             channel = scales + block.to(gl.int64) * stride_sn + dims
-            scale = gl.load(scale_ptr + channel).to(gl.float32)
-            low = gl.load(min_ptr + channel).to(gl.float32)
+            scale = gl.load(scale_ptr + channel).to(dtype)
+            low = gl.load(min_ptr + channel).to(dtype)
             x = x * scale[None, :] + low[None, :]
         else:
             tokens = token + first + gl.arange(0, ROWS, layout=gl.SliceLayout(1, out_layout))
             per_token = scales + tokens.to(gl.int64) * stride_sn
-            scale = gl.load(scale_ptr + per_token).to(gl.float32)
-            low = gl.load(min_ptr + per_token).to(gl.float32)
+            scale = gl.load(scale_ptr + per_token).to(dtype)
+            low = gl.load(min_ptr + per_token).to(dtype)
             x = x * scale[:, None] + low[:, None]
     else:
         codes = rows.load(out_layout)
-        scale = gl.load(scale_ptr + scales + block.to(gl.int64) * stride_sn)
-        x = codes.to(gl.float8e4nv, bitcast=True).to(gl.float32) * scale
-    out_smem.slice(first, ROWS).store(x.to(out_smem.dtype))
+        if dtype == gl.bfloat16:
+            # Sign, exponent and mantissa bits moved into a bf16: the e4m3 value times 2**-120,
+            # normals and subnormals alike (the exponent biases differ by 120), then times 2**120.
+            bits = ((codes & 0x7F).to(gl.int16) << 4) | ((codes & 0x80).to(gl.int16) << 8)
+            x = bits.to(gl.bfloat16, bitcast=True) * 1.329227995784916e36
+        else:
+            x = codes.to(gl.float8e4nv, bitcast=True).to(gl.float16)  # one instruction a pair
+    out_smem.slice(first, ROWS).store(x.to(dtype))
 
 
 @gluon.jit
@@ -176,7 +187,7 @@ def _convert_tiles(
     CSTAGES: gl.constexpr = kc_smem.type.shape[0]
     KV_N: gl.constexpr = k_smem.type.shape[1]
     SUBS: gl.constexpr = BLOCK_SIZE // KV_N
-    ROWS: gl.constexpr = 64 // gl.num_warps()  # rows a pass: 32 (2 warps) or 16 (4 warps) code bytes a thread
+    ROWS: gl.constexpr = 8 * gl.num_warps()  # rows a pass: 16 (2 warps) or 32 (4 warps)
     for it in range(it_begin, codes_end):
         j = it - it_begin
         stage = j % STAGES
@@ -222,12 +233,30 @@ def _wgmma_layout(n):
 
 
 @gluon.jit
+def _tile_scales(
+    it, codes_end, table_ptr, k_scale_ptr, v_scale_ptr, k_scales, v_scales, stride_ksn, stride_vsn,
+    SUBS: gl.constexpr,
+):  # fmt: skip
+    """``(key factor, value factor)`` of key tile ``it`` of an fp8 history: its block's scales
+    for a code tile (before ``codes_end``), else 1 (a native tile)."""
+    coded = it < codes_end
+    block = gl.load(table_ptr + it // SUBS, mask=coded, other=0).to(gl.int64)
+    k_mult = gl.load(k_scale_ptr + k_scales + block * stride_ksn, mask=coded, other=1.0)
+    v_mult = gl.load(v_scale_ptr + v_scales + block * stride_vsn, mask=coded, other=1.0)
+    return k_mult, v_mult
+
+
+@gluon.jit
 def _attend_tiles(
     q_smem, k_smem, v_smem, q_bar, k_ready, v_ready, kv_empty,
-    num_hist_tiles, it_begin, it_end, last_block_tile, hist_end, chunk_end, qk_scale, WG: gl.constexpr,
+    num_hist_tiles, it_begin, it_end, last_block_tile, hist_end, chunk_end, qk_scale,
+    codes_end, table_ptr, k_scale_ptr, v_scale_ptr, k_scales, v_scales, stride_ksn, stride_vsn,
+    WG: gl.constexpr, SUBS: gl.constexpr, SCALED: gl.constexpr,
 ):  # fmt: skip
     """``(m, l, acc)`` of one warpgroup's 64 query rows over key tiles ``[it_begin, it_end)``
-    (not empty): scores in base 2, ``acc`` unnormalized."""
+    (not empty): scores in base 2, ``acc`` unnormalized. ``SCALED`` (an fp8 history): tiles
+    before ``codes_end`` hold unscaled e4m3 values; their block's key scale multiplies the
+    scores and its value scale the probabilities of ``p @ v``."""
     STAGES: gl.constexpr = k_smem.type.shape[0]
     KV_N: gl.constexpr = k_smem.type.shape[1]
     HEAD_DIM: gl.constexpr = k_smem.type.shape[2]
@@ -247,14 +276,22 @@ def _attend_tiles(
     # tiles so far were all masked (a split part can start on an empty sub-tile) free of inf - inf.
     mbarrier.wait(k_ready.index(0), 0)
     s_tok = warpgroup_mma(q, k_smem.index(0).permute((1, 0)), s_zero, use_acc=False, is_async=True)
+    tile_scale = qk_scale
+    if SCALED:
+        k_mult, v_mult = _tile_scales(it_begin, codes_end, table_ptr, k_scale_ptr, v_scale_ptr, k_scales,
+                                      v_scales, stride_ksn, stride_vsn, SUBS)  # fmt: skip
+        tile_scale = qk_scale * k_mult
     s = warpgroup_mma_wait(0, deps=(s_tok,))
     limit = _tile_limit(it_begin, num_hist_tiles, last_block_tile, hist_end, chunk_end, KV_N)
     if limit < KV_N:
         s = gl.where(cols[None, :] < limit, s, float("-inf"))
-    m_i = gl.maximum(gl.max(s, 1) * qk_scale, -1.0e30)
-    p = gl.exp2(s * qk_scale - m_i[:, None])
+    m_i = gl.maximum(gl.max(s, 1) * tile_scale, -1.0e30)
+    p = gl.exp2(s * tile_scale - m_i[:, None])
     l_i = gl.sum(p, 1)
-    p_op = gl.convert_layout(p.to(dtype), p_layout)
+    if SCALED:
+        p_op = gl.convert_layout((p * v_mult).to(dtype), p_layout)
+    else:
+        p_op = gl.convert_layout(p.to(dtype), p_layout)
     acc = gl.zeros([HALF, HEAD_DIM], gl.float32, o_layout)
 
     for j in range(1, it_end - it_begin):
@@ -264,20 +301,28 @@ def _attend_tiles(
         s_tok = warpgroup_mma(q, k_smem.index(stage).permute((1, 0)), s_zero, use_acc=False, is_async=True)
         mbarrier.wait(v_ready.index(prev), ((j - 1) // STAGES) & 1)
         acc_tok = warpgroup_mma(p_op, v_smem.index(prev), acc, is_async=True)
+        tile_scale = qk_scale
+        if SCALED:
+            k_mult, v_mult = _tile_scales(it_begin + j, codes_end, table_ptr, k_scale_ptr, v_scale_ptr,
+                                          k_scales, v_scales, stride_ksn, stride_vsn, SUBS)  # fmt: skip
+            tile_scale = qk_scale * k_mult
         # The scores are ready while the previous tile's PV still runs (wgmma groups retire in order).
         s = warpgroup_mma_wait(1, deps=(s_tok,))
         limit = _tile_limit(it_begin + j, num_hist_tiles, last_block_tile, hist_end, chunk_end, KV_N)
         if limit < KV_N:
             s = gl.where(cols[None, :] < limit, s, float("-inf"))
-        m_new = gl.maximum(m_i, gl.max(s, 1) * qk_scale)
+        m_new = gl.maximum(m_i, gl.max(s, 1) * tile_scale)
         alpha = gl.exp2(m_i - m_new)
-        p = gl.exp2(s * qk_scale - m_new[:, None])
+        p = gl.exp2(s * tile_scale - m_new[:, None])
         l_i = l_i * alpha + gl.sum(p, 1)
         m_i = m_new
         acc, p_op = warpgroup_mma_wait(0, deps=(acc_tok, p_op))
         mbarrier.arrive(kv_empty.index(prev), count=1)
         acc = acc * gl.convert_layout(alpha, o_rows)[:, None]
-        p_op = gl.convert_layout(p.to(dtype), p_layout)
+        if SCALED:
+            p_op = gl.convert_layout((p * v_mult).to(dtype), p_layout)
+        else:
+            p_op = gl.convert_layout(p.to(dtype), p_layout)
 
     last = (it_end - it_begin - 1) % STAGES
     mbarrier.wait(v_ready.index(last), ((it_end - it_begin - 1) // STAGES) & 1)
@@ -292,10 +337,12 @@ def _consume(
     q_smem, k_smem, v_smem, q_bar, k_ready, v_ready, kv_empty,
     out_row_ptr, lse_row_ptr, handoff_ptr, flags_ptr, q_len, rows_start, split_part, part, last_part,
     num_hist_tiles, it_begin, it_end, last_block_tile, hist_end, chunk_end, qk_scale, stride_ol,
-    WG: gl.constexpr, WRITE_LSE: gl.constexpr,
+    codes_end, table_ptr, k_scale_ptr, v_scale_ptr, k_scales, v_scales, stride_ksn, stride_vsn,
+    WG: gl.constexpr, WRITE_LSE: gl.constexpr, SUBS: gl.constexpr, SCALED: gl.constexpr,
 ):  # fmt: skip
     """One warpgroup: online softmax of its 64 query rows over key tiles ``[it_begin, it_end)``,
-    merged with the earlier part of a split tile, if any, then written out."""
+    merged with the earlier part of a split tile, if any, then written out (``_attend_tiles``
+    says what ``SCALED`` and the arguments from ``codes_end`` on mean)."""
     KV_N: gl.constexpr = k_smem.type.shape[1]
     HEAD_DIM: gl.constexpr = k_smem.type.shape[2]
     HALF: gl.constexpr = q_smem.type.shape[1]
@@ -305,7 +352,9 @@ def _consume(
     if it_end > it_begin:
         m_i, l_i, acc = _attend_tiles(
             q_smem, k_smem, v_smem, q_bar, k_ready, v_ready, kv_empty,
-            num_hist_tiles, it_begin, it_end, last_block_tile, hist_end, chunk_end, qk_scale, WG,
+            num_hist_tiles, it_begin, it_end, last_block_tile, hist_end, chunk_end, qk_scale,
+            codes_end, table_ptr, k_scale_ptr, v_scale_ptr, k_scales, v_scales, stride_ksn, stride_vsn,
+            WG, SUBS, SCALED,
         )  # fmt: skip
     else:  # an empty part of a split tile (fewer key tiles than parts) adds nothing
         m_i = gl.full([HALF], -1.0e30, gl.float32, gl.SliceLayout(1, s_layout))
@@ -365,13 +414,15 @@ def _consume_worker(
     q_smem, k_smem, v_smem, q_bar, k_ready, v_ready, kv_empty,
     out_row_ptr, lse_row_ptr, handoff_ptr, flags_ptr, q_len, rows_start, split_part, part, last_part,
     num_hist_tiles, it_begin, it_end, last_block_tile, hist_end, chunk_end, qk_scale, stride_ol,
-    WRITE_LSE: gl.constexpr,
+    codes_end, table_ptr, k_scale_ptr, v_scale_ptr, k_scales, v_scales, stride_ksn, stride_vsn,
+    WRITE_LSE: gl.constexpr, SUBS: gl.constexpr, SCALED: gl.constexpr,
 ):  # fmt: skip
     _consume(
         q_smem, k_smem, v_smem, q_bar, k_ready, v_ready, kv_empty,
         out_row_ptr, lse_row_ptr, handoff_ptr, flags_ptr, q_len, rows_start, split_part, part, last_part,
         num_hist_tiles, it_begin, it_end, last_block_tile, hist_end, chunk_end, qk_scale, stride_ol,
-        1, WRITE_LSE,
+        codes_end, table_ptr, k_scale_ptr, v_scale_ptr, k_scales, v_scales, stride_ksn, stride_vsn,
+        1, WRITE_LSE, SUBS, SCALED,
     )  # fmt: skip
 
 
@@ -500,7 +551,8 @@ def _hopper_attention_kernel(
                     q_smem, k_smem, v_smem, q_bar, k_ready, v_ready, kv_empty,
                     out_row_ptr, lse_row_ptr, handoff_ptr, flags_ptr, q_len, rows_start, split_part, part,
                     last_part, num_hist_tiles, it_begin, it_end, last_block_tile, hist_end, chunk_end,
-                    qk_scale, stride_ol, 0, WRITE_LSE,
+                    qk_scale, stride_ol, codes_end, table_ptr, k_scale_ptr, v_scale_ptr, k_scales,
+                    v_scales, stride_ksn, stride_vsn, 0, WRITE_LSE, SUBS, QUANT == 1,
                 ),
             ),
             (
@@ -509,7 +561,8 @@ def _hopper_attention_kernel(
                     q_smem, k_smem, v_smem, q_bar, k_ready, v_ready, kv_empty,
                     out_row_ptr, lse_row_ptr, handoff_ptr, flags_ptr, q_len, rows_start, split_part, part,
                     last_part, num_hist_tiles, it_begin, it_end, last_block_tile, hist_end, chunk_end,
-                    qk_scale, stride_ol, WRITE_LSE,
+                    qk_scale, stride_ol, codes_end, table_ptr, k_scale_ptr, v_scale_ptr, k_scales,
+                    v_scales, stride_ksn, stride_vsn, WRITE_LSE, SUBS, QUANT == 1,
                 ),
             ),
             (

@@ -3,18 +3,16 @@
 
 The history's whole blocks live in a ``QuantizedBlocks`` store (``omnimem.store``: fp8 e4m3
 with a scale per block and head, or int4 codes with KIVI's scales); the history's partial last
-block and the current chunk are native rows of a small *tail* buffer. On Hopper
-the warp-specialized Gluon kernel (``gluon_attention``) runs with the store: the loader brings a
-selected whole block's code bytes into shared memory and a converter partition dequantizes
-them there for the tensor cores. Elsewhere (and for relative positions, query groups, per-tile
-tables) the Triton-language kernel (``triton_attention``) does, decoding in registers
-(``quantized_tiles``). Neither makes a native copy of the history or of the selection's blocks.
+block and the current chunk are native rows of a small *tail* buffer. The tuned
+Triton-language kernel (``triton_attention``) runs with the store: a selected whole block is read
+as its quantized bytes and decoded in registers (``quantized_tiles``). On Hopper,
+``kernel="gluon"`` runs the warp-specialized kernel (``gluon_attention``) instead: its loader
+brings a selected block's code bytes into shared memory and a converter partition dequantizes
+them there for the tensor cores (correct, slower today). Neither makes a native copy of the
+history or of the selection's blocks.
 """
 
 from __future__ import annotations
-
-import functools
-import logging
 
 import torch
 
@@ -41,8 +39,9 @@ def quantized_attention(
     converter_warps: int | None = None,
     **options: object,
 ) -> tuple[torch.Tensor, torch.Tensor | None]:
-    """Launch the scattered kernel over a quantized history: on Hopper the Gluon kernel
-    (``gluon_attention``, its converter partition) where it qualifies, else ``triton_attention``'s.
+    """Launch the scattered kernel over a quantized history: ``triton_attention``'s, or on
+    Hopper with ``kernel="gluon"`` the warp-specialized one (``gluon_attention``, its converter
+    partition; slower today: docs/memory.md, "The Gluon kernel over quantized tiles").
 
     ``q [B, Hq, Lq, D]``; the history's whole blocks ``[0, history_len // block_size)`` in
     ``store``; ``tail_k``/``tail_v [B, Hkv, T, D]`` (any strides): the history's partial last
@@ -52,9 +51,9 @@ def quantized_attention(
     (``None``: one group). See ``omnimem.backends.triton.tile_tables``. ``history_len``: an int
     or a 0-d integer tensor on ``q``'s device. ``options``: ``scattered_attention``'s tuning
     keywords (``block_n``, ``num_warps``, ``num_stages``, ``use_tma``, ``num_sms``, ``rotation``,
-    ``fp16_products``): they choose the Triton-language kernel. ``kernel``: ``"auto"`` (the
-    Gluon kernel where it qualifies; why not is logged once), ``"triton"`` (the
-    Triton-language kernel) or ``"gluon"`` (a ``ValueError`` saying why where it cannot run).
+    ``fp16_products``): the Triton-language kernel's. ``kernel``: ``"auto"`` (the faster one
+    as measured: the Triton-language kernel), ``"triton"``, or ``"gluon"`` (a ``ValueError``
+    saying why where it cannot run).
     ``converter_warps`` (the Gluon kernel's, 2 or 4): warps that dequantize the code tiles.
     """
     from omnimem.backends.triton_attention import default_num_sms, scattered_attention
@@ -63,21 +62,18 @@ def quantized_attention(
         raise ValueError(f"kernel must be 'auto', 'triton' or 'gluon', got {kernel!r}")
     if not isinstance(history_len, torch.Tensor):
         history_len = torch.full((), history_len, dtype=torch.int64, device=q.device)
-    if kernel != "triton":
+    if kernel == "gluon":
         reason = _gluon_skip_reason(q, store, tail_k, tail_v, block_idx, block_attended, block_m, options)
-        if reason is None:
-            from omnimem.backends.gluon_attention import scattered_attention as gluon_attention
-
-            return gluon_attention(
-                q, tail_k, tail_v, block_idx=block_idx, num_blocks=num_blocks, history_len=history_len,
-                chunk_len=chunk_len, block_size=store.block_size, scale=scale, return_lse=return_lse,
-                num_sms=default_num_sms(q.device), store=store,
-                **({} if converter_warps is None else dict(converter_warps=converter_warps)),
-            )  # fmt: skip
-        if kernel == "gluon":
+        if reason is not None:
             raise ValueError(f"kernel='gluon' cannot run this call: {reason}")
-        if q.device.type == "cuda":
-            _say_skipped(store.kv_format, reason)
+        from omnimem.backends.gluon_attention import scattered_attention as gluon_attention
+
+        return gluon_attention(
+            q, tail_k, tail_v, block_idx=block_idx, num_blocks=num_blocks, history_len=history_len,
+            chunk_len=chunk_len, block_size=store.block_size, scale=scale, return_lse=return_lse,
+            num_sms=default_num_sms(q.device), store=store,
+            **({} if converter_warps is None else dict(converter_warps=converter_warps)),
+        )  # fmt: skip
     return scattered_attention(
         q, tail_k, tail_v, block_idx=block_idx, num_blocks=num_blocks, block_attended=block_attended,
         history_len=history_len, chunk_len=chunk_len, block_size=store.block_size,
@@ -101,16 +97,6 @@ def _gluon_skip_reason(q, store, tail_k, tail_v, block_idx, block_attended, bloc
         return "per-tile block tables"
     return hopper.skip_reason(q, tail_k, tail_v, block_size=store.block_size,
                               grouped=block_attended is not None, store=store)  # fmt: skip
-
-
-@functools.cache
-def _say_skipped(kv_format: str, reason: str) -> None:
-    """Once per reason: why a quantized call runs the Triton-language kernel."""
-    logging.getLogger("omnimem").info(
-        "quantized history (%s): the Triton-language kernel, not the Hopper Gluon kernel: %s",
-        kv_format,
-        reason,
-    )
 
 
 def dequantized_history(

@@ -34,9 +34,9 @@ from omnimem.store.blocks import QuantizedBlocks
 # Tile configurations of the quantized kernel (keyword arguments of quantized_attention, over
 # triton_attention.scattered_attention's defaults: 128 x 128 tiles, 8 warps, 3 stages).
 VARIANTS = [
-    dict(),  # on Hopper the Gluon kernel (its converter partition dequantizes in shared memory)
-    dict(kernel="triton"),  # the Triton-language kernel (decodes in registers)
-    dict(kernel="gluon", converter_warps=4),  # the Gluon kernel with a converter warpgroup
+    dict(),  # the Triton-language kernel (decodes in registers): the default
+    dict(kernel="gluon"),  # Hopper: two converter warps dequantize code tiles in shared memory
+    dict(kernel="gluon", converter_warps=4),  # the same with a converter warpgroup
     dict(fp16_products=True),  # the whole quantized blocks' products in fp16 (an experiment)
     dict(block_n=64),
     dict(num_stages=2),
