@@ -48,16 +48,17 @@ elif [ "$1" = 37 ]; then
   step 150 python3 hour_gpu.py --minutes 1 10 --layers 1 --positions relative --disk /tmp --evict-half \
     --json "$OUT/hour_disk.json"
 elif [ "$1" = gluonq ]; then  # the Gluon kernel over a quantized history (converter partition)
-  cd ..
+  cd ..                          # (`gluonq quick`: its tests and the sparse call only)
   step 150 python3 -m pytest -x -q -p no:cacheprovider -n 8 --tb=short -rf tests/test_kernels.py -k "hopper"
   cd benchmarks
   step 90 python3 kv_formats_gpu.py --quick --json "$OUT/kvfmt_gluon.json"
-  [ "${2:-}" = quick ] && exit 0
-  cd ..
-  step 150 python3 -m pytest -q -p no:cacheprovider -n 16 --tb=short -rf tests/test_gated_cache.py \
-    tests/test_backward.py tests/test_disk.py property_tests/test_quantized_cache_property.py
-  cd benchmarks
-  step 150 python3 self_forcing_rollout_gpu.py --kv-format int4 --frames 960 --reps 2 --json "$OUT/sf960.json"
+  if [ "${2:-}" != quick ]; then
+    cd ..
+    step 150 python3 -m pytest -q -p no:cacheprovider -n 16 --tb=short -rf tests/test_gated_cache.py \
+      tests/test_backward.py tests/test_disk.py property_tests/test_quantized_cache_property.py
+    cd benchmarks
+    step 150 python3 self_forcing_rollout_gpu.py --kv-format int4 --frames 960 --reps 2 --json "$OUT/sf960.json"
+  fi
 elif [ "$1" = next ]; then  # what the session of 2026-12-07 left unmeasured
   cd ..  # GPU tests of what changed after its last device call: the gated backward over a
   # quantized history, the store-block tile reader, the disk tier reading only fetched blocks
