@@ -52,7 +52,7 @@ MAX_SPLITS = 4
 # what the others leave of 3 x 168 (native 232, quantized 200). Four take a fourth warpgroup:
 # 16 warps fit the 64K-register file at 128 a thread (default warpgroup 200, worker 192).
 LAUNCH_REGISTERS = {0: (168, 232, 40), 2: (168, 224, 56), 4: (128, 208, 56)}
-CONVERTER_WARPS = 2  # the default with a quantized history
+CONVERTER_WARPS = 4  # the default with a quantized history: measured faster than 2
 
 
 @gluon.jit
@@ -112,10 +112,10 @@ def _decode_rows(codes_smem, out_smem, scale_ptr, min_ptr, scales, block, token,
                  ROWS: gl.constexpr, INT4: gl.constexpr, IS_KEY: gl.constexpr):  # fmt: skip
     """Rows ``[first, first + ROWS)`` of a code tile (store rows from ``token + first``, in
     whole block ``block``) into the same rows of ``out_smem`` (the compute dtype), with integer
-    and packed half-precision operations, not conversions (Hopper converts at a quarter of the
-    FMA rate: docs/memory.md). fp8: the e4m3 values themselves, unscaled (exact; the consumers
-    apply the block's scalar scales, ``_tile_scales``). int4: ``code * scale + minimum`` (keys
-    per block and channel, values per token) in one fused multiply-add of the compute dtype.
+    operations and multiplies, not conversions (Hopper converts at a quarter of the FMA rate:
+    docs/memory.md). fp8: ``code * scale`` in float32 as the reference (a scale per block), then
+    rounded. int4: ``code * scale + minimum`` (keys per block and channel, values per token) in
+    one fused multiply-add of the compute dtype.
     ``scales``: the (batch, head) offset into the scale and minimum buffers."""
     HEAD_DIM: gl.constexpr = out_smem.type.shape[1]
     WARPS: gl.constexpr = gl.num_warps()
@@ -148,14 +148,14 @@ def _decode_rows(codes_smem, out_smem, scale_ptr, min_ptr, scales, block, token,
             low = gl.load(min_ptr + per_token).to(dtype)
             x = x * scale[:, None] + low[:, None]
     else:
-        codes = rows.load(out_layout)
-        if dtype == gl.bfloat16:
-            # Sign, exponent and mantissa bits moved into a bf16: the e4m3 value times 2**-120,
-            # normals and subnormals alike (the exponent biases differ by 120), then times 2**120.
-            bits = ((codes & 0x7F).to(gl.int16) << 4) | ((codes & 0x80).to(gl.int16) << 8)
-            x = bits.to(gl.bfloat16, bitcast=True) * 1.329227995784916e36
-        else:
-            x = codes.to(gl.float8e4nv, bitcast=True).to(gl.float16)  # one instruction a pair
+        # e4m3 sign, exponent and mantissa bits moved into a float32: the value times 2**-120,
+        # normals and subnormals alike (the exponent biases differ by 120), scaled back by two
+        # exact powers of two around the block's scale: float32(code * scale), one rounding, as
+        # the reference's; a bf16 or fp16 conversion a pair is the only conversion left.
+        codes = rows.load(out_layout).to(gl.int32)
+        bits = ((codes & 0x7F) << 20) | ((codes & 0x80) << 24)
+        scale = gl.load(scale_ptr + scales + block.to(gl.int64) * stride_sn) * 1.152921504606847e18
+        x = bits.to(gl.float32, bitcast=True) * 1.152921504606847e18 * scale
     out_smem.slice(first, ROWS).store(x.to(dtype))
 
 
@@ -233,30 +233,12 @@ def _wgmma_layout(n):
 
 
 @gluon.jit
-def _tile_scales(
-    it, codes_end, table_ptr, k_scale_ptr, v_scale_ptr, k_scales, v_scales, stride_ksn, stride_vsn,
-    SUBS: gl.constexpr,
-):  # fmt: skip
-    """``(key factor, value factor)`` of key tile ``it`` of an fp8 history: its block's scales
-    for a code tile (before ``codes_end``), else 1 (a native tile)."""
-    coded = it < codes_end
-    block = gl.load(table_ptr + it // SUBS, mask=coded, other=0).to(gl.int64)
-    k_mult = gl.load(k_scale_ptr + k_scales + block * stride_ksn, mask=coded, other=1.0)
-    v_mult = gl.load(v_scale_ptr + v_scales + block * stride_vsn, mask=coded, other=1.0)
-    return k_mult, v_mult
-
-
-@gluon.jit
 def _attend_tiles(
     q_smem, k_smem, v_smem, q_bar, k_ready, v_ready, kv_empty,
-    num_hist_tiles, it_begin, it_end, last_block_tile, hist_end, chunk_end, qk_scale,
-    codes_end, table_ptr, k_scale_ptr, v_scale_ptr, k_scales, v_scales, stride_ksn, stride_vsn,
-    WG: gl.constexpr, SUBS: gl.constexpr, SCALED: gl.constexpr,
+    num_hist_tiles, it_begin, it_end, last_block_tile, hist_end, chunk_end, qk_scale, WG: gl.constexpr,
 ):  # fmt: skip
     """``(m, l, acc)`` of one warpgroup's 64 query rows over key tiles ``[it_begin, it_end)``
-    (not empty): scores in base 2, ``acc`` unnormalized. ``SCALED`` (an fp8 history): tiles
-    before ``codes_end`` hold unscaled e4m3 values; their block's key scale multiplies the
-    scores and its value scale the probabilities of ``p @ v``."""
+    (not empty): scores in base 2, ``acc`` unnormalized."""
     STAGES: gl.constexpr = k_smem.type.shape[0]
     KV_N: gl.constexpr = k_smem.type.shape[1]
     HEAD_DIM: gl.constexpr = k_smem.type.shape[2]
@@ -276,22 +258,14 @@ def _attend_tiles(
     # tiles so far were all masked (a split part can start on an empty sub-tile) free of inf - inf.
     mbarrier.wait(k_ready.index(0), 0)
     s_tok = warpgroup_mma(q, k_smem.index(0).permute((1, 0)), s_zero, use_acc=False, is_async=True)
-    tile_scale = qk_scale
-    if SCALED:
-        k_mult, v_mult = _tile_scales(it_begin, codes_end, table_ptr, k_scale_ptr, v_scale_ptr, k_scales,
-                                      v_scales, stride_ksn, stride_vsn, SUBS)  # fmt: skip
-        tile_scale = qk_scale * k_mult
     s = warpgroup_mma_wait(0, deps=(s_tok,))
     limit = _tile_limit(it_begin, num_hist_tiles, last_block_tile, hist_end, chunk_end, KV_N)
     if limit < KV_N:
         s = gl.where(cols[None, :] < limit, s, float("-inf"))
-    m_i = gl.maximum(gl.max(s, 1) * tile_scale, -1.0e30)
-    p = gl.exp2(s * tile_scale - m_i[:, None])
+    m_i = gl.maximum(gl.max(s, 1) * qk_scale, -1.0e30)
+    p = gl.exp2(s * qk_scale - m_i[:, None])
     l_i = gl.sum(p, 1)
-    if SCALED:
-        p_op = gl.convert_layout((p * v_mult).to(dtype), p_layout)
-    else:
-        p_op = gl.convert_layout(p.to(dtype), p_layout)
+    p_op = gl.convert_layout(p.to(dtype), p_layout)
     acc = gl.zeros([HALF, HEAD_DIM], gl.float32, o_layout)
 
     for j in range(1, it_end - it_begin):
@@ -301,28 +275,20 @@ def _attend_tiles(
         s_tok = warpgroup_mma(q, k_smem.index(stage).permute((1, 0)), s_zero, use_acc=False, is_async=True)
         mbarrier.wait(v_ready.index(prev), ((j - 1) // STAGES) & 1)
         acc_tok = warpgroup_mma(p_op, v_smem.index(prev), acc, is_async=True)
-        tile_scale = qk_scale
-        if SCALED:
-            k_mult, v_mult = _tile_scales(it_begin + j, codes_end, table_ptr, k_scale_ptr, v_scale_ptr,
-                                          k_scales, v_scales, stride_ksn, stride_vsn, SUBS)  # fmt: skip
-            tile_scale = qk_scale * k_mult
         # The scores are ready while the previous tile's PV still runs (wgmma groups retire in order).
         s = warpgroup_mma_wait(1, deps=(s_tok,))
         limit = _tile_limit(it_begin + j, num_hist_tiles, last_block_tile, hist_end, chunk_end, KV_N)
         if limit < KV_N:
             s = gl.where(cols[None, :] < limit, s, float("-inf"))
-        m_new = gl.maximum(m_i, gl.max(s, 1) * tile_scale)
+        m_new = gl.maximum(m_i, gl.max(s, 1) * qk_scale)
         alpha = gl.exp2(m_i - m_new)
-        p = gl.exp2(s * tile_scale - m_new[:, None])
+        p = gl.exp2(s * qk_scale - m_new[:, None])
         l_i = l_i * alpha + gl.sum(p, 1)
         m_i = m_new
         acc, p_op = warpgroup_mma_wait(0, deps=(acc_tok, p_op))
         mbarrier.arrive(kv_empty.index(prev), count=1)
         acc = acc * gl.convert_layout(alpha, o_rows)[:, None]
-        if SCALED:
-            p_op = gl.convert_layout((p * v_mult).to(dtype), p_layout)
-        else:
-            p_op = gl.convert_layout(p.to(dtype), p_layout)
+        p_op = gl.convert_layout(p.to(dtype), p_layout)
 
     last = (it_end - it_begin - 1) % STAGES
     mbarrier.wait(v_ready.index(last), ((it_end - it_begin - 1) // STAGES) & 1)
@@ -337,12 +303,10 @@ def _consume(
     q_smem, k_smem, v_smem, q_bar, k_ready, v_ready, kv_empty,
     out_row_ptr, lse_row_ptr, handoff_ptr, flags_ptr, q_len, rows_start, split_part, part, last_part,
     num_hist_tiles, it_begin, it_end, last_block_tile, hist_end, chunk_end, qk_scale, stride_ol,
-    codes_end, table_ptr, k_scale_ptr, v_scale_ptr, k_scales, v_scales, stride_ksn, stride_vsn,
-    WG: gl.constexpr, WRITE_LSE: gl.constexpr, SUBS: gl.constexpr, SCALED: gl.constexpr,
+    WG: gl.constexpr, WRITE_LSE: gl.constexpr,
 ):  # fmt: skip
     """One warpgroup: online softmax of its 64 query rows over key tiles ``[it_begin, it_end)``,
-    merged with the earlier part of a split tile, if any, then written out (``_attend_tiles``
-    says what ``SCALED`` and the arguments from ``codes_end`` on mean)."""
+    merged with the earlier part of a split tile, if any, then written out."""
     KV_N: gl.constexpr = k_smem.type.shape[1]
     HEAD_DIM: gl.constexpr = k_smem.type.shape[2]
     HALF: gl.constexpr = q_smem.type.shape[1]
@@ -352,9 +316,7 @@ def _consume(
     if it_end > it_begin:
         m_i, l_i, acc = _attend_tiles(
             q_smem, k_smem, v_smem, q_bar, k_ready, v_ready, kv_empty,
-            num_hist_tiles, it_begin, it_end, last_block_tile, hist_end, chunk_end, qk_scale,
-            codes_end, table_ptr, k_scale_ptr, v_scale_ptr, k_scales, v_scales, stride_ksn, stride_vsn,
-            WG, SUBS, SCALED,
+            num_hist_tiles, it_begin, it_end, last_block_tile, hist_end, chunk_end, qk_scale, WG,
         )  # fmt: skip
     else:  # an empty part of a split tile (fewer key tiles than parts) adds nothing
         m_i = gl.full([HALF], -1.0e30, gl.float32, gl.SliceLayout(1, s_layout))
@@ -414,15 +376,13 @@ def _consume_worker(
     q_smem, k_smem, v_smem, q_bar, k_ready, v_ready, kv_empty,
     out_row_ptr, lse_row_ptr, handoff_ptr, flags_ptr, q_len, rows_start, split_part, part, last_part,
     num_hist_tiles, it_begin, it_end, last_block_tile, hist_end, chunk_end, qk_scale, stride_ol,
-    codes_end, table_ptr, k_scale_ptr, v_scale_ptr, k_scales, v_scales, stride_ksn, stride_vsn,
-    WRITE_LSE: gl.constexpr, SUBS: gl.constexpr, SCALED: gl.constexpr,
+    WRITE_LSE: gl.constexpr,
 ):  # fmt: skip
     _consume(
         q_smem, k_smem, v_smem, q_bar, k_ready, v_ready, kv_empty,
         out_row_ptr, lse_row_ptr, handoff_ptr, flags_ptr, q_len, rows_start, split_part, part, last_part,
         num_hist_tiles, it_begin, it_end, last_block_tile, hist_end, chunk_end, qk_scale, stride_ol,
-        codes_end, table_ptr, k_scale_ptr, v_scale_ptr, k_scales, v_scales, stride_ksn, stride_vsn,
-        1, WRITE_LSE, SUBS, SCALED,
+        1, WRITE_LSE,
     )  # fmt: skip
 
 
@@ -551,8 +511,7 @@ def _hopper_attention_kernel(
                     q_smem, k_smem, v_smem, q_bar, k_ready, v_ready, kv_empty,
                     out_row_ptr, lse_row_ptr, handoff_ptr, flags_ptr, q_len, rows_start, split_part, part,
                     last_part, num_hist_tiles, it_begin, it_end, last_block_tile, hist_end, chunk_end,
-                    qk_scale, stride_ol, codes_end, table_ptr, k_scale_ptr, v_scale_ptr, k_scales,
-                    v_scales, stride_ksn, stride_vsn, 0, WRITE_LSE, SUBS, QUANT == 1,
+                    qk_scale, stride_ol, 0, WRITE_LSE,
                 ),
             ),
             (
@@ -561,8 +520,7 @@ def _hopper_attention_kernel(
                     q_smem, k_smem, v_smem, q_bar, k_ready, v_ready, kv_empty,
                     out_row_ptr, lse_row_ptr, handoff_ptr, flags_ptr, q_len, rows_start, split_part, part,
                     last_part, num_hist_tiles, it_begin, it_end, last_block_tile, hist_end, chunk_end,
-                    qk_scale, stride_ol, codes_end, table_ptr, k_scale_ptr, v_scale_ptr, k_scales,
-                    v_scales, stride_ksn, stride_vsn, WRITE_LSE, SUBS, QUANT == 1,
+                    qk_scale, stride_ol, WRITE_LSE,
                 ),
             ),
             (
