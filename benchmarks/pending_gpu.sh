@@ -49,7 +49,7 @@ elif [ "$1" = 37 ]; then
     --json "$OUT/hour_disk.json"
 elif [ "$1" = gluonq ]; then  # the Gluon kernel over a quantized history (converter partition)
   cd ..                          # (`gluonq quick`: its tests and the sparse call only)
-  step 150 python3 -m pytest -x -q -p no:cacheprovider -n 8 --tb=short -rf tests/test_kernels.py -k "hopper"
+  step 240 python3 -m pytest -q -p no:cacheprovider -n 12 --tb=short -rf --durations=5 tests/test_kernels.py -k "hopper"
   cd benchmarks
   step 90 python3 kv_formats_gpu.py --quick --json "$OUT/kvfmt_gluon.json"
   if [ "${2:-}" != quick ]; then
