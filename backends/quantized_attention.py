@@ -1,18 +1,21 @@
-"""Scattered-block attention over a quantized history, read in place: the launcher of
-``triton_attention``'s kernel with a store, and its plain-torch twin (``quantized_attention_reference``).
+"""Scattered-block attention over a quantized history, read in place: the launcher of the
+scattered kernels with a store, and its plain-torch twin (``quantized_attention_reference``).
 
 The history's whole blocks live in a ``QuantizedBlocks`` store (``omnimem.store``: fp8 e4m3
 with a scale per block and head, or int4 codes with KIVI's scales); the history's partial last
 block and the current chunk are native rows of a small *tail* buffer. The tuned
 Triton-language kernel (``triton_attention``) runs with the store: a selected whole block is read
-as its quantized bytes and decoded in registers (``quantized_tiles``). On Hopper,
-``kernel="gluon"`` runs the warp-specialized kernel (``gluon_attention``) instead: its loader
-brings a selected block's code bytes into shared memory and a converter partition dequantizes
-them there for the tensor cores (correct, slower today). Neither makes a native copy of the
-history or of the selection's blocks.
+as its quantized bytes and decoded in registers (``quantized_tiles``). On Hopper the
+warp-specialized kernel (``gluon_attention``) runs instead where it is the faster
+(``GLUON_FORMATS``: int4) or is asked for (``kernel="gluon"``): its loader brings a selected
+block's code bytes into shared memory and a converter partition dequantizes them there for the
+tensor cores. Neither makes a native copy of the history or of the selection's blocks.
 """
 
 from __future__ import annotations
+
+import functools
+import logging
 
 import torch
 
@@ -39,9 +42,10 @@ def quantized_attention(
     converter_warps: int | None = None,
     **options: object,
 ) -> tuple[torch.Tensor, torch.Tensor | None]:
-    """Launch the scattered kernel over a quantized history: ``triton_attention``'s, or on
-    Hopper with ``kernel="gluon"`` the warp-specialized one (``gluon_attention``, its converter
-    partition; slower today: docs/memory.md, "The Gluon kernel over quantized tiles").
+    """Launch the scattered kernel over a quantized history: on Hopper the warp-specialized one
+    (``gluon_attention``, its converter partition) where it is the faster (``GLUON_FORMATS``)
+    and qualifies, else ``triton_attention``'s (docs/memory.md, "The Gluon kernel over
+    quantized tiles").
 
     ``q [B, Hq, Lq, D]``; the history's whole blocks ``[0, history_len // block_size)`` in
     ``store``; ``tail_k``/``tail_v [B, Hkv, T, D]`` (any strides): the history's partial last
@@ -52,8 +56,8 @@ def quantized_attention(
     or a 0-d integer tensor on ``q``'s device. ``options``: ``scattered_attention``'s tuning
     keywords (``block_n``, ``num_warps``, ``num_stages``, ``use_tma``, ``num_sms``, ``rotation``,
     ``fp16_products``): the Triton-language kernel's. ``kernel``: ``"auto"`` (the faster one
-    as measured: the Triton-language kernel), ``"triton"``, or ``"gluon"`` (a ``ValueError``
-    saying why where it cannot run).
+    as measured, where it can run; why not is logged once), ``"triton"``, or ``"gluon"`` (a
+    ``ValueError`` saying why where it cannot run).
     ``converter_warps`` (the Gluon kernel's, 2 or 4): warps that dequantize the code tiles.
     """
     from omnimem.backends.triton_attention import default_num_sms, scattered_attention
@@ -62,10 +66,20 @@ def quantized_attention(
         raise ValueError(f"kernel must be 'auto', 'triton' or 'gluon', got {kernel!r}")
     if not isinstance(history_len, torch.Tensor):
         history_len = torch.full((), history_len, dtype=torch.int64, device=q.device)
-    if kernel == "gluon":
+    if kernel == "gluon" or (
+        kernel == "auto" and store.kv_format in GLUON_FORMATS and q.device.type == "cuda"
+    ):
         reason = _gluon_skip_reason(q, store, tail_k, tail_v, block_idx, block_attended, block_m, options)
-        if reason is not None:
+        if reason is not None and kernel == "gluon":
             raise ValueError(f"kernel='gluon' cannot run this call: {reason}")
+        if reason is not None:
+            _say_skipped(store.kv_format, reason)
+            return quantized_attention(
+                q, store, tail_k, tail_v, block_idx=block_idx, num_blocks=num_blocks,
+                block_attended=block_attended, history_len=history_len, chunk_len=chunk_len,
+                query_group_size=query_group_size, scale=scale, return_lse=return_lse, block_m=block_m,
+                kernel="triton", **options,
+            )  # fmt: skip
         from omnimem.backends.gluon_attention import scattered_attention as gluon_attention
 
         return gluon_attention(
@@ -82,6 +96,20 @@ def quantized_attention(
     )  # fmt: skip
 
 
+# Formats whose quantized call the Gluon kernel runs faster than the Triton-language one, as
+# measured (H100, 2026-12-07, benchmarks/kv_formats_gpu.py --quick: int4 1.259 against 1.705 ms).
+GLUON_FORMATS = frozenset({"int4"})
+
+
+@functools.cache
+def _say_skipped(kv_format: str, reason: str) -> None:
+    """Once per reason: why a quantized call runs the Triton-language kernel, not the Gluon one."""
+    logging.getLogger("omnimem").info(
+        "quantized history (%s): the Triton-language kernel, not the Hopper Gluon kernel: %s",
+        kv_format, reason,
+    )  # fmt: skip
+
+
 def _gluon_skip_reason(q, store, tail_k, tail_v, block_idx, block_attended, block_m, options) -> str | None:
     """Why the Gluon kernel cannot run a quantized call (``None``: it can)."""
     from omnimem.backends.triton import hopper_kernel
@@ -91,8 +119,9 @@ def _gluon_skip_reason(q, store, tail_k, tail_v, block_idx, block_attended, bloc
         return "this triton has no Gluon for Hopper"
     if options.get("rotation") is not None:
         return "relative positions rotate the keys inside the Triton-language kernel"
-    if options:
-        return f"Triton-language tuning options {sorted(options)}"
+    tuned = sorted(name for name, value in options.items() if value is not None and value is not False)
+    if tuned:
+        return f"Triton-language tuning options {tuned}"
     if block_m != 128 or block_idx.shape[2] != 1:
         return "per-tile block tables"
     return hopper.skip_reason(q, tail_k, tail_v, block_size=store.block_size,

@@ -34,9 +34,10 @@ from omnimem.store.blocks import QuantizedBlocks
 # Tile configurations of the quantized kernel (keyword arguments of quantized_attention, over
 # triton_attention.scattered_attention's defaults: 128 x 128 tiles, 8 warps, 3 stages).
 VARIANTS = [
-    dict(),  # the Triton-language kernel (decodes in registers): the default
-    dict(kernel="gluon"),  # Hopper: two converter warps dequantize code tiles in shared memory
-    dict(kernel="gluon", converter_warps=4),  # the same with a converter warpgroup
+    dict(),  # the default: on Hopper the Gluon kernel for int4 (GLUON_FORMATS), else the next
+    dict(kernel="triton"),  # the Triton-language kernel (decodes in registers)
+    dict(kernel="gluon"),  # Hopper: a converter warpgroup dequantizes code tiles in shared memory
+    dict(kernel="gluon", converter_warps=2),  # two converter warps beside the loader
     dict(fp16_products=True),  # the whole quantized blocks' products in fp16 (an experiment)
     dict(block_n=64),
     dict(num_stages=2),
@@ -125,7 +126,7 @@ def main() -> None:
     )
     args = parser.parse_args()
     if args.quick:
-        VARIANTS[4:] = []
+        VARIANTS[5:] = []
     rows = [run_shape(args.heads, h, args.top_k, args.chunk_tokens) for h in args.histories]
     result = dict(environment=environment(), rows=rows)
     if args.json:
