@@ -46,12 +46,12 @@ BLOCK_N = 128  # keys per stage
 # A split tile is cut into at most this many parts: each cut costs a merge (a wait and a
 # reload of the partial output) on the critical path.
 MAX_SPLITS = 4
-# Warps and registers a thread (launch maximum, worker consumer warpgroup, converter) by
-# converter warps (0: native history). Two converter warps sit beside the loader in the third
-# warpgroup, which padding would fill anyway: 12 warps as native, and the default warpgroup gets
-# what the others leave of 3 x 168 (native 232, quantized 200). Four take a fourth warpgroup:
-# 16 warps fit the 64K-register file at 128 a thread (default warpgroup 200, worker 192).
-LAUNCH_REGISTERS = {0: (168, 232, 40), 2: (168, 224, 56), 4: (128, 208, 56)}
+# Registers a thread (at launch, worker consumer warpgroup, third warpgroup) by converter warps
+# (0: a native history). Twelve warps in each: the default consumer warpgroup gets what the
+# others leave of 3 x 168 (232 native, 224 quantized). 2: two converter warps beside the loader
+# in the third warpgroup (which padding would fill anyway); 4: the third warpgroup loads and
+# converts (``_produce_partition``).
+LAUNCH_REGISTERS = {0: (168, 232, 40), 2: (168, 224, 56), 4: (168, 224, 56)}
 CONVERTER_WARPS = 4  # the default with a quantized history: measured faster than 2
 
 
@@ -211,6 +211,87 @@ def _convert_tiles(
         _cta_barrier()
         mbarrier.arrive(v_ready.index(stage), count=1)
         mbarrier.arrive(codes_empty.index(cstage), count=1)
+
+
+@gluon.jit
+def _load_codes(
+    it, cstage, kc_desc, vc_desc, kc_smem, vc_smem, kc_ready, vc_ready, table_ptr, codes_row, codes_col,
+    BLOCK_SIZE: gl.constexpr,
+):  # fmt: skip
+    """The code bytes of key tile ``it`` (of a whole block) into code stage ``cstage``."""
+    KV_N: gl.constexpr = kc_smem.type.shape[1]
+    SUBS: gl.constexpr = BLOCK_SIZE // KV_N
+    block = gl.load(table_ptr + it // SUBS).to(gl.int32)
+    start = block * BLOCK_SIZE + (it % SUBS) * KV_N
+    mbarrier.expect(kc_ready.index(cstage), kc_desc.block_type.nbytes)
+    _tma_load(kc_desc, [codes_row + start, codes_col], kc_ready.index(cstage), kc_smem.index(cstage))
+    mbarrier.expect(vc_ready.index(cstage), vc_desc.block_type.nbytes)
+    _tma_load(vc_desc, [codes_row + start, codes_col], vc_ready.index(cstage), vc_smem.index(cstage))
+
+
+@gluon.jit
+def _produce_partition(
+    q_desc, k_desc, v_desc, kc_desc, vc_desc, q_smem, k_smem, v_smem, kc_smem, vc_smem,
+    q_bar, k_ready, v_ready, kv_empty, kc_ready, vc_ready,
+    table_ptr, q_row, q_col, kv_row, kv_col, codes_row, codes_col, num_hist_tiles, codes_end,
+    it_begin, it_end, history_len, native_from,
+    k_scale_ptr, v_scale_ptr, k_min_ptr, v_min_ptr, k_scales, v_scales, stride_ksn, stride_vsn,
+    BLOCK_SIZE: gl.constexpr, INT4: gl.constexpr,
+):  # fmt: skip
+    """A quantized history's producer warpgroup (``converter_warps=4``): the loader's and the
+    converter's work in one partition, so that the kernel keeps three warpgroups and the
+    consumers their registers. Code tiles are loaded ``CSTAGES`` ahead (a code stage is reused
+    once its tile is converted: the same warps, no barrier to wait on), converted into the
+    stage ring in order; native tiles are loaded into it as the loader does."""
+    STAGES: gl.constexpr = k_smem.type.shape[0]
+    CSTAGES: gl.constexpr = kc_smem.type.shape[0]
+    KV_N: gl.constexpr = k_smem.type.shape[1]
+    HALF: gl.constexpr = q_smem.type.shape[1]
+    SUBS: gl.constexpr = BLOCK_SIZE // KV_N
+    ROWS: gl.constexpr = 8 * gl.num_warps()
+    mbarrier.expect(q_bar, 2 * q_desc.block_type.nbytes, pred=it_end > it_begin)
+    _tma_load(q_desc, [q_row, q_col], q_bar, q_smem.index(0), pred=it_end > it_begin)
+    _tma_load(q_desc, [q_row + HALF, q_col], q_bar, q_smem.index(1), pred=it_end > it_begin)
+    for c in gl.static_range(CSTAGES):
+        if it_begin + c < codes_end:
+            _load_codes(it_begin + c, c, kc_desc, vc_desc, kc_smem, vc_smem, kc_ready, vc_ready, table_ptr,
+                        codes_row, codes_col, BLOCK_SIZE)  # fmt: skip
+    for it in range(it_begin, it_end):
+        j = it - it_begin
+        stage = j % STAGES
+        mbarrier.wait(kv_empty.index(stage), ((j // STAGES) & 1) ^ 1)
+        if it < codes_end:
+            cstage = j % CSTAGES
+            block = gl.load(table_ptr + it // SUBS).to(gl.int32)
+            token = block * BLOCK_SIZE + (it % SUBS) * KV_N  # the tile's first row in the store
+            mbarrier.wait(kc_ready.index(cstage), (j // CSTAGES) & 1)
+            for r in gl.static_range(0, KV_N, ROWS):
+                _decode_rows(kc_smem.index(cstage), k_smem.index(stage), k_scale_ptr, k_min_ptr, k_scales,
+                             block, token, r, stride_ksn, ROWS, INT4, True)  # fmt: skip
+            fence_async_shared()
+            _cta_barrier()
+            mbarrier.arrive(k_ready.index(stage), count=1)
+            mbarrier.wait(vc_ready.index(cstage), (j // CSTAGES) & 1)
+            for r in gl.static_range(0, KV_N, ROWS):
+                _decode_rows(vc_smem.index(cstage), v_smem.index(stage), v_scale_ptr, v_min_ptr, v_scales,
+                             block, token, r, stride_vsn, ROWS, INT4, False)  # fmt: skip
+            # The fence also orders this stage's reads before the next TMA writes into it.
+            fence_async_shared()
+            _cta_barrier()
+            mbarrier.arrive(v_ready.index(stage), count=1)
+            if it + CSTAGES < codes_end:
+                _load_codes(it + CSTAGES, cstage, kc_desc, vc_desc, kc_smem, vc_smem, kc_ready, vc_ready,
+                            table_ptr, codes_row, codes_col, BLOCK_SIZE)  # fmt: skip
+        else:
+            if it < num_hist_tiles:
+                block = gl.load(table_ptr + it // SUBS).to(gl.int32)
+                start = block * BLOCK_SIZE + (it % SUBS) * KV_N - native_from
+            else:
+                start = history_len - native_from + (it - num_hist_tiles) * KV_N
+            mbarrier.expect(k_ready.index(stage), k_desc.block_type.nbytes)
+            _tma_load(k_desc, [kv_row + start, kv_col], k_ready.index(stage), k_smem.index(stage))
+            mbarrier.expect(v_ready.index(stage), v_desc.block_type.nbytes)
+            _tma_load(v_desc, [kv_row + start, kv_col], v_ready.index(stage), v_smem.index(stage))
 
 
 @gluon.jit
@@ -503,49 +584,86 @@ def _hopper_attention_kernel(
         vc_ready = v_ready
         codes_empty = kv_empty
 
-    gl.warp_specialize(
-        [
-            (
-                _consume,
+    if CONVERTER_WARPS == 2:
+        gl.warp_specialize(
+            [
                 (
-                    q_smem, k_smem, v_smem, q_bar, k_ready, v_ready, kv_empty,
-                    out_row_ptr, lse_row_ptr, handoff_ptr, flags_ptr, q_len, rows_start, split_part, part,
-                    last_part, num_hist_tiles, it_begin, it_end, last_block_tile, hist_end, chunk_end,
-                    qk_scale, stride_ol, 0, WRITE_LSE,
+                    _consume,
+                    (
+                        q_smem, k_smem, v_smem, q_bar, k_ready, v_ready, kv_empty,
+                        out_row_ptr, lse_row_ptr, handoff_ptr, flags_ptr, q_len, rows_start, split_part, part,
+                        last_part, num_hist_tiles, it_begin, it_end, last_block_tile, hist_end, chunk_end,
+                        qk_scale, stride_ol, 0, WRITE_LSE,
+                    ),
                 ),
-            ),
-            (
-                _consume_worker,
                 (
-                    q_smem, k_smem, v_smem, q_bar, k_ready, v_ready, kv_empty,
-                    out_row_ptr, lse_row_ptr, handoff_ptr, flags_ptr, q_len, rows_start, split_part, part,
-                    last_part, num_hist_tiles, it_begin, it_end, last_block_tile, hist_end, chunk_end,
-                    qk_scale, stride_ol, WRITE_LSE,
+                    _consume_worker,
+                    (
+                        q_smem, k_smem, v_smem, q_bar, k_ready, v_ready, kv_empty,
+                        out_row_ptr, lse_row_ptr, handoff_ptr, flags_ptr, q_len, rows_start, split_part, part,
+                        last_part, num_hist_tiles, it_begin, it_end, last_block_tile, hist_end, chunk_end,
+                        qk_scale, stride_ol, WRITE_LSE,
+                    ),
                 ),
-            ),
-            (
-                _load_partition,
                 (
-                    q_desc, k_desc, v_desc, kc_desc, vc_desc, q_smem, k_smem, v_smem, kc_smem, vc_smem,
-                    q_bar, k_ready, v_ready, kv_empty, kc_ready, vc_ready, codes_empty,
-                    table_ptr, q_row, q_col, kv_row, kv_col, codes_row, codes_col, num_hist_tiles,
-                    codes_end, it_begin, it_end, history_len, native_from, BLOCK_SIZE, QUANT,
+                    _load_partition,
+                    (
+                        q_desc, k_desc, v_desc, kc_desc, vc_desc, q_smem, k_smem, v_smem, kc_smem, vc_smem,
+                        q_bar, k_ready, v_ready, kv_empty, kc_ready, vc_ready, codes_empty,
+                        table_ptr, q_row, q_col, kv_row, kv_col, codes_row, codes_col, num_hist_tiles,
+                        codes_end, it_begin, it_end, history_len, native_from, BLOCK_SIZE, QUANT,
+                    ),
                 ),
-            ),
-            (
-                _convert_partition,
                 (
-                    kc_smem, vc_smem, k_smem, v_smem, kc_ready, vc_ready, codes_empty, k_ready, v_ready,
-                    kv_empty, table_ptr, k_scale_ptr, v_scale_ptr, k_min_ptr, v_min_ptr, k_scales,
-                    v_scales, stride_ksn, stride_vsn, it_begin, codes_end, BLOCK_SIZE, QUANT,
+                    _convert_partition,
+                    (
+                        kc_smem, vc_smem, k_smem, v_smem, kc_ready, vc_ready, codes_empty, k_ready, v_ready,
+                        kv_empty, table_ptr, k_scale_ptr, v_scale_ptr, k_min_ptr, v_min_ptr, k_scales,
+                        v_scales, stride_ksn, stride_vsn, it_begin, codes_end, BLOCK_SIZE, QUANT,
+                    ),
                 ),
-            ),
-        ],
-        [4, 1, CONVERTER_WARPS],
-        # The third warpgroup (the loader, the converter, a padding warp) takes the largest of
-        # their requests; the default warpgroup what the others leave of 3 x 168.
-        [WORKER_REGS, 40, CONVERTER_REGS],
-    )  # fmt: skip
+            ],
+            [4, 1, CONVERTER_WARPS],
+            # The third warpgroup (the loader, the converter, a padding warp) takes the largest of
+            # their requests; the default warpgroup what the others leave of 3 x 168.
+            [WORKER_REGS, 40, CONVERTER_REGS],
+        )  # fmt: skip
+    else:  # a quantized history's producer warpgroup (loads and converts)
+        gl.warp_specialize(
+            [
+                (
+                    _consume,
+                    (
+                        q_smem, k_smem, v_smem, q_bar, k_ready, v_ready, kv_empty,
+                        out_row_ptr, lse_row_ptr, handoff_ptr, flags_ptr, q_len, rows_start, split_part, part,
+                        last_part, num_hist_tiles, it_begin, it_end, last_block_tile, hist_end, chunk_end,
+                        qk_scale, stride_ol, 0, WRITE_LSE,
+                    ),
+                ),
+                (
+                    _consume_worker,
+                    (
+                        q_smem, k_smem, v_smem, q_bar, k_ready, v_ready, kv_empty,
+                        out_row_ptr, lse_row_ptr, handoff_ptr, flags_ptr, q_len, rows_start, split_part, part,
+                        last_part, num_hist_tiles, it_begin, it_end, last_block_tile, hist_end, chunk_end,
+                        qk_scale, stride_ol, WRITE_LSE,
+                    ),
+                ),
+                (
+                    _produce_partition,
+                    (
+                        q_desc, k_desc, v_desc, kc_desc, vc_desc, q_smem, k_smem, v_smem, kc_smem, vc_smem,
+                        q_bar, k_ready, v_ready, kv_empty, kc_ready, vc_ready,
+                        table_ptr, q_row, q_col, kv_row, kv_col, codes_row, codes_col, num_hist_tiles,
+                        codes_end, it_begin, it_end, history_len, native_from,
+                        k_scale_ptr, v_scale_ptr, k_min_ptr, v_min_ptr, k_scales, v_scales, stride_ksn,
+                        stride_vsn, BLOCK_SIZE, QUANT == 2,
+                    ),
+                ),
+            ],
+            [4, 4],
+            [WORKER_REGS, CONVERTER_REGS],
+        )  # fmt: skip
 
 
 def _row_view(t: torch.Tensor) -> tuple[int, int] | None:
@@ -689,7 +807,8 @@ def scattered_attention(
         scale * 1.4426950408889634, num_q_tiles, num_tiles - num_split_tiles, splits, *quantized,
         BLOCK_SIZE=block_size, STAGES=stages, WRITE_LSE=return_lse,
         QUANT=0 if store is None else {"fp8": 1, "int4": 2}[store.kv_format],
-        WORKER_REGS=worker_regs, CONVERTER_REGS=converter_regs, CONVERTER_WARPS=max(converter_warps, 2),
+        WORKER_REGS=worker_regs, CONVERTER_REGS=converter_regs,
+        CONVERTER_WARPS=2 if store is None else converter_warps,
         num_warps=4, maxnreg=maxnreg,
     )  # fmt: skip
     return out, (lse if return_lse else None)

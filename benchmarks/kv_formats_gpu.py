@@ -36,7 +36,7 @@ from omnimem.store.blocks import QuantizedBlocks
 VARIANTS = [
     dict(),  # the default: on Hopper the Gluon kernel for int4 (GLUON_FORMATS), else the next
     dict(kernel="triton"),  # the Triton-language kernel (decodes in registers)
-    dict(kernel="gluon"),  # Hopper: a converter warpgroup dequantizes code tiles in shared memory
+    dict(kernel="gluon"),  # Hopper: a producer warpgroup loads and dequantizes code tiles
     dict(kernel="gluon", converter_warps=2),  # two converter warps beside the loader
     dict(fp16_products=True),  # the whole quantized blocks' products in fp16 (an experiment)
     dict(block_n=64),

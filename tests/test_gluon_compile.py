@@ -1,7 +1,7 @@
 """The Hopper Gluon kernel (``backends/gluon_attention.py``) compiles for sm_90 here, without a
 GPU: native, fp8 and int4 histories, head dims 64 and 128, one and two key tiles a block. Its
 shared memory fits a Hopper SM and no thread spills registers to local memory (the converter
-partition of a quantized history shares the register file with the consumers). Running it
+or producer warps of a quantized history share the register file with the consumers). Running it
 needs a Hopper GPU (``tests/test_kernels.py``)."""
 
 from __future__ import annotations
@@ -90,7 +90,9 @@ def test_hopper_kernel_compiles_for_sm90(quant, head_dim, block_size, converter_
     assert result["setmaxnreg"]  # the partitions rebalance registers
     if result["usage"] is None:
         pytest.skip("no cuobjdump to read the local-memory usage")
-    assert "LOCAL:0" in result["usage"], result["usage"]  # no thread spills
+    # No thread spills registers (the producer warpgroup of a quantized history leaves the
+    # consumers 224 a thread).
+    assert "LOCAL:0" in result["usage"] and "STACK:0" in result["usage"], result["usage"]
 
 
 def _bundled(tool: str) -> str | None:
