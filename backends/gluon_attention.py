@@ -108,55 +108,68 @@ def _codes_layout(width, warps):
 
 
 @gluon.jit
-def _decode_rows(codes_smem, out_smem, scale_ptr, min_ptr, scales, block, token, first, stride_sn,
-                 ROWS: gl.constexpr, INT4: gl.constexpr, IS_KEY: gl.constexpr):  # fmt: skip
-    """Rows ``[first, first + ROWS)`` of a code tile (store rows from ``token + first``, in
-    whole block ``block``) into the same rows of ``out_smem`` (the compute dtype), with integer
-    operations and multiplies, not conversions (Hopper converts at a quarter of the FMA rate:
-    docs/memory.md). fp8: ``code * scale`` in float32 as the reference (a scale per block), then
-    rounded. int4: ``code * scale + minimum`` (keys per block and channel, values per token) in
-    one fused multiply-add of the compute dtype.
-    ``scales``: the (batch, head) offset into the scale and minimum buffers."""
+def _int4_rows(codes_smem, first, ROWS: gl.constexpr, layout: gl.constexpr, dtype: gl.constexpr):
+    """int4 codes of rows ``[first, first + ROWS)`` of a code tile as ``dtype`` values, exactly:
+    the code ORed into the mantissa of 128 (bf16) or 1024 (fp16), minus that."""
+    HEAD_DIM: gl.constexpr = 2 * codes_smem.type.shape[1]
+    WARPS: gl.constexpr = gl.num_warps()
+    raw_layout: gl.constexpr = gl.BlockedLayout(
+        [1, 8], [32 // (HEAD_DIM // 16), HEAD_DIM // 16], [WARPS, 1], [1, 0]
+    )
+    raw = codes_smem.slice(first, ROWS).load(raw_layout)
+    pairs = gl.join(raw & 0xF, raw >> 4)  # channel 2c from the low nibble of byte c
+    codes = gl.convert_layout(gl.reshape(pairs, [ROWS, HEAD_DIM]), layout).to(gl.int16)
+    if dtype == gl.bfloat16:
+        x = (codes | 0x4300).to(gl.bfloat16, bitcast=True) - 128.0
+    else:
+        x = (codes | 0x6400).to(gl.float16, bitcast=True) - 1024.0
+    return x
+
+
+@gluon.jit
+def _decode_tile(codes_smem, out_smem, scale_ptr, min_ptr, scales, block, token, stride_sn,
+                 INT4: gl.constexpr, IS_KEY: gl.constexpr):  # fmt: skip
+    """A code tile (store rows from ``token``, in whole block ``block``) into ``out_smem`` (the
+    compute dtype), a pass of ``8 x warps`` rows at a time, with integer operations and
+    multiplies, not conversions (Hopper converts at a quarter of the FMA rate: docs/memory.md).
+    fp8: ``code * scale`` in float32 as the reference (a scale per block), then rounded. int4:
+    ``code * scale + minimum`` (keys per block and channel, loaded once a tile; values per
+    token) in one fused multiply-add of the compute dtype. ``scales``: the (batch, head) offset
+    into the scale and minimum buffers."""
+    KV_N: gl.constexpr = out_smem.type.shape[0]
     HEAD_DIM: gl.constexpr = out_smem.type.shape[1]
     WARPS: gl.constexpr = gl.num_warps()
-    out_layout: gl.constexpr = _codes_layout(HEAD_DIM, WARPS)
+    ROWS: gl.constexpr = 8 * WARPS
+    layout: gl.constexpr = _codes_layout(HEAD_DIM, WARPS)
     dtype: gl.constexpr = out_smem.dtype
-    rows = codes_smem.slice(first, ROWS)
     if INT4:
-        raw_layout: gl.constexpr = gl.BlockedLayout(
-            [1, 8], [32 // (HEAD_DIM // 16), HEAD_DIM // 16], [WARPS, 1], [1, 0]
-        )
-        raw = rows.load(raw_layout)
-        # Channel 2c from the low nibble of byte c.
-        pairs = gl.join(raw & 0xF, raw >> 4)
-        codes = gl.convert_layout(gl.reshape(pairs, [ROWS, HEAD_DIM]), out_layout).to(gl.int16)
-        # The code ORed into the mantissa of 128 (bf16) or 1024 (fp16), exact, minus that.
-        if dtype == gl.bfloat16:
-            x = (codes | 0x4300).to(gl.bfloat16, bitcast=True) - 128.0
-        else:
-            x = (codes | 0x6400).to(gl.float16, bitcast=True) - 1024.0
         if IS_KEY:
-            dims = gl.arange(0, HEAD_DIM, layout=gl.SliceLayout(0, out_layout))
+            dims = gl.arange(0, HEAD_DIM, layout=gl.SliceLayout(0, layout))
             channel = scales + block.to(gl.int64) * stride_sn + dims
             scale = gl.load(scale_ptr + channel).to(dtype)
             low = gl.load(min_ptr + channel).to(dtype)
-            x = x * scale[None, :] + low[None, :]
+            for r in gl.static_range(0, KV_N, ROWS):
+                x = _int4_rows(codes_smem, r, ROWS, layout, dtype)
+                out_smem.slice(r, ROWS).store(x * scale[None, :] + low[None, :])
         else:
-            tokens = token + first + gl.arange(0, ROWS, layout=gl.SliceLayout(1, out_layout))
-            per_token = scales + tokens.to(gl.int64) * stride_sn
-            scale = gl.load(scale_ptr + per_token).to(dtype)
-            low = gl.load(min_ptr + per_token).to(dtype)
-            x = x * scale[:, None] + low[:, None]
+            for r in gl.static_range(0, KV_N, ROWS):
+                x = _int4_rows(codes_smem, r, ROWS, layout, dtype)
+                tokens = token + r + gl.arange(0, ROWS, layout=gl.SliceLayout(1, layout))
+                per_token = scales + tokens.to(gl.int64) * stride_sn
+                scale = gl.load(scale_ptr + per_token).to(dtype)
+                low = gl.load(min_ptr + per_token).to(dtype)
+                out_smem.slice(r, ROWS).store(x * scale[:, None] + low[:, None])
     else:
         # e4m3 sign, exponent and mantissa bits moved into a float32: the value times 2**-120,
         # normals and subnormals alike (the exponent biases differ by 120), scaled back by two
         # exact powers of two around the block's scale: float32(code * scale), one rounding, as
         # the reference's; a bf16 or fp16 conversion a pair is the only conversion left.
-        codes = rows.load(out_layout).to(gl.int32)
-        bits = ((codes & 0x7F) << 20) | ((codes & 0x80) << 24)
         scale = gl.load(scale_ptr + scales + block.to(gl.int64) * stride_sn) * 1.152921504606847e18
-        x = bits.to(gl.float32, bitcast=True) * 1.152921504606847e18 * scale
-    out_smem.slice(first, ROWS).store(x.to(dtype))
+        for r in gl.static_range(0, KV_N, ROWS):
+            codes = codes_smem.slice(r, ROWS).load(layout).to(gl.int32)
+            bits = ((codes & 0x7F) << 20) | ((codes & 0x80) << 24)
+            x = bits.to(gl.float32, bitcast=True) * 1.152921504606847e18 * scale
+            out_smem.slice(r, ROWS).store(x.to(dtype))
 
 
 @gluon.jit
@@ -187,7 +200,6 @@ def _convert_tiles(
     CSTAGES: gl.constexpr = kc_smem.type.shape[0]
     KV_N: gl.constexpr = k_smem.type.shape[1]
     SUBS: gl.constexpr = BLOCK_SIZE // KV_N
-    ROWS: gl.constexpr = 8 * gl.num_warps()  # rows a pass: 16 (2 warps) or 32 (4 warps)
     for it in range(it_begin, codes_end):
         j = it - it_begin
         stage = j % STAGES
@@ -196,17 +208,15 @@ def _convert_tiles(
         token = block * BLOCK_SIZE + (it % SUBS) * KV_N  # the tile's first row in the store
         mbarrier.wait(kv_empty.index(stage), ((j // STAGES) & 1) ^ 1)
         mbarrier.wait(kc_ready.index(cstage), (j // CSTAGES) & 1)
-        for r in gl.static_range(0, KV_N, ROWS):
-            _decode_rows(kc_smem.index(cstage), k_smem.index(stage), k_scale_ptr, k_min_ptr, k_scales, block,
-                         token, r, stride_ksn, ROWS, INT4, True)  # fmt: skip
+        _decode_tile(kc_smem.index(cstage), k_smem.index(stage), k_scale_ptr, k_min_ptr, k_scales, block,
+                     token, stride_ksn, INT4, True)  # fmt: skip
         # Every thread's writes visible to the tensor cores (async proxy), then one arrival.
         fence_async_shared()
         _cta_barrier()
         mbarrier.arrive(k_ready.index(stage), count=1)
         mbarrier.wait(vc_ready.index(cstage), (j // CSTAGES) & 1)
-        for r in gl.static_range(0, KV_N, ROWS):
-            _decode_rows(vc_smem.index(cstage), v_smem.index(stage), v_scale_ptr, v_min_ptr, v_scales, block,
-                         token, r, stride_vsn, ROWS, INT4, False)  # fmt: skip
+        _decode_tile(vc_smem.index(cstage), v_smem.index(stage), v_scale_ptr, v_min_ptr, v_scales, block,
+                     token, stride_vsn, INT4, False)  # fmt: skip
         fence_async_shared()
         _cta_barrier()
         mbarrier.arrive(v_ready.index(stage), count=1)
@@ -248,7 +258,6 @@ def _produce_partition(
     KV_N: gl.constexpr = k_smem.type.shape[1]
     HALF: gl.constexpr = q_smem.type.shape[1]
     SUBS: gl.constexpr = BLOCK_SIZE // KV_N
-    ROWS: gl.constexpr = 8 * gl.num_warps()
     mbarrier.expect(q_bar, 2 * q_desc.block_type.nbytes, pred=it_end > it_begin)
     _tma_load(q_desc, [q_row, q_col], q_bar, q_smem.index(0), pred=it_end > it_begin)
     _tma_load(q_desc, [q_row + HALF, q_col], q_bar, q_smem.index(1), pred=it_end > it_begin)
@@ -265,16 +274,14 @@ def _produce_partition(
             block = gl.load(table_ptr + it // SUBS).to(gl.int32)
             token = block * BLOCK_SIZE + (it % SUBS) * KV_N  # the tile's first row in the store
             mbarrier.wait(kc_ready.index(cstage), (j // CSTAGES) & 1)
-            for r in gl.static_range(0, KV_N, ROWS):
-                _decode_rows(kc_smem.index(cstage), k_smem.index(stage), k_scale_ptr, k_min_ptr, k_scales,
-                             block, token, r, stride_ksn, ROWS, INT4, True)  # fmt: skip
+            _decode_tile(kc_smem.index(cstage), k_smem.index(stage), k_scale_ptr, k_min_ptr, k_scales, block,
+                         token, stride_ksn, INT4, True)  # fmt: skip
             fence_async_shared()
             _cta_barrier()
             mbarrier.arrive(k_ready.index(stage), count=1)
             mbarrier.wait(vc_ready.index(cstage), (j // CSTAGES) & 1)
-            for r in gl.static_range(0, KV_N, ROWS):
-                _decode_rows(vc_smem.index(cstage), v_smem.index(stage), v_scale_ptr, v_min_ptr, v_scales,
-                             block, token, r, stride_vsn, ROWS, INT4, False)  # fmt: skip
+            _decode_tile(vc_smem.index(cstage), v_smem.index(stage), v_scale_ptr, v_min_ptr, v_scales, block,
+                         token, stride_vsn, INT4, False)  # fmt: skip
             # The fence also orders this stage's reads before the next TMA writes into it.
             fence_async_shared()
             _cta_barrier()
