@@ -7,7 +7,7 @@ block and the current chunk are native rows of a small *tail* buffer. The tuned
 Triton-language kernel (``triton_attention``) runs with the store: a selected whole block is read
 as its quantized bytes and decoded in registers (``quantized_tiles``). On Hopper the
 warp-specialized kernel (``gluon_attention``) runs instead where it is the faster
-(``GLUON_FORMATS``: int4) or is asked for (``kernel="gluon"``): its loader brings a selected
+(``GLUON_FORMATS``) or is asked for (``kernel="gluon"``): its loader brings a selected
 block's code bytes into shared memory and a converter partition dequantizes them there for the
 tensor cores. Neither makes a native copy of the history or of the selection's blocks.
 """
@@ -96,9 +96,12 @@ def quantized_attention(
     )  # fmt: skip
 
 
-# Formats whose quantized call the Gluon kernel runs faster than the Triton-language one, as
-# measured (H100, 2026-12-07, benchmarks/kv_formats_gpu.py --quick: int4 1.259 against 1.705 ms).
-GLUON_FORMATS = frozenset({"int4"})
+# Formats whose quantized call ``kernel="auto"`` runs on the Gluon kernel. Its int4 call measured
+# 1.259 ms against the Triton-language kernel's 1.705 (H100, 2026-12-07, kv_formats_gpu.py
+# --quick) with a converter warpgroup beside the loader; the kernel as it stands (a producer
+# warpgroup that loads and converts, fp8 scaled in the converter) compiles without spills but
+# has not run on a GPU yet (benchmarks/pending_gpu.sh gluonq): until it has, none.
+GLUON_FORMATS: frozenset[str] = frozenset()
 
 
 @functools.cache

@@ -34,7 +34,7 @@ from omnimem.store.blocks import QuantizedBlocks
 # Tile configurations of the quantized kernel (keyword arguments of quantized_attention, over
 # triton_attention.scattered_attention's defaults: 128 x 128 tiles, 8 warps, 3 stages).
 VARIANTS = [
-    dict(),  # the default: on Hopper the Gluon kernel for int4 (GLUON_FORMATS), else the next
+    dict(),  # the default (GLUON_FORMATS on Hopper, else the Triton-language kernel)
     dict(kernel="triton"),  # the Triton-language kernel (decodes in registers)
     dict(kernel="gluon"),  # Hopper: a producer warpgroup loads and dequantizes code tiles
     dict(kernel="gluon", converter_warps=2),  # two converter warps beside the loader
