@@ -12,6 +12,9 @@
 #   benchmarks/pending_gpu.sh next # GPU tests of the last CPU-only changes; issue 38's codebases
 #   benchmarks/pending_gpu.sh gluonq # the Gluon kernel over a quantized history: its tests, the
 #                                  # sparse call at 60 s beside bf16, the 4-minute int4 chunk
+#                                  # (the producer-warpgroup version has not run yet: run this
+#                                  # first; if it passes and int4 wins, put "int4" in
+#                                  # backends/quantized_attention.py GLUON_FORMATS)
 #
 # Both 36 and 37 ran on an H100 on 2026-12-07 (results in docs/memory.md, docs/positions.md).
 #

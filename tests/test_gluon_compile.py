@@ -2,7 +2,8 @@
 GPU: native, fp8 and int4 histories, head dims 64 and 128, one and two key tiles a block. Its
 shared memory fits a Hopper SM and no thread spills registers to local memory (the converter
 or producer warps of a quantized history share the register file with the consumers). Running it
-needs a Hopper GPU (``tests/test_kernels.py``)."""
+needs a Hopper GPU (``tests/test_kernels.py``); the converter's arithmetic is replayed in torch
+here against the reference dequantization."""
 
 from __future__ import annotations
 
@@ -93,6 +94,45 @@ def test_hopper_kernel_compiles_for_sm90(quant, head_dim, block_size, converter_
     # No thread spills registers (the producer warpgroup of a quantized history leaves the
     # consumers 224 a thread).
     assert "LOCAL:0" in result["usage"] and "STACK:0" in result["usage"], result["usage"]
+
+
+def test_converter_arithmetic_is_the_reference_dequantization():
+    """The Gluon converter's arithmetic (``_decode_tile``), replayed in torch, against
+    ``omnimem.store.formats.dequantize``. fp8: the e4m3 bits moved into a float32 are the value
+    times 2**-120 for every finite code (subnormals too), and the two 2**60 factors around the
+    scale give the reference's float32 product: bf16 outputs equal bit for bit. int4: the code
+    ORed into bf16 128 minus 128 is the code, and one fused multiply-add (one rounding, emulated
+    in float64, exact here) differs from the reference's float32-then-bf16 in double-rounding
+    ties only: at most one bf16 ulp, rarely."""
+    import torch
+
+    from omnimem.store.formats import dequantize, quantize
+
+    gen = torch.Generator().manual_seed(0)
+    x = torch.randn(1, 2, 4 * 128, 128, generator=gen) * torch.logspace(-3, 2, 128)
+    x[0, 0, :128, :7] = 1e-4  # tiny values: subnormal codes
+    q = quantize(x, "fp8", role="key", block_size=128)
+    codes = q.data.view(torch.uint8).to(torch.int32)
+    bits = ((codes & 0x7F) << 20) | ((codes & 0x80) << 24)
+    scale = q.scale.repeat_interleave(128, dim=2)[..., None] * 2.0**60
+    replay = (bits.view(torch.float32) * 2.0**60 * scale).to(torch.bfloat16)
+    assert (codes & 0x7F).lt(8).any()  # subnormal codes were exercised
+    assert torch.equal(replay, dequantize(q, torch.bfloat16))
+
+    for role in ("key", "value"):
+        q = quantize(x, "int4", role=role, block_size=128)
+        nibbles = torch.stack([q.data & 0xF, q.data >> 4], dim=-1).flatten(-2).to(torch.int16)
+        code = ((nibbles | 0x4300).view(torch.bfloat16).double() - 128.0).to(torch.bfloat16)
+        assert torch.equal(code.double(), nibbles.double())  # exact
+        if role == "key":
+            scale = q.scale.repeat_interleave(128, dim=2)
+            low = q.minimum.repeat_interleave(128, dim=2)
+        else:
+            scale, low = q.scale[..., None], q.minimum[..., None]
+        fused = (code.double() * scale.double() + low.double()).to(torch.bfloat16)  # one rounding
+        want = dequantize(q, torch.bfloat16)
+        ulps = (fused.view(torch.int16).int() - want.view(torch.int16).int()).abs()
+        assert ulps.max() <= 1 and ulps.float().mean() < 1e-3, (role, ulps.max(), ulps.float().mean())
 
 
 def _bundled(tool: str) -> str | None:
