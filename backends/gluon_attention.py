@@ -56,6 +56,16 @@ CONVERTER_WARPS = 4  # the default with a quantized history: measured faster tha
 
 
 @gluon.jit
+def _load_queries(q_desc, q_smem, q_bar, q_row, q_col, any_tiles):
+    """The tile's two halves of queries (an empty part, ``any_tiles`` false, loads nothing:
+    its consumers skip the queries)."""
+    HALF: gl.constexpr = q_smem.type.shape[1]
+    mbarrier.expect(q_bar, 2 * q_desc.block_type.nbytes, pred=any_tiles)
+    _tma_load(q_desc, [q_row, q_col], q_bar, q_smem.index(0), pred=any_tiles)
+    _tma_load(q_desc, [q_row + HALF, q_col], q_bar, q_smem.index(1), pred=any_tiles)
+
+
+@gluon.jit
 def _load_partition(
     q_desc, k_desc, v_desc, kc_desc, vc_desc, q_smem, k_smem, v_smem, kc_smem, vc_smem,
     q_bar, k_ready, v_ready, kv_empty, kc_ready, vc_ready, codes_empty,
@@ -69,35 +79,20 @@ def _load_partition(
     (``k_desc``/``v_desc``), whose token 0 is history token ``native_from``."""
     STAGES: gl.constexpr = k_smem.type.shape[0]
     CSTAGES: gl.constexpr = kc_smem.type.shape[0]
-    KV_N: gl.constexpr = k_smem.type.shape[1]
-    HALF: gl.constexpr = q_smem.type.shape[1]
-    SUBS: gl.constexpr = BLOCK_SIZE // KV_N
-    mbarrier.expect(q_bar, 2 * q_desc.block_type.nbytes, pred=it_end > it_begin)
-    _tma_load(q_desc, [q_row, q_col], q_bar, q_smem.index(0), pred=it_end > it_begin)
-    _tma_load(q_desc, [q_row + HALF, q_col], q_bar, q_smem.index(1), pred=it_end > it_begin)
+    _load_queries(q_desc, q_smem, q_bar, q_row, q_col, it_end > it_begin)
     for it in range(it_begin, it_end):
         j = it - it_begin
         if QUANT and it < codes_end:
-            block = gl.load(table_ptr + it // SUBS).to(gl.int32)
-            start = block * BLOCK_SIZE + (it % SUBS) * KV_N
             cstage = j % CSTAGES
             mbarrier.wait(codes_empty.index(cstage), ((j // CSTAGES) & 1) ^ 1)
-            mbarrier.expect(kc_ready.index(cstage), kc_desc.block_type.nbytes)
-            _tma_load(kc_desc, [codes_row + start, codes_col], kc_ready.index(cstage), kc_smem.index(cstage))
-            mbarrier.expect(vc_ready.index(cstage), vc_desc.block_type.nbytes)
-            _tma_load(vc_desc, [codes_row + start, codes_col], vc_ready.index(cstage), vc_smem.index(cstage))
+            _load_codes(it, cstage, kc_desc, vc_desc, kc_smem, vc_smem, kc_ready, vc_ready, table_ptr,
+                        codes_row, codes_col, BLOCK_SIZE)  # fmt: skip
         else:
-            if it < num_hist_tiles:
-                block = gl.load(table_ptr + it // SUBS).to(gl.int32)
-                start = block * BLOCK_SIZE + (it % SUBS) * KV_N - native_from
-            else:
-                start = history_len - native_from + (it - num_hist_tiles) * KV_N
             stage = j % STAGES
+            # A stage is free once both consumers finished its PV (barriers start "phase 1 done").
             mbarrier.wait(kv_empty.index(stage), ((j // STAGES) & 1) ^ 1)
-            mbarrier.expect(k_ready.index(stage), k_desc.block_type.nbytes)
-            _tma_load(k_desc, [kv_row + start, kv_col], k_ready.index(stage), k_smem.index(stage))
-            mbarrier.expect(v_ready.index(stage), v_desc.block_type.nbytes)
-            _tma_load(v_desc, [kv_row + start, kv_col], v_ready.index(stage), v_smem.index(stage))
+            _load_native(it, stage, k_desc, v_desc, k_smem, v_smem, k_ready, v_ready, table_ptr, kv_row,
+                         kv_col, num_hist_tiles, history_len, native_from, BLOCK_SIZE)  # fmt: skip
 
 
 @gluon.constexpr_function
@@ -198,29 +193,68 @@ def _convert_tiles(
 ):  # fmt: skip
     STAGES: gl.constexpr = k_smem.type.shape[0]
     CSTAGES: gl.constexpr = kc_smem.type.shape[0]
-    KV_N: gl.constexpr = k_smem.type.shape[1]
-    SUBS: gl.constexpr = BLOCK_SIZE // KV_N
     for it in range(it_begin, codes_end):
         j = it - it_begin
         stage = j % STAGES
-        cstage = j % CSTAGES
-        block = gl.load(table_ptr + it // SUBS).to(gl.int32)
-        token = block * BLOCK_SIZE + (it % SUBS) * KV_N  # the tile's first row in the store
         mbarrier.wait(kv_empty.index(stage), ((j // STAGES) & 1) ^ 1)
-        mbarrier.wait(kc_ready.index(cstage), (j // CSTAGES) & 1)
-        _decode_tile(kc_smem.index(cstage), k_smem.index(stage), k_scale_ptr, k_min_ptr, k_scales, block,
-                     token, stride_ksn, INT4, True)  # fmt: skip
-        # Every thread's writes visible to the tensor cores (async proxy), then one arrival.
-        fence_async_shared()
-        _cta_barrier()
-        mbarrier.arrive(k_ready.index(stage), count=1)
-        mbarrier.wait(vc_ready.index(cstage), (j // CSTAGES) & 1)
-        _decode_tile(vc_smem.index(cstage), v_smem.index(stage), v_scale_ptr, v_min_ptr, v_scales, block,
-                     token, stride_vsn, INT4, False)  # fmt: skip
-        fence_async_shared()
-        _cta_barrier()
-        mbarrier.arrive(v_ready.index(stage), count=1)
-        mbarrier.arrive(codes_empty.index(cstage), count=1)
+        _convert_tile(
+            it, j, kc_smem, vc_smem, k_smem, v_smem, kc_ready, vc_ready, k_ready, v_ready, table_ptr,
+            k_scale_ptr, v_scale_ptr, k_min_ptr, v_min_ptr, k_scales, v_scales, stride_ksn, stride_vsn,
+            BLOCK_SIZE, INT4,
+        )  # fmt: skip
+        mbarrier.arrive(codes_empty.index(j % CSTAGES), count=1)
+
+
+@gluon.jit
+def _load_native(
+    it, stage, k_desc, v_desc, k_smem, v_smem, k_ready, v_ready, table_ptr, kv_row, kv_col, num_hist_tiles,
+    history_len, native_from, BLOCK_SIZE: gl.constexpr,
+):  # fmt: skip
+    """Keys and values of native key tile ``it`` (a history block's, or the chunk's after the
+    history's ``num_hist_tiles``) into stage ``stage``; token 0 of the descriptors' rows is
+    history token ``native_from``."""
+    KV_N: gl.constexpr = k_smem.type.shape[1]
+    SUBS: gl.constexpr = BLOCK_SIZE // KV_N
+    if it < num_hist_tiles:
+        block = gl.load(table_ptr + it // SUBS).to(gl.int32)
+        start = block * BLOCK_SIZE + (it % SUBS) * KV_N - native_from
+    else:
+        start = history_len - native_from + (it - num_hist_tiles) * KV_N
+    mbarrier.expect(k_ready.index(stage), k_desc.block_type.nbytes)
+    _tma_load(k_desc, [kv_row + start, kv_col], k_ready.index(stage), k_smem.index(stage))
+    mbarrier.expect(v_ready.index(stage), v_desc.block_type.nbytes)
+    _tma_load(v_desc, [kv_row + start, kv_col], v_ready.index(stage), v_smem.index(stage))
+
+
+@gluon.jit
+def _convert_tile(
+    it, j, kc_smem, vc_smem, k_smem, v_smem, kc_ready, vc_ready, k_ready, v_ready, table_ptr,
+    k_scale_ptr, v_scale_ptr, k_min_ptr, v_min_ptr, k_scales, v_scales, stride_ksn, stride_vsn,
+    BLOCK_SIZE: gl.constexpr, INT4: gl.constexpr,
+):  # fmt: skip
+    """Code tile ``it`` (the ``j``-th of its part) from its code stage into its stage of the
+    ring (free: the caller waited), keys then values, each announced to the consumers once
+    every thread's writes are visible to the tensor cores (async proxy)."""
+    STAGES: gl.constexpr = k_smem.type.shape[0]
+    CSTAGES: gl.constexpr = kc_smem.type.shape[0]
+    KV_N: gl.constexpr = k_smem.type.shape[1]
+    SUBS: gl.constexpr = BLOCK_SIZE // KV_N
+    stage = j % STAGES
+    cstage = j % CSTAGES
+    block = gl.load(table_ptr + it // SUBS).to(gl.int32)
+    token = block * BLOCK_SIZE + (it % SUBS) * KV_N  # the tile's first row in the store
+    mbarrier.wait(kc_ready.index(cstage), (j // CSTAGES) & 1)
+    _decode_tile(kc_smem.index(cstage), k_smem.index(stage), k_scale_ptr, k_min_ptr, k_scales, block, token,
+                 stride_ksn, INT4, True)  # fmt: skip
+    fence_async_shared()
+    _cta_barrier()
+    mbarrier.arrive(k_ready.index(stage), count=1)
+    mbarrier.wait(vc_ready.index(cstage), (j // CSTAGES) & 1)
+    _decode_tile(vc_smem.index(cstage), v_smem.index(stage), v_scale_ptr, v_min_ptr, v_scales, block, token,
+                 stride_vsn, INT4, False)  # fmt: skip
+    fence_async_shared()
+    _cta_barrier()
+    mbarrier.arrive(v_ready.index(stage), count=1)
 
 
 @gluon.jit
@@ -255,12 +289,7 @@ def _produce_partition(
     stage ring in order; native tiles are loaded into it as the loader does."""
     STAGES: gl.constexpr = k_smem.type.shape[0]
     CSTAGES: gl.constexpr = kc_smem.type.shape[0]
-    KV_N: gl.constexpr = k_smem.type.shape[1]
-    HALF: gl.constexpr = q_smem.type.shape[1]
-    SUBS: gl.constexpr = BLOCK_SIZE // KV_N
-    mbarrier.expect(q_bar, 2 * q_desc.block_type.nbytes, pred=it_end > it_begin)
-    _tma_load(q_desc, [q_row, q_col], q_bar, q_smem.index(0), pred=it_end > it_begin)
-    _tma_load(q_desc, [q_row + HALF, q_col], q_bar, q_smem.index(1), pred=it_end > it_begin)
+    _load_queries(q_desc, q_smem, q_bar, q_row, q_col, it_end > it_begin)
     for c in gl.static_range(CSTAGES):
         if it_begin + c < codes_end:
             _load_codes(it_begin + c, c, kc_desc, vc_desc, kc_smem, vc_smem, kc_ready, vc_ready, table_ptr,
@@ -270,35 +299,18 @@ def _produce_partition(
         stage = j % STAGES
         mbarrier.wait(kv_empty.index(stage), ((j // STAGES) & 1) ^ 1)
         if it < codes_end:
-            cstage = j % CSTAGES
-            block = gl.load(table_ptr + it // SUBS).to(gl.int32)
-            token = block * BLOCK_SIZE + (it % SUBS) * KV_N  # the tile's first row in the store
-            mbarrier.wait(kc_ready.index(cstage), (j // CSTAGES) & 1)
-            _decode_tile(kc_smem.index(cstage), k_smem.index(stage), k_scale_ptr, k_min_ptr, k_scales, block,
-                         token, stride_ksn, INT4, True)  # fmt: skip
-            fence_async_shared()
-            _cta_barrier()
-            mbarrier.arrive(k_ready.index(stage), count=1)
-            mbarrier.wait(vc_ready.index(cstage), (j // CSTAGES) & 1)
-            _decode_tile(vc_smem.index(cstage), v_smem.index(stage), v_scale_ptr, v_min_ptr, v_scales, block,
-                         token, stride_vsn, INT4, False)  # fmt: skip
-            # The fence also orders this stage's reads before the next TMA writes into it.
-            fence_async_shared()
-            _cta_barrier()
-            mbarrier.arrive(v_ready.index(stage), count=1)
+            _convert_tile(
+                it, j, kc_smem, vc_smem, k_smem, v_smem, kc_ready, vc_ready, k_ready, v_ready, table_ptr,
+                k_scale_ptr, v_scale_ptr, k_min_ptr, v_min_ptr, k_scales, v_scales, stride_ksn, stride_vsn,
+                BLOCK_SIZE, INT4,
+            )  # fmt: skip
+            # Its fence ordered this code stage's reads before the TMA that refills it.
             if it + CSTAGES < codes_end:
-                _load_codes(it + CSTAGES, cstage, kc_desc, vc_desc, kc_smem, vc_smem, kc_ready, vc_ready,
+                _load_codes(it + CSTAGES, j % CSTAGES, kc_desc, vc_desc, kc_smem, vc_smem, kc_ready, vc_ready,
                             table_ptr, codes_row, codes_col, BLOCK_SIZE)  # fmt: skip
         else:
-            if it < num_hist_tiles:
-                block = gl.load(table_ptr + it // SUBS).to(gl.int32)
-                start = block * BLOCK_SIZE + (it % SUBS) * KV_N - native_from
-            else:
-                start = history_len - native_from + (it - num_hist_tiles) * KV_N
-            mbarrier.expect(k_ready.index(stage), k_desc.block_type.nbytes)
-            _tma_load(k_desc, [kv_row + start, kv_col], k_ready.index(stage), k_smem.index(stage))
-            mbarrier.expect(v_ready.index(stage), v_desc.block_type.nbytes)
-            _tma_load(v_desc, [kv_row + start, kv_col], v_ready.index(stage), v_smem.index(stage))
+            _load_native(it, stage, k_desc, v_desc, k_smem, v_smem, k_ready, v_ready, table_ptr, kv_row,
+                         kv_col, num_hist_tiles, history_len, native_from, BLOCK_SIZE)  # fmt: skip
 
 
 @gluon.jit
