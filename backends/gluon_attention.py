@@ -10,9 +10,9 @@ cores; within a warpgroup the next tile's QK^T is issued before this tile's PV c
 Triton 3.6 cannot express this for Hopper (its kernel waits on every wgmma group and keeps
 CTA barriers in the loop), which is what limits ``triton_attention``.
 
-A quantized history (``store=``, fp8 or int4) adds a fourth partition: the loader brings each
-selected whole block's code bytes (half or a quarter of the bf16 bytes) into a ring of its own,
-and two converter warps dequantize them into the consumers' stage ring, exactly as
+With a quantized history (``store=``, fp8 or int4) a producer warpgroup takes the loader's
+place: it brings each selected whole block's code bytes (half or a quarter of the bf16 bytes)
+into a ring of its own and dequantizes them into the consumers' stage ring, as
 ``omnimem.store.formats.dequantize`` would, while the consumers run the previous tiles.
 
 Scope (``supported`` says which calls qualify; the rest run ``triton_attention``): compute
@@ -46,13 +46,6 @@ BLOCK_N = 128  # keys per stage
 # A split tile is cut into at most this many parts: each cut costs a merge (a wait and a
 # reload of the partial output) on the critical path.
 MAX_SPLITS = 4
-# Registers a thread (at launch, worker consumer warpgroup, third warpgroup) by converter warps
-# (0: a native history). Twelve warps in each: the default consumer warpgroup gets what the
-# others leave of 3 x 168 (232 native, 224 quantized). 2: two converter warps beside the loader
-# in the third warpgroup (which padding would fill anyway); 4: the third warpgroup loads and
-# converts (``_produce_partition``).
-LAUNCH_REGISTERS = {0: (168, 232, 40), 2: (168, 224, 56), 4: (168, 224, 56)}
-CONVERTER_WARPS = 4  # the default with a quantized history: measured faster than 2
 
 
 @gluon.jit
@@ -67,32 +60,21 @@ def _load_queries(q_desc, q_smem, q_bar, q_row, q_col, any_tiles):
 
 @gluon.jit
 def _load_partition(
-    q_desc, k_desc, v_desc, kc_desc, vc_desc, q_smem, k_smem, v_smem, kc_smem, vc_smem,
-    q_bar, k_ready, v_ready, kv_empty, kc_ready, vc_ready, codes_empty,
-    table_ptr, q_row, q_col, kv_row, kv_col, codes_row, codes_col, num_hist_tiles, codes_end,
-    it_begin, it_end, history_len, native_from, BLOCK_SIZE: gl.constexpr, QUANT: gl.constexpr,
+    q_desc, k_desc, v_desc, q_smem, k_smem, v_smem, q_bar, k_ready, v_ready, kv_empty,
+    table_ptr, q_row, q_col, kv_row, kv_col, num_hist_tiles, it_begin, it_end, history_len,
+    BLOCK_SIZE: gl.constexpr,
 ):  # fmt: skip
     """One warp: the tile's queries once, then keys and values of key tiles
-    ``[it_begin, it_end)``, in order, into the stage ring. With a quantized history
-    (``QUANT``), key tiles before ``codes_end`` (the selected whole blocks) come as their code
-    bytes into the code ring instead, for the converter, and the rest from the native tail
-    (``k_desc``/``v_desc``), whose token 0 is history token ``native_from``."""
+    ``[it_begin, it_end)``, in order, into the stage ring."""
     STAGES: gl.constexpr = k_smem.type.shape[0]
-    CSTAGES: gl.constexpr = kc_smem.type.shape[0]
     _load_queries(q_desc, q_smem, q_bar, q_row, q_col, it_end > it_begin)
     for it in range(it_begin, it_end):
         j = it - it_begin
-        if QUANT and it < codes_end:
-            cstage = j % CSTAGES
-            mbarrier.wait(codes_empty.index(cstage), ((j // CSTAGES) & 1) ^ 1)
-            _load_codes(it, cstage, kc_desc, vc_desc, kc_smem, vc_smem, kc_ready, vc_ready, table_ptr,
-                        codes_row, codes_col, BLOCK_SIZE)  # fmt: skip
-        else:
-            stage = j % STAGES
-            # A stage is free once both consumers finished its PV (barriers start "phase 1 done").
-            mbarrier.wait(kv_empty.index(stage), ((j // STAGES) & 1) ^ 1)
-            _load_native(it, stage, k_desc, v_desc, k_smem, v_smem, k_ready, v_ready, table_ptr, kv_row,
-                         kv_col, num_hist_tiles, history_len, native_from, BLOCK_SIZE)  # fmt: skip
+        stage = j % STAGES
+        # A stage is free once both consumers finished its PV (barriers start "phase 1 done").
+        mbarrier.wait(kv_empty.index(stage), ((j // STAGES) & 1) ^ 1)
+        _load_native(it, stage, k_desc, v_desc, k_smem, v_smem, k_ready, v_ready, table_ptr, kv_row, kv_col,
+                     num_hist_tiles, history_len, 0, BLOCK_SIZE)  # fmt: skip
 
 
 @gluon.constexpr_function
@@ -165,44 +147,6 @@ def _decode_tile(codes_smem, out_smem, scale_ptr, min_ptr, scales, block, token,
             bits = ((codes & 0x7F) << 20) | ((codes & 0x80) << 24)
             x = bits.to(gl.float32, bitcast=True) * 1.152921504606847e18 * scale
             out_smem.slice(r, ROWS).store(x.to(dtype))
-
-
-@gluon.jit
-def _convert_partition(
-    kc_smem, vc_smem, k_smem, v_smem, kc_ready, vc_ready, codes_empty, k_ready, v_ready, kv_empty,
-    table_ptr, k_scale_ptr, v_scale_ptr, k_min_ptr, v_min_ptr, k_scales, v_scales, stride_ksn, stride_vsn,
-    it_begin, codes_end, BLOCK_SIZE: gl.constexpr, QUANT: gl.constexpr,
-):  # fmt: skip
-    """The converter warps: the code tiles of key tiles ``[it_begin, codes_end)``
-    dequantized into the stage ring (the consumers' tiles), in order; the consumers cannot
-    tell them from tiles loaded native. The next tile's codes arrive (TMA) while this one is
-    converted. Without a quantized history (``QUANT`` 0) it does nothing."""
-    if QUANT:
-        _convert_tiles(
-            kc_smem, vc_smem, k_smem, v_smem, kc_ready, vc_ready, codes_empty, k_ready, v_ready, kv_empty,
-            table_ptr, k_scale_ptr, v_scale_ptr, k_min_ptr, v_min_ptr, k_scales, v_scales, stride_ksn,
-            stride_vsn, it_begin, codes_end, BLOCK_SIZE, QUANT == 2,
-        )  # fmt: skip
-
-
-@gluon.jit
-def _convert_tiles(
-    kc_smem, vc_smem, k_smem, v_smem, kc_ready, vc_ready, codes_empty, k_ready, v_ready, kv_empty,
-    table_ptr, k_scale_ptr, v_scale_ptr, k_min_ptr, v_min_ptr, k_scales, v_scales, stride_ksn, stride_vsn,
-    it_begin, codes_end, BLOCK_SIZE: gl.constexpr, INT4: gl.constexpr,
-):  # fmt: skip
-    STAGES: gl.constexpr = k_smem.type.shape[0]
-    CSTAGES: gl.constexpr = kc_smem.type.shape[0]
-    for it in range(it_begin, codes_end):
-        j = it - it_begin
-        stage = j % STAGES
-        mbarrier.wait(kv_empty.index(stage), ((j // STAGES) & 1) ^ 1)
-        _convert_tile(
-            it, j, kc_smem, vc_smem, k_smem, v_smem, kc_ready, vc_ready, k_ready, v_ready, table_ptr,
-            k_scale_ptr, v_scale_ptr, k_min_ptr, v_min_ptr, k_scales, v_scales, stride_ksn, stride_vsn,
-            BLOCK_SIZE, INT4,
-        )  # fmt: skip
-        mbarrier.arrive(codes_empty.index(j % CSTAGES), count=1)
 
 
 @gluon.jit
@@ -282,11 +226,11 @@ def _produce_partition(
     k_scale_ptr, v_scale_ptr, k_min_ptr, v_min_ptr, k_scales, v_scales, stride_ksn, stride_vsn,
     BLOCK_SIZE: gl.constexpr, INT4: gl.constexpr,
 ):  # fmt: skip
-    """A quantized history's producer warpgroup (``converter_warps=4``): the loader's and the
-    converter's work in one partition, so that the kernel keeps three warpgroups and the
-    consumers their registers. Code tiles are loaded ``CSTAGES`` ahead (a code stage is reused
-    once its tile is converted: the same warps, no barrier to wait on), converted into the
-    stage ring in order; native tiles are loaded into it as the loader does."""
+    """A quantized history's producer warpgroup: the loader's work and the converter's in one
+    partition, so that the kernel keeps three warpgroups and the consumers their registers.
+    Code tiles are loaded ``CSTAGES`` ahead (a code stage is reused once its tile is converted:
+    the same warps, no barrier to wait on) and converted into the stage ring in order; native
+    tiles are loaded into it as the loader does."""
     STAGES: gl.constexpr = k_smem.type.shape[0]
     CSTAGES: gl.constexpr = kc_smem.type.shape[0]
     _load_queries(q_desc, q_smem, q_bar, q_row, q_col, it_end > it_begin)
@@ -499,8 +443,7 @@ def _hopper_attention_kernel(
     kc_desc, vc_desc, k_scale_ptr, v_scale_ptr, k_min_ptr, v_min_ptr,
     stride_cb, stride_ch, stride_cl, stride_ksb, stride_ksh, stride_ksn, stride_vsb, stride_vsh, stride_vsn,
     BLOCK_SIZE: gl.constexpr, STAGES: gl.constexpr, WRITE_LSE: gl.constexpr,
-    QUANT: gl.constexpr = 0, CSTAGES: gl.constexpr = 2, WORKER_REGS: gl.constexpr = 232,
-    CONVERTER_REGS: gl.constexpr = 40, CONVERTER_WARPS: gl.constexpr = 2,
+    QUANT: gl.constexpr = 0, CSTAGES: gl.constexpr = 2,
 ):  # fmt: skip
     HALF: gl.constexpr = q_desc.block_type.shape[0]
     KV_N: gl.constexpr = k_desc.block_type.shape[0]
@@ -567,43 +510,7 @@ def _hopper_attention_kernel(
         mbarrier.init(v_ready.index(i), count=1)
         mbarrier.init(kv_empty.index(i), count=2)  # one arrival per consumer warpgroup
 
-    if QUANT:
-        # Whole blocks arrive as code bytes into a ring of their own; the converter dequantizes
-        # them into the stage ring, so the consumers run unchanged. The tail (the partial block
-        # and the chunk, native) starts at history token `native_from`.
-        native_from = history_len // BLOCK_SIZE * BLOCK_SIZE
-        partial = (num_tile_blocks > 0) & (last_block * BLOCK_SIZE >= native_from)
-        codes_end = gl.minimum(it_end, num_hist_tiles - gl.where(partial, SUBS, 0))
-        c_off = batch.to(gl.int64) * stride_cb + kv_head.to(gl.int64) * stride_ch
-        codes_row = (c_off // stride_cl).to(gl.int32)
-        codes_col = (c_off % stride_cl).to(gl.int32)
-        k_scales = batch.to(gl.int64) * stride_ksb + kv_head.to(gl.int64) * stride_ksh
-        v_scales = batch.to(gl.int64) * stride_vsb + kv_head.to(gl.int64) * stride_vsh
-        kc_smem = gl.allocate_shared_memory(kc_desc.dtype, [CSTAGES, KV_N, kc_desc.block_type.shape[1]],
-                                            kc_desc.layout)  # fmt: skip
-        vc_smem = gl.allocate_shared_memory(vc_desc.dtype, [CSTAGES, KV_N, vc_desc.block_type.shape[1]],
-                                            vc_desc.layout)  # fmt: skip
-        kc_ready = gl.allocate_shared_memory(gl.int64, [CSTAGES, 1], mbarrier.MBarrierLayout())
-        vc_ready = gl.allocate_shared_memory(gl.int64, [CSTAGES, 1], mbarrier.MBarrierLayout())
-        codes_empty = gl.allocate_shared_memory(gl.int64, [CSTAGES, 1], mbarrier.MBarrierLayout())
-        for i in gl.static_range(CSTAGES):
-            mbarrier.init(kc_ready.index(i), count=1)
-            mbarrier.init(vc_ready.index(i), count=1)
-            mbarrier.init(codes_empty.index(i), count=1)
-    else:  # unused stand-ins: no code tiles
-        native_from = 0
-        codes_end = it_begin
-        codes_row = 0
-        codes_col = 0
-        k_scales = batch.to(gl.int64)
-        v_scales = k_scales
-        kc_smem = k_smem
-        vc_smem = v_smem
-        kc_ready = k_ready
-        vc_ready = v_ready
-        codes_empty = kv_empty
-
-    if CONVERTER_WARPS == 2:
+    if QUANT == 0:
         gl.warp_specialize(
             [
                 (
@@ -627,27 +534,36 @@ def _hopper_attention_kernel(
                 (
                     _load_partition,
                     (
-                        q_desc, k_desc, v_desc, kc_desc, vc_desc, q_smem, k_smem, v_smem, kc_smem, vc_smem,
-                        q_bar, k_ready, v_ready, kv_empty, kc_ready, vc_ready, codes_empty,
-                        table_ptr, q_row, q_col, kv_row, kv_col, codes_row, codes_col, num_hist_tiles,
-                        codes_end, it_begin, it_end, history_len, native_from, BLOCK_SIZE, QUANT,
-                    ),
-                ),
-                (
-                    _convert_partition,
-                    (
-                        kc_smem, vc_smem, k_smem, v_smem, kc_ready, vc_ready, codes_empty, k_ready, v_ready,
-                        kv_empty, table_ptr, k_scale_ptr, v_scale_ptr, k_min_ptr, v_min_ptr, k_scales,
-                        v_scales, stride_ksn, stride_vsn, it_begin, codes_end, BLOCK_SIZE, QUANT,
+                        q_desc, k_desc, v_desc, q_smem, k_smem, v_smem, q_bar, k_ready, v_ready, kv_empty,
+                        table_ptr, q_row, q_col, kv_row, kv_col, num_hist_tiles, it_begin, it_end,
+                        history_len, BLOCK_SIZE,
                     ),
                 ),
             ],
-            [4, 1, CONVERTER_WARPS],
-            # The third warpgroup (the loader, the converter, a padding warp) takes the largest of
-            # their requests; the default warpgroup what the others leave of 3 x 168.
-            [WORKER_REGS, 40, CONVERTER_REGS],
+            [4, 1],
+            [232, 40],
         )  # fmt: skip
-    else:  # a quantized history's producer warpgroup (loads and converts)
+    else:  # a quantized history: a producer warpgroup loads and converts
+        # Whole blocks arrive as code bytes into a ring of their own; the producer dequantizes
+        # them into the stage ring, so the consumers run unchanged. The tail (the partial block
+        # and the chunk, native) starts at history token `native_from`.
+        native_from = history_len // BLOCK_SIZE * BLOCK_SIZE
+        partial = (num_tile_blocks > 0) & (last_block * BLOCK_SIZE >= native_from)
+        codes_end = gl.minimum(it_end, num_hist_tiles - gl.where(partial, SUBS, 0))
+        c_off = batch.to(gl.int64) * stride_cb + kv_head.to(gl.int64) * stride_ch
+        codes_row = (c_off // stride_cl).to(gl.int32)
+        codes_col = (c_off % stride_cl).to(gl.int32)
+        k_scales = batch.to(gl.int64) * stride_ksb + kv_head.to(gl.int64) * stride_ksh
+        v_scales = batch.to(gl.int64) * stride_vsb + kv_head.to(gl.int64) * stride_vsh
+        kc_smem = gl.allocate_shared_memory(kc_desc.dtype, [CSTAGES, KV_N, kc_desc.block_type.shape[1]],
+                                            kc_desc.layout)  # fmt: skip
+        vc_smem = gl.allocate_shared_memory(vc_desc.dtype, [CSTAGES, KV_N, vc_desc.block_type.shape[1]],
+                                            vc_desc.layout)  # fmt: skip
+        kc_ready = gl.allocate_shared_memory(gl.int64, [CSTAGES, 1], mbarrier.MBarrierLayout())
+        vc_ready = gl.allocate_shared_memory(gl.int64, [CSTAGES, 1], mbarrier.MBarrierLayout())
+        for i in gl.static_range(CSTAGES):
+            mbarrier.init(kc_ready.index(i), count=1)
+            mbarrier.init(vc_ready.index(i), count=1)
         gl.warp_specialize(
             [
                 (
@@ -681,7 +597,8 @@ def _hopper_attention_kernel(
                 ),
             ],
             [4, 4],
-            [WORKER_REGS, CONVERTER_REGS],
+            # 3 x 168 registers a thread: the default consumer warpgroup gets what the others leave.
+            [224, 56],
         )  # fmt: skip
 
 
@@ -763,14 +680,13 @@ def scattered_attention(
     num_sms: int,
     stages: int = 3,
     store=None,
-    converter_warps: int = CONVERTER_WARPS,
 ) -> tuple[torch.Tensor, torch.Tensor | None]:
     """Launch the kernel (call only where ``supported`` holds).
 
     ``block_idx [B, Hkv, 1, W]`` ascending block indices (``num_blocks [B, Hkv, 1]`` valid);
     ``history_len`` a 0-d integer tensor on the device. With ``store`` (a quantized history's
     ``QuantizedBlocks``) the history's whole blocks are read from it as code bytes and
-    dequantized in shared memory by a converter partition (``_convert_partition``), and
+    dequantized in shared memory by a producer warpgroup (``_produce_partition``), and
     ``k``/``v`` hold the tokens from the partial last block on (the partial block, then the
     chunk), as ``quantized_attention`` passes them. One program per 128-query tile, but
     the tiles of the last wave (``num_sms`` programs at once) are split into up to
@@ -806,9 +722,6 @@ def scattered_attention(
         quantized = [*codes, store.k_scale, store.v_scale, k_min, v_min, *store.k.stride()[:3],
                      *store.k_scale.stride()[:3], *store.v_scale.stride()[:3]]  # fmt: skip
         stages = 2  # two native stages and the code ring fit in shared memory
-    if converter_warps not in (2, 4):
-        raise ValueError(f"converter_warps must be 2 or 4, got {converter_warps}")
-    maxnreg, worker_regs, converter_regs = LAUNCH_REGISTERS[0 if store is None else converter_warps]
     num_split_tiles = num_tiles % num_sms
     splits = min(MAX_SPLITS, num_sms // num_split_tiles) if num_split_tiles else 1
     if splits == 1:
@@ -826,8 +739,6 @@ def scattered_attention(
         scale * 1.4426950408889634, num_q_tiles, num_tiles - num_split_tiles, splits, *quantized,
         BLOCK_SIZE=block_size, STAGES=stages, WRITE_LSE=return_lse,
         QUANT=0 if store is None else {"fp8": 1, "int4": 2}[store.kv_format],
-        WORKER_REGS=worker_regs, CONVERTER_REGS=converter_regs,
-        CONVERTER_WARPS=2 if store is None else converter_warps,
-        num_warps=4, maxnreg=maxnreg,
+        num_warps=4, maxnreg=168,
     )  # fmt: skip
     return out, (lse if return_lse else None)

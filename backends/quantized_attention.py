@@ -7,8 +7,8 @@ block and the current chunk are native rows of a small *tail* buffer. The tuned
 Triton-language kernel (``triton_attention``) runs with the store: a selected whole block is read
 as its quantized bytes and decoded in registers (``quantized_tiles``). On Hopper the
 warp-specialized kernel (``gluon_attention``) runs instead where it is the faster
-(``GLUON_FORMATS``) or is asked for (``kernel="gluon"``): its loader brings a selected
-block's code bytes into shared memory and a converter partition dequantizes them there for the
+(``GLUON_FORMATS``) or is asked for (``kernel="gluon"``): its producer warpgroup brings a
+selected block's code bytes into shared memory and dequantizes them there for the
 tensor cores. Neither makes a native copy of the history or of the selection's blocks.
 """
 
@@ -39,11 +39,10 @@ def quantized_attention(
     return_lse: bool,
     block_m: int = 128,
     kernel: str = "auto",
-    converter_warps: int | None = None,
     **options: object,
 ) -> tuple[torch.Tensor, torch.Tensor | None]:
     """Launch the scattered kernel over a quantized history: on Hopper the warp-specialized one
-    (``gluon_attention``, its converter partition) where it is the faster (``GLUON_FORMATS``)
+    (``gluon_attention``, its producer warpgroup) where it is the faster (``GLUON_FORMATS``)
     and qualifies, else ``triton_attention``'s (docs/memory.md, "The Gluon kernel over
     quantized tiles").
 
@@ -58,7 +57,6 @@ def quantized_attention(
     ``fp16_products``): the Triton-language kernel's. ``kernel``: ``"auto"`` (the faster one
     as measured, where it can run; why not is logged once), ``"triton"``, or ``"gluon"`` (a
     ``ValueError`` saying why where it cannot run).
-    ``converter_warps`` (the Gluon kernel's, 2 or 4): warps that dequantize the code tiles.
     """
     from omnimem.backends.triton_attention import default_num_sms, scattered_attention
 
@@ -86,7 +84,6 @@ def quantized_attention(
             q, tail_k, tail_v, block_idx=block_idx, num_blocks=num_blocks, history_len=history_len,
             chunk_len=chunk_len, block_size=store.block_size, scale=scale, return_lse=return_lse,
             num_sms=default_num_sms(q.device), store=store,
-            **({} if converter_warps is None else dict(converter_warps=converter_warps)),
         )  # fmt: skip
     return scattered_attention(
         q, tail_k, tail_v, block_idx=block_idx, num_blocks=num_blocks, block_attended=block_attended,

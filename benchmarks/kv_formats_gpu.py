@@ -37,7 +37,6 @@ VARIANTS = [
     dict(),  # the default (GLUON_FORMATS on Hopper, else the Triton-language kernel)
     dict(kernel="triton"),  # the Triton-language kernel (decodes in registers)
     dict(kernel="gluon"),  # Hopper: a producer warpgroup loads and dequantizes code tiles
-    dict(kernel="gluon", converter_warps=2),  # two converter warps beside the loader
     dict(fp16_products=True),  # the whole quantized blocks' products in fp16 (an experiment)
     dict(block_n=64),
     dict(num_stages=2),
@@ -126,7 +125,7 @@ def main() -> None:
     )
     args = parser.parse_args()
     if args.quick:
-        VARIANTS[5:] = []
+        VARIANTS[4:] = []
     rows = [run_shape(args.heads, h, args.top_k, args.chunk_tokens) for h in args.histories]
     result = dict(environment=environment(), rows=rows)
     if args.json:

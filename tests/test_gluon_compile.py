@@ -1,7 +1,7 @@
 """The Hopper Gluon kernel (``backends/gluon_attention.py``) compiles for sm_90 here, without a
 GPU: native, fp8 and int4 histories, head dims 64 and 128, one and two key tiles a block. Its
 shared memory fits a Hopper SM and no thread spills registers to local memory (the converter
-or producer warps of a quantized history share the register file with the consumers). Running it
+or the producer warpgroup of a quantized history shares the register file with the consumers). Running it
 needs a Hopper GPU (``tests/test_kernels.py``); the converter's arithmetic is replayed in torch
 here against the reference dequantization."""
 
@@ -21,7 +21,7 @@ gluon = pytest.importorskip("triton.experimental.gluon")
 HOPPER_SMEM = 232448  # bytes a block may opt in to on sm_90 (227 KiB)
 
 
-def _compile(quant: int, head_dim: int, block_size: int, converter_warps: int = 2):
+def _compile(quant: int, head_dim: int, block_size: int):
     import triton
     from triton.backends.compiler import GPUTarget
     from triton.experimental.gluon._runtime import GluonASTSource
@@ -45,10 +45,8 @@ def _compile(quant: int, head_dim: int, block_size: int, converter_warps: int = 
         handoff_ptr="*fp32", qk_scale="fp32", k_scale_ptr=scales, v_scale_ptr=scales, k_min_ptr=scales,
         v_min_ptr=scales,
     )  # fmt: skip
-    maxnreg, worker_regs, converter_regs = ga.LAUNCH_REGISTERS[converter_warps if quant else 0]
     constants = dict(
         BLOCK_SIZE=block_size, STAGES=2 if quant else 3, WRITE_LSE=True, QUANT=quant, CSTAGES=2,
-        WORKER_REGS=worker_regs, CONVERTER_REGS=converter_regs, CONVERTER_WARPS=converter_warps,
     )  # fmt: skip
     fn = ga._hopper_attention_kernel
     signature = {name: types.get(name, "i32") for name in fn.arg_names}
@@ -56,24 +54,15 @@ def _compile(quant: int, head_dim: int, block_size: int, converter_warps: int = 
     return triton.compile(
         GluonASTSource(fn, signature, constants),
         target=GPUTarget("cuda", 90, 32),
-        options=dict(num_warps=4, maxnreg=maxnreg),
+        options=dict(num_warps=4, maxnreg=168),
     )
 
 
 @pytest.mark.parametrize(
-    ("quant", "head_dim", "block_size", "converter_warps"),
-    [
-        (0, 128, 128, 2),
-        (1, 128, 128, 2),
-        (2, 128, 128, 2),
-        (1, 64, 256, 2),
-        (2, 64, 256, 2),
-        (0, 64, 256, 2),
-        (1, 128, 128, 4),
-        (2, 128, 256, 4),
-    ],
+    ("quant", "head_dim", "block_size"),
+    [(0, 128, 128), (1, 128, 128), (2, 128, 128), (0, 64, 256), (1, 64, 256), (2, 64, 256), (2, 128, 256)],
 )
-def test_hopper_kernel_compiles_for_sm90(quant, head_dim, block_size, converter_warps):
+def test_hopper_kernel_compiles_for_sm90(quant, head_dim, block_size):
     from omnimem.backends.triton import hopper_kernel
 
     if hopper_kernel() is None:
@@ -82,7 +71,7 @@ def test_hopper_kernel_compiles_for_sm90(quant, head_dim, block_size, converter_
     # fixed at import), which cannot compile.
     env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
     run = subprocess.run(
-        [sys.executable, __file__, *map(str, (quant, head_dim, block_size, converter_warps))],
+        [sys.executable, __file__, *map(str, (quant, head_dim, block_size))],
         capture_output=True, text=True, env=env, timeout=600,
     )  # fmt: skip
     assert run.returncode == 0, run.stderr[-3000:]
@@ -143,7 +132,7 @@ def _bundled(tool: str) -> str | None:
 
 
 if __name__ == "__main__":
-    kernel = _compile(*(int(a) for a in sys.argv[1:5]))
+    kernel = _compile(*(int(a) for a in sys.argv[1:4]))
     tool = shutil.which("cuobjdump") or _bundled("cuobjdump")
     usage = None
     if tool is not None:
