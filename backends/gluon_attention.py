@@ -650,6 +650,8 @@ def skip_reason(
     if any(_row_view(t) is None for t in (q, k, v)):
         return "a layout its TMA descriptors cannot address (16-byte alignment, row strides)"
     if store is not None:
+        if store.k.device != q.device:
+            return f"a store on {store.k.device} (the kernel reads the device's memory only)"
         if k.shape[2] == 0:
             return "an empty tail (no chunk tokens)"
         codes = (store.k.view(torch.uint8), store.v.view(torch.uint8))
