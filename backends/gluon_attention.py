@@ -41,6 +41,13 @@ from triton.experimental.gluon.nvidia.hopper import TensorDescriptor
 _tma_load = tma.async_load if hasattr(tma, "async_load") else tma.async_copy_global_to_shared
 _cta_barrier = gl.thread_barrier if hasattr(gl, "thread_barrier") else gl.barrier
 
+# The third warpgroup: the loader warp (beside padding) or the producer warpgroup. Registers a
+# thread of the worker consumer warpgroup and of the third; the default warpgroup gets what they
+# leave of 3 x 168.
+THIRD_PARTITION = {
+    "native": dict(THIRD_WARPS=1, WORKER_REGS=232, THIRD_REGS=40),
+    "quantized": dict(THIRD_WARPS=4, WORKER_REGS=224, THIRD_REGS=56),
+}
 BLOCK_M = 128  # query rows per program: 64 per consumer warpgroup
 BLOCK_N = 128  # keys per stage
 # A split tile is cut into at most this many parts: each cut costs a merge (a wait and a
@@ -258,6 +265,33 @@ def _produce_partition(
 
 
 @gluon.jit
+def _third_partition(
+    q_desc, k_desc, v_desc, kc_desc, vc_desc, q_smem, k_smem, v_smem, kc_smem, vc_smem,
+    q_bar, k_ready, v_ready, kv_empty, kc_ready, vc_ready,
+    table_ptr, q_row, q_col, kv_row, kv_col, codes_row, codes_col, num_hist_tiles, codes_end,
+    it_begin, it_end, history_len, native_from,
+    k_scale_ptr, v_scale_ptr, k_min_ptr, v_min_ptr, k_scales, v_scales, stride_ksn, stride_vsn,
+    BLOCK_SIZE: gl.constexpr, QUANT: gl.constexpr,
+):  # fmt: skip
+    """The loader warp (a native history) or the producer warpgroup (a quantized one)."""
+    if QUANT:
+        _produce_partition(
+            q_desc, k_desc, v_desc, kc_desc, vc_desc, q_smem, k_smem, v_smem, kc_smem, vc_smem,
+            q_bar, k_ready, v_ready, kv_empty, kc_ready, vc_ready,
+            table_ptr, q_row, q_col, kv_row, kv_col, codes_row, codes_col, num_hist_tiles, codes_end,
+            it_begin, it_end, history_len, native_from,
+            k_scale_ptr, v_scale_ptr, k_min_ptr, v_min_ptr, k_scales, v_scales, stride_ksn, stride_vsn,
+            BLOCK_SIZE, QUANT == 2,
+        )  # fmt: skip
+    else:
+        _load_partition(
+            q_desc, k_desc, v_desc, q_smem, k_smem, v_smem, q_bar, k_ready, v_ready, kv_empty,
+            table_ptr, q_row, q_col, kv_row, kv_col, num_hist_tiles, it_begin, it_end, history_len,
+            BLOCK_SIZE,
+        )  # fmt: skip
+
+
+@gluon.jit
 def _tile_limit(it, num_hist_tiles, last_block_tile, hist_end, chunk_end, KV_N: gl.constexpr):
     """Valid keys of key tile ``it``: ``KV_N`` except in the last history block and the chunk's
     last tile (the table is ascending, so only its last block can be partial). ``hist_end`` and
@@ -443,7 +477,8 @@ def _hopper_attention_kernel(
     kc_desc, vc_desc, k_scale_ptr, v_scale_ptr, k_min_ptr, v_min_ptr,
     stride_cb, stride_ch, stride_cl, stride_ksb, stride_ksh, stride_ksn, stride_vsb, stride_vsh, stride_vsn,
     BLOCK_SIZE: gl.constexpr, STAGES: gl.constexpr, WRITE_LSE: gl.constexpr,
-    QUANT: gl.constexpr = 0, CSTAGES: gl.constexpr = 2,
+    QUANT: gl.constexpr = 0, CSTAGES: gl.constexpr = 2, THIRD_WARPS: gl.constexpr = 1,
+    WORKER_REGS: gl.constexpr = 232, THIRD_REGS: gl.constexpr = 40,
 ):  # fmt: skip
     HALF: gl.constexpr = q_desc.block_type.shape[0]
     KV_N: gl.constexpr = k_desc.block_type.shape[0]
@@ -510,40 +545,7 @@ def _hopper_attention_kernel(
         mbarrier.init(v_ready.index(i), count=1)
         mbarrier.init(kv_empty.index(i), count=2)  # one arrival per consumer warpgroup
 
-    if QUANT == 0:
-        gl.warp_specialize(
-            [
-                (
-                    _consume,
-                    (
-                        q_smem, k_smem, v_smem, q_bar, k_ready, v_ready, kv_empty,
-                        out_row_ptr, lse_row_ptr, handoff_ptr, flags_ptr, q_len, rows_start, split_part, part,
-                        last_part, num_hist_tiles, it_begin, it_end, last_block_tile, hist_end, chunk_end,
-                        qk_scale, stride_ol, 0, WRITE_LSE,
-                    ),
-                ),
-                (
-                    _consume_worker,
-                    (
-                        q_smem, k_smem, v_smem, q_bar, k_ready, v_ready, kv_empty,
-                        out_row_ptr, lse_row_ptr, handoff_ptr, flags_ptr, q_len, rows_start, split_part, part,
-                        last_part, num_hist_tiles, it_begin, it_end, last_block_tile, hist_end, chunk_end,
-                        qk_scale, stride_ol, WRITE_LSE,
-                    ),
-                ),
-                (
-                    _load_partition,
-                    (
-                        q_desc, k_desc, v_desc, q_smem, k_smem, v_smem, q_bar, k_ready, v_ready, kv_empty,
-                        table_ptr, q_row, q_col, kv_row, kv_col, num_hist_tiles, it_begin, it_end,
-                        history_len, BLOCK_SIZE,
-                    ),
-                ),
-            ],
-            [4, 1],
-            [232, 40],
-        )  # fmt: skip
-    else:  # a quantized history: a producer warpgroup loads and converts
+    if QUANT:
         # Whole blocks arrive as code bytes into a ring of their own; the producer dequantizes
         # them into the stage ring, so the consumers run unchanged. The tail (the partial block
         # and the chunk, native) starts at history token `native_from`.
@@ -564,42 +566,55 @@ def _hopper_attention_kernel(
         for i in gl.static_range(CSTAGES):
             mbarrier.init(kc_ready.index(i), count=1)
             mbarrier.init(vc_ready.index(i), count=1)
-        gl.warp_specialize(
-            [
+    else:  # unused stand-ins: no code tiles
+        native_from = 0
+        codes_end = it_begin
+        codes_row = 0
+        codes_col = 0
+        k_scales = batch.to(gl.int64)
+        v_scales = k_scales
+        kc_smem = k_smem
+        vc_smem = v_smem
+        kc_ready = k_ready
+        vc_ready = v_ready
+
+    gl.warp_specialize(
+        [
+            (
+                _consume,
                 (
-                    _consume,
-                    (
-                        q_smem, k_smem, v_smem, q_bar, k_ready, v_ready, kv_empty,
-                        out_row_ptr, lse_row_ptr, handoff_ptr, flags_ptr, q_len, rows_start, split_part, part,
-                        last_part, num_hist_tiles, it_begin, it_end, last_block_tile, hist_end, chunk_end,
-                        qk_scale, stride_ol, 0, WRITE_LSE,
-                    ),
+                    q_smem, k_smem, v_smem, q_bar, k_ready, v_ready, kv_empty,
+                    out_row_ptr, lse_row_ptr, handoff_ptr, flags_ptr, q_len, rows_start, split_part, part,
+                    last_part, num_hist_tiles, it_begin, it_end, last_block_tile, hist_end, chunk_end,
+                    qk_scale, stride_ol, 0, WRITE_LSE,
                 ),
+            ),
+            (
+                _consume_worker,
                 (
-                    _consume_worker,
-                    (
-                        q_smem, k_smem, v_smem, q_bar, k_ready, v_ready, kv_empty,
-                        out_row_ptr, lse_row_ptr, handoff_ptr, flags_ptr, q_len, rows_start, split_part, part,
-                        last_part, num_hist_tiles, it_begin, it_end, last_block_tile, hist_end, chunk_end,
-                        qk_scale, stride_ol, WRITE_LSE,
-                    ),
+                    q_smem, k_smem, v_smem, q_bar, k_ready, v_ready, kv_empty,
+                    out_row_ptr, lse_row_ptr, handoff_ptr, flags_ptr, q_len, rows_start, split_part, part,
+                    last_part, num_hist_tiles, it_begin, it_end, last_block_tile, hist_end, chunk_end,
+                    qk_scale, stride_ol, WRITE_LSE,
                 ),
+            ),
+            (
+                _third_partition,
                 (
-                    _produce_partition,
-                    (
-                        q_desc, k_desc, v_desc, kc_desc, vc_desc, q_smem, k_smem, v_smem, kc_smem, vc_smem,
-                        q_bar, k_ready, v_ready, kv_empty, kc_ready, vc_ready,
-                        table_ptr, q_row, q_col, kv_row, kv_col, codes_row, codes_col, num_hist_tiles,
-                        codes_end, it_begin, it_end, history_len, native_from,
-                        k_scale_ptr, v_scale_ptr, k_min_ptr, v_min_ptr, k_scales, v_scales, stride_ksn,
-                        stride_vsn, BLOCK_SIZE, QUANT == 2,
-                    ),
+                    q_desc, k_desc, v_desc, kc_desc, vc_desc, q_smem, k_smem, v_smem, kc_smem, vc_smem,
+                    q_bar, k_ready, v_ready, kv_empty, kc_ready, vc_ready,
+                    table_ptr, q_row, q_col, kv_row, kv_col, codes_row, codes_col, num_hist_tiles,
+                    codes_end, it_begin, it_end, history_len, native_from,
+                    k_scale_ptr, v_scale_ptr, k_min_ptr, v_min_ptr, k_scales, v_scales, stride_ksn,
+                    stride_vsn, BLOCK_SIZE, QUANT,
                 ),
-            ],
-            [4, 4],
-            # 3 x 168 registers a thread: the default consumer warpgroup gets what the others leave.
-            [224, 56],
-        )  # fmt: skip
+            ),
+        ],
+        [4, THIRD_WARPS],
+        # 3 x 168 registers a thread: the default consumer warpgroup gets what the others leave
+        # (native 232; quantized 224, the producer taking 56).
+        [WORKER_REGS, THIRD_REGS],
+    )  # fmt: skip
 
 
 def _row_view(t: torch.Tensor) -> tuple[int, int] | None:
@@ -741,6 +756,6 @@ def scattered_attention(
         scale * 1.4426950408889634, num_q_tiles, num_tiles - num_split_tiles, splits, *quantized,
         BLOCK_SIZE=block_size, STAGES=stages, WRITE_LSE=return_lse,
         QUANT=0 if store is None else {"fp8": 1, "int4": 2}[store.kv_format],
-        num_warps=4, maxnreg=168,
+        **(THIRD_PARTITION["native" if store is None else "quantized"]), num_warps=4, maxnreg=168,
     )  # fmt: skip
     return out, (lse if return_lse else None)

@@ -47,6 +47,7 @@ def _compile(quant: int, head_dim: int, block_size: int):
     )  # fmt: skip
     constants = dict(
         BLOCK_SIZE=block_size, STAGES=2 if quant else 3, WRITE_LSE=True, QUANT=quant, CSTAGES=2,
+        **ga.THIRD_PARTITION["quantized" if quant else "native"],
     )  # fmt: skip
     fn = ga._hopper_attention_kernel
     signature = {name: types.get(name, "i32") for name in fn.arg_names}
