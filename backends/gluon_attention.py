@@ -37,7 +37,7 @@ from triton.experimental.gluon.language.nvidia.hopper import (
 )
 from triton.experimental.gluon.nvidia.hopper import TensorDescriptor
 
-# Gluon is experimental: triton 3.7 renamed these (3.6, the device image's, has the old names).
+# Gluon is experimental: later tritons (3.9, CI's) renamed these; 3.6 (the device image's) has the old names.
 _tma_load = tma.async_load if hasattr(tma, "async_load") else tma.async_copy_global_to_shared
 _cta_barrier = gl.thread_barrier if hasattr(gl, "thread_barrier") else gl.barrier
 
