@@ -50,7 +50,7 @@ elif [ "$1" = 37 ]; then
     --json "$OUT/hour_host.json"
   step 150 python3 hour_gpu.py --minutes 1 10 --layers 1 --positions relative --disk /tmp --evict-half \
     --json "$OUT/hour_disk.json"
-elif [ "$1" = gluonq ]; then  # the Gluon kernel over a quantized history (converter partition)
+elif [ "$1" = gluonq ]; then  # the Gluon kernel over a quantized history (producer warpgroup)
   cd ..                          # (`gluonq quick`: its tests and the sparse call only)
   step 240 python3 -m pytest -q -p no:cacheprovider -n 12 --tb=short -rf --durations=5 tests/test_kernels.py -k "hopper"
   cd benchmarks
@@ -60,7 +60,7 @@ elif [ "$1" = gluonq ]; then  # the Gluon kernel over a quantized history (conve
     step 150 python3 -m pytest -q -p no:cacheprovider -n 16 --tb=short -rf tests/test_gated_cache.py \
       tests/test_backward.py tests/test_disk.py property_tests/test_quantized_cache_property.py
     cd benchmarks
-    step 150 python3 self_forcing_rollout_gpu.py --kv-format int4 --frames 960 --reps 2 --json "$OUT/sf960.json"
+    step 150 python3 self_forcing_rollout_gpu.py --kv-format int4 --frames 960 --reps 2 --gluon --json "$OUT/sf960.json"
   fi
 elif [ "$1" = next ]; then  # what the session of 2026-12-07 left unmeasured
   cd ..  # GPU tests of what changed after its last device call: the gated backward over a

@@ -72,7 +72,12 @@ def peak_gib() -> float:
 
 
 def quantized_offloaded(args, blocks, frames: int, capacity: int, kwargs: dict, device, dtype) -> None:
-    """One chunk at ``frames`` of history with every layer's cache offloaded in ``kv_format``."""
+    """One chunk at ``frames`` of history with every layer's cache offloaded in ``kv_format``
+    (``--gluon``: on Hopper the Gluon kernel reads it, whatever ``kernel="auto"`` would choose)."""
+    if args.gluon:
+        from omnimem.backends import quantized_attention
+
+        quantized_attention.GLUON_FORMATS = frozenset({args.kv_format})
     begin = time.perf_counter()
     caches = OmniMemCache.for_layers(LAYERS, capacity, offload=True, kv_format=args.kv_format, **kwargs)
     allocated = time.perf_counter() - begin
@@ -120,7 +125,8 @@ def quantized_offloaded(args, blocks, frames: int, capacity: int, kwargs: dict, 
             print(prof.key_averages().table(sort_by=key, row_limit=15), flush=True)
     stats = caches[0].offload_stats
     row = dict(
-        kv_format=args.kv_format, frames=history // FRAME, history=history, ms=ms, peak_gib=peak_gib(),
+        kv_format=args.kv_format, gluon=args.gluon, frames=history // FRAME, history=history, ms=ms,
+        peak_gib=peak_gib(),
         host_gib=sum(c._offload.store.nbytes for c in caches) / 2**30, allocate_s=allocated, write_s=written,
         layer0_hit_rate=stats.hit_rate, layer0_fetched_mib=stats.fetched_bytes / 2**20,
         device=torch.cuda.get_device_name() if device.type == "cuda" else "cpu", torch=torch.__version__,
@@ -145,6 +151,9 @@ def main() -> None:
     parser.add_argument("--kv-format", default=None, help="fp8 or int4: the quantized offloaded cache alone")
     parser.add_argument("--json", default=None)
     parser.add_argument("--profile", action="store_true", help="with --kv-format: profile one chunk")
+    parser.add_argument(
+        "--gluon", action="store_true", help="with --kv-format: the Hopper Gluon kernel reads it"
+    )
     parser.add_argument(
         "--relative-only", action="store_true", help="omnimem with absolute and relative positions only"
     )
