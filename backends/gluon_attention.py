@@ -41,7 +41,7 @@ from triton.experimental.gluon.nvidia.hopper import TensorDescriptor
 _tma_load = tma.async_load if hasattr(tma, "async_load") else tma.async_copy_global_to_shared
 _cta_barrier = gl.thread_barrier if hasattr(gl, "thread_barrier") else gl.barrier
 
-# The third warpgroup: the loader warp (beside padding) or the producer warpgroup. Registers a
+# The third warpgroup (``_produce_partition``): the loader warp (beside padding) or the producer. Registers a
 # thread of the worker consumer warpgroup and of the third; the default warpgroup gets what they
 # leave of 3 x 168.
 THIRD_PARTITION = {
@@ -231,15 +231,24 @@ def _produce_partition(
     table_ptr, q_row, q_col, kv_row, kv_col, codes_row, codes_col, num_hist_tiles, codes_end,
     it_begin, it_end, history_len, native_from,
     k_scale_ptr, v_scale_ptr, k_min_ptr, v_min_ptr, k_scales, v_scales, stride_ksn, stride_vsn,
-    BLOCK_SIZE: gl.constexpr, INT4: gl.constexpr,
+    BLOCK_SIZE: gl.constexpr, QUANT: gl.constexpr,
 ):  # fmt: skip
-    """A quantized history's producer warpgroup: the loader's work and the converter's in one
-    partition, so that the kernel keeps three warpgroups and the consumers their registers.
-    Code tiles are loaded ``CSTAGES`` ahead (a code stage is reused once its tile is converted:
-    the same warps, no barrier to wait on) and converted into the stage ring in order; native
-    tiles are loaded into it as the loader does."""
+    """The third warpgroup: a native history's loader warp (``_load_partition``), or a
+    quantized history's producer, the loader's work and the converter's in one partition, so
+    that the kernel keeps three warpgroups and the consumers their registers. Code tiles are
+    loaded ``CSTAGES`` ahead (a code stage is reused once its tile is converted: the same warps,
+    no barrier to wait on) and converted into the stage ring in order; native tiles are loaded
+    into it as the loader does."""
+    if QUANT == 0:
+        _load_partition(
+            q_desc, k_desc, v_desc, q_smem, k_smem, v_smem, q_bar, k_ready, v_ready, kv_empty,
+            table_ptr, q_row, q_col, kv_row, kv_col, num_hist_tiles, it_begin, it_end, history_len,
+            BLOCK_SIZE,
+        )  # fmt: skip
+        return
     STAGES: gl.constexpr = k_smem.type.shape[0]
     CSTAGES: gl.constexpr = kc_smem.type.shape[0]
+    INT4: gl.constexpr = QUANT == 2
     _load_queries(q_desc, q_smem, q_bar, q_row, q_col, it_end > it_begin)
     for c in gl.static_range(CSTAGES):
         if it_begin + c < codes_end:
@@ -262,33 +271,6 @@ def _produce_partition(
         else:
             _load_native(it, stage, k_desc, v_desc, k_smem, v_smem, k_ready, v_ready, table_ptr, kv_row,
                          kv_col, num_hist_tiles, history_len, native_from, BLOCK_SIZE)  # fmt: skip
-
-
-@gluon.jit
-def _third_partition(
-    q_desc, k_desc, v_desc, kc_desc, vc_desc, q_smem, k_smem, v_smem, kc_smem, vc_smem,
-    q_bar, k_ready, v_ready, kv_empty, kc_ready, vc_ready,
-    table_ptr, q_row, q_col, kv_row, kv_col, codes_row, codes_col, num_hist_tiles, codes_end,
-    it_begin, it_end, history_len, native_from,
-    k_scale_ptr, v_scale_ptr, k_min_ptr, v_min_ptr, k_scales, v_scales, stride_ksn, stride_vsn,
-    BLOCK_SIZE: gl.constexpr, QUANT: gl.constexpr,
-):  # fmt: skip
-    """The loader warp (a native history) or the producer warpgroup (a quantized one)."""
-    if QUANT:
-        _produce_partition(
-            q_desc, k_desc, v_desc, kc_desc, vc_desc, q_smem, k_smem, v_smem, kc_smem, vc_smem,
-            q_bar, k_ready, v_ready, kv_empty, kc_ready, vc_ready,
-            table_ptr, q_row, q_col, kv_row, kv_col, codes_row, codes_col, num_hist_tiles, codes_end,
-            it_begin, it_end, history_len, native_from,
-            k_scale_ptr, v_scale_ptr, k_min_ptr, v_min_ptr, k_scales, v_scales, stride_ksn, stride_vsn,
-            BLOCK_SIZE, QUANT == 2,
-        )  # fmt: skip
-    else:
-        _load_partition(
-            q_desc, k_desc, v_desc, q_smem, k_smem, v_smem, q_bar, k_ready, v_ready, kv_empty,
-            table_ptr, q_row, q_col, kv_row, kv_col, num_hist_tiles, it_begin, it_end, history_len,
-            BLOCK_SIZE,
-        )  # fmt: skip
 
 
 @gluon.jit
@@ -599,7 +581,7 @@ def _hopper_attention_kernel(
                 ),
             ),
             (
-                _third_partition,
+                _produce_partition,
                 (
                     q_desc, k_desc, v_desc, kc_desc, vc_desc, q_smem, k_smem, v_smem, kc_smem, vc_smem,
                     q_bar, k_ready, v_ready, kv_empty, kc_ready, vc_ready,
