@@ -53,8 +53,8 @@ def quantized_attention(
     ``num_blocks [B, Hkv, T]`` valid; ``block_attended [B, Hkv, G, NB]`` per query group
     (``None``: one group). See ``omnimem.backends.triton.tile_tables``. ``history_len``: an int
     or a 0-d integer tensor on ``q``'s device. ``options``: ``scattered_attention``'s tuning
-    keywords (``block_n``, ``num_warps``, ``num_stages``, ``use_tma``, ``num_sms``, ``rotation``,
-    ``fp16_products``): the Triton-language kernel's. ``kernel``: ``"auto"`` (the faster one
+    keywords (``block_n``, ``num_warps``, ``num_stages``, ``use_tma``, ``num_sms``,
+    ``rotation``): the Triton-language kernel's. ``kernel``: ``"auto"`` (the faster one
     as measured, where it can run; why not is logged once), ``"triton"``, or ``"gluon"`` (a
     ``ValueError`` saying why where it cannot run).
     """

@@ -32,7 +32,7 @@ def int4_codes_f32(codes):
 def fp8_codes(codes, dtype: tl.constexpr):
     """e4m3 codes in ``dtype`` (exact: bf16, fp16 and fp32 hold every e4m3 value). To bf16
     through float32: a direct conversion measured slower (1.458 against 1.198 ms, same run). To
-    fp16 directly (one instruction a pair on Hopper; the ``fp16_products`` experiment)."""
+    fp16 directly (one instruction a pair on Hopper)."""
     if dtype == tl.float16:  # noqa: SIM108 (a constexpr branch: only one side is compiled)
         out = codes.to(tl.float16)
     else:

@@ -184,15 +184,12 @@ def _attend_range(
     HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
     BLOCK_SIZE: tl.constexpr, HAS_GROUPS: tl.constexpr, ALL_MASKED: tl.constexpr,
     USE_TMA: tl.constexpr, PRECISION: tl.constexpr, QUANT: tl.constexpr,
-    rot_row, cos_ptr, sin_ptr, frame_tokens, num_frames, PAIRS: tl.constexpr, FP16_PRODUCTS: tl.constexpr,
+    rot_row, cos_ptr, sin_ptr, frame_tokens, num_frames, PAIRS: tl.constexpr,
 ):  # fmt: skip
     """Online softmax of one query tile over its key tiles ``[it_begin, it_end)``: the
     selected history blocks first (``SUBS`` key tiles each, in table order), then the chunk.
     With a quantized history (``QUANT``), ``k_base``/``v_base`` hold the tokens from the first
-    partial block on (the partial block, then the chunk). ``FP16_PRODUCTS`` (an experiment, off
-    by default; docs/memory.md "Next for speed"): the whole quantized blocks' products run in
-    fp16 (codes decoded to fp16, exact for e4m3 and int4 codes; the queries scaled then rounded
-    to fp16 once)."""
+    partial block on (the partial block, then the chunk)."""
     SUBS: tl.constexpr = (BLOCK_SIZE + BLOCK_N - 1) // BLOCK_N
     SCALED: tl.constexpr = QUANT == 1
     m_i = tl.full([BLOCK_M], float("-inf"), dtype=tl.float32)
@@ -228,22 +225,16 @@ def _attend_range(
             # softmax, so that the tensor cores have work while the softmax runs (FA3's
             # intra-warpgroup overlap): 2% faster. The same for the chunk's tiles, in one loop
             # with the history, measured 5% slower (scalar selects of the addresses).
-            if FP16_PRODUCTS:  # the softmax scale folded in first: |q| * scale would pass 65,504 to overflow
-                q_hist = (q.to(tl.float32) * qk_scale).to(tl.float16)
-                hist_scale = 1.0
-            else:
-                q_hist = q
-                hist_scale = qk_scale
             block = tl.load(table_ptr + it_begin // SUBS).to(tl.int32)
             start = block * BLOCK_SIZE + (it_begin % SUBS) * BLOCK_N
             k, k_mult = _history_tile(
                 k_base, k_desc, batch, kv_head, block, start, history_len, stride_kl, stride_kd,
                 kq, k_scale_ptr, k_min_ptr, k_scales, stride_cl, stride_ksn, whole_blocks, native_from,
-                q_hist.dtype, BLOCK_N, BLOCK_D, HEAD_DIM, USE_TMA, False, QUANT, True, True,
+                q.dtype, BLOCK_N, BLOCK_D, HEAD_DIM, USE_TMA, False, QUANT, True, True,
                 rot_row, cos_ptr, sin_ptr, frame_tokens, num_frames, PAIRS,
             )  # fmt: skip
-            scores = tl.dot(q_hist, tl.trans(k), input_precision=PRECISION) * (
-                hist_scale * k_mult if SCALED else hist_scale
+            scores = tl.dot(q, tl.trans(k), input_precision=PRECISION) * (
+                qk_scale * k_mult if SCALED else qk_scale
             )
             for it in tl.range(it_begin, hist_stop - 1):
                 block_next = tl.load(table_ptr + (it + 1) // SUBS).to(tl.int32)
@@ -251,17 +242,17 @@ def _attend_range(
                 k, k_mult = _history_tile(
                     k_base, k_desc, batch, kv_head, block_next, start_next, history_len, stride_kl, stride_kd,
                     kq, k_scale_ptr, k_min_ptr, k_scales, stride_cl, stride_ksn, whole_blocks, native_from,
-                    q_hist.dtype, BLOCK_N, BLOCK_D, HEAD_DIM, USE_TMA, False, QUANT, True, True,
+                    q.dtype, BLOCK_N, BLOCK_D, HEAD_DIM, USE_TMA, False, QUANT, True, True,
                     rot_row, cos_ptr, sin_ptr, frame_tokens, num_frames, PAIRS,
                 )  # fmt: skip
                 v, v_mult = _history_tile(
                     v_base, v_desc, batch, kv_head, block, start, history_len, stride_vl, stride_vd,
                     vq, v_scale_ptr, v_min_ptr, v_scales, stride_cl, stride_vsn, whole_blocks, native_from,
-                    q_hist.dtype, BLOCK_N, BLOCK_D, HEAD_DIM, USE_TMA, False, QUANT, False, True,
+                    q.dtype, BLOCK_N, BLOCK_D, HEAD_DIM, USE_TMA, False, QUANT, False, True,
                     rot_row, cos_ptr, sin_ptr, frame_tokens, num_frames, PAIRS,
                 )  # fmt: skip
-                scores_next = tl.dot(q_hist, tl.trans(k), input_precision=PRECISION) * (
-                    hist_scale * k_mult if SCALED else hist_scale
+                scores_next = tl.dot(q, tl.trans(k), input_precision=PRECISION) * (
+                    qk_scale * k_mult if SCALED else qk_scale
                 )
                 m_i, l_i, acc = _softmax_update(scores, v, v_mult, m_i, l_i, acc, False, PRECISION, SCALED)
                 scores = scores_next
@@ -270,7 +261,7 @@ def _attend_range(
             v, v_mult = _history_tile(
                 v_base, v_desc, batch, kv_head, block, start, history_len, stride_vl, stride_vd,
                 vq, v_scale_ptr, v_min_ptr, v_scales, stride_cl, stride_vsn, whole_blocks, native_from,
-                q_hist.dtype, BLOCK_N, BLOCK_D, HEAD_DIM, USE_TMA, False, QUANT, False, True,
+                q.dtype, BLOCK_N, BLOCK_D, HEAD_DIM, USE_TMA, False, QUANT, False, True,
                 rot_row, cos_ptr, sin_ptr, frame_tokens, num_frames, PAIRS,
             )  # fmt: skip
             m_i, l_i, acc = _softmax_update(scores, v, v_mult, m_i, l_i, acc, False, PRECISION, SCALED)
@@ -334,7 +325,6 @@ def _scattered_attention_kernel(
     HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
     BLOCK_SIZE: tl.constexpr, HAS_GROUPS: tl.constexpr, USE_TMA: tl.constexpr,
     WRITE_LSE: tl.constexpr, PRECISION: tl.constexpr, QUANT: tl.constexpr = 0, PAIRS: tl.constexpr = 0,
-    FP16_PRODUCTS: tl.constexpr = False,
 ):  # fmt: skip
     # Tiles are (batch, query head, query tile), query tile fastest. The first
     # `num_whole_tiles` programs run one whole tile each; the tiles of the last, partly filled
@@ -396,7 +386,7 @@ def _scattered_attention_kernel(
         stride_cl, stride_ksn, stride_vsn,
         HEAD_DIM, BLOCK_D, BLOCK_M, BLOCK_N, BLOCK_SIZE, HAS_GROUPS, ALL_MASKED, USE_TMA, PRECISION, QUANT,
         rot_ptr + batch.to(tl.int64) * stride_rb + kv_head.to(tl.int64) * stride_rh, cos_ptr, sin_ptr,
-        frame_tokens, num_frames, PAIRS, FP16_PRODUCTS and QUANT > 0,
+        frame_tokens, num_frames, PAIRS,
     )  # fmt: skip
 
     out_ptrs = (
@@ -497,7 +487,6 @@ def scattered_attention(
     num_sms: int | None = None,
     store: QuantizedBlocks | None = None,
     rotation: KeyRotation | None = None,
-    fp16_products: bool = False,
 ) -> tuple[torch.Tensor, torch.Tensor | None]:
     """Launch the kernel.
 
@@ -519,13 +508,7 @@ def scattered_attention(
 
     With ``rotation`` every key tile is rotated in time after its load (``_rotate_keys``: keys
     stored rotated in space only, ``q`` already rotated; no rotated copy of the history).
-    ``fp16_products`` (with ``store``; an experiment for the GPU benchmark, off by default): the
-    whole quantized blocks' matrix products in fp16 (docs/memory.md, "Next for speed"), in the
-    pipelined loop over whole blocks (one query group, blocks a multiple of the key tile); masked
-    tiles keep the compute dtype.
     """
-    if not isinstance(fp16_products, bool):
-        raise TypeError(f"fp16_products must be a bool, got {type(fp16_products).__name__}")
     batch, num_q_heads, q_len, head_dim = q.shape
     out = torch.empty_like(q)
     lse = torch.empty(batch, num_q_heads, q_len, device=q.device, dtype=torch.float32) if return_lse else out
@@ -599,7 +582,6 @@ def scattered_attention(
         HEAD_DIM=head_dim, BLOCK_D=block_d, BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_SIZE=block_size,
         HAS_GROUPS=has_groups, USE_TMA=use_tma, WRITE_LSE=return_lse,
         QUANT=0 if store is None else {"fp8": 1, "int4": 2}[store.kv_format], PAIRS=pairs,
-        FP16_PRODUCTS=fp16_products,
         # float32 inputs stay float32 (tensor cores would round them to TF32: ~1e-3 error).
         PRECISION="ieee" if q.dtype == torch.float32 else "tf32",
         num_warps=num_warps, num_stages=num_stages,

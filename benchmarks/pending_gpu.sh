@@ -9,7 +9,7 @@
 #   benchmarks/pending_gpu.sh 37   # an hour: one int4 layer with relative positions at 1-60 min;
 #                                  # native host offload and the disk tier (half the history
 #                                  # paged out before each chunk) at 1 and 10 min
-#   benchmarks/pending_gpu.sh next # GPU tests of the last CPU-only changes; issue 38's codebases
+#   benchmarks/pending_gpu.sh next # issue 38's codebases at 30 layers (an H200)
 #   benchmarks/pending_gpu.sh gluonq # the Gluon kernel over a quantized history: its tests, the
 #                                  # sparse call at 60 s beside bf16, the 4-minute int4 chunk
 #                                  # (the producer-warpgroup version has not run yet: run this
@@ -62,14 +62,8 @@ elif [ "$1" = gluonq ]; then  # the Gluon kernel over a quantized history (produ
     cd benchmarks
     step 150 python3 self_forcing_rollout_gpu.py --kv-format int4 --frames 960 --reps 2 --gluon --json "$OUT/sf960.json"
   fi
-elif [ "$1" = next ]; then  # what the session of 2026-12-07 left unmeasured
-  cd ..  # GPU tests of what changed after its last device call: the gated backward over a
-  # quantized history, the store-block tile reader, the disk tier reading only fetched blocks
-  step 150 python3 -m pytest -q -p no:cacheprovider -n 16 --tb=short -rf tests/test_gated_cache.py \
-    tests/test_backward.py tests/test_disk.py property_tests/test_quantized_cache_property.py
-  cd benchmarks
-  # The fp16-products experiment beside the default (the quantized kernel, 60 s)
-  step 60 python3 kv_formats_gpu.py --quick --json "$OUT/kvfmt_fp16.json"
+elif [ "$1" = next ]; then  # what is left of the session of 2026-12-07's list (its GPU tests passed
+  cd benchmarks              # on an H100 on 2026-12-07, sixth session; fp16 products: no gain, removed)
   # Issue 38 on an H200 (30 layers: 69 GB of 1.3B history, 117 GB at the 5B's shapes; an H100
   # holds 10): each codebase against its own attention at 60 s
   layers=$(python3 -c 'import torch; print(30 if torch.cuda.get_device_properties(0).total_memory > 120e9 else 10)')

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import functools
 import itertools
-import os
 
 import pytest
 import torch
@@ -361,42 +360,6 @@ def test_tables_from_sums_kernel_skips_blocks_with_nan_keys_like_the_torch_path(
         assert torch.equal(a, b), name
     picked = set(got[0].flatten().tolist())
     assert not picked & {10, 11} and {9, 12} <= picked  # the budget takes every other block
-
-
-def test_fp16_products_of_quantized_blocks_are_taken_and_close():
-    """``scattered_attention(..., fp16_products=True)`` (an experiment for the GPU benchmark):
-    whole quantized blocks multiplied in fp16. It changes the result (so the path runs) by
-    no more than fp16's rounding of the scaled queries and the probabilities."""
-    if TEST_DEVICE.type != "cuda" and os.environ.get("TRITON_INTERPRET") != "1":
-        pytest.skip("the triton kernels run on CUDA or under TRITON_INTERPRET=1")
-    from omnimem.backends.quantized_attention import quantized_attention, quantized_attention_reference
-    from omnimem.backends.triton import tile_tables
-    from omnimem.store.blocks import QuantizedBlocks
-
-    gen = torch.Generator().manual_seed(11)
-    bs, history, chunk = 16, 16 * 6 + 5, 9
-    k, v = (torch.randn(1, 2, history + chunk, 16, generator=gen).to(TEST_DEVICE) for _ in "kv")
-    q = torch.randn(1, 2, chunk, 16, generator=gen).to(TEST_DEVICE)
-    config = OmniMemConfig(block_size=bs, top_k=3, sink_tokens=bs, local_tokens=bs, backend="dense")
-    selection = select_blocks(q, k, history_len=history, config=config)
-    block_idx, num_blocks = tile_tables(selection, q_len=chunk, block_m=16)
-    whole = history // bs * bs
-    for kv_format in ("fp8", "int4"):
-        store = QuantizedBlocks(
-            kv_format, batch=1, num_kv_heads=2, capacity=whole, head_dim=16, block_size=bs, device=q.device
-        )
-        store.write(0, k[:, :, :whole], v[:, :, :whole])
-        run = functools.partial(
-            quantized_attention, q, store, k[:, :, whole:], v[:, :, whole:], block_idx=block_idx,
-            num_blocks=num_blocks, block_attended=None, history_len=history, chunk_len=chunk,
-            query_group_size=chunk, scale=0.25, return_lse=False, block_m=16,
-        )  # fmt: skip
-        want = quantized_attention_reference(q.double(), store, k[:, :, whole:], v[:, :, whole:], selection,
-                                             history_len=history, chunk_len=chunk, scale=0.25)  # fmt: skip
-        exact, fp16 = run()[0], run(fp16_products=True)[0]
-        torch.testing.assert_close(exact.double(), want, atol=2e-5, rtol=1e-4)
-        torch.testing.assert_close(fp16.double(), want, atol=3e-3, rtol=3e-3)
-        assert (fp16 - exact).abs().max() > 1e-6  # the fp16 path ran
 
 
 @pytest.mark.skipif(not ON_HOPPER, reason="the Gluon kernel runs on Hopper GPUs only")
