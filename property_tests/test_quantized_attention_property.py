@@ -2,12 +2,14 @@
 against the float64 dense reference over the history it stands for (dequantized whole blocks,
 then the native tail): fp8 and int4, block sizes 3 / 5 / 7 / 16, odd head dims, GQA, query
 groups, partial last blocks, empty histories, both tail layouts. Store slots past the history
-and tail rows past the chunk are NaN: data never attended must not reach an output."""
+and tail rows past the chunk are NaN: data never attended must not reach an output. On Hopper
+the Gluon kernel (``kernel="gluon"``) over its shapes as well."""
 
 from __future__ import annotations
 
 import math
 
+import pytest
 import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
@@ -16,7 +18,7 @@ from omnimem import OmniMemConfig, select_blocks
 from omnimem.backends.quantized_attention import quantized_attention, quantized_attention_reference
 from omnimem.backends.triton import tile_tables
 from omnimem.store.blocks import QuantizedBlocks
-from tests.inputs import TEST_DEVICE
+from tests.inputs import ON_HOPPER, TEST_DEVICE
 
 from .conftest import examples
 
@@ -63,24 +65,54 @@ def _poisoned_store(case, k, v, whole):
 @settings(max_examples=examples(40))
 @given(case=cases())
 def test_quantized_attention_equals_the_float64_reference(case):
+    _check(case, dtype=torch.float32, block_m=16, tail_poison=float("nan"), tol=dict(atol=2e-5, rtol=1e-4))
+
+
+@st.composite
+def hopper_cases(draw):
+    """Shapes the Hopper Gluon kernel takes (head_dim 64/128, blocks of 128/256, one group)."""
+    kv_heads = draw(st.integers(1, 2))
+    bs = draw(st.sampled_from([128, 256]))
+    return dict(
+        kv_format=draw(st.sampled_from(["fp8", "int4"])), block_size=bs, batch=draw(st.integers(1, 2)),
+        kv_heads=kv_heads, q_heads=kv_heads * draw(st.sampled_from([1, 2])),
+        head_dim=draw(st.sampled_from([64, 128])), history_len=draw(st.integers(0, 6 * bs + 3)),
+        chunk_len=draw(st.integers(1, 300)), groups=None, top_k=draw(st.integers(1, 4)),
+        flash_layout=draw(st.booleans()), seed=draw(st.integers(0, 2**16)),
+    )  # fmt: skip
+
+
+@pytest.mark.skipif(not ON_HOPPER, reason="the Gluon kernel runs on Hopper GPUs only")
+@settings(max_examples=examples(20))
+@given(case=hopper_cases(), dtype=st.sampled_from([torch.bfloat16, torch.float16]))
+def test_hopper_kernel_over_a_quantized_history_equals_the_float64_reference(case, dtype):
+    """``kernel="gluon"``: its producer warpgroup's decoding and the consumers' half-precision
+    products against the float64 reference on the dequantized history. Tail rows past the chunk
+    hold finite junk: the kernel's 2-D TMA view reads them and masks their scores, so NaN there
+    would reach the output through 0 x NaN (docs/memory.md; the caches' tails are exact-length)."""
+    _check(case, dtype=dtype, block_m=128, tail_poison=1.0e3, tol=dict(atol=2e-2, rtol=2e-2), kernel="gluon")
+
+
+def _check(case, *, dtype, block_m, tail_poison, tol, **kernel):
+    """``quantized_attention`` (``kernel``: its keyword) on ``case`` in ``dtype`` against the
+    float64 reference; tail rows past the chunk hold ``tail_poison``."""
     bs, history, chunk = case["block_size"], case["history_len"], case["chunk_len"]
     gen = torch.Generator().manual_seed(case["seed"])
     shape = (case["batch"], case["kv_heads"], history + chunk, case["head_dim"])
     k, v = torch.randn(shape, generator=gen), torch.randn(shape, generator=gen)
     q = torch.randn(case["batch"], case["q_heads"], chunk, case["head_dim"], generator=gen)
-    k, v, q = (x.to(TEST_DEVICE) for x in (k, v, q))
+    k, v, q = (x.to(TEST_DEVICE, dtype) for x in (k, v, q))
     whole = history // bs * bs
     store = _poisoned_store(case, k, v, whole)
 
-    def tail(x):  # [partial | chunk | NaN rows], in either layout
-        rows = torch.cat([x[:, :, whole:], torch.full_like(x[:, :, :3], float("nan"))], dim=2)
+    def tail(x):  # [partial | chunk | poisoned rows], in either layout
+        rows = torch.cat([x[:, :, whole:], torch.full_like(x[:, :, :3], tail_poison)], dim=2)
         return rows.transpose(1, 2).contiguous().transpose(1, 2) if case["flash_layout"] else rows
 
     tail_k, tail_v = tail(k), tail(v)
     config = OmniMemConfig(block_size=bs, top_k=case["top_k"], sink_tokens=bs, local_tokens=bs + 1,
                            query_group_size=case["groups"], backend="dense")  # fmt: skip
     selection = select_blocks(q, k, history_len=history, config=config)  # native keys
-    block_m = 16
     block_idx, num_blocks = tile_tables(selection, q_len=chunk, block_m=block_m)
     grouped = selection.num_query_groups > 1
     scale = case["head_dim"] ** -0.5
@@ -88,12 +120,12 @@ def test_quantized_attention_equals_the_float64_reference(case):
         q, store, tail_k, tail_v, block_idx=block_idx, num_blocks=num_blocks,
         block_attended=selection.attended_block_mask() if grouped else None, history_len=history,
         chunk_len=chunk, query_group_size=selection.query_group_size, scale=scale, return_lse=True,
-        block_m=block_m,
+        block_m=block_m, **kernel,
     )  # fmt: skip
     want, want_lse = quantized_attention_reference(
         q.double(), store, tail_k, tail_v, selection, history_len=history, chunk_len=chunk, scale=scale,
         return_lse=True,
     )  # fmt: skip
-    torch.testing.assert_close(got.double(), want, atol=2e-5, rtol=1e-4)
-    torch.testing.assert_close(lse.double(), want_lse.double(), atol=2e-5, rtol=1e-4)
+    torch.testing.assert_close(got.double(), want, **tol)
+    torch.testing.assert_close(lse.double(), want_lse.double(), **tol)
     assert math.isfinite(got.abs().max().item())
