@@ -9,7 +9,8 @@
 #   benchmarks/pending_gpu.sh 37   # an hour: one int4 layer with relative positions at 1-60 min;
 #                                  # native host offload and the disk tier (half the history
 #                                  # paged out before each chunk) at 1 and 10 min
-#   benchmarks/pending_gpu.sh next # issue 38's codebases at 30 layers (an H200)
+#   benchmarks/pending_gpu.sh next # issue 38's codebases at 30 layers (an H200), and their own
+#                                  # model classes (their_models_gpu.py; carry .theirs/)
 #   benchmarks/pending_gpu.sh gluonq # the Gluon kernel over a quantized history: its tests, the
 #                                  # sparse call at 60 s beside bf16, the 4-minute int4 chunk
 #                                  # (the producer-warpgroup version has not run yet: run this
@@ -67,7 +68,9 @@ elif [ "$1" = next ]; then  # what is left of the session of 2026-12-07's list (
   # Issue 38 on an H200 (30 layers: 69 GB of 1.3B history, 117 GB at the 5B's shapes; an H100
   # holds 10): each codebase against its own attention at 60 s
   layers=$(python3 -c 'import torch; print(30 if torch.cuda.get_device_properties(0).total_memory > 120e9 else 10)')
-  step 300 python3 codebases_gpu.py --layers "$layers" --json "$OUT/codebases.json"
+  step 240 python3 codebases_gpu.py --layers "$layers" --json "$OUT/codebases.json"
+  # their own model classes at real shapes, theirs vs patched (checkouts carried in .theirs/)
+  [ -d ../.theirs ] && step 330 python3 their_models_gpu.py --theirs ../.theirs --json "$OUT/their_models.json"
 else
   echo "usage: pending_gpu.sh 36|37|next|gluonq" >>"$LOG"
 fi
