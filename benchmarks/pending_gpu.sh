@@ -57,10 +57,6 @@ elif [ "$1" = gluonq ]; then  # the Gluon kernel over a quantized history (produ
   cd benchmarks
   step 90 python3 kv_formats_gpu.py --quick --json "$OUT/kvfmt_gluon.json"
   if [ "${2:-}" != quick ]; then
-    cd ..
-    step 150 python3 -m pytest -q -p no:cacheprovider -n 16 --tb=short -rf tests/test_gated_cache.py \
-      tests/test_backward.py tests/test_disk.py property_tests/test_quantized_cache_property.py
-    cd benchmarks
     step 150 python3 self_forcing_rollout_gpu.py --kv-format int4 --frames 960 --reps 2 --gluon --json "$OUT/sf960.json"
   fi
 elif [ "$1" = next ]; then  # what is left of the session of 2026-12-07's list (its GPU tests passed
