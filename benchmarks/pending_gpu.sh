@@ -9,6 +9,7 @@
 #   benchmarks/pending_gpu.sh 37   # an hour: one int4 layer with relative positions at 1-60 min;
 #                                  # native host offload and the disk tier (half the history
 #                                  # paged out before each chunk) at 1 and 10 min
+#   benchmarks/pending_gpu.sh now  # gluonq without the 60 s sweep, then their model classes
 #   benchmarks/pending_gpu.sh next # issue 38's codebases at 30 layers (an H200), and their own
 #                                  # model classes (their_models_gpu.py; carry .theirs/)
 #   benchmarks/pending_gpu.sh gluonq # the Gluon kernel over a quantized history: its tests, the
@@ -59,6 +60,14 @@ elif [ "$1" = gluonq ]; then  # the Gluon kernel over a quantized history (produ
   if [ "${2:-}" != quick ]; then
     step 150 python3 self_forcing_rollout_gpu.py --kv-format int4 --frames 960 --reps 2 --gluon --json "$OUT/sf960.json"
   fi
+elif [ "$1" = now ]; then  # one call of under 10 minutes: the Gluon kernel's tests, the sparse
+  cd ..                      # call, the 4-minute int4 chunk read by it, their own model classes
+  step 120 python3 -m pytest -q -p no:cacheprovider -n 16 --tb=short -rf tests/test_kernels.py -k "hopper"
+  cd benchmarks
+  step 80 python3 kv_formats_gpu.py --quick --json "$OUT/kvfmt_gluon.json"
+  step 120 python3 self_forcing_rollout_gpu.py --kv-format int4 --frames 960 --reps 2 --gluon --json "$OUT/sf960.json"
+  [ -d ../.theirs ] && step 250 python3 their_models_gpu.py --theirs ../.theirs --child-timeout 100 \
+    --only Self-Forcing LongLive "Rolling Forcing" LongLive-2.0 CausVid --json "$OUT/their_models.json"
 elif [ "$1" = next ]; then  # what is left of the session of 2026-12-07's list (its GPU tests passed
   cd benchmarks              # on an H100 on 2026-12-07, sixth session; fp16 products: no gain, removed)
   # Issue 38 on an H200 (30 layers: 69 GB of 1.3B history, 117 GB at the 5B's shapes; an H100

@@ -366,6 +366,7 @@ def main() -> None:
     parser.add_argument("--layers", type=int, default=30)
     parser.add_argument("--reps", type=int, default=2)
     parser.add_argument("--only", nargs="+", choices=list(SPECS), default=list(SPECS))
+    parser.add_argument("--child-timeout", type=float, default=240, help="seconds for one codebase")
     parser.add_argument("--one", choices=list(SPECS), help=argparse.SUPPRESS)  # the child process
     parser.add_argument("--smoke", action="store_true")
     parser.add_argument("--json", default=None)
@@ -390,7 +391,12 @@ def main() -> None:
             "--one",
             name,
         ] + (["--smoke"] if args.smoke else [])
-        done = subprocess.run(argv, capture_output=True, text=True)
+        try:
+            done = subprocess.run(argv, capture_output=True, text=True, timeout=args.child_timeout)
+        except subprocess.TimeoutExpired:
+            print(f"{name}: over {args.child_timeout} s, stopped", flush=True)
+            rows.append(dict(codebase=name, error=f"over {args.child_timeout} s"))
+            continue
         lines = [line[4:] for line in done.stdout.splitlines() if line.startswith("ROW ")]
         if done.returncode or not lines:
             print(f"{name}: failed (rc {done.returncode})\n{done.stderr[-3000:]}", flush=True)
