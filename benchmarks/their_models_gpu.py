@@ -293,8 +293,8 @@ def run_one(name: str, args) -> dict:
     }
     meta = getattr(theirs, "_CURRENT_GRID_META", None)
 
-    def call(kv, cross, frames: int, start: int, t: float, patched: bool, **extra) -> None:
-        if meta is not None and not patched:  # what LongLive-2.0's wrapper publishes before a call
+    def call(kv, cross, frames: int, start: int, t: float, **extra) -> None:
+        if meta is not None and "global_end_index" in kv[0]:  # LongLive-2.0's wrapper, before a call
             meta.update(
                 global_end_index=int(kv[0]["global_end_index"].item()),
                 local_end_index=int(kv[0]["local_end_index"].item()),
@@ -314,25 +314,24 @@ def run_one(name: str, args) -> dict:
             **extra,
         )
 
-    def fill(kv, cross, patched: bool) -> None:  # their loop over the minute: one clean call a chunk
+    def fill(kv, cross) -> None:  # their loop over the minute: one clean call a chunk
         for c in range(history_frames // spec.chunk_frames):
-            call(kv, cross, spec.chunk_frames, c * chunk, 0.0, patched)
+            call(kv, cross, spec.chunk_frames, c * chunk, 0.0)
             if spec.window_blocks > 1:
-                call(kv, cross, spec.chunk_frames, c * chunk, 0.0, patched, updating_cache=True)
+                call(kv, cross, spec.chunk_frames, c * chunk, 0.0, updating_cache=True)
 
-    def step(kv, cross, patched: bool) -> None:
+    def step(kv, cross) -> None:
         if spec.window_blocks > 1:  # the window at staggered noise, then its first block clean
-            call(kv, cross, spec.window_blocks * spec.chunk_frames, history, 500.0, patched)
-            call(kv, cross, spec.chunk_frames, history, 0.0, patched, updating_cache=True)
+            call(kv, cross, spec.window_blocks * spec.chunk_frames, history, 500.0)
+            call(kv, cross, spec.chunk_frames, history, 0.0, updating_cache=True)
             return
         for p in range(spec.passes):
-            call(kv, cross, spec.chunk_frames, history, 500.0 if p < spec.passes - 1 else 0.0, patched)
+            call(kv, cross, spec.chunk_frames, history, 500.0 if p < spec.passes - 1 else 0.0)
 
     row = dict(codebase=name, layers=layers, history_frames=history_frames, history=history, frame=frame)
     with torch.no_grad():
         for label in ("theirs", "omnimem"):
-            patched = label == "omnimem"
-            if patched:
+            if label == "omnimem":
                 top_k = 2 if args.smoke else 32
                 patch_causal_wan(
                     model,
@@ -342,13 +341,11 @@ def run_one(name: str, args) -> dict:
                     **(dict(block_size=4, backend="gather") if args.smoke else {}),
                 )
             kv, cross = their_caches(spec, model, layers, history, frame, device, dtype)
-            fill(kv, cross, patched)
+            fill(kv, cross)
             if device.type == "cuda":
                 torch.cuda.synchronize()
                 torch.cuda.reset_peak_memory_stats()
-            row[f"{label}_ms"] = per_chunk_ms(
-                lambda kv=kv, cross=cross, p=patched: step(kv, cross, p), args.reps
-            )
+            row[f"{label}_ms"] = per_chunk_ms(lambda kv=kv, cross=cross: step(kv, cross), args.reps)
             row[f"{label}_peak_gib"] = peak_gib()
             row[f"{label}_used_omnimem"] = any("omnimem" in layer for layer in kv)
             del kv, cross
