@@ -16,11 +16,14 @@ codebase runs in its own process (their packages share names such as ``wan``).
 
 ``--theirs DIR`` holds one checkout (or an export of the files named below) per codebase:
 
-    DIR/self-forcing     guandeh17/Self-Forcing          wan/
-    DIR/causvid          tianweiy/CausVid                causvid/
-    DIR/longlive         NVlabs/LongLive at 7b56712      wan/, utils/   (its Wan2.1-1.3B model)
-    DIR/longlive2        NVlabs/LongLive                 wan_5b/, utils/
-    DIR/rolling-forcing  TencentARC/RollingForcing       wan/
+    DIR/self-forcing     guandeh17/Self-Forcing      33593df   wan/
+    DIR/causvid          tianweiy/CausVid            ca21150   causvid/
+    DIR/longlive         NVlabs/LongLive             7b56712   wan/, utils/   (its Wan2.1-1.3B model)
+    DIR/longlive2        NVlabs/LongLive             7860ad9   wan_5b/, utils/
+    DIR/rolling-forcing  TencentARC/RollingForcing   a1477d0   wan/
+
+(the commits read on 2026-12-07; e.g. ``git -C LongLive archive 7b56712 wan utils | tar -x -C
+DIR/longlive``).
 
     python benchmarks/their_models_gpu.py --theirs DIR [--layers 30] [--only NAME ...] [--json F]
     python benchmarks/their_models_gpu.py --theirs DIR --smoke   # CPU, tiny shapes: it runs
