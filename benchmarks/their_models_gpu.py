@@ -27,6 +27,13 @@ DIR/longlive``).
 
     python benchmarks/their_models_gpu.py --theirs DIR [--layers 30] [--only NAME ...] [--json F]
     python benchmarks/their_models_gpu.py --theirs DIR --smoke   # CPU, tiny shapes: it runs
+    python benchmarks/their_models_gpu.py --theirs DIR --check   # CPU, tiny: patched == theirs
+
+``--check`` (CPU, tiny shapes, all weights random: their init zeroes the output head) keeps two
+chunks of history, which every codebase's own window holds whole, and patches at full budget
+(every block retrieved, no sink or window of omnimem's, the dense backend): every call's output
+must then equal theirs to within a bf16 unit in the last place of its largest value (exit 1
+otherwise).
 
 Packages their model files import that the machine lacks (``diffusers``' mixins,
 ``transformers``) are replaced by empty stand-ins; their package ``__init__`` files (which load
@@ -260,6 +267,8 @@ def run_one(name: str, args) -> dict:
     frame = latent[1] * latent[2] // 4
     chunk = spec.chunk_frames * frame
     history_frames = seconds * spec.fps // spec.chunk_frames * spec.chunk_frames
+    if args.check:  # two chunks: every codebase's own window then holds the whole video
+        history_frames = 2 * spec.chunk_frames
     history = history_frames * frame
     per_layer = 2 * (history + spec.window_blocks * chunk) * shape["dim"] * 2  # bf16 history
     layers = args.layers
@@ -281,6 +290,9 @@ def run_one(name: str, args) -> dict:
             .requires_grad_(False)
             .to(dtype)
         )
+    if args.check:  # their init zeroes the output head: random weights everywhere instead
+        for prm in model.parameters():
+            prm.normal_(0, 0.1, generator=torch.Generator(device=device).manual_seed(prm.numel()))
     model.num_frame_per_block = spec.chunk_frames
     for module in model.modules():  # Rolling Forcing's hard-coded 1,560-token frames (tiny shapes)
         if args.smoke and hasattr(module, "block_length"):
@@ -296,6 +308,9 @@ def run_one(name: str, args) -> dict:
     }
     meta = getattr(theirs, "_CURRENT_GRID_META", None)
 
+    outputs: dict[str, list[torch.Tensor]] = {"theirs": [], "omnimem": []}
+    label = "theirs"
+
     def call(kv, cross, frames: int, start: int, t: float, **extra) -> None:
         if meta is not None and "global_end_index" in kv[0]:  # LongLive-2.0's wrapper, before a call
             meta.update(
@@ -306,7 +321,9 @@ def run_one(name: str, args) -> dict:
             )
         if spec.end_argument:
             extra["current_end"] = start + frames * frame
-        model(
+        else:  # their wrappers pass cache_start=None (the layer then takes current_start)
+            extra["cache_start"] = None
+        out = model(
             latents[frames],
             t=torch.full((1, frames), t, device=device),
             context=context,
@@ -316,6 +333,8 @@ def run_one(name: str, args) -> dict:
             current_start=start,
             **extra,
         )
+        if args.check:  # their models return the video tensor(s) first
+            outputs[label].append((out[0] if isinstance(out, (list, tuple)) else out).float().cpu())
 
     def fill(kv, cross) -> None:  # their loop over the minute: one clean call a chunk
         for c in range(history_frames // spec.chunk_frames):
@@ -335,16 +354,28 @@ def run_one(name: str, args) -> dict:
     with torch.no_grad():
         for label in ("theirs", "omnimem"):
             if label == "omnimem":
-                top_k = 2 if args.smoke else 32
+                # --check: every block retrieved (full budget), no sink or window of omnimem's,
+                # the exact dense backend: the same attention as theirs over the whole video
+                tiny = dict(block_size=4, backend="dense" if args.check else "gather")
+                top_k = 64 if args.check else 2 if args.smoke else 32
                 patch_causal_wan(
                     model,
                     max_frames=history_frames + spec.window_blocks * spec.chunk_frames,
                     max_chunk_frames=spec.window_blocks * spec.chunk_frames,
                     top_k=top_k,
-                    **(dict(block_size=4, backend="gather") if args.smoke else {}),
+                    **(
+                        dict(tiny, sink_tokens=0, local_tokens=0)
+                        if args.check
+                        else tiny
+                        if args.smoke
+                        else {}
+                    ),
                 )
             kv, cross = their_caches(spec, model, layers, history, frame, device, dtype)
             fill(kv, cross)
+            if args.check:
+                step(kv, cross)
+                continue
             if device.type == "cuda":
                 torch.cuda.synchronize()
                 torch.cuda.reset_peak_memory_stats()
@@ -354,6 +385,11 @@ def run_one(name: str, args) -> dict:
             del kv, cross
             if device.type == "cuda":
                 torch.cuda.empty_cache()
+    if args.check:  # the largest difference of any call's output, relative to its largest value
+        pairs = zip(outputs["theirs"], outputs["omnimem"], strict=True)
+        row["relative_differences"] = [float((a - b).abs().max() / a.abs().max()) for a, b in pairs]
+        row["max_relative_difference"] = max(row["relative_differences"])
+        return row
     row["omnimem_vs_theirs"] = row["omnimem_ms"] / row["theirs_ms"]
     if row["theirs_used_omnimem"] or not row["omnimem_used_omnimem"]:
         raise RuntimeError(f"{name}: the patch did not take (or took before it was applied): {row}")
@@ -369,9 +405,13 @@ def main() -> None:
     parser.add_argument("--child-timeout", type=float, default=240, help="seconds for one codebase")
     parser.add_argument("--one", choices=list(SPECS), help=argparse.SUPPRESS)  # the child process
     parser.add_argument("--smoke", action="store_true")
+    parser.add_argument(
+        "--check", action="store_true", help="CPU, tiny: patched at full budget equals theirs"
+    )
     parser.add_argument("--json", default=None)
     args = parser.parse_args()
     sys.path.insert(0, str(Path(__file__).parent))
+    args.smoke |= args.check
     if args.smoke:
         args.layers, args.reps = 2, 1
     if args.one:
@@ -390,7 +430,7 @@ def main() -> None:
             str(args.reps),
             "--one",
             name,
-        ] + (["--smoke"] if args.smoke else [])
+        ] + (["--check"] if args.check else ["--smoke"] if args.smoke else [])
         try:
             done = subprocess.run(argv, capture_output=True, text=True, timeout=args.child_timeout)
         except subprocess.TimeoutExpired:
@@ -404,6 +444,14 @@ def main() -> None:
             continue
         rows.append(json.loads(lines[-1]))
         print(lines[-1], flush=True)
+    if args.check:
+        print("\n| codebase | largest difference of a call's output / its largest value |\n|---|---|")
+        for r in rows:
+            print(f"| {r['codebase']} | {r.get('max_relative_difference', 'failed')} |")
+        # bf16 outputs: one unit in the last place of the largest value is 2**-8 to 2**-7 of it
+        if any(r.get("max_relative_difference", 1.0) > 2**-7 for r in rows):
+            sys.exit("a patched model differs from theirs by more than a bf16 ulp of its output")
+        return
     cuda = torch.cuda.is_available() and not args.smoke
     env = dict(
         device=torch.cuda.get_device_name() if cuda else "cpu",
