@@ -4,6 +4,7 @@ call is never spent on a script that no longer runs."""
 from __future__ import annotations
 
 import json
+import os
 import subprocess
 import sys
 from pathlib import Path
@@ -23,3 +24,24 @@ def test_a_benchmark_script_runs_its_smoke_mode(script, tmp_path):
     assert done.returncode == 0, done.stderr[-2000:]
     result = json.loads(out.read_text())
     assert result["rows"], result
+
+
+@pytest.mark.parametrize("mode", ["--smoke", "--check"])
+def test_their_models_script_runs_on_a_fake_checkout(mode, tmp_path):
+    """``their_models_gpu.py`` imports a codebase's model from a folder of checkouts; here a fake
+    one (``tests/fake_codebase``: Self-Forcing's call on the stand-in blocks) stands for
+    Self-Forcing's, so the script's loop, patching and check run in CI."""
+    (tmp_path / "self-forcing").symlink_to(Path(__file__).parent / "fake_codebase")
+    theirs = {"PYTHONPATH": f"{Path(__file__).parents[1]}{os.pathsep}{os.environ.get('PYTHONPATH', '')}"}
+    done = subprocess.run(
+        [sys.executable, str(BENCHMARKS / "their_models_gpu.py"), "--theirs", str(tmp_path), mode,
+         "--only", "Self-Forcing"],
+        capture_output=True, text=True, timeout=300, env={**os.environ, **theirs},
+    )  # fmt: skip
+    assert done.returncode == 0, done.stdout[-2000:] + done.stderr[-2000:]
+    rows = [json.loads(line) for line in done.stdout.splitlines() if line.startswith("{")]
+    assert len(rows) == 1 and "error" not in rows[0], done.stdout[-2000:]
+    if mode == "--check":  # at full budget the patched model is theirs, to a bf16 ulp
+        assert rows[0]["max_relative_difference"] <= 2**-7
+    else:
+        assert rows[0]["omnimem_ms"] > 0 and rows[0]["theirs_ms"] > 0
