@@ -27,16 +27,20 @@ def test_a_benchmark_script_runs_its_smoke_mode(script, tmp_path):
 
 
 @pytest.mark.parametrize("mode", ["--smoke", "--check"])
-def test_their_models_script_runs_on_a_fake_checkout(mode, tmp_path):
-    """``their_models_gpu.py`` imports a codebase's model from a folder of checkouts; here a fake
-    one (``tests/fake_codebase``: Self-Forcing's call on the stand-in blocks) stands for
-    Self-Forcing's, so the script's loop, patching and check run in CI."""
-    (tmp_path / "self-forcing").symlink_to(Path(__file__).parent / "fake_codebase")
-    theirs = {"PYTHONPATH": f"{Path(__file__).parents[1]}{os.pathsep}{os.environ.get('PYTHONPATH', '')}"}
+@pytest.mark.parametrize("codebase", ["Self-Forcing", "CausVid", "Rolling Forcing"])
+def test_their_models_script_runs_on_a_fake_checkout(codebase, mode, tmp_path):
+    """``their_models_gpu.py`` imports a codebase's model from a folder of checkouts; here fake
+    ones (``tests/fake_codebase``: the stand-in blocks behind their model's call) stand for
+    Self-Forcing's, CausVid's (``current_end``) and Rolling Forcing's (a window of blocks, then
+    ``updating_cache``), so the script's loops, patching and check run in CI."""
+    fakes = Path(__file__).parent / "fake_codebase"
+    for name in ("self-forcing", "causvid", "rolling-forcing"):
+        (tmp_path / name).symlink_to(fakes / name)
+    path = f"{Path(__file__).parents[1]}{os.pathsep}{os.environ.get('PYTHONPATH', '')}"
     done = subprocess.run(
         [sys.executable, str(BENCHMARKS / "their_models_gpu.py"), "--theirs", str(tmp_path), mode,
-         "--only", "Self-Forcing"],
-        capture_output=True, text=True, timeout=300, env={**os.environ, **theirs},
+         "--only", codebase],
+        capture_output=True, text=True, timeout=300, env={**os.environ, "PYTHONPATH": path},
     )  # fmt: skip
     assert done.returncode == 0, done.stdout[-2000:] + done.stderr[-2000:]
     rows = [json.loads(line) for line in done.stdout.splitlines() if line.startswith("{")]
