@@ -5,6 +5,10 @@ from __future__ import annotations
 import pytest
 import torch
 
+# Fake checkouts of other codebases, laid out as theirs (three ``causal_model.py``): imported by
+# benchmarks/their_models_gpu.py in its test, never collected (doctest modules) here.
+collect_ignore = ["fake_codebase"]
+
 
 @pytest.fixture
 def poisoned_allocations(monkeypatch):
