@@ -188,26 +188,33 @@ def main() -> None:
         row = measure(name, CODEBASES[name], args, device, dtype)
         print(json.dumps(row), flush=True)
         rows.append(row)
+    report(rows, device.type == "cuda", f"{args.layers} layers", args.json)
+
+
+def report(rows: list[dict], cuda: bool, what: str, json_path: str | None) -> None:
+    """The table of rows per codebase (``error`` rows: failed), with device, versions and date,
+    and the JSON (``their_models_gpu.py`` reports through this too)."""
     env = dict(
-        device=torch.cuda.get_device_name() if device.type == "cuda" else "cpu", torch=torch.__version__,
+        device=torch.cuda.get_device_name() if cuda else "cpu", torch=torch.__version__,
         triton=triton.__version__, date=datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%d"),
     )  # fmt: skip
+    print(f"\n{env['device']}, torch {env['torch']}, triton {env['triton']}, {env['date']}; {what}")
     print(
-        f"\n{env['device']}, torch {env['torch']}, triton {env['triton']}, {env['date']}; "
-        f"{args.layers} layers"
-    )
-    print(
-        "| codebase | history (frames) | theirs ms | omnimem ms | omnimem / theirs "
+        "| codebase | layers | history (frames) | theirs ms | omnimem ms | omnimem / theirs "
         "| peak GiB theirs / omnimem |"
     )
-    print("|---|---|---|---|---|---|")
+    print("|---|---|---|---|---|---|---|")
     for r in rows:
+        if "error" in r:
+            print(f"| {r['codebase']} | failed | | | | | |")
+            continue
         print(
-            f"| {r['codebase']} | {r['history_frames']} | {r['theirs_ms']:.0f} | {r['omnimem_ms']:.0f} "
-            f"| {r['omnimem_vs_theirs']:.2f}x | {r['theirs_peak_gib']:.1f} / {r['omnimem_peak_gib']:.1f} |"
+            f"| {r['codebase']} | {r['layers']} | {r['history_frames']} | {r['theirs_ms']:.0f} "
+            f"| {r['omnimem_ms']:.0f} | {r['omnimem_vs_theirs']:.2f}x "
+            f"| {r['theirs_peak_gib']:.1f} / {r['omnimem_peak_gib']:.1f} |"
         )
-    if args.json:
-        with open(args.json, "w") as fh:
+    if json_path:
+        with open(json_path, "w") as fh:
             json.dump(dict(environment=env, rows=rows), fh, indent=1)
 
 

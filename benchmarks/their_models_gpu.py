@@ -44,7 +44,6 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
-import datetime
 import importlib
 import importlib.util
 import inspect
@@ -452,30 +451,10 @@ def main() -> None:
         if any(r.get("max_relative_difference", 1.0) > 2**-7 for r in rows):
             sys.exit("a patched model differs from theirs by more than a bf16 ulp of its output")
         return
+    from codebases_gpu import report
+
     cuda = torch.cuda.is_available() and not args.smoke
-    env = dict(
-        device=torch.cuda.get_device_name() if cuda else "cpu",
-        torch=torch.__version__,
-        date=datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%d"),
-    )
-    print(f"\n{env['device']}, torch {env['torch']}, {env['date']}; their model classes, one step at 60 s")
-    print(
-        "| codebase | layers | history (frames) | theirs ms | omnimem ms | omnimem / theirs "
-        "| peak GiB theirs / omnimem |"
-    )
-    print("|---|---|---|---|---|---|---|")
-    for r in rows:
-        if "error" in r:
-            print(f"| {r['codebase']} | failed | | | | | |")
-            continue
-        print(
-            f"| {r['codebase']} | {r['layers']} | {r['history_frames']} | {r['theirs_ms']:.0f} "
-            f"| {r['omnimem_ms']:.0f} "
-            f"| {r['omnimem_vs_theirs']:.2f}x | {r['theirs_peak_gib']:.1f} / {r['omnimem_peak_gib']:.1f} |"
-        )
-    if args.json:
-        with open(args.json, "w") as fh:
-            json.dump(dict(environment=env, rows=rows), fh, indent=1)
+    report(rows, cuda, "their model classes, one step at 60 s", args.json)
 
 
 if __name__ == "__main__":
