@@ -50,6 +50,9 @@ THIRD_PARTITION = {
 }
 BLOCK_M = 128  # query rows per program: 64 per consumer warpgroup
 BLOCK_N = 128  # keys per stage
+# int4 codes unpacked a 32-bit word at a time by inline PTX (``_int4_words``; QUANT 3) instead of
+# the compiler's byte-wise unpack (QUANT 2); a switch for the benchmark's side-by-side run.
+INT4_WORDS = True
 # A split tile is cut into at most this many parts: each cut costs a merge (a wait and a
 # reload of the partial output) on the critical path.
 MAX_SPLITS = 4
@@ -110,23 +113,105 @@ def _int4_rows(codes_smem, first, ROWS: gl.constexpr, layout: gl.constexpr, dtyp
     return x
 
 
+# int4 codes to values a 32-bit word (8 codes, 4 output pairs) at a time, in the compute
+# dtype's paired arithmetic (sm_90 PTX; ``inline_asm_elementwise`` with ``pack=4``): byte c of a
+# word holds channels 2c (low nibble) and 2c + 1. One ``lop3`` moves two nibbles 16 bits apart
+# into the mantissas of a pair of 128s (bf16 0x43xx; fp16 1024, 0x64xx), shifts of 4, 8 and 12
+# bring the other nibbles down, and byte permutes reorder the pairs (channels 0/4, 1/5, 2/6, 3/7
+# -> 0/1, 2/3, 4/5, 6/7); then the 128 (1024) is subtracted, exactly, and ``code * scale +
+# minimum`` is one fused multiply-add of the pair: the arithmetic of ``_int4_rows`` and
+# ``_decode_tile`` (about 4.75 instructions a pair instead of 7-9, per the SASS: the compiler
+# extracts each byte and rebuilds each pair, and re-packs the scales every pass).
+_INT4_WORD = """{{
+.reg .b32 t<4>, r<4>, k;
+mov.b32 k, 0x{k:08X};
+shr.b32 t1, $4, 4;
+shr.b32 t2, $4, 8;
+shr.b32 t3, $4, 12;
+lop3.b32 r0, $4, 0x000F000F, 0x{m:08X}, 0xEA;
+lop3.b32 r1, t1, 0x000F000F, 0x{m:08X}, 0xEA;
+lop3.b32 r2, t2, 0x000F000F, 0x{m:08X}, 0xEA;
+lop3.b32 r3, t3, 0x000F000F, 0x{m:08X}, 0xEA;
+prmt.b32 t0, r0, r1, 0x5410;
+prmt.b32 t1, r2, r3, 0x5410;
+prmt.b32 t2, r0, r1, 0x7632;
+prmt.b32 t3, r2, r3, 0x7632;
+sub.{t}x2 t0, t0, k;
+sub.{t}x2 t1, t1, k;
+sub.{t}x2 t2, t2, k;
+sub.{t}x2 t3, t3, k;
+fma.rn.{t}x2 $0, t0, $5, $9;
+fma.rn.{t}x2 $1, t1, $6, $10;
+fma.rn.{t}x2 $2, t2, $7, $11;
+fma.rn.{t}x2 $3, t3, $8, $12;
+}}"""
+_INT4_WORD_BF16 = gl.constexpr(_INT4_WORD.format(k=0x43004300, m=0x43004300, t="bf16"))
+_INT4_WORD_FP16 = gl.constexpr(_INT4_WORD.format(k=0x64006400, m=0x64006400, t="f16"))
+
+
+@gluon.jit
+def _int4_words(codes, scale2, low2, dtype: gl.constexpr):
+    """``codes`` (uint8, two channels a byte) with ``scale2`` and ``low2`` (int32: the pair's
+    two scales / minimums, channel 2c in the low half) to values of the compute dtype, shaped
+    ``codes.shape`` with the last dimension doubled."""
+    if dtype == gl.bfloat16:
+        pairs = gl.inline_asm_elementwise(_INT4_WORD_BF16, "=r,=r,=r,=r,r,r,r,r,r,r,r,r,r",
+                                          [codes, scale2, low2], gl.int32, True, 4)  # fmt: skip
+    else:
+        pairs = gl.inline_asm_elementwise(_INT4_WORD_FP16, "=r,=r,=r,=r,r,r,r,r,r,r,r,r,r",
+                                          [codes, scale2, low2], gl.int32, True, 4)  # fmt: skip
+    even = pairs.to(gl.int16).to(dtype, bitcast=True)
+    odd = (pairs >> 16).to(gl.int16).to(dtype, bitcast=True)
+    return gl.reshape(gl.join(even, odd), [codes.shape[0], 2 * codes.shape[1]])
+
+
+@gluon.jit
+def _paired(half):
+    """int16 (a bf16 or fp16 value's bits) to int32 holding it twice: a pair's operand."""
+    w = half.to(gl.int32) & 0xFFFF
+    return w | (w << 16)
+
+
 @gluon.jit
 def _decode_tile(codes_smem, out_smem, scale_ptr, min_ptr, scales, block, token, stride_sn,
-                 INT4: gl.constexpr, IS_KEY: gl.constexpr):  # fmt: skip
+                 QUANT: gl.constexpr, IS_KEY: gl.constexpr):  # fmt: skip
     """A code tile (store rows from ``token``, in whole block ``block``) into ``out_smem`` (the
     compute dtype), a pass of ``8 x warps`` rows at a time, with integer operations and
     multiplies, not conversions (Hopper converts at a quarter of the FMA rate: docs/memory.md).
-    fp8: ``code * scale`` in float32 as the reference (a scale per block), then rounded. int4:
-    ``code * scale + minimum`` (keys per block and channel, loaded once a tile; values per
-    token) in one fused multiply-add of the compute dtype. ``scales``: the (batch, head) offset
-    into the scale and minimum buffers."""
+    fp8 (``QUANT`` 1): ``code * scale`` in float32 as the reference (a scale per block), then
+    rounded. int4 (2; 3 unpacks a word at a time: ``_int4_words``): ``code * scale + minimum``
+    (keys per block and channel, loaded once a tile; values per token) in one fused
+    multiply-add of the compute dtype. ``scales``: the (batch, head) offset into the scale and
+    minimum buffers."""
     KV_N: gl.constexpr = out_smem.type.shape[0]
     HEAD_DIM: gl.constexpr = out_smem.type.shape[1]
     WARPS: gl.constexpr = gl.num_warps()
     ROWS: gl.constexpr = 8 * WARPS
     layout: gl.constexpr = _codes_layout(HEAD_DIM, WARPS)
     dtype: gl.constexpr = out_smem.dtype
-    if INT4:
+    if QUANT == 3:
+        # Scales as int32 pairs, loaded once a tile (keys) or a pass (values): the buffers'
+        # element offsets are even (the launcher checks), so channel pairs are aligned words.
+        raw_layout: gl.constexpr = gl.BlockedLayout(
+            [1, 8], [32 // (HEAD_DIM // 16), HEAD_DIM // 16], [WARPS, 1], [1, 0]
+        )
+        if IS_KEY:
+            pair = gl.arange(0, HEAD_DIM // 2, layout=gl.SliceLayout(0, raw_layout))
+            at = (scales + block.to(gl.int64) * stride_sn) // 2 + pair
+            scale2 = gl.load(scale_ptr.to(gl.pointer_type(gl.int32), bitcast=True) + at)[None, :]
+            low2 = gl.load(min_ptr.to(gl.pointer_type(gl.int32), bitcast=True) + at)[None, :]
+            for r in gl.static_range(0, KV_N, ROWS):
+                raw = codes_smem.slice(r, ROWS).load(raw_layout)
+                out_smem.slice(r, ROWS).store(_int4_words(raw, scale2, low2, dtype))
+        else:
+            for r in gl.static_range(0, KV_N, ROWS):
+                raw = codes_smem.slice(r, ROWS).load(raw_layout)
+                tokens = token + r + gl.arange(0, ROWS, layout=gl.SliceLayout(1, raw_layout))
+                at = scales + tokens.to(gl.int64) * stride_sn
+                scale2 = _paired(gl.load(scale_ptr.to(gl.pointer_type(gl.int16), bitcast=True) + at))
+                low2 = _paired(gl.load(min_ptr.to(gl.pointer_type(gl.int16), bitcast=True) + at))
+                out_smem.slice(r, ROWS).store(_int4_words(raw, scale2[:, None], low2[:, None], dtype))
+    elif QUANT == 2:
         if IS_KEY:
             dims = gl.arange(0, HEAD_DIM, layout=gl.SliceLayout(0, layout))
             channel = scales + block.to(gl.int64) * stride_sn + dims
@@ -181,7 +266,7 @@ def _load_native(
 def _convert_tile(
     it, j, kc_smem, vc_smem, k_smem, v_smem, kc_ready, vc_ready, k_ready, v_ready, table_ptr,
     k_scale_ptr, v_scale_ptr, k_min_ptr, v_min_ptr, k_scales, v_scales, stride_ksn, stride_vsn,
-    BLOCK_SIZE: gl.constexpr, INT4: gl.constexpr,
+    BLOCK_SIZE: gl.constexpr, QUANT: gl.constexpr,
 ):  # fmt: skip
     """Code tile ``it`` (the ``j``-th of its part) from its code stage into its stage of the
     ring (free: the caller waited), keys then values, each announced to the consumers once
@@ -196,13 +281,13 @@ def _convert_tile(
     token = block * BLOCK_SIZE + (it % SUBS) * KV_N  # the tile's first row in the store
     mbarrier.wait(kc_ready.index(cstage), (j // CSTAGES) & 1)
     _decode_tile(kc_smem.index(cstage), k_smem.index(stage), k_scale_ptr, k_min_ptr, k_scales, block, token,
-                 stride_ksn, INT4, True)  # fmt: skip
+                 stride_ksn, QUANT, True)  # fmt: skip
     fence_async_shared()
     _cta_barrier()
     mbarrier.arrive(k_ready.index(stage), count=1)
     mbarrier.wait(vc_ready.index(cstage), (j // CSTAGES) & 1)
     _decode_tile(vc_smem.index(cstage), v_smem.index(stage), v_scale_ptr, v_min_ptr, v_scales, block, token,
-                 stride_vsn, INT4, False)  # fmt: skip
+                 stride_vsn, QUANT, False)  # fmt: skip
     fence_async_shared()
     _cta_barrier()
     mbarrier.arrive(v_ready.index(stage), count=1)
@@ -248,7 +333,6 @@ def _produce_partition(
         return
     STAGES: gl.constexpr = k_smem.type.shape[0]
     CSTAGES: gl.constexpr = kc_smem.type.shape[0]
-    INT4: gl.constexpr = QUANT == 2
     _load_queries(q_desc, q_smem, q_bar, q_row, q_col, it_end > it_begin)
     for c in gl.static_range(CSTAGES):
         if it_begin + c < codes_end:
@@ -262,7 +346,7 @@ def _produce_partition(
             _convert_tile(
                 it, j, kc_smem, vc_smem, k_smem, v_smem, kc_ready, vc_ready, k_ready, v_ready, table_ptr,
                 k_scale_ptr, v_scale_ptr, k_min_ptr, v_min_ptr, k_scales, v_scales, stride_ksn, stride_vsn,
-                BLOCK_SIZE, INT4,
+                BLOCK_SIZE, QUANT,
             )  # fmt: skip
             # Its fence ordered this code stage's reads before the TMA that refills it.
             if it + CSTAGES < codes_end:
@@ -657,6 +741,20 @@ def skip_reason(
     return None
 
 
+def _quant_code(store) -> int:
+    """The kernel's ``QUANT``: 0 native, 1 fp8, 2 int4, 3 int4 unpacked a word at a time (its
+    scales read as int32 pairs: every element offset into them even)."""
+    if store is None:
+        return 0
+    if store.kv_format == "fp8":
+        return 1
+    even = all(
+        t.storage_offset() % 2 == 0 and all(s % 2 == 0 for s in t.stride()[:3])
+        for t in (store.k_scale, store.k_min)
+    )
+    return 3 if INT4_WORDS and even else 2
+
+
 def supported(
     q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, block_size: int, grouped: bool, store=None
 ) -> bool:
@@ -737,7 +835,7 @@ def scattered_attention(
         num_q_heads, num_q_heads // k.shape[1], q_len, chunk_len, block_idx.shape[-1],
         scale * 1.4426950408889634, num_q_tiles, num_tiles - num_split_tiles, splits, *quantized,
         BLOCK_SIZE=block_size, STAGES=stages, WRITE_LSE=return_lse,
-        QUANT=0 if store is None else {"fp8": 1, "int4": 2}[store.kv_format],
+        QUANT=_quant_code(store),
         **(THIRD_PARTITION["native" if store is None else "quantized"]), num_warps=4, maxnreg=168,
     )  # fmt: skip
     return out, (lse if return_lse else None)

@@ -26,6 +26,7 @@ from attention_gpu import FRAME_TOKENS, bench, environment, gather_reference
 from backends_gpu import make_inputs, rel_err
 
 from omnimem import OmniMemConfig, select_blocks
+from omnimem.backends import gluon_attention
 from omnimem.backends import triton as triton_backend
 from omnimem.backends.quantized_attention import dequantized_history, quantized_attention
 from omnimem.kernels.block_sums import block_sums
@@ -37,6 +38,8 @@ VARIANTS = [
     dict(),  # the default (GLUON_FORMATS on Hopper, else the Triton-language kernel)
     dict(kernel="triton"),  # the Triton-language kernel (decodes in registers)
     dict(kernel="gluon"),  # Hopper: a producer warpgroup loads and dequantizes code tiles
+    # int4: the Gluon kernel with the compiler's byte-wise unpack instead of the word-level PTX
+    dict(kernel="gluon", int4_words=False),
     dict(block_n=64),
     dict(num_stages=2),
     dict(block_m=64, num_warps=4),
@@ -86,6 +89,10 @@ def run_shape(heads: int, history_len: int, top_k: int, chunk_len: int) -> dict:
         del read_k, read_v
         result["variants"] = []
         for variant in VARIANTS:
+            if "int4_words" in variant and kv_format != "int4":
+                continue
+            options = {k: v for k, v in variant.items() if k != "int4_words"}
+            gluon_attention.INT4_WORDS = variant.get("int4_words", True)
             block_idx, num_blocks = triton_backend.tile_tables(
                 sel, q_len=chunk_len, block_m=variant.get("block_m", 128)
             )
@@ -93,7 +100,7 @@ def run_shape(heads: int, history_len: int, top_k: int, chunk_len: int) -> dict:
             run = functools.partial(
                 quantized_attention, q, store, tail_k, tail_v, block_idx=block_idx, num_blocks=num_blocks,
                 block_attended=None, history_len=history_len, chunk_len=chunk_len,
-                query_group_size=chunk_len, scale=scale, return_lse=False, **variant,
+                query_group_size=chunk_len, scale=scale, return_lse=False, **options,
             )  # fmt: skip
 
             try:
@@ -104,6 +111,7 @@ def run_shape(heads: int, history_len: int, top_k: int, chunk_len: int) -> dict:
                 ))  # fmt: skip
             except Exception as err:  # a tile configuration that does not compile: say so, go on
                 result["variants"].append(dict(**variant, error=str(err).splitlines()[0][:200]))
+            gluon_attention.INT4_WORDS = True
         timed = [r for r in result["variants"] if "ms" in r]
         result["best"] = min(timed, key=lambda r: r["ms"]) if timed else None
         row[kv_format] = result
@@ -120,11 +128,11 @@ def main() -> None:
     parser.add_argument(
         "--quick",
         action="store_true",
-        help="the default, the Triton-language and the Gluon kernels only",
+        help="the default, the Triton-language and the Gluon kernels (int4: both unpacks) only",
     )
     args = parser.parse_args()
     if args.quick:
-        VARIANTS[3:] = []
+        VARIANTS[4:] = []
     rows = [run_shape(args.heads, h, args.top_k, args.chunk_tokens) for h in args.histories]
     result = dict(environment=environment(), rows=rows)
     if args.json:
@@ -149,6 +157,12 @@ def main() -> None:
             tile = f"({options or 'defaults'})"
             timing = f"{best['ms']:7.3f} {best['ms'] / base:7.2f} {r['bytes_vs_bf16']:8.3f}"
             print(f"{row['history']:>8} {kv_format:>6} {timing} {errors}  {tile}")
+            for other in r["variants"]:  # every variant: the side-by-side the issue asks for
+                if other is best:
+                    continue
+                label = ", ".join(f"{k}={v}" for k, v in other.items() if k not in TIMED) or "defaults"
+                ms = f"{other['ms']:7.3f} {other['ms'] / base:7.2f}" if "ms" in other else other["error"][:60]
+                print(f"{'':>8} {'':>6} {ms}  ({label})")
 
 
 if __name__ == "__main__":

@@ -35,7 +35,7 @@ def _compile(quant: int, head_dim: int, block_size: int):
         return f"tensordesc<{dtype}[{rows},{cols}],{layout!r}>"
 
     native = desc("bf16", gl.bfloat16, ga.BLOCK_N, head_dim)
-    code_cols = head_dim if quant == 1 else head_dim // 2
+    code_cols = head_dim if quant == 1 else head_dim // 2  # quant 2, 3: int4
     codes = desc("u8", gl.uint8, ga.BLOCK_N, code_cols) if quant else native
     scales = "*fp32" if quant == 1 else "*bf16"
     types = dict(
@@ -61,7 +61,17 @@ def _compile(quant: int, head_dim: int, block_size: int):
 
 @pytest.mark.parametrize(
     ("quant", "head_dim", "block_size"),
-    [(0, 128, 128), (1, 128, 128), (2, 128, 128), (0, 64, 256), (1, 64, 256), (2, 64, 256), (2, 128, 256)],
+    [
+        (0, 128, 128),
+        (1, 128, 128),
+        (2, 128, 128),
+        (3, 128, 128),
+        (0, 64, 256),
+        (1, 64, 256),
+        (2, 64, 256),
+        (3, 64, 256),
+        (3, 128, 256),
+    ],
 )
 def test_hopper_kernel_compiles_for_sm90(quant, head_dim, block_size):
     from omnimem.backends.triton import hopper_kernel
@@ -123,6 +133,97 @@ def test_converter_arithmetic_is_the_reference_dequantization():
         want = dequantize(q, torch.bfloat16)
         ulps = (fused.view(torch.int16).int() - want.view(torch.int16).int()).abs()
         assert ulps.max() <= 1 and ulps.float().mean() < 1e-3, (role, ulps.max(), ulps.float().mean())
+
+
+def _replay_ptx(asm: str, regs: dict, dtype):
+    """Run the few PTX instructions ``_INT4_WORD`` uses on int64 tensors of 32-bit words
+    (``regs``: ``$n`` operands in, ``$n`` results out); paired float ops on ``dtype`` halves,
+    ``fma`` with one rounding (float64 is exact for these products)."""
+    import re
+
+    import torch
+
+    def val(x):
+        return regs[x] if x in regs else torch.tensor(int(x, 16) if x.startswith("0x") else int(x))
+
+    def halves(w):
+        h = torch.stack([w & 0xFFFF, w >> 16], -1).to(torch.int16).view(dtype)
+        return h.double()
+
+    def word(h):
+        bits = h.to(dtype).view(torch.int16).to(torch.int64) & 0xFFFF
+        return bits[..., 0] | (bits[..., 1] << 16)
+
+    for line in asm.splitlines():
+        m = re.match(r"\s*([a-z0-9.]+)\s+(.*);", line)
+        if m is None or m.group(1) == ".reg":
+            continue
+        op, args = m.group(1), [a.strip() for a in m.group(2).split(",")]
+        d, a = args[0], [val(x) for x in args[1:]]
+        if op == "mov.b32":
+            r = a[0]
+        elif op == "shr.b32":
+            r = a[0] >> a[1]
+        elif op == "lop3.b32":
+            assert int(args[4], 16) == 0xEA  # (a & b) | c
+            r = (a[0] & a[1]) | a[2]
+        elif op == "prmt.b32":
+            pool = [(a[0] >> (8 * i)) & 0xFF for i in range(4)] + [(a[1] >> (8 * i)) & 0xFF for i in range(4)]
+            sel = int(args[3], 16)
+            r = sum(pool[(sel >> (4 * i)) & 7] << (8 * i) for i in range(4))
+        elif op.startswith("sub."):
+            r = word(halves(a[0]) - halves(a[1]))
+        elif op.startswith("fma.rn."):
+            r = word(halves(a[0]) * halves(a[1]) + halves(a[2]))
+        else:
+            raise AssertionError(f"no replay for {op}")
+        regs[d] = r & 0xFFFFFFFF
+    return [regs[f"${i}"] for i in range(4)]
+
+
+def test_int4_word_unpack_is_the_reference_dequantization():
+    """``_INT4_WORD`` (the PTX that unpacks a 32-bit word of int4 codes, QUANT 3), replayed
+    instruction by instruction on words of real codes with their int32 scale pairs: its four
+    outputs are channels (0, 1), (2, 3), (4, 5), (6, 7) of the word, each ``code * scale +
+    minimum`` in one fused multiply-add, equal to ``dequantize`` but for rare double-rounding
+    ties (as the byte-wise unpack). A wrong shift, mask, permute selector or operand fails it."""
+    import torch
+
+    from omnimem.backends import gluon_attention as ga
+    from omnimem.store.formats import dequantize, quantize
+
+    gen = torch.Generator().manual_seed(1)
+    x = torch.randn(1, 1, 256, 128, generator=gen) * torch.logspace(-2, 1, 128)
+    for asm, dtype in ((ga._INT4_WORD_BF16.value, torch.bfloat16), (ga._INT4_WORD_FP16.value, torch.float16)):
+        for role in ("key", "value"):
+            q = quantize(x, "int4", role=role, block_size=128)
+            words = q.data.view(torch.int32).to(torch.int64) & 0xFFFFFFFF  # 4 code bytes a word
+            if role == "key":
+                scale = q.scale.repeat_interleave(128, dim=2)
+                low = q.minimum.repeat_interleave(128, dim=2)
+            else:
+                scale, low = q.scale[..., None].expand(x.shape), q.minimum[..., None].expand(x.shape)
+            # the kernel's operands: each output pair's scales and minimums as one int32
+            scale2, low2 = (
+                t.to(dtype).view(torch.int16).to(torch.int64).unflatten(-1, (-1, 4, 2)) & 0xFFFF
+                for t in (scale, low)
+            )
+            regs = {"$4": words}
+            for j in range(4):
+                regs[f"${5 + j}"] = scale2[..., j, 0] | (scale2[..., j, 1] << 16)
+                regs[f"${9 + j}"] = low2[..., j, 0] | (low2[..., j, 1] << 16)
+            out = _replay_ptx(asm, regs, dtype)
+            bits = torch.stack([torch.stack([p & 0xFFFF, p >> 16], -1) for p in out], -2).flatten(-3)
+            got = bits.to(torch.int16)
+            # dequantize's scales are the stored bf16 ones: compare in the stored dtype only
+            if dtype == torch.bfloat16:
+                want = dequantize(q, torch.bfloat16).view(torch.int16)
+            else:
+                want = (x.new_tensor(0).double() + (torch.stack([q.data & 0xF, q.data >> 4], -1)
+                        .flatten(-2).double() * scale.to(dtype).double() + low.to(dtype).double())
+                        ).to(dtype).view(torch.int16)  # fmt: skip
+            ulps = (got.int() - want.int()).abs()
+            assert ulps.max() <= 1 and ulps.float().mean() < 1e-3, (dtype, role, ulps.max())
 
 
 def _bundled(tool: str) -> str | None:

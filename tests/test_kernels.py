@@ -363,7 +363,8 @@ def test_tables_from_sums_kernel_skips_blocks_with_nan_keys_like_the_torch_path(
 
 
 @pytest.mark.skipif(not ON_HOPPER, reason="the Gluon kernel runs on Hopper GPUs only")
-@pytest.mark.parametrize("kv_format", ["fp8", "int4"])
+# int4 twice: codes unpacked a word at a time (inline PTX, the default) and byte-wise
+@pytest.mark.parametrize("kv_format", ["fp8", "int4", "int4-bytewise"])
 @pytest.mark.parametrize("num_sms", [1, 5, None])
 @pytest.mark.parametrize(
     ("q_heads", "kv_heads", "head_dim", "history_len", "q_len", "block_size", "flash_layout", "dtype"),
@@ -383,11 +384,14 @@ def test_hopper_kernel_reads_a_quantized_history(
     reference of the history it stands for (whole blocks dequantized, then the native tail),
     and against the Triton-language kernel on the same store. Store slots the selection does
     not name hold NaN codes and scales: never read."""
-    from omnimem.backends import triton_attention
+    from omnimem.backends import gluon_attention, triton_attention
     from omnimem.backends.quantized_attention import quantized_attention, quantized_attention_reference
     from omnimem.backends.triton import tile_tables
     from omnimem.store.blocks import QuantizedBlocks
 
+    if kv_format == "int4-bytewise":
+        kv_format = "int4"
+        monkeypatch.setattr(gluon_attention, "INT4_WORDS", False)
     q, k, v = make_inputs(
         q_heads=q_heads, kv_heads=kv_heads, history_len=history_len, q_len=q_len, head_dim=head_dim,
         dtype=dtype, flash_layout=flash_layout, seed=history_len + q_len,
