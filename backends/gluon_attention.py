@@ -53,6 +53,9 @@ BLOCK_N = 128  # keys per stage
 # int4 codes unpacked a 32-bit word at a time by inline PTX (``_int4_words``; QUANT 3) instead of
 # the compiler's byte-wise unpack (QUANT 2); a switch for the benchmark's side-by-side run.
 INT4_WORDS = True
+# fp8 codes decoded exactly and unscaled (QUANT 4; the consumers apply each block's scales from
+# shared memory) instead of scaled in float32 by the producer (QUANT 1); the same kind of switch.
+FP8_CODES = True
 # A split tile is cut into at most this many parts: each cut costs a merge (a wait and a
 # reload of the partial output) on the critical path.
 MAX_SPLITS = 4
@@ -172,6 +175,45 @@ def _paired(half):
     return w | (w << 16)
 
 
+# fp8 e4m3 codes to the compute dtype exactly, unscaled, a 32-bit word (4 codes, 2 output pairs)
+# at a time (QUANT 4: the consumers apply the block's scales). bf16: each byte into the high byte
+# of a half (``prmt`` with a zero register), its exponent and mantissa shifted down 4 and masked,
+# its sign kept: the bf16 bits of the value times 2**-120 (the exponent biases differ by 120;
+# subnormal codes become subnormal bf16 alike), then one exact multiply by 2**120 a pair. fp16:
+# the hardware's exact pair conversion (sm_89+).
+_FP8_WORD_BF16 = gl.constexpr("""{
+.reg .b32 z, h0, h1, y0, y1, s0, s1, k;
+mov.b32 z, 0;
+mov.b32 k, 0x7B807B80;
+prmt.b32 h0, $2, z, 0x1404;
+prmt.b32 h1, $2, z, 0x3424;
+shr.b32 y0, h0, 4;
+shr.b32 y1, h1, 4;
+and.b32 s0, h0, 0x80008000;
+and.b32 s1, h1, 0x80008000;
+lop3.b32 y0, y0, 0x07F007F0, s0, 0xEA;
+lop3.b32 y1, y1, 0x07F007F0, s1, 0xEA;
+mul.rn.bf16x2 $0, y0, k;
+mul.rn.bf16x2 $1, y1, k;
+}""")
+_FP8_WORD_FP16 = gl.constexpr("""{
+.reg .b16 lo, hi;
+mov.b32 {lo, hi}, $2;
+cvt.rn.f16x2.e4m3x2 $0, lo;
+cvt.rn.f16x2.e4m3x2 $1, hi;
+}""")
+
+
+@gluon.jit
+def _fp8_words(codes, dtype: gl.constexpr):
+    """``codes`` (uint8 e4m3 bits) as exact, unscaled values of ``dtype``."""
+    if dtype == gl.bfloat16:
+        x = gl.inline_asm_elementwise(_FP8_WORD_BF16, "=r,=r,r", [codes], gl.bfloat16, True, 4)
+    else:
+        x = gl.inline_asm_elementwise(_FP8_WORD_FP16, "=r,=r,r", [codes], gl.float16, True, 4)
+    return x
+
+
 @gluon.jit
 def _decode_tile(codes_smem, out_smem, scale_ptr, min_ptr, scales, block, token, stride_sn,
                  QUANT: gl.constexpr, IS_KEY: gl.constexpr):  # fmt: skip
@@ -189,7 +231,10 @@ def _decode_tile(codes_smem, out_smem, scale_ptr, min_ptr, scales, block, token,
     ROWS: gl.constexpr = 8 * WARPS
     layout: gl.constexpr = _codes_layout(HEAD_DIM, WARPS)
     dtype: gl.constexpr = out_smem.dtype
-    if QUANT == 3:
+    if QUANT == 4:
+        for r in gl.static_range(0, KV_N, ROWS):
+            out_smem.slice(r, ROWS).store(_fp8_words(codes_smem.slice(r, ROWS).load(layout), dtype))
+    elif QUANT == 3:
         # Scales as int32 pairs, loaded once a tile (keys) or a pass (values): the buffers'
         # element offsets are even (the launcher checks), so channel pairs are aligned words.
         raw_layout: gl.constexpr = gl.BlockedLayout(
@@ -265,12 +310,13 @@ def _load_native(
 @gluon.jit
 def _convert_tile(
     it, j, kc_smem, vc_smem, k_smem, v_smem, kc_ready, vc_ready, k_ready, v_ready, table_ptr,
-    k_scale_ptr, v_scale_ptr, k_min_ptr, v_min_ptr, k_scales, v_scales, stride_ksn, stride_vsn,
+    k_scale_ptr, v_scale_ptr, k_min_ptr, v_min_ptr, k_scales, v_scales, stride_ksn, stride_vsn, mults,
     BLOCK_SIZE: gl.constexpr, QUANT: gl.constexpr,
 ):  # fmt: skip
     """Code tile ``it`` (the ``j``-th of its part) from its code stage into its stage of the
     ring (free: the caller waited), keys then values, each announced to the consumers once
-    every thread's writes are visible to the tensor cores (async proxy)."""
+    every thread's writes are visible to the tensor cores (async proxy). ``QUANT`` 4: the
+    block's key and value scales go to the stage's ``mults`` before the keys are announced."""
     STAGES: gl.constexpr = k_smem.type.shape[0]
     CSTAGES: gl.constexpr = kc_smem.type.shape[0]
     KV_N: gl.constexpr = k_smem.type.shape[1]
@@ -279,6 +325,13 @@ def _convert_tile(
     cstage = j % CSTAGES
     block = gl.load(table_ptr + it // SUBS).to(gl.int32)
     token = block * BLOCK_SIZE + (it % SUBS) * KV_N  # the tile's first row in the store
+    if QUANT == 4:
+        layout: gl.constexpr = _mults_layout(gl.num_warps())
+        first = gl.arange(0, 2, layout=layout) == 0
+        at = block.to(gl.int64)
+        pair = gl.where(first, gl.load(k_scale_ptr + k_scales + at * stride_ksn),
+                        gl.load(v_scale_ptr + v_scales + at * stride_vsn))  # fmt: skip
+        mults.index(stage).store(pair)
     mbarrier.wait(kc_ready.index(cstage), (j // CSTAGES) & 1)
     _decode_tile(kc_smem.index(cstage), k_smem.index(stage), k_scale_ptr, k_min_ptr, k_scales, block, token,
                  stride_ksn, QUANT, True)  # fmt: skip
@@ -315,7 +368,7 @@ def _produce_partition(
     q_bar, k_ready, v_ready, kv_empty, kc_ready, vc_ready,
     table_ptr, q_row, q_col, kv_row, kv_col, codes_row, codes_col, num_hist_tiles, codes_end,
     it_begin, it_end, history_len, native_from,
-    k_scale_ptr, v_scale_ptr, k_min_ptr, v_min_ptr, k_scales, v_scales, stride_ksn, stride_vsn,
+    k_scale_ptr, v_scale_ptr, k_min_ptr, v_min_ptr, k_scales, v_scales, stride_ksn, stride_vsn, mults,
     BLOCK_SIZE: gl.constexpr, QUANT: gl.constexpr,
 ):  # fmt: skip
     """The third warpgroup: a native history's loader warp (``_load_partition``), or a
@@ -346,7 +399,7 @@ def _produce_partition(
             _convert_tile(
                 it, j, kc_smem, vc_smem, k_smem, v_smem, kc_ready, vc_ready, k_ready, v_ready, table_ptr,
                 k_scale_ptr, v_scale_ptr, k_min_ptr, v_min_ptr, k_scales, v_scales, stride_ksn, stride_vsn,
-                BLOCK_SIZE, QUANT,
+                mults, BLOCK_SIZE, QUANT,
             )  # fmt: skip
             # Its fence ordered this code stage's reads before the TMA that refills it.
             if it + CSTAGES < codes_end:
@@ -376,13 +429,39 @@ def _wgmma_layout(n):
     return gl.NVMMADistributedLayout(version=[3, 0], warps_per_cta=[4, 1], instr_shape=[16, n, 16])
 
 
+@gluon.constexpr_function
+def _mults_layout(warps):
+    """Registers of a stage's two block scales (``mults``)."""
+    return gl.BlockedLayout([2], [32], [warps], [0])  # both in every thread: no shuffles
+
+
+@gluon.jit
+def _tile_mults(mults, stage, coded, qk_scale, QUANT: gl.constexpr):
+    """The score factor of a key tile and, for its probabilities, the value scale's log2 and
+    inverse: with ``QUANT`` 4 a code tile's (``coded``) block scales from ``mults`` (the stage's
+    key and value scale, written before its keys were announced), else 1."""
+    if QUANT == 4:
+        layout: gl.constexpr = _mults_layout(gl.num_warps())
+        pair = mults.index(stage).load(layout)
+        first = gl.arange(0, 2, layout=layout) == 0
+        k_mult = gl.where(coded, gl.sum(gl.where(first, pair, 0.0), 0), 1.0)
+        v_mult = gl.where(coded, gl.sum(gl.where(first, 0.0, pair), 0), 1.0)
+        return qk_scale * k_mult, gl.log2(v_mult), 1.0 / v_mult
+    else:
+        return qk_scale, 0.0, 1.0
+
+
 @gluon.jit
 def _attend_tiles(
     q_smem, k_smem, v_smem, q_bar, k_ready, v_ready, kv_empty,
-    num_hist_tiles, it_begin, it_end, last_block_tile, hist_end, chunk_end, qk_scale, WG: gl.constexpr,
+    num_hist_tiles, it_begin, it_end, last_block_tile, hist_end, chunk_end, qk_scale, mults, codes_end,
+    WG: gl.constexpr, QUANT: gl.constexpr,
 ):  # fmt: skip
     """``(m, l, acc)`` of one warpgroup's 64 query rows over key tiles ``[it_begin, it_end)``
-    (not empty): scores in base 2, ``acc`` unnormalized."""
+    (not empty): scores in base 2, ``acc`` unnormalized. ``QUANT`` 4: code tiles (before
+    ``codes_end``) hold unscaled fp8 values; their block's key and value scales, left by the
+    producer in ``mults`` beside the stage, multiply the scores and the probabilities
+    (``_tile_mults``)."""
     STAGES: gl.constexpr = k_smem.type.shape[0]
     KV_N: gl.constexpr = k_smem.type.shape[1]
     HEAD_DIM: gl.constexpr = k_smem.type.shape[2]
@@ -402,13 +481,18 @@ def _attend_tiles(
     # tiles so far were all masked (a split part can start on an empty sub-tile) free of inf - inf.
     mbarrier.wait(k_ready.index(0), 0)
     s_tok = warpgroup_mma(q, k_smem.index(0).permute((1, 0)), s_zero, use_acc=False, is_async=True)
+    qk, v_log2, v_inv = _tile_mults(mults, 0, it_begin < codes_end, qk_scale, QUANT)
     s = warpgroup_mma_wait(0, deps=(s_tok,))
     limit = _tile_limit(it_begin, num_hist_tiles, last_block_tile, hist_end, chunk_end, KV_N)
     if limit < KV_N:
         s = gl.where(cols[None, :] < limit, s, float("-inf"))
-    m_i = gl.maximum(gl.max(s, 1) * qk_scale, -1.0e30)
-    p = gl.exp2(s * qk_scale - m_i[:, None])
-    l_i = gl.sum(p, 1)
+    m_i = gl.maximum(gl.max(s, 1) * qk, -1.0e30)
+    if QUANT == 4:  # p times the value scale, its sum without
+        p = gl.exp2(s * qk - (m_i - v_log2)[:, None])
+        l_i = gl.sum(p, 1) * v_inv
+    else:
+        p = gl.exp2(s * qk - m_i[:, None])
+        l_i = gl.sum(p, 1)
     p_op = gl.convert_layout(p.to(dtype), p_layout)
     acc = gl.zeros([HALF, HEAD_DIM], gl.float32, o_layout)
 
@@ -419,15 +503,20 @@ def _attend_tiles(
         s_tok = warpgroup_mma(q, k_smem.index(stage).permute((1, 0)), s_zero, use_acc=False, is_async=True)
         mbarrier.wait(v_ready.index(prev), ((j - 1) // STAGES) & 1)
         acc_tok = warpgroup_mma(p_op, v_smem.index(prev), acc, is_async=True)
+        qk, v_log2, v_inv = _tile_mults(mults, stage, it_begin + j < codes_end, qk_scale, QUANT)
         # The scores are ready while the previous tile's PV still runs (wgmma groups retire in order).
         s = warpgroup_mma_wait(1, deps=(s_tok,))
         limit = _tile_limit(it_begin + j, num_hist_tiles, last_block_tile, hist_end, chunk_end, KV_N)
         if limit < KV_N:
             s = gl.where(cols[None, :] < limit, s, float("-inf"))
-        m_new = gl.maximum(m_i, gl.max(s, 1) * qk_scale)
+        m_new = gl.maximum(m_i, gl.max(s, 1) * qk)
         alpha = gl.exp2(m_i - m_new)
-        p = gl.exp2(s * qk_scale - m_new[:, None])
-        l_i = l_i * alpha + gl.sum(p, 1)
+        if QUANT == 4:
+            p = gl.exp2(s * qk - (m_new - v_log2)[:, None])
+            l_i = l_i * alpha + gl.sum(p, 1) * v_inv
+        else:
+            p = gl.exp2(s * qk - m_new[:, None])
+            l_i = l_i * alpha + gl.sum(p, 1)
         m_i = m_new
         acc, p_op = warpgroup_mma_wait(0, deps=(acc_tok, p_op))
         mbarrier.arrive(kv_empty.index(prev), count=1)
@@ -446,8 +535,8 @@ def _attend_tiles(
 def _consume(
     q_smem, k_smem, v_smem, q_bar, k_ready, v_ready, kv_empty,
     out_row_ptr, lse_row_ptr, handoff_ptr, flags_ptr, q_len, rows_start, split_part, part, last_part,
-    num_hist_tiles, it_begin, it_end, last_block_tile, hist_end, chunk_end, qk_scale, stride_ol,
-    WG: gl.constexpr, WRITE_LSE: gl.constexpr,
+    num_hist_tiles, it_begin, it_end, last_block_tile, hist_end, chunk_end, qk_scale, mults, codes_end,
+    stride_ol, WG: gl.constexpr, WRITE_LSE: gl.constexpr, QUANT: gl.constexpr,
 ):  # fmt: skip
     """One warpgroup: online softmax of its 64 query rows over key tiles ``[it_begin, it_end)``,
     merged with the earlier part of a split tile, if any, then written out."""
@@ -460,7 +549,8 @@ def _consume(
     if it_end > it_begin:
         m_i, l_i, acc = _attend_tiles(
             q_smem, k_smem, v_smem, q_bar, k_ready, v_ready, kv_empty,
-            num_hist_tiles, it_begin, it_end, last_block_tile, hist_end, chunk_end, qk_scale, WG,
+            num_hist_tiles, it_begin, it_end, last_block_tile, hist_end, chunk_end, qk_scale, mults,
+            codes_end, WG, QUANT,
         )  # fmt: skip
     else:  # an empty part of a split tile (fewer key tiles than parts) adds nothing
         m_i = gl.full([HALF], -1.0e30, gl.float32, gl.SliceLayout(1, s_layout))
@@ -519,14 +609,14 @@ def _consume(
 def _consume_worker(
     q_smem, k_smem, v_smem, q_bar, k_ready, v_ready, kv_empty,
     out_row_ptr, lse_row_ptr, handoff_ptr, flags_ptr, q_len, rows_start, split_part, part, last_part,
-    num_hist_tiles, it_begin, it_end, last_block_tile, hist_end, chunk_end, qk_scale, stride_ol,
-    WRITE_LSE: gl.constexpr,
+    num_hist_tiles, it_begin, it_end, last_block_tile, hist_end, chunk_end, qk_scale, mults, codes_end,
+    stride_ol, WRITE_LSE: gl.constexpr, QUANT: gl.constexpr,
 ):  # fmt: skip
     _consume(
         q_smem, k_smem, v_smem, q_bar, k_ready, v_ready, kv_empty,
         out_row_ptr, lse_row_ptr, handoff_ptr, flags_ptr, q_len, rows_start, split_part, part, last_part,
-        num_hist_tiles, it_begin, it_end, last_block_tile, hist_end, chunk_end, qk_scale, stride_ol,
-        1, WRITE_LSE,
+        num_hist_tiles, it_begin, it_end, last_block_tile, hist_end, chunk_end, qk_scale, mults, codes_end,
+        stride_ol, 1, WRITE_LSE, QUANT,
     )  # fmt: skip
 
 
@@ -605,6 +695,8 @@ def _hopper_attention_kernel(
     k_ready = gl.allocate_shared_memory(gl.int64, [STAGES, 1], mbarrier.MBarrierLayout())
     v_ready = gl.allocate_shared_memory(gl.int64, [STAGES, 1], mbarrier.MBarrierLayout())
     kv_empty = gl.allocate_shared_memory(gl.int64, [STAGES, 1], mbarrier.MBarrierLayout())
+    # fp8 code tiles (QUANT 4): each stage's block scales, key and value, from producer to consumers
+    mults = gl.allocate_shared_memory(gl.float32, [STAGES, 2], gl.SwizzledSharedLayout(1, 1, 1, [0]))
     mbarrier.init(q_bar, count=1)
     for i in gl.static_range(STAGES):
         mbarrier.init(k_ready.index(i), count=1)
@@ -652,7 +744,7 @@ def _hopper_attention_kernel(
                     q_smem, k_smem, v_smem, q_bar, k_ready, v_ready, kv_empty,
                     out_row_ptr, lse_row_ptr, handoff_ptr, flags_ptr, q_len, rows_start, split_part, part,
                     last_part, num_hist_tiles, it_begin, it_end, last_block_tile, hist_end, chunk_end,
-                    qk_scale, stride_ol, 0, WRITE_LSE,
+                    qk_scale, mults, codes_end, stride_ol, 0, WRITE_LSE, QUANT,
                 ),
             ),
             (
@@ -661,7 +753,7 @@ def _hopper_attention_kernel(
                     q_smem, k_smem, v_smem, q_bar, k_ready, v_ready, kv_empty,
                     out_row_ptr, lse_row_ptr, handoff_ptr, flags_ptr, q_len, rows_start, split_part, part,
                     last_part, num_hist_tiles, it_begin, it_end, last_block_tile, hist_end, chunk_end,
-                    qk_scale, stride_ol, WRITE_LSE,
+                    qk_scale, mults, codes_end, stride_ol, WRITE_LSE, QUANT,
                 ),
             ),
             (
@@ -672,7 +764,7 @@ def _hopper_attention_kernel(
                     table_ptr, q_row, q_col, kv_row, kv_col, codes_row, codes_col, num_hist_tiles,
                     codes_end, it_begin, it_end, history_len, native_from,
                     k_scale_ptr, v_scale_ptr, k_min_ptr, v_min_ptr, k_scales, v_scales, stride_ksn,
-                    stride_vsn, BLOCK_SIZE, QUANT,
+                    stride_vsn, mults, BLOCK_SIZE, QUANT,
                 ),
             ),
         ],
@@ -742,12 +834,13 @@ def skip_reason(
 
 
 def _quant_code(store) -> int:
-    """The kernel's ``QUANT``: 0 native, 1 fp8, 2 int4, 3 int4 unpacked a word at a time (its
-    scales read as int32 pairs: every element offset into them even)."""
+    """The kernel's ``QUANT``: 0 native, 1 fp8 scaled by the producer, 2 int4, 3 int4 unpacked a
+    word at a time (its scales read as int32 pairs: every element offset into them even), 4 fp8
+    scaled by the consumers."""
     if store is None:
         return 0
     if store.kv_format == "fp8":
-        return 1
+        return 4 if FP8_CODES else 1
     even = all(
         t.storage_offset() % 2 == 0 and all(s % 2 == 0 for s in t.stride()[:3])
         for t in (store.k_scale, store.k_min)

@@ -38,8 +38,11 @@ VARIANTS = [
     dict(),  # the default (GLUON_FORMATS on Hopper, else the Triton-language kernel)
     dict(kernel="triton"),  # the Triton-language kernel (decodes in registers)
     dict(kernel="gluon"),  # Hopper: a producer warpgroup loads and dequantizes code tiles
-    # int4: the Gluon kernel with the compiler's byte-wise unpack instead of the word-level PTX
+    # the Gluon kernel's earlier decoders (gluon_attention's switches): int4 unpacked byte-wise
+    # by the compiler instead of a word at a time; fp8 scaled in float32 by the producer instead
+    # of exact codes with the scales applied by the consumers
     dict(kernel="gluon", int4_words=False),
+    dict(kernel="gluon", fp8_codes=False),
     dict(block_n=64),
     dict(num_stages=2),
     dict(block_m=64, num_warps=4),
@@ -47,6 +50,8 @@ VARIANTS = [
 
 
 TIMED = ("ms", "err_vs_dequantized", "err_vs_bf16_cache")
+SWITCHES = dict(int4_words="INT4_WORDS", fp8_codes="FP8_CODES")  # variant key: gluon_attention switch
+SWITCH_FORMAT = dict(int4_words="int4", fp8_codes="fp8")
 
 
 def run_shape(heads: int, history_len: int, top_k: int, chunk_len: int) -> dict:
@@ -89,10 +94,11 @@ def run_shape(heads: int, history_len: int, top_k: int, chunk_len: int) -> dict:
         del read_k, read_v
         result["variants"] = []
         for variant in VARIANTS:
-            if "int4_words" in variant and kv_format != "int4":
-                continue
-            options = {k: v for k, v in variant.items() if k != "int4_words"}
-            gluon_attention.INT4_WORDS = variant.get("int4_words", True)
+            if any(SWITCH_FORMAT[k] != kv_format for k in variant if k in SWITCH_FORMAT):
+                continue  # a decoder switch of the other format
+            options = {k: v for k, v in variant.items() if k not in SWITCHES}
+            for key, name in SWITCHES.items():
+                setattr(gluon_attention, name, variant.get(key, True))
             block_idx, num_blocks = triton_backend.tile_tables(
                 sel, q_len=chunk_len, block_m=variant.get("block_m", 128)
             )
@@ -111,7 +117,8 @@ def run_shape(heads: int, history_len: int, top_k: int, chunk_len: int) -> dict:
                 ))  # fmt: skip
             except Exception as err:  # a tile configuration that does not compile: say so, go on
                 result["variants"].append(dict(**variant, error=str(err).splitlines()[0][:200]))
-            gluon_attention.INT4_WORDS = True
+            for name in SWITCHES.values():
+                setattr(gluon_attention, name, True)
         timed = [r for r in result["variants"] if "ms" in r]
         result["best"] = min(timed, key=lambda r: r["ms"]) if timed else None
         row[kv_format] = result
@@ -128,11 +135,11 @@ def main() -> None:
     parser.add_argument(
         "--quick",
         action="store_true",
-        help="the default, the Triton-language and the Gluon kernels (int4: both unpacks) only",
+        help="the default, the Triton-language and the Gluon kernels (both decoders of each format) only",
     )
     args = parser.parse_args()
     if args.quick:
-        VARIANTS[4:] = []
+        VARIANTS[5:] = []
     rows = [run_shape(args.heads, h, args.top_k, args.chunk_tokens) for h in args.histories]
     result = dict(environment=environment(), rows=rows)
     if args.json:

@@ -35,9 +35,10 @@ def _compile(quant: int, head_dim: int, block_size: int):
         return f"tensordesc<{dtype}[{rows},{cols}],{layout!r}>"
 
     native = desc("bf16", gl.bfloat16, ga.BLOCK_N, head_dim)
-    code_cols = head_dim if quant == 1 else head_dim // 2  # quant 2, 3: int4
+    fp8 = quant in (1, 4)
+    code_cols = head_dim if fp8 else head_dim // 2  # quant 2, 3: int4
     codes = desc("u8", gl.uint8, ga.BLOCK_N, code_cols) if quant else native
-    scales = "*fp32" if quant == 1 else "*bf16"
+    scales = "*fp32" if fp8 else "*bf16"
     types = dict(
         q_desc=desc("bf16", gl.bfloat16, ga.BLOCK_M // 2, head_dim), k_desc=native, v_desc=native,
         kc_desc=codes, vc_desc=codes, out_ptr="*bf16", lse_ptr="*fp32", block_idx_ptr="*i32",
@@ -66,10 +67,12 @@ def _compile(quant: int, head_dim: int, block_size: int):
         (1, 128, 128),
         (2, 128, 128),
         (3, 128, 128),
+        (4, 128, 128),
         (0, 64, 256),
         (1, 64, 256),
         (2, 64, 256),
         (3, 64, 256),
+        (4, 64, 256),
         (3, 128, 256),
     ],
 )
@@ -135,10 +138,10 @@ def test_converter_arithmetic_is_the_reference_dequantization():
         assert ulps.max() <= 1 and ulps.float().mean() < 1e-3, (role, ulps.max(), ulps.float().mean())
 
 
-def _replay_ptx(asm: str, regs: dict, dtype):
-    """Run the few PTX instructions ``_INT4_WORD`` uses on int64 tensors of 32-bit words
-    (``regs``: ``$n`` operands in, ``$n`` results out); paired float ops on ``dtype`` halves,
-    ``fma`` with one rounding (float64 is exact for these products)."""
+def _replay_ptx(asm: str, regs: dict, dtype, outputs: int = 4):
+    """Run the few PTX instructions ``_INT4_WORD`` and ``_FP8_WORD_*`` use on int64 tensors of
+    32-bit words (``regs``: ``$n`` operands in, ``$n`` results out); paired float ops on
+    ``dtype`` halves, ``fma`` with one rounding (float64 is exact for these products)."""
     import re
 
     import torch
@@ -159,9 +162,20 @@ def _replay_ptx(asm: str, regs: dict, dtype):
         if m is None or m.group(1) == ".reg":
             continue
         op, args = m.group(1), [a.strip() for a in m.group(2).split(",")]
+        if op == "mov.b32" and args[0].startswith("{"):  # mov.b32 {lo, hi}, word
+            word32 = val(args[2])
+            regs[args[0].strip("{ ")], regs[args[1].strip("} ")] = word32 & 0xFFFF, word32 >> 16
+            continue
         d, a = args[0], [val(x) for x in args[1:]]
         if op == "mov.b32":
             r = a[0]
+        elif op == "and.b32":
+            r = a[0] & a[1]
+        elif op == "cvt.rn.f16x2.e4m3x2":  # two e4m3 codes, the low byte into the low half
+            pair = torch.stack([a[0] & 0xFF, a[0] >> 8], -1).to(torch.uint8).view(torch.float8_e4m3fn)
+            r = word(pair.to(torch.float64))
+        elif op.startswith("mul.rn."):
+            r = word(halves(a[0]) * halves(a[1]))
         elif op == "shr.b32":
             r = a[0] >> a[1]
         elif op == "lop3.b32":
@@ -178,7 +192,7 @@ def _replay_ptx(asm: str, regs: dict, dtype):
         else:
             raise AssertionError(f"no replay for {op}")
         regs[d] = r & 0xFFFFFFFF
-    return [regs[f"${i}"] for i in range(4)]
+    return [regs[f"${i}"] for i in range(outputs)]
 
 
 def test_int4_word_unpack_is_the_reference_dequantization():
@@ -249,3 +263,25 @@ if __name__ == "__main__":
             dict(shared=kernel.metadata.shared, setmaxnreg="setmaxnreg" in kernel.asm["ptx"], usage=usage)
         )
     )
+
+
+def test_fp8_word_decode_is_exact():
+    """``_FP8_WORD_BF16`` / ``_FP8_WORD_FP16`` (QUANT 4: e4m3 codes to exact, unscaled values,
+    4 a word), replayed instruction by instruction over all 256 codes, in every byte position:
+    each output equals the code's value (subnormals, zeros and signs included; the NaN codes,
+    which ``quantize`` never writes, are skipped)."""
+    import torch
+
+    from omnimem.backends import gluon_attention as ga
+
+    codes = torch.arange(256, dtype=torch.int64)
+    codes = codes[(codes & 0x7F) != 0x7F]  # e4m3fn NaN
+    want = codes.to(torch.uint8).view(torch.float8_e4m3fn).double()
+    for asm, dtype in ((ga._FP8_WORD_BF16.value, torch.bfloat16), (ga._FP8_WORD_FP16.value, torch.float16)):
+        for position in range(4):
+            words = codes << (8 * position) | (0x38 << (8 * ((position + 1) % 4)))  # 1.0 beside
+            out = _replay_ptx(asm, {"$2": words}, dtype, outputs=2)
+            pair = out[position // 2]
+            bits = (pair >> (16 * (position % 2))) & 0xFFFF
+            got = bits.to(torch.int16).view(dtype).double()
+            assert torch.equal(got, want), (dtype, position)
