@@ -169,6 +169,15 @@ def _int4_words(codes, scale2, low2, dtype: gl.constexpr):
 
 
 @gluon.jit
+def _pairs(x, dtype: gl.constexpr, layout: gl.constexpr):
+    """``x [N, 2]`` (a scale or minimum per channel) in ``dtype``, each row as one int32 (channel
+    2c in the low half): ``[N]`` in ``SliceLayout(0, layout)``."""
+    bits = x.to(dtype).to(gl.int16, bitcast=True).to(gl.int32) & 0xFFFF
+    even, odd = gl.split(bits)
+    return gl.convert_layout(even | (odd << 16), gl.SliceLayout(0, layout))
+
+
+@gluon.jit
 def _paired(half):
     """int16 (a bf16 or fp16 value's bits) to int32 holding it twice: a pair's operand."""
     w = half.to(gl.int32) & 0xFFFF
@@ -235,16 +244,18 @@ def _decode_tile(codes_smem, out_smem, scale_ptr, min_ptr, scales, block, token,
         for r in gl.static_range(0, KV_N, ROWS):
             out_smem.slice(r, ROWS).store(_fp8_words(codes_smem.slice(r, ROWS).load(layout), dtype))
     elif QUANT == 3:
-        # Scales as int32 pairs, loaded once a tile (keys) or a pass (values): the buffers'
-        # element offsets are even (the launcher checks), so channel pairs are aligned words.
+        # Scales and minimums in the compute dtype as int32 pairs (``_int4_words``' operands),
+        # formed once a tile (keys, per channel) or a pass (values, per token).
         raw_layout: gl.constexpr = gl.BlockedLayout(
             [1, 8], [32 // (HEAD_DIM // 16), HEAD_DIM // 16], [WARPS, 1], [1, 0]
         )
         if IS_KEY:
-            pair = gl.arange(0, HEAD_DIM // 2, layout=gl.SliceLayout(0, raw_layout))
-            at = (scales + block.to(gl.int64) * stride_sn) // 2 + pair
-            scale2 = gl.load(scale_ptr.to(gl.pointer_type(gl.int32), bitcast=True) + at)[None, :]
-            low2 = gl.load(min_ptr.to(gl.pointer_type(gl.int32), bitcast=True) + at)[None, :]
+            pair_layout: gl.constexpr = gl.BlockedLayout([1, 2], [32, 1], [WARPS, 1], [1, 0])
+            c = gl.arange(0, HEAD_DIM // 2, layout=gl.SliceLayout(1, pair_layout))
+            e = gl.arange(0, 2, layout=gl.SliceLayout(0, pair_layout))
+            channel = scales + block.to(gl.int64) * stride_sn + (2 * c[:, None] + e[None, :])
+            scale2 = _pairs(gl.load(scale_ptr + channel), dtype, raw_layout)[None, :]
+            low2 = _pairs(gl.load(min_ptr + channel), dtype, raw_layout)[None, :]
             for r in gl.static_range(0, KV_N, ROWS):
                 raw = codes_smem.slice(r, ROWS).load(raw_layout)
                 out_smem.slice(r, ROWS).store(_int4_words(raw, scale2, low2, dtype))
@@ -253,8 +264,8 @@ def _decode_tile(codes_smem, out_smem, scale_ptr, min_ptr, scales, block, token,
                 raw = codes_smem.slice(r, ROWS).load(raw_layout)
                 tokens = token + r + gl.arange(0, ROWS, layout=gl.SliceLayout(1, raw_layout))
                 at = scales + tokens.to(gl.int64) * stride_sn
-                scale2 = _paired(gl.load(scale_ptr.to(gl.pointer_type(gl.int16), bitcast=True) + at))
-                low2 = _paired(gl.load(min_ptr.to(gl.pointer_type(gl.int16), bitcast=True) + at))
+                scale2 = _paired(gl.load(scale_ptr + at).to(dtype).to(gl.int16, bitcast=True))
+                low2 = _paired(gl.load(min_ptr + at).to(dtype).to(gl.int16, bitcast=True))
                 out_smem.slice(r, ROWS).store(_int4_words(raw, scale2[:, None], low2[:, None], dtype))
     elif QUANT == 2:
         if IS_KEY:
@@ -835,17 +846,12 @@ def skip_reason(
 
 def _quant_code(store) -> int:
     """The kernel's ``QUANT``: 0 native, 1 fp8 scaled by the producer, 2 int4, 3 int4 unpacked a
-    word at a time (its scales read as int32 pairs: every element offset into them even), 4 fp8
-    scaled by the consumers."""
+    word at a time, 4 fp8 scaled by the consumers."""
     if store is None:
         return 0
     if store.kv_format == "fp8":
         return 4 if FP8_CODES else 1
-    even = all(
-        t.storage_offset() % 2 == 0 and all(s % 2 == 0 for s in t.stride()[:3])
-        for t in (store.k_scale, store.k_min)
-    )
-    return 3 if INT4_WORDS and even else 2
+    return 3 if INT4_WORDS else 2
 
 
 def supported(

@@ -82,7 +82,9 @@ SPECS = {
     "Self-Forcing": Spec(
         "self-forcing",
         "wan.modules.causal_model",
-        dict(WAN_1_3B, local_attn_size=-1, sink_size=0),
+        # its rolling window (local_attn_size, in frames; the default -1 never rolls: its cache
+        # of 21 frames overflows at the 22nd) over the 21 frames its pipeline caches
+        dict(WAN_1_3B, local_attn_size=21, sink_size=0),
         (16, 60, 104),
         4,
         3,
@@ -152,6 +154,12 @@ def stub_missing() -> None:
     for name, attributes in STUBS.items():
         try:
             if importlib.util.find_spec(name) is not None:
+                # installed, but perhaps another version: add what their import needs only
+                # (the device's transformers has no x_clip_loss)
+                module = importlib.import_module(name)
+                for key, value in attributes.items():
+                    if not hasattr(module, key):
+                        setattr(module, key, value)
                 continue
         except ModuleNotFoundError:
             pass
@@ -262,16 +270,21 @@ def run_one(name: str, args) -> dict:
     shape, latent, seconds = dict(spec.model), spec.latent, 60
     if args.smoke:  # tiny: a 2x2-token frame, 2 heads of 32, a few seconds
         shape.update(dim=64, ffn_dim=128, num_heads=2, freq_dim=32, text_dim=16)
-        latent, seconds = (shape["in_dim"], 4, 4), 3
+        latent, seconds = (shape["in_dim"], 4, 4), 6  # 24 frames: past their 21-frame caches
     frame = latent[1] * latent[2] // 4
     chunk = spec.chunk_frames * frame
     history_frames = seconds * spec.fps // spec.chunk_frames * spec.chunk_frames
     if args.check:  # two chunks: every codebase's own window then holds the whole video
         history_frames = 2 * spec.chunk_frames
     history = history_frames * frame
-    per_layer = 2 * (history + spec.window_blocks * chunk) * shape["dim"] * 2  # bf16 history
+    # bf16 K and V a layer: omnimem's history (with 10% for its block sums and staging), and
+    # theirs (their window, or the whole video for CausVid), which may not be freed before
+    # omnimem's is allocated (their model may keep a reference): both must fit at once
+    tokens = history + spec.window_blocks * chunk
+    theirs_tokens = tokens if spec.cache_frames is None else spec.cache_frames * frame
+    per_layer = 2 * (1.1 * tokens + theirs_tokens) * shape["dim"] * 2
     layers = args.layers
-    if device.type == "cuda":  # the history, theirs (dense) or omnimem's, must fit beside the weights
+    if device.type == "cuda":  # beside the weights and activations
         free = torch.cuda.mem_get_info()[0] - (12 << 30) * (2 if spec.model is WAN_5B else 1)
         layers = max(1, min(layers, int(free // per_layer)))
     parameters = inspect.signature(theirs.CausalWanModel.__init__).parameters
