@@ -37,6 +37,8 @@ from triton.experimental.gluon.language.nvidia.hopper import (
 )
 from triton.experimental.gluon.nvidia.hopper import TensorDescriptor
 
+from omnimem.backends.quantized_tiles import FP8_WORD_BF16, FP8_WORD_FP16, INT4_WORD_BF16, INT4_WORD_FP16
+
 # Gluon is experimental: later tritons (3.9, CI's) renamed these; 3.6 (the device image's) has the old names.
 _tma_load = tma.async_load if hasattr(tma, "async_load") else tma.async_copy_global_to_shared
 _cta_barrier = gl.thread_barrier if hasattr(gl, "thread_barrier") else gl.barrier
@@ -116,52 +118,16 @@ def _int4_rows(codes_smem, first, ROWS: gl.constexpr, layout: gl.constexpr, dtyp
     return x
 
 
-# int4 codes to values a 32-bit word (8 codes, 4 output pairs) at a time, in the compute
-# dtype's paired arithmetic (sm_90 PTX; ``inline_asm_elementwise`` with ``pack=4``): byte c of a
-# word holds channels 2c (low nibble) and 2c + 1. One ``lop3`` moves two nibbles 16 bits apart
-# into the mantissas of a pair of 128s (bf16 0x43xx; fp16 1024, 0x64xx), shifts of 4, 8 and 12
-# bring the other nibbles down, and byte permutes reorder the pairs (channels 0/4, 1/5, 2/6, 3/7
-# -> 0/1, 2/3, 4/5, 6/7); then the 128 (1024) is subtracted, exactly, and ``code * scale +
-# minimum`` is one fused multiply-add of the pair: the arithmetic of ``_int4_rows`` and
-# ``_decode_tile`` (about 4.75 instructions a pair instead of 7-9, per the SASS: the compiler
-# extracts each byte and rebuilds each pair, and re-packs the scales every pass).
-_INT4_WORD = """{{
-.reg .b32 t<4>, r<4>, k;
-mov.b32 k, 0x{k:08X};
-shr.b32 t1, $4, 4;
-shr.b32 t2, $4, 8;
-shr.b32 t3, $4, 12;
-lop3.b32 r0, $4, 0x000F000F, 0x{m:08X}, 0xEA;
-lop3.b32 r1, t1, 0x000F000F, 0x{m:08X}, 0xEA;
-lop3.b32 r2, t2, 0x000F000F, 0x{m:08X}, 0xEA;
-lop3.b32 r3, t3, 0x000F000F, 0x{m:08X}, 0xEA;
-prmt.b32 t0, r0, r1, 0x5410;
-prmt.b32 t1, r2, r3, 0x5410;
-prmt.b32 t2, r0, r1, 0x7632;
-prmt.b32 t3, r2, r3, 0x7632;
-sub.{t}x2 t0, t0, k;
-sub.{t}x2 t1, t1, k;
-sub.{t}x2 t2, t2, k;
-sub.{t}x2 t3, t3, k;
-fma.rn.{t}x2 $0, t0, $5, $9;
-fma.rn.{t}x2 $1, t1, $6, $10;
-fma.rn.{t}x2 $2, t2, $7, $11;
-fma.rn.{t}x2 $3, t3, $8, $12;
-}}"""
-_INT4_WORD_BF16 = gl.constexpr(_INT4_WORD.format(k=0x43004300, m=0x43004300, t="bf16"))
-_INT4_WORD_FP16 = gl.constexpr(_INT4_WORD.format(k=0x64006400, m=0x64006400, t="f16"))
-
-
 @gluon.jit
 def _int4_words(codes, scale2, low2, dtype: gl.constexpr):
     """``codes`` (uint8, two channels a byte) with ``scale2`` and ``low2`` (int32: the pair's
     two scales / minimums, channel 2c in the low half) to values of the compute dtype, shaped
     ``codes.shape`` with the last dimension doubled."""
     if dtype == gl.bfloat16:
-        pairs = gl.inline_asm_elementwise(_INT4_WORD_BF16, "=r,=r,=r,=r,r,r,r,r,r,r,r,r,r",
+        pairs = gl.inline_asm_elementwise(INT4_WORD_BF16, "=r,=r,=r,=r,r,r,r,r,r,r,r,r,r",
                                           [codes, scale2, low2], gl.int32, True, 4)  # fmt: skip
     else:
-        pairs = gl.inline_asm_elementwise(_INT4_WORD_FP16, "=r,=r,=r,=r,r,r,r,r,r,r,r,r,r",
+        pairs = gl.inline_asm_elementwise(INT4_WORD_FP16, "=r,=r,=r,=r,r,r,r,r,r,r,r,r,r",
                                           [codes, scale2, low2], gl.int32, True, 4)  # fmt: skip
     even = pairs.to(gl.int16).to(dtype, bitcast=True)
     odd = (pairs >> 16).to(gl.int16).to(dtype, bitcast=True)
@@ -184,42 +150,13 @@ def _paired(half):
     return w | (w << 16)
 
 
-# fp8 e4m3 codes to the compute dtype exactly, unscaled, a 32-bit word (4 codes, 2 output pairs)
-# at a time (QUANT 4: the consumers apply the block's scales). bf16: each byte into the high byte
-# of a half (``prmt`` with a zero register), its exponent and mantissa shifted down 4 and masked,
-# its sign kept: the bf16 bits of the value times 2**-120 (the exponent biases differ by 120;
-# subnormal codes become subnormal bf16 alike), then one exact multiply by 2**120 a pair. fp16:
-# the hardware's exact pair conversion (sm_89+).
-_FP8_WORD_BF16 = gl.constexpr("""{
-.reg .b32 z, h0, h1, y0, y1, s0, s1, k;
-mov.b32 z, 0;
-mov.b32 k, 0x7B807B80;
-prmt.b32 h0, $2, z, 0x1404;
-prmt.b32 h1, $2, z, 0x3424;
-shr.b32 y0, h0, 4;
-shr.b32 y1, h1, 4;
-and.b32 s0, h0, 0x80008000;
-and.b32 s1, h1, 0x80008000;
-lop3.b32 y0, y0, 0x07F007F0, s0, 0xEA;
-lop3.b32 y1, y1, 0x07F007F0, s1, 0xEA;
-mul.rn.bf16x2 $0, y0, k;
-mul.rn.bf16x2 $1, y1, k;
-}""")
-_FP8_WORD_FP16 = gl.constexpr("""{
-.reg .b16 lo, hi;
-mov.b32 {lo, hi}, $2;
-cvt.rn.f16x2.e4m3x2 $0, lo;
-cvt.rn.f16x2.e4m3x2 $1, hi;
-}""")
-
-
 @gluon.jit
 def _fp8_words(codes, dtype: gl.constexpr):
     """``codes`` (uint8 e4m3 bits) as exact, unscaled values of ``dtype``."""
     if dtype == gl.bfloat16:
-        x = gl.inline_asm_elementwise(_FP8_WORD_BF16, "=r,=r,r", [codes], gl.bfloat16, True, 4)
+        x = gl.inline_asm_elementwise(FP8_WORD_BF16, "=r,=r,r", [codes], gl.bfloat16, True, 4)
     else:
-        x = gl.inline_asm_elementwise(_FP8_WORD_FP16, "=r,=r,r", [codes], gl.float16, True, 4)
+        x = gl.inline_asm_elementwise(FP8_WORD_FP16, "=r,=r,r", [codes], gl.float16, True, 4)
     return x
 
 

@@ -93,12 +93,11 @@ def quantized_attention(
     )  # fmt: skip
 
 
-# Formats whose quantized call ``kernel="auto"`` runs on the Gluon kernel. Its int4 call measured
-# 1.259 ms against the Triton-language kernel's 1.705 (H100, 2026-12-07, kv_formats_gpu.py
-# --quick) with a converter warpgroup beside the loader; the kernel as it stands (a producer
-# warpgroup that loads and converts, fp8 scaled in the converter) compiles without spills but
-# has not run on a GPU yet (benchmarks/pending_gpu.sh gluonq): until it has, none.
-GLUON_FORMATS: frozenset[str] = frozenset()
+# Formats whose quantized call ``kernel="auto"`` runs on the Gluon kernel: both, since the
+# word-level decoders (fp8 exact codes scaled by the consumers, int4 unpacked a word at a time):
+# fp8 1.147 ms against the Triton-language kernel's 1.198, int4 1.165 against 1.707 (H100,
+# 2026-12-07, kv_formats_gpu.py --quick; docs/memory.md).
+GLUON_FORMATS: frozenset[str] = frozenset({"fp8", "int4"})
 
 
 @functools.cache

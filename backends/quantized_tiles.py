@@ -10,13 +10,133 @@ their plain-torch twin is ``omnimem.store.formats.dequantize``.
 - int4: two codes a byte (the even channel in the low nibble), read once and split into both
   nibbles in registers; keys are ``code * scale + minimum`` per (block, channel), values per
   token, in float32, rounded once to the compute dtype.
+
+On a GPU with bf16 or fp16 tiles both are decoded a 32-bit word at a time by the inline PTX below
+(``WORDS``; the Hopper Gluon kernel uses the same): integer and paired half-precision
+instructions instead of the compiler's byte extraction and conversions (Hopper converts at a
+quarter of the FMA rate; docs/memory.md). int4 then computes ``code * scale + minimum`` in one
+fused multiply-add of the compute dtype (one rounding, as float32-then-round except in rare
+double-rounding ties). Under the interpreter (CPU) the plain path runs; the PTX is replayed
+instruction by instruction against ``dequantize`` in ``tests/test_gluon_compile.py``.
 """
 
 from __future__ import annotations
 
+import os
+
 import torch
 import triton
 import triton.language as tl
+
+# Word-level decoding (GPU only: the interpreter runs no PTX). OMNIMEM_DECODE_WORDS=0 keeps the
+# plain path on a GPU too: the benchmarks' side-by-side (read at import).
+WORDS = tl.constexpr(
+    os.environ.get("TRITON_INTERPRET", "0").lower() not in ("1", "true", "on", "yes")
+    and os.environ.get("OMNIMEM_DECODE_WORDS", "1") != "0"
+)
+
+# int4 codes to values a 32-bit word (8 codes, 4 output pairs) at a time, in the compute
+# dtype's paired arithmetic (sm_90 PTX; ``inline_asm_elementwise`` with ``pack=4``): byte c of a
+# word holds channels 2c (low nibble) and 2c + 1. One ``lop3`` moves two nibbles 16 bits apart
+# into the mantissas of a pair of 128s (bf16 0x43xx; fp16 1024, 0x64xx), shifts of 4, 8 and 12
+# bring the other nibbles down, and byte permutes reorder the pairs (channels 0/4, 1/5, 2/6, 3/7
+# -> 0/1, 2/3, 4/5, 6/7); then the 128 (1024) is subtracted, exactly, and ``code * scale +
+# minimum`` is one fused multiply-add of the pair: the arithmetic of the byte-wise decoders
+# (about 4.75 instructions a pair instead of 7-9, per the SASS: the compiler extracts each byte
+# and rebuilds each pair, and re-packs the scales every pass).
+_INT4_WORD = """{{
+.reg .b32 t<4>, r<4>, k;
+mov.b32 k, 0x{k:08X};
+shr.b32 t1, $4, 4;
+shr.b32 t2, $4, 8;
+shr.b32 t3, $4, 12;
+lop3.b32 r0, $4, 0x000F000F, 0x{m:08X}, 0xEA;
+lop3.b32 r1, t1, 0x000F000F, 0x{m:08X}, 0xEA;
+lop3.b32 r2, t2, 0x000F000F, 0x{m:08X}, 0xEA;
+lop3.b32 r3, t3, 0x000F000F, 0x{m:08X}, 0xEA;
+prmt.b32 t0, r0, r1, 0x5410;
+prmt.b32 t1, r2, r3, 0x5410;
+prmt.b32 t2, r0, r1, 0x7632;
+prmt.b32 t3, r2, r3, 0x7632;
+sub.{t}x2 t0, t0, k;
+sub.{t}x2 t1, t1, k;
+sub.{t}x2 t2, t2, k;
+sub.{t}x2 t3, t3, k;
+fma.rn.{t}x2 $0, t0, $5, $9;
+fma.rn.{t}x2 $1, t1, $6, $10;
+fma.rn.{t}x2 $2, t2, $7, $11;
+fma.rn.{t}x2 $3, t3, $8, $12;
+}}"""
+INT4_WORD_BF16 = tl.constexpr(_INT4_WORD.format(k=0x43004300, m=0x43004300, t="bf16"))
+INT4_WORD_FP16 = tl.constexpr(_INT4_WORD.format(k=0x64006400, m=0x64006400, t="f16"))
+
+
+# fp8 e4m3 codes to the compute dtype exactly, unscaled, a 32-bit word (4 codes, 2 output pairs)
+# at a time (the kernels apply the block's scales). bf16: each byte into the high byte
+# of a half (``prmt`` with a zero register), its exponent and mantissa shifted down 4 and masked,
+# its sign kept: the bf16 bits of the value times 2**-120 (the exponent biases differ by 120;
+# subnormal codes become subnormal bf16 alike), then one exact multiply by 2**120 a pair. fp16:
+# the hardware's exact pair conversion (sm_89+).
+FP8_WORD_BF16 = tl.constexpr("""{
+.reg .b32 z, h0, h1, y0, y1, s0, s1, k;
+mov.b32 z, 0;
+mov.b32 k, 0x7B807B80;
+prmt.b32 h0, $2, z, 0x1404;
+prmt.b32 h1, $2, z, 0x3424;
+shr.b32 y0, h0, 4;
+shr.b32 y1, h1, 4;
+and.b32 s0, h0, 0x80008000;
+and.b32 s1, h1, 0x80008000;
+lop3.b32 y0, y0, 0x07F007F0, s0, 0xEA;
+lop3.b32 y1, y1, 0x07F007F0, s1, 0xEA;
+mul.rn.bf16x2 $0, y0, k;
+mul.rn.bf16x2 $1, y1, k;
+}""")
+FP8_WORD_FP16 = tl.constexpr("""{
+.reg .b16 lo, hi;
+mov.b32 {lo, hi}, $2;
+cvt.rn.f16x2.e4m3x2 $0, lo;
+cvt.rn.f16x2.e4m3x2 $1, hi;
+}""")
+
+
+@triton.jit
+def int4_words(raw, scale2, low2, dtype: tl.constexpr):
+    """``raw`` int4 code bytes ``[N, C]`` (uint8, channel 2c in the low nibble) with ``scale2``
+    and ``low2`` (int32, broadcastable: a pair's two scales / minimums in ``dtype``, channel 2c
+    in the low half) to ``code * scale + minimum`` in ``dtype`` (bf16 or fp16), ``[N, 2C]``."""
+    if dtype == tl.bfloat16:
+        pairs = tl.inline_asm_elementwise(
+            INT4_WORD_BF16, "=r,=r,=r,=r,r,r,r,r,r,r,r,r,r", [raw, scale2, low2], dtype=tl.int32,
+            is_pure=True, pack=4,
+        )  # fmt: skip
+    else:
+        pairs = tl.inline_asm_elementwise(
+            INT4_WORD_FP16, "=r,=r,=r,=r,r,r,r,r,r,r,r,r,r", [raw, scale2, low2], dtype=tl.int32,
+            is_pure=True, pack=4,
+        )  # fmt: skip
+    even = pairs.to(tl.int16).to(dtype, bitcast=True)
+    odd = (pairs >> 16).to(tl.int16).to(dtype, bitcast=True)
+    return tl.reshape(tl.join(even, odd), (raw.shape[0], 2 * raw.shape[1]))
+
+
+@triton.jit
+def fp8_words(raw, dtype: tl.constexpr):
+    """``raw`` e4m3 code bytes (uint8) as their exact, unscaled values in ``dtype`` (bf16, fp16)."""
+    if dtype == tl.bfloat16:
+        x = tl.inline_asm_elementwise(FP8_WORD_BF16, "=r,=r,r", [raw], tl.bfloat16, is_pure=True, pack=4)
+    else:
+        x = tl.inline_asm_elementwise(FP8_WORD_FP16, "=r,=r,r", [raw], tl.float16, is_pure=True, pack=4)
+    return x
+
+
+@triton.jit
+def pair_bits(even, odd, dtype: tl.constexpr):
+    """Scales or minimums of two channels (or one twice) in ``dtype``, as one int32: the operand
+    of a pair (``even`` in the low half)."""
+    lo = even.to(dtype).to(tl.int16, bitcast=True).to(tl.int32) & 0xFFFF
+    hi = odd.to(dtype).to(tl.int16, bitcast=True).to(tl.int32) & 0xFFFF
+    return lo | (hi << 16)
 
 
 @triton.jit
@@ -41,31 +161,34 @@ def fp8_codes(codes, dtype: tl.constexpr):
 
 
 @triton.jit
+def raw_tile(base, start, limit, stride_l, BLOCK_N: tl.constexpr, WIDTH: tl.constexpr, VALID: tl.constexpr,
+             MASKED: tl.constexpr):  # fmt: skip
+    """Bytes ``[BLOCK_N, WIDTH]`` of rows ``[start, start + BLOCK_N)`` (columns ``>= VALID``
+    and, with ``MASKED``, rows ``>= limit`` read 0)."""
+    tokens = start + tl.arange(0, BLOCK_N)
+    row = base + tokens[:, None].to(tl.int64) * stride_l
+    cols = tl.arange(0, WIDTH)
+    if MASKED or VALID != WIDTH:
+        mask = (tokens[:, None] < limit) & (cols[None, :] < VALID)
+        raw = tl.load(row + cols[None, :], mask=mask, other=0)
+    else:
+        raw = tl.load(row + cols[None, :])
+    return raw
+
+
+@triton.jit
 def codes_tile(base, start, limit, stride_l, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
                HEAD_DIM: tl.constexpr, INT4: tl.constexpr, MASKED: tl.constexpr):  # fmt: skip
     """Codes of rows ``[start, start + BLOCK_N)``: fp8 e4m3 values (unscaled, ``float8e4nv``)
     or int4 codes 0..15 (``uint8``, one a channel); with ``MASKED``, rows ``>= limit`` read 0."""
-    tokens = start + tl.arange(0, BLOCK_N)
-    row = base + tokens[:, None].to(tl.int64) * stride_l
     # One return, after a constexpr branch: the compiler (unlike the interpreter) also types an
     # early return's fall-through and rejects the two code types as inconsistent.
     if INT4:
-        HALF: tl.constexpr = BLOCK_D // 2
-        cols = tl.arange(0, HALF)
-        if MASKED or HEAD_DIM != BLOCK_D:
-            mask = (tokens[:, None] < limit) & (cols[None, :] < (HEAD_DIM + 1) // 2)
-            raw = tl.load(row + cols[None, :], mask=mask, other=0)
-        else:
-            raw = tl.load(row + cols[None, :])
+        raw = raw_tile(base, start, limit, stride_l, BLOCK_N, BLOCK_D // 2, (HEAD_DIM + 1) // 2, MASKED)
         # [BLOCK_N, HALF, 2] -> [BLOCK_N, BLOCK_D]: channel 2c from the low nibble of byte c.
         codes = tl.reshape(tl.join(raw & 0xF, raw >> 4), (BLOCK_N, BLOCK_D))
     else:
-        cols = tl.arange(0, BLOCK_D)
-        if MASKED or HEAD_DIM != BLOCK_D:
-            mask = (tokens[:, None] < limit) & (cols[None, :] < HEAD_DIM)
-            raw = tl.load(row + cols[None, :], mask=mask, other=0)
-        else:
-            raw = tl.load(row + cols[None, :])
+        raw = raw_tile(base, start, limit, stride_l, BLOCK_N, BLOCK_D, HEAD_DIM, MASKED)
         codes = raw.to(tl.float8e4nv, bitcast=True)
     return codes
 
@@ -77,18 +200,44 @@ def key_tile(codes_base, scale_ptr, min_ptr, scales, block, start, limit, stride
     """Keys of rows ``[start, start + BLOCK_N)`` of whole block ``block`` in ``dtype``, and the
     factor of their scores (fp8: the block's scale; int4: 1). ``scales``: the (batch, head)
     offset into the scale and minimum buffers."""
-    codes = codes_tile(codes_base, start, limit, stride_l, BLOCK_N, BLOCK_D, HEAD_DIM, INT4, MASKED)
     if INT4:
-        dims = tl.arange(0, BLOCK_D)
-        channel = scales + block.to(tl.int64) * stride_sn + dims
-        scale = tl.load(scale_ptr + channel, mask=dims < HEAD_DIM, other=0.0).to(tl.float32)
-        low = tl.load(min_ptr + channel, mask=dims < HEAD_DIM, other=0.0).to(tl.float32)
-        keys = (int4_codes_f32(codes) * scale[None, :] + low[None, :]).to(dtype)
+        if WORDS and dtype != tl.float32:
+            raw = raw_tile(codes_base, start, limit, stride_l, BLOCK_N, BLOCK_D // 2, (HEAD_DIM + 1) // 2,
+                           MASKED)  # fmt: skip
+            # each byte's two channels' scales (minimums) as one int32; padding channels 0
+            even = 2 * tl.arange(0, BLOCK_D // 2)
+            at = scales + block.to(tl.int64) * stride_sn + even
+            ok, odd_ok = even < HEAD_DIM, even + 1 < HEAD_DIM
+            scale2 = pair_bits(tl.load(scale_ptr + at, mask=ok, other=0.0),
+                               tl.load(scale_ptr + at + 1, mask=odd_ok, other=0.0), dtype)  # fmt: skip
+            low2 = pair_bits(tl.load(min_ptr + at, mask=ok, other=0.0),
+                             tl.load(min_ptr + at + 1, mask=odd_ok, other=0.0), dtype)  # fmt: skip
+            keys = int4_words(raw, scale2[None, :], low2[None, :], dtype)
+        else:
+            codes = codes_tile(codes_base, start, limit, stride_l, BLOCK_N, BLOCK_D, HEAD_DIM, INT4, MASKED)
+            dims = tl.arange(0, BLOCK_D)
+            channel = scales + block.to(tl.int64) * stride_sn + dims
+            scale = tl.load(scale_ptr + channel, mask=dims < HEAD_DIM, other=0.0).to(tl.float32)
+            low = tl.load(min_ptr + channel, mask=dims < HEAD_DIM, other=0.0).to(tl.float32)
+            keys = (int4_codes_f32(codes) * scale[None, :] + low[None, :]).to(dtype)
         mult = tl.full([], 1.0, tl.float32)
     else:
-        keys = fp8_codes(codes, dtype)
+        keys = fp8_tile(codes_base, start, limit, stride_l, dtype, BLOCK_N, BLOCK_D, HEAD_DIM, MASKED)
         mult = tl.load(scale_ptr + scales + block.to(tl.int64) * stride_sn).to(tl.float32)
     return keys, mult
+
+
+@triton.jit
+def fp8_tile(codes_base, start, limit, stride_l, dtype: tl.constexpr, BLOCK_N: tl.constexpr,
+             BLOCK_D: tl.constexpr, HEAD_DIM: tl.constexpr, MASKED: tl.constexpr):  # fmt: skip
+    """fp8 rows ``[start, start + BLOCK_N)`` as exact, unscaled values in ``dtype``."""
+    if WORDS and dtype != tl.float32:
+        raw = raw_tile(codes_base, start, limit, stride_l, BLOCK_N, BLOCK_D, HEAD_DIM, MASKED)
+        tile = fp8_words(raw, dtype)
+    else:
+        codes = codes_tile(codes_base, start, limit, stride_l, BLOCK_N, BLOCK_D, HEAD_DIM, False, MASKED)
+        tile = fp8_codes(codes, dtype)
+    return tile
 
 
 @triton.jit
@@ -98,23 +247,29 @@ def value_tile(codes_base, scale_ptr, min_ptr, scales, block, start, limit, stri
     """Values of rows ``[start, start + BLOCK_N)`` of whole block ``block`` in ``dtype`` (rows
     ``>= limit`` are 0 when ``MASKED``), and the factor of their probabilities (fp8: the
     block's scale; int4: 1)."""
-    codes = codes_tile(codes_base, start, limit, stride_l, BLOCK_N, BLOCK_D, HEAD_DIM, INT4, MASKED)
     if INT4:
         tokens = start + tl.arange(0, BLOCK_N)
         per_token = scales + tokens.to(tl.int64) * stride_sn
         if MASKED:  # scale and minimum 0: rows past the limit are exactly 0
-            scale = tl.load(scale_ptr + per_token, mask=tokens < limit, other=0.0).to(tl.float32)
-            low = tl.load(min_ptr + per_token, mask=tokens < limit, other=0.0).to(tl.float32)
+            scale = tl.load(scale_ptr + per_token, mask=tokens < limit, other=0.0)
+            low = tl.load(min_ptr + per_token, mask=tokens < limit, other=0.0)
         else:
-            scale = tl.load(scale_ptr + per_token).to(tl.float32)
-            low = tl.load(min_ptr + per_token).to(tl.float32)
-        values = int4_codes_f32(codes) * scale[:, None] + low[:, None]
+            scale = tl.load(scale_ptr + per_token)
+            low = tl.load(min_ptr + per_token)
+        if WORDS and dtype != tl.float32:
+            raw = raw_tile(codes_base, start, limit, stride_l, BLOCK_N, BLOCK_D // 2, (HEAD_DIM + 1) // 2,
+                           MASKED)  # fmt: skip
+            scale2, low2 = pair_bits(scale, scale, dtype), pair_bits(low, low, dtype)  # one a token
+            values = int4_words(raw, scale2[:, None], low2[:, None], dtype)
+        else:
+            codes = codes_tile(codes_base, start, limit, stride_l, BLOCK_N, BLOCK_D, HEAD_DIM, INT4, MASKED)
+            values = int4_codes_f32(codes) * scale.to(tl.float32)[:, None] + low.to(tl.float32)[:, None]
         if HEAD_DIM != BLOCK_D:  # padding channels stay 0
             values = tl.where((tl.arange(0, BLOCK_D) < HEAD_DIM)[None, :], values, 0.0)
         values = values.to(dtype)
         mult = tl.full([], 1.0, tl.float32)
     else:
-        values = fp8_codes(codes, dtype)
+        values = fp8_tile(codes_base, start, limit, stride_l, dtype, BLOCK_N, BLOCK_D, HEAD_DIM, MASKED)
         mult = tl.load(scale_ptr + scales + block.to(tl.int64) * stride_sn).to(tl.float32)
     return values, mult
 

@@ -61,17 +61,17 @@ elif [ "$1" = gluonq ]; then  # the Gluon kernel over a quantized history (produ
     step 150 python3 self_forcing_rollout_gpu.py --kv-format int4 --frames 960 --reps 2 --gluon --json "$OUT/sf960.json"
   fi
 elif [ "$1" = now ]; then  # one call of under 10 minutes: the sparse call (both decoders of each
-  cd benchmarks              # format in the Gluon kernel), the Gluon kernel's tests, their own
-                             # model classes (`now 4min`: and the 4-minute int4 chunk, Gluon)
+  cd benchmarks              # format in the Gluon kernel; word-level decoding in the Triton-language
+                             # one), the kernels' GPU tests, the gated selected branch, their own
+                             # model classes (LongLive 1.3B ran on 2026-12-07)
   step 90 python3 kv_formats_gpu.py --quick --json "$OUT/kvfmt_gluon.json"
   cd ..
-  step 80 python3 -m pytest -q -p no:cacheprovider -n 16 --tb=short -rf tests/test_kernels.py -k "hopper"
+  step 100 python3 -m pytest -q -p no:cacheprovider -n 16 --tb=short -rf tests/test_kernels.py -k "hopper" \
+    property_tests/test_quantized_attention_property.py tests/test_gated_cache.py
   cd benchmarks
-  [ -d ../.theirs ] && step 330 python3 their_models_gpu.py --theirs ../.theirs --child-timeout 110 \
-    --only Self-Forcing LongLive "Rolling Forcing" LongLive-2.0 CausVid --json "$OUT/their_models.json"
-  if [ "${2:-}" = 4min ]; then
-    step 110 python3 self_forcing_rollout_gpu.py --kv-format int4 --frames 960 --reps 2 --gluon --json "$OUT/sf960.json"
-  fi
+  step 75 python3 gated_gpu.py --patterns random --histories 60 --json "$OUT/gated.json"
+  [ -d ../.theirs ] && step 300 python3 their_models_gpu.py --theirs ../.theirs --child-timeout 80 \
+    --only Self-Forcing "Rolling Forcing" CausVid LongLive-2.0 --json "$OUT/their_models.json"
 elif [ "$1" = next ]; then  # what is left of the session of 2026-12-07's list (its GPU tests passed
   cd benchmarks              # on an H100 on 2026-12-07, sixth session; fp16 products: no gain, removed)
   # Issue 38 on an H200 (30 layers: 69 GB of 1.3B history, 117 GB at the 5B's shapes; an H100

@@ -203,12 +203,12 @@ def test_int4_word_unpack_is_the_reference_dequantization():
     ties (as the byte-wise unpack). A wrong shift, mask, permute selector or operand fails it."""
     import torch
 
-    from omnimem.backends import gluon_attention as ga
+    from omnimem.backends import quantized_tiles as qt
     from omnimem.store.formats import dequantize, quantize
 
     gen = torch.Generator().manual_seed(1)
     x = torch.randn(1, 1, 256, 128, generator=gen) * torch.logspace(-2, 1, 128)
-    for asm, dtype in ((ga._INT4_WORD_BF16.value, torch.bfloat16), (ga._INT4_WORD_FP16.value, torch.float16)):
+    for asm, dtype in ((qt.INT4_WORD_BF16.value, torch.bfloat16), (qt.INT4_WORD_FP16.value, torch.float16)):
         for role in ("key", "value"):
             q = quantize(x, "int4", role=role, block_size=128)
             words = q.data.view(torch.int32).to(torch.int64) & 0xFFFFFFFF  # 4 code bytes a word
@@ -272,12 +272,12 @@ def test_fp8_word_decode_is_exact():
     which ``quantize`` never writes, are skipped)."""
     import torch
 
-    from omnimem.backends import gluon_attention as ga
+    from omnimem.backends import quantized_tiles as qt
 
     codes = torch.arange(256, dtype=torch.int64)
     codes = codes[(codes & 0x7F) != 0x7F]  # e4m3fn NaN
     want = codes.to(torch.uint8).view(torch.float8_e4m3fn).double()
-    for asm, dtype in ((ga._FP8_WORD_BF16.value, torch.bfloat16), (ga._FP8_WORD_FP16.value, torch.float16)):
+    for asm, dtype in ((qt.FP8_WORD_BF16.value, torch.bfloat16), (qt.FP8_WORD_FP16.value, torch.float16)):
         for position in range(4):
             words = codes << (8 * position) | (0x38 << (8 * ((position + 1) % 4)))  # 1.0 beside
             out = _replay_ptx(asm, {"$2": words}, dtype, outputs=2)
