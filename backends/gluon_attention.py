@@ -187,15 +187,23 @@ def _decode_tile(codes_smem, out_smem, scale_ptr, min_ptr, scales, block, token,
             [1, 8], [32 // (HEAD_DIM // 16), HEAD_DIM // 16], [WARPS, 1], [1, 0]
         )
         if IS_KEY:
-            pair_layout: gl.constexpr = gl.BlockedLayout([1, 2], [32, 1], [WARPS, 1], [1, 0])
-            c = gl.arange(0, HEAD_DIM // 2, layout=gl.SliceLayout(1, pair_layout))
-            e = gl.arange(0, 2, layout=gl.SliceLayout(0, pair_layout))
-            channel = scales + block.to(gl.int64) * stride_sn + (2 * c[:, None] + e[None, :])
-            scale2 = _pairs(gl.load(scale_ptr + channel), dtype, raw_layout)[None, :]
-            low2 = _pairs(gl.load(min_ptr + channel), dtype, raw_layout)[None, :]
+            if dtype == gl.bfloat16:
+                # the stored bf16 pairs are the operands: one int32 load a pair (the launcher
+                # checked that every element offset is even), in the codes' own layout
+                pair = gl.arange(0, HEAD_DIM // 2, layout=gl.SliceLayout(0, raw_layout))
+                at = (scales + block.to(gl.int64) * stride_sn) // 2 + pair
+                scale2 = gl.load(scale_ptr.to(gl.pointer_type(gl.int32), bitcast=True) + at)
+                low2 = gl.load(min_ptr.to(gl.pointer_type(gl.int32), bitcast=True) + at)
+            else:  # fp16: the bf16 scales converted, then paired (a layout conversion a tile)
+                pair_layout: gl.constexpr = gl.BlockedLayout([1, 2], [32, 1], [WARPS, 1], [1, 0])
+                c = gl.arange(0, HEAD_DIM // 2, layout=gl.SliceLayout(1, pair_layout))
+                e = gl.arange(0, 2, layout=gl.SliceLayout(0, pair_layout))
+                channel = scales + block.to(gl.int64) * stride_sn + (2 * c[:, None] + e[None, :])
+                scale2 = _pairs(gl.load(scale_ptr + channel), dtype, raw_layout)
+                low2 = _pairs(gl.load(min_ptr + channel), dtype, raw_layout)
             for r in gl.static_range(0, KV_N, ROWS):
                 raw = codes_smem.slice(r, ROWS).load(raw_layout)
-                out_smem.slice(r, ROWS).store(_int4_words(raw, scale2, low2, dtype))
+                out_smem.slice(r, ROWS).store(_int4_words(raw, scale2[None, :], low2[None, :], dtype))
         else:
             for r in gl.static_range(0, KV_N, ROWS):
                 raw = codes_smem.slice(r, ROWS).load(raw_layout)
@@ -783,12 +791,17 @@ def skip_reason(
 
 def _quant_code(store) -> int:
     """The kernel's ``QUANT``: 0 native, 1 fp8 scaled by the producer, 2 int4, 3 int4 unpacked a
-    word at a time, 4 fp8 scaled by the consumers."""
+    word at a time (bf16 key scales read as int32 pairs: every element offset into them even),
+    4 fp8 scaled by the consumers."""
     if store is None:
         return 0
     if store.kv_format == "fp8":
         return 4 if FP8_CODES else 1
-    return 3 if INT4_WORDS else 2
+    even = all(
+        t.storage_offset() % 2 == 0 and all(s % 2 == 0 for s in t.stride()[:3])
+        for t in (store.k_scale, store.k_min)
+    )
+    return 3 if INT4_WORDS and even else 2
 
 
 def supported(

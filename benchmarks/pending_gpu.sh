@@ -72,6 +72,12 @@ elif [ "$1" = now ]; then  # one call of under 10 minutes: the sparse call (both
   step 75 python3 gated_gpu.py --patterns random --histories 60 --json "$OUT/gated.json"
   [ -d ../.theirs ] && step 300 python3 their_models_gpu.py --theirs ../.theirs --child-timeout 80 \
     --only Self-Forcing "Rolling Forcing" CausVid LongLive-2.0 --json "$OUT/their_models.json"
+elif [ "$1" = words ]; then  # the word-level decoders beside the byte-wise ones, one call: the
+  cd benchmarks                # sparse call with and without them in the Triton-language kernel
+  step 75 python3 kv_formats_gpu.py --quick --json "$OUT/kvfmt_words.json"
+  OMNIMEM_DECODE_WORDS=0 step 75 python3 kv_formats_gpu.py --quick --json "$OUT/kvfmt_bytes.json"
+  cd ..
+  step 90 python3 -m pytest -q -p no:cacheprovider -n 16 --tb=short -rf tests/test_kernels.py -k "hopper and int4"
 elif [ "$1" = next ]; then  # what is left of the session of 2026-12-07's list (its GPU tests passed
   cd benchmarks              # on an H100 on 2026-12-07, sixth session; fp16 products: no gain, removed)
   # Issue 38 on an H200 (30 layers: 69 GB of 1.3B history, 117 GB at the 5B's shapes; an H100
