@@ -75,7 +75,7 @@ elif [ "$1" = now ]; then  # one call of under 10 minutes: the sparse call (both
 elif [ "$1" = words ]; then  # the word-level decoders beside the byte-wise ones, one call: the
   cd benchmarks                # sparse call with and without them in the Triton-language kernel
   step 75 python3 kv_formats_gpu.py --quick --json "$OUT/kvfmt_words.json"
-  OMNIMEM_DECODE_WORDS=0 step 75 python3 kv_formats_gpu.py --quick --json "$OUT/kvfmt_bytes.json"
+  step 75 env OMNIMEM_DECODE_WORDS=0 python3 kv_formats_gpu.py --quick --json "$OUT/kvfmt_bytes.json"
   cd ..
   step 90 python3 -m pytest -q -p no:cacheprovider -n 16 --tb=short -rf tests/test_kernels.py -k "hopper and int4"
 elif [ "$1" = next ]; then  # what is left of the session of 2026-12-07's list (its GPU tests passed
