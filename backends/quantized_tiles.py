@@ -11,13 +11,14 @@ their plain-torch twin is ``omnimem.store.formats.dequantize``.
   nibbles in registers; keys are ``code * scale + minimum`` per (block, channel), values per
   token, in float32, rounded once to the compute dtype.
 
-On a GPU with bf16 or fp16 tiles both are decoded a 32-bit word at a time by the inline PTX below
-(``WORDS``; the Hopper Gluon kernel uses the same): integer and paired half-precision
-instructions instead of the compiler's byte extraction and conversions (Hopper converts at a
-quarter of the FMA rate; docs/memory.md). int4 then computes ``code * scale + minimum`` in one
-fused multiply-add of the compute dtype (one rounding, as float32-then-round except in rare
-double-rounding ties). Under the interpreter (CPU) the plain path runs; the PTX is replayed
-instruction by instruction against ``dequantize`` in ``tests/test_gluon_compile.py``.
+On a GPU with bf16 or fp16 tiles int4 is decoded a 32-bit word at a time by the inline PTX below
+(``WORDS``): integer and paired half-precision instructions instead of the compiler's byte
+extraction and float32 arithmetic, ``code * scale + minimum`` in one fused multiply-add of the
+compute dtype (one rounding, as float32-then-round except in rare double-rounding ties). The
+fp8 PTX here is the Hopper Gluon kernel's (in this kernel the compiler's conversion measured
+faster). Under the interpreter (CPU) the plain path runs; the PTX is replayed instruction by
+instruction against ``dequantize`` in ``tests/test_gluon_compile.py``; docs/memory.md has the
+measurements.
 """
 
 from __future__ import annotations
@@ -121,16 +122,6 @@ def int4_words(raw, scale2, low2, dtype: tl.constexpr):
 
 
 @triton.jit
-def fp8_words(raw, dtype: tl.constexpr):
-    """``raw`` e4m3 code bytes (uint8) as their exact, unscaled values in ``dtype`` (bf16, fp16)."""
-    if dtype == tl.bfloat16:
-        x = tl.inline_asm_elementwise(FP8_WORD_BF16, "=r,=r,r", [raw], tl.bfloat16, is_pure=True, pack=4)
-    else:
-        x = tl.inline_asm_elementwise(FP8_WORD_FP16, "=r,=r,r", [raw], tl.float16, is_pure=True, pack=4)
-    return x
-
-
-@triton.jit
 def pair_bits(even, odd, dtype: tl.constexpr):
     """Scales or minimums of two channels (or one twice) in ``dtype``, as one int32: the operand
     of a pair (``even`` in the low half)."""
@@ -230,14 +221,12 @@ def key_tile(codes_base, scale_ptr, min_ptr, scales, block, start, limit, stride
 @triton.jit
 def fp8_tile(codes_base, start, limit, stride_l, dtype: tl.constexpr, BLOCK_N: tl.constexpr,
              BLOCK_D: tl.constexpr, HEAD_DIM: tl.constexpr, MASKED: tl.constexpr):  # fmt: skip
-    """fp8 rows ``[start, start + BLOCK_N)`` as exact, unscaled values in ``dtype``."""
-    if WORDS and dtype != tl.float32:
-        raw = raw_tile(codes_base, start, limit, stride_l, BLOCK_N, BLOCK_D, HEAD_DIM, MASKED)
-        tile = fp8_words(raw, dtype)
-    else:
-        codes = codes_tile(codes_base, start, limit, stride_l, BLOCK_N, BLOCK_D, HEAD_DIM, False, MASKED)
-        tile = fp8_codes(codes, dtype)
-    return tile
+    """fp8 rows ``[start, start + BLOCK_N)`` as exact, unscaled values in ``dtype``. Not the
+    word-level PTX here: in this kernel it measured slower than the compiler's conversion (1.267
+    against 1.204 ms, the sparse call at 60 s, H100, one call, 2026-12-07); the Gluon kernel's
+    producer uses it (1.157 against 1.530 for its float32 decode)."""
+    codes = codes_tile(codes_base, start, limit, stride_l, BLOCK_N, BLOCK_D, HEAD_DIM, False, MASKED)
+    return fp8_codes(codes, dtype)
 
 
 @triton.jit

@@ -61,7 +61,7 @@ elif [ "$1" = gluonq ]; then  # the Gluon kernel over a quantized history (produ
     step 150 python3 self_forcing_rollout_gpu.py --kv-format int4 --frames 960 --reps 2 --gluon --json "$OUT/sf960.json"
   fi
 elif [ "$1" = now ]; then  # one call of under 10 minutes: the sparse call (both decoders of each
-  cd benchmarks              # format in the Gluon kernel; word-level decoding in the Triton-language
+                             # format in the Gluon kernel; word-level decoding in the Triton-language
                              # one), the kernels' GPU tests, the gated selected branch, their own
                              # model classes (LongLive 1.3B ran on 2026-12-07)
   step 90 python3 kv_formats_gpu.py --quick --json "$OUT/kvfmt_gluon.json"
@@ -73,7 +73,7 @@ elif [ "$1" = now ]; then  # one call of under 10 minutes: the sparse call (both
   [ -d ../.theirs ] && step 300 python3 their_models_gpu.py --theirs ../.theirs --child-timeout 80 \
     --only Self-Forcing "Rolling Forcing" CausVid LongLive-2.0 --json "$OUT/their_models.json"
 elif [ "$1" = words ]; then  # the word-level decoders beside the byte-wise ones, one call: the
-  cd benchmarks                # sparse call with and without them in the Triton-language kernel
+                               # sparse call with and without them in the Triton-language kernel
   step 75 python3 kv_formats_gpu.py --quick --json "$OUT/kvfmt_words.json"
   step 75 env OMNIMEM_DECODE_WORDS=0 python3 kv_formats_gpu.py --quick --json "$OUT/kvfmt_bytes.json"
   cd ..
