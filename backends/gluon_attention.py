@@ -55,9 +55,6 @@ BLOCK_N = 128  # keys per stage
 # int4 codes unpacked a 32-bit word at a time by inline PTX (``_int4_words``; QUANT 3) instead of
 # the compiler's byte-wise unpack (QUANT 2); a switch for the benchmark's side-by-side run.
 INT4_WORDS = True
-# fp8 codes decoded exactly and unscaled (QUANT 4; the consumers apply each block's scales from
-# shared memory) instead of scaled in float32 by the producer (QUANT 1); the same kind of switch.
-FP8_CODES = True
 # A split tile is cut into at most this many parts: each cut costs a merge (a wait and a
 # reload of the partial output) on the critical path.
 MAX_SPLITS = 4
@@ -164,20 +161,20 @@ def _fp8_words(codes, dtype: gl.constexpr):
 def _decode_tile(codes_smem, out_smem, scale_ptr, min_ptr, scales, block, token, stride_sn,
                  QUANT: gl.constexpr, IS_KEY: gl.constexpr):  # fmt: skip
     """A code tile (store rows from ``token``, in whole block ``block``) into ``out_smem`` (the
-    compute dtype), a pass of ``8 x warps`` rows at a time, with integer operations and
-    multiplies, not conversions (Hopper converts at a quarter of the FMA rate: docs/memory.md).
-    fp8 (``QUANT`` 1): ``code * scale`` in float32 as the reference (a scale per block), then
-    rounded. int4 (2; 3 unpacks a word at a time: ``_int4_words``): ``code * scale + minimum``
-    (keys per block and channel, loaded once a tile; values per token) in one fused
-    multiply-add of the compute dtype. ``scales``: the (batch, head) offset into the scale and
-    minimum buffers."""
+    compute dtype), a pass of ``8 x warps`` rows at a time, with integer and paired
+    half-precision operations, not conversions (Hopper converts at a quarter of the FMA rate:
+    docs/memory.md). fp8 (``QUANT`` 1): the exact, unscaled code values (``_fp8_words``; the
+    consumers apply the block's scales). int4 (3: a word at a time, ``_int4_words``; 2: the
+    compiler's byte-wise unpack): ``code * scale + minimum`` (keys per block and channel, paired
+    once a tile; values per token) in one fused multiply-add of the compute dtype.
+    ``scales``: the (batch, head) offset into the scale and minimum buffers."""
     KV_N: gl.constexpr = out_smem.type.shape[0]
     HEAD_DIM: gl.constexpr = out_smem.type.shape[1]
     WARPS: gl.constexpr = gl.num_warps()
     ROWS: gl.constexpr = 8 * WARPS
     layout: gl.constexpr = _codes_layout(HEAD_DIM, WARPS)
     dtype: gl.constexpr = out_smem.dtype
-    if QUANT == 4:
+    if QUANT == 1:
         for r in gl.static_range(0, KV_N, ROWS):
             out_smem.slice(r, ROWS).store(_fp8_words(codes_smem.slice(r, ROWS).load(layout), dtype))
     elif QUANT == 3:
@@ -229,17 +226,6 @@ def _decode_tile(codes_smem, out_smem, scale_ptr, min_ptr, scales, block, token,
                 scale = gl.load(scale_ptr + per_token).to(dtype)
                 low = gl.load(min_ptr + per_token).to(dtype)
                 out_smem.slice(r, ROWS).store(x * scale[:, None] + low[:, None])
-    else:
-        # e4m3 sign, exponent and mantissa bits moved into a float32: the value times 2**-120,
-        # normals and subnormals alike (the exponent biases differ by 120), scaled back by two
-        # exact powers of two around the block's scale: float32(code * scale), one rounding, as
-        # the reference's; a bf16 or fp16 conversion a pair is the only conversion left.
-        scale = gl.load(scale_ptr + scales + block.to(gl.int64) * stride_sn) * 1.152921504606847e18
-        for r in gl.static_range(0, KV_N, ROWS):
-            codes = codes_smem.slice(r, ROWS).load(layout).to(gl.int32)
-            bits = ((codes & 0x7F) << 20) | ((codes & 0x80) << 24)
-            x = bits.to(gl.float32, bitcast=True) * 1.152921504606847e18 * scale
-            out_smem.slice(r, ROWS).store(x.to(dtype))
 
 
 @gluon.jit
@@ -271,7 +257,7 @@ def _convert_tile(
 ):  # fmt: skip
     """Code tile ``it`` (the ``j``-th of its part) from its code stage into its stage of the
     ring (free: the caller waited), keys then values, each announced to the consumers once
-    every thread's writes are visible to the tensor cores (async proxy). ``QUANT`` 4: the
+    every thread's writes are visible to the tensor cores (async proxy). ``QUANT`` 1: the
     block's key and value scales go to the stage's ``mults`` before the keys are announced."""
     STAGES: gl.constexpr = k_smem.type.shape[0]
     CSTAGES: gl.constexpr = kc_smem.type.shape[0]
@@ -281,7 +267,7 @@ def _convert_tile(
     cstage = j % CSTAGES
     block = gl.load(table_ptr + it // SUBS).to(gl.int32)
     token = block * BLOCK_SIZE + (it % SUBS) * KV_N  # the tile's first row in the store
-    if QUANT == 4:
+    if QUANT == 1:
         layout: gl.constexpr = _mults_layout(gl.num_warps())
         first = gl.arange(0, 2, layout=layout) == 0
         at = block.to(gl.int64)
@@ -394,9 +380,9 @@ def _mults_layout(warps):
 @gluon.jit
 def _tile_mults(mults, stage, coded, qk_scale, QUANT: gl.constexpr):
     """The score factor of a key tile and, for its probabilities, the value scale's log2 and
-    inverse: with ``QUANT`` 4 a code tile's (``coded``) block scales from ``mults`` (the stage's
+    inverse: with ``QUANT`` 1 a code tile's (``coded``) block scales from ``mults`` (the stage's
     key and value scale, written before its keys were announced), else 1."""
-    if QUANT == 4:
+    if QUANT == 1:
         layout: gl.constexpr = _mults_layout(gl.num_warps())
         pair = mults.index(stage).load(layout)
         first = gl.arange(0, 2, layout=layout) == 0
@@ -414,7 +400,7 @@ def _attend_tiles(
     WG: gl.constexpr, QUANT: gl.constexpr,
 ):  # fmt: skip
     """``(m, l, acc)`` of one warpgroup's 64 query rows over key tiles ``[it_begin, it_end)``
-    (not empty): scores in base 2, ``acc`` unnormalized. ``QUANT`` 4: code tiles (before
+    (not empty): scores in base 2, ``acc`` unnormalized. ``QUANT`` 1: code tiles (before
     ``codes_end``) hold unscaled fp8 values; their block's key and value scales, left by the
     producer in ``mults`` beside the stage, multiply the scores and the probabilities
     (``_tile_mults``)."""
@@ -443,7 +429,7 @@ def _attend_tiles(
     if limit < KV_N:
         s = gl.where(cols[None, :] < limit, s, float("-inf"))
     m_i = gl.maximum(gl.max(s, 1) * qk, -1.0e30)
-    if QUANT == 4:  # p times the value scale, its sum without
+    if QUANT == 1:  # p times the value scale, its sum without
         p = gl.exp2(s * qk - (m_i - v_log2)[:, None])
         l_i = gl.sum(p, 1) * v_inv
     else:
@@ -467,7 +453,7 @@ def _attend_tiles(
             s = gl.where(cols[None, :] < limit, s, float("-inf"))
         m_new = gl.maximum(m_i, gl.max(s, 1) * qk)
         alpha = gl.exp2(m_i - m_new)
-        if QUANT == 4:
+        if QUANT == 1:
             p = gl.exp2(s * qk - (m_new - v_log2)[:, None])
             l_i = l_i * alpha + gl.sum(p, 1) * v_inv
         else:
@@ -651,7 +637,7 @@ def _hopper_attention_kernel(
     k_ready = gl.allocate_shared_memory(gl.int64, [STAGES, 1], mbarrier.MBarrierLayout())
     v_ready = gl.allocate_shared_memory(gl.int64, [STAGES, 1], mbarrier.MBarrierLayout())
     kv_empty = gl.allocate_shared_memory(gl.int64, [STAGES, 1], mbarrier.MBarrierLayout())
-    # fp8 code tiles (QUANT 4): each stage's block scales, key and value, from producer to consumers
+    # fp8 code tiles (QUANT 1): each stage's block scales, key and value, from producer to consumers
     mults = gl.allocate_shared_memory(gl.float32, [STAGES, 2], gl.SwizzledSharedLayout(1, 1, 1, [0]))
     mbarrier.init(q_bar, count=1)
     for i in gl.static_range(STAGES):
@@ -790,13 +776,13 @@ def skip_reason(
 
 
 def _quant_code(store) -> int:
-    """The kernel's ``QUANT``: 0 native, 1 fp8 scaled by the producer, 2 int4, 3 int4 unpacked a
-    word at a time (bf16 key scales read as int32 pairs: every element offset into them even),
-    4 fp8 scaled by the consumers."""
+    """The kernel's ``QUANT``: 0 native, 1 fp8 (exact codes; the consumers scale), 2 int4
+    unpacked byte-wise, 3 int4 unpacked a word at a time (bf16 key scales read as int32 pairs:
+    every element offset into them even)."""
     if store is None:
         return 0
     if store.kv_format == "fp8":
-        return 4 if FP8_CODES else 1
+        return 1
     even = all(
         t.storage_offset() % 2 == 0 and all(s % 2 == 0 for s in t.stride()[:3])
         for t in (store.k_scale, store.k_min)

@@ -38,11 +38,8 @@ VARIANTS = [
     dict(),  # the default (GLUON_FORMATS on Hopper, else the Triton-language kernel)
     dict(kernel="triton"),  # the Triton-language kernel (decodes in registers)
     dict(kernel="gluon"),  # Hopper: a producer warpgroup loads and dequantizes code tiles
-    # the Gluon kernel's earlier decoders (gluon_attention's switches): int4 unpacked byte-wise
-    # by the compiler instead of a word at a time; fp8 scaled in float32 by the producer instead
-    # of exact codes with the scales applied by the consumers
+    # int4: the Gluon kernel with the compiler's byte-wise unpack instead of the word-level PTX
     dict(kernel="gluon", int4_words=False),
-    dict(kernel="gluon", fp8_codes=False),
     dict(block_n=64),
     dict(num_stages=2),
     dict(block_m=64, num_warps=4),
@@ -50,8 +47,8 @@ VARIANTS = [
 
 
 TIMED = ("ms", "err_vs_dequantized", "err_vs_bf16_cache")
-SWITCHES = dict(int4_words="INT4_WORDS", fp8_codes="FP8_CODES")  # variant key: gluon_attention switch
-SWITCH_FORMAT = dict(int4_words="int4", fp8_codes="fp8")
+SWITCHES = dict(int4_words="INT4_WORDS")  # variant key: gluon_attention switch
+SWITCH_FORMAT = dict(int4_words="int4")
 
 
 def run_shape(heads: int, history_len: int, top_k: int, chunk_len: int) -> dict:
@@ -135,11 +132,11 @@ def main() -> None:
     parser.add_argument(
         "--quick",
         action="store_true",
-        help="the default, the Triton-language and the Gluon kernels (both decoders of each format) only",
+        help="the default, the Triton-language and the Gluon kernels (int4: both unpacks) only",
     )
     args = parser.parse_args()
     if args.quick:
-        VARIANTS[5:] = []
+        VARIANTS[4:] = []
     rows = [run_shape(args.heads, h, args.top_k, args.chunk_tokens) for h in args.histories]
     result = dict(environment=environment(), rows=rows)
     if args.json:

@@ -270,7 +270,7 @@ def run_one(name: str, args) -> dict:
     shape, latent, seconds = dict(spec.model), spec.latent, 60
     if args.smoke:  # tiny: a 2x2-token frame, 2 heads of 32, a few seconds
         shape.update(dim=64, ffn_dim=128, num_heads=2, freq_dim=32, text_dim=16)
-        latent, seconds = (shape["in_dim"], 4, 4), 6  # 24 frames: past their 21-frame caches
+        latent, seconds = (shape["in_dim"], 4, 4), args.smoke_seconds
     frame = latent[1] * latent[2] // 4
     chunk = spec.chunk_frames * frame
     history_frames = seconds * spec.fps // spec.chunk_frames * spec.chunk_frames
@@ -418,6 +418,10 @@ def main() -> None:
     parser.add_argument("--one", choices=list(SPECS), help=argparse.SUPPRESS)  # the child process
     parser.add_argument("--smoke", action="store_true")
     parser.add_argument(
+        "--smoke-seconds", type=int, default=6,
+        help="--smoke's video (6: 24 frames, past the 21 frames their rolling caches hold)",
+    )  # fmt: skip
+    parser.add_argument(
         "--check", action="store_true", help="CPU, tiny: patched at full budget equals theirs"
     )
     parser.add_argument("--json", default=None)
@@ -440,6 +444,8 @@ def main() -> None:
             str(args.layers),
             "--reps",
             str(args.reps),
+            "--smoke-seconds",
+            str(args.smoke_seconds),
             "--one",
             name,
         ] + (["--check"] if args.check else ["--smoke"] if args.smoke else [])

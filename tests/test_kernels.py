@@ -363,10 +363,9 @@ def test_tables_from_sums_kernel_skips_blocks_with_nan_keys_like_the_torch_path(
 
 
 @pytest.mark.skipif(not ON_HOPPER, reason="the Gluon kernel runs on Hopper GPUs only")
-# Each format twice: its default decoder and the earlier one (gluon_attention's switches): int4
-# unpacked a word at a time (inline PTX) or byte-wise; fp8 as exact codes scaled by the consumers
-# or scaled in float32 by the producer.
-@pytest.mark.parametrize("kv_format", ["fp8", "fp8-producer-scaled", "int4", "int4-bytewise"])
+# int4 twice: unpacked a word at a time (inline PTX, the default) and byte-wise (the kernel's
+# fallback where the key scales' offsets are odd; gluon_attention.INT4_WORDS)
+@pytest.mark.parametrize("kv_format", ["fp8", "int4", "int4-bytewise"])
 @pytest.mark.parametrize("num_sms", [1, 5, None])
 @pytest.mark.parametrize(
     ("q_heads", "kv_heads", "head_dim", "history_len", "q_len", "block_size", "flash_layout", "dtype"),
@@ -394,9 +393,6 @@ def test_hopper_kernel_reads_a_quantized_history(
     if kv_format == "int4-bytewise":
         kv_format = "int4"
         monkeypatch.setattr(gluon_attention, "INT4_WORDS", False)
-    if kv_format == "fp8-producer-scaled":
-        kv_format = "fp8"
-        monkeypatch.setattr(gluon_attention, "FP8_CODES", False)
     q, k, v = make_inputs(
         q_heads=q_heads, kv_heads=kv_heads, history_len=history_len, q_len=q_len, head_dim=head_dim,
         dtype=dtype, flash_layout=flash_layout, seed=history_len + q_len,
