@@ -9,14 +9,14 @@
 #   benchmarks/pending_gpu.sh 37   # an hour: one int4 layer with relative positions at 1-60 min;
 #                                  # native host offload and the disk tier (half the history
 #                                  # paged out before each chunk) at 1 and 10 min
-#   benchmarks/pending_gpu.sh now  # gluonq without the 60 s sweep, then their model classes
-#   benchmarks/pending_gpu.sh next # issue 38's codebases at 30 layers (an H200), and their own
-#                                  # model classes (their_models_gpu.py; carry .theirs/)
-#   benchmarks/pending_gpu.sh gluonq # the Gluon kernel over a quantized history: its tests, the
-#                                  # sparse call at 60 s beside bf16, the 4-minute int4 chunk
-#                                  # (the producer-warpgroup version has not run yet: run this
-#                                  # first; if it passes and int4 wins, put "int4" in
-#                                  # backends/quantized_attention.py GLUON_FORMATS)
+#   benchmarks/pending_gpu.sh now  # the sparse call, the kernels' GPU tests, the gated selected
+#                                  # branch, their model classes (ran 2026-12-07, H100)
+#   benchmarks/pending_gpu.sh words # the word-level decoders beside the byte-wise ones (ran)
+#   benchmarks/pending_gpu.sh next # what is open: the 4-minute int4 chunk profiled with the Gluon
+#                                  # kernel and the Triton-language one (issue 36's bar is on an
+#                                  # H200), the gated selected branch with and without the int4
+#                                  # words, issue 38's codebases at 30 layers (an H200), their
+#                                  # model classes again (carry .theirs/)
 #
 # Both 36 and 37 ran on an H100 on 2026-12-07 (results in docs/memory.md, docs/positions.md).
 #
@@ -52,14 +52,6 @@ elif [ "$1" = 37 ]; then
     --json "$OUT/hour_host.json"
   step 150 python3 hour_gpu.py --minutes 1 10 --layers 1 --positions relative --disk /tmp --evict-half \
     --json "$OUT/hour_disk.json"
-elif [ "$1" = gluonq ]; then  # the Gluon kernel over a quantized history (producer warpgroup)
-  cd ..                          # (`gluonq quick`: its tests and the sparse call only)
-  step 240 python3 -m pytest -q -p no:cacheprovider -n 12 --tb=short -rf --durations=5 tests/test_kernels.py -k "hopper"
-  cd benchmarks
-  step 90 python3 kv_formats_gpu.py --quick --json "$OUT/kvfmt_gluon.json"
-  if [ "${2:-}" != quick ]; then
-    step 150 python3 self_forcing_rollout_gpu.py --kv-format int4 --frames 960 --reps 2 --gluon --json "$OUT/sf960.json"
-  fi
 elif [ "$1" = now ]; then  # one call of under 10 minutes: the sparse call (both decoders of each
                              # format in the Gluon kernel; word-level decoding in the Triton-language
                              # one), the kernels' GPU tests, the gated selected branch, their own
@@ -78,15 +70,17 @@ elif [ "$1" = words ]; then  # the word-level decoders beside the byte-wise ones
   step 75 env OMNIMEM_DECODE_WORDS=0 python3 kv_formats_gpu.py --quick --json "$OUT/kvfmt_bytes.json"
   cd ..
   step 90 python3 -m pytest -q -p no:cacheprovider -n 16 --tb=short -rf tests/test_kernels.py -k "hopper and int4"
-elif [ "$1" = next ]; then  # what is left of the session of 2026-12-07's list (its GPU tests passed
-  cd benchmarks              # on an H100 on 2026-12-07, sixth session; fp16 products: no gain, removed)
-  # Issue 38 on an H200 (30 layers: 69 GB of 1.3B history, 117 GB at the 5B's shapes; an H100
-  # holds 10): each codebase against its own attention at 60 s
+elif [ "$1" = next ]; then  # what is open after 2026-12-07 (ask for an H200: issue 36's 4-minute bar
+  # and issue 38's 30-layer tables are on one; an H100 holds 10 layers of the codebases table)
+  step 150 python3 self_forcing_rollout_gpu.py --kv-format int4 --frames 960 --reps 2 --gluon --profile \
+    --json "$OUT/sf960_gluon.json"
+  step 100 python3 self_forcing_rollout_gpu.py --kv-format int4 --frames 960 --reps 2 --json "$OUT/sf960_lang.json"
+  step 70 python3 gated_gpu.py --patterns random --histories 60 --json "$OUT/gated_words.json"
+  step 70 env OMNIMEM_DECODE_WORDS=0 python3 gated_gpu.py --patterns random --histories 60 \
+    --json "$OUT/gated_bytes.json"
   layers=$(python3 -c 'import torch; print(30 if torch.cuda.get_device_properties(0).total_memory > 120e9 else 10)')
-  step 240 python3 codebases_gpu.py --layers "$layers" --json "$OUT/codebases.json"
-  # their own model classes at real shapes, theirs vs patched (checkouts carried in .theirs/)
-  [ -d ../.theirs ] && step 330 python3 their_models_gpu.py --theirs ../.theirs --json "$OUT/their_models.json"
+  step 180 python3 codebases_gpu.py --layers "$layers" --json "$OUT/codebases.json"
 else
-  echo "usage: pending_gpu.sh 36|37|next|gluonq" >>"$LOG"
+  echo "usage: pending_gpu.sh 36|37|now|words|next" >>"$LOG"
 fi
 grep -v "DEBUG\|PytestBenchmark\|warner(" "$LOG" | tail -c 6000
