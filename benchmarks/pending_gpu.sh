@@ -14,9 +14,9 @@
 #   benchmarks/pending_gpu.sh words # the word-level decoders beside the byte-wise ones (ran)
 #   benchmarks/pending_gpu.sh next # what is open: the 4-minute int4 chunk profiled with the Gluon
 #                                  # kernel and the Triton-language one (issue 36's bar is on an
-#                                  # H200), the gated selected branch with and without the int4
-#                                  # words, issue 38's codebases at 30 layers (an H200), their
-#                                  # model classes again (carry .theirs/)
+#                                  # H200), the gated selected branch without the int4 words,
+#                                  # LongLive's model class again, issue 38's codebases at 30
+#                                  # layers (an H200) (carry .theirs/)
 #
 # Both 36 and 37 ran on an H100 on 2026-12-07 (results in docs/memory.md, docs/positions.md).
 #
@@ -74,12 +74,15 @@ elif [ "$1" = next ]; then  # what is open after 2026-12-07 (ask for an H200: is
   # and issue 38's 30-layer tables are on one; an H100 holds 10 layers of the codebases table)
   step 150 python3 self_forcing_rollout_gpu.py --kv-format int4 --frames 960 --reps 2 --gluon --profile \
     --json "$OUT/sf960_gluon.json"
-  step 100 python3 self_forcing_rollout_gpu.py --kv-format int4 --frames 960 --reps 2 --json "$OUT/sf960_lang.json"
-  step 70 python3 gated_gpu.py --patterns random --histories 60 --json "$OUT/gated_words.json"
-  step 70 env OMNIMEM_DECODE_WORDS=0 python3 gated_gpu.py --patterns random --histories 60 \
+  step 90 python3 self_forcing_rollout_gpu.py --kv-format int4 --frames 960 --reps 2 --json "$OUT/sf960_lang.json"
+  step 65 env OMNIMEM_DECODE_WORDS=0 python3 gated_gpu.py --patterns random --histories 60 \
     --json "$OUT/gated_bytes.json"
+  # LongLive's row (1.05x) ran with 30 layers at 69 of 80 GB (the layer cap before both caches
+  # were counted): again under the current cap
+  [ -d ../.theirs ] && step 90 python3 their_models_gpu.py --theirs ../.theirs --child-timeout 85 \
+    --only LongLive --json "$OUT/their_models_longlive.json"
   layers=$(python3 -c 'import torch; print(30 if torch.cuda.get_device_properties(0).total_memory > 120e9 else 10)')
-  step 180 python3 codebases_gpu.py --layers "$layers" --json "$OUT/codebases.json"
+  step 170 python3 codebases_gpu.py --layers "$layers" --json "$OUT/codebases.json"
 else
   echo "usage: pending_gpu.sh 36|37|now|words|next" >>"$LOG"
 fi
