@@ -55,6 +55,9 @@ BLOCK_N = 128  # keys per stage
 # int4 codes unpacked a 32-bit word at a time by inline PTX (``_int4_words``; QUANT 3) instead of
 # the compiler's byte-wise unpack (QUANT 2); a switch for the benchmark's side-by-side run.
 INT4_WORDS = True
+# A measurement of the decoders' floor (QUANT 5; wrong outputs): the producer widens code bytes
+# into the stages without decoding them. Never set outside the benchmark.
+FLOOR_COPY = False
 # A split tile is cut into at most this many parts: each cut costs a merge (a wait and a
 # reload of the partial output) on the critical path.
 MAX_SPLITS = 4
@@ -174,7 +177,19 @@ def _decode_tile(codes_smem, out_smem, scale_ptr, min_ptr, scales, block, token,
     ROWS: gl.constexpr = 8 * WARPS
     layout: gl.constexpr = _codes_layout(HEAD_DIM, WARPS)
     dtype: gl.constexpr = out_smem.dtype
-    if QUANT == 1:
+    if QUANT == 5:
+        # A floor, for the benchmark only (``FLOOR_COPY``): the code bytes widened into the stage
+        # with no decoding (wrong values, the same shared-memory traffic as a decode).
+        WIDTH: gl.constexpr = codes_smem.type.shape[1]
+        raw_layout: gl.constexpr = gl.BlockedLayout(
+            [1, 8], [32 // (WIDTH // 8), WIDTH // 8], [WARPS, 1], [1, 0]
+        )
+        for r in gl.static_range(0, KV_N, ROWS):
+            x = codes_smem.slice(r, ROWS).load(raw_layout).to(gl.int16).to(dtype, bitcast=True)
+            if WIDTH < HEAD_DIM:
+                x = gl.reshape(gl.join(x, x), [ROWS, HEAD_DIM])
+            out_smem.slice(r, ROWS).store(x)
+    elif QUANT == 1:
         for r in gl.static_range(0, KV_N, ROWS):
             out_smem.slice(r, ROWS).store(_fp8_words(codes_smem.slice(r, ROWS).load(layout), dtype))
     elif QUANT == 3:
@@ -778,9 +793,11 @@ def skip_reason(
 def _quant_code(store) -> int:
     """The kernel's ``QUANT``: 0 native, 1 fp8 (exact codes; the consumers scale), 2 int4
     unpacked byte-wise, 3 int4 unpacked a word at a time (bf16 key scales read as int32 pairs:
-    every element offset into them even)."""
+    every element offset into them even); 5 the benchmark's floor (``FLOOR_COPY``)."""
     if store is None:
         return 0
+    if FLOOR_COPY:
+        return 5
     if store.kv_format == "fp8":
         return 1
     even = all(

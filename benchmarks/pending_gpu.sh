@@ -14,7 +14,7 @@
 #   benchmarks/pending_gpu.sh words # the word-level decoders beside the byte-wise ones (ran)
 #   benchmarks/pending_gpu.sh next # what is open: the 4-minute int4 chunk profiled with the Gluon
 #                                  # kernel and the Triton-language one (issue 36's bar is on an
-#                                  # H200), the gated selected branch without the int4 words,
+#                                  # H200), the Gluon kernel's floor (decode or shared memory?),
 #                                  # LongLive's model class again, issue 38's codebases at 30
 #                                  # layers (an H200) (carry .theirs/)
 #
@@ -75,14 +75,14 @@ elif [ "$1" = next ]; then  # what is open after 2026-12-07 (ask for an H200: is
   step 150 python3 self_forcing_rollout_gpu.py --kv-format int4 --frames 960 --reps 2 --gluon --profile \
     --json "$OUT/sf960_gluon.json"
   step 90 python3 self_forcing_rollout_gpu.py --kv-format int4 --frames 960 --reps 2 --json "$OUT/sf960_lang.json"
-  step 65 env OMNIMEM_DECODE_WORDS=0 python3 gated_gpu.py --patterns random --histories 60 \
-    --json "$OUT/gated_bytes.json"
+  # the Gluon kernel's floor beside its decoders (kv_formats_gpu.py's floor_copy row)
+  step 75 python3 kv_formats_gpu.py --quick --json "$OUT/kvfmt_floor.json"
   # LongLive's row (1.05x) ran with 30 layers at 69 of 80 GB (the layer cap before both caches
   # were counted): again under the current cap
   [ -d ../.theirs ] && step 90 python3 their_models_gpu.py --theirs ../.theirs --child-timeout 85 \
     --only LongLive --json "$OUT/their_models_longlive.json"
   layers=$(python3 -c 'import torch; print(30 if torch.cuda.get_device_properties(0).total_memory > 120e9 else 10)')
-  step 170 python3 codebases_gpu.py --layers "$layers" --json "$OUT/codebases.json"
+  step 160 python3 codebases_gpu.py --layers "$layers" --json "$OUT/codebases.json"
 else
   echo "usage: pending_gpu.sh 36|37|now|words|next" >>"$LOG"
 fi

@@ -67,6 +67,7 @@ def _compile(quant: int, head_dim: int, block_size: int):
         (1, 128, 128),
         (2, 128, 128),
         (3, 128, 128),
+        (5, 128, 128),  # the benchmark's floor (FLOOR_COPY), int4-shaped codes
         (0, 64, 256),
         (1, 64, 256),
         (2, 64, 256),
