@@ -19,6 +19,7 @@ import logging
 
 import torch
 
+from omnimem.backends.quantized_tiles import check_kernel_device
 from omnimem.store.blocks import QuantizedBlocks
 from omnimem.store.formats import QuantizedKV, dequantize
 
@@ -62,6 +63,7 @@ def quantized_attention(
 
     if kernel not in ("auto", "triton", "gluon"):
         raise ValueError(f"kernel must be 'auto', 'triton' or 'gluon', got {kernel!r}")
+    check_kernel_device(store.kv_format, q.device)
     if not isinstance(history_len, torch.Tensor):
         history_len = torch.full((), history_len, dtype=torch.int64, device=q.device)
     if kernel == "gluon" or (

@@ -37,17 +37,19 @@ WORDS = tl.constexpr(
 )
 
 # int4 codes to values a 32-bit word (8 codes, 4 output pairs) at a time, in the compute
-# dtype's paired arithmetic (sm_90 PTX; ``inline_asm_elementwise`` with ``pack=4``): byte c of a
+# dtype's paired arithmetic (PTX for sm_80 on; ``inline_asm_elementwise`` with ``pack=4``): byte c of a
 # word holds channels 2c (low nibble) and 2c + 1. One ``lop3`` moves two nibbles 16 bits apart
 # into the mantissas of a pair of 128s (bf16 0x43xx; fp16 1024, 0x64xx), shifts of 4, 8 and 12
 # bring the other nibbles down, and byte permutes reorder the pairs (channels 0/4, 1/5, 2/6, 3/7
-# -> 0/1, 2/3, 4/5, 6/7); then the 128 (1024) is subtracted, exactly, and ``code * scale +
-# minimum`` is one fused multiply-add of the pair: the arithmetic of the byte-wise decoders
+# -> 0/1, 2/3, 4/5, 6/7); then the 128 (1024) is subtracted, exactly (as ``x * 1 - 128``: a
+# paired ``sub`` needs sm_90, ``fma`` sm_80, where the Triton-language kernels also run), and
+# ``code * scale + minimum`` is one fused multiply-add of the pair: the arithmetic of the byte-wise decoders
 # (about 4.75 instructions a pair instead of 7-9, per the SASS: the compiler extracts each byte
 # and rebuilds each pair, and re-packs the scales every pass).
 _INT4_WORD = """{{
-.reg .b32 t<4>, r<4>, k;
+.reg .b32 t<4>, r<4>, k, one;
 mov.b32 k, 0x{k:08X};
+mov.b32 one, 0x{one:08X};
 shr.b32 t1, $4, 4;
 shr.b32 t2, $4, 8;
 shr.b32 t3, $4, 12;
@@ -59,17 +61,17 @@ prmt.b32 t0, r0, r1, 0x5410;
 prmt.b32 t1, r2, r3, 0x5410;
 prmt.b32 t2, r0, r1, 0x7632;
 prmt.b32 t3, r2, r3, 0x7632;
-sub.{t}x2 t0, t0, k;
-sub.{t}x2 t1, t1, k;
-sub.{t}x2 t2, t2, k;
-sub.{t}x2 t3, t3, k;
+fma.rn.{t}x2 t0, t0, one, k;
+fma.rn.{t}x2 t1, t1, one, k;
+fma.rn.{t}x2 t2, t2, one, k;
+fma.rn.{t}x2 t3, t3, one, k;
 fma.rn.{t}x2 $0, t0, $5, $9;
 fma.rn.{t}x2 $1, t1, $6, $10;
 fma.rn.{t}x2 $2, t2, $7, $11;
 fma.rn.{t}x2 $3, t3, $8, $12;
 }}"""
-INT4_WORD_BF16 = tl.constexpr(_INT4_WORD.format(k=0x43004300, m=0x43004300, t="bf16"))
-INT4_WORD_FP16 = tl.constexpr(_INT4_WORD.format(k=0x64006400, m=0x64006400, t="f16"))
+INT4_WORD_BF16 = tl.constexpr(_INT4_WORD.format(k=0xC300C300, m=0x43004300, one=0x3F803F80, t="bf16"))
+INT4_WORD_FP16 = tl.constexpr(_INT4_WORD.format(k=0xE400E400, m=0x64006400, one=0x3C003C00, t="f16"))
 
 
 # fp8 e4m3 codes to the compute dtype exactly, unscaled, a 32-bit word (4 codes, 2 output pairs)
@@ -293,6 +295,21 @@ def store_block_tiles(kq, vq, k_scale_ptr, v_scale_ptr, k_min_ptr, v_min_ptr, k_
     return k, k_mult, v, v_mult
 
 
+def check_kernel_device(kv_format: str, device: torch.device) -> None:
+    """A ``ValueError`` where these kernels cannot decode ``kv_format`` on ``device``: triton
+    converts float8 e4m3 on compute capability 8.9 and later only (an opaque compile error
+    otherwise). int4 runs on any GPU triton supports; the interpreter runs both."""
+    if kv_format == "fp8" and device.type == "cuda":
+        capability = torch.cuda.get_device_capability(device)
+        if capability < (8, 9):
+            raise ValueError(
+                f"kv_format='fp8' on the triton backend needs a GPU of compute capability 8.9 or later "
+                f"(triton's float8 e4m3); {torch.cuda.get_device_name(device)} is "
+                f"{capability[0]}.{capability[1]}: use kv_format='int4', or backend='gather' or 'dense' "
+                f"(they dequantize with torch)"
+            )
+
+
 def store_arguments(store, fallback, live_first: int = 0) -> dict:
     """The keyword arguments with which a kernel that reads blocks before ``live_first`` from
     ``store`` (a ``QuantizedBlocks``, or None) is launched: its code and scale pointers and
@@ -302,6 +319,7 @@ def store_arguments(store, fallback, live_first: int = 0) -> dict:
         kq = vq = k_scale = v_scale = k_min = v_min = fallback
         strides = [0] * 9
     else:
+        check_kernel_device(store.kv_format, fallback.device)
         kq, vq = store.k.view(torch.uint8), store.v.view(torch.uint8)
         k_scale, v_scale = store.k_scale, store.v_scale
         k_min = store.k_min if store.k_min is not None else k_scale  # fp8 has none: unused

@@ -235,24 +235,6 @@ def _bundled(tool: str) -> str | None:
     return path if os.path.exists(path) else None
 
 
-if __name__ == "__main__":
-    kernel = _compile(*(int(a) for a in sys.argv[1:4]))
-    tool = shutil.which("cuobjdump") or _bundled("cuobjdump")
-    usage = None
-    if tool is not None:
-        with tempfile.NamedTemporaryFile(suffix=".cubin") as f:
-            f.write(kernel.asm["cubin"])
-            f.flush()
-            usage = subprocess.run(
-                [tool, "--dump-resource-usage", f.name], capture_output=True, text=True
-            ).stdout
-    print(
-        json.dumps(
-            dict(shared=kernel.metadata.shared, setmaxnreg="setmaxnreg" in kernel.asm["ptx"], usage=usage)
-        )
-    )
-
-
 def test_fp8_word_decode_is_exact():
     """``_FP8_WORD_BF16`` / ``_FP8_WORD_FP16`` (QUANT 1: e4m3 codes to exact, unscaled values,
     4 a word), replayed instruction by instruction over all 256 codes, in every byte position:
@@ -273,3 +255,76 @@ def test_fp8_word_decode_is_exact():
             bits = (pair >> (16 * (position % 2))) & 0xFFFF
             got = bits.to(torch.int16).view(dtype).double()
             assert torch.equal(got, want), (dtype, position)
+
+
+def _compile_selected(arch: int, int4: bool):
+    """The gated selected-branch kernel (Triton-language) over a quantized store, compiled for
+    ``sm_{arch}`` with the word-level decoders (what a GPU build runs)."""
+    import triton
+    from triton.backends.compiler import GPUTarget
+    from triton.compiler import ASTSource
+
+    from omnimem.backends import quantized_tiles, selected_attention
+
+    assert quantized_tiles.WORDS  # outside the interpreter
+    fn = selected_attention._selected_attention_kernel
+    constants = dict(
+        TOP_K=16, TILES_PER_GROUP=1, BLOCK_M=16, BLOCK_N=32, SUBS=1, HEAD_DIM=128, BLOCK_D=128, COMBINE=False,
+        WRITE_LSE=False, PRECISION="tf32", QUANTIZED=True, INT4=int4,
+    )  # fmt: skip
+    pointers = dict(table_ptr="*i32", count_ptr="*i32", seq_len_ptr="*i64", lse_ptr="*fp32", kq_ptr="*u8",
+                    vq_ptr="*u8")  # fmt: skip
+    signature = {}
+    for name in fn.arg_names:
+        if name in constants:
+            signature[name] = "constexpr"
+        elif name in pointers:
+            signature[name] = pointers[name]
+        elif "scale_ptr" in name or "min_ptr" in name:
+            signature[name] = "*bf16" if int4 else "*fp32"
+        elif name.endswith("_ptr"):
+            signature[name] = "*bf16"
+        else:
+            signature[name] = "fp32" if name == "qk_scale" else "i32"
+    return triton.compile(
+        ASTSource(fn, signature, constants), target=GPUTarget("cuda", arch, 32), options=dict(num_warps=2)
+    )
+
+
+@pytest.mark.parametrize("arch", [80, 90])
+def test_triton_language_decoders_compile_for_ampere_and_hopper(arch):
+    """The Triton-language kernels run on any CUDA GPU triton supports, so their PTX (int4 words)
+    must assemble for sm_80 too: a paired ``sub.bf16x2`` (sm_90 only) once broke that; the
+    subtract is an ``fma`` now. fp8 is compiled for sm_90 only (triton has no e4m3 before 8.9:
+    ``check_kernel_device`` refuses it there). Compiled without a GPU, in a process of its own."""
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    run = subprocess.run(
+        [sys.executable, __file__, "selected", str(arch)], capture_output=True, text=True, env=env,
+        timeout=600,
+    )  # fmt: skip
+    assert run.returncode == 0, run.stderr[-3000:]
+    assert "fma.rn.bf16x2" in run.stdout  # the word-level int4 decoder is in the kernel
+
+
+if __name__ == "__main__":
+    if sys.argv[1] == "selected":
+        for int4 in (True, False) if int(sys.argv[2]) >= 89 else (True,):  # no e4m3 before 8.9
+            ptx = _compile_selected(int(sys.argv[2]), int4).asm["ptx"]
+            if int4:
+                print("\n".join(line for line in ptx.splitlines() if "fma.rn.bf16x2" in line)[:2000])
+        sys.exit(0)
+    kernel = _compile(*(int(a) for a in sys.argv[1:4]))
+    tool = shutil.which("cuobjdump") or _bundled("cuobjdump")
+    usage = None
+    if tool is not None:
+        with tempfile.NamedTemporaryFile(suffix=".cubin") as f:
+            f.write(kernel.asm["cubin"])
+            f.flush()
+            usage = subprocess.run(
+                [tool, "--dump-resource-usage", f.name], capture_output=True, text=True
+            ).stdout
+    print(
+        json.dumps(
+            dict(shared=kernel.metadata.shared, setmaxnreg="setmaxnreg" in kernel.asm["ptx"], usage=usage)
+        )
+    )

@@ -433,6 +433,25 @@ def test_hopper_kernel_reads_a_quantized_history(
     assert torch.equal(repeat, out)  # split parts hand over through memory: no race
 
 
+def test_fp8_kernels_refuse_gpus_without_e4m3_clearly(monkeypatch):
+    """Triton converts float8 e4m3 on compute capability 8.9+ only: on an older GPU the triton
+    backend's fp8 kernels say so (naming what works) instead of failing to compile; int4 and
+    the interpreter are not affected."""
+    from omnimem.backends.quantized_tiles import check_kernel_device
+
+    monkeypatch.setattr(torch.cuda, "get_device_capability", lambda device=None: (8, 0))
+    monkeypatch.setattr(torch.cuda, "get_device_name", lambda device=None: "NVIDIA A100")
+    gpu = torch.device("cuda", 0)
+    with pytest.raises(
+        ValueError, match=r"compute capability 8.9 or later.*A100 is 8.0: use kv_format='int4'"
+    ):
+        check_kernel_device("fp8", gpu)
+    check_kernel_device("int4", gpu)
+    check_kernel_device("fp8", torch.device("cpu"))
+    monkeypatch.setattr(torch.cuda, "get_device_capability", lambda device=None: (9, 0))
+    check_kernel_device("fp8", gpu)
+
+
 def test_quantized_attention_says_why_the_gluon_kernel_cannot_run():
     """``kernel="gluon"`` where it cannot run is a ValueError with the reason; an unknown
     ``kernel`` is refused before anything runs."""
