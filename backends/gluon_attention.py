@@ -52,10 +52,7 @@ THIRD_PARTITION = {
 }
 BLOCK_M = 128  # query rows per program: 64 per consumer warpgroup
 BLOCK_N = 128  # keys per stage
-# int4 codes unpacked a 32-bit word at a time by inline PTX (``_int4_words``; QUANT 3) instead of
-# the compiler's byte-wise unpack (QUANT 2); a switch for the benchmark's side-by-side run.
-INT4_WORDS = True
-# A measurement of the decoders' floor (QUANT 5; wrong outputs): the producer widens code bytes
+# A measurement of the decoders' floor (QUANT 3; wrong outputs): the producer widens code bytes
 # into the stages without decoding them. Never set outside the benchmark.
 FLOOR_COPY = False
 # A split tile is cut into at most this many parts: each cut costs a merge (a wait and a
@@ -97,25 +94,6 @@ def _codes_layout(width, warps):
     """Registers of a converter pass: 16 consecutive elements of a ``width``-wide row a thread."""
     cols = width // 16
     return gl.BlockedLayout([1, 16], [32 // cols, cols], [warps, 1], [1, 0])
-
-
-@gluon.jit
-def _int4_rows(codes_smem, first, ROWS: gl.constexpr, layout: gl.constexpr, dtype: gl.constexpr):
-    """int4 codes of rows ``[first, first + ROWS)`` of a code tile as ``dtype`` values, exactly:
-    the code ORed into the mantissa of 128 (bf16) or 1024 (fp16), minus that."""
-    HEAD_DIM: gl.constexpr = 2 * codes_smem.type.shape[1]
-    WARPS: gl.constexpr = gl.num_warps()
-    raw_layout: gl.constexpr = gl.BlockedLayout(
-        [1, 8], [32 // (HEAD_DIM // 16), HEAD_DIM // 16], [WARPS, 1], [1, 0]
-    )
-    raw = codes_smem.slice(first, ROWS).load(raw_layout)
-    pairs = gl.join(raw & 0xF, raw >> 4)  # channel 2c from the low nibble of byte c
-    codes = gl.convert_layout(gl.reshape(pairs, [ROWS, HEAD_DIM]), layout).to(gl.int16)
-    if dtype == gl.bfloat16:
-        x = (codes | 0x4300).to(gl.bfloat16, bitcast=True) - 128.0
-    else:
-        x = (codes | 0x6400).to(gl.float16, bitcast=True) - 1024.0
-    return x
 
 
 @gluon.jit
@@ -167,9 +145,9 @@ def _decode_tile(codes_smem, out_smem, scale_ptr, min_ptr, scales, block, token,
     compute dtype), a pass of ``8 x warps`` rows at a time, with integer and paired
     half-precision operations, not conversions (Hopper converts at a quarter of the FMA rate:
     docs/memory.md). fp8 (``QUANT`` 1): the exact, unscaled code values (``_fp8_words``; the
-    consumers apply the block's scales). int4 (3: a word at a time, ``_int4_words``; 2: the
-    compiler's byte-wise unpack): ``code * scale + minimum`` (keys per block and channel, paired
-    once a tile; values per token) in one fused multiply-add of the compute dtype.
+    consumers apply the block's scales). int4 (2, a word at a time: ``_int4_words``): ``code *
+    scale + minimum`` (keys per block and channel, paired once a tile; values per token) in one
+    fused multiply-add of the compute dtype.
     ``scales``: the (batch, head) offset into the scale and minimum buffers."""
     KV_N: gl.constexpr = out_smem.type.shape[0]
     HEAD_DIM: gl.constexpr = out_smem.type.shape[1]
@@ -177,7 +155,7 @@ def _decode_tile(codes_smem, out_smem, scale_ptr, min_ptr, scales, block, token,
     ROWS: gl.constexpr = 8 * WARPS
     layout: gl.constexpr = _codes_layout(HEAD_DIM, WARPS)
     dtype: gl.constexpr = out_smem.dtype
-    if QUANT == 5:
+    if QUANT == 3:
         # A floor, for the benchmark only (``FLOOR_COPY``): the code bytes widened into the stage
         # with no decoding (wrong values, the same shared-memory traffic as a decode).
         WIDTH: gl.constexpr = codes_smem.type.shape[1]
@@ -192,7 +170,7 @@ def _decode_tile(codes_smem, out_smem, scale_ptr, min_ptr, scales, block, token,
     elif QUANT == 1:
         for r in gl.static_range(0, KV_N, ROWS):
             out_smem.slice(r, ROWS).store(_fp8_words(codes_smem.slice(r, ROWS).load(layout), dtype))
-    elif QUANT == 3:
+    elif QUANT == 2:
         # Scales and minimums in the compute dtype as int32 pairs (``_int4_words``' operands),
         # formed once a tile (keys, per channel) or a pass (values, per token).
         raw_layout: gl.constexpr = gl.BlockedLayout(
@@ -200,7 +178,7 @@ def _decode_tile(codes_smem, out_smem, scale_ptr, min_ptr, scales, block, token,
         )
         if IS_KEY:
             if dtype == gl.bfloat16:
-                # the stored bf16 pairs are the operands: one int32 load a pair (the launcher
+                # the stored bf16 pairs are the operands: one int32 load a pair (skip_reason
                 # checked that every element offset is even), in the codes' own layout
                 pair = gl.arange(0, HEAD_DIM // 2, layout=gl.SliceLayout(0, raw_layout))
                 at = (scales + block.to(gl.int64) * stride_sn) // 2 + pair
@@ -224,23 +202,6 @@ def _decode_tile(codes_smem, out_smem, scale_ptr, min_ptr, scales, block, token,
                 scale2 = _paired(gl.load(scale_ptr + at).to(dtype).to(gl.int16, bitcast=True))
                 low2 = _paired(gl.load(min_ptr + at).to(dtype).to(gl.int16, bitcast=True))
                 out_smem.slice(r, ROWS).store(_int4_words(raw, scale2[:, None], low2[:, None], dtype))
-    elif QUANT == 2:
-        if IS_KEY:
-            dims = gl.arange(0, HEAD_DIM, layout=gl.SliceLayout(0, layout))
-            channel = scales + block.to(gl.int64) * stride_sn + dims
-            scale = gl.load(scale_ptr + channel).to(dtype)
-            low = gl.load(min_ptr + channel).to(dtype)
-            for r in gl.static_range(0, KV_N, ROWS):
-                x = _int4_rows(codes_smem, r, ROWS, layout, dtype)
-                out_smem.slice(r, ROWS).store(x * scale[None, :] + low[None, :])
-        else:
-            for r in gl.static_range(0, KV_N, ROWS):
-                x = _int4_rows(codes_smem, r, ROWS, layout, dtype)
-                tokens = token + r + gl.arange(0, ROWS, layout=gl.SliceLayout(1, layout))
-                per_token = scales + tokens.to(gl.int64) * stride_sn
-                scale = gl.load(scale_ptr + per_token).to(dtype)
-                low = gl.load(min_ptr + per_token).to(dtype)
-                out_smem.slice(r, ROWS).store(x * scale[:, None] + low[:, None])
 
 
 @gluon.jit
@@ -787,24 +748,27 @@ def skip_reason(
         codes = (store.k.view(torch.uint8), store.v.view(torch.uint8))
         if codes[0].stride() != codes[1].stride() or any(_row_view(t) is None for t in codes):
             return "a store layout its TMA descriptors cannot address"
+        if store.kv_format == "int4" and not _pairs_aligned(store):
+            return "int4 key scales at odd element offsets (it reads them as bf16 pairs)"
     return None
 
 
+def _pairs_aligned(store) -> bool:
+    """Whether every element offset into an int4 store's key scales and minimums is even: the
+    kernel reads a channel pair's two bf16 values as one int32."""
+    return not any(
+        t.storage_offset() % 2 or any(s % 2 for s in t.stride()[:3]) for t in (store.k_scale, store.k_min)
+    )
+
+
 def _quant_code(store) -> int:
-    """The kernel's ``QUANT``: 0 native, 1 fp8 (exact codes; the consumers scale), 2 int4
-    unpacked byte-wise, 3 int4 unpacked a word at a time (bf16 key scales read as int32 pairs:
-    every element offset into them even); 5 the benchmark's floor (``FLOOR_COPY``)."""
+    """The kernel's ``QUANT``: 0 native, 1 fp8 (exact codes; the consumers scale), 2 int4 (a
+    word at a time), 3 the benchmark's floor (``FLOOR_COPY``)."""
     if store is None:
         return 0
     if FLOOR_COPY:
-        return 5
-    if store.kv_format == "fp8":
-        return 1
-    even = all(
-        t.storage_offset() % 2 == 0 and all(s % 2 == 0 for s in t.stride()[:3])
-        for t in (store.k_scale, store.k_min)
-    )
-    return 3 if INT4_WORDS and even else 2
+        return 3
+    return 1 if store.kv_format == "fp8" else 2
 
 
 def supported(

@@ -36,16 +36,16 @@ WORDS = tl.constexpr(
     and os.environ.get("OMNIMEM_DECODE_WORDS", "1") != "0"
 )
 
-# int4 codes to values a 32-bit word (8 codes, 4 output pairs) at a time, in the compute
-# dtype's paired arithmetic (PTX for sm_80 on; ``inline_asm_elementwise`` with ``pack=4``): byte c of a
+# int4 codes to values a 32-bit word (8 codes, 4 output pairs) at a time, in the compute dtype's
+# paired arithmetic (PTX for sm_80 on; ``inline_asm_elementwise`` with ``pack=4``): byte c of a
 # word holds channels 2c (low nibble) and 2c + 1. One ``lop3`` moves two nibbles 16 bits apart
 # into the mantissas of a pair of 128s (bf16 0x43xx; fp16 1024, 0x64xx), shifts of 4, 8 and 12
 # bring the other nibbles down, and byte permutes reorder the pairs (channels 0/4, 1/5, 2/6, 3/7
-# -> 0/1, 2/3, 4/5, 6/7); then the 128 (1024) is subtracted, exactly (as ``x * 1 - 128``: a
-# paired ``sub`` needs sm_90, ``fma`` sm_80, where the Triton-language kernels also run), and
-# ``code * scale + minimum`` is one fused multiply-add of the pair: the arithmetic of the byte-wise decoders
-# (about 4.75 instructions a pair instead of 7-9, per the SASS: the compiler extracts each byte
-# and rebuilds each pair, and re-packs the scales every pass).
+# -> 0/1, 2/3, 4/5, 6/7); then the 128 (1024) comes off exactly (as ``x * 1 - 128``: a paired
+# ``sub`` needs sm_90, ``fma`` sm_80, where the Triton-language kernels also run), and ``code *
+# scale + minimum`` is one fused multiply-add of the pair, the arithmetic of the byte-wise
+# decoder (about 4.75 instructions a pair instead of 7-9, per the SASS: the compiler extracts
+# each byte and rebuilds each pair, and re-packs the scales every pass).
 _INT4_WORD = """{{
 .reg .b32 t<4>, r<4>, k, one;
 mov.b32 k, 0x{k:08X};

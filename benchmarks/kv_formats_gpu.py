@@ -38,8 +38,6 @@ VARIANTS = [
     dict(),  # the default (GLUON_FORMATS on Hopper, else the Triton-language kernel)
     dict(kernel="triton"),  # the Triton-language kernel (decodes in registers)
     dict(kernel="gluon"),  # Hopper: a producer warpgroup loads and dequantizes code tiles
-    # int4: the Gluon kernel with the compiler's byte-wise unpack instead of the word-level PTX
-    dict(kernel="gluon", int4_words=False),
     # the Gluon kernel's floor: code bytes widened into the stages, not decoded (wrong outputs)
     dict(kernel="gluon", floor_copy=True),
     dict(block_n=64),
@@ -49,8 +47,7 @@ VARIANTS = [
 
 
 TIMED = ("ms", "err_vs_dequantized", "err_vs_bf16_cache")
-SWITCHES = dict(int4_words="INT4_WORDS", floor_copy="FLOOR_COPY")  # variant key: gluon_attention switch
-SWITCH_FORMAT = dict(int4_words="int4")
+SWITCHES = dict(floor_copy="FLOOR_COPY")  # variant key: gluon_attention switch
 DEFAULTS = {name: getattr(gluon_attention, name) for name in SWITCHES.values()}
 
 
@@ -94,8 +91,6 @@ def run_shape(heads: int, history_len: int, top_k: int, chunk_len: int) -> dict:
         del read_k, read_v
         result["variants"] = []
         for variant in VARIANTS:
-            if any(SWITCH_FORMAT[k] != kv_format for k in variant if k in SWITCH_FORMAT):
-                continue  # a decoder switch of the other format
             options = {k: v for k, v in variant.items() if k not in SWITCHES}
             for key, name in SWITCHES.items():
                 setattr(gluon_attention, name, variant.get(key, DEFAULTS[name]))
@@ -135,11 +130,11 @@ def main() -> None:
     parser.add_argument(
         "--quick",
         action="store_true",
-        help="the default, the Triton-language and the Gluon kernels (int4: both unpacks) only",
+        help="the default, the Triton-language and the Gluon kernels (and the Gluon kernel's floor) only",
     )
     args = parser.parse_args()
     if args.quick:
-        VARIANTS[5:] = []
+        VARIANTS[4:] = []
     rows = [run_shape(args.heads, h, args.top_k, args.chunk_tokens) for h in args.histories]
     result = dict(environment=environment(), rows=rows)
     if args.json:

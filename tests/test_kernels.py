@@ -363,9 +363,7 @@ def test_tables_from_sums_kernel_skips_blocks_with_nan_keys_like_the_torch_path(
 
 
 @pytest.mark.skipif(not ON_HOPPER, reason="the Gluon kernel runs on Hopper GPUs only")
-# int4 twice: unpacked a word at a time (inline PTX, the default) and byte-wise (the kernel's
-# fallback where the key scales' offsets are odd; gluon_attention.INT4_WORDS)
-@pytest.mark.parametrize("kv_format", ["fp8", "int4", "int4-bytewise"])
+@pytest.mark.parametrize("kv_format", ["fp8", "int4"])
 @pytest.mark.parametrize("num_sms", [1, 5, None])
 @pytest.mark.parametrize(
     ("q_heads", "kv_heads", "head_dim", "history_len", "q_len", "block_size", "flash_layout", "dtype"),
@@ -385,14 +383,11 @@ def test_hopper_kernel_reads_a_quantized_history(
     reference of the history it stands for (whole blocks dequantized, then the native tail),
     and against the Triton-language kernel on the same store. Store slots the selection does
     not name hold NaN codes and scales: never read."""
-    from omnimem.backends import gluon_attention, triton_attention
+    from omnimem.backends import triton_attention
     from omnimem.backends.quantized_attention import quantized_attention, quantized_attention_reference
     from omnimem.backends.triton import tile_tables
     from omnimem.store.blocks import QuantizedBlocks
 
-    if kv_format == "int4-bytewise":
-        kv_format = "int4"
-        monkeypatch.setattr(gluon_attention, "INT4_WORDS", False)
     q, k, v = make_inputs(
         q_heads=q_heads, kv_heads=kv_heads, history_len=history_len, q_len=q_len, head_dim=head_dim,
         dtype=dtype, flash_layout=flash_layout, seed=history_len + q_len,
@@ -450,6 +445,21 @@ def test_fp8_kernels_refuse_gpus_without_e4m3_clearly(monkeypatch):
     check_kernel_device("fp8", torch.device("cpu"))
     monkeypatch.setattr(torch.cuda, "get_device_capability", lambda device=None: (9, 0))
     check_kernel_device("fp8", gpu)
+
+
+def test_gluon_kernel_needs_int4_scales_at_even_offsets():
+    """The Gluon kernel reads a block's bf16 int4 key scales as int32 pairs: a store's own scales
+    qualify, scales at an odd element offset (a view no cache makes) do not, and ``skip_reason``
+    then sends the call to the Triton-language kernel, saying why."""
+    pytest.importorskip("triton.experimental.gluon")
+    from omnimem.backends import gluon_attention
+    from omnimem.store.blocks import QuantizedBlocks
+
+    store = QuantizedBlocks("int4", batch=1, num_kv_heads=2, capacity=512, head_dim=128, block_size=128,
+                            device="cpu")  # fmt: skip
+    assert gluon_attention._pairs_aligned(store)
+    store.k_min = torch.zeros(1, 2, 4, 129, dtype=torch.bfloat16)[..., 1:]  # offset 1, rows of 129
+    assert not gluon_attention._pairs_aligned(store)
 
 
 def test_quantized_attention_says_why_the_gluon_kernel_cannot_run():
