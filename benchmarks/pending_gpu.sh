@@ -70,11 +70,20 @@ elif [ "$1" = words ]; then  # the word-level decoders beside the byte-wise ones
   step 75 env OMNIMEM_DECODE_WORDS=0 python3 kv_formats_gpu.py --quick --json "$OUT/kvfmt_bytes.json"
   cd ..
   step 90 python3 -m pytest -q -p no:cacheprovider -n 16 --tb=short -rf tests/test_kernels.py -k "hopper and int4"
+elif [ "$1" = decode ]; then  # issue 36 first (an H200): the Gluon kernel's floor beside its
+  # decoders, the int4 kernels' GPU tests (the fma subtract's first GPU run), the 4-minute chunk
+  step 75 python3 kv_formats_gpu.py --quick --json "$OUT/kvfmt_floor.json"
+  cd ..
+  step 90 python3 -m pytest -q -p no:cacheprovider -n 16 --tb=short -rf tests/test_kernels.py -k "hopper and int4"
+  cd benchmarks
+  step 150 python3 self_forcing_rollout_gpu.py --kv-format int4 --frames 960 --reps 2 --kernel gluon --profile \
+    --json "$OUT/sf960_gluon.json"
+  step 90 python3 self_forcing_rollout_gpu.py --kv-format int4 --frames 960 --reps 2 --kernel triton --json "$OUT/sf960_lang.json"
 elif [ "$1" = next ]; then  # what is open after 2026-12-07 (ask for an H200: issue 36's 4-minute bar
   # and issue 38's 30-layer tables are on one; an H100 holds 10 layers of the codebases table)
-  step 150 python3 self_forcing_rollout_gpu.py --kv-format int4 --frames 960 --reps 2 --gluon --profile \
+  step 150 python3 self_forcing_rollout_gpu.py --kv-format int4 --frames 960 --reps 2 --kernel gluon --profile \
     --json "$OUT/sf960_gluon.json"
-  step 90 python3 self_forcing_rollout_gpu.py --kv-format int4 --frames 960 --reps 2 --json "$OUT/sf960_lang.json"
+  step 90 python3 self_forcing_rollout_gpu.py --kv-format int4 --frames 960 --reps 2 --kernel triton --json "$OUT/sf960_lang.json"
   # the Gluon kernel's floor beside its decoders (kv_formats_gpu.py's floor_copy row)
   step 75 python3 kv_formats_gpu.py --quick --json "$OUT/kvfmt_floor.json"
   # LongLive's row (1.05x) ran with 30 layers at 69 of 80 GB (the layer cap before both caches

@@ -73,11 +73,13 @@ def peak_gib() -> float:
 
 def quantized_offloaded(args, blocks, frames: int, capacity: int, kwargs: dict, device, dtype) -> None:
     """One chunk at ``frames`` of history with every layer's cache offloaded in ``kv_format``
-    (``--gluon``: on Hopper the Gluon kernel reads it, whatever ``kernel="auto"`` would choose)."""
-    if args.gluon:
+    (``--kernel gluon`` / ``triton``: on Hopper that kernel reads it, whatever ``auto`` would
+    choose)."""
+    if args.kernel != "auto":
         from omnimem.backends import quantized_attention
 
-        quantized_attention.GLUON_FORMATS = frozenset({args.kv_format})
+        chosen = {args.kv_format} if args.kernel == "gluon" else set()
+        quantized_attention.GLUON_FORMATS = frozenset(chosen)
     begin = time.perf_counter()
     caches = OmniMemCache.for_layers(LAYERS, capacity, offload=True, kv_format=args.kv_format, **kwargs)
     allocated = time.perf_counter() - begin
@@ -125,7 +127,7 @@ def quantized_offloaded(args, blocks, frames: int, capacity: int, kwargs: dict, 
             print(prof.key_averages().table(sort_by=key, row_limit=15), flush=True)
     stats = caches[0].offload_stats
     row = dict(
-        kv_format=args.kv_format, gluon=args.gluon, frames=history // FRAME, history=history, ms=ms,
+        kv_format=args.kv_format, kernel=args.kernel, frames=history // FRAME, history=history, ms=ms,
         peak_gib=peak_gib(),
         host_gib=sum(c._offload.store.nbytes for c in caches) / 2**30, allocate_s=allocated, write_s=written,
         layer0_hit_rate=stats.hit_rate, layer0_fetched_mib=stats.fetched_bytes / 2**20,
@@ -152,7 +154,10 @@ def main() -> None:
     parser.add_argument("--json", default=None)
     parser.add_argument("--profile", action="store_true", help="with --kv-format: profile one chunk")
     parser.add_argument(
-        "--gluon", action="store_true", help="with --kv-format: the Hopper Gluon kernel reads it"
+        "--kernel",
+        choices=("auto", "gluon", "triton"),
+        default="auto",
+        help="with --kv-format: which Hopper kernel reads it (triton: the Triton-language one)",
     )
     parser.add_argument(
         "--relative-only", action="store_true", help="omnimem with absolute and relative positions only"
