@@ -307,10 +307,13 @@ def test_hopper_row_view_addresses_every_head(layout):
     ],
 )
 def test_hopper_kernel_matches_dense(
-    num_sms, q_heads, kv_heads, head_dim, history_len, q_len, block_size, flash_layout, dtype, monkeypatch
-):
+    num_sms, q_heads, kv_heads, head_dim, history_len, q_len, block_size, flash_layout, dtype, monkeypatch,
+    poisoned_allocations,
+):  # fmt: skip
     """The warp-specialized kernel (which the triton backend runs on Hopper) against the dense
-    reference, with the last wave unsplit (1 SM), split (5, 50 SMs) and at the real SM count."""
+    reference, with the last wave unsplit (1 SM), split (5, 50 SMs) and at the real SM count;
+    every buffer the library allocates starts as NaN (an unwritten output row or split part
+    shows)."""
     from omnimem import OmniMemConfig, select_blocks, sparse_attention
     from omnimem.backends import gluon_attention, triton_attention
 
@@ -377,12 +380,13 @@ def test_tables_from_sums_kernel_skips_blocks_with_nan_keys_like_the_torch_path(
 )
 def test_hopper_kernel_reads_a_quantized_history(
     kv_format, num_sms, q_heads, kv_heads, head_dim, history_len, q_len, block_size, flash_layout, dtype,
-    monkeypatch,
+    monkeypatch, poisoned_allocations,
 ):  # fmt: skip
     """The Gluon kernel over a quantized store (its converter partition) against the float64
     reference of the history it stands for (whole blocks dequantized, then the native tail),
     and against the Triton-language kernel on the same store. Store slots the selection does
-    not name hold NaN codes and scales: never read."""
+    not name hold NaN codes and scales: never read; every buffer the library allocates starts as
+    NaN."""
     from omnimem.backends import triton_attention
     from omnimem.backends.quantized_attention import quantized_attention, quantized_attention_reference
     from omnimem.backends.triton import tile_tables
