@@ -55,6 +55,12 @@ BLOCK_N = 128  # keys per stage
 # A measurement of the decoders' floor (QUANT 3; wrong outputs): the producer widens code bytes
 # into the stages without decoding them. Never set outside the benchmark.
 FLOOR_COPY = False
+# The producer reads a code tile's table entry and scales before it waits for the tile's stage
+# (their global latency then overlaps the consumers' work); False: after, as before 2026-12-07.
+EARLY_OPERANDS = True
+# Code stages (the producer's prefetch ring of code tiles) per format: fp8 fills shared memory
+# with 2; int4's quarter-size tiles leave room for 4 (224.5 KiB).
+CODE_STAGES = {"fp8": 2, "int4": 2}
 # A split tile is cut into at most this many parts: each cut costs a merge (a wait and a
 # reload of the partial output) on the critical path.
 MAX_SPLITS = 4
@@ -138,8 +144,74 @@ def _fp8_words(codes, dtype: gl.constexpr):
     return x
 
 
+@gluon.constexpr_function
+def _raw_layout(head_dim, warps):
+    """Registers of an int4 converter pass: 8 code bytes (16 channels) of a row a thread."""
+    return gl.BlockedLayout([1, 8], [32 // (head_dim // 16), head_dim // 16], [warps, 1], [1, 0])
+
+
 @gluon.jit
-def _decode_tile(codes_smem, out_smem, scale_ptr, min_ptr, scales, block, token, stride_sn,
+def _key_operands(scale_ptr, min_ptr, scales, block, coded, stride_sn, dtype: gl.constexpr,
+                  HEAD_DIM: gl.constexpr):  # fmt: skip
+    """An int4 key tile's scales and minimums (per block and channel) in ``dtype`` as int32
+    pairs (``_int4_words``' operands) in ``_raw_layout``'s column slice (zeros where ``coded``
+    is false: nothing is read)."""
+    WARPS: gl.constexpr = gl.num_warps()
+    raw_layout: gl.constexpr = _raw_layout(HEAD_DIM, WARPS)
+    if dtype == gl.bfloat16:
+        # the stored bf16 pairs are the operands: one int32 load a pair (skip_reason checked
+        # that every element offset is even), in the codes' own layout
+        pair = gl.arange(0, HEAD_DIM // 2, layout=gl.SliceLayout(0, raw_layout))
+        at = (scales + block.to(gl.int64) * stride_sn) // 2 + pair
+        scale2 = gl.load(scale_ptr.to(gl.pointer_type(gl.int32), bitcast=True) + at, mask=coded, other=0)
+        low2 = gl.load(min_ptr.to(gl.pointer_type(gl.int32), bitcast=True) + at, mask=coded, other=0)
+    else:  # fp16: the bf16 scales converted, then paired (a layout conversion a tile)
+        pair_layout: gl.constexpr = gl.BlockedLayout([1, 2], [32, 1], [WARPS, 1], [1, 0])
+        c = gl.arange(0, HEAD_DIM // 2, layout=gl.SliceLayout(1, pair_layout))
+        e = gl.arange(0, 2, layout=gl.SliceLayout(0, pair_layout))
+        channel = scales + block.to(gl.int64) * stride_sn + (2 * c[:, None] + e[None, :])
+        scale2 = _pairs(gl.load(scale_ptr + channel, mask=coded, other=0.0), dtype, raw_layout)
+        low2 = _pairs(gl.load(min_ptr + channel, mask=coded, other=0.0), dtype, raw_layout)
+    return scale2, low2
+
+
+@gluon.jit
+def _tile_operands(
+    block, coded, k_scale_ptr, v_scale_ptr, k_min_ptr, v_min_ptr, k_scales, v_scales, stride_ksn, stride_vsn,
+    dtype: gl.constexpr, HEAD_DIM: gl.constexpr, QUANT: gl.constexpr,
+):  # fmt: skip
+    """What a code tile of block ``block`` needs from global memory besides its codes: fp8
+    (``QUANT`` 1), the block's key and value scales (``[2]``, for ``mults``); int4 (2), the key
+    scale and minimum pairs (``_key_operands``). Loaded before the producer waits for the
+    tile's stage, so that their latency overlaps the consumers' work (``EARLY_OPERANDS``)."""
+    if QUANT == 1:
+        layout: gl.constexpr = _mults_layout(gl.num_warps())
+        first = gl.arange(0, 2, layout=layout) == 0
+        at = block.to(gl.int64)
+        pair = gl.where(first, gl.load(k_scale_ptr + k_scales + at * stride_ksn, mask=coded, other=1.0),
+                        gl.load(v_scale_ptr + v_scales + at * stride_vsn, mask=coded, other=1.0))  # fmt: skip
+        return pair, pair
+    elif QUANT == 2:
+        return _key_operands(k_scale_ptr, k_min_ptr, k_scales, block, coded, stride_ksn, dtype, HEAD_DIM)
+    else:
+        return block, block  # the floor reads none
+
+
+@gluon.jit
+def _tile_reads(
+    it, codes_end, table_ptr, k_scale_ptr, v_scale_ptr, k_min_ptr, v_min_ptr, k_scales, v_scales, stride_ksn,
+    stride_vsn, dtype: gl.constexpr, HEAD_DIM: gl.constexpr, SUBS: gl.constexpr, QUANT: gl.constexpr,
+):  # fmt: skip
+    """Key tile ``it``'s block and ``_tile_operands`` (nothing read unless it is a code tile)."""
+    coded = it < codes_end
+    block = gl.load(table_ptr + it // SUBS, mask=coded, other=0).to(gl.int32)
+    first, second = _tile_operands(block, coded, k_scale_ptr, v_scale_ptr, k_min_ptr, v_min_ptr, k_scales,
+                                   v_scales, stride_ksn, stride_vsn, dtype, HEAD_DIM, QUANT)  # fmt: skip
+    return block, first, second
+
+
+@gluon.jit
+def _decode_tile(codes_smem, out_smem, scale_ptr, min_ptr, scales, token, stride_sn, scale2, low2,
                  QUANT: gl.constexpr, IS_KEY: gl.constexpr):  # fmt: skip
     """A code tile (store rows from ``token``, in whole block ``block``) into ``out_smem`` (the
     compute dtype), a pass of ``8 x warps`` rows at a time, with integer and paired
@@ -148,7 +220,8 @@ def _decode_tile(codes_smem, out_smem, scale_ptr, min_ptr, scales, block, token,
     consumers apply the block's scales). int4 (2, a word at a time: ``_int4_words``): ``code *
     scale + minimum`` (keys per block and channel, paired once a tile; values per token) in one
     fused multiply-add of the compute dtype.
-    ``scales``: the (batch, head) offset into the scale and minimum buffers."""
+    ``scales``: the (batch, head) offset into the scale and minimum buffers; ``scale2``/``low2``
+    an int4 key tile's operands (``_key_operands``), loaded by the caller."""
     KV_N: gl.constexpr = out_smem.type.shape[0]
     HEAD_DIM: gl.constexpr = out_smem.type.shape[1]
     WARPS: gl.constexpr = gl.num_warps()
@@ -172,25 +245,9 @@ def _decode_tile(codes_smem, out_smem, scale_ptr, min_ptr, scales, block, token,
             out_smem.slice(r, ROWS).store(_fp8_words(codes_smem.slice(r, ROWS).load(layout), dtype))
     elif QUANT == 2:
         # Scales and minimums in the compute dtype as int32 pairs (``_int4_words``' operands),
-        # formed once a tile (keys, per channel) or a pass (values, per token).
-        raw_layout: gl.constexpr = gl.BlockedLayout(
-            [1, 8], [32 // (HEAD_DIM // 16), HEAD_DIM // 16], [WARPS, 1], [1, 0]
-        )
+        # formed once a tile (keys, per channel: the caller's) or a pass (values, per token).
+        raw_layout: gl.constexpr = _raw_layout(HEAD_DIM, WARPS)
         if IS_KEY:
-            if dtype == gl.bfloat16:
-                # the stored bf16 pairs are the operands: one int32 load a pair (skip_reason
-                # checked that every element offset is even), in the codes' own layout
-                pair = gl.arange(0, HEAD_DIM // 2, layout=gl.SliceLayout(0, raw_layout))
-                at = (scales + block.to(gl.int64) * stride_sn) // 2 + pair
-                scale2 = gl.load(scale_ptr.to(gl.pointer_type(gl.int32), bitcast=True) + at)
-                low2 = gl.load(min_ptr.to(gl.pointer_type(gl.int32), bitcast=True) + at)
-            else:  # fp16: the bf16 scales converted, then paired (a layout conversion a tile)
-                pair_layout: gl.constexpr = gl.BlockedLayout([1, 2], [32, 1], [WARPS, 1], [1, 0])
-                c = gl.arange(0, HEAD_DIM // 2, layout=gl.SliceLayout(1, pair_layout))
-                e = gl.arange(0, 2, layout=gl.SliceLayout(0, pair_layout))
-                channel = scales + block.to(gl.int64) * stride_sn + (2 * c[:, None] + e[None, :])
-                scale2 = _pairs(gl.load(scale_ptr + channel), dtype, raw_layout)
-                low2 = _pairs(gl.load(min_ptr + channel), dtype, raw_layout)
             for r in gl.static_range(0, KV_N, ROWS):
                 raw = codes_smem.slice(r, ROWS).load(raw_layout)
                 out_smem.slice(r, ROWS).store(_int4_words(raw, scale2[None, :], low2[None, :], dtype))
@@ -227,38 +284,32 @@ def _load_native(
 
 @gluon.jit
 def _convert_tile(
-    it, j, kc_smem, vc_smem, k_smem, v_smem, kc_ready, vc_ready, k_ready, v_ready, table_ptr,
-    k_scale_ptr, v_scale_ptr, k_min_ptr, v_min_ptr, k_scales, v_scales, stride_ksn, stride_vsn, mults,
-    BLOCK_SIZE: gl.constexpr, QUANT: gl.constexpr,
+    it, j, block, first, second, kc_smem, vc_smem, k_smem, v_smem, kc_ready, vc_ready, k_ready, v_ready,
+    v_scale_ptr, v_min_ptr, v_scales, stride_vsn, mults, BLOCK_SIZE: gl.constexpr, QUANT: gl.constexpr,
 ):  # fmt: skip
-    """Code tile ``it`` (the ``j``-th of its part) from its code stage into its stage of the
-    ring (free: the caller waited), keys then values, each announced to the consumers once
-    every thread's writes are visible to the tensor cores (async proxy). ``QUANT`` 1: the
-    block's key and value scales go to the stage's ``mults`` before the keys are announced."""
+    """Code tile ``it`` (the ``j``-th of its part; of block ``block``, with ``_tile_operands``'
+    ``first`` and ``second``) from its code stage into its stage of the ring (free: the caller
+    waited), keys then values, each announced to the consumers once every thread's writes are
+    visible to the tensor cores (async proxy). ``QUANT`` 1: the block's key and value scales go
+    to the stage's ``mults`` before the keys are announced."""
     STAGES: gl.constexpr = k_smem.type.shape[0]
     CSTAGES: gl.constexpr = kc_smem.type.shape[0]
     KV_N: gl.constexpr = k_smem.type.shape[1]
     SUBS: gl.constexpr = BLOCK_SIZE // KV_N
     stage = j % STAGES
     cstage = j % CSTAGES
-    block = gl.load(table_ptr + it // SUBS).to(gl.int32)
     token = block * BLOCK_SIZE + (it % SUBS) * KV_N  # the tile's first row in the store
     if QUANT == 1:
-        layout: gl.constexpr = _mults_layout(gl.num_warps())
-        first = gl.arange(0, 2, layout=layout) == 0
-        at = block.to(gl.int64)
-        pair = gl.where(first, gl.load(k_scale_ptr + k_scales + at * stride_ksn),
-                        gl.load(v_scale_ptr + v_scales + at * stride_vsn))  # fmt: skip
-        mults.index(stage).store(pair)
+        mults.index(stage).store(first)
     mbarrier.wait(kc_ready.index(cstage), (j // CSTAGES) & 1)
-    _decode_tile(kc_smem.index(cstage), k_smem.index(stage), k_scale_ptr, k_min_ptr, k_scales, block, token,
-                 stride_ksn, QUANT, True)  # fmt: skip
+    _decode_tile(kc_smem.index(cstage), k_smem.index(stage), v_scale_ptr, v_min_ptr, v_scales, token,
+                 stride_vsn, first, second, QUANT, True)  # fmt: skip
     fence_async_shared()
     _cta_barrier()
     mbarrier.arrive(k_ready.index(stage), count=1)
     mbarrier.wait(vc_ready.index(cstage), (j // CSTAGES) & 1)
-    _decode_tile(vc_smem.index(cstage), v_smem.index(stage), v_scale_ptr, v_min_ptr, v_scales, block, token,
-                 stride_vsn, QUANT, False)  # fmt: skip
+    _decode_tile(vc_smem.index(cstage), v_smem.index(stage), v_scale_ptr, v_min_ptr, v_scales, token,
+                 stride_vsn, first, second, QUANT, False)  # fmt: skip
     fence_async_shared()
     _cta_barrier()
     mbarrier.arrive(v_ready.index(stage), count=1)
@@ -287,7 +338,7 @@ def _produce_partition(
     table_ptr, q_row, q_col, kv_row, kv_col, codes_row, codes_col, num_hist_tiles, codes_end,
     it_begin, it_end, history_len, native_from,
     k_scale_ptr, v_scale_ptr, k_min_ptr, v_min_ptr, k_scales, v_scales, stride_ksn, stride_vsn, mults,
-    BLOCK_SIZE: gl.constexpr, QUANT: gl.constexpr,
+    BLOCK_SIZE: gl.constexpr, QUANT: gl.constexpr, EARLY: gl.constexpr,
 ):  # fmt: skip
     """The third warpgroup: a native history's loader warp (``_load_partition``), or a
     quantized history's producer, the loader's work and the converter's in one partition, so
@@ -309,15 +360,30 @@ def _produce_partition(
         if it_begin + c < codes_end:
             _load_codes(it_begin + c, c, kc_desc, vc_desc, kc_smem, vc_smem, kc_ready, vc_ready, table_ptr,
                         codes_row, codes_col, BLOCK_SIZE)  # fmt: skip
+    SUBS: gl.constexpr = BLOCK_SIZE // k_smem.type.shape[1]
+    dtype: gl.constexpr = k_smem.dtype
+    HEAD_DIM: gl.constexpr = k_smem.type.shape[2]
     for it in range(it_begin, it_end):
         j = it - it_begin
         stage = j % STAGES
-        mbarrier.wait(kv_empty.index(stage), ((j // STAGES) & 1) ^ 1)
+        # The tile's global reads (table entry, then scales) before the wait for its stage
+        # (``EARLY``): their latency overlaps the consumers' work.
+        if EARLY:
+            block, first, second = _tile_reads(
+                it, codes_end, table_ptr, k_scale_ptr, v_scale_ptr, k_min_ptr, v_min_ptr, k_scales, v_scales,
+                stride_ksn, stride_vsn, dtype, HEAD_DIM, SUBS, QUANT,
+            )  # fmt: skip
+            mbarrier.wait(kv_empty.index(stage), ((j // STAGES) & 1) ^ 1)
+        else:
+            mbarrier.wait(kv_empty.index(stage), ((j // STAGES) & 1) ^ 1)
+            block, first, second = _tile_reads(
+                it, codes_end, table_ptr, k_scale_ptr, v_scale_ptr, k_min_ptr, v_min_ptr, k_scales, v_scales,
+                stride_ksn, stride_vsn, dtype, HEAD_DIM, SUBS, QUANT,
+            )  # fmt: skip
         if it < codes_end:
             _convert_tile(
-                it, j, kc_smem, vc_smem, k_smem, v_smem, kc_ready, vc_ready, k_ready, v_ready, table_ptr,
-                k_scale_ptr, v_scale_ptr, k_min_ptr, v_min_ptr, k_scales, v_scales, stride_ksn, stride_vsn,
-                mults, BLOCK_SIZE, QUANT,
+                it, j, block, first, second, kc_smem, vc_smem, k_smem, v_smem, kc_ready, vc_ready, k_ready,
+                v_ready, v_scale_ptr, v_min_ptr, v_scales, stride_vsn, mults, BLOCK_SIZE, QUANT,
             )  # fmt: skip
             # Its fence ordered this code stage's reads before the TMA that refills it.
             if it + CSTAGES < codes_end:
@@ -552,7 +618,7 @@ def _hopper_attention_kernel(
     stride_cb, stride_ch, stride_cl, stride_ksb, stride_ksh, stride_ksn, stride_vsb, stride_vsh, stride_vsn,
     BLOCK_SIZE: gl.constexpr, STAGES: gl.constexpr, WRITE_LSE: gl.constexpr,
     QUANT: gl.constexpr = 0, CSTAGES: gl.constexpr = 2, THIRD_WARPS: gl.constexpr = 1,
-    WORKER_REGS: gl.constexpr = 232, THIRD_REGS: gl.constexpr = 40,
+    WORKER_REGS: gl.constexpr = 232, THIRD_REGS: gl.constexpr = 40, EARLY: gl.constexpr = True,
 ):  # fmt: skip
     HALF: gl.constexpr = q_desc.block_type.shape[0]
     KV_N: gl.constexpr = k_desc.block_type.shape[0]
@@ -682,7 +748,7 @@ def _hopper_attention_kernel(
                     table_ptr, q_row, q_col, kv_row, kv_col, codes_row, codes_col, num_hist_tiles,
                     codes_end, it_begin, it_end, history_len, native_from,
                     k_scale_ptr, v_scale_ptr, k_min_ptr, v_min_ptr, k_scales, v_scales, stride_ksn,
-                    stride_vsn, mults, BLOCK_SIZE, QUANT,
+                    stride_vsn, mults, BLOCK_SIZE, QUANT, EARLY,
                 ),
             ),
         ],
@@ -851,7 +917,8 @@ def scattered_attention(
         num_q_heads, num_q_heads // k.shape[1], q_len, chunk_len, block_idx.shape[-1],
         scale * 1.4426950408889634, num_q_tiles, num_tiles - num_split_tiles, splits, *quantized,
         BLOCK_SIZE=block_size, STAGES=stages, WRITE_LSE=return_lse,
-        QUANT=_quant_code(store),
+        QUANT=_quant_code(store), EARLY=EARLY_OPERANDS,
+        CSTAGES=2 if store is None else CODE_STAGES[store.kv_format],
         **(THIRD_PARTITION["native" if store is None else "quantized"]), num_warps=4, maxnreg=168,
     )  # fmt: skip
     return out, (lse if return_lse else None)

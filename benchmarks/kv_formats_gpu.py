@@ -40,6 +40,9 @@ VARIANTS = [
     dict(kernel="gluon"),  # Hopper: a producer warpgroup loads and dequantizes code tiles
     # the Gluon kernel's floor: code bytes widened into the stages, not decoded (wrong outputs)
     dict(kernel="gluon", floor_copy=True),
+    # the producer's global reads after the stage wait (as before 2026-12-07)
+    dict(kernel="gluon", early_operands=False),
+    dict(kernel="gluon", code_stages={"fp8": 2, "int4": 4}),  # int4: a deeper code ring
     dict(block_n=64),
     dict(num_stages=2),
     dict(block_m=64, num_warps=4),
@@ -47,7 +50,9 @@ VARIANTS = [
 
 
 TIMED = ("ms", "err_vs_dequantized", "err_vs_bf16_cache")
-SWITCHES = dict(floor_copy="FLOOR_COPY")  # variant key: gluon_attention switch
+SWITCHES = dict(
+    floor_copy="FLOOR_COPY", early_operands="EARLY_OPERANDS", code_stages="CODE_STAGES"
+)  # key: switch
 DEFAULTS = {name: getattr(gluon_attention, name) for name in SWITCHES.values()}
 
 
@@ -76,6 +81,15 @@ def run_shape(heads: int, history_len: int, top_k: int, chunk_len: int) -> dict:
         return_lse=False,
     )  # fmt: skip
     row["bf16_triton_lang"] = dict(ms=bench(lang), err_vs_float32=rel_err(lang()[0], ref))
+    if gluon_attention.supported(q, k, v, block_size=bs, grouped=False):
+        # the Gluon kernel on bf16 with the quantized kernels' two stages (they have three):
+        # what the stage count alone costs
+        two = functools.partial(
+            gluon_attention.scattered_attention, q, k, v, block_idx=table_idx, num_blocks=table_num,
+            history_len=history, chunk_len=chunk_len, block_size=bs, scale=scale, return_lse=False,
+            num_sms=torch.cuda.get_device_properties(q.device).multi_processor_count, stages=2,
+        )  # fmt: skip
+        row["bf16_gluon_2_stages"] = dict(ms=bench(two), err_vs_float32=rel_err(two()[0], ref))
     whole = history_len // bs * bs
     for kv_format in ("fp8", "int4"):
         store = QuantizedBlocks(kv_format, batch=1, num_kv_heads=heads, capacity=history_len, head_dim=128,
@@ -130,11 +144,11 @@ def main() -> None:
     parser.add_argument(
         "--quick",
         action="store_true",
-        help="the default, the Triton-language and the Gluon kernels (and the Gluon kernel's floor) only",
+        help="the default, the Triton-language and Gluon kernels (the Gluon kernel's floor, switches) only",
     )
     args = parser.parse_args()
     if args.quick:
-        VARIANTS[4:] = []
+        VARIANTS[6:] = []
     rows = [run_shape(args.heads, h, args.top_k, args.chunk_tokens) for h in args.histories]
     result = dict(environment=environment(), rows=rows)
     if args.json:
@@ -149,6 +163,10 @@ def main() -> None:
         lang = row["bf16_triton_lang"]
         print(f"{'':>8} {'(lang)':>6} {lang['ms']:7.3f} {lang['ms'] / base:7.2f} {1:8.3f} "
               f"{lang['err_vs_float32']:11.2e}  (the Triton-language kernel on bf16)")  # fmt: skip
+        if "bf16_gluon_2_stages" in row:
+            two = row["bf16_gluon_2_stages"]
+            print(f"{'':>8} {'(2st)':>6} {two['ms']:7.3f} {two['ms'] / base:7.2f} {1:8.3f} "
+                  f"{two['err_vs_float32']:11.2e}  (the Gluon kernel on bf16, 2 stages)")  # fmt: skip
         for kv_format in ("fp8", "int4"):
             r, best = row[kv_format], row[kv_format]["best"]
             if best is None:

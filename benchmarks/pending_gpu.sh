@@ -71,10 +71,12 @@ elif [ "$1" = words ]; then  # the word-level decoders beside the byte-wise ones
   cd ..
   step 90 python3 -m pytest -q -p no:cacheprovider -n 16 --tb=short -rf tests/test_kernels.py -k "hopper and int4"
 elif [ "$1" = decode ]; then  # issue 36 first (an H200): the Gluon kernel's floor beside its
-  # decoders, the int4 kernels' GPU tests (the fma subtract's first GPU run), the 4-minute chunk
-  step 75 python3 kv_formats_gpu.py --quick --json "$OUT/kvfmt_floor.json"
+  # decoders and switches (early operands, int4's deeper code ring), bf16 with two stages, the
+  # quantized kernels' GPU tests (the fma subtract's first GPU run; poisoned allocations), the
+  # 4-minute chunk
+  step 150 python3 kv_formats_gpu.py --quick --json "$OUT/kvfmt_floor.json"
   cd ..
-  step 90 python3 -m pytest -q -p no:cacheprovider -n 16 --tb=short -rf tests/test_kernels.py -k "hopper and int4"
+  step 100 python3 -m pytest -q -p no:cacheprovider -n 16 --tb=short -rf tests/test_kernels.py -k "hopper"
   cd benchmarks
   step 150 python3 self_forcing_rollout_gpu.py --kv-format int4 --frames 960 --reps 2 --kernel gluon --profile \
     --json "$OUT/sf960_gluon.json"
