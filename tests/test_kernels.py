@@ -451,6 +451,60 @@ def test_fp8_kernels_refuse_gpus_without_e4m3_clearly(monkeypatch):
     check_kernel_device("fp8", gpu)
 
 
+def test_fp8_on_gpus_without_e4m3_routes_or_refuses_before_any_write(monkeypatch):
+    """Where triton has no e4m3 (a faked compute capability 8.0): the gated layer's ``auto``
+    runs an fp8 history on gather (int4 and capability 9.0 stay on triton), ``backend="triton"``
+    is a ValueError; and both caches refuse such a call before writing the chunk (the check
+    stands in for the GPU here), so a later call sees the state of before."""
+    from omnimem import GatedCache, GatedConfig, OmniMemCache
+    from omnimem.backends import quantized_tiles
+    from omnimem.gated.attention import resolve_gated_backend
+
+    monkeypatch.setattr(torch.cuda, "get_device_capability", lambda device=None: (8, 0))
+    monkeypatch.setattr(torch.cuda, "get_device_name", lambda device=None: "NVIDIA A100")
+    gpu = torch.device("cuda", 0)
+    assert resolve_gated_backend(GatedConfig(), gpu, torch.bfloat16, "fp8") == "gather"
+    assert resolve_gated_backend(GatedConfig(), gpu, torch.bfloat16, "int4") == "triton"
+    assert resolve_gated_backend(GatedConfig(), gpu, torch.bfloat16) == "triton"
+    with pytest.raises(ValueError, match=r"compute capability 8\.9 or later"):
+        resolve_gated_backend(GatedConfig(backend="triton"), gpu, torch.bfloat16, "fp8")
+    monkeypatch.setattr(torch.cuda, "get_device_capability", lambda device=None: (9, 0))
+    assert resolve_gated_backend(GatedConfig(), gpu, torch.bfloat16, "fp8") == "triton"
+
+    def refuse(kv_format, device):
+        raise ValueError(f"refused {kv_format}")
+
+    gen = torch.Generator().manual_seed(0)
+    q, k, v = (torch.randn(1, 2, 6, 16, generator=gen).to(TEST_DEVICE) for _ in range(3))
+    config = OmniMemConfig(block_size=4, top_k=2, sink_tokens=4, local_tokens=4, backend="triton")
+    caches = [OmniMemCache(48, max_chunk_tokens=6, batch=1, num_kv_heads=2, head_dim=16, config=config,
+                           kv_format="fp8", device=TEST_DEVICE) for _ in range(2)]  # fmt: skip
+    for cache in caches:
+        cache.attend_at(q, k, v, start=0)
+        cache.attend_at(q, k, v, start=6)
+    with monkeypatch.context() as patch:
+        patch.setattr(quantized_tiles, "check_kernel_device", refuse)
+        with pytest.raises(ValueError, match="refused fp8"):
+            caches[0].attend_at(q, k + 1, v + 1, start=6)
+    # the next call makes the chunk of before history: it must be the one written before
+    assert torch.equal(caches[0].attend_at(q, k, v, start=12), caches[1].attend_at(q, k, v, start=12))
+
+    gates = torch.rand(1, 2, 6, 3, generator=gen).to(TEST_DEVICE)
+    gated = dict(batch=1, num_kv_heads=2, head_dim=16, block_size=4, query_group_size=3, top_k=2,
+                 window_tokens=8, kv_format="fp8", max_chunk_tokens=6, device=TEST_DEVICE,
+                 backend="triton")  # fmt: skip
+    g_caches = [GatedCache(48, **gated, dtype=torch.float32) for _ in range(2)]
+    for cache in g_caches:
+        cache.attend(q, k, v, gates, start=0)
+    with monkeypatch.context() as patch:
+        patch.setattr(quantized_tiles, "check_kernel_device", refuse)
+        with pytest.raises(ValueError, match="refused fp8"):
+            g_caches[0].attend(q, k + 1, v + 1, gates, start=6)
+    assert g_caches[0].end == 6
+    again = [cache.attend(q, k, v, gates, start=0) for cache in g_caches]
+    torch.testing.assert_close(again[0], again[1], atol=0, rtol=0)
+
+
 def test_gluon_kernel_needs_int4_scales_at_even_offsets():
     """The Gluon kernel reads a block's bf16 int4 key scales as int32 pairs: a store's own scales
     qualify, scales at an odd element offset (a view no cache makes) do not, and ``skip_reason``

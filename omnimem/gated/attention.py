@@ -35,11 +35,26 @@ def _resolve(config: GatedConfig | None, overrides: dict[str, object]) -> GatedC
     return config.replace(**overrides) if overrides else config
 
 
-def resolve_gated_backend(config: GatedConfig, device: torch.device, dtype: torch.dtype | None = None) -> str:
-    """``"triton"`` or ``"gather"``: ``"auto"`` takes the kernels on CUDA devices."""
+def resolve_gated_backend(
+    config: GatedConfig, device: torch.device, dtype: torch.dtype | None = None, kv_format: str = "native"
+) -> str:
+    """``"triton"`` or ``"gather"``: ``"auto"`` takes the kernels on CUDA devices, except for an
+    fp8 history on a GPU whose triton has no float8 e4m3 (compute capability before 8.9), which
+    ``"gather"`` dequantizes with torch; ``"triton"`` named there is a ``ValueError``."""
+    from omnimem.backends.quantized_tiles import check_kernel_device
+
     interpreted = os.environ.get("TRITON_INTERPRET") == "1"
     if config.backend == "auto":
-        return "triton" if device.type == "cuda" else "gather"
+        if device.type != "cuda":
+            return "gather"
+        try:
+            check_kernel_device(kv_format, device)
+        except ValueError:
+            _log_fp8_fallback(torch.cuda.get_device_name(device))
+            return "gather"
+        return "triton"
+    if config.backend == "triton":
+        check_kernel_device(kv_format, device)
     if config.backend == "triton" and device.type != "cuda":
         if not interpreted:
             raise ValueError(
@@ -52,6 +67,14 @@ def resolve_gated_backend(config: GatedConfig, device: torch.device, dtype: torc
                 "interpreter's bf16 tl.dot is wrong): use float16 or float32 there, or backend='gather'"
             )
     return config.backend
+
+
+@functools.cache
+def _log_fp8_fallback(device_name: str) -> None:
+    logger.info(
+        "gated_attention: an fp8 history on %s runs the gather backend (triton has no float8 e4m3 "
+        "before compute capability 8.9)", device_name,
+    )  # fmt: skip
 
 
 @functools.cache

@@ -345,7 +345,7 @@ class GatedCache:
         (so its gradient reaches the chunk's k and v); otherwise the cache's block means.
         """
         config, bs = self.config, self.config.block_size
-        backend = resolve_gated_backend(config, q.device, q.dtype)
+        backend = resolve_gated_backend(config, q.device, q.dtype, self.kv_format)
         seq_len = start + k.shape[2]
         with torch.no_grad():
             selection = select_groups_for(q, self.pooled, seq_len, config, backend)
@@ -436,7 +436,7 @@ class GatedCache:
         )  # fmt: skip
 
     def _backend(self, q: torch.Tensor) -> str:
-        return resolve_gated_backend(self.config, q.device, q.dtype)
+        return resolve_gated_backend(self.config, q.device, q.dtype, self.kv_format)
 
     def _attend_quantized(
         self, q: torch.Tensor, gates: torch.Tensor, start: int, seq_len: int
@@ -478,13 +478,14 @@ class GatedCache:
         if q.shape[2] != k.shape[2]:
             raise ValueError(f"q must hold the chunk's {k.shape[2]} queries (k's length), got {q.shape[2]}")
         check_gates(gates, q)
+        backend = self._backend(q)  # refuses fp8 on triton where it cannot run, before the write
         self._store(k, v, start)
         if torch.is_grad_enabled() and any(t.requires_grad for t in (q, k, v, gates)):
-            quantized = isinstance(self._offload, GatedQuantizedHistory) and self._backend(q) == "triton"
+            quantized = isinstance(self._offload, GatedQuantizedHistory) and backend == "triton"
             if quantized and fanout_backward("triton", True):
                 return self._attend_quantized_differentiable(q, k, v, gates, start)
             return self._attend_compact(q, k, v, gates, start, differentiable=True)
-        if isinstance(self._offload, GatedQuantizedHistory) and self._backend(q) == "triton":
+        if isinstance(self._offload, GatedQuantizedHistory) and backend == "triton":
             return self._attend_quantized(q, gates, start, start + k.shape[2])
         if self._offload is not None:
             return self._attend_compact(q, k, v, gates, start, differentiable=False)

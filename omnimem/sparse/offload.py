@@ -404,6 +404,10 @@ class QuantizedHistory(HostOffload):
             self.copy_stream = None  # the store is written on the compute stream
 
     def attend(self, cache, q: torch.Tensor, k_chunk: torch.Tensor, v_chunk: torch.Tensor, return_lse: bool):
+        from omnimem.backends.quantized_tiles import check_kernel_device
+
+        if reads_in_place(cache, q):  # a GPU the kernels cannot decode on: refused before the write
+            check_kernel_device(cache.kv_format, q.device)
         history_len, chunk_len = cache.history_len, k_chunk.shape[2]
         partial = history_len % self.block_size
         tail_k, tail_v = (t[:, :, : partial + chunk_len] for t in self.work[0])  # both hold the partial block
