@@ -12,11 +12,12 @@
 #   benchmarks/pending_gpu.sh now  # the sparse call, the kernels' GPU tests, the gated selected
 #                                  # branch, their model classes (ran 2026-12-07, H100)
 #   benchmarks/pending_gpu.sh words # the word-level decoders beside the byte-wise ones (ran)
-#   benchmarks/pending_gpu.sh next # what is open: the 4-minute int4 chunk profiled with the Gluon
-#                                  # kernel and the Triton-language one (issue 36's bar is on an
-#                                  # H200), the Gluon kernel's floor (decode or shared memory?),
-#                                  # LongLive's model class again, issue 38's codebases at 30
-#                                  # layers (an H200) (carry .theirs/)
+#   benchmarks/pending_gpu.sh decode # issue 36: the Gluon kernel's floor and switches, the
+#                                  # quantized kernels' GPU tests, the 4-minute int4 chunk profiled
+#                                  # with the Gluon kernel and the Triton-language one
+#   benchmarks/pending_gpu.sh next # issue 38: LongLive's model class again, the codebases at 30
+#                                  # layers (an H200), Rolling Forcing and Self-Forcing's classes
+#                                  # (carry .theirs/)
 #
 # Both 36 and 37 ran on an H100 on 2026-12-07 (results in docs/memory.md, docs/positions.md).
 #
@@ -81,20 +82,16 @@ elif [ "$1" = decode ]; then  # issue 36 first (an H200): the Gluon kernel's flo
   step 150 python3 self_forcing_rollout_gpu.py --kv-format int4 --frames 960 --reps 2 --kernel gluon --profile \
     --json "$OUT/sf960_gluon.json"
   step 90 python3 self_forcing_rollout_gpu.py --kv-format int4 --frames 960 --reps 2 --kernel triton --json "$OUT/sf960_lang.json"
-elif [ "$1" = next ]; then  # what is open after 2026-12-07 (ask for an H200: issue 36's 4-minute bar
-  # and issue 38's 30-layer tables are on one; an H100 holds 10 layers of the codebases table)
-  step 150 python3 self_forcing_rollout_gpu.py --kv-format int4 --frames 960 --reps 2 --kernel gluon --profile \
-    --json "$OUT/sf960_gluon.json"
-  step 90 python3 self_forcing_rollout_gpu.py --kv-format int4 --frames 960 --reps 2 --kernel triton --json "$OUT/sf960_lang.json"
-  # the Gluon kernel's floor beside its decoders (kv_formats_gpu.py's floor_copy row)
-  step 75 python3 kv_formats_gpu.py --quick --json "$OUT/kvfmt_floor.json"
-  # LongLive's row (1.05x) ran with 30 layers at 69 of 80 GB (the layer cap before both caches
-  # were counted): again under the current cap
-  [ -d ../.theirs ] && step 90 python3 their_models_gpu.py --theirs ../.theirs --child-timeout 85 \
+elif [ "$1" = next ]; then  # issue 38 (ask for an H200: its 30-layer tables are on one; an H100
+  # holds 10 layers of the codebases table). LongLive's row (1.05x) ran with 30 layers at 69 of
+  # 80 GB (the layer cap before both caches were counted): again under the current cap
+  [ -d ../.theirs ] && step 100 python3 their_models_gpu.py --theirs ../.theirs --child-timeout 95 \
     --only LongLive --json "$OUT/their_models_longlive.json"
   layers=$(python3 -c 'import torch; print(30 if torch.cuda.get_device_properties(0).total_memory > 120e9 else 10)')
-  step 160 python3 codebases_gpu.py --layers "$layers" --json "$OUT/codebases.json"
+  step 200 python3 codebases_gpu.py --layers "$layers" --json "$OUT/codebases.json"
+  [ -d ../.theirs ] && step 200 python3 their_models_gpu.py --theirs ../.theirs --child-timeout 95 \
+    --only "Rolling Forcing" Self-Forcing --json "$OUT/their_models_rf_sf.json"
 else
-  echo "usage: pending_gpu.sh 36|37|now|words|next" >>"$LOG"
+  echo "usage: pending_gpu.sh 36|37|now|words|decode|next" >>"$LOG"
 fi
 grep -v "DEBUG\|PytestBenchmark\|warner(" "$LOG" | tail -c 6000
