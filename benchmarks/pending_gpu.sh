@@ -81,7 +81,11 @@ elif [ "$1" = decode ]; then  # issue 36 first (an H200): the Gluon kernel's flo
   cd benchmarks
   step 150 python3 self_forcing_rollout_gpu.py --kv-format int4 --frames 960 --reps 2 --kernel gluon --profile \
     --json "$OUT/sf960_gluon.json"
-  step 90 python3 self_forcing_rollout_gpu.py --kv-format int4 --frames 960 --reps 2 --kernel triton --json "$OUT/sf960_lang.json"
+  # issue 38: LongLive's class again under the current layer cap (carry .theirs/)
+  [ -d ../.theirs ] && step 100 python3 their_models_gpu.py --theirs ../.theirs --child-timeout 95 \
+    --only LongLive --json "$OUT/their_models_longlive.json"
+  [ -n "${LANG_ROW:-}" ] && step 90 python3 self_forcing_rollout_gpu.py --kv-format int4 --frames 960 --reps 2 \
+    --kernel triton --json "$OUT/sf960_lang.json"
 elif [ "$1" = next ]; then  # issue 38 (ask for an H200: its 30-layer tables are on one; an H100
   # holds 10 layers of the codebases table). LongLive's row (1.05x) ran with 30 layers at 69 of
   # 80 GB (the layer cap before both caches were counted): again under the current cap
