@@ -13,8 +13,9 @@
 #                                  # branch, their model classes (ran 2026-12-07, H100)
 #   benchmarks/pending_gpu.sh words # the word-level decoders beside the byte-wise ones (ran)
 #   benchmarks/pending_gpu.sh decode # issue 36: the Gluon kernel's floor and switches, the
-#                                  # quantized kernels' GPU tests, the 4-minute int4 chunk profiled
-#                                  # with the Gluon kernel and the Triton-language one
+#                                  # Hopper kernels' GPU tests; issue 38: the codebases at 30
+#                                  # layers, LongLive's class; FULL=1: the 4-minute int4 chunk
+#                                  # profiled with the Gluon kernel and the Triton-language one
 #   benchmarks/pending_gpu.sh next # issue 38: LongLive's model class again, the codebases at 30
 #                                  # layers (an H200), Rolling Forcing and Self-Forcing's classes
 #                                  # (carry .theirs/)
@@ -71,20 +72,23 @@ elif [ "$1" = words ]; then  # the word-level decoders beside the byte-wise ones
   step 75 env OMNIMEM_DECODE_WORDS=0 python3 kv_formats_gpu.py --quick --json "$OUT/kvfmt_bytes.json"
   cd ..
   step 90 python3 -m pytest -q -p no:cacheprovider -n 16 --tb=short -rf tests/test_kernels.py -k "hopper and int4"
-elif [ "$1" = decode ]; then  # issue 36 first (an H200): the Gluon kernel's floor beside its
-  # decoders and switches (early operands, int4's deeper code ring), bf16 with two stages, the
-  # quantized kernels' GPU tests (the fma subtract's first GPU run; poisoned allocations), the
-  # 4-minute chunk
+elif [ "$1" = decode ]; then  # one call while machines are scarce (ask for an H200): issue 36's
+  # kernel rows (the Gluon kernel's floor and switches: early operands, int4's deeper code
+  # ring; bf16 with two stages), the Hopper kernels' GPU tests (the fma subtract's first GPU
+  # run; poisoned allocations), issue 38's codebases at 30 layers and LongLive's class again
+  # (carry .theirs/); then, with time left (FULL=1), the 4-minute int4 chunk profiled
   step 150 python3 kv_formats_gpu.py --quick --json "$OUT/kvfmt_floor.json"
   cd ..
   step 100 python3 -m pytest -q -p no:cacheprovider -n 16 --tb=short -rf tests/test_kernels.py -k "hopper"
   cd benchmarks
-  step 150 python3 self_forcing_rollout_gpu.py --kv-format int4 --frames 960 --reps 2 --kernel gluon --profile \
-    --json "$OUT/sf960_gluon.json"
-  # issue 38: LongLive's class again under the current layer cap (carry .theirs/)
+  layers=$(python3 -c 'import torch; print(30 if torch.cuda.get_device_properties(0).total_memory > 120e9 else 10)')
+  step 200 python3 codebases_gpu.py --layers "$layers" --only LongLive "Rolling Forcing" LongLive-2.0 \
+    Self-Forcing CausVid --json "$OUT/codebases.json"
   [ -d ../.theirs ] && step 100 python3 their_models_gpu.py --theirs ../.theirs --child-timeout 95 \
     --only LongLive --json "$OUT/their_models_longlive.json"
-  [ -n "${LANG_ROW:-}" ] && step 90 python3 self_forcing_rollout_gpu.py --kv-format int4 --frames 960 --reps 2 \
+  [ -n "${FULL:-}" ] && step 150 python3 self_forcing_rollout_gpu.py --kv-format int4 --frames 960 --reps 2 \
+    --kernel gluon --profile --json "$OUT/sf960_gluon.json"
+  [ -n "${FULL:-}" ] && step 90 python3 self_forcing_rollout_gpu.py --kv-format int4 --frames 960 --reps 2 \
     --kernel triton --json "$OUT/sf960_lang.json"
 elif [ "$1" = next ]; then  # issue 38 (ask for an H200: its 30-layer tables are on one; an H100
   # holds 10 layers of the codebases table). LongLive's row (1.05x) ran with 30 layers at 69 of
