@@ -36,6 +36,7 @@ import dataclasses
 import datetime
 import gc
 import json
+import statistics
 import sys
 from pathlib import Path
 
@@ -151,16 +152,23 @@ def measure(name: str, spec: Codebase, args, device, dtype) -> dict:
 
     row = dict(codebase=name, layers=args.layers, history_frames=history_frames, history=history,
                chunk_tokens=chunk_tokens, forwards=len(calls))  # fmt: skip
-    for label, attention_for in (
-        ("theirs", their_attention),
-        ("omnimem", lambda cache, _spec, start: omnimem_attention(cache, start)),
-    ):
-        if device.type == "cuda":
-            torch.cuda.reset_peak_memory_stats()
-        row[f"{label}_ms"] = per_chunk_ms(lambda a=attention_for: step(a), args.reps)
-        row[f"{label}_peak_gib"] = peak_gib()
-        for cache in caches:  # their writes past the history: forget them
-            cache.rewind(history)
+    sides = dict(theirs=their_attention, omnimem=lambda cache, _spec, start: omnimem_attention(cache, start))
+    times: dict[str, list[float]] = {label: [] for label in sides}
+    # Interleaved, theirs then omnimem each round (the first a warm-up), so that both sides see
+    # the same clocks and allocator: one side timed after the other drifted by up to 35% on
+    # 2026-12-07 (the same omnimem work 14.5 and 10.7 ms a layer in one run).
+    for rep in range(args.reps + 1):
+        for label, attention_for in sides.items():
+            if device.type == "cuda":
+                torch.cuda.reset_peak_memory_stats()
+            ms = per_chunk_ms(lambda a=attention_for: step(a), 1, warm_up=False)
+            if rep:
+                times[label].append(ms)
+                row[f"{label}_peak_gib"] = peak_gib()
+            for cache in caches:  # their writes past the history: forget them
+                cache.rewind(history)
+    for label, samples in times.items():
+        row[f"{label}_ms"] = statistics.median(samples)
     row["omnimem_vs_theirs"] = row["omnimem_ms"] / row["theirs_ms"]
     caches.clear()  # free this codebase's history before the next one's
     blocks.clear()
@@ -173,7 +181,7 @@ def measure(name: str, spec: Codebase, args, device, dtype) -> dict:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--layers", type=int, default=10)
-    parser.add_argument("--reps", type=int, default=2)
+    parser.add_argument("--reps", type=int, default=3)
     parser.add_argument("--only", nargs="+", choices=list(CODEBASES), default=list(CODEBASES))
     parser.add_argument("--smoke", action="store_true")
     parser.add_argument("--json", default=None)

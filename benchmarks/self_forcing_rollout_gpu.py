@@ -49,8 +49,9 @@ from wan_block import WanBlock, rope_tables
 FRAME, CHUNK, LAYERS, TEXT, WINDOW = 1560, 3 * 1560, 30, 512, 32760
 
 
-def per_chunk_ms(run, reps: int) -> float:
-    run()  # warm-up: kernels compiled, caches touched
+def per_chunk_ms(run, reps: int, warm_up: bool = True) -> float:
+    if warm_up:
+        run()  # kernels compiled, caches touched
     times = []
     for _ in range(reps):
         if torch.cuda.is_available():
