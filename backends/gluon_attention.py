@@ -56,11 +56,9 @@ BLOCK_N = 128  # keys per stage
 # into the stages without decoding them. Never set outside the benchmark.
 FLOOR_COPY = False
 # The producer reads a code tile's table entry and scales before it waits for the tile's stage
-# (their global latency then overlaps the consumers' work); False: after, as before 2026-12-07.
+# (their global latency then overlaps the consumers' work): the 4-minute int4 chunk 428 ms
+# against 479 (H100, docs/memory.md). False: after, as before; kept for that side-by-side.
 EARLY_OPERANDS = True
-# Code stages (the producer's prefetch ring of code tiles) per format: fp8 fills shared memory
-# with 2; int4's quarter-size tiles leave room for 4 (224.5 KiB).
-CODE_STAGES = {"fp8": 2, "int4": 2}
 # A split tile is cut into at most this many parts: each cut costs a merge (a wait and a
 # reload of the partial output) on the critical path.
 MAX_SPLITS = 4
@@ -918,7 +916,6 @@ def scattered_attention(
         scale * 1.4426950408889634, num_q_tiles, num_tiles - num_split_tiles, splits, *quantized,
         BLOCK_SIZE=block_size, STAGES=stages, WRITE_LSE=return_lse,
         QUANT=_quant_code(store), EARLY=EARLY_OPERANDS,
-        CSTAGES=2 if store is None else CODE_STAGES[store.kv_format],
         **(THIRD_PARTITION["native" if store is None else "quantized"]), num_warps=4, maxnreg=168,
     )  # fmt: skip
     return out, (lse if return_lse else None)

@@ -42,7 +42,6 @@ VARIANTS = [
     dict(kernel="gluon", floor_copy=True),
     # the producer's global reads after the stage wait (as before 2026-12-07)
     dict(kernel="gluon", early_operands=False),
-    dict(kernel="gluon", code_stages={"fp8": 2, "int4": 4}),  # int4: a deeper code ring
     dict(block_n=64),
     dict(num_stages=2),
     dict(block_m=64, num_warps=4),
@@ -148,7 +147,7 @@ def main() -> None:
     )
     args = parser.parse_args()
     if args.quick:
-        VARIANTS[6:] = []
+        VARIANTS[5:] = []
     rows = [run_shape(args.heads, h, args.top_k, args.chunk_tokens) for h in args.histories]
     result = dict(environment=environment(), rows=rows)
     if args.json:
