@@ -37,27 +37,35 @@ def test_backends_write_every_output_entry(backend, query_group_size, request):
     torch.testing.assert_close(poisoned_lse, lse, atol=0, rtol=0)
 
 
+@pytest.mark.parametrize(
+    ("kv_format", "offload"),
+    [("native", False), ("fp8", False), ("fp8", True), ("int4", False), ("int4", True)],
+    ids=["native", "fp8", "fp8-offloaded", "int4", "int4-offloaded"],
+)
 @pytest.mark.parametrize("backend", ["dense", "gather", "triton"])
-def test_a_cache_rollout_under_poisoned_allocations_equals_a_clean_one(backend, request):
-    """attend / attend_at / commit / rewind with every allocation poisoned: the same outputs."""
+def test_a_cache_rollout_under_poisoned_allocations_equals_a_clean_one(backend, kv_format, offload, request):
+    """attend_at (rewrites, commits over partial blocks) and rewind with every allocation
+    poisoned: the same outputs. Quantized: the code and scale buffers, the offloaded store's
+    staged blocks and the kernels' outputs too."""
 
     def rollout():
         config = OmniMemConfig(block_size=4, top_k=2, sink_tokens=4, local_tokens=4, backend=backend)
-        cache = OmniMemCache(48, max_chunk_tokens=8, batch=1, num_kv_heads=2, head_dim=16, config=config,
-                             device=TEST_DEVICE)  # fmt: skip
+        cache = OmniMemCache(48, max_chunk_tokens=6, batch=1, num_kv_heads=2, head_dim=16, config=config,
+                             kv_format=kv_format, offload=offload, device=TEST_DEVICE)  # fmt: skip
         gen = torch.Generator().manual_seed(0)
         outs = []
-        for start in (0, 0, 8, 8, 16):
-            q, k, v = (torch.randn(1, 2, 8, 16, generator=gen).to(TEST_DEVICE) for _ in range(3))
+        for start in (0, 0, 6, 12, 12, 18, 24):
+            q, k, v = (torch.randn(1, 2, 6, 16, generator=gen).to(TEST_DEVICE) for _ in range(3))
             outs.append(cache.attend_at(q, k, v, start=start))
-        cache.rewind(12)
-        q, k, v = (torch.randn(1, 2, 8, 16, generator=gen).to(TEST_DEVICE) for _ in range(3))
+        cache.rewind(12)  # a block boundary: a quantized block cannot be cut
+        q, k, v = (torch.randn(1, 2, 6, 16, generator=gen).to(TEST_DEVICE) for _ in range(3))
         outs.append(cache.attend_at(q, k, v, start=12))
         return outs
 
     clean = rollout()
     request.getfixturevalue("poisoned_allocations")
     for got, want in zip(rollout(), clean, strict=True):
+        assert not got.isnan().any()
         torch.testing.assert_close(got, want, atol=0, rtol=0)
 
 
@@ -115,34 +123,3 @@ def test_flex_on_cpu_ignores_unattended_values(query_group_size, compiled):
     assert not got.isnan().any()
     torch.testing.assert_close(got, out, atol=0, rtol=0)
     torch.testing.assert_close(got_lse, lse, atol=0, rtol=0)
-
-
-@pytest.mark.parametrize("offload", [False, True], ids=["resident", "offloaded"])
-@pytest.mark.parametrize("kv_format", ["fp8", "int4"])
-@pytest.mark.parametrize("backend", ["dense", "gather", "triton"])
-def test_a_quantized_rollout_under_poisoned_allocations_equals_a_clean_one(
-    backend, kv_format, offload, request
-):
-    """A quantized history (its code and scale buffers, the staged blocks of the offloaded
-    store, the kernels' outputs) under poisoned allocations: the same outputs as clean, with
-    partial blocks and a rewind."""
-
-    def rollout():
-        config = OmniMemConfig(block_size=4, top_k=2, sink_tokens=4, local_tokens=4, backend=backend)
-        cache = OmniMemCache(48, max_chunk_tokens=6, batch=1, num_kv_heads=2, head_dim=16, config=config,
-                             kv_format=kv_format, offload=offload, device=TEST_DEVICE)  # fmt: skip
-        gen = torch.Generator().manual_seed(0)
-        outs = []
-        for start in (0, 6, 12, 18, 24):
-            q, k, v = (torch.randn(1, 2, 6, 16, generator=gen).to(TEST_DEVICE) for _ in range(3))
-            outs.append(cache.attend_at(q, k, v, start=start))
-        cache.rewind(12)  # a quantized block cannot be cut: back to a boundary
-        q, k, v = (torch.randn(1, 2, 6, 16, generator=gen).to(TEST_DEVICE) for _ in range(3))
-        outs.append(cache.attend_at(q, k, v, start=12))
-        return outs
-
-    clean = rollout()
-    request.getfixturevalue("poisoned_allocations")
-    for got, want in zip(rollout(), clean, strict=True):
-        assert not got.isnan().any()
-        torch.testing.assert_close(got, want, atol=0, rtol=0)
