@@ -10,7 +10,8 @@ cost). Timed with ``triton.testing.do_bench`` (median): the bf16 run step
 (``triton_backend.forward``, on Hopper the Gluon kernel) and the quantized kernel per format and
 tile configuration; beside them the Triton-language kernel on the bf16 history, the same kernel
 the quantized formats run (on Hopper the bf16 call runs the faster Gluon kernel). Bytes: the
-store's against the bf16 history's.
+store's against the bf16 history's. ``--dtype float16``: the same in fp16 (the "bf16" rows are
+then the native fp16 history): fp8 codes become fp16 pairs by one hardware conversion each.
 
     python benchmarks/kv_formats_gpu.py [--histories 369720] [--top-k 32] [--json out.json]
 """
@@ -55,15 +56,15 @@ SWITCHES = dict(
 DEFAULTS = {name: getattr(gluon_attention, name) for name in SWITCHES.values()}
 
 
-def run_shape(heads: int, history_len: int, top_k: int, chunk_len: int) -> dict:
-    q, k, v = make_inputs(heads, history_len, chunk_len)
+def run_shape(heads: int, history_len: int, top_k: int, chunk_len: int, dtype=torch.bfloat16) -> dict:
+    q, k, v = make_inputs(heads, history_len, chunk_len, dtype=dtype)
     scale, bs = 128**-0.5, 128
     config = OmniMemConfig(block_size=bs, top_k=top_k, sink_tokens=FRAME_TOKENS, local_tokens=chunk_len)
     history = torch.tensor(history_len, device="cuda")
     sel = select_blocks(
         q, k, history_len=history_len, config=config, key_block_sums=block_sums(k, history, bs)
     )
-    row = dict(heads=heads, history=history_len, top_k=top_k, chunk=chunk_len)
+    row = dict(heads=heads, history=history_len, top_k=top_k, chunk=chunk_len, dtype=str(dtype))
     bf16 = triton_backend.forward(
         q, k, v, sel, chunk_len=chunk_len, scale=scale, return_lse=False, config=config
     )[0]
@@ -97,9 +98,7 @@ def run_shape(heads: int, history_len: int, top_k: int, chunk_len: int) -> dict:
         tail_k, tail_v = k[:, :, whole:], v[:, :, whole:]
         result = dict(history_bytes=store.nbytes + 2 * (history_len - whole) * heads * 128 * 2)
         result["bytes_vs_bf16"] = result["history_bytes"] / row["bf16"]["history_bytes"]
-        read_k, read_v = dequantized_history(
-            store, tail_k, tail_v, history_len=history_len, dtype=torch.bfloat16
-        )
+        read_k, read_v = dequantized_history(store, tail_k, tail_v, history_len=history_len, dtype=dtype)
         want = gather_reference(q, read_k, read_v, sel, history_len, chunk_len, scale)
         del read_k, read_v
         result["variants"] = []
@@ -140,6 +139,9 @@ def main() -> None:
     parser.add_argument("--top-k", type=int, default=32)
     parser.add_argument("--chunk-tokens", type=int, default=3 * FRAME_TOKENS)
     parser.add_argument("--json", default=None)
+    # float16: fp8 codes become exact fp16 pairs by one hardware conversion each (bf16 needs five
+    # integer operations a pair): what the decode would cost with fp16 operands
+    parser.add_argument("--dtype", choices=("bfloat16", "float16"), default="bfloat16")
     parser.add_argument(
         "--quick",
         action="store_true",
@@ -148,7 +150,8 @@ def main() -> None:
     args = parser.parse_args()
     if args.quick:
         VARIANTS[5:] = []
-    rows = [run_shape(args.heads, h, args.top_k, args.chunk_tokens) for h in args.histories]
+    dtype = {"bfloat16": torch.bfloat16, "float16": torch.float16}[args.dtype]
+    rows = [run_shape(args.heads, h, args.top_k, args.chunk_tokens, dtype) for h in args.histories]
     result = dict(environment=environment(), rows=rows)
     if args.json:
         with open(args.json, "w") as f:

@@ -16,9 +16,8 @@
 #                                  # Hopper kernels' GPU tests; issue 38: the codebases at 30
 #                                  # layers, LongLive's class; FULL=1: the 4-minute int4 chunk
 #                                  # profiled with the Gluon kernel and the Triton-language one
-#   benchmarks/pending_gpu.sh next # issue 38: LongLive's model class again, the codebases at 30
-#                                  # layers (an H200), Rolling Forcing and Self-Forcing's classes
-#                                  # (carry .theirs/)
+#   benchmarks/pending_gpu.sh next # issue 38: the codebases at 30 layers (an H200), both sides
+#                                  # interleaved; issue 36: the decode with fp16 operands
 #
 # Both 36 and 37 ran on an H100 on 2026-12-07 (results in docs/memory.md, docs/positions.md).
 #
@@ -90,15 +89,15 @@ elif [ "$1" = decode ]; then  # one call while machines are scarce (ask for an H
     --kernel gluon --profile --json "$OUT/sf960_gluon.json"
   [ -n "${FULL:-}" ] && step 90 python3 self_forcing_rollout_gpu.py --kv-format int4 --frames 960 --reps 2 \
     --kernel triton --json "$OUT/sf960_lang.json"
-elif [ "$1" = next ]; then  # issue 38 (ask for an H200: its 30-layer tables are on one; an H100
-  # holds 10 layers of the codebases table). LongLive's row (1.05x) ran with 30 layers at 69 of
-  # 80 GB (the layer cap before both caches were counted): again under the current cap
-  [ -d ../.theirs ] && step 100 python3 their_models_gpu.py --theirs ../.theirs --child-timeout 95 \
-    --only LongLive --json "$OUT/their_models_longlive.json"
+elif [ "$1" = next ]; then  # what is open after 2026-12-07 (ask for an H200: issue 38's bar is on
+  # one; an H100 holds 10 layers): the codebases table with both sides interleaved (the last run
+  # timed one side after the other and drifted), then issue 36's decode with fp16 operands (fp8:
+  # one hardware conversion a pair against five integer operations in bf16) beside bf16
   layers=$(python3 -c 'import torch; print(30 if torch.cuda.get_device_properties(0).total_memory > 120e9 else 10)')
-  step 200 python3 codebases_gpu.py --layers "$layers" --json "$OUT/codebases.json"
-  [ -d ../.theirs ] && step 200 python3 their_models_gpu.py --theirs ../.theirs --child-timeout 95 \
-    --only "Rolling Forcing" Self-Forcing --json "$OUT/their_models_rf_sf.json"
+  step 260 python3 codebases_gpu.py --layers "$layers" --only LongLive "Rolling Forcing" LongLive-2.0 \
+    Self-Forcing CausVid --json "$OUT/codebases.json"
+  step 100 python3 kv_formats_gpu.py --quick --dtype float16 --json "$OUT/kvfmt_fp16.json"
+  step 90 python3 kv_formats_gpu.py --quick --json "$OUT/kvfmt_bf16.json"
 else
   echo "usage: pending_gpu.sh 36|37|now|words|decode|next" >>"$LOG"
 fi
