@@ -211,7 +211,7 @@ def _tile_reads(
 @gluon.jit
 def _decode_tile(codes_smem, out_smem, scale_ptr, min_ptr, scales, token, stride_sn, scale2, low2,
                  QUANT: gl.constexpr, IS_KEY: gl.constexpr):  # fmt: skip
-    """A code tile (store rows from ``token``, in whole block ``block``) into ``out_smem`` (the
+    """A code tile (store rows from ``token``, within a whole block) into ``out_smem`` (the
     compute dtype), a pass of ``8 x warps`` rows at a time, with integer and paired
     half-precision operations, not conversions (Hopper converts at a quarter of the FMA rate:
     docs/memory.md). fp8 (``QUANT`` 1): the exact, unscaled code values (``_fp8_words``; the
@@ -300,6 +300,7 @@ def _convert_tile(
     if QUANT == 1:
         mults.index(stage).store(first)
     mbarrier.wait(kc_ready.index(cstage), (j // CSTAGES) & 1)
+    # keys take their operands (``first``, ``second``) from the caller; the value pointers are unused
     _decode_tile(kc_smem.index(cstage), k_smem.index(stage), v_scale_ptr, v_min_ptr, v_scales, token,
                  stride_vsn, first, second, QUANT, True)  # fmt: skip
     fence_async_shared()
