@@ -366,7 +366,8 @@ def _produce_partition(
         j = it - it_begin
         stage = j % STAGES
         # The tile's global reads (table entry, then scales) before the wait for its stage
-        # (``EARLY``): their latency overlaps the consumers' work.
+        # (``EARLY``): their latency overlaps the consumers' work. (One call after an optional
+        # wait compiles to other SASS than the measured kernel: both orders are spelled out.)
         if EARLY:
             block, first, second = _tile_reads(
                 it, codes_end, table_ptr, k_scale_ptr, v_scale_ptr, k_min_ptr, v_min_ptr, k_scales, v_scales,

@@ -295,19 +295,25 @@ def store_block_tiles(kq, vq, k_scale_ptr, v_scale_ptr, k_min_ptr, v_min_ptr, k_
     return k, k_mult, v, v_mult
 
 
+def kernels_decode(kv_format: str, device: torch.device) -> bool:
+    """Whether these kernels decode ``kv_format`` on ``device``: triton converts float8 e4m3 on
+    compute capability 8.9 and later only (an opaque compile error otherwise). int4 runs on any
+    GPU triton supports; the interpreter runs both."""
+    if kv_format != "fp8" or device.type != "cuda":
+        return True
+    return torch.cuda.get_device_capability(device) >= (8, 9)
+
+
 def check_kernel_device(kv_format: str, device: torch.device) -> None:
-    """A ``ValueError`` where these kernels cannot decode ``kv_format`` on ``device``: triton
-    converts float8 e4m3 on compute capability 8.9 and later only (an opaque compile error
-    otherwise). int4 runs on any GPU triton supports; the interpreter runs both."""
-    if kv_format == "fp8" and device.type == "cuda":
+    """A ``ValueError`` where ``kernels_decode`` is false, naming what works instead."""
+    if not kernels_decode(kv_format, device):
         capability = torch.cuda.get_device_capability(device)
-        if capability < (8, 9):
-            raise ValueError(
-                f"kv_format='fp8' on the triton backend needs a GPU of compute capability 8.9 or later "
-                f"(triton's float8 e4m3); {torch.cuda.get_device_name(device)} is "
-                f"{capability[0]}.{capability[1]}: use kv_format='int4', or backend='gather' or 'dense' "
-                f"(they dequantize with torch)"
-            )
+        raise ValueError(
+            f"kv_format='fp8' on the triton backend needs a GPU of compute capability 8.9 or later "
+            f"(triton's float8 e4m3); {torch.cuda.get_device_name(device)} is "
+            f"{capability[0]}.{capability[1]}: use kv_format='int4', or backend='gather' or 'dense' "
+            f"(they dequantize with torch)"
+        )
 
 
 def store_arguments(store, fallback, live_first: int = 0) -> dict:

@@ -41,15 +41,13 @@ def resolve_gated_backend(
     """``"triton"`` or ``"gather"``: ``"auto"`` takes the kernels on CUDA devices, except for an
     fp8 history on a GPU whose triton has no float8 e4m3 (compute capability before 8.9), which
     ``"gather"`` dequantizes with torch; ``"triton"`` named there is a ``ValueError``."""
-    from omnimem.backends.quantized_tiles import check_kernel_device
+    from omnimem.backends.quantized_tiles import check_kernel_device, kernels_decode
 
     interpreted = os.environ.get("TRITON_INTERPRET") == "1"
     if config.backend == "auto":
         if device.type != "cuda":
             return "gather"
-        try:
-            check_kernel_device(kv_format, device)
-        except ValueError:
+        if not kernels_decode(kv_format, device):
             _log_fp8_fallback(torch.cuda.get_device_name(device))
             return "gather"
         return "triton"

@@ -406,7 +406,8 @@ class QuantizedHistory(HostOffload):
     def attend(self, cache, q: torch.Tensor, k_chunk: torch.Tensor, v_chunk: torch.Tensor, return_lse: bool):
         from omnimem.backends.quantized_tiles import check_kernel_device
 
-        if reads_in_place(cache, q):  # a GPU the kernels cannot decode on: refused before the write
+        in_place = reads_in_place(cache, q)
+        if in_place:  # a GPU the kernels cannot decode on: refused before the write
             check_kernel_device(cache.kv_format, q.device)
         history_len, chunk_len = cache.history_len, k_chunk.shape[2]
         partial = history_len % self.block_size
@@ -415,7 +416,7 @@ class QuantizedHistory(HostOffload):
         tail_v[:, :, partial:] = v_chunk
         selection = cache.selection(q)
         relative = cache.positions is not None  # keys rotated in time per call
-        if not self.HOST and reads_in_place(cache, q):
+        if not self.HOST and in_place:
             # The kernel reads the store in place; with relative positions it rotates each key
             # tile in time after decoding it.
             key_rotation = None
