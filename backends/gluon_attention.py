@@ -42,6 +42,7 @@ from omnimem.backends.quantized_tiles import FP8_WORD_BF16, FP8_WORD_FP16, INT4_
 # Gluon is experimental: later tritons (3.9, CI's) renamed these; 3.6 (the device image's) has the old names.
 _tma_load = tma.async_load if hasattr(tma, "async_load") else tma.async_copy_global_to_shared
 _cta_barrier = gl.thread_barrier if hasattr(gl, "thread_barrier") else gl.barrier
+_NEW_REINTERPRET = gl.constexpr(hasattr(gl.shared_memory_descriptor, "reinterpret"))  # 3.6: `_reinterpret`
 
 # The third warpgroup (``_produce_partition``): the loader warp (beside padding) or the producer. Registers a
 # thread of the worker consumer warpgroup and of the third; the default warpgroup gets what they
@@ -59,6 +60,12 @@ FLOOR_COPY = False
 # (their global latency then overlaps the consumers' work): the 4-minute int4 chunk 428 ms
 # against 479 (H100, docs/memory.md). False: after, as before; kept for that side-by-side.
 EARLY_OPERANDS = True
+# fp8 key tiles enter the tensor cores as stored (``KEY_MMA8``): the consumers multiply them by
+# their queries in e4m3 (one scale a query row, ``quantized_attention.fp8_queries``), so keys
+# need no decode and their products run at the fp8 rate; values are decoded as before. It costs
+# accuracy: 1.83% against the bf16 cache instead of 1.50% (emulated, docs/memory.md), within
+# issue 36's 2%. Compiled for sm_90 in CI, not yet run on a GPU: off until measured.
+FP8_KEY_PRODUCTS = False
 # A split tile is cut into at most this many parts: each cut costs a merge (a wait and a
 # reload of the partial output) on the critical path.
 MAX_SPLITS = 4
@@ -284,28 +291,33 @@ def _load_native(
 def _convert_tile(
     it, j, block, first, second, kc_smem, vc_smem, k_smem, v_smem, kc_ready, vc_ready, k_ready, v_ready,
     v_scale_ptr, v_min_ptr, v_scales, stride_vsn, mults, BLOCK_SIZE: gl.constexpr, QUANT: gl.constexpr,
+    KEY_MMA8: gl.constexpr,
 ):  # fmt: skip
     """Code tile ``it`` (the ``j``-th of its part; of block ``block``, with ``_tile_operands``'
     ``first`` and ``second``) from its code stage into its stage of the ring (free: the caller
     waited), keys then values, each announced to the consumers once every thread's writes are
     visible to the tensor cores (async proxy). ``QUANT`` 1: the block's key and value scales go
-    to the stage's ``mults`` before the keys are announced."""
+    to the stage's ``mults`` before the keys are announced. ``KEY_MMA8``: values only (the
+    caller's ``_load_key_codes`` brought the keys and their scales)."""
     STAGES: gl.constexpr = k_smem.type.shape[0]
-    CSTAGES: gl.constexpr = kc_smem.type.shape[0]
+    CSTAGES: gl.constexpr = vc_smem.type.shape[0]
     KV_N: gl.constexpr = k_smem.type.shape[1]
     SUBS: gl.constexpr = BLOCK_SIZE // KV_N
     stage = j % STAGES
     cstage = j % CSTAGES
     token = block * BLOCK_SIZE + (it % SUBS) * KV_N  # the tile's first row in the store
-    if QUANT == 1:
-        mults.index(stage).store(first)
-    mbarrier.wait(kc_ready.index(cstage), (j // CSTAGES) & 1)
-    # keys take their operands (``first``, ``second``) from the caller; the value pointers are unused
-    _decode_tile(kc_smem.index(cstage), k_smem.index(stage), v_scale_ptr, v_min_ptr, v_scales, token,
-                 stride_vsn, first, second, QUANT, True)  # fmt: skip
-    fence_async_shared()
-    _cta_barrier()
-    mbarrier.arrive(k_ready.index(stage), count=1)
+    if KEY_MMA8:
+        pass
+    else:
+        if QUANT == 1:
+            mults.index(stage).store(first)
+        mbarrier.wait(kc_ready.index(cstage), (j // CSTAGES) & 1)
+        # keys take their operands (``first``, ``second``) from the caller; the value pointers are unused
+        _decode_tile(kc_smem.index(cstage), k_smem.index(stage), v_scale_ptr, v_min_ptr, v_scales, token,
+                     stride_vsn, first, second, QUANT, True)  # fmt: skip
+        fence_async_shared()
+        _cta_barrier()
+        mbarrier.arrive(k_ready.index(stage), count=1)
     mbarrier.wait(vc_ready.index(cstage), (j // CSTAGES) & 1)
     _decode_tile(vc_smem.index(cstage), v_smem.index(stage), v_scale_ptr, v_min_ptr, v_scales, token,
                  stride_vsn, first, second, QUANT, False)  # fmt: skip
@@ -317,17 +329,50 @@ def _convert_tile(
 @gluon.jit
 def _load_codes(
     it, cstage, kc_desc, vc_desc, kc_smem, vc_smem, kc_ready, vc_ready, table_ptr, codes_row, codes_col,
-    BLOCK_SIZE: gl.constexpr,
+    BLOCK_SIZE: gl.constexpr, KEY_MMA8: gl.constexpr,
 ):  # fmt: skip
-    """The code bytes of key tile ``it`` (of a whole block) into code stage ``cstage``."""
-    KV_N: gl.constexpr = kc_smem.type.shape[1]
+    """The code bytes of key tile ``it`` (of a whole block) into code stage ``cstage``
+    (``KEY_MMA8``: its values' only; ``_load_key_codes`` brings the keys)."""
+    KV_N: gl.constexpr = vc_smem.type.shape[1]
     SUBS: gl.constexpr = BLOCK_SIZE // KV_N
     block = gl.load(table_ptr + it // SUBS).to(gl.int32)
     start = block * BLOCK_SIZE + (it % SUBS) * KV_N
-    mbarrier.expect(kc_ready.index(cstage), kc_desc.block_type.nbytes)
-    _tma_load(kc_desc, [codes_row + start, codes_col], kc_ready.index(cstage), kc_smem.index(cstage))
+    if KEY_MMA8:
+        pass
+    else:
+        mbarrier.expect(kc_ready.index(cstage), kc_desc.block_type.nbytes)
+        _tma_load(kc_desc, [codes_row + start, codes_col], kc_ready.index(cstage), kc_smem.index(cstage))
     mbarrier.expect(vc_ready.index(cstage), vc_desc.block_type.nbytes)
     _tma_load(vc_desc, [codes_row + start, codes_col], vc_ready.index(cstage), vc_smem.index(cstage))
+
+
+@gluon.jit
+def _as_codes(stage, like):
+    """A stage's shared memory read as ``like``'s dtype and layout (e4m3 key codes fill the
+    first half of a bf16 stage's bytes); the method's name differs between tritons."""
+    shape: gl.constexpr = stage.type.shape
+    if _NEW_REINTERPRET:
+        return stage.reinterpret(like.dtype, shape, like.layout)
+    else:
+        return stage._reinterpret(like.dtype, shape, like.layout)
+
+
+@gluon.jit
+def _load_key_codes(it, stage, block, first, kc_desc, k_smem, k_ready, codes_row, codes_col, mults,
+                    BLOCK_SIZE: gl.constexpr):  # fmt: skip
+    """``KEY_MMA8``: code tile ``it``'s key codes (of block ``block``) by TMA into its stage of
+    the ring (free: the caller waited), where the consumers read them as e4m3 operands (the
+    first half of the stage's bytes), and the block's key and value scales (``first``) into the
+    stage's ``mults``, written by every producer thread before the one that arms the stage's
+    barrier (its arrival releases them to the consumers' wait)."""
+    KV_N: gl.constexpr = k_smem.type.shape[1]
+    SUBS: gl.constexpr = BLOCK_SIZE // KV_N
+    mults.index(stage).store(first)
+    _cta_barrier()
+    keys = _as_codes(k_smem.index(stage), kc_desc)
+    start = block * BLOCK_SIZE + (it % SUBS) * KV_N
+    mbarrier.expect(k_ready.index(stage), kc_desc.block_type.nbytes)
+    _tma_load(kc_desc, [codes_row + start, codes_col], k_ready.index(stage), keys)
 
 
 @gluon.jit
@@ -337,7 +382,7 @@ def _produce_partition(
     table_ptr, q_row, q_col, kv_row, kv_col, codes_row, codes_col, num_hist_tiles, codes_end,
     it_begin, it_end, history_len, native_from,
     k_scale_ptr, v_scale_ptr, k_min_ptr, v_min_ptr, k_scales, v_scales, stride_ksn, stride_vsn, mults,
-    BLOCK_SIZE: gl.constexpr, QUANT: gl.constexpr, EARLY: gl.constexpr,
+    BLOCK_SIZE: gl.constexpr, QUANT: gl.constexpr, EARLY: gl.constexpr, KEY_MMA8: gl.constexpr,
 ):  # fmt: skip
     """The third warpgroup: a native history's loader warp (``_load_partition``), or a
     quantized history's producer, the loader's work and the converter's in one partition, so
@@ -353,12 +398,12 @@ def _produce_partition(
         )  # fmt: skip
         return
     STAGES: gl.constexpr = k_smem.type.shape[0]
-    CSTAGES: gl.constexpr = kc_smem.type.shape[0]
     _load_queries(q_desc, q_smem, q_bar, q_row, q_col, it_end > it_begin)
+    CSTAGES: gl.constexpr = vc_smem.type.shape[0]
     for c in gl.static_range(CSTAGES):
         if it_begin + c < codes_end:
             _load_codes(it_begin + c, c, kc_desc, vc_desc, kc_smem, vc_smem, kc_ready, vc_ready, table_ptr,
-                        codes_row, codes_col, BLOCK_SIZE)  # fmt: skip
+                        codes_row, codes_col, BLOCK_SIZE, KEY_MMA8)  # fmt: skip
     SUBS: gl.constexpr = BLOCK_SIZE // k_smem.type.shape[1]
     dtype: gl.constexpr = k_smem.dtype
     HEAD_DIM: gl.constexpr = k_smem.type.shape[2]
@@ -381,14 +426,17 @@ def _produce_partition(
                 stride_ksn, stride_vsn, dtype, HEAD_DIM, SUBS, QUANT,
             )  # fmt: skip
         if it < codes_end:
+            if KEY_MMA8:
+                _load_key_codes(it, stage, block, first, kc_desc, k_smem, k_ready, codes_row, codes_col,
+                                mults, BLOCK_SIZE)  # fmt: skip
             _convert_tile(
                 it, j, block, first, second, kc_smem, vc_smem, k_smem, v_smem, kc_ready, vc_ready, k_ready,
-                v_ready, v_scale_ptr, v_min_ptr, v_scales, stride_vsn, mults, BLOCK_SIZE, QUANT,
+                v_ready, v_scale_ptr, v_min_ptr, v_scales, stride_vsn, mults, BLOCK_SIZE, QUANT, KEY_MMA8,
             )  # fmt: skip
             # Its fence ordered this code stage's reads before the TMA that refills it.
             if it + CSTAGES < codes_end:
                 _load_codes(it + CSTAGES, j % CSTAGES, kc_desc, vc_desc, kc_smem, vc_smem, kc_ready, vc_ready,
-                            table_ptr, codes_row, codes_col, BLOCK_SIZE)  # fmt: skip
+                            table_ptr, codes_row, codes_col, BLOCK_SIZE, KEY_MMA8)  # fmt: skip
         else:
             _load_native(it, stage, k_desc, v_desc, k_smem, v_smem, k_ready, v_ready, table_ptr, kv_row,
                          kv_col, num_hist_tiles, history_len, native_from, BLOCK_SIZE)  # fmt: skip
@@ -408,9 +456,10 @@ def _tile_limit(it, num_hist_tiles, last_block_tile, hist_end, chunk_end, KV_N: 
 
 
 @gluon.constexpr_function
-def _wgmma_layout(n):
-    """Accumulator layout of one warpgroup's ``[64, n]`` wgmma tile."""
-    return gl.NVMMADistributedLayout(version=[3, 0], warps_per_cta=[4, 1], instr_shape=[16, n, 16])
+def _wgmma_layout(n, k=16):
+    """Accumulator layout of one warpgroup's ``[64, n]`` wgmma tile (``k``: the instruction's
+    depth, 32 for e4m3 operands; the registers hold the same elements either way)."""
+    return gl.NVMMADistributedLayout(version=[3, 0], warps_per_cta=[4, 1], instr_shape=[16, n, k])
 
 
 @gluon.constexpr_function
@@ -436,16 +485,100 @@ def _tile_mults(mults, stage, coded, qk_scale, QUANT: gl.constexpr):
 
 
 @gluon.jit
+def _fp8_queries(q, q8, s_layout: gl.constexpr):
+    """``KEY_MMA8``: a warpgroup's queries ``q`` (shared memory) into ``q8`` as e4m3 with one
+    scale a row (``amax / 448``; ``quantized_attention.fp8_queries`` is the twin), visible to the
+    tensor cores; returns the rows' scales in the scores' row layout."""
+    HEAD_DIM: gl.constexpr = q.type.shape[1]
+    layout: gl.constexpr = gl.BlockedLayout([1, 16], [32 // (HEAD_DIM // 16), HEAD_DIM // 16], [4, 1], [1, 0])
+    x = q.load(layout).to(gl.float32)
+    amax = gl.max(gl.abs(x), 1)
+    amax = gl.where(amax > 0, amax, 448.0)  # an all-zero row (padding): scale 1
+    q8.store((x * (448.0 / amax)[:, None]).to(q8.dtype))
+    fence_async_shared()
+    _cta_barrier()
+    return gl.convert_layout(amax / 448.0, gl.SliceLayout(1, s_layout))
+
+
+@gluon.jit
+def _keys_operand(k_smem, stage, q, CODES: gl.constexpr):
+    """Stage ``stage``'s keys as the tensor cores read them: ``CODES``, the first half of its
+    bytes as e4m3 codes (``_load_key_codes``) in the layout of ``q``, the e4m3 queries; else as stored."""
+    keys = _as_codes(k_smem.index(stage), q) if CODES else k_smem.index(stage)
+    return keys.permute((1, 0))
+
+
+@gluon.jit
+def _rows(s, qk, PER_ROW: gl.constexpr):
+    """Scores times ``qk``: a scalar, or (``PER_ROW``) one factor a query row."""
+    if PER_ROW:
+        return s * qk[:, None]
+    else:
+        return s * qk
+
+
+@gluon.jit
+def _attend_step(
+    j, q, k_smem, v_smem, k_ready, v_ready, kv_empty, mults, m_i, l_i, acc, p_op, cols, s_zero,
+    num_hist_tiles, it_begin, last_block_tile, hist_end, chunk_end, qk_scale, q_rows, codes_end,
+    QUANT: gl.constexpr, CODES: gl.constexpr, KEY_MMA8: gl.constexpr,
+):  # fmt: skip
+    """Key tile ``j`` of the part (``j >= 1``): its scores, issued while tile ``j - 1``'s PV runs,
+    then its online-softmax update; returns ``(m_i, l_i, acc, p_op)``. ``CODES`` (``KEY_MMA8``
+    only): an fp8 code tile, whose keys ``q`` (e4m3) multiplies as stored, its scores scaled by
+    ``q_rows`` a row."""
+    STAGES: gl.constexpr = k_smem.type.shape[0]
+    KV_N: gl.constexpr = k_smem.type.shape[1]
+    HALF: gl.constexpr = acc.type.shape[0]
+    s_layout: gl.constexpr = _wgmma_layout(KV_N)
+    o_rows: gl.constexpr = gl.SliceLayout(1, acc.type.layout)
+    p_layout: gl.constexpr = p_op.type.layout
+    dtype: gl.constexpr = v_smem.dtype
+    if CODES:
+        s_zero = gl.zeros([HALF, KV_N], gl.float32, _wgmma_layout(KV_N, 32))
+    stage = j % STAGES
+    prev = (j - 1) % STAGES
+    mbarrier.wait(k_ready.index(stage), (j // STAGES) & 1)
+    s_tok = warpgroup_mma(q, _keys_operand(k_smem, stage, q, CODES), s_zero, use_acc=False, is_async=True)
+    mbarrier.wait(v_ready.index(prev), ((j - 1) // STAGES) & 1)
+    acc_tok = warpgroup_mma(p_op, v_smem.index(prev), acc, is_async=True)
+    qk, v_log2, v_inv = _tile_mults(mults, stage, it_begin + j < codes_end, qk_scale, QUANT)
+    if CODES:
+        qk = qk * q_rows
+    # The scores are ready while the previous tile's PV still runs (wgmma groups retire in order).
+    s = gl.convert_layout(warpgroup_mma_wait(1, deps=(s_tok,)), s_layout)
+    limit = _tile_limit(it_begin + j, num_hist_tiles, last_block_tile, hist_end, chunk_end, KV_N)
+    if limit < KV_N:
+        s = gl.where(cols[None, :] < limit, s, float("-inf"))
+    m_new = gl.maximum(m_i, gl.max(s, 1) * qk)
+    alpha = gl.exp2(m_i - m_new)
+    if QUANT == 1:
+        p = gl.exp2(_rows(s, qk, CODES) - (m_new - v_log2)[:, None])
+        l_i = l_i * alpha + gl.sum(p, 1) * v_inv
+    else:
+        p = gl.exp2(s * qk - m_new[:, None])
+        l_i = l_i * alpha + gl.sum(p, 1)
+    m_i = m_new
+    acc, p_op = warpgroup_mma_wait(0, deps=(acc_tok, p_op))
+    mbarrier.arrive(kv_empty.index(prev), count=1)
+    acc = acc * gl.convert_layout(alpha, o_rows)[:, None]
+    p_op = gl.convert_layout(p.to(dtype), p_layout)
+    return m_i, l_i, acc, p_op
+
+
+@gluon.jit
 def _attend_tiles(
     q_smem, k_smem, v_smem, q_bar, k_ready, v_ready, kv_empty,
     num_hist_tiles, it_begin, it_end, last_block_tile, hist_end, chunk_end, qk_scale, mults, codes_end,
-    WG: gl.constexpr, QUANT: gl.constexpr,
+    q8_smem, WG: gl.constexpr, QUANT: gl.constexpr, KEY_MMA8: gl.constexpr,
 ):  # fmt: skip
     """``(m, l, acc)`` of one warpgroup's 64 query rows over key tiles ``[it_begin, it_end)``
     (not empty): scores in base 2, ``acc`` unnormalized. ``QUANT`` 1: code tiles (before
     ``codes_end``) hold unscaled fp8 values; their block's key and value scales, left by the
     producer in ``mults`` beside the stage, multiply the scores and the probabilities
-    (``_tile_mults``)."""
+    (``_tile_mults``). ``KEY_MMA8``: a code tile's keys are e4m3 codes, multiplied by the
+    queries in e4m3 (``_fp8_queries``, into ``q8_smem``); the code tiles come first in a part,
+    so they take a loop of their own."""
     STAGES: gl.constexpr = k_smem.type.shape[0]
     KV_N: gl.constexpr = k_smem.type.shape[1]
     HEAD_DIM: gl.constexpr = k_smem.type.shape[2]
@@ -453,26 +586,42 @@ def _attend_tiles(
     s_layout: gl.constexpr = _wgmma_layout(KV_N)
     o_layout: gl.constexpr = _wgmma_layout(HEAD_DIM)
     p_layout: gl.constexpr = gl.DotOperandLayout(operand_index=0, parent=o_layout, k_width=2)
-    o_rows: gl.constexpr = gl.SliceLayout(1, o_layout)
     dtype: gl.constexpr = k_smem.dtype
     cols = gl.arange(0, KV_N, layout=gl.SliceLayout(0, s_layout))
     s_zero = gl.zeros([HALF, KV_N], gl.float32, s_layout)
 
     mbarrier.wait(q_bar, 0)
     q = q_smem.index(WG)
+    if KEY_MMA8:
+        q8 = q8_smem.index(WG)
+        q_rows = _fp8_queries(q, q8, s_layout)
+    else:  # unused stand-ins
+        q8 = q
+        q_rows = qk_scale
 
     # The first key tile, peeled: it starts the running max. A finite floor keeps rows whose
     # tiles so far were all masked (a split part can start on an empty sub-tile) free of inf - inf.
     mbarrier.wait(k_ready.index(0), 0)
-    s_tok = warpgroup_mma(q, k_smem.index(0).permute((1, 0)), s_zero, use_acc=False, is_async=True)
-    qk, v_log2, v_inv = _tile_mults(mults, 0, it_begin < codes_end, qk_scale, QUANT)
-    s = warpgroup_mma_wait(0, deps=(s_tok,))
+    if KEY_MMA8:
+        coded = it_begin < codes_end
+        if coded:
+            s8_zero = gl.zeros([HALF, KV_N], gl.float32, _wgmma_layout(KV_N, 32))
+            s8 = warpgroup_mma(q8, _keys_operand(k_smem, 0, q8, True), s8_zero, use_acc=False)
+            s = gl.convert_layout(s8, s_layout)
+        else:
+            s = warpgroup_mma(q, _keys_operand(k_smem, 0, q, False), s_zero, use_acc=False)
+        qk, v_log2, v_inv = _tile_mults(mults, 0, coded, qk_scale, QUANT)
+        qk = qk * gl.where(coded, q_rows, 1.0)
+    else:
+        s_tok = warpgroup_mma(q, k_smem.index(0).permute((1, 0)), s_zero, use_acc=False, is_async=True)
+        qk, v_log2, v_inv = _tile_mults(mults, 0, it_begin < codes_end, qk_scale, QUANT)
+        s = warpgroup_mma_wait(0, deps=(s_tok,))
     limit = _tile_limit(it_begin, num_hist_tiles, last_block_tile, hist_end, chunk_end, KV_N)
     if limit < KV_N:
         s = gl.where(cols[None, :] < limit, s, float("-inf"))
     m_i = gl.maximum(gl.max(s, 1) * qk, -1.0e30)
     if QUANT == 1:  # p times the value scale, its sum without
-        p = gl.exp2(s * qk - (m_i - v_log2)[:, None])
+        p = gl.exp2(_rows(s, qk, KEY_MMA8) - (m_i - v_log2)[:, None])
         l_i = gl.sum(p, 1) * v_inv
     else:
         p = gl.exp2(s * qk - m_i[:, None])
@@ -480,35 +629,31 @@ def _attend_tiles(
     p_op = gl.convert_layout(p.to(dtype), p_layout)
     acc = gl.zeros([HALF, HEAD_DIM], gl.float32, o_layout)
 
-    for j in range(1, it_end - it_begin):
-        stage = j % STAGES
-        prev = (j - 1) % STAGES
-        mbarrier.wait(k_ready.index(stage), (j // STAGES) & 1)
-        s_tok = warpgroup_mma(q, k_smem.index(stage).permute((1, 0)), s_zero, use_acc=False, is_async=True)
-        mbarrier.wait(v_ready.index(prev), ((j - 1) // STAGES) & 1)
-        acc_tok = warpgroup_mma(p_op, v_smem.index(prev), acc, is_async=True)
-        qk, v_log2, v_inv = _tile_mults(mults, stage, it_begin + j < codes_end, qk_scale, QUANT)
-        # The scores are ready while the previous tile's PV still runs (wgmma groups retire in order).
-        s = warpgroup_mma_wait(1, deps=(s_tok,))
-        limit = _tile_limit(it_begin + j, num_hist_tiles, last_block_tile, hist_end, chunk_end, KV_N)
-        if limit < KV_N:
-            s = gl.where(cols[None, :] < limit, s, float("-inf"))
-        m_new = gl.maximum(m_i, gl.max(s, 1) * qk)
-        alpha = gl.exp2(m_i - m_new)
-        if QUANT == 1:
-            p = gl.exp2(s * qk - (m_new - v_log2)[:, None])
-            l_i = l_i * alpha + gl.sum(p, 1) * v_inv
-        else:
-            p = gl.exp2(s * qk - m_new[:, None])
-            l_i = l_i * alpha + gl.sum(p, 1)
-        m_i = m_new
-        acc, p_op = warpgroup_mma_wait(0, deps=(acc_tok, p_op))
-        mbarrier.arrive(kv_empty.index(prev), count=1)
-        acc = acc * gl.convert_layout(alpha, o_rows)[:, None]
-        p_op = gl.convert_layout(p.to(dtype), p_layout)
+    n = it_end - it_begin
+    if KEY_MMA8:
+        coded_end = gl.maximum(gl.minimum(codes_end - it_begin, n), 1)
+        for j in range(1, coded_end):
+            m_i, l_i, acc, p_op = _attend_step(
+                j, q8, k_smem, v_smem, k_ready, v_ready, kv_empty, mults, m_i, l_i, acc, p_op, cols, s_zero,
+                num_hist_tiles, it_begin, last_block_tile, hist_end, chunk_end, qk_scale, q_rows, codes_end,
+                QUANT, True, KEY_MMA8,
+            )  # fmt: skip
+        for j in range(coded_end, n):
+            m_i, l_i, acc, p_op = _attend_step(
+                j, q, k_smem, v_smem, k_ready, v_ready, kv_empty, mults, m_i, l_i, acc, p_op, cols, s_zero,
+                num_hist_tiles, it_begin, last_block_tile, hist_end, chunk_end, qk_scale, q_rows, codes_end,
+                QUANT, False, KEY_MMA8,
+            )  # fmt: skip
+    else:
+        for j in range(1, n):
+            m_i, l_i, acc, p_op = _attend_step(
+                j, q, k_smem, v_smem, k_ready, v_ready, kv_empty, mults, m_i, l_i, acc, p_op, cols, s_zero,
+                num_hist_tiles, it_begin, last_block_tile, hist_end, chunk_end, qk_scale, q_rows, codes_end,
+                QUANT, False, KEY_MMA8,
+            )  # fmt: skip
 
-    last = (it_end - it_begin - 1) % STAGES
-    mbarrier.wait(v_ready.index(last), ((it_end - it_begin - 1) // STAGES) & 1)
+    last = (n - 1) % STAGES
+    mbarrier.wait(v_ready.index(last), ((n - 1) // STAGES) & 1)
     acc_tok = warpgroup_mma(p_op, v_smem.index(last), acc, is_async=True)
     acc = warpgroup_mma_wait(0, deps=(acc_tok,))
     mbarrier.arrive(kv_empty.index(last), count=1)
@@ -520,7 +665,8 @@ def _consume(
     q_smem, k_smem, v_smem, q_bar, k_ready, v_ready, kv_empty,
     out_row_ptr, lse_row_ptr, handoff_ptr, flags_ptr, q_len, rows_start, split_part, part, last_part,
     num_hist_tiles, it_begin, it_end, last_block_tile, hist_end, chunk_end, qk_scale, mults, codes_end,
-    stride_ol, WG: gl.constexpr, WRITE_LSE: gl.constexpr, QUANT: gl.constexpr,
+    stride_ol, q8_smem, WG: gl.constexpr, WRITE_LSE: gl.constexpr, QUANT: gl.constexpr,
+    KEY_MMA8: gl.constexpr,
 ):  # fmt: skip
     """One warpgroup: online softmax of its 64 query rows over key tiles ``[it_begin, it_end)``,
     merged with the earlier part of a split tile, if any, then written out."""
@@ -534,7 +680,7 @@ def _consume(
         m_i, l_i, acc = _attend_tiles(
             q_smem, k_smem, v_smem, q_bar, k_ready, v_ready, kv_empty,
             num_hist_tiles, it_begin, it_end, last_block_tile, hist_end, chunk_end, qk_scale, mults,
-            codes_end, WG, QUANT,
+            codes_end, q8_smem, WG, QUANT, KEY_MMA8,
         )  # fmt: skip
     else:  # an empty part of a split tile (fewer key tiles than parts) adds nothing
         m_i = gl.full([HALF], -1.0e30, gl.float32, gl.SliceLayout(1, s_layout))
@@ -594,13 +740,13 @@ def _consume_worker(
     q_smem, k_smem, v_smem, q_bar, k_ready, v_ready, kv_empty,
     out_row_ptr, lse_row_ptr, handoff_ptr, flags_ptr, q_len, rows_start, split_part, part, last_part,
     num_hist_tiles, it_begin, it_end, last_block_tile, hist_end, chunk_end, qk_scale, mults, codes_end,
-    stride_ol, WRITE_LSE: gl.constexpr, QUANT: gl.constexpr,
+    stride_ol, q8_smem, WRITE_LSE: gl.constexpr, QUANT: gl.constexpr, KEY_MMA8: gl.constexpr,
 ):  # fmt: skip
     _consume(
         q_smem, k_smem, v_smem, q_bar, k_ready, v_ready, kv_empty,
         out_row_ptr, lse_row_ptr, handoff_ptr, flags_ptr, q_len, rows_start, split_part, part, last_part,
         num_hist_tiles, it_begin, it_end, last_block_tile, hist_end, chunk_end, qk_scale, mults, codes_end,
-        stride_ol, 1, WRITE_LSE, QUANT,
+        stride_ol, q8_smem, 1, WRITE_LSE, QUANT, KEY_MMA8,
     )  # fmt: skip
 
 
@@ -619,6 +765,7 @@ def _hopper_attention_kernel(
     BLOCK_SIZE: gl.constexpr, STAGES: gl.constexpr, WRITE_LSE: gl.constexpr,
     QUANT: gl.constexpr = 0, CSTAGES: gl.constexpr = 2, THIRD_WARPS: gl.constexpr = 1,
     WORKER_REGS: gl.constexpr = 232, THIRD_REGS: gl.constexpr = 40, EARLY: gl.constexpr = True,
+    KEY_MMA8: gl.constexpr = False,
 ):  # fmt: skip
     HALF: gl.constexpr = q_desc.block_type.shape[0]
     KV_N: gl.constexpr = k_desc.block_type.shape[0]
@@ -699,10 +846,19 @@ def _hopper_attention_kernel(
         codes_col = (c_off % stride_cl).to(gl.int32)
         k_scales = batch.to(gl.int64) * stride_ksb + kv_head.to(gl.int64) * stride_ksh
         v_scales = batch.to(gl.int64) * stride_vsb + kv_head.to(gl.int64) * stride_vsh
-        kc_smem = gl.allocate_shared_memory(kc_desc.dtype, [CSTAGES, KV_N, kc_desc.block_type.shape[1]],
-                                            kc_desc.layout)  # fmt: skip
-        vc_smem = gl.allocate_shared_memory(vc_desc.dtype, [CSTAGES, KV_N, vc_desc.block_type.shape[1]],
-                                            vc_desc.layout)  # fmt: skip
+        if KEY_MMA8:
+            # Key codes go straight into the stage ring (``_load_key_codes``); the consumers'
+            # queries in e4m3 take the key code ring's place in shared memory.
+            q8_smem = gl.allocate_shared_memory(kc_desc.dtype, [2, HALF, HEAD_DIM], kc_desc.layout)
+            kc_smem = gl.allocate_shared_memory(vc_desc.dtype, [CSTAGES, KV_N, vc_desc.block_type.shape[1]],
+                                                vc_desc.layout)  # fmt: skip
+            vc_smem = kc_smem
+        else:
+            q8_smem = q_smem
+            kc_smem = gl.allocate_shared_memory(kc_desc.dtype, [CSTAGES, KV_N, kc_desc.block_type.shape[1]],
+                                                kc_desc.layout)  # fmt: skip
+            vc_smem = gl.allocate_shared_memory(vc_desc.dtype, [CSTAGES, KV_N, vc_desc.block_type.shape[1]],
+                                                vc_desc.layout)  # fmt: skip
         kc_ready = gl.allocate_shared_memory(gl.int64, [CSTAGES, 1], mbarrier.MBarrierLayout())
         vc_ready = gl.allocate_shared_memory(gl.int64, [CSTAGES, 1], mbarrier.MBarrierLayout())
         for i in gl.static_range(CSTAGES):
@@ -719,6 +875,7 @@ def _hopper_attention_kernel(
         vc_smem = v_smem
         kc_ready = k_ready
         vc_ready = v_ready
+        q8_smem = q_smem
 
     gl.warp_specialize(
         [
@@ -728,7 +885,7 @@ def _hopper_attention_kernel(
                     q_smem, k_smem, v_smem, q_bar, k_ready, v_ready, kv_empty,
                     out_row_ptr, lse_row_ptr, handoff_ptr, flags_ptr, q_len, rows_start, split_part, part,
                     last_part, num_hist_tiles, it_begin, it_end, last_block_tile, hist_end, chunk_end,
-                    qk_scale, mults, codes_end, stride_ol, 0, WRITE_LSE, QUANT,
+                    qk_scale, mults, codes_end, stride_ol, q8_smem, 0, WRITE_LSE, QUANT, KEY_MMA8,
                 ),
             ),
             (
@@ -737,7 +894,7 @@ def _hopper_attention_kernel(
                     q_smem, k_smem, v_smem, q_bar, k_ready, v_ready, kv_empty,
                     out_row_ptr, lse_row_ptr, handoff_ptr, flags_ptr, q_len, rows_start, split_part, part,
                     last_part, num_hist_tiles, it_begin, it_end, last_block_tile, hist_end, chunk_end,
-                    qk_scale, mults, codes_end, stride_ol, WRITE_LSE, QUANT,
+                    qk_scale, mults, codes_end, stride_ol, q8_smem, WRITE_LSE, QUANT, KEY_MMA8,
                 ),
             ),
             (
@@ -748,7 +905,7 @@ def _hopper_attention_kernel(
                     table_ptr, q_row, q_col, kv_row, kv_col, codes_row, codes_col, num_hist_tiles,
                     codes_end, it_begin, it_end, history_len, native_from,
                     k_scale_ptr, v_scale_ptr, k_min_ptr, v_min_ptr, k_scales, v_scales, stride_ksn,
-                    stride_vsn, mults, BLOCK_SIZE, QUANT, EARLY,
+                    stride_vsn, mults, BLOCK_SIZE, QUANT, EARLY, KEY_MMA8,
                 ),
             ),
         ],
@@ -781,7 +938,9 @@ def _row_view(t: torch.Tensor) -> tuple[int, int] | None:
 @functools.cache
 def _smem_layout(block_rows: int, head_dim: int, dtype: torch.dtype) -> gl.NVMMASharedLayout:
     # Cached: building it is ~10 us of Python, three times per call.
-    gl_dtype = {torch.float16: gl.float16, torch.uint8: gl.uint8}.get(dtype, gl.bfloat16)
+    gl_dtype = {torch.float16: gl.float16, torch.uint8: gl.uint8, torch.float8_e4m3fn: gl.float8e4nv}.get(
+        dtype, gl.bfloat16
+    )
     return gl.NVMMASharedLayout.get_default_for([block_rows, head_dim], gl_dtype)
 
 
@@ -825,6 +984,11 @@ def _pairs_aligned(store) -> bool:
     return not any(
         t.storage_offset() % 2 or any(s % 2 for s in t.stride()[:3]) for t in (store.k_scale, store.k_min)
     )
+
+
+def _key_products_in_fp8(store) -> bool:
+    """Whether the kernel multiplies an fp8 store's key codes as stored (``FP8_KEY_PRODUCTS``)."""
+    return FP8_KEY_PRODUCTS and store is not None and store.kv_format == "fp8" and not FLOOR_COPY
 
 
 def _quant_code(store) -> int:
@@ -892,9 +1056,11 @@ def scattered_attention(
         quantized = [descs[1], descs[2], out, out, out, out] + [0] * 9
     else:
         codes = []
-        for t in (store.k.view(torch.uint8), store.v.view(torch.uint8)):
+        # fp8 keys the tensor cores read as stored are e4m3 to TMA; other codes are bytes
+        key_codes = torch.float8_e4m3fn if _key_products_in_fp8(store) else torch.uint8
+        for t in (store.k.view(key_codes), store.v.view(torch.uint8)):
             rows, row_len = _row_view(t)
-            layout = _smem_layout(BLOCK_N, t.shape[-1], torch.uint8)
+            layout = _smem_layout(BLOCK_N, t.shape[-1], t.dtype)
             codes.append(TensorDescriptor(t, [rows, row_len], [row_len, 1], [BLOCK_N, t.shape[-1]], layout))
         k_min = store.k_min if store.k_min is not None else store.k_scale  # fp8 has none: unused
         v_min = store.v_min if store.v_min is not None else store.v_scale
@@ -917,7 +1083,7 @@ def scattered_attention(
         num_q_heads, num_q_heads // k.shape[1], q_len, chunk_len, block_idx.shape[-1],
         scale * 1.4426950408889634, num_q_tiles, num_tiles - num_split_tiles, splits, *quantized,
         BLOCK_SIZE=block_size, STAGES=stages, WRITE_LSE=return_lse,
-        QUANT=_quant_code(store), EARLY=EARLY_OPERANDS,
+        QUANT=_quant_code(store), EARLY=EARLY_OPERANDS, KEY_MMA8=_key_products_in_fp8(store),
         **(THIRD_PARTITION["native" if store is None else "quantized"]), num_warps=4, maxnreg=168,
     )  # fmt: skip
     return out, (lse if return_lse else None)

@@ -158,6 +158,23 @@ def dequantized_history(
     return out[0], out[1]
 
 
+def fp8_queries(q: torch.Tensor) -> torch.Tensor:
+    """The queries with which fp8 key codes are multiplied on the tensor cores (the Gluon
+    kernel's ``FP8_KEY_PRODUCTS``), as values of ``q``'s dtype: each row (one query of one head,
+    ``[..., D]``) rounded to float8 e4m3 under one float32 scale, ``amax / 448`` (1 for an
+    all-zero row), computed in float32 as the kernel does.
+
+    >>> q = torch.tensor([[1.0, 0.3, -2.0]])
+    >>> fp8_queries(q)  # scale 2/448: 0.3 is 67.2 of them, whose nearest e4m3 value is 64
+    tensor([[ 1.0000,  0.2857, -2.0000]])
+    """
+    x = q.float()
+    amax = x.abs().amax(-1, keepdim=True)
+    amax = torch.where(amax > 0, amax, 448.0)
+    codes = (x * (448.0 / amax)).to(torch.float8_e4m3fn)
+    return codes.to(q.dtype) * (amax * (1.0 / 448.0)).to(q.dtype)
+
+
 def quantized_attention_reference(
     q: torch.Tensor,
     store: QuantizedBlocks,
@@ -169,15 +186,28 @@ def quantized_attention_reference(
     chunk_len: int,
     scale: float,
     return_lse: bool = False,
+    fp8_key_products: bool = False,
 ) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
     """The kernel's plain-torch twin: ``dequantized_history`` (in ``q``'s dtype, float64 for a
-    float64 reference), then the dense backend with ``selection`` (history block numbering)."""
+    float64 reference), then the dense backend with ``selection`` (history block numbering).
+
+    ``fp8_key_products``: the twin of the Gluon kernel's ``FP8_KEY_PRODUCTS`` (fp8 stores): the
+    store's whole blocks are scored against ``fp8_queries(q)``, the tail against ``q``. (One
+    dense call: queries ``[fp8_queries(q), q]`` against keys ``[k, 0]`` in the whole blocks and
+    ``[0, k]`` in the tail.)"""
     from omnimem.backends import dense
     from omnimem.config import OmniMemConfig
 
     length = history_len % store.block_size + chunk_len
     k, v = dequantized_history(store, tail_k[:, :, :length], tail_v[:, :, :length], history_len=history_len,
                                dtype=q.dtype)  # fmt: skip
+    if fp8_key_products:
+        if store.kv_format != "fp8":
+            raise ValueError(f"fp8_key_products needs an fp8 store, got kv_format={store.kv_format!r}")
+        whole = history_len - history_len % store.block_size
+        coded = (torch.arange(k.shape[2], device=k.device) < whole)[:, None]
+        q = torch.cat([fp8_queries(q), q], dim=-1)
+        k = torch.cat([k * coded, k * ~coded], dim=-1)
     out, lse = dense.forward(q, k, v, selection, chunk_len=chunk_len, scale=scale, return_lse=True,
                              config=OmniMemConfig())  # fmt: skip
     return (out, lse) if return_lse else out

@@ -18,6 +18,10 @@ not. Printed: relative L2 error of each output against the native one, per forma
 
     python benchmarks/kv_formats_error.py [--frames 60] [--json out.json]   # GPU
     python benchmarks/kv_formats_error.py --small                           # CPU, short history
+    python benchmarks/kv_formats_error.py --cpu --frames 60 --fp8-operands   # CPU, ~10 min
+
+``--fp8-operands`` adds what fp8 tensor cores would cost (``fp8_operands_output``): queries in
+e4m3 (the Gluon kernel's ``FP8_KEY_PRODUCTS``), and probabilities in e4m3 too.
 """
 
 from __future__ import annotations
@@ -35,6 +39,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from wan_block import WanBlock, rope_tables
 
 from omnimem import GatedConfig, OmniMemConfig, gated_attention, pool_kv, select_blocks, sparse_attention
+from omnimem.backends.quantized_attention import fp8_queries
+from omnimem.selection import token_mask_mod
 from omnimem.store.formats import dequantize, quantize
 
 FRAME = 1560
@@ -66,6 +72,38 @@ def stored(x: torch.Tensor, kv_format: str, role: str, block_size: int, keep_fro
     return torch.cat([dequantize(q, x.dtype), x[:, :, cut:]], dim=2)
 
 
+def fp8_operands_output(q, k, v, ks, vs, selection, *, history, chunk, block_size,
+                        e4m3_queries: bool, e4m3_probabilities: bool, rows: int = 1170):  # fmt: skip
+    """What fp8 tensor cores would compute over the sparse call's quantized (fp8) history: its
+    whole blocks' scores from queries in e4m3 (``fp8_queries``: a scale a query row; the Gluon
+    kernel's ``FP8_KEY_PRODUCTS``) against the keys' codes, their probabilities in e4m3
+    (``e4m3_probabilities``; times 2**8 so that [0, 1] keeps e4m3's normal range) against the
+    values' codes; the partial block and the chunk as today (native keys, bf16 queries).
+    Float32, the softmax over the final row maximum (a kernel's running maximum rounds the same
+    values relative to a smaller maximum)."""
+    cut = history - history % block_size
+    mask_mod = token_mask_mod(selection, num_q_heads=q.shape[1], chunk_len=chunk)
+    out = torch.empty(q.shape, dtype=torch.float32, device=q.device)
+    kv = torch.arange(k.shape[2], device=q.device)
+    for h in range(q.shape[1]):
+        kh = torch.cat([ks[0, h, :cut], k[0, h, cut:]]).float()
+        vh = torch.cat([vs[0, h, :cut], v[0, h, cut:]]).float()
+        for r in range(0, q.shape[2], rows):
+            qr = q[0, h, r : r + rows].float()
+            qi = torch.arange(r, r + qr.shape[0], device=q.device)
+            s = qr @ kh.T
+            if e4m3_queries:
+                s[:, :cut] = fp8_queries(qr) @ kh[:cut].T
+            s = s / q.shape[-1] ** 0.5
+            s = s.masked_fill(~mask_mod(0, h, qi[:, None], kv[None, :]), float("-inf"))
+            p = torch.exp(s - s.amax(-1, keepdim=True))
+            total = p.sum(-1, keepdim=True)
+            if e4m3_probabilities:
+                p[:, :cut] = (p[:, :cut] * 256).to(torch.float8_e4m3fn).float() / 256
+            out[0, h, r : r + rows] = (p @ vh) / total
+    return out
+
+
 def rel(a: torch.Tensor, b: torch.Tensor) -> float:
     return float((a.float() - b.float()).norm() / b.float().norm())
 
@@ -74,9 +112,13 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--frames", type=int, default=60, help="history in latent frames")
     parser.add_argument("--small", action="store_true", help="CPU: 12 frames of history")
+    parser.add_argument("--cpu", action="store_true", help="on the CPU at --frames (slow)")
+    parser.add_argument("--fp8-operands", action="store_true",
+                        help="also: fp8 tensor cores' error (queries, probabilities in e4m3)")  # fmt: skip
     parser.add_argument("--json", default=None)
     args = parser.parse_args()
-    device = torch.device("cpu" if args.small else "cuda")
+    on_cpu = args.small or args.cpu
+    device = torch.device("cpu" if on_cpu else "cuda")
     frames = 12 if args.small else args.frames
     dtype = torch.bfloat16
     torch.manual_seed(0)
@@ -87,12 +129,12 @@ def main() -> None:
     with torch.no_grad():
         q, k, v = kv_of_block(block, history + chunk, chunk, device, dtype, gen)
         rows = []
-        sparse = OmniMemConfig.preset("wan2.1-1.3b", backend="gather" if args.small else "auto")
+        sparse = OmniMemConfig.preset("wan2.1-1.3b", backend="gather" if on_cpu else "auto")
         selection = select_blocks(q, k, history_len=history, chunk_len=chunk, config=sparse)
         want = sparse_attention(
             q, k, v, history_len=history, chunk_len=chunk, config=sparse, selection=selection
         )
-        gated = GatedConfig(backend="gather" if args.small else "auto")
+        gated = GatedConfig(backend="gather" if on_cpu else "auto")
         pooled = pool_kv(k, v, seq_len=history + chunk, block_size=gated.block_size)
         gates = torch.full((*q.shape[:3], 3), 0.5, device=device, dtype=dtype)
         want_g = gated_attention(q, k, v, gates, history_len=history, config=gated, pooled=pooled)
@@ -112,6 +154,13 @@ def main() -> None:
             row = dict(format=kv_format, frames=frames, sparse_rel_l2=rel(got, want),
                        gated_rel_l2=rel(got_g, want_g),
                        selection_moved_if_scored_quantized=moved)  # fmt: skip
+            if kv_format == "fp8" and args.fp8_operands:
+                common = dict(history=history, chunk=chunk, block_size=sparse.block_size)
+                for name, fq, fp in (("emulated", False, False), ("fp8_queries", True, False),
+                                     ("fp8_queries_and_probabilities", True, True)):  # fmt: skip
+                    emulated = fp8_operands_output(q, k, v, ks, vs, selection, e4m3_queries=fq,
+                                                   e4m3_probabilities=fp, **common)  # fmt: skip
+                    row[f"sparse_rel_l2_{name}"] = rel(emulated, want)
             print(json.dumps(row), flush=True)
             rows.append(row)
     print(
@@ -122,6 +171,14 @@ def main() -> None:
     for r in rows:
         print(f"| {r['format']} | {r['sparse_rel_l2']:.2%} | {r['gated_rel_l2']:.2%} | "
               f"{r['selection_moved_if_scored_quantized']:.2%} |")  # fmt: skip
+    for r in rows:
+        if "sparse_rel_l2_emulated" in r:
+            print(
+                f"\nfp8 tensor cores, emulated in float32 ({frames} frames; sparse_attention rel. L2 vs "
+                f"bf16): the emulation itself {r['sparse_rel_l2_emulated']:.2%} (the kernel's "
+                f"{r['sparse_rel_l2']:.2%}), queries in e4m3 {r['sparse_rel_l2_fp8_queries']:.2%}, "
+                f"queries and probabilities in e4m3 {r['sparse_rel_l2_fp8_queries_and_probabilities']:.2%}"
+            )
     if args.json:
         Path(args.json).write_text(json.dumps(dict(rows=rows), indent=1))
 

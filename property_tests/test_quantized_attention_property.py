@@ -3,11 +3,14 @@ against the float64 dense reference over the history it stands for (dequantized 
 then the native tail): fp8 and int4, block sizes 3 / 5 / 7 / 16, odd head dims, GQA, query
 groups, partial last blocks, empty histories, both tail layouts. Store slots past the history
 and tail rows past the chunk are NaN: data never attended must not reach an output. On Hopper
-the Gluon kernel (``kernel="gluon"``) over its shapes as well."""
+the Gluon kernel (``kernel="gluon"``) over its shapes as well, with fp8 key products too
+(``FP8_KEY_PRODUCTS``, against their twin, ``fp8_key_products=True``, itself held here to a
+query-by-query float64 computation)."""
 
 from __future__ import annotations
 
 import math
+from unittest import mock
 
 import pytest
 import torch
@@ -15,7 +18,11 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from omnimem import OmniMemConfig, select_blocks
-from omnimem.backends.quantized_attention import quantized_attention, quantized_attention_reference
+from omnimem.backends.quantized_attention import (
+    fp8_queries,
+    quantized_attention,
+    quantized_attention_reference,
+)
 from omnimem.backends.triton import tile_tables
 from omnimem.store.blocks import QuantizedBlocks
 from tests.inputs import ON_HOPPER, TEST_DEVICE
@@ -93,9 +100,68 @@ def test_hopper_kernel_over_a_quantized_history_equals_the_float64_reference(cas
     _check(case, dtype=dtype, block_m=128, tail_poison=1.0e3, tol=dict(atol=2e-2, rtol=2e-2), kernel="gluon")
 
 
-def _check(case, *, dtype, block_m, tail_poison, tol, **kernel):
+@pytest.mark.skipif(not ON_HOPPER, reason="the Gluon kernel runs on Hopper GPUs only")
+@settings(max_examples=examples(20))
+@given(case=hopper_cases(), dtype=st.sampled_from([torch.bfloat16, torch.float16]))
+def test_hopper_fp8_key_products_equal_their_float64_twin(case, dtype):
+    """``FP8_KEY_PRODUCTS``: fp8 key codes multiplied as stored by e4m3 queries, against the
+    twin that scores the whole blocks with ``fp8_queries``."""
+    from omnimem.backends import gluon_attention
+
+    with mock.patch.object(gluon_attention, "FP8_KEY_PRODUCTS", True):
+        _check(dict(case, kv_format="fp8"), dtype=dtype, block_m=128, tail_poison=1.0e3,
+               tol=dict(atol=2e-2, rtol=2e-2), kernel="gluon", fp8_key_products=True)  # fmt: skip
+
+
+@settings(max_examples=examples(25), deadline=None)
+@given(case=cases())
+def test_the_fp8_key_products_twin_is_their_query_by_query_arithmetic(case):
+    """``quantized_attention_reference(..., fp8_key_products=True)`` (one dense call over
+    widened queries and keys) against the arithmetic it stands for, query by query in float64:
+    the store's whole blocks scored with ``fp8_queries(q)``, the tail with ``q``, a softmax over
+    the selected keys. The flag changes the output wherever a whole block is attended."""
+    from omnimem.backends.dense import attended_token_mask
+    from omnimem.backends.quantized_attention import dequantized_history
+
+    case = dict(case, kv_format="fp8", groups=None)
+    bs, history, chunk = case["block_size"], case["history_len"], case["chunk_len"]
+    gen = torch.Generator().manual_seed(case["seed"])
+    shape = (case["batch"], case["kv_heads"], history + chunk, case["head_dim"])
+    k, v = torch.randn(shape, generator=gen), torch.randn(shape, generator=gen)
+    q = torch.randn(case["batch"], case["q_heads"], chunk, case["head_dim"], generator=gen).double()
+    whole = history // bs * bs
+    store = _poisoned_store(case, k, v, whole)
+    config = OmniMemConfig(block_size=bs, top_k=case["top_k"], sink_tokens=bs, local_tokens=bs + 1,
+                           backend="dense")  # fmt: skip
+    selection = select_blocks(q.float(), k, history_len=history, config=config)
+    scale = case["head_dim"] ** -0.5
+    tail_k, tail_v = k[:, :, whole:], v[:, :, whole:]
+    got = quantized_attention_reference(q, store, tail_k, tail_v, selection, history_len=history,
+                                        chunk_len=chunk, scale=scale, fp8_key_products=True)  # fmt: skip
+    kd, vd = dequantized_history(store, tail_k, tail_v, history_len=history, dtype=torch.float64)
+    mask = attended_token_mask(selection, num_q_heads=case["q_heads"], q_len=chunk, kv_len=history + chunk,
+                               chunk_len=chunk)  # fmt: skip
+    q8 = fp8_queries(q)
+    want = torch.empty_like(got)
+    per_kv = case["q_heads"] // case["kv_heads"]
+    for b in range(case["batch"]):
+        for h in range(case["q_heads"]):
+            for i in range(chunk):
+                keys, values = kd[b, h // per_kv], vd[b, h // per_kv]
+                s = torch.cat([keys[:whole] @ q8[b, h, i], keys[whole:] @ q[b, h, i]]) * scale
+                p = torch.softmax(s.masked_fill(~mask[b, h, i], float("-inf")), 0)
+                want[b, h, i] = p @ values
+    torch.testing.assert_close(got, want, atol=1e-12, rtol=1e-10)
+    plain = quantized_attention_reference(q, store, tail_k, tail_v, selection, history_len=history,
+                                          chunk_len=chunk, scale=scale)  # fmt: skip
+    if mask[..., :whole].any():
+        assert not torch.equal(plain, got)
+
+
+def _check(case, *, dtype, block_m, tail_poison, tol, fp8_key_products=False, **kernel):
     """``quantized_attention`` (``kernel``: its keyword) on ``case`` in ``dtype`` against the
-    float64 reference; tail rows past the chunk hold ``tail_poison``."""
+    float64 reference (``fp8_key_products``: its twin of the kernel's fp8 key products); tail
+    rows past the chunk hold ``tail_poison``."""
     bs, history, chunk = case["block_size"], case["history_len"], case["chunk_len"]
     gen = torch.Generator().manual_seed(case["seed"])
     shape = (case["batch"], case["kv_heads"], history + chunk, case["head_dim"])
@@ -124,7 +190,7 @@ def _check(case, *, dtype, block_m, tail_poison, tol, **kernel):
     )  # fmt: skip
     want, want_lse = quantized_attention_reference(
         q.double(), store, tail_k, tail_v, selection, history_len=history, chunk_len=chunk, scale=scale,
-        return_lse=True,
+        return_lse=True, fp8_key_products=fp8_key_products,
     )  # fmt: skip
     torch.testing.assert_close(got.double(), want, **tol)
     torch.testing.assert_close(lse.double(), want_lse.double(), **tol)

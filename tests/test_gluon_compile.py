@@ -21,7 +21,7 @@ gluon = pytest.importorskip("triton.experimental.gluon")
 HOPPER_SMEM = 232448  # bytes a block may opt in to on sm_90 (227 KiB)
 
 
-def _compile(quant: int, head_dim: int, block_size: int):
+def _compile(quant: int, head_dim: int, block_size: int, key_mma8: bool = False):
     import triton
     from triton.backends.compiler import GPUTarget
     from triton.experimental.gluon._runtime import GluonASTSource
@@ -38,17 +38,19 @@ def _compile(quant: int, head_dim: int, block_size: int):
     fp8 = quant == 1
     code_cols = head_dim if fp8 else head_dim // 2  # quant 2 (and the floor, 3): int4
     codes = desc("u8", gl.uint8, ga.BLOCK_N, code_cols) if quant else native
+    # KEY_MMA8: the key codes' descriptor is e4m3 (the tensor cores read them as stored)
+    key_codes = desc("fp8e4nv", gl.float8e4nv, ga.BLOCK_N, head_dim) if key_mma8 else codes
     scales = "*fp32" if fp8 else "*bf16"
     types = dict(
         q_desc=desc("bf16", gl.bfloat16, ga.BLOCK_M // 2, head_dim), k_desc=native, v_desc=native,
-        kc_desc=codes, vc_desc=codes, out_ptr="*bf16", lse_ptr="*fp32", block_idx_ptr="*i32",
+        kc_desc=key_codes, vc_desc=codes, out_ptr="*bf16", lse_ptr="*fp32", block_idx_ptr="*i32",
         num_blocks_ptr="*i32", history_len_ptr="*i64", sync_ptr="*i32", tickets_ptr="*i32",
         handoff_ptr="*fp32", qk_scale="fp32", k_scale_ptr=scales, v_scale_ptr=scales, k_min_ptr=scales,
         v_min_ptr=scales,
     )  # fmt: skip
     constants = dict(
         BLOCK_SIZE=block_size, STAGES=2 if quant else 3, WRITE_LSE=True, QUANT=quant, CSTAGES=2,
-        **ga.THIRD_PARTITION["quantized" if quant else "native"],
+        EARLY=ga.EARLY_OPERANDS, KEY_MMA8=key_mma8, **ga.THIRD_PARTITION["quantized" if quant else "native"],
     )  # fmt: skip
     fn = ga._hopper_attention_kernel
     signature = {name: types.get(name, "i32") for name in fn.arg_names}
@@ -61,19 +63,21 @@ def _compile(quant: int, head_dim: int, block_size: int):
 
 
 @pytest.mark.parametrize(
-    ("quant", "head_dim", "block_size"),
+    ("quant", "head_dim", "block_size", "key_mma8"),
     [
-        (0, 128, 128),
-        (1, 128, 128),
-        (2, 128, 128),
-        (3, 128, 128),  # the benchmark's floor (FLOOR_COPY), int4-shaped codes
-        (0, 64, 256),
-        (1, 64, 256),
-        (2, 64, 256),
-        (2, 128, 256),
+        (0, 128, 128, 0),
+        (1, 128, 128, 0),
+        (2, 128, 128, 0),
+        (3, 128, 128, 0),  # the benchmark's floor (FLOOR_COPY), int4-shaped codes
+        (0, 64, 256, 0),
+        (1, 64, 256, 0),
+        (2, 64, 256, 0),
+        (2, 128, 256, 0),
+        (1, 128, 128, 1),  # fp8 keys on the tensor cores as stored (FP8_KEY_PRODUCTS)
+        (1, 64, 256, 1),
     ],
 )
-def test_hopper_kernel_compiles_for_sm90(quant, head_dim, block_size):
+def test_hopper_kernel_compiles_for_sm90(quant, head_dim, block_size, key_mma8):
     from omnimem.backends.triton import hopper_kernel
 
     if hopper_kernel() is None:
@@ -82,13 +86,15 @@ def test_hopper_kernel_compiles_for_sm90(quant, head_dim, block_size):
     # fixed at import), which cannot compile.
     env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
     run = subprocess.run(
-        [sys.executable, __file__, *map(str, (quant, head_dim, block_size))],
+        [sys.executable, __file__, *map(str, (quant, head_dim, block_size, key_mma8))],
         capture_output=True, text=True, env=env, timeout=600,
     )  # fmt: skip
     assert run.returncode == 0, run.stderr[-3000:]
     result = json.loads(run.stdout.strip().splitlines()[-1])
     assert 0 < result["shared"] <= HOPPER_SMEM
     assert result["setmaxnreg"]  # the partitions rebalance registers
+    if key_mma8:
+        assert result["qgmma"]  # the e4m3 x e4m3 products are on the tensor cores
     if result["usage"] is None:
         pytest.skip("no cuobjdump to read the local-memory usage")
     # No thread spills registers (the producer warpgroup of a quantized history leaves the
@@ -283,7 +289,7 @@ if __name__ == "__main__":
             if int4:
                 print("\n".join(line for line in ptx.splitlines() if "fma.rn.bf16x2" in line)[:2000])
         sys.exit(0)
-    kernel = _compile(*(int(a) for a in sys.argv[1:4]))
+    kernel = _compile(*(int(a) for a in sys.argv[1:5]))
     tool = shutil.which("cuobjdump") or _bundled("cuobjdump")
     usage = None
     if tool is not None:
@@ -293,8 +299,7 @@ if __name__ == "__main__":
             usage = subprocess.run(
                 [tool, "--dump-resource-usage", f.name], capture_output=True, text=True
             ).stdout
-    print(
-        json.dumps(
-            dict(shared=kernel.metadata.shared, setmaxnreg="setmaxnreg" in kernel.asm["ptx"], usage=usage)
-        )
-    )
+    ptx = kernel.asm["ptx"]
+    qgmma = "wgmma.mma_async.sync.aligned.m64n128k32.f32.e4m3.e4m3" in ptx
+    result = dict(shared=kernel.metadata.shared, setmaxnreg="setmaxnreg" in ptx, usage=usage, qgmma=qgmma)
+    print(json.dumps(result))

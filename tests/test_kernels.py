@@ -366,7 +366,7 @@ def test_tables_from_sums_kernel_skips_blocks_with_nan_keys_like_the_torch_path(
 
 
 @pytest.mark.skipif(not ON_HOPPER, reason="the Gluon kernel runs on Hopper GPUs only")
-@pytest.mark.parametrize("kv_format", ["fp8", "int4"])
+@pytest.mark.parametrize("kv_format", ["fp8", "int4", "fp8-key-products"])
 @pytest.mark.parametrize("num_sms", [1, 5, None])
 @pytest.mark.parametrize(
     ("q_heads", "kv_heads", "head_dim", "history_len", "q_len", "block_size", "flash_layout", "dtype"),
@@ -386,8 +386,9 @@ def test_hopper_kernel_reads_a_quantized_history(
     reference of the history it stands for (whole blocks dequantized, then the native tail),
     and against the Triton-language kernel on the same store. Store slots the selection does
     not name hold NaN codes and scales: never read; every buffer the library allocates starts as
-    NaN."""
-    from omnimem.backends import triton_attention
+    NaN. ``fp8-key-products`` (``FP8_KEY_PRODUCTS``): against its twin, which it must follow
+    more closely than the plain reference (so a kernel that ignored the switch fails)."""
+    from omnimem.backends import gluon_attention, triton_attention
     from omnimem.backends.quantized_attention import quantized_attention, quantized_attention_reference
     from omnimem.backends.triton import tile_tables
     from omnimem.store.blocks import QuantizedBlocks
@@ -396,6 +397,10 @@ def test_hopper_kernel_reads_a_quantized_history(
         q_heads=q_heads, kv_heads=kv_heads, history_len=history_len, q_len=q_len, head_dim=head_dim,
         dtype=dtype, flash_layout=flash_layout, seed=history_len + q_len,
     )  # fmt: skip
+    key_products = kv_format == "fp8-key-products"
+    if key_products:
+        kv_format = "fp8"
+        monkeypatch.setattr(gluon_attention, "FP8_KEY_PRODUCTS", True)
     config = OmniMemConfig(block_size=block_size, top_k=3, sink_tokens=block_size, local_tokens=200)
     selection = select_blocks(q, k, history_len=history_len, config=config)
     whole = history_len // block_size * block_size
@@ -420,14 +425,20 @@ def test_hopper_kernel_reads_a_quantized_history(
         scale=head_dim**-0.5, return_lse=True,
     )  # fmt: skip
     out, lse = run(kernel="gluon")
-    want, want_lse = quantized_attention_reference(
-        q.double(), store, tail_k, tail_v, selection, history_len=history_len, chunk_len=q_len,
-        scale=head_dim**-0.5, return_lse=True,
+    reference = functools.partial(
+        quantized_attention_reference, q.double(), store, tail_k, tail_v, selection, history_len=history_len,
+        chunk_len=q_len, scale=head_dim**-0.5, return_lse=True,
     )  # fmt: skip
+    want, want_lse = reference(fp8_key_products=key_products)
     torch.testing.assert_close(out.double(), want, atol=2e-2, rtol=2e-2)
     torch.testing.assert_close(lse.double(), want_lse.double(), atol=2e-2, rtol=2e-2)
-    language, _ = run(kernel="triton")
-    torch.testing.assert_close(out, language, atol=2e-2, rtol=2e-2)
+    if key_products:
+        plain, _ = reference()
+        if history_len:  # e4m3 queries move the output; the kernel's own rounding, less
+            assert (out.double() - want).norm() < 0.5 * (plain - want).norm()
+    else:
+        language, _ = run(kernel="triton")
+        torch.testing.assert_close(out, language, atol=2e-2, rtol=2e-2)
     repeat, _ = run(kernel="gluon")
     assert torch.equal(repeat, out)  # split parts hand over through memory: no race
 
