@@ -39,6 +39,8 @@ VARIANTS = [
     dict(),  # the default (GLUON_FORMATS on Hopper, else the Triton-language kernel)
     dict(kernel="triton"),  # the Triton-language kernel (decodes in registers)
     dict(kernel="gluon"),  # Hopper: a producer warpgroup loads and dequantizes code tiles
+    # fp8 only: key codes multiplied as stored by e4m3 queries (FP8_KEY_PRODUCTS), values decoded
+    dict(kernel="gluon", key_products=True),
     # the Gluon kernel's floor: code bytes widened into the stages, not decoded (wrong outputs)
     dict(kernel="gluon", floor_copy=True),
     # the producer's global reads after the stage wait (as before 2026-12-07)
@@ -51,7 +53,7 @@ VARIANTS = [
 
 TIMED = ("ms", "err_vs_dequantized", "err_vs_bf16_cache")
 SWITCHES = dict(
-    floor_copy="FLOOR_COPY", early_operands="EARLY_OPERANDS", code_stages="CODE_STAGES"
+    floor_copy="FLOOR_COPY", early_operands="EARLY_OPERANDS", key_products="FP8_KEY_PRODUCTS"
 )  # key: switch
 DEFAULTS = {name: getattr(gluon_attention, name) for name in SWITCHES.values()}
 
@@ -103,6 +105,8 @@ def run_shape(heads: int, history_len: int, top_k: int, chunk_len: int, dtype=to
         del read_k, read_v
         result["variants"] = []
         for variant in VARIANTS:
+            if variant.get("key_products") and kv_format != "fp8":
+                continue
             options = {k: v for k, v in variant.items() if k not in SWITCHES}
             for key, name in SWITCHES.items():
                 setattr(gluon_attention, name, variant.get(key, DEFAULTS[name]))
@@ -149,7 +153,7 @@ def main() -> None:
     )
     args = parser.parse_args()
     if args.quick:
-        VARIANTS[5:] = []
+        VARIANTS[6:] = []
     dtype = {"bfloat16": torch.bfloat16, "float16": torch.float16}[args.dtype]
     rows = [run_shape(args.heads, h, args.top_k, args.chunk_tokens, dtype) for h in args.histories]
     result = dict(environment=environment(), rows=rows)

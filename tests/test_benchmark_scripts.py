@@ -50,3 +50,26 @@ def test_their_models_script_runs_on_a_fake_checkout(codebase, mode, tmp_path):
         assert rows[0]["max_relative_difference"] <= 2**-7
     else:
         assert rows[0]["omnimem_ms"] > 0 and rows[0]["theirs_ms"] > 0
+
+
+def test_every_gpu_benchmark_script_imports_without_a_gpu():
+    """Each ``benchmarks/*_gpu.py`` module's top level (its imports of the library's names, its
+    tables of kernel switches) runs here, so a renamed or removed name fails in CI, not in a
+    device call (``kv_formats_gpu.py`` once named a removed switch at import)."""
+    scripts = sorted(p.stem for p in BENCHMARKS.glob("*_gpu.py"))
+    code = (
+        "import importlib, sys\n"
+        "failed = {}\n"
+        f"for name in {scripts!r}:\n"
+        "    try:\n"
+        "        importlib.import_module(name)\n"
+        "    except Exception as err:\n"
+        "        failed[name] = repr(err)\n"
+        "print(failed)\n"
+        "sys.exit(1 if failed else 0)\n"
+    )
+    done = subprocess.run(
+        [sys.executable, "-c", code], cwd=BENCHMARKS, capture_output=True, text=True, timeout=300
+    )
+    assert len(scripts) > 10
+    assert done.returncode == 0, done.stdout[-2000:] + done.stderr[-2000:]
