@@ -16,8 +16,9 @@
 #                                  # Hopper kernels' GPU tests; issue 38: the codebases at 30
 #                                  # layers, LongLive's class; FULL=1: the 4-minute int4 chunk
 #                                  # profiled with the Gluon kernel and the Triton-language one
-#   benchmarks/pending_gpu.sh next # issue 38: the codebases at 30 layers (an H200), both sides
-#                                  # interleaved; issue 36: the decode with fp16 operands
+#   benchmarks/pending_gpu.sh next # issue 36: fp8 key products (tests, then timed beside the
+#                                  # default), fp16 operands; issue 38: the codebases at 30 layers
+#                                  # (an H200), both sides interleaved
 #
 # Both 36 and 37 ran on an H100 on 2026-12-07 (results in docs/memory.md, docs/positions.md).
 #
@@ -90,14 +91,20 @@ elif [ "$1" = decode ]; then  # one call while machines are scarce (ask for an H
   [ -n "${FULL:-}" ] && step 90 python3 self_forcing_rollout_gpu.py --kv-format int4 --frames 960 --reps 2 \
     --kernel triton --json "$OUT/sf960_lang.json"
 elif [ "$1" = next ]; then  # what is open after 2026-12-07 (ask for an H200: issue 38's bar is on
-  # one; an H100 holds 10 layers): the codebases table with both sides interleaved (the last run
-  # timed one side after the other and drifted), then issue 36's decode with fp16 operands (fp8:
-  # one hardware conversion a pair against five integer operations in bf16) beside bf16
+  # one; an H100 holds 10 layers). Issue 36 first: the Hopper kernel tests and the quantized
+  # property tests (fp8 key products' first GPU run, the early reads' property tests), the sparse
+  # call with fp8 key products beside the default, the same in fp16 (fp8 decodes by one hardware
+  # conversion a pair there); then issue 38's codebases table with both sides interleaved (the
+  # last run timed one side after the other and drifted)
+  cd ..
+  step 120 python3 -m pytest -q -p no:cacheprovider -n 16 --tb=short -rf tests/test_kernels.py -k "hopper" \
+    property_tests/test_quantized_attention_property.py
+  cd benchmarks
+  step 100 python3 kv_formats_gpu.py --quick --json "$OUT/kvfmt_bf16.json"
+  step 90 python3 kv_formats_gpu.py --quick --dtype float16 --json "$OUT/kvfmt_fp16.json"
   layers=$(python3 -c 'import torch; print(30 if torch.cuda.get_device_properties(0).total_memory > 120e9 else 10)')
-  step 260 python3 codebases_gpu.py --layers "$layers" --only LongLive "Rolling Forcing" LongLive-2.0 \
+  step 240 python3 codebases_gpu.py --layers "$layers" --only LongLive "Rolling Forcing" LongLive-2.0 \
     Self-Forcing CausVid --json "$OUT/codebases.json"
-  step 100 python3 kv_formats_gpu.py --quick --dtype float16 --json "$OUT/kvfmt_fp16.json"
-  step 90 python3 kv_formats_gpu.py --quick --json "$OUT/kvfmt_bf16.json"
 else
   echo "usage: pending_gpu.sh 36|37|now|words|decode|next" >>"$LOG"
 fi
