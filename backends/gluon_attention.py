@@ -489,9 +489,8 @@ def _fp8_queries(q, q8, s_layout: gl.constexpr):
     """``KEY_MMA8``: a warpgroup's queries ``q`` (shared memory) into ``q8`` as e4m3 with one
     scale a row (``amax / 448``; ``quantized_attention.fp8_queries`` is the twin), visible to the
     tensor cores; returns the rows' scales in the scores' row layout."""
-    HEAD_DIM: gl.constexpr = q.type.shape[1]
-    layout: gl.constexpr = gl.BlockedLayout([1, 16], [32 // (HEAD_DIM // 16), HEAD_DIM // 16], [4, 1], [1, 0])
-    x = q.load(layout).to(gl.float32)
+    # in an accumulator layout: its rows are the scores', so the scales need no shuffle
+    x = q.load(_wgmma_layout(q.type.shape[1])).to(gl.float32)
     amax = gl.max(gl.abs(x), 1)
     amax = gl.where(amax > 0, amax, 448.0)  # an all-zero row (padding): scale 1
     q8.store((x * (448.0 / amax)[:, None]).to(q8.dtype))
