@@ -21,8 +21,45 @@ import triton
 import triton.language as tl
 from torch.autograd.function import once_differentiable
 
-from omnimem.backends.quantized_tiles import store_arguments, store_block_tiles
+from omnimem.backends.quantized_tiles import codes_tile, store_arguments, store_block_tiles
 from omnimem.store.blocks import QuantizedBlocks
+
+# An fp8 store's blocks multiplied in fp16 (``HALF_PRODUCTS``; bf16 calls on a GPU): e4m3 codes
+# become fp16 by one conversion a pair (through float32 to bf16 it is four), the queries fp16 times
+# a power of two a row, the probabilities fp16; exact operands, so the output is the bf16 path's
+# but for the order of float32 sums. Not yet run on a GPU: off until measured (docs/memory.md).
+FP8_HALF_PRODUCTS = False
+
+
+@triton.jit
+def _half_queries(q):
+    """``q`` (bf16 rows) as fp16 times a power of two a row, and the inverse powers: the row's
+    largest magnitude lands in ``[2**14, 2**16)``, where fp16 holds every bf16 value exactly
+    (elements under ``2**-28`` of it lose bits)."""
+    x = q.to(tl.float32)
+    amax = tl.max(tl.abs(x), 1)
+    up = tl.exp2(14.0 - tl.floor(tl.log2(tl.where(amax > 0, amax, 1.0))))
+    return (x * up[:, None]).to(tl.float16), 1.0 / up
+
+
+@triton.jit
+def _rows_tile(k_base, v_base, rows, load_mask, dims, stride_kl, stride_kd, stride_vl, stride_vd):
+    """Keys and values of buffer rows ``rows`` (int64; masked by ``load_mask``, read 0)."""
+    k = tl.load(k_base + rows[:, None] * stride_kl + dims[None, :] * stride_kd, mask=load_mask, other=0.0)
+    v = tl.load(v_base + rows[:, None] * stride_vl + dims[None, :] * stride_vd, mask=load_mask, other=0.0)
+    return k, v
+
+
+@triton.jit
+def _online_softmax(scores, token_ok, m_i, l_i):
+    """One key tile's masked base-2 scores folded into the running max and sum: ``(p, alpha,
+    m_new, l_i)``; a tile whose keys are all masked leaves ``m = -inf`` and shifts by 0."""
+    scores = tl.where(token_ok[None, :], scores, float("-inf"))
+    m_new = tl.maximum(m_i, tl.max(scores, 1))
+    m_shift = tl.where(m_new == float("-inf"), 0.0, m_new)
+    p = tl.exp2(scores - m_shift[:, None])
+    alpha = tl.exp2(m_i - m_shift)
+    return p, alpha, m_new, l_i * alpha + tl.sum(p, 1)
 
 
 @triton.jit
@@ -43,7 +80,7 @@ def _selected_attention_kernel(
     TOP_K: tl.constexpr, TILES_PER_GROUP: tl.constexpr, BLOCK_M: tl.constexpr,
     BLOCK_N: tl.constexpr, SUBS: tl.constexpr, HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr,
     COMBINE: tl.constexpr, WRITE_LSE: tl.constexpr, PRECISION: tl.constexpr,
-    QUANTIZED: tl.constexpr, INT4: tl.constexpr,
+    QUANTIZED: tl.constexpr, INT4: tl.constexpr, HALF_PRODUCTS: tl.constexpr = False,
 ):  # fmt: skip
     group_tile = tl.program_id(0)
     batch_head = tl.program_id(1)
@@ -75,48 +112,73 @@ def _selected_attention_kernel(
         vq = vq_ptr + batch.to(tl.int64) * stride_qkb + kv_head.to(tl.int64) * stride_qkh
         k_scales = batch.to(tl.int64) * stride_ksb + kv_head.to(tl.int64) * stride_ksh
         v_scales = batch.to(tl.int64) * stride_vsb + kv_head.to(tl.int64) * stride_vsh
-    for it in range(0, count * SUBS):
-        block = tl.load(table_ptr + row_entry.to(tl.int64) * TOP_K + it // SUBS)
-        in_block = (it % SUBS) * BLOCK_N + offs
-        token = block * block_size + in_block
-        token_ok = (in_block < block_size) & (token < seq_len)
-        load_mask = token_ok[:, None] & dim_ok[None, :]
-        if QUANTIZED:
-            k_mult = tl.full([], 1.0, tl.float32)
-            v_mult = tl.full([], 1.0, tl.float32)
+    if HALF_PRODUCTS:
+        # Two walks over the table (any order): the store's fp8 blocks in fp16, then the live
+        # blocks as they are (each walk's tiles of one type for the compiler).
+        q16, down = _half_queries(q)
+        table = table_ptr + row_entry.to(tl.int64) * TOP_K
+        for it in range(0, count * SUBS):
+            block = tl.load(table + it // SUBS)
             if block < live_first:
-                k, k_mult, v, v_mult = store_block_tiles(
-                    kq, vq, k_scale_ptr, v_scale_ptr, k_min_ptr, v_min_ptr, k_scales, v_scales, block,
-                    block * block_size + (it % SUBS) * BLOCK_N, block_size, stride_qkl, stride_ksn,
-                    stride_vsn, k_ptr.dtype.element_ty, BLOCK_N, BLOCK_D, HEAD_DIM, INT4,
-                )  # fmt: skip
-            else:
+                in_block = (it % SUBS) * BLOCK_N + offs
+                token = block * block_size + in_block
+                token_ok = (in_block < block_size) & (token < seq_len)
+                start = block * block_size + (it % SUBS) * BLOCK_N
+                end = block * block_size + block_size
+                k16 = codes_tile(kq, start, end, stride_qkl, BLOCK_N, BLOCK_D, HEAD_DIM, False, True)
+                v16 = codes_tile(vq, start, end, stride_qkl, BLOCK_N, BLOCK_D, HEAD_DIM, False, True)
+                k16, v16 = k16.to(tl.float16), v16.to(tl.float16)
+                k_mult = tl.load(k_scale_ptr + k_scales + block.to(tl.int64) * stride_ksn).to(tl.float32)
+                v_mult = tl.load(v_scale_ptr + v_scales + block.to(tl.int64) * stride_vsn).to(tl.float32)
+                scores = tl.dot(q16, tl.trans(k16)) * (down * (qk_scale * k_mult))[:, None]
+                p, alpha, m_i, l_i = _online_softmax(scores, token_ok, m_i, l_i)
+                acc = acc * alpha[:, None] + tl.dot(p.to(tl.float16), v16) * v_mult
+        for it in range(0, count * SUBS):
+            block = tl.load(table + it // SUBS)
+            if block >= live_first:
+                in_block = (it % SUBS) * BLOCK_N + offs
+                token = block * block_size + in_block
+                token_ok = (in_block < block_size) & (token < seq_len)
                 live = (token - live_first * block_size).to(tl.int64)
-                k = tl.load(
-                    k_base + live[:, None] * stride_kl + dims[None, :] * stride_kd, mask=load_mask, other=0.0
-                )
-                v = tl.load(
-                    v_base + live[:, None] * stride_vl + dims[None, :] * stride_vd, mask=load_mask, other=0.0
-                )
-            scores = tl.dot(q, tl.trans(k), input_precision=PRECISION) * (qk_scale * k_mult)
-        else:
-            k = tl.load(k_base + token.to(tl.int64)[:, None] * stride_kl + dims[None, :] * stride_kd,
-                        mask=load_mask, other=0.0)  # fmt: skip
-            v = tl.load(v_base + token.to(tl.int64)[:, None] * stride_vl + dims[None, :] * stride_vd,
-                        mask=load_mask, other=0.0)  # fmt: skip
-            scores = tl.dot(q, tl.trans(k), input_precision=PRECISION) * qk_scale
-        scores = tl.where(token_ok[None, :], scores, float("-inf"))
-        m_new = tl.maximum(m_i, tl.max(scores, 1))
-        # A tile whose keys are all masked leaves m = -inf: shift by 0 there (no inf - inf).
-        m_shift = tl.where(m_new == float("-inf"), 0.0, m_new)
-        p = tl.exp2(scores - m_shift[:, None])
-        alpha = tl.exp2(m_i - m_shift)
-        l_i = l_i * alpha + tl.sum(p, 1)
-        if QUANTIZED:  # fp8: the block's value scale on its probabilities (exact operands otherwise)
-            acc = tl.dot((p * v_mult).to(v.dtype), v, acc * alpha[:, None], input_precision=PRECISION)
-        else:
-            acc = tl.dot(p.to(v.dtype), v, acc * alpha[:, None], input_precision=PRECISION)
-        m_i = m_new
+                load_mask = token_ok[:, None] & dim_ok[None, :]
+                k, v = _rows_tile(k_base, v_base, live, load_mask, dims, stride_kl, stride_kd, stride_vl,
+                                  stride_vd)  # fmt: skip
+                scores = tl.dot(q, tl.trans(k), input_precision=PRECISION) * qk_scale
+                p, alpha, m_i, l_i = _online_softmax(scores, token_ok, m_i, l_i)
+                acc = tl.dot(p.to(v.dtype), v, acc * alpha[:, None], input_precision=PRECISION)
+    else:
+        for it in range(0, count * SUBS):
+            block = tl.load(table_ptr + row_entry.to(tl.int64) * TOP_K + it // SUBS)
+            in_block = (it % SUBS) * BLOCK_N + offs
+            token = block * block_size + in_block
+            token_ok = (in_block < block_size) & (token < seq_len)
+            load_mask = token_ok[:, None] & dim_ok[None, :]
+            if QUANTIZED:
+                k_mult = tl.full([], 1.0, tl.float32)
+                v_mult = tl.full([], 1.0, tl.float32)
+                if block < live_first:
+                    k, k_mult, v, v_mult = store_block_tiles(
+                        kq, vq, k_scale_ptr, v_scale_ptr, k_min_ptr, v_min_ptr, k_scales, v_scales, block,
+                        block * block_size + (it % SUBS) * BLOCK_N, block_size, stride_qkl, stride_ksn,
+                        stride_vsn, k_ptr.dtype.element_ty, BLOCK_N, BLOCK_D, HEAD_DIM, INT4,
+                    )  # fmt: skip
+                else:
+                    live = (token - live_first * block_size).to(tl.int64)
+                    k, v = _rows_tile(k_base, v_base, live, load_mask, dims, stride_kl, stride_kd, stride_vl,
+                                      stride_vd)  # fmt: skip
+                scores = tl.dot(q, tl.trans(k), input_precision=PRECISION) * (qk_scale * k_mult)
+            else:
+                k = tl.load(k_base + token.to(tl.int64)[:, None] * stride_kl + dims[None, :] * stride_kd,
+                            mask=load_mask, other=0.0)  # fmt: skip
+                v = tl.load(v_base + token.to(tl.int64)[:, None] * stride_vl + dims[None, :] * stride_vd,
+                            mask=load_mask, other=0.0)  # fmt: skip
+                scores = tl.dot(q, tl.trans(k), input_precision=PRECISION) * qk_scale
+            p, alpha, m_new, l_i = _online_softmax(scores, token_ok, m_i, l_i)
+            if QUANTIZED:  # fp8: the block's value scale on its probabilities (exact operands otherwise)
+                acc = tl.dot((p * v_mult).to(v.dtype), v, acc * alpha[:, None], input_precision=PRECISION)
+            else:
+                acc = tl.dot(p.to(v.dtype), v, acc * alpha[:, None], input_precision=PRECISION)
+            m_i = m_new
 
     out = acc / tl.where(l_i > 0, l_i, 1.0)[:, None]  # no blocks: 0
     if WRITE_LSE:  # natural log; -inf for a group with no blocks
@@ -214,9 +276,15 @@ def selected_attention(
         TOP_K=top_k, TILES_PER_GROUP=tiles, BLOCK_M=block_m, BLOCK_N=block_n, SUBS=subs,
         HEAD_DIM=head_dim, BLOCK_D=max(16, triton.next_power_of_2(head_dim)),
         COMBINE=combine is not None, WRITE_LSE=lse is not None, PRECISION=precision,
-        num_warps=num_warps, num_stages=num_stages,
+        HALF_PRODUCTS=half_products(store, q.dtype), num_warps=num_warps, num_stages=num_stages,
     )  # fmt: skip
     return out
+
+
+def half_products(store: QuantizedBlocks | None, dtype: torch.dtype) -> bool:
+    """Whether a call multiplies its store's blocks in fp16 (``FP8_HALF_PRODUCTS``): fp8 stores
+    of bf16 calls (fp16 calls already do; fp16 holds every bf16 value only up to scaling)."""
+    return FP8_HALF_PRODUCTS and store is not None and store.kv_format == "fp8" and dtype == torch.bfloat16
 
 
 class SelectedAttention(torch.autograd.Function):

@@ -40,6 +40,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from omnimem import GatedConfig, gated_attention
 from omnimem.backends import gated_branches
+from omnimem.backends import selected_attention as selected_module
 from omnimem.backends.gated_branches import (
     compressed_attention,
     selected_attention_gather,
@@ -268,6 +269,15 @@ def run_history(history: int, pattern: str, args) -> dict:
             print(f"  [{history}/{pattern}] {line}", flush=True)
             checks.append(line)
         t[f"selected {kv_format}"] = bench(quantized)
+        if kv_format == "fp8":  # the store's blocks multiplied in fp16 (FP8_HALF_PRODUCTS; new)
+            selected_module.FP8_HALF_PRODUCTS = True
+            try:
+                half = quantized()
+                cost = ((half.float() - slc().float()).norm() / slc().float().norm()).item()
+                print(f"  [{history}/{pattern}] selected fp8, fp16 products: vs bf16 {cost:.2%}", flush=True)
+                t["selected fp8 fp16 products"] = bench(quantized)
+            finally:
+                selected_module.FP8_HALF_PRODUCTS = False
         row[f"store {kv_format} bytes vs bf16"] = store.nbytes / (
             2 * live_k.element_size() * max(live_first, 1) * 30 * HEADS * HEAD_DIM
         )

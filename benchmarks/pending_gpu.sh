@@ -16,9 +16,10 @@
 #                                  # Hopper kernels' GPU tests; issue 38: the codebases at 30
 #                                  # layers, LongLive's class; FULL=1: the 4-minute int4 chunk
 #                                  # profiled with the Gluon kernel and the Triton-language one
-#   benchmarks/pending_gpu.sh next # issue 36: fp8 key products (tests, then timed beside the
-#                                  # default), fp16 operands; issue 38: the codebases at 30 layers
-#                                  # (an H200), both sides interleaved
+#   benchmarks/pending_gpu.sh next # issue 36: fp8 key products and the gated kernel's fp16
+#                                  # products (tests, then timed beside the defaults), fp16
+#   benchmarks/pending_gpu.sh codebases # issue 38: the codebases at 30 layers (an H200), both
+#                                  # sides interleaved
 #
 # Both 36 and 37 ran on an H100 on 2026-12-07 (results in docs/memory.md, docs/positions.md).
 #
@@ -90,22 +91,25 @@ elif [ "$1" = decode ]; then  # one call while machines are scarce (ask for an H
     --kernel gluon --profile --json "$OUT/sf960_gluon.json"
   [ -n "${FULL:-}" ] && step 90 python3 self_forcing_rollout_gpu.py --kv-format int4 --frames 960 --reps 2 \
     --kernel triton --json "$OUT/sf960_lang.json"
-elif [ "$1" = next ]; then  # what is open after 2026-12-07 (ask for an H200: issue 38's bar is on
-  # one; an H100 holds 10 layers). Issue 36 first: the Hopper kernel tests and the quantized
-  # property tests (fp8 key products' first GPU run, the early reads' property tests), the sparse
-  # call with fp8 key products beside the default, the same in fp16 (fp8 decodes by one hardware
-  # conversion a pair there); then issue 38's codebases table with both sides interleaved (the
-  # last run timed one side after the other and drifted)
+elif [ "$1" = next ]; then  # issue 36, what is open after 2026-12-07: the Hopper kernel tests and
+  # the quantized property tests (fp8 key products' first GPU run; the early reads' property
+  # tests; the gated kernel's fp16 products), the sparse call with fp8 key products beside the
+  # default, the same in fp16 (fp8 decodes by one hardware conversion a pair there), the gated
+  # selected branch with fp16 products beside the default
   cd ..
-  step 120 python3 -m pytest -q -p no:cacheprovider -n 16 --tb=short -rf tests/test_kernels.py -k "hopper" \
-    property_tests/test_quantized_attention_property.py
+  step 110 python3 -m pytest -q -p no:cacheprovider -n 16 --tb=short -rf tests/test_kernels.py -k "hopper or fp16" \
+    property_tests/test_quantized_attention_property.py tests/test_gated.py
   cd benchmarks
-  step 100 python3 kv_formats_gpu.py --quick --json "$OUT/kvfmt_bf16.json"
-  step 90 python3 kv_formats_gpu.py --quick --dtype float16 --json "$OUT/kvfmt_fp16.json"
+  step 90 python3 kv_formats_gpu.py --quick --json "$OUT/kvfmt_bf16.json"
+  step 80 python3 kv_formats_gpu.py --quick --dtype float16 --json "$OUT/kvfmt_fp16.json"
+  step 70 python3 gated_gpu.py --patterns random --histories 60 --json "$OUT/gated.json"
+elif [ "$1" = codebases ]; then  # issue 38 (ask for an H200: its bar is on one; an H100 holds 10
+  # layers): the codebases table with both sides interleaved (the last run timed one side after
+  # the other and drifted)
   layers=$(python3 -c 'import torch; print(30 if torch.cuda.get_device_properties(0).total_memory > 120e9 else 10)')
-  step 240 python3 codebases_gpu.py --layers "$layers" --only LongLive "Rolling Forcing" LongLive-2.0 \
+  step 280 python3 codebases_gpu.py --layers "$layers" --only LongLive "Rolling Forcing" LongLive-2.0 \
     Self-Forcing CausVid --json "$OUT/codebases.json"
 else
-  echo "usage: pending_gpu.sh 36|37|now|words|decode|next" >>"$LOG"
+  echo "usage: pending_gpu.sh 36|37|now|words|decode|next|codebases" >>"$LOG"
 fi
 grep -v "DEBUG\|PytestBenchmark\|warner(" "$LOG" | tail -c 6000

@@ -609,3 +609,56 @@ def test_gated_layer_with_hopper_dense_branches_matches_reference(monkeypatch):
     assert not gated_branches._hopper_runs(q, k, v)
     with torch.no_grad():
         assert gated_branches._hopper_runs(q, k, v)
+
+
+@pytest.mark.parametrize(
+    "live",
+    [
+        False,
+        pytest.param(True, marks=pytest.mark.skipif(
+            TEST_DEVICE.type != "cuda", reason="the live blocks' bf16 dots are wrong in Triton's interpreter"
+        )),
+    ],
+)  # fmt: skip
+@pytest.mark.parametrize("scale_up", [1.0, 300.0])
+def test_fp8_blocks_multiplied_in_fp16_equal_the_reference(live, scale_up, monkeypatch, poisoned_allocations):
+    """``FP8_HALF_PRODUCTS``: a bf16 call's fp8 store blocks multiplied in fp16 (queries times a
+    power of two a row, probabilities in fp16, the value scale after the product) against the
+    float64 selected branch over the dequantized store; groups without blocks, GQA, a partial
+    last block, tables in any order, and queries far from 1 (``scale_up``: fp16 would overflow
+    without the row's power of two). With ``live``, tables that also name the live blocks."""
+    from omnimem.backends import selected_attention as kernel_module
+    from omnimem.backends.gated_branches import selected_attention_gather
+    from omnimem.backends.quantized_attention import dequantized_history
+    from omnimem.store.blocks import QuantizedBlocks
+
+    monkeypatch.setattr(kernel_module, "FP8_HALF_PRODUCTS", True)
+    bs, live_first, seq, groups, group = 30, 12, 30 * 19 + 7, 5, 15
+    gen = torch.Generator().manual_seed(7)
+    q = (torch.randn(1, 4, groups * group, 64, generator=gen) * scale_up).to(TEST_DEVICE, torch.bfloat16)
+    k, v = (torch.randn(1, 2, seq, 64, generator=gen).to(TEST_DEVICE, torch.bfloat16) for _ in range(2))
+    store = QuantizedBlocks("fp8", batch=1, num_kv_heads=2, capacity=live_first * bs, head_dim=64,
+                            block_size=bs, device=TEST_DEVICE)  # fmt: skip
+    store.write(0, k[:, :, : live_first * bs], v[:, :, : live_first * bs])
+    assert kernel_module.half_products(store, torch.bfloat16)
+    pool = torch.arange(20 if live else live_first)
+    table = torch.stack([pool[torch.randperm(len(pool), generator=gen)[:4]] for _ in range(2 * groups)])
+    counts = torch.tensor([4, 0, 3, 1, 4, 2, 4, 4, 0, 1], dtype=torch.int32).view(1, 2, groups)
+    table = table.view(1, 2, groups, 4).to(torch.int32)
+    seq_len = torch.tensor(seq, device=TEST_DEVICE)
+    args = dict(seq_len=seq_len, block_size=bs, query_group_size=group, scale=64**-0.5)
+    got = kernel_module.selected_attention(
+        q, k[:, :, live_first * bs :], v[:, :, live_first * bs :], block_idx=table.to(TEST_DEVICE),
+        num_blocks=counts.to(TEST_DEVICE), store=store, live_first=live_first, **args,
+    )  # fmt: skip
+    kd, vd = dequantized_history(store, k[:, :, live_first * bs :], v[:, :, live_first * bs :],
+                                 history_len=live_first * bs, dtype=torch.float64)  # fmt: skip
+    named = torch.where(torch.arange(4) < counts[..., None], table, -1).to(TEST_DEVICE)
+    want = selected_attention_gather(q.double(), kd, vd, block_idx=named, **args)
+    # kv head 0's group 1 and kv head 1's group 3 name no block: 0 for their query heads
+    assert (want[:, :2, group : 2 * group] == 0).all() and (want[:, 2:, 3 * group : 4 * group] == 0).all()
+    assert got.isfinite().all()
+    error = (got.double() - want).norm() / want.norm()
+    # The output's bf16 rounding alone: 1.7e-3 to nearest (a GPU); Triton's interpreter rounds
+    # toward zero, twice that. The fp16 operands are exact (dropping the value scale: 8e-2).
+    assert error < 4e-3, error

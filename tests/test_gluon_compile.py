@@ -233,9 +233,10 @@ def test_fp8_word_decode_is_exact():
             assert torch.equal(got, want), (dtype, position)
 
 
-def _compile_selected(arch: int, int4: bool):
+def _compile_selected(arch: int, int4: bool, half: bool = False):
     """The gated selected-branch kernel (Triton-language) over a quantized store, compiled for
-    ``sm_{arch}`` with the word-level decoders (what a GPU build runs)."""
+    ``sm_{arch}`` with the word-level decoders (what a GPU build runs); ``half``: an fp8 store's
+    blocks multiplied in fp16 (``FP8_HALF_PRODUCTS``)."""
     import triton
     from triton.backends.compiler import GPUTarget
     from triton.compiler import ASTSource
@@ -246,7 +247,7 @@ def _compile_selected(arch: int, int4: bool):
     fn = selected_attention._selected_attention_kernel
     constants = dict(
         TOP_K=16, TILES_PER_GROUP=1, BLOCK_M=16, BLOCK_N=32, SUBS=1, HEAD_DIM=128, BLOCK_D=128, COMBINE=False,
-        WRITE_LSE=False, PRECISION="tf32", QUANTIZED=True, INT4=int4,
+        WRITE_LSE=False, PRECISION="tf32", QUANTIZED=True, INT4=int4, HALF_PRODUCTS=half,
     )  # fmt: skip
     pointers = dict(table_ptr="*i32", count_ptr="*i32", seq_len_ptr="*i64", lse_ptr="*fp32", kq_ptr="*u8",
                     vq_ptr="*u8")  # fmt: skip
@@ -280,6 +281,9 @@ def test_triton_language_decoders_compile_for_ampere_and_hopper(arch):
     )  # fmt: skip
     assert run.returncode == 0, run.stderr[-3000:]
     assert "fma.rn.bf16x2" in run.stdout  # the word-level int4 decoder is in the kernel
+    if arch == 90:  # FP8_HALF_PRODUCTS: fp16 products, one conversion a pair of codes, none to float32
+        half = json.loads(run.stdout.strip().splitlines()[-1])
+        assert half["f16_mma"] and half["e4m3x2"] > 0 and half["f32_from_f16"] == 0, half
 
 
 if __name__ == "__main__":
@@ -288,6 +292,11 @@ if __name__ == "__main__":
             ptx = _compile_selected(int(sys.argv[2]), int4).asm["ptx"]
             if int4:
                 print("\n".join(line for line in ptx.splitlines() if "fma.rn.bf16x2" in line)[:2000])
+        if int(sys.argv[2]) >= 89:
+            ptx = _compile_selected(int(sys.argv[2]), False, half=True).asm["ptx"]
+            counts = dict(f16_mma="f32.f16.f16.f32" in ptx, e4m3x2=ptx.count("cvt.rn.f16x2.e4m3x2"),
+                          f32_from_f16=ptx.count("cvt.f32.f16"))  # fmt: skip
+            print(json.dumps(counts))
         sys.exit(0)
     kernel = _compile(*(int(a) for a in sys.argv[1:5]))
     tool = shutil.which("cuobjdump") or _bundled("cuobjdump")
