@@ -160,9 +160,9 @@ def dequantized_history(
 
 def fp8_queries(q: torch.Tensor) -> torch.Tensor:
     """The queries with which fp8 key codes are multiplied on the tensor cores (the Gluon
-    kernel's ``FP8_KEY_PRODUCTS``), as values of ``q``'s dtype: each row (one query of one head,
-    ``[..., D]``) rounded to float8 e4m3 under one float32 scale, ``amax / 448`` (1 for an
-    all-zero row), computed in float32 as the kernel does.
+    kernel's ``FP8_KEY_PRODUCTS``), as values of ``q``'s dtype (exact in float32 and float64,
+    the twin's): each row (one query of one head, ``[..., D]``) rounded to float8 e4m3 under one
+    float32 scale, ``amax / 448`` (1 for an all-zero row), computed in float32 as the kernel does.
 
     >>> q = torch.tensor([[1.0, 0.3, -2.0]])
     >>> fp8_queries(q)  # scale 2/448: 0.3 is 67.2 of them, whose nearest e4m3 value is 64
