@@ -50,6 +50,9 @@ _NEW_REINTERPRET = gl.constexpr(hasattr(gl.shared_memory_descriptor, "reinterpre
 THIRD_PARTITION = {
     "native": dict(THIRD_WARPS=1, WORKER_REGS=232, THIRD_REGS=40),
     "quantized": dict(THIRD_WARPS=4, WORKER_REGS=224, THIRD_REGS=56),
+    # FP8_THREE_STAGES: the consumers hold their e4m3 queries (16 registers); the producer only
+    # decodes values
+    "in_place": dict(THIRD_WARPS=4, WORKER_REGS=232, THIRD_REGS=40),
 }
 BLOCK_M = 128  # query rows per program: 64 per consumer warpgroup
 BLOCK_N = 128  # keys per stage
@@ -66,6 +69,10 @@ EARLY_OPERANDS = True
 # accuracy: 1.83% against the bf16 cache instead of 1.50% (emulated, docs/memory.md), within
 # issue 36's 2%. Compiled for sm_90 in CI, not yet run on a GPU: off until measured.
 FP8_KEY_PRODUCTS = False
+# With fp8 key products, three stages (``IN_PLACE``): a code tile's value bytes arrive by TMA in
+# the first half of the stage they decode into and are decoded there, last rows first, so no
+# code ring takes shared memory; the e4m3 queries stay in registers. Compiled, not yet run.
+FP8_THREE_STAGES = False
 # A split tile is cut into at most this many parts: each cut costs a merge (a wait and a
 # reload of the partial output) on the critical path.
 MAX_SPLITS = 4
@@ -346,15 +353,23 @@ def _load_codes(
     _tma_load(vc_desc, [codes_row + start, codes_col], vc_ready.index(cstage), vc_smem.index(cstage))
 
 
+@gluon.constexpr_function
+def _codes_layout_smem(rows, head_dim):
+    """Shared-memory layout of ``[rows, head_dim]`` one-byte codes as the host's TMA descriptors
+    have it (``_smem_layout``), for the tensor cores (e4m3 keys) or the decoder (value bytes)."""
+    return gl.NVMMASharedLayout.get_default_for([rows, head_dim], gl.float8e4nv)
+
+
 @gluon.jit
-def _as_codes(stage, like):
-    """A stage's shared memory read as ``like``'s dtype and layout (e4m3 key codes fill the
-    first half of a bf16 stage's bytes); the method's name differs between tritons."""
+def _as_codes(stage, dtype: gl.constexpr):
+    """A stage's shared memory read as ``[rows, head_dim]`` one-byte codes of ``dtype`` (they
+    fill the first half of a bf16 stage's bytes); the method's name differs between tritons."""
     shape: gl.constexpr = stage.type.shape
+    layout: gl.constexpr = _codes_layout_smem(shape[0], shape[1])
     if _NEW_REINTERPRET:
-        return stage.reinterpret(like.dtype, shape, like.layout)
+        return stage.reinterpret(dtype, shape, layout)
     else:
-        return stage._reinterpret(like.dtype, shape, like.layout)
+        return stage._reinterpret(dtype, shape, layout)
 
 
 @gluon.jit
@@ -369,10 +384,43 @@ def _load_key_codes(it, stage, block, first, kc_desc, k_smem, k_ready, codes_row
     SUBS: gl.constexpr = BLOCK_SIZE // KV_N
     mults.index(stage).store(first)
     _cta_barrier()
-    keys = _as_codes(k_smem.index(stage), kc_desc)
+    keys = _as_codes(k_smem.index(stage), kc_desc.dtype)
     start = block * BLOCK_SIZE + (it % SUBS) * KV_N
     mbarrier.expect(k_ready.index(stage), kc_desc.block_type.nbytes)
     _tma_load(kc_desc, [codes_row + start, codes_col], k_ready.index(stage), keys)
+
+
+@gluon.jit
+def _decode_values_in_place(it, j, block, vc_desc, v_smem, vc_ready, v_ready, codes_row, codes_col,
+                            BLOCK_SIZE: gl.constexpr):  # fmt: skip
+    """``IN_PLACE``: code tile ``it``'s value bytes (of block ``block``) by TMA into the first
+    half of its stage (free: the caller waited), decoded there into exact, unscaled values
+    (``_fp8_words``) and announced. Passes run from the last rows to the first, each loading
+    its codes before a barrier and storing after it: a pass's rows then overwrite only bytes
+    already read (every 128-byte line of codes lies under the same or a later row's values, in
+    a column-blocked or a row-major stage alike)."""
+    STAGES: gl.constexpr = v_smem.type.shape[0]
+    KV_N: gl.constexpr = v_smem.type.shape[1]
+    HEAD_DIM: gl.constexpr = v_smem.type.shape[2]
+    SUBS: gl.constexpr = BLOCK_SIZE // KV_N
+    WARPS: gl.constexpr = gl.num_warps()
+    ROWS: gl.constexpr = 8 * WARPS
+    stage = j % STAGES
+    out = v_smem.index(stage)
+    codes = _as_codes(out, vc_desc.dtype)
+    start = block * BLOCK_SIZE + (it % SUBS) * KV_N
+    mbarrier.expect(vc_ready.index(stage), vc_desc.block_type.nbytes)
+    _tma_load(vc_desc, [codes_row + start, codes_col], vc_ready.index(stage), codes)
+    # code tiles come first in a part: every earlier use of this stage was a code tile's
+    mbarrier.wait(vc_ready.index(stage), (j // STAGES) & 1)
+    layout: gl.constexpr = _codes_layout(HEAD_DIM, WARPS)
+    for p in gl.static_range(KV_N // ROWS):
+        x = codes.slice(KV_N - (p + 1) * ROWS, ROWS).load(layout)
+        _cta_barrier()
+        out.slice(KV_N - (p + 1) * ROWS, ROWS).store(_fp8_words(x, v_smem.dtype))
+    fence_async_shared()
+    _cta_barrier()
+    mbarrier.arrive(v_ready.index(stage), count=1)
 
 
 @gluon.jit
@@ -383,6 +431,7 @@ def _produce_partition(
     it_begin, it_end, history_len, native_from,
     k_scale_ptr, v_scale_ptr, k_min_ptr, v_min_ptr, k_scales, v_scales, stride_ksn, stride_vsn, mults,
     BLOCK_SIZE: gl.constexpr, QUANT: gl.constexpr, EARLY: gl.constexpr, KEY_MMA8: gl.constexpr,
+    IN_PLACE: gl.constexpr,
 ):  # fmt: skip
     """The third warpgroup: a native history's loader warp (``_load_partition``), or a
     quantized history's producer, the loader's work and the converter's in one partition, so
@@ -400,7 +449,7 @@ def _produce_partition(
     STAGES: gl.constexpr = k_smem.type.shape[0]
     _load_queries(q_desc, q_smem, q_bar, q_row, q_col, it_end > it_begin)
     CSTAGES: gl.constexpr = vc_smem.type.shape[0]
-    for c in gl.static_range(CSTAGES):
+    for c in gl.static_range(0 if IN_PLACE else CSTAGES):  # IN_PLACE: no code ring to fill ahead
         if it_begin + c < codes_end:
             _load_codes(it_begin + c, c, kc_desc, vc_desc, kc_smem, vc_smem, kc_ready, vc_ready, table_ptr,
                         codes_row, codes_col, BLOCK_SIZE, KEY_MMA8)  # fmt: skip
@@ -429,14 +478,19 @@ def _produce_partition(
             if KEY_MMA8:
                 _load_key_codes(it, stage, block, first, kc_desc, k_smem, k_ready, codes_row, codes_col,
                                 mults, BLOCK_SIZE)  # fmt: skip
-            _convert_tile(
-                it, j, block, first, second, kc_smem, vc_smem, k_smem, v_smem, kc_ready, vc_ready, k_ready,
-                v_ready, v_scale_ptr, v_min_ptr, v_scales, stride_vsn, mults, BLOCK_SIZE, QUANT, KEY_MMA8,
-            )  # fmt: skip
-            # Its fence ordered this code stage's reads before the TMA that refills it.
-            if it + CSTAGES < codes_end:
-                _load_codes(it + CSTAGES, j % CSTAGES, kc_desc, vc_desc, kc_smem, vc_smem, kc_ready, vc_ready,
-                            table_ptr, codes_row, codes_col, BLOCK_SIZE, KEY_MMA8)  # fmt: skip
+            if IN_PLACE:
+                _decode_values_in_place(it, j, block, vc_desc, v_smem, vc_ready, v_ready, codes_row,
+                                        codes_col, BLOCK_SIZE)  # fmt: skip
+            else:
+                _convert_tile(
+                    it, j, block, first, second, kc_smem, vc_smem, k_smem, v_smem, kc_ready, vc_ready,
+                    k_ready, v_ready, v_scale_ptr, v_min_ptr, v_scales, stride_vsn, mults, BLOCK_SIZE, QUANT,
+                    KEY_MMA8,
+                )  # fmt: skip
+                # Its fence ordered this code stage's reads before the TMA that refills it.
+                if it + CSTAGES < codes_end:
+                    _load_codes(it + CSTAGES, j % CSTAGES, kc_desc, vc_desc, kc_smem, vc_smem, kc_ready,
+                                vc_ready, table_ptr, codes_row, codes_col, BLOCK_SIZE, KEY_MMA8)  # fmt: skip
         else:
             _load_native(it, stage, k_desc, v_desc, k_smem, v_smem, k_ready, v_ready, table_ptr, kv_row,
                          kv_col, num_hist_tiles, history_len, native_from, BLOCK_SIZE)  # fmt: skip
@@ -485,25 +539,41 @@ def _tile_mults(mults, stage, coded, qk_scale, QUANT: gl.constexpr):
 
 
 @gluon.jit
-def _fp8_queries(q, q8, s_layout: gl.constexpr):
-    """``KEY_MMA8``: a warpgroup's queries ``q`` (shared memory) into ``q8`` as e4m3 with one
-    scale a row (``amax / 448``; ``quantized_attention.fp8_queries`` is the twin), visible to the
-    tensor cores; returns the rows' scales in the scores' row layout."""
-    # in an accumulator layout: its rows are the scores', so the scales need no shuffle
+def _fp8_rows(q):
+    """A warpgroup's queries ``q`` (shared memory) as e4m3 with one scale a row (``amax / 448``;
+    ``quantized_attention.fp8_queries`` is the twin), and the scales. Loaded in an accumulator
+    layout: its rows are the scores', so the scales need no shuffle."""
     x = q.load(_wgmma_layout(q.type.shape[1])).to(gl.float32)
     amax = gl.max(gl.abs(x), 1)
     amax = gl.where(amax > 0, amax, 448.0)  # an all-zero row (padding): scale 1
-    q8.store((x * (448.0 / amax)[:, None]).to(q8.dtype))
-    fence_async_shared()
-    _cta_barrier()
-    return gl.convert_layout(amax / 448.0, gl.SliceLayout(1, s_layout))
+    return (x * (448.0 / amax)[:, None]).to(gl.float8e4nv), amax * (1.0 / 448.0)
 
 
 @gluon.jit
-def _keys_operand(k_smem, stage, q, CODES: gl.constexpr):
+def _fp8_queries(q, q8, s_layout: gl.constexpr):
+    """``KEY_MMA8``: ``_fp8_rows`` into ``q8`` (shared memory), visible to the tensor cores;
+    returns the rows' scales in the scores' row layout."""
+    x8, scale = _fp8_rows(q)
+    q8.store(x8)
+    fence_async_shared()
+    _cta_barrier()
+    return gl.convert_layout(scale, gl.SliceLayout(1, s_layout))
+
+
+@gluon.jit
+def _fp8_query_operand(q, s_layout: gl.constexpr, KV_N: gl.constexpr):
+    """``IN_PLACE``: ``_fp8_rows`` as the registers of an e4m3 wgmma's first operand (16 a
+    thread: no shared memory), and the rows' scales in the scores' row layout."""
+    x8, scale = _fp8_rows(q)
+    operand: gl.constexpr = gl.DotOperandLayout(operand_index=0, parent=_wgmma_layout(KV_N, 32), k_width=4)
+    return gl.convert_layout(x8, operand), gl.convert_layout(scale, gl.SliceLayout(1, s_layout))
+
+
+@gluon.jit
+def _keys_operand(k_smem, stage, CODES: gl.constexpr):
     """Stage ``stage``'s keys as the tensor cores read them: ``CODES``, the first half of its
-    bytes as e4m3 codes (``_load_key_codes``) in the layout of ``q``, the e4m3 queries; else as stored."""
-    keys = _as_codes(k_smem.index(stage), q) if CODES else k_smem.index(stage)
+    bytes as e4m3 codes (``_load_key_codes``); else as stored."""
+    keys = _as_codes(k_smem.index(stage), gl.float8e4nv) if CODES else k_smem.index(stage)
     return keys.permute((1, 0))
 
 
@@ -538,7 +608,7 @@ def _attend_step(
     stage = j % STAGES
     prev = (j - 1) % STAGES
     mbarrier.wait(k_ready.index(stage), (j // STAGES) & 1)
-    s_tok = warpgroup_mma(q, _keys_operand(k_smem, stage, q, CODES), s_zero, use_acc=False, is_async=True)
+    s_tok = warpgroup_mma(q, _keys_operand(k_smem, stage, CODES), s_zero, use_acc=False, is_async=True)
     mbarrier.wait(v_ready.index(prev), ((j - 1) // STAGES) & 1)
     acc_tok = warpgroup_mma(p_op, v_smem.index(prev), acc, is_async=True)
     qk, v_log2, v_inv = _tile_mults(mults, stage, it_begin + j < codes_end, qk_scale, QUANT)
@@ -569,7 +639,7 @@ def _attend_step(
 def _attend_tiles(
     q_smem, k_smem, v_smem, q_bar, k_ready, v_ready, kv_empty,
     num_hist_tiles, it_begin, it_end, last_block_tile, hist_end, chunk_end, qk_scale, mults, codes_end,
-    q8_smem, WG: gl.constexpr, QUANT: gl.constexpr, KEY_MMA8: gl.constexpr,
+    q8_smem, WG: gl.constexpr, QUANT: gl.constexpr, KEY_MMA8: gl.constexpr, IN_PLACE: gl.constexpr,
 ):  # fmt: skip
     """``(m, l, acc)`` of one warpgroup's 64 query rows over key tiles ``[it_begin, it_end)``
     (not empty): scores in base 2, ``acc`` unnormalized. ``QUANT`` 1: code tiles (before
@@ -592,8 +662,11 @@ def _attend_tiles(
     mbarrier.wait(q_bar, 0)
     q = q_smem.index(WG)
     if KEY_MMA8:
-        q8 = q8_smem.index(WG)
-        q_rows = _fp8_queries(q, q8, s_layout)
+        if IN_PLACE:
+            q8, q_rows = _fp8_query_operand(q, s_layout, KV_N)
+        else:
+            q8 = q8_smem.index(WG)
+            q_rows = _fp8_queries(q, q8, s_layout)
     else:  # unused stand-ins
         q8 = q
         q_rows = qk_scale
@@ -605,10 +678,10 @@ def _attend_tiles(
         coded = it_begin < codes_end
         if coded:
             s8_zero = gl.zeros([HALF, KV_N], gl.float32, _wgmma_layout(KV_N, 32))
-            s8 = warpgroup_mma(q8, _keys_operand(k_smem, 0, q8, True), s8_zero, use_acc=False)
+            s8 = warpgroup_mma(q8, _keys_operand(k_smem, 0, True), s8_zero, use_acc=False)
             s = gl.convert_layout(s8, s_layout)
         else:
-            s = warpgroup_mma(q, _keys_operand(k_smem, 0, q, False), s_zero, use_acc=False)
+            s = warpgroup_mma(q, _keys_operand(k_smem, 0, False), s_zero, use_acc=False)
         qk, v_log2, v_inv = _tile_mults(mults, 0, coded, qk_scale, QUANT)
         qk = qk * gl.where(coded, q_rows, 1.0)
     else:
@@ -665,7 +738,7 @@ def _consume(
     out_row_ptr, lse_row_ptr, handoff_ptr, flags_ptr, q_len, rows_start, split_part, part, last_part,
     num_hist_tiles, it_begin, it_end, last_block_tile, hist_end, chunk_end, qk_scale, mults, codes_end,
     stride_ol, q8_smem, WG: gl.constexpr, WRITE_LSE: gl.constexpr, QUANT: gl.constexpr,
-    KEY_MMA8: gl.constexpr,
+    KEY_MMA8: gl.constexpr, IN_PLACE: gl.constexpr,
 ):  # fmt: skip
     """One warpgroup: online softmax of its 64 query rows over key tiles ``[it_begin, it_end)``,
     merged with the earlier part of a split tile, if any, then written out."""
@@ -679,7 +752,7 @@ def _consume(
         m_i, l_i, acc = _attend_tiles(
             q_smem, k_smem, v_smem, q_bar, k_ready, v_ready, kv_empty,
             num_hist_tiles, it_begin, it_end, last_block_tile, hist_end, chunk_end, qk_scale, mults,
-            codes_end, q8_smem, WG, QUANT, KEY_MMA8,
+            codes_end, q8_smem, WG, QUANT, KEY_MMA8, IN_PLACE,
         )  # fmt: skip
     else:  # an empty part of a split tile (fewer key tiles than parts) adds nothing
         m_i = gl.full([HALF], -1.0e30, gl.float32, gl.SliceLayout(1, s_layout))
@@ -740,12 +813,13 @@ def _consume_worker(
     out_row_ptr, lse_row_ptr, handoff_ptr, flags_ptr, q_len, rows_start, split_part, part, last_part,
     num_hist_tiles, it_begin, it_end, last_block_tile, hist_end, chunk_end, qk_scale, mults, codes_end,
     stride_ol, q8_smem, WRITE_LSE: gl.constexpr, QUANT: gl.constexpr, KEY_MMA8: gl.constexpr,
+    IN_PLACE: gl.constexpr,
 ):  # fmt: skip
     _consume(
         q_smem, k_smem, v_smem, q_bar, k_ready, v_ready, kv_empty,
         out_row_ptr, lse_row_ptr, handoff_ptr, flags_ptr, q_len, rows_start, split_part, part, last_part,
         num_hist_tiles, it_begin, it_end, last_block_tile, hist_end, chunk_end, qk_scale, mults, codes_end,
-        stride_ol, q8_smem, 1, WRITE_LSE, QUANT, KEY_MMA8,
+        stride_ol, q8_smem, 1, WRITE_LSE, QUANT, KEY_MMA8, IN_PLACE,
     )  # fmt: skip
 
 
@@ -764,7 +838,7 @@ def _hopper_attention_kernel(
     BLOCK_SIZE: gl.constexpr, STAGES: gl.constexpr, WRITE_LSE: gl.constexpr,
     QUANT: gl.constexpr = 0, CSTAGES: gl.constexpr = 2, THIRD_WARPS: gl.constexpr = 1,
     WORKER_REGS: gl.constexpr = 232, THIRD_REGS: gl.constexpr = 40, EARLY: gl.constexpr = True,
-    KEY_MMA8: gl.constexpr = False,
+    KEY_MMA8: gl.constexpr = False, IN_PLACE: gl.constexpr = False,
 ):  # fmt: skip
     HALF: gl.constexpr = q_desc.block_type.shape[0]
     KV_N: gl.constexpr = k_desc.block_type.shape[0]
@@ -845,7 +919,14 @@ def _hopper_attention_kernel(
         codes_col = (c_off % stride_cl).to(gl.int32)
         k_scales = batch.to(gl.int64) * stride_ksb + kv_head.to(gl.int64) * stride_ksh
         v_scales = batch.to(gl.int64) * stride_vsb + kv_head.to(gl.int64) * stride_vsh
-        if KEY_MMA8:
+        if IN_PLACE:
+            # No code ring: both halves of a code tile arrive in their stage (``_load_key_codes``,
+            # ``_decode_values_in_place``), the e4m3 queries stay in registers; a barrier a stage
+            # for the value bytes' arrival.
+            q8_smem = q_smem
+            kc_smem = v_smem
+            vc_smem = v_smem
+        elif KEY_MMA8:
             # Key codes go straight into the stage ring (``_load_key_codes``); the consumers'
             # queries in e4m3 take the key code ring's place in shared memory.
             q8_smem = gl.allocate_shared_memory(kc_desc.dtype, [2, HALF, HEAD_DIM], kc_desc.layout)
@@ -858,9 +939,10 @@ def _hopper_attention_kernel(
                                                 kc_desc.layout)  # fmt: skip
             vc_smem = gl.allocate_shared_memory(vc_desc.dtype, [CSTAGES, KV_N, vc_desc.block_type.shape[1]],
                                                 vc_desc.layout)  # fmt: skip
-        kc_ready = gl.allocate_shared_memory(gl.int64, [CSTAGES, 1], mbarrier.MBarrierLayout())
-        vc_ready = gl.allocate_shared_memory(gl.int64, [CSTAGES, 1], mbarrier.MBarrierLayout())
-        for i in gl.static_range(CSTAGES):
+        BARRIERS: gl.constexpr = STAGES if IN_PLACE else CSTAGES  # a stage's, or a code stage's
+        kc_ready = gl.allocate_shared_memory(gl.int64, [BARRIERS, 1], mbarrier.MBarrierLayout())
+        vc_ready = gl.allocate_shared_memory(gl.int64, [BARRIERS, 1], mbarrier.MBarrierLayout())
+        for i in gl.static_range(BARRIERS):
             mbarrier.init(kc_ready.index(i), count=1)
             mbarrier.init(vc_ready.index(i), count=1)
     else:  # unused stand-ins: no code tiles
@@ -884,7 +966,7 @@ def _hopper_attention_kernel(
                     q_smem, k_smem, v_smem, q_bar, k_ready, v_ready, kv_empty,
                     out_row_ptr, lse_row_ptr, handoff_ptr, flags_ptr, q_len, rows_start, split_part, part,
                     last_part, num_hist_tiles, it_begin, it_end, last_block_tile, hist_end, chunk_end,
-                    qk_scale, mults, codes_end, stride_ol, q8_smem, 0, WRITE_LSE, QUANT, KEY_MMA8,
+                    qk_scale, mults, codes_end, stride_ol, q8_smem, 0, WRITE_LSE, QUANT, KEY_MMA8, IN_PLACE,
                 ),
             ),
             (
@@ -893,7 +975,7 @@ def _hopper_attention_kernel(
                     q_smem, k_smem, v_smem, q_bar, k_ready, v_ready, kv_empty,
                     out_row_ptr, lse_row_ptr, handoff_ptr, flags_ptr, q_len, rows_start, split_part, part,
                     last_part, num_hist_tiles, it_begin, it_end, last_block_tile, hist_end, chunk_end,
-                    qk_scale, mults, codes_end, stride_ol, q8_smem, WRITE_LSE, QUANT, KEY_MMA8,
+                    qk_scale, mults, codes_end, stride_ol, q8_smem, WRITE_LSE, QUANT, KEY_MMA8, IN_PLACE,
                 ),
             ),
             (
@@ -904,7 +986,7 @@ def _hopper_attention_kernel(
                     table_ptr, q_row, q_col, kv_row, kv_col, codes_row, codes_col, num_hist_tiles,
                     codes_end, it_begin, it_end, history_len, native_from,
                     k_scale_ptr, v_scale_ptr, k_min_ptr, v_min_ptr, k_scales, v_scales, stride_ksn,
-                    stride_vsn, mults, BLOCK_SIZE, QUANT, EARLY, KEY_MMA8,
+                    stride_vsn, mults, BLOCK_SIZE, QUANT, EARLY, KEY_MMA8, IN_PLACE,
                 ),
             ),
         ],
@@ -990,6 +1072,18 @@ def _key_products_in_fp8(store) -> bool:
     return FP8_KEY_PRODUCTS and store is not None and store.kv_format == "fp8" and not FLOOR_COPY
 
 
+def _values_in_place(store) -> bool:
+    """Whether fp8 key products run with three stages, values decoded in place (``FP8_THREE_STAGES``)."""
+    return FP8_THREE_STAGES and _key_products_in_fp8(store)
+
+
+def _partition(store) -> str:
+    """The kernel's ``THIRD_PARTITION`` entry."""
+    if store is None:
+        return "native"
+    return "in_place" if _values_in_place(store) else "quantized"
+
+
 def _quant_code(store) -> int:
     """The kernel's ``QUANT``: 0 native, 1 fp8 (exact codes; the consumers scale), 2 int4 (a
     word at a time), 3 the benchmark's floor (``FLOOR_COPY``)."""
@@ -1065,7 +1159,8 @@ def scattered_attention(
         v_min = store.v_min if store.v_min is not None else store.v_scale
         quantized = [*codes, store.k_scale, store.v_scale, k_min, v_min, *store.k.stride()[:3],
                      *store.k_scale.stride()[:3], *store.v_scale.stride()[:3]]  # fmt: skip
-        stages = 2  # two native stages and the code ring fit in shared memory
+        # two stages and the code ring fit in shared memory; three without a code ring
+        stages = 3 if _values_in_place(store) else 2
     num_split_tiles = num_tiles % num_sms
     splits = min(MAX_SPLITS, num_sms // num_split_tiles) if num_split_tiles else 1
     if splits == 1:
@@ -1083,6 +1178,6 @@ def scattered_attention(
         scale * 1.4426950408889634, num_q_tiles, num_tiles - num_split_tiles, splits, *quantized,
         BLOCK_SIZE=block_size, STAGES=stages, WRITE_LSE=return_lse,
         QUANT=_quant_code(store), EARLY=EARLY_OPERANDS, KEY_MMA8=_key_products_in_fp8(store),
-        **(THIRD_PARTITION["native" if store is None else "quantized"]), num_warps=4, maxnreg=168,
+        IN_PLACE=_values_in_place(store), **THIRD_PARTITION[_partition(store)], num_warps=4, maxnreg=168,
     )  # fmt: skip
     return out, (lse if return_lse else None)

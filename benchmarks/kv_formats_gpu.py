@@ -46,6 +46,8 @@ VARIANTS = [
     # fp8 only (last of --quick's: new, not yet run on a GPU): key codes multiplied as stored by
     # e4m3 queries (FP8_KEY_PRODUCTS), values decoded
     dict(kernel="gluon", key_products=True),
+    # and three stages, values decoded in place, e4m3 queries in registers (FP8_THREE_STAGES)
+    dict(kernel="gluon", key_products=True, three_stages=True),
     dict(block_n=64),
     dict(num_stages=2),
     dict(block_m=64, num_warps=4),
@@ -54,7 +56,10 @@ VARIANTS = [
 
 TIMED = ("ms", "err_vs_dequantized", "err_vs_bf16_cache")
 SWITCHES = dict(
-    floor_copy="FLOOR_COPY", early_operands="EARLY_OPERANDS", key_products="FP8_KEY_PRODUCTS"
+    floor_copy="FLOOR_COPY",
+    early_operands="EARLY_OPERANDS",
+    key_products="FP8_KEY_PRODUCTS",
+    three_stages="FP8_THREE_STAGES",
 )  # key: switch
 DEFAULTS = {name: getattr(gluon_attention, name) for name in SWITCHES.values()}
 
@@ -154,7 +159,7 @@ def main() -> None:
     )
     args = parser.parse_args()
     if args.quick:
-        VARIANTS[6:] = []
+        VARIANTS[7:] = []
     dtype = {"bfloat16": torch.bfloat16, "float16": torch.float16}[args.dtype]
     rows = [run_shape(args.heads, h, args.top_k, args.chunk_tokens, dtype) for h in args.histories]
     result = dict(environment=environment(), rows=rows)

@@ -102,13 +102,17 @@ def test_hopper_kernel_over_a_quantized_history_equals_the_float64_reference(cas
 
 @pytest.mark.skipif(not ON_HOPPER, reason="the Gluon kernel runs on Hopper GPUs only")
 @settings(max_examples=examples(20))
-@given(case=hopper_cases(), dtype=st.sampled_from([torch.bfloat16, torch.float16]))
-def test_hopper_fp8_key_products_equal_their_float64_twin(case, dtype):
+@given(case=hopper_cases(), dtype=st.sampled_from([torch.bfloat16, torch.float16]),
+       three_stages=st.booleans())  # fmt: skip
+def test_hopper_fp8_key_products_equal_their_float64_twin(case, dtype, three_stages):
     """``FP8_KEY_PRODUCTS``: fp8 key codes multiplied as stored by e4m3 queries, against the
-    twin that scores the whole blocks with ``fp8_queries``."""
+    twin that scores the whole blocks with ``fp8_queries``; with ``FP8_THREE_STAGES`` too."""
     from omnimem.backends import gluon_attention
 
-    with mock.patch.object(gluon_attention, "FP8_KEY_PRODUCTS", True):
+    with (
+        mock.patch.object(gluon_attention, "FP8_KEY_PRODUCTS", True),
+        mock.patch.object(gluon_attention, "FP8_THREE_STAGES", three_stages),
+    ):
         _check(dict(case, kv_format="fp8"), dtype=dtype, block_m=128, tail_poison=1.0e3,
                tol=dict(atol=2e-2, rtol=2e-2), kernel="gluon", fp8_key_products=True)  # fmt: skip
 

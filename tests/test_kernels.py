@@ -366,7 +366,7 @@ def test_tables_from_sums_kernel_skips_blocks_with_nan_keys_like_the_torch_path(
 
 
 @pytest.mark.skipif(not ON_HOPPER, reason="the Gluon kernel runs on Hopper GPUs only")
-@pytest.mark.parametrize("kv_format", ["fp8", "int4", "fp8-key-products"])
+@pytest.mark.parametrize("kv_format", ["fp8", "int4", "fp8-key-products", "fp8-three-stages"])
 @pytest.mark.parametrize("num_sms", [1, 5, None])
 @pytest.mark.parametrize(
     ("q_heads", "kv_heads", "head_dim", "history_len", "q_len", "block_size", "flash_layout", "dtype"),
@@ -387,7 +387,8 @@ def test_hopper_kernel_reads_a_quantized_history(
     and against the Triton-language kernel on the same store. Store slots the selection does
     not name hold NaN codes and scales: never read; every buffer the library allocates starts as
     NaN. ``fp8-key-products`` (``FP8_KEY_PRODUCTS``): against its twin, which it must follow
-    more closely than the plain reference (so a kernel that ignored the switch fails)."""
+    more closely than the plain reference (so a kernel that ignored the switch fails);
+    ``fp8-three-stages`` the same with ``FP8_THREE_STAGES`` (values decoded in place)."""
     from omnimem.backends import gluon_attention, triton_attention
     from omnimem.backends.quantized_attention import quantized_attention, quantized_attention_reference
     from omnimem.backends.triton import tile_tables
@@ -397,10 +398,11 @@ def test_hopper_kernel_reads_a_quantized_history(
         q_heads=q_heads, kv_heads=kv_heads, history_len=history_len, q_len=q_len, head_dim=head_dim,
         dtype=dtype, flash_layout=flash_layout, seed=history_len + q_len,
     )  # fmt: skip
-    key_products = kv_format == "fp8-key-products"
+    key_products = kv_format in ("fp8-key-products", "fp8-three-stages")
     if key_products:
-        kv_format = "fp8"
         monkeypatch.setattr(gluon_attention, "FP8_KEY_PRODUCTS", True)
+        monkeypatch.setattr(gluon_attention, "FP8_THREE_STAGES", kv_format == "fp8-three-stages")
+        kv_format = "fp8"
     config = OmniMemConfig(block_size=block_size, top_k=3, sink_tokens=block_size, local_tokens=200)
     selection = select_blocks(q, k, history_len=history_len, config=config)
     whole = history_len // block_size * block_size
