@@ -646,8 +646,8 @@ def _attend_tiles(
     ``codes_end``) hold unscaled fp8 values; their block's key and value scales, left by the
     producer in ``mults`` beside the stage, multiply the scores and the probabilities
     (``_tile_mults``). ``KEY_MMA8``: a code tile's keys are e4m3 codes, multiplied by the
-    queries in e4m3 (``_fp8_queries``, into ``q8_smem``); the code tiles come first in a part,
-    so they take a loop of their own."""
+    queries in e4m3 (``_fp8_queries``, into ``q8_smem``; with ``IN_PLACE`` kept in registers,
+    ``_fp8_query_operand``); the code tiles come first in a part, so they take a loop of their own."""
     STAGES: gl.constexpr = k_smem.type.shape[0]
     KV_N: gl.constexpr = k_smem.type.shape[1]
     HEAD_DIM: gl.constexpr = k_smem.type.shape[2]
