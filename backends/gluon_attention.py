@@ -397,8 +397,9 @@ def _decode_values_in_place(it, j, block, vc_desc, v_smem, vc_ready, v_ready, co
     half of its stage (free: the caller waited), decoded there into exact, unscaled values
     (``_fp8_words``) and announced. Passes run from the last rows to the first, each loading
     its codes before a barrier and storing after it: a pass's rows then overwrite only bytes
-    already read (every 128-byte line of codes lies under the same or a later row's values, in
-    a column-blocked or a row-major stage alike)."""
+    already read (at head_dim 128 a bf16 row's two 64-channel column blocks cover its own code
+    row only; at 64 it covers two code rows, its own and a later one; checked byte by byte on
+    the real layouts in ``tests/test_gluon_compile.py``)."""
     STAGES: gl.constexpr = v_smem.type.shape[0]
     KV_N: gl.constexpr = v_smem.type.shape[1]
     HEAD_DIM: gl.constexpr = v_smem.type.shape[2]

@@ -323,3 +323,68 @@ if __name__ == "__main__":
     qgmma = "wgmma.mma_async.sync.aligned.m64n128k32.f32.e4m3.e4m3" in ptx
     result = dict(shared=kernel.metadata.shared, setmaxnreg="setmaxnreg" in ptx, usage=usage, qgmma=qgmma)
     print(json.dumps(result))
+
+
+def _byte_offsets(gl_dtype, rows: int, cols: int):
+    """``[rows, cols]`` byte offset of each element's first byte in shared memory under the
+    NVMMA layout the kernel and its TMA descriptors use (``get_default_for``), from triton's
+    own linear layout of it (each offset bit XORs in one (row, col) basis)."""
+    import torch
+    from triton._C.libtriton import gluon_ir, ir
+    from triton.experimental.gluon import language as gl
+    from triton.experimental.gluon.language._semantic import GluonSemantic
+
+    context = ir.context()
+    ir.load_dialects(context)
+    semantic = GluonSemantic(gluon_ir.GluonOpBuilder(context))
+    layout = gl.NVMMASharedLayout.get_default_for([rows, cols], gl_dtype)
+    bases = semantic.to_linear_layout(layout, [rows, cols]).value.offset_bases
+    size = gl_dtype.primitive_bitwidth // 8
+    where = torch.full((rows, cols), -1, dtype=torch.int64)
+    for offset in range(rows * cols):
+        r = c = 0
+        for bit, (br, bc) in enumerate(bases):
+            if offset >> bit & 1:
+                r, c = r ^ br, c ^ bc
+        where[r, c] = offset * size
+    assert (where >= 0).all()
+    return where
+
+
+def _in_place_hazards(head_dim: int, rows_per_pass: int, bottom_up: bool) -> tuple[int, int]:
+    """Code bytes of an fp8 value tile (``[128, head_dim]``, in the first half of its bf16
+    stage) that a decode pass overwrites before the pass that reads them, and those it
+    overwrites in the pass that reads them (safe only with the barrier between the pass's loads
+    and its stores): passes of ``rows_per_pass`` rows."""
+    import torch
+    from triton.experimental.gluon import language as gl
+
+    codes = _byte_offsets(gl.uint8, 128, head_dim)
+    values = _byte_offsets(gl.bfloat16, 128, head_dim)
+    passes = list(range(0, 128, rows_per_pass))
+    order = passes[::-1] if bottom_up else passes
+    reader = torch.full((2 * 128 * head_dim,), len(order), dtype=torch.int64)  # bytes no pass reads
+    writer = torch.full_like(reader, len(order))  # bytes no pass writes
+    for step, first in enumerate(order):
+        block = slice(first, first + rows_per_pass)
+        reader[codes[block].flatten()] = step
+        written = values[block].flatten()
+        writer[torch.cat([written, written + 1])] = step
+    read = reader < len(order)
+    return int((writer[read] < reader[read]).sum()), int((writer[read] == reader[read]).sum())
+
+
+@pytest.mark.parametrize("head_dim", [64, 128])
+def test_values_decoded_in_place_never_overwrite_unread_codes(head_dim):
+    """``FP8_THREE_STAGES`` decodes a tile's value bytes in the stage they arrived in, passes from
+    the last rows to the first (``_decode_values_in_place``): with the real shared-memory layouts
+    (swizzled, bf16 rows of 128 channels in two column blocks) no pass overwrites a code byte a
+    later pass reads; each pass overwrites some of its own (hence its barrier between loads and
+    stores). At head_dim 64 a bf16 row covers two code rows: top down, the same passes would
+    overwrite unread codes (the check can fail)."""
+    pytest.importorskip("triton._C.libtriton.gluon_ir")
+    rows = 8 * 4  # the producer's passes: 8 rows a warp, 4 warps
+    early, own = _in_place_hazards(head_dim, rows, bottom_up=True)
+    assert early == 0 and own > 0
+    if head_dim == 64:
+        assert _in_place_hazards(head_dim, rows, bottom_up=False)[0] > 0
