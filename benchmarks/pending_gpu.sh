@@ -100,8 +100,9 @@ elif [ "$1" = next ]; then  # issue 36, what is open after 2026-12-07: the Hoppe
   step 110 python3 -m pytest -q -p no:cacheprovider -n 16 --tb=short -rf tests/test_kernels.py -k "hopper or fp16" \
     property_tests/test_quantized_attention_property.py tests/test_gated.py
   cd benchmarks
-  step 90 python3 kv_formats_gpu.py --quick --json "$OUT/kvfmt_bf16.json"
-  step 80 python3 kv_formats_gpu.py --quick --dtype float16 --json "$OUT/kvfmt_fp16.json"
+  # (the new variants compile on the device first: 20-30 s each)
+  step 150 python3 kv_formats_gpu.py --quick --json "$OUT/kvfmt_bf16.json"
+  step 120 python3 kv_formats_gpu.py --quick --dtype float16 --json "$OUT/kvfmt_fp16.json"
   step 70 python3 gated_gpu.py --patterns random --histories 60 --json "$OUT/gated.json"
 elif [ "$1" = codebases ]; then  # issue 38 (ask for an H200: its bar is on one; an H100 holds 10
   # layers): the codebases table with both sides interleaved (the last run timed one side after
