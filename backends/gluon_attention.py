@@ -73,6 +73,9 @@ FP8_KEY_PRODUCTS = False
 # the first half of the stage they decode into and are decoded there, last rows first, so no
 # code ring takes shared memory; the e4m3 queries stay in registers. Compiled, not yet run.
 FP8_THREE_STAGES = False
+# int4 in three stages (``IN_PLACE``): both halves of a code tile arrive by TMA in the stages they
+# decode into and are decoded there, so no code ring takes shared memory. Compiled, not yet run.
+INT4_THREE_STAGES = False
 # A split tile is cut into at most this many parts: each cut costs a merge (a wait and a
 # reload of the partial output) on the critical path.
 MAX_SPLITS = 4
@@ -222,9 +225,16 @@ def _tile_reads(
     return block, first, second
 
 
+@gluon.constexpr_function
+def _passes(rows, per_pass, in_place):
+    """``static_range`` bounds of the decode passes' first rows: in order, or (``in_place``)
+    from the last rows back."""
+    return (rows - per_pass, -per_pass, -per_pass) if in_place else (0, rows, per_pass)
+
+
 @gluon.jit
 def _decode_tile(codes_smem, out_smem, scale_ptr, min_ptr, scales, token, stride_sn, scale2, low2,
-                 QUANT: gl.constexpr, IS_KEY: gl.constexpr):  # fmt: skip
+                 QUANT: gl.constexpr, IS_KEY: gl.constexpr, IN_PLACE: gl.constexpr = False):  # fmt: skip
     """A code tile (store rows from ``token``, within a whole block) into ``out_smem`` (the
     compute dtype), a pass of ``8 x warps`` rows at a time, with integer and paired
     half-precision operations, not conversions (Hopper converts at a quarter of the FMA rate:
@@ -233,13 +243,20 @@ def _decode_tile(codes_smem, out_smem, scale_ptr, min_ptr, scales, token, stride
     scale + minimum`` (keys per block and channel, paired once a tile; values per token) in one
     fused multiply-add of the compute dtype.
     ``scales``: the (batch, head) offset into the scale and minimum buffers; ``scale2``/``low2``
-    an int4 key tile's operands (``_key_operands``), loaded by the caller."""
+    an int4 key tile's operands (``_key_operands``), loaded by the caller. ``IN_PLACE``: the
+    codes fill the first bytes of ``out_smem`` itself; passes run from the last rows to the
+    first, each loading its codes before a barrier and storing after it (a pass's rows then
+    overwrite only codes already read: checked byte by byte on the real layouts in
+    ``tests/test_gluon_compile.py``)."""
     KV_N: gl.constexpr = out_smem.type.shape[0]
     HEAD_DIM: gl.constexpr = out_smem.type.shape[1]
     WARPS: gl.constexpr = gl.num_warps()
     ROWS: gl.constexpr = 8 * WARPS
     layout: gl.constexpr = _codes_layout(HEAD_DIM, WARPS)
     dtype: gl.constexpr = out_smem.dtype
+    FIRST: gl.constexpr = _passes(KV_N, ROWS, IN_PLACE)[0]
+    END: gl.constexpr = _passes(KV_N, ROWS, IN_PLACE)[1]
+    STEP: gl.constexpr = _passes(KV_N, ROWS, IN_PLACE)[2]
     if QUANT == 3:
         # A floor, for the benchmark only (``FLOOR_COPY``): the code bytes widened into the stage
         # with no decoding (wrong values, the same shared-memory traffic as a decode).
@@ -253,23 +270,30 @@ def _decode_tile(codes_smem, out_smem, scale_ptr, min_ptr, scales, token, stride
                 x = gl.reshape(gl.join(x, x), [ROWS, HEAD_DIM])
             out_smem.slice(r, ROWS).store(x)
     elif QUANT == 1:
-        for r in gl.static_range(0, KV_N, ROWS):
-            out_smem.slice(r, ROWS).store(_fp8_words(codes_smem.slice(r, ROWS).load(layout), dtype))
+        for r in gl.static_range(FIRST, END, STEP):
+            x = codes_smem.slice(r, ROWS).load(layout)
+            if IN_PLACE:
+                _cta_barrier()
+            out_smem.slice(r, ROWS).store(_fp8_words(x, dtype))
     elif QUANT == 2:
         # Scales and minimums in the compute dtype as int32 pairs (``_int4_words``' operands),
         # formed once a tile (keys, per channel: the caller's) or a pass (values, per token).
         raw_layout: gl.constexpr = _raw_layout(HEAD_DIM, WARPS)
         if IS_KEY:
-            for r in gl.static_range(0, KV_N, ROWS):
+            for r in gl.static_range(FIRST, END, STEP):
                 raw = codes_smem.slice(r, ROWS).load(raw_layout)
+                if IN_PLACE:
+                    _cta_barrier()
                 out_smem.slice(r, ROWS).store(_int4_words(raw, scale2[None, :], low2[None, :], dtype))
         else:
-            for r in gl.static_range(0, KV_N, ROWS):
+            for r in gl.static_range(FIRST, END, STEP):
                 raw = codes_smem.slice(r, ROWS).load(raw_layout)
                 tokens = token + r + gl.arange(0, ROWS, layout=gl.SliceLayout(1, raw_layout))
                 at = scales + tokens.to(gl.int64) * stride_sn
                 scale2 = _paired(gl.load(scale_ptr + at).to(dtype).to(gl.int16, bitcast=True))
                 low2 = _paired(gl.load(min_ptr + at).to(dtype).to(gl.int16, bitcast=True))
+                if IN_PLACE:
+                    _cta_barrier()
                 out_smem.slice(r, ROWS).store(_int4_words(raw, scale2[:, None], low2[:, None], dtype))
 
 
@@ -361,15 +385,17 @@ def _codes_layout_smem(rows, head_dim):
 
 
 @gluon.jit
-def _as_codes(stage, dtype: gl.constexpr):
-    """A stage's shared memory read as ``[rows, head_dim]`` one-byte codes of ``dtype`` (they
-    fill the first half of a bf16 stage's bytes); the method's name differs between tritons."""
-    shape: gl.constexpr = stage.type.shape
-    layout: gl.constexpr = _codes_layout_smem(shape[0], shape[1])
+def _as_codes(stage, dtype: gl.constexpr, WIDTH: gl.constexpr = 0):
+    """A stage's shared memory read as ``[rows, WIDTH]`` one-byte codes of ``dtype`` (0: the
+    stage's head_dim; int4 codes are half as wide): they fill its first bytes. The method's name
+    differs between tritons."""
+    ROWS: gl.constexpr = stage.type.shape[0]
+    COLS: gl.constexpr = WIDTH if WIDTH else stage.type.shape[1]
+    layout: gl.constexpr = _codes_layout_smem(ROWS, COLS)
     if _NEW_REINTERPRET:
-        return stage.reinterpret(dtype, shape, layout)
+        return stage.reinterpret(dtype, [ROWS, COLS], layout)
     else:
-        return stage._reinterpret(dtype, shape, layout)
+        return stage._reinterpret(dtype, [ROWS, COLS], layout)
 
 
 @gluon.jit
@@ -391,37 +417,41 @@ def _load_key_codes(it, stage, block, first, kc_desc, k_smem, k_ready, codes_row
 
 
 @gluon.jit
-def _decode_values_in_place(it, j, block, vc_desc, v_smem, vc_ready, v_ready, codes_row, codes_col,
-                            BLOCK_SIZE: gl.constexpr):  # fmt: skip
-    """``IN_PLACE``: code tile ``it``'s value bytes (of block ``block``) by TMA into the first
-    half of its stage (free: the caller waited), decoded there into exact, unscaled values
-    (``_fp8_words``) and announced. Passes run from the last rows to the first, each loading
-    its codes before a barrier and storing after it: a pass's rows then overwrite only bytes
-    already read (at head_dim 128 a bf16 row's two 64-channel column blocks cover its own code
-    row only; at 64 it covers two code rows, its own and a later one; checked byte by byte on
-    the real layouts in ``tests/test_gluon_compile.py``)."""
-    STAGES: gl.constexpr = v_smem.type.shape[0]
-    KV_N: gl.constexpr = v_smem.type.shape[1]
-    HEAD_DIM: gl.constexpr = v_smem.type.shape[2]
+def _codes_into_stage(it, j, block, codes_desc, smem, codes_ready, codes_row, codes_col,
+                      BLOCK_SIZE: gl.constexpr):  # fmt: skip
+    """``IN_PLACE``: code tile ``it``'s bytes (of block ``block``; keys or values, as
+    ``codes_desc`` reads them) by TMA into the first bytes of its stage of ``smem`` (free: the
+    caller waited), announced on the stage's ``codes_ready`` barrier."""
+    STAGES: gl.constexpr = smem.type.shape[0]
+    KV_N: gl.constexpr = smem.type.shape[1]
     SUBS: gl.constexpr = BLOCK_SIZE // KV_N
-    WARPS: gl.constexpr = gl.num_warps()
-    ROWS: gl.constexpr = 8 * WARPS
     stage = j % STAGES
-    out = v_smem.index(stage)
-    codes = _as_codes(out, vc_desc.dtype)
-    start = block * BLOCK_SIZE + (it % SUBS) * KV_N
-    mbarrier.expect(vc_ready.index(stage), vc_desc.block_type.nbytes)
-    _tma_load(vc_desc, [codes_row + start, codes_col], vc_ready.index(stage), codes)
+    codes = _as_codes(smem.index(stage), codes_desc.dtype, codes_desc.block_type.shape[1])
+    mbarrier.expect(codes_ready.index(stage), codes_desc.block_type.nbytes)
+    _tma_load(codes_desc, [codes_row + block * BLOCK_SIZE + (it % SUBS) * KV_N, codes_col],
+              codes_ready.index(stage), codes)  # fmt: skip
+
+
+@gluon.jit
+def _decode_in_place(
+    it, j, block, codes_desc, smem, codes_ready, ready, scale_ptr, min_ptr, scales, stride_sn, scale2, low2,
+    BLOCK_SIZE: gl.constexpr, QUANT: gl.constexpr, IS_KEY: gl.constexpr,
+):  # fmt: skip
+    """``IN_PLACE``: the codes ``_codes_into_stage`` brought, decoded where they lie
+    (``_decode_tile``'s in-place order) and announced on ``ready``."""
+    STAGES: gl.constexpr = smem.type.shape[0]
+    KV_N: gl.constexpr = smem.type.shape[1]
+    SUBS: gl.constexpr = BLOCK_SIZE // KV_N
+    stage = j % STAGES
+    out = smem.index(stage)
+    codes = _as_codes(out, codes_desc.dtype, codes_desc.block_type.shape[1])
     # code tiles come first in a part: every earlier use of this stage was a code tile's
-    mbarrier.wait(vc_ready.index(stage), (j // STAGES) & 1)
-    layout: gl.constexpr = _codes_layout(HEAD_DIM, WARPS)
-    for p in gl.static_range(KV_N // ROWS):
-        x = codes.slice(KV_N - (p + 1) * ROWS, ROWS).load(layout)
-        _cta_barrier()
-        out.slice(KV_N - (p + 1) * ROWS, ROWS).store(_fp8_words(x, v_smem.dtype))
+    mbarrier.wait(codes_ready.index(stage), (j // STAGES) & 1)
+    token = block * BLOCK_SIZE + (it % SUBS) * KV_N
+    _decode_tile(codes, out, scale_ptr, min_ptr, scales, token, stride_sn, scale2, low2, QUANT, IS_KEY, True)
     fence_async_shared()
     _cta_barrier()
-    mbarrier.arrive(v_ready.index(stage), count=1)
+    mbarrier.arrive(ready.index(stage), count=1)
 
 
 @gluon.jit
@@ -479,9 +509,18 @@ def _produce_partition(
             if KEY_MMA8:
                 _load_key_codes(it, stage, block, first, kc_desc, k_smem, k_ready, codes_row, codes_col,
                                 mults, BLOCK_SIZE)  # fmt: skip
+            elif IN_PLACE:  # int4: both halves, their bytes in flight together
+                _codes_into_stage(it, j, block, kc_desc, k_smem, kc_ready, codes_row, codes_col, BLOCK_SIZE)
             if IN_PLACE:
-                _decode_values_in_place(it, j, block, vc_desc, v_smem, vc_ready, v_ready, codes_row,
-                                        codes_col, BLOCK_SIZE)  # fmt: skip
+                _codes_into_stage(it, j, block, vc_desc, v_smem, vc_ready, codes_row, codes_col, BLOCK_SIZE)
+                if KEY_MMA8:
+                    pass
+                else:
+                    _decode_in_place(it, j, block, kc_desc, k_smem, kc_ready, k_ready, k_scale_ptr,
+                                     k_min_ptr, k_scales, stride_ksn, first, second, BLOCK_SIZE, QUANT,
+                                     True)  # fmt: skip
+                _decode_in_place(it, j, block, vc_desc, v_smem, vc_ready, v_ready, v_scale_ptr, v_min_ptr,
+                                 v_scales, stride_vsn, first, second, BLOCK_SIZE, QUANT, False)  # fmt: skip
             else:
                 _convert_tile(
                     it, j, block, first, second, kc_smem, vc_smem, k_smem, v_smem, kc_ready, vc_ready,
@@ -1073,16 +1112,19 @@ def _key_products_in_fp8(store) -> bool:
     return FP8_KEY_PRODUCTS and store is not None and store.kv_format == "fp8" and not FLOOR_COPY
 
 
-def _values_in_place(store) -> bool:
-    """Whether fp8 key products run with three stages, values decoded in place (``FP8_THREE_STAGES``)."""
-    return FP8_THREE_STAGES and _key_products_in_fp8(store)
+def _in_place(store) -> bool:
+    """Whether code tiles are decoded in their stages, three of them, with no code ring: fp8 with
+    key products (``FP8_THREE_STAGES``, values), int4 (``INT4_THREE_STAGES``, both halves)."""
+    if FP8_THREE_STAGES and _key_products_in_fp8(store):
+        return True
+    return INT4_THREE_STAGES and store is not None and store.kv_format == "int4" and not FLOOR_COPY
 
 
 def _partition(store) -> str:
-    """The kernel's ``THIRD_PARTITION`` entry."""
+    """The kernel's ``THIRD_PARTITION`` entry (fp8 in place: e4m3 queries in the consumers' registers)."""
     if store is None:
         return "native"
-    return "in_place" if _values_in_place(store) else "quantized"
+    return "in_place" if _in_place(store) and _key_products_in_fp8(store) else "quantized"
 
 
 def _quant_code(store) -> int:
@@ -1161,7 +1203,7 @@ def scattered_attention(
         quantized = [*codes, store.k_scale, store.v_scale, k_min, v_min, *store.k.stride()[:3],
                      *store.k_scale.stride()[:3], *store.v_scale.stride()[:3]]  # fmt: skip
         # two stages and the code ring fit in shared memory; three without a code ring
-        stages = 3 if _values_in_place(store) else 2
+        stages = 3 if _in_place(store) else 2
     num_split_tiles = num_tiles % num_sms
     splits = min(MAX_SPLITS, num_sms // num_split_tiles) if num_split_tiles else 1
     if splits == 1:
@@ -1179,6 +1221,6 @@ def scattered_attention(
         scale * 1.4426950408889634, num_q_tiles, num_tiles - num_split_tiles, splits, *quantized,
         BLOCK_SIZE=block_size, STAGES=stages, WRITE_LSE=return_lse,
         QUANT=_quant_code(store), EARLY=EARLY_OPERANDS, KEY_MMA8=_key_products_in_fp8(store),
-        IN_PLACE=_values_in_place(store), **THIRD_PARTITION[_partition(store)], num_warps=4, maxnreg=168,
+        IN_PLACE=_in_place(store), **THIRD_PARTITION[_partition(store)], num_warps=4, maxnreg=168,
     )  # fmt: skip
     return out, (lse if return_lse else None)

@@ -48,6 +48,8 @@ VARIANTS = [
     dict(kernel="gluon", key_products=True),
     # and three stages, values decoded in place, e4m3 queries in registers (FP8_THREE_STAGES)
     dict(kernel="gluon", key_products=True, three_stages=True),
+    # int4 only: three stages, both halves decoded in place (INT4_THREE_STAGES)
+    dict(kernel="gluon", int4_three_stages=True),
     dict(block_n=64),
     dict(num_stages=2),
     dict(block_m=64, num_warps=4),
@@ -60,6 +62,7 @@ SWITCHES = dict(
     early_operands="EARLY_OPERANDS",
     key_products="FP8_KEY_PRODUCTS",
     three_stages="FP8_THREE_STAGES",
+    int4_three_stages="INT4_THREE_STAGES",
 )  # key: switch
 DEFAULTS = {name: getattr(gluon_attention, name) for name in SWITCHES.values()}
 
@@ -111,7 +114,9 @@ def run_shape(heads: int, history_len: int, top_k: int, chunk_len: int, dtype=to
         del read_k, read_v
         result["variants"] = []
         for variant in VARIANTS:
-            if variant.get("key_products") and kv_format != "fp8":
+            if (variant.get("key_products") and kv_format != "fp8") or (
+                variant.get("int4_three_stages") and kv_format != "int4"
+            ):
                 continue
             options = {k: v for k, v in variant.items() if k not in SWITCHES}
             for key, name in SWITCHES.items():
@@ -159,7 +164,7 @@ def main() -> None:
     )
     args = parser.parse_args()
     if args.quick:
-        VARIANTS[7:] = []
+        VARIANTS[8:] = []
     dtype = {"bfloat16": torch.bfloat16, "float16": torch.float16}[args.dtype]
     rows = [run_shape(args.heads, h, args.top_k, args.chunk_tokens, dtype) for h in args.histories]
     result = dict(environment=environment(), rows=rows)

@@ -91,13 +91,19 @@ def hopper_cases(draw):
 
 @pytest.mark.skipif(not ON_HOPPER, reason="the Gluon kernel runs on Hopper GPUs only")
 @settings(max_examples=examples(20))
-@given(case=hopper_cases(), dtype=st.sampled_from([torch.bfloat16, torch.float16]))
-def test_hopper_kernel_over_a_quantized_history_equals_the_float64_reference(case, dtype):
+@given(case=hopper_cases(), dtype=st.sampled_from([torch.bfloat16, torch.float16]),
+       int4_in_place=st.booleans())  # fmt: skip
+def test_hopper_kernel_over_a_quantized_history_equals_the_float64_reference(case, dtype, int4_in_place):
     """``kernel="gluon"``: its producer warpgroup's decoding and the consumers' half-precision
-    products against the float64 reference on the dequantized history. Tail rows past the chunk
-    hold finite junk: the kernel's 2-D TMA view reads them and masks their scores, so NaN there
-    would reach the output through 0 x NaN (docs/memory.md; the caches' tails are exact-length)."""
-    _check(case, dtype=dtype, block_m=128, tail_poison=1.0e3, tol=dict(atol=2e-2, rtol=2e-2), kernel="gluon")
+    products against the float64 reference on the dequantized history (int4 also in three
+    stages, ``INT4_THREE_STAGES``). Tail rows past the chunk hold finite junk: the kernel's 2-D
+    TMA view reads them and masks their scores, so NaN there would reach the output through
+    0 x NaN (docs/memory.md; the caches' tails are exact-length)."""
+    from omnimem.backends import gluon_attention
+
+    with mock.patch.object(gluon_attention, "INT4_THREE_STAGES", int4_in_place):
+        _check(case, dtype=dtype, block_m=128, tail_poison=1.0e3, tol=dict(atol=2e-2, rtol=2e-2),
+               kernel="gluon")  # fmt: skip
 
 
 @pytest.mark.skipif(not ON_HOPPER, reason="the Gluon kernel runs on Hopper GPUs only")

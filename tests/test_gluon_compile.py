@@ -23,7 +23,7 @@ HOPPER_SMEM = 232448  # bytes a block may opt in to on sm_90 (227 KiB)
 
 def _compile(quant: int, head_dim: int, block_size: int, key_mma8: int = 0):
     """``key_mma8``: 1, fp8 key products (``FP8_KEY_PRODUCTS``); 2, with three stages and values
-    decoded in place (``FP8_THREE_STAGES``)."""
+    decoded in place (``FP8_THREE_STAGES``); 3, int4 in three stages (``INT4_THREE_STAGES``)."""
     import triton
     from triton.backends.compiler import GPUTarget
     from triton.experimental.gluon._runtime import GluonASTSource
@@ -41,7 +41,7 @@ def _compile(quant: int, head_dim: int, block_size: int, key_mma8: int = 0):
     code_cols = head_dim if fp8 else head_dim // 2  # quant 2 (and the floor, 3): int4
     codes = desc("u8", gl.uint8, ga.BLOCK_N, code_cols) if quant else native
     # KEY_MMA8: the key codes' descriptor is e4m3 (the tensor cores read them as stored)
-    key_codes = desc("fp8e4nv", gl.float8e4nv, ga.BLOCK_N, head_dim) if key_mma8 else codes
+    key_codes = desc("fp8e4nv", gl.float8e4nv, ga.BLOCK_N, head_dim) if key_mma8 in (1, 2) else codes
     scales = "*fp32" if fp8 else "*bf16"
     types = dict(
         q_desc=desc("bf16", gl.bfloat16, ga.BLOCK_M // 2, head_dim), k_desc=native, v_desc=native,
@@ -52,7 +52,7 @@ def _compile(quant: int, head_dim: int, block_size: int, key_mma8: int = 0):
     )  # fmt: skip
     constants = dict(
         BLOCK_SIZE=block_size, STAGES=2 if quant and key_mma8 < 2 else 3, WRITE_LSE=True, QUANT=quant,
-        CSTAGES=2, EARLY=ga.EARLY_OPERANDS, KEY_MMA8=key_mma8 > 0, IN_PLACE=key_mma8 == 2,
+        CSTAGES=2, EARLY=ga.EARLY_OPERANDS, KEY_MMA8=key_mma8 in (1, 2), IN_PLACE=key_mma8 >= 2,
         **ga.THIRD_PARTITION["in_place" if key_mma8 == 2 else "quantized" if quant else "native"],
     )  # fmt: skip
     fn = ga._hopper_attention_kernel
@@ -80,6 +80,8 @@ def _compile(quant: int, head_dim: int, block_size: int, key_mma8: int = 0):
         (1, 64, 256, 1),
         (1, 128, 128, 2),  # and three stages, values decoded in place (FP8_THREE_STAGES)
         (1, 64, 256, 2),
+        (2, 128, 128, 3),  # int4 in three stages, both halves decoded in place (INT4_THREE_STAGES)
+        (2, 64, 256, 3),
     ],
 )
 def test_hopper_kernel_compiles_for_sm90(quant, head_dim, block_size, key_mma8):
@@ -98,7 +100,7 @@ def test_hopper_kernel_compiles_for_sm90(quant, head_dim, block_size, key_mma8):
     result = json.loads(run.stdout.strip().splitlines()[-1])
     assert 0 < result["shared"] <= HOPPER_SMEM
     assert result["setmaxnreg"]  # the partitions rebalance registers
-    if key_mma8:
+    if key_mma8 in (1, 2):
         assert result["qgmma"]  # the e4m3 x e4m3 products are on the tensor cores
     if result["usage"] is None:
         pytest.skip("no cuobjdump to read the local-memory usage")
@@ -351,15 +353,15 @@ def _byte_offsets(gl_dtype, rows: int, cols: int):
     return where
 
 
-def _in_place_hazards(head_dim: int, rows_per_pass: int, bottom_up: bool) -> tuple[int, int]:
-    """Code bytes of an fp8 value tile (``[128, head_dim]``, in the first half of its bf16
-    stage) that a decode pass overwrites before the pass that reads them, and those it
-    overwrites in the pass that reads them (safe only with the barrier between the pass's loads
-    and its stores): passes of ``rows_per_pass`` rows."""
+def _in_place_hazards(head_dim: int, code_width: int, rows_per_pass: int, bottom_up: bool) -> tuple[int, int]:
+    """Code bytes of a tile (``[128, code_width]``: fp8 ``head_dim``, int4 half of it, in the
+    first bytes of its bf16 stage) that a decode pass overwrites before the pass that reads
+    them, and those it overwrites in the pass that reads them (safe only with the barrier
+    between the pass's loads and its stores): passes of ``rows_per_pass`` rows."""
     import torch
     from triton.experimental.gluon import language as gl
 
-    codes = _byte_offsets(gl.uint8, 128, head_dim)
+    codes = _byte_offsets(gl.uint8, 128, code_width)
     values = _byte_offsets(gl.bfloat16, 128, head_dim)
     passes = list(range(0, 128, rows_per_pass))
     order = passes[::-1] if bottom_up else passes
@@ -374,17 +376,20 @@ def _in_place_hazards(head_dim: int, rows_per_pass: int, bottom_up: bool) -> tup
     return int((writer[read] < reader[read]).sum()), int((writer[read] == reader[read]).sum())
 
 
+@pytest.mark.parametrize("kv_format", ["fp8", "int4"])
 @pytest.mark.parametrize("head_dim", [64, 128])
-def test_values_decoded_in_place_never_overwrite_unread_codes(head_dim):
-    """``FP8_THREE_STAGES`` decodes a tile's value bytes in the stage they arrived in, passes from
-    the last rows to the first (``_decode_values_in_place``): with the real shared-memory layouts
-    (swizzled, bf16 rows of 128 channels in two column blocks) no pass overwrites a code byte a
-    later pass reads; each pass overwrites some of its own (hence its barrier between loads and
-    stores). At head_dim 64 a bf16 row covers two code rows: top down, the same passes would
-    overwrite unread codes (the check can fail)."""
+def test_codes_decoded_in_place_never_overwrite_unread_codes(kv_format, head_dim):
+    """``FP8_THREE_STAGES`` / ``INT4_THREE_STAGES`` decode a tile's code bytes in the stage they
+    arrived in, passes from the last rows to the first (``_decode_tile``'s ``IN_PLACE``): with
+    the real shared-memory layouts (swizzled; bf16 rows of 128 channels in two column blocks) no
+    pass overwrites a code byte a later pass reads; each pass overwrites some of its own (hence
+    its barrier between loads and stores). Where a bf16 row covers more than one code row (fp8
+    at head_dim 64, int4) the same passes top down would overwrite unread codes (the check can
+    fail)."""
     pytest.importorskip("triton._C.libtriton.gluon_ir")
     rows = 8 * 4  # the producer's passes: 8 rows a warp, 4 warps
-    early, own = _in_place_hazards(head_dim, rows, bottom_up=True)
+    width = head_dim if kv_format == "fp8" else head_dim // 2
+    early, own = _in_place_hazards(head_dim, width, rows, bottom_up=True)
     assert early == 0 and own > 0
-    if head_dim == 64:
-        assert _in_place_hazards(head_dim, rows, bottom_up=False)[0] > 0
+    if (kv_format, head_dim) != ("fp8", 128):
+        assert _in_place_hazards(head_dim, width, rows, bottom_up=False)[0] > 0

@@ -366,7 +366,9 @@ def test_tables_from_sums_kernel_skips_blocks_with_nan_keys_like_the_torch_path(
 
 
 @pytest.mark.skipif(not ON_HOPPER, reason="the Gluon kernel runs on Hopper GPUs only")
-@pytest.mark.parametrize("kv_format", ["fp8", "int4", "fp8-key-products", "fp8-three-stages"])
+@pytest.mark.parametrize(
+    "kv_format", ["fp8", "int4", "fp8-key-products", "fp8-three-stages", "int4-three-stages"]
+)
 @pytest.mark.parametrize("num_sms", [1, 5, None])
 @pytest.mark.parametrize(
     ("q_heads", "kv_heads", "head_dim", "history_len", "q_len", "block_size", "flash_layout", "dtype"),
@@ -388,7 +390,8 @@ def test_hopper_kernel_reads_a_quantized_history(
     not name hold NaN codes and scales: never read; every buffer the library allocates starts as
     NaN. ``fp8-key-products`` (``FP8_KEY_PRODUCTS``): against its twin, which it must follow
     more closely than the plain reference (so a kernel that ignored the switch fails);
-    ``fp8-three-stages`` the same with ``FP8_THREE_STAGES`` (values decoded in place)."""
+    ``fp8-three-stages`` the same with ``FP8_THREE_STAGES`` (values decoded in place);
+    ``int4-three-stages``: ``INT4_THREE_STAGES`` (both halves decoded in place)."""
     from omnimem.backends import gluon_attention, triton_attention
     from omnimem.backends.quantized_attention import quantized_attention, quantized_attention_reference
     from omnimem.backends.triton import tile_tables
@@ -403,6 +406,9 @@ def test_hopper_kernel_reads_a_quantized_history(
         monkeypatch.setattr(gluon_attention, "FP8_KEY_PRODUCTS", True)
         monkeypatch.setattr(gluon_attention, "FP8_THREE_STAGES", kv_format == "fp8-three-stages")
         kv_format = "fp8"
+    elif kv_format == "int4-three-stages":
+        monkeypatch.setattr(gluon_attention, "INT4_THREE_STAGES", True)
+        kv_format = "int4"
     config = OmniMemConfig(block_size=block_size, top_k=3, sink_tokens=block_size, local_tokens=200)
     selection = select_blocks(q, k, history_len=history_len, config=config)
     whole = history_len // block_size * block_size
