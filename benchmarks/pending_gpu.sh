@@ -92,12 +92,12 @@ elif [ "$1" = decode ]; then  # one call while machines are scarce (ask for an H
   [ -n "${FULL:-}" ] && step 90 python3 self_forcing_rollout_gpu.py --kv-format int4 --frames 960 --reps 2 \
     --kernel triton --json "$OUT/sf960_lang.json"
 elif [ "$1" = next ]; then  # issue 36, what is open after 2026-12-07: the Hopper kernel tests and
-  # the quantized property tests (fp8 key products' first GPU run; the early reads' property
-  # tests; the gated kernel's fp16 products), the sparse call with fp8 key products beside the
-  # default, the same in fp16 (fp8 decodes by one hardware conversion a pair there), the gated
-  # selected branch with fp16 products beside the default
+  # the quantized property tests (the first GPU run of fp8 key products, of three stages for fp8
+  # and int4 and of the gated kernel's fp16 products; the early reads' property tests), the
+  # sparse call with every variant beside the default, the same in fp16 (fp8 decodes by one
+  # hardware conversion a pair there), the gated selected branch with fp16 products
   cd ..
-  step 110 python3 -m pytest -q -p no:cacheprovider -n 16 --tb=short -rf tests/test_kernels.py -k "hopper or fp16" \
+  step 180 python3 -m pytest -q -p no:cacheprovider -n 16 --tb=short -rf tests/test_kernels.py -k "hopper or fp16" \
     property_tests/test_quantized_attention_property.py tests/test_gated.py
   cd benchmarks
   # (the new variants compile on the device first: 20-30 s each)
