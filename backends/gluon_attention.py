@@ -406,14 +406,9 @@ def _load_key_codes(it, stage, block, first, kc_desc, k_smem, k_ready, codes_row
     first half of the stage's bytes), and the block's key and value scales (``first``) into the
     stage's ``mults``, written by every producer thread before the one that arms the stage's
     barrier (its arrival releases them to the consumers' wait)."""
-    KV_N: gl.constexpr = k_smem.type.shape[1]
-    SUBS: gl.constexpr = BLOCK_SIZE // KV_N
     mults.index(stage).store(first)
     _cta_barrier()
-    keys = _as_codes(k_smem.index(stage), kc_desc.dtype)
-    start = block * BLOCK_SIZE + (it % SUBS) * KV_N
-    mbarrier.expect(k_ready.index(stage), kc_desc.block_type.nbytes)
-    _tma_load(kc_desc, [codes_row + start, codes_col], k_ready.index(stage), keys)
+    _codes_into_stage(it, stage, block, kc_desc, k_smem, k_ready, codes_row, codes_col, BLOCK_SIZE)
 
 
 @gluon.jit

@@ -21,7 +21,8 @@ import triton
 import triton.language as tl
 from torch.autograd.function import once_differentiable
 
-from omnimem.backends.quantized_tiles import codes_tile, store_arguments, store_block_tiles
+from omnimem.backends.quantized_tiles import store_arguments, store_block_tiles
+from omnimem.backends.scattered_backward import _load_rows
 from omnimem.store.blocks import QuantizedBlocks
 
 # An fp8 store's blocks multiplied in fp16 (``HALF_PRODUCTS``; bf16 calls on a GPU): e4m3 codes
@@ -40,14 +41,6 @@ def _half_queries(q):
     amax = tl.max(tl.abs(x), 1)
     up = tl.exp2(14.0 - tl.floor(tl.log2(tl.where(amax > 0, amax, 1.0))))
     return (x * up[:, None]).to(tl.float16), 1.0 / up
-
-
-@triton.jit
-def _rows_tile(k_base, v_base, rows, load_mask, dims, stride_kl, stride_kd, stride_vl, stride_vd):
-    """Keys and values of buffer rows ``rows`` (int64; masked by ``load_mask``, read 0)."""
-    k = tl.load(k_base + rows[:, None] * stride_kl + dims[None, :] * stride_kd, mask=load_mask, other=0.0)
-    v = tl.load(v_base + rows[:, None] * stride_vl + dims[None, :] * stride_vd, mask=load_mask, other=0.0)
-    return k, v
 
 
 @triton.jit
@@ -123,13 +116,12 @@ def _selected_attention_kernel(
                 in_block = (it % SUBS) * BLOCK_N + offs
                 token = block * block_size + in_block
                 token_ok = (in_block < block_size) & (token < seq_len)
-                start = block * block_size + (it % SUBS) * BLOCK_N
-                end = block * block_size + block_size
-                k16 = codes_tile(kq, start, end, stride_qkl, BLOCK_N, BLOCK_D, HEAD_DIM, False, True)
-                v16 = codes_tile(vq, start, end, stride_qkl, BLOCK_N, BLOCK_D, HEAD_DIM, False, True)
-                k16, v16 = k16.to(tl.float16), v16.to(tl.float16)
-                k_mult = tl.load(k_scale_ptr + k_scales + block.to(tl.int64) * stride_ksn).to(tl.float32)
-                v_mult = tl.load(v_scale_ptr + v_scales + block.to(tl.int64) * stride_vsn).to(tl.float32)
+                # fp16 tiles: the codes by one conversion a pair (``fp8_codes``), and the block's scales
+                k16, k_mult, v16, v_mult = store_block_tiles(
+                    kq, vq, k_scale_ptr, v_scale_ptr, k_min_ptr, v_min_ptr, k_scales, v_scales, block,
+                    block * block_size + (it % SUBS) * BLOCK_N, block_size, stride_qkl, stride_ksn,
+                    stride_vsn, tl.float16, BLOCK_N, BLOCK_D, HEAD_DIM, False,
+                )  # fmt: skip
                 scores = tl.dot(q16, tl.trans(k16)) * (down * (qk_scale * k_mult))[:, None]
                 p, alpha, m_i, l_i = _online_softmax(scores, token_ok, m_i, l_i)
                 acc = acc * alpha[:, None] + tl.dot(p.to(tl.float16), v16) * v_mult
@@ -139,10 +131,9 @@ def _selected_attention_kernel(
                 in_block = (it % SUBS) * BLOCK_N + offs
                 token = block * block_size + in_block
                 token_ok = (in_block < block_size) & (token < seq_len)
-                live = (token - live_first * block_size).to(tl.int64)
-                load_mask = token_ok[:, None] & dim_ok[None, :]
-                k, v = _rows_tile(k_base, v_base, live, load_mask, dims, stride_kl, stride_kd, stride_vl,
-                                  stride_vd)  # fmt: skip
+                live = token - live_first * block_size
+                k = _load_rows(k_base, live, token_ok, dims, stride_kl, stride_kd, HEAD_DIM)
+                v = _load_rows(v_base, live, token_ok, dims, stride_vl, stride_vd, HEAD_DIM)
                 scores = tl.dot(q, tl.trans(k), input_precision=PRECISION) * qk_scale
                 p, alpha, m_i, l_i = _online_softmax(scores, token_ok, m_i, l_i)
                 acc = tl.dot(p.to(v.dtype), v, acc * alpha[:, None], input_precision=PRECISION)
@@ -163,9 +154,9 @@ def _selected_attention_kernel(
                         stride_vsn, k_ptr.dtype.element_ty, BLOCK_N, BLOCK_D, HEAD_DIM, INT4,
                     )  # fmt: skip
                 else:
-                    live = (token - live_first * block_size).to(tl.int64)
-                    k, v = _rows_tile(k_base, v_base, live, load_mask, dims, stride_kl, stride_kd, stride_vl,
-                                      stride_vd)  # fmt: skip
+                    live = token - live_first * block_size
+                    k = _load_rows(k_base, live, token_ok, dims, stride_kl, stride_kd, HEAD_DIM)
+                    v = _load_rows(v_base, live, token_ok, dims, stride_vl, stride_vd, HEAD_DIM)
                 scores = tl.dot(q, tl.trans(k), input_precision=PRECISION) * (qk_scale * k_mult)
             else:
                 k = tl.load(k_base + token.to(tl.int64)[:, None] * stride_kl + dims[None, :] * stride_kd,
