@@ -272,8 +272,8 @@ def run_history(history: int, pattern: str, args) -> dict:
         if kv_format == "fp8":  # the store's blocks multiplied in fp16 (FP8_HALF_PRODUCTS; new)
             selected_module.FP8_HALF_PRODUCTS = True
             try:
-                half = quantized()
-                cost = ((half.float() - slc().float()).norm() / slc().float().norm()).item()
+                half, native = quantized().float(), slc().float()
+                cost = ((half - native).norm() / native.norm()).item()
                 print(f"  [{history}/{pattern}] selected fp8, fp16 products: vs bf16 {cost:.2%}", flush=True)
                 t["selected fp8 fp16 products"] = bench(quantized)
             finally:
